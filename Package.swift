@@ -1,0 +1,26 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "libkfac",
+    products: [
+        // The C ABI: libkfac.so, described by include/kfac.h.
+        .library(name: "kfac", type: .dynamic, targets: ["KFACCAPI"]),
+        // The Swift-native API.
+        .library(name: "KFAC", targets: ["KFAC"]),
+    ],
+    targets: [
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
+        .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
+        .target(name: "KFAC", dependencies: ["CBLAS", "CLAPACKE"]),
+        .target(
+            name: "KFACCAPI",
+            dependencies: ["KFAC"],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "-soname=libkfac.so.0"])]
+        ),
+        .testTarget(name: "KFACTests", dependencies: ["KFAC"]),
+        .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC"], path: "examples/swift"),
+        .executableTarget(name: "kfac-bench", dependencies: ["KFAC", "CBLAS", "CLAPACKE"], path: "benchmarks/swift"),
+    ],
+    swiftLanguageModes: [.v5]
+)

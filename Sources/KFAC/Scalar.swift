@@ -1,0 +1,222 @@
+import CBLAS
+import CLAPACKE
+
+/// A floating-point type the library computes in: `Float` or `Double`.
+///
+/// The requirements are the BLAS and LAPACK kernels the library needs, each bound to the
+/// `s`- or `d`-prefixed routine of OpenBLAS/LAPACKE. Matrices are row-major unless a
+/// requirement says otherwise; for the symmetric LAPACK routines row- and column-major storage
+/// are the same matrix, so they are called column-major to avoid LAPACKE's transposing copies.
+public protocol KFACScalar: BinaryFloatingPoint, Sendable {
+    /// The `kfac_dtype` code of the type (1 = float32, 2 = float64).
+    static var dtypeCode: Int32 { get }
+
+    /// `c = alpha * op(a) * op(b) + beta * c`, with op(a) m×k and op(b) k×n, row-major.
+    static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Self, a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
+        beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+
+    /// The upper triangle (row-major) of `c = alpha * aᵀ a + beta * c`, a k×n row-major.
+    static func syrkTransposed(
+        n: Int, k: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
+        beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+
+    /// `y = alpha * A x` (trans false) or `y = alpha * Aᵀ x` (trans true) plus `beta * y`, A m×n
+    /// row-major, y with stride incY.
+    static func gemv(
+        trans: Bool, m: Int, n: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
+        x: UnsafePointer<Self>, beta: Self, y: UnsafeMutablePointer<Self>, incY: Int)
+
+    /// `x *= alpha`.
+    static func scal(count: Int, alpha: Self, x: UnsafeMutablePointer<Self>)
+
+    /// `y += alpha * x`.
+    static func axpy(count: Int, alpha: Self, x: UnsafePointer<Self>, y: UnsafeMutablePointer<Self>)
+
+    /// Σ x_i y_i.
+    static func dot(count: Int, x: UnsafePointer<Self>, y: UnsafePointer<Self>) -> Self
+
+    /// Cholesky factorisation of the n×n symmetric matrix in `a` (LAPACK potrf). Returns the
+    /// LAPACK info: 0 on success, > 0 if not positive definite.
+    static func choleskyFactor(n: Int, a: UnsafeMutablePointer<Self>) -> Int32
+
+    /// Inverse from the Cholesky factor of `choleskyFactor` (LAPACK potri); only one triangle
+    /// of the result is written.
+    static func choleskyInverse(n: Int, a: UnsafeMutablePointer<Self>) -> Int32
+
+    /// Workspace sizes of `symmetricEigen` for order n (LAPACK syevd query).
+    static func symmetricEigenWorkspace(n: Int) -> (work: Int, iwork: Int)
+
+    /// Eigendecomposition of the n×n symmetric matrix in `a` (LAPACK syevd, jobz = V). On
+    /// return `values` holds the ascending eigenvalues and `a`, read row-major, holds Qᵀ: row i
+    /// is the i-th eigenvector.
+    static func symmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Self>, values: UnsafeMutablePointer<Self>,
+        work: UnsafeMutablePointer<Self>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int) -> Int32
+
+    /// True when none of the `count` values is NaN or ±Inf.
+    static func allFinite(_ x: UnsafePointer<Self>, count: Int) -> Bool
+}
+
+/// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called
+/// column-major) sees as the lower triangle.
+private let lowerColumnMajor = CChar(UInt8(ascii: "L"))
+
+@inline(__always) private func blasTranspose(_ t: Bool) -> CBLAS_TRANSPOSE {
+    t ? CblasTrans : CblasNoTrans
+}
+
+extension Float: KFACScalar {
+    public static var dtypeCode: Int32 { 1 }
+
+    public static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Float, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_sgemm(CblasRowMajor, blasTranspose(transA), blasTranspose(transB),
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
+                    beta, c, Int32(ldc))
+    }
+
+    public static func syrkTransposed(
+        n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(n), Int32(k), alpha, a,
+                    Int32(lda), beta, c, Int32(ldc))
+    }
+
+    public static func gemv(
+        trans: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        x: UnsafePointer<Float>, beta: Float, y: UnsafeMutablePointer<Float>, incY: Int
+    ) {
+        cblas_sgemv(CblasRowMajor, blasTranspose(trans), Int32(m), Int32(n), alpha, a, Int32(lda),
+                    x, 1, beta, y, Int32(incY))
+    }
+
+    public static func scal(count: Int, alpha: Float, x: UnsafeMutablePointer<Float>) {
+        cblas_sscal(Int32(count), alpha, x, 1)
+    }
+
+    public static func axpy(count: Int, alpha: Float, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>) {
+        cblas_saxpy(Int32(count), alpha, x, 1, y, 1)
+    }
+
+    public static func dot(count: Int, x: UnsafePointer<Float>, y: UnsafePointer<Float>) -> Float {
+        cblas_sdot(Int32(count), x, 1, y, 1)
+    }
+
+    public static func choleskyFactor(n: Int, a: UnsafeMutablePointer<Float>) -> Int32 {
+        LAPACKE_spotrf_work(LAPACK_COL_MAJOR, lowerColumnMajor, Int32(n), a, Int32(n))
+    }
+
+    public static func choleskyInverse(n: Int, a: UnsafeMutablePointer<Float>) -> Int32 {
+        LAPACKE_spotri_work(LAPACK_COL_MAJOR, lowerColumnMajor, Int32(n), a, Int32(n))
+    }
+
+    public static func symmetricEigenWorkspace(n: Int) -> (work: Int, iwork: Int) {
+        var a: Float = 0, w: Float = 0, work: Float = 0
+        var iwork: Int32 = 0
+        let info = LAPACKE_ssyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                                       Int32(n), &a, Int32(max(n, 1)), &w, &work, -1, &iwork, -1)
+        if info != 0 { return (1 + 6 * n + 2 * n * n, 3 + 5 * n) }  // LAPACK's documented minimum
+        return (Int(work.rounded(.up)), Int(iwork))
+    }
+
+    public static func symmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>,
+        work: UnsafeMutablePointer<Float>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int
+    ) -> Int32 {
+        LAPACKE_ssyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                            Int32(n), a, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
+    }
+
+    public static func allFinite(_ x: UnsafePointer<Float>, count: Int) -> Bool {
+        // Integer max over |bits| vectorises; any exponent of all ones (Inf/NaN) is >= 0x7f80_0000.
+        x.withMemoryRebound(to: UInt32.self, capacity: count) { bits in
+            var largest: UInt32 = 0
+            for i in 0..<count { largest = Swift.max(largest, bits[i] & 0x7fff_ffff) }
+            return largest < 0x7f80_0000
+        }
+    }
+}
+
+extension Double: KFACScalar {
+    public static var dtypeCode: Int32 { 2 }
+
+    public static func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int,
+        alpha: Double, a: UnsafePointer<Double>, lda: Int, b: UnsafePointer<Double>, ldb: Int,
+        beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        cblas_dgemm(CblasRowMajor, blasTranspose(transA), blasTranspose(transB),
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
+                    beta, c, Int32(ldc))
+    }
+
+    public static func syrkTransposed(
+        n: Int, k: Int, alpha: Double, a: UnsafePointer<Double>, lda: Int,
+        beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(n), Int32(k), alpha, a,
+                    Int32(lda), beta, c, Int32(ldc))
+    }
+
+    public static func gemv(
+        trans: Bool, m: Int, n: Int, alpha: Double, a: UnsafePointer<Double>, lda: Int,
+        x: UnsafePointer<Double>, beta: Double, y: UnsafeMutablePointer<Double>, incY: Int
+    ) {
+        cblas_dgemv(CblasRowMajor, blasTranspose(trans), Int32(m), Int32(n), alpha, a, Int32(lda),
+                    x, 1, beta, y, Int32(incY))
+    }
+
+    public static func scal(count: Int, alpha: Double, x: UnsafeMutablePointer<Double>) {
+        cblas_dscal(Int32(count), alpha, x, 1)
+    }
+
+    public static func axpy(count: Int, alpha: Double, x: UnsafePointer<Double>, y: UnsafeMutablePointer<Double>) {
+        cblas_daxpy(Int32(count), alpha, x, 1, y, 1)
+    }
+
+    public static func dot(count: Int, x: UnsafePointer<Double>, y: UnsafePointer<Double>) -> Double {
+        cblas_ddot(Int32(count), x, 1, y, 1)
+    }
+
+    public static func choleskyFactor(n: Int, a: UnsafeMutablePointer<Double>) -> Int32 {
+        LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, lowerColumnMajor, Int32(n), a, Int32(n))
+    }
+
+    public static func choleskyInverse(n: Int, a: UnsafeMutablePointer<Double>) -> Int32 {
+        LAPACKE_dpotri_work(LAPACK_COL_MAJOR, lowerColumnMajor, Int32(n), a, Int32(n))
+    }
+
+    public static func symmetricEigenWorkspace(n: Int) -> (work: Int, iwork: Int) {
+        var a: Double = 0, w: Double = 0, work: Double = 0
+        var iwork: Int32 = 0
+        let info = LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                                       Int32(n), &a, Int32(max(n, 1)), &w, &work, -1, &iwork, -1)
+        if info != 0 { return (1 + 6 * n + 2 * n * n, 3 + 5 * n) }
+        return (Int(work.rounded(.up)), Int(iwork))
+    }
+
+    public static func symmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Double>, values: UnsafeMutablePointer<Double>,
+        work: UnsafeMutablePointer<Double>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int
+    ) -> Int32 {
+        LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                            Int32(n), a, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
+    }
+
+    public static func allFinite(_ x: UnsafePointer<Double>, count: Int) -> Bool {
+        x.withMemoryRebound(to: UInt64.self, capacity: count) { bits in
+            var largest: UInt64 = 0
+            for i in 0..<count { largest = Swift.max(largest, bits[i] & 0x7fff_ffff_ffff_ffff) }
+            return largest < 0x7ff0_0000_0000_0000
+        }
+    }
+}

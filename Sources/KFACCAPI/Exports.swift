@@ -1,0 +1,288 @@
+// The @_cdecl functions of include/kfac.h. Each one only validates its C arguments and translates
+// them to the Swift API (KFACOptimizer); the semantics are documented in the header.
+
+import KFAC
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+private let versionString: StaticString = "0.1.0"
+
+@_cdecl("kfac_version_number")
+public func kfac_version_number() -> UInt32 { 100 }
+
+@_cdecl("kfac_version_string")
+public func kfac_version_string() -> UnsafePointer<CChar> {
+    UnsafeRawPointer(versionString.utf8Start).assumingMemoryBound(to: CChar.self)
+}
+
+@_cdecl("kfac_status_string")
+public func kfac_status_string(_ status: Int32) -> UnsafePointer<CChar> {
+    let text: StaticString = KFACStatus(rawValue: status)?.staticDescription ?? "unknown status code"
+    return UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
+}
+
+// MARK: Handles
+
+@_cdecl("kfac_optimizer_create")
+public func kfac_optimizer_create(_ dtype: Int32, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    guard let out else { return KFACStatus.nullPointer.rawValue }
+    out.pointee = nil
+    let engine: OptimizerHandle.Engine
+    do {
+        switch dtype {
+        case Float.dtypeCode: engine = .float32(try KFACOptimizer<Float>())
+        case Double.dtypeCode: engine = .float64(try KFACOptimizer<Double>())
+        default: return KFACStatus.invalidArgument.rawValue
+        }
+    } catch {
+        return error.status.rawValue
+    }
+    out.pointee = OpaquePointer(Unmanaged.passRetained(OptimizerHandle(engine: engine)).toOpaque())
+    return KFACStatus.ok.rawValue
+}
+
+@_cdecl("kfac_optimizer_free")
+public func kfac_optimizer_free(_ opt: OpaquePointer?) {
+    guard let opt else { return }
+    Unmanaged<OptimizerHandle>.fromOpaque(UnsafeRawPointer(opt)).release()
+}
+
+private let nullHandleMessage: StaticString = "the kfac_optimizer handle is NULL"
+
+@_cdecl("kfac_last_error")
+public func kfac_last_error(_ opt: OpaquePointer?) -> UnsafePointer<CChar> {
+    guard let opt else { return UnsafeRawPointer(nullHandleMessage.utf8Start).assumingMemoryBound(to: CChar.self) }
+    return OptimizerHandle.from(opt).lastError
+}
+
+@_cdecl("kfac_dtype_of")
+public func kfac_dtype_of(_ opt: OpaquePointer?) -> Int32 {
+    guard let opt else { return KFACStatus.nullPointer.rawValue }
+    return OptimizerHandle.from(opt).dtypeCode
+}
+
+// MARK: Parameters
+
+@_cdecl("kfac_set_param_double")
+public func kfac_set_param_double(_ opt: OpaquePointer?, _ param: Int32, _ value: Double) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.set(try parameter(param), value) }
+}
+
+@_cdecl("kfac_get_param_double")
+public func kfac_get_param_double(_ opt: OpaquePointer?, _ param: Int32, _ value: UnsafeMutablePointer<Double>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let v = try o.parameters.double(try parameter(param))
+        try required(value, "value").pointee = v
+    }
+}
+
+@_cdecl("kfac_set_param_int")
+public func kfac_set_param_int(_ opt: OpaquePointer?, _ param: Int32, _ value: Int64) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.set(try parameter(param), value) }
+}
+
+@_cdecl("kfac_get_param_int")
+public func kfac_get_param_int(_ opt: OpaquePointer?, _ param: Int32, _ value: UnsafeMutablePointer<Int64>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let v = try o.parameters.int(try parameter(param))
+        try required(value, "value").pointee = v
+    }
+}
+
+// MARK: Layers
+
+@_cdecl("kfac_add_dense")
+public func kfac_add_dense(_ opt: OpaquePointer?, _ inFeatures: Int64, _ outFeatures: Int64, _ hasBias: Int32,
+                           _ layerID: UnsafeMutablePointer<Int32>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let out = try required(layerID, "layer_id")
+        guard hasBias == 0 || hasBias == 1 else { throw KFACError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)") }
+        out.pointee = Int32(try o.addDense(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), hasBias: hasBias == 1))
+    }
+}
+
+@_cdecl("kfac_layer_count")
+public func kfac_layer_count(_ opt: OpaquePointer?) -> Int32 {
+    var count: Int32 = 0
+    let status = withAnyOptimizer(opt) { o in count = Int32(o.layerCount) }
+    return status == 0 ? count : status
+}
+
+/// Mirrors `kfac_layer_info`; the C layout is fixed by the header.
+struct CLayerInfo {
+    var structSize: Int
+    var kind: Int32
+    var hasBias: Int32
+    var inFeatures: Int64
+    var outFeatures: Int64
+    var aDim: Int64
+    var gDim: Int64
+    var hasFactors: Int32
+    var hasInverses: Int32
+}
+
+@_cdecl("kfac_layer_get_info")
+public func kfac_layer_get_info(_ opt: OpaquePointer?, _ layer: Int32, _ info: UnsafeMutableRawPointer?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let out = try required(info, "info")
+        let size = out.load(as: Int.self)
+        guard size >= MemoryLayout<CLayerInfo>.offset(of: \.inFeatures)! else {
+            throw KFACError(.invalidSize, "info->struct_size \(size) is smaller than the fixed part of kfac_layer_info")
+        }
+        let i = try o.layerInfo(Int(layer))
+        var full = CLayerInfo(structSize: min(size, MemoryLayout<CLayerInfo>.size), kind: i.layer.kind.rawValue,
+                              hasBias: i.layer.hasBias ? 1 : 0,
+                              inFeatures: Int64(i.layer.inFeatures), outFeatures: Int64(i.layer.outFeatures),
+                              aDim: Int64(i.layer.inputFactorDimension), gDim: Int64(i.layer.outputFactorDimension),
+                              hasFactors: i.hasFactors ? 1 : 0, hasInverses: i.hasInverses ? 1 : 0)
+        // Fill only what fits in the caller's (possibly older, smaller) struct.
+        withUnsafeBytes(of: &full) { bytes in
+            out.copyMemory(from: bytes.baseAddress!, byteCount: min(size, MemoryLayout<CLayerInfo>.size))
+        }
+    }
+}
+
+// MARK: Statistics
+
+@_cdecl("kfac_wants_statistics")
+public func kfac_wants_statistics(_ opt: OpaquePointer?) -> Int32 {
+    var wants = false
+    let status = withAnyOptimizer(opt) { o in wants = o.wantsStatistics }
+    return status == 0 ? (wants ? 1 : 0) : status
+}
+
+@_cdecl("kfac_record_inputs_f32")
+public func kfac_record_inputs_f32(_ opt: OpaquePointer?, _ layer: Int32, _ inputs: UnsafePointer<Float>?, _ rows: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.recordInputs(layer: Int(layer), inputs, rows: Int(rows)) }
+}
+
+@_cdecl("kfac_record_inputs_f64")
+public func kfac_record_inputs_f64(_ opt: OpaquePointer?, _ layer: Int32, _ inputs: UnsafePointer<Double>?, _ rows: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.recordInputs(layer: Int(layer), inputs, rows: Int(rows)) }
+}
+
+@_cdecl("kfac_record_output_grads_f32")
+public func kfac_record_output_grads_f32(_ opt: OpaquePointer?, _ layer: Int32, _ grads: UnsafePointer<Float>?, _ rows: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.recordOutputGradients(layer: Int(layer), grads, rows: Int(rows)) }
+}
+
+@_cdecl("kfac_record_output_grads_f64")
+public func kfac_record_output_grads_f64(_ opt: OpaquePointer?, _ layer: Int32, _ grads: UnsafePointer<Double>?, _ rows: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.recordOutputGradients(layer: Int(layer), grads, rows: Int(rows)) }
+}
+
+@_cdecl("kfac_update_factors")
+public func kfac_update_factors(_ opt: OpaquePointer?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.updateFactors() }
+}
+
+@_cdecl("kfac_update_inverses")
+public func kfac_update_inverses(_ opt: OpaquePointer?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.updateInverses() }
+}
+
+@_cdecl("kfac_get_factors_f32")
+public func kfac_get_factors_f32(_ opt: OpaquePointer?, _ layer: Int32, _ a: UnsafeMutablePointer<Float>?, _ g: UnsafeMutablePointer<Float>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.copyFactors(layer: Int(layer), a: a, g: g) }
+}
+
+@_cdecl("kfac_get_factors_f64")
+public func kfac_get_factors_f64(_ opt: OpaquePointer?, _ layer: Int32, _ a: UnsafeMutablePointer<Double>?, _ g: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.copyFactors(layer: Int(layer), a: a, g: g) }
+}
+
+// MARK: Preconditioning
+
+/// Validates the pointer arrays of kfac_step_* and runs the step.
+private func step<S: KFACScalar>(_ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafeMutablePointer<S>?>?,
+                                 _ biases: UnsafePointer<UnsafeMutablePointer<S>?>?, _ count: Int32) throws(KFACError) {
+    let weights = try required(weights, "weight_grads")
+    guard Int(count) == o.layerCount else {
+        throw KFACError(.invalidSize, "n_layers is \(count) but \(o.layerCount) layers are registered")
+    }
+    for l in 0..<Int(count) where weights[l] == nil {
+        throw KFACError(.nullPointer, "weight_grads[\(l)] is NULL")
+    }
+    try o.step { l in ParameterGradient(weight: weights[l]!, bias: biases?[l]) }
+}
+
+@_cdecl("kfac_step_f32")
+public func kfac_step_f32(_ opt: OpaquePointer?, _ weights: UnsafePointer<UnsafeMutablePointer<Float>?>?,
+                          _ biases: UnsafePointer<UnsafeMutablePointer<Float>?>?, _ count: Int32) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try step(o, weights, biases, count) }
+}
+
+@_cdecl("kfac_step_f64")
+public func kfac_step_f64(_ opt: OpaquePointer?, _ weights: UnsafePointer<UnsafeMutablePointer<Double>?>?,
+                          _ biases: UnsafePointer<UnsafeMutablePointer<Double>?>?, _ count: Int32) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try step(o, weights, biases, count) }
+}
+
+@_cdecl("kfac_precondition_f32")
+public func kfac_precondition_f32(_ opt: OpaquePointer?, _ layer: Int32, _ weight: UnsafeMutablePointer<Float>?,
+                                  _ bias: UnsafeMutablePointer<Float>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in
+        try o.precondition(layer: Int(layer), weight: try required(weight, "weight_grad"), bias: bias)
+    }
+}
+
+@_cdecl("kfac_precondition_f64")
+public func kfac_precondition_f64(_ opt: OpaquePointer?, _ layer: Int32, _ weight: UnsafeMutablePointer<Double>?,
+                                  _ bias: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in
+        try o.precondition(layer: Int(layer), weight: try required(weight, "weight_grad"), bias: bias)
+    }
+}
+
+@_cdecl("kfac_step_count")
+public func kfac_step_count(_ opt: OpaquePointer?) -> Int64 {
+    var count = 0
+    let status = withAnyOptimizer(opt) { o in count = o.stepCount }
+    return status == 0 ? Int64(count) : Int64(status)
+}
+
+@_cdecl("kfac_last_kl_scale")
+public func kfac_last_kl_scale(_ opt: OpaquePointer?) -> Double {
+    var scale = Double.nan
+    _ = withAnyOptimizer(opt) { o in scale = o.lastKLScale }
+    return scale
+}
+
+// MARK: State
+
+@_cdecl("kfac_state_size")
+public func kfac_state_size(_ opt: OpaquePointer?, _ size: UnsafeMutablePointer<Int>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try required(size, "size").pointee = o.stateSize }
+}
+
+@_cdecl("kfac_save_state")
+public func kfac_save_state(_ opt: OpaquePointer?, _ buffer: UnsafeMutableRawPointer?, _ capacity: Int,
+                            _ written: UnsafeMutablePointer<Int>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let base = try required(buffer, "buffer")
+        let out = try required(written, "written")
+        guard capacity >= 0 else { throw KFACError(.invalidSize, "capacity does not fit in a signed size") }
+        out.pointee = try o.saveState(into: UnsafeMutableRawBufferPointer(start: base, count: capacity))
+    }
+}
+
+@_cdecl("kfac_load_state")
+public func kfac_load_state(_ opt: OpaquePointer?, _ buffer: UnsafeRawPointer?, _ size: Int) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let base = try required(buffer, "buffer")
+        guard size >= 0 else { throw KFACError(.invalidSize, "size does not fit in a signed size") }
+        try o.loadState(from: UnsafeRawBufferPointer(start: base, count: size))
+    }
+}
+
+@_cdecl("kfac_save_state_file")
+public func kfac_save_state_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CChar>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.saveState(toFile: String(cString: try required(path, "path"))) }
+}
+
+@_cdecl("kfac_load_state_file")
+public func kfac_load_state_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CChar>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.loadState(fromFile: String(cString: try required(path, "path"))) }
+}

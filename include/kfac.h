@@ -1,0 +1,439 @@
+/*
+ * kfac.h — the C interface of libkfac, the curvature step of second-order training.
+ *
+ * This header is the contract and the reference documentation of the library. Everything a
+ * binding (Python ctypes, Swift, C++) may call is declared here; nothing else is exported.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Overview
+ * ---------------------------------------------------------------------------------------------
+ * A trainer runs its own forward and backward passes. For every layer it registers, it hands the
+ * library raw row-major buffers:
+ *   - the layer's inputs ("activations"), during or after the forward pass;
+ *   - the gradients of the loss at the layer's outputs, during or after the backward pass;
+ *   - at the end of the step, the gradient of the layer's parameters.
+ * The library keeps Kronecker-factored curvature statistics (K-FAC, Martens & Grosse 2015),
+ * inverts them on a schedule and overwrites the parameter gradients with preconditioned update
+ * directions. The trainer then applies them with its learning rate (plain SGD, or its own
+ * momentum): `W -= learning_rate * direction`.
+ *
+ * A typical step:
+ *
+ *     kfac_optimizer *opt;
+ *     kfac_optimizer_create(KFAC_FLOAT32, &opt);
+ *     int32_t l0, l1;
+ *     kfac_add_dense(opt, 784, 256, 1, &l0);
+ *     kfac_add_dense(opt, 256, 10, 1, &l1);
+ *     for (;;) {
+ *         ... forward: x -> layer l0 -> h -> layer l1 -> logits ...
+ *         if (kfac_wants_statistics(opt)) {
+ *             kfac_record_inputs_f32(opt, l0, x, batch);
+ *             kfac_record_inputs_f32(opt, l1, h, batch);
+ *         }
+ *         ... backward: dlogits, dh, weight and bias gradients ...
+ *         if (kfac_wants_statistics(opt)) {
+ *             kfac_record_output_grads_f32(opt, l1, dlogits, batch);
+ *             kfac_record_output_grads_f32(opt, l0, dh_pre, batch);
+ *         }
+ *         float *w_grads[2] = {dW0, dW1}, *b_grads[2] = {db0, db1};
+ *         if (kfac_step_f32(opt, w_grads, b_grads, 2) != KFAC_OK)
+ *             fprintf(stderr, "%s\n", kfac_last_error(opt));
+ *         ... W -= lr * dW, b -= lr * db ...
+ *     }
+ *     kfac_optimizer_free(opt);
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Conventions (dense layers)
+ * ---------------------------------------------------------------------------------------------
+ * A dense layer computes s = W a + b. W is stored [out][in] row-major (PyTorch's
+ * `Linear.weight`), b is [out]. With a bias the layer's parameter matrix is Θ = [W | b], the bias
+ * being the last column, and the input is extended to ā = [a; 1].
+ *
+ * Inputs are passed as `rows` row-major rows of `in` values; output gradients as `rows` rows of
+ * `out` values. A batch of N examples passes N rows; a sequence batch of N sequences of T tokens
+ * passes N·T rows (the layer is shared across tokens).
+ *
+ * Gradients. The library expects g_n = ∂ℓ_n/∂s_n, the gradient of the n-th term of a SUMMED
+ * loss L = Σ_n ℓ_n. Callers that differentiate a mean loss (PyTorch's default `reduction="mean"`)
+ * set KFAC_PARAM_LOSS_REDUCTION to KFAC_REDUCTION_MEAN and the library multiplies each recorded
+ * output gradient by the `rows` of that call; callers whose loss is multiplied by a loss scale
+ * (mixed precision) set KFAC_PARAM_OUTPUT_GRAD_SCALE to that scale and the library divides by it.
+ * These two parameters act on recorded output gradients only, never on parameter gradients.
+ *
+ * Factors. For one factor update, with the rows of all record calls since the previous update:
+ *     A = (1/N_a) Σ_n ā_n ā_nᵀ        (dimension in + has_bias)
+ *     G = (1/N_g) Σ_n g_n g_nᵀ        (dimension out)
+ * The curvature block of the layer is A ⊗ G acting on vec(Θ) (column-major vec), i.e. the map
+ * V ↦ G V A on [out][in(+1)] matrices. Running factors are exponential moving averages:
+ *     A ← β A + (1 − β) A_batch,   β = KFAC_PARAM_FACTOR_DECAY;
+ * the first update of a layer initialises A = A_batch (same for G).
+ *
+ * Inverse strategies (KFAC_PARAM_INVERSE_STRATEGY), λ = KFAC_PARAM_DAMPING:
+ *   KFAC_INVERSE_CHOLESKY — factored Tikhonov damping (Martens & Grosse 2015, §6.3):
+ *       π = sqrt((tr A / dim A) / (tr G / dim G))   (π = 1 if KFAC_PARAM_PI_DAMPING is 0)
+ *       U = (G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹,
+ *     the two damped inverses formed by Cholesky factorisation (LAPACK potrf/potri). λ and π
+ *     are baked into the inverses when they are computed: a new λ takes effect at the next
+ *     inverse update.
+ *   KFAC_INVERSE_EIGEN — exact damping through eigendecompositions (LAPACK syevd):
+ *       A = Q_A diag(d_A) Q_Aᵀ,  G = Q_G diag(d_G) Q_Gᵀ,
+ *       U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ  =  (A ⊗ G + λ I)⁻¹ vec(V).
+ *     Negative eigenvalues from rounding are clamped to 0. λ is applied when preconditioning,
+ *     so a new λ takes effect at the next step.
+ *
+ * KL clipping (KFAC_PARAM_KL_CLIP = κ > 0, η = KFAC_PARAM_LEARNING_RATE): after preconditioning
+ * every layer, all directions are multiplied by
+ *       ν = min(1, sqrt(κ / (η² Σ_layers |⟨U_l, V_l⟩|)))
+ * where V_l is the layer's gradient (bias included) and ⟨·,·⟩ the Frobenius inner product.
+ * η is used for nothing else: the library returns directions, the caller scales by its own
+ * learning rate.
+ *
+ * Schedule. The optimizer has a step counter k (0 at creation, +1 per successful kfac_step_*).
+ * In kfac_step_*, in this order:
+ *   1. if KFAC_PARAM_FACTOR_UPDATE_PERIOD = Tf > 0 and k mod Tf = 0, the statistics recorded
+ *      since the previous factor update are folded into the running factors;
+ *   2. if KFAC_PARAM_INVERSE_UPDATE_PERIOD = Ti > 0 and k mod Ti = 0, the inverses of all
+ *      layers are recomputed from the factors just folded (in parallel across layers); with
+ *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step;
+ *   3. every layer's gradient is preconditioned, then KL-clipped, and written back.
+ * A period of 0 means "only when asked": kfac_update_factors and kfac_update_inverses do steps 1
+ * and 2 on demand. Statistics recorded on steps that are not factor-update steps are kept and
+ * folded at the next factor update. kfac_wants_statistics tells whether recording is useful now.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Precision
+ * ---------------------------------------------------------------------------------------------
+ * The precision of a handle is chosen at creation (KFAC_FLOAT32 or KFAC_FLOAT64). Factors,
+ * inverses, eigen decompositions and pending statistics are all kept in that precision; all
+ * arithmetic runs in it. Buffer functions come in `_f32` and `_f64` forms; calling the form that
+ * does not match the handle's precision returns KFAC_ERROR_DTYPE_MISMATCH. The library never
+ * narrows or widens a caller's buffer silently. Scalar parameters are doubles in the API and are
+ * rounded to the handle's precision where they enter arithmetic.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Errors, ownership, threading
+ * ---------------------------------------------------------------------------------------------
+ * Every function that can fail returns an `int` status: KFAC_OK (0) or a negative kfac_status.
+ * A failed call leaves the handle exactly as it was before the call (factors, inverses, pending
+ * statistics, counters, parameters), and leaves caller buffers it would have written untouched.
+ * kfac_last_error(handle) then describes the failure. No input makes the library abort, trap or
+ * exit.
+ *
+ * Buffers are owned by the caller and only borrowed for the duration of a call; the library
+ * copies whatever it keeps. Buffers must not alias each other unless stated.
+ *
+ * A handle may be used by one thread at a time (calls on it must not overlap); distinct handles
+ * are independent and may be used concurrently from different threads. The library may run work
+ * on its own threads inside a call (KFAC_PARAM_NUM_THREADS); they never outlive the call's work.
+ */
+#ifndef KFAC_H
+#define KFAC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Version
+ * ------------------------------------------------------------------------------------------- */
+
+#define KFAC_VERSION_MAJOR 0
+#define KFAC_VERSION_MINOR 1
+#define KFAC_VERSION_PATCH 0
+/** MAJOR*10000 + MINOR*100 + PATCH. The shared object's SONAME is libkfac.so.MAJOR. */
+#define KFAC_VERSION_NUMBER (KFAC_VERSION_MAJOR * 10000 + KFAC_VERSION_MINOR * 100 + KFAC_VERSION_PATCH)
+
+/** The version of the library actually loaded, as KFAC_VERSION_NUMBER. Compare with the macro
+ *  to detect a header/library mismatch. */
+unsigned kfac_version_number(void);
+
+/** The loaded library's version as a static string, e.g. "0.1.0". Never NULL. */
+const char *kfac_version_string(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes. The values are pinned and will not change; new codes may be added in the bands.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_status {
+    KFAC_OK = 0,
+
+    /* -1 … -9: arguments */
+    KFAC_ERROR_NULL_POINTER = -1,           /* a required pointer argument is NULL */
+    KFAC_ERROR_INVALID_ARGUMENT = -2,       /* an enum or flag argument has no defined meaning */
+    KFAC_ERROR_UNKNOWN_PARAMETER = -3,      /* kfac_param value not defined */
+    KFAC_ERROR_PARAMETER_TYPE = -4,         /* int setter/getter used for a double parameter or vice versa */
+    KFAC_ERROR_PARAMETER_RANGE = -5,        /* value outside the parameter's documented bounds */
+
+    /* -10 … -19: shapes and sizes */
+    KFAC_ERROR_INVALID_SIZE = -10,          /* a size or count is zero, negative or inconsistent */
+    KFAC_ERROR_SIZE_OVERFLOW = -11,         /* sizes whose products overflow or exceed memory limits */
+    KFAC_ERROR_UNKNOWN_LAYER = -12,         /* layer id not registered on this handle */
+    KFAC_ERROR_DTYPE_MISMATCH = -13,        /* _f32 call on a float64 handle or vice versa */
+
+    /* -20 … -29: call order and misuse */
+    KFAC_ERROR_NO_STATISTICS = -20,         /* a layer has no factors yet (record, then update factors) */
+    KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
+    KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
+
+    /* -30 … -39: numerical */
+    KFAC_ERROR_NON_FINITE = -30,            /* NaN or Inf in an input buffer or a resulting factor */
+    KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31, /* a damped factor failed Cholesky factorisation */
+    KFAC_ERROR_EIGEN_FAILED = -32,          /* the eigensolver did not converge */
+
+    /* -40 … -49: resources */
+    KFAC_ERROR_OUT_OF_MEMORY = -40,
+
+    /* -50 … -59: unsupported */
+    KFAC_ERROR_UNSUPPORTED = -50,
+
+    /* -60 … -69: state images and files */
+    KFAC_ERROR_IO = -60,                    /* a file could not be opened, written, synced or renamed */
+    KFAC_ERROR_BUFFER_TOO_SMALL = -61,      /* the caller's buffer is smaller than kfac_state_size */
+    KFAC_ERROR_CORRUPT_STATE = -62,         /* bad magic, truncated image or checksum mismatch */
+    KFAC_ERROR_STATE_VERSION = -63,         /* image written by an incompatible format version */
+    KFAC_ERROR_STATE_MISMATCH = -64,        /* image's precision or layers differ from the handle's */
+
+    KFAC_ERROR_INTERNAL = -99               /* a bug in the library; please report it */
+} kfac_status;
+
+/** A static, never-NULL English description of a status code (also for unknown codes). */
+const char *kfac_status_string(int status);
+
+/* ---------------------------------------------------------------------------------------------
+ * Handles
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct kfac_optimizer kfac_optimizer;
+
+typedef enum kfac_dtype {
+    KFAC_FLOAT32 = 1,
+    KFAC_FLOAT64 = 2
+} kfac_dtype;
+
+/** Creates an optimizer whose buffers and state are in precision `dtype`, with default
+ *  parameters and no layers. On success *out receives the handle and KFAC_OK is returned; on
+ *  failure *out is set to NULL (when out is not NULL).
+ *  Errors: NULL_POINTER (out), INVALID_ARGUMENT (dtype), OUT_OF_MEMORY. */
+int kfac_optimizer_create(int dtype, kfac_optimizer **out);
+
+/** Releases a handle and everything it owns. NULL is accepted and ignored. */
+void kfac_optimizer_free(kfac_optimizer *opt);
+
+/** A message about the last failed call on `opt`, or "" if the last call succeeded. The string
+ *  is owned by the handle and valid until the next call on it. For opt == NULL, a static
+ *  message. Never NULL. */
+const char *kfac_last_error(const kfac_optimizer *opt);
+
+/** The precision the handle was created with (KFAC_FLOAT32 or KFAC_FLOAT64), or
+ *  KFAC_ERROR_NULL_POINTER. */
+int kfac_dtype_of(const kfac_optimizer *opt);
+
+/* ---------------------------------------------------------------------------------------------
+ * Parameters. Each parameter has one type (double or int64) and documented bounds. Setting a
+ * value out of bounds fails with KFAC_ERROR_PARAMETER_RANGE and changes nothing. Parameters may
+ * be changed between any two calls (to schedule them); when a change takes effect is stated.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_param {
+    /* double, > 0, default 0.1. η of the KL clip; used for nothing else. */
+    KFAC_PARAM_LEARNING_RATE = 1,
+    /* double, > 0 and finite, default 1e-3. λ, see "Inverse strategies". */
+    KFAC_PARAM_DAMPING = 2,
+    /* double, in [0, 1), default 0.95. β of the factors' moving average. */
+    KFAC_PARAM_FACTOR_DECAY = 3,
+    /* double, >= 0, default 1e-3. κ of the KL clip; 0 disables clipping. */
+    KFAC_PARAM_KL_CLIP = 4,
+    /* double, > 0 and finite, default 1. Recorded output gradients are divided by it. */
+    KFAC_PARAM_OUTPUT_GRAD_SCALE = 5,
+
+    /* int, >= 0, default 1. Tf: fold statistics every Tf steps; 0 = only kfac_update_factors. */
+    KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100,
+    /* int, >= 0, default 10. Ti: recompute inverses every Ti steps; 0 = only
+     * kfac_update_inverses. */
+    KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101,
+    /* int, kfac_inverse_strategy, default KFAC_INVERSE_EIGEN. Changing it discards the current
+     * inverses: they are recomputed at the next step (or kfac_update_inverses). */
+    KFAC_PARAM_INVERSE_STRATEGY = 102,
+    /* int, 0 or 1, default 1. Use π in factored damping (Cholesky strategy only). */
+    KFAC_PARAM_PI_DAMPING = 103,
+    /* int, kfac_reduction, default KFAC_REDUCTION_SUM. How the caller's loss was reduced. */
+    KFAC_PARAM_LOSS_REDUCTION = 104,
+    /* int, in [0, 256], default 0 = the number of online CPUs. Threads the library uses to
+     * compute the inverses of different layers in parallel (1 = sequential). */
+    KFAC_PARAM_NUM_THREADS = 105
+} kfac_param;
+
+typedef enum kfac_inverse_strategy {
+    KFAC_INVERSE_CHOLESKY = 0,
+    KFAC_INVERSE_EIGEN = 1
+} kfac_inverse_strategy;
+
+typedef enum kfac_reduction {
+    KFAC_REDUCTION_SUM = 0,   /* output gradients are those of Σ_n ℓ_n */
+    KFAC_REDUCTION_MEAN = 1   /* output gradients are those of (1/rows) Σ_n ℓ_n; scaled by rows */
+} kfac_reduction;
+
+/** Sets a double parameter. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE (an int
+ *  parameter), PARAMETER_RANGE (out of bounds, NaN or Inf). */
+int kfac_set_param_double(kfac_optimizer *opt, int param, double value);
+/** Reads a double parameter into *value. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE. */
+int kfac_get_param_double(const kfac_optimizer *opt, int param, double *value);
+/** Sets an int parameter. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE (a double
+ *  parameter), PARAMETER_RANGE. */
+int kfac_set_param_int(kfac_optimizer *opt, int param, int64_t value);
+/** Reads an int parameter into *value. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE. */
+int kfac_get_param_int(const kfac_optimizer *opt, int param, int64_t *value);
+
+/* ---------------------------------------------------------------------------------------------
+ * Layers. Layers are numbered 0, 1, 2, … in the order they are added. All layers must be added
+ * before the first statistics are recorded.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_layer_kind {
+    KFAC_LAYER_DENSE = 1
+} kfac_layer_kind;
+
+/** Registers a dense layer s = W a (+ b) with W of shape [out_features][in_features].
+ *  has_bias is 0 or 1. *layer_id receives the new layer's index. The layer's factors and
+ *  buffers are allocated now: about 3·(in+1)² + 3·out² + 3·out·(in+1) values, plus as much
+ *  again for staging copies on the first inversion.
+ *  Errors: NULL_POINTER, INVALID_SIZE (features < 1), SIZE_OVERFLOW (a factor dimension above
+ *  46340 or more than 2^31 − 1 parameters), INVALID_ARGUMENT (has_bias not 0/1),
+ *  LAYERS_FROZEN, OUT_OF_MEMORY. */
+int kfac_add_dense(kfac_optimizer *opt, int64_t in_features, int64_t out_features, int has_bias,
+                   int32_t *layer_id);
+
+/** Number of registered layers (>= 0), or KFAC_ERROR_NULL_POINTER. */
+int kfac_layer_count(const kfac_optimizer *opt);
+
+/** Describes a registered layer. Growable: set struct_size = sizeof(kfac_layer_info) before
+ *  the call; the library fills only the fields that fit. */
+typedef struct kfac_layer_info {
+    size_t struct_size;
+    int32_t kind;            /* kfac_layer_kind */
+    int32_t has_bias;        /* 0 or 1 */
+    int64_t in_features;     /* dense: in */
+    int64_t out_features;    /* dense: out */
+    int64_t a_dim;           /* dimension of the input-side factor A (in + has_bias) */
+    int64_t g_dim;           /* dimension of the output-side factor G (out) */
+    int32_t has_factors;     /* 1 once both running factors exist */
+    int32_t has_inverses;    /* 1 once inverses (or eigendecompositions) exist for them */
+} kfac_layer_info;
+
+/** Fills *info for layer `layer`. Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE
+ *  (struct_size smaller than the first two fields). */
+int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_info *info);
+
+/* ---------------------------------------------------------------------------------------------
+ * Statistics. Record calls add rows to the layer's pending statistics; they are folded into
+ * the running factors at the next factor update. Several calls per step are allowed (e.g. for
+ * micro-batches); each side is averaged over all rows recorded for it.
+ * Buffers are checked for NaN/Inf before anything is added.
+ * ------------------------------------------------------------------------------------------- */
+
+/** 1 if statistics recorded now would be folded at the next kfac_step_* call (the current step is a
+ *  factor-update step), else 0; KFAC_ERROR_NULL_POINTER for NULL. With a factor-update period of
+ *  0 it returns 1 (the caller decides when to call kfac_update_factors). */
+int kfac_wants_statistics(const kfac_optimizer *opt);
+
+/** Adds `rows` layer inputs, row-major [rows][in_features], to layer `layer`'s input statistics
+ *  (the bias 1 is appended by the library).
+ *  Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE (rows < 1), SIZE_OVERFLOW,
+ *  DTYPE_MISMATCH, NON_FINITE. */
+int kfac_record_inputs_f32(kfac_optimizer *opt, int32_t layer, const float *inputs, int64_t rows);
+int kfac_record_inputs_f64(kfac_optimizer *opt, int32_t layer, const double *inputs, int64_t rows);
+
+/** Adds `rows` output gradients, row-major [rows][out_features], to layer `layer`'s gradient
+ *  statistics, after the reduction and scale parameters are applied (see "Gradients").
+ *  Errors: as kfac_record_inputs_*. */
+int kfac_record_output_grads_f32(kfac_optimizer *opt, int32_t layer, const float *output_grads,
+                                 int64_t rows);
+int kfac_record_output_grads_f64(kfac_optimizer *opt, int32_t layer, const double *output_grads,
+                                 int64_t rows);
+
+/** Folds all pending statistics into the running factors now (step 1 of the schedule,
+ *  regardless of the period). Layers with nothing pending keep their factors.
+ *  Errors: NULL_POINTER, NON_FINITE (a resulting factor; nothing is folded), OUT_OF_MEMORY. */
+int kfac_update_factors(kfac_optimizer *opt);
+
+/** Recomputes the inverses of every layer that has factors now, in parallel across layers.
+ *  Errors: NULL_POINTER, NO_STATISTICS (no layer has factors), NOT_POSITIVE_DEFINITE,
+ *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes. */
+int kfac_update_inverses(kfac_optimizer *opt);
+
+/** Copies layer `layer`'s running factors: A into a_out ([a_dim][a_dim] row-major) and G into
+ *  g_out ([g_dim][g_dim]). Either pointer may be NULL to skip it.
+ *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, DTYPE_MISMATCH, NO_STATISTICS. */
+int kfac_get_factors_f32(const kfac_optimizer *opt, int32_t layer, float *a_out, float *g_out);
+int kfac_get_factors_f64(const kfac_optimizer *opt, int32_t layer, double *a_out, double *g_out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Preconditioning
+ * ------------------------------------------------------------------------------------------- */
+
+/** One optimizer step over all layers: schedule steps 1–3 (see "Schedule"), then k += 1.
+ *  weight_grads[l] points to layer l's weight gradient [out][in] row-major; bias_grads[l] to its
+ *  bias gradient [out] (bias_grads may be NULL, and its entries must be NULL, for layers without
+ *  bias). Both are read, then overwritten with the KL-clipped preconditioned direction.
+ *  n_layers must equal kfac_layer_count.
+ *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), DTYPE_MISMATCH, NON_FINITE (a gradient),
+ *  NO_STATISTICS, NO_INVERSES (inverse period 0 and never computed), NOT_POSITIVE_DEFINITE,
+ *  EIGEN_FAILED, OUT_OF_MEMORY. On error, no gradient is written, the step counter does not
+ *  advance, and factors and inverses are as before the call. */
+int kfac_step_f32(kfac_optimizer *opt, float *const *weight_grads, float *const *bias_grads,
+                  int32_t n_layers);
+int kfac_step_f64(kfac_optimizer *opt, double *const *weight_grads, double *const *bias_grads,
+                  int32_t n_layers);
+
+/** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
+ *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
+ *  Errors: NULL_POINTER, UNKNOWN_LAYER, DTYPE_MISMATCH, NON_FINITE, NO_STATISTICS,
+ *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
+int kfac_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
+int kfac_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
+                          double *bias_grad);
+
+/** The step counter k (>= 0), or a negative status. */
+int64_t kfac_step_count(const kfac_optimizer *opt);
+
+/** The ν of the last successful kfac_step_* call (1 if clipping was off or not needed), or NaN for NULL
+ *  or before the first step. */
+double kfac_last_kl_scale(const kfac_optimizer *opt);
+
+/* ---------------------------------------------------------------------------------------------
+ * State: save and restore everything (parameters, counters, running factors, pending
+ * statistics, inverses), so that a resumed run produces bit-identical directions.
+ *
+ * Image format: magic "KFACSTAT", format version, precision, layer descriptions, then the
+ * payload, then a 64-bit checksum of everything before it. Little-endian. Loading checks magic,
+ * version, size, checksum, precision and that the layers match the handle's (same count, kinds
+ * and sizes); parameters in the image replace the handle's.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Number of bytes kfac_save_state needs now, in *size. Errors: NULL_POINTER. */
+int kfac_state_size(const kfac_optimizer *opt, size_t *size);
+
+/** Writes the state image into buffer[0 .. capacity). *written receives the image size.
+ *  Errors: NULL_POINTER, BUFFER_TOO_SMALL (nothing written). */
+int kfac_save_state(const kfac_optimizer *opt, void *buffer, size_t capacity, size_t *written);
+
+/** Replaces the handle's state with the image in buffer[0 .. size).
+ *  Errors: NULL_POINTER, CORRUPT_STATE, STATE_VERSION, STATE_MISMATCH, OUT_OF_MEMORY. On error
+ *  the handle is unchanged. */
+int kfac_load_state(kfac_optimizer *opt, const void *buffer, size_t size);
+
+/** Writes the state image to `path` atomically: into a temporary file in the same directory,
+ *  flushed to disk, then renamed over `path`. Errors: NULL_POINTER, IO (path unchanged). */
+int kfac_save_state_file(const kfac_optimizer *opt, const char *path);
+
+/** Loads a state image from `path`. Errors: NULL_POINTER, IO, and those of kfac_load_state. */
+int kfac_load_state_file(kfac_optimizer *opt, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KFAC_H */
