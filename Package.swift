@@ -18,9 +18,12 @@ let package = Package(
             dependencies: ["KFAC"],
             linkerSettings: [.unsafeFlags(["-Xlinker", "-soname=libkfac.so.0"])]
         ),
-        .testTarget(name: "KFACTests", dependencies: ["KFAC"]),
+        .testTarget(name: "KFACTests", dependencies: ["KFAC", "AllocationCounter"]),
+        // Interposes malloc in the executables that link it, to count allocations.
+        .target(name: "AllocationCounter", path: "benchmarks/allocation-counter"),
         .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC"], path: "examples/swift"),
-        .executableTarget(name: "kfac-bench", dependencies: ["KFAC", "CBLAS", "CLAPACKE"], path: "benchmarks/swift"),
+        .executableTarget(name: "kfac-bench", dependencies: ["KFAC", "CBLAS", "CLAPACKE", "AllocationCounter"],
+                          path: "benchmarks/swift"),
     ],
     swiftLanguageModes: [.v5]
 )

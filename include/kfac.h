@@ -123,8 +123,11 @@
  * copies whatever it keeps. Buffers must not alias each other unless stated.
  *
  * A handle may be used by one thread at a time (calls on it must not overlap); distinct handles
- * are independent and may be used concurrently from different threads. The library may run work
- * on its own threads inside a call (KFAC_PARAM_NUM_THREADS); they never outlive the call's work.
+ * are independent and may be used concurrently from different threads. To invert the factors of
+ * different layers in parallel, a handle starts up to KFAC_PARAM_NUM_THREADS − 1 worker threads
+ * the first time it needs them; they sleep between calls and are joined by kfac_optimizer_free.
+ * While they work, OpenBLAS is set to one thread (and restored afterwards); elsewhere the library
+ * uses OpenBLAS with its own threading (OPENBLAS_NUM_THREADS).
  */
 #ifndef KFAC_H
 #define KFAC_H

@@ -29,13 +29,16 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     var statisticsStarted = false
 
     private let ones: Matrix<Scalar>
-    private var workspaces: [EigenWorkspace<Scalar>] = []
+    fileprivate var workspaces: [EigenWorkspace<Scalar>] = []
+    private let workers = WorkerPool()
     // Per-step bookkeeping, sized when layers are added so a step does not allocate.
     private var invertLayer: [Bool] = []
-    private var inversionJobs: [Int] = []
-    private var jobSources: [Matrix<Scalar>?] = []
-    private var jobShifts: [Scalar] = []
-    private var jobErrors: [KFACError?] = []
+    fileprivate var inversionJobs: [Int] = []
+    fileprivate var jobSources: [Matrix<Scalar>?] = []
+    fileprivate var jobShifts: [Scalar] = []
+    /// One slot per job, written by the worker threads (distinct slots), read after they finish.
+    fileprivate var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
+    fileprivate var inversionStrategy = InverseStrategy.eigen
 
     public init() throws(KFACError) {
         ones = try Matrix(rows: 1, columns: 1024)
@@ -89,8 +92,19 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         inversionJobs.reserveCapacity(2 * n)
         jobSources = Array(repeating: nil, count: 2 * n)
         jobShifts = Array(repeating: 0, count: 2 * n)
-        jobErrors = Array(repeating: nil, count: 2 * n)
+        let errors = UnsafeMutableBufferPointer<KFACError?>.allocate(capacity: 2 * n)
+        errors.initialize(repeating: nil)
+        releaseJobErrors()
+        jobErrors = errors
     }
+
+    private func releaseJobErrors() {
+        guard jobErrors.baseAddress != nil else { return }
+        jobErrors.deinitialize()
+        jobErrors.deallocate()
+    }
+
+    deinit { releaseJobErrors() }
 
     public var layerCount: Int { blocks.count }
 
@@ -147,7 +161,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     private func validatePendingStatistics() throws(KFACError) {
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             do {
                 try b.curvature.input.validatePending()
                 try b.curvature.output.validatePending()
@@ -170,13 +185,16 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Recomputes the inverses of every layer that has factors, in parallel across layers.
     public func updateInverses() throws(KFACError) {
         var any = false
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             invertLayer[l] = b.curvature.hasFactors
             any = any || invertLayer[l]
         }
         guard any else { throw KFACError(.noStatistics, "no layer has factors yet") }
         try computeStagedInverses(foldingPending: false)
-        for (l, b) in blocks.enumerated() where invertLayer[l] { b.curvature.commitStagedInverse() }
+        for l in blocks.indices where invertLayer[l] {
+            blocks[l].curvature.commitStagedInverse()
+        }
     }
 
     /// Copies the layer's running factors as full symmetric row-major matrices.
@@ -210,7 +228,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let decay = Scalar(parameters.factorDecay)
         let sqrtDamping = Scalar(parameters.damping.squareRoot())
         inversionJobs.removeAll(keepingCapacity: true)
-        for (l, b) in blocks.enumerated() where invertLayer[l] {
+        for l in blocks.indices where invertLayer[l] {
+            let b = blocks[l]
             let c = b.curvature
             let a = foldingPending ? try c.input.stageFold(decay: decay) : c.input.running
             let g = foldingPending ? try c.output.stageFold(decay: decay) : c.output.running
@@ -234,21 +253,11 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             }
         }
         let threads = parameters.threadCount == 0 ? onlineProcessorCount() : parameters.threadCount
-        let workers = Swift.max(1, Swift.min(threads, inversionJobs.count))
-        while workspaces.count < workers { workspaces.append(try EigenWorkspace()) }
+        let workerCount = Swift.max(1, Swift.min(threads, inversionJobs.count))
+        while workspaces.count < workerCount { workspaces.append(try EigenWorkspace()) }
 
-        forEachJobInParallel(count: inversionJobs.count, threads: workers) { index, worker in
-            let job = inversionJobs[index]
-            let c = blocks[job / 2].curvature
-            do throws(KFACError) {
-                let inverse = try c.stagingInverse(for: strategy)
-                let side = job % 2 == 0 ? inverse.input : inverse.output
-                try side.compute(from: jobSources[job]!.base, shift: jobShifts[job], workspace: workspaces[worker])
-                jobErrors[job] = nil
-            } catch {
-                jobErrors[job] = error
-            }
-        }
+        inversionStrategy = strategy
+        workers.run(count: inversionJobs.count, workers: workerCount, self)
         for job in 0..<(2 * blocks.count) where invertLayer[job / 2] {
             jobSources[job] = nil
             if let e = jobErrors[job] {
@@ -266,13 +275,16 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// `gradient(l)` returns layer l's buffers.
     public func step(_ gradient: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
         guard !blocks.isEmpty else { throw KFACError(.invalidSize, "no layers are registered") }
-        for (l, b) in blocks.enumerated() { try checkGradient(gradient(l), block: b, layer: l) }
+        for l in blocks.indices {
+            try checkGradient(gradient(l), block: blocks[l], layer: l)
+        }
 
         let p = parameters
         let foldNow = p.factorUpdatePeriod > 0 && stepCount % p.factorUpdatePeriod == 0
         let inverseStep = p.inverseUpdatePeriod > 0 && stepCount % p.inverseUpdatePeriod == 0
         var anyInversion = false
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             let c = b.curvature
             let inputReady = c.input.hasRunning || (foldNow && c.input.hasPending)
             let outputReady = c.output.hasRunning || (foldNow && c.output.hasPending)
@@ -292,7 +304,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         // Precondition with the inverses this step will commit, before committing anything.
         let damping = Scalar(p.damping)
         var inner = 0.0
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             let c = b.curvature
             let g = gradient(l)
             b.gatherGradient(weight: g.weight, bias: g.bias)
@@ -306,7 +319,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
         // Commit: nothing below can fail.
         let decay = Scalar(p.factorDecay)
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             let c = b.curvature
             if invertLayer[l] {
                 if foldNow {
@@ -320,7 +334,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             }
         }
         let nu = klScale(inner: inner)
-        for (l, b) in blocks.enumerated() {
+        for l in blocks.indices {
+            let b = blocks[l]
             let g = gradient(l)
             b.scatterDirection(scale: Scalar(nu), weight: g.weight, bias: g.bias)
         }
@@ -364,5 +379,22 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             throw KFACError(.nonFinite, "the preconditioned gradient of layer \(layer) is not finite; increase the damping")
         }
         b.scatterDirection(scale: 1, weight: weight, bias: bias)
+    }
+}
+
+extension KFACOptimizer: ParallelJobs {
+    /// Inversion job `index` of `computeStagedInverses`: one factor of one layer, into the
+    /// layer's staging inverse. Errors are kept per job and reported by the caller.
+    func runJob(_ index: Int, worker: Int) {
+        let job = inversionJobs[index]
+        let c = blocks[job / 2].curvature
+        do throws(KFACError) {
+            let inverse = try c.stagingInverse(for: inversionStrategy)
+            let side = job % 2 == 0 ? inverse.input : inverse.output
+            try side.compute(from: jobSources[job]!.base, shift: jobShifts[job], workspace: workspaces[worker])
+            jobErrors[job] = nil
+        } catch {
+            jobErrors[job] = error
+        }
     }
 }
