@@ -1,6 +1,9 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+/// The package root, for linker inputs that must be given as absolute paths.
+let packageRoot = String(#filePath.dropLast("Package.swift".count))
+
 let package = Package(
     name: "libkfac",
     products: [
@@ -16,12 +19,16 @@ let package = Package(
         .target(
             name: "KFACCAPI",
             dependencies: ["KFAC"],
-            linkerSettings: [.unsafeFlags(["-Xlinker", "-soname=libkfac.so.0"])]
+            exclude: ["exports.map"],
+            linkerSettings: [.unsafeFlags([
+                "-Xlinker", "-soname=libkfac.so.0",
+                "-Xlinker", "--version-script=\(packageRoot)Sources/KFACCAPI/exports.map",
+            ])]
         ),
         .testTarget(name: "KFACTests", dependencies: ["KFAC", "AllocationCounter"]),
         // Interposes malloc in the executables that link it, to count allocations.
         .target(name: "AllocationCounter", path: "benchmarks/allocation-counter"),
-        .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC"], path: "examples/swift"),
+        .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC", "CBLAS"], path: "examples/swift"),
         .executableTarget(name: "kfac-bench", dependencies: ["KFAC", "CBLAS", "CLAPACKE", "AllocationCounter"],
                           path: "benchmarks/swift"),
     ],

@@ -1,0 +1,89 @@
+# libkfac — build, demo, tests, benchmarks and installation.
+#
+#   make demo     trains an MLP on the digits data with K-FAC, SGD-momentum and Adam (C example)
+#   make test     every test: Swift (XCTest), C ABI, exports, Python/PyTorch
+#   make bench    kernel and step benchmarks, ratios measured in one run
+#   make install PREFIX=/usr/local
+#
+# `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
+# apt, numpy, pytest, scikit-learn and PyTorch from PyPI.
+
+PREFIX ?= /usr/local
+PYTHON ?= python3
+CC ?= cc
+VERSION := 0.1.0
+SONAME := libkfac.so.0
+
+# Release builds link the Swift runtime statically, so libkfac.so needs only libc, libstdc++,
+# OpenBLAS and LAPACKE at run time.
+SWIFT_RELEASE := swift build -c release -Xswiftc -static-stdlib
+LIB := .build/release/libkfac.so
+CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
+LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
+
+.PHONY: all deps deps-apt deps-python lib demo demo-python test test-swift test-capi test-python \
+        bench install uninstall clean
+
+all: lib
+
+deps: deps-apt deps-python
+
+deps-apt:
+	@if ! ( [ -e /usr/include/lapacke.h ] && ls /usr/include/*/cblas.h /usr/include/cblas.h >/dev/null 2>&1 \
+	        && command -v pkg-config >/dev/null ); then \
+	    echo "installing OpenBLAS and LAPACKE (apt)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas-dev liblapacke-dev pkg-config; \
+	fi
+
+deps-python:
+	@$(PYTHON) -c "import numpy, pytest, sklearn" 2>/dev/null || \
+	    $(PYTHON) -m pip install -q numpy pytest scikit-learn
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch
+
+lib: deps-apt
+	$(SWIFT_RELEASE) --product kfac
+
+build/train_mlp: examples/c/train_mlp.c include/kfac.h lib
+	@mkdir -p build
+	$(CC) $(CFLAGS_EXAMPLE) -o $@ examples/c/train_mlp.c $(LDFLAGS_KFAC) -lopenblas -lm
+
+demo: deps build/train_mlp
+	./build/train_mlp data/digits.bin
+
+demo-python: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
+
+test: deps test-swift test-capi test-python
+
+test-swift: deps-apt
+	swift test
+
+build/test_capi: Tests/capi/test_capi.c include/kfac.h lib
+	@mkdir -p build
+	$(CC) -std=c11 -Wall -Wextra -Werror -I include -o $@ Tests/capi/test_capi.c $(LDFLAGS_KFAC) -lm
+
+test-capi: build/test_capi build/train_mlp
+	bash Tests/capi/check_exports.sh $(LIB)
+	./build/test_capi
+
+test-python: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
+
+bench: deps lib
+	$(SWIFT_RELEASE) --product kfac-bench
+	./.build/release/kfac-bench
+
+install: lib
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/libkfac.so.$(VERSION)
+	ln -sf libkfac.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkfac.so
+	install -m 644 include/kfac.h $(DESTDIR)$(PREFIX)/include/kfac.h
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' kfac.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/lib/libkfac.so* $(DESTDIR)$(PREFIX)/include/kfac.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
+
+clean:
+	rm -rf .build build
