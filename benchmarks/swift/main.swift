@@ -1,1 +1,315 @@
-print("todo")
+// libkfac benchmarks. Every figure is a ratio of two measurements taken in this one process:
+// kernels against the sgemm rate, inversions against the bare LAPACK calls, a K-FAC training
+// step against the plain SGD step of the same model. Times are medians of repeated runs.
+//
+//     make bench        (or: swift run -c release kfac-bench [--quick])
+
+import AllocationCounter
+import CBLAS
+import CLAPACKE
+import KFAC
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let quick = CommandLine.arguments.contains("--quick")
+let widths = quick ? [512, 1024, 2048] : [512, 1024, 2048]
+let batch = 256
+
+// MARK: Measurement helpers
+
+func now() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+}
+
+/// Median seconds of `body` over `repeats` runs after one warm-up run.
+func median(repeats: Int, _ body: () throws -> Void) rethrows -> Double {
+    try body()
+    var times: [Double] = []
+    for _ in 0..<repeats {
+        let t = now()
+        try body()
+        times.append(now() - t)
+    }
+    times.sort()
+    return times[times.count / 2]
+}
+
+/// A buffer of n Floats, uniform in [-1, 1), from a fixed seed.
+func randomBuffer(_ n: Int, seed: UInt64) -> UnsafeMutablePointer<Float> {
+    let p = UnsafeMutablePointer<Float>.allocate(capacity: n)
+    var s = seed
+    for i in 0..<n {
+        s = s &* 6364136223846793005 &+ 1442695040888963407
+        p[i] = Float(s >> 40) / Float(1 << 23) - 1
+    }
+    return p
+}
+
+func gflops(_ flops: Double, _ seconds: Double) -> Double { flops / seconds / 1e9 }
+func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+func f(_ x: Double, _ digits: Int = 2) -> String {
+    var r = x
+    let m = pow(10.0, Double(digits))
+    r = (r * m).rounded() / m
+    return "\(r)"
+}
+
+/// sgemm GFLOP/s for C[m×n] = A[m×k] B[k×n].
+func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
+    let a = randomBuffer(m * k, seed: 1), b = randomBuffer(k * n, seed: 2), c = randomBuffer(m * n, seed: 3)
+    defer { a.deallocate(); b.deallocate(); c.deallocate() }
+    let t = median(repeats: 5) {
+        cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, CblasNoTrans, Int32(m), Int32(n), Int32(k), 1,
+                    a, Int32(transA ? m : k), b, Int32(n), 0, c, Int32(n))
+    }
+    return gflops(2 * Double(m) * Double(n) * Double(k), t)
+}
+
+// MARK: 1. Reference rate
+
+let peak = sgemmRate(m: 2048, n: 2048, k: 2048)
+print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
+print("reference: sgemm 2048³ = \(f(peak, 1)) GFLOP/s (every 'fraction' below is relative to this)\n")
+
+// MARK: 2. Kernels per layer width
+
+print("Dense layer W→W with bias, batch \(batch) rows")
+print(pad("W", 6) + pad("factor update", 22) + pad("(same-shape sgemm)", 20) + pad("precondition chol", 20)
+      + pad("precondition eigen", 20) + pad("inverse chol / LAPACK", 23) + "inverse eigen / LAPACK")
+
+for w in widths {
+    let x = randomBuffer(batch * w, seed: 10), g = randomBuffer(batch * w, seed: 11)
+    let weight = randomBuffer(w * w, seed: 12), bias = randomBuffer(w, seed: 13)
+    defer { x.deallocate(); g.deallocate(); weight.deallocate(); bias.deallocate() }
+    let opt = try KFACOptimizer<Float>()
+    try opt.addDense(inFeatures: w, outFeatures: w, hasBias: true)
+    try opt.set(.damping, 0.1)
+
+    // Factor update: both statistics of one batch and the fold into the moving average. Useful
+    // FLOPs: the two symmetric rank-N updates, N·d·(d+1) each.
+    let tFactor = try median(repeats: 5) {
+        try opt.recordInputs(layer: 0, x, rows: batch)
+        try opt.recordOutputGradients(layer: 0, g, rows: batch)
+        try opt.updateFactors()
+    }
+    if CommandLine.arguments.contains("--probe") {
+        let t1 = try median(repeats: 5) { try opt.recordInputs(layer: 0, x, rows: batch) }
+        let t2 = try median(repeats: 5) { try opt.recordOutputGradients(layer: 0, g, rows: batch) }
+        let t3 = try median(repeats: 5) { try opt.recordInputs(layer: 0, x, rows: batch); try opt.updateFactors() }
+        let t4 = median(repeats: 5) { _ = Float.allFinite(x, count: batch * w) }
+        let c = randomBuffer((w + 1) * (w + 1), seed: 5)
+        let t5 = median(repeats: 5) { cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(w), Int32(batch), 1, x, Int32(w), 1, c, Int32(w + 1)) }
+        let t6 = median(repeats: 5) {
+            for start in stride(from: 0, to: w, by: 128) {
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(min(128, w - start)), Int32(w - start), Int32(batch), 1,
+                            x + start, Int32(w), x + start, Int32(w), 1, c + start * (w + 1) + start, Int32(w + 1))
+            }
+        }
+        print("probe blocked gemm \(t6 * 1e3) ms")
+        print("probe W=\(w): recordInputs \(t1 * 1e3) ms, recordOutputGrads \(t2 * 1e3) ms, record+fold \(t3 * 1e3) ms, allFinite \(t4 * 1e3) ms, bare syrk \(t5 * 1e3) ms")
+    }
+    let factorFlops = Double(batch) * (Double(w + 1) * Double(w + 2) + Double(w) * Double(w + 1))
+    let factorRate = gflops(factorFlops, tFactor)
+    if CommandLine.arguments.contains("--probe") { print("probe tFactor \(tFactor * 1e3) ms") }
+    // What sgemm itself reaches on this shape (W×N times N×W).
+    let shapeRate = sgemmRate(m: w, n: w, k: batch, transA: true)
+
+    // Preconditioning one gradient: 2 (Cholesky) or 4 (eigen) products of out×(in+1) matrices.
+    var precondition: [InverseStrategy: Double] = [:]
+    var inverseRatio: [InverseStrategy: Double] = [:]
+    for strategy in InverseStrategy.allCases {
+        try opt.set(.inverseStrategy, Int64(strategy.rawValue))
+        try opt.updateInverses()
+        let t = try median(repeats: 5) { try opt.precondition(layer: 0, weight: weight, bias: bias) }
+        let (o, a) = (Double(w), Double(w + 1))
+        let products = 2 * o * a * a + 2 * o * o * a
+        precondition[strategy] = gflops((strategy == .cholesky ? 1 : 2) * products, t) / peak
+
+        // The library's inversion of both factors against the bare LAPACK calls on the same
+        // matrices, one after the other.
+        let tLibrary = try median(repeats: quick ? 3 : 3) { try opt.updateInverses() }
+        let (fa, fg) = try opt.factors(layer: 0)
+        var bare: [[Float]] = [fa, fg]
+        let sqrtLambda = Float(0.1).squareRoot()
+        let tLapack = median(repeats: 3) {
+            for (k, factor) in [fa, fg].enumerated() {
+                let n = Int32(k == 0 ? w + 1 : w)
+                bare[k] = factor
+                bare[k].withUnsafeMutableBufferPointer { m in
+                    let p = m.baseAddress!
+                    if strategy == .cholesky {
+                        for i in 0..<Int(n) { p[i * Int(n) + i] += sqrtLambda }
+                        _ = LAPACKE_spotrf(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), n, p, n)
+                        _ = LAPACKE_spotri(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "L")), n, p, n)
+                    } else {
+                        var values = [Float](repeating: 0, count: Int(n))
+                        _ = LAPACKE_ssyevd(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "L")), n, p, n, &values)
+                    }
+                }
+            }
+        }
+        inverseRatio[strategy] = tLibrary / tLapack
+    }
+    print(pad("\(w)", 6)
+          + pad("\(f(factorRate, 1)) GF/s = \(f(factorRate / peak))", 22)
+          + pad("\(f(shapeRate, 1)) GF/s = \(f(shapeRate / peak))", 20)
+          + pad("\(f(precondition[.cholesky]!))", 20)
+          + pad("\(f(precondition[.eigen]!))", 20)
+          + pad("\(f(inverseRatio[.cholesky]!))×", 23)
+          + "\(f(inverseRatio[.eigen]!))×")
+}
+print("""
+  factor update = record inputs + record output gradients + fold, as a fraction of the sgemm rate
+  (useful FLOPs of the two symmetric updates); precondition columns are fractions of the sgemm rate;
+  inverse columns are the library's time to invert A and G (parallel across the two factors)
+  divided by the bare LAPACK calls on the same matrices run one after the other.
+
+""")
+
+// MARK: 3. A training step of a 784-W-W-10 MLP
+
+/// A tanh MLP with preallocated buffers and BLAS forward/backward passes, so that a step is
+/// nothing but the arithmetic.
+final class MLP {
+    let sizes: [Int]
+    let rows: Int
+    var weights: [UnsafeMutablePointer<Float>] = []
+    var biases: [UnsafeMutablePointer<Float>] = []
+    var weightGrads: [UnsafeMutablePointer<Float>] = []
+    var biasGrads: [UnsafeMutablePointer<Float>] = []
+    var activations: [UnsafeMutablePointer<Float>] = []  // input of layer l (rows × sizes[l])
+    var deltas: [UnsafeMutablePointer<Float>] = []       // gradient at the output of layer l
+    let input: UnsafeMutablePointer<Float>
+    let labels: [Int]
+
+    init(sizes: [Int], rows: Int) {
+        self.sizes = sizes
+        self.rows = rows
+        input = randomBuffer(rows * sizes[0], seed: 99)
+        labels = (0..<rows).map { $0 % sizes.last! }
+        for l in 0..<(sizes.count - 1) {
+            let (i, o) = (sizes[l], sizes[l + 1])
+            let wl = randomBuffer(i * o, seed: UInt64(l))
+            for k in 0..<(i * o) { wl[k] /= Float(i).squareRoot() }
+            weights.append(wl)
+            biases.append(randomBuffer(o, seed: UInt64(100 + l)))
+            weightGrads.append(randomBuffer(i * o, seed: 0))
+            biasGrads.append(randomBuffer(o, seed: 0))
+            activations.append(l == 0 ? input : randomBuffer(rows * i, seed: 0))
+            deltas.append(randomBuffer(rows * o, seed: 0))
+        }
+        activations.append(randomBuffer(rows * sizes.last!, seed: 0))  // logits
+    }
+
+    var layerCount: Int { sizes.count - 1 }
+
+    /// FLOPs of forward + backward (weight and input gradients) + SGD update.
+    var flops: Double {
+        var total = 0.0
+        for l in 0..<layerCount {
+            let (i, o) = (Double(sizes[l]), Double(sizes[l + 1]))
+            total += 2 * Double(rows) * i * o * (l == 0 ? 2 : 3) + 2 * i * o
+        }
+        return total
+    }
+
+    func forwardBackward() {
+        let n = Int32(rows)
+        for l in 0..<layerCount {
+            let (i, o) = (Int32(sizes[l]), Int32(sizes[l + 1]))
+            let out = activations[l + 1]
+            for r in 0..<rows { (out + r * Int(o)).update(from: biases[l], count: Int(o)) }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, activations[l], i, weights[l], i, 1, out, o)
+            if l < layerCount - 1 { for k in 0..<(rows * Int(o)) { out[k] = tanhf(out[k]) } }
+        }
+        // Softmax cross-entropy gradient of the summed loss at the logits.
+        let c = sizes.last!
+        let z = activations[layerCount], dz = deltas[layerCount - 1]
+        for r in 0..<rows {
+            var m = -Float.infinity
+            for k in 0..<c { m = max(m, z[r * c + k]) }
+            var s: Float = 0
+            for k in 0..<c { dz[r * c + k] = expf(z[r * c + k] - m); s += dz[r * c + k] }
+            for k in 0..<c { dz[r * c + k] = dz[r * c + k] / s - (k == labels[r] ? 1 : 0) }
+        }
+        for l in stride(from: layerCount - 1, through: 0, by: -1) {
+            let (i, o) = (Int32(sizes[l]), Int32(sizes[l + 1]))
+            // Gradients of the mean loss.
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, n, 1 / Float(rows), deltas[l], o,
+                        activations[l], i, 0, weightGrads[l], i)
+            for k in 0..<Int(o) { biasGrads[l][k] = 0 }
+            for r in 0..<rows { for k in 0..<Int(o) { biasGrads[l][k] += deltas[l][r * Int(o) + k] / Float(rows) } }
+            if l > 0 {
+                let d = deltas[l - 1], a = activations[l]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, i, o, 1, deltas[l], o, weights[l], i, 0, d, i)
+                for k in 0..<(rows * Int(i)) { d[k] *= 1 - a[k] * a[k] }
+            }
+        }
+    }
+
+    func update(rate: Float) {
+        for l in 0..<layerCount {
+            cblas_saxpy(Int32(sizes[l] * sizes[l + 1]), -rate, weightGrads[l], 1, weights[l], 1)
+            cblas_saxpy(Int32(sizes[l + 1]), -rate, biasGrads[l], 1, biases[l], 1)
+        }
+    }
+}
+
+print("Training step of a 784-W-W-10 tanh MLP, batch \(batch): factors every step, inverses every 10")
+print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step", 12) + pad("K-FAC/SGD", 11)
+      + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step")
+let stepWidths = quick ? [] : [512, 1024, 2048]
+for w in stepWidths {
+    for strategy in InverseStrategy.allCases {
+        let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
+        let opt = try KFACOptimizer<Float>()
+        for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+        var p = opt.parameters
+        p.inverseStrategy = strategy
+        p.inverseUpdatePeriod = 10
+        p.factorUpdatePeriod = 1
+        p.damping = 0.01
+        try opt.setParameters(p)
+
+        func kfacStep() throws {
+            mlp.forwardBackward()
+            for l in 0..<mlp.layerCount {
+                try opt.recordInputs(layer: l, mlp.activations[l], rows: batch)
+                try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: batch)
+            }
+            try opt.step { l in ParameterGradient(weight: mlp.weightGrads[l], bias: mlp.biasGrads[l]) }
+            mlp.update(rate: 1e-3)
+        }
+        let steps = 10  // one inversion per 10 steps, as in the schedule
+        let tSGD = median(repeats: 5) { for _ in 0..<steps { mlp.forwardBackward(); mlp.update(rate: 1e-3) } } / Double(steps)
+        for _ in 0..<steps { try kfacStep() }  // warm-up
+        allocation_counter_start()
+        let tKFAC = try median(repeats: 3) { for _ in 0..<steps { try kfacStep() } } / Double(steps)
+        let allocations = Double(allocation_counter_stop()) / Double(4 * steps)
+
+        // The FLOPs K-FAC adds per step: statistics, preconditioning, and a tenth of an
+        // inversion (potrf + potri ≈ d³; syevd ≈ 10/3 d³: tridiagonal reduction and
+        // back-transformation, a lower bound for the divide-and-conquer eigenvectors).
+        var extra = 0.0
+        for l in 0..<mlp.layerCount {
+            let (a, o) = (Double(mlp.sizes[l] + 1), Double(mlp.sizes[l + 1]))
+            extra += Double(batch) * (a * (a + 1) + o * (o + 1))
+            extra += (strategy == .cholesky ? 1 : 2) * (2 * o * a * a + 2 * o * o * a)
+            extra += (strategy == .cholesky ? 1 : 10.0 / 3) * (a * a * a + o * o * o) / 10
+        }
+        let floor = (mlp.flops + extra) / mlp.flops
+        let ratio = tKFAC / tSGD
+        print(pad("\(w)", 6) + pad("\(strategy)", 10) + pad("\(f(tSGD * 1e3)) ms", 11) + pad("\(f(tKFAC * 1e3)) ms", 12)
+              + pad("\(f(ratio))×", 11) + pad("\(f(floor))×", 12) + pad("\(f(ratio / floor))", 16) + "\(f(allocations, 1))")
+    }
+}
+print("""
+  FLOP floor = (FLOPs of the SGD step + FLOPs K-FAC adds) / FLOPs of the SGD step: the ratio if every
+  FLOP ran at the SGD step's rate. measured/floor is the K-FAC step's overhead beyond its arithmetic.
+  allocations/step counts every heap allocation in the process during the K-FAC steps (the trainer
+  above preallocates everything), so it is the library's.
+""")
