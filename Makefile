@@ -43,6 +43,7 @@ deps-python:
 
 lib: deps-apt
 	$(SWIFT_RELEASE) --product kfac
+	ln -sf libkfac.so .build/release/$(SONAME)
 
 build/train_mlp: examples/c/train_mlp.c include/kfac.h lib
 	@mkdir -p build

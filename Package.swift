@@ -25,7 +25,7 @@ let package = Package(
                 "-Xlinker", "--version-script=\(packageRoot)Sources/KFACCAPI/exports.map",
             ])]
         ),
-        .testTarget(name: "KFACTests", dependencies: ["KFAC", "AllocationCounter"]),
+        .testTarget(name: "KFACTests", dependencies: ["KFAC", "CBLAS", "AllocationCounter"]),
         // Interposes malloc in the executables that link it, to count allocations.
         .target(name: "AllocationCounter", path: "benchmarks/allocation-counter"),
         .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC", "CBLAS"], path: "examples/swift"),

@@ -70,7 +70,8 @@
  *
  * Inverse strategies (KFAC_PARAM_INVERSE_STRATEGY), λ = KFAC_PARAM_DAMPING:
  *   KFAC_INVERSE_CHOLESKY — factored Tikhonov damping (Martens & Grosse 2015, §6.3):
- *       π = sqrt((tr A / dim A) / (tr G / dim G))   (π = 1 if KFAC_PARAM_PI_DAMPING is 0)
+ *       π = sqrt((tr A / dim A) / (tr G / dim G))   (π = 1 if KFAC_PARAM_PI_DAMPING is 0, or
+ *                                                     if a trace is 0, e.g. all-zero gradients)
  *       U = (G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹,
  *     the two damped inverses formed by Cholesky factorisation (LAPACK potrf/potri). λ and π
  *     are baked into the inverses when they are computed: a new λ takes effect at the next
@@ -126,8 +127,8 @@
  * are independent and may be used concurrently from different threads. To invert the factors of
  * different layers in parallel, a handle starts up to KFAC_PARAM_NUM_THREADS − 1 worker threads
  * the first time it needs them; they sleep between calls and are joined by kfac_optimizer_free.
- * While they work, OpenBLAS is set to one thread (and restored afterwards); elsewhere the library
- * uses OpenBLAS with its own threading (OPENBLAS_NUM_THREADS).
+ * They are used only while OpenBLAS is single-threaded (see KFAC_PARAM_NUM_THREADS); the library
+ * never changes OpenBLAS's process-wide thread setting.
  */
 #ifndef KFAC_H
 #define KFAC_H
@@ -252,9 +253,10 @@ typedef enum kfac_param {
     /* double, > 0 and finite, default 1. Recorded output gradients are divided by it. */
     KFAC_PARAM_OUTPUT_GRAD_SCALE = 5,
 
-    /* int, >= 0, default 1. Tf: fold statistics every Tf steps; 0 = only kfac_update_factors. */
+    /* int, in [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
+     * kfac_update_factors. */
     KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100,
-    /* int, >= 0, default 10. Ti: recompute inverses every Ti steps; 0 = only
+    /* int, in [0, 2^31 − 1], default 10. Ti: recompute inverses every Ti steps; 0 = only
      * kfac_update_inverses. */
     KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101,
     /* int, kfac_inverse_strategy, default KFAC_INVERSE_EIGEN. Changing it discards the current
@@ -265,7 +267,9 @@ typedef enum kfac_param {
     /* int, kfac_reduction, default KFAC_REDUCTION_SUM. How the caller's loss was reduced. */
     KFAC_PARAM_LOSS_REDUCTION = 104,
     /* int, in [0, 256], default 0 = the number of online CPUs. Threads the library uses to
-     * compute the inverses of different layers in parallel (1 = sequential). */
+     * compute the inverses of different layers in parallel (1 = sequential). Parallel inversion
+     * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
+     * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
     KFAC_PARAM_NUM_THREADS = 105
 } kfac_param;
 
@@ -313,7 +317,8 @@ int kfac_add_dense(kfac_optimizer *opt, int64_t in_features, int64_t out_feature
 int kfac_layer_count(const kfac_optimizer *opt);
 
 /** Describes a registered layer. Growable: set struct_size = sizeof(kfac_layer_info) before
- *  the call; the library fills only the fields that fit. */
+ *  the call; the library fills only the whole fields that fit in struct_size (an older, smaller
+ *  struct) and sets struct_size to the number of bytes it filled. */
 typedef struct kfac_layer_info {
     size_t struct_size;
     int32_t kind;            /* kfac_layer_kind */
@@ -327,14 +332,15 @@ typedef struct kfac_layer_info {
 } kfac_layer_info;
 
 /** Fills *info for layer `layer`. Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE
- *  (struct_size smaller than the first two fields). */
+ *  (struct_size smaller than the first two fields, struct_size and kind). */
 int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_info *info);
 
 /* ---------------------------------------------------------------------------------------------
  * Statistics. Record calls add rows to the layer's pending statistics; they are folded into
  * the running factors at the next factor update. Several calls per step are allowed (e.g. for
  * micro-batches); each side is averaged over all rows recorded for it.
- * Buffers are checked for NaN/Inf before anything is added.
+ * Buffers are checked before anything is added: NaN/Inf, or values so large that the pending
+ * second-moment sums could overflow the handle's precision, give KFAC_ERROR_NON_FINITE.
  * ------------------------------------------------------------------------------------------- */
 
 /** 1 if statistics recorded now would be folded at the next kfac_step_* call (the current step is a
@@ -379,8 +385,9 @@ int kfac_get_factors_f64(const kfac_optimizer *opt, int32_t layer, double *a_out
 
 /** One optimizer step over all layers: schedule steps 1–3 (see "Schedule"), then k += 1.
  *  weight_grads[l] points to layer l's weight gradient [out][in] row-major; bias_grads[l] to its
- *  bias gradient [out] (bias_grads may be NULL, and its entries must be NULL, for layers without
- *  bias). Both are read, then overwritten with the KL-clipped preconditioned direction.
+ *  bias gradient [out]. bias_grads[l] must be NULL exactly for the layers without bias; bias_grads
+ *  itself may be NULL only when no layer has a bias (else KFAC_ERROR_NULL_POINTER). Both are read,
+ *  then overwritten with the KL-clipped preconditioned direction.
  *  n_layers must equal kfac_layer_count.
  *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), DTYPE_MISMATCH, NON_FINITE (a gradient),
  *  NO_STATISTICS, NO_INVERSES (inverse period 0 and never computed), NOT_POSITIVE_DEFINITE,

@@ -67,6 +67,9 @@ final class EigenWorkspace<Scalar: KFACScalar> {
     func reserve(dimension n: Int) throws(KFACError) {
         guard n > dimension else { return }
         let (w, iw) = Scalar.symmetricEigenWorkspace(n: n)
+        guard w <= Int(Int32.max), iw <= Int(Int32.max) else {
+            throw KFACError(.sizeOverflow, "the eigensolver's workspace for a \(n)×\(n) factor exceeds LAPACK's 32-bit sizes; use the Cholesky strategy")
+        }
         work = try Matrix(rows: 1, columns: w)
         iwork.deallocate()
         iwork = .allocate(capacity: Swift.max(iw, 1))

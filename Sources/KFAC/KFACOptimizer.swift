@@ -129,34 +129,43 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         return t == 0 || stepCount % t == 0
     }
 
-    private func checkedBuffer(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, count: (any CurvatureBlock<Scalar>, Int) -> Int,
-                               what: String) throws(KFACError) -> (any CurvatureBlock<Scalar>, UnsafePointer<Scalar>) {
+    /// Validates a record call and returns the block: the buffer, the rows, and that the values are
+    /// finite and small enough that the pending second-moment sum, with `scale` applied to every
+    /// value, stays finite (so a later fold cannot fail because of it).
+    private func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
+                               scale: Double) throws(KFACError) -> any CurvatureBlock<Scalar> {
         let b = try block(layer)
+        let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
         guard rows >= 1 else { throw KFACError(.invalidSize, "rows must be >= 1, got \(rows)") }
         guard rows <= Int.max / Swift.max(b.layer.inFeatures, b.layer.outFeatures) else {
             throw KFACError(.sizeOverflow, "\(rows) rows overflow the buffer size")
         }
-        guard Scalar.allFinite(p, count: count(b, rows)) else {
-            throw KFACError(.nonFinite, "\(what) of layer \(layer) contain NaN or Inf")
+        let count = outputSide ? b.outputGradientValueCount(rows: rows) : b.inputValueCount(rows: rows)
+        let largest = Double(Scalar.largestMagnitude(p, count: count))
+        guard largest.isFinite else { throw KFACError(.nonFinite, "\(what) of layer \(layer) contain NaN or Inf") }
+        let factor = outputSide ? b.curvature.output : b.curvature.input
+        let bound = largest * scale * largest * scale * Double(factor.pendingRows + rows)
+        guard bound <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
+            throw KFACError(.nonFinite, "\(what) of layer \(layer) are too large (|x| up to \(largest)): their second moments would overflow \(Scalar.self)")
         }
-        return (b, p)
+        return b
     }
 
     /// Adds `rows` layer inputs ([rows][inFeatures] row-major) to the layer's input statistics.
     public func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
-        let (b, x) = try checkedBuffer(inputs, layer: layer, rows: rows, count: { $0.inputValueCount(rows: $1) }, what: "inputs")
-        b.recordInputs(x, rows: rows, ones: ones)
+        let b = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
+        b.recordInputs(inputs!, rows: rows, ones: ones)
         statisticsStarted = true
     }
 
     /// Adds `rows` output gradients ([rows][outFeatures] row-major) to the layer's gradient
     /// statistics, scaled as `lossReduction` and `outputGradScale` say.
     public func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
-        let (b, g) = try checkedBuffer(gradients, layer: layer, rows: rows,
-                                       count: { $0.outputGradientValueCount(rows: $1) }, what: "output gradients")
         let reduction = parameters.lossReduction == .mean ? Double(rows) : 1
-        b.recordOutputGradients(g, rows: rows, scale: Scalar(reduction / parameters.outputGradScale))
+        let scale = reduction / parameters.outputGradScale
+        let b = try checkedRecord(gradients, layer: layer, rows: rows, outputSide: true, scale: scale)
+        b.recordOutputGradients(gradients!, rows: rows, scale: Scalar(scale))
         statisticsStarted = true
     }
 

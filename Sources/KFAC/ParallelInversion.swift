@@ -43,16 +43,19 @@ final class WorkerPool {
     }
 
     /// Runs the jobs on `workers` threads (the caller included), worker w taking jobs
-    /// w, w + workers, … . Returns when all are done. With more than one worker OpenBLAS is set
-    /// to one thread meanwhile, so that the workers do not oversubscribe the cores.
+    /// w, w + workers, … . Returns when all are done.
+    ///
+    /// The jobs call LAPACK, so they run on several threads only while OpenBLAS itself is
+    /// single-threaded (`OPENBLAS_NUM_THREADS=1`): then parallel calls neither oversubscribe the
+    /// cores nor depend on how OpenBLAS arbitrates concurrent callers. Otherwise they run one
+    /// after the other, each using OpenBLAS's threads. The library never changes OpenBLAS's
+    /// process-wide thread setting: other handles and the caller's own BLAS calls share it.
     func run(count: Int, workers requested: Int, _ jobs: any ParallelJobs) {
-        let workers = Swift.max(1, Swift.min(requested, count))
+        let workers = openblas_get_num_threads() == 1 ? Swift.max(1, Swift.min(requested, count)) : 1
         if workers == 1 || !startThreads(upTo: workers - 1) {
             for job in 0..<count { jobs.runJob(job, worker: 0) }
             return
         }
-        let blasThreads = openblas_get_num_threads()
-        openblas_set_num_threads(1)
         pthread_mutex_lock(mutex)
         task = jobs
         jobCount = count
@@ -69,7 +72,6 @@ final class WorkerPool {
         while running > 0 { pthread_cond_wait(finished, mutex) }
         task = nil
         pthread_mutex_unlock(mutex)
-        openblas_set_num_threads(blasThreads)
     }
 
     /// Makes sure `n` helper threads exist; false if the system refused to create them.

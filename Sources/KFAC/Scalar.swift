@@ -58,6 +58,9 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
 
     /// True when none of the `count` values is NaN or ±Inf.
     static func allFinite(_ x: UnsafePointer<Self>, count: Int) -> Bool
+
+    /// The largest |x_i|, or +Inf if any value is NaN or ±Inf (0 for count 0).
+    static func largestMagnitude(_ x: UnsafePointer<Self>, count: Int) -> Self
 }
 
 /// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called
@@ -136,11 +139,16 @@ extension Float: KFACScalar {
     }
 
     public static func allFinite(_ x: UnsafePointer<Float>, count: Int) -> Bool {
-        // Integer max over |bits| vectorises; any exponent of all ones (Inf/NaN) is >= 0x7f80_0000.
+        largestMagnitude(x, count: count).isFinite
+    }
+
+    public static func largestMagnitude(_ x: UnsafePointer<Float>, count: Int) -> Float {
+        // An integer max over |bits| vectorises, and orders non-negative floats like their values;
+        // every Inf or NaN pattern is >= 0x7f80_0000, the pattern of +Inf.
         x.withMemoryRebound(to: UInt32.self, capacity: count) { bits in
             var largest: UInt32 = 0
             for i in 0..<count { largest = Swift.max(largest, bits[i] & 0x7fff_ffff) }
-            return largest < 0x7f80_0000
+            return Float(bitPattern: Swift.min(largest, 0x7f80_0000))
         }
     }
 }
@@ -213,10 +221,14 @@ extension Double: KFACScalar {
     }
 
     public static func allFinite(_ x: UnsafePointer<Double>, count: Int) -> Bool {
+        largestMagnitude(x, count: count).isFinite
+    }
+
+    public static func largestMagnitude(_ x: UnsafePointer<Double>, count: Int) -> Double {
         x.withMemoryRebound(to: UInt64.self, capacity: count) { bits in
             var largest: UInt64 = 0
             for i in 0..<count { largest = Swift.max(largest, bits[i] & 0x7fff_ffff_ffff_ffff) }
-            return largest < 0x7ff0_0000_0000_0000
+            return Double(bitPattern: Swift.min(largest, 0x7ff0_0000_0000_0000))
         }
     }
 }

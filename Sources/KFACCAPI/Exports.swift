@@ -128,18 +128,23 @@ public func kfac_layer_get_info(_ opt: OpaquePointer?, _ layer: Int32, _ info: U
     withAnyOptimizer(opt) { (o) throws(KFACError) in
         let out = try required(info, "info")
         let size = out.load(as: Int.self)
-        guard size >= MemoryLayout<CLayerInfo>.offset(of: \.inFeatures)! else {
-            throw KFACError(.invalidSize, "info->struct_size \(size) is smaller than the fixed part of kfac_layer_info")
+        // The ends of the fields, in order: only whole fields are written.
+        let fieldEnds = [\CLayerInfo.kind, \.hasBias, \.inFeatures, \.outFeatures, \.aDim, \.gDim, \.hasFactors]
+            .map { MemoryLayout<CLayerInfo>.offset(of: $0)! } + [MemoryLayout<CLayerInfo>.size]
+        let minimum = MemoryLayout<CLayerInfo>.offset(of: \.hasBias)!
+        guard size >= minimum else {
+            throw KFACError(.invalidSize, "info->struct_size \(size) is smaller than \(minimum) (struct_size and kind)")
         }
+        let filled = fieldEnds.last { $0 <= size }!
         let i = try o.layerInfo(Int(layer))
-        var full = CLayerInfo(structSize: min(size, MemoryLayout<CLayerInfo>.size), kind: i.layer.kind.rawValue,
+        var full = CLayerInfo(structSize: filled, kind: i.layer.kind.rawValue,
                               hasBias: i.layer.hasBias ? 1 : 0,
                               inFeatures: Int64(i.layer.inFeatures), outFeatures: Int64(i.layer.outFeatures),
                               aDim: Int64(i.layer.inputFactorDimension), gDim: Int64(i.layer.outputFactorDimension),
                               hasFactors: i.hasFactors ? 1 : 0, hasInverses: i.hasInverses ? 1 : 0)
         // Fill only what fits in the caller's (possibly older, smaller) struct.
         withUnsafeBytes(of: &full) { bytes in
-            out.copyMemory(from: bytes.baseAddress!, byteCount: min(size, MemoryLayout<CLayerInfo>.size))
+            out.copyMemory(from: bytes.baseAddress!, byteCount: filled)
         }
     }
 }

@@ -1,4 +1,5 @@
 import AllocationCounter
+import CBLAS
 import XCTest
 @testable import KFAC
 
@@ -6,9 +7,16 @@ import XCTest
 /// and preconditioning — makes no heap allocation, in either precision and inverse strategy.
 final class AllocationTests: XCTestCase {
     func testSteadyStateStepDoesNotAllocate() throws {
-        for strategy in InverseStrategy.allCases {
-            try steadyState(Float.self, strategy)
-            try steadyState(Double.self, strategy)
+        // Both inversion paths: OpenBLAS threaded (inversions one after the other) and OpenBLAS
+        // single-threaded (inversions on the worker pool).
+        let blasThreads = openblas_get_num_threads()
+        defer { openblas_set_num_threads(blasThreads) }
+        for threads in [blasThreads, 1] {
+            openblas_set_num_threads(threads)
+            for strategy in InverseStrategy.allCases {
+                try steadyState(Float.self, strategy)
+                try steadyState(Double.self, strategy)
+            }
         }
     }
 

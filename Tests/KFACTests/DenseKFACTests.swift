@@ -1,3 +1,4 @@
+import CBLAS
 import XCTest
 @testable import KFAC
 
@@ -235,6 +236,10 @@ final class DenseKFACTests: XCTestCase {
     // MARK: Parallel inversion
 
     func testParallelInversionMatchesSequential() throws {
+        // The worker pool runs only while OpenBLAS is single-threaded.
+        let blasThreads = openblas_get_num_threads()
+        openblas_set_num_threads(1)
+        defer { openblas_set_num_threads(blasThreads) }
         var directions: [[LayerGradient<Double>]] = []
         for threads in [1, 2] {
             var problem = TwoLayerProblem<Double>(seed: 21)

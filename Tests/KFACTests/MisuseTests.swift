@@ -103,3 +103,29 @@ final class MisuseTests: XCTestCase {
         XCTAssertEqual(KFACParameters().inverseUpdatePeriod, 10, "documented default")
     }
 }
+
+extension MisuseTests {
+    /// Finite values whose second moments would overflow are refused at record time, so a fold
+    /// can never fail on them later and the handle keeps working.
+    func testOverflowingStatisticsAreRefusedWhenRecorded() throws {
+        var problem = TwoLayerProblem<Float>(seed: 37)
+        let opt = try problem.makeOptimizer()
+        let huge = [Float](repeating: 3e37, count: 4 * 5)
+        XCTAssertThrowsError(try opt.recordInputs(layer: 0, huge, rows: 4)) {
+            XCTAssertEqual(($0 as? KFACError)?.status, .nonFinite)
+        }
+        // A mean reduction multiplies by the rows: moderate gradients can overflow too.
+        try opt.set(.lossReduction, Int64(LossReduction.mean.rawValue))
+        let big = [Float](repeating: 1e16, count: 3 * 1000)
+        let wide = try KFACOptimizer<Float>()
+        try wide.addDense(inFeatures: 2, outFeatures: 3, hasBias: false)
+        try wide.set(.lossReduction, Int64(LossReduction.mean.rawValue))
+        XCTAssertThrowsError(try wide.recordOutputGradients(layer: 0, big, rows: 1000)) {
+            XCTAssertEqual(($0 as? KFACError)?.status, .nonFinite)
+        }
+        try problem.record(opt, problem.batch(rows: 4), rows: 4)
+        var g = problem.gradients()
+        try opt.step(&g)
+        XCTAssertEqual(opt.stepCount, 1)
+    }
+}

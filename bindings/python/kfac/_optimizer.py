@@ -1,0 +1,596 @@
+"""The numpy-friendly wrapper around a ``kfac_optimizer`` handle."""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _lib
+
+__all__ = ["KFACError", "LayerInfo", "Optimizer", "PARAMETERS"]
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class KFACError(Exception):
+    """A libkfac call returned a non-zero status.
+
+    Attributes:
+        status: the negative status code (e.g. ``kfac.KFAC_ERROR_NO_STATISTICS``).
+        status_name: the constant's name (e.g. ``"KFAC_ERROR_NO_STATISTICS"``).
+        message: the library's description of the failure (``kfac_last_error``).
+    """
+
+    def __init__(self, status: int, message: str = ""):
+        self.status = int(status)
+        self.status_name = _lib.status_name(self.status)
+        self.message = message or _lib.status_string(self.status)
+        super().__init__(f"{self.status_name} ({self.status}): {self.message}")
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.message))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A registered layer, as described by ``kfac_layer_get_info``."""
+
+    kind: int
+    has_bias: bool
+    in_features: int
+    out_features: int
+    a_dim: int
+    g_dim: int
+    has_factors: bool
+    has_inverses: bool
+
+
+# Parameter name -> (kfac_param value, "double" or "int").
+PARAMETERS = {
+    "learning_rate": (_lib.KFAC_PARAM_LEARNING_RATE, "double"),
+    "damping": (_lib.KFAC_PARAM_DAMPING, "double"),
+    "factor_decay": (_lib.KFAC_PARAM_FACTOR_DECAY, "double"),
+    "kl_clip": (_lib.KFAC_PARAM_KL_CLIP, "double"),
+    "output_grad_scale": (_lib.KFAC_PARAM_OUTPUT_GRAD_SCALE, "double"),
+    "factor_update_period": (_lib.KFAC_PARAM_FACTOR_UPDATE_PERIOD, "int"),
+    "inverse_update_period": (_lib.KFAC_PARAM_INVERSE_UPDATE_PERIOD, "int"),
+    "inverse_strategy": (_lib.KFAC_PARAM_INVERSE_STRATEGY, "int"),
+    "pi_damping": (_lib.KFAC_PARAM_PI_DAMPING, "int"),
+    "loss_reduction": (_lib.KFAC_PARAM_LOSS_REDUCTION, "int"),
+    "num_threads": (_lib.KFAC_PARAM_NUM_THREADS, "int"),
+}
+_PARAM_BY_VALUE = {value: (name, kind) for name, (value, kind) in PARAMETERS.items()}
+
+# Symbolic values accepted (and returned) for the enum-valued parameters.
+_ENUM_VALUES = {
+    "inverse_strategy": {"cholesky": _lib.KFAC_INVERSE_CHOLESKY, "eigen": _lib.KFAC_INVERSE_EIGEN},
+    "loss_reduction": {"sum": _lib.KFAC_REDUCTION_SUM, "mean": _lib.KFAC_REDUCTION_MEAN},
+}
+
+_DTYPES = {np.dtype(np.float32): _lib.KFAC_FLOAT32, np.dtype(np.float64): _lib.KFAC_FLOAT64}
+
+
+def _layer_index(layer) -> int:
+    """A layer id as a Python int (rejecting floats, bools and other non-integers)."""
+    if isinstance(layer, bool):
+        raise TypeError("layer ids are integers, not bool")
+    return operator.index(layer)
+
+
+class Optimizer:
+    """A K-FAC optimizer handle (``kfac_optimizer``) with numpy buffers.
+
+    Args:
+        dtype: ``np.float32`` or ``np.float64``; the precision of every buffer, factor and
+            computation of this handle.
+        **params: initial parameter values, by name (see :data:`PARAMETERS` and the
+            properties below), e.g. ``Optimizer(np.float64, damping=1e-2, kl_clip=0)``.
+
+    Every call whose library status is not ``KFAC_OK`` raises :class:`KFACError`; a failed call
+    leaves the handle as it was. Arrays of a wrong shape or layout raise ``ValueError``, of a
+    dtype that would have to be narrowed ``TypeError``, before the library is called.
+
+    A handle is not meant to be shared between threads; calls on it are serialised by a lock.
+    Use :meth:`close` (or a ``with`` block) to release it early.
+    """
+
+    def __init__(self, dtype=np.float32, **params):
+        dtype = np.dtype(dtype)
+        if dtype not in _DTYPES:
+            raise TypeError(f"kfac.Optimizer: dtype must be float32 or float64, not {dtype}")
+        self._dtype = dtype
+        self._ctype = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        self._ptr_type = ctypes.POINTER(self._ctype)
+        suffix = "f32" if dtype == np.float32 else "f64"
+        self._record_inputs_fn = getattr(_lib, f"kfac_record_inputs_{suffix}")
+        self._record_grads_fn = getattr(_lib, f"kfac_record_output_grads_{suffix}")
+        self._get_factors_fn = getattr(_lib, f"kfac_get_factors_{suffix}")
+        self._step_fn = getattr(_lib, f"kfac_step_{suffix}")
+        self._precondition_fn = getattr(_lib, f"kfac_precondition_{suffix}")
+        self._lock = threading.RLock()
+        self._free = _lib.kfac_optimizer_free  # kept so __del__ works during interpreter exit
+        self._layers = []  # (in_features, out_features, has_bias) per registered layer
+        self._handle = None
+        handle = _lib.kfac_optimizer_p()
+        status = _lib.kfac_optimizer_create(_DTYPES[dtype], ctypes.byref(handle))
+        if status != _lib.KFAC_OK:
+            raise KFACError(status, _lib.kfac_last_error(None).decode("utf-8", "replace"))
+        self._handle = handle
+        try:
+            for name, value in params.items():
+                self.set_param(name, value)
+        except BaseException:
+            self.close()
+            raise
+
+    # -----------------------------------------------------------------------------------------
+    # Lifetime
+    # -----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the handle. Further calls raise ``ValueError``; closing twice is harmless."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                self._free(handle)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._handle is None
+
+    def __enter__(self) -> "Optimizer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<kfac.Optimizer (closed)>"
+        return (
+            f"<kfac.Optimizer {self._dtype.name}, {len(self._layers)} layer(s), "
+            f"step {self.step_count}>"
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Calling the library
+    # -----------------------------------------------------------------------------------------
+
+    def _live_handle(self):
+        handle = self._handle
+        if handle is None:
+            raise ValueError("kfac.Optimizer: the optimizer is closed")
+        return handle
+
+    def _call(self, function, *args) -> int:
+        """Calls ``function(handle, *args)``; raises :class:`KFACError` for a negative result."""
+        with self._lock:
+            handle = self._live_handle()
+            result = function(handle, *args)
+            if result < 0:
+                message = _lib.kfac_last_error(handle).decode("utf-8", "replace")
+                raise KFACError(result, message)
+            return result
+
+    # -----------------------------------------------------------------------------------------
+    # Basic queries
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The handle's precision, ``np.dtype('float32')`` or ``np.dtype('float64')``."""
+        return self._dtype
+
+    @property
+    def num_layers(self) -> int:
+        """Number of registered layers (``kfac_layer_count``)."""
+        return self._call(_lib.kfac_layer_count)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    @property
+    def wants_statistics(self) -> bool:
+        """Whether statistics recorded now would be folded at the next :meth:`step`."""
+        return bool(self._call(_lib.kfac_wants_statistics))
+
+    @property
+    def step_count(self) -> int:
+        """The step counter k: the number of successful :meth:`step` calls."""
+        return self._call(_lib.kfac_step_count)
+
+    @property
+    def last_kl_scale(self) -> float:
+        """ν of the last successful :meth:`step` (1.0 if no clipping), NaN before the first."""
+        with self._lock:
+            return float(_lib.kfac_last_kl_scale(self._live_handle()))
+
+    # -----------------------------------------------------------------------------------------
+    # Parameters
+    # -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_param(param) -> Tuple[int, Optional[str], Optional[str]]:
+        """(kfac_param value, name or None, "double"/"int"/None) for a name or an enum value."""
+        if isinstance(param, str):
+            try:
+                value, kind = PARAMETERS[param]
+            except KeyError:
+                raise ValueError(
+                    f"kfac: unknown parameter {param!r}; known: {', '.join(PARAMETERS)}"
+                ) from None
+            return value, param, kind
+        value = _layer_index(param)
+        name, kind = _PARAM_BY_VALUE.get(value, (None, None))
+        return value, name, kind
+
+    def set_param(self, param, value) -> None:
+        """Sets a parameter by name (``"damping"``) or enum value (``kfac.KFAC_PARAM_DAMPING``).
+
+        Double parameters take real numbers; integer parameters take integers (``pi_damping``
+        also a bool); ``inverse_strategy`` also takes ``"cholesky"``/``"eigen"`` and
+        ``loss_reduction`` ``"sum"``/``"mean"``. Out-of-range values raise :class:`KFACError`
+        with status ``KFAC_ERROR_PARAMETER_RANGE``.
+        """
+        number, name, kind = self._resolve_param(param)
+        if name in _ENUM_VALUES and isinstance(value, str):
+            try:
+                value = _ENUM_VALUES[name][value.lower()]
+            except KeyError:
+                choices = ", ".join(repr(key) for key in _ENUM_VALUES[name])
+                raise ValueError(f"kfac: {name} must be one of {choices}, not {value!r}") from None
+        if kind is None:
+            # A parameter these bindings do not know: choose the setter by the value's type and
+            # let the library judge it.
+            kind = "int" if isinstance(value, (int, np.integer)) else "double"
+        if kind == "double":
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"kfac: parameter {name or number} takes a real number, not {value!r}")
+            self._call(_lib.kfac_set_param_double, number, float(value))
+        else:
+            if isinstance(value, (bool, np.bool_)):
+                value = int(value)
+            try:
+                value = operator.index(value)
+            except TypeError:
+                raise TypeError(
+                    f"kfac: parameter {name or number} takes an integer, not {value!r}"
+                ) from None
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise KFACError(
+                    _lib.KFAC_ERROR_PARAMETER_RANGE,
+                    f"value {value} of parameter {name or number} does not fit in int64",
+                )
+            self._call(_lib.kfac_set_param_int, number, value)
+
+    def get_param(self, param):
+        """Reads a parameter by name or enum value. Double parameters are returned as float,
+        integer ones as int, except ``pi_damping`` (bool), ``inverse_strategy``
+        (``"cholesky"``/``"eigen"``) and ``loss_reduction`` (``"sum"``/``"mean"``)."""
+        number, name, kind = self._resolve_param(param)
+        if kind == "double":
+            out = ctypes.c_double()
+            self._call(_lib.kfac_get_param_double, number, ctypes.byref(out))
+            return float(out.value)
+        if kind is None:  # unknown to the bindings: ask the library as an int first
+            out = ctypes.c_int64()
+            try:
+                self._call(_lib.kfac_get_param_int, number, ctypes.byref(out))
+            except KFACError as error:
+                if error.status != _lib.KFAC_ERROR_PARAMETER_TYPE:
+                    raise
+                dout = ctypes.c_double()
+                self._call(_lib.kfac_get_param_double, number, ctypes.byref(dout))
+                return float(dout.value)
+            return int(out.value)
+        out = ctypes.c_int64()
+        self._call(_lib.kfac_get_param_int, number, ctypes.byref(out))
+        value = int(out.value)
+        if name == "pi_damping":
+            return bool(value)
+        if name in _ENUM_VALUES:
+            for symbol, code in _ENUM_VALUES[name].items():
+                if code == value:
+                    return symbol
+        return value
+
+    def params(self) -> dict:
+        """All known parameters as a ``{name: value}`` dict."""
+        return {name: self.get_param(name) for name in PARAMETERS}
+
+    # -----------------------------------------------------------------------------------------
+    # Layers
+    # -----------------------------------------------------------------------------------------
+
+    def add_dense(self, in_features: int, out_features: int, bias: bool = True) -> int:
+        """Registers a dense layer ``s = W a (+ b)``, ``W`` of shape ``[out][in]``; returns its
+        id (0, 1, ... in order). All layers must be added before statistics are recorded."""
+        in_features = operator.index(in_features)
+        out_features = operator.index(out_features)
+        for value in (in_features, out_features):
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise KFACError(_lib.KFAC_ERROR_SIZE_OVERFLOW, f"size {value} does not fit in int64")
+        layer_id = ctypes.c_int32()
+        with self._lock:
+            self._call(
+                _lib.kfac_add_dense,
+                in_features,
+                out_features,
+                1 if bias else 0,
+                ctypes.byref(layer_id),
+            )
+            self._layers.append((in_features, out_features, bool(bias)))
+        return int(layer_id.value)
+
+    def layer_info(self, layer: int) -> LayerInfo:
+        """The library's description of layer ``layer`` (sizes, whether factors and inverses
+        exist)."""
+        layer = self._checked_layer_id(layer)
+        info = _lib.kfac_layer_info.new()
+        self._call(_lib.kfac_layer_get_info, layer, ctypes.byref(info))
+        return LayerInfo(
+            kind=int(info.kind),
+            has_bias=bool(info.has_bias),
+            in_features=int(info.in_features),
+            out_features=int(info.out_features),
+            a_dim=int(info.a_dim),
+            g_dim=int(info.g_dim),
+            has_factors=bool(info.has_factors),
+            has_inverses=bool(info.has_inverses),
+        )
+
+    def _checked_layer_id(self, layer) -> int:
+        """A layer id as an int32 (ids outside int32 cannot name a layer)."""
+        layer = _layer_index(layer)
+        if not _INT32_MIN <= layer <= _INT32_MAX:
+            raise KFACError(_lib.KFAC_ERROR_UNKNOWN_LAYER, f"layer id {layer} is out of range")
+        return layer
+
+    def _shape_of(self, layer: int):
+        """(in, out, has_bias) of a registered layer, or None for an id the library will reject."""
+        if 0 <= layer < len(self._layers):
+            return self._layers[layer]
+        return None
+
+    # -----------------------------------------------------------------------------------------
+    # Buffers
+    # -----------------------------------------------------------------------------------------
+
+    def _input_rows(self, array, features: Optional[int], what: str) -> np.ndarray:
+        """A C-contiguous 2-D array of the handle's dtype viewing (or, if needed, converting)
+        ``array``; leading dimensions beyond the last are flattened into rows."""
+        array = np.asarray(array)
+        if array.dtype != self._dtype:
+            if not np.can_cast(array.dtype, self._dtype, casting="safe"):
+                raise TypeError(
+                    f"kfac: {what} of dtype {array.dtype} would be narrowed to the optimizer's "
+                    f"{self._dtype}; convert it explicitly"
+                )
+        array = np.ascontiguousarray(array, dtype=self._dtype)
+        if array.ndim < 2:
+            raise ValueError(f"kfac: {what} must be 2-D [rows][features], got shape {array.shape}")
+        if features is not None and array.shape[-1] != features:
+            raise ValueError(
+                f"kfac: {what} have {array.shape[-1]} features per row, the layer has {features}"
+            )
+        if array.ndim > 2:
+            array = array.reshape(-1, array.shape[-1])
+        return array
+
+    def _pointer(self, array: np.ndarray):
+        return array.ctypes.data_as(self._ptr_type)
+
+    def _inout_buffer(self, array, shape, what: str):
+        """Checks an array the library will overwrite: ndarray, handle's dtype, C-contiguous,
+        writeable, of the expected shape."""
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"kfac: {what} must be a numpy.ndarray, not {type(array).__name__}")
+        if array.dtype != self._dtype:
+            raise TypeError(f"kfac: {what} has dtype {array.dtype}, the optimizer {self._dtype}")
+        if array.shape != shape:
+            raise ValueError(f"kfac: {what} has shape {array.shape}, expected {shape}")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"kfac: {what} must be C-contiguous (it is modified in place)")
+        if not array.flags.writeable:
+            raise ValueError(f"kfac: {what} is read-only (it is modified in place)")
+        return self._pointer(array)
+
+    # -----------------------------------------------------------------------------------------
+    # Statistics
+    # -----------------------------------------------------------------------------------------
+
+    def record_inputs(self, layer: int, inputs) -> None:
+        """Adds the rows of ``inputs`` (``[rows][in_features]``, or ``[..., in_features]``) to
+        layer ``layer``'s input statistics. C-contiguous arrays of the handle's dtype are passed
+        without a copy; others are converted if that does not narrow (``TypeError`` if it
+        would)."""
+        self._record(self._record_inputs_fn, layer, inputs, 0, "inputs")
+
+    def record_output_grads(self, layer: int, output_grads) -> None:
+        """Adds the rows of ``output_grads`` (``[rows][out_features]``) to layer ``layer``'s
+        gradient statistics, after the ``loss_reduction`` and ``output_grad_scale``
+        adjustments. Array handling as in :meth:`record_inputs`."""
+        self._record(self._record_grads_fn, layer, output_grads, 1, "output gradients")
+
+    def _record(self, function, layer, array, side: int, what: str) -> None:
+        layer = self._checked_layer_id(layer)
+        shape = self._shape_of(layer)
+        rows = self._input_rows(array, None if shape is None else shape[side], what)
+        self._call(function, layer, self._pointer(rows), rows.shape[0])
+
+    def _record_address(self, side: int, layer: int, address: int, rows: int) -> None:
+        """Records ``rows`` rows at raw ``address`` (a buffer of the handle's dtype, laid out
+        row-major with the layer's width). For integrations that own the memory (torch)."""
+        function = self._record_inputs_fn if side == 0 else self._record_grads_fn
+        self._call(function, layer, ctypes.cast(address, self._ptr_type), rows)
+
+    def update_factors(self) -> None:
+        """Folds all pending statistics into the running factors now."""
+        self._call(_lib.kfac_update_factors)
+
+    def update_inverses(self) -> None:
+        """Recomputes the inverses of every layer that has factors now."""
+        self._call(_lib.kfac_update_inverses)
+
+    def factors(self, layer: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Copies of layer ``layer``'s running factors ``(A, G)``, of shapes
+        ``[a_dim][a_dim]`` and ``[g_dim][g_dim]``."""
+        info = self.layer_info(layer)
+        a = np.empty((info.a_dim, info.a_dim), dtype=self._dtype)
+        g = np.empty((info.g_dim, info.g_dim), dtype=self._dtype)
+        self._call(self._get_factors_fn, int(layer), self._pointer(a), self._pointer(g))
+        return a, g
+
+    # -----------------------------------------------------------------------------------------
+    # Preconditioning
+    # -----------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        weight_grads: Sequence[np.ndarray],
+        bias_grads: Optional[Sequence[Optional[np.ndarray]]] = None,
+    ) -> None:
+        """One optimizer step over all layers; overwrites the gradients in place.
+
+        Args:
+            weight_grads: one array per layer, ``[out][in]``.
+            bias_grads: one array ``[out]`` per layer, ``None`` for layers without bias; may be
+                ``None`` altogether when no layer has a bias.
+
+        Every array must be a C-contiguous, writeable ``np.ndarray`` of the handle's dtype.
+        """
+        with self._lock:
+            self._live_handle()
+            n = len(self._layers)
+            weight_grads = list(weight_grads)
+            if len(weight_grads) != n:
+                raise ValueError(f"kfac: step got {len(weight_grads)} weight gradients for {n} layers")
+            if bias_grads is None:
+                bias_grads = [None] * n
+            bias_grads = list(bias_grads)
+            if len(bias_grads) != n:
+                raise ValueError(f"kfac: step got {len(bias_grads)} bias gradients for {n} layers")
+            w_pointers = (self._ptr_type * max(n, 1))()
+            b_pointers = (self._ptr_type * max(n, 1))()
+            any_bias = False
+            for index, ((fan_in, fan_out, has_bias), w, b) in enumerate(
+                zip(self._layers, weight_grads, bias_grads)
+            ):
+                w_pointers[index] = self._inout_buffer(w, (fan_out, fan_in), f"weight_grads[{index}]")
+                if has_bias:
+                    if b is None:
+                        raise ValueError(f"kfac: layer {index} has a bias but bias_grads[{index}] is None")
+                    b_pointers[index] = self._inout_buffer(b, (fan_out,), f"bias_grads[{index}]")
+                    any_bias = True
+                elif b is not None:
+                    raise ValueError(f"kfac: layer {index} has no bias; bias_grads[{index}] must be None")
+            self._call(self._step_fn, w_pointers, b_pointers if any_bias else None, n)
+
+    def _step_addresses(self, weight_addresses: Sequence[int], bias_addresses: Sequence[int]) -> None:
+        """:meth:`step` on raw buffer addresses (0 for an absent bias), for integrations that
+        own the memory (torch). Shapes and dtypes are the caller's responsibility."""
+        n = len(weight_addresses)
+        w_pointers = (self._ptr_type * max(n, 1))(
+            *[ctypes.cast(address, self._ptr_type) for address in weight_addresses]
+        )
+        any_bias = any(bias_addresses)
+        b_pointers = (self._ptr_type * max(n, 1))(
+            *[ctypes.cast(address or None, self._ptr_type) for address in bias_addresses]
+        )
+        self._call(self._step_fn, w_pointers, b_pointers if any_bias else None, n)
+
+    def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None) -> None:
+        """Preconditions one layer's gradient in place with the current inverses (no schedule,
+        no KL clip, no change to the handle). ``bias_grad`` must be given exactly when the layer
+        has a bias. Array requirements as in :meth:`step`."""
+        layer = self._checked_layer_id(layer)
+        shape = self._shape_of(layer)
+        if shape is None:
+            # Unknown id: let the library report it. It must not read the buffers; pass valid
+            # dummies so that the only thing wrong with the call is the id.
+            dummy_w = np.zeros(1, dtype=self._dtype)
+            dummy_b = np.zeros(1, dtype=self._dtype)
+            self._call(self._precondition_fn, layer, self._pointer(dummy_w), self._pointer(dummy_b))
+            return
+        fan_in, fan_out, has_bias = shape
+        w_pointer = self._inout_buffer(weight_grad, (fan_out, fan_in), "weight_grad")
+        if has_bias and bias_grad is None:
+            raise ValueError(f"kfac: layer {layer} has a bias; bias_grad is required")
+        if not has_bias and bias_grad is not None:
+            raise ValueError(f"kfac: layer {layer} has no bias; bias_grad must be None")
+        b_pointer = self._inout_buffer(bias_grad, (fan_out,), "bias_grad") if has_bias else None
+        self._call(self._precondition_fn, layer, w_pointer, b_pointer)
+
+    # -----------------------------------------------------------------------------------------
+    # State
+    # -----------------------------------------------------------------------------------------
+
+    def state_bytes(self) -> bytes:
+        """The complete state image (parameters, counters, factors, pending statistics,
+        inverses) as bytes; :meth:`load_state` restores it bit for bit."""
+        with self._lock:
+            size = ctypes.c_size_t()
+            self._call(_lib.kfac_state_size, ctypes.byref(size))
+            buffer = ctypes.create_string_buffer(max(size.value, 1))
+            written = ctypes.c_size_t()
+            self._call(_lib.kfac_save_state, buffer, size.value, ctypes.byref(written))
+            return buffer.raw[: written.value]
+
+    def load_state(self, image: Union[bytes, bytearray, memoryview]) -> None:
+        """Replaces the handle's state with an image from :meth:`state_bytes` (same precision
+        and layers). On error the handle is unchanged."""
+        data = bytes(image)
+        self._call(_lib.kfac_load_state, data, len(data))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the state image to ``path`` atomically."""
+        self._call(_lib.kfac_save_state_file, os.fsencode(path))
+
+    def load(self, path: Union[str, os.PathLike]) -> None:
+        """Loads a state image written by :meth:`save`."""
+        self._call(_lib.kfac_load_state_file, os.fsencode(path))
+
+
+def _make_property(name: str, kind: str):
+    def getter(self):
+        return self.get_param(name)
+
+    def setter(self, value):
+        self.set_param(name, value)
+
+    doc = {
+        "learning_rate": "η of the KL clip (float, > 0; default 0.1). Used for nothing else.",
+        "damping": "λ (float, > 0; default 1e-3).",
+        "factor_decay": "β of the factors' moving average (float in [0, 1); default 0.95).",
+        "kl_clip": "κ of the KL clip (float, >= 0; 0 disables; default 1e-3).",
+        "output_grad_scale": "Recorded output gradients are divided by it (float, > 0; default 1).",
+        "factor_update_period": "Tf: fold statistics every Tf steps; 0 = only update_factors().",
+        "inverse_update_period": "Ti: recompute inverses every Ti steps; 0 = only update_inverses().",
+        "inverse_strategy": "'cholesky' or 'eigen' (default); set with a name or a KFAC_INVERSE_* int.",
+        "pi_damping": "Use π in factored (Cholesky) damping (bool; default True).",
+        "loss_reduction": "'sum' (default) or 'mean': how the caller's loss was reduced.",
+        "num_threads": "Threads for parallel inversion (int in [0, 256]; 0 = all CPUs).",
+    }[name]
+    return property(getter, setter, doc=doc)
+
+
+for _name, (_value, _kind) in PARAMETERS.items():
+    setattr(Optimizer, _name, _make_property(_name, _kind))
+del _name, _value, _kind
