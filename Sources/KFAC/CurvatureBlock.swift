@@ -77,7 +77,7 @@ final class KroneckerCurvature<Scalar: KFACScalar> {
 /// aDim) and G (gDim): sqrt((tr A / aDim) / (tr G / gDim)), or 1 when either trace is not a
 /// positive finite number (π would be meaningless).
 func factoredDampingPi<Scalar: KFACScalar>(a: UnsafePointer<Scalar>, aDim: Int, g: UnsafePointer<Scalar>, gDim: Int) -> Scalar {
-    let ta = trace(a, n: aDim) / Scalar(aDim), tg = trace(g, n: gDim) / Scalar(gDim)
+    let ta = Scalar.trace(a, n: aDim) / Scalar(aDim), tg = Scalar.trace(g, n: gDim) / Scalar(gDim)
     let pi = (ta / tg).squareRoot()
     return ta > 0 && tg > 0 && pi.isFinite && pi > 0 ? pi : 1
 }

@@ -23,7 +23,7 @@ final class FactorInverse<Scalar: KFACScalar> {
         let n = dimension
         switch strategy {
         case .cholesky:
-            copyUpperTriangle(from: factor, to: matrix.base, n: n, diagonalShift: shift)
+            Scalar.copyUpperTriangle(from: factor, to: matrix.base, n: n, diagonalShift: shift)
             let info = Scalar.choleskyFactor(n: n, a: matrix.base)
             guard info == 0 else {
                 throw KFACError(.notPositiveDefinite,
@@ -33,9 +33,9 @@ final class FactorInverse<Scalar: KFACScalar> {
             guard info2 == 0 else {
                 throw KFACError(.notPositiveDefinite, "damped \(n)×\(n) factor is singular (potri info \(info2))")
             }
-            symmetrizeFromUpper(matrix.base, n: n)
+            Scalar.symmetrizeFromUpper(matrix.base, n: n)
         case .eigen:
-            copyUpperTriangle(from: factor, to: matrix.base, n: n, diagonalShift: 0)
+            Scalar.copyUpperTriangle(from: factor, to: matrix.base, n: n, diagonalShift: 0)
             try workspace.reserve(dimension: n)
             let info = Scalar.symmetricEigen(n: n, a: matrix.base, values: values.base,
                                              work: workspace.work.base, workCount: workspace.work.count,
@@ -43,7 +43,7 @@ final class FactorInverse<Scalar: KFACScalar> {
             guard info == 0 else {
                 throw KFACError(.eigenFailed, "eigendecomposition of a \(n)×\(n) factor failed (syevd info \(info))")
             }
-            clampNegativeToZero(values.base, count: n)
+            Scalar.clampNegativeToZero(values.base, count: n)
         }
         guard Scalar.allFinite(matrix.base, count: n * n) else {
             throw KFACError(.nonFinite, "the inverse of a \(n)×\(n) factor is not finite; increase the damping")
@@ -110,7 +110,7 @@ struct KroneckerInverse<Scalar: KFACScalar> {
                         b: input.matrix.base, ldb: a, beta: 0, c: t.base, ldc: a)
             Scalar.gemm(transA: false, transB: false, m: o, n: a, k: o, alpha: 1, a: output.matrix.base, lda: o,
                         b: t.base, ldb: a, beta: 0, c: u.base, ldc: a)
-            divideByEigenvalueGrid(u.base, rows: o, columns: a, outputValues: output.values.base,
+            Scalar.divideByEigenvalueGrid(u.base, rows: o, columns: a, outputValues: output.values.base,
                                    inputValues: input.values.base, damping: damping)
             Scalar.gemm(transA: false, transB: false, m: o, n: a, k: a, alpha: 1, a: u.base, lda: a,
                         b: input.matrix.base, ldb: a, beta: 0, c: t.base, ldc: a)

@@ -50,7 +50,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
 
     /// Throws `.nonFinite` if folding the pending sum could produce a non-finite factor.
     func validatePending() throws(KFACError) {
-        if hasPending && !diagonalSafelyFinite(pendingSum.base, n: dimension) {
+        if hasPending && !Scalar.diagonalSafelyFinite(pendingSum.base, n: dimension) {
             throw KFACError(.nonFinite, "recorded statistics overflow (second moment is not finite)")
         }
     }
@@ -66,7 +66,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     func fold(decay: Scalar) {
         guard hasPending else { return }
         let (b, s) = foldCoefficients(decay: decay)
-        movingAverageUpper(into: running.base, previous: hasRunning ? UnsafePointer(running.base) : nil,
+        Scalar.movingAverageUpper(into: running.base, previous: hasRunning ? UnsafePointer(running.base) : nil,
                            beta: b, pending: pendingSum.base, scale: s, n: dimension)
         hasRunning = true
         pendingRows = 0
@@ -78,7 +78,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         guard hasPending else { return running }
         if staged == nil { staged = try Matrix(rows: dimension, columns: dimension) }
         let (b, s) = foldCoefficients(decay: decay)
-        movingAverageUpper(into: staged!.base, previous: hasRunning ? UnsafePointer(running.base) : nil,
+        Scalar.movingAverageUpper(into: staged!.base, previous: hasRunning ? UnsafePointer(running.base) : nil,
                            beta: b, pending: pendingSum.base, scale: s, n: dimension)
         return staged!
     }
@@ -95,7 +95,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// The factor as a full symmetric row-major matrix.
     func copyRunning(into out: UnsafeMutablePointer<Scalar>) {
         out.update(from: running.base, count: dimension * dimension)
-        symmetrizeFromUpper(out, n: dimension)
+        Scalar.symmetrizeFromUpper(out, n: dimension)
     }
 
     /// Restores state from an image (see StateImage.swift).

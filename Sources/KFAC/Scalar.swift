@@ -61,6 +61,20 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
 
     /// The largest |x_i|, or +Inf if any value is NaN or ±Inf (0 for count 0).
     static func largestMagnitude(_ x: UnsafePointer<Self>, count: Int) -> Self
+
+    // Element kernels, implemented once in LinearAlgebra.swift.
+    static func symmetrizeFromUpper(_ m: UnsafeMutablePointer<Self>, n: Int)
+    static func movingAverageUpper(
+        into destination: UnsafeMutablePointer<Self>, previous: UnsafePointer<Self>?, beta: Self,
+        pending: UnsafePointer<Self>, scale: Self, n: Int)
+    static func trace(_ m: UnsafePointer<Self>, n: Int) -> Self
+    static func diagonalSafelyFinite(_ m: UnsafePointer<Self>, n: Int) -> Bool
+    static func copyUpperTriangle(
+        from source: UnsafePointer<Self>, to destination: UnsafeMutablePointer<Self>, n: Int, diagonalShift shift: Self)
+    static func divideByEigenvalueGrid(
+        _ v: UnsafeMutablePointer<Self>, rows: Int, columns: Int,
+        outputValues: UnsafePointer<Self>, inputValues: UnsafePointer<Self>, damping: Self)
+    static func clampNegativeToZero(_ x: UnsafeMutablePointer<Self>, count: Int)
 }
 
 /// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called

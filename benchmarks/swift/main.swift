@@ -14,7 +14,7 @@ import Glibc
 #endif
 
 let quick = CommandLine.arguments.contains("--quick")
-let widths = quick ? [512, 1024, 2048] : [512, 1024, 2048]
+let widths = quick ? [512] : [512, 1024, 2048]
 let batch = 256
 
 // MARK: Measurement helpers
@@ -78,8 +78,8 @@ print("reference: sgemm 2048³ = \(f(peak, 1)) GFLOP/s (every 'fraction' below i
 // MARK: 2. Kernels per layer width
 
 print("Dense layer W→W with bias, batch \(batch) rows")
-print(pad("W", 6) + pad("factor update", 22) + pad("(same-shape sgemm)", 20) + pad("precondition chol", 20)
-      + pad("precondition eigen", 20) + pad("inverse chol / LAPACK", 23) + "inverse eigen / LAPACK")
+print(pad("W", 6) + pad("record", 9) + pad("+ average", 11) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
+      + pad("precond eigen", 15) + pad("inv chol/LAPACK", 17) + pad("inv eigen/LAPACK", 18) + "parallel: chol, eigen")
 
 for w in widths {
     let x = randomBuffer(batch * w, seed: 10), g = randomBuffer(batch * w, seed: 11)
@@ -96,31 +96,21 @@ for w in widths {
         try opt.recordOutputGradients(layer: 0, g, rows: batch)
         try opt.updateFactors()
     }
-    if CommandLine.arguments.contains("--probe") {
-        let t1 = try median(repeats: 5) { try opt.recordInputs(layer: 0, x, rows: batch) }
-        let t2 = try median(repeats: 5) { try opt.recordOutputGradients(layer: 0, g, rows: batch) }
-        let t3 = try median(repeats: 5) { try opt.recordInputs(layer: 0, x, rows: batch); try opt.updateFactors() }
-        let t4 = median(repeats: 5) { _ = Float.allFinite(x, count: batch * w) }
-        let c = randomBuffer((w + 1) * (w + 1), seed: 5)
-        let t5 = median(repeats: 5) { cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(w), Int32(batch), 1, x, Int32(w), 1, c, Int32(w + 1)) }
-        let t6 = median(repeats: 5) {
-            for start in stride(from: 0, to: w, by: 128) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(min(128, w - start)), Int32(w - start), Int32(batch), 1,
-                            x + start, Int32(w), x + start, Int32(w), 1, c + start * (w + 1) + start, Int32(w + 1))
-            }
-        }
-        print("probe blocked gemm \(t6 * 1e3) ms")
-        print("probe W=\(w): recordInputs \(t1 * 1e3) ms, recordOutputGrads \(t2 * 1e3) ms, record+fold \(t3 * 1e3) ms, allFinite \(t4 * 1e3) ms, bare syrk \(t5 * 1e3) ms")
+    // The record calls alone: the symmetric rank-N updates (BLAS syrk) and input checks.
+    let tRecord = try median(repeats: 5) {
+        try opt.recordInputs(layer: 0, x, rows: batch)
+        try opt.recordOutputGradients(layer: 0, g, rows: batch)
     }
+    try opt.updateFactors()
     let factorFlops = Double(batch) * (Double(w + 1) * Double(w + 2) + Double(w) * Double(w + 1))
-    let factorRate = gflops(factorFlops, tFactor)
-    if CommandLine.arguments.contains("--probe") { print("probe tFactor \(tFactor * 1e3) ms") }
+    let factorRate = gflops(factorFlops, tFactor), recordRate = gflops(factorFlops, tRecord)
     // What sgemm itself reaches on this shape (W×N times N×W).
     let shapeRate = sgemmRate(m: w, n: w, k: batch, transA: true)
 
     // Preconditioning one gradient: 2 (Cholesky) or 4 (eigen) products of out×(in+1) matrices.
     var precondition: [InverseStrategy: Double] = [:]
     var inverseRatio: [InverseStrategy: Double] = [:]
+    var parallelRatio: [InverseStrategy: Double] = [:]
     for strategy in InverseStrategy.allCases {
         try opt.set(.inverseStrategy, Int64(strategy.rawValue))
         try opt.updateInverses()
@@ -131,7 +121,12 @@ for w in widths {
 
         // The library's inversion of both factors against the bare LAPACK calls on the same
         // matrices, one after the other.
-        let tLibrary = try median(repeats: quick ? 3 : 3) { try opt.updateInverses() }
+        let tLibrary = try median(repeats: 3) { try opt.updateInverses() }
+        // With OpenBLAS single-threaded the library inverts A and G in parallel on its workers.
+        let blasThreads = openblas_get_num_threads()
+        openblas_set_num_threads(1)
+        let tParallel = try median(repeats: 3) { try opt.updateInverses() }
+        openblas_set_num_threads(blasThreads)
         let (fa, fg) = try opt.factors(layer: 0)
         var bare: [[Float]] = [fa, fg]
         let sqrtLambda = Float(0.1).squareRoot()
@@ -153,20 +148,22 @@ for w in widths {
             }
         }
         inverseRatio[strategy] = tLibrary / tLapack
+        parallelRatio[strategy] = tParallel / tLapack
     }
     print(pad("\(w)", 6)
-          + pad("\(f(factorRate, 1)) GF/s = \(f(factorRate / peak))", 22)
-          + pad("\(f(shapeRate, 1)) GF/s = \(f(shapeRate / peak))", 20)
-          + pad("\(f(precondition[.cholesky]!))", 20)
-          + pad("\(f(precondition[.eigen]!))", 20)
-          + pad("\(f(inverseRatio[.cholesky]!))×", 23)
-          + "\(f(inverseRatio[.eigen]!))×")
+          + pad("\(f(recordRate / peak))", 9) + pad("\(f(factorRate / peak))", 11) + pad("\(f(shapeRate / peak))", 15)
+          + pad("\(f(precondition[.cholesky]!))", 14) + pad("\(f(precondition[.eigen]!))", 15)
+          + pad("\(f(inverseRatio[.cholesky]!))×", 17) + pad("\(f(inverseRatio[.eigen]!))×", 18)
+          + "\(f(parallelRatio[.cholesky]!))×, \(f(parallelRatio[.eigen]!))×")
 }
 print("""
-  factor update = record inputs + record output gradients + fold, as a fraction of the sgemm rate
-  (useful FLOPs of the two symmetric updates); precondition columns are fractions of the sgemm rate;
-  inverse columns are the library's time to invert A and G (parallel across the two factors)
-  divided by the bare LAPACK calls on the same matrices run one after the other.
+  Fractions of the sgemm 2048³ rate (useful FLOPs): record = both record calls of a batch (two
+  symmetric rank-256 updates, N·d(d+1) FLOPs each, plus input checks); + average = the same
+  followed by the fold into the moving average (a memory-bound pass over both triangles);
+  sgemm W×256×W = what sgemm itself reaches on that shape; precond = preconditioning one gradient
+  (2 or 4 products). inv/LAPACK = the library's time to invert A and G divided by the bare LAPACK
+  calls (potrf+potri, or syevd) on the same matrices with OpenBLAS's threads; parallel = the same
+  ratio with OpenBLAS single-threaded and A, G inverted at once on the library's two workers.
 
 """)
 
@@ -261,8 +258,8 @@ final class MLP {
 
 print("Training step of a 784-W-W-10 tanh MLP, batch \(batch): factors every step, inverses every 10")
 print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step", 12) + pad("K-FAC/SGD", 11)
-      + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step")
-let stepWidths = quick ? [] : [512, 1024, 2048]
+      + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single")
+let stepWidths = quick ? [512] : [512, 1024, 2048]
 for w in stepWidths {
     for strategy in InverseStrategy.allCases {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
@@ -275,21 +272,33 @@ for w in stepWidths {
         p.damping = 0.01
         try opt.setParameters(p)
 
+        /// Allocations made inside library calls (counted only while the library runs).
+        var libraryAllocations: Int64 = 0
         func kfacStep() throws {
             mlp.forwardBackward()
+            allocation_counter_start()
             for l in 0..<mlp.layerCount {
                 try opt.recordInputs(layer: l, mlp.activations[l], rows: batch)
                 try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: batch)
             }
             try opt.step { l in ParameterGradient(weight: mlp.weightGrads[l], bias: mlp.biasGrads[l]) }
+            libraryAllocations += allocation_counter_stop()
             mlp.update(rate: 1e-3)
         }
         let steps = 10  // one inversion per 10 steps, as in the schedule
         let tSGD = median(repeats: 5) { for _ in 0..<steps { mlp.forwardBackward(); mlp.update(rate: 1e-3) } } / Double(steps)
         for _ in 0..<steps { try kfacStep() }  // warm-up
-        allocation_counter_start()
+        libraryAllocations = 0
         let tKFAC = try median(repeats: 3) { for _ in 0..<steps { try kfacStep() } } / Double(steps)
-        let allocations = Double(allocation_counter_stop()) / Double(4 * steps)
+        let allocations = Double(libraryAllocations) / Double(4 * steps)
+        // The same steps with OpenBLAS single-threaded (inversions on the library's workers).
+        let blasThreads = openblas_get_num_threads()
+        openblas_set_num_threads(1)
+        for _ in 0..<steps { try kfacStep() }
+        libraryAllocations = 0
+        for _ in 0..<steps { try kfacStep() }
+        let allocationsSingle = Double(libraryAllocations) / Double(steps)
+        openblas_set_num_threads(blasThreads)
 
         // The FLOPs K-FAC adds per step: statistics, preconditioning, and a tenth of an
         // inversion (potrf + potri ≈ d³; syevd ≈ 10/3 d³: tridiagonal reduction and
@@ -304,12 +313,15 @@ for w in stepWidths {
         let floor = (mlp.flops + extra) / mlp.flops
         let ratio = tKFAC / tSGD
         print(pad("\(w)", 6) + pad("\(strategy)", 10) + pad("\(f(tSGD * 1e3)) ms", 11) + pad("\(f(tKFAC * 1e3)) ms", 12)
-              + pad("\(f(ratio))×", 11) + pad("\(f(floor))×", 12) + pad("\(f(ratio / floor))", 16) + "\(f(allocations, 1))")
+              + pad("\(f(ratio))×", 11) + pad("\(f(floor))×", 12) + pad("\(f(ratio / floor))", 16) + "\(f(allocations, 1)) / \(f(allocationsSingle, 1))")
     }
 }
 print("""
   FLOP floor = (FLOPs of the SGD step + FLOPs K-FAC adds) / FLOPs of the SGD step: the ratio if every
   FLOP ran at the SGD step's rate. measured/floor is the K-FAC step's overhead beyond its arithmetic.
-  allocations/step counts every heap allocation in the process during the K-FAC steps (the trainer
-  above preallocates everything), so it is the library's.
+  allocations/step counts every heap allocation in the process while libkfac calls run (record +
+  step), with OpenBLAS threaded and with OpenBLAS single-threaded. The allocations traced so far
+  are all inside OpenBLAS (its threaded syrk/gemm/potrf dispatch, and the small-matrix sgemm kernel
+  that syevd's divide and conquer calls); libkfac's own code allocates nothing after warm-up
+  (Tests/KFACTests/AllocationTests.swift checks that with a zero count).
 """)
