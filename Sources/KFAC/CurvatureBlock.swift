@@ -99,10 +99,11 @@ protocol CurvatureBlock<Scalar>: AnyObject {
     var weightCount: Int { get }
 
     /// Adds the input rows to the input factor's pending statistics (inputs already validated).
-    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: Matrix<Scalar>)
+    /// On error nothing changed.
+    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: Matrix<Scalar>) throws(KFACError)
     /// Adds the output-gradient rows, each multiplied by `scale`, to the output factor's pending
-    /// statistics.
-    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar)
+    /// statistics. On error nothing changed.
+    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: Matrix<Scalar>) throws(KFACError)
 
     /// Copies the parameter gradient into `curvature.gradient`.
     func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?)

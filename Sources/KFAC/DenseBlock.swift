@@ -16,17 +16,12 @@ final class DenseBlock<Scalar: KFACScalar>: CurvatureBlock {
     func outputGradientValueCount(rows: Int) -> Int { rows * layer.outFeatures }
     var weightCount: Int { layer.inFeatures * layer.outFeatures }
 
-    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: Matrix<Scalar>) {
-        let factor = curvature.input
-        factor.addSecondMoment(of: x, rows: rows, width: layer.inFeatures, alpha: 1)
-        if layer.hasBias { factor.addAppendedOne(of: x, rows: rows, width: layer.inFeatures, ones: ones) }
-        factor.notePending(rows: rows)
+    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: Matrix<Scalar>) throws(KFACError) {
+        try curvature.input.record(x, rows: rows, width: layer.inFeatures, appendOne: layer.hasBias, scale: 1, ones: ones)
     }
 
-    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar) {
-        let factor = curvature.output
-        factor.addSecondMoment(of: g, rows: rows, width: layer.outFeatures, alpha: scale * scale)
-        factor.notePending(rows: rows)
+    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: Matrix<Scalar>) throws(KFACError) {
+        try curvature.output.record(g, rows: rows, width: layer.outFeatures, appendOne: false, scale: scale, ones: ones)
     }
 
     func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?) {

@@ -155,7 +155,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Adds `rows` layer inputs ([rows][inFeatures] row-major) to the layer's input statistics.
     public func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let b = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
-        b.recordInputs(inputs!, rows: rows, ones: ones)
+        try b.recordInputs(inputs!, rows: rows, ones: ones)
         statisticsStarted = true
     }
 
@@ -165,7 +165,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let reduction = parameters.lossReduction == .mean ? Double(rows) : 1
         let scale = reduction / parameters.outputGradScale
         let b = try checkedRecord(gradients, layer: layer, rows: rows, outputSide: true, scale: scale)
-        b.recordOutputGradients(gradients!, rows: rows, scale: Scalar(scale))
+        try b.recordOutputGradients(gradients!, rows: rows, scale: Scalar(scale), ones: ones)
         statisticsStarted = true
     }
 

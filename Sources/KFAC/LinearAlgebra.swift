@@ -89,6 +89,16 @@ extension KFACScalar {
         }
     }
 
+    /// destination[i] = scale * source[i].
+    public static func scaledCopy(from source: UnsafePointer<Self>, to destination: UnsafeMutablePointer<Self>,
+                                  count: Int, scale: Self) {
+        if scale == 1 {
+            destination.update(from: source, count: count)
+        } else {
+            for i in 0..<count { destination[i] = scale * source[i] }
+        }
+    }
+
     /// Replaces negative values (rounding noise in the spectrum of a PSD matrix) by zero.
     public static func clampNegativeToZero(_ x: UnsafeMutablePointer<Self>, count: Int) {
         for i in 0..<count where x[i] < 0 { x[i] = 0 }
@@ -108,26 +118,5 @@ func columnSums<T: KFACScalar>(
         T.gemv(trans: true, m: chunk, n: columns, alpha: scale, a: x + start * columns, lda: columns,
                x: ones.base, beta: (accumulate || start > 0) ? 1 : 0, y: sums, incY: stride)
         start += chunk
-    }
-}
-
-/// The upper triangle (row-major) of `c = alpha * aᵀ a + beta * c`, a k×n row-major, computed as
-/// one gemm per block row: C[i-block, i-block…] = Aᵢᵀ A[:, i-block…]. OpenBLAS's syrk runs at about
-/// half the sgemm rate; the block rows compute m(m+1)/2 blocks for the m²/2 of the triangle
-/// (m = n / blockSize) at the full gemm rate. Small matrices go to syrk.
-func symmetricRankUpdate<T: KFACScalar>(
-    n: Int, k: Int, alpha: T, a: UnsafePointer<T>, lda: Int, beta: T, c: UnsafeMutablePointer<T>, ldc: Int
-) {
-    let blockSize = 128
-    guard n >= 4 * blockSize else {
-        T.syrkTransposed(n: n, k: k, alpha: alpha, a: a, lda: lda, beta: beta, c: c, ldc: ldc)
-        return
-    }
-    var start = 0
-    while start < n {
-        let rows = Swift.min(blockSize, n - start)
-        T.gemm(transA: true, transB: false, m: rows, n: n - start, k: k, alpha: alpha,
-               a: a + start, lda: lda, b: a + start, ldb: lda, beta: beta, c: c + start * ldc + start, ldc: ldc)
-        start += rows
     }
 }

@@ -75,6 +75,8 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
         _ v: UnsafeMutablePointer<Self>, rows: Int, columns: Int,
         outputValues: UnsafePointer<Self>, inputValues: UnsafePointer<Self>, damping: Self)
     static func clampNegativeToZero(_ x: UnsafeMutablePointer<Self>, count: Int)
+    static func scaledCopy(from source: UnsafePointer<Self>, to destination: UnsafeMutablePointer<Self>,
+                           count: Int, scale: Self)
 }
 
 /// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called

@@ -11,7 +11,8 @@ import Glibc
 ///                 6 × i64 (factor period, inverse period, strategy, π flag, reduction, threads)
 ///     i64 step count  f64 last ν  u64 statistics started  u64 layer count
 ///     per layer: i64 kind, in, out, has bias
-///     per layer: per factor (A then G): u64 has running [d² scalars], u64 pending rows [d² scalars]
+///     per layer: per factor (A then G): u64 has running [d² scalars], u64 buffered rows
+///                [rows·d scalars], u64 summed rows [d² scalars]
 ///                u64 inverse strategy + 1 (0 = none) [A matrix, A values, G matrix, G values]
 ///     u64 checksum of all preceding bytes
 ///
@@ -105,13 +106,8 @@ extension KFACOptimizer {
         }
         for b in blocks {
             let c = b.curvature
-            for f in [c.input, c.output] {
-                let d2 = f.dimension * f.dimension
-                w.u64(f.hasRunning ? 1 : 0)
-                if f.hasRunning { w.scalars(f.running.base, count: d2) }
-                w.u64(UInt64(f.pendingRows))
-                if f.hasPending { w.scalars(f.pendingSum.base, count: d2) }
-            }
+            c.input.write(to: &w)
+            c.output.write(to: &w)
             if let inv = c.inverse {
                 w.u64(UInt64(inv.strategy.rawValue) + 1)
                 for side in [inv.input, inv.output] {
@@ -216,18 +212,8 @@ extension KFACOptimizer {
             let fresh = try DenseBlock<Scalar>(inFeatures: b.layer.inFeatures, outFeatures: b.layer.outFeatures,
                                                hasBias: b.layer.hasBias)
             let c = fresh.curvature
-            for f in [c.input, c.output] {
-                let d2 = f.dimension * f.dimension
-                let running = try Matrix<Scalar>(rows: f.dimension, columns: f.dimension)
-                let pending = try Matrix<Scalar>(rows: f.dimension, columns: f.dimension)
-                let hasRunning = try r.flag()
-                if hasRunning { try r.scalars(into: running.base, count: d2) }
-                let rows = try r.i64()
-                guard rows >= 0 else { throw KFACError(.corruptState, "state image has a negative row count") }
-                if rows > 0 { try r.scalars(into: pending.base, count: d2) }
-                f.restore(running: hasRunning ? UnsafePointer(running.base) : nil,
-                          pending: rows > 0 ? UnsafePointer(pending.base) : nil, pendingRows: rows)
-            }
+            try c.input.read(from: &r)
+            try c.output.read(from: &r)
             let tag = try r.u64()
             if tag > 0 {
                 guard let s = InverseStrategy(rawValue: Int32(truncatingIfNeeded: tag - 1)) else {

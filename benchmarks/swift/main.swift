@@ -78,7 +78,7 @@ print("reference: sgemm 2048³ = \(f(peak, 1)) GFLOP/s (every 'fraction' below i
 // MARK: 2. Kernels per layer width
 
 print("Dense layer W→W with bias, batch \(batch) rows")
-print(pad("W", 6) + pad("record", 9) + pad("+ average", 11) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
+print(pad("W", 6) + pad("factor update", 15) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
       + pad("precond eigen", 15) + pad("inv chol/LAPACK", 17) + pad("inv eigen/LAPACK", 18) + "parallel: chol, eigen")
 
 for w in widths {
@@ -96,14 +96,8 @@ for w in widths {
         try opt.recordOutputGradients(layer: 0, g, rows: batch)
         try opt.updateFactors()
     }
-    // The record calls alone: the symmetric rank-N updates (BLAS syrk) and input checks.
-    let tRecord = try median(repeats: 5) {
-        try opt.recordInputs(layer: 0, x, rows: batch)
-        try opt.recordOutputGradients(layer: 0, g, rows: batch)
-    }
-    try opt.updateFactors()
     let factorFlops = Double(batch) * (Double(w + 1) * Double(w + 2) + Double(w) * Double(w + 1))
-    let factorRate = gflops(factorFlops, tFactor), recordRate = gflops(factorFlops, tRecord)
+    let factorRate = gflops(factorFlops, tFactor)
     // What sgemm itself reaches on this shape (W×N times N×W).
     let shapeRate = sgemmRate(m: w, n: w, k: batch, transA: true)
 
@@ -151,16 +145,15 @@ for w in widths {
         parallelRatio[strategy] = tParallel / tLapack
     }
     print(pad("\(w)", 6)
-          + pad("\(f(recordRate / peak))", 9) + pad("\(f(factorRate / peak))", 11) + pad("\(f(shapeRate / peak))", 15)
+          + pad("\(f(factorRate / peak))", 15) + pad("\(f(shapeRate / peak))", 15)
           + pad("\(f(precondition[.cholesky]!))", 14) + pad("\(f(precondition[.eigen]!))", 15)
           + pad("\(f(inverseRatio[.cholesky]!))×", 17) + pad("\(f(inverseRatio[.eigen]!))×", 18)
           + "\(f(parallelRatio[.cholesky]!))×, \(f(parallelRatio[.eigen]!))×")
 }
 print("""
-  Fractions of the sgemm 2048³ rate (useful FLOPs): record = both record calls of a batch (two
-  symmetric rank-256 updates, N·d(d+1) FLOPs each, plus input checks); + average = the same
-  followed by the fold into the moving average (a memory-bound pass over both triangles);
-  sgemm W×256×W = what sgemm itself reaches on that shape; precond = preconditioning one gradient
+  Fractions of the sgemm 2048³ rate (useful FLOPs): factor update = recording a batch of inputs
+  and output gradients and folding it into the moving averages (two symmetric rank-256 updates,
+  N·d(d+1) FLOPs each; the fold is the syrk's beta, no extra pass over the factors); sgemm W×256×W = what sgemm itself reaches on that shape; precond = preconditioning one gradient
   (2 or 4 products). inv/LAPACK = the library's time to invert A and G divided by the bare LAPACK
   calls (potrf+potri, or syevd) on the same matrices with OpenBLAS's threads; parallel = the same
   ratio with OpenBLAS single-threaded and A, G inverted at once on the library's two workers.
