@@ -304,9 +304,11 @@ typedef enum kfac_layer_kind {
 } kfac_layer_kind;
 
 /** Registers a dense layer s = W a (+ b) with W of shape [out_features][in_features].
- *  has_bias is 0 or 1. *layer_id receives the new layer's index. The layer's factors and
- *  buffers are allocated now: about 3·(in+1)² + 3·out² + 3·out·(in+1) values, plus as much
- *  again for staging copies on the first inversion.
+ *  has_bias is 0 or 1. *layer_id receives the new layer's index. The running factors and the
+ *  gradient buffers are allocated now: (in+1)² + out² + 3·out·(in+1) values. Pending
+ *  statistics (the recorded rows, at most as many as the factor's dimension, then a d×d sum),
+ *  staging copies for atomic inversion steps, and the inverses are allocated on first use: in
+ *  all up to about five times the factors' size.
  *  Errors: NULL_POINTER, INVALID_SIZE (features < 1), SIZE_OVERFLOW (a factor dimension above
  *  46340 or more than 2^31 − 1 parameters), INVALID_ARGUMENT (has_bias not 0/1),
  *  LAYERS_FROZEN, OUT_OF_MEMORY. */
