@@ -13,6 +13,7 @@ import KFAC
 import Glibc
 #endif
 
+setvbuf(stdout, nil, _IOLBF, 0)  // progress, also when piped to a file
 let quick = CommandLine.arguments.contains("--quick")
 let widths = quick ? [512] : [512, 1024, 2048]
 let batch = 256
@@ -71,17 +72,17 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
-let peak = sgemmRate(m: 2048, n: 2048, k: 2048)
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
-print("reference: sgemm 2048³ = \(f(peak, 1)) GFLOP/s (every 'fraction' below is relative to this)\n")
+print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
 // MARK: 2. Kernels per layer width
 
 print("Dense layer W→W with bias, batch \(batch) rows")
-print(pad("W", 6) + pad("factor update", 15) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
+print(pad("W", 6) + pad("sgemm GF/s", 12) + pad("factor update", 15) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
       + pad("precond eigen", 15) + pad("inv chol/LAPACK", 17) + pad("inv eigen/LAPACK", 18) + "parallel: chol, eigen")
 
 for w in widths {
+    let peak = sgemmRate(m: 2048, n: 2048, k: 2048)
     let x = randomBuffer(batch * w, seed: 10), g = randomBuffer(batch * w, seed: 11)
     let weight = randomBuffer(w * w, seed: 12), bias = randomBuffer(w, seed: 13)
     defer { x.deallocate(); g.deallocate(); weight.deallocate(); bias.deallocate() }
@@ -144,7 +145,7 @@ for w in widths {
         inverseRatio[strategy] = tLibrary / tLapack
         parallelRatio[strategy] = tParallel / tLapack
     }
-    print(pad("\(w)", 6)
+    print(pad("\(w)", 6) + pad("\(f(peak, 1))", 12)
           + pad("\(f(factorRate / peak))", 15) + pad("\(f(shapeRate / peak))", 15)
           + pad("\(f(precondition[.cholesky]!))", 14) + pad("\(f(precondition[.eigen]!))", 15)
           + pad("\(f(inverseRatio[.cholesky]!))×", 17) + pad("\(f(inverseRatio[.eigen]!))×", 18)
@@ -153,8 +154,9 @@ for w in widths {
 print("""
   Fractions of the sgemm 2048³ rate (useful FLOPs): factor update = recording a batch of inputs
   and output gradients and folding it into the moving averages (two symmetric rank-256 updates,
-  N·d(d+1) FLOPs each; the fold is the syrk's beta, no extra pass over the factors); sgemm W×256×W = what sgemm itself reaches on that shape; precond = preconditioning one gradient
-  (2 or 4 products). inv/LAPACK = the library's time to invert A and G divided by the bare LAPACK
+  N·d(d+1) FLOPs each; the fold is the syrk's beta, no extra pass over the factors);
+  sgemm W×256×W = what sgemm itself reaches on that shape; precond = preconditioning one
+  gradient (2 or 4 products). inv/LAPACK = the library's time to invert A and G divided by the bare LAPACK
   calls (potrf+potri, or syevd) on the same matrices with OpenBLAS's threads; parallel = the same
   ratio with OpenBLAS single-threaded and A, G inverted at once on the library's two workers.
 
