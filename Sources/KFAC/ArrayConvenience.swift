@@ -8,17 +8,19 @@ extension KFACOptimizer {
         }
     }
 
-    /// Adds layer inputs given as an array of rows × inFeatures values.
+    /// Adds layer inputs given as an array (dense: rows × inFeatures values; convolution: rows
+    /// examples of its input shape).
     public func recordInputs(layer: Int, _ inputs: [Scalar], rows: Int) throws(KFACError) {
         let b = try block(layer)
-        try expect(inputs.count, rows * b.layer.inFeatures, "inputs")
+        try expect(inputs.count, b.inputValueCount(rows: rows), "inputs")
         try asKFACError { try inputs.withUnsafeBufferPointer { p in try recordInputs(layer: layer, p.baseAddress, rows: rows) } }
     }
 
-    /// Adds output gradients given as an array of rows × outFeatures values.
+    /// Adds output gradients given as an array (dense: rows × outFeatures values; convolution:
+    /// rows examples of its output shape).
     public func recordOutputGradients(layer: Int, _ gradients: [Scalar], rows: Int) throws(KFACError) {
         let b = try block(layer)
-        try expect(gradients.count, rows * b.layer.outFeatures, "output gradients")
+        try expect(gradients.count, b.outputGradientValueCount(rows: rows), "output gradients")
         try asKFACError {
             try gradients.withUnsafeBufferPointer { p in try recordOutputGradients(layer: layer, p.baseAddress, rows: rows) }
         }

@@ -24,7 +24,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// ν of the last successful `step` (1 when not clipped), NaN before the first.
     public internal(set) var lastKLScale = Double.nan
 
-    var blocks: [any CurvatureBlock<Scalar>] = []
+    var blocks: [any CurvatureBlock<Scalar>] = [] {
+        didSet { indexCurvatures() }
+    }
+    /// Every layer's curvatures, flat, and the layer each belongs to.
+    private(set) var curvatures: [KroneckerCurvature<Scalar>] = []
+    private var curvatureLayer: [Int] = []
     /// Layers can no longer be added once statistics were recorded.
     var statisticsStarted = false
 
@@ -32,13 +37,22 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     fileprivate var workspaces: [EigenWorkspace<Scalar>] = []
     private let workers = WorkerPool()
     // Per-step bookkeeping, sized when layers are added so a step does not allocate.
-    private var invertLayer: [Bool] = []
-    fileprivate var inversionJobs: [Int] = []
+    private var invertCurvature: [Bool] = []
+    /// Inversion jobs: one per unique block of each side of each curvature to invert.
+    fileprivate var inversionJobs: [InversionJob] = []
+    /// Per curvature and side (2c, 2c + 1): the factor to invert and its Tikhonov shift.
     fileprivate var jobSources: [Matrix<Scalar>?] = []
     fileprivate var jobShifts: [Scalar] = []
     /// One slot per job, written by the worker threads (distinct slots), read after they finish.
     fileprivate var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
     fileprivate var inversionStrategy = InverseStrategy.eigen
+
+    struct InversionJob {
+        var curvature: Int
+        var side: Int  // 0 = input, 1 = output
+        var block: Int
+        var size: Int
+    }
 
     public init() throws(KFACError) {
         ones = try Matrix(rows: 1, columns: 1024)
@@ -68,31 +82,87 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Registers a dense layer and returns its index.
     @discardableResult
-    public func addDense(inFeatures: Int, outFeatures: Int, hasBias: Bool) throws(KFACError) -> Int {
-        guard !statisticsStarted else {
-            throw KFACError(.layersFrozen, "layers must all be added before statistics are recorded")
-        }
+    public func addDense(inFeatures: Int, outFeatures: Int, hasBias: Bool,
+                         grouping: ChannelGrouping = .init()) throws(KFACError) -> Int {
+        try checkLayersOpen()
         guard inFeatures >= 1, outFeatures >= 1 else {
             throw KFACError(.invalidSize, "a dense layer needs in_features >= 1 and out_features >= 1, got \(inFeatures) and \(outFeatures)")
         }
-        let aDim = inFeatures + (hasBias ? 1 : 0)
-        guard aDim <= Self.maximumFactorDimension, outFeatures <= Self.maximumFactorDimension,
-              outFeatures * aDim <= Int(Int32.max) else {
-            throw KFACError(.sizeOverflow, "dense layer \(inFeatures)→\(outFeatures) exceeds the largest supported factor (\(Self.maximumFactorDimension)) or 2^31 − 1 parameters")
-        }
-        let block = try DenseBlock<Scalar>(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias)
-        try append(block)
+        try checkGrouping(grouping)
+        try checkFactorSizes(inputDimension: inFeatures + (hasBias ? 1 : 0), outputDimension: outFeatures,
+                             what: "dense layer \(inFeatures)→\(outFeatures)")
+        try append(try makeBlock(.dense(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, grouping: grouping)))
         return blocks.count - 1
+    }
+
+    /// Registers a 2-D (or, as 1×L, 1-D) convolution and returns its index.
+    @discardableResult
+    public func addConv2d(_ geometry: Conv2dGeometry, approximation: ConvApproximation = .kfc,
+                          grouping: ChannelGrouping = .init()) throws(KFACError) -> Int {
+        try checkLayersOpen()
+        try geometry.validate()
+        try checkGrouping(grouping)
+        try checkFactorSizes(inputDimension: geometry.patchSize + (geometry.hasBias ? 1 : 0),
+                             outputDimension: geometry.groupOutChannels, what: "convolution")
+        let (n, overflow) = geometry.inChannels.multipliedReportingOverflow(by: geometry.inputHeight * geometry.inputWidth)
+        guard !overflow, n <= Int(Int32.max), geometry.outChannels * geometry.outputPositions <= Int(Int32.max) else {
+            throw KFACError(.sizeOverflow, "a convolution example exceeds 2^31 − 1 values")
+        }
+        try append(try makeBlock(.conv2d(geometry, approximation: approximation, grouping: grouping)))
+        return blocks.count - 1
+    }
+
+    private func checkLayersOpen() throws(KFACError) {
+        guard !statisticsStarted else {
+            throw KFACError(.layersFrozen, "layers must all be added before statistics are recorded")
+        }
+    }
+
+    private func checkGrouping(_ g: ChannelGrouping) throws(KFACError) {
+        guard g.inputGroupSize >= 0, g.outputGroupSize >= 0 else {
+            throw KFACError(.invalidSize, "group sizes must be >= 0 (0 = no grouping), got \(g.inputGroupSize) and \(g.outputGroupSize)")
+        }
+    }
+
+    private func checkFactorSizes(inputDimension a: Int, outputDimension o: Int, what: String) throws(KFACError) {
+        guard a <= Self.maximumFactorDimension, o <= Self.maximumFactorDimension, o * a <= Int(Int32.max) else {
+            throw KFACError(.sizeOverflow, "\(what) exceeds the largest supported factor (\(Self.maximumFactorDimension)) or 2^31 − 1 parameters per group")
+        }
     }
 
     private func append(_ block: any CurvatureBlock<Scalar>) throws(KFACError) {
         blocks.append(block)
-        let n = blocks.count
-        invertLayer = Array(repeating: false, count: n)
-        inversionJobs.reserveCapacity(2 * n)
+    }
+
+    /// The block type of a layer kind, built from its description.
+    func makeBlock(_ layer: LayerDescription) throws(KFACError) -> any CurvatureBlock<Scalar> {
+        switch layer {
+        case .dense(let i, let o, let bias, let grouping):
+            return try DenseBlock<Scalar>(inFeatures: i, outFeatures: o, hasBias: bias, grouping: grouping)
+        case .conv2d(let g, let approximation, let grouping):
+            return try Conv2dBlock<Scalar>(g, approximation: approximation, grouping: grouping)
+        }
+    }
+
+    /// Rebuilds the flat curvature list and the bookkeeping sized by it (when layers change).
+    private func indexCurvatures() {
+        curvatures = []
+        curvatureLayer = []
+        var jobs = 0
+        for (l, b) in blocks.enumerated() {
+            for c in b.curvatures {
+                curvatures.append(c)
+                curvatureLayer.append(l)
+                jobs += c.input.structure.uniqueSizes.count + c.output.structure.uniqueSizes.count
+            }
+        }
+        let n = curvatures.count
+        invertCurvature = Array(repeating: false, count: n)
+        inversionJobs = []
+        inversionJobs.reserveCapacity(jobs)
         jobSources = Array(repeating: nil, count: 2 * n)
         jobShifts = Array(repeating: 0, count: 2 * n)
-        let errors = UnsafeMutableBufferPointer<KFACError?>.allocate(capacity: 2 * n)
+        let errors = UnsafeMutableBufferPointer<KFACError?>.allocate(capacity: Swift.max(jobs, 1))
         errors.initialize(repeating: nil)
         releaseJobErrors()
         jobErrors = errors
@@ -117,8 +187,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     public func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo {
         let b = try block(layer)
-        return LayerInfo(layer: b.layer, hasFactors: b.curvature.hasFactors,
-                         hasInverses: b.curvature.hasInverse(for: parameters.inverseStrategy))
+        return LayerInfo(layer: b.layer, hasFactors: b.curvatures.allSatisfy(\.hasFactors),
+                         hasInverses: b.curvatures.allSatisfy { $0.hasInverse(for: parameters.inverseStrategy) })
     }
 
     // MARK: Statistics
@@ -130,37 +200,39 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     /// Validates a record call and returns the block: the buffer, the rows, and that the values are
-    /// finite and small enough that the pending second-moment sum, with `scale` applied to every
-    /// value, stays finite (so a later fold cannot fail because of it).
+    /// finite and small enough that the pending second-moment sums, with `scale` applied to every
+    /// value, stay finite (so a later fold cannot fail because of them).
     private func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
                                scale: Double) throws(KFACError) -> any CurvatureBlock<Scalar> {
         let b = try block(layer)
         let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
         guard rows >= 1 else { throw KFACError(.invalidSize, "rows must be >= 1, got \(rows)") }
-        guard rows <= Int.max / Swift.max(b.layer.inFeatures, b.layer.outFeatures) else {
+        let perRow = Swift.max(b.inputValueCount(rows: 1), b.outputGradientValueCount(rows: 1), 1)
+        guard rows <= Int.max / perRow else {
             throw KFACError(.sizeOverflow, "\(rows) rows overflow the buffer size")
         }
         let count = outputSide ? b.outputGradientValueCount(rows: rows) : b.inputValueCount(rows: rows)
         let largest = Double(Scalar.largestMagnitude(p, count: count))
         guard largest.isFinite else { throw KFACError(.nonFinite, "\(what) of layer \(layer) contain NaN or Inf") }
-        let factor = outputSide ? b.curvature.output : b.curvature.input
-        let bound = largest * scale * largest * scale * Double(factor.pendingRows + rows)
+        let bound = b.pendingBound(largest: largest, rows: rows, outputSide: outputSide, scale: scale)
         guard bound <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
             throw KFACError(.nonFinite, "\(what) of layer \(layer) are too large (|x| up to \(largest)): their second moments would overflow \(Scalar.self)")
         }
         return b
     }
 
-    /// Adds `rows` layer inputs ([rows][inFeatures] row-major) to the layer's input statistics.
+    /// Adds the inputs of `rows` examples to the layer's input statistics: dense [rows][inFeatures];
+    /// convolution [rows][C][H][W] or [rows][H][W][C], as its layout says.
     public func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let b = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
         try b.recordInputs(inputs!, rows: rows, ones: ones)
         statisticsStarted = true
     }
 
-    /// Adds `rows` output gradients ([rows][outFeatures] row-major) to the layer's gradient
-    /// statistics, scaled as `lossReduction` and `outputGradScale` say.
+    /// Adds the output gradients of `rows` examples to the layer's gradient statistics (dense
+    /// [rows][outFeatures]; convolution [rows][C_out][H_out][W_out] or channels-last), scaled as
+    /// `lossReduction` and `outputGradScale` say.
     public func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let reduction = parameters.lossReduction == .mean ? Double(rows) : 1
         let scale = reduction / parameters.outputGradScale
@@ -170,13 +242,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     private func validatePendingStatistics() throws(KFACError) {
-        for l in blocks.indices {
-            let b = blocks[l]
+        for k in curvatures.indices {
+            let c = curvatures[k]
             do {
-                try b.curvature.input.validatePending()
-                try b.curvature.output.validatePending()
+                try c.input.validatePending()
+                try c.output.validatePending()
             } catch {
-                throw KFACError(error.status, "layer \(l): \(error.message)")
+                throw KFACError(error.status, "layer \(curvatureLayer[k]): \(error.message)")
             }
         }
     }
@@ -185,43 +257,46 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public func updateFactors() throws(KFACError) {
         try validatePendingStatistics()
         let decay = Scalar(parameters.factorDecay)
-        for b in blocks {
-            b.curvature.input.fold(decay: decay)
-            b.curvature.output.fold(decay: decay)
+        for k in curvatures.indices {
+            curvatures[k].input.fold(decay: decay)
+            curvatures[k].output.fold(decay: decay)
         }
     }
 
-    /// Recomputes the inverses of every layer that has factors, in parallel across layers.
+    /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
         var any = false
-        for l in blocks.indices {
-            let b = blocks[l]
-            invertLayer[l] = b.curvature.hasFactors
-            any = any || invertLayer[l]
+        for k in curvatures.indices {
+            invertCurvature[k] = curvatures[k].hasFactors
+            any = any || invertCurvature[k]
         }
         guard any else { throw KFACError(.noStatistics, "no layer has factors yet") }
         try computeStagedInverses(foldingPending: false)
-        for l in blocks.indices where invertLayer[l] {
-            blocks[l].curvature.commitStagedInverse()
-        }
+        for k in curvatures.indices where invertCurvature[k] { curvatures[k].commitStagedInverse() }
     }
 
-    /// Copies the layer's running factors as full symmetric row-major matrices.
-    public func copyFactors(layer: Int, a: UnsafeMutablePointer<Scalar>?, g: UnsafeMutablePointer<Scalar>?) throws(KFACError) {
-        let c = try block(layer).curvature
+    /// Copies the running factors of group `group` of a layer (0 for dense layers) as full
+    /// symmetric row-major matrices (zeros off the blocks of a grouped or SUA factor).
+    public func copyFactors(layer: Int, group: Int = 0, a: UnsafeMutablePointer<Scalar>?, g: UnsafeMutablePointer<Scalar>?) throws(KFACError) {
+        let b = try block(layer)
+        guard group >= 0 && group < b.curvatures.count else {
+            throw KFACError(.invalidArgument, "layer \(layer) has \(b.curvatures.count) groups, not \(group + 1)")
+        }
+        let c = b.curvatures[group]
         guard c.hasFactors else { throw KFACError(.noStatistics, "layer \(layer) has no factors yet") }
         if let a { c.input.copyRunning(into: a) }
         if let g { c.output.copyRunning(into: g) }
     }
 
-    /// The layer's running factors (A, G) as full symmetric row-major arrays.
-    public func factors(layer: Int) throws(KFACError) -> (a: [Scalar], g: [Scalar]) {
-        let c = try block(layer).curvature
-        var a = [Scalar](repeating: 0, count: c.input.dimension * c.input.dimension)
-        var g = [Scalar](repeating: 0, count: c.output.dimension * c.output.dimension)
+    /// The running factors (A, G) of group `group` of a layer as full symmetric row-major arrays.
+    public func factors(layer: Int, group: Int = 0) throws(KFACError) -> (a: [Scalar], g: [Scalar]) {
+        let b = try block(layer)
+        let (da, dg) = (b.layer.inputFactorDimension, b.layer.outputFactorDimension)
+        var a = [Scalar](repeating: 0, count: da * da)
+        var g = [Scalar](repeating: 0, count: dg * dg)
         try a.withUnsafeMutableBufferPointer { (pa) throws(KFACError) in
             try g.withUnsafeMutableBufferPointer { (pg) throws(KFACError) in
-                try copyFactors(layer: layer, a: pa.baseAddress, g: pg.baseAddress)
+                try copyFactors(layer: layer, group: group, a: pa.baseAddress, g: pg.baseAddress)
             }
         }
         return (a, g)
@@ -229,34 +304,35 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     // MARK: Inversion
 
-    /// Computes staging inverses for the layers marked in `invertLayer`, from their running
-    /// factors or, with `foldingPending`, from out-of-place folds of their pending statistics.
-    /// Nothing committed changes; on failure throws the first error in layer order.
+    /// Computes staging inverses for the curvatures marked in `invertCurvature`, from their
+    /// running factors or, with `foldingPending`, from out-of-place folds of their pending
+    /// statistics. Nothing committed changes; on failure throws the first error in layer order.
     private func computeStagedInverses(foldingPending: Bool) throws(KFACError) {
         let strategy = parameters.inverseStrategy
         let decay = Scalar(parameters.factorDecay)
         let sqrtDamping = Scalar(parameters.damping.squareRoot())
         inversionJobs.removeAll(keepingCapacity: true)
-        for l in blocks.indices where invertLayer[l] {
-            let b = blocks[l]
-            let c = b.curvature
+        for k in curvatures.indices where invertCurvature[k] {
+            let c = curvatures[k]
             let a = foldingPending ? try c.input.stageFold(decay: decay) : c.input.running
             let g = foldingPending ? try c.output.stageFold(decay: decay) : c.output.running
             _ = try c.stagingInverse(for: strategy)
-            let pi = strategy == .cholesky && parameters.piDamping
-                ? factoredDampingPi(a: a.base, aDim: c.input.dimension, g: g.base, gDim: c.output.dimension) : 1
-            jobSources[2 * l] = a
-            jobSources[2 * l + 1] = g
-            jobShifts[2 * l] = pi * sqrtDamping
-            jobShifts[2 * l + 1] = sqrtDamping / pi
-            inversionJobs.append(2 * l)
-            inversionJobs.append(2 * l + 1)
+            let pi = strategy == .cholesky && parameters.piDamping ? c.factoredDampingPi(a: a.base, g: g.base) : 1
+            jobSources[2 * k] = a
+            jobSources[2 * k + 1] = g
+            jobShifts[2 * k] = pi * sqrtDamping
+            jobShifts[2 * k + 1] = sqrtDamping / pi
+            for side in 0..<2 {
+                let sizes = side == 0 ? c.input.structure.uniqueSizes : c.output.structure.uniqueSizes
+                for q in sizes.indices {
+                    inversionJobs.append(InversionJob(curvature: k, side: side, block: q, size: sizes[q]))
+                }
+            }
         }
-        // Largest factors first, so that striding the jobs over workers balances their cost.
-        func dimension(_ job: Int) -> Int { jobSources[job]!.rows }
+        // Largest blocks first, so that striding the jobs over workers balances their cost.
         for i in 1..<Swift.max(inversionJobs.count, 1) {
             var j = i
-            while j > 0 && dimension(inversionJobs[j - 1]) < dimension(inversionJobs[j]) {
+            while j > 0 && inversionJobs[j - 1].size < inversionJobs[j].size {
                 inversionJobs.swapAt(j - 1, j)
                 j -= 1
             }
@@ -267,12 +343,26 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
         inversionStrategy = strategy
         workers.run(count: inversionJobs.count, workers: workerCount, self)
-        for job in 0..<(2 * blocks.count) where invertLayer[job / 2] {
-            jobSources[job] = nil
-            if let e = jobErrors[job] {
-                jobErrors[job] = nil
-                throw KFACError(e.status, "layer \(job / 2), \(job % 2 == 0 ? "input" : "output") factor: \(e.message)")
+        var firstError: (layer: Int, error: KFACError, side: Int)?
+        for index in inversionJobs.indices {
+            let job = inversionJobs[index]
+            if let e = jobErrors[index] {
+                jobErrors[index] = nil
+                let layer = curvatureLayer[job.curvature]
+                if firstError == nil || layer < firstError!.layer { firstError = (layer, e, job.side) }
             }
+        }
+        for k in curvatures.indices where invertCurvature[k] {
+            jobSources[2 * k] = nil
+            jobSources[2 * k + 1] = nil
+        }
+        if let f = firstError {
+            throw KFACError(f.error.status, "layer \(f.layer), \(f.side == 0 ? "input" : "output") factor: \(f.error.message)")
+        }
+        for k in curvatures.indices where invertCurvature[k] {
+            let inverse = try curvatures[k].stagingInverse(for: strategy)
+            inverse.input.finish()
+            inverse.output.finish()
         }
     }
 
@@ -292,20 +382,19 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let foldNow = p.factorUpdatePeriod > 0 && stepCount % p.factorUpdatePeriod == 0
         let inverseStep = p.inverseUpdatePeriod > 0 && stepCount % p.inverseUpdatePeriod == 0
         var anyInversion = false
-        for l in blocks.indices {
-            let b = blocks[l]
-            let c = b.curvature
+        for k in curvatures.indices {
+            let c = curvatures[k]
             let inputReady = c.input.hasRunning || (foldNow && c.input.hasPending)
             let outputReady = c.output.hasRunning || (foldNow && c.output.hasPending)
             guard inputReady && outputReady else {
-                throw KFACError(.noStatistics, "layer \(l) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
+                throw KFACError(.noStatistics, "layer \(curvatureLayer[k]) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
             }
             let hasInverse = c.hasInverse(for: p.inverseStrategy)
-            invertLayer[l] = p.inverseUpdatePeriod > 0 && (inverseStep || !hasInverse)
-            guard invertLayer[l] || hasInverse else {
-                throw KFACError(.noInverses, "layer \(l) has no inverses and the inverse update period is 0; call update_inverses")
+            invertCurvature[k] = p.inverseUpdatePeriod > 0 && (inverseStep || !hasInverse)
+            guard invertCurvature[k] || hasInverse else {
+                throw KFACError(.noInverses, "layer \(curvatureLayer[k]) has no inverses and the inverse update period is 0; call update_inverses")
             }
-            anyInversion = anyInversion || invertLayer[l]
+            anyInversion = anyInversion || invertCurvature[k]
         }
         if foldNow { try validatePendingStatistics() }
         if anyInversion { try computeStagedInverses(foldingPending: foldNow) }
@@ -313,25 +402,28 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         // Precondition with the inverses this step will commit, before committing anything.
         let damping = Scalar(p.damping)
         var inner = 0.0
+        var k = 0
         for l in blocks.indices {
             let b = blocks[l]
-            let c = b.curvature
             let g = gradient(l)
             b.gatherGradient(weight: g.weight, bias: g.bias)
-            let inverse = invertLayer[l] ? try c.stagingInverse(for: p.inverseStrategy) : c.inverse!
-            inverse.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: damping)
-            guard Scalar.allFinite(c.direction.base, count: c.direction.count) else {
-                throw KFACError(.nonFinite, "the preconditioned gradient of layer \(l) is not finite; increase the damping")
+            for j in b.curvatures.indices {
+                let c = b.curvatures[j]
+                let inverse = invertCurvature[k] ? try c.stagingInverse(for: p.inverseStrategy) : c.inverse!
+                inverse.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: damping)
+                guard Scalar.allFinite(c.direction.base, count: c.direction.count) else {
+                    throw KFACError(.nonFinite, "the preconditioned gradient of layer \(l) is not finite; increase the damping")
+                }
+                inner += Double(Scalar.dot(count: c.direction.count, x: c.direction.base, y: c.gradient.base)).magnitude
+                k += 1
             }
-            inner += Double(Scalar.dot(count: c.direction.count, x: c.direction.base, y: c.gradient.base)).magnitude
         }
 
         // Commit: nothing below can fail.
         let decay = Scalar(p.factorDecay)
-        for l in blocks.indices {
-            let b = blocks[l]
-            let c = b.curvature
-            if invertLayer[l] {
+        for k in curvatures.indices {
+            let c = curvatures[k]
+            if invertCurvature[k] {
                 if foldNow {
                     c.input.commitStagedFold()
                     c.output.commitStagedFold()
@@ -344,9 +436,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         }
         let nu = klScale(inner: inner)
         for l in blocks.indices {
-            let b = blocks[l]
             let g = gradient(l)
-            b.scatterDirection(scale: Scalar(nu), weight: g.weight, bias: g.bias)
+            blocks[l].scatterDirection(scale: Scalar(nu), weight: g.weight, bias: g.bias)
         }
         lastKLScale = nu
         stepCount += 1
@@ -377,33 +468,40 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let b = try block(layer)
         let g = ParameterGradient(weight: weight, bias: bias)
         try checkGradient(g, block: b, layer: layer)
-        let c = b.curvature
-        guard c.hasFactors else { throw KFACError(.noStatistics, "layer \(layer) has no factors yet") }
-        guard let inverse = c.inverse, inverse.strategy == parameters.inverseStrategy else {
-            throw KFACError(.noInverses, "layer \(layer) has no inverses for the current strategy")
+        for j in b.curvatures.indices {
+            let c = b.curvatures[j]
+            guard c.hasFactors else { throw KFACError(.noStatistics, "layer \(layer) has no factors yet") }
+            guard c.hasInverse(for: parameters.inverseStrategy) else {
+                throw KFACError(.noInverses, "layer \(layer) has no inverses for the current strategy")
+            }
         }
         b.gatherGradient(weight: weight, bias: bias)
-        inverse.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: Scalar(parameters.damping))
-        guard Scalar.allFinite(c.direction.base, count: c.direction.count) else {
-            throw KFACError(.nonFinite, "the preconditioned gradient of layer \(layer) is not finite; increase the damping")
+        for j in b.curvatures.indices {
+            let c = b.curvatures[j]
+            c.inverse!.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: Scalar(parameters.damping))
+            guard Scalar.allFinite(c.direction.base, count: c.direction.count) else {
+                throw KFACError(.nonFinite, "the preconditioned gradient of layer \(layer) is not finite; increase the damping")
+            }
         }
         b.scatterDirection(scale: 1, weight: weight, bias: bias)
     }
 }
 
 extension KFACOptimizer: ParallelJobs {
-    /// Inversion job `index` of `computeStagedInverses`: one factor of one layer, into the
-    /// layer's staging inverse. Errors are kept per job and reported by the caller.
+    /// Inversion job `index` of `computeStagedInverses`: one unique block of one factor of one
+    /// curvature, into the curvature's staging inverse. Errors are kept per job and reported by
+    /// the caller.
     func runJob(_ index: Int, worker: Int) {
         let job = inversionJobs[index]
-        let c = blocks[job / 2].curvature
+        let c = curvatures[job.curvature]
         do throws(KFACError) {
             let inverse = try c.stagingInverse(for: inversionStrategy)
-            let side = job % 2 == 0 ? inverse.input : inverse.output
-            try side.compute(from: jobSources[job]!.base, shift: jobShifts[job], workspace: workspaces[worker])
-            jobErrors[job] = nil
+            let side = job.side == 0 ? inverse.input : inverse.output
+            let source = 2 * job.curvature + job.side
+            try side.computeBlock(job.block, from: jobSources[source]!.base, shift: jobShifts[source], workspace: workspaces[worker])
+            jobErrors[index] = nil
         } catch {
-            jobErrors[job] = error
+            jobErrors[index] = error
         }
     }
 }

@@ -1,89 +1,147 @@
-/// One Kronecker factor of a layer's curvature block — the input side A or the output side G.
+/// One Kronecker factor of a curvature block — the input side A or the output side G — with the
+/// block structure of `FactorStructure` (one dense block unless grouped or SUA).
 ///
 /// Statistics recorded since the last factor update are kept in one of two forms:
-/// - as the rows themselves (`rowBuffer`: each row scaled, with the trailing 1 of a bias), while
-///   there are at most `dimension` of them — the usual case of one batch per update. The fold is
-///   then a single syrk into the moving average (its beta is the decay), with no extra pass over
-///   the d×d factor;
-/// - beyond that, as the second-moment sum Σ x xᵀ (`pendingSum`), which is smaller than the rows.
-/// Factors are symmetric and kept in the upper triangle only. `staged` receives an out-of-place
-/// moving average when a step must be able to fail after the fold (an inversion follows it), so
-/// that failure leaves `running` and the pending statistics untouched.
+/// - as the recorded rows themselves (`rowBuffer`: scaled, with the appended bias value), while
+///   they take no more memory than the factor — the usual case of one batch per update of a
+///   dense layer. The fold is then one syrk per block into the moving average (its beta is the
+///   decay), with no extra pass over the factor;
+/// - beyond that, as the sums Σ x xᵀ of each block (`pendingSum`).
+/// Every block is symmetric and kept in the upper triangle only (row-major). `staged` receives
+/// an out-of-place moving average when a step must be able to fail after the fold (an inversion
+/// follows it), so that failure leaves `running` and the pending statistics untouched.
 final class KroneckerFactor<Scalar: KFACScalar> {
-    let dimension: Int
+    let structure: FactorStructure
     private var rowBuffer: Matrix<Scalar>?
     private(set) var bufferedRows = 0
     private var pendingSum: Matrix<Scalar>?
     private(set) var summedRows = 0
+    /// The moving average, block by block (`structure.storageOffsets`).
     private(set) var running: Matrix<Scalar>
     private(set) var hasRunning = false
     private var staged: Matrix<Scalar>?
 
-    init(dimension: Int) throws(KFACError) {
-        self.dimension = dimension
-        running = try Matrix(rows: dimension, columns: dimension)
+    init(structure: FactorStructure) throws(KFACError) {
+        self.structure = structure
+        running = try Matrix(rows: 1, columns: structure.storageCount)
     }
 
+    convenience init(dimension: Int) throws(KFACError) {
+        try self.init(structure: .dense(dimension))
+    }
+
+    /// The factor's dimension (the gradient matrix's extent on this side).
+    var dimension: Int { structure.dimension }
     /// Rows recorded since the last fold.
     var pendingRows: Int { bufferedRows + summedRows }
     var hasPending: Bool { pendingRows > 0 }
 
-    /// Records `rows` rows of `width` values (row-major), each multiplied by `scale` and, with
-    /// `appendOne`, extended by a trailing 1 (width + 1 == dimension). On error nothing changed.
-    func record(_ x: UnsafePointer<Scalar>, rows: Int, width: Int, appendOne: Bool, scale: Scalar,
-                ones: Matrix<Scalar>) throws(KFACError) {
-        if summedRows == 0 && bufferedRows + rows <= dimension {
-            let buffer = try reserveRowBuffer(bufferedRows + rows)
+    /// Rows are buffered while they take no more memory than the block storage.
+    private var rowBufferLimit: Int { Swift.max(1, structure.storageCount / Swift.max(1, structure.recordedWidth)) }
+
+    /// Records `rows` rows of `width` values (row-major, consecutive rows `stride` apart), each
+    /// multiplied by `scale`, followed by `appended` as a last coordinate if given
+    /// (width + 1 == recordedWidth), else width == recordedWidth. On error nothing changed.
+    func record(_ x: UnsafePointer<Scalar>, rows: Int, width: Int, stride: Int? = nil, appended: Scalar?,
+                scale: Scalar, ones: Matrix<Scalar>) throws(KFACError) {
+        let buffered = try prepareRecord(rows: rows)
+        add(x, rows: rows, width: width, stride: stride, appended: appended, scale: scale, ones: ones, buffered: buffered)
+    }
+
+    /// Prepares to record `rows` more rows (possibly in several `add` calls): decides whether they
+    /// are buffered as rows (true) or summed, and allocates what that needs, so that the `add`
+    /// calls cannot fail. On error nothing changed.
+    func prepareRecord(rows: Int) throws(KFACError) -> Bool {
+        if summedRows == 0 && bufferedRows + rows <= rowBufferLimit {
+            _ = try reserveRowBuffer(bufferedRows + rows)
+            return true
+        }
+        _ = try pendingSumMatrix()
+        return false
+    }
+
+    /// Records rows as `record` does, in the form `prepareRecord` chose for them.
+    func add(_ x: UnsafePointer<Scalar>, rows: Int, width: Int, stride: Int? = nil, appended: Scalar?,
+             scale: Scalar, ones: Matrix<Scalar>, buffered: Bool) {
+        let stride = stride ?? width
+        let w = structure.recordedWidth
+        if buffered, let buffer = rowBuffer {
             for r in 0..<rows {
-                let destination = buffer.base + (bufferedRows + r) * dimension
-                Scalar.scaledCopy(from: x + r * width, to: destination, count: width, scale: scale)
-                if appendOne { destination[width] = 1 }
+                let destination = buffer.base + (bufferedRows + r) * w
+                Scalar.scaledCopy(from: x + r * stride, to: destination, count: width, scale: scale)
+                if let appended { destination[width] = appended }
             }
             bufferedRows += rows
             return
         }
-        let sum = try pendingSumMatrix()
+        guard let sum = pendingSum else { return }
         flushRowBuffer(into: sum)
-        let chunkRows = Int(Int32.max) / Swift.max(width, 1)  // BLAS takes 32-bit sizes
-        var start = 0
-        while start < rows {
-            let chunk = Swift.min(chunkRows, rows - start)
-            Scalar.syrkTransposed(n: width, k: chunk, alpha: scale * scale, a: x + start * width, lda: width,
-                                  beta: (summedRows > 0 || start > 0) ? 1 : 0, c: sum.base, ldc: dimension)
-            start += chunk
-        }
-        if appendOne {
-            let last = dimension - 1
-            columnSums(of: x, rows: rows, columns: width, scale: scale, into: sum.base + last,
-                       stride: dimension, accumulate: summedRows > 0, ones: ones)
-            let corner = sum.base + last * dimension + last
-            corner.pointee = (summedRows > 0 ? corner.pointee : 0) + Scalar(rows)
+        let accumulate = summedRows > 0
+        for q in structure.uniqueSizes.indices {
+            let (lo, b) = (structure.uniqueOffsets[q], structure.uniqueSizes[q])
+            let block = sum.base + structure.storageOffsets[q]
+            let dataColumns = Swift.max(0, Swift.min(lo + b, width) - lo)
+            if dataColumns > 0 {
+                symmetricUpdate(n: dataColumns, rows: rows, alpha: scale * scale, a: x + lo, lda: stride,
+                                accumulate: accumulate, c: block, ldc: b)
+            }
+            if let appended, lo + b == width + 1 {
+                // The block holds the appended coordinate: its cross terms and its corner.
+                if dataColumns > 0 {
+                    columnSums(of: x + lo, rows: rows, columns: dataColumns, stride: stride, scale: scale * appended,
+                               into: block + dataColumns, incY: b, accumulate: accumulate, ones: ones)
+                }
+                let corner = block + dataColumns * b + dataColumns
+                corner.pointee = (accumulate ? corner.pointee : 0) + Scalar(rows) * appended * appended
+            }
         }
         summedRows += rows
     }
 
+    /// Upper triangle of c (n×n, ldc) (+)= alpha · aᵀ a for `rows` rows of a (n columns, lda).
+    private func symmetricUpdate(n: Int, rows: Int, alpha: Scalar, a: UnsafePointer<Scalar>, lda: Int,
+                                 accumulate: Bool, c: UnsafeMutablePointer<Scalar>, ldc: Int) {
+        let chunkRows = Swift.max(1, Int(Int32.max) / Swift.max(lda, 1))  // BLAS takes 32-bit sizes
+        var start = 0
+        while start < rows {
+            let chunk = Swift.min(chunkRows, rows - start)
+            let b: Scalar = start > 0 || accumulate ? 1 : 0
+            Scalar.syrkTransposed(n: n, k: chunk, alpha: alpha, a: a + start * lda, lda: lda, beta: b, c: c, ldc: ldc)
+            start += chunk
+        }
+    }
+
     private func reserveRowBuffer(_ rows: Int) throws(KFACError) -> Matrix<Scalar> {
         if let b = rowBuffer, b.rows >= rows { return b }
-        // Grow geometrically (up to `dimension` rows) so that a steady batch size stops allocating.
-        let capacity = Swift.min(dimension, Swift.max(rows, 2 * (rowBuffer?.rows ?? 0)))
-        let bigger = try Matrix<Scalar>(rows: capacity, columns: dimension)
-        if let old = rowBuffer { bigger.base.update(from: old.base, count: bufferedRows * dimension) }
+        // Grow geometrically (up to the limit) so that a steady batch size stops allocating.
+        let capacity = Swift.min(Swift.max(rowBufferLimit, rows), Swift.max(rows, 2 * (rowBuffer?.rows ?? 0)))
+        let bigger = try Matrix<Scalar>(rows: capacity, columns: structure.recordedWidth)
+        if let old = rowBuffer { bigger.base.update(from: old.base, count: bufferedRows * structure.recordedWidth) }
         rowBuffer = bigger
         return bigger
     }
 
     private func pendingSumMatrix() throws(KFACError) -> Matrix<Scalar> {
         if let s = pendingSum { return s }
-        let s = try Matrix<Scalar>(rows: dimension, columns: dimension)
+        let s = try Matrix<Scalar>(rows: 1, columns: structure.storageCount)
         pendingSum = s
         return s
     }
 
-    /// Moves the buffered rows into the second-moment sum.
+    /// syrk of the buffered rows into every block of `destination`: alpha·XᵀX + beta·destination.
+    private func blockUpdates(from buffer: Matrix<Scalar>, alpha: Scalar, beta: Scalar, into destination: UnsafeMutablePointer<Scalar>) {
+        for q in structure.uniqueSizes.indices {
+            let b = structure.uniqueSizes[q]
+            Scalar.syrkTransposed(n: b, k: bufferedRows, alpha: alpha, a: buffer.base + structure.uniqueOffsets[q],
+                                  lda: structure.recordedWidth, beta: beta,
+                                  c: destination + structure.storageOffsets[q], ldc: b)
+        }
+    }
+
+    /// Moves the buffered rows into the block sums.
     private func flushRowBuffer(into sum: Matrix<Scalar>) {
         guard bufferedRows > 0, let buffer = rowBuffer else { return }
-        Scalar.syrkTransposed(n: dimension, k: bufferedRows, alpha: 1, a: buffer.base, lda: dimension,
-                              beta: summedRows > 0 ? 1 : 0, c: sum.base, ldc: dimension)
+        blockUpdates(from: buffer, alpha: 1, beta: summedRows > 0 ? 1 : 0, into: sum.base)
         summedRows += bufferedRows
         bufferedRows = 0
     }
@@ -91,7 +149,9 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// Throws `.nonFinite` if folding the pending statistics could produce a non-finite factor.
     /// (Record calls already refuse values that could; this is the last line of defence.)
     func validatePending() throws(KFACError) {
-        if summedRows > 0, let sum = pendingSum, !Scalar.diagonalSafelyFinite(sum.base, n: dimension) {
+        guard summedRows > 0, let sum = pendingSum else { return }
+        for q in structure.uniqueSizes.indices
+        where !Scalar.diagonalSafelyFinite(sum.base + structure.storageOffsets[q], n: structure.uniqueSizes[q]) {
             throw KFACError(.nonFinite, "recorded statistics overflow (second moment is not finite)")
         }
     }
@@ -104,15 +164,17 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         let previous: UnsafePointer<Scalar>? = hasRunning ? UnsafePointer(running.base) : nil
         var rowsBeta = beta
         if summedRows > 0, let sum = pendingSum {
-            Scalar.movingAverageUpper(into: destination.base, previous: previous, beta: beta,
-                                      pending: sum.base, scale: c, n: dimension)
+            for q in structure.uniqueSizes.indices {
+                let o = structure.storageOffsets[q]
+                Scalar.movingAverageUpper(into: destination.base + o, previous: previous.map { $0 + o }, beta: beta,
+                                          pending: sum.base + o, scale: c, n: structure.uniqueSizes[q])
+            }
             rowsBeta = 1
         } else if destination !== running, let previous {
-            destination.base.update(from: previous, count: dimension * dimension)
+            destination.base.update(from: previous, count: structure.storageCount)
         }
         if bufferedRows > 0, let buffer = rowBuffer {
-            Scalar.syrkTransposed(n: dimension, k: bufferedRows, alpha: c, a: buffer.base, lda: dimension,
-                                  beta: rowsBeta, c: destination.base, ldc: dimension)
+            blockUpdates(from: buffer, alpha: c, beta: rowsBeta, into: destination.base)
         }
     }
 
@@ -135,7 +197,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// Call `validatePending` first.
     func stageFold(decay: Scalar) throws(KFACError) -> Matrix<Scalar> {
         guard hasPending else { return running }
-        if staged == nil { staged = try Matrix(rows: dimension, columns: dimension) }
+        if staged == nil { staged = try Matrix(rows: 1, columns: structure.storageCount) }
         average(into: staged!, decay: decay)
         return staged!
     }
@@ -150,39 +212,61 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         clearPending()
     }
 
-    /// The factor as a full symmetric row-major matrix.
+    /// tr of the factor (over its `dimension` coordinates) from block storage `m`.
+    func trace(of m: UnsafePointer<Scalar>) -> Scalar {
+        var t: Scalar = 0
+        for k in structure.tiles.indices {
+            let tile = structure.tiles[k]
+            t += Scalar.trace(m + structure.storageOffsets[tile.unique], n: structure.uniqueSizes[tile.unique])
+        }
+        return t
+    }
+
+    /// The running factor as a full symmetric dimension×dimension row-major matrix (zeros off
+    /// the blocks), in the layer's own parameter order (`FactorStructure.externalIndex`).
     func copyRunning(into out: UnsafeMutablePointer<Scalar>) {
-        out.update(from: running.base, count: dimension * dimension)
-        Scalar.symmetrizeFromUpper(out, n: dimension)
+        let d = structure.dimension
+        let index = structure.externalIndex
+        out.initialize(repeating: 0, count: d * d)
+        for tile in structure.tiles {
+            let b = structure.uniqueSizes[tile.unique]
+            let block = running.base + structure.storageOffsets[tile.unique]
+            for i in 0..<b {
+                for j in i..<b {
+                    let v = block[i * b + j]
+                    let (r, c) = (index?[tile.offset + i] ?? tile.offset + i, index?[tile.offset + j] ?? tile.offset + j)
+                    out[r * d + c] = v
+                    out[c * d + r] = v
+                }
+            }
+        }
     }
 
     // MARK: State images
 
-    /// Writes: has running [d²], buffered rows [rows·d], summed rows [d²].
+    /// Writes: has running [blocks], buffered rows [rows·width], summed rows [blocks].
     func write(to w: inout StateWriter) {
-        let d2 = dimension * dimension
         w.u64(hasRunning ? 1 : 0)
-        if hasRunning { w.scalars(running.base, count: d2) }
+        if hasRunning { w.scalars(running.base, count: structure.storageCount) }
         w.u64(UInt64(bufferedRows))
-        if bufferedRows > 0 { w.scalars(rowBuffer!.base, count: bufferedRows * dimension) }
+        if bufferedRows > 0 { w.scalars(rowBuffer!.base, count: bufferedRows * structure.recordedWidth) }
         w.u64(UInt64(summedRows))
-        if summedRows > 0 { w.scalars(pendingSum!.base, count: d2) }
+        if summedRows > 0 { w.scalars(pendingSum!.base, count: structure.storageCount) }
     }
 
     /// Reads what `write` wrote into this (fresh) factor.
     func read(from r: inout StateReader) throws(KFACError) {
-        let d2 = dimension * dimension
         hasRunning = try r.flag()
-        if hasRunning { try r.scalars(into: running.base, count: d2) }
+        if hasRunning { try r.scalars(into: running.base, count: structure.storageCount) }
         let buffered = try r.i64()
-        guard buffered >= 0 && buffered <= dimension else {
-            throw KFACError(.corruptState, "state image has \(buffered) buffered rows for a factor of dimension \(dimension)")
+        guard buffered >= 0 && buffered <= rowBufferLimit else {
+            throw KFACError(.corruptState, "state image has \(buffered) buffered rows where at most \(rowBufferLimit) fit")
         }
-        if buffered > 0 { try r.scalars(into: try reserveRowBuffer(buffered).base, count: buffered * dimension) }
+        if buffered > 0 { try r.scalars(into: try reserveRowBuffer(buffered).base, count: buffered * structure.recordedWidth) }
         bufferedRows = buffered
         let summed = try r.i64()
         guard summed >= 0 else { throw KFACError(.corruptState, "state image has a negative row count") }
-        if summed > 0 { try r.scalars(into: try pendingSumMatrix().base, count: d2) }
+        if summed > 0 { try r.scalars(into: try pendingSumMatrix().base, count: structure.storageCount) }
         summedRows = summed
     }
 }

@@ -105,18 +105,18 @@ extension KFACScalar {
     }
 }
 
-/// `sums[k * stride] (+)= scale * Σ_rows x[row][k]` for a rows×columns row-major block (added
-/// when `accumulate`, else overwritten), via BLAS against a vector of ones that covers
-/// `ones.count` rows at a time.
+/// `sums[k * incY] (+)= scale * Σ_rows x[row][k]` for `rows` rows of `columns` values, rows
+/// `stride` apart (added when `accumulate`, else overwritten), via BLAS against a vector of ones
+/// that covers `ones.count` rows at a time.
 func columnSums<T: KFACScalar>(
-    of x: UnsafePointer<T>, rows: Int, columns: Int, scale: T,
-    into sums: UnsafeMutablePointer<T>, stride: Int, accumulate: Bool, ones: Matrix<T>
+    of x: UnsafePointer<T>, rows: Int, columns: Int, stride: Int, scale: T,
+    into sums: UnsafeMutablePointer<T>, incY: Int, accumulate: Bool, ones: Matrix<T>
 ) {
     var start = 0
     while start < rows {
         let chunk = Swift.min(ones.count, rows - start)
-        T.gemv(trans: true, m: chunk, n: columns, alpha: scale, a: x + start * columns, lda: columns,
-               x: ones.base, beta: (accumulate || start > 0) ? 1 : 0, y: sums, incY: stride)
+        T.gemv(trans: true, m: chunk, n: columns, alpha: scale, a: x + start * stride, lda: stride,
+               x: ones.base, beta: (accumulate || start > 0) ? 1 : 0, y: sums, incY: incY)
         start += chunk
     }
 }

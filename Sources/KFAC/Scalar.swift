@@ -77,6 +77,17 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
     static func clampNegativeToZero(_ x: UnsafeMutablePointer<Self>, count: Int)
     static func scaledCopy(from source: UnsafePointer<Self>, to destination: UnsafeMutablePointer<Self>,
                            count: Int, scale: Self)
+    static func extractPatchRows(_ x: UnsafePointer<Self>, geometry: Conv2dGeometry, group: Int, first: Int, count: Int,
+                                 into out: UnsafeMutablePointer<Self>)
+    static func extractPixelRows(_ x: UnsafePointer<Self>, geometry: Conv2dGeometry, group: Int, first: Int, count: Int,
+                                 pixels: UnsafePointer<Int>, scales: UnsafePointer<Self>, pixelCount: Int,
+                                 into out: UnsafeMutablePointer<Self>)
+    static func gatherChannelRows(_ g: UnsafePointer<Self>, totalChannels: Int, positions: Int, firstChannel: Int,
+                                  channels: Int, first: Int, count: Int, into out: UnsafeMutablePointer<Self>)
+    static func gatherOffsetMajor(weight: UnsafePointer<Self>, bias: UnsafePointer<Self>?, rows: Int, channels: Int,
+                                  taps: Int, into v: UnsafeMutablePointer<Self>)
+    static func scatterOffsetMajor(_ u: UnsafePointer<Self>, scale: Self, weight: UnsafeMutablePointer<Self>,
+                                   bias: UnsafeMutablePointer<Self>?, rows: Int, channels: Int, taps: Int)
 }
 
 /// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called

@@ -10,16 +10,17 @@ import Glibc
 ///     parameters: 5 × f64 (learning rate, damping, decay, KL clip, output-grad scale),
 ///                 6 × i64 (factor period, inverse period, strategy, π flag, reduction, threads)
 ///     i64 step count  f64 last ν  u64 statistics started  u64 layer count
-///     per layer: i64 kind, in, out, has bias
-///     per layer: per factor (A then G): u64 has running [d² scalars], u64 buffered rows
-///                [rows·d scalars], u64 summed rows [d² scalars]
-///                u64 inverse strategy + 1 (0 = none) [A matrix, A values, G matrix, G values]
+///     per layer: u64 field count, i64 fields (`LayerDescription.fields`: kind, then its sizes)
+///     per layer, per group (curvature): per factor (A then G): u64 has running [block scalars],
+///                u64 buffered rows [rows·width scalars], u64 summed rows [block scalars];
+///                u64 inverse strategy + 1 (0 = none) [A blocks, A values, G blocks, G values]
 ///     u64 checksum of all preceding bytes
 ///
-/// Matrices are stored whole (d² scalars, row-major); eigenvalue vectors only for `.eigen`.
+/// Factors are stored as their diagonal blocks (`FactorStructure`), each whole and row-major;
+/// eigenvalue vectors only for `.eigen`.
 enum StateImage {
     static let magic: [UInt8] = Array("KFACSTAT".utf8)
-    static let formatVersion: UInt64 = 1
+    static let formatVersion: UInt64 = 2
     /// Bytes before the checksum-protected payload that `load` reads to validate the rest.
     static let headerSize = 32
 
@@ -101,11 +102,11 @@ extension KFACOptimizer {
         w.u64(statisticsStarted ? 1 : 0)
         w.u64(UInt64(blocks.count))
         for b in blocks {
-            w.i64(Int(b.layer.kind.rawValue)); w.i64(b.layer.inFeatures); w.i64(b.layer.outFeatures)
-            w.u64(b.layer.hasBias ? 1 : 0)
+            let fields = b.layer.fields
+            w.u64(UInt64(fields.count))
+            for f in fields { w.i64(f) }
         }
-        for b in blocks {
-            let c = b.curvature
+        for c in curvatures {
             c.input.write(to: &w)
             c.output.write(to: &w)
             if let inv = c.inverse {
@@ -199,33 +200,34 @@ extension KFACOptimizer {
             throw KFACError(.stateMismatch, "state image has \(count) layers, the optimizer \(blocks.count)")
         }
         for (l, b) in blocks.enumerated() {
-            let kind = try r.i64(), inF = try r.i64(), outF = try r.i64(), bias = try r.flag()
-            let described = LayerDescription(kind: LayerKind(rawValue: Int32(truncatingIfNeeded: kind)) ?? .dense,
-                                             inFeatures: inF, outFeatures: outF, hasBias: bias)
-            guard kind == Int(b.layer.kind.rawValue), described == b.layer else {
-                throw KFACError(.stateMismatch, "state image layer \(l) is \(kind == 1 ? "dense" : "kind \(kind)") \(inF)→\(outF)\(bias ? " with bias" : ""), the optimizer's is \(b.layer.inFeatures)→\(b.layer.outFeatures)\(b.layer.hasBias ? " with bias" : "")")
+            let fieldCount = try r.u64()
+            guard fieldCount <= 64 else { throw KFACError(.corruptState, "state image has a bad layer description") }
+            var fields: [Int] = []
+            for _ in 0..<fieldCount { fields.append(try r.i64()) }
+            guard fields == b.layer.fields else {
+                throw KFACError(.stateMismatch, "state image layer \(l) is \(LayerDescription(fields: fields).map { "\($0)" } ?? "unreadable"), the optimizer's is \(b.layer)")
             }
         }
         // Build fresh blocks from the image; the optimizer's own are replaced only on success.
         var restored: [any CurvatureBlock<Scalar>] = []
         for b in blocks {
-            let fresh = try DenseBlock<Scalar>(inFeatures: b.layer.inFeatures, outFeatures: b.layer.outFeatures,
-                                               hasBias: b.layer.hasBias)
-            let c = fresh.curvature
-            try c.input.read(from: &r)
-            try c.output.read(from: &r)
-            let tag = try r.u64()
-            if tag > 0 {
-                guard let s = InverseStrategy(rawValue: Int32(truncatingIfNeeded: tag - 1)) else {
-                    throw KFACError(.corruptState, "state image has an unknown inverse strategy")
+            let fresh = try makeBlock(b.layer)
+            for c in fresh.curvatures {
+                try c.input.read(from: &r)
+                try c.output.read(from: &r)
+                let tag = try r.u64()
+                if tag > 0 {
+                    guard let s = InverseStrategy(rawValue: Int32(truncatingIfNeeded: tag - 1)) else {
+                        throw KFACError(.corruptState, "state image has an unknown inverse strategy")
+                    }
+                    let inv = try KroneckerInverse<Scalar>(strategy: s, input: c.input.structure, output: c.output.structure)
+                    for side in [inv.input, inv.output] {
+                        try r.scalars(into: side.matrix.base, count: side.matrix.count)
+                        try r.scalars(into: side.values.base, count: side.values.count)
+                        side.finish()
+                    }
+                    c.restoreInverse(inv)
                 }
-                let inv = try KroneckerInverse<Scalar>(strategy: s, inputDimension: c.input.dimension,
-                                                       outputDimension: c.output.dimension)
-                for side in [inv.input, inv.output] {
-                    try r.scalars(into: side.matrix.base, count: side.matrix.count)
-                    try r.scalars(into: side.values.base, count: side.values.count)
-                }
-                c.restoreInverse(inv)
             }
             restored.append(fresh)
         }

@@ -99,7 +99,8 @@ public func kfac_add_dense(_ opt: OpaquePointer?, _ inFeatures: Int64, _ outFeat
     withAnyOptimizer(opt) { (o) throws(KFACError) in
         let out = try required(layerID, "layer_id")
         guard hasBias == 0 || hasBias == 1 else { throw KFACError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)") }
-        out.pointee = Int32(try o.addDense(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), hasBias: hasBias == 1))
+        out.pointee = Int32(try o.addDense(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), hasBias: hasBias == 1,
+                                           grouping: ChannelGrouping()))
     }
 }
 

@@ -93,7 +93,7 @@ final class StateTests: XCTestCase {
         badMagic[0] = UInt8(ascii: "X")
         expect(badMagic, .corruptState, "magic")
         var newer = image
-        newer[8] = 2
+        newer[8] = UInt8(StateImage.formatVersion + 1)
         expect(newer, .stateVersion, "format version")
 
         let otherLayers = try KFACOptimizer<Float>()
