@@ -102,6 +102,47 @@
  * folded at the next factor update. kfac_wants_statistics tells whether recording is useful now.
  *
  * ---------------------------------------------------------------------------------------------
+ * Conventions (convolutions, channel grouping)
+ * ---------------------------------------------------------------------------------------------
+ * A 2-D convolution is described by kfac_conv2d_desc and follows PyTorch's Conv2d exactly:
+ * weight [C_out][C_in/groups][kh][kw] row-major (for either activation layout), bias [C_out],
+ * output size H_out = (H + 2·padding − dilation·(kh − 1) − 1) / stride + 1 (same for W). Inputs
+ * are [N][C_in][H][W] (KFAC_LAYOUT_NCHW) or [N][H][W][C_in] (KFAC_LAYOUT_NHWC); output gradients
+ * [N][C_out][H_out][W_out] or [N][H_out][W_out][C_out]. For convolutions `rows` means examples N.
+ * A 1-D convolution over length L is the case kernel_h = 1, input_h = 1 (input [N][C][L] is then
+ * exactly [N][C][1][L]).
+ *
+ * Each convolution group g (PyTorch's `groups`, including depthwise) is an independent block:
+ * the layer's curvature is ⊕_g Ω_g ⊗ Γ_g acting on vec([W_g | b_g]), W_g the rows of the weight
+ * of g's output channels flattened to [C_out/groups][(C_in/groups)·kh·kw], b_g their biases.
+ * With ā_{n,t} the receptive-field patch at output position t (entries ordered like the
+ * flattened weight, zeros where the kernel reaches into the padding, then 1 for the bias),
+ * g_{n,t} the output gradient there and |T| = H_out·W_out (KFC, Grosse & Martens 2016):
+ *     Ω_g = (1/N) Σ_n Σ_t ā_{n,t} ā_{n,t}ᵀ,      Γ_g = (1/(N·|T|)) Σ_n Σ_t g_{n,t} g_{n,t}ᵀ.
+ * (So a 1×1 convolution has Ω = |T|·A and Γ = G of the dense layer applied at every position.)
+ * Patches are formed inside the library for chunks of examples of at most 2^23 values (or one
+ * example if larger) and reduced by BLAS syrk, so memory stays bounded whatever N is.
+ *
+ * KFAC_CONV_SUA (spatially uncorrelated activations, Laurent et al. 2018, §2.1) replaces Ω_g by
+ * C_g ⊗ I_{kh·kw} in the weight's [c][i][j] order plus a 1×1 bias block |T|, where C_g is the
+ * mean over the kh·kw kernel offsets of Ω_g's same-offset diagonal blocks:
+ *     C_g = (1/(N·kh·kw)) Σ_n Σ_pixels m(pixel) x x ᵀ,
+ * m(pixel) the number of (output position, kernel offset) pairs that read the pixel. This is
+ * exactly "Ω with cross-offset blocks removed and diagonal blocks replaced by their mean", also
+ * at the borders (padding contributes zeros), with the bias's cross terms dropped. C_g costs
+ * O(C³) to invert instead of O((C·kh·kw)³), and no patch matrix is formed.
+ *
+ * Channel grouping (Laurent et al. 2018, §2.2): input_group_size s > 0 restricts Ω (or A) to
+ * its block diagonal over groups of s consecutive input channels (dense: features; a conv
+ * channel group covers its channels' kh·kw coordinates), the bias coordinate becoming its own
+ * 1×1 block; output_group_size does the same for Γ (or G) over output channels. The last group
+ * may be smaller. Each block is inverted on its own, all blocks of all layers as one parallel
+ * batch; a size of 0, or one not smaller than the channel count, means no grouping.
+ *
+ * kfac_get_group_factors_* returns Ω_g and Γ_g as full matrices in the weight's order, zeros off
+ * the blocks (for SUA, the expanded C_g ⊗ I with the bias block).
+ *
+ * ---------------------------------------------------------------------------------------------
  * Precision
  * ---------------------------------------------------------------------------------------------
  * The precision of a handle is chosen at creation (KFAC_FLOAT32 or KFAC_FLOAT64). Factors,
@@ -300,7 +341,8 @@ int kfac_get_param_int(const kfac_optimizer *opt, int param, int64_t *value);
  * ------------------------------------------------------------------------------------------- */
 
 typedef enum kfac_layer_kind {
-    KFAC_LAYER_DENSE = 1
+    KFAC_LAYER_DENSE = 1,
+    KFAC_LAYER_CONV2D = 2
 } kfac_layer_kind;
 
 /** Registers a dense layer s = W a (+ b) with W of shape [out_features][in_features].
@@ -315,6 +357,54 @@ typedef enum kfac_layer_kind {
 int kfac_add_dense(kfac_optimizer *opt, int64_t in_features, int64_t out_features, int has_bias,
                    int32_t *layer_id);
 
+/** Registers a dense layer with channel grouping (see "Conventions (convolutions, channel
+ *  grouping)"): input_group_size input features per block of A (the bias its own block), and
+ *  output_group_size output features per block of G; 0 = no grouping on that side. Otherwise as
+ *  kfac_add_dense. Errors: those of kfac_add_dense, INVALID_SIZE (a negative group size). */
+int kfac_add_dense_grouped(kfac_optimizer *opt, int64_t in_features, int64_t out_features, int has_bias,
+                           int64_t input_group_size, int64_t output_group_size, int32_t *layer_id);
+
+typedef enum kfac_layout {
+    KFAC_LAYOUT_NCHW = 0,   /* channels first (PyTorch) */
+    KFAC_LAYOUT_NHWC = 1    /* channels last (TensorFlow, JAX) */
+} kfac_layout;
+
+typedef enum kfac_conv_approximation {
+    KFAC_CONV_KFC = 0,      /* full patch second moment */
+    KFAC_CONV_SUA = 1       /* spatially uncorrelated activations */
+} kfac_conv_approximation;
+
+/** A 2-D convolution, as PyTorch's Conv2d plus the fixed input size. Growable: set struct_size
+ *  = sizeof(kfac_conv2d_desc); fields past an older caller's struct_size read as 0. Zero-initialise
+ *  it: a stride, dilation or groups of 0 is read as 1. */
+typedef struct kfac_conv2d_desc {
+    size_t struct_size;
+    int64_t in_channels;
+    int64_t out_channels;
+    int64_t kernel_h, kernel_w;
+    int64_t stride_h, stride_w;       /* 0 = 1 */
+    int64_t padding_h, padding_w;     /* zeros added on both sides */
+    int64_t dilation_h, dilation_w;   /* 0 = 1 */
+    int64_t groups;                   /* 0 = 1; must divide in_channels and out_channels */
+    int64_t input_h, input_w;         /* the input's spatial size, fixed for the layer */
+    int32_t has_bias;                 /* 0 or 1 */
+    int32_t layout;                   /* kfac_layout */
+    int32_t approximation;            /* kfac_conv_approximation */
+    int32_t reserved;                 /* must be 0 */
+    int64_t input_group_size;         /* input channels per block of Ω, 0 = no grouping */
+    int64_t output_group_size;        /* output channels per block of Γ, 0 = no grouping */
+} kfac_conv2d_desc;
+
+/** Registers a 2-D (or 1-D, as 1×L) convolution. *layer_id receives the new layer's index. Each
+ *  convolution group allocates its factors and gradient buffers as a dense layer of
+ *  (C_in/groups)·kh·kw inputs and C_out/groups outputs would (SUA and grouping store only the
+ *  blocks), plus a patch buffer of at most 2^23 values on first use.
+ *  Errors: NULL_POINTER, INVALID_SIZE (struct_size too small, a size < 1 or negative padding,
+ *  groups not dividing the channels, a kernel larger than the padded input), INVALID_ARGUMENT
+ *  (has_bias, layout, approximation or reserved out of range), SIZE_OVERFLOW, LAYERS_FROZEN,
+ *  OUT_OF_MEMORY. */
+int kfac_add_conv2d(kfac_optimizer *opt, const kfac_conv2d_desc *desc, int32_t *layer_id);
+
 /** Number of registered layers (>= 0), or KFAC_ERROR_NULL_POINTER. */
 int kfac_layer_count(const kfac_optimizer *opt);
 
@@ -325,12 +415,14 @@ typedef struct kfac_layer_info {
     size_t struct_size;
     int32_t kind;            /* kfac_layer_kind */
     int32_t has_bias;        /* 0 or 1 */
-    int64_t in_features;     /* dense: in */
-    int64_t out_features;    /* dense: out */
-    int64_t a_dim;           /* dimension of the input-side factor A (in + has_bias) */
-    int64_t g_dim;           /* dimension of the output-side factor G (out) */
-    int32_t has_factors;     /* 1 once both running factors exist */
+    int64_t in_features;     /* dense: in; convolution: in_channels */
+    int64_t out_features;    /* dense: out; convolution: out_channels */
+    int64_t a_dim;           /* dimension of one group's input-side factor (dense: in + has_bias;
+                                convolution: (C_in/groups)·kh·kw + has_bias) */
+    int64_t g_dim;           /* dimension of one group's output-side factor (out / groups) */
+    int32_t has_factors;     /* 1 once every group's running factors exist */
     int32_t has_inverses;    /* 1 once inverses (or eigendecompositions) exist for them */
+    int64_t groups;          /* independent Kronecker blocks: convolution groups, 1 for dense */
 } kfac_layer_info;
 
 /** Fills *info for layer `layer`. Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE
@@ -350,15 +442,18 @@ int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_inf
  *  0 it returns 1 (the caller decides when to call kfac_update_factors). */
 int kfac_wants_statistics(const kfac_optimizer *opt);
 
-/** Adds `rows` layer inputs, row-major [rows][in_features], to layer `layer`'s input statistics
- *  (the bias 1 is appended by the library).
+/** Adds `rows` layer inputs to layer `layer`'s input statistics: for a dense layer row-major
+ *  [rows][in_features] (the bias 1 is appended by the library); for a convolution `rows`
+ *  examples [rows][C_in][H][W] or [rows][H][W][C_in] as its layout says.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE (rows < 1), SIZE_OVERFLOW,
  *  DTYPE_MISMATCH, NON_FINITE. */
 int kfac_record_inputs_f32(kfac_optimizer *opt, int32_t layer, const float *inputs, int64_t rows);
 int kfac_record_inputs_f64(kfac_optimizer *opt, int32_t layer, const double *inputs, int64_t rows);
 
-/** Adds `rows` output gradients, row-major [rows][out_features], to layer `layer`'s gradient
- *  statistics, after the reduction and scale parameters are applied (see "Gradients").
+/** Adds `rows` output gradients to layer `layer`'s gradient statistics — dense [rows][out_features],
+ *  convolution [rows][C_out][H_out][W_out] or channels-last — after the reduction and scale
+ *  parameters are applied (see "Gradients"; for a convolution KFAC_REDUCTION_MEAN multiplies by
+ *  the examples, rows).
  *  Errors: as kfac_record_inputs_*. */
 int kfac_record_output_grads_f32(kfac_optimizer *opt, int32_t layer, const float *output_grads,
                                  int64_t rows);
@@ -375,18 +470,29 @@ int kfac_update_factors(kfac_optimizer *opt);
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes. */
 int kfac_update_inverses(kfac_optimizer *opt);
 
-/** Copies layer `layer`'s running factors: A into a_out ([a_dim][a_dim] row-major) and G into
- *  g_out ([g_dim][g_dim]). Either pointer may be NULL to skip it.
+/** Copies layer `layer`'s running factors (group 0 of a convolution): A into a_out
+ *  ([a_dim][a_dim] row-major) and G into g_out ([g_dim][g_dim]). Either pointer may be NULL.
  *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, DTYPE_MISMATCH, NO_STATISTICS. */
 int kfac_get_factors_f32(const kfac_optimizer *opt, int32_t layer, float *a_out, float *g_out);
 int kfac_get_factors_f64(const kfac_optimizer *opt, int32_t layer, double *a_out, double *g_out);
+
+/** Copies group `group` (0 ≤ group < groups) of a layer's running factors: Ω_g (or A) into
+ *  a_out ([a_dim][a_dim]) and Γ_g (or G) into g_out ([g_dim][g_dim]), full symmetric matrices in
+ *  the weight's order with zeros off the blocks. Either pointer may be NULL to skip it.
+ *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, INVALID_ARGUMENT (group out of range),
+ *  DTYPE_MISMATCH, NO_STATISTICS. */
+int kfac_get_group_factors_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *a_out,
+                               float *g_out);
+int kfac_get_group_factors_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *a_out,
+                               double *g_out);
 
 /* ---------------------------------------------------------------------------------------------
  * Preconditioning
  * ------------------------------------------------------------------------------------------- */
 
 /** One optimizer step over all layers: schedule steps 1–3 (see "Schedule"), then k += 1.
- *  weight_grads[l] points to layer l's weight gradient [out][in] row-major; bias_grads[l] to its
+ *  weight_grads[l] points to layer l's weight gradient ([out][in] row-major for a dense layer,
+ *  [C_out][C_in/groups][kh][kw] for a convolution); bias_grads[l] to its
  *  bias gradient [out]. bias_grads[l] must be NULL exactly for the layers without bias; bias_grads
  *  itself may be NULL only when no layer has a bias (else KFAC_ERROR_NULL_POINTER). Both are read,
  *  then overwritten with the KL-clipped preconditioned direction.

@@ -332,10 +332,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         // Largest blocks first, so that striding the jobs over workers balances their cost.
         for i in 1..<Swift.max(inversionJobs.count, 1) {
             var j = i
-            while j > 0 && inversionJobs[j - 1].size < inversionJobs[j].size {
-                inversionJobs.swapAt(j - 1, j)
+            let job = inversionJobs[i]
+            while j > 0 && inversionJobs[j - 1].size < job.size {
+                inversionJobs[j] = inversionJobs[j - 1]
                 j -= 1
             }
+            inversionJobs[j] = job
         }
         let threads = parameters.threadCount == 0 ? onlineProcessorCount() : parameters.threadCount
         let workerCount = Swift.max(1, Swift.min(threads, inversionJobs.count))

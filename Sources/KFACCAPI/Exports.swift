@@ -104,6 +104,54 @@ public func kfac_add_dense(_ opt: OpaquePointer?, _ inFeatures: Int64, _ outFeat
     }
 }
 
+@_cdecl("kfac_add_dense_grouped")
+public func kfac_add_dense_grouped(_ opt: OpaquePointer?, _ inFeatures: Int64, _ outFeatures: Int64, _ hasBias: Int32,
+                                   _ inputGroupSize: Int64, _ outputGroupSize: Int64,
+                                   _ layerID: UnsafeMutablePointer<Int32>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let out = try required(layerID, "layer_id")
+        guard hasBias == 0 || hasBias == 1 else { throw KFACError(.invalidArgument, "has_bias must be 0 or 1, got \(hasBias)") }
+        let grouping = ChannelGrouping(inputGroupSize: Int(inputGroupSize), outputGroupSize: Int(outputGroupSize))
+        out.pointee = Int32(try o.addDense(inFeatures: Int(inFeatures), outFeatures: Int(outFeatures), hasBias: hasBias == 1,
+                                           grouping: grouping))
+    }
+}
+
+@_cdecl("kfac_add_conv2d")
+public func kfac_add_conv2d(_ opt: OpaquePointer?, _ desc: UnsafeRawPointer?, _ layerID: UnsafeMutablePointer<Int32>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let raw = try required(desc, "desc")
+        let out = try required(layerID, "layer_id")
+        let size = raw.load(as: Int.self)
+        let minimum = MemoryLayout<CConv2dDescription>.offset(of: \.inputGroupSize)!
+        guard size >= minimum else {
+            throw KFACError(.invalidSize, "desc->struct_size \(size) is smaller than \(minimum) (all fields up to reserved)")
+        }
+        // Copy what the caller's struct holds; newer fields it lacks stay 0.
+        var d = CConv2dDescription(structSize: 0, inChannels: 0, outChannels: 0, kernelHeight: 0, kernelWidth: 0,
+                                   strideHeight: 0, strideWidth: 0, paddingHeight: 0, paddingWidth: 0,
+                                   dilationHeight: 0, dilationWidth: 0, groups: 0, inputHeight: 0, inputWidth: 0,
+                                   hasBias: 0, layout: 0, approximation: 0, reserved: 0, inputGroupSize: 0, outputGroupSize: 0)
+        withUnsafeMutableBytes(of: &d) { $0.baseAddress!.copyMemory(from: raw, byteCount: min(size, MemoryLayout<CConv2dDescription>.size)) }
+        guard d.hasBias == 0 || d.hasBias == 1 else { throw KFACError(.invalidArgument, "has_bias must be 0 or 1, got \(d.hasBias)") }
+        guard let layout = TensorLayout(rawValue: d.layout) else { throw KFACError(.invalidArgument, "unknown layout \(d.layout)") }
+        guard let approximation = ConvApproximation(rawValue: d.approximation) else {
+            throw KFACError(.invalidArgument, "unknown approximation \(d.approximation)")
+        }
+        guard d.reserved == 0 else { throw KFACError(.invalidArgument, "reserved must be 0") }
+        func orOne(_ v: Int64) -> Int { v == 0 ? 1 : Int(v) }
+        let geometry = Conv2dGeometry(inChannels: Int(d.inChannels), outChannels: Int(d.outChannels),
+                                      kernel: (Int(d.kernelHeight), Int(d.kernelWidth)),
+                                      stride: (orOne(d.strideHeight), orOne(d.strideWidth)),
+                                      padding: (Int(d.paddingHeight), Int(d.paddingWidth)),
+                                      dilation: (orOne(d.dilationHeight), orOne(d.dilationWidth)),
+                                      groups: orOne(d.groups), hasBias: d.hasBias == 1,
+                                      input: (Int(d.inputHeight), Int(d.inputWidth)), layout: layout)
+        let grouping = ChannelGrouping(inputGroupSize: Int(d.inputGroupSize), outputGroupSize: Int(d.outputGroupSize))
+        out.pointee = Int32(try o.addConv2d(geometry, approximation: approximation, grouping: grouping))
+    }
+}
+
 @_cdecl("kfac_layer_count")
 public func kfac_layer_count(_ opt: OpaquePointer?) -> Int32 {
     var count: Int32 = 0
@@ -122,6 +170,26 @@ struct CLayerInfo {
     var gDim: Int64
     var hasFactors: Int32
     var hasInverses: Int32
+    var groups: Int64
+}
+
+/// Mirrors `kfac_conv2d_desc`; the C layout is fixed by the header.
+struct CConv2dDescription {
+    var structSize: Int
+    var inChannels: Int64
+    var outChannels: Int64
+    var kernelHeight: Int64, kernelWidth: Int64
+    var strideHeight: Int64, strideWidth: Int64
+    var paddingHeight: Int64, paddingWidth: Int64
+    var dilationHeight: Int64, dilationWidth: Int64
+    var groups: Int64
+    var inputHeight: Int64, inputWidth: Int64
+    var hasBias: Int32
+    var layout: Int32
+    var approximation: Int32
+    var reserved: Int32
+    var inputGroupSize: Int64
+    var outputGroupSize: Int64
 }
 
 @_cdecl("kfac_layer_get_info")
@@ -130,7 +198,8 @@ public func kfac_layer_get_info(_ opt: OpaquePointer?, _ layer: Int32, _ info: U
         let out = try required(info, "info")
         let size = out.load(as: Int.self)
         // The ends of the fields, in order: only whole fields are written.
-        let fieldEnds = [\CLayerInfo.kind, \.hasBias, \.inFeatures, \.outFeatures, \.aDim, \.gDim, \.hasFactors]
+        let fieldEnds = [\CLayerInfo.kind, \.hasBias, \.inFeatures, \.outFeatures, \.aDim, \.gDim, \.hasFactors,
+                         \.hasInverses, \.groups]
             .map { MemoryLayout<CLayerInfo>.offset(of: $0)! } + [MemoryLayout<CLayerInfo>.size]
         let minimum = MemoryLayout<CLayerInfo>.offset(of: \.hasBias)!
         guard size >= minimum else {
@@ -142,7 +211,8 @@ public func kfac_layer_get_info(_ opt: OpaquePointer?, _ layer: Int32, _ info: U
                               hasBias: i.layer.hasBias ? 1 : 0,
                               inFeatures: Int64(i.layer.inFeatures), outFeatures: Int64(i.layer.outFeatures),
                               aDim: Int64(i.layer.inputFactorDimension), gDim: Int64(i.layer.outputFactorDimension),
-                              hasFactors: i.hasFactors ? 1 : 0, hasInverses: i.hasInverses ? 1 : 0)
+                              hasFactors: i.hasFactors ? 1 : 0, hasInverses: i.hasInverses ? 1 : 0,
+                              groups: Int64(i.layer.groups))
         // Fill only what fits in the caller's (possibly older, smaller) struct.
         withUnsafeBytes(of: &full) { bytes in
             out.copyMemory(from: bytes.baseAddress!, byteCount: filled)
@@ -197,6 +267,18 @@ public func kfac_get_factors_f32(_ opt: OpaquePointer?, _ layer: Int32, _ a: Uns
 @_cdecl("kfac_get_factors_f64")
 public func kfac_get_factors_f64(_ opt: OpaquePointer?, _ layer: Int32, _ a: UnsafeMutablePointer<Double>?, _ g: UnsafeMutablePointer<Double>?) -> Int32 {
     withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.copyFactors(layer: Int(layer), a: a, g: g) }
+}
+
+@_cdecl("kfac_get_group_factors_f32")
+public func kfac_get_group_factors_f32(_ opt: OpaquePointer?, _ layer: Int32, _ group: Int32,
+                                       _ a: UnsafeMutablePointer<Float>?, _ g: UnsafeMutablePointer<Float>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.copyFactors(layer: Int(layer), group: Int(group), a: a, g: g) }
+}
+
+@_cdecl("kfac_get_group_factors_f64")
+public func kfac_get_group_factors_f64(_ opt: OpaquePointer?, _ layer: Int32, _ group: Int32,
+                                       _ a: UnsafeMutablePointer<Double>?, _ g: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.copyFactors(layer: Int(layer), group: Int(group), a: a, g: g) }
 }
 
 // MARK: Preconditioning

@@ -7,3 +7,5 @@
 void allocation_counter_start(void);
 /// Stops counting and returns the number of allocation calls since start.
 int64_t allocation_counter_stop(void);
+/// Of those, the allocations made with OpenBLAS on the call stack (counted until stop).
+int64_t allocation_counter_openblas(void);
