@@ -94,6 +94,15 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
 /// column-major) sees as the lower triangle.
 private let lowerColumnMajor = CChar(UInt8(ascii: "L"))
 
+/// syevd's workspace: the query's answer, but never below LAPACK's documented minimum for
+/// jobz = V (1 + 6n + 2n², 3 + 5n) — a float32 query returns lwork as a float, which rounds
+/// down above 2^24.
+private func workspace(n: Int, queried: (work: Double, iwork: Int)?) -> (work: Int, iwork: Int) {
+    let minimum = (1 + 6 * n + 2 * n * n, 3 + 5 * n)
+    guard let q = queried, q.work.isFinite, q.work < 1e18 else { return minimum }
+    return (max(Int(q.work.rounded(.up)), minimum.0), max(q.iwork, minimum.1))
+}
+
 @inline(__always) private func blasTranspose(_ t: Bool) -> CBLAS_TRANSPOSE {
     t ? CblasTrans : CblasNoTrans
 }
@@ -152,8 +161,7 @@ extension Float: KFACScalar {
         var iwork: Int32 = 0
         let info = LAPACKE_ssyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
                                        Int32(n), &a, Int32(max(n, 1)), &w, &work, -1, &iwork, -1)
-        if info != 0 { return (1 + 6 * n + 2 * n * n, 3 + 5 * n) }  // LAPACK's documented minimum
-        return (Int(work.rounded(.up)), Int(iwork))
+        return workspace(n: n, queried: info == 0 ? (Double(work), Int(iwork)) : nil)
     }
 
     public static func symmetricEigen(
@@ -234,8 +242,7 @@ extension Double: KFACScalar {
         var iwork: Int32 = 0
         let info = LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
                                        Int32(n), &a, Int32(max(n, 1)), &w, &work, -1, &iwork, -1)
-        if info != 0 { return (1 + 6 * n + 2 * n * n, 3 + 5 * n) }
-        return (Int(work.rounded(.up)), Int(iwork))
+        return workspace(n: n, queried: info == 0 ? (work, Int(iwork)) : nil)
     }
 
     public static func symmetricEigen(

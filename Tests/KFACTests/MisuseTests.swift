@@ -129,3 +129,16 @@ extension MisuseTests {
         XCTAssertEqual(opt.stepCount, 1)
     }
 }
+
+extension MisuseTests {
+    /// A float32 workspace query returns lwork as a float, which rounds down above 2^24: the
+    /// library must never ask syevd with less than LAPACK's documented minimum.
+    func testEigenWorkspaceIsNeverBelowLAPACKsMinimum() {
+        for n in [1, 10, 3000, 4609] {
+            let minimum = 1 + 6 * n + 2 * n * n
+            XCTAssertGreaterThanOrEqual(Float.symmetricEigenWorkspace(n: n).work, minimum, "n = \(n)")
+            XCTAssertGreaterThanOrEqual(Double.symmetricEigenWorkspace(n: n).work, minimum, "n = \(n)")
+            XCTAssertGreaterThanOrEqual(Float.symmetricEigenWorkspace(n: n).iwork, 3 + 5 * n)
+        }
+    }
+}

@@ -72,16 +72,20 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
+let runDense = !CommandLine.arguments.contains("--conv-only")
+let runConv = !CommandLine.arguments.contains("--dense-only")
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
 // MARK: 2. Kernels per layer width
 
+if runDense {
 print("Dense layer W→W with bias, batch \(batch) rows")
 print(pad("W", 6) + pad("sgemm GF/s", 12) + pad("factor update", 15) + pad("sgemm W×256×W", 15) + pad("precond chol", 14)
       + pad("precond eigen", 15) + pad("inv chol/LAPACK", 17) + pad("inv eigen/LAPACK", 18) + "parallel: chol, eigen")
 
-for w in widths {
+}
+for w in runDense ? widths : [] {
     let peak = sgemmRate(m: 2048, n: 2048, k: 2048)
     let x = randomBuffer(batch * w, seed: 10), g = randomBuffer(batch * w, seed: 11)
     let weight = randomBuffer(w * w, seed: 12), bias = randomBuffer(w, seed: 13)
@@ -151,7 +155,7 @@ for w in widths {
           + pad("\(f(inverseRatio[.cholesky]!))×", 17) + pad("\(f(inverseRatio[.eigen]!))×", 18)
           + "\(f(parallelRatio[.cholesky]!))×, \(f(parallelRatio[.eigen]!))×")
 }
-print("""
+if runDense { print("""
   Fractions of the sgemm 2048³ rate (useful FLOPs): factor update = recording a batch of inputs
   and output gradients and folding it into the moving averages (two symmetric rank-256 updates,
   N·d(d+1) FLOPs each; the fold is the syrk's beta, no extra pass over the factors);
@@ -160,7 +164,7 @@ print("""
   calls (potrf+potri, or syevd) on the same matrices with OpenBLAS's threads; parallel = the same
   ratio with OpenBLAS single-threaded and A, G inverted at once on the library's two workers.
 
-""")
+""") }
 
 // MARK: 3. A training step of a 784-W-W-10 MLP
 
@@ -251,10 +255,10 @@ final class MLP {
     }
 }
 
-print("Training step of a 784-W-W-10 tanh MLP, batch \(batch): factors every step, inverses every 10")
+if runDense { print("Training step of a 784-W-W-10 tanh MLP, batch \(batch): factors every step, inverses every 10")
 print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step", 12) + pad("K-FAC/SGD", 11)
-      + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single")
-let stepWidths = quick ? [512] : [512, 1024, 2048]
+      + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single") }
+let stepWidths = !runDense ? [] : quick ? [512] : [512, 1024, 2048]
 for w in stepWidths {
     for strategy in InverseStrategy.allCases {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
@@ -311,7 +315,7 @@ for w in stepWidths {
               + pad("\(f(ratio))×", 11) + pad("\(f(floor))×", 12) + pad("\(f(ratio / floor))", 16) + "\(f(allocations, 1)) / \(f(allocationsSingle, 1))")
     }
 }
-print("""
+if runDense { print("""
   FLOP floor = (FLOPs of the SGD step + FLOPs K-FAC adds) / FLOPs of the SGD step: the ratio if every
   FLOP ran at the SGD step's rate. measured/floor is the K-FAC step's overhead beyond its arithmetic.
   allocations/step counts every heap allocation in the process while libkfac calls run (record +
@@ -319,4 +323,90 @@ print("""
   are all inside OpenBLAS (its threaded syrk/gemm/potrf dispatch, and the small-matrix sgemm kernel
   that syevd's divide and conquer calls); libkfac's own code allocates nothing after warm-up
   (Tests/KFACTests/AllocationTests.swift checks that with a zero count).
-""")
+""") }
+
+// MARK: 4. Convolutions (VGG-like layers)
+
+if runConv {
+    print("""
+
+    Convolutions: VGG-like 3×3 layers, C_in = C_out = C, padding 1, float32
+    """)
+    print(pad("layer", 26) + pad("sgemm GF/s", 12) + pad("factor update", 15) + pad("precond KFC", 13) + "precond SUA (× faster than KFC)")
+    let convCases: [(c: Int, size: Int, batch: Int)] = quick ? [(64, 8, 32)]
+        : [(64, 32, 128), (256, 8, 128), (256, 32, 32), (512, 8, 64)]
+    for (c, size, n) in convCases {
+        let peak = sgemmRate(m: 2048, n: 2048, k: 2048)
+        let geometry = Conv2dGeometry(inChannels: c, outChannels: c, kernel: (3, 3), padding: (1, 1), input: (size, size))
+        let x = randomBuffer(n * c * size * size, seed: 20), g = randomBuffer(n * c * geometry.outputPositions, seed: 21)
+        let weight = randomBuffer(c * geometry.patchSize, seed: 22), bias = randomBuffer(c, seed: 23)
+        defer { x.deallocate(); g.deallocate(); weight.deallocate(); bias.deallocate() }
+        var preconditionTimes: [ConvApproximation: Double] = [:]
+        var factorRate = 0.0
+        for approximation in ConvApproximation.allCases {
+            let opt = try KFACOptimizer<Float>()
+            try opt.addConv2d(geometry, approximation: approximation)
+            try opt.set(.damping, 0.1)
+            try opt.set(.inverseStrategy, Int64(InverseStrategy.cholesky.rawValue))
+            let tFactor = try median(repeats: 3) {
+                try opt.recordInputs(layer: 0, x, rows: n)
+                try opt.recordOutputGradients(layer: 0, g, rows: n)
+                try opt.updateFactors()
+            }
+            if approximation == .kfc {
+                // Useful FLOPs: the patch second moment (N·|T| rows of d = 9C + 1) and Γ (N·|T| rows of C).
+                let rows = Double(n * geometry.outputPositions), d = Double(geometry.patchSize + 1)
+                factorRate = gflops(rows * (d * (d + 1) + Double(c) * Double(c + 1)), tFactor)
+            }
+            try opt.updateInverses()
+            let t = try median(repeats: 3) { try opt.precondition(layer: 0, weight: weight, bias: bias) }
+            preconditionTimes[approximation] = t
+        }
+        let (o, a) = (Double(c), Double(geometry.patchSize + 1))
+        let kfcPrecondition = gflops(2 * o * a * a + 2 * o * o * a, preconditionTimes[.kfc]!) / peak
+        print(pad("C=\(c) \(size)×\(size) batch \(n)", 26) + pad("\(f(peak, 1))", 12) + pad("\(f(factorRate / peak))", 15)
+              + pad("\(f(kfcPrecondition))", 13) + "\(f(preconditionTimes[.kfc]! / preconditionTimes[.sua]!, 1))×")
+    }
+    print("""
+      factor update = recording a batch and folding it (KFC: patches formed in chunks and reduced
+      by syrk), as a fraction of sgemm (useful FLOPs of Ω and Γ); precond KFC = preconditioning one
+      gradient with KFC's dense factors (Cholesky strategy) as a fraction of sgemm; SUA = how many
+      times faster the same step is with SUA's block-diagonal input factor.
+
+    """)
+
+    // Inversion of the input-side factor: KFC against SUA and channel grouping, on the layer of
+    // seed 003's comparison (VGG11's 512-channel 3×3 layers: 4608×4608 against 512×512).
+    let c = quick ? 64 : 512
+    let geometry = Conv2dGeometry(inChannels: c, outChannels: c, kernel: (3, 3), padding: (1, 1), input: (4, 4))
+    let n = 16
+    let x = randomBuffer(n * c * 16, seed: 30), g = randomBuffer(n * c * 16, seed: 31)
+    defer { x.deallocate(); g.deallocate() }
+    print("Inverting one \(c)-channel 3×3 layer's factors (A: \(geometry.patchSize + 1)×\(geometry.patchSize + 1) for KFC), time relative to KFC")
+    print(pad("variant", 24) + pad("Cholesky", 22) + "eigen")
+    let variants: [(String, ConvApproximation, Int)] = [("KFC", .kfc, 0), ("KFC, groups of 64", .kfc, 64),
+                                                        ("KFC, groups of 32", .kfc, 32), ("SUA", .sua, 0),
+                                                        ("SUA, groups of 64", .sua, 64), ("SUA, groups of 32", .sua, 32)]
+    var reference: [InverseStrategy: Double] = [:]
+    for (name, approximation, group) in variants {
+        var cells: [String] = []
+        for strategy in InverseStrategy.allCases {
+            let opt = try KFACOptimizer<Float>()
+            try opt.addConv2d(geometry, approximation: approximation,
+                              grouping: ChannelGrouping(inputGroupSize: group, outputGroupSize: group))
+            try opt.set(.damping, 0.1)
+            try opt.set(.inverseStrategy, Int64(strategy.rawValue))
+            try opt.recordInputs(layer: 0, x, rows: n)
+            try opt.recordOutputGradients(layer: 0, g, rows: n)
+            try opt.updateFactors()
+            let t = try median(repeats: approximation == .kfc && group == 0 ? 1 : 3) { try opt.updateInverses() }
+            if reference[strategy] == nil { reference[strategy] = t }
+            cells.append("\(f(t * 1e3, 1)) ms = 1/\(f(reference[strategy]! / t, 0))")
+        }
+        print(pad(name, 24) + pad(cells[0], 22) + cells[1])
+    }
+    print("""
+      Both factors of the layer are inverted (A and the 512×512 Γ, grouped alike); 1/x is KFC's
+      time over the variant's.
+    """)
+}
