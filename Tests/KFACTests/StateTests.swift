@@ -139,3 +139,69 @@ enum FileManagerFree {
         return names.sorted()
     }
 }
+
+extension StateTests {
+    /// Convolutions (KFC with groups, SUA with channel grouping, channels-last) and a grouped
+    /// dense layer resume bit for bit too, and their descriptions must match the image.
+    func testConvolutionResumeIsBitIdentical() throws {
+        try convolutionResume(Float.self)
+        try convolutionResume(Double.self)
+    }
+
+    private func convolutionResume<S: KFACScalar>(_: S.Type) throws {
+        var random = SeededRandom(43)
+        let convA = Conv2dGeometry(inChannels: 4, outChannels: 6, kernel: (3, 3), stride: (2, 1), padding: (1, 1),
+                                   groups: 2, input: (5, 4))
+        let convB = Conv2dGeometry(inChannels: 6, outChannels: 4, kernel: (1, 3), padding: (0, 1), hasBias: false,
+                                   input: (3, 4), layout: .channelsLast)
+        func make() throws -> KFACOptimizer<S> {
+            let o = try KFACOptimizer<S>()
+            try o.addConv2d(convA)
+            try o.addConv2d(convB, approximation: .sua, grouping: ChannelGrouping(inputGroupSize: 4, outputGroupSize: 3))
+            try o.addDense(inFeatures: 5, outFeatures: 4, hasBias: true, grouping: ChannelGrouping(inputGroupSize: 2, outputGroupSize: 3))
+            var p = o.parameters
+            p.factorUpdatePeriod = 2; p.inverseUpdatePeriod = 3
+            try o.setParameters(p)
+            return o
+        }
+        let n = 2
+        let data: [([[S]], [[S]], [LayerGradient<S>])] = (0..<6).map { _ in
+            let inputs: [[S]] = [random.array(n * 4 * 5 * 4), random.array(n * 6 * 3 * 4), random.array(n * 5)]
+            let outputs: [[S]] = [random.array(n * 6 * convA.outputPositions), random.array(n * 4 * convB.outputPositions),
+                                  random.array(n * 4)]
+            let grads = [LayerGradient<S>(weight: random.array(6 * convA.patchSize), bias: random.array(6)),
+                         LayerGradient<S>(weight: random.array(4 * convB.patchSize), bias: nil),
+                         LayerGradient<S>(weight: random.array(20), bias: random.array(4))]
+            return (inputs, outputs, grads)
+        }
+        func run(_ o: KFACOptimizer<S>, _ k: Int) throws -> [LayerGradient<S>] {
+            for l in 0..<3 {
+                try o.recordInputs(layer: l, data[k].0[l], rows: n)
+                try o.recordOutputGradients(layer: l, data[k].1[l], rows: n)
+            }
+            var g = data[k].2
+            try o.step(&g)
+            return g
+        }
+        let straight = try make()
+        var expected: [[LayerGradient<S>]] = []
+        var image: [UInt8] = []
+        for k in 0..<6 {
+            expected.append(try run(straight, k))
+            if k == 2 { image = try straight.stateImage() }
+        }
+        let resumed = try make()
+        try image.withUnsafeBytes { try resumed.loadState(from: $0) }
+        for k in 3..<6 {
+            XCTAssertEqual(try run(resumed, k), expected[k], "\(S.self): step \(k) differs after resume")
+        }
+        // An optimizer whose convolution differs in one option refuses the image.
+        let other = try KFACOptimizer<S>()
+        try other.addConv2d(convA)
+        try other.addConv2d(convB, approximation: .kfc, grouping: ChannelGrouping(inputGroupSize: 4, outputGroupSize: 3))
+        try other.addDense(inFeatures: 5, outFeatures: 4, hasBias: true, grouping: ChannelGrouping(inputGroupSize: 2, outputGroupSize: 3))
+        XCTAssertThrowsError(try image.withUnsafeBytes { try other.loadState(from: $0) }) {
+            XCTAssertEqual(($0 as? KFACError)?.status, .stateMismatch)
+        }
+    }
+}
