@@ -134,8 +134,8 @@
  *
  * Channel grouping (Laurent et al. 2018, §2.2): input_group_size s > 0 restricts Ω (or A) to
  * its block diagonal over groups of s consecutive input channels (dense: features; a conv
- * channel group covers its channels' kh·kw coordinates), the bias coordinate becoming its own
- * 1×1 block; output_group_size does the same for Γ (or G) over output channels. The last group
+ * channel group covers its channels' kh·kw coordinates; within a convolution group, channels
+ * are counted from that group's first), the bias coordinate becoming its own 1×1 block; output_group_size does the same for Γ (or G) over output channels. The last group
  * may be smaller. Each block is inverted on its own, all blocks of all layers as one parallel
  * batch; a size of 0, or one not smaller than the channel count, means no grouping.
  *
