@@ -2,8 +2,9 @@
 
 Every function declared in the header is available here under the same name with its
 ``argtypes`` and ``restype`` set; every enum value and version macro is a module constant with
-the same name; ``kfac_layer_info`` is a :class:`ctypes.Structure`. Nothing here checks statuses
-or converts arrays: that is the job of :mod:`kfac` (see :class:`kfac.Optimizer`).
+the same name; the structs ``kfac_layer_info`` and ``kfac_conv2d_desc`` are
+:class:`ctypes.Structure` subclasses. Nothing here checks statuses or converts arrays: that
+is the job of :mod:`kfac` (see :class:`kfac.Optimizer`).
 
 The shared library is located, in this order:
 
@@ -108,7 +109,8 @@ KFAC_PARAM_LOSS_REDUCTION = 104
 KFAC_PARAM_NUM_THREADS = 105
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_inverse_strategy, enum kfac_reduction, enum kfac_layer_kind
+# enum kfac_inverse_strategy, enum kfac_reduction, enum kfac_layer_kind, enum kfac_layout,
+# enum kfac_conv_approximation
 # ---------------------------------------------------------------------------------------------
 
 KFAC_INVERSE_CHOLESKY = 0
@@ -118,6 +120,13 @@ KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
 
 KFAC_LAYER_DENSE = 1
+KFAC_LAYER_CONV2D = 2
+
+KFAC_LAYOUT_NCHW = 0
+KFAC_LAYOUT_NHWC = 1
+
+KFAC_CONV_KFC = 0
+KFAC_CONV_SUA = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -148,6 +157,7 @@ class kfac_layer_info(Structure):
         ("g_dim", c_int64),
         ("has_factors", c_int32),
         ("has_inverses", c_int32),
+        ("groups", c_int64),
     ]
 
     @classmethod
@@ -156,6 +166,44 @@ class kfac_layer_info(Structure):
         info = cls()
         info.struct_size = ctypes.sizeof(cls)
         return info
+
+
+class kfac_conv2d_desc(Structure):
+    """``struct kfac_conv2d_desc``: a 2-D (or, as 1×L, 1-D) convolution for
+    :func:`kfac_add_conv2d`. Zero-initialised by ctypes; :meth:`new` also sets ``struct_size``
+    to ``ctypes.sizeof(kfac_conv2d_desc)``. A stride, dilation or groups of 0 is read as 1."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("in_channels", c_int64),
+        ("out_channels", c_int64),
+        ("kernel_h", c_int64),
+        ("kernel_w", c_int64),
+        ("stride_h", c_int64),
+        ("stride_w", c_int64),
+        ("padding_h", c_int64),
+        ("padding_w", c_int64),
+        ("dilation_h", c_int64),
+        ("dilation_w", c_int64),
+        ("groups", c_int64),
+        ("input_h", c_int64),
+        ("input_w", c_int64),
+        ("has_bias", c_int32),
+        ("layout", c_int32),
+        ("approximation", c_int32),
+        ("reserved", c_int32),
+        ("input_group_size", c_int64),
+        ("output_group_size", c_int64),
+    ]
+
+    @classmethod
+    def new(cls, **fields) -> "kfac_conv2d_desc":
+        """A zeroed struct with ``struct_size`` set to its own size and the given fields set."""
+        desc = cls()
+        desc.struct_size = ctypes.sizeof(cls)
+        for name, value in fields.items():
+            setattr(desc, name, value)
+        return desc
 
 
 c_float_p = POINTER(c_float)
@@ -255,6 +303,8 @@ _PROTOTYPES = [
     ("kfac_get_param_int", c_int, [_P, c_int, POINTER(c_int64)]),
     # Layers
     ("kfac_add_dense", c_int, [_P, c_int64, c_int64, c_int, POINTER(c_int32)]),
+    ("kfac_add_dense_grouped", c_int, [_P, c_int64, c_int64, c_int, c_int64, c_int64, POINTER(c_int32)]),
+    ("kfac_add_conv2d", c_int, [_P, POINTER(kfac_conv2d_desc), POINTER(c_int32)]),
     ("kfac_layer_count", c_int, [_P]),
     ("kfac_layer_get_info", c_int, [_P, c_int32, POINTER(kfac_layer_info)]),
     # Statistics
@@ -267,6 +317,8 @@ _PROTOTYPES = [
     ("kfac_update_inverses", c_int, [_P]),
     ("kfac_get_factors_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
     ("kfac_get_factors_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
+    ("kfac_get_group_factors_f32", c_int, [_P, c_int32, c_int32, c_float_p, c_float_p]),
+    ("kfac_get_group_factors_f64", c_int, [_P, c_int32, c_int32, c_double_p, c_double_p]),
     # Preconditioning
     ("kfac_step_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_step_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),

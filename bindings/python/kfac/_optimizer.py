@@ -50,6 +50,97 @@ class LayerInfo:
     g_dim: int
     has_factors: bool
     has_inverses: bool
+    #: Independent Kronecker blocks: the convolution's ``groups``, 1 for dense layers.
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class _LayerShapes:
+    """What the wrapper checks buffers against, per registered layer.
+
+    Dense layers record ``[..., in]``/``[..., out]`` rows (leading dimensions flattened);
+    convolutions record examples: ``rows`` is the first dimension and every example holds
+    ``input_values``/``grad_values`` numbers.
+    """
+
+    kind: int
+    in_features: int  # dense: in; convolution: in_channels
+    out_features: int  # dense: out; convolution: out_channels
+    has_bias: bool
+    weight_shapes: Tuple[Tuple[int, ...], ...]  # accepted weight-gradient shapes, canonical first
+    input_values: int = 0  # convolution: values per example
+    grad_values: int = 0
+    input_shape: Tuple[int, ...] = ()  # convolution: one example's input, in the layer's layout
+    grad_shape: Tuple[int, ...] = ()
+
+    @property
+    def is_dense(self) -> bool:
+        return self.kind == _lib.KFAC_LAYER_DENSE
+
+
+_LAYOUTS = {"nchw": _lib.KFAC_LAYOUT_NCHW, "nhwc": _lib.KFAC_LAYOUT_NHWC}
+_APPROXIMATIONS = {"kfc": _lib.KFAC_CONV_KFC, "sua": _lib.KFAC_CONV_SUA}
+
+
+def _size(value, what: str) -> int:
+    """An integer size argument (not bool, not float), range-checked for int64."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"kfac: {what} must be an integer, not bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"kfac: {what} must be an integer, not {value!r}") from None
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise KFACError(_lib.KFAC_ERROR_SIZE_OVERFLOW, f"{what} = {value} does not fit in int64")
+    return value
+
+
+def _pair(value, what: str) -> Tuple[int, int]:
+    """An int or a pair of ints (PyTorch's ``int or tuple``) as a (height, width) pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            value = (value[0], value[0])
+        if len(value) != 2:
+            raise ValueError(f"kfac: {what} must be an int or a pair of ints, got {value!r}")
+        return _size(value[0], what), _size(value[1], what)
+    value = _size(value, what)
+    return value, value
+
+
+def _single(value, what: str) -> int:
+    """An int or a 1-tuple of an int (PyTorch's ``_single``)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise ValueError(f"kfac: {what} of a 1-D convolution must be an int or a 1-tuple, got {value!r}")
+        value = value[0]
+    return _size(value, what)
+
+
+def conv_padding(padding, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> Tuple[int, ...]:
+    """Symmetric zero padding, per spatial dimension, equivalent to PyTorch's ``padding``
+    argument: ints pass through; ``'valid'`` is 0; ``'same'`` is ``dilation·(kernel − 1) / 2``
+    when that is a whole number and the stride is 1 (PyTorch pads the extra element on one side
+    only when it is odd, which the library's symmetric padding cannot express: ValueError)."""
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return tuple(0 for _ in kernel)
+        if mode == "same":
+            result = []
+            for k, s, d in zip(kernel, stride, dilation):
+                total = d * (k - 1)
+                if s != 1:
+                    raise ValueError("kfac: padding='same' requires stride 1 (as in PyTorch)")
+                if total % 2:
+                    raise ValueError(
+                        f"kfac: padding='same' with kernel {k} and dilation {d} pads {total} "
+                        "zeros, one side more than the other; the library supports symmetric "
+                        "padding only"
+                    )
+                result.append(total // 2)
+            return tuple(result)
+        raise ValueError(f"kfac: padding must be an int, a tuple, 'valid' or 'same', not {padding!r}")
+    return tuple(padding)
 
 
 # Parameter name -> (kfac_param value, "double" or "int").
@@ -112,11 +203,12 @@ class Optimizer:
         self._record_inputs_fn = getattr(_lib, f"kfac_record_inputs_{suffix}")
         self._record_grads_fn = getattr(_lib, f"kfac_record_output_grads_{suffix}")
         self._get_factors_fn = getattr(_lib, f"kfac_get_factors_{suffix}")
+        self._get_group_factors_fn = getattr(_lib, f"kfac_get_group_factors_{suffix}")
         self._step_fn = getattr(_lib, f"kfac_step_{suffix}")
         self._precondition_fn = getattr(_lib, f"kfac_precondition_{suffix}")
         self._lock = threading.RLock()
         self._free = _lib.kfac_optimizer_free  # kept so __del__ works during interpreter exit
-        self._layers = []  # (in_features, out_features, has_bias) per registered layer
+        self._layers: list = []  # _LayerShapes per registered layer
         self._handle = None
         handle = _lib.kfac_optimizer_p()
         status = _lib.kfac_optimizer_create(_DTYPES[dtype], ctypes.byref(handle))
@@ -319,24 +411,197 @@ class Optimizer:
     # Layers
     # -----------------------------------------------------------------------------------------
 
-    def add_dense(self, in_features: int, out_features: int, bias: bool = True) -> int:
+    def add_dense(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        input_group_size: int = 0,
+        output_group_size: int = 0,
+    ) -> int:
         """Registers a dense layer ``s = W a (+ b)``, ``W`` of shape ``[out][in]``; returns its
-        id (0, 1, ... in order). All layers must be added before statistics are recorded."""
-        in_features = operator.index(in_features)
-        out_features = operator.index(out_features)
-        for value in (in_features, out_features):
-            if not _INT64_MIN <= value <= _INT64_MAX:
-                raise KFACError(_lib.KFAC_ERROR_SIZE_OVERFLOW, f"size {value} does not fit in int64")
+        id (0, 1, ... in order). All layers must be added before statistics are recorded.
+
+        ``input_group_size``/``output_group_size`` > 0 restrict A/G to their block diagonal over
+        groups of that many consecutive features (channel grouping, ``kfac_add_dense_grouped``;
+        the bias becomes its own block of A); 0 means no grouping."""
+        in_features = _size(in_features, "in_features")
+        out_features = _size(out_features, "out_features")
+        input_group_size = _size(input_group_size, "input_group_size")
+        output_group_size = _size(output_group_size, "output_group_size")
         layer_id = ctypes.c_int32()
         with self._lock:
-            self._call(
-                _lib.kfac_add_dense,
-                in_features,
-                out_features,
-                1 if bias else 0,
-                ctypes.byref(layer_id),
+            if input_group_size or output_group_size:
+                self._call(
+                    _lib.kfac_add_dense_grouped,
+                    in_features,
+                    out_features,
+                    1 if bias else 0,
+                    input_group_size,
+                    output_group_size,
+                    ctypes.byref(layer_id),
+                )
+            else:
+                self._call(
+                    _lib.kfac_add_dense,
+                    in_features,
+                    out_features,
+                    1 if bias else 0,
+                    ctypes.byref(layer_id),
+                )
+            self._layers.append(
+                _LayerShapes(
+                    kind=_lib.KFAC_LAYER_DENSE,
+                    in_features=in_features,
+                    out_features=out_features,
+                    has_bias=bool(bias),
+                    weight_shapes=((out_features, in_features),),
+                )
             )
-            self._layers.append((in_features, out_features, bool(bias)))
+        return int(layer_id.value)
+
+    def add_conv2d(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        input_size=None,
+        layout: str = "nchw",
+        approximation: str = "kfc",
+        input_group_size: int = 0,
+        output_group_size: int = 0,
+    ) -> int:
+        """Registers a 2-D convolution, as PyTorch's ``nn.Conv2d``, with a fixed input size;
+        returns its id.
+
+        Args:
+            in_channels, out_channels, groups, bias: as ``nn.Conv2d``.
+            kernel_size, stride, padding, dilation: an int or an ``(h, w)`` pair; ``padding``
+                also ``'valid'``, or ``'same'`` when it is symmetric (see :func:`conv_padding`).
+            input_size: ``(H, W)`` of the layer's input (required; fixed for the layer).
+            layout: ``'nchw'`` (inputs ``[N][C][H][W]``, PyTorch) or ``'nhwc'``
+                (``[N][H][W][C]``); the weight is ``[C_out][C_in/groups][kh][kw]`` either way.
+            approximation: ``'kfc'`` (full patch second moment) or ``'sua'`` (spatially
+                uncorrelated activations).
+            input_group_size, output_group_size: channels per block of Ω / Γ (0 = no grouping).
+
+        Inputs are recorded as ``[N, C, H, W]`` (or ``[N, H, W, C]``) arrays and output
+        gradients as ``[N, C_out, H_out, W_out]`` (or channels-last), ``N`` examples per call.
+        """
+        if input_size is None:
+            raise TypeError("kfac: add_conv2d needs input_size=(H, W), the input's spatial size")
+        kernel = _pair(kernel_size, "kernel_size")
+        stride = _pair(stride, "stride")
+        dilation = _pair(dilation, "dilation")
+        padding = _pair(conv_padding(padding, kernel, stride, dilation)
+                        if isinstance(padding, str) else padding, "padding")
+        size = _pair(input_size, "input_size")
+        return self._add_conv(in_channels, out_channels, kernel, stride, padding, dilation, groups, bias, size,
+                              layout, approximation, input_group_size, output_group_size, one_d=False)
+
+    def add_conv1d(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        input_size=None,
+        layout: str = "nchw",
+        approximation: str = "kfc",
+        input_group_size: int = 0,
+        output_group_size: int = 0,
+    ) -> int:
+        """Registers a 1-D convolution, as PyTorch's ``nn.Conv1d``, over inputs of length
+        ``input_size`` (an int, required); returns its id. The library sees it as a 1×L 2-D
+        convolution. ``layout`` ``'nchw'`` means inputs ``[N][C][L]`` (PyTorch), ``'nhwc'``
+        ``[N][L][C]``; the weight is ``[C_out][C_in/groups][k]``. Other arguments as
+        :meth:`add_conv2d` (ints or 1-tuples)."""
+        if input_size is None:
+            raise TypeError("kfac: add_conv1d needs input_size=L, the input's length")
+        kernel = _single(kernel_size, "kernel_size")
+        stride = _single(stride, "stride")
+        dilation = _single(dilation, "dilation")
+        if isinstance(padding, str):
+            (padding,) = conv_padding(padding, (kernel,), (stride,), (dilation,))
+        padding = _single(padding, "padding")
+        length = _single(input_size, "input_size")
+        return self._add_conv(in_channels, out_channels, (1, kernel), (1, stride), (0, padding), (1, dilation),
+                              groups, bias, (1, length), layout, approximation, input_group_size,
+                              output_group_size, one_d=True)
+
+    def _add_conv(self, in_channels, out_channels, kernel, stride, padding, dilation, groups, bias, size,
+                  layout, approximation, input_group_size, output_group_size, one_d: bool) -> int:
+        in_channels = _size(in_channels, "in_channels")
+        out_channels = _size(out_channels, "out_channels")
+        groups = _size(groups, "groups")
+        try:
+            layout_code = _LAYOUTS[str(layout).lower()]
+        except KeyError:
+            raise ValueError(f"kfac: layout must be 'nchw' or 'nhwc', not {layout!r}") from None
+        try:
+            approximation_code = _APPROXIMATIONS[str(approximation).lower()]
+        except KeyError:
+            raise ValueError(f"kfac: approximation must be 'kfc' or 'sua', not {approximation!r}") from None
+        desc = _lib.kfac_conv2d_desc.new(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_h=kernel[0],
+            kernel_w=kernel[1],
+            stride_h=stride[0],
+            stride_w=stride[1],
+            padding_h=padding[0],
+            padding_w=padding[1],
+            dilation_h=dilation[0],
+            dilation_w=dilation[1],
+            groups=groups,
+            input_h=size[0],
+            input_w=size[1],
+            has_bias=1 if bias else 0,
+            layout=layout_code,
+            approximation=approximation_code,
+            input_group_size=_size(input_group_size, "input_group_size"),
+            output_group_size=_size(output_group_size, "output_group_size"),
+        )
+        layer_id = ctypes.c_int32()
+        with self._lock:
+            # The library validates everything (sizes, groups, kernel fitting the padded input).
+            self._call(_lib.kfac_add_conv2d, ctypes.byref(desc), ctypes.byref(layer_id))
+            out_h = (size[0] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+            out_w = (size[1] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+            per_group = in_channels // groups
+            full = (out_channels, per_group, kernel[0], kernel[1])
+            flat = (out_channels, per_group * kernel[0] * kernel[1])
+            channels_last = layout_code == _lib.KFAC_LAYOUT_NHWC
+            if one_d:
+                shapes = ((out_channels, per_group, kernel[1]), full, flat)
+                input_shape = (size[1], in_channels) if channels_last else (in_channels, size[1])
+                grad_shape = (out_w, out_channels) if channels_last else (out_channels, out_w)
+            else:
+                shapes = (full, flat)
+                input_shape = (size[0], size[1], in_channels) if channels_last else (in_channels, size[0], size[1])
+                grad_shape = (out_h, out_w, out_channels) if channels_last else (out_channels, out_h, out_w)
+            self._layers.append(
+                _LayerShapes(
+                    kind=_lib.KFAC_LAYER_CONV2D,
+                    in_features=in_channels,
+                    out_features=out_channels,
+                    has_bias=bool(bias),
+                    weight_shapes=shapes,
+                    input_values=in_channels * size[0] * size[1],
+                    grad_values=out_channels * out_h * out_w,
+                    input_shape=input_shape,
+                    grad_shape=grad_shape,
+                )
+            )
         return int(layer_id.value)
 
     def layer_info(self, layer: int) -> LayerInfo:
@@ -354,6 +619,7 @@ class Optimizer:
             g_dim=int(info.g_dim),
             has_factors=bool(info.has_factors),
             has_inverses=bool(info.has_inverses),
+            groups=int(info.groups),
         )
 
     def _checked_layer_id(self, layer) -> int:
@@ -363,8 +629,8 @@ class Optimizer:
             raise KFACError(_lib.KFAC_ERROR_UNKNOWN_LAYER, f"layer id {layer} is out of range")
         return layer
 
-    def _shape_of(self, layer: int):
-        """(in, out, has_bias) of a registered layer, or None for an id the library will reject."""
+    def _shape_of(self, layer: int) -> Optional[_LayerShapes]:
+        """The shapes of a registered layer, or None for an id the library will reject."""
         if 0 <= layer < len(self._layers):
             return self._layers[layer]
         return None
@@ -376,14 +642,7 @@ class Optimizer:
     def _input_rows(self, array, features: Optional[int], what: str) -> np.ndarray:
         """A C-contiguous 2-D array of the handle's dtype viewing (or, if needed, converting)
         ``array``; leading dimensions beyond the last are flattened into rows."""
-        array = np.asarray(array)
-        if array.dtype != self._dtype:
-            if not np.can_cast(array.dtype, self._dtype, casting="safe"):
-                raise TypeError(
-                    f"kfac: {what} of dtype {array.dtype} would be narrowed to the optimizer's "
-                    f"{self._dtype}; convert it explicitly"
-                )
-        array = np.ascontiguousarray(array, dtype=self._dtype)
+        array = self._converted(array, what)
         if array.ndim < 2:
             raise ValueError(f"kfac: {what} must be 2-D [rows][features], got shape {array.shape}")
         if features is not None and array.shape[-1] != features:
@@ -404,8 +663,10 @@ class Optimizer:
             raise TypeError(f"kfac: {what} must be a numpy.ndarray, not {type(array).__name__}")
         if array.dtype != self._dtype:
             raise TypeError(f"kfac: {what} has dtype {array.dtype}, the optimizer {self._dtype}")
-        if array.shape != shape:
-            raise ValueError(f"kfac: {what} has shape {array.shape}, expected {shape}")
+        shapes = shape if isinstance(shape, list) else [shape]
+        if array.shape not in shapes:
+            expected = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"kfac: {what} has shape {array.shape}, expected {expected}")
         if not array.flags.c_contiguous:
             raise ValueError(f"kfac: {what} must be C-contiguous (it is modified in place)")
         if not array.flags.writeable:
@@ -417,23 +678,67 @@ class Optimizer:
     # -----------------------------------------------------------------------------------------
 
     def record_inputs(self, layer: int, inputs) -> None:
-        """Adds the rows of ``inputs`` (``[rows][in_features]``, or ``[..., in_features]``) to
-        layer ``layer``'s input statistics. C-contiguous arrays of the handle's dtype are passed
-        without a copy; others are converted if that does not narrow (``TypeError`` if it
-        would)."""
+        """Adds layer inputs to layer ``layer``'s input statistics.
+
+        Dense layers: the rows of ``inputs`` (``[rows][in_features]``, or
+        ``[..., in_features]``, leading dimensions flattened into rows). Convolutions: ``N``
+        examples ``[N, C, H, W]`` (``[N, H, W, C]`` for ``layout='nhwc'``; ``[N, C, L]`` for a
+        1-D convolution); the first dimension is ``N`` and the rest must hold exactly one
+        example's values. C-contiguous arrays of the handle's dtype are passed without a copy;
+        others are converted if that does not narrow (``TypeError`` if it would)."""
         self._record(self._record_inputs_fn, layer, inputs, 0, "inputs")
 
     def record_output_grads(self, layer: int, output_grads) -> None:
-        """Adds the rows of ``output_grads`` (``[rows][out_features]``) to layer ``layer``'s
-        gradient statistics, after the ``loss_reduction`` and ``output_grad_scale``
-        adjustments. Array handling as in :meth:`record_inputs`."""
+        """Adds output gradients to layer ``layer``'s gradient statistics, after the
+        ``loss_reduction`` and ``output_grad_scale`` adjustments: dense ``[rows][out_features]``,
+        convolutions ``[N, C_out, H_out, W_out]`` (or channels-last), as in
+        :meth:`record_inputs`."""
         self._record(self._record_grads_fn, layer, output_grads, 1, "output gradients")
 
     def _record(self, function, layer, array, side: int, what: str) -> None:
         layer = self._checked_layer_id(layer)
         shape = self._shape_of(layer)
-        rows = self._input_rows(array, None if shape is None else shape[side], what)
-        self._call(function, layer, self._pointer(rows), rows.shape[0])
+        if shape is None or shape.is_dense:
+            features = None if shape is None else (shape.in_features, shape.out_features)[side]
+            rows = self._input_rows(array, features, what)
+            count = rows.shape[0]
+        else:
+            rows = self._example_rows(
+                array,
+                (shape.input_values, shape.grad_values)[side],
+                (shape.input_shape, shape.grad_shape)[side],
+                what,
+            )
+            count = rows.shape[0]
+        self._call(function, layer, self._pointer(rows), count)
+
+    def _example_rows(self, array, values: int, example_shape, what: str) -> np.ndarray:
+        """A C-contiguous array of the handle's dtype holding ``N`` examples of ``values``
+        numbers each, ``N`` being the first dimension of ``array``."""
+        array = self._converted(array, what)
+        if array.ndim < 1:
+            raise ValueError(f"kfac: {what} must have a leading examples dimension, got a scalar")
+        examples = array.shape[0]
+        per_example = int(np.prod(array.shape[1:], dtype=np.int64)) if array.ndim > 1 else 1
+        if per_example != values:
+            raise ValueError(
+                f"kfac: {what} of shape {array.shape} hold {per_example} values per example "
+                f"(first dimension = examples); the layer expects {values}, e.g. shape "
+                f"[N, {', '.join(str(d) for d in example_shape)}]"
+            )
+        return array
+
+    def _converted(self, array, what: str) -> np.ndarray:
+        """``array`` as a C-contiguous array of the handle's dtype, without a copy when it
+        already is one; ``TypeError`` if converting would narrow."""
+        array = np.asarray(array)
+        if array.dtype != self._dtype:
+            if not np.can_cast(array.dtype, self._dtype, casting="safe"):
+                raise TypeError(
+                    f"kfac: {what} of dtype {array.dtype} would be narrowed to the optimizer's "
+                    f"{self._dtype}; convert it explicitly"
+                )
+        return np.ascontiguousarray(array, dtype=self._dtype)
 
     def _record_address(self, side: int, layer: int, address: int, rows: int) -> None:
         """Records ``rows`` rows at raw ``address`` (a buffer of the handle's dtype, laid out
@@ -449,13 +754,24 @@ class Optimizer:
         """Recomputes the inverses of every layer that has factors now."""
         self._call(_lib.kfac_update_inverses)
 
-    def factors(self, layer: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Copies of layer ``layer``'s running factors ``(A, G)``, of shapes
-        ``[a_dim][a_dim]`` and ``[g_dim][g_dim]``."""
+    def factors(self, layer: int, group: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """Copies of the running factors of group ``group`` of layer ``layer``: ``(A, G)`` of a
+        dense layer (group 0), ``(Ω_g, Γ_g)`` of a convolution group, of shapes
+        ``[a_dim][a_dim]`` and ``[g_dim][g_dim]``, full matrices in the weight's order with
+        zeros off the blocks of channel grouping (SUA: the expanded ``C_g ⊗ I`` and the bias
+        block). ``0 <= group < layer_info(layer).groups``."""
         info = self.layer_info(layer)
+        if isinstance(group, (bool, np.bool_)):
+            raise TypeError("kfac: group must be an integer, not bool")
+        group = operator.index(group)
+        if not _INT32_MIN <= group <= _INT32_MAX:
+            raise KFACError(
+                _lib.KFAC_ERROR_INVALID_ARGUMENT,
+                f"group {group} is out of range (the layer has {info.groups} group(s))",
+            )
         a = np.empty((info.a_dim, info.a_dim), dtype=self._dtype)
         g = np.empty((info.g_dim, info.g_dim), dtype=self._dtype)
-        self._call(self._get_factors_fn, int(layer), self._pointer(a), self._pointer(g))
+        self._call(self._get_group_factors_fn, int(layer), group, self._pointer(a), self._pointer(g))
         return a, g
 
     # -----------------------------------------------------------------------------------------
@@ -470,7 +786,9 @@ class Optimizer:
         """One optimizer step over all layers; overwrites the gradients in place.
 
         Args:
-            weight_grads: one array per layer, ``[out][in]``.
+            weight_grads: one array per layer: ``[out][in]`` for a dense layer,
+                ``[C_out][C_in/groups][kh][kw]`` for a 2-D convolution, ``[C_out][C_in/groups][k]``
+                for a 1-D one (the flattened ``[C_out][(C_in/groups)·kh·kw]`` is accepted too).
             bias_grads: one array ``[out]`` per layer, ``None`` for layers without bias; may be
                 ``None`` altogether when no layer has a bias.
 
@@ -490,14 +808,16 @@ class Optimizer:
             w_pointers = (self._ptr_type * max(n, 1))()
             b_pointers = (self._ptr_type * max(n, 1))()
             any_bias = False
-            for index, ((fan_in, fan_out, has_bias), w, b) in enumerate(
-                zip(self._layers, weight_grads, bias_grads)
-            ):
-                w_pointers[index] = self._inout_buffer(w, (fan_out, fan_in), f"weight_grads[{index}]")
-                if has_bias:
+            for index, (shape, w, b) in enumerate(zip(self._layers, weight_grads, bias_grads)):
+                w_pointers[index] = self._inout_buffer(
+                    w, list(shape.weight_shapes), f"weight_grads[{index}]"
+                )
+                if shape.has_bias:
                     if b is None:
                         raise ValueError(f"kfac: layer {index} has a bias but bias_grads[{index}] is None")
-                    b_pointers[index] = self._inout_buffer(b, (fan_out,), f"bias_grads[{index}]")
+                    b_pointers[index] = self._inout_buffer(
+                        b, (shape.out_features,), f"bias_grads[{index}]"
+                    )
                     any_bias = True
                 elif b is not None:
                     raise ValueError(f"kfac: layer {index} has no bias; bias_grads[{index}] must be None")
@@ -529,13 +849,13 @@ class Optimizer:
             dummy_b = np.zeros(1, dtype=self._dtype)
             self._call(self._precondition_fn, layer, self._pointer(dummy_w), self._pointer(dummy_b))
             return
-        fan_in, fan_out, has_bias = shape
-        w_pointer = self._inout_buffer(weight_grad, (fan_out, fan_in), "weight_grad")
+        has_bias = shape.has_bias
+        w_pointer = self._inout_buffer(weight_grad, list(shape.weight_shapes), "weight_grad")
         if has_bias and bias_grad is None:
             raise ValueError(f"kfac: layer {layer} has a bias; bias_grad is required")
         if not has_bias and bias_grad is not None:
             raise ValueError(f"kfac: layer {layer} has no bias; bias_grad must be None")
-        b_pointer = self._inout_buffer(bias_grad, (fan_out,), "bias_grad") if has_bias else None
+        b_pointer = self._inout_buffer(bias_grad, (shape.out_features,), "bias_grad") if has_bias else None
         self._call(self._precondition_fn, layer, w_pointer, b_pointer)
 
     # -----------------------------------------------------------------------------------------

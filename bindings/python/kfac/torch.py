@@ -1,32 +1,63 @@
-"""PyTorch integration: K-FAC preconditioning of a model's ``nn.Linear`` layers.
+"""PyTorch integration: K-FAC preconditioning of a model's ``nn.Linear``, ``nn.Conv2d`` and
+``nn.Conv1d`` layers.
 
 Usage::
 
     import torch
     from kfac.torch import KFACPreconditioner
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 28 * 28, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     preconditioner = KFACPreconditioner(model, lr=0.1, damping=1e-2)
     for x, y in loader:
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)   # mean-reduced
         loss.backward()
-        preconditioner.step()      # .grad of every Linear now holds the K-FAC direction
+        preconditioner.step()      # .grad of every preconditioned layer now holds the direction
         optimizer.step()
 
-The preconditioner registers every ``nn.Linear`` of the model whose weight requires a gradient
-(in ``model.named_modules()`` order) with a :class:`kfac.Optimizer`, and installs on each a
-forward-pre hook, which keeps the layer's input, and a full backward hook, which hands the input
-and the gradient at the layer's output to the library. Both record only while the model is in
-training mode with gradients enabled, and only when the library wants statistics for the
+The preconditioner handles every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` of the model
+whose weight requires a gradient (in ``model.named_modules()`` order; library layer ids follow
+that order), with the module's own stride, padding, dilation, groups and bias. It installs on
+each a forward-pre hook, which keeps the layer's input, and a full backward hook, which hands the
+input and the gradient at the layer's output to the library. Both record only while the model is
+in training mode with gradients enabled, and only when the library wants statistics for the
 current step. Tensors are passed to the library without a copy when they are contiguous CPU
-tensors of the optimizer's dtype.
+tensors of the optimizer's dtype (channels-last tensors are copied to NCHW).
 
-Inputs with extra leading dimensions (``[N, T, in]``) are flattened into ``N·T`` rows. The
-default ``loss_reduction='mean'`` matches PyTorch's mean-reduced losses (the mean over all
-those rows): the library multiplies the recorded output gradients by the rows of each call.
-For a summed loss pass ``loss_reduction='sum'``; with a loss scaler set ``output_grad_scale``.
+Registration of convolutions. The library fixes a convolution's input size (H, W) when the layer
+is registered, and all layers must be registered before the first statistics are recorded. The
+preconditioner therefore registers its layers (all of them, in module order) either
+
+- at construction, when the model has no convolution or ``input_shapes`` gives the spatial size
+  of every convolution's input; or
+- after the first *training* forward pass (training mode, gradients enabled): the forward-pre
+  hooks note each convolution's input size, and a forward hook on ``model`` registers all layers
+  when that pass returns (or, if ``model`` itself is not called, the first backward hook or
+  :meth:`KFACPreconditioner.step` does). Forward passes in eval mode or under ``torch.no_grad()``
+  before that do not count. A convolution that did not run in that pass needs ``input_shapes``
+  (or ``skip_layers``).
+
+Afterwards every training forward pass must feed each convolution inputs of its registered
+spatial size (``ValueError`` otherwise); eval-mode and no-grad passes may use any size.
+:meth:`KFACPreconditioner.state_dict` stores the input sizes, so a fresh preconditioner can
+:meth:`~KFACPreconditioner.load_state_dict` before its first forward pass.
+
+Padding. ``padding`` given as ints or tuples is used as is, ``'valid'`` as 0 and ``'same'`` as
+``dilation·(kernel − 1)/2`` when that is a whole number (PyTorch pads odd totals asymmetrically,
+which the library's symmetric padding cannot express). Such an asymmetric ``'same'``, and any
+``padding_mode`` other than ``'zeros'`` (reflect, replicate, circular: the library models zero
+padding), raise ``ValueError`` at construction naming the module: a preconditioner that silently
+left layers out would not be the optimizer the caller asked for. Exclude such layers explicitly
+with ``skip_layers``.
+
+Inputs of a ``Linear`` with extra leading dimensions (``[N, T, in]``) are flattened into
+``N·T`` rows; a convolution records ``N`` examples (an unbatched input counts as one). The
+default ``loss_reduction='mean'`` matches PyTorch's mean-reduced losses: the library multiplies
+the recorded output gradients by the rows (Linear) or examples (convolutions) of each call. For a
+summed loss pass ``loss_reduction='sum'``; with a loss scaler set ``output_grad_scale``.
 """
 
 from __future__ import annotations
@@ -39,7 +70,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._optimizer import Optimizer
+from . import _lib
+from ._optimizer import KFACError, Optimizer, conv_padding
 
 __all__ = ["KFACPreconditioner"]
 
@@ -67,6 +99,9 @@ _PARAMETER_ATTRIBUTES = (
     "num_threads",
 )
 
+#: The module types the preconditioner handles.
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.Conv1d)
+
 
 def _torch_dtype(dtype) -> torch.dtype:
     """A torch float dtype from a torch dtype, numpy dtype or type; float32/float64 only."""
@@ -82,26 +117,101 @@ def _torch_dtype(dtype) -> torch.dtype:
 
 
 class _Layer:
-    """A registered ``nn.Linear`` and the inputs saved by its forward-pre hook."""
+    """A preconditioned module, its registration options and the inputs saved by its
+    forward-pre hook."""
 
-    __slots__ = ("index", "name", "module", "saved_inputs")
+    __slots__ = (
+        "index",
+        "name",
+        "module",
+        "kind",
+        "padding",
+        "input_size",
+        "approximation",
+        "input_group_size",
+        "output_group_size",
+        "input_values",
+        "grad_values",
+        "saved_inputs",
+    )
 
-    def __init__(self, index: int, name: str, module: nn.Linear):
+    def __init__(self, index: int, name: str, module: nn.Module):
         self.index = index
         self.name = name
         self.module = module
+        if isinstance(module, nn.Linear):
+            self.kind = "linear"
+        elif isinstance(module, nn.Conv2d):
+            self.kind = "conv2d"
+        else:
+            self.kind = "conv1d"
+        self.padding: Tuple[int, ...] = ()
+        #: Spatial size of the input: (H, W) for Conv2d, (L,) for Conv1d; None until known.
+        self.input_size: Optional[Tuple[int, ...]] = None
+        self.approximation = "kfc"
+        self.input_group_size = 0
+        self.output_group_size = 0
+        self.input_values = 0  # convolution: values per example, once registered
+        self.grad_values = 0
         self.saved_inputs: List[torch.Tensor] = []
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    def spatial_size(self, tensor: torch.Tensor) -> Tuple[int, ...]:
+        """The spatial size of an input of this convolution (batched or not)."""
+        dims = 2 if self.kind == "conv2d" else 1
+        if tensor.dim() not in (dims + 1, dims + 2):
+            raise ValueError(
+                f"KFACPreconditioner: {self.kind} layer {self.name!r} got an input of shape "
+                f"{tuple(tensor.shape)}"
+            )
+        return tuple(int(d) for d in tensor.shape[-dims:])
+
+    def describe_size(self, size) -> str:
+        return "×".join(str(d) for d in size)
+
+
+def _options_for(value, layer: _Layer, default, what: str):
+    """A per-layer option: ``value`` itself, or its entry for the layer when it is a dict keyed by
+    module names or module objects (``default`` for layers it does not name)."""
+    if not isinstance(value, dict):
+        return value
+    for key, entry in value.items():
+        if key is layer.module or (isinstance(key, str) and key == layer.name):
+            return entry
+    return default
+
+
+def _check_option_keys(value, layers: List[_Layer], what: str) -> None:
+    if not isinstance(value, dict):
+        return
+    names = {layer.name for layer in layers}
+    modules = [layer.module for layer in layers]
+    for key in value:
+        if isinstance(key, str):
+            if key not in names:
+                raise ValueError(f"KFACPreconditioner: {what} names {key!r}, which is not a preconditioned layer")
+        elif isinstance(key, nn.Module):
+            if not any(key is module for module in modules):
+                raise ValueError(f"KFACPreconditioner: {what} has a module that is not a preconditioned layer")
+        else:
+            raise TypeError(f"KFACPreconditioner: the keys of {what} must be module names or modules, not {key!r}")
 
 
 class KFACPreconditioner:
-    """K-FAC preconditioning of the ``nn.Linear`` layers of a PyTorch model.
+    """K-FAC preconditioning of the ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` layers of a
+    PyTorch model.
 
     Call :meth:`step` after ``loss.backward()`` and before ``optimizer.step()``: it rewrites
     each layer's ``weight.grad`` and ``bias.grad`` in place with the preconditioned, KL-clipped
-    direction. Other parameters' gradients are left alone.
+    direction. Other parameters' gradients are left alone. See the module documentation for
+    when convolutions are registered with the library.
 
     Args:
-        model: the model; its ``nn.Linear`` submodules are preconditioned.
+        model: the model; its ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` submodules are
+            preconditioned.
         damping: λ (see ``kfac.h``).
         factor_decay: β of the factors' moving average.
         kl_clip: κ of the KL clip; 0 disables it.
@@ -119,8 +229,17 @@ class KFACPreconditioner:
             preconditioned layers must then share one dtype). A different dtype works through
             copies.
         skip_layers: layers not to precondition, given as module names (as in
-            ``model.named_modules()``; a name also skips its submodules), class names, or module
-            objects.
+            ``model.named_modules()``; a name also skips its submodules), class names, module
+            classes, or module objects.
+        conv_approximation: ``'kfc'`` (full patch second moment) or ``'sua'`` (spatially
+            uncorrelated activations) for the convolutions; or a dict ``{name or module:
+            value}`` (unnamed convolutions use ``'kfc'``).
+        input_group_size, output_group_size: channel grouping (channels, or features of a
+            Linear, per block of the input-/output-side factor; 0 = none) for every layer, or a
+            dict ``{name or module: size}`` (unnamed layers: 0).
+        input_shapes: ``{name or module: spatial size}`` of convolution inputs, ``(H, W)`` for a
+            Conv2d and ``L`` (or ``(L,)``) for a Conv1d. When every convolution is covered the
+            layers are registered at construction; otherwise at the first training forward pass.
     """
 
     def __init__(
@@ -139,24 +258,53 @@ class KFACPreconditioner:
         num_threads: int = 0,
         dtype=None,
         skip_layers: Iterable = (),
+        conv_approximation: Union[str, Dict] = "kfc",
+        input_group_size: Union[int, Dict] = 0,
+        output_group_size: Union[int, Dict] = 0,
+        input_shapes: Optional[Dict] = None,
     ):
         self.model = model
         skip = list(skip_layers)
         self._layers: List[_Layer] = []
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
+            if not isinstance(module, SUPPORTED_MODULES) or not module.weight.requires_grad:
                 continue
             if self._skipped(name, module, skip):
                 continue
             self._layers.append(_Layer(len(self._layers), name, module))
         if not self._layers:
-            raise ValueError("KFACPreconditioner: the model has no nn.Linear layer to precondition")
+            raise ValueError(
+                "KFACPreconditioner: the model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to precondition"
+            )
+
+        _check_option_keys(conv_approximation, self._layers, "conv_approximation")
+        _check_option_keys(input_group_size, self._layers, "input_group_size")
+        _check_option_keys(output_group_size, self._layers, "output_group_size")
+        _check_option_keys(input_shapes or {}, self._layers, "input_shapes")
+        for layer in self._layers:
+            layer.input_group_size = _options_for(input_group_size, layer, 0, "input_group_size")
+            layer.output_group_size = _options_for(output_group_size, layer, 0, "output_group_size")
+            if layer.is_conv:
+                self._check_conv(layer)
+                approximation = _options_for(conv_approximation, layer, "kfc", "conv_approximation")
+                if str(approximation).lower() not in ("kfc", "sua"):
+                    raise ValueError(
+                        f"KFACPreconditioner: conv_approximation must be 'kfc' or 'sua', not {approximation!r}"
+                    )
+                layer.approximation = str(approximation).lower()
+                size = _options_for(input_shapes or {}, layer, None, "input_shapes")
+                if size is not None:
+                    layer.input_size = self._normalised_size(layer, size)
+            elif isinstance(conv_approximation, dict) and any(
+                key is layer.module or key == layer.name for key in conv_approximation
+            ):
+                raise ValueError(f"KFACPreconditioner: conv_approximation names the Linear layer {layer.name!r}")
 
         param_dtypes = {layer.module.weight.dtype for layer in self._layers}
         if dtype is None:
             if len(param_dtypes) != 1:
                 raise TypeError(
-                    "KFACPreconditioner: the Linear layers have parameters of several dtypes "
+                    "KFACPreconditioner: the preconditioned layers have parameters of several dtypes "
                     f"({sorted(str(d) for d in param_dtypes)}); pass dtype= explicitly"
                 )
             dtype = param_dtypes.pop()
@@ -177,16 +325,15 @@ class KFACPreconditioner:
             num_threads=num_threads,
         )
         self.lr = lr
-        for layer in self._layers:
-            module = layer.module
-            index = self.optimizer.add_dense(
-                module.in_features, module.out_features, bias=module.bias is not None
-            )
-            assert index == layer.index
+        self._registered = False
+        if not self._missing_sizes():
+            self._register()
         self._hooks = []
         for layer in self._layers:
             self._hooks.append(layer.module.register_forward_pre_hook(self._make_forward_pre_hook(layer)))
             self._hooks.append(layer.module.register_full_backward_hook(self._make_backward_hook(layer)))
+        if not self._registered:
+            self._hooks.append(model.register_forward_hook(self._after_model_forward))
 
     # -----------------------------------------------------------------------------------------
     # Layers
@@ -205,10 +352,118 @@ class KFACPreconditioner:
                 return True
         return False
 
+    @staticmethod
+    def _check_conv(layer: _Layer) -> None:
+        """Rejects convolutions the library cannot model exactly; fixes the padding."""
+        module = layer.module
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"KFACPreconditioner: {type(module).__name__} {layer.name!r} has "
+                f"padding_mode={module.padding_mode!r}; only zero padding is supported. Exclude it "
+                f"with skip_layers=[{layer.name!r}]"
+            )
+        try:
+            padding = conv_padding(module.padding, module.kernel_size, module.stride, module.dilation)
+        except ValueError as error:
+            raise ValueError(
+                f"KFACPreconditioner: {type(module).__name__} {layer.name!r}: {error}. Exclude it "
+                f"with skip_layers=[{layer.name!r}]"
+            ) from None
+        layer.padding = tuple(int(p) for p in padding)
+
+    @staticmethod
+    def _normalised_size(layer: _Layer, size) -> Tuple[int, ...]:
+        dims = 2 if layer.kind == "conv2d" else 1
+        if isinstance(size, int) and dims == 1:
+            size = (size,)
+        if isinstance(size, torch.Size):
+            size = tuple(size)
+        if not isinstance(size, (tuple, list)) or len(size) != dims:
+            raise ValueError(
+                f"KFACPreconditioner: input_shapes[{layer.name!r}] must be the spatial size of the "
+                f"input, {'(H, W)' if dims == 2 else 'L or (L,)'}, not {size!r}"
+            )
+        return tuple(int(d) for d in size)
+
+    def _missing_sizes(self) -> List[str]:
+        return [layer.name for layer in self._layers if layer.is_conv and layer.input_size is None]
+
+    def _register(self) -> None:
+        """Registers every layer with the library, in module order."""
+        missing = self._missing_sizes()
+        if missing:
+            raise ValueError(
+                "KFACPreconditioner: the input size of convolution(s) "
+                f"{', '.join(repr(n) for n in missing)} is unknown: they did not run in the first "
+                "training forward pass. Pass input_shapes={name: (H, W)} (Conv1d: L), or exclude them "
+                "with skip_layers"
+            )
+        opt = self.optimizer
+        params = opt.params()
+        try:
+            self._add_layers(opt)
+        except BaseException:
+            # All or nothing: a library handle cannot drop layers, so a failed registration
+            # (e.g. a layer too large for the library) leaves a fresh handle with the same
+            # parameters, and the next attempt fails the same way instead of half-registering.
+            self.optimizer = Optimizer(opt.dtype, **params)
+            opt.close()
+            raise
+        self._registered = True
+
+    def _add_layers(self, opt: Optimizer) -> None:
+        for layer in self._layers:
+            module = layer.module
+            bias = module.bias is not None
+            if layer.kind == "linear":
+                index = opt.add_dense(
+                    module.in_features,
+                    module.out_features,
+                    bias=bias,
+                    input_group_size=layer.input_group_size,
+                    output_group_size=layer.output_group_size,
+                )
+            else:
+                add = opt.add_conv2d if layer.kind == "conv2d" else opt.add_conv1d
+                size = layer.input_size if layer.kind == "conv2d" else layer.input_size[0]
+                padding = layer.padding if layer.kind == "conv2d" else layer.padding[0]
+                index = add(
+                    module.in_channels,
+                    module.out_channels,
+                    module.kernel_size,
+                    stride=module.stride,
+                    padding=padding,
+                    dilation=module.dilation,
+                    groups=module.groups,
+                    bias=bias,
+                    input_size=size,
+                    layout="nchw",
+                    approximation=layer.approximation,
+                    input_group_size=layer.input_group_size,
+                    output_group_size=layer.output_group_size,
+                )
+                shapes = opt._shape_of(index)
+                layer.input_values, layer.grad_values = shapes.input_values, shapes.grad_values
+            assert index == layer.index
+
+    def _ensure_registered(self) -> None:
+        if not self._registered:
+            self._register()
+
     @property
-    def layers(self) -> List[Tuple[str, nn.Linear]]:
+    def layers(self) -> List[Tuple[str, nn.Module]]:
         """The preconditioned layers as ``(name, module)``, in library layer-id order."""
         return [(layer.name, layer.module) for layer in self._layers]
+
+    @property
+    def registered(self) -> bool:
+        """Whether the layers are registered with the library (see the module documentation)."""
+        return self._registered
+
+    @property
+    def input_sizes(self) -> Dict[str, Tuple[int, ...]]:
+        """The known spatial input sizes of the convolutions, by module name."""
+        return {layer.name: layer.input_size for layer in self._layers if layer.input_size is not None}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -229,7 +484,20 @@ class KFACPreconditioner:
 
     def _make_forward_pre_hook(self, layer: _Layer):
         def forward_pre_hook(module, args):
-            if not args or not self._recording(module):
+            if not args or not (module.training and torch.is_grad_enabled()):
+                return None
+            if layer.is_conv:
+                size = layer.spatial_size(args[0])
+                if layer.input_size is None:
+                    layer.input_size = size  # the first training forward pass defines it
+                elif size != layer.input_size:
+                    raise ValueError(
+                        f"KFACPreconditioner: {type(module).__name__} {layer.name!r} is registered for "
+                        f"{layer.describe_size(layer.input_size)} inputs (the library fixes a "
+                        f"convolution's input size), but got {layer.describe_size(size)}. Train "
+                        "with one input size, or exclude the layer with skip_layers"
+                    )
+            if not self._recording(module):
                 return None
             # Detached, no copy: the autograd graph keeps the same values alive for the weight
             # gradient anyway.
@@ -238,15 +506,26 @@ class KFACPreconditioner:
 
         return forward_pre_hook
 
+    def _after_model_forward(self, module, args, output):
+        """Registers the layers when the first training forward pass of the model returns."""
+        if not self._registered and module.training and torch.is_grad_enabled():
+            self._register()
+        return None
+
     def _make_backward_hook(self, layer: _Layer):
         def backward_hook(module, grad_input, grad_output):
             # Pairs the gradient with the input of the same forward call: the backward pass
             # visits a module's calls in reverse order, hence pop() from the end.
             if not layer.saved_inputs or grad_output[0] is None:
                 return None
+            self._ensure_registered()
             inputs = layer.saved_inputs.pop()
-            self._record(layer.index, 0, inputs, module.in_features)
-            self._record(layer.index, 1, grad_output[0], module.out_features)
+            if layer.is_conv:
+                self._record_examples(layer, 0, inputs, layer.input_values)
+                self._record_examples(layer, 1, grad_output[0], layer.grad_values)
+            else:
+                self._record(layer.index, 0, inputs, module.in_features)
+                self._record(layer.index, 1, grad_output[0], module.out_features)
             return None
 
         return backward_hook
@@ -271,6 +550,20 @@ class KFACPreconditioner:
             return
         self.optimizer._record_address(side, index, buffer.data_ptr(), rows)
 
+    def _record_examples(self, layer: _Layer, side: int, tensor: torch.Tensor, values: int) -> None:
+        """Records a convolution's input or output gradient: examples of ``values`` numbers."""
+        if tensor.numel() % values:
+            raise ValueError(
+                f"KFACPreconditioner: {layer.kind} layer {layer.name!r} got "
+                f"{'an input' if side == 0 else 'an output gradient'} of shape {tuple(tensor.shape)}, "
+                f"not a whole number of examples of {values} values"
+            )
+        buffer = self._buffer(tensor)
+        examples = buffer.numel() // values
+        if examples == 0:
+            return
+        self.optimizer._record_address(side, layer.index, buffer.data_ptr(), examples)
+
     # -----------------------------------------------------------------------------------------
     # Step
     # -----------------------------------------------------------------------------------------
@@ -282,8 +575,19 @@ class KFACPreconditioner:
         Call after ``loss.backward()`` and before ``optimizer.step()``. A layer that received no
         gradient this step counts as a zero gradient and its ``.grad`` stays ``None``. Raises
         :class:`kfac.KFACError` if the library fails (e.g. no statistics were recorded before
-        the first step); then no gradient is changed.
+        the first step, or no training forward pass registered the convolutions yet); then no
+        gradient is changed.
         """
+        if not self._registered:
+            missing = self._missing_sizes()
+            if missing:
+                raise KFACError(
+                    _lib.KFAC_ERROR_NO_STATISTICS,
+                    "no training forward pass has been seen: the layers are registered with the "
+                    "library at the first one (input size of "
+                    f"{', '.join(repr(n) for n in missing)} unknown)",
+                )
+            self._register()
         if self._lr_source is not None:
             self.optimizer.learning_rate = float(self._lr_source())
         keep: List[torch.Tensor] = []  # buffers that must stay alive during the call
@@ -354,16 +658,31 @@ class KFACPreconditioner:
     # -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, object]:
-        """The library's state image (factors, inverses, counters, parameters) in a dict that
-        ``torch.save`` can store. ``lr`` given as a callable is not included."""
-        return {"kfac_state": self.optimizer.state_bytes(), "layers": [l.name for l in self._layers]}
+        """The library's state image (factors, inverses, counters, parameters) and the
+        convolutions' input sizes, in a dict that ``torch.save`` can store. ``lr`` given as a
+        callable is not included."""
+        if not self._registered and not self._missing_sizes():
+            self._register()
+        return {
+            "kfac_state": self.optimizer.state_bytes(),
+            "layers": [l.name for l in self._layers],
+            "input_sizes": self.input_sizes,
+        }
 
     def load_state_dict(self, state_dict: Dict[str, object]) -> None:
         """Restores a :meth:`state_dict` taken from a preconditioner of the same layers and
-        dtype. A callable ``lr`` stays in force."""
+        dtype; before the first forward pass it also takes the convolutions' input sizes from
+        it. A callable ``lr`` stays in force."""
         image = state_dict["kfac_state"]
         if isinstance(image, torch.Tensor):  # tolerate images stored as uint8 tensors
             image = image.cpu().numpy().tobytes()
+        if not self._registered:
+            sizes = state_dict.get("input_sizes") or {}
+            for layer in self._layers:
+                if layer.is_conv and layer.input_size is None and layer.name in sizes:
+                    layer.input_size = self._normalised_size(layer, sizes[layer.name])
+            if not self._missing_sizes():
+                self._register()
         self.optimizer.load_state(image)
         if self._lr_source is not None:
             self.optimizer.learning_rate = float(self._lr_source())
@@ -383,8 +702,13 @@ class KFACPreconditioner:
         self.optimizer.close()
 
     def __repr__(self) -> str:
+        kinds = {}
+        for layer in self._layers:
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
         return (
-            f"KFACPreconditioner({len(self._layers)} Linear layer(s), dtype={self._dtype}, "
+            f"KFACPreconditioner({summary}, dtype={self._dtype}, "
+            f"{'registered' if self._registered else 'not registered yet'}, "
             f"steps={self.steps if not self.optimizer.closed else 'closed'})"
         )
 

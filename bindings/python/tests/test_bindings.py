@@ -71,6 +71,7 @@ _C_TYPES = {
     "int64_t*": ctypes.POINTER(ctypes.c_int64),
     "size_t*": ctypes.POINTER(ctypes.c_size_t),
     "kfac_layer_info*": ctypes.POINTER(_lib.kfac_layer_info),
+    "const kfac_conv2d_desc*": ctypes.POINTER(_lib.kfac_conv2d_desc),
     "float*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
     "double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
 }
@@ -112,15 +113,60 @@ def test_every_header_constant_is_mirrored_with_its_value():
     assert mirrored == set(enum_values)
 
 
-@needs_header
-def test_layer_info_struct_matches_header():
+def _header_struct_fields(name):
+    """[(C type, field name)] of ``typedef struct name {...} name;`` in kfac.h, declarations
+    with several names (``int64_t kernel_h, kernel_w;``) expanded in order."""
     code = _header_code()
-    body = re.search(r"typedef struct kfac_layer_info\s*\{(.*?)\}\s*kfac_layer_info;", code, re.S)
-    fields = re.findall(r"(\w+)\s+(\w+)\s*;", body.group(1))
-    ctypes_of = {"size_t": ctypes.c_size_t, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64}
-    assert [(name, ctypes_of[ctype]) for ctype, name in fields] == list(_lib.kfac_layer_info._fields_)
-    info = _lib.kfac_layer_info.new()
-    assert info.struct_size == ctypes.sizeof(_lib.kfac_layer_info) == 56
+    body = re.search(r"typedef struct %s\s*\{(.*?)\}\s*%s;" % (name, name), code, re.S)
+    assert body, name
+    fields = []
+    for declaration in body.group(1).split(";"):
+        declaration = declaration.strip()
+        if not declaration:
+            continue
+        match = re.fullmatch(r"(\w+)\s+(\w+(?:\s*,\s*\w+)*)", declaration)
+        assert match, (name, declaration)
+        ctype, names = match.groups()
+        fields.extend((ctype, field.strip()) for field in names.split(","))
+    return fields
+
+
+_STRUCT_CTYPES = {"size_t": ctypes.c_size_t, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64}
+
+
+@needs_header
+@pytest.mark.parametrize("name, size", [("kfac_layer_info", 64), ("kfac_conv2d_desc", 144)])
+def test_structs_match_header(name, size):
+    fields = _header_struct_fields(name)
+    struct = getattr(_lib, name)
+    assert [(field, _STRUCT_CTYPES[ctype]) for ctype, field in fields] == list(struct._fields_)
+    value = struct.new()
+    assert value.struct_size == ctypes.sizeof(struct) == size
+
+
+@needs_header
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_struct_layouts_match_the_c_compiler(tmp_path):
+    """sizeof and every offsetof of the ctypes structs equal the C compiler's for kfac.h."""
+    lines = []
+    expected = []
+    for name in ("kfac_layer_info", "kfac_conv2d_desc"):
+        struct = getattr(_lib, name)
+        lines.append(f'printf("%zu\\n", sizeof({name}));')
+        expected.append(ctypes.sizeof(struct))
+        for field, _ in struct._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({name}, {field}));')
+            expected.append(getattr(struct, field).offset)
+    source = tmp_path / "layout.c"
+    source.write_text(
+        "#include <stddef.h>\n#include <stdio.h>\n#include <kfac.h>\nint main(void) {\n"
+        + "\n".join(lines) + "\nreturn 0;\n}\n"
+    )
+    binary = tmp_path / "layout"
+    subprocess.run(["cc", "-std=c11", "-I", os.path.dirname(HEADER), "-o", str(binary), str(source)],
+                   check=True)
+    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    assert [int(line) for line in output.split()] == expected
 
 
 def test_loaded_version_matches_bindings():
