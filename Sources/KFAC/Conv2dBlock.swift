@@ -39,7 +39,8 @@ final class Conv2dBlock<Scalar: KFACScalar>: CurvatureBlock {
         switch approximation {
         case .kfc:
             // A channel group covers its channels' kh·kw coordinates, contiguous in [c][i][j] order.
-            inputStructure = .grouped(count: g.patchSize, groupSize: grouping.inputGroupSize * g.kernelPositions, bias: g.hasBias)
+            let channels = grouping.inputGroupSize < g.groupInChannels ? grouping.inputGroupSize : 0  // 0 = none
+            inputStructure = .grouped(count: g.patchSize, groupSize: channels * g.kernelPositions, bias: g.hasBias)
         case .sua:
             inputStructure = .spatiallyUncorrelated(channels: g.groupInChannels, groupSize: grouping.inputGroupSize,
                                                     repeats: g.kernelPositions, bias: g.hasBias)

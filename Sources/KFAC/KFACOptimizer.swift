@@ -89,6 +89,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             throw KFACError(.invalidSize, "a dense layer needs in_features >= 1 and out_features >= 1, got \(inFeatures) and \(outFeatures)")
         }
         try checkGrouping(grouping)
+        guard inFeatures < Self.maximumFactorDimension, outFeatures <= Self.maximumFactorDimension else {
+            throw KFACError(.sizeOverflow, "dense layer \(inFeatures)→\(outFeatures) exceeds the largest supported factor (\(Self.maximumFactorDimension))")
+        }
         try checkFactorSizes(inputDimension: inFeatures + (hasBias ? 1 : 0), outputDimension: outFeatures,
                              what: "dense layer \(inFeatures)→\(outFeatures)")
         try append(try makeBlock(.dense(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, grouping: grouping)))
@@ -104,10 +107,6 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try checkGrouping(grouping)
         try checkFactorSizes(inputDimension: geometry.patchSize + (geometry.hasBias ? 1 : 0),
                              outputDimension: geometry.groupOutChannels, what: "convolution")
-        let (n, overflow) = geometry.inChannels.multipliedReportingOverflow(by: geometry.inputHeight * geometry.inputWidth)
-        guard !overflow, n <= Int(Int32.max), geometry.outChannels * geometry.outputPositions <= Int(Int32.max) else {
-            throw KFACError(.sizeOverflow, "a convolution example exceeds 2^31 − 1 values")
-        }
         try append(try makeBlock(.conv2d(geometry, approximation: approximation, grouping: grouping)))
         return blocks.count - 1
     }
@@ -280,7 +279,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public func copyFactors(layer: Int, group: Int = 0, a: UnsafeMutablePointer<Scalar>?, g: UnsafeMutablePointer<Scalar>?) throws(KFACError) {
         let b = try block(layer)
         guard group >= 0 && group < b.curvatures.count else {
-            throw KFACError(.invalidArgument, "layer \(layer) has \(b.curvatures.count) groups, not \(group + 1)")
+            throw KFACError(.invalidArgument, "group \(group) is out of range: layer \(layer) has groups 0..<\(b.curvatures.count)")
         }
         let c = b.curvatures[group]
         guard c.hasFactors else { throw KFACError(.noStatistics, "layer \(layer) has no factors yet") }

@@ -99,5 +99,20 @@ public struct Conv2dGeometry: Equatable, Sendable {
         try check(inputHeight + 2 * paddingHeight >= dilationHeight * (kernelHeight - 1) + 1
                   && inputWidth + 2 * paddingWidth >= dilationWidth * (kernelWidth - 1) + 1,
                   "the kernel (with dilation) does not fit the padded \(inputHeight)×\(inputWidth) input")
+        // Every product the library forms from the sizes must stay within 32-bit BLAS sizes.
+        func product(_ values: Int...) -> Int? {
+            var p = 1
+            for v in values {
+                let (q, overflow) = p.multipliedReportingOverflow(by: v)
+                guard !overflow, q <= Int(Int32.max) else { return nil }
+                p = q
+            }
+            return p
+        }
+        guard product(groupInChannels, kernelHeight, kernelWidth) != nil,
+              product(inChannels, inputHeight, inputWidth) != nil,
+              product(outChannels, outputHeight, outputWidth) != nil else {
+            throw KFACError(.sizeOverflow, "a convolution's patch or example exceeds 2^31 − 1 values")
+        }
     }
 }

@@ -22,6 +22,15 @@
  *      the eigen strategy against a dense solve of (A⊗G + λI) vec(V) = vec(V₀); the Cholesky
  *      strategy against (G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹; the KL clip; the mean-reduction and
  *      output-gradient-scale parameters; the moving average of the factors.
+ *   5. Convolutions and channel grouping: kfac_add_dense_grouped and kfac_add_conv2d error paths
+ *      on the twins (sizes, groups, kernel fit, enums, reserved, struct_size, overflowing sizes);
+ *      twins with a grouped conv and a 1-D conv layer (layer info, kfac_get_group_factors group
+ *      range, record/step/precondition errors, state images of differing convolutions); the
+ *      growable kfac_conv2d_desc (an older struct_size, zeros read as 1, group sizes not smaller
+ *      than the channels); a float64 conv (groups 2, padding, stride 2, NCHW and NHWC): Ω_g, Γ_g
+ *      against a naive loop and kfac_step_f64 against dense per-group Kronecker solves.
+ *      Calls that could crash a buggy library on huge sizes are tried in a forked child first,
+ *      so that a crash is reported as a failed check instead of ending the test.
  *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
@@ -34,6 +43,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <float.h>
+#include <signal.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -42,6 +52,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
@@ -197,6 +209,16 @@ static int get_factors(const kfac_optimizer *h, int32_t layer, buf_t *a, buf_t *
     return kfac_get_factors_f64(h, layer, a ? (double *)a->p : NULL, g ? (double *)g->p : NULL);
 }
 
+static int get_group_factors(const kfac_optimizer *h, int32_t layer, int32_t group, buf_t *a,
+                             buf_t *g) {
+    int dtype = a ? a->dtype : g ? g->dtype : KFAC_FLOAT32;
+    if (dtype == KFAC_FLOAT32)
+        return kfac_get_group_factors_f32(h, layer, group, a ? (float *)a->p : NULL,
+                                          g ? (float *)g->p : NULL);
+    return kfac_get_group_factors_f64(h, layer, group, a ? (double *)a->p : NULL,
+                                      g ? (double *)g->p : NULL);
+}
+
 static int precondition(kfac_optimizer *h, int32_t layer, buf_t *w, buf_t *b) {
     if (w->dtype == KFAC_FLOAT32)
         return kfac_precondition_f32(h, layer, (float *)w->p, b ? (float *)b->p : NULL);
@@ -210,8 +232,9 @@ static int precondition(kfac_optimizer *h, int32_t layer, buf_t *w, buf_t *b) {
 enum { MAX_LAYERS = 4 };
 
 typedef struct {
-    int64_t in, out;
+    int64_t in, out; /* dense: features; convolution: channels */
     int bias;
+    const kfac_conv2d_desc *conv; /* NULL for a dense layer */
 } layer_spec_t;
 
 typedef struct {
@@ -220,14 +243,50 @@ typedef struct {
 } model_t;
 
 /* The twin groups' model: a layer with bias and one without. */
-static const model_t TWIN_MODEL = {2, {{5, 4, 1}, {4, 3, 0}}};
+static const model_t TWIN_MODEL = {2, {{5, 4, 1, NULL}, {4, 3, 0, NULL}}};
+
+/* Output size of a convolution along one dimension (the header's formula; 0 = 1 for stride
+ * and dilation). */
+static int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t padding,
+                        int64_t dilation) {
+    stride = stride ? stride : 1;
+    dilation = dilation ? dilation : 1;
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+static int64_t conv_groups(const kfac_conv2d_desc *d) { return d->groups ? d->groups : 1; }
+
+/* Values per row (dense) or per example (convolution) of a layer's inputs. */
+static int64_t spec_x_values(const layer_spec_t *s) {
+    if (!s->conv) return s->in;
+    return s->conv->in_channels * s->conv->input_h * s->conv->input_w;
+}
+
+/* Values per row or example of a layer's output gradients. */
+static int64_t spec_g_values(const layer_spec_t *s) {
+    if (!s->conv) return s->out;
+    const kfac_conv2d_desc *d = s->conv;
+    return d->out_channels *
+           conv_out(d->input_h, d->kernel_h, d->stride_h, d->padding_h, d->dilation_h) *
+           conv_out(d->input_w, d->kernel_w, d->stride_w, d->padding_w, d->dilation_w);
+}
+
+/* Values of a layer's weight gradient. */
+static int64_t spec_w_values(const layer_spec_t *s) {
+    if (!s->conv) return s->out * s->in;
+    const kfac_conv2d_desc *d = s->conv;
+    return d->out_channels * (d->in_channels / conv_groups(d)) * d->kernel_h * d->kernel_w;
+}
 
 static kfac_optimizer *make_handle(int dtype, const model_t *m) {
     kfac_optimizer *h = NULL;
     REQUIRE_OK(h, kfac_optimizer_create(dtype, &h));
     for (int l = 0; l < m->n; l++) {
         int32_t id = -1;
-        REQUIRE_OK(h, kfac_add_dense(h, m->l[l].in, m->l[l].out, m->l[l].bias, &id));
+        if (m->l[l].conv)
+            REQUIRE_OK(h, kfac_add_conv2d(h, m->l[l].conv, &id));
+        else
+            REQUIRE_OK(h, kfac_add_dense(h, m->l[l].in, m->l[l].out, m->l[l].bias, &id));
         if (id != l) {
             printf("FAIL kfac_add_dense returned layer id %d, expected %d\n", (int)id, l);
             exit(1);
@@ -247,7 +306,7 @@ static grads_t grads_new(int dtype, const model_t *m, rng_t *r) {
     memset(&g, 0, sizeof g);
     g.n = m->n;
     for (int l = 0; l < m->n; l++) {
-        g.w[l] = buf_new(dtype, (size_t)(m->l[l].out * m->l[l].in));
+        g.w[l] = buf_new(dtype, (size_t)spec_w_values(&m->l[l]));
         buf_random(&g.w[l], r);
         g.b[l].dtype = dtype;
         if (m->l[l].bias) {
@@ -352,16 +411,18 @@ typedef struct {
     int rounds;
 } twins_t;
 
-static twins_t twins_new(int dtype, uint64_t seed) {
+static twins_t twins_new_model(int dtype, uint64_t seed, const model_t *model) {
     twins_t t;
     memset(&t, 0, sizeof t);
     t.dtype = dtype;
     t.n = 2;
-    t.model = TWIN_MODEL;
+    t.model = *model;
     t.rng.state = seed;
     for (int i = 0; i < t.n; i++) t.h[i] = make_handle(dtype, &t.model);
     return t;
 }
+
+static twins_t twins_new(int dtype, uint64_t seed) { return twins_new_model(dtype, seed, &TWIN_MODEL); }
 
 static void twins_free(twins_t *t) {
     for (int i = 0; i < t->n; i++) kfac_optimizer_free(t->h[i]);
@@ -374,8 +435,8 @@ static int twins_record(twins_t *t) {
     const model_t *m = &t->model;
     buf_t x[MAX_LAYERS], g[MAX_LAYERS];
     for (int l = 0; l < m->n; l++) {
-        x[l] = buf_new(t->dtype, (size_t)(rows * m->l[l].in));
-        g[l] = buf_new(t->dtype, (size_t)(rows * m->l[l].out));
+        x[l] = buf_new(t->dtype, (size_t)(rows * spec_x_values(&m->l[l])));
+        g[l] = buf_new(t->dtype, (size_t)(rows * spec_g_values(&m->l[l])));
         buf_random(&x[l], &t->rng);
         buf_random(&g[l], &t->rng);
     }
@@ -473,6 +534,212 @@ static void after_bad(twins_t *t, int got, int want, const char *what, int round
 #define BAD(call, want, what) after_bad(&t, bad_call(B, (call)), (want), (what), 1, 1)
 #define BAD_NO_ROUND(call, want, what) after_bad(&t, bad_call(B, (call)), (want), (what), 0, 1)
 
+/* Calls that could make a buggy library abort (e.g. an unchecked integer overflow on huge
+ * sizes) are first made in a forked child, on the child's copy of the handle. Returns 1 if the
+ * child returned normally (the parent may then make the call itself); otherwise reports a
+ * failed check naming the signal and returns 0, so one crash does not end the whole test. */
+typedef int (*guarded_fn)(kfac_optimizer *h, const void *arg);
+
+static int survives_in_child(kfac_optimizer *h, guarded_fn fn, const void *arg, const char *what) {
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid < 0) return 1; /* cannot isolate: make the call in the parent */
+    if (pid == 0) {
+        fn(h, arg);
+        _exit(0);
+    }
+    int status = 0;
+    for (int waited = 0;; waited++) {
+        const pid_t done = waitpid(pid, &status, WNOHANG);
+        if (done == pid) break;
+        if (done < 0 || waited >= 3000) { /* 30 s */
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            check(0, "%s: the call did not return within 30 s (in a forked child)", what);
+            return 0;
+        }
+        const struct timespec ten_ms = {0, 10 * 1000 * 1000};
+        nanosleep(&ten_ms, NULL);
+    }
+    if (WIFSIGNALED(status)) {
+        check(0, "%s: the library CRASHED (signal %d, %s) instead of returning an error status "
+                 "(run in a forked child; the header promises that no input aborts)",
+              what, WTERMSIG(status), strsignal(WTERMSIG(status)));
+        return 0;
+    }
+    return 1;
+}
+
+/* Arguments of kfac_add_dense (grouped = 0) or kfac_add_dense_grouped (grouped = 1). */
+typedef struct {
+    int64_t in, out;
+    int bias;
+    int64_t input_group, output_group;
+    int grouped;
+} dense_args_t;
+
+static int call_add_dense(kfac_optimizer *h, const void *arg) {
+    const dense_args_t *a = arg;
+    int32_t id;
+    if (a->grouped)
+        return kfac_add_dense_grouped(h, a->in, a->out, a->bias, a->input_group, a->output_group, &id);
+    return kfac_add_dense(h, a->in, a->out, a->bias, &id);
+}
+
+static int call_add_conv2d(kfac_optimizer *h, const void *arg) {
+    int32_t id;
+    return kfac_add_conv2d(h, (const kfac_conv2d_desc *)arg, &id);
+}
+
+/* A valid convolution for the error tables: 4 -> 6 channels in 2 groups, 3x3 kernel on 5x5. */
+static kfac_conv2d_desc base_conv(void) {
+    kfac_conv2d_desc d;
+    memset(&d, 0, sizeof d);
+    d.struct_size = sizeof d;
+    d.in_channels = 4;
+    d.out_channels = 6;
+    d.kernel_h = d.kernel_w = 3;
+    d.stride_h = d.stride_w = 1;
+    d.dilation_h = d.dilation_w = 1;
+    d.groups = 2;
+    d.input_h = d.input_w = 5;
+    d.has_bias = 1;
+    return d;
+}
+
+/* kfac_add_conv2d error paths on the twins (before statistics): each must leave the layer list,
+ * the state and *layer_id alone. */
+static void errors_add_conv2d(twins_t *tp) {
+    twins_t t = *tp;
+    kfac_optimizer *B = t.h[1];
+    const int dt = t.dtype;
+    char what[256];
+    const int64_t big = (int64_t)1 << 30;
+    const struct {
+        int field;
+        int64_t value;
+        int want;
+        const char *what;
+    } cases[] = {
+        /* field: 0 struct_size, 1 in, 2 out, 3 kh, 4 kw, 5 sh, 6 sw, 7 ph, 8 pw, 9 dh, 10 dw,
+         * 11 groups, 12 H, 13 W, 14 has_bias, 15 layout, 16 approximation, 17 reserved,
+         * 18 input_group_size, 19 output_group_size; 20+ combinations (see below) */
+        {0, 0, KFAC_ERROR_INVALID_SIZE, "struct_size = 0"},
+        {0, sizeof(size_t), KFAC_ERROR_INVALID_SIZE, "struct_size = sizeof(size_t)"},
+        {0, offsetof(kfac_conv2d_desc, input_group_size) - 1, KFAC_ERROR_INVALID_SIZE,
+         "struct_size one byte short of `reserved`"},
+        {1, 0, KFAC_ERROR_INVALID_SIZE, "in_channels = 0"},
+        {1, -4, KFAC_ERROR_INVALID_SIZE, "in_channels = -4"},
+        {2, 0, KFAC_ERROR_INVALID_SIZE, "out_channels = 0"},
+        {2, -6, KFAC_ERROR_INVALID_SIZE, "out_channels = -6"},
+        {3, 0, KFAC_ERROR_INVALID_SIZE, "kernel_h = 0"},
+        {4, -1, KFAC_ERROR_INVALID_SIZE, "kernel_w = -1"},
+        {5, -1, KFAC_ERROR_INVALID_SIZE, "stride_h = -1"},
+        {6, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "stride_w = INT64_MIN"},
+        {7, -1, KFAC_ERROR_INVALID_SIZE, "padding_h = -1"},
+        {8, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "padding_w = INT64_MIN"},
+        {9, -2, KFAC_ERROR_INVALID_SIZE, "dilation_h = -2"},
+        {10, -1, KFAC_ERROR_INVALID_SIZE, "dilation_w = -1"},
+        {11, -2, KFAC_ERROR_INVALID_SIZE, "groups = -2"},
+        {11, 3, KFAC_ERROR_INVALID_SIZE, "groups = 3 (divides out_channels 6, not in_channels 4)"},
+        {11, 4, KFAC_ERROR_INVALID_SIZE, "groups = 4 (divides in_channels 4, not out_channels 6)"},
+        {11, 5, KFAC_ERROR_INVALID_SIZE, "groups = 5 (divides neither)"},
+        {12, 0, KFAC_ERROR_INVALID_SIZE, "input_h = 0"},
+        {13, -5, KFAC_ERROR_INVALID_SIZE, "input_w = -5"},
+        {3, 6, KFAC_ERROR_INVALID_SIZE, "kernel_h = 6 > input_h = 5 (no padding)"},
+        {20, 0, KFAC_ERROR_INVALID_SIZE, "kernel_w = 8 > padded input_w = 5 + 2·1"},
+        {21, 0, KFAC_ERROR_INVALID_SIZE, "kernel 3 with dilation 3 spans 7 > input 5"},
+        {22, 0, KFAC_ERROR_INVALID_SIZE, "1-D: kernel_w = 10 > input_w = 9"},
+        {14, 2, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = 2"},
+        {14, -1, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = -1"},
+        {15, 2, KFAC_ERROR_INVALID_ARGUMENT, "layout = 2"},
+        {15, -1, KFAC_ERROR_INVALID_ARGUMENT, "layout = -1"},
+        {16, 2, KFAC_ERROR_INVALID_ARGUMENT, "approximation = 2"},
+        {16, INT32_MIN, KFAC_ERROR_INVALID_ARGUMENT, "approximation = INT32_MIN"},
+        {17, 1, KFAC_ERROR_INVALID_ARGUMENT, "reserved = 1"},
+        {17, -1, KFAC_ERROR_INVALID_ARGUMENT, "reserved = -1"},
+        {18, -1, KFAC_ERROR_INVALID_SIZE, "input_group_size = -1"},
+        {19, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "output_group_size = INT64_MIN"},
+        {1, (int64_t)1 << 31, KFAC_ERROR_SIZE_OVERFLOW, "in_channels = 2^31"},
+        {23, 0, KFAC_ERROR_SIZE_OVERFLOW, "in_channels = INT64_MAX (groups 1)"},
+        {24, 0, KFAC_ERROR_SIZE_OVERFLOW, "out_channels = INT64_MAX (groups 1)"},
+        {12, INT64_MAX, KFAC_ERROR_SIZE_OVERFLOW, "input_h = INT64_MAX"},
+        {8, INT64_MAX, KFAC_ERROR_SIZE_OVERFLOW, "padding_w = INT64_MAX"},
+        {6, INT64_MAX, KFAC_ERROR_SIZE_OVERFLOW, "stride_w = INT64_MAX"},
+        {9, INT64_MAX, KFAC_ERROR_SIZE_OVERFLOW, "dilation_h = INT64_MAX"},
+        {25, 0, KFAC_ERROR_SIZE_OVERFLOW, "Ω dimension 2048·5·5 + 1 = 51201 > 46340"},
+        {26, 0, KFAC_ERROR_SIZE_OVERFLOW, "an input example of 4·2^15·2^15 = 2^32 values"},
+        {27, 0, KFAC_ERROR_SIZE_OVERFLOW, "an output-gradient example of 6·(2^15+1)² values "
+                                          "(padding 2^14 on a 1×1 input)"},
+        {28, 0, KFAC_ERROR_SIZE_OVERFLOW, "kernel 2^30 × 2^30 on a 2^30 × 2^30 input, 2^29 channels "
+                                          "per group (patch size 2^89 overflows int64)"},
+        {29, 0, KFAC_ERROR_SIZE_OVERFLOW, "padding 2^30 on a 1×1 input: (2^31 + 1)² output "
+                                          "positions × 6 channels overflows int64"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kfac_conv2d_desc d = base_conv();
+        const int64_t v = cases[i].value;
+        switch (cases[i].field) {
+        case 0: d.struct_size = (size_t)v; break;
+        case 1: d.in_channels = v; break;
+        case 2: d.out_channels = v; break;
+        case 3: d.kernel_h = v; break;
+        case 4: d.kernel_w = v; break;
+        case 5: d.stride_h = v; break;
+        case 6: d.stride_w = v; break;
+        case 7: d.padding_h = v; break;
+        case 8: d.padding_w = v; break;
+        case 9: d.dilation_h = v; break;
+        case 10: d.dilation_w = v; break;
+        case 11: d.groups = v; break;
+        case 12: d.input_h = v; break;
+        case 13: d.input_w = v; break;
+        case 14: d.has_bias = (int32_t)v; break;
+        case 15: d.layout = (int32_t)v; break;
+        case 16: d.approximation = (int32_t)v; break;
+        case 17: d.reserved = (int32_t)v; break;
+        case 18: d.input_group_size = v; break;
+        case 19: d.output_group_size = v; break;
+        case 20: d.kernel_w = 8; d.padding_w = 1; break;
+        case 21: d.dilation_h = 3; break;
+        case 22: d.input_h = 1; d.kernel_h = 1; d.input_w = 9; d.kernel_w = 10; break;
+        case 23: d.groups = 1; d.in_channels = INT64_MAX; break;
+        case 24: d.groups = 1; d.out_channels = INT64_MAX; break;
+        case 25: d.in_channels = 4096; d.kernel_h = d.kernel_w = 5; break;
+        case 26: d.input_h = d.input_w = (int64_t)1 << 15; break;
+        case 27:
+            d.input_h = d.input_w = 1;
+            d.kernel_h = d.kernel_w = 1;
+            d.padding_h = d.padding_w = (int64_t)1 << 14;
+            break;
+        case 28:
+            d.in_channels = big;
+            d.kernel_h = d.kernel_w = big;
+            d.input_h = d.input_w = big;
+            break;
+        case 29:
+            d.input_h = d.input_w = 1;
+            d.kernel_h = d.kernel_w = 1;
+            d.padding_h = d.padding_w = big;
+            break;
+        }
+        snprintf(what, sizeof what, "[%s] kfac_add_conv2d(%s)", dtype_tag(dt), cases[i].what);
+        if (!survives_in_child(B, call_add_conv2d, &d, what)) continue;
+        int32_t id = -77;
+        int st = bad_call(B, kfac_add_conv2d(B, &d, &id));
+        snprintf(what, sizeof what, "kfac_add_conv2d(%s)", cases[i].what);
+        after_bad(&t, st, cases[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
+    }
+    kfac_conv2d_desc d = base_conv();
+    int32_t id = -77;
+    int st = bad_call(B, kfac_add_conv2d(B, NULL, &id));
+    after_bad(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_add_conv2d(desc = NULL)", 0,
+              id == -77 && kfac_layer_count(B) == 2);
+    BAD_NO_ROUND(kfac_add_conv2d(B, &d, NULL), KFAC_ERROR_NULL_POINTER,
+                 "kfac_add_conv2d(layer_id = NULL)");
+    *tp = t;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* 1. Global functions and NULL handles                                                        */
 /* ------------------------------------------------------------------------------------------ */
@@ -545,7 +812,7 @@ static void test_globals(void) {
     int32_t id = 0;
     size_t sz = 0;
     unsigned char img[64] = {0};
-    kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0};
+    kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     expect_null_handle(kfac_dtype_of(NULL), KFAC_ERROR_NULL_POINTER, "kfac_dtype_of");
     expect_null_handle(kfac_set_param_double(NULL, KFAC_PARAM_DAMPING, 1e-2),
                        KFAC_ERROR_NULL_POINTER, "kfac_set_param_double");
@@ -557,6 +824,18 @@ static void test_globals(void) {
                        KFAC_ERROR_NULL_POINTER, "kfac_get_param_int");
     expect_null_handle(kfac_add_dense(NULL, 2, 2, 1, &id), KFAC_ERROR_NULL_POINTER,
                        "kfac_add_dense");
+    int32_t null_id = -77;
+    expect_null_handle(kfac_add_dense_grouped(NULL, 2, 2, 1, 1, 1, &null_id),
+                       KFAC_ERROR_NULL_POINTER, "kfac_add_dense_grouped");
+    kfac_conv2d_desc desc;
+    memset(&desc, 0, sizeof desc);
+    desc.struct_size = sizeof desc;
+    desc.in_channels = desc.out_channels = 2;
+    desc.kernel_h = desc.kernel_w = 1;
+    desc.input_h = desc.input_w = 3;
+    expect_null_handle(kfac_add_conv2d(NULL, &desc, &null_id), KFAC_ERROR_NULL_POINTER,
+                       "kfac_add_conv2d");
+    check(null_id == -77, "NULL handle: kfac_add_dense_grouped/kfac_add_conv2d leave *layer_id");
     expect_null_handle(kfac_layer_count(NULL), KFAC_ERROR_NULL_POINTER, "kfac_layer_count");
     expect_null_handle(kfac_layer_get_info(NULL, 0, &info), KFAC_ERROR_NULL_POINTER,
                        "kfac_layer_get_info");
@@ -577,6 +856,10 @@ static void test_globals(void) {
                        "kfac_get_factors_f32");
     expect_null_handle(kfac_get_factors_f64(NULL, 0, d, d), KFAC_ERROR_NULL_POINTER,
                        "kfac_get_factors_f64");
+    expect_null_handle(kfac_get_group_factors_f32(NULL, 0, 0, f, f), KFAC_ERROR_NULL_POINTER,
+                       "kfac_get_group_factors_f32");
+    expect_null_handle(kfac_get_group_factors_f64(NULL, 0, 0, d, d), KFAC_ERROR_NULL_POINTER,
+                       "kfac_get_group_factors_f64");
     expect_null_handle(kfac_step_f32(NULL, fp, fp, 2), KFAC_ERROR_NULL_POINTER, "kfac_step_f32");
     expect_null_handle(kfac_step_f64(NULL, dp, dp, 2), KFAC_ERROR_NULL_POINTER, "kfac_step_f64");
     expect_null_handle(kfac_precondition_f32(NULL, 0, f, f), KFAC_ERROR_NULL_POINTER,
@@ -626,6 +909,7 @@ static void errors_before_statistics(twins_t *tp) {
         {4, (int64_t)1 << 40, 1, KFAC_ERROR_SIZE_OVERFLOW, "out_features = 1<<40"},
         {INT64_MAX, 4, 0, KFAC_ERROR_SIZE_OVERFLOW, "in_features = INT64_MAX"},
         {4, INT64_MAX, 0, KFAC_ERROR_SIZE_OVERFLOW, "out_features = INT64_MAX"},
+        {INT64_MAX, 4, 1, KFAC_ERROR_SIZE_OVERFLOW, "in_features = INT64_MAX with bias"},
         {46340, 2, 1, KFAC_ERROR_SIZE_OVERFLOW, "in_features = 46340 with bias (A dim 46341)"},
         {2, 46341, 0, KFAC_ERROR_SIZE_OVERFLOW, "out_features = 46341"},
         {4, 4, 2, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = 2"},
@@ -633,12 +917,74 @@ static void errors_before_statistics(twins_t *tp) {
     };
     for (size_t i = 0; i < sizeof adds / sizeof adds[0]; i++) {
         int32_t id = -77;
+        dense_args_t args = {adds[i].in, adds[i].out, adds[i].bias, 0, 0, 0};
+        snprintf(what, sizeof what, "[%s] kfac_add_dense(%s)", dtype_tag(dt), adds[i].what);
+        if (!survives_in_child(B, call_add_dense, &args, what)) continue;
         int st = bad_call(B, kfac_add_dense(B, adds[i].in, adds[i].out, adds[i].bias, &id));
         snprintf(what, sizeof what, "kfac_add_dense(%s)", adds[i].what);
         after_bad(&t, st, adds[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
     }
     BAD_NO_ROUND(kfac_add_dense(B, 3, 3, 1, NULL), KFAC_ERROR_NULL_POINTER,
                  "kfac_add_dense(layer_id = NULL)");
+
+    /* kfac_add_dense_grouped: the errors of kfac_add_dense, and negative group sizes. */
+    struct {
+        int64_t in, out;
+        int bias;
+        int64_t input_group, output_group;
+        int want;
+        const char *what;
+    } gadds[] = {
+        {0, 4, 1, 2, 2, KFAC_ERROR_INVALID_SIZE, "in_features = 0"},
+        {4, 0, 1, 2, 2, KFAC_ERROR_INVALID_SIZE, "out_features = 0"},
+        {-3, 4, 0, 2, 2, KFAC_ERROR_INVALID_SIZE, "in_features = -3"},
+        {4, INT64_MIN, 0, 2, 2, KFAC_ERROR_INVALID_SIZE, "out_features = INT64_MIN"},
+        {4, 4, 1, -1, 0, KFAC_ERROR_INVALID_SIZE, "input_group_size = -1"},
+        {4, 4, 1, 0, -2, KFAC_ERROR_INVALID_SIZE, "output_group_size = -2"},
+        {4, 4, 0, INT64_MIN, 2, KFAC_ERROR_INVALID_SIZE, "input_group_size = INT64_MIN"},
+        {4, 4, 0, 2, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "output_group_size = INT64_MIN"},
+        {4, 4, 2, 2, 2, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = 2"},
+        {4, 4, -1, 2, 2, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = -1"},
+        {(int64_t)1 << 40, 4, 1, 2, 2, KFAC_ERROR_SIZE_OVERFLOW, "in_features = 1<<40"},
+        {4, (int64_t)1 << 40, 1, 2, 2, KFAC_ERROR_SIZE_OVERFLOW, "out_features = 1<<40"},
+        {INT64_MAX, 4, 0, 2, 2, KFAC_ERROR_SIZE_OVERFLOW, "in_features = INT64_MAX"},
+        {4, INT64_MAX, 0, 2, 2, KFAC_ERROR_SIZE_OVERFLOW, "out_features = INT64_MAX"},
+        {INT64_MAX, 4, 1, 2, 2, KFAC_ERROR_SIZE_OVERFLOW, "in_features = INT64_MAX with bias"},
+        {46340, 2, 1, 100, 1, KFAC_ERROR_SIZE_OVERFLOW,
+         "in_features = 46340 with bias (A dim 46341, in blocks of 100)"},
+        {2, 46341, 0, 1, 7, KFAC_ERROR_SIZE_OVERFLOW, "out_features = 46341 (in blocks of 7)"},
+    };
+    for (size_t i = 0; i < sizeof gadds / sizeof gadds[0]; i++) {
+        int32_t id = -77;
+        dense_args_t args = {gadds[i].in, gadds[i].out, gadds[i].bias, gadds[i].input_group,
+                             gadds[i].output_group, 1};
+        snprintf(what, sizeof what, "[%s] kfac_add_dense_grouped(%s)", dtype_tag(dt), gadds[i].what);
+        if (!survives_in_child(B, call_add_dense, &args, what)) continue;
+        int st = bad_call(B, kfac_add_dense_grouped(B, gadds[i].in, gadds[i].out, gadds[i].bias,
+                                                    gadds[i].input_group, gadds[i].output_group, &id));
+        snprintf(what, sizeof what, "kfac_add_dense_grouped(%s)", gadds[i].what);
+        after_bad(&t, st, gadds[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
+    }
+    BAD_NO_ROUND(kfac_add_dense_grouped(B, 3, 3, 1, 1, 1, NULL), KFAC_ERROR_NULL_POINTER,
+                 "kfac_add_dense_grouped(layer_id = NULL)");
+
+    /* kfac_add_conv2d */
+    errors_add_conv2d(&t);
+
+    /* kfac_get_group_factors before any statistics: NO_STATISTICS, buffers untouched. */
+    {
+        buf_t ga = buf_new(dt, 36), gg = buf_new(dt, 16);
+        buf_random(&ga, &t.rng);
+        buf_random(&gg, &t.rng);
+        buf_t ga0 = buf_clone(&ga), gg0 = buf_clone(&gg);
+        int st = bad_call(B, get_group_factors(B, 0, 0, &ga, &gg));
+        after_bad(&t, st, KFAC_ERROR_NO_STATISTICS, "kfac_get_group_factors before any statistics",
+                  0, buf_same(&ga, &ga0) && buf_same(&gg, &gg0));
+        buf_free(&ga);
+        buf_free(&gg);
+        buf_free(&ga0);
+        buf_free(&gg0);
+    }
 
     /* kfac_layer_get_info */
     kfac_layer_info info;
@@ -827,6 +1173,45 @@ static void errors_step(twins_t *tp) {
                               : kfac_get_factors_f64(B, 0, NULL, NULL)) == KFAC_OK,
           "[%s] kfac_get_factors(layer 0, NULL, NULL) succeeds (both outputs skipped)",
           dtype_tag(dt));
+
+    /* kfac_get_group_factors on dense layers (one group): group out of range, unknown layer,
+     * dtype; buffers untouched. */
+    {
+        buf_t a0 = buf_clone(&a), g0 = buf_clone(&g);
+        const int32_t bad_groups[] = {1, -1, 2, INT32_MAX, INT32_MIN};
+        for (size_t i = 0; i < sizeof bad_groups / sizeof bad_groups[0]; i++) {
+            for (int l = 0; l < 2; l++) {
+                snprintf(what, sizeof what, "kfac_get_group_factors(layer %d, group %d)", l,
+                         (int)bad_groups[i]);
+                st = bad_call(B, get_group_factors(B, l, bad_groups[i], &a, &g));
+                after_bad(&t, st, KFAC_ERROR_INVALID_ARGUMENT, what, i == 0,
+                          buf_same(&a, &a0) && buf_same(&g, &g0));
+            }
+        }
+        for (size_t i = 0; i < 4; i++) {
+            snprintf(what, sizeof what, "kfac_get_group_factors(layer %d, group 0)", (int)bad_layers[i]);
+            st = bad_call(B, get_group_factors(B, bad_layers[i], 0, &a, &g));
+            after_bad(&t, st, KFAC_ERROR_UNKNOWN_LAYER, what, 0, buf_same(&a, &a0) && buf_same(&g, &g0));
+        }
+        snprintf(what, sizeof what, "kfac_get_group_factors_%s on a %s handle", dtype_tag(od),
+                 dtype_tag(dt));
+        st = bad_call(B, get_group_factors(B, 0, 0, &ao, &go));
+        after_bad(&t, st, KFAC_ERROR_DTYPE_MISMATCH, what, 1, buf_same(&ao, &ao0) && buf_same(&go, &go0));
+        buf_t a1 = buf_clone(&a), g1 = buf_clone(&g), a2 = buf_clone(&a), g2 = buf_clone(&g);
+        const int same = get_factors(B, 0, &a1, &g1) == KFAC_OK &&
+                         get_group_factors(B, 0, 0, &a2, &g2) == KFAC_OK && buf_same(&a1, &a2) &&
+                         buf_same(&g1, &g2) &&
+                         (dt == KFAC_FLOAT32 ? kfac_get_group_factors_f32(B, 1, 0, NULL, NULL)
+                                             : kfac_get_group_factors_f64(B, 1, 0, NULL, NULL)) == KFAC_OK;
+        check(same, "[%s] kfac_get_group_factors(group 0) of a dense layer equals kfac_get_factors; "
+                    "NULL outputs are skipped", dtype_tag(dt));
+        buf_free(&a0);
+        buf_free(&g0);
+        buf_free(&a1);
+        buf_free(&g1);
+        buf_free(&a2);
+        buf_free(&g2);
+    }
 
     /* kfac_step: each bad step follows a valid record on both twins, so a failed step that
      * folded the pending statistics anyway would show in the state comparison. */
@@ -1170,11 +1555,11 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
 
     /* Images of other handles: different layers, different precision. */
     const model_t others[] = {
-        {1, {{5, 4, 1}}},                   /* fewer layers */
-        {3, {{5, 4, 1}, {4, 3, 0}, {3, 2, 1}}}, /* more layers */
-        {2, {{5, 4, 0}, {4, 3, 0}}},        /* a bias differs */
-        {2, {{5, 4, 1}, {4, 2, 0}}},        /* a size differs */
-        {2, {{6, 4, 1}, {4, 3, 0}}},        /* an input size differs */
+        {1, {{5, 4, 1, NULL}}},                                   /* fewer layers */
+        {3, {{5, 4, 1, NULL}, {4, 3, 0, NULL}, {3, 2, 1, NULL}}}, /* more layers */
+        {2, {{5, 4, 0, NULL}, {4, 3, 0, NULL}}},                  /* a bias differs */
+        {2, {{5, 4, 1, NULL}, {4, 2, 0, NULL}}},                  /* a size differs */
+        {2, {{6, 4, 1, NULL}, {4, 3, 0, NULL}}},                  /* an input size differs */
     };
     const char *other_names[] = {"fewer layers", "more layers", "layer 0 without bias",
                                  "layer 1 with 2 outputs", "layer 0 with 6 inputs"};
@@ -1290,6 +1675,367 @@ static void test_errors(int dtype, const char *tmpdir) {
     errors_params(&t);
     errors_state(&t, tmpdir);
     twins_free(&t);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 2b. Convolutions on twin handles                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* 4 -> 6 channels in 2 groups, 3x3 kernel, stride 2, padding 1 on 5x6 NCHW inputs (|T| = 3·3),
+ * KFC, channel grouping 1 / 2. */
+static const kfac_conv2d_desc CONV_TWIN_A = {
+    .struct_size = sizeof(kfac_conv2d_desc), .in_channels = 4, .out_channels = 6,
+    .kernel_h = 3, .kernel_w = 3, .stride_h = 2, .stride_w = 2, .padding_h = 1, .padding_w = 1,
+    .groups = 2, .input_h = 5, .input_w = 6, .has_bias = 1, .layout = KFAC_LAYOUT_NCHW,
+    .approximation = KFAC_CONV_KFC, .input_group_size = 1, .output_group_size = 2};
+/* A 1-D convolution (1×7 input, kernel 1×3, padding 1, dilation 2), NHWC, SUA, no bias; stride,
+ * dilation_h and groups left 0 (read as 1). */
+static const kfac_conv2d_desc CONV_TWIN_B = {
+    .struct_size = sizeof(kfac_conv2d_desc), .in_channels = 3, .out_channels = 4,
+    .kernel_h = 1, .kernel_w = 3, .padding_w = 1, .dilation_w = 2, .input_h = 1, .input_w = 7,
+    .has_bias = 0, .layout = KFAC_LAYOUT_NHWC, .approximation = KFAC_CONV_SUA};
+static const model_t CONV_TWIN_MODEL = {
+    3, {{5, 4, 1, NULL}, {4, 6, 1, &CONV_TWIN_A}, {3, 4, 0, &CONV_TWIN_B}}};
+
+static void test_conv_errors(int dtype) {
+    twins_t t = twins_new_model(dtype, dtype == KFAC_FLOAT32 ? 303 : 404, &CONV_TWIN_MODEL);
+    kfac_optimizer *B = t.h[1];
+    const int dt = dtype, od = other_dtype(dtype);
+    char what[256];
+    section(dt == KFAC_FLOAT32 ? "float32 handle with convolutions: layer info, error paths"
+                               : "float64 handle with convolutions: layer info, error paths");
+
+    /* Layer info of the convolutions. */
+    kfac_layer_info info;
+    memset(&info, 0xFF, sizeof info);
+    info.struct_size = sizeof info;
+    int st = kfac_layer_get_info(B, 1, &info);
+    check(st == KFAC_OK && info.struct_size == sizeof info && info.kind == KFAC_LAYER_CONV2D &&
+              info.has_bias == 1 && info.in_features == 4 && info.out_features == 6 &&
+              info.a_dim == 2 * 9 + 1 && info.g_dim == 3 && info.groups == 2 &&
+              info.has_factors == 0 && info.has_inverses == 0,
+          "[%s] kfac_layer_get_info(conv 4->6, 3x3, groups 2): kind CONV2D, a_dim 19, g_dim 3, "
+          "groups 2 (got kind %d, a_dim %lld, g_dim %lld, groups %lld)", dtype_tag(dt), info.kind,
+          (long long)info.a_dim, (long long)info.g_dim, (long long)info.groups);
+    memset(&info, 0xFF, sizeof info);
+    info.struct_size = sizeof info;
+    st = kfac_layer_get_info(B, 2, &info);
+    check(st == KFAC_OK && info.kind == KFAC_LAYER_CONV2D && info.has_bias == 0 &&
+              info.a_dim == 3 * 3 && info.g_dim == 4 && info.groups == 1,
+          "[%s] kfac_layer_get_info(1-D conv 3->4, kernel 3, no bias, groups 0 = 1): a_dim 9, "
+          "g_dim 4, groups 1", dtype_tag(dt));
+    memset(&info, 0xFF, sizeof info);
+    info.struct_size = sizeof info;
+    st = kfac_layer_get_info(B, 0, &info);
+    check(st == KFAC_OK && info.kind == KFAC_LAYER_DENSE && info.groups == 1,
+          "[%s] kfac_layer_get_info(dense): groups 1", dtype_tag(dt));
+    /* A caller compiled before `groups` existed: the library fills up to has_inverses only. */
+    memset(&info, 0xEE, sizeof info);
+    info.struct_size = offsetof(kfac_layer_info, groups);
+    st = kfac_layer_get_info(B, 1, &info);
+    const unsigned char *tail = (const unsigned char *)&info + offsetof(kfac_layer_info, groups);
+    int untouched = 1;
+    for (size_t i = 0; i < sizeof info - offsetof(kfac_layer_info, groups); i++)
+        if (tail[i] != 0xEE) untouched = 0;
+    check(st == KFAC_OK && info.struct_size == offsetof(kfac_layer_info, groups) &&
+              info.a_dim == 19 && info.has_inverses == 0 && untouched,
+          "[%s] kfac_layer_get_info with the older struct_size %zu (no `groups`): fills the "
+          "older fields, reports struct_size %zu, leaves `groups` alone", dtype_tag(dt),
+          offsetof(kfac_layer_info, groups), (size_t)info.struct_size);
+
+    char why[512] = "";
+    int ok = 1;
+    for (int r = 0; ok && r < 3; r++) ok = twins_round(&t, why, sizeof why);
+    check(ok, "[%s] three valid rounds on twins with a dense, a grouped conv and a 1-D conv "
+              "layer: identical directions%s%s", dtype_tag(dt), ok ? "" : ": ", why);
+
+    /* kfac_get_group_factors on the convolutions. */
+    buf_t a = buf_new(dt, 19 * 19), g = buf_new(dt, 16), ao = buf_new(od, 19 * 19),
+          go = buf_new(od, 16);
+    buf_random(&a, &t.rng);
+    buf_random(&g, &t.rng);
+    buf_t a0 = buf_clone(&a), g0 = buf_clone(&g), ao0 = buf_clone(&ao), go0 = buf_clone(&go);
+    const struct {
+        int32_t layer, group;
+    } bad_groups[] = {{1, 2}, {1, -1}, {1, INT32_MAX}, {1, INT32_MIN}, {2, 1}, {2, -1}};
+    for (size_t i = 0; i < sizeof bad_groups / sizeof bad_groups[0]; i++) {
+        snprintf(what, sizeof what, "kfac_get_group_factors(layer %d with %d group(s), group %d)",
+                 (int)bad_groups[i].layer, bad_groups[i].layer == 1 ? 2 : 1, (int)bad_groups[i].group);
+        st = bad_call(B, get_group_factors(B, bad_groups[i].layer, bad_groups[i].group, &a, &g));
+        after_bad(&t, st, KFAC_ERROR_INVALID_ARGUMENT, what, i < 2, buf_same(&a, &a0) && buf_same(&g, &g0));
+    }
+    snprintf(what, sizeof what, "kfac_get_group_factors_%s(conv layer) on a %s handle", dtype_tag(od),
+             dtype_tag(dt));
+    st = bad_call(B, get_group_factors(B, 1, 1, &ao, &go));
+    after_bad(&t, st, KFAC_ERROR_DTYPE_MISMATCH, what, 0, buf_same(&ao, &ao0) && buf_same(&go, &go0));
+    {
+        buf_t a1 = buf_clone(&a), g1 = buf_clone(&g), a2 = buf_clone(&a), g2 = buf_clone(&g);
+        const int got = get_group_factors(B, 1, 0, &a1, &g1) == KFAC_OK &&
+                        get_group_factors(B, 1, 1, &a2, &g2) == KFAC_OK &&
+                        get_factors(B, 1, &a, &g) == KFAC_OK;
+        check(got && !buf_same(&a1, &a2) && buf_same(&a, &a1) && buf_same(&g, &g1),
+              "[%s] groups 0 and 1 of the conv layer differ; kfac_get_factors returns group 0",
+              dtype_tag(dt));
+        buf_free(&a1);
+        buf_free(&g1);
+        buf_free(&a2);
+        buf_free(&g2);
+    }
+
+    /* Layers cannot be added after statistics. */
+    int32_t id = -77;
+    st = bad_call(B, kfac_add_conv2d(B, &CONV_TWIN_A, &id));
+    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_add_conv2d after recording", 1,
+              id == -77 && kfac_layer_count(B) == 3);
+    st = bad_call(B, kfac_add_dense_grouped(B, 3, 3, 1, 1, 1, &id));
+    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_add_dense_grouped after recording", 1,
+              id == -77 && kfac_layer_count(B) == 3);
+
+    /* Record calls on the convolutions (rows = examples). */
+    for (int side = 0; side < 2; side++) {
+        const char *fn = side == 0 ? "kfac_record_inputs" : "kfac_record_output_grads";
+        int (*rec)(kfac_optimizer *, int32_t, const buf_t *, int64_t) =
+            side == 0 ? record_inputs : record_grads;
+        for (int l = 1; l < 3; l++) {
+            const size_t per = (size_t)(side == 0 ? spec_x_values(&t.model.l[l])
+                                                  : spec_g_values(&t.model.l[l]));
+            buf_t x = buf_new(dt, 2 * per), xo = buf_new(od, 2 * per);
+            buf_random(&x, &t.rng);
+            buf_random(&xo, &t.rng);
+            const struct {
+                int64_t rows;
+                int want;
+                const char *name;
+            } sizes[] = {
+                {0, KFAC_ERROR_INVALID_SIZE, "0"},
+                {-2, KFAC_ERROR_INVALID_SIZE, "-2"},
+                {INT64_MAX, KFAC_ERROR_SIZE_OVERFLOW, "INT64_MAX"},
+                {(int64_t)1 << 62, KFAC_ERROR_SIZE_OVERFLOW, "1<<62"},
+            };
+            for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+                snprintf(what, sizeof what, "%s(conv layer %d, examples = %s)", fn, l, sizes[i].name);
+                BAD(rec(B, l, &x, sizes[i].rows), sizes[i].want, what);
+            }
+            snprintf(what, sizeof what, "%s_%s(conv layer %d) on a %s handle", fn, dtype_tag(od), l,
+                     dtype_tag(dt));
+            BAD(rec(B, l, &xo, 2), KFAC_ERROR_DTYPE_MISMATCH, what);
+            buf_set(&x, 2 * per - 1, side == 0 ? NAN : -INFINITY);
+            snprintf(what, sizeof what, "%s(conv layer %d, %s in the last value of 2 examples)", fn, l,
+                     side == 0 ? "NaN" : "-Inf");
+            BAD(rec(B, l, &x, 2), KFAC_ERROR_NON_FINITE, what);
+            buf_free(&x);
+            buf_free(&xo);
+        }
+    }
+
+    /* Steps with a non-finite conv gradient: nothing written, counter unchanged. */
+    for (int c = 0; c < 3; c++) {
+        if (!twins_record(&t)) check(0, "[%s] twins_record before a bad step", dtype_tag(dt));
+        grads_t gr = grads_new(dt, &t.model, &t.rng);
+        const char *name = "";
+        switch (c) {
+        case 0:
+            buf_set(&gr.w[1], gr.w[1].n - 1, NAN);
+            name = "kfac_step(NaN in the last weight of group 1 of the conv layer)";
+            break;
+        case 1:
+            buf_set(&gr.b[1], 3, INFINITY);
+            name = "kfac_step(Inf in a bias of group 1 of the conv layer)";
+            break;
+        case 2:
+            buf_set(&gr.w[2], 0, -INFINITY);
+            name = "kfac_step(-Inf in the 1-D conv layer's first weight)";
+            break;
+        }
+        grads_t gr0 = grads_clone(&gr);
+        const int64_t k = kfac_step_count(B);
+        st = bad_call(B, step(B, &gr));
+        after_bad(&t, st, KFAC_ERROR_NON_FINITE, name, 1, grads_same(&gr, &gr0) && kfac_step_count(B) == k);
+        grads_free(&gr);
+        grads_free(&gr0);
+    }
+
+    /* kfac_precondition on the convolutions: bias rules. */
+    {
+        grads_t gr = grads_new(dt, &t.model, &t.rng), gr0 = grads_clone(&gr);
+        st = bad_call(B, precondition(B, 2, &gr.w[2], &gr.w[0]));
+        after_bad(&t, st, KFAC_ERROR_INVALID_ARGUMENT,
+                  "kfac_precondition(1-D conv layer without bias, bias_grad given)", 1, grads_same(&gr, &gr0));
+        st = bad_call(B, precondition(B, 1, &gr.w[1], NULL));
+        after_bad(&t, st, KFAC_ERROR_NULL_POINTER,
+                  "kfac_precondition(conv layer with bias, bias_grad = NULL)", 1, grads_same(&gr, &gr0));
+        grads_free(&gr);
+        grads_free(&gr0);
+    }
+
+    /* State images of handles whose convolution differs in one respect. */
+    size_t size;
+    unsigned char *img = save_image(B, &size);
+    for (int c = 0; c < 7; c++) {
+        kfac_conv2d_desc d = CONV_TWIN_A;
+        const char *name = "";
+        switch (c) {
+        case 0: d.stride_w = 1; name = "stride"; break;
+        case 1: d.padding_h = 0; name = "padding"; break;
+        case 2: d.approximation = KFAC_CONV_SUA; name = "approximation"; break;
+        case 3: d.layout = KFAC_LAYOUT_NHWC; name = "layout"; break;
+        case 4: d.input_w = 7; name = "input width"; break;
+        case 5: d.output_group_size = 0; name = "output grouping"; break;
+        case 6: d.groups = 1; name = "groups"; break;
+        }
+        model_t m = CONV_TWIN_MODEL;
+        m.l[1].conv = &d;
+        kfac_optimizer *o = make_handle(dt, &m);
+        size_t osize;
+        unsigned char *oimg = save_image(o, &osize);
+        snprintf(what, sizeof what, "kfac_load_state(image of a handle whose conv layer differs in %s)", name);
+        if (oimg) BAD(kfac_load_state(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
+        free(oimg);
+        kfac_optimizer_free(o);
+    }
+    /* ... and a round trip through an image restores the conv layers' state exactly. */
+    if (img) {
+        twins_round(&t, why, sizeof why);
+        const int restored = kfac_load_state(t.h[0], img, size) == KFAC_OK &&
+                             kfac_load_state(B, img, size) == KFAC_OK && same_state(t.h[0], B) &&
+                             twins_round(&t, why, sizeof why);
+        check(restored, "[%s] both twins restored from an earlier image continue identically%s%s",
+              dtype_tag(dt), restored ? "" : ": ", why);
+    }
+    free(img);
+
+    buf_free(&a);
+    buf_free(&g);
+    buf_free(&ao);
+    buf_free(&go);
+    buf_free(&a0);
+    buf_free(&g0);
+    buf_free(&ao0);
+    buf_free(&go0);
+    twins_free(&t);
+}
+
+/* The growable kfac_conv2d_desc: an older caller's smaller struct_size (fields past it read as
+ * 0, whatever bytes follow), zeros read as 1 for stride, dilation and groups, and group sizes not
+ * smaller than the channel count meaning no grouping. Handles are compared through their state
+ * images (which hold the layer descriptions) or their factors after identical records. */
+static void test_conv_desc_compat(void) {
+    section("kfac_conv2d_desc: struct_size, defaults, group sizes");
+    /* The reference: struct_size = sizeof, grouping 0, explicit ones. */
+    kfac_conv2d_desc full = base_conv();
+    full.stride_h = 2;
+    full.padding_w = 1;
+    full.input_group_size = full.output_group_size = 0;
+    kfac_optimizer *ref = NULL, *h = NULL;
+    int32_t id = -1;
+    REQUIRE_OK(ref, kfac_optimizer_create(KFAC_FLOAT64, &ref));
+    REQUIRE_OK(ref, kfac_add_conv2d(ref, &full, &id));
+
+    /* An older caller: its struct ends at `reserved`; the bytes after it are someone else's. */
+    union {
+        kfac_conv2d_desc d;
+        unsigned char bytes[sizeof(kfac_conv2d_desc)];
+    } old;
+    memset(old.bytes, 0xFF, sizeof old.bytes); /* input/output_group_size = -1 if they were read */
+    memcpy(old.bytes, &full, offsetof(kfac_conv2d_desc, input_group_size));
+    old.d.struct_size = offsetof(kfac_conv2d_desc, input_group_size);
+    REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
+    int st = kfac_add_conv2d(h, &old.d, &id);
+    check(st == KFAC_OK && id == 0 && same_state(ref, h),
+          "struct_size = offsetof(input_group_size) = %zu (an older caller): accepted, the "
+          "grouping fields read as 0 although the bytes after the struct are 0xFF (got %s: %s)",
+          offsetof(kfac_conv2d_desc, input_group_size), status_name(st), kfac_last_error(h));
+    kfac_optimizer_free(h);
+
+    /* stride, dilation and groups 0 read as 1. */
+    kfac_conv2d_desc zeros = full;
+    full.groups = 1;
+    zeros.groups = 0;
+    zeros.stride_w = 0;
+    zeros.dilation_h = zeros.dilation_w = 0;
+    kfac_optimizer *ones = NULL;
+    REQUIRE_OK(ones, kfac_optimizer_create(KFAC_FLOAT64, &ones));
+    REQUIRE_OK(ones, kfac_add_conv2d(ones, &full, &id));
+    h = NULL;
+    REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
+    st = kfac_add_conv2d(h, &zeros, &id);
+    check(st == KFAC_OK && same_state(ones, h),
+          "stride_w, dilation_h, dilation_w and groups given as 0 read as 1 (same state as a "
+          "handle given 1s)");
+    kfac_optimizer_free(h);
+    kfac_optimizer_free(ones);
+
+    /* A kernel that exactly fits the padded input is valid (one output position). */
+    kfac_conv2d_desc fit = base_conv();
+    fit.kernel_h = 7;
+    fit.padding_h = 1;
+    fit.kernel_w = 3;
+    fit.dilation_w = 2; /* spans 5 = input_w */
+    h = NULL;
+    REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT32, &h));
+    kfac_layer_info info;
+    memset(&info, 0, sizeof info);
+    info.struct_size = sizeof info;
+    st = kfac_add_conv2d(h, &fit, &id);
+    check(st == KFAC_OK && kfac_layer_get_info(h, 0, &info) == KFAC_OK && info.a_dim == 2 * 21 + 1,
+          "a 7x3 kernel (dilation_w 2) that exactly fits the padded 7x5 input is accepted (got %s)",
+          status_name(st));
+    kfac_optimizer_free(h);
+
+    /* Group sizes not smaller than the channel count mean no grouping: the factors after
+     * identical records equal those of an ungrouped layer. Huge sizes too (run isolated: an
+     * unchecked product of the group size and kh·kw would overflow). */
+    const int64_t sizes[][2] = {{2, 3}, {3, 100}, {(int64_t)1 << 40, (int64_t)1 << 40},
+                                {(int64_t)1 << 62, 5}, {INT64_MAX, INT64_MAX}};
+    for (int approximation = KFAC_CONV_KFC; approximation <= KFAC_CONV_SUA; approximation++) {
+        kfac_conv2d_desc plain = base_conv(); /* 2 input and 3 output channels per group */
+        plain.approximation = approximation;
+        plain.padding_h = plain.padding_w = 1;
+        rng_t r = {77};
+        buf_t x = buf_new(KFAC_FLOAT64, 3 * 4 * 5 * 5), g = buf_new(KFAC_FLOAT64, 3 * 6 * 5 * 5);
+        buf_random(&x, &r);
+        buf_random(&g, &r);
+        buf_t a0 = buf_new(KFAC_FLOAT64, 19 * 19), g0 = buf_new(KFAC_FLOAT64, 9);
+        buf_t a1 = buf_new(KFAC_FLOAT64, 19 * 19), g1 = buf_new(KFAC_FLOAT64, 9);
+        kfac_optimizer *base = NULL;
+        REQUIRE_OK(base, kfac_optimizer_create(KFAC_FLOAT64, &base));
+        REQUIRE_OK(base, kfac_add_conv2d(base, &plain, &id));
+        REQUIRE_OK(base, record_inputs(base, 0, &x, 3));
+        REQUIRE_OK(base, record_grads(base, 0, &g, 3));
+        REQUIRE_OK(base, kfac_update_factors(base));
+        REQUIRE_OK(base, get_group_factors(base, 0, 1, &a0, &g0));
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+            kfac_conv2d_desc d = plain;
+            d.input_group_size = sizes[i][0];
+            d.output_group_size = sizes[i][1];
+            char what[200];
+            snprintf(what, sizeof what, "%s conv with 2/3 channels per group, group sizes %lld/%lld",
+                     approximation == KFAC_CONV_KFC ? "KFC" : "SUA", (long long)sizes[i][0],
+                     (long long)sizes[i][1]);
+            h = NULL;
+            REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
+            if (!survives_in_child(h, call_add_conv2d, &d, what)) {
+                kfac_optimizer_free(h);
+                continue;
+            }
+            st = kfac_add_conv2d(h, &d, &id);
+            const int same = st == KFAC_OK && record_inputs(h, 0, &x, 3) == KFAC_OK &&
+                             record_grads(h, 0, &g, 3) == KFAC_OK && kfac_update_factors(h) == KFAC_OK &&
+                             get_group_factors(h, 0, 1, &a1, &g1) == KFAC_OK &&
+                             buf_same(&a0, &a1) && buf_same(&g0, &g1);
+            check(same, "%s: accepted, no grouping (factors bitwise equal to the ungrouped layer's; "
+                        "got %s)", what, status_name(st));
+            kfac_optimizer_free(h);
+        }
+        kfac_optimizer_free(base);
+        buf_free(&x);
+        buf_free(&g);
+        buf_free(&a0);
+        buf_free(&g0);
+        buf_free(&a1);
+        buf_free(&g1);
+    }
+    kfac_optimizer_free(ref);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1611,7 +2357,7 @@ static void *worker_run(void *arg) {
     int ok = kfac_add_dense(h, 16, 12, 1, &id) == KFAC_OK && kfac_add_dense(h, 12, 8, 0, &id) == KFAC_OK &&
              kfac_set_param_int(h, KFAC_PARAM_NUM_THREADS, 2) == KFAC_OK &&
              kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3) == KFAC_OK;
-    const model_t m = {2, {{16, 12, 1}, {12, 8, 0}}};
+    const model_t m = {2, {{16, 12, 1, NULL}, {12, 8, 0, NULL}}};
     rng_t r = {5000 + (uint64_t)w->index};
     for (int round = 0; ok && round < 40; round++) {
         for (int l = 0; l < 2; l++) {
@@ -1739,7 +2485,7 @@ static double rel_diff(const double *x, const double *y, size_t n) {
 }
 
 /* The layers of the numeric tests: one with bias, one without. */
-static const model_t NUM_MODEL = {2, {{3, 2, 1}, {2, 3, 0}}};
+static const model_t NUM_MODEL = {2, {{3, 2, 1, NULL}, {2, 3, 0, NULL}}};
 
 /* Oracle of the eigen strategy: Θ = [W | b] ([out][p], p = in + bias), vec column-major, solve
  * (A ⊗ G + λ I) vec(U) = vec(V) with the explicit (p·out)² Kronecker matrix. */
@@ -1998,6 +2744,113 @@ static void test_numerics(void) {
     kfac_optimizer_free(h);
 }
 
+/* A float64 convolution through the C ABI: Ω_g and Γ_g against a naive loop over examples,
+ * output positions and kernel offsets, and kfac_step_f64's directions (eigen strategy, KL clip
+ * 0) against a dense solve of (Ω_g ⊗ Γ_g + λI) vec(U_g) = vec(V_g) per group. The same batch is
+ * fed in NCHW and in NHWC. */
+static void test_conv_numerics(void) {
+    section("numerics through the C ABI: a float64 convolution (groups 2, padding, stride 2)");
+    enum { N = 3, CIN = 4, COUT = 6, G = 2, KH = 3, KW = 2, H = 5, W = 6, SH = 2, SW = 2, PH = 1,
+           PW = 1, HO = (H + 2 * PH - (KH - 1) - 1) / SH + 1, WO = (W + 2 * PW - (KW - 1) - 1) / SW + 1,
+           T = HO * WO, CG = CIN / G, OG = COUT / G, P = CG * KH * KW, AD = P + 1 };
+    const double lambda = 0.02;
+    rng_t r = {909};
+    static double x[N][CIN][H][W], gr[N][COUT][HO][WO], wt[COUT][CG][KH][KW], bs[COUT];
+    static double xl[N][H][W][CIN], gl[N][HO][WO][COUT]; /* the same, channels last */
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < CIN; c++)
+            for (int i = 0; i < H; i++)
+                for (int j = 0; j < W; j++) xl[n][i][j][c] = x[n][c][i][j] = rng_sym(&r);
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < COUT; c++)
+            for (int i = 0; i < HO; i++)
+                for (int j = 0; j < WO; j++) gl[n][i][j][c] = gr[n][c][i][j] = 0.5 * rng_sym(&r);
+    for (int o = 0; o < COUT; o++) {
+        bs[o] = rng_sym(&r);
+        for (int c = 0; c < CG; c++)
+            for (int i = 0; i < KH; i++)
+                for (int j = 0; j < KW; j++) wt[o][c][i][j] = rng_sym(&r);
+    }
+
+    /* The oracle: Ω_g = (1/N) Σ_n Σ_t ā ā ᵀ (patch in [c][i][j] order, zeros in the padding, then
+     * 1), Γ_g = (1/(N|T|)) Σ_n Σ_t g gᵀ; U_g by the dense Kronecker solve. */
+    static double omega[G][AD * AD], gamma[G][OG * OG], want_w[COUT][P], want_b[COUT];
+    memset(omega, 0, sizeof omega);
+    memset(gamma, 0, sizeof gamma);
+    for (int gi = 0; gi < G; gi++) {
+        for (int n = 0; n < N; n++)
+            for (int oh = 0; oh < HO; oh++)
+                for (int ow = 0; ow < WO; ow++) {
+                    double abar[AD];
+                    for (int c = 0; c < CG; c++)
+                        for (int i = 0; i < KH; i++)
+                            for (int j = 0; j < KW; j++) {
+                                const int y = oh * SH - PH + i, z = ow * SW - PW + j;
+                                abar[(c * KH + i) * KW + j] =
+                                    y >= 0 && y < H && z >= 0 && z < W ? x[n][gi * CG + c][y][z] : 0.0;
+                            }
+                    abar[P] = 1.0;
+                    for (int u = 0; u < AD; u++)
+                        for (int v = 0; v < AD; v++) omega[gi][u * AD + v] += abar[u] * abar[v] / N;
+                    for (int u = 0; u < OG; u++)
+                        for (int v = 0; v < OG; v++)
+                            gamma[gi][u * OG + v] += gr[n][gi * OG + u][oh][ow] *
+                                                     gr[n][gi * OG + v][oh][ow] / (N * T);
+                }
+        double V[OG * AD], U[OG * AD];
+        for (int o = 0; o < OG; o++) {
+            for (int k = 0; k < P; k++) V[o * AD + k] = (&wt[gi * OG + o][0][0][0])[k];
+            V[o * AD + P] = bs[gi * OG + o];
+        }
+        kron_solve(omega[gi], gamma[gi], AD, OG, lambda, V, U);
+        for (int o = 0; o < OG; o++) {
+            for (int k = 0; k < P; k++) want_w[gi * OG + o][k] = U[o * AD + k];
+            want_b[gi * OG + o] = U[o * AD + P];
+        }
+    }
+
+    for (int layout = KFAC_LAYOUT_NCHW; layout <= KFAC_LAYOUT_NHWC; layout++) {
+        const char *tag = layout == KFAC_LAYOUT_NCHW ? "NCHW" : "NHWC";
+        const kfac_conv2d_desc d = {
+            .struct_size = sizeof(kfac_conv2d_desc), .in_channels = CIN, .out_channels = COUT,
+            .kernel_h = KH, .kernel_w = KW, .stride_h = SH, .stride_w = SW, .padding_h = PH,
+            .padding_w = PW, .dilation_h = 1, .dilation_w = 1, .groups = G, .input_h = H,
+            .input_w = W, .has_bias = 1, .layout = layout, .approximation = KFAC_CONV_KFC};
+        kfac_optimizer *h = NULL;
+        int32_t id = -1;
+        REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
+        REQUIRE_OK(h, kfac_add_conv2d(h, &d, &id));
+        REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
+        REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN));
+        const double *xin = layout == KFAC_LAYOUT_NCHW ? &x[0][0][0][0] : &xl[0][0][0][0];
+        const double *gin = layout == KFAC_LAYOUT_NCHW ? &gr[0][0][0][0] : &gl[0][0][0][0];
+        REQUIRE_OK(h, kfac_record_inputs_f64(h, id, xin, N));
+        REQUIRE_OK(h, kfac_record_output_grads_f64(h, id, gin, N));
+        REQUIRE_OK(h, kfac_update_factors(h));
+        for (int gi = 0; gi < G; gi++) {
+            double A[AD * AD], Gm[OG * OG];
+            REQUIRE_OK(h, kfac_get_group_factors_f64(h, id, gi, A, Gm));
+            const double da = rel_diff(A, omega[gi], AD * AD), dg = rel_diff(Gm, gamma[gi], OG * OG);
+            check(da < 1e-13 && dg < 1e-13,
+                  "%s, group %d: Ω_g (%dx%d) and Γ_g (%dx%d) equal the naive loop (rel. diff %.1e, "
+                  "%.1e)", tag, gi, AD, AD, OG, OG, da, dg);
+        }
+        static double w[COUT][CG][KH][KW], b[COUT];
+        memcpy(w, wt, sizeof w);
+        memcpy(b, bs, sizeof b);
+        double *wp[1] = {&w[0][0][0][0]}, *bp[1] = {b};
+        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        const double dw = rel_diff(&w[0][0][0][0], &want_w[0][0], COUT * P);
+        const double db = rel_diff(b, want_b, COUT);
+        check(dw < 1e-10 && db < 1e-10 && kfac_last_kl_scale(h) == 1.0,
+              "%s: kfac_step_f64 (eigen, KL clip 0) writes (Ω_g ⊗ Γ_g + λI)⁻¹ vec([W_g | b_g]) per "
+              "group, by dense %dx%d solves (rel. diff %.1e weights, %.1e biases)",
+              tag, OG * AD, OG * AD, dw, db);
+        kfac_optimizer_free(h);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 int main(void) {
@@ -2011,10 +2864,14 @@ int main(void) {
     test_globals();
     test_errors(KFAC_FLOAT32, tmpdir);
     test_errors(KFAC_FLOAT64, tmpdir);
+    test_conv_errors(KFAC_FLOAT32);
+    test_conv_errors(KFAC_FLOAT64);
+    test_conv_desc_compat();
     test_call_order();
     test_params_and_info();
     test_concurrency();
     test_numerics();
+    test_conv_numerics();
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a small MLP on the handwritten digits with PyTorch and libkfac's K-FAC.
+"""Train a small MLP (or CNN) on the handwritten digits with PyTorch and libkfac's K-FAC.
 
 Three runs from the same initial weights and the same minibatch order:
 
@@ -8,13 +8,16 @@ Three runs from the same initial weights and the same minibatch order:
   * SGD with momentum alone;
   * Adam.
 
-The model is 64-128-64-10 with tanh activations and a mean cross-entropy loss. The data is
+The model is 64-128-64-10 with tanh activations and a mean cross-entropy loss; with
+--model cnn it is a small CNN on the 8x8 images (Conv2d 1->8 3x3, Conv2d 8->16 3x3 stride 2 in
+2 groups, Linear 256->10), whose convolutions K-FAC preconditions with the KFC approximation
+(--conv-approximation sua for SUA). The data is
 data/digits.bin of this repository (1797 8x8 images from scikit-learn, see data/README.md):
 the first 1500 examples train, the last 297 test. Pixels are scaled by 1/16.
 
 Run from anywhere, after building the library (swift build -c release --product kfac):
 
-    python3 examples/python/train_digits_torch.py [--epochs N]
+    python3 examples/python/train_digits_torch.py [--epochs N] [--model mlp|cnn]
 
 The kfac package is imported from bindings/python of this checkout unless it is installed.
 Everything is seeded; the run takes a few seconds on two CPU cores.
@@ -64,9 +67,18 @@ def load_digits(path=DATA_PATH):
     return x, y
 
 
-def make_model():
-    """The 64-128-64-10 tanh MLP, with the same initial weights on every call."""
+def make_model(kind="mlp"):
+    """The 64-128-64-10 tanh MLP, or the small CNN, with the same initial weights on every
+    call. Both take the flat [N, 64] pixels."""
     torch.manual_seed(SEED)
+    if kind == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(),                       # [N, 8, 8, 8]
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.Tanh(),  # [N, 16, 4, 4]
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 10),
+        )
     return nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(),
         nn.Linear(128, 64), nn.Tanh(),
@@ -117,6 +129,9 @@ def train(name, model, optimizer, data, epochs, preconditioner=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs per optimizer (default 10)")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="default mlp")
+    parser.add_argument("--conv-approximation", choices=["kfc", "sua"], default="kfc",
+                        help="K-FAC approximation of the CNN's convolutions (default kfc)")
     args = parser.parse_args()
 
     # The model is tiny: one PyTorch thread is as fast as several, and it keeps PyTorch's
@@ -125,11 +140,11 @@ def main():
     x, y = load_digits()
     data = (x[:TRAIN_SIZE], y[:TRAIN_SIZE], x[TRAIN_SIZE:], y[TRAIN_SIZE:])
     print(f"digits: {len(x)} examples of {x.shape[1]} pixels; "
-          f"{TRAIN_SIZE} train, {len(x) - TRAIN_SIZE} test; batch {BATCH_SIZE}")
+          f"{TRAIN_SIZE} train, {len(x) - TRAIN_SIZE} test; batch {BATCH_SIZE}; model {args.model}")
 
     results = {}
 
-    model = make_model()
+    model = make_model(args.model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.2)
     kfac_pre = KFACPreconditioner(
         model,
@@ -141,15 +156,16 @@ def main():
         inverse_update_period=10,
         inverse_strategy="eigen",
         loss_reduction="mean",  # cross_entropy averages over the batch
+        conv_approximation=args.conv_approximation,  # used by the CNN's convolutions only
     )
     results["K-FAC + SGD (lr 0.2)"] = train("K-FAC + SGD", model, sgd, data, args.epochs, kfac_pre)
     kfac_pre.close()
 
-    model = make_model()
+    model = make_model(args.model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     results["SGD-momentum (lr 0.1)"] = train("SGD-momentum", model, sgd, data, args.epochs)
 
-    model = make_model()
+    model = make_model(args.model)
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     results["Adam (lr 1e-3)"] = train("Adam", model, adam, data, args.epochs)
 

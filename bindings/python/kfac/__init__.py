@@ -17,7 +17,12 @@ Quick start with numpy::
             opt.step([dw], [db])                   # dw, db now hold the directions
             w -= lr * dw; b -= lr * db
 
-With PyTorch, use :class:`kfac.torch.KFACPreconditioner`.
+Convolutions: :meth:`Optimizer.add_conv2d` / :meth:`Optimizer.add_conv1d` (PyTorch's
+conventions plus the fixed input size); channel grouping through the ``input_group_size`` and
+``output_group_size`` arguments of the ``add_*`` methods.
+
+With PyTorch, use :class:`kfac.torch.KFACPreconditioner` (``nn.Linear``, ``nn.Conv2d``,
+``nn.Conv1d``).
 
 Modules:
     :mod:`kfac._lib`: the raw ctypes mirror of ``kfac.h`` (all functions and constants);
@@ -37,7 +42,7 @@ from ._optimizer import PARAMETERS, KFACError, LayerInfo, Optimizer
 __version__ = "0.1.0"
 
 # Every KFAC_* constant of kfac.h (status codes, parameters, dtypes, strategies, reductions,
-# layer kinds, version macros) is also available as kfac.KFAC_*.
+# layer kinds, layouts, conv approximations, version macros) is also available as kfac.KFAC_*.
 _CONSTANTS = {name: getattr(_lib, name) for name in dir(_lib) if name.startswith("KFAC_")}
 globals().update(_CONSTANTS)
 

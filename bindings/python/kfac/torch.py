@@ -295,10 +295,12 @@ class KFACPreconditioner:
                 size = _options_for(input_shapes or {}, layer, None, "input_shapes")
                 if size is not None:
                     layer.input_size = self._normalised_size(layer, size)
-            elif isinstance(conv_approximation, dict) and any(
-                key is layer.module or key == layer.name for key in conv_approximation
-            ):
-                raise ValueError(f"KFACPreconditioner: conv_approximation names the Linear layer {layer.name!r}")
+            else:
+                for option, what in ((conv_approximation, "conv_approximation"), (input_shapes, "input_shapes")):
+                    if isinstance(option, dict) and any(
+                        key is layer.module or key == layer.name for key in option
+                    ):
+                        raise ValueError(f"KFACPreconditioner: {what} names the Linear layer {layer.name!r}")
 
         param_dtypes = {layer.module.weight.dtype for layer in self._layers}
         if dtype is None:

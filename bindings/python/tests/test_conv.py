@@ -1,0 +1,1016 @@
+"""Convolutions and channel grouping through kfac.Optimizer, against the independent numpy
+reference of conv_reference.py (im2col loop, explicit Kronecker solves per group)."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import conv_reference as cr
+import kfac
+import kfac_reference as ref
+from kfac import _lib
+from testutil import assert_close
+
+N = 3  # examples per batch
+
+# Geometries covering every convention of the header; NCHW and NHWC are both run on each.
+GEOMETRIES = [
+    cr.Conv(2, 3, (3, 3), (5, 6), label="3x3"),
+    cr.Conv(2, 3, (3, 3), (7, 6), stride=(2, 2), padding=(1, 1), label="stride2-pad1"),
+    cr.Conv(2, 3, (3, 3), (7, 7), padding=(2, 2), dilation=(2, 2), label="dilation2"),
+    cr.Conv(4, 6, (3, 3), (5, 6), stride=(2, 1), padding=(1, 1), groups=2, label="groups2"),
+    cr.Conv(3, 6, (3, 3), (5, 5), padding=(1, 1), groups=3, label="depthwise-x2"),
+    cr.Conv(3, 3, (3, 3), (4, 5), padding=(1, 1), groups=3, bias=False, label="depthwise-nobias"),
+    cr.Conv(3, 4, (1, 1), (4, 5), label="1x1"),
+    cr.Conv(2, 3, (2, 3), (6, 7), stride=(2, 1), padding=(1, 0), dilation=(1, 2), label="non-square"),
+    cr.Conv(2, 3, (3, 3), (5, 6), stride=(1, 2), padding=(0, 1), bias=False, label="nobias"),
+    cr.Conv(3, 4, (1, 3), (1, 9), stride=(1, 2), padding=(0, 1), one_d=True, label="conv1d"),
+    cr.Conv(4, 4, (1, 3), (1, 8), padding=(0, 2), dilation=(1, 2), groups=2, one_d=True,
+            label="conv1d-groups-dilation"),
+]
+
+
+def _with(conv, **changes):
+    fields = dict(conv.__dict__)
+    fields.update(changes)
+    return cr.Conv(**fields)
+
+
+def _ids(convs):
+    return [conv.label for conv in convs]
+
+
+def _batch(rng, conv, dtype, n=N):
+    x = rng.standard_normal(conv.input_shape(n)).astype(dtype)
+    g = rng.standard_normal(conv.grad_shape(n)).astype(dtype)
+    return x, g
+
+
+def _recorded(rng, conv, dtype, n=N, **params):
+    """(opt, layer, expected factors) after one factor update from one random batch."""
+    opt = kfac.Optimizer(dtype, **params)
+    layer = conv.add_to(opt)
+    x, g = _batch(rng, conv, dtype, n)
+    opt.record_inputs(layer, x)
+    opt.record_output_grads(layer, g)
+    opt.update_factors()
+    return opt, layer, cr.expected_factors(x, g, conv)
+
+
+def _check_factors(opt, layer, expected, dtype):
+    info = opt.layer_info(layer)
+    assert info.groups == len(expected)
+    for group, (omega, gamma) in enumerate(expected):
+        a, g = opt.factors(layer, group)
+        assert a.dtype == np.dtype(dtype) and a.shape == omega.shape and g.shape == gamma.shape
+        assert_close(a, omega, dtype, scale=5.0)
+        assert_close(g, gamma, dtype, scale=5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and layer info
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv", GEOMETRIES, ids=_ids(GEOMETRIES))
+def test_layer_info_of_a_convolution(conv):
+    with kfac.Optimizer(np.float64) as opt:
+        opt.add_dense(3, 2)
+        layer = conv.add_to(opt)
+        assert layer == 1 and opt.num_layers == 2
+        info = opt.layer_info(layer)
+        assert info.kind == kfac.KFAC_LAYER_CONV2D
+        assert (info.in_features, info.out_features) == (conv.in_channels, conv.out_channels)
+        assert info.has_bias == conv.bias and info.groups == conv.groups
+        assert (info.a_dim, info.g_dim) == (conv.a_dim, conv.cout)
+        assert not info.has_factors and not info.has_inverses
+        assert opt.layer_info(0).groups == 1
+
+
+def test_add_conv2d_accepts_ints_pairs_and_padding_strings():
+    with kfac.Optimizer(np.float64) as opt:
+        a = opt.add_conv2d(2, 4, 3, stride=2, padding=1, dilation=1, input_size=(8, 8))
+        b = opt.add_conv2d(2, 4, (3, 3), stride=(2, 2), padding=(1, 1), input_size=[8, 8])
+        c = opt.add_conv2d(2, 4, (3, 5), padding="same", dilation=(2, 1), input_size=(8, 8))
+        d = opt.add_conv2d(2, 4, 3, padding="valid", input_size=(8, 8))
+        e = opt.add_conv1d(2, 4, (3,), stride=(2,), padding=(1,), input_size=(9,))
+        assert [opt.layer_info(i).a_dim for i in (a, b, c, d, e)] == [19, 19, 31, 19, 7]
+        with pytest.raises(ValueError, match="symmetric"):
+            opt.add_conv2d(2, 4, 2, padding="same", input_size=(8, 8))  # PyTorch pads 1 zero
+        with pytest.raises(ValueError, match="stride 1"):
+            opt.add_conv2d(2, 4, 3, stride=2, padding="same", input_size=(8, 8))
+        with pytest.raises(TypeError, match="input_size"):
+            opt.add_conv2d(2, 4, 3)
+        with pytest.raises(ValueError, match="layout"):
+            opt.add_conv2d(2, 4, 3, input_size=(8, 8), layout="chwn")
+        with pytest.raises(ValueError, match="approximation"):
+            opt.add_conv2d(2, 4, 3, input_size=(8, 8), approximation="kfra")
+        with pytest.raises(ValueError):
+            opt.add_conv2d(2, 4, (3, 3, 3), input_size=(8, 8))
+        with pytest.raises(TypeError):
+            opt.add_conv2d(2, 4, 3.0, input_size=(8, 8))
+        assert opt.num_layers == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, status",
+    [
+        (dict(groups=3), kfac.KFAC_ERROR_INVALID_SIZE),  # 3 does not divide 4 channels
+        (dict(kernel_size=9), kfac.KFAC_ERROR_INVALID_SIZE),  # larger than the padded 8×8
+        (dict(kernel_size=5, dilation=3), kfac.KFAC_ERROR_INVALID_SIZE),
+        (dict(padding=-1), kfac.KFAC_ERROR_INVALID_SIZE),
+        (dict(in_channels=0), kfac.KFAC_ERROR_INVALID_SIZE),
+        (dict(stride=-2), kfac.KFAC_ERROR_INVALID_SIZE),
+        (dict(input_group_size=-1), kfac.KFAC_ERROR_INVALID_SIZE),
+        (dict(in_channels=1 << 31), kfac.KFAC_ERROR_SIZE_OVERFLOW),
+        (dict(in_channels=4096, kernel_size=8), kfac.KFAC_ERROR_SIZE_OVERFLOW),  # Ω dim 262145
+    ],
+)
+def test_add_conv2d_errors_come_from_the_library(kwargs, status):
+    args = dict(in_channels=4, out_channels=4, kernel_size=3, input_size=(8, 8))
+    args.update(kwargs)
+    with kfac.Optimizer(np.float32) as opt:
+        with pytest.raises(kfac.KFACError) as info:
+            opt.add_conv2d(**args)
+        assert info.value.status == status
+        assert opt.num_layers == 0
+        opt.add_conv2d(4, 4, 3, input_size=(8, 8))  # the handle still works
+        assert opt.num_layers == 1
+
+
+def test_raw_desc_with_an_older_struct_size_reads_missing_fields_as_zero(rng):
+    """A caller compiled against a header without the grouping fields: struct_size up to
+    `reserved`; the library must ignore whatever follows (grouping 0)."""
+    handle = _lib.kfac_optimizer_p()
+    assert _lib.kfac_optimizer_create(kfac.KFAC_FLOAT64, ctypes.byref(handle)) == kfac.KFAC_OK
+    try:
+        desc = _lib.kfac_conv2d_desc.new(
+            in_channels=4, out_channels=4, kernel_h=3, kernel_w=3, input_h=5, input_w=5, has_bias=1,
+            input_group_size=-5, output_group_size=-5,  # invalid if read
+        )
+        desc.struct_size = _lib.kfac_conv2d_desc.input_group_size.offset
+        layer = ctypes.c_int32(-1)
+        assert _lib.kfac_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_OK
+        desc.struct_size -= 1
+        assert _lib.kfac_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_ERROR_INVALID_SIZE
+        assert _lib.kfac_layer_count(handle) == 1
+        info = _lib.kfac_layer_info.new()
+        assert _lib.kfac_layer_get_info(handle, 0, ctypes.byref(info)) == kfac.KFAC_OK
+        assert (info.kind, info.groups, info.a_dim, info.g_dim) == (kfac.KFAC_LAYER_CONV2D, 1, 37, 4)
+        assert info.struct_size == ctypes.sizeof(_lib.kfac_layer_info)
+        # stride, dilation and groups 0 read as 1: a full Ω without grouping
+        x = rng.standard_normal((2, 4, 5, 5))
+        g = rng.standard_normal((2, 4, 3, 3))
+        ptr = ctypes.POINTER(ctypes.c_double)
+        assert _lib.kfac_record_inputs_f64(handle, 0, x.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
+        assert _lib.kfac_record_output_grads_f64(handle, 0, g.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
+        assert _lib.kfac_update_factors(handle) == kfac.KFAC_OK
+        a = np.zeros((37, 37))
+        assert _lib.kfac_get_group_factors_f64(handle, 0, 0, a.ctypes.data_as(ptr), None) == kfac.KFAC_OK
+        conv = cr.Conv(4, 4, (3, 3), (5, 5))
+        np.testing.assert_allclose(a, cr.expected_factors(x, g, conv)[0][0], rtol=1e-12, atol=1e-12)
+    finally:
+        _lib.kfac_optimizer_free(handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# KFC factors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("conv", GEOMETRIES, ids=_ids(GEOMETRIES))
+def test_kfc_factors_match_im2col_reference(rng, dtype, conv, layout):
+    conv = _with(conv, layout=layout)
+    opt, layer, expected = _recorded(rng, conv, dtype)
+    with opt:
+        assert opt.layer_info(layer).has_factors
+        _check_factors(opt, layer, expected, dtype)
+
+
+def test_one_by_one_convolution_is_a_dense_layer_at_every_position(rng):
+    """Header: a 1×1 convolution has Ω = |T|·A and Γ = G of the dense layer applied at every
+    pixel (A, G from the pixels as rows)."""
+    conv = cr.Conv(3, 4, (1, 1), (4, 5))
+    x = rng.standard_normal(conv.input_shape(N))
+    g = rng.standard_normal(conv.grad_shape(N))
+    with kfac.Optimizer(np.float64) as opt:
+        layer = conv.add_to(opt)
+        opt.record_inputs(layer, x)
+        opt.record_output_grads(layer, g)
+        opt.update_factors()
+        omega, gamma = opt.factors(layer)
+    pixels = x.transpose(0, 2, 3, 1).reshape(-1, 3)
+    grads = g.transpose(0, 2, 3, 1).reshape(-1, 4)
+    A, G = ref.batch_factors(pixels, grads, True)
+    assert_close(omega, conv.positions * A, np.float64)
+    assert_close(gamma, G, np.float64)
+
+
+def test_conv1d_equals_the_1xL_conv2d(rng):
+    """[N][C][L] inputs are exactly [N][C][1][L]: same factors from add_conv1d and add_conv2d."""
+    x = rng.standard_normal((4, 3, 10))
+    g = rng.standard_normal((4, 5, 5))
+    with kfac.Optimizer(np.float64) as opt:
+        a = opt.add_conv1d(3, 5, 3, stride=2, padding=1, input_size=10)
+        b = opt.add_conv2d(3, 5, (1, 3), stride=(1, 2), padding=(0, 1), input_size=(1, 10))
+        for layer in (a, b):
+            opt.record_inputs(layer, x if layer == a else x[:, :, None, :])
+            opt.record_output_grads(layer, g if layer == a else g[:, :, None, :])
+        opt.update_factors()
+        for fa, fb in zip(opt.factors(a), opt.factors(b)):
+            np.testing.assert_array_equal(fa, fb)
+
+
+def test_several_record_calls_average_over_all_examples(rng, dtype):
+    conv = cr.Conv(4, 4, (3, 3), (5, 5), padding=(1, 1), groups=2)
+    x1, g1 = _batch(rng, conv, dtype, 2)
+    x2, g2 = _batch(rng, conv, dtype, 5)
+    with kfac.Optimizer(dtype) as opt:
+        layer = conv.add_to(opt)
+        opt.record_inputs(layer, x1)
+        opt.record_inputs(layer, x2)
+        opt.record_output_grads(layer, g1)
+        opt.record_output_grads(layer, g2)
+        opt.update_factors()
+        expected = cr.expected_factors(np.concatenate([x1, x2]), np.concatenate([g1, g2]), conv)
+        _check_factors(opt, layer, expected, dtype)
+
+
+def test_mean_reduction_multiplies_output_grads_by_the_examples(rng):
+    conv = cr.Conv(2, 3, (3, 3), (5, 5))
+    x, g = _batch(rng, conv, np.float64, 4)
+    with kfac.Optimizer(np.float64, loss_reduction="mean") as mean, kfac.Optimizer(np.float64) as total:
+        for opt, grads in ((mean, g / 4), (total, g)):
+            layer = conv.add_to(opt)
+            opt.record_inputs(layer, x)
+            opt.record_output_grads(layer, grads)
+            opt.update_factors()
+        assert_close(mean.factors(0)[1], total.factors(0)[1], np.float64)
+        assert_close(total.factors(0)[1], cr.expected_factors(x, g, conv)[0][1], np.float64)
+
+
+def test_record_checks_the_element_count_and_accepts_conv_shapes(rng):
+    with kfac.Optimizer(np.float64) as opt:
+        c2 = opt.add_conv2d(2, 3, 3, input_size=(5, 6))
+        c1 = opt.add_conv1d(2, 3, 3, input_size=7, layout="nhwc")
+        d = opt.add_dense(4, 2)
+        opt.record_inputs(c2, rng.standard_normal((4, 2, 5, 6)))  # [N][C][H][W]
+        opt.record_inputs(c2, rng.standard_normal((4, 60)))  # flattened examples
+        opt.record_output_grads(c2, rng.standard_normal((4, 3, 3, 4)).astype(np.float32))  # widened
+        opt.record_inputs(c1, rng.standard_normal((2, 7, 2)))  # [N][L][C]
+        opt.record_output_grads(c1, rng.standard_normal((2, 5, 3)))
+        with pytest.raises(ValueError, match="60"):
+            opt.record_inputs(c2, rng.standard_normal((4, 2, 5, 5)))
+        with pytest.raises(ValueError, match="per example"):
+            opt.record_output_grads(c2, rng.standard_normal((4, 3, 4, 4)))
+        with pytest.raises(ValueError):
+            opt.record_inputs(c1, rng.standard_normal((2, 2, 6)))
+        with pytest.raises(TypeError):
+            opt.record_inputs(c2, rng.standard_normal((4, 2, 5, 6)).astype(np.float32).astype(np.complex64))
+        with pytest.raises(kfac.KFACError) as info:
+            opt.record_inputs(c2, np.zeros((0, 2, 5, 6)))
+        assert info.value.status == kfac.KFAC_ERROR_INVALID_SIZE
+        opt.record_inputs(d, rng.standard_normal((3, 5, 4)))  # dense: rows flattened as before
+    with kfac.Optimizer(np.float32) as opt:
+        layer = opt.add_conv2d(2, 3, 3, input_size=(5, 6))
+        with pytest.raises(TypeError, match="narrowed"):
+            opt.record_inputs(layer, rng.standard_normal((1, 2, 5, 6)))
+
+
+def test_records_are_zero_copy_for_contiguous_arrays_of_the_dtype(rng, monkeypatch):
+    seen = []
+    with kfac.Optimizer(np.float32) as opt:
+        layer = opt.add_conv2d(2, 3, 3, input_size=(5, 6))
+        x = rng.standard_normal((4, 2, 5, 6)).astype(np.float32)
+        original = opt._call
+
+        def spy(function, *args):
+            seen.append(args)
+            return original(function, *args)
+
+        monkeypatch.setattr(opt, "_call", spy)
+        opt.record_inputs(layer, x)
+    (layer_arg, pointer, rows), = seen
+    assert ctypes.cast(pointer, ctypes.c_void_p).value == x.ctypes.data and rows == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# SUA
+# ---------------------------------------------------------------------------------------------
+
+SUA_GEOMETRIES = [g for g in GEOMETRIES if g.label in (
+    "3x3", "stride2-pad1", "dilation2", "groups2", "depthwise-x2", "non-square", "nobias",
+    "conv1d", "1x1")]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("conv", SUA_GEOMETRIES, ids=_ids(SUA_GEOMETRIES))
+def test_sua_omega_is_the_transformed_kfc_omega(rng, dtype, conv, layout):
+    """SUA Ω = KFC Ω with cross-offset blocks removed, same-offset blocks replaced by their mean,
+    and the bias block |T| without cross terms; Γ is KFC's."""
+    kfc = _with(conv, layout=layout)
+    sua = _with(conv, layout=layout, approximation="sua")
+    x, g = _batch(rng, kfc, dtype)
+    with kfac.Optimizer(dtype) as opt:
+        a = kfc.add_to(opt)
+        b = sua.add_to(opt)
+        for layer in (a, b):
+            opt.record_inputs(layer, x)
+            opt.record_output_grads(layer, g)
+        opt.update_factors()
+        for group in range(conv.groups):
+            omega_kfc, gamma_kfc = opt.factors(a, group)
+            omega_sua, gamma_sua = opt.factors(b, group)
+            # against the library's own KFC Ω and against the reference
+            assert_close(omega_sua, cr.sua_from_kfc(omega_kfc.astype(np.float64), conv), dtype, scale=5.0)
+            assert_close(gamma_sua, gamma_kfc, dtype)
+            ref_omega, ref_gamma = cr.expected_factors(x, g, sua)[group]
+            assert_close(omega_sua, ref_omega, dtype, scale=5.0)
+            if conv.bias:
+                assert_close(omega_sua[-1, -1], conv.positions, dtype)
+                assert not np.any(omega_sua[-1, :-1]) and not np.any(omega_sua[:-1, -1])
+
+
+def test_sua_factor_is_c_kron_identity_in_weight_order(rng):
+    conv = cr.Conv(3, 2, (2, 2), (4, 4), padding=(1, 1), approximation="sua", bias=False)
+    opt, layer, _ = _recorded(rng, conv, np.float64)
+    with opt:
+        omega, _ = opt.factors(layer)
+    c = omega[::4, ::4]  # channel blocks at offset 0
+    np.testing.assert_allclose(omega, np.kron(c, np.eye(4)), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel grouping
+# ---------------------------------------------------------------------------------------------
+
+GROUPED = [
+    cr.Conv(5, 6, (3, 3), (5, 6), padding=(1, 1), input_group_size=2, output_group_size=4,
+            label="kfc-5in-by2-6out-by4"),
+    cr.Conv(4, 6, (3, 3), (5, 6), padding=(1, 1), groups=2, input_group_size=1,
+            output_group_size=2, label="kfc-groups2-by1-by2"),
+    cr.Conv(4, 6, (2, 3), (5, 6), stride=(2, 1), input_group_size=3, label="kfc-input-only"),
+    cr.Conv(4, 6, (3, 3), (5, 6), output_group_size=5, bias=False, label="kfc-output-only-nobias"),
+    cr.Conv(4, 6, (3, 3), (5, 6), input_group_size=4, output_group_size=6, label="kfc-not-smaller"),
+    cr.Conv(4, 6, (3, 3), (5, 6), input_group_size=9, output_group_size=100, label="kfc-larger"),
+    cr.Conv(5, 6, (3, 3), (5, 6), padding=(1, 1), approximation="sua", input_group_size=2,
+            output_group_size=4, label="sua-by2-by4"),
+    cr.Conv(4, 4, (3, 3), (6, 6), stride=(2, 2), groups=2, approximation="sua", input_group_size=1,
+            output_group_size=1, bias=False, label="sua-groups2-by1"),
+    cr.Conv(4, 4, (1, 3), (1, 9), padding=(0, 1), one_d=True, input_group_size=3,
+            output_group_size=2, label="conv1d-by3-by2"),
+]
+
+
+@pytest.mark.parametrize("conv", GROUPED, ids=_ids(GROUPED))
+def test_grouped_factors_are_the_block_diagonal_part(rng, dtype, conv):
+    opt, layer, expected = _recorded(rng, conv, dtype)
+    with opt:
+        _check_factors(opt, layer, expected, dtype)
+        ungrouped = _with(conv, input_group_size=0, output_group_size=0)
+        x, g = _batch(rng, conv, dtype)
+        full = cr.expected_factors(x, g, ungrouped)
+        blocks = cr.expected_factors(x, g, conv)
+        for (omega, gamma), (omega_b, gamma_b) in zip(full, blocks):
+            # the block-diagonal part: equal on the blocks, zero elsewhere
+            on = cr.mask(cr.input_ids(conv)).astype(bool)
+            np.testing.assert_array_equal(omega_b[on], omega[on])
+            assert not np.any(omega_b[~on])
+            on = cr.mask(cr.block_ids(conv.cout, conv.output_group_size, False)).astype(bool)
+            np.testing.assert_array_equal(gamma_b[on], gamma[on])
+            assert not np.any(gamma_b[~on])
+
+
+def test_group_size_not_smaller_than_the_channels_means_no_grouping(rng):
+    conv = cr.Conv(4, 6, (3, 3), (5, 6))
+    x, g = _batch(rng, conv, np.float64)
+    with kfac.Optimizer(np.float64) as opt:
+        layers = [
+            _with(conv, input_group_size=s, output_group_size=t).add_to(opt)
+            for s, t in ((0, 0), (4, 6), (7, 99))
+        ]
+        for layer in layers:
+            opt.record_inputs(layer, x)
+            opt.record_output_grads(layer, g)
+        opt.update_factors()
+        for layer in layers[1:]:
+            for a, b in zip(opt.factors(layer), opt.factors(layers[0])):
+                np.testing.assert_array_equal(a, b)
+        assert np.all(opt.factors(layers[0])[0][-1] != 0)  # the bias row is joined to the block
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("sizes", [(2, 2), (3, 0), (0, 4), (5, 3), (7, 9)], ids=str)
+def test_grouped_dense_factors(rng, dtype, bias, sizes):
+    s_in, s_out = sizes
+    with kfac.Optimizer(dtype) as opt:
+        layer = opt.add_dense(7, 5, bias=bias, input_group_size=s_in, output_group_size=s_out)
+        info = opt.layer_info(layer)
+        assert (info.kind, info.groups, info.a_dim, info.g_dim) == (kfac.KFAC_LAYER_DENSE, 1, 7 + bias, 5)
+        x = rng.standard_normal((9, 7)).astype(dtype)
+        g = rng.standard_normal((9, 5)).astype(dtype)
+        opt.record_inputs(layer, x)
+        opt.record_output_grads(layer, g)
+        opt.update_factors()
+        A, G = opt.factors(layer)
+        A_ref, G_ref = ref.batch_factors(x, g, bias)
+        assert_close(A, A_ref * cr.mask(cr.block_ids(7, s_in, bias)), dtype)
+        assert_close(G, G_ref * cr.mask(cr.block_ids(5, s_out, False)), dtype)
+
+
+def test_grouped_dense_uses_the_grouped_entry_point_only_when_asked(monkeypatch):
+    calls = []
+    with kfac.Optimizer(np.float64) as opt:
+        original = opt._call
+
+        def spy(function, *args):
+            calls.append(function)
+            return original(function, *args)
+
+        monkeypatch.setattr(opt, "_call", spy)
+        opt.add_dense(3, 2)
+        opt.add_dense(3, 2, input_group_size=1)
+        opt.add_dense(3, 2, output_group_size=1)
+    assert calls == [_lib.kfac_add_dense, _lib.kfac_add_dense_grouped, _lib.kfac_add_dense_grouped]
+
+
+def test_group_factor_errors(rng):
+    conv = cr.Conv(4, 4, (3, 3), (5, 5), groups=2)
+    opt, layer, _ = _recorded(rng, conv, np.float64)
+    with opt:
+        for group in (-1, 2, 2**31 - 1, -(2**31), 2**40):
+            with pytest.raises(kfac.KFACError) as info:
+                opt.factors(layer, group)
+            assert info.value.status == kfac.KFAC_ERROR_INVALID_ARGUMENT, group
+        with pytest.raises(TypeError):
+            opt.factors(layer, True)
+        with pytest.raises(kfac.KFACError) as info:
+            opt.factors(7)
+        assert info.value.status == kfac.KFAC_ERROR_UNKNOWN_LAYER
+
+
+def test_get_group_factors_raw_errors(rng):
+    """INVALID_ARGUMENT for a group out of range, DTYPE_MISMATCH, NO_STATISTICS; buffers
+    untouched."""
+    with kfac.Optimizer(np.float64) as opt:
+        layer = opt.add_conv2d(4, 4, 3, groups=2, input_size=(5, 5))
+        h = opt._handle
+        a = np.full((19, 19), 7.0)
+        g = np.full((2, 2), 7.0)
+        dp = ctypes.POINTER(ctypes.c_double)
+        fp = ctypes.POINTER(ctypes.c_float)
+        assert _lib.kfac_get_group_factors_f64(h, layer, 0, a.ctypes.data_as(dp), g.ctypes.data_as(dp)) == \
+            kfac.KFAC_ERROR_NO_STATISTICS
+        opt.record_inputs(layer, rng.standard_normal((2, 4, 5, 5)))
+        opt.record_output_grads(layer, rng.standard_normal((2, 4, 3, 3)))
+        opt.update_factors()
+        for group in (-1, 2):
+            assert _lib.kfac_get_group_factors_f64(h, layer, group, a.ctypes.data_as(dp), None) == \
+                kfac.KFAC_ERROR_INVALID_ARGUMENT
+        af = np.zeros((19, 19), np.float32)
+        assert _lib.kfac_get_group_factors_f32(h, layer, 0, af.ctypes.data_as(fp), None) == \
+            kfac.KFAC_ERROR_DTYPE_MISMATCH
+        assert _lib.kfac_get_group_factors_f64(h, 1, 0, a.ctypes.data_as(dp), None) == \
+            kfac.KFAC_ERROR_UNKNOWN_LAYER
+        assert _lib.kfac_get_group_factors_f64(None, 0, 0, None, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert np.all(a == 7.0) and np.all(g == 7.0)
+        assert _lib.kfac_get_group_factors_f64(h, layer, 1, None, g.ctypes.data_as(dp)) == kfac.KFAC_OK
+        assert np.all(a == 7.0) and not np.all(g == 7.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preconditioning
+# ---------------------------------------------------------------------------------------------
+
+PRECONDITIONED = [
+    cr.Conv(4, 6, (3, 3), (5, 6), stride=(2, 1), padding=(1, 1), groups=2, label="groups2"),
+    cr.Conv(5, 6, (3, 3), (5, 5), padding=(1, 1), input_group_size=2, output_group_size=4,
+            label="channel-grouping"),
+    cr.Conv(4, 6, (2, 3), (6, 6), stride=(2, 2), dilation=(1, 2), groups=2, input_group_size=1,
+            output_group_size=2, bias=False, layout="nhwc", label="groups-grouping-nhwc-nobias"),
+    cr.Conv(3, 3, (3, 3), (4, 4), padding=(1, 1), groups=3, label="depthwise"),
+    cr.Conv(3, 4, (1, 3), (1, 9), stride=(1, 2), padding=(0, 1), one_d=True, label="conv1d"),
+]
+
+
+def _gradient(rng, conv, dtype):
+    w = rng.standard_normal(conv.weight_shape()).astype(dtype)
+    b = rng.standard_normal(conv.out_channels).astype(dtype) if conv.bias else None
+    return w, b
+
+
+@pytest.mark.parametrize("approximation", ["kfc", "sua"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+@pytest.mark.parametrize("conv", PRECONDITIONED, ids=_ids(PRECONDITIONED))
+def test_precondition_equals_per_group_kronecker_solve(rng, dtype, conv, strategy, approximation):
+    conv = _with(conv, approximation=approximation)
+    damping = 0.05
+    opt, layer, expected = _recorded(rng, conv, dtype, damping=damping, inverse_strategy=strategy)
+    with opt:
+        opt.update_inverses()
+        assert opt.layer_info(layer).has_inverses
+        w, b = _gradient(rng, conv, dtype)
+        want_w, want_b = cr.precondition(expected, w, b, conv, damping, strategy)
+        opt.precondition(layer, w, b)
+        scale = 5.0 if dtype == np.float64 else 20.0
+        assert_close(w, want_w, dtype, scale=scale)
+        if conv.bias:
+            assert_close(b, want_b, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("use_pi", [True, False], ids=["pi", "nopi"])
+def test_cholesky_pi_uses_the_traces_of_the_whole_group_factors(rng, use_pi):
+    conv = cr.Conv(4, 6, (3, 3), (5, 6), padding=(1, 1), groups=2, approximation="sua",
+                   input_group_size=1, output_group_size=2)
+    damping = 0.02
+    opt, layer, expected = _recorded(rng, conv, np.float64, damping=damping,
+                                     inverse_strategy="cholesky", pi_damping=use_pi)
+    with opt:
+        opt.update_inverses()
+        w, b = _gradient(rng, conv, np.float64)
+        want_w, want_b = cr.precondition(expected, w, b, conv, damping, "cholesky", use_pi)
+        opt.precondition(layer, w, b)
+        assert_close(w, want_w, np.float64)
+        assert_close(b, want_b, np.float64)
+
+
+@pytest.mark.parametrize("approximation", ["kfc", "sua"])
+def test_step_over_dense_and_conv_layers_with_kl_clip(rng, dtype, approximation):
+    """kfac_step over a dense, a grouped conv and a conv1d layer: every direction equals the
+    reference, scaled by the ν computed over all layers (all groups)."""
+    damping, kl_clip, lr = 0.1, 1e-3, 0.3
+    convs = [
+        cr.Conv(4, 6, (3, 3), (5, 6), stride=(2, 1), padding=(1, 1), groups=2,
+                approximation=approximation, input_group_size=1),
+        cr.Conv(3, 4, (1, 3), (1, 9), stride=(1, 2), padding=(0, 1), one_d=True, bias=False,
+                approximation=approximation),
+    ]
+    with kfac.Optimizer(dtype, damping=damping, kl_clip=kl_clip, learning_rate=lr) as opt:
+        dense = opt.add_dense(5, 3, output_group_size=2)
+        layers = [conv.add_to(opt) for conv in convs]
+        x = rng.standard_normal((7, 5)).astype(dtype)
+        gd = rng.standard_normal((7, 3)).astype(dtype)
+        opt.record_inputs(dense, x)
+        opt.record_output_grads(dense, gd)
+        expected = []
+        for conv, layer in zip(convs, layers):
+            xc, gc = _batch(rng, conv, dtype)
+            opt.record_inputs(layer, xc)
+            opt.record_output_grads(layer, gc)
+            expected.append(cr.expected_factors(xc, gc, conv))
+        wd, bd = rng.standard_normal((3, 5)).astype(dtype), rng.standard_normal(3).astype(dtype)
+        grads = [_gradient(rng, conv, dtype) for conv in convs]
+        V = [ref.theta_grad(wd, bd)]
+        A, G = ref.batch_factors(x, gd, True)
+        G = G * cr.mask(cr.block_ids(3, 2, False))
+        U = [ref.precondition_eigen(A, G, V[0], damping)]
+        for conv, factors, (w, b) in zip(convs, expected, grads):
+            uw, ub = cr.precondition(factors, w, b, conv, damping)
+            V.append(np.concatenate([np.ravel(w), [] if b is None else b]).astype(np.float64))
+            U.append(np.concatenate([np.ravel(uw), [] if ub is None else ub]))
+        nu = ref.kl_scale(U, V, kl_clip, lr)
+        assert nu < 1  # the clip is active
+        opt.step([wd] + [w for w, _ in grads], [bd] + [b for _, b in grads])
+        assert_close(opt.last_kl_scale, nu, dtype, scale=5.0)
+        scale = 5.0 if dtype == np.float64 else 20.0
+        assert_close(ref.theta_grad(wd, bd), nu * U[0], dtype, scale=scale)
+        for (w, b), u in zip(grads, U[1:]):
+            got = np.concatenate([np.ravel(w), [] if b is None else b])
+            assert_close(got, nu * u, dtype, scale=scale)
+
+
+def test_step_and_precondition_check_conv_gradient_shapes(rng):
+    conv = cr.Conv(4, 6, (3, 3), (5, 6), groups=2)
+    opt, layer, _ = _recorded(rng, conv, np.float64, kl_clip=0)
+    with opt:
+        opt.update_inverses()
+        w, b = _gradient(rng, conv, np.float64)
+        flat = w.reshape(6, 18).copy()
+        expected = flat.copy()
+        opt.precondition(layer, w, b.copy())
+        opt.precondition(layer, flat, b.copy())  # [C_out][(C_in/groups)·kh·kw] is accepted
+        np.testing.assert_allclose(flat, w.reshape(6, 18), rtol=1e-13)
+        assert not np.allclose(flat, expected)
+        with pytest.raises(ValueError, match="expected"):
+            opt.precondition(layer, np.zeros((6, 4, 3, 3)), b)
+        with pytest.raises(ValueError, match="expected"):
+            opt.step([np.zeros((6, 2, 3, 2))], [b])
+        with pytest.raises(ValueError, match="C-contiguous"):
+            opt.step([np.zeros((6, 2, 3, 3)).transpose(0, 1, 3, 2)], [b])
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch: Conv2d, Conv1d and Linear layers
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import torch
+    from torch import nn
+
+    from kfac.torch import KFACPreconditioner
+except ImportError:  # the numpy tests above run without torch
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
+
+if torch is not None:
+
+    class SmallCNN(nn.Module):
+        """Conv2d (padding) → Conv2d (stride 2, groups 2) → Conv1d (dilation, no bias) → Linear."""
+
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.c2 = nn.Conv2d(4, 6, (3, 2), stride=2, padding=(1, 0), groups=2)
+            self.c3 = nn.Conv1d(6, 4, 3, padding=2, dilation=2, bias=False)
+            self.fc = nn.Linear(4 * 9, 3)
+
+        def forward(self, x):  # x: [N, 3, 6, 7]
+            h = torch.tanh(self.c1(x))  # [N, 4, 6, 7]
+            h = torch.tanh(self.c2(h))  # [N, 6, 3, 3]
+            h = torch.tanh(self.c3(h.flatten(2)))  # [N, 4, 9]
+            return self.fc(h.flatten(1))
+
+
+class CaptureAll:
+    """Independent capture of every layer's input and output gradient (forward hooks and
+    retain_grad), not the preconditioner's hooks."""
+
+    def __init__(self, model):
+        self.inputs, self.outputs = {}, {}
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        ]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.inputs[name] = args[0].detach().clone()
+            output.retain_grad()
+            self.outputs[name] = output
+
+        return hook
+
+    def grads(self, name):
+        return self.outputs[name].grad.detach().clone()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def conv_of(module, input_size, approximation="kfc", input_group_size=0, output_group_size=0):
+    """The reference description of a torch convolution (numeric padding only)."""
+    if isinstance(module, nn.Conv1d):
+        return cr.Conv(
+            module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, input_size[-1]),
+            stride=(1, module.stride[0]), padding=(0, module.padding[0]),
+            dilation=(1, module.dilation[0]), groups=module.groups, bias=module.bias is not None,
+            one_d=True, approximation=approximation, input_group_size=input_group_size,
+            output_group_size=output_group_size)
+    return cr.Conv(
+        module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(input_size[-2:]),
+        stride=tuple(module.stride), padding=tuple(module.padding), dilation=tuple(module.dilation),
+        groups=module.groups, bias=module.bias is not None, approximation=approximation,
+        input_group_size=input_group_size, output_group_size=output_group_size)
+
+
+def reference_directions(model, capture, damping, kl_clip, lr, examples, approximation="kfc",
+                         input_group_size=0, output_group_size=0):
+    """The first-step directions of every layer from the captured tensors: eigen strategy, first
+    factors = batch factors, mean reduction (output gradients times the examples)."""
+    directions, gradients, names = [], [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            continue
+        x = capture.inputs[name].double().numpy()
+        g = capture.grads(name).double().numpy() * examples
+        w = module.weight.grad.double().numpy()
+        b = module.bias.grad.double().numpy() if module.bias is not None else None
+        if isinstance(module, nn.Linear):
+            A, G = ref.batch_factors(x.reshape(-1, module.in_features), g.reshape(-1, module.out_features),
+                                     b is not None)
+            A = A * cr.mask(cr.block_ids(module.in_features, input_group_size, b is not None))
+            G = G * cr.mask(cr.block_ids(module.out_features, output_group_size, False))
+            V = ref.theta_grad(w, b)
+            uw, ub = ref.split_theta(ref.precondition_eigen(A, G, V, damping), b is not None)
+        else:
+            conv = conv_of(module, x.shape, approximation, input_group_size, output_group_size)
+            uw, ub = cr.precondition(cr.expected_factors(x, g, conv), w, b, conv, damping)
+        directions.append(np.concatenate([np.ravel(uw), [] if ub is None else ub]))
+        gradients.append(np.concatenate([np.ravel(w), [] if b is None else b]))
+        names.append(name)
+    nu = ref.kl_scale(directions, gradients, kl_clip, lr)
+    return {name: nu * u for name, u in zip(names, directions)}, nu
+
+
+def flat_grad(module):
+    parts = [module.weight.grad.double().numpy().ravel()]
+    if module.bias is not None:
+        parts.append(module.bias.grad.double().numpy())
+    return np.concatenate(parts)
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(conv_approximation="sua"), dict(input_group_size=2, output_group_size=2),
+     dict(conv_approximation="sua", input_group_size=1, output_group_size=3)],
+    ids=["kfc", "sua", "kfc-grouped", "sua-grouped"],
+)
+@pytest.mark.parametrize("tdtype", ["float64", "float32"])
+def test_torch_rewritten_grads_equal_reference(tdtype, options):
+    tdtype = getattr(torch, tdtype)
+    dtype = np.float64 if tdtype == torch.float64 else np.float32
+    torch.manual_seed(0)
+    model = SmallCNN().to(tdtype)
+    damping, kl_clip, lr = 0.05, 1e-3, 0.1
+    pre = KFACPreconditioner(model, damping=damping, kl_clip=kl_clip, lr=lr, **options)
+    assert [name for name, _ in pre.layers] == ["c1", "c2", "c3", "fc"]
+    assert not pre.registered  # the convolutions' input sizes are not known yet
+    capture = CaptureAll(model)
+    x = torch.randn(5, 3, 6, 7, dtype=tdtype)
+    y = torch.randint(0, 3, (5,))
+    loss = nn.functional.cross_entropy(model(x), y)  # mean over the 5 examples
+    assert pre.registered
+    loss.backward()
+    expected, nu = reference_directions(
+        model, capture, damping, kl_clip, lr, 5, options.get("conv_approximation", "kfc"),
+        options.get("input_group_size", 0), options.get("output_group_size", 0))
+    assert nu < 1
+    pointers = [m.weight.grad.data_ptr() for _, m in pre.layers]
+    pre.step()
+    assert [m.weight.grad.data_ptr() for _, m in pre.layers] == pointers  # rewritten in place
+    assert_close(pre.last_kl_scale, nu, dtype, scale=5.0)
+    for name, module in pre.layers:
+        assert_close(flat_grad(module), expected[name], dtype, scale=5.0 if dtype == np.float64 else 20.0)
+    info = [pre.optimizer.layer_info(i) for i in range(4)]
+    assert [i.kind for i in info] == [kfac.KFAC_LAYER_CONV2D] * 3 + [kfac.KFAC_LAYER_DENSE]
+    assert [i.groups for i in info] == [1, 2, 1, 1]
+    assert pre.input_sizes == {"c1": (6, 7), "c2": (6, 7), "c3": (9,)}
+    capture.remove()
+    pre.close()
+
+
+@needs_torch
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+def test_torch_cnn_training_reduces_the_loss(strategy):
+    torch.manual_seed(1)
+    x = torch.randn(64, 3, 6, 7)
+    teacher = SmallCNN()
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = KFACPreconditioner(
+        model, lr=lambda: optimizer.param_groups[0]["lr"], damping=0.03, kl_clip=0.01,
+        inverse_update_period=3, inverse_strategy=strategy,
+    )
+    with torch.no_grad():
+        initial = nn.functional.cross_entropy(model(x), y).item()
+    assert not pre.registered  # no-grad passes do not register
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        optimizer.step()
+    with torch.no_grad():
+        final = nn.functional.cross_entropy(model(x), y).item()
+    assert final < 0.5 * initial, (initial, final)
+    assert pre.steps == 25
+    pre.close()
+
+
+@needs_torch
+def test_torch_input_shapes_register_at_construction():
+    torch.manual_seed(2)
+    model = SmallCNN().double()
+    pre = KFACPreconditioner(model, input_shapes={"c1": (6, 7), model.c2: (6, 7), "c3": 9})
+    assert pre.registered and pre.optimizer.num_layers == 4
+    lazy = KFACPreconditioner(model, input_shapes={"c1": (6, 7)})
+    assert not lazy.registered
+    lazy.close()
+    capture = CaptureAll(model)
+    x = torch.randn(4, 3, 6, 7, dtype=torch.float64)
+    model(x).pow(2).mean().backward()
+    pre.step()
+    assert pre.steps == 1
+    capture.remove()
+    pre.close()
+    with pytest.raises(ValueError, match="spatial size"):
+        KFACPreconditioner(model, input_shapes={"c1": 6})
+    with pytest.raises(ValueError, match="not a preconditioned layer"):
+        KFACPreconditioner(model, input_shapes={"c9": (6, 7)})
+    with pytest.raises(ValueError, match="Linear"):
+        KFACPreconditioner(model, input_shapes={"fc": (6, 7)})
+
+
+@needs_torch
+def test_torch_different_spatial_size_raises_in_training_only():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    pre = KFACPreconditioner(model)
+    model(torch.randn(2, 2, 6, 6, dtype=torch.float64)).sum().backward()
+    pre.step()
+    with torch.no_grad():
+        model[0](torch.randn(1, 2, 9, 9, dtype=torch.float64))  # no gradients: any size
+    model.eval()
+    model[0](torch.randn(1, 2, 9, 9, dtype=torch.float64))
+    model.train()
+    with pytest.raises(ValueError, match=r"registered for 6×6 inputs.*got 9×9"):
+        model[0](torch.randn(1, 2, 9, 9, dtype=torch.float64))
+    pre.close()
+
+
+@needs_torch
+def test_torch_layers_that_did_not_run_need_input_shapes():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(2, 2, 3)
+            self.b = nn.Conv1d(2, 2, 3)
+
+        def forward(self, x, use_b=False):
+            return (self.b if use_b else self.a)(x)
+
+    model = Branchy().double()
+    pre = KFACPreconditioner(model)
+    with pytest.raises(ValueError, match=r"'b'.*input_shapes"):
+        model(torch.randn(2, 2, 8, dtype=torch.float64))
+    assert not pre.registered and pre.optimizer.num_layers == 0
+    pre.close()
+    pre = KFACPreconditioner(model, input_shapes={"b": 8})
+    x = torch.randn(2, 2, 8, dtype=torch.float64)
+    (model(x).sum() + model(x, use_b=True).sum()).backward()  # both branches get statistics
+    assert pre.registered and pre.input_sizes == {"a": (8,), "b": (8,)}
+    pre.step()
+    pre.close()
+
+
+@needs_torch
+def test_torch_step_before_any_forward_raises():
+    model = SmallCNN()
+    pre = KFACPreconditioner(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(kfac.KFACError) as info:
+        pre.step()
+    assert info.value.status == kfac.KFAC_ERROR_NO_STATISTICS
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    pre.close()
+
+
+@needs_torch
+def test_torch_padding_strings_and_modes():
+    torch.manual_seed(4)
+    same = nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(1, 2))
+    numeric = nn.Conv2d(2, 3, (3, 5), padding=(1, 4), dilation=(1, 2))
+    numeric.load_state_dict(same.state_dict())
+    results = []
+    for module in (same, numeric):
+        model = nn.Sequential(module).double()
+        pre = KFACPreconditioner(model, kl_clip=0, damping=0.1, input_shapes={"0": (5, 6)})
+        torch.manual_seed(5)
+        model(torch.randn(3, 2, 5, 6, dtype=torch.float64)).pow(2).mean().backward()
+        pre.step()
+        results.append(flat_grad(module))
+        pre.close()
+        module.zero_grad()
+    np.testing.assert_array_equal(results[0], results[1])
+    valid = nn.Sequential(nn.Conv1d(2, 2, 3, padding="valid"))
+    KFACPreconditioner(valid, input_shapes={"0": 5}).close()
+    with pytest.raises(ValueError, match="symmetric"):
+        KFACPreconditioner(nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")))
+    reflect = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                            nn.Linear(2 * 4 * 4, 2))
+    with pytest.raises(ValueError, match=r"padding_mode='reflect'.*skip_layers"):
+        KFACPreconditioner(reflect)
+    pre = KFACPreconditioner(reflect, skip_layers=["0"])
+    assert [name for name, _ in pre.layers] == ["2"] and pre.registered
+    pre.close()
+
+
+@needs_torch
+def test_torch_per_module_options():
+    torch.manual_seed(6)
+    model = SmallCNN().double()
+    pre = KFACPreconditioner(
+        model, loss_reduction="sum", factor_update_period=0,
+        conv_approximation={"c2": "sua"}, input_group_size={model.fc: 5}, output_group_size={"c1": 3},
+    )
+    capture = CaptureAll(model)
+    x = torch.randn(3, 3, 6, 7, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    pre.optimizer.update_factors()
+    specs = {
+        "c1": dict(output_group_size=3), "c2": dict(approximation="sua"), "c3": dict(),
+    }
+    for index, (name, module) in enumerate(pre.layers):
+        xs = capture.inputs[name].numpy()
+        gs = capture.grads(name).numpy()
+        if name == "fc":
+            A, G = ref.batch_factors(xs, gs, True)
+            A_lib, G_lib = pre.optimizer.factors(index)
+            assert_close(A_lib, A * cr.mask(cr.block_ids(36, 5, True)), np.float64)
+            assert_close(G_lib, G, np.float64)
+            continue
+        conv = conv_of(module, xs.shape, **specs[name])
+        for group, (omega, gamma) in enumerate(cr.expected_factors(xs, gs, conv)):
+            A_lib, G_lib = pre.optimizer.factors(index, group)
+            assert_close(A_lib, omega, np.float64)
+            assert_close(G_lib, gamma, np.float64)
+    capture.remove()
+    pre.close()
+    with pytest.raises(ValueError, match="Linear"):
+        KFACPreconditioner(model, conv_approximation={"fc": "sua"})
+    with pytest.raises(ValueError, match="'kfc' or 'sua'"):
+        KFACPreconditioner(model, conv_approximation="kfra")
+
+
+@needs_torch
+def test_torch_state_dict_round_trip_before_the_first_forward():
+    torch.manual_seed(7)
+    model = SmallCNN().double()
+    pre = KFACPreconditioner(model, damping=0.05, inverse_update_period=2)
+    data = [(torch.randn(4, 3, 6, 7, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(5)]
+
+    def train(model, pre, batches):
+        grads = []
+        for x, y in batches:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        return grads
+
+    train(model, pre, data[:2])
+    state = pre.state_dict()
+    assert state["input_sizes"] == {"c1": (6, 7), "c2": (6, 7), "c3": (9,)}
+    clone = SmallCNN().double()
+    clone.load_state_dict(model.state_dict())
+    expected = train(model, pre, data[2:])
+    pre.close()
+    resumed = KFACPreconditioner(clone)
+    assert not resumed.registered
+    resumed.load_state_dict(state)  # registers with the stored sizes, then loads
+    assert resumed.registered and resumed.steps == 2
+    got = train(clone, resumed, data[2:])
+    for step_expected, step_got in zip(expected, got):
+        for a, b in zip(step_expected, step_got):
+            assert torch.equal(a, b)
+    resumed.close()
+
+
+@needs_torch
+def test_torch_channels_last_and_unbatched_inputs():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, stride=2)).double()
+    reference = KFACPreconditioner(model, kl_clip=0, damping=0.1, loss_reduction="sum")
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    reference.step()
+    expected = [flat_grad(m) for _, m in reference.layers]
+    reference.close()
+    model.zero_grad()
+    model = model.to(memory_format=torch.channels_last)
+    pre = KFACPreconditioner(model, kl_clip=0, damping=0.1, loss_reduction="sum")
+    model(x.to(memory_format=torch.channels_last)).pow(2).sum().backward()
+    assert not model[0].weight.grad.is_contiguous()
+    pre.step()
+    for (_, m), want in zip(pre.layers, expected):
+        assert_close(flat_grad(m), want, np.float64)
+    pre.close()
+    # an unbatched [C, H, W] input is one example
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).double()
+    pre = KFACPreconditioner(model, factor_update_period=0, loss_reduction="sum")
+    x = torch.randn(3, 5, 5, dtype=torch.float64)
+    capture = CaptureAll(model)
+    model(x).pow(2).sum().backward()
+    pre.optimizer.update_factors()
+    conv = conv_of(model[0], (5, 5))
+    (omega, gamma), = cr.expected_factors(x[None].numpy(), capture.grads("0")[None].numpy(), conv)
+    A, G = pre.optimizer.factors(0)
+    assert_close(A, omega, np.float64)
+    assert_close(G, gamma, np.float64)
+    capture.remove()
+    pre.close()
+
+
+@needs_torch
+def test_torch_failed_registration_leaves_a_clean_handle():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(8, 46341))
+    pre = KFACPreconditioner(model, damping=0.25)
+    for _ in range(2):  # the same error each time, nothing half-registered
+        with pytest.raises(kfac.KFACError) as info:
+            model(torch.randn(1, 2, 4, 4))
+        assert info.value.status == kfac.KFAC_ERROR_SIZE_OVERFLOW
+        assert not pre.registered and pre.optimizer.num_layers == 0
+        assert pre.damping == 0.25
+    pre.close()
