@@ -142,3 +142,24 @@ extension MisuseTests {
         }
     }
 }
+
+extension MisuseTests {
+    /// Sizes whose sums or products overflow are refused with `.sizeOverflow`, never a trap.
+    func testOverflowingLayerSizesAreRefused() throws {
+        let opt = try KFACOptimizer<Float>()
+        XCTAssertEqual(status { try opt.addDense(inFeatures: Int.max, outFeatures: 4, hasBias: true) }, .sizeOverflow)
+        XCTAssertEqual(status {
+            try opt.addConv2d(Conv2dGeometry(inChannels: 1 << 30, outChannels: 4, kernel: (1 << 30, 1 << 30),
+                                             input: (1 << 30, 1 << 30)))
+        }, .sizeOverflow)
+        XCTAssertEqual(status {
+            try opt.addConv2d(Conv2dGeometry(inChannels: 1, outChannels: 4, kernel: (1, 1), padding: (1 << 30, 1 << 30),
+                                             input: (1, 1)))
+        }, .sizeOverflow)
+        // A huge group size means no grouping.
+        let layer = try opt.addConv2d(Conv2dGeometry(inChannels: 4, outChannels: 4, kernel: (3, 3), input: (5, 5)),
+                                      grouping: ChannelGrouping(inputGroupSize: Int.max, outputGroupSize: Int.max))
+        XCTAssertEqual(layer, 0)
+        XCTAssertEqual(opt.layerCount, 1)
+    }
+}
