@@ -120,6 +120,8 @@ final class KroneckerCurvature<Scalar: KFACScalar> {
     let gradient: Matrix<Scalar>
     let direction: Matrix<Scalar>
     let scratch: Matrix<Scalar>
+    /// The adaptive mode's previous update δ₀ (same layout), allocated on first use.
+    var previousUpdate: Matrix<Scalar>?
 
     init(input inputStructure: FactorStructure, output outputStructure: FactorStructure) throws(KFACError) {
         input = try KroneckerFactor(structure: inputStructure)

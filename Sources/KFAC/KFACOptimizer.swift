@@ -23,6 +23,14 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public internal(set) var stepCount = 0
     /// ν of the last successful `step` (1 when not clipped), NaN before the first.
     public internal(set) var lastKLScale = Double.nan
+    /// The adaptive mode's state: whether the last step's directions await `solveStepSize`,
+    /// whether there is a previous update δ₀, the model's predicted change of the last solve
+    /// (awaiting `reportLossChange`), the last ρ and the number of reports.
+    var directionsAvailable = false
+    var hasPreviousUpdate = false
+    var predictedChange: Double?
+    public internal(set) var lastReductionRatio = Double.nan
+    var lossReports = 0
 
     var blocks: [any CurvatureBlock<Scalar>] = [] {
         didSet { indexCurvatures() }
@@ -442,6 +450,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         }
         lastKLScale = nu
         stepCount += 1
+        directionsAvailable = true
     }
 
     /// ν = min(1, sqrt(κ / (η² Σ|⟨U, V⟩|))), 1 when clipping is off.

@@ -36,6 +36,12 @@ public struct KFACParameters: Equatable, Sendable {
     public var lossReduction: LossReduction = .sum
     /// Threads for parallel inversions, 0 = one per online CPU, at most 256.
     public var threadCount: Int = 0
+    /// Levenberg–Marquardt adjustment of λ (Martens & Grosse 2015, §6.5): every `lmInterval`
+    /// reported loss changes, λ is multiplied by lmDecay^lmInterval if ρ > 3/4 and divided by it
+    /// if ρ < 1/4. 0 turns the adjustment off.
+    public var lmInterval: Int = 0
+    /// The base ω₁ of that factor, in (0, 1).
+    public var lmDecay: Double = 0.95
 
     public init() {}
 
@@ -52,6 +58,8 @@ public struct KFACParameters: Equatable, Sendable {
         try check(factorUpdatePeriod >= 0, "factor update period must be >= 0, got \(factorUpdatePeriod)")
         try check(inverseUpdatePeriod >= 0, "inverse update period must be >= 0, got \(inverseUpdatePeriod)")
         try check(threadCount >= 0 && threadCount <= 256, "thread count must be in [0, 256], got \(threadCount)")
+        try check(lmInterval >= 0 && lmInterval <= Int(Int32.max), "LM interval must be in [0, 2^31 − 1], got \(lmInterval)")
+        try check(lmDecay > 0 && lmDecay < 1, "LM decay must be in (0, 1), got \(lmDecay)")
     }
 }
 
@@ -63,12 +71,14 @@ public enum KFACParameter: Int32, Sendable, CaseIterable {
     case factorDecay = 3
     case klClip = 4
     case outputGradScale = 5
+    case lmDecay = 6
     case factorUpdatePeriod = 100
     case inverseUpdatePeriod = 101
     case inverseStrategy = 102
     case piDamping = 103
     case lossReduction = 104
     case threadCount = 105
+    case lmInterval = 106
 
     /// Whether the parameter is read and written as a double (else as an int).
     public var isDouble: Bool { rawValue < 100 }
@@ -83,6 +93,7 @@ extension KFACParameters {
         case .factorDecay: return factorDecay
         case .klClip: return klClip
         case .outputGradScale: return outputGradScale
+        case .lmDecay: return lmDecay
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
     }
@@ -96,6 +107,7 @@ extension KFACParameters {
         case .piDamping: return piDamping ? 1 : 0
         case .lossReduction: return Int64(lossReduction.rawValue)
         case .threadCount: return Int64(threadCount)
+        case .lmInterval: return Int64(lmInterval)
         default: throw KFACError(.parameterType, "parameter \(p) is a double parameter")
         }
     }
@@ -109,6 +121,7 @@ extension KFACParameters {
         case .factorDecay: q.factorDecay = value
         case .klClip: q.klClip = value
         case .outputGradScale: q.outputGradScale = value
+        case .lmDecay: q.lmDecay = value
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
         try q.validate()
@@ -136,6 +149,8 @@ extension KFACParameters {
             q.lossReduction = r
         case .threadCount:
             try range(value >= 0 && value <= 256); q.threadCount = Int(value)
+        case .lmInterval:
+            try range(value >= 0 && value <= Int64(Int32.max)); q.lmInterval = Int(value)
         default: throw KFACError(.parameterType, "parameter \(p) is a double parameter")
         }
         try q.validate()

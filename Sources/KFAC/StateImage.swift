@@ -7,20 +7,23 @@ import Glibc
 /// Layout (little-endian, all header fields 8 bytes wide):
 ///
 ///     "KFACSTAT"  u64 format version  u64 dtype  u64 image size
-///     parameters: 5 × f64 (learning rate, damping, decay, KL clip, output-grad scale),
-///                 6 × i64 (factor period, inverse period, strategy, π flag, reduction, threads)
-///     i64 step count  f64 last ν  u64 statistics started  u64 layer count
+///     parameters: 6 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay),
+///                 7 × i64 (factor period, inverse period, strategy, π flag, reduction, threads,
+///                 LM interval)
+///     i64 step count  f64 last ν  u64 has previous update  u64 has prediction  f64 prediction
+///     f64 last ρ  i64 loss reports  u64 statistics started  u64 layer count
 ///     per layer: u64 field count, i64 fields (`LayerDescription.fields`: kind, then its sizes)
 ///     per layer, per group (curvature): per factor (A then G): u64 has running [block scalars],
 ///                u64 buffered rows [rows·width scalars], u64 summed rows [block scalars];
 ///                u64 inverse strategy + 1 (0 = none) [A blocks, A values, G blocks, G values]
+///                [previous update, out × in scalars, if there is one]
 ///     u64 checksum of all preceding bytes
 ///
 /// Factors are stored as their diagonal blocks (`FactorStructure`), each whole and row-major;
 /// eigenvalue vectors only for `.eigen`.
 enum StateImage {
     static let magic: [UInt8] = Array("KFACSTAT".utf8)
-    static let formatVersion: UInt64 = 2
+    static let formatVersion: UInt64 = 3
     /// Bytes before the checksum-protected payload that `load` reads to validate the rest.
     static let headerSize = 32
 
@@ -94,11 +97,16 @@ extension KFACOptimizer {
         w.u64(StateImage.formatVersion)
         w.u64(UInt64(Scalar.dtypeCode))
         w.u64(0)  // image size, patched by saveState
-        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale] { w.f64(v) }
+        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay] { w.f64(v) }
         for v in [p.factorUpdatePeriod, p.inverseUpdatePeriod, Int(p.inverseStrategy.rawValue),
-                  p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount] { w.i64(v) }
+                  p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount, p.lmInterval] { w.i64(v) }
         w.i64(stepCount)
         w.f64(lastKLScale)
+        w.u64(hasPreviousUpdate ? 1 : 0)
+        w.u64(predictedChange == nil ? 0 : 1)
+        w.f64(predictedChange ?? 0)
+        w.f64(lastReductionRatio)
+        w.i64(lossReports)
         w.u64(statisticsStarted ? 1 : 0)
         w.u64(UInt64(blocks.count))
         for b in blocks {
@@ -118,6 +126,7 @@ extension KFACOptimizer {
             } else {
                 w.u64(0)
             }
+            if hasPreviousUpdate, let previous = c.previousUpdate { w.scalars(previous.base, count: previous.count) }
         }
     }
 
@@ -179,7 +188,7 @@ extension KFACOptimizer {
 
         var p = KFACParameters()
         p.learningRate = try r.f64(); p.damping = try r.f64(); p.factorDecay = try r.f64()
-        p.klClip = try r.f64(); p.outputGradScale = try r.f64()
+        p.klClip = try r.f64(); p.outputGradScale = try r.f64(); p.lmDecay = try r.f64()
         p.factorUpdatePeriod = try r.i64(); p.inverseUpdatePeriod = try r.i64()
         guard let strategy = InverseStrategy(rawValue: Int32(truncatingIfNeeded: try r.i64())) else {
             throw KFACError(.corruptState, "state image has an unknown inverse strategy")
@@ -191,9 +200,15 @@ extension KFACOptimizer {
         }
         p.lossReduction = reduction
         p.threadCount = try r.i64()
+        p.lmInterval = try r.i64()
         do { try p.validate() } catch { throw KFACError(.corruptState, "state image parameters: \(error.message)") }
         let steps = try r.i64()
         let klScale = try r.f64()
+        let previous = try r.flag()
+        let hasPrediction = try r.flag()
+        let prediction = try r.f64()
+        let reductionRatio = try r.f64()
+        let reports = try r.i64()
         let started = try r.flag()
         let count = try r.u64()
         guard count == UInt64(blocks.count) else {
@@ -228,6 +243,11 @@ extension KFACOptimizer {
                     }
                     c.restoreInverse(inv)
                 }
+                if previous {
+                    let p = try Matrix<Scalar>(rows: c.direction.rows, columns: c.direction.columns)
+                    try r.scalars(into: p.base, count: p.count)
+                    c.previousUpdate = p
+                }
             }
             restored.append(fresh)
         }
@@ -238,6 +258,11 @@ extension KFACOptimizer {
         parameters = p
         stepCount = steps
         lastKLScale = klScale
+        hasPreviousUpdate = previous
+        predictedChange = hasPrediction ? prediction : nil
+        lastReductionRatio = reductionRatio
+        lossReports = reports
+        directionsAvailable = false
         statisticsStarted = started
     }
 

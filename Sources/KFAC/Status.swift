@@ -17,6 +17,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
     case noStatistics = -20
     case noInverses = -21
     case layersFrozen = -22
+    case noStep = -23
 
     case nonFinite = -30
     case notPositiveDefinite = -31
@@ -53,6 +54,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
         case .noStatistics: return "layer has no statistics yet"
         case .noInverses: return "inverses have not been computed"
         case .layersFrozen: return "layers cannot be added after statistics were recorded"
+        case .noStep: return "no step to act on (solve the step size after a step, report the loss after a solve)"
         case .nonFinite: return "NaN or Inf in input or result"
         case .notPositiveDefinite: return "damped factor is not positive definite"
         case .eigenFailed: return "eigendecomposition did not converge"
