@@ -222,6 +222,7 @@ typedef enum kfac_status {
     KFAC_ERROR_NO_STATISTICS = -20,         /* a layer has no factors yet (record, then update factors) */
     KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
     KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
+    KFAC_ERROR_NO_STEP = -23,               /* adaptive mode: solve after a step, report after a solve */
 
     /* -30 … -39: numerical */
     KFAC_ERROR_NON_FINITE = -30,            /* NaN or Inf in an input buffer or a resulting factor */
@@ -293,6 +294,8 @@ typedef enum kfac_param {
     KFAC_PARAM_KL_CLIP = 4,
     /* double, > 0 and finite, default 1. Recorded output gradients are divided by it. */
     KFAC_PARAM_OUTPUT_GRAD_SCALE = 5,
+    /* double, in (0, 1), default 0.95. ω₁ of the Levenberg–Marquardt adjustment (adaptive mode). */
+    KFAC_PARAM_LM_DECAY = 6,
 
     /* int, in [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
      * kfac_update_factors. */
@@ -311,7 +314,10 @@ typedef enum kfac_param {
      * compute the inverses of different layers in parallel (1 = sequential). Parallel inversion
      * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
      * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
-    KFAC_PARAM_NUM_THREADS = 105
+    KFAC_PARAM_NUM_THREADS = 105,
+    /* int, in [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
+     * reported loss changes, λ is multiplied by ω₁^T₁ if ρ > 3/4 and divided by it if ρ < 1/4. */
+    KFAC_PARAM_LM_INTERVAL = 106
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
@@ -522,8 +528,84 @@ int64_t kfac_step_count(const kfac_optimizer *opt);
 double kfac_last_kl_scale(const kfac_optimizer *opt);
 
 /* ---------------------------------------------------------------------------------------------
+ * Adaptive mode (Martens & Grosse 2015, §6–7): the step size α and momentum μ from the quadratic
+ * model of the loss, and Levenberg–Marquardt adjustment of λ from the reduction ratio ρ.
+ *
+ * After kfac_step_* wrote directions D (set KFAC_PARAM_KL_CLIP to 0 here: α replaces the clip),
+ * the caller runs a forward-mode (R-op) pass to get, per example, the derivative of the network's
+ * outputs along D (J·D) and along its previous update δ₀ (J·δ₀), and calls
+ * kfac_solve_step_size_*. With F the exact Fisher of the mean loss over the batch (from the
+ * output distribution below) the library minimises
+ *     M(δ) = ½ δᵀ (F + λ I) δ + ∇hᵀ δ   over   δ = −α·D + μ·δ₀
+ * (a 2×2 system; α alone without δ₀) and returns α, μ and M(δ). The caller applies
+ * θ ← θ − α·D + μ·δ₀ (δ₀: its previous applied update; the library keeps its own copy to form the
+ * model), evaluates the mean loss, and calls kfac_report_loss_change with the losses before and
+ * after: ρ = (h(θ + δ) − h(θ)) / M(δ), which adjusts λ every KFAC_PARAM_LM_INTERVAL reports.
+ * The gradients given to kfac_step_* must be those of the mean loss h over the batch.
+ *
+ * Output distributions (outputs: one row of output_dim values per example):
+ *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
+ *   KFAC_DIST_BERNOULLI   — logits of independent sigmoids (binary cross-entropy); diag(p(1 − p));
+ *   KFAC_DIST_GAUSSIAN    — means of unit-variance Gaussians (squared error ½‖y − μ‖²); I.
+ *
+ * Which Fisher the factors estimate depends on the output gradients recorded: the gradients of the
+ * loss at the data's targets give the empirical Fisher; kfac_sampled_output_grads_* gives the
+ * gradients at targets sampled from the model (back-propagated by the caller like any output
+ * gradient), whose statistics estimate the true Fisher.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_distribution {
+    KFAC_DIST_CATEGORICAL = 0,
+    KFAC_DIST_BERNOULLI = 1,
+    KFAC_DIST_GAUSSIAN = 2
+} kfac_distribution;
+
+/** Chooses α (and μ) for the directions of the last kfac_step_* call (see "Adaptive mode").
+ *  outputs, direction_products and previous_products are [rows][output_dim] row-major;
+ *  previous_products may be NULL (then μ = 0; also μ = 0 before the first solve). *alpha and *mu
+ *  receive the coefficients; *predicted_change (may be NULL) receives M(δ) (negative).
+ *  Errors: NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT (distribution),
+ *  DTYPE_MISMATCH, NON_FINITE (inputs, or a degenerate model), NO_STEP (no step since the last
+ *  solve), OUT_OF_MEMORY. On error nothing changes. */
+int kfac_solve_step_size_f32(kfac_optimizer *opt, const float *outputs, const float *direction_products,
+                             const float *previous_products, int64_t rows, int64_t output_dim,
+                             int distribution, double *alpha, double *mu, double *predicted_change);
+int kfac_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const double *direction_products,
+                             const double *previous_products, int64_t rows, int64_t output_dim,
+                             int distribution, double *alpha, double *mu, double *predicted_change);
+
+/** Reports the mean loss before and after applying the last solved update: *rho (may be NULL)
+ *  receives ρ = (after − before) / M(δ) (NaN if M(δ) was not negative); every
+ *  KFAC_PARAM_LM_INTERVAL reports λ is adjusted. Errors: NULL_POINTER (opt), NON_FINITE (a loss),
+ *  NO_STEP (no solve since the last report). */
+int kfac_report_loss_change(kfac_optimizer *opt, double loss_before, double loss_after, double *rho);
+
+/** ρ of the last kfac_report_loss_change (NaN before the first, or for NULL). */
+double kfac_last_reduction_ratio(const kfac_optimizer *opt);
+
+/** Samples targets from the model's predictive distribution at `outputs` ([rows][output_dim]):
+ *  one-hot rows (categorical), 0/1 values (bernoulli), μ + N(0, 1) (gaussian), into targets (same
+ *  shape). Reproducible: each draw depends only on (seed, row, coordinate). No handle: errors are
+ *  returned only. Errors: NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT
+ *  (distribution), NON_FINITE (outputs). */
+int kfac_sample_targets_f32(const float *outputs, int64_t rows, int64_t output_dim, int distribution,
+                            uint64_t seed, float *targets);
+int kfac_sample_targets_f64(const double *outputs, int64_t rows, int64_t output_dim, int distribution,
+                            uint64_t seed, double *targets);
+
+/** The gradient of the summed loss with respect to the outputs at targets sampled as
+ *  kfac_sample_targets_* does with the same seed (p − y, or μ − y), into grads ([rows][output_dim]):
+ *  the output gradients whose statistics estimate the true Fisher. Errors: as kfac_sample_targets_*. */
+int kfac_sampled_output_grads_f32(const float *outputs, int64_t rows, int64_t output_dim, int distribution,
+                                  uint64_t seed, float *grads);
+int kfac_sampled_output_grads_f64(const double *outputs, int64_t rows, int64_t output_dim, int distribution,
+                                  uint64_t seed, double *grads);
+
+/* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
- * statistics, inverses), so that a resumed run produces bit-identical directions.
+ * statistics, inverses, the adaptive mode's previous update, pending prediction and counters),
+ * so that a resumed run produces bit-identical directions. Directions awaiting
+ * kfac_solve_step_size_* are not saved: after loading, the next solve needs a new step.
  *
  * Image format: magic "KFACSTAT", format version, precision, layer descriptions, then the
  * payload, then a 64-bit checksum of everything before it. Little-endian. Loading checks magic,

@@ -374,3 +374,112 @@ public func kfac_save_state_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CC
 public func kfac_load_state_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CChar>?) -> Int32 {
     withAnyOptimizer(opt) { (o) throws(KFACError) in try o.loadState(fromFile: String(cString: try required(path, "path"))) }
 }
+
+// MARK: Adaptive mode
+
+/// A `OutputDistribution` from its C number, or `KFAC_ERROR_INVALID_ARGUMENT`.
+private func distribution(_ raw: Int32) throws(KFACError) -> OutputDistribution {
+    guard let d = OutputDistribution(rawValue: raw) else { throw KFACError(.invalidArgument, "unknown distribution \(raw)") }
+    return d
+}
+
+private func solveStepSize<S: KFACScalar>(
+    _ o: KFACOptimizer<S>, _ outputs: UnsafePointer<S>?, _ direction: UnsafePointer<S>?, _ previous: UnsafePointer<S>?,
+    _ rows: Int64, _ dim: Int64, _ dist: Int32, _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?,
+    _ predicted: UnsafeMutablePointer<Double>?
+) throws(KFACError) {
+    let a = try required(alpha, "alpha"), m = try required(mu, "mu")
+    let d = try distribution(dist)
+    let result = try o.solveStepSize(outputs: outputs, directionProducts: direction, previousProducts: previous,
+                                     rows: Int(rows), dim: Int(dim), distribution: d)
+    a.pointee = result.alpha
+    m.pointee = result.mu
+    predicted?.pointee = result.predictedChange
+}
+
+@_cdecl("kfac_solve_step_size_f32")
+public func kfac_solve_step_size_f32(_ opt: OpaquePointer?, _ outputs: UnsafePointer<Float>?, _ direction: UnsafePointer<Float>?,
+                                     _ previous: UnsafePointer<Float>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                     _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?,
+                                     _ predicted: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in
+        try solveStepSize(o, outputs, direction, previous, rows, dim, dist, alpha, mu, predicted)
+    }
+}
+
+@_cdecl("kfac_solve_step_size_f64")
+public func kfac_solve_step_size_f64(_ opt: OpaquePointer?, _ outputs: UnsafePointer<Double>?, _ direction: UnsafePointer<Double>?,
+                                     _ previous: UnsafePointer<Double>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                     _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?,
+                                     _ predicted: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in
+        try solveStepSize(o, outputs, direction, previous, rows, dim, dist, alpha, mu, predicted)
+    }
+}
+
+@_cdecl("kfac_report_loss_change")
+public func kfac_report_loss_change(_ opt: OpaquePointer?, _ before: Double, _ after: Double,
+                                    _ rho: UnsafeMutablePointer<Double>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let r = try o.reportLossChange(before: before, after: after)
+        rho?.pointee = r
+    }
+}
+
+@_cdecl("kfac_last_reduction_ratio")
+public func kfac_last_reduction_ratio(_ opt: OpaquePointer?) -> Double {
+    var ratio = Double.nan
+    _ = withAnyOptimizer(opt) { o in ratio = o.lastReductionRatio }
+    return ratio
+}
+
+/// Validates the arguments of the handle-less samplers and runs one.
+private func sample<S: KFACScalar>(
+    _ outputs: UnsafePointer<S>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ out: UnsafeMutablePointer<S>?,
+    _ body: (OutputDistribution, UnsafePointer<S>, Int, Int, UnsafeMutablePointer<S>) -> Void
+) -> Int32 {
+    do throws(KFACError) {
+        let z = try required(outputs, "outputs"), o = try required(out, "out")
+        guard rows >= 1, dim >= 1 else { throw KFACError(.invalidSize, "rows and output_dim must be >= 1") }
+        let (count, overflow) = Int(rows).multipliedReportingOverflow(by: Int(dim))
+        guard !overflow else { throw KFACError(.sizeOverflow, "rows × output_dim overflows") }
+        let d = try distribution(dist)
+        guard S.allFinite(z, count: count) else { throw KFACError(.nonFinite, "outputs contain NaN or Inf") }
+        body(d, z, Int(rows), Int(dim), o)
+        return KFACStatus.ok.rawValue
+    } catch {
+        return error.status.rawValue
+    }
+}
+
+@_cdecl("kfac_sample_targets_f32")
+public func kfac_sample_targets_f32(_ outputs: UnsafePointer<Float>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                    _ seed: UInt64, _ targets: UnsafeMutablePointer<Float>?) -> Int32 {
+    sample(outputs, rows, dim, dist, targets) { d, z, r, c, o in
+        TargetSampler.sampleTargets(distribution: d, outputs: z, rows: r, dim: c, seed: seed, into: o)
+    }
+}
+
+@_cdecl("kfac_sample_targets_f64")
+public func kfac_sample_targets_f64(_ outputs: UnsafePointer<Double>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                    _ seed: UInt64, _ targets: UnsafeMutablePointer<Double>?) -> Int32 {
+    sample(outputs, rows, dim, dist, targets) { d, z, r, c, o in
+        TargetSampler.sampleTargets(distribution: d, outputs: z, rows: r, dim: c, seed: seed, into: o)
+    }
+}
+
+@_cdecl("kfac_sampled_output_grads_f32")
+public func kfac_sampled_output_grads_f32(_ outputs: UnsafePointer<Float>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                          _ seed: UInt64, _ grads: UnsafeMutablePointer<Float>?) -> Int32 {
+    sample(outputs, rows, dim, dist, grads) { d, z, r, c, o in
+        TargetSampler.sampledOutputGradients(distribution: d, outputs: z, rows: r, dim: c, seed: seed, into: o)
+    }
+}
+
+@_cdecl("kfac_sampled_output_grads_f64")
+public func kfac_sampled_output_grads_f64(_ outputs: UnsafePointer<Double>?, _ rows: Int64, _ dim: Int64, _ dist: Int32,
+                                          _ seed: UInt64, _ grads: UnsafeMutablePointer<Double>?) -> Int32 {
+    sample(outputs, rows, dim, dist, grads) { d, z, r, c, o in
+        TargetSampler.sampledOutputGradients(distribution: d, outputs: z, rows: r, dim: c, seed: seed, into: o)
+    }
+}

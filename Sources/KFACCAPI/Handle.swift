@@ -101,6 +101,8 @@ protocol OptimizerOperations: AnyObject {
     var parameters: KFACParameters { get }
     var stepCount: Int { get }
     var lastKLScale: Double { get }
+    var lastReductionRatio: Double { get }
+    func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double
     var layerCount: Int { get }
     var wantsStatistics: Bool { get }
     var stateSize: Int { get }
