@@ -36,9 +36,7 @@ enum OutputFisher {
                     if let v { let b = Double(v[row + i]); uv += w * a * b; vv += w * b * b }
                 }
             case .categorical:
-                let m = (0..<dim).reduce(-Double.infinity) { Swift.max($0, Double(z[row + $1])) }
-                var total = 0.0
-                for i in 0..<dim { total += Foundationless.exp(Double(z[row + i]) - m) }
+                let (m, total) = OutputFisher.softmaxNormalizer(z + row, dim: dim)
                 var pu = 0.0, pv = 0.0, puu = 0.0, puv = 0.0, pvv = 0.0
                 for i in 0..<dim {
                     let p = Foundationless.exp(Double(z[row + i]) - m) / total, a = Double(u[row + i])
@@ -50,6 +48,15 @@ enum OutputFisher {
             }
         }
         return (uu, uv, vv)
+    }
+
+    /// The max of a row of logits and Σ exp(z − max): p_i = exp(z_i − max) / total.
+    static func softmaxNormalizer<S: KFACScalar>(_ z: UnsafePointer<S>, dim: Int) -> (max: Double, total: Double) {
+        var m = -Double.infinity
+        for i in 0..<dim { m = Swift.max(m, Double(z[i])) }
+        var total = 0.0
+        for i in 0..<dim { total += Foundationless.exp(Double(z[i]) - m) }
+        return (m, total)
     }
 
     static func logistic(_ x: Double) -> Double {
@@ -91,9 +98,7 @@ public enum TargetSampler {
             let row = n * dim
             switch distribution {
             case .categorical:
-                let m = (0..<dim).reduce(-Double.infinity) { Swift.max($0, Double(z[row + $1])) }
-                var total = 0.0
-                for i in 0..<dim { total += Foundationless.exp(Double(z[row + i]) - m) }
+                let (m, total) = OutputFisher.softmaxNormalizer(z + row, dim: dim)
                 let r = uniform(seed: seed, row: n, index: 0) * total
                 var cumulative = 0.0, chosen = dim - 1
                 for i in 0..<dim {
@@ -130,9 +135,7 @@ public enum TargetSampler {
             let row = n * dim
             switch distribution {
             case .categorical:
-                let m = (0..<dim).reduce(-Double.infinity) { Swift.max($0, Double(z[row + $1])) }
-                var total = 0.0
-                for i in 0..<dim { total += Foundationless.exp(Double(z[row + i]) - m) }
+                let (m, total) = OutputFisher.softmaxNormalizer(z + row, dim: dim)
                 for i in 0..<dim {
                     gradients[row + i] = S(Foundationless.exp(Double(z[row + i]) - m) / total) - gradients[row + i]
                 }
