@@ -31,6 +31,17 @@
  *      against a naive loop and kfac_step_f64 against dense per-group Kronecker solves.
  *      Calls that could crash a buggy library on huge sizes are tried in a forked child first,
  *      so that a crash is reported as a failed check instead of ending the test.
+ *   6. The adaptive mode: kfac_solve_step_size_* and kfac_report_loss_change error paths on the
+ *      twins (NULL pointers, sizes, overflow, distributions, NaN/Inf outputs and products,
+ *      DTYPE_MISMATCH, NO_STEP order errors, non-finite losses); after each bad call the twins
+ *      must also agree bitwise on a following valid solve and report (the state image does not
+ *      hold the directions awaiting a solve). NO_STEP on a fresh handle and after loading a
+ *      state image; a pending prediction survives an image. The handle-less samplers' error
+ *      paths (output buffer untouched) and basic properties. LM parameters' defaults and
+ *      ranges. Numerics: kfac_solve_step_size_f64 on a linear softmax model against the 2×2
+ *      system built in C from the explicit Fisher (1/N) Σ J_nᵀ(diag(p) − ppᵀ)J_n, ρ, and the
+ *      Levenberg–Marquardt schedule.
+ *   7. Known library bugs (reported): printed as "BUG" lines, not counted as failures.
  *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
@@ -93,6 +104,7 @@ static const char *status_name(int s) {
     case KFAC_ERROR_NO_STATISTICS: return "NO_STATISTICS";
     case KFAC_ERROR_NO_INVERSES: return "NO_INVERSES";
     case KFAC_ERROR_LAYERS_FROZEN: return "LAYERS_FROZEN";
+    case KFAC_ERROR_NO_STEP: return "NO_STEP";
     case KFAC_ERROR_NON_FINITE: return "NON_FINITE";
     case KFAC_ERROR_NOT_POSITIVE_DEFINITE: return "NOT_POSITIVE_DEFINITE";
     case KFAC_ERROR_EIGEN_FAILED: return "EIGEN_FAILED";
@@ -755,8 +767,8 @@ static void test_globals(void) {
     check(vs != NULL && strcmp(vs, expected) == 0, "kfac_version_string() \"%s\" == \"%s\"",
           vs ? vs : "(NULL)", expected);
 
-    const int known[] = {0,   -1,  -2,  -3,  -4,  -5,  -10, -11, -12, -13, -20, -21,
-                         -22, -30, -31, -32, -40, -50, -60, -61, -62, -63, -64, -99};
+    const int known[] = {0,   -1,  -2,  -3,  -4,  -5,  -10, -11, -12, -13, -20, -21, -22,
+                         -23, -30, -31, -32, -40, -50, -60, -61, -62, -63, -64, -99};
     int all_known = 1;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
         const char *s = kfac_status_string(known[i]);
@@ -868,6 +880,20 @@ static void test_globals(void) {
                        "kfac_precondition_f64");
     expect_null_handle((int)kfac_step_count(NULL), KFAC_ERROR_NULL_POINTER, "kfac_step_count");
     check(isnan(kfac_last_kl_scale(NULL)), "NULL handle: kfac_last_kl_scale -> NaN");
+    {
+        double alpha = -777, mu = -777, m = -777, rho = -777;
+        expect_null_handle(kfac_solve_step_size_f32(NULL, f, f, f, 2, 2, KFAC_DIST_CATEGORICAL,
+                                                    &alpha, &mu, &m),
+                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_f32");
+        expect_null_handle(kfac_solve_step_size_f64(NULL, d, d, NULL, 2, 2, KFAC_DIST_GAUSSIAN,
+                                                    &alpha, &mu, &m),
+                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_f64");
+        expect_null_handle(kfac_report_loss_change(NULL, 1.0, 0.5, &rho), KFAC_ERROR_NULL_POINTER,
+                           "kfac_report_loss_change");
+        check(alpha == -777 && mu == -777 && m == -777 && rho == -777,
+              "NULL handle: the adaptive calls leave *alpha, *mu, *predicted_change, *rho");
+        check(isnan(kfac_last_reduction_ratio(NULL)), "NULL handle: kfac_last_reduction_ratio -> NaN");
+    }
     expect_null_handle(kfac_state_size(NULL, &sz), KFAC_ERROR_NULL_POINTER, "kfac_state_size");
     expect_null_handle(kfac_save_state(NULL, img, sizeof img, &sz), KFAC_ERROR_NULL_POINTER,
                        "kfac_save_state");
@@ -1363,7 +1389,7 @@ static void errors_params(twins_t *tp) {
     int64_t iv = -123;
     section(dt == KFAC_FLOAT32 ? "float32 handle: parameters" : "float64 handle: parameters");
 
-    const int unknown[] = {0, 6, 99, 106, -1, 1000, INT32_MIN};
+    const int unknown[] = {0, 7, 99, 107, -1, 1000, INT32_MIN};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         snprintf(what, sizeof what, "kfac_set_param_double(param %d)", unknown[i]);
         BAD_NO_ROUND(kfac_set_param_double(B, unknown[i], 0.5), KFAC_ERROR_UNKNOWN_PARAMETER, what);
@@ -1377,11 +1403,12 @@ static void errors_params(twins_t *tp) {
     check(dv == -123.0 && iv == -123, "[%s] failed getters left *value untouched", dtype_tag(dt));
 
     const int dparams[] = {KFAC_PARAM_LEARNING_RATE, KFAC_PARAM_DAMPING, KFAC_PARAM_FACTOR_DECAY,
-                           KFAC_PARAM_KL_CLIP, KFAC_PARAM_OUTPUT_GRAD_SCALE};
+                           KFAC_PARAM_KL_CLIP, KFAC_PARAM_OUTPUT_GRAD_SCALE, KFAC_PARAM_LM_DECAY};
     const int iparams[] = {KFAC_PARAM_FACTOR_UPDATE_PERIOD, KFAC_PARAM_INVERSE_UPDATE_PERIOD,
                            KFAC_PARAM_INVERSE_STRATEGY, KFAC_PARAM_PI_DAMPING,
-                           KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS};
-    for (size_t i = 0; i < 5; i++) {
+                           KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS,
+                           KFAC_PARAM_LM_INTERVAL};
+    for (size_t i = 0; i < sizeof dparams / sizeof dparams[0]; i++) {
         snprintf(what, sizeof what, "kfac_set_param_int(double param %d)", dparams[i]);
         BAD_NO_ROUND(kfac_set_param_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);
         snprintf(what, sizeof what, "kfac_get_param_int(double param %d)", dparams[i]);
@@ -1389,7 +1416,7 @@ static void errors_params(twins_t *tp) {
         snprintf(what, sizeof what, "kfac_get_param_double(param %d, value = NULL)", dparams[i]);
         BAD_NO_ROUND(kfac_get_param_double(B, dparams[i], NULL), KFAC_ERROR_NULL_POINTER, what);
     }
-    for (size_t i = 0; i < 6; i++) {
+    for (size_t i = 0; i < sizeof iparams / sizeof iparams[0]; i++) {
         snprintf(what, sizeof what, "kfac_set_param_double(int param %d)", iparams[i]);
         BAD_NO_ROUND(kfac_set_param_double(B, iparams[i], 1.0), KFAC_ERROR_PARAMETER_TYPE, what);
         snprintf(what, sizeof what, "kfac_get_param_double(int param %d)", iparams[i]);
@@ -1424,6 +1451,14 @@ static void errors_params(twins_t *tp) {
         {KFAC_PARAM_OUTPUT_GRAD_SCALE, INFINITY, "output grad scale +Inf"},
         {KFAC_PARAM_OUTPUT_GRAD_SCALE, -INFINITY, "output grad scale -Inf"},
         {KFAC_PARAM_OUTPUT_GRAD_SCALE, NAN, "output grad scale NaN"},
+        {KFAC_PARAM_LM_DECAY, 0.0, "LM decay 0"},
+        {KFAC_PARAM_LM_DECAY, -0.0, "LM decay -0"},
+        {KFAC_PARAM_LM_DECAY, 1.0, "LM decay 1"},
+        {KFAC_PARAM_LM_DECAY, -0.5, "LM decay -0.5"},
+        {KFAC_PARAM_LM_DECAY, 1.5, "LM decay 1.5"},
+        {KFAC_PARAM_LM_DECAY, NAN, "LM decay NaN"},
+        {KFAC_PARAM_LM_DECAY, INFINITY, "LM decay +Inf"},
+        {KFAC_PARAM_LM_DECAY, -INFINITY, "LM decay -Inf"},
     };
     for (size_t i = 0; i < sizeof dranges / sizeof dranges[0]; i++) {
         snprintf(what, sizeof what, "kfac_set_param_double(%s)", dranges[i].what);
@@ -1449,6 +1484,10 @@ static void errors_params(twins_t *tp) {
         {KFAC_PARAM_NUM_THREADS, INT64_MAX, "num threads INT64_MAX"},
         {KFAC_PARAM_INVERSE_UPDATE_PERIOD, (int64_t)INT32_MAX + 1, "inverse update period 2^31"},
         {KFAC_PARAM_FACTOR_UPDATE_PERIOD, INT64_MAX, "factor update period INT64_MAX"},
+        {KFAC_PARAM_LM_INTERVAL, -1, "LM interval -1"},
+        {KFAC_PARAM_LM_INTERVAL, INT64_MIN, "LM interval INT64_MIN"},
+        {KFAC_PARAM_LM_INTERVAL, (int64_t)INT32_MAX + 1, "LM interval 2^31"},
+        {KFAC_PARAM_LM_INTERVAL, INT64_MAX, "LM interval INT64_MAX"},
     };
     for (size_t i = 0; i < sizeof iranges / sizeof iranges[0]; i++) {
         snprintf(what, sizeof what, "kfac_set_param_int(%s)", iranges[i].what);
@@ -1660,6 +1699,269 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
     *tp = t;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* 2c. The adaptive mode on twin handles                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+/* kfac_solve_step_size_* chosen by `dtype` (the buffers' precision), with raw pointers so that
+ * NULL can be passed for any of them. */
+static int solve_raw(kfac_optimizer *h, int dtype, const void *z, const void *jd, const void *jp,
+                     int64_t rows, int64_t dim, int dist, double *alpha, double *mu, double *m) {
+    if (dtype == KFAC_FLOAT32)
+        return kfac_solve_step_size_f32(h, (const float *)z, (const float *)jd, (const float *)jp,
+                                        rows, dim, dist, alpha, mu, m);
+    return kfac_solve_step_size_f64(h, (const double *)z, (const double *)jd, (const double *)jp,
+                                    rows, dim, dist, alpha, mu, m);
+}
+
+/* Outputs and Jacobian products of one "batch" for the adaptive calls (the library does not
+ * relate them to the layers: any rows × dim values will do). */
+enum { AD_ROWS = 6, AD_DIM = 3 };
+
+typedef struct {
+    buf_t z, jd, jp;
+} adaptive_data_t;
+
+static adaptive_data_t adaptive_data(int dtype, rng_t *r) {
+    adaptive_data_t d = {buf_new(dtype, AD_ROWS * AD_DIM), buf_new(dtype, AD_ROWS * AD_DIM),
+                         buf_new(dtype, AD_ROWS * AD_DIM)};
+    buf_random(&d.z, r);
+    buf_random(&d.jd, r);
+    buf_random(&d.jp, r);
+    for (size_t i = 0; i < d.z.n; i++) buf_set(&d.z, i, 3.0 * rng_sym(r)); /* logits */
+    return d;
+}
+
+static void adaptive_data_free(adaptive_data_t *d) {
+    buf_free(&d->z);
+    buf_free(&d->jd);
+    buf_free(&d->jp);
+}
+
+/* A valid solve (with previous products) and a valid report on every twin: returns 1 if all
+ * succeeded with bitwise identical α, μ, M(δ) and ρ. This is what shows that a failed call
+ * before it consumed no directions and changed no hidden adaptive state (δ₀, the pending
+ * prediction, the report counter), which the state images do not all cover. */
+static int twins_adaptive_agree(twins_t *t, char *why, size_t why_size) {
+    adaptive_data_t d = adaptive_data(t->dtype, &t->rng);
+    double res[MAX_TWINS][4];
+    int ok = 1;
+    why[0] = '\0';
+    for (int i = 0; i < t->n; i++) {
+        int st = solve_raw(t->h[i], t->dtype, d.z.p, d.jd.p, d.jp.p, AD_ROWS, AD_DIM,
+                           KFAC_DIST_CATEGORICAL, &res[i][0], &res[i][1], &res[i][2]);
+        if (st != KFAC_OK) {
+            snprintf(why, why_size, "solve on twin %d: %s: %s", i, status_name(st),
+                     kfac_last_error(t->h[i]));
+            ok = 0;
+            break;
+        }
+        st = kfac_report_loss_change(t->h[i], 2.0, 2.0 + 0.5 * res[i][2], &res[i][3]);
+        if (st != KFAC_OK) {
+            snprintf(why, why_size, "report on twin %d: %s: %s", i, status_name(st),
+                     kfac_last_error(t->h[i]));
+            ok = 0;
+            break;
+        }
+    }
+    if (ok && memcmp(res[0], res[1], sizeof res[0]) != 0) {
+        snprintf(why, why_size, "twins disagree: α %.17g / %.17g, μ %.17g / %.17g, ρ %.17g / %.17g",
+                 res[0][0], res[1][0], res[0][1], res[1][1], res[0][3], res[1][3]);
+        ok = 0;
+    }
+    adaptive_data_free(&d);
+    return ok;
+}
+
+/* After a bad adaptive call on twin 1: the usual checks (status, message, identical state
+ * images), then twins_adaptive_agree. */
+static void after_bad_adaptive(twins_t *t, int got, int want, const char *what, int extra_ok) {
+    after_bad(t, got, want, what, 0, extra_ok);
+    char why[512] = "";
+    check(twins_adaptive_agree(t, why, sizeof why),
+          "[%s]   ... then a valid solve and report give bitwise identical α, μ, M(δ), ρ on both "
+          "twins%s%s", dtype_tag(t->dtype), why[0] ? ": " : "", why);
+}
+
+typedef struct {
+    int dtype;
+    int64_t rows, dim;
+    const void *z, *jd;
+} solve_args_t;
+
+static int call_solve(kfac_optimizer *h, const void *arg) {
+    const solve_args_t *a = arg;
+    double alpha, mu, m;
+    return solve_raw(h, a->dtype, a->z, a->jd, NULL, a->rows, a->dim, KFAC_DIST_CATEGORICAL,
+                     &alpha, &mu, &m);
+}
+
+static void errors_adaptive(twins_t *tp) {
+    twins_t t = *tp;
+    kfac_optimizer *B = t.h[1];
+    const int dt = t.dtype, od = other_dtype(dt);
+    char what[256], why[512] = "";
+    section(dt == KFAC_FLOAT32 ? "float32 handle: adaptive mode" : "float64 handle: adaptive mode");
+
+    /* Every case starts from a round (identical fresh directions on both twins). Case 0 is the
+     * valid call that gives both twins a previous update δ₀, so that later cases exercise the
+     * momentum path too. */
+    const struct {
+        int which;
+        int want;
+        const char *what;
+    } cases[] = {
+        {0, KFAC_OK, "(valid: a first solve and report on both twins)"},
+        {1, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(outputs = NULL)"},
+        {2, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(direction_products = NULL)"},
+        {3, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(alpha = NULL)"},
+        {4, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(mu = NULL)"},
+        {5, KFAC_ERROR_INVALID_SIZE, "kfac_solve_step_size(rows = 0)"},
+        {6, KFAC_ERROR_INVALID_SIZE, "kfac_solve_step_size(rows = -1)"},
+        {7, KFAC_ERROR_INVALID_SIZE, "kfac_solve_step_size(rows = INT64_MIN)"},
+        {8, KFAC_ERROR_INVALID_SIZE, "kfac_solve_step_size(output_dim = 0)"},
+        {9, KFAC_ERROR_INVALID_SIZE, "kfac_solve_step_size(output_dim = -3)"},
+        {10, KFAC_ERROR_SIZE_OVERFLOW, "kfac_solve_step_size(rows = output_dim = 2^32)"},
+        {11, KFAC_ERROR_SIZE_OVERFLOW, "kfac_solve_step_size(rows = INT64_MAX, output_dim = 2)"},
+        {12, KFAC_ERROR_INVALID_ARGUMENT, "kfac_solve_step_size(distribution = 3)"},
+        {13, KFAC_ERROR_INVALID_ARGUMENT, "kfac_solve_step_size(distribution = -1)"},
+        {14, KFAC_ERROR_INVALID_ARGUMENT, "kfac_solve_step_size(distribution = INT32_MIN)"},
+        {15, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(NaN in the first output)"},
+        {16, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(+Inf in the last output)"},
+        {17, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(NaN in a direction product)"},
+        {18, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(-Inf in the last direction product)"},
+        {19, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(NaN in a previous product, δ₀ exists)"},
+        {20, KFAC_ERROR_DTYPE_MISMATCH, "kfac_solve_step_size_<other dtype>"},
+        {21, KFAC_ERROR_NO_STEP, "kfac_solve_step_size twice for one step"},
+        {22, KFAC_ERROR_NO_STEP, "kfac_report_loss_change twice for one solve"},
+        {23, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_before = NaN)"},
+        {24, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_after = +Inf)"},
+        {25, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_after = -Inf)"},
+        {26, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(alpha = mu = NULL)"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int which = cases[c].which;
+        if (!twins_round(&t, why, sizeof why))
+            check(0, "[%s] a round before an adaptive case: %s", dtype_tag(dt), why);
+        if (which == 0) {
+            check(twins_adaptive_agree(&t, why, sizeof why),
+                  "[%s] valid solve and report after a round: bitwise identical on both twins%s%s",
+                  dtype_tag(dt), why[0] ? ": " : "", why);
+            continue;
+        }
+        adaptive_data_t d = adaptive_data(which == 20 ? od : dt, &t.rng);
+        double alpha = -777, mu = -777, m = -777, rho = -777;
+        const void *z = d.z.p, *jd = d.jd.p, *jp = d.jp.p;
+        double *pa = &alpha, *pm = &mu;
+        int64_t rows = AD_ROWS, dim = AD_DIM;
+        int dist = KFAC_DIST_CATEGORICAL, st;
+        switch (which) {
+        case 1: z = NULL; break;
+        case 2: jd = NULL; break;
+        case 3: pa = NULL; break;
+        case 4: pm = NULL; break;
+        case 5: rows = 0; break;
+        case 6: rows = -1; break;
+        case 7: rows = INT64_MIN; break;
+        case 8: dim = 0; break;
+        case 9: dim = -3; break;
+        case 10: rows = dim = (int64_t)1 << 32; break;
+        case 11: rows = INT64_MAX; dim = 2; break;
+        case 12: dist = 3; break;
+        case 13: dist = -1; break;
+        case 14: dist = INT32_MIN; break;
+        case 15: buf_set(&d.z, 0, NAN); break;
+        case 16: buf_set(&d.z, d.z.n - 1, INFINITY); break;
+        case 17: buf_set(&d.jd, 7, NAN); break;
+        case 18: buf_set(&d.jd, d.jd.n - 1, -INFINITY); break;
+        case 19: buf_set(&d.jp, 4, NAN); break;
+        case 26: pa = pm = NULL; break;
+        default: break;
+        }
+        if (which == 10 || which == 11) {
+            solve_args_t args = {dt, rows, dim, z, jd};
+            snprintf(what, sizeof what, "[%s] %s", dtype_tag(dt), cases[c].what);
+            if (!survives_in_child(B, call_solve, &args, what)) {
+                adaptive_data_free(&d);
+                continue;
+            }
+        }
+        int extra_ok = 1;
+        if (which <= 20 || which == 26) {
+            st = bad_call(B, solve_raw(B, d.z.dtype, z, jd, jp, rows, dim, dist, pa, pm, &m));
+            extra_ok = alpha == -777 && mu == -777 && m == -777;
+        } else if (which == 21) {
+            /* Both twins solve once (identically); the second solve on B fails. */
+            double a0, m0, p0, a1, m1, p1;
+            const int ok = solve_raw(t.h[0], dt, z, jd, jp, rows, dim, dist, &a0, &m0, &p0) == KFAC_OK &&
+                           solve_raw(B, dt, z, jd, jp, rows, dim, dist, &a1, &m1, &p1) == KFAC_OK &&
+                           a0 == a1 && m0 == m1 && p0 == p1;
+            check(ok, "[%s] first solve of the step on both twins: identical", dtype_tag(dt));
+            st = bad_call(B, solve_raw(B, dt, z, jd, jp, rows, dim, dist, &alpha, &mu, &m));
+            extra_ok = alpha == -777 && mu == -777 && m == -777;
+            /* Leave both twins as twins_adaptive_agree expects them: directions available. */
+            after_bad(&t, st, cases[c].want, cases[c].what, 0, extra_ok);
+            const int reported = kfac_report_loss_change(t.h[0], 1.0, 0.5, NULL) == KFAC_OK &&
+                                 kfac_report_loss_change(B, 1.0, 0.5, NULL) == KFAC_OK;
+            const int round = twins_round(&t, why, sizeof why);
+            check(reported && round && twins_adaptive_agree(&t, why, sizeof why),
+                  "[%s]   ... then report, round, solve and report agree on both twins%s%s",
+                  dtype_tag(dt), why[0] ? ": " : "", why);
+            adaptive_data_free(&d);
+            continue;
+        } else {
+            /* Report cases: both twins solved (case 22: and reported) first. */
+            double a0, m0, p0;
+            int ok = 1;
+            for (int i = 0; i < t.n; i++) {
+                ok = ok && solve_raw(t.h[i], dt, z, jd, jp, rows, dim, dist, &a0, &m0, &p0) == KFAC_OK;
+                if (which == 22) ok = ok && kfac_report_loss_change(t.h[i], 1.0, 0.75, NULL) == KFAC_OK;
+            }
+            check(ok, "[%s] solve%s on both twins before a bad report", dtype_tag(dt),
+                  which == 22 ? " and report" : "");
+            const double before = which == 23 ? NAN : 1.0;
+            const double after = which == 24 ? INFINITY : which == 25 ? -INFINITY : 0.5;
+            st = bad_call(B, kfac_report_loss_change(B, before, after, &rho));
+            extra_ok = rho == -777;
+            after_bad(&t, st, cases[c].want, cases[c].what, 0, extra_ok);
+            /* Case 22 left no prediction; cases 23-25 must have kept it: report it now. */
+            if (which != 22) {
+                double r0 = 0, r1 = 1;
+                const int same = kfac_report_loss_change(t.h[0], 1.0, 0.5, &r0) == KFAC_OK &&
+                                 kfac_report_loss_change(B, 1.0, 0.5, &r1) == KFAC_OK && r0 == r1;
+                check(same, "[%s]   ... the prediction is still pending on the bad twin: reports "
+                            "agree (ρ %.17g / %.17g)", dtype_tag(dt), r0, r1);
+            }
+            const int round = twins_round(&t, why, sizeof why);
+            check(round && twins_adaptive_agree(&t, why, sizeof why),
+                  "[%s]   ... then round, solve and report agree on both twins%s%s", dtype_tag(dt),
+                  why[0] ? ": " : "", why);
+            adaptive_data_free(&d);
+            continue;
+        }
+        after_bad_adaptive(&t, st, cases[c].want, cases[c].what, extra_ok);
+        adaptive_data_free(&d);
+    }
+
+    /* Optional outputs: predicted_change and rho may be NULL. */
+    {
+        adaptive_data_t d = adaptive_data(dt, &t.rng);
+        double a[2], m[2];
+        int ok = twins_round(&t, why, sizeof why);
+        for (int i = 0; ok && i < t.n; i++)
+            ok = solve_raw(t.h[i], dt, d.z.p, d.jd.p, d.jp.p, AD_ROWS, AD_DIM, KFAC_DIST_BERNOULLI,
+                           &a[i], &m[i], NULL) == KFAC_OK &&
+                 kfac_report_loss_change(t.h[i], 1.0, 0.9, NULL) == KFAC_OK;
+        const double r0 = kfac_last_reduction_ratio(t.h[0]), r1 = kfac_last_reduction_ratio(B);
+        check(ok && a[0] == a[1] && m[0] == m[1] && r0 == r1 && isfinite(r0) &&
+                  same_state(t.h[0], B),
+              "[%s] solve with predicted_change = NULL and report with rho = NULL succeed; "
+              "kfac_last_reduction_ratio %.6g on both", dtype_tag(dt), r0);
+        adaptive_data_free(&d);
+    }
+    *tp = t;
+}
+
 static void test_errors(int dtype, const char *tmpdir) {
     twins_t t = twins_new(dtype, dtype == KFAC_FLOAT32 ? 101 : 202);
     check(kfac_dtype_of(t.h[1]) == dtype && kfac_layer_count(t.h[1]) == 2,
@@ -1672,6 +1974,7 @@ static void test_errors(int dtype, const char *tmpdir) {
           ok ? "" : ": ", why);
     errors_record(&t);
     errors_step(&t);
+    errors_adaptive(&t);
     errors_params(&t);
     errors_state(&t, tmpdir);
     twins_free(&t);
@@ -2238,8 +2541,9 @@ static void test_params_and_info(void) {
                 {KFAC_PARAM_DAMPING, 1e-3},
                 {KFAC_PARAM_FACTOR_DECAY, 0.95},
                 {KFAC_PARAM_KL_CLIP, 1e-3},
-                {KFAC_PARAM_OUTPUT_GRAD_SCALE, 1.0}};
-    for (size_t i = 0; i < 5; i++) {
+                {KFAC_PARAM_OUTPUT_GRAD_SCALE, 1.0},
+                {KFAC_PARAM_LM_DECAY, 0.95}};
+    for (size_t i = 0; i < sizeof ddef / sizeof ddef[0]; i++) {
         double v = -1;
         int st = kfac_get_param_double(h, ddef[i].param, &v);
         check(st == KFAC_OK && v == ddef[i].value, "default of double param %d: %g (want %g)",
@@ -2250,8 +2554,9 @@ static void test_params_and_info(void) {
         int64_t value;
     } idef[] = {{KFAC_PARAM_FACTOR_UPDATE_PERIOD, 1}, {KFAC_PARAM_INVERSE_UPDATE_PERIOD, 10},
                 {KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN}, {KFAC_PARAM_PI_DAMPING, 1},
-                {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_SUM}, {KFAC_PARAM_NUM_THREADS, 0}};
-    for (size_t i = 0; i < 6; i++) {
+                {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_SUM}, {KFAC_PARAM_NUM_THREADS, 0},
+                {KFAC_PARAM_LM_INTERVAL, 0}};
+    for (size_t i = 0; i < sizeof idef / sizeof idef[0]; i++) {
         int64_t v = -1;
         int st = kfac_get_param_int(h, idef[i].param, &v);
         check(st == KFAC_OK && v == idef[i].value, "default of int param %d: %lld (want %lld)",
@@ -2263,7 +2568,9 @@ static void test_params_and_info(void) {
         double value;
     } dok[] = {{KFAC_PARAM_FACTOR_DECAY, 0.0}, {KFAC_PARAM_FACTOR_DECAY, 0.999999},
                {KFAC_PARAM_KL_CLIP, 0.0}, {KFAC_PARAM_DAMPING, 1e-300},
-               {KFAC_PARAM_LEARNING_RATE, 1e300}, {KFAC_PARAM_OUTPUT_GRAD_SCALE, 65536.0}};
+               {KFAC_PARAM_LEARNING_RATE, 1e300}, {KFAC_PARAM_OUTPUT_GRAD_SCALE, 65536.0},
+               {KFAC_PARAM_LM_DECAY, 1e-300}, {KFAC_PARAM_LM_DECAY, 0.9999999999},
+               {KFAC_PARAM_LM_DECAY, 0.5}};
     for (size_t i = 0; i < sizeof dok / sizeof dok[0]; i++) {
         double v = -1;
         int st = bad_call(h, kfac_set_param_double(h, dok[i].param, dok[i].value));
@@ -2278,7 +2585,9 @@ static void test_params_and_info(void) {
     } iok[] = {{KFAC_PARAM_FACTOR_UPDATE_PERIOD, 0}, {KFAC_PARAM_INVERSE_UPDATE_PERIOD, 0},
                {KFAC_PARAM_INVERSE_UPDATE_PERIOD, INT32_MAX}, {KFAC_PARAM_NUM_THREADS, 256},
                {KFAC_PARAM_NUM_THREADS, 1}, {KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_CHOLESKY},
-               {KFAC_PARAM_PI_DAMPING, 0}, {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_MEAN}};
+               {KFAC_PARAM_PI_DAMPING, 0}, {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_MEAN},
+               {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_LM_INTERVAL, 1},
+               {KFAC_PARAM_LM_INTERVAL, INT32_MAX}};
     for (size_t i = 0; i < sizeof iok / sizeof iok[0]; i++) {
         int64_t v = -1;
         int st = bad_call(h, kfac_set_param_int(h, iok[i].param, iok[i].value));
@@ -2852,6 +3161,484 @@ static void test_conv_numerics(void) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* 3b. The adaptive mode: call order, state images; the target samplers                       */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The adaptive calls before anything could be solved or reported, on a handle of its own. */
+static void test_adaptive_call_order(void) {
+    section("adaptive mode: call order on a fresh handle, state images");
+    rng_t r = {515};
+    for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
+        kfac_optimizer *h = handle_with_batch(dtype, &r, 1, 1);
+        adaptive_data_t d = adaptive_data(dtype, &r);
+        size_t size;
+        char what[160];
+        double alpha = -777, mu = -777, m = -777, rho = -777;
+        check(isnan(kfac_last_reduction_ratio(h)), "[%s] kfac_last_reduction_ratio is NaN before "
+              "the first report", dtype_tag(dtype));
+        unsigned char *img = save_image(h, &size);
+        int st = solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
+                           &alpha, &mu, &m);
+        snprintf(what, sizeof what, "[%s] kfac_solve_step_size before any step", dtype_tag(dtype));
+        expect_fails_unchanged(h, st, KFAC_ERROR_NO_STEP, img, size, what);
+        st = kfac_report_loss_change(h, 1.0, 0.5, &rho);
+        snprintf(what, sizeof what, "[%s] kfac_report_loss_change before any solve", dtype_tag(dtype));
+        expect_fails_unchanged(h, st, KFAC_ERROR_NO_STEP, img, size, what);
+        check(alpha == -777 && mu == -777 && m == -777 && rho == -777,
+              "[%s]   ... outputs untouched", dtype_tag(dtype));
+        free(img);
+
+        /* A step, then a state image: directions are not in it, δ₀ and the prediction are. */
+        grads_t g = grads_new(dtype, &TWIN_MODEL, &r);
+        REQUIRE_OK(h, step(h, &g));
+        kfac_optimizer *copy = make_handle(dtype, &TWIN_MODEL);
+        img = save_image(h, &size);
+        REQUIRE_OK(copy, kfac_load_state(copy, img, size));
+        free(img);
+        img = save_image(copy, &size);
+        st = solve_raw(copy, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
+                       &alpha, &mu, &m);
+        snprintf(what, sizeof what, "[%s] kfac_solve_step_size after kfac_load_state (directions "
+                 "are not saved)", dtype_tag(dtype));
+        expect_fails_unchanged(copy, st, KFAC_ERROR_NO_STEP, img, size, what);
+        free(img);
+        REQUIRE_OK(h, solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM,
+                                KFAC_DIST_GAUSSIAN, &alpha, &mu, &m));
+        img = save_image(h, &size);
+        REQUIRE_OK(copy, kfac_load_state(copy, img, size));
+        free(img);
+        double r0 = 0, r1 = 1;
+        st = kfac_report_loss_change(copy, 1.0, 0.25, &r1);
+        const int st0 = kfac_report_loss_change(h, 1.0, 0.25, &r0);
+        check(st0 == KFAC_OK && st == KFAC_OK && r0 == r1 && mu == 0.0 && m < 0,
+              "[%s] a pending prediction is saved: the loaded copy reports the same ρ = %.6g "
+              "(first solve: μ = 0, M(δ) = %.4g < 0)", dtype_tag(dtype), r0, m);
+        grads_free(&g);
+        adaptive_data_free(&d);
+        kfac_optimizer_free(copy);
+        kfac_optimizer_free(h);
+    }
+}
+
+/* The handle-less samplers: errors leave the output buffer alone; basic properties. */
+static void test_samplers(void) {
+    section("target samplers (no handle)");
+    enum { R = 5, C = 4 };
+    double z[R * C], out[R * C], sentinel[R * C];
+    float zf[R * C], outf[R * C];
+    rng_t r = {616};
+    for (int i = 0; i < R * C; i++) {
+        z[i] = (double)(float)(2.0 * rng_sym(&r));
+        zf[i] = (float)z[i];
+        sentinel[i] = -777.0;
+    }
+    typedef int (*sampler64)(const double *, int64_t, int64_t, int, uint64_t, double *);
+    typedef int (*sampler32)(const float *, int64_t, int64_t, int, uint64_t, float *);
+    const sampler64 f64[2] = {kfac_sample_targets_f64, kfac_sampled_output_grads_f64};
+    const sampler32 f32[2] = {kfac_sample_targets_f32, kfac_sampled_output_grads_f32};
+    const char *names[2] = {"kfac_sample_targets", "kfac_sampled_output_grads"};
+    for (int k = 0; k < 2; k++) {
+        const struct {
+            int which;
+            int64_t rows, dim;
+            int dist, want;
+            const char *what;
+        } cases[] = {
+            {1, R, C, 0, KFAC_ERROR_NULL_POINTER, "outputs = NULL"},
+            {2, R, C, 0, KFAC_ERROR_NULL_POINTER, "output buffer = NULL"},
+            {0, 0, C, 0, KFAC_ERROR_INVALID_SIZE, "rows = 0"},
+            {0, -1, C, 1, KFAC_ERROR_INVALID_SIZE, "rows = -1"},
+            {0, R, 0, 2, KFAC_ERROR_INVALID_SIZE, "output_dim = 0"},
+            {0, R, INT64_MIN, 0, KFAC_ERROR_INVALID_SIZE, "output_dim = INT64_MIN"},
+            {0, (int64_t)1 << 32, (int64_t)1 << 32, 0, KFAC_ERROR_SIZE_OVERFLOW,
+             "rows = output_dim = 2^32"},
+            {0, INT64_MAX, 3, 0, KFAC_ERROR_SIZE_OVERFLOW, "rows = INT64_MAX, output_dim = 3"},
+            {0, R, C, 3, KFAC_ERROR_INVALID_ARGUMENT, "distribution = 3"},
+            {0, R, C, -1, KFAC_ERROR_INVALID_ARGUMENT, "distribution = -1"},
+            {3, R, C, 0, KFAC_ERROR_NON_FINITE, "NaN in the outputs (categorical)"},
+            {4, R, C, 1, KFAC_ERROR_NON_FINITE, "+Inf in the outputs (bernoulli)"},
+            {5, R, C, 2, KFAC_ERROR_NON_FINITE, "-Inf in the outputs (gaussian)"},
+        };
+        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+            for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
+                double zz[R * C];
+                float zzf[R * C];
+                memcpy(zz, z, sizeof zz);
+                memcpy(zzf, zf, sizeof zzf);
+                const double poison = cases[c].which == 3 ? NAN : cases[c].which == 4 ? INFINITY : -INFINITY;
+                if (cases[c].which >= 3) {
+                    zz[R * C - 1 - cases[c].which] = poison;
+                    zzf[R * C - 1 - cases[c].which] = (float)poison;
+                }
+                memcpy(out, sentinel, sizeof out);
+                for (int i = 0; i < R * C; i++) outf[i] = -777.0f;
+                int st;
+                if (dtype == KFAC_FLOAT64)
+                    st = f64[k](cases[c].which == 1 ? NULL : zz, cases[c].rows, cases[c].dim,
+                                cases[c].dist, 42, cases[c].which == 2 ? NULL : out);
+                else
+                    st = f32[k](cases[c].which == 1 ? NULL : zzf, cases[c].rows, cases[c].dim,
+                                cases[c].dist, 42, cases[c].which == 2 ? NULL : outf);
+                int untouched = 1;
+                for (int i = 0; i < R * C; i++)
+                    if (out[i] != -777.0 || outf[i] != -777.0f) untouched = 0;
+                check(st == cases[c].want && untouched && nonempty(kfac_status_string(st)),
+                      "%s_%s(%s) -> %s%s%s%s", names[k], dtype_tag(dtype), cases[c].what,
+                      status_name(cases[c].want), st == cases[c].want ? "" : ", but got ",
+                      st == cases[c].want ? "" : status_name(st),
+                      untouched ? "" : "; OUTPUT BUFFER MODIFIED");
+            }
+        }
+    }
+
+    /* Valid calls: one-hot categorical rows, identical draws in both precisions and for the
+     * same seed, gradients p − y at the targets of the same seed. */
+    double targets[R * C], grads[R * C];
+    float targetsf[R * C];
+    REQUIRE_OK(NULL, kfac_sample_targets_f64(z, R, C, KFAC_DIST_CATEGORICAL, 9, targets));
+    REQUIRE_OK(NULL, kfac_sample_targets_f32(zf, R, C, KFAC_DIST_CATEGORICAL, 9, targetsf));
+    REQUIRE_OK(NULL, kfac_sampled_output_grads_f64(z, R, C, KFAC_DIST_CATEGORICAL, 9, grads));
+    int one_hot = 1, same_precision = 1, grads_ok = 1;
+    for (int n = 0; n < R; n++) {
+        double sum = 0, mx = z[n * C], total = 0;
+        for (int c = 0; c < C; c++) mx = fmax(mx, z[n * C + c]);
+        for (int c = 0; c < C; c++) total += exp(z[n * C + c] - mx);
+        for (int c = 0; c < C; c++) {
+            const double t = targets[n * C + c];
+            sum += t;
+            if (t != 0.0 && t != 1.0) one_hot = 0;
+            if ((double)targetsf[n * C + c] != t) same_precision = 0;
+            const double p = exp(z[n * C + c] - mx) / total;
+            if (fabs(grads[n * C + c] - (p - t)) > 1e-15) grads_ok = 0;
+        }
+        if (sum != 1.0) one_hot = 0;
+    }
+    check(one_hot, "kfac_sample_targets(categorical): one-hot rows");
+    check(same_precision, "kfac_sample_targets: float32 and float64 draw the same classes for the "
+                          "same (exactly representable) logits and seed");
+    check(grads_ok, "kfac_sampled_output_grads(categorical) = softmax(z) − (the targets of the same seed)");
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* 4b. The adaptive mode's numerics (float64)                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A linear softmax classifier z_n = W x_n + b, θ = [W | b] ([AO][AP], vectorised row-major),
+ * with the explicit per-example Jacobians J_n = I ⊗ ā_nᵀ and the explicit Fisher of the mean
+ * loss F = (1/N) Σ J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n. */
+enum { AN = 9, AI = 3, AO = 4, AP = AI + 1, AQ = AO * AP };
+
+typedef struct {
+    double x[AN][AI];
+    int y[AN];
+} linear_data_t;
+
+static void linear_logits(const linear_data_t *d, const double *theta, int n, double *z) {
+    for (int o = 0; o < AO; o++) {
+        z[o] = theta[o * AP + AI];
+        for (int i = 0; i < AI; i++) z[o] += theta[o * AP + i] * d->x[n][i];
+    }
+}
+
+static void softmax_row(const double *z, double *p) {
+    double m = z[0], total = 0;
+    for (int o = 1; o < AO; o++) m = fmax(m, z[o]);
+    for (int o = 0; o < AO; o++) total += exp(z[o] - m);
+    for (int o = 0; o < AO; o++) p[o] = exp(z[o] - m) / total;
+}
+
+static double linear_loss(const linear_data_t *d, const double *theta) {
+    double total = 0, z[AO], p[AO];
+    for (int n = 0; n < AN; n++) {
+        linear_logits(d, theta, n, z);
+        softmax_row(z, p);
+        total -= log(p[d->y[n]]);
+    }
+    return total / AN;
+}
+
+/* J_n as an [AO][AQ] matrix. */
+static void linear_jacobian(const linear_data_t *d, int n, double *J) {
+    memset(J, 0, sizeof(double) * AO * AQ);
+    for (int o = 0; o < AO; o++) {
+        for (int i = 0; i < AI; i++) J[o * AQ + o * AP + i] = d->x[n][i];
+        J[o * AQ + o * AP + AI] = 1.0;
+    }
+}
+
+/* F = (1/N) Σ J_nᵀ B_n J_n, [AQ][AQ]. */
+static void linear_fisher(const linear_data_t *d, const double *theta, double *Fm) {
+    double J[AO * AQ], z[AO], p[AO], B[AO][AO], BJ[AO * AQ];
+    memset(Fm, 0, sizeof(double) * AQ * AQ);
+    for (int n = 0; n < AN; n++) {
+        linear_logits(d, theta, n, z);
+        softmax_row(z, p);
+        for (int a = 0; a < AO; a++)
+            for (int b = 0; b < AO; b++) B[a][b] = (a == b ? p[a] : 0.0) - p[a] * p[b];
+        linear_jacobian(d, n, J);
+        for (int a = 0; a < AO; a++)
+            for (int q = 0; q < AQ; q++) {
+                BJ[a * AQ + q] = 0;
+                for (int b = 0; b < AO; b++) BJ[a * AQ + q] += B[a][b] * J[b * AQ + q];
+            }
+        for (int q = 0; q < AQ; q++)
+            for (int r = 0; r < AQ; r++)
+                for (int a = 0; a < AO; a++) Fm[q * AQ + r] += J[a * AQ + q] * BJ[a * AQ + r] / AN;
+    }
+}
+
+/* J_n · v for every example, [AN][AO]. */
+static void linear_products(const linear_data_t *d, const double *v, double *out) {
+    double J[AO * AQ];
+    for (int n = 0; n < AN; n++) {
+        linear_jacobian(d, n, J);
+        for (int o = 0; o < AO; o++) {
+            out[n * AO + o] = 0;
+            for (int q = 0; q < AQ; q++) out[n * AO + o] += J[o * AQ + q] * v[q];
+        }
+    }
+}
+
+/* uᵀ M v for an [AQ][AQ] matrix M. */
+static double bilinear(const double *u, const double *M, const double *v) {
+    double s = 0;
+    for (int q = 0; q < AQ; q++)
+        for (int r = 0; r < AQ; r++) s += u[q] * M[q * AQ + r] * v[r];
+    return s;
+}
+
+static double dotq(const double *u, const double *v) {
+    double s = 0;
+    for (int q = 0; q < AQ; q++) s += u[q] * v[q];
+    return s;
+}
+
+static void test_adaptive_numerics(void) {
+    section("numerics through the C ABI: the adaptive mode (float64, linear softmax model)");
+    rng_t r = {717};
+    linear_data_t data;
+    for (int n = 0; n < AN; n++) {
+        for (int i = 0; i < AI; i++) data.x[n][i] = 2.0 * rng_sym(&r);
+        data.y[n] = n % AO;
+    }
+    double theta[AQ], previous[AQ];
+    for (int q = 0; q < AQ; q++) theta[q] = 0.5 * rng_sym(&r);
+    const double lambda = 0.05;
+    kfac_optimizer *h = NULL;
+    int32_t id;
+    REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
+    REQUIRE_OK(h, kfac_add_dense(h, AI, AO, 1, &id));
+    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 1));
+
+    for (int k = 0; k < 3; k++) {
+        /* Statistics (summed-loss output gradients p − y), the mean-loss gradient, the step. */
+        double x[AN * AI], g[AN * AO], z[AN * AO], grad[AQ] = {0}, p[AO];
+        for (int n = 0; n < AN; n++) {
+            linear_logits(&data, theta, n, z + n * AO);
+            softmax_row(z + n * AO, p);
+            for (int o = 0; o < AO; o++) {
+                g[n * AO + o] = p[o] - (o == data.y[n] ? 1.0 : 0.0);
+                for (int i = 0; i < AI; i++) grad[o * AP + i] += g[n * AO + o] * data.x[n][i] / AN;
+                grad[o * AP + AI] += g[n * AO + o] / AN;
+            }
+            for (int i = 0; i < AI; i++) x[n * AI + i] = data.x[n][i];
+        }
+        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, x, AN));
+        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, AN));
+        double dw[AO * AI], db[AO];
+        for (int o = 0; o < AO; o++) {
+            for (int i = 0; i < AI; i++) dw[o * AI + i] = grad[o * AP + i];
+            db[o] = grad[o * AP + AI];
+        }
+        double *wp[1] = {dw}, *bp[1] = {db};
+        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        double D[AQ], minusD[AQ];
+        for (int o = 0; o < AO; o++) {
+            for (int i = 0; i < AI; i++) D[o * AP + i] = dw[o * AI + i];
+            D[o * AP + AI] = db[o];
+        }
+        for (int q = 0; q < AQ; q++) minusD[q] = -D[q];
+
+        /* The oracle: the 2×2 (or 1×1) system of M over δ = −αD + μδ₀ from the explicit F. */
+        static double Fm[AQ * AQ];
+        linear_fisher(&data, theta, Fm);
+        double M2[4], rhs[2];
+        const int two = k > 0;
+        M2[0] = bilinear(minusD, Fm, minusD) + lambda * dotq(minusD, minusD);
+        rhs[0] = -dotq(grad, minusD);
+        if (two) {
+            M2[1] = M2[2] = bilinear(minusD, Fm, previous) + lambda * dotq(minusD, previous);
+            M2[3] = bilinear(previous, Fm, previous) + lambda * dotq(previous, previous);
+            rhs[1] = -dotq(grad, previous);
+        } else {
+            M2[1] = 0;
+        }
+        double A2[4];
+        memcpy(A2, M2, sizeof A2);
+        double sol[2] = {rhs[0], two ? rhs[1] : 0};
+        if (two) {
+            if (!solve(A2, sol, 2, 1)) check(0, "oracle: singular 2×2 system");
+        } else {
+            sol[0] = rhs[0] / M2[0];
+        }
+        const double alpha_ref = sol[0], mu_ref = two ? sol[1] : 0.0;
+        /* M(δ) = ½ cᵀ A c + bᵀ c with b = −rhs. */
+        double m_ref = -rhs[0] * alpha_ref - (two ? rhs[1] * mu_ref : 0.0);
+        m_ref += 0.5 * (M2[0] * alpha_ref * alpha_ref +
+                        (two ? 2 * M2[1] * alpha_ref * mu_ref + M2[3] * mu_ref * mu_ref : 0.0));
+
+        double jd[AN * AO], jp[AN * AO];
+        linear_products(&data, D, jd);
+        if (two) linear_products(&data, previous, jp);
+        double alpha = 0, mu = 0, m = 0;
+        REQUIRE_OK(h, kfac_solve_step_size_f64(h, z, jd, two ? jp : NULL, AN, AO,
+                                               KFAC_DIST_CATEGORICAL, &alpha, &mu, &m));
+        check(fabs(alpha - alpha_ref) <= 1e-9 * fabs(alpha_ref) &&
+                  fabs(mu - mu_ref) <= 1e-9 * fmax(fabs(mu_ref), 1e-3) &&
+                  fabs(m - m_ref) <= 1e-9 * fabs(m_ref) && m < 0 && (mu != 0) == two,
+              "step %d: kfac_solve_step_size_f64 α = %.10g (oracle %.10g), μ = %.10g (%.10g), "
+              "M(δ) = %.10g (%.10g) from the explicit %d×%d Fisher", k, alpha, alpha_ref, mu,
+              mu_ref, m, m_ref, AQ, AQ);
+
+        /* Apply the library's coefficients (its δ₀ is then exactly ours), report, check ρ. */
+        const double before = linear_loss(&data, theta);
+        for (int q = 0; q < AQ; q++) {
+            previous[q] = -alpha * D[q] + (two ? mu * previous[q] : 0.0);
+            theta[q] += previous[q];
+        }
+        const double after = linear_loss(&data, theta);
+        double rho = 0;
+        REQUIRE_OK(h, kfac_report_loss_change(h, before, after, &rho));
+        const double rho_ref = (after - before) / m_ref;
+        check(fabs(rho - rho_ref) <= 1e-8 * fabs(rho_ref) && kfac_last_reduction_ratio(h) == rho &&
+                  after < before,
+              "step %d: ρ = %.10g = (h(θ+δ) − h(θ)) / M(δ) (oracle %.10g); loss %.6f -> %.6f", k,
+              rho, rho_ref, before, after);
+    }
+
+    kfac_optimizer_free(h);
+
+    /* Levenberg–Marquardt on a fresh handle: every T1 = 2 reports, λ·ω^2 if ρ > 3/4, λ/ω^2 if
+     * ρ < 1/4 (ω = 0.5); reports in between never change λ. Losses are chosen to give ρ. */
+    kfac_optimizer *lm = NULL;
+    REQUIRE_OK(lm, kfac_optimizer_create(KFAC_FLOAT64, &lm));
+    h = lm;
+    REQUIRE_OK(h, kfac_add_dense(h, AI, AO, 1, &id));
+    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_LM_INTERVAL, 2));
+    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_LM_DECAY, 0.5));
+    const double ratios[8] = {0.1, 0.9, 0.9, 0.5, 0.9, 0.1, 0.1, 0.8};
+    double expected = lambda;
+    int lm_ok = 1;
+    char seen[256] = "";
+    /* The 2nd, 4th, 6th and 8th reports adjust λ. */
+    for (int i = 0; i < 8; i++) {
+        double x[AN * AI], g[AN * AO], z[AN * AO], jd[AN * AO], dw[AO * AI], db[AO];
+        for (int j = 0; j < AN * AI; j++) x[j] = rng_sym(&r);
+        for (int j = 0; j < AN * AO; j++) {
+            g[j] = rng_sym(&r);
+            z[j] = rng_sym(&r);
+            jd[j] = rng_sym(&r);
+        }
+        for (int j = 0; j < AO * AI; j++) dw[j] = rng_sym(&r);
+        for (int j = 0; j < AO; j++) db[j] = rng_sym(&r);
+        double *wp[1] = {dw}, *bp[1] = {db}, alpha, mu, m, rho;
+        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, x, AN));
+        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, AN));
+        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        REQUIRE_OK(h, kfac_solve_step_size_f64(h, z, jd, NULL, AN, AO, KFAC_DIST_CATEGORICAL,
+                                               &alpha, &mu, &m));
+        REQUIRE_OK(h, kfac_report_loss_change(h, 3.0, 3.0 + ratios[i] * m, &rho));
+        if (i % 2 == 1) {
+            if (ratios[i] > 0.75) expected *= 0.25;
+            else if (ratios[i] < 0.25) expected /= 0.25;
+        }
+        double lam = 0;
+        REQUIRE_OK(h, kfac_get_param_double(h, KFAC_PARAM_DAMPING, &lam));
+        if (fabs(lam - expected) > 1e-12 * expected || fabs(rho - ratios[i]) > 1e-9) lm_ok = 0;
+        snprintf(seen + strlen(seen), sizeof seen - strlen(seen), "%s%.6g", i ? ", " : "", lam);
+    }
+    kfac_optimizer_free(lm);
+    check(lm_ok, "Levenberg–Marquardt with LM interval 2, decay 0.5: λ after each report: %s "
+                 "(want ×0.25 / ÷0.25 at every 2nd report by its ρ)", seen);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Known library bugs: printed, not counted as failures                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+static int g_known_bugs;
+
+/* A check of documented behaviour that the library is known to violate (reported): "ok" when
+ * it holds, otherwise a "BUG " line that does not fail the test. */
+static void known_bug(int ok, const char *fmt, ...) {
+    va_list ap;
+    if (ok) g_checks++;
+    else g_known_bugs++;
+    printf("%s ", ok ? "ok  " : "BUG ");
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    putchar('\n');
+}
+
+/* Solves on both twins with the same data; 1 if both succeed with identical results. */
+static int twins_solve_same(twins_t *t, char *why, size_t why_size) {
+    adaptive_data_t d = adaptive_data(t->dtype, &t->rng);
+    double res[2][3];
+    int st[2];
+    for (int i = 0; i < 2; i++)
+        st[i] = solve_raw(t->h[i], t->dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM,
+                          KFAC_DIST_CATEGORICAL, &res[i][0], &res[i][1], &res[i][2]);
+    const int ok = st[0] == KFAC_OK && st[1] == KFAC_OK && memcmp(res[0], res[1], sizeof res[0]) == 0;
+    snprintf(why, why_size, "untouched twin: %s α = %.10g; other twin: %s α = %.10g%s%s",
+             status_name(st[0]), res[0][0], status_name(st[1]), st[1] == KFAC_OK ? res[1][0] : NAN,
+             st[1] == KFAC_OK ? "" : ": ", st[1] == KFAC_OK ? "" : kfac_last_error(t->h[1]));
+    adaptive_data_free(&d);
+    return ok;
+}
+
+static void test_adaptive_known_bugs(void) {
+    section("adaptive mode: calls between kfac_step and kfac_solve_step_size");
+    char why[512] = "";
+    /* kfac_precondition promises "no change to the handle"; between a step and the solve it
+     * must not change the directions the solve uses. */
+    {
+        twins_t t = twins_new(KFAC_FLOAT64, 818);
+        check(twins_round(&t, why, sizeof why), "[f64] a round on fresh twins%s%s", why[0] ? ": " : "", why);
+        grads_t g = grads_new(KFAC_FLOAT64, &t.model, &t.rng);
+        REQUIRE_OK(t.h[1], precondition(t.h[1], 0, &g.w[0], &g.b[0]));
+        known_bug(twins_solve_same(&t, why, sizeof why),
+                  "kfac_precondition between kfac_step and kfac_solve_step_size leaves the step's "
+                  "directions to the solve (%s)", why);
+        grads_free(&g);
+        twins_free(&t);
+    }
+    /* A failed kfac_step must leave everything as it was, including the directions of the last
+     * successful step awaiting their solve. The bad step fails with NON_FINITE in layer 1's
+     * preconditioned gradient (finite float32 gradients near FLT_MAX), after layer 0's. */
+    {
+        twins_t t = twins_new(KFAC_FLOAT32, 919);
+        why[0] = '\0';
+        check(twins_round(&t, why, sizeof why), "[f32] a round on fresh twins%s%s", why[0] ? ": " : "", why);
+        grads_t g = grads_new(KFAC_FLOAT32, &t.model, &t.rng);
+        for (size_t i = 0; i < g.w[1].n; i++) buf_set(&g.w[1], i, 3e38);
+        const int st = step(t.h[1], &g);
+        check(st == KFAC_ERROR_NON_FINITE && kfac_step_count(t.h[0]) == kfac_step_count(t.h[1]) &&
+                  same_state(t.h[0], t.h[1]),
+              "[f32] a step whose preconditioned gradient overflows fails (%s) and leaves the "
+              "state image", status_name(st));
+        known_bug(twins_solve_same(&t, why, sizeof why),
+                  "[f32] after that failed step, the previous step's directions are solved as "
+                  "on the untouched twin (%s)", why);
+        grads_free(&g);
+        twins_free(&t);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* keep the output in order if the library crashes */
@@ -2872,9 +3659,16 @@ int main(void) {
     test_concurrency();
     test_numerics();
     test_conv_numerics();
+    test_adaptive_call_order();
+    test_samplers();
+    test_adaptive_numerics();
+    test_adaptive_known_bugs();
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);
+    if (g_known_bugs)
+        printf("%d known library bug(s) reproduced (BUG lines above; reported, not counted as "
+               "failures)\n", g_known_bugs);
     if (g_failures) printf("FAILED\n");
     else printf("ALL PASSED\n");
     return g_failures > 100 ? 100 : g_failures;

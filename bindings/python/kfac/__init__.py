@@ -21,8 +21,15 @@ Convolutions: :meth:`Optimizer.add_conv2d` / :meth:`Optimizer.add_conv1d` (PyTor
 conventions plus the fixed input size); channel grouping through the ``input_group_size`` and
 ``output_group_size`` arguments of the ``add_*`` methods.
 
+Adaptive mode (Martens & Grosse 2015, §6–7): after :meth:`Optimizer.step`, give
+:meth:`Optimizer.solve_step_size` the outputs and the forward-mode products ``J·D``, ``J·δ₀``;
+apply ``θ ← θ − α·D + μ·δ₀`` and report the losses with :meth:`Optimizer.report_loss_change`
+(Levenberg–Marquardt damping with ``lm_interval``, ``lm_decay``). :func:`sampled_output_grads`
+(and :func:`sample_targets`) give the output gradients whose statistics estimate the true Fisher.
+
 With PyTorch, use :class:`kfac.torch.KFACPreconditioner` (``nn.Linear``, ``nn.Conv2d``,
-``nn.Conv1d``).
+``nn.Conv1d``), whose ``sampled_fisher_backward`` and ``adaptive_step`` do the above for a
+model.
 
 Modules:
     :mod:`kfac._lib`: the raw ctypes mirror of ``kfac.h`` (all functions and constants);
@@ -38,11 +45,13 @@ from ._lib import (
     status_string,
 )
 from ._optimizer import PARAMETERS, KFACError, LayerInfo, Optimizer
+from ._sampling import DISTRIBUTIONS, sample_targets, sampled_output_grads
 
 __version__ = "0.1.0"
 
 # Every KFAC_* constant of kfac.h (status codes, parameters, dtypes, strategies, reductions,
-# layer kinds, layouts, conv approximations, version macros) is also available as kfac.KFAC_*.
+# layer kinds, layouts, conv approximations, distributions, version macros) is also available as
+# kfac.KFAC_*.
 _CONSTANTS = {name: getattr(_lib, name) for name in dir(_lib) if name.startswith("KFAC_")}
 globals().update(_CONSTANTS)
 
@@ -50,6 +59,7 @@ globals().update(_CONSTANTS)
 library_version = loaded_version_string
 
 __all__ = [
+    "DISTRIBUTIONS",
     "KFACError",
     "LayerInfo",
     "Optimizer",
@@ -57,6 +67,8 @@ __all__ = [
     "library_path",
     "library_version",
     "loaded_version_number",
+    "sample_targets",
+    "sampled_output_grads",
     "status_name",
     "status_string",
 ] + sorted(_CONSTANTS)

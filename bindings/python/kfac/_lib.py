@@ -37,6 +37,7 @@ from ctypes import (
     c_int64,
     c_size_t,
     c_uint,
+    c_uint64,
     c_void_p,
 )
 
@@ -66,6 +67,7 @@ KFAC_ERROR_DTYPE_MISMATCH = -13
 KFAC_ERROR_NO_STATISTICS = -20
 KFAC_ERROR_NO_INVERSES = -21
 KFAC_ERROR_LAYERS_FROZEN = -22
+KFAC_ERROR_NO_STEP = -23
 KFAC_ERROR_NON_FINITE = -30
 KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31
 KFAC_ERROR_EIGEN_FAILED = -32
@@ -101,12 +103,14 @@ KFAC_PARAM_DAMPING = 2
 KFAC_PARAM_FACTOR_DECAY = 3
 KFAC_PARAM_KL_CLIP = 4
 KFAC_PARAM_OUTPUT_GRAD_SCALE = 5
+KFAC_PARAM_LM_DECAY = 6
 KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100
 KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101
 KFAC_PARAM_INVERSE_STRATEGY = 102
 KFAC_PARAM_PI_DAMPING = 103
 KFAC_PARAM_LOSS_REDUCTION = 104
 KFAC_PARAM_NUM_THREADS = 105
+KFAC_PARAM_LM_INTERVAL = 106
 
 # ---------------------------------------------------------------------------------------------
 # enum kfac_inverse_strategy, enum kfac_reduction, enum kfac_layer_kind, enum kfac_layout,
@@ -127,6 +131,14 @@ KFAC_LAYOUT_NHWC = 1
 
 KFAC_CONV_KFC = 0
 KFAC_CONV_SUA = 1
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_distribution (adaptive mode and target samplers)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_DIST_CATEGORICAL = 0
+KFAC_DIST_BERNOULLI = 1
+KFAC_DIST_GAUSSIAN = 2
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -326,6 +338,17 @@ _PROTOTYPES = [
     ("kfac_precondition_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
     ("kfac_step_count", c_int64, [_P]),
     ("kfac_last_kl_scale", c_double, [_P]),
+    # Adaptive mode
+    ("kfac_solve_step_size_f32", c_int,
+     [_P, c_float_p, c_float_p, c_float_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
+    ("kfac_solve_step_size_f64", c_int,
+     [_P, c_double_p, c_double_p, c_double_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
+    ("kfac_report_loss_change", c_int, [_P, c_double, c_double, c_double_p]),
+    ("kfac_last_reduction_ratio", c_double, [_P]),
+    ("kfac_sample_targets_f32", c_int, [c_float_p, c_int64, c_int64, c_int, c_uint64, c_float_p]),
+    ("kfac_sample_targets_f64", c_int, [c_double_p, c_int64, c_int64, c_int, c_uint64, c_double_p]),
+    ("kfac_sampled_output_grads_f32", c_int, [c_float_p, c_int64, c_int64, c_int, c_uint64, c_float_p]),
+    ("kfac_sampled_output_grads_f64", c_int, [c_double_p, c_int64, c_int64, c_int, c_uint64, c_double_p]),
     # State
     ("kfac_state_size", c_int, [_P, POINTER(c_size_t)]),
     ("kfac_save_state", c_int, [_P, c_void_p, c_size_t, POINTER(c_size_t)]),

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _lib
+from ._sampling import distribution_code
 
 __all__ = ["KFACError", "LayerInfo", "Optimizer", "PARAMETERS"]
 
@@ -150,12 +151,14 @@ PARAMETERS = {
     "factor_decay": (_lib.KFAC_PARAM_FACTOR_DECAY, "double"),
     "kl_clip": (_lib.KFAC_PARAM_KL_CLIP, "double"),
     "output_grad_scale": (_lib.KFAC_PARAM_OUTPUT_GRAD_SCALE, "double"),
+    "lm_decay": (_lib.KFAC_PARAM_LM_DECAY, "double"),
     "factor_update_period": (_lib.KFAC_PARAM_FACTOR_UPDATE_PERIOD, "int"),
     "inverse_update_period": (_lib.KFAC_PARAM_INVERSE_UPDATE_PERIOD, "int"),
     "inverse_strategy": (_lib.KFAC_PARAM_INVERSE_STRATEGY, "int"),
     "pi_damping": (_lib.KFAC_PARAM_PI_DAMPING, "int"),
     "loss_reduction": (_lib.KFAC_PARAM_LOSS_REDUCTION, "int"),
     "num_threads": (_lib.KFAC_PARAM_NUM_THREADS, "int"),
+    "lm_interval": (_lib.KFAC_PARAM_LM_INTERVAL, "int"),
 }
 _PARAM_BY_VALUE = {value: (name, kind) for name, (value, kind) in PARAMETERS.items()}
 
@@ -206,6 +209,7 @@ class Optimizer:
         self._get_group_factors_fn = getattr(_lib, f"kfac_get_group_factors_{suffix}")
         self._step_fn = getattr(_lib, f"kfac_step_{suffix}")
         self._precondition_fn = getattr(_lib, f"kfac_precondition_{suffix}")
+        self._solve_fn = getattr(_lib, f"kfac_solve_step_size_{suffix}")
         self._lock = threading.RLock()
         self._free = _lib.kfac_optimizer_free  # kept so __del__ works during interpreter exit
         self._layers: list = []  # _LayerShapes per registered layer
@@ -859,6 +863,92 @@ class Optimizer:
         self._call(self._precondition_fn, layer, w_pointer, b_pointer)
 
     # -----------------------------------------------------------------------------------------
+    # Adaptive mode
+    # -----------------------------------------------------------------------------------------
+
+    def _output_rows(self, array, dim: Optional[int], what: str) -> np.ndarray:
+        """A C-contiguous ``[rows][dim]`` array of the handle's dtype from ``[..., dim]`` data
+        (leading dimensions flattened into rows; converted without narrowing)."""
+        array = self._converted(array, what)
+        if array.ndim < 2:
+            raise ValueError(f"kfac: {what} must be [rows][output_dim] (2-D or more), got shape {array.shape}")
+        if dim is not None and array.shape[-1] != dim:
+            raise ValueError(f"kfac: {what} have {array.shape[-1]} values per row, the outputs {dim}")
+        return array.reshape(-1, array.shape[-1])
+
+    def solve_step_size(
+        self,
+        outputs,
+        direction_products,
+        previous_products=None,
+        distribution="categorical",
+    ) -> Tuple[float, float, float]:
+        """Chooses the step size α and momentum μ of the adaptive mode for the directions the
+        last :meth:`step` wrote (``kfac_solve_step_size_*``).
+
+        Minimises the quadratic model ``M(δ) = ½ δᵀ(F + λI)δ + ∇hᵀδ`` over
+        ``δ = −α·D + μ·δ₀``, F being the exact Fisher of the mean loss h over the batch.
+
+        Args:
+            outputs: the network's outputs on the batch at the parameters the step's gradients
+                were taken at, ``[rows][output_dim]`` (or ``[..., output_dim]``): logits, or
+                means for ``'gaussian'``.
+            direction_products: ``J·D`` per row, the forward-mode derivative of the outputs
+                along the directions the step wrote (same shape).
+            previous_products: ``J·δ₀`` along the previously applied update, or ``None`` to
+                choose α alone (μ is 0 then, and on the first solve).
+            distribution: ``'categorical'`` (softmax cross-entropy), ``'bernoulli'`` (sigmoid
+                binary cross-entropy) or ``'gaussian'`` (``½‖y − μ‖²``), or a ``KFAC_DIST_*``.
+
+        Returns ``(alpha, mu, predicted_change)``: apply ``θ ← θ − α·D + μ·δ₀``, evaluate the
+        mean loss and call :meth:`report_loss_change`. ``predicted_change`` is M(δ) (negative).
+        Set ``kl_clip=0`` in this mode (α replaces the clip); the gradients given to
+        :meth:`step` must be those of the mean loss. One solve per step
+        (``KFAC_ERROR_NO_STEP`` otherwise).
+        """
+        code = distribution_code(distribution)
+        z = self._output_rows(outputs, None, "outputs")
+        rows, dim = z.shape
+        jd = self._output_rows(direction_products, dim, "direction_products")
+        if jd.shape != z.shape:
+            raise ValueError(f"kfac: direction_products have {jd.shape[0]} rows, the outputs {rows}")
+        jp = None
+        if previous_products is not None:
+            jp = self._output_rows(previous_products, dim, "previous_products")
+            if jp.shape != z.shape:
+                raise ValueError(f"kfac: previous_products have {jp.shape[0]} rows, the outputs {rows}")
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self._call(
+            self._solve_fn,
+            self._pointer(z),
+            self._pointer(jd),
+            None if jp is None else self._pointer(jp),
+            rows,
+            dim,
+            code,
+            ctypes.byref(alpha),
+            ctypes.byref(mu),
+            ctypes.byref(predicted),
+        )
+        return float(alpha.value), float(mu.value), float(predicted.value)
+
+    def report_loss_change(self, loss_before, loss_after) -> float:
+        """Reports the mean loss before and after applying the last solved update
+        (``kfac_report_loss_change``); returns the reduction ratio
+        ``ρ = (after − before) / M(δ)`` (NaN if M(δ) was not negative). Every ``lm_interval``
+        reports, λ (``damping``) is multiplied by ``lm_decay ** lm_interval`` if ρ > 3/4 and
+        divided by it if ρ < 1/4. One report per solve (``KFAC_ERROR_NO_STEP`` otherwise)."""
+        rho = ctypes.c_double()
+        self._call(_lib.kfac_report_loss_change, float(loss_before), float(loss_after), ctypes.byref(rho))
+        return float(rho.value)
+
+    @property
+    def last_reduction_ratio(self) -> float:
+        """ρ of the last :meth:`report_loss_change` (NaN before the first)."""
+        with self._lock:
+            return float(_lib.kfac_last_reduction_ratio(self._live_handle()))
+
+    # -----------------------------------------------------------------------------------------
     # State
     # -----------------------------------------------------------------------------------------
 
@@ -907,6 +997,8 @@ def _make_property(name: str, kind: str):
         "pi_damping": "Use π in factored (Cholesky) damping (bool; default True).",
         "loss_reduction": "'sum' (default) or 'mean': how the caller's loss was reduced.",
         "num_threads": "Threads for parallel inversion (int in [0, 256]; 0 = all CPUs).",
+        "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ (float in (0, 1); default 0.95).",
+        "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (int >= 0; 0 = off, default).",
     }[name]
     return property(getter, setter, doc=doc)
 

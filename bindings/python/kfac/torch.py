@@ -58,12 +58,21 @@ Inputs of a ``Linear`` with extra leading dimensions (``[N, T, in]``) are flatte
 default ``loss_reduction='mean'`` matches PyTorch's mean-reduced losses: the library multiplies
 the recorded output gradients by the rows (Linear) or examples (convolutions) of each call. For a
 summed loss pass ``loss_reduction='sum'``; with a loss scaler set ``output_grad_scale``.
+
+The true Fisher and the adaptive mode. :meth:`KFACPreconditioner.sampled_fisher_backward`
+records a step's statistics from targets sampled from the model (call it between the forward
+pass and ``loss.backward()``); :meth:`KFACPreconditioner.adaptive_step` replaces
+``optimizer.step()`` by K-FAC's adaptive update (α and μ from the quadratic model with the exact
+Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt damping).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -72,8 +81,9 @@ from torch import nn
 
 from . import _lib
 from ._optimizer import KFACError, Optimizer, conv_padding
+from ._sampling import distribution_code, sampled_output_grads
 
-__all__ = ["KFACPreconditioner"]
+__all__ = ["AdaptiveStepResult", "KFACPreconditioner"]
 
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -97,10 +107,32 @@ _PARAMETER_ATTRIBUTES = (
     "pi_damping",
     "loss_reduction",
     "num_threads",
+    "lm_decay",
+    "lm_interval",
 )
 
 #: The module types the preconditioner handles.
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.Conv1d)
+
+
+@dataclass(frozen=True)
+class AdaptiveStepResult:
+    """What :meth:`KFACPreconditioner.adaptive_step` did."""
+
+    #: α: the update was ``θ ← θ − α·D + μ·δ₀``.
+    alpha: float
+    #: μ, the momentum coefficient (0 on the first adaptive step).
+    mu: float
+    #: M(δ), the change of the mean loss the quadratic model predicted (negative).
+    predicted_change: float
+    #: The mean loss before the update (at the outputs the products were taken at).
+    loss_before: float
+    #: The mean loss after the update.
+    loss_after: float
+    #: ρ = (loss_after − loss_before) / M(δ).
+    rho: float
+    #: λ after the report (the Levenberg–Marquardt rule may have changed it).
+    damping: float
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -133,6 +165,7 @@ class _Layer:
         "input_values",
         "grad_values",
         "saved_inputs",
+        "graph_inputs",
     )
 
     def __init__(self, index: int, name: str, module: nn.Module):
@@ -154,6 +187,8 @@ class _Layer:
         self.input_values = 0  # convolution: values per example, once registered
         self.grad_values = 0
         self.saved_inputs: List[torch.Tensor] = []
+        #: The same inputs, undetached, when they require gradients (for sampled_fisher_backward).
+        self.graph_inputs: List[torch.Tensor] = []
 
     @property
     def is_conv(self) -> bool:
@@ -240,6 +275,8 @@ class KFACPreconditioner:
         input_shapes: ``{name or module: spatial size}`` of convolution inputs, ``(H, W)`` for a
             Conv2d and ``L`` (or ``(L,)``) for a Conv1d. When every convolution is covered the
             layers are registered at construction; otherwise at the first training forward pass.
+        lm_decay, lm_interval: ω₁ and T₁ of the Levenberg–Marquardt adjustment of λ in the
+            adaptive mode (see :meth:`adaptive_step`); ``lm_interval=0`` (default) keeps λ fixed.
     """
 
     def __init__(
@@ -262,6 +299,8 @@ class KFACPreconditioner:
         input_group_size: Union[int, Dict] = 0,
         output_group_size: Union[int, Dict] = 0,
         input_shapes: Optional[Dict] = None,
+        lm_decay: float = 0.95,
+        lm_interval: int = 0,
     ):
         self.model = model
         skip = list(skip_layers)
@@ -325,8 +364,21 @@ class KFACPreconditioner:
             pi_damping=pi_damping,
             output_grad_scale=output_grad_scale,
             num_threads=num_threads,
+            lm_decay=lm_decay,
+            lm_interval=lm_interval,
         )
         self.lr = lr
+        # Statistics hooks: paused during the adaptive step's own forward passes; once
+        # sampled_fisher_backward was used, ordinary backward passes record nothing.
+        self._paused = False
+        self._sampled_fisher = False
+        self._in_sampled_backward = False
+        self._loss_backward_recorded = False  # an ordinary backward recorded since the last step
+        self._sample_count = 0
+        # Adaptive mode: directions written by step() and not yet used, and δ₀ (the last update
+        # adaptive_step applied), one tensor per preconditioned parameter.
+        self._directions_ready = False
+        self._previous_update: Optional[List[torch.Tensor]] = None
         self._registered = False
         if not self._missing_sizes():
             self._register()
@@ -486,7 +538,7 @@ class KFACPreconditioner:
 
     def _make_forward_pre_hook(self, layer: _Layer):
         def forward_pre_hook(module, args):
-            if not args or not (module.training and torch.is_grad_enabled()):
+            if self._paused or not args or not (module.training and torch.is_grad_enabled()):
                 return None
             if layer.is_conv:
                 size = layer.spatial_size(args[0])
@@ -504,13 +556,15 @@ class KFACPreconditioner:
             # Detached, no copy: the autograd graph keeps the same values alive for the weight
             # gradient anyway.
             layer.saved_inputs.append(args[0].detach())
+            if args[0].requires_grad:
+                layer.graph_inputs.append(args[0])
             return None
 
         return forward_pre_hook
 
     def _after_model_forward(self, module, args, output):
         """Registers the layers when the first training forward pass of the model returns."""
-        if not self._registered and module.training and torch.is_grad_enabled():
+        if not self._registered and not self._paused and module.training and torch.is_grad_enabled():
             self._register()
         return None
 
@@ -520,8 +574,14 @@ class KFACPreconditioner:
             # visits a module's calls in reverse order, hence pop() from the end.
             if not layer.saved_inputs or grad_output[0] is None:
                 return None
+            if self._sampled_fisher and not self._in_sampled_backward:
+                return None  # the loss's own backward pass: the sampled one records
+            if not self._in_sampled_backward:
+                self._loss_backward_recorded = True
             self._ensure_registered()
             inputs = layer.saved_inputs.pop()
+            if not layer.saved_inputs:
+                layer.graph_inputs.clear()  # only sampled_fisher_backward needs them
             if layer.is_conv:
                 self._record_examples(layer, 0, inputs, layer.input_values)
                 self._record_examples(layer, 1, grad_output[0], layer.grad_values)
@@ -606,8 +666,11 @@ class KFACPreconditioner:
         finally:
             for layer in self._layers:
                 layer.saved_inputs.clear()
+                layer.graph_inputs.clear()
+            self._loss_backward_recorded = False
         for grad, buffer in write_back:
             grad.copy_(buffer)
+        self._directions_ready = True
 
     def _grad_buffer(self, parameter: torch.Tensor, keep: list, write_back: list) -> int:
         """The address of a buffer holding ``parameter.grad`` that the library may overwrite:
@@ -623,6 +686,236 @@ class KFACPreconditioner:
                 write_back.append((grad, buffer))
         keep.append(buffer)
         return buffer.data_ptr()
+
+    # -----------------------------------------------------------------------------------------
+    # The true Fisher: statistics from sampled targets
+    # -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _hooks_paused(self):
+        """Forward passes inside this block neither save inputs nor register layers."""
+        previous = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def sampled_fisher_backward(self, outputs: torch.Tensor, distribution="categorical",
+                                seed: Optional[int] = None) -> bool:
+        """Records this step's output-gradient statistics from targets sampled from the model
+        (the true Fisher), instead of from the loss's gradients (the empirical Fisher).
+
+        Call it after the forward pass and BEFORE ``loss.backward()``::
+
+            outputs = model(x)
+            loss = F.cross_entropy(outputs, y)
+            preconditioner.sampled_fisher_backward(outputs, "categorical")
+            loss.backward()            # records nothing: only the gradients for the update
+            preconditioner.step()
+
+        It draws targets from the predictive distribution at ``outputs``
+        (:func:`kfac.sampled_output_grads`: ``p − y`` for sampled ``y``), scales them like the
+        gradient of a loss reduced as ``loss_reduction`` says (``'mean'``: over all rows of
+        ``outputs``) and by ``output_grad_scale``, and back-propagates them with
+        ``torch.autograd.grad`` (``retain_graph=True``): the layers' backward hooks record
+        them, and no parameter's ``.grad`` changes. From the first call on, the hooks record
+        only inside this method, so the loss's own backward passes add nothing. When the
+        library wants no statistics this step (``factor_update_period``), in eval mode or under
+        ``torch.no_grad()``, nothing was saved by the forward pass and it returns ``False``
+        without a backward pass; otherwise ``True``.
+
+        Args:
+            outputs: the model's outputs of this step's forward pass, ``[..., output_dim]``
+                with the distribution over the last dimension (move a class dimension last,
+                e.g. ``outputs.movedim(1, -1)``, for ``[N, C, H, W]`` logits).
+            distribution: ``'categorical'`` (softmax cross-entropy), ``'bernoulli'``
+                (sigmoid binary cross-entropy) or ``'gaussian'`` (squared error).
+            seed: the sampler's seed; ``None`` uses a counter of this preconditioner's calls.
+                Use a different seed for every call (draws depend only on seed, row and
+                coordinate).
+
+        Raises ``RuntimeError`` if ``loss.backward()`` already recorded statistics this step
+        (call this first), ``ValueError`` if ``outputs`` does not require gradients.
+        """
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(f"KFACPreconditioner: outputs must be a tensor, not {type(outputs).__name__}")
+        code = distribution_code(distribution)
+        if self._loss_backward_recorded:
+            raise RuntimeError(
+                "KFACPreconditioner.sampled_fisher_backward: loss.backward() already recorded this "
+                "step's statistics (from the data's targets); call sampled_fisher_backward(outputs) "
+                "after the forward pass and before loss.backward()"
+            )
+        self._sampled_fisher = True
+        if not any(layer.saved_inputs for layer in self._layers):
+            return False
+        if outputs.dim() < 1 or outputs.shape[-1] == 0:
+            raise ValueError(f"KFACPreconditioner: outputs of shape {tuple(outputs.shape)} have no output dimension")
+        if not outputs.requires_grad:
+            raise ValueError(
+                "KFACPreconditioner.sampled_fisher_backward: outputs do not require gradients; pass "
+                "the outputs of this step's training forward pass"
+            )
+        dim = outputs.shape[-1]
+        rows = outputs.numel() // dim
+        if seed is None:
+            seed = self._sample_count
+        self._sample_count += 1
+        z = outputs.detach().to(device="cpu", dtype=self._dtype).contiguous().numpy()
+        grad = torch.from_numpy(sampled_output_grads(z, code, seed))
+        grad = grad.to(device=outputs.device, dtype=outputs.dtype)
+        scale = self.optimizer.output_grad_scale
+        if self.optimizer.loss_reduction == "mean":
+            scale /= rows
+        if scale != 1.0:
+            grad = grad * scale
+        # The gradients needed for every layer's backward hook to fire: the weights (a first
+        # layer's hook fires with its output gradient) and the layers' inputs that require
+        # gradients (e.g. after a LayerNorm, or a batch that requires gradients). The gradients
+        # themselves are discarded.
+        targets = [layer.module.weight for layer in self._layers]
+        targets += [t for layer in self._layers for t in layer.graph_inputs]
+        self._in_sampled_backward = True
+        try:
+            torch.autograd.grad(outputs, targets, grad_outputs=grad, retain_graph=True, allow_unused=True)
+        finally:
+            self._in_sampled_backward = False
+            # Inputs of layers the sampled gradients did not reach must not pair with a later pass.
+            for layer in self._layers:
+                layer.saved_inputs.clear()
+                layer.graph_inputs.clear()
+        return True
+
+    # -----------------------------------------------------------------------------------------
+    # Adaptive mode: step size, momentum and damping from the quadratic model
+    # -----------------------------------------------------------------------------------------
+
+    def _adaptive_parameters(self) -> List[torch.Tensor]:
+        """The weights and biases of the preconditioned layers, in library order."""
+        params: List[torch.Tensor] = []
+        seen = set()
+        for layer in self._layers:
+            for p in (layer.module.weight, layer.module.bias):
+                if p is None:
+                    continue
+                if id(p) in seen:
+                    raise ValueError(
+                        f"KFACPreconditioner.adaptive_step: layer {layer.name!r} shares a parameter with "
+                        "another preconditioned layer; the adaptive step cannot update it once per step"
+                    )
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    def adaptive_step(self, inputs, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                      distribution="categorical") -> AdaptiveStepResult:
+        """K-FAC's adaptive update of the preconditioned layers (Martens & Grosse 2015, §6–7):
+        step size α and momentum μ from the quadratic model with the exact Fisher, and
+        Levenberg–Marquardt adjustment of λ (with ``lm_interval > 0``).
+
+        Call it after :meth:`step`, INSTEAD of ``optimizer.step()`` for these layers::
+
+            preconditioner = KFACPreconditioner(model, kl_clip=0, damping=1e-2, lm_interval=5)
+            for x, y in loader:
+                model.zero_grad()
+                loss = F.cross_entropy(model(x), y)         # the MEAN loss
+                loss.backward()
+                preconditioner.step()                       # .grad now holds the directions D
+                result = preconditioner.adaptive_step(x, lambda out: F.cross_entropy(out, y))
+
+        With D the directions in the layers' ``.grad`` and δ₀ the update this method applied
+        last, it computes ``J·D`` and ``J·δ₀`` (the derivatives of the outputs along D and δ₀)
+        with forward-mode differentiation (``torch.func.jvp`` over
+        ``torch.func.functional_call``), gets α, μ and M(δ) from the library
+        (:meth:`kfac.Optimizer.solve_step_size`), applies ``θ ← θ − α·D + μ·δ₀`` to the
+        weights and biases of the preconditioned layers (other parameters are yours to update),
+        evaluates the loss again and reports both losses (ρ, λ). The statistics hooks are off
+        during its forward passes.
+
+        Args:
+            inputs: the batch, as the model takes it: a tensor, or a tuple of positional
+                arguments.
+            loss_fn: ``loss_fn(outputs)`` returns the MEAN loss of the batch from the model's
+                outputs, matching ``distribution`` (``F.cross_entropy`` for ``'categorical'``,
+                ``F.binary_cross_entropy_with_logits`` for ``'bernoulli'``,
+                ``0.5 * ((out - y) ** 2).sum(-1).mean()`` for ``'gaussian'``).
+            distribution: the outputs' predictive distribution, over their last dimension.
+
+        The model's forward pass must be a deterministic function of the parameters and the
+        batch (no dropout; BatchNorm in eval mode) returning one tensor. Set ``kl_clip=0``
+        (α replaces the clip) and keep ``loss_reduction='mean'``. Returns an
+        :class:`AdaptiveStepResult`. If the loss after the update is not finite, the update is
+        undone and :class:`kfac.KFACError` (``KFAC_ERROR_NON_FINITE``) is raised.
+        """
+        from torch.func import functional_call, jvp
+
+        code = distribution_code(distribution)
+        if not self._directions_ready:
+            raise KFACError(
+                _lib.KFAC_ERROR_NO_STEP,
+                "adaptive_step uses the directions of the last step(): call preconditioner.step() "
+                "first (one adaptive_step per step)",
+            )
+        if self.optimizer.loss_reduction != "mean":
+            raise ValueError(
+                "KFACPreconditioner.adaptive_step: the adaptive mode models the MEAN loss; construct "
+                "the preconditioner with loss_reduction='mean' and differentiate a mean loss"
+            )
+        params = self._adaptive_parameters()
+        name_of = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
+        names = [name_of[id(p)] for p in params]
+        directions = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        previous = self._previous_update
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+        def forward(*values):
+            return functional_call(self.model, dict(zip(names, values)), args)
+
+        primals = tuple(p.detach() for p in params)
+        # Forward mode needs no autograd graph: no_grad also keeps the backward hooks out.
+        with torch.no_grad(), self._hooks_paused(), warnings.catch_warnings():
+            # PyTorch's own forward-AD decompositions use torch.jit.script the first time (a
+            # FutureWarning about PyTorch internals, not about this code).
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            outputs, jd = jvp(forward, primals, tuple(d.to(p.dtype) for d, p in zip(directions, params)))
+            jp = jvp(forward, primals, tuple(previous))[1] if previous is not None else None
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1:
+            raise TypeError("KFACPreconditioner.adaptive_step: the model must return one tensor of outputs")
+        dim = outputs.shape[-1]
+
+        def rows(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to(device="cpu", dtype=self._dtype).reshape(-1, dim).numpy()
+
+        with torch.no_grad():
+            loss_before = float(loss_fn(outputs))
+        alpha, mu, predicted = self.optimizer.solve_step_size(
+            rows(outputs), rows(jd), None if jp is None else rows(jp), code)
+        self._directions_ready = False
+
+        update = []
+        with torch.no_grad():
+            for i, (p, d) in enumerate(zip(params, directions)):
+                delta = d.to(p.dtype).mul(-alpha)
+                if previous is not None and mu != 0.0:
+                    delta.add_(previous[i], alpha=mu)
+                p.add_(delta)
+                update.append(delta)
+        # The library's δ₀ is now this δ: keep ours equal to it (also if it is undone below).
+        self._previous_update = update
+        with torch.no_grad(), self._hooks_paused():
+            loss_after = float(loss_fn(self.model(*args)))
+        if not math.isfinite(loss_after):
+            with torch.no_grad():
+                for p, delta in zip(params, update):
+                    p.sub_(delta)
+            raise KFACError(
+                _lib.KFAC_ERROR_NON_FINITE,
+                f"the loss after the adaptive update (α = {alpha:.4g}, μ = {mu:.4g}) is {loss_after}; "
+                "the update was undone. Increase the damping",
+            )
+        rho = self.optimizer.report_loss_change(loss_before, loss_after)
+        return AdaptiveStepResult(alpha, mu, predicted, loss_before, loss_after, rho, self.optimizer.damping)
 
     # -----------------------------------------------------------------------------------------
     # Parameters (settable attributes, e.g. for schedulers)
@@ -655,20 +948,28 @@ class KFACPreconditioner:
         """ν of the last step (1.0 when the KL clip did not shrink the update)."""
         return self.optimizer.last_kl_scale
 
+    @property
+    def last_reduction_ratio(self) -> float:
+        """ρ of the last :meth:`adaptive_step` (NaN before the first)."""
+        return self.optimizer.last_reduction_ratio
+
     # -----------------------------------------------------------------------------------------
     # State and cleanup
     # -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, object]:
-        """The library's state image (factors, inverses, counters, parameters) and the
-        convolutions' input sizes, in a dict that ``torch.save`` can store. ``lr`` given as a
-        callable is not included."""
+        """The library's state image (factors, inverses, counters, parameters, the adaptive
+        mode's state), the convolutions' input sizes and the last update of :meth:`adaptive_step`
+        (δ₀), in a dict that ``torch.save`` can store. ``lr`` given as a callable is not
+        included."""
         if not self._registered and not self._missing_sizes():
             self._register()
+        previous = self._previous_update
         return {
             "kfac_state": self.optimizer.state_bytes(),
             "layers": [l.name for l in self._layers],
             "input_sizes": self.input_sizes,
+            "previous_update": None if previous is None else [t.detach().cpu().clone() for t in previous],
         }
 
     def load_state_dict(self, state_dict: Dict[str, object]) -> None:
@@ -688,6 +989,20 @@ class KFACPreconditioner:
         self.optimizer.load_state(image)
         if self._lr_source is not None:
             self.optimizer.learning_rate = float(self._lr_source())
+        # Directions are not part of a state image: the next adaptive_step needs a new step().
+        self._directions_ready = False
+        previous = state_dict.get("previous_update")
+        try:
+            params = self._adaptive_parameters()
+        except ValueError:  # shared parameters: no adaptive mode
+            previous = params = None
+        if previous is not None and len(previous) == len(params) and all(
+                tuple(t.shape) == tuple(p.shape) for t, p in zip(previous, params)):
+            self._previous_update = [t.to(device=p.device, dtype=p.dtype).clone() for t, p in zip(previous, params)]
+        else:
+            # Without δ₀ the next adaptive step chooses α alone (μ = 0), and the library's copy
+            # of δ₀ is then replaced consistently.
+            self._previous_update = None
 
     def remove_hooks(self) -> None:
         """Removes the forward and backward hooks from the model (statistics are no longer
@@ -697,6 +1012,7 @@ class KFACPreconditioner:
         self._hooks = []
         for layer in self._layers:
             layer.saved_inputs.clear()
+            layer.graph_inputs.clear()
 
     def close(self) -> None:
         """Removes the hooks and frees the library handle."""

@@ -57,6 +57,7 @@ _C_TYPES = {
     "size_t": ctypes.c_size_t,
     "int32_t": ctypes.c_int32,
     "int64_t": ctypes.c_int64,
+    "uint64_t": ctypes.c_uint64,
     "const char*": ctypes.c_char_p,
     "void*": ctypes.c_void_p,
     "const void*": ctypes.c_void_p,

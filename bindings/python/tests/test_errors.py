@@ -49,6 +49,8 @@ def test_parameter_defaults():
             "pi_damping": True,
             "loss_reduction": "sum",
             "num_threads": 0,
+            "lm_decay": 0.95,
+            "lm_interval": 0,
         }
 
 
