@@ -29,7 +29,7 @@ all: lib
 deps: deps-apt deps-python
 
 deps-apt:
-	@if ! ( [ -e /usr/include/lapacke.h ] && ls /usr/include/*/cblas.h /usr/include/cblas.h >/dev/null 2>&1 \
+	@if ! ( [ -e /usr/include/lapacke.h ] && ( [ -e /usr/include/cblas.h ] || ls /usr/include/*/cblas.h >/dev/null 2>&1 ) \
 	        && command -v pkg-config >/dev/null ); then \
 	    echo "installing OpenBLAS and LAPACKE (apt)"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

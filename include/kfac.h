@@ -296,6 +296,10 @@ typedef enum kfac_param {
     KFAC_PARAM_OUTPUT_GRAD_SCALE = 5,
     /* double, in (0, 1), default 0.95. ω₁ of the Levenberg–Marquardt adjustment (adaptive mode). */
     KFAC_PARAM_LM_DECAY = 6,
+    /* double, >= 0 and finite, default 0. γ: when > 0, the damping of the factor inverses (and
+     * of the eigen strategy's divisor) instead of λ, so that the Levenberg–Marquardt adjustment of
+     * λ only changes the quadratic model (Martens & Grosse 2015, §6.6). 0 = use λ for both. */
+    KFAC_PARAM_FACTOR_DAMPING = 7,
 
     /* int, in [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
      * kfac_update_factors. */
@@ -541,6 +545,9 @@ double kfac_last_kl_scale(const kfac_optimizer *opt);
  * θ ← θ − α·D + μ·δ₀ (δ₀: its previous applied update; the library keeps its own copy to form the
  * model), evaluates the mean loss, and calls kfac_report_loss_change with the losses before and
  * after: ρ = (h(θ + δ) − h(θ)) / M(δ), which adjusts λ every KFAC_PARAM_LM_INTERVAL reports.
+ * Set KFAC_PARAM_FACTOR_DAMPING (γ) to keep the factor inverses' damping apart from λ. The
+ * directions and inner products of the last successful step are kept for the solve: a failed
+ * step or kfac_precondition_* in between does not change them.
  * The gradients given to kfac_step_* must be those of the mean loss h over the batch.
  *
  * Output distributions (outputs: one row of output_dim values per example):
@@ -576,8 +583,9 @@ int kfac_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const d
 
 /** Reports the mean loss before and after applying the last solved update: *rho (may be NULL)
  *  receives ρ = (after − before) / M(δ) (NaN if M(δ) was not negative); every
- *  KFAC_PARAM_LM_INTERVAL reports λ is adjusted. Errors: NULL_POINTER (opt), NON_FINITE (a loss),
- *  NO_STEP (no solve since the last report). */
+ *  KFAC_PARAM_LM_INTERVAL reports λ is adjusted. loss_after may be +Inf (a divergent step: ρ is
+ *  −Inf and λ grows). Errors: NULL_POINTER (opt), NON_FINITE (NaN, a non-finite loss_before or
+ *  −Inf), NO_STEP (no solve since the last report). */
 int kfac_report_loss_change(kfac_optimizer *opt, double loss_before, double loss_after, double *rho);
 
 /** ρ of the last kfac_report_loss_change (NaN before the first, or for NULL). */

@@ -8,9 +8,9 @@
 ///     M(δ) = ½ δᵀ (F + λ I) δ + ∇hᵀ δ,
 /// a 2×2 linear system (α alone when there is no previous update). ρ = (h(θ + δ) − h(θ)) / M(δ).
 extension KFACOptimizer {
-    /// The quadratic model's ingredients summed over every layer's curvature blocks.
-    private func modelInnerProducts() -> (vd: Double, dd: Double, vp: Double, dp: Double, pp: Double) {
-        let nu = lastKLScale.isFinite ? lastKLScale : 1
+    /// At a successful step's commit: keeps its directions and the inner products the quadratic
+    /// model needs (a failed step or a standalone `precondition` later cannot change them).
+    func keepStepForModel() {
         var vu = 0.0, uu = 0.0, vp = 0.0, up = 0.0, pp = 0.0
         for k in curvatures.indices {
             let c = curvatures[k], n = c.direction.count
@@ -21,9 +21,16 @@ extension KFACOptimizer {
                 up += Double(Scalar.dot(count: n, x: c.direction.base, y: p.base))
                 pp += Double(Scalar.dot(count: n, x: p.base, y: p.base))
             }
+            c.stepDirection?.copyContents(from: c.direction)
         }
-        // The step wrote D = ν U.
-        return (nu * vu, nu * nu * uu, vp, nu * up, pp)
+        stepProducts = (vu, uu, vp, up, pp)
+    }
+
+    /// The quadratic model's ingredients for the directions D = ν U the last step wrote.
+    private func modelInnerProducts() -> (vd: Double, dd: Double, vp: Double, dp: Double, pp: Double) {
+        let nu = lastKLScale.isFinite ? lastKLScale : 1
+        let s = stepProducts
+        return (nu * s.vu, nu * nu * s.uu, s.vp, nu * s.up, s.pp)
     }
 
     /// Chooses α (and μ when `previousProducts` is given) for the directions of the last step.
@@ -49,7 +56,7 @@ extension KFACOptimizer {
         guard !overflow else { throw KFACError(.sizeOverflow, "rows × dim overflows") }
         let usePrevious = previousProducts != nil && hasPreviousUpdate
         guard Scalar.allFinite(outputs, count: count), Scalar.allFinite(directionProducts, count: count),
-              !usePrevious || Scalar.allFinite(previousProducts!, count: count) else {
+              previousProducts.map({ Scalar.allFinite($0, count: count) }) ?? true else {
             throw KFACError(.nonFinite, "outputs or Jacobian products contain NaN or Inf")
         }
         let forms = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs, rows: rows, dim: dim,
@@ -80,12 +87,14 @@ extension KFACOptimizer {
         let predicted = 0.5 * (b1 * alpha + (usePrevious ? vp * mu : 0))
         // δ = −α D + μ δ₀ = −α ν U + μ δ₀ becomes the next δ₀.
         let nu = lastKLScale.isFinite ? lastKLScale : 1
-        for k in curvatures.indices {
+        for k in curvatures.indices where curvatures[k].previousUpdate == nil {
             let c = curvatures[k]
-            if c.previousUpdate == nil { c.previousUpdate = try Matrix(rows: c.direction.rows, columns: c.direction.columns) }
-            let p = c.previousUpdate!
+            c.previousUpdate = try Matrix(rows: c.direction.rows, columns: c.direction.columns)
+        }
+        for k in curvatures.indices {
+            let c = curvatures[k], p = c.previousUpdate!
             Scalar.scal(count: p.count, alpha: Scalar(hasPreviousUpdate ? mu : 0), x: p.base)
-            Scalar.axpy(count: p.count, alpha: Scalar(-alpha * nu), x: c.direction.base, y: p.base)
+            Scalar.axpy(count: p.count, alpha: Scalar(-alpha * nu), x: c.stepDirection!.base, y: p.base)
         }
         hasPreviousUpdate = true
         directionsAvailable = false
@@ -101,13 +110,16 @@ extension KFACOptimizer {
         guard let predicted = predictedChange else {
             throw KFACError(.noStep, "report the loss change after solveStepSize (once per solve)")
         }
-        guard before.isFinite, after.isFinite else { throw KFACError(.nonFinite, "losses must be finite, got \(before) and \(after)") }
+        // A divergent step may report +Inf after: ρ = −Inf, and λ grows.
+        guard before.isFinite, !after.isNaN, after != -.infinity else {
+            throw KFACError(.nonFinite, "the loss before must be finite and the loss after finite or +Inf, got \(before) and \(after)")
+        }
         let rho = predicted < 0 ? (after - before) / predicted : .nan
         predictedChange = nil
         lastReductionRatio = rho
         lossReports += 1
         let t = parameters.lmInterval
-        if t > 0 && lossReports % t == 0 && rho.isFinite {
+        if t > 0 && lossReports % t == 0 && !rho.isNaN {
             let omega = Foundationless.exp(Double(t) * Foundationless.log(parameters.lmDecay))
             var p = parameters
             if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }

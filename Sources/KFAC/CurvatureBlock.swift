@@ -122,6 +122,14 @@ final class KroneckerCurvature<Scalar: KFACScalar> {
     let scratch: Matrix<Scalar>
     /// The adaptive mode's previous update δ₀ (same layout), allocated on first use.
     var previousUpdate: Matrix<Scalar>?
+    /// The directions U of the last successful step, kept for the adaptive mode's solve so that
+    /// a later failed step or a standalone `precondition` cannot change them.
+    var stepDirection: Matrix<Scalar>?
+
+    /// Allocates `stepDirection` (before a step commits, so the commit cannot fail).
+    func reserveStepDirection() throws(KFACError) {
+        if stepDirection == nil { stepDirection = try Matrix(rows: direction.rows, columns: direction.columns) }
+    }
 
     init(input inputStructure: FactorStructure, output outputStructure: FactorStructure) throws(KFACError) {
         input = try KroneckerFactor(structure: inputStructure)

@@ -27,6 +27,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// whether there is a previous update δ₀, the model's predicted change of the last solve
     /// (awaiting `reportLossChange`), the last ρ and the number of reports.
     var directionsAvailable = false
+    /// Inner products of the last step for the quadratic model: ⟨V, U⟩, ‖U‖², ⟨V, δ₀⟩, ⟨U, δ₀⟩, ‖δ₀‖².
+    var stepProducts = (vu: 0.0, uu: 0.0, vp: 0.0, up: 0.0, pp: 0.0)
     var hasPreviousUpdate = false
     var predictedChange: Double?
     public internal(set) var lastReductionRatio = Double.nan
@@ -317,7 +319,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     private func computeStagedInverses(foldingPending: Bool) throws(KFACError) {
         let strategy = parameters.inverseStrategy
         let decay = Scalar(parameters.factorDecay)
-        let sqrtDamping = Scalar(parameters.damping.squareRoot())
+        let sqrtDamping = Scalar(parameters.inverseDamping.squareRoot())
         inversionJobs.removeAll(keepingCapacity: true)
         for k in curvatures.indices where invertCurvature[k] {
             let c = curvatures[k]
@@ -406,10 +408,11 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             anyInversion = anyInversion || invertCurvature[k]
         }
         if foldNow { try validatePendingStatistics() }
+        for k in curvatures.indices { try curvatures[k].reserveStepDirection() }
         if anyInversion { try computeStagedInverses(foldingPending: foldNow) }
 
         // Precondition with the inverses this step will commit, before committing anything.
-        let damping = Scalar(p.damping)
+        let damping = Scalar(p.inverseDamping)
         var inner = 0.0
         var k = 0
         for l in blocks.indices {
@@ -448,6 +451,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             let g = gradient(l)
             blocks[l].scatterDirection(scale: Scalar(nu), weight: g.weight, bias: g.bias)
         }
+        keepStepForModel()
         lastKLScale = nu
         stepCount += 1
         directionsAvailable = true
@@ -488,7 +492,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         b.gatherGradient(weight: weight, bias: bias)
         for j in b.curvatures.indices {
             let c = b.curvatures[j]
-            c.inverse!.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: Scalar(parameters.damping))
+            c.inverse!.apply(to: c.gradient, into: c.direction, scratch: c.scratch, damping: Scalar(parameters.inverseDamping))
             guard Scalar.allFinite(c.direction.base, count: c.direction.count) else {
                 throw KFACError(.nonFinite, "the preconditioned gradient of layer \(layer) is not finite; increase the damping")
             }

@@ -18,8 +18,15 @@ public enum LossReduction: Int32, Sendable, CaseIterable {
 public struct KFACParameters: Equatable, Sendable {
     /// η of the KL clip (> 0); the library returns directions, the caller applies its own rate.
     public var learningRate: Double = 0.1
-    /// λ (> 0).
+    /// λ (> 0): the damping of the inverses and, in the adaptive mode, of the quadratic model.
     public var damping: Double = 1e-3
+    /// γ (>= 0): when > 0, the damping of the factor inverses instead of λ, so that the
+    /// Levenberg–Marquardt adjustment of λ does not change how the factors are inverted
+    /// (Martens & Grosse 2015, §6.6). 0 = use λ.
+    public var factorDamping: Double = 0
+
+    /// The damping the factor inverses use: γ if set, else λ.
+    public var inverseDamping: Double { factorDamping > 0 ? factorDamping : damping }
     /// β of the factors' moving average, in [0, 1).
     public var factorDecay: Double = 0.95
     /// κ of the KL clip (>= 0); 0 disables clipping.
@@ -60,6 +67,7 @@ public struct KFACParameters: Equatable, Sendable {
         try check(threadCount >= 0 && threadCount <= 256, "thread count must be in [0, 256], got \(threadCount)")
         try check(lmInterval >= 0 && lmInterval <= Int(Int32.max), "LM interval must be in [0, 2^31 − 1], got \(lmInterval)")
         try check(lmDecay > 0 && lmDecay < 1, "LM decay must be in (0, 1), got \(lmDecay)")
+        try check(factorDamping >= 0 && factorDamping.isFinite, "factor damping must be >= 0 and finite, got \(factorDamping)")
     }
 }
 
@@ -72,6 +80,7 @@ public enum KFACParameter: Int32, Sendable, CaseIterable {
     case klClip = 4
     case outputGradScale = 5
     case lmDecay = 6
+    case factorDamping = 7
     case factorUpdatePeriod = 100
     case inverseUpdatePeriod = 101
     case inverseStrategy = 102
@@ -94,6 +103,7 @@ extension KFACParameters {
         case .klClip: return klClip
         case .outputGradScale: return outputGradScale
         case .lmDecay: return lmDecay
+        case .factorDamping: return factorDamping
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
     }
@@ -122,6 +132,7 @@ extension KFACParameters {
         case .klClip: q.klClip = value
         case .outputGradScale: q.outputGradScale = value
         case .lmDecay: q.lmDecay = value
+        case .factorDamping: q.factorDamping = value
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
         try q.validate()

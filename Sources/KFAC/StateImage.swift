@@ -7,7 +7,8 @@ import Glibc
 /// Layout (little-endian, all header fields 8 bytes wide):
 ///
 ///     "KFACSTAT"  u64 format version  u64 dtype  u64 image size
-///     parameters: 6 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay),
+///     parameters: 7 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay,
+///                 factor damping),
 ///                 7 × i64 (factor period, inverse period, strategy, π flag, reduction, threads,
 ///                 LM interval)
 ///     i64 step count  f64 last ν  u64 has previous update  u64 has prediction  f64 prediction
@@ -97,7 +98,7 @@ extension KFACOptimizer {
         w.u64(StateImage.formatVersion)
         w.u64(UInt64(Scalar.dtypeCode))
         w.u64(0)  // image size, patched by saveState
-        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay] { w.f64(v) }
+        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay, p.factorDamping] { w.f64(v) }
         for v in [p.factorUpdatePeriod, p.inverseUpdatePeriod, Int(p.inverseStrategy.rawValue),
                   p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount, p.lmInterval] { w.i64(v) }
         w.i64(stepCount)
@@ -188,7 +189,7 @@ extension KFACOptimizer {
 
         var p = KFACParameters()
         p.learningRate = try r.f64(); p.damping = try r.f64(); p.factorDecay = try r.f64()
-        p.klClip = try r.f64(); p.outputGradScale = try r.f64(); p.lmDecay = try r.f64()
+        p.klClip = try r.f64(); p.outputGradScale = try r.f64(); p.lmDecay = try r.f64(); p.factorDamping = try r.f64()
         p.factorUpdatePeriod = try r.i64(); p.inverseUpdatePeriod = try r.i64()
         guard let strategy = InverseStrategy(rawValue: Int32(truncatingIfNeeded: try r.i64())) else {
             throw KFACError(.corruptState, "state image has an unknown inverse strategy")

@@ -251,3 +251,53 @@ func oracleSoftmax(_ z: [Double]) -> [Double] {
     let s = e.reduce(0, +)
     return e.map { $0 / s }
 }
+
+extension AdaptiveTests {
+    /// The solve uses the last successful step's directions, whatever happens in between.
+    func testSolveIgnoresStandalonePreconditionAndFailedSteps() throws {
+        var problem = TwoLayerProblem<Double>(seed: 61)
+        let make = { () throws -> KFACOptimizer<Double> in try problem.makeOptimizer { $0.klClip = 0 } }
+        let (a, b) = (try make(), try make())
+        let batch = problem.batch(rows: 6)
+        let grads = problem.gradients()
+        for o in [a, b] {
+            try problem.record(o, batch, rows: 6)
+            var g = grads
+            try o.step(&g)
+        }
+        // On b only: a standalone precondition and a failed step.
+        var w = grads[0].weight, bias = grads[0].bias!
+        try w.withUnsafeMutableBufferPointer { pw in
+            try bias.withUnsafeMutableBufferPointer { pb in try b.precondition(layer: 0, weight: pw.baseAddress!, bias: pb.baseAddress!) }
+        }
+        var bad = grads
+        bad[1].weight[0] = .nan
+        XCTAssertThrowsError(try b.step(&bad))
+        let outputs: [Double] = [0.2, -0.1, 0.4, 0.3, 0, 0.1], products: [Double] = [0.5, 0.1, -0.2, 0.3, 0.2, -0.4]
+        let sa = try a.solveStepSize(outputs: outputs, directionProducts: products, previousProducts: nil, rows: 2, dim: 3,
+                                     distribution: .categorical)
+        let sb = try b.solveStepSize(outputs: outputs, directionProducts: products, previousProducts: nil, rows: 2, dim: 3,
+                                     distribution: .categorical)
+        XCTAssertEqual(sa.alpha, sb.alpha)
+        XCTAssertEqual(sa.predictedChange, sb.predictedChange)
+    }
+
+    /// γ, when set, damps the inverses instead of λ (which the LM adjustment then leaves alone).
+    func testFactorDampingReplacesLambdaInTheInverses() throws {
+        var problem = TwoLayerProblem<Double>(seed: 67)
+        let opt = try problem.makeOptimizer { $0.klClip = 0; $0.damping = 5; $0.factorDamping = 0.05 }
+        let batch = problem.batch(rows: 7)
+        try problem.record(opt, batch, rows: 7)
+        let grads = problem.gradients()
+        var out = grads
+        try opt.step(&out)
+        for (l, s) in TwoLayerProblem<Double>.shapes.enumerated() {
+            let a = naiveSecondMoment(batch[l].x, rows: 7, width: s.inF, appendOne: s.bias)
+            let g = naiveSecondMoment(batch[l].g, rows: 7, width: s.outF, appendOne: false)
+            let v = parameterMatrix(weight: grads[l].weight, bias: grads[l].bias, out: s.outF, inFeatures: s.inF)
+            let expected = expectedDirection(a: a, g: g, v: v, damping: 0.05, strategy: .eigen)
+            let actual = parameterMatrix(weight: out[l].weight, bias: out[l].bias, out: s.outF, inFeatures: s.inF)
+            assertClose(actual, expected, 1e-10, "layer \(l) with γ = 0.05, λ = 5")
+        }
+    }
+}

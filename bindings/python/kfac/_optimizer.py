@@ -152,6 +152,7 @@ PARAMETERS = {
     "kl_clip": (_lib.KFAC_PARAM_KL_CLIP, "double"),
     "output_grad_scale": (_lib.KFAC_PARAM_OUTPUT_GRAD_SCALE, "double"),
     "lm_decay": (_lib.KFAC_PARAM_LM_DECAY, "double"),
+    "factor_damping": (_lib.KFAC_PARAM_FACTOR_DAMPING, "double"),
     "factor_update_period": (_lib.KFAC_PARAM_FACTOR_UPDATE_PERIOD, "int"),
     "inverse_update_period": (_lib.KFAC_PARAM_INVERSE_UPDATE_PERIOD, "int"),
     "inverse_strategy": (_lib.KFAC_PARAM_INVERSE_STRATEGY, "int"),
@@ -998,6 +999,7 @@ def _make_property(name: str, kind: str):
         "loss_reduction": "'sum' (default) or 'mean': how the caller's loss was reduced.",
         "num_threads": "Threads for parallel inversion (int in [0, 256]; 0 = all CPUs).",
         "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ (float in (0, 1); default 0.95).",
+        "factor_damping": "γ: damping of the factor inverses instead of λ when > 0 (float >= 0; default 0).",
         "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (int >= 0; 0 = off, default).",
     }[name]
     return property(getter, setter, doc=doc)

@@ -50,6 +50,7 @@ def test_parameter_defaults():
             "loss_reduction": "sum",
             "num_threads": 0,
             "lm_decay": 0.95,
+            "factor_damping": 0.0,
             "lm_interval": 0,
         }
 
