@@ -3,6 +3,7 @@
 #   make demo     trains an MLP on the digits data with K-FAC, SGD-momentum and Adam (C example)
 #   make test     every test: Swift (XCTest), C ABI, exports, Python/PyTorch
 #   make bench    kernel and step benchmarks, ratios measured in one run
+#   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
 #   make install PREFIX=/usr/local
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -22,7 +23,7 @@ CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
 LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
 
 .PHONY: all deps deps-apt deps-python lib demo demo-python test test-swift test-capi test-python \
-        bench install uninstall clean
+        bench bench-train install uninstall clean
 
 all: lib
 
@@ -74,6 +75,9 @@ test-python: deps lib
 bench: deps lib
 	$(SWIFT_RELEASE) --product kfac-bench
 	./.build/release/kfac-bench
+
+bench-train: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig

@@ -1,0 +1,525 @@
+"""Markdown table and PNG plots of the convergence benchmark, from the raw results of run.py
+(``training_raw.json``). A loss of ``None`` in the raw results is a diverged run (+∞)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+INF = math.inf
+NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)"}
+COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "kfac": "tab:green", "peer": "tab:red"}
+SECOND_NAMES = {"momentum": "momentum", "beta1": "β1", "damping": "λ"}
+GOAL_ITERATIONS, GOAL_SECONDS = 10.0, 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss(value) -> float:
+    return INF if value is None else float(value)
+
+
+def median(values: Sequence[float]) -> float:
+    """Median where +∞ counts as a value (a seed that never got there)."""
+    values = sorted(values)
+    if not values:
+        return INF
+    middle = len(values) // 2
+    if len(values) % 2:
+        return values[middle]
+    low, high = values[middle - 1], values[middle]
+    return INF if INF in (low, high) else 0.5 * (low + high)
+
+
+def final_losses(runs) -> List[float]:
+    return [_loss(r["final_loss"]) for r in runs]
+
+
+def reach(run, target: float) -> Tuple[float, float, float]:
+    """(iterations, CPU seconds, wall seconds) at the first curve point with loss ≤ target, or
+    (∞, ∞, ∞)."""
+    for iterations, loss, cpu, wall in run["curve"]:
+        if loss is not None and loss <= target:
+            return float(iterations), float(cpu), float(wall)
+    return INF, INF, INF
+
+
+def setting_label(problem: str, batch: int) -> str:
+    return f"{problem}, batch {'full' if batch <= 0 else batch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if value == INF:
+        return "∞"
+    if abs(value) >= 1000 or (abs(value) < 1e-3 and value != 0):
+        return f"{value:.3g}"
+    return f"{value:.{digits}g}"
+
+
+def fmt_lr(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def spread(values: Sequence[float], digits: int = 4) -> str:
+    """median [min–max]."""
+    finite = [v for v in values if v != INF]
+    text = fmt(median(values), digits)
+    if len(values) > 1:
+        low = fmt(min(values), digits)
+        high = fmt(max(values), digits)
+        text += f" [{low}–{high}]"
+    if len(finite) < len(values):
+        text += f" ({len(values) - len(finite)}/{len(values)} ∞)"
+    return text
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    if denominator == INF and numerator == INF:
+        return "neither reaches L*"
+    if denominator == INF:
+        return "K-FAC does not reach L*"
+    if numerator == INF:
+        return "> T (other does not reach L*)"
+    if denominator == 0:
+        return "∞"
+    return f"{numerator / denominator:.2f}×"
+
+
+def config_text(best: Dict, second: str) -> str:
+    return f"lr {fmt_lr(best['lr'])}, {SECOND_NAMES.get(second, second)} {best[second]:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-setting summaries
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise_settings(raw) -> List[Dict]:
+    """Groups the tuning results by (problem, batch) and computes L* and the reach statistics."""
+    groups: Dict[Tuple[str, int], Dict] = {}
+    for entry in raw["settings"]:
+        key = (entry["problem"], entry["batch"])
+        groups.setdefault(key, dict(problem=entry["problem"], batch=entry["batch"], T=entry["T"],
+                                    eval_every=entry["eval_every"], methods={}))["methods"][entry["method"]] = entry
+    summaries = []
+    for key, group in groups.items():
+        sgd = group["methods"]["sgd"]
+        target = median(final_losses(sgd["runs"]))
+        group["L*"] = target
+        for method, entry in group["methods"].items():
+            reached = [reach(run, target) for run in entry["runs"]]
+            entry["iterations"] = [r[0] for r in reached]
+            entry["seconds"] = [r[1] for r in reached]
+            entry["wall_seconds"] = [r[2] for r in reached]
+            entry["iterations_median"] = median(entry["iterations"])
+            entry["seconds_median"] = median(entry["seconds"])
+            entry["step_ms"] = median([r["step_ms_mean"] for r in entry["runs"] if r["step_ms_mean"] is not None])
+        summaries.append(group)
+    return summaries
+
+
+def goals_table(summaries) -> str:
+    lines = [
+        "| problem, batch | T | L* | iterations to L*: SGD-m / Adam / K-FAC | CPU seconds to L*: SGD-m / Adam / K-FAC "
+        "| K-FAC vs SGD-m: iterations (goal ≥ 10×) | K-FAC vs SGD-m: seconds (goal ≥ 3×) | Adam / K-FAC seconds (goal > 1×) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group in summaries:
+        m = group["methods"]
+        if not all(k in m for k in ("sgd", "adam", "kfac")):
+            continue
+        it = [m[k]["iterations_median"] for k in ("sgd", "adam", "kfac")]
+        sec = [m[k]["seconds_median"] for k in ("sgd", "adam", "kfac")]
+        iteration_gain = it[0] / it[2] if it[2] not in (0, INF) else (INF if it[2] == 0 else 0.0)
+        second_gain = sec[0] / sec[2] if sec[2] not in (0, INF) else (INF if sec[2] == 0 else 0.0)
+        adam_gain = (sec[1] / sec[2]) if sec[2] not in (0, INF) else 0.0
+        mark = lambda ok: "met" if ok else "missed"
+        lines.append(
+            f"| {setting_label(group['problem'], group['batch'])} | {group['T']} | {fmt(group['L*'])} "
+            f"| {' / '.join(fmt(v) for v in it)} | {' / '.join(fmt(v, 3) for v in sec)} "
+            f"| {ratio(it[0], it[2])} ({mark(iteration_gain >= GOAL_ITERATIONS)}) "
+            f"| {ratio(sec[0], sec[2])} ({mark(second_gain >= GOAL_SECONDS)}) "
+            f"| {ratio(sec[1], sec[2])} ({mark(adam_gain > 1.0)}) |"
+        )
+    return "\n".join(lines)
+
+
+def detail_table(summaries) -> str:
+    lines = [
+        "| problem, batch | method | tuned configuration | final training loss | iterations to L* | seconds to L* (CPU) "
+        "| wall-clock seconds to L* | ms per step (CPU, mean) | test accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group in summaries:
+        for method in ("sgd", "adam", "kfac"):
+            entry = group["methods"].get(method)
+            if entry is None:
+                continue
+            config = config_text(entry["best"], entry["second"])
+            if entry["edge"]:
+                config += " (edge: no lr beyond it tried)"
+            if entry.get("second_from"):
+                config += f" ({SECOND_NAMES.get(entry['second'], entry['second'])} from {entry['second_from']})"
+            accuracy = [r["test"]["accuracy"] for r in entry["runs"] if r.get("test")]
+            accuracy_text = spread([100 * a for a in accuracy], 3) + " %" if accuracy else "–"
+            lines.append(
+                f"| {setting_label(group['problem'], group['batch'])} | {NAMES[method]} | {config} "
+                f"| {spread(final_losses(entry['runs']))} | {spread(entry['iterations'])} "
+                f"| {spread(entry['seconds'], 3)} | {spread(entry['wall_seconds'], 3)} "
+                f"| {fmt(entry['step_ms'], 3)} | {accuracy_text} |"
+            )
+    return "\n".join(lines)
+
+
+def tuning_table(raw) -> str:
+    lines = ["| problem, batch | method | second | final training loss (seed 0) by learning rate; * = chosen |",
+             "|---|---|---|---|"]
+    for entry in raw["settings"]:
+        second = entry["second"]
+        by_value: Dict[float, List] = {}
+        for point in entry["grid"]:
+            by_value.setdefault(point[second], []).append(point)
+        for value, points in by_value.items():
+            cells = []
+            for point in sorted(points, key=lambda p: p["lr"]):
+                chosen = point["lr"] == entry["best"]["lr"] and value == entry["best"][second]
+                cells.append(f"{fmt_lr(point['lr'])}: {fmt(_loss(point['final_loss']))}{'*' if chosen else ''}")
+            lines.append(f"| {setting_label(entry['problem'], entry['batch'])} | {NAMES[entry['method']]} "
+                         f"| {SECOND_NAMES.get(second, second)} {value:g} | {', '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def sweep_table(raw) -> Tuple[str, Dict]:
+    sweeps = [s for s in raw["sweep"] if s]
+    if not sweeps:
+        return "(not run)", {}
+    profile = raw["profile_settings"]["sweep"]
+    table: Dict[int, Dict[str, List]] = {}
+    for sweep in sweeps:
+        for run in sweep["runs"]:
+            table.setdefault(run["task"]["batch"], {}).setdefault(sweep["method"], []).append(run)
+    methods = [s["method"] for s in sweeps]
+    lines = ["| batch | " + " | ".join(f"{NAMES[m]}: loss after {profile['T']} iterations" for m in methods)
+             + " | " + " | ".join(f"{NAMES[m]}: ms per step" for m in methods) + " |",
+             "|---|" + "---|" * (2 * len(methods))]
+    for batch in sorted(table, key=lambda b: (b <= 0, b)):
+        row = table[batch]
+        losses = [spread(final_losses(row.get(m, []))) for m in methods]
+        times = [fmt(median([r["step_ms_mean"] for r in row.get(m, []) if r["step_ms_mean"]]), 3) for m in methods]
+        lines.append(f"| {'full' if batch <= 0 else batch} | " + " | ".join(losses) + " | " + " | ".join(times) + " |")
+    configs = "; ".join(f"{NAMES[s['method']]}: lr {fmt_lr(s['best']['lr'])}, "
+                        + ", ".join(f"{SECOND_NAMES.get(k, k)} {v:g}" for k, v in s["best"].items() if k != "lr")
+                        for s in sweeps)
+    return "\n".join(lines) + f"\n\nConfigurations (tuned at batch {profile['tuned_at']}): {configs}.", table
+
+
+def ablation_table(raw, summaries) -> str:
+    ablation = raw.get("ablation")
+    if not ablation:
+        return "(not run)"
+    profile = raw["profile_settings"]["ablation"]
+    group = next((g for g in summaries if g["problem"] == profile["problem"] and g["batch"] == profile["batch"]), None)
+    target = group["L*"] if group else INF
+    lines = [f"K-FAC at lr {fmt_lr(ablation['best']['lr'])}, λ {ablation['best']['damping']:g} "
+             f"(tuned), {setting_label(profile['problem'], profile['batch'])}, L* = {fmt(target)} "
+             f"(SGD-momentum's), {len(next(iter(ablation['rows'].values())))} seeds.",
+             "",
+             "| variant | final training loss | iterations to L* | seconds to L* | ms per step | steps with the KL clip active |",
+             "|---|---|---|---|---|---|"]
+    for name in raw["ablation_names"]:
+        runs = ablation["rows"].get(name)
+        if not runs:
+            continue
+        reached = [reach(run, target) for run in runs]
+        clipped = [r.get("kl_clipped_fraction") for r in runs if r.get("kl_clipped_fraction") is not None]
+        lines.append(f"| {name} | {spread(final_losses(runs))} | {spread([r[0] for r in reached])} "
+                     f"| {spread([r[1] for r in reached], 3)} "
+                     f"| {fmt(median([r['step_ms_mean'] for r in runs if r['step_ms_mean']]), 3)} "
+                     f"| {fmt(100 * median(clipped), 3) + ' %' if clipped else '–'} |")
+    availability = ("the library has it (`kfac.Optimizer.solve_step_size` exists) but this benchmark does not "
+                    "drive it yet: pending" if ablation["adaptive_available"]
+                    else "not available in this library version")
+    for name in raw["adaptive_rows"]:
+        lines.append(f"| {name} | {availability} | | | | |")
+    return "\n".join(lines)
+
+
+def peer_table(raw, summaries) -> str:
+    peers = [p for p in raw["peer"] if p]
+    if not peers:
+        return "(not run)"
+    lines = ["| problem, batch | method | ms per step (CPU, mean) | SGD-momentum step (ms) | overhead over SGD (ms) "
+             "| loss after T_peer steps | KL clip active |",
+             "|---|---|---|---|---|---|---|"]
+    verdicts, checks = [], []
+    for peer in peers:
+        group = next((g for g in summaries if g["problem"] == peer["problem"] and g["batch"] == peer["batch"]), None)
+        sgd_ms = group["methods"]["sgd"]["step_ms"] if group else INF
+        overheads = {}
+        label = setting_label(peer["problem"], peer["batch"])
+        for key in ("kfac", "peer"):
+            runs = peer[key]
+            step = median([r["step_ms_mean"] for r in runs if r["step_ms_mean"]])
+            overheads[key] = step - sgd_ms
+            clipped = [r.get("kl_clipped_fraction") for r in runs if r.get("kl_clipped_fraction") is not None]
+            lines.append(f"| {label} | {NAMES[key]}, factors of the current batch, inverses every step "
+                         f"| {fmt(step, 3)} | {fmt(sgd_ms, 3)} | {fmt(overheads[key], 3)} "
+                         f"| {spread(final_losses(runs))} (T_peer = {peer['T']}) "
+                         f"| {fmt(100 * median(clipped), 3) + ' %' if clipped else '–'} |")
+        if group:
+            kfac = group["methods"]["kfac"]
+            lines.append(f"| {label} | {NAMES['kfac']} at the benchmark's settings (β 0.95, Ti 20), for reference "
+                         f"| {fmt(kfac['step_ms'], 3)} | {fmt(sgd_ms, 3)} | {fmt(kfac['step_ms'] - sgd_ms, 3)} | – | – |")
+        share = overheads["kfac"] / overheads["peer"] if overheads["peer"] > 0 else INF
+        verdicts.append(f"{label}: libkfac's per-step overhead is {fmt(share, 3)} of curvlinops' "
+                        f"({'met' if share <= 0.5 else 'missed'}: goal ≤ 0.5)")
+        check = peer["check"]
+        checks.append(f"{label}, λ {check['damping']:g}: relative difference of the directions "
+                      f"{fmt(check['relative_difference_f32'], 3)} in float32 "
+                      f"({fmt(check['relative_difference_f64'], 3)} in float64), cosine {check['cosine_f32']:.7f}")
+    return ("\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts)
+            + "\n\nSame-settings check (one batch, empirical Fisher, factors of that batch, π damping, "
+              "no KL clip):\n\n" + "\n".join(f"- {c}" for c in checks))
+
+
+def contention_text(raw) -> str:
+    """How much the wall-clock of the training steps exceeded their CPU time (other processes
+    sharing the cores), over every training run."""
+    ratios = []
+    runs = [r for e in raw["settings"] for r in e["runs"]]
+    runs += [r for s in raw["sweep"] if s for r in s["runs"]]
+    if raw.get("ablation"):
+        runs += [r for rs in raw["ablation"]["rows"].values() for r in rs]
+    for p in raw["peer"]:
+        if p:
+            runs += p["kfac"] + p["peer"]
+    for run in runs:
+        if run.get("train_seconds") and run.get("train_wall_seconds"):
+            ratios.append(run["train_wall_seconds"] / run["train_seconds"])
+    if not ratios:
+        return ""
+    ratios = np.array(ratios)
+    return (f"Wall-clock / CPU time of the training steps over {len(ratios)} runs: median "
+            f"{np.median(ratios):.2f}, 90th percentile {np.percentile(ratios, 90):.2f}, max {ratios.max():.2f} "
+            f"(1.00 = the run had its core to itself).")
+
+
+def threads_table(raw) -> str:
+    rows = raw.get("threads") or []
+    if not rows:
+        return "(not measured)"
+    lines = ["| OpenBLAS threads | PyTorch threads | libkfac threads | method | wall-clock ms per step (median) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['openblas_threads']} | {row['torch_threads']} | {row['kfac_threads']} "
+                     f"| {NAMES[row['method']]} | {fmt(row['step_ms_median'], 3)} |")
+    first = rows[0]
+    return (f"{setting_label(first['problem'], first['batch'])}, {first['steps']} steps after 3 warm-up steps, "
+            "one process alone on the machine:\n\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _median_curve(runs, x_index: int):
+    """Median over seeds of (x, loss) at each curve point index, with min and max of the loss."""
+    curves = [r["curve"] for r in runs if r["curve"]]
+    if not curves:
+        return None
+    length = max(len(c) for c in curves)
+    xs, mid, low, high = [], [], [], []
+    for i in range(length):
+        points = [c[i] for c in curves if i < len(c)]
+        losses = [_loss(p[1]) for p in points]
+        if len(points) * 2 <= len(curves):  # fewer than half the seeds still running
+            break
+        xs.append(float(np.median([p[x_index] for p in points])))
+        mid.append(median(losses))
+        low.append(min(losses))
+        high.append(max([l for l in losses if l != INF] or [INF]))
+    return np.array(xs), np.array(mid), np.array(low), np.array(high)
+
+
+def plot_curves(summaries, path: str, x_index: int, xlabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(summaries)
+    columns = min(4, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for axis, group in zip(axes.flat, summaries):
+        top, bottom = -INF, INF
+        for method in ("sgd", "adam", "kfac"):
+            entry = group["methods"].get(method)
+            curve = _median_curve(entry["runs"], x_index) if entry else None
+            if curve is None:
+                continue
+            xs, mid, low, high = curve
+            finite = np.isfinite(mid)
+            axis.plot(xs[finite], mid[finite], color=COLOURS[method], label=NAMES[method], lw=1.4)
+            band = np.isfinite(high) & np.isfinite(low)
+            axis.fill_between(xs[band], low[band], high[band], color=COLOURS[method], alpha=0.2, lw=0)
+            if finite.any():
+                top = max(top, float(mid[finite][0]))
+                bottom = min(bottom, float(np.nanmin(low[np.isfinite(low)])))
+        axis.axhline(group["L*"], color="black", ls="--", lw=0.8, label="L* (SGD-m final, median)")
+        if group["problem"].startswith(("mlp", "cnn")):  # losses go to ~1e-6: log scale
+            axis.set_yscale("log")
+        elif math.isfinite(top) and math.isfinite(bottom) and top > bottom:
+            axis.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
+        axis.set_title(setting_label(group["problem"], group["batch"]), fontsize=10)
+        axis.set_xlabel(xlabel, fontsize=8)
+        axis.set_ylabel("training loss")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[count:]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle("Median over seeds, band = min–max", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_sweep(raw, table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not table:
+        return
+    full = raw["profile_settings"]["sweep"]
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    batches = sorted(table, key=lambda b: (b <= 0, b))
+    # The full batch is drawn at the training-set size (or, for raw results without it, one
+    # octave past the largest mini-batch).
+    examples = next((r.get("examples") for runs in table.values() for rs in runs.values() for r in rs
+                     if r.get("examples")), None)
+    full_position = examples or 2 * max([b for b in batches if b > 0] or [1])
+    positions = [b if b > 0 else full_position for b in batches]
+    for method in ("sgd", "adam", "kfac"):
+        mids, lows, highs = [], [], []
+        for batch in batches:
+            losses = final_losses(table[batch].get(method, []))
+            mids.append(median(losses))
+            finite = [l for l in losses if l != INF]
+            lows.append(min(finite) if finite else np.nan)
+            highs.append(max(finite) if finite else np.nan)
+        mids = np.array(mids, dtype=float)
+        mids[~np.isfinite(mids)] = np.nan
+        axis.errorbar(positions, mids, yerr=[np.maximum(mids - np.array(lows), 0), np.maximum(np.array(highs) - mids, 0)],
+                      color=COLOURS[method], label=NAMES[method], marker="o", ms=4, capsize=3)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(positions)
+    axis.set_xticklabels([str(b) if b > 0 else "full" for b in batches])
+    axis.set_xlabel("batch size")
+    axis.set_ylabel(f"training loss after {full['T']} iterations")
+    axis.set_title(f"{full['problem']}: batch-size sweep (median, min–max)", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(raw, out: str) -> str:
+    """Writes training.md and the PNGs; returns the headline (goals) table."""
+    summaries = summarise_settings(raw)
+    goals = goals_table(summaries)
+    sweep_text, sweep_data = sweep_table(raw)
+    plot_curves(summaries, os.path.join(out, "training_loss_vs_iterations.png"), 0, "iterations")
+    plot_curves(summaries, os.path.join(out, "training_loss_vs_seconds.png"), 2,
+                "CPU seconds of the training steps (single-threaded runs)")
+    plot_sweep(raw, sweep_data, os.path.join(out, "training_batch_sweep.png"))
+    machine = raw["machine"]
+    profile = raw["profile_settings"]
+    runtime = raw.get("runtime_seconds") or 0.0
+    omitted = profile.get("omitted") or []
+    protocol_link = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+                                    os.path.abspath(out))
+    text = f"""# Convergence benchmark results
+
+Generated by `python3 benchmarks/training/run.py --profile {raw['profile']}` (protocol:
+[benchmarks/training/README.md]({protocol_link})); total runtime {int(runtime // 60)} min
+{int(runtime % 60)} s with {raw['workers']} worker processes of one thread each.
+{"Omitted in this profile: " + "; ".join(omitted) + "." if omitted else ""}
+
+## Goals (issue 4)
+
+L* = median over the seeds of SGD-momentum's final training loss (tuned). Iterations and seconds
+are medians over {profile['seeds']} seeds (∞ = not reached by the median seed). Seconds are the
+CPU time of the training steps, all K-FAC work included; every run is single-threaded, so this
+is the wall-clock on a core of its own. The measured wall-clock (which also counts time other
+processes took the core) is in the next table; see "Machine" for how much they differed.
+
+{goals}
+
+## Per method
+
+Final training loss, iterations and seconds to L*: median [min–max] over seeds.
+
+{detail_table(summaries)}
+
+![loss vs iterations](training_loss_vs_iterations.png)
+
+![loss vs seconds](training_loss_vs_seconds.png)
+
+## Batch-size sweep ({profile['sweep']['problem']})
+
+{sweep_text}
+
+![batch-size sweep](training_batch_sweep.png)
+
+## K-FAC ablations
+
+{ablation_table(raw, summaries)}
+
+## Peer: curvlinops-for-pytorch {machine['curvlinops']}
+
+Same model, batches, seeds, lr, λ, momentum 0.9 and κ for both; overhead = K-FAC step − the
+SGD-momentum step of the same problem and batch (from the tuned SGD-momentum runs).
+
+{peer_table(raw, summaries)}
+
+## Tuning grids (seed 0)
+
+{tuning_table(raw)}
+
+## Threads
+
+{threads_table(raw)}
+
+## Machine and versions
+
+- CPU: {machine['cpu']}, {machine['cores']} cores; load average at start {', '.join(f'{v:.2f}' for v in machine['load_average_start'])}, at end {', '.join(f'{v:.2f}' for v in machine.get('load_average_end') or [])}
+- Python {machine['python']}, PyTorch {machine['torch']}, NumPy {machine['numpy']}, matplotlib {machine['matplotlib']}, mlxtend {machine['mlxtend']}, curvlinops-for-pytorch {machine['curvlinops']}
+- libkfac {machine['libkfac']} from `{machine['libkfac_path']}`, bindings `{machine['bindings_path']}`, commit {machine['libkfac_commit']}{' (work tree with local changes)' if machine['libkfac_dirty'] else ''}; OpenBLAS `{machine['openblas']}`
+- Date {machine['date']}
+- {contention_text(raw)}
+"""
+    with open(os.path.join(out, "training.md"), "w") as file:
+        file.write(text)
+    return goals

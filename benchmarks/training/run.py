@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issue 4).
+
+    python3 benchmarks/training/run.py [--profile default|full|smoke] [--workers 2]
+
+Runs the protocol of benchmarks/training/README.md — tuning on pre-declared equal grids, five
+seeds of every best configuration, the batch-size sweep, the K-FAC ablations and the
+curvlinops peer — in worker processes of one thread each, showing progress on stderr, and
+writes benchmarks/results/training.md, training_*.png and training_raw.json.
+``--report-only`` rebuilds the table and plots from an existing training_raw.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread per run (README.md, "Same conditions"): set before numpy, torch or libkfac load
+# OpenBLAS/OpenMP, here and in every worker process (which inherit the environment and import
+# this file again). Only the threads table's workers keep the values measure_threads() sets.
+if os.environ.get("KFAC_BENCH_KEEP_THREADS") != "1":
+    for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_variable] = "1"
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
+sys.path.insert(0, HERE)
+
+REQUIREMENTS = {"mlxtend": "mlxtend", "matplotlib": "matplotlib", "curvlinops": "curvlinops-for-pytorch"}
+
+# ---------------------------------------------------------------------------------------------
+# Protocol constants (README.md)
+# ---------------------------------------------------------------------------------------------
+
+GRIDS = {
+    "sgd": dict(lrs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], second="momentum", values=[0.9, 0.99]),
+    "adam": dict(lrs=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1], second="beta1", values=[0.9, 0.99]),
+    "kfac": dict(lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0], second="damping", values=[1e-3, 1e-1]),
+}
+METHODS = ("sgd", "adam", "kfac")
+METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)"}
+REFINE = (10 ** -0.5, 10 ** 0.5)
+# Problems whose second hyperparameter is taken from another problem at the same batch setting.
+TRANSFER_SECOND = {"ae-mnist": "ae-digits"}
+
+# K-FAC ablations on (ae-digits, batch 256): name -> option overrides of the tuned K-FAC.
+ABLATIONS = [
+    ("baseline (Cholesky + π, sampled Fisher, Ti = 20)", None),
+    ("π damping off", dict(pi_damping=False)),
+    ("empirical Fisher", dict(fisher="empirical")),
+    ("inverse period 1", dict(inverse_update_period=1)),
+    ("inverse period 5", dict(inverse_update_period=5)),
+    ("inverse period 100", dict(inverse_update_period=100)),
+    ("exact damping (eigen)", dict(inverse_strategy="eigen")),
+    ("KL clip κ = 1e-1 (added after the smoke run, see README)", dict(kl_clip=1e-1)),
+    ("KL clip off", dict(kl_clip=0.0)),
+]
+ADAPTIVE_ROWS = ["adaptive mode: Levenberg–Marquardt λ (LM on/off)", "adaptive mode: quadratic-model α/μ (α/μ on/off)"]
+
+PROFILES = {
+    # (problem, batch (0 = full), T, eval_every)
+    "default": dict(
+        settings=[("ae-digits", 256, 600, 10), ("ae-digits", 0, 300, 1), ("ae-mnist", 256, 150, 10),
+                  ("mlp-digits", 256, 300, 10), ("mlp-digits", 0, 300, 1),
+                  ("cnn-digits", 256, 300, 10), ("cnn-digits", 0, 100, 1)],
+        omitted=["ae-mnist at full batch (5000 examples): `--profile full`"],
+        seeds=5,
+        sweep=dict(problem="ae-digits", tuned_at=256, batches=[32, 64, 128, 256, 512, 1024, 0], T=300, seeds=5),
+        ablation=dict(problem="ae-digits", batch=256, seeds=5),
+        peer=[("ae-digits", 256, 100), ("ae-mnist", 256, 50)],
+        peer_seeds=3,
+        threads=("ae-mnist", 256, 30),
+    ),
+    "smoke": dict(
+        settings=[("ae-digits", 256, 40, 10), ("mlp-digits", 0, 20, 1)],
+        omitted=["everything else (smoke profile)"],
+        seeds=3,
+        sweep=dict(problem="ae-digits", tuned_at=256, batches=[64, 0], T=20, seeds=3),
+        ablation=dict(problem="ae-digits", batch=256, seeds=3),
+        peer=[("ae-digits", 256, 10)],
+        peer_seeds=1,
+        threads=("ae-digits", 256, 10),
+    ),
+}
+PROFILES["full"] = dict(PROFILES["default"], omitted=[],
+                        settings=PROFILES["default"]["settings"] + [("ae-mnist", 0, 80, 1)])
+
+# ---------------------------------------------------------------------------------------------
+# Cost model (per-step milliseconds on one core, from the timing pilot), for ordering and ETA
+# ---------------------------------------------------------------------------------------------
+
+_SIZES = {"ae-digits": 1797, "ae-mnist": 5000, "mlp-digits": 1500, "cnn-digits": 1500}
+_COST = {  # problem: (fixed ms, ms per example) of an SGD step; what K-FAC adds: (fixed, per example)
+    "ae-digits": ((0.57, 0.0032), (2.3, 0.0051)),
+    "ae-mnist": ((0.9, 0.055), (28.0, 0.045)),
+    "mlp-digits": ((0.32, 0.0019), (0.8, 0.0027)),
+    "cnn-digits": ((0.11, 0.0104), (1.0, 0.0153)),
+}
+
+
+def estimated_seconds(task) -> float:
+    if task.get("kind") == "check":
+        return 3.0
+    problem, method = task["problem"], task["method"]
+    n = _SIZES[problem]
+    batch = n if task["batch"] <= 0 or task["batch"] >= n else task["batch"]
+    (a, b), (c, d) = _COST[problem]
+    sgd = a + b * batch
+    step = {"sgd": sgd, "adam": 1.1 * sgd, "kfac": sgd + c + d * batch}.get(method, 3 * (sgd + c + d * batch))
+    if method == "kfac" and task["options"].get("inverse_update_period") == 1:
+        step *= 2.5
+    evals = 0 if batch == n else task["T"] / max(1, task["eval_every"])
+    return (task["T"] * step + evals * (a + b * n) / 3) / 1e3 + 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments: generators that yield lists of tasks (receiving their results) or Need(key)
+# (receiving another experiment's return value), and return a summary.
+# ---------------------------------------------------------------------------------------------
+
+
+class Need:
+    def __init__(self, key):
+        self.key = key
+
+
+def _score(result) -> float:
+    loss = result["final_loss"]
+    return loss if (loss is not None and math.isfinite(loss)) else math.inf
+
+
+def tuning_experiment(trainers, problem, batch, T, eval_every, method, seeds):
+    grid = GRIDS[method]
+    second, values = grid["second"], grid["values"]
+    transferred_from = TRANSFER_SECOND.get(problem)
+    if transferred_from is not None:
+        source = yield Need(("tune", transferred_from, batch, method))
+        if source is None:  # the source setting is not part of this profile: use both values
+            transferred_from = None
+        else:
+            values = [source["best"][second]]
+    make = lambda lr, value, seed: trainers.make_task(problem, method, batch, T, eval_every, seed, lr, **{second: value})
+    stage1 = [make(lr, value, 0) for value in values for lr in grid["lrs"]]
+    results1 = yield stage1
+    best1 = min(range(len(stage1)), key=lambda i: (_score(results1[i]), i))
+    lr1, value1 = stage1[best1]["lr"], stage1[best1]["options"][second]
+    stage2 = [make(lr1 * factor, value1, 0) for factor in REFINE]
+    results2 = yield stage2
+    tried = list(zip(stage1 + stage2, results1 + results2))
+    best = min(range(len(tried)), key=lambda i: (_score(tried[i][1]), i))
+    best_task, best_result = tried[best]
+    lr, value = best_task["lr"], best_task["options"][second]
+    # "edge": no learning rate on one side of the chosen one was tried (with its second value).
+    tested = [t["lr"] for t, _ in tried if t["options"][second] == value]
+    edge = lr in (min(tested), max(tested))
+    others = yield [make(lr, value, seed) for seed in range(1, seeds)]
+    return dict(
+        problem=problem, batch=batch, T=T, eval_every=eval_every, method=method,
+        best={"lr": lr, second: value}, second=second, edge=edge,
+        second_from=transferred_from,
+        grid=[dict(lr=t["lr"], **{second: t["options"][second]}, final_loss=_score(r), diverged=r["diverged"])
+              for t, r in tried],
+        runs=[best_result] + list(others),
+    )
+
+
+def sweep_experiment(trainers, sweep, method):
+    tuned = yield Need(("tune", sweep["problem"], sweep["tuned_at"], method))
+    if tuned is None:
+        return None
+    options = {k: v for k, v in tuned["best"].items() if k != "lr"}
+    tasks = [trainers.make_task(sweep["problem"], method, batch, sweep["T"], sweep["T"], seed, tuned["best"]["lr"], **options)
+             for batch in sweep["batches"] for seed in range(sweep["seeds"])]
+    results = yield tasks
+    return dict(method=method, best=tuned["best"], runs=results)
+
+
+def ablation_experiment(trainers, ablation):
+    tuned = yield Need(("tune", ablation["problem"], ablation["batch"], "kfac"))
+    if tuned is None:
+        return None
+    options = {k: v for k, v in tuned["best"].items() if k != "lr"}
+    tasks, names = [], []
+    for name, overrides in ABLATIONS[1:]:
+        for seed in range(ablation["seeds"]):
+            tasks.append(trainers.make_task(ablation["problem"], "kfac", ablation["batch"], tuned["T"],
+                                            tuned["eval_every"], seed, tuned["best"]["lr"], **dict(options, **overrides)))
+            names.append(name)
+    results = yield tasks
+    rows = {ABLATIONS[0][0]: tuned["runs"]}
+    for name, result in zip(names, results):
+        rows.setdefault(name, []).append(result)
+    return dict(best=tuned["best"], rows=rows, adaptive_available=trainers.adaptive_mode_available())
+
+
+def peer_experiment(trainers, problem, batch, T, seeds):
+    tuned = yield Need(("tune", problem, batch, "kfac"))
+    if tuned is None:
+        return None
+    damping = tuned["best"]["damping"]
+    check = yield [dict(kind="check", problem=problem, damping=damping, batch=batch)]
+    same = dict(damping=damping, factor_decay=0.0, inverse_update_period=1)
+    tasks = []
+    for seed in range(seeds):
+        for method in ("kfac", "peer"):
+            tasks.append(trainers.make_task(problem, method, batch, T, T, seed, tuned["best"]["lr"], **same))
+    results = yield tasks
+    return dict(problem=problem, batch=batch, T=T, best=tuned["best"], check=check[0],
+                kfac=[r for r in results if r["task"]["method"] == "kfac"],
+                peer=[r for r in results if r["task"]["method"] == "peer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def execute(task):
+    import warnings
+
+    # curvlinops' import chain uses torch.jit.script, deprecated in recent PyTorch.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
+    import trainers
+
+    if task.get("kind") == "check":
+        return trainers.peer_direction_check(task["problem"], task["damping"], task["batch"])
+    return trainers.run_task(task)
+
+
+def _priority(key, task) -> float:
+    """Longest first, except that the experiments others wait for (the ae-digits tuning that
+    ae-mnist, the sweep and the ablations need) and ae-mnist itself (the longest chain) go
+    before everything else."""
+    boost = 0.0
+    if key[0] == "tune" and key[1] == "ae-digits":
+        boost = 2000.0
+    elif key[0] == "tune" and key[1] == "ae-mnist":
+        boost = 1000.0
+    return estimated_seconds(task) + boost
+
+
+def _describe(task) -> str:
+    if task.get("kind") == "check":
+        return f"{task['problem']} peer direction check"
+    batch = "full" if task["batch"] <= 0 else task["batch"]
+    return f"{task['problem']}/{batch} {task['method']} lr={task['lr']:g} seed {task['seed']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler with a progress line
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    def __init__(self, planned_seconds: float, workers: int):
+        self.planned = planned_seconds
+        self.workers = workers
+        self.done_estimate = 0.0
+        self.done_actual = 0.0
+        self.runs = 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+        self.last_text = ""
+
+    def update(self, task, result_seconds, running):
+        self.runs += 1
+        self.done_estimate += estimated_seconds(task)
+        self.done_actual += result_seconds
+        self.show(running)
+
+    def show(self, running, force=False):
+        elapsed = time.perf_counter() - self.start
+        ratio = self.done_actual / self.done_estimate if self.done_estimate > 0 else 1.0
+        left = max(0.0, self.planned - self.done_estimate) * ratio / self.workers
+        fraction = min(1.0, self.done_estimate / self.planned) if self.planned else 1.0
+        bar = "#" * int(24 * fraction) + "-" * (24 - int(24 * fraction))
+        text = (f"[{bar}] {100 * fraction:3.0f}%  {self.runs} runs  elapsed {_clock(elapsed)}  "
+                f"left ~{_clock(left)}  | {running}")
+        if self.tty:
+            sys.stderr.write("\r" + text[:150].ljust(150))
+            sys.stderr.flush()
+        elif force or time.perf_counter() - self.last_print > 15:
+            sys.stderr.write(text + "\n")
+            self.last_print = time.perf_counter()
+        self.last_text = text
+
+    def finish(self):
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def run_experiments(experiments, workers, progress):
+    """Runs the generators of ``experiments`` ({key: generator}) to completion on a process
+    pool; returns {key: return value}."""
+    finished, waiting = {}, {}  # key -> value;  needed key -> [waiting keys]
+    pending = {}  # key -> [tasks, results, remaining]
+    ready = []  # (estimated seconds, sequence, key, index, task)
+    sequence = [0]
+
+    def advance(key, value):
+        generator = experiments[key]
+        while True:
+            try:
+                item = generator.send(value)
+            except StopIteration as stop:
+                finished[key] = stop.value
+                for waiter in waiting.pop(key, []):
+                    advance(waiter, stop.value)
+                return
+            if isinstance(item, Need):
+                if item.key in finished:
+                    value = finished[item.key]
+                    continue
+                if item.key not in experiments:
+                    value = None
+                    continue
+                waiting.setdefault(item.key, []).append(key)
+                return
+            tasks = list(item)
+            if not tasks:
+                value = []
+                continue
+            pending[key] = [tasks, [None] * len(tasks), len(tasks)]
+            for index, task in enumerate(tasks):
+                sequence[0] += 1
+                ready.append((_priority(key, task), sequence[0], key, index, task))
+            return
+
+    for key in list(experiments):
+        if key not in finished and not any(key in w for w in waiting.values()):
+            advance(key, None)
+
+    context = multiprocessing.get_context("spawn")
+    in_flight = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        while ready or in_flight:
+            ready.sort(key=lambda entry: (-entry[0], entry[1]))  # longest first
+            while ready and len(in_flight) < workers:
+                cost, _, key, index, task = ready.pop(0)
+                in_flight[pool.submit(execute, task)] = (key, index, task, time.perf_counter())
+            running = "; ".join(_describe(t) for _, _, t, _ in in_flight.values())
+            progress.show(running)
+            done, _ = wait(list(in_flight), timeout=5, return_when=FIRST_COMPLETED)
+            for future in done:
+                key, index, task, started = in_flight.pop(future)
+                result = future.result()
+                entry = pending[key]
+                entry[1][index] = result
+                entry[2] -= 1
+                progress.update(task, time.perf_counter() - started, _describe(task))
+                if entry[2] == 0:
+                    del pending[key]
+                    advance(key, entry[1])
+    if waiting:
+        raise RuntimeError(f"experiments waiting on results that never came: {waiting}")
+    return finished
+
+
+def planned_seconds(profile, trainers) -> float:
+    """Estimated single-core seconds of everything the profile runs (for the ETA)."""
+    total = 0.0
+    settings = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
+    for problem, batch, T, eval_every in profile["settings"]:
+        for method in METHODS:
+            grid = GRIDS[method]
+            per_value = len(grid["lrs"])
+            stage1 = per_value * (1 if problem in TRANSFER_SECOND and (TRANSFER_SECOND[problem], batch) in settings
+                                  else len(grid["values"]))
+            runs = stage1 + len(REFINE) + profile["seeds"] - 1
+            task = trainers.make_task(problem, method, batch, T, eval_every, 0, 1.0, damping=1.0)
+            total += runs * estimated_seconds(task)
+    sweep = profile["sweep"]
+    for batch in sweep["batches"]:
+        for method in METHODS:
+            task = trainers.make_task(sweep["problem"], method, batch, sweep["T"], sweep["T"], 0, 1.0, damping=1.0)
+            total += sweep["seeds"] * estimated_seconds(task)
+    ablation = profile["ablation"]
+    if (ablation["problem"], ablation["batch"]) in settings:
+        T, e = settings[(ablation["problem"], ablation["batch"])]
+        for _, overrides in ABLATIONS[1:]:
+            task = trainers.make_task(ablation["problem"], "kfac", ablation["batch"], T, e, 0, 1.0, **overrides)
+            total += ablation["seeds"] * estimated_seconds(task)
+    for problem, batch, T in profile["peer"]:
+        for method in ("kfac", "peer"):
+            task = trainers.make_task(problem, method, batch, T, T, 0, 1.0, inverse_update_period=1)
+            total += profile["peer_seeds"] * estimated_seconds(task)
+        total += 3.0
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads table: one- against two-thread step times, measured alone before the pool starts
+# ---------------------------------------------------------------------------------------------
+
+
+def _timing_worker(arguments):
+    import trainers
+
+    return trainers.step_timing(*arguments)
+
+
+def measure_threads(profile):
+    problem, batch, steps = profile["threads"]
+    rows = []
+    configurations = [("1", 1, 1), ("1", 2, 2), ("2", 2, 2)]  # (OpenBLAS, torch, libkfac threads)
+    context = multiprocessing.get_context("spawn")
+    saved = os.environ["OPENBLAS_NUM_THREADS"]
+    os.environ["KFAC_BENCH_KEEP_THREADS"] = "1"
+    try:
+        for openblas, torch_threads, kfac_threads in configurations:
+            os.environ["OPENBLAS_NUM_THREADS"] = openblas
+            os.environ["OMP_NUM_THREADS"] = str(torch_threads)
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                for method in ("sgd", "kfac"):
+                    rows.append(pool.submit(_timing_worker, (problem, batch, method, steps, torch_threads, kfac_threads)).result())
+    finally:
+        os.environ["OPENBLAS_NUM_THREADS"] = saved
+        os.environ["OMP_NUM_THREADS"] = "1"
+        del os.environ["KFAC_BENCH_KEEP_THREADS"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_packages(install: bool):
+    missing = [pip for module, pip in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return
+    if not install:
+        raise SystemExit(f"missing Python packages: {' '.join(missing)} "
+                         f"(pip install -r {os.path.relpath(os.path.join(HERE, 'requirements.txt'))})")
+    print(f"installing {' '.join(missing)} with pip (benchmark set-up)", file=sys.stderr)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-r", os.path.join(HERE, "requirements.txt")])
+    importlib.invalidate_caches()
+
+
+def machine_description(trainers) -> dict:
+    import numpy
+    import torch
+
+    def version(module):
+        try:
+            from importlib.metadata import version as v
+            return v(module)
+        except Exception:
+            return "not installed"
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    kfac = trainers.kfac
+    git = lambda *args: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(kfac.__file__)), *args],
+                                       capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "not a git checkout"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    openblas = "unknown"
+    try:
+        ldd = subprocess.run(["ldd", kfac.library_path], capture_output=True, text=True).stdout
+        openblas = next((line.split("=>")[1].split("(")[0].strip() for line in ldd.splitlines() if "openblas" in line), "unknown")
+        openblas = os.path.realpath(openblas)
+    except Exception:
+        pass
+    return dict(
+        cpu=cpu, cores=os.cpu_count(), load_average_start=os.getloadavg(),
+        python=sys.version.split()[0], torch=torch.__version__, numpy=numpy.__version__,
+        libkfac=kfac.library_version, libkfac_path=kfac.library_path, bindings_path=os.path.dirname(kfac.__file__),
+        libkfac_commit=commit, libkfac_dirty=dirty, openblas=openblas,
+        curvlinops=version("curvlinops-for-pytorch"), mlxtend=version("mlxtend"), matplotlib=version("matplotlib"),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--workers", type=int, default=2, help="concurrent single-thread runs (default 2)")
+    parser.add_argument("--out", default=RESULTS, help="output directory (default benchmarks/results)")
+    parser.add_argument("--no-install", action="store_true", help="do not pip-install missing packages")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from training_raw.json")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    raw_path = os.path.join(args.out, "training_raw.json")
+
+    ensure_packages(not args.no_install)
+    import report
+
+    if args.report_only:
+        with open(raw_path) as file:
+            raw = json.load(file)
+        report.write_report(raw, args.out)
+        return
+
+    started = time.perf_counter()
+    import trainers
+
+    profile = PROFILES[args.profile]
+    machine = machine_description(trainers)
+    print(f"libkfac {machine['libkfac']} ({machine['libkfac_path']}), torch {machine['torch']}, "
+          f"curvlinops {machine['curvlinops']}; profile {args.profile}, {args.workers} workers", file=sys.stderr)
+    if profile["omitted"]:
+        print("omitted in this profile: " + "; ".join(profile["omitted"]), file=sys.stderr)
+
+    print("measuring step times with 1 and 2 threads (alone)...", file=sys.stderr)
+    threads = measure_threads(profile)
+
+    experiments = {}
+    for problem, batch, T, eval_every in profile["settings"]:
+        for method in METHODS:
+            experiments[("tune", problem, batch, method)] = tuning_experiment(
+                trainers, problem, batch, T, eval_every, method, profile["seeds"])
+    for method in METHODS:
+        experiments[("sweep", method)] = sweep_experiment(trainers, profile["sweep"], method)
+    experiments[("ablation",)] = ablation_experiment(trainers, profile["ablation"])
+    for problem, batch, T in profile["peer"]:
+        experiments[("peer", problem, batch)] = peer_experiment(trainers, problem, batch, T, profile["peer_seeds"])
+
+    progress = Progress(planned_seconds(profile, trainers), args.workers)
+    finished = run_experiments(experiments, args.workers, progress)
+    progress.finish()
+
+    machine["load_average_end"] = os.getloadavg()
+    raw = dict(
+        profile=args.profile, profile_settings=profile, workers=args.workers, machine=machine, threads=threads,
+        grids=GRIDS, refine=REFINE,
+        settings=[finished[("tune", p, b, m)] for p, b, _, _ in profile["settings"] for m in METHODS],
+        sweep=[finished[("sweep", m)] for m in METHODS],
+        ablation=finished[("ablation",)], ablation_names=[name for name, _ in ABLATIONS], adaptive_rows=ADAPTIVE_ROWS,
+        peer=[finished[("peer", p, b)] for p, b, _ in profile["peer"]],
+    )
+    raw = _finite(raw)  # JSON-safe: a diverged run's loss is null
+    # Written twice so that the recorded runtime includes writing the report and plots.
+    for _ in range(2):
+        raw["runtime_seconds"] = time.perf_counter() - started
+        headline = report.write_report(raw, args.out)
+        with open(raw_path, "w") as file:
+            json.dump(raw, file)
+    print(headline)
+    print(f"\nwrote {os.path.relpath(args.out)}/training.md, training_*.png, training_raw.json; "
+          f"total {_clock(time.perf_counter() - started)}")
+
+
+def _finite(value):
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()
