@@ -336,6 +336,7 @@ def run_task(task: Dict) -> Dict:
         diverged=diverged,
         error=error,
         steps=k,
+        examples=problem.size,
         step_ms_median=milliseconds(cpu_times, np.median),
         step_ms_mean=milliseconds(cpu_times, np.mean),
         wall_step_ms_median=milliseconds(wall_times, np.median),
