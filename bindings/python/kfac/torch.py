@@ -836,9 +836,12 @@ class KFACPreconditioner:
         Args:
             inputs: the batch, as the model takes it: a tensor, or a tuple of positional
                 arguments.
-            loss_fn: ``loss_fn(outputs)`` returns the MEAN loss of the batch from the model's
-                outputs, matching ``distribution`` (``F.cross_entropy`` for ``'categorical'``,
-                ``F.binary_cross_entropy_with_logits`` for ``'bernoulli'``,
+            loss_fn: ``loss_fn(outputs)`` returns the loss of the batch from the model's
+                outputs, summed over the output dimension and averaged over examples, matching
+                ``distribution`` (``F.cross_entropy`` for ``'categorical'``,
+                ``F.binary_cross_entropy_with_logits(out, y, reduction="sum") / out.shape[0]``
+                for ``'bernoulli'`` — PyTorch's default also averages over the outputs, which
+                scales the loss but not the Fisher the library uses, and spoils α and ρ —, and
                 ``0.5 * ((out - y) ** 2).sum(-1).mean()`` for ``'gaussian'``).
             distribution: the outputs' predictive distribution, over their last dimension.
 
