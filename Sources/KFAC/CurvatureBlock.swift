@@ -157,11 +157,6 @@ final class KroneckerCurvature<Scalar: KFACScalar> {
         swap(&inverse, &staged)
     }
 
-    /// Drops the committed inverse (e.g. after the strategy changed).
-    func discardInverse() {
-        inverse = nil
-    }
-
     /// Installs an inverse read from a state image.
     func restoreInverse(_ i: KroneckerInverse<Scalar>?) {
         inverse = i

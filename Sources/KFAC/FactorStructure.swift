@@ -91,7 +91,4 @@ struct FactorStructure: Equatable, Sendable {
         if bias { external.append(repeats * channels) }
         return FactorStructure(uniqueSizes: sizes, tiles: tiles, externalIndex: external)
     }
-
-    /// Whether the factor is a single dense block.
-    var isDense: Bool { uniqueSizes.count == 1 && tiles.count == 1 }
 }

@@ -26,10 +26,6 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         running = try Matrix(rows: 1, columns: structure.storageCount)
     }
 
-    convenience init(dimension: Int) throws(KFACError) {
-        try self.init(structure: .dense(dimension))
-    }
-
     /// The factor's dimension (the gradient matrix's extent on this side).
     var dimension: Int { structure.dimension }
     /// Rows recorded since the last fold.

@@ -30,25 +30,10 @@ final class Matrix<Scalar: KFACScalar> {
         self.base = raw.bindMemory(to: Scalar.self, capacity: Swift.max(count, 1))
     }
 
-    /// A new matrix with the same contents.
-    func copy() throws(KFACError) -> Matrix {
-        let m = try Matrix(rows: rows, columns: columns)
-        m.base.update(from: base, count: count)
-        return m
-    }
-
     func copyContents(from other: Matrix) {
         precondition(other.count == count)
         base.update(from: other.base, count: count)
     }
-
-    subscript(row: Int, column: Int) -> Scalar {
-        get { base[row * columns + column] }
-        set { base[row * columns + column] = newValue }
-    }
-
-    /// The contents as an array, row-major.
-    var array: [Scalar] { Array(UnsafeBufferPointer(start: base, count: count)) }
 
     deinit { free(base) }
 }
