@@ -284,7 +284,7 @@ int kfac_dtype_of(const kfac_optimizer *opt);
  * ------------------------------------------------------------------------------------------- */
 
 typedef enum kfac_param {
-    /* double, > 0, default 0.1. η of the KL clip; used for nothing else. */
+    /* double, >= 0 and finite, default 0.1. η of the KL clip; used for nothing else (0: ν = 1). */
     KFAC_PARAM_LEARNING_RATE = 1,
     /* double, > 0 and finite, default 1e-3. λ, see "Inverse strategies". */
     KFAC_PARAM_DAMPING = 2,
@@ -300,6 +300,10 @@ typedef enum kfac_param {
      * of the eigen strategy's divisor) instead of λ, so that the Levenberg–Marquardt adjustment of
      * λ only changes the quadratic model (Martens & Grosse 2015, §6.6). 0 = use λ for both. */
     KFAC_PARAM_FACTOR_DAMPING = 7,
+    /* double, in (0, 1), default 0.95. ω₂'s base: the factor-damping candidates of a γ step are
+     * γ, γ·ω₂ and γ/ω₂ with ω₂ = base^T₂ (M&G's √(19/20)^T₂ on their γ, which is the square
+     * root of this library's γ). See "Adaptive mode". */
+    KFAC_PARAM_FACTOR_DAMPING_DECAY = 8,
 
     /* int, in [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
      * kfac_update_factors. */
@@ -321,7 +325,12 @@ typedef enum kfac_param {
     KFAC_PARAM_NUM_THREADS = 105,
     /* int, in [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
      * reported loss changes, λ is multiplied by ω₁^T₁ if ρ > 3/4 and divided by it if ρ < 1/4. */
-    KFAC_PARAM_LM_INTERVAL = 106
+    KFAC_PARAM_LM_INTERVAL = 106,
+    /* int, in [0, 2^31 − 1], default 0 = off. T₂: every T₂ steps (at k ≡ 0 mod T₂) the step also
+     * prepares directions for the factor dampings γ·ω₂ and γ/ω₂, and
+     * kfac_solve_step_size_candidates_* keeps the γ whose update lowers the quadratic model most
+     * (Martens & Grosse 2015, §6.6). With γ = 0 the candidates start from λ. See "Adaptive mode". */
+    KFAC_PARAM_FACTOR_DAMPING_PERIOD = 107
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
@@ -550,6 +559,24 @@ double kfac_last_kl_scale(const kfac_optimizer *opt);
  * step or kfac_precondition_* in between does not change them.
  * The gradients given to kfac_step_* must be those of the mean loss h over the batch.
  *
+ * Re-choosing γ (M&G §6.6): with KFAC_PARAM_FACTOR_DAMPING_PERIOD T₂ > 0, every T₂-th step also
+ * prepares the directions D_k for the dampings γ·ω₂ and γ/ω₂ (candidates 1, 2; candidate 0 is γ,
+ * written as usual). The caller computes J·D_k for each (kfac_candidate_count,
+ * kfac_candidate_directions_*), calls kfac_solve_step_size_candidates_*, which keeps the γ whose
+ * update has the lowest M(δ), and applies the update with kfac_get_update_*. One loop serves
+ * every step, since a step that is not a γ step has one candidate:
+ *     kfac_step_f32(opt, dW, db, L);
+ *     kfac_candidate_count(opt, &n);
+ *     for (k = 0; k < n; k++) { kfac_candidate_directions_f32(opt, k, dk_W, dk_b, L, NULL);
+ *                               jvp(dk_W, dk_b, jd[k]); }
+ *     kfac_solve_step_size_candidates_f32(opt, logits, jd, n, jd_prev, rows, dim,
+ *                                         KFAC_DIST_CATEGORICAL, &k, &alpha, &mu, &m);
+ *     kfac_get_update_f32(opt, upd_W, upd_b, L);   then θ += δ, evaluate, report the loss.
+ * The cost of a γ step: two more preconditionings with the eigen strategy (its damping is
+ * applied when preconditioning); with the Cholesky strategy every factor is also inverted for
+ * each γ on that step (make T₂ a multiple of the inverse period to share the work). A candidate
+ * whose inverse or directions are not finite is dropped. Candidates are not saved in states.
+ *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
  *   KFAC_DIST_BERNOULLI   — logits of independent sigmoids (binary cross-entropy); diag(p(1 − p));
@@ -580,6 +607,52 @@ int kfac_solve_step_size_f32(kfac_optimizer *opt, const float *outputs, const fl
 int kfac_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const double *direction_products,
                              const double *previous_products, int64_t rows, int64_t output_dim,
                              int distribution, double *alpha, double *mu, double *predicted_change);
+
+/** The number of direction candidates the last successful kfac_step_* prepared, in *count: 1, or
+ *  on a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) up to 3 — one per factor damping γ, γ·ω₂, γ/ω₂
+ *  whose directions were finite (candidate 0, the current γ, always; it is what kfac_step_* wrote).
+ *  0 once the step was solved, or before the first step. Errors: NULL_POINTER. */
+int kfac_candidate_count(const kfac_optimizer *opt, int32_t *count);
+
+/** Writes the directions of candidate `candidate` of the last step into the buffers (the layout,
+ *  bias rules and n_layers of kfac_step_*; candidate 0 is what kfac_step_* wrote), KL-clipped with
+ *  that candidate's own ν. *factor_damping (may be NULL) receives the candidate's γ. The caller
+ *  needs them for its forward-mode products J·D_k. Errors: NULL_POINTER, INVALID_SIZE (n_layers),
+ *  INVALID_ARGUMENT (candidate out of range, a bias buffer for a layer without bias),
+ *  DTYPE_MISMATCH, NO_STEP (no step awaiting a solve). Changes nothing in the handle. */
+int kfac_candidate_directions_f32(kfac_optimizer *opt, int32_t candidate, float *const *weight_dirs,
+                                  float *const *bias_dirs, int32_t n_layers, double *factor_damping);
+int kfac_candidate_directions_f64(kfac_optimizer *opt, int32_t candidate, double *const *weight_dirs,
+                                  double *const *bias_dirs, int32_t n_layers, double *factor_damping);
+
+/** kfac_solve_step_size_* over all candidates of the last step: direction_products[k] is J·D_k
+ *  for candidate k ([rows][output_dim]), n_candidates must equal kfac_candidate_count. For each
+ *  candidate the library chooses α_k (and μ_k) as kfac_solve_step_size_* does, and keeps the one
+ *  with the lowest M(δ_k): *chosen receives its index, *alpha, *mu, *predicted_change its values.
+ *  On a γ step the chosen candidate's γ becomes KFAC_PARAM_FACTOR_DAMPING (with the Cholesky
+ *  strategy its inverses become the current ones). The update is then δ = −α·D_chosen + μ·δ₀:
+ *  apply it with kfac_get_update_* (or from the candidate's directions). With one candidate this
+ *  is kfac_solve_step_size_*. Errors: those of kfac_solve_step_size_*, and INVALID_ARGUMENT
+ *  (n_candidates), NULL_POINTER (a NULL product). On error nothing changes. */
+int kfac_solve_step_size_candidates_f32(kfac_optimizer *opt, const float *outputs,
+                                        const float *const *direction_products, int32_t n_candidates,
+                                        const float *previous_products, int64_t rows, int64_t output_dim,
+                                        int distribution, int32_t *chosen, double *alpha, double *mu,
+                                        double *predicted_change);
+int kfac_solve_step_size_candidates_f64(kfac_optimizer *opt, const double *outputs,
+                                        const double *const *direction_products, int32_t n_candidates,
+                                        const double *previous_products, int64_t rows, int64_t output_dim,
+                                        int distribution, int32_t *chosen, double *alpha, double *mu,
+                                        double *predicted_change);
+
+/** Writes the update δ = −α·D + μ·δ₀ of the last solve (kept as the next δ₀) into the buffers
+ *  (layout, bias rules and n_layers of kfac_step_*): the caller applies θ ← θ + δ. Errors:
+ *  NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_STEP (no solve yet). Changes
+ *  nothing in the handle. */
+int kfac_get_update_f32(kfac_optimizer *opt, float *const *weight_updates, float *const *bias_updates,
+                        int32_t n_layers);
+int kfac_get_update_f64(kfac_optimizer *opt, double *const *weight_updates, double *const *bias_updates,
+                        int32_t n_layers);
 
 /** Reports the mean loss before and after applying the last solved update: *rho (may be NULL)
  *  receives ρ = (after − before) / M(δ) (NaN if M(δ) was not negative); every

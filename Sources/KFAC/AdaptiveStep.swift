@@ -7,31 +7,57 @@
 /// J·δ₀), the update is δ = −α D + μ δ₀ where (α, μ) minimise
 ///     M(δ) = ½ δᵀ (F + λ I) δ + ∇hᵀ δ,
 /// a 2×2 linear system (α alone when there is no previous update). ρ = (h(θ + δ) − h(θ)) / M(δ).
+/// On a γ step (§6.6) the model is minimised for each candidate damping's directions and the
+/// candidate with the lowest M(δ) is kept.
+/// One candidate for the factor damping γ of a step: where its directions U are (slot 0 =
+/// `stepDirection`, 1 and 2 = `candidateDirections`), its γ, KL scale ν and the inner products
+/// ⟨V, U⟩, ‖U‖², ⟨U, δ₀⟩ the quadratic model needs.
+struct DampingCandidate {
+    var slot: Int
+    var damping: Double
+    var klScale: Double
+    var vu = 0.0, uu = 0.0, up = 0.0
+}
+
 extension KFACOptimizer {
     /// At a successful step's commit: keeps its directions and the inner products the quadratic
     /// model needs (a failed step or a standalone `precondition` later cannot change them).
-    func keepStepForModel() {
-        var vu = 0.0, uu = 0.0, vp = 0.0, up = 0.0, pp = 0.0
+    func keepStepForModel(klScale: Double, damping: Double) {
+        var vp = 0.0, pp = 0.0
         for k in curvatures.indices {
             let c = curvatures[k], n = c.direction.count
-            vu += Double(Scalar.dot(count: n, x: c.gradient.base, y: c.direction.base))
-            uu += Double(Scalar.dot(count: n, x: c.direction.base, y: c.direction.base))
             if hasPreviousUpdate, let p = c.previousUpdate {
                 vp += Double(Scalar.dot(count: n, x: c.gradient.base, y: p.base))
-                up += Double(Scalar.dot(count: n, x: c.direction.base, y: p.base))
                 pp += Double(Scalar.dot(count: n, x: p.base, y: p.base))
             }
             c.stepDirection?.copyContents(from: c.direction)
         }
-        stepProducts = (vu, uu, vp, up, pp)
+        previousProducts = (vp, pp)
+        candidates.removeAll(keepingCapacity: true)
+        addCandidate(slot: 0, damping: damping, klScale: klScale)
     }
 
-    /// The quadratic model's ingredients for the directions D = ν U the last step wrote.
-    private func modelInnerProducts() -> (vd: Double, dd: Double, vp: Double, dp: Double, pp: Double) {
-        let nu = lastKLScale.isFinite ? lastKLScale : 1
-        let s = stepProducts
-        return (nu * s.vu, nu * nu * s.uu, s.vp, nu * s.up, s.pp)
+    /// The directions of candidate `slot` of curvature `c`.
+    private func candidateDirection(_ c: KroneckerCurvature<Scalar>, slot: Int) -> Matrix<Scalar> {
+        slot == 0 ? c.stepDirection! : c.candidateDirections[slot - 1]
     }
+
+    /// Adds a candidate whose directions are in place, with its inner products.
+    func addCandidate(slot: Int, damping: Double, klScale: Double) {
+        var candidate = DampingCandidate(slot: slot, damping: damping, klScale: klScale)
+        for k in curvatures.indices {
+            let c = curvatures[k], u = candidateDirection(c, slot: slot), n = u.count
+            candidate.vu += Double(Scalar.dot(count: n, x: c.gradient.base, y: u.base))
+            candidate.uu += Double(Scalar.dot(count: n, x: u.base, y: u.base))
+            if hasPreviousUpdate, let p = c.previousUpdate {
+                candidate.up += Double(Scalar.dot(count: n, x: u.base, y: p.base))
+            }
+        }
+        candidates.append(candidate)
+    }
+
+    /// The number of candidates awaiting the solve: 1, up to 3 on a γ step; 0 when none await.
+    public var candidateCount: Int { directionsAvailable ? candidates.count : 0 }
 
     /// Chooses α (and μ when `previousProducts` is given) for the directions of the last step.
     ///
@@ -43,63 +69,149 @@ extension KFACOptimizer {
     ///
     /// Returns (α, μ, M(δ)); the caller applies θ ← θ − α·D + μ·δ₀. The library remembers δ as the
     /// next δ₀ and M(δ) for `reportLossChange`. Gradients given to `step` must be those of the
-    /// mean loss over the batch (the Fisher here is the mean over the rows).
+    /// mean loss over the batch (the Fisher here is the mean over the rows). On a γ step this
+    /// solves for candidate 0 (the current γ) only.
     public func solveStepSize(outputs: UnsafePointer<Scalar>?, directionProducts: UnsafePointer<Scalar>?,
                               previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
                               distribution: OutputDistribution) throws(KFACError) -> (alpha: Double, mu: Double, predictedChange: Double) {
+        let r = try solve(outputs: outputs, products: { _ in directionProducts }, count: 1, firstOnly: true,
+                          previousProducts: previousProducts, rows: rows, dim: dim, distribution: distribution)
+        return (r.alpha, r.mu, r.predictedChange)
+    }
+
+    /// `solveStepSize` over every candidate of the last step (`candidateCount` of them):
+    /// `directionProducts(k)` is J·D_k for candidate k's directions (`copyCandidateDirections`).
+    /// Keeps the candidate with the lowest M(δ): on a γ step its γ becomes `factorDamping` (and
+    /// with the Cholesky strategy its inverses the committed ones). Returns its index, α, μ, M(δ).
+    public func solveStepSize(outputs: UnsafePointer<Scalar>?, candidateProducts directionProducts: (Int) -> UnsafePointer<Scalar>?,
+                              candidateCount count: Int, previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
+                              distribution: OutputDistribution) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
+        try solve(outputs: outputs, products: directionProducts, count: count, firstOnly: false,
+                  previousProducts: previousProducts, rows: rows, dim: dim, distribution: distribution)
+    }
+
+    private func solve(outputs: UnsafePointer<Scalar>?, products: (Int) -> UnsafePointer<Scalar>?, count: Int, firstOnly: Bool,
+                       previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
+                       distribution: OutputDistribution) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
         guard directionsAvailable else {
             throw KFACError(.noStep, "solve the step size after a successful step (and only once per step)")
         }
-        guard let outputs, let directionProducts else { throw KFACError(.nullPointer, "outputs or direction products are NULL") }
+        guard firstOnly || count == candidates.count else {
+            throw KFACError(.invalidArgument, "the last step has \(candidates.count) candidates, got products for \(count)")
+        }
+        guard let outputs else { throw KFACError(.nullPointer, "outputs are NULL") }
+        for k in 0..<count where products(k) == nil {
+            throw KFACError(.nullPointer, count == 1 ? "direction products are NULL" : "direction_products[\(k)] is NULL")
+        }
         guard rows >= 1, dim >= 1 else { throw KFACError(.invalidSize, "rows and dim must be >= 1, got \(rows) and \(dim)") }
-        let (count, overflow) = rows.multipliedReportingOverflow(by: dim)
+        let (size, overflow) = rows.multipliedReportingOverflow(by: dim)
         guard !overflow else { throw KFACError(.sizeOverflow, "rows × dim overflows") }
         let usePrevious = previousProducts != nil && hasPreviousUpdate
-        guard Scalar.allFinite(outputs, count: count), Scalar.allFinite(directionProducts, count: count),
-              previousProducts.map({ Scalar.allFinite($0, count: count) }) ?? true else {
+        guard Scalar.allFinite(outputs, count: size), previousProducts.map({ Scalar.allFinite($0, count: size) }) ?? true else {
             throw KFACError(.nonFinite, "outputs or Jacobian products contain NaN or Inf")
         }
-        let forms = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs, rows: rows, dim: dim,
-                                                u: directionProducts, v: usePrevious ? previousProducts : nil)
-        let (vd, dd, vp, dp, pp) = modelInnerProducts()
+        for k in 0..<count where !Scalar.allFinite(products(k)!, count: size) {
+            throw KFACError(.nonFinite, "outputs or Jacobian products contain NaN or Inf")
+        }
         let lambda = parameters.damping, n = Double(rows)
-        // Coefficients of Δ = −D and δ₀.
-        let a11 = forms.uu / n + lambda * dd
-        let b1 = -vd
-        var alpha: Double, mu = 0.0
-        if usePrevious {
-            let a12 = -forms.uv / n - lambda * dp
-            let a22 = forms.vv / n + lambda * pp
-            let b2 = vp
-            let det = a11 * a22 - a12 * a12
-            if det > 1e-12 * a11 * a22 && det.isFinite {
-                alpha = -(a22 * b1 - a12 * b2) / det
-                mu = -(a11 * b2 - a12 * b1) / det
-            } else {
-                alpha = -b1 / a11  // δ₀ parallel to D: α alone
+        var best: (index: Int, alpha: Double, mu: Double, predicted: Double)?
+        var smallest = Double.infinity
+        for k in 0..<count {
+            let c = candidates[k]
+            let forms = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs, rows: rows, dim: dim,
+                                                    u: products(k)!, v: usePrevious ? previousProducts : nil)
+            // Coefficients of Δ = −D = −ν U and δ₀.
+            let nu = c.klScale, (vp, pp) = self.previousProducts
+            let (vd, dd, dp) = (nu * c.vu, nu * nu * c.uu, nu * c.up)
+            let a11 = forms.uu / n + lambda * dd
+            let b1 = -vd
+            var alpha = -b1 / a11, mu = 0.0
+            if usePrevious {
+                let a12 = -forms.uv / n - lambda * dp
+                let a22 = forms.vv / n + lambda * pp
+                let b2 = vp
+                let det = a11 * a22 - a12 * a12
+                // δ₀ parallel to D: α alone.
+                if det > 1e-12 * a11 * a22 && det.isFinite {
+                    alpha = -(a22 * b1 - a12 * b2) / det
+                    mu = -(a11 * b2 - a12 * b1) / det
+                }
             }
-        } else {
-            alpha = -b1 / a11
+            guard a11 > 0, alpha.isFinite, mu.isFinite else { continue }
+            let predicted = 0.5 * (b1 * alpha + (usePrevious ? vp * mu : 0))
+            if best == nil || predicted < smallest {
+                best = (k, alpha, mu, predicted)
+                smallest = predicted
+            }
         }
-        guard a11 > 0, alpha.isFinite, mu.isFinite else {
-            throw KFACError(.nonFinite, "the quadratic model is degenerate (Dᵀ(F + λI)D = \(a11)); increase the damping")
+        guard let best else {
+            throw KFACError(.nonFinite, "the quadratic model is degenerate (Dᵀ(F + λI)D is not positive); increase the damping")
         }
-        let predicted = 0.5 * (b1 * alpha + (usePrevious ? vp * mu : 0))
-        // δ = −α D + μ δ₀ = −α ν U + μ δ₀ becomes the next δ₀.
-        let nu = lastKLScale.isFinite ? lastKLScale : 1
         for k in curvatures.indices where curvatures[k].previousUpdate == nil {
             let c = curvatures[k]
             c.previousUpdate = try Matrix(rows: c.direction.rows, columns: c.direction.columns)
         }
+        // Commit: nothing below can fail. δ = −α ν U + μ δ₀ becomes the next δ₀.
+        let chosen = candidates[best.index]
+        if !firstOnly && candidates.count > 1 {
+            parameters.factorDamping = chosen.damping
+            if chosen.slot != 0 && candidateStrategy == .cholesky {
+                for k in curvatures.indices { curvatures[k].adoptCandidateInverse(chosen.slot) }
+            }
+        }
         for k in curvatures.indices {
             let c = curvatures[k], p = c.previousUpdate!
-            Scalar.scal(count: p.count, alpha: Scalar(hasPreviousUpdate ? mu : 0), x: p.base)
-            Scalar.axpy(count: p.count, alpha: Scalar(-alpha * nu), x: c.stepDirection!.base, y: p.base)
+            Scalar.scal(count: p.count, alpha: Scalar(hasPreviousUpdate ? best.mu : 0), x: p.base)
+            Scalar.axpy(count: p.count, alpha: Scalar(-best.alpha * chosen.klScale), x: candidateDirection(c, slot: chosen.slot).base, y: p.base)
         }
         hasPreviousUpdate = true
         directionsAvailable = false
-        predictedChange = predicted
-        return (alpha, mu, predicted)
+        predictedChange = best.predicted
+        return (best.index, best.alpha, best.mu, best.predicted)
+    }
+
+    /// Writes candidate `candidate`'s directions of the last step (KL-clipped with its own ν)
+    /// into the layers' buffers, as `step` writes candidate 0's. Returns the candidate's γ.
+    @discardableResult
+    public func copyCandidateDirections(_ candidate: Int, into buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Double {
+        guard directionsAvailable else {
+            throw KFACError(.noStep, "candidate directions are available after a successful step, until its solve")
+        }
+        guard candidate >= 0 && candidate < candidates.count else {
+            throw KFACError(.invalidArgument, "candidate \(candidate) is out of range: the last step has \(candidates.count)")
+        }
+        try checkBuffers(buffers)
+        let c = candidates[candidate]
+        write(buffers, scale: c.klScale) { curvature in candidateDirection(curvature, slot: c.slot) }
+        return c.damping
+    }
+
+    /// Writes the update δ = −α·D + μ·δ₀ of the last solve (the next δ₀) into the layers'
+    /// buffers: the caller applies θ ← θ + δ.
+    public func copyUpdate(into buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
+        guard hasPreviousUpdate else { throw KFACError(.noStep, "there is no update before the first solve") }
+        try checkBuffers(buffers)
+        write(buffers, scale: 1) { curvature in curvature.previousUpdate! }
+    }
+
+    /// Checks that `buffers` has a bias buffer exactly for the layers with a bias.
+    private func checkBuffers(_ buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
+        for l in blocks.indices where blocks[l].layer.hasBias != (buffers(l).bias != nil) {
+            let b = blocks[l].layer.hasBias
+            throw KFACError(b ? .nullPointer : .invalidArgument,
+                            b ? "layer \(l) has a bias but its bias buffer is NULL" : "layer \(l) has no bias but a bias buffer was given")
+        }
+    }
+
+    /// Writes `scale ·` the matrices `source` gives per curvature into the layers' buffers
+    /// (through each curvature's `direction`, free between steps).
+    private func write(_ buffers: (Int) -> ParameterGradient<Scalar>, scale: Double,
+                       _ source: (KroneckerCurvature<Scalar>) -> Matrix<Scalar>) {
+        for l in blocks.indices {
+            let b = blocks[l], g = buffers(l)
+            for j in b.curvatures.indices { b.curvatures[j].direction.copyContents(from: source(b.curvatures[j])) }
+            b.scatterDirection(scale: Scalar(scale), weight: g.weight, bias: g.bias)
+        }
     }
 
     /// Reports the mean loss before and after the update of the last `solveStepSize`: returns

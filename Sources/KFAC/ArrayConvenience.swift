@@ -59,6 +59,35 @@ extension KFACOptimizer {
     }
 }
 
+extension KFACOptimizer {
+    /// Layer-shaped arrays that `fill` writes through pointers (temporary buffers, copied out).
+    private func layerArrays(_ fill: ((Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Void) throws(KFACError) -> [LayerGradient<Scalar>] {
+        let weights = blocks.map { UnsafeMutablePointer<Scalar>.allocate(capacity: $0.weightCount) }
+        let biases = blocks.map { $0.layer.hasBias ? UnsafeMutablePointer<Scalar>.allocate(capacity: $0.layer.outFeatures) : nil }
+        defer {
+            weights.forEach { $0.deallocate() }
+            biases.forEach { $0?.deallocate() }
+        }
+        try fill { l in ParameterGradient(weight: weights[l], bias: biases[l]) }
+        return blocks.indices.map { l in
+            LayerGradient(weight: Array(UnsafeBufferPointer(start: weights[l], count: blocks[l].weightCount)),
+                          bias: biases[l].map { Array(UnsafeBufferPointer(start: $0, count: blocks[l].layer.outFeatures)) })
+        }
+    }
+
+    /// Candidate `candidate`'s directions of the last step, per layer, and its γ.
+    public func candidateDirections(_ candidate: Int) throws(KFACError) -> (directions: [LayerGradient<Scalar>], factorDamping: Double) {
+        var damping = 0.0
+        let d = try layerArrays { (buffers) throws(KFACError) in damping = try copyCandidateDirections(candidate, into: buffers) }
+        return (d, damping)
+    }
+
+    /// The update δ of the last solve, per layer (apply θ ← θ + δ).
+    public func update() throws(KFACError) -> [LayerGradient<Scalar>] {
+        try layerArrays { (buffers) throws(KFACError) in try copyUpdate(into: buffers) }
+    }
+}
+
 /// One layer's parameter gradient held in arrays: weight [out][in] row-major, bias [out].
 public struct LayerGradient<Scalar: KFACScalar>: Equatable {
     public var weight: [Scalar]

@@ -131,6 +131,31 @@ final class KroneckerCurvature<Scalar: KFACScalar> {
         if stepDirection == nil { stepDirection = try Matrix(rows: direction.rows, columns: direction.columns) }
     }
 
+    /// The re-choice of the factor damping γ: the directions U of candidates 1 and 2 (γ·ω₂, γ/ω₂)
+    /// and, for the Cholesky strategy, the inverses they were computed with.
+    private(set) var candidateDirections: [Matrix<Scalar>] = []
+    private(set) var candidateInverses: [KroneckerInverse<Scalar>] = []
+
+    /// Allocates the candidates' buffers (before a γ step commits).
+    func reserveCandidates(strategy: InverseStrategy) throws(KFACError) {
+        if candidateDirections.isEmpty {
+            candidateDirections = [try Matrix(rows: direction.rows, columns: direction.columns),
+                                   try Matrix(rows: direction.rows, columns: direction.columns)]
+        }
+        if strategy == .cholesky && (candidateInverses.isEmpty || candidateInverses[0].strategy != .cholesky) {
+            candidateInverses = [try KroneckerInverse(strategy: strategy, input: input.structure, output: output.structure),
+                                 try KroneckerInverse(strategy: strategy, input: input.structure, output: output.structure)]
+        }
+    }
+
+    /// Makes candidate `slot`'s inverse (1 or 2) the committed one, and the committed one that
+    /// candidate's.
+    func adoptCandidateInverse(_ slot: Int) {
+        guard let current = inverse else { return }
+        inverse = candidateInverses[slot - 1]
+        candidateInverses[slot - 1] = current
+    }
+
     init(input inputStructure: FactorStructure, output outputStructure: FactorStructure) throws(KFACError) {
         input = try KroneckerFactor(structure: inputStructure)
         output = try KroneckerFactor(structure: outputStructure)

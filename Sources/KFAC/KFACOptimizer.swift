@@ -27,8 +27,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// whether there is a previous update δ₀, the model's predicted change of the last solve
     /// (awaiting `reportLossChange`), the last ρ and the number of reports.
     var directionsAvailable = false
-    /// Inner products of the last step for the quadratic model: ⟨V, U⟩, ‖U‖², ⟨V, δ₀⟩, ⟨U, δ₀⟩, ‖δ₀‖².
-    var stepProducts = (vu: 0.0, uu: 0.0, vp: 0.0, up: 0.0, pp: 0.0)
+    /// Inner products of the last step for the quadratic model that do not depend on its
+    /// directions: ⟨V, δ₀⟩, ‖δ₀‖² (the rest are per candidate, `DampingCandidate`).
+    var previousProducts = (vp: 0.0, pp: 0.0)
     var hasPreviousUpdate = false
     var predictedChange: Double?
     public internal(set) var lastReductionRatio = Double.nan
@@ -56,6 +57,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// One slot per job, written by the worker threads (distinct slots), read after they finish.
     fileprivate var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
     fileprivate var inversionStrategy = InverseStrategy.eigen
+    /// Where the running inversion writes: 0 = the staging inverses, 1 or 2 = a γ candidate's.
+    fileprivate var inversionTarget = 0
+    /// The γ candidates of the last step (candidate 0 first), with what their solve needs.
+    var candidates: [DampingCandidate] = []
+    /// The strategy the last step's candidates were computed with.
+    var candidateStrategy = InverseStrategy.eigen
 
     struct InversionJob {
         var curvature: Int
@@ -65,6 +72,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     public init() throws(KFACError) {
+        candidates.reserveCapacity(3)
         ones = try Matrix(rows: 1, columns: 1024)
         for i in 0..<ones.count { ones.base[i] = 1 }
     }
@@ -280,7 +288,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             any = any || invertCurvature[k]
         }
         guard any else { throw KFACError(.noStatistics, "no layer has factors yet") }
-        try computeStagedInverses(foldingPending: false)
+        try computeStagedInverses(foldingPending: false, damping: parameters.inverseDamping)
         for k in curvatures.indices where invertCurvature[k] { curvatures[k].commitStagedInverse() }
     }
 
@@ -313,19 +321,21 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     // MARK: Inversion
 
-    /// Computes staging inverses for the curvatures marked in `invertCurvature`, from their
-    /// running factors or, with `foldingPending`, from out-of-place folds of their pending
-    /// statistics. Nothing committed changes; on failure throws the first error in layer order.
-    private func computeStagedInverses(foldingPending: Bool) throws(KFACError) {
+    /// Computes staging inverses (or, with `target` 1 or 2, the inverses of a γ candidate, whose
+    /// buffers must be reserved) with damping `damping` for the curvatures marked in
+    /// `invertCurvature`, from their running factors or, with `foldingPending`, from out-of-place
+    /// folds of their pending statistics. Nothing committed changes; on failure throws the first
+    /// error in layer order.
+    private func computeStagedInverses(foldingPending: Bool, target: Int = 0, damping: Double) throws(KFACError) {
         let strategy = parameters.inverseStrategy
         let decay = Scalar(parameters.factorDecay)
-        let sqrtDamping = Scalar(parameters.inverseDamping.squareRoot())
+        let sqrtDamping = Scalar(damping.squareRoot())
         inversionJobs.removeAll(keepingCapacity: true)
         for k in curvatures.indices where invertCurvature[k] {
             let c = curvatures[k]
             let a = foldingPending ? try c.input.stageFold(decay: decay) : c.input.running
             let g = foldingPending ? try c.output.stageFold(decay: decay) : c.output.running
-            _ = try c.stagingInverse(for: strategy)
+            if target == 0 { _ = try c.stagingInverse(for: strategy) }
             let pi = strategy == .cholesky && parameters.piDamping ? c.factoredDampingPi(a: a.base, g: g.base) : 1
             jobSources[2 * k] = a
             jobSources[2 * k + 1] = g
@@ -353,6 +363,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         while workspaces.count < workerCount { workspaces.append(try EigenWorkspace()) }
 
         inversionStrategy = strategy
+        inversionTarget = target
         workers.run(count: inversionJobs.count, workers: workerCount, self)
         var firstError: (layer: Int, error: KFACError, side: Int)?
         for index in inversionJobs.indices {
@@ -371,10 +382,15 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             throw KFACError(f.error.status, "layer \(f.layer), \(f.side == 0 ? "input" : "output") factor: \(f.error.message)")
         }
         for k in curvatures.indices where invertCurvature[k] {
-            let inverse = try curvatures[k].stagingInverse(for: strategy)
+            let inverse = try inverse(of: curvatures[k], target: target, strategy: strategy)
             inverse.input.finish()
             inverse.output.finish()
         }
+    }
+
+    /// The inverse an inversion into `target` writes for curvature `c`.
+    fileprivate func inverse(of c: KroneckerCurvature<Scalar>, target: Int, strategy: InverseStrategy) throws(KFACError) -> KroneckerInverse<Scalar> {
+        target == 0 ? try c.stagingInverse(for: strategy) : c.candidateInverses[target - 1]
     }
 
     // MARK: Preconditioning
@@ -392,6 +408,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let p = parameters
         let foldNow = p.factorUpdatePeriod > 0 && stepCount % p.factorUpdatePeriod == 0
         let inverseStep = p.inverseUpdatePeriod > 0 && stepCount % p.inverseUpdatePeriod == 0
+        // A γ step with the Cholesky strategy inverts every factor for each candidate γ.
+        let dampingStep = p.factorDampingPeriod > 0 && stepCount % p.factorDampingPeriod == 0
+        let invertForCandidates = dampingStep && p.inverseStrategy == .cholesky
         var anyInversion = false
         for k in curvatures.indices {
             let c = curvatures[k]
@@ -401,15 +420,18 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
                 throw KFACError(.noStatistics, "layer \(curvatureLayer[k]) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
             }
             let hasInverse = c.hasInverse(for: p.inverseStrategy)
-            invertCurvature[k] = p.inverseUpdatePeriod > 0 && (inverseStep || !hasInverse)
+            invertCurvature[k] = (p.inverseUpdatePeriod > 0 && (inverseStep || !hasInverse)) || invertForCandidates
             guard invertCurvature[k] || hasInverse else {
                 throw KFACError(.noInverses, "layer \(curvatureLayer[k]) has no inverses and the inverse update period is 0; call update_inverses")
             }
             anyInversion = anyInversion || invertCurvature[k]
         }
         if foldNow { try validatePendingStatistics() }
-        for k in curvatures.indices { try curvatures[k].reserveStepDirection() }
-        if anyInversion { try computeStagedInverses(foldingPending: foldNow) }
+        for k in curvatures.indices {
+            try curvatures[k].reserveStepDirection()
+            if dampingStep { try curvatures[k].reserveCandidates(strategy: p.inverseStrategy) }
+        }
+        if anyInversion { try computeStagedInverses(foldingPending: foldNow, damping: p.inverseDamping) }
 
         // Precondition with the inverses this step will commit, before committing anything.
         let damping = Scalar(p.inverseDamping)
@@ -451,10 +473,38 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             let g = gradient(l)
             blocks[l].scatterDirection(scale: Scalar(nu), weight: g.weight, bias: g.bias)
         }
-        keepStepForModel()
+        keepStepForModel(klScale: nu, damping: p.inverseDamping)
+        if dampingStep { prepareDampingCandidates() }
         lastKLScale = nu
         stepCount += 1
         directionsAvailable = true
+    }
+
+    /// On a γ step, after the commit: the directions for γ·ω₂ and γ/ω₂ (inverting the factors
+    /// again for the Cholesky strategy). A candidate that fails (a factor not positive definite,
+    /// directions not finite) is left out; nothing here changes the committed state.
+    private func prepareDampingCandidates() {
+        let p = parameters
+        let gamma = p.inverseDamping
+        let omega = Foundationless.exp(Double(p.factorDampingPeriod) * Foundationless.log(p.factorDampingDecay))
+        candidateStrategy = p.inverseStrategy
+        for slot in 1...2 {
+            let damping = slot == 1 ? gamma * omega : gamma / omega
+            guard damping > 0 && damping.isFinite else { continue }
+            if p.inverseStrategy == .cholesky {
+                for k in curvatures.indices { invertCurvature[k] = true }
+                do { try computeStagedInverses(foldingPending: false, target: slot, damping: damping) } catch { continue }
+            }
+            var inner = 0.0, finite = true
+            for k in curvatures.indices {
+                let c = curvatures[k], u = c.candidateDirections[slot - 1]
+                let inverse = p.inverseStrategy == .cholesky ? c.candidateInverses[slot - 1] : c.inverse!
+                inverse.apply(to: c.gradient, into: u, scratch: c.scratch, damping: Scalar(damping))
+                guard Scalar.allFinite(u.base, count: u.count) else { finite = false; break }
+                inner += Double(Scalar.dot(count: u.count, x: u.base, y: c.gradient.base)).magnitude
+            }
+            if finite { addCandidate(slot: slot, damping: damping, klScale: klScale(inner: inner)) }
+        }
     }
 
     /// ν = min(1, sqrt(κ / (η² Σ|⟨U, V⟩|))), 1 when clipping is off.
@@ -509,7 +559,7 @@ extension KFACOptimizer: ParallelJobs {
         let job = inversionJobs[index]
         let c = curvatures[job.curvature]
         do throws(KFACError) {
-            let inverse = try c.stagingInverse(for: inversionStrategy)
+            let inverse = try inverse(of: c, target: inversionTarget, strategy: inversionStrategy)
             let side = job.side == 0 ? inverse.input : inverse.output
             let source = 2 * job.curvature + job.side
             try side.computeBlock(job.block, from: jobSources[source]!.base, shift: jobShifts[source], workspace: workspaces[worker])

@@ -16,7 +16,8 @@ public enum LossReduction: Int32, Sendable, CaseIterable {
 
 /// Every tunable setting of an optimizer, with the defaults and bounds of `include/kfac.h`.
 public struct KFACParameters: Equatable, Sendable {
-    /// η of the KL clip (> 0); the library returns directions, the caller applies its own rate.
+    /// η of the KL clip (>= 0; 0 never clips); the library returns directions, the caller
+    /// applies its own rate.
     public var learningRate: Double = 0.1
     /// λ (> 0): the damping of the inverses and, in the adaptive mode, of the quadratic model.
     public var damping: Double = 1e-3
@@ -24,6 +25,13 @@ public struct KFACParameters: Equatable, Sendable {
     /// Levenberg–Marquardt adjustment of λ does not change how the factors are inverted
     /// (Martens & Grosse 2015, §6.6). 0 = use λ.
     public var factorDamping: Double = 0
+
+    /// Re-choice of γ (Martens & Grosse 2015, §6.6): every `factorDampingPeriod` steps (T₂; 0 =
+    /// off) a step also prepares directions for γ·ω₂ and γ/ω₂, ω₂ = factorDampingDecay^T₂, and
+    /// the candidate solve keeps the best.
+    public var factorDampingPeriod: Int = 0
+    /// The base of ω₂, in (0, 1).
+    public var factorDampingDecay: Double = 0.95
 
     /// The damping the factor inverses use: γ if set, else λ.
     public var inverseDamping: Double { factorDamping > 0 ? factorDamping : damping }
@@ -57,7 +65,7 @@ public struct KFACParameters: Equatable, Sendable {
         func check(_ ok: Bool, _ what: String) throws(KFACError) {
             if !ok { throw KFACError(.parameterRange, what) }
         }
-        try check(learningRate > 0 && learningRate.isFinite, "learning rate must be > 0 and finite, got \(learningRate)")
+        try check(learningRate >= 0 && learningRate.isFinite, "learning rate must be >= 0 and finite, got \(learningRate)")
         try check(damping > 0 && damping.isFinite, "damping must be > 0 and finite, got \(damping)")
         try check(factorDecay >= 0 && factorDecay < 1, "factor decay must be in [0, 1), got \(factorDecay)")
         try check(klClip >= 0 && klClip.isFinite, "KL clip must be >= 0 and finite, got \(klClip)")
@@ -68,6 +76,8 @@ public struct KFACParameters: Equatable, Sendable {
         try check(lmInterval >= 0 && lmInterval <= Int(Int32.max), "LM interval must be in [0, 2^31 − 1], got \(lmInterval)")
         try check(lmDecay > 0 && lmDecay < 1, "LM decay must be in (0, 1), got \(lmDecay)")
         try check(factorDamping >= 0 && factorDamping.isFinite, "factor damping must be >= 0 and finite, got \(factorDamping)")
+        try check(factorDampingPeriod >= 0 && factorDampingPeriod <= Int(Int32.max), "factor damping period must be in [0, 2^31 − 1], got \(factorDampingPeriod)")
+        try check(factorDampingDecay > 0 && factorDampingDecay < 1, "factor damping decay must be in (0, 1), got \(factorDampingDecay)")
     }
 }
 
@@ -81,6 +91,7 @@ public enum KFACParameter: Int32, Sendable, CaseIterable {
     case outputGradScale = 5
     case lmDecay = 6
     case factorDamping = 7
+    case factorDampingDecay = 8
     case factorUpdatePeriod = 100
     case inverseUpdatePeriod = 101
     case inverseStrategy = 102
@@ -88,6 +99,7 @@ public enum KFACParameter: Int32, Sendable, CaseIterable {
     case lossReduction = 104
     case threadCount = 105
     case lmInterval = 106
+    case factorDampingPeriod = 107
 
     /// Whether the parameter is read and written as a double (else as an int).
     public var isDouble: Bool { rawValue < 100 }
@@ -104,6 +116,7 @@ extension KFACParameters {
         case .outputGradScale: return outputGradScale
         case .lmDecay: return lmDecay
         case .factorDamping: return factorDamping
+        case .factorDampingDecay: return factorDampingDecay
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
     }
@@ -118,6 +131,7 @@ extension KFACParameters {
         case .lossReduction: return Int64(lossReduction.rawValue)
         case .threadCount: return Int64(threadCount)
         case .lmInterval: return Int64(lmInterval)
+        case .factorDampingPeriod: return Int64(factorDampingPeriod)
         default: throw KFACError(.parameterType, "parameter \(p) is a double parameter")
         }
     }
@@ -133,6 +147,7 @@ extension KFACParameters {
         case .outputGradScale: q.outputGradScale = value
         case .lmDecay: q.lmDecay = value
         case .factorDamping: q.factorDamping = value
+        case .factorDampingDecay: q.factorDampingDecay = value
         default: throw KFACError(.parameterType, "parameter \(p) is an int parameter")
         }
         try q.validate()
@@ -162,6 +177,8 @@ extension KFACParameters {
             try range(value >= 0 && value <= 256); q.threadCount = Int(value)
         case .lmInterval:
             try range(value >= 0 && value <= Int64(Int32.max)); q.lmInterval = Int(value)
+        case .factorDampingPeriod:
+            try range(value >= 0 && value <= Int64(Int32.max)); q.factorDampingPeriod = Int(value)
         default: throw KFACError(.parameterType, "parameter \(p) is a double parameter")
         }
         try q.validate()

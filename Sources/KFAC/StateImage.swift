@@ -7,10 +7,10 @@ import Glibc
 /// Layout (little-endian, all header fields 8 bytes wide):
 ///
 ///     "KFACSTAT"  u64 format version  u64 dtype  u64 image size
-///     parameters: 7 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay,
-///                 factor damping),
-///                 7 × i64 (factor period, inverse period, strategy, π flag, reduction, threads,
-///                 LM interval)
+///     parameters: 8 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay,
+///                 factor damping, factor damping decay),
+///                 8 × i64 (factor period, inverse period, strategy, π flag, reduction, threads,
+///                 LM interval, factor damping period)
 ///     i64 step count  f64 last ν  u64 has previous update  u64 has prediction  f64 prediction
 ///     f64 last ρ  i64 loss reports  u64 statistics started  u64 layer count
 ///     per layer: u64 field count, i64 fields (`LayerDescription.fields`: kind, then its sizes)
@@ -24,7 +24,7 @@ import Glibc
 /// eigenvalue vectors only for `.eigen`.
 enum StateImage {
     static let magic: [UInt8] = Array("KFACSTAT".utf8)
-    static let formatVersion: UInt64 = 3
+    static let formatVersion: UInt64 = 4
     /// Bytes before the checksum-protected payload that `load` reads to validate the rest.
     static let headerSize = 32
 
@@ -98,9 +98,11 @@ extension KFACOptimizer {
         w.u64(StateImage.formatVersion)
         w.u64(UInt64(Scalar.dtypeCode))
         w.u64(0)  // image size, patched by saveState
-        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay, p.factorDamping] { w.f64(v) }
+        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay, p.factorDamping,
+                  p.factorDampingDecay] { w.f64(v) }
         for v in [p.factorUpdatePeriod, p.inverseUpdatePeriod, Int(p.inverseStrategy.rawValue),
-                  p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount, p.lmInterval] { w.i64(v) }
+                  p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount, p.lmInterval,
+                  p.factorDampingPeriod] { w.i64(v) }
         w.i64(stepCount)
         w.f64(lastKLScale)
         w.u64(hasPreviousUpdate ? 1 : 0)
@@ -190,6 +192,7 @@ extension KFACOptimizer {
         var p = KFACParameters()
         p.learningRate = try r.f64(); p.damping = try r.f64(); p.factorDecay = try r.f64()
         p.klClip = try r.f64(); p.outputGradScale = try r.f64(); p.lmDecay = try r.f64(); p.factorDamping = try r.f64()
+        p.factorDampingDecay = try r.f64()
         p.factorUpdatePeriod = try r.i64(); p.inverseUpdatePeriod = try r.i64()
         guard let strategy = InverseStrategy(rawValue: Int32(truncatingIfNeeded: try r.i64())) else {
             throw KFACError(.corruptState, "state image has an unknown inverse strategy")
@@ -202,6 +205,7 @@ extension KFACOptimizer {
         p.lossReduction = reduction
         p.threadCount = try r.i64()
         p.lmInterval = try r.i64()
+        p.factorDampingPeriod = try r.i64()
         do { try p.validate() } catch { throw KFACError(.corruptState, "state image parameters: \(error.message)") }
         let steps = try r.i64()
         let klScale = try r.f64()

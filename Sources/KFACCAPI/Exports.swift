@@ -283,17 +283,25 @@ public func kfac_get_group_factors_f64(_ opt: OpaquePointer?, _ layer: Int32, _ 
 
 // MARK: Preconditioning
 
-/// Validates the pointer arrays of kfac_step_* and runs the step.
-private func step<S: KFACScalar>(_ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafeMutablePointer<S>?>?,
-                                 _ biases: UnsafePointer<UnsafeMutablePointer<S>?>?, _ count: Int32) throws(KFACError) {
-    let weights = try required(weights, "weight_grads")
+/// Validates per-layer pointer arrays (kfac_step_*, kfac_candidate_directions_*,
+/// kfac_get_update_*) and runs `body` with them; bias rules are the optimizer's to check.
+private func withLayerBuffers<S: KFACScalar>(
+    _ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafeMutablePointer<S>?>?, _ biases: UnsafePointer<UnsafeMutablePointer<S>?>?,
+    _ count: Int32, _ name: StaticString, _ body: ((Int) -> ParameterGradient<S>) throws(KFACError) -> Void
+) throws(KFACError) {
+    let weights = try required(weights, name)
     guard Int(count) == o.layerCount else {
         throw KFACError(.invalidSize, "n_layers is \(count) but \(o.layerCount) layers are registered")
     }
     for l in 0..<Int(count) where weights[l] == nil {
-        throw KFACError(.nullPointer, "weight_grads[\(l)] is NULL")
+        throw KFACError(.nullPointer, "\(name)[\(l)] is NULL")
     }
-    try o.step { l in ParameterGradient(weight: weights[l]!, bias: biases?[l]) }
+    try body { l in ParameterGradient(weight: weights[l]!, bias: biases?[l]) }
+}
+
+private func step<S: KFACScalar>(_ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafeMutablePointer<S>?>?,
+                                 _ biases: UnsafePointer<UnsafeMutablePointer<S>?>?, _ count: Int32) throws(KFACError) {
+    try withLayerBuffers(o, weights, biases, count, "weight_grads") { (buffers) throws(KFACError) in try o.step(buffers) }
 }
 
 @_cdecl("kfac_step_f32")
@@ -414,6 +422,93 @@ public func kfac_solve_step_size_f64(_ opt: OpaquePointer?, _ outputs: UnsafePoi
                                      _ predicted: UnsafeMutablePointer<Double>?) -> Int32 {
     withOptimizer(opt, Double.self) { (o) throws(KFACError) in
         try solveStepSize(o, outputs, direction, previous, rows, dim, dist, alpha, mu, predicted)
+    }
+}
+
+@_cdecl("kfac_candidate_count")
+public func kfac_candidate_count(_ opt: OpaquePointer?, _ count: UnsafeMutablePointer<Int32>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let c = try required(count, "count")
+        c.pointee = Int32(o.candidateCount)
+    }
+}
+
+private func candidateDirections<S: KFACScalar>(
+    _ o: KFACOptimizer<S>, _ candidate: Int32, _ weights: UnsafePointer<UnsafeMutablePointer<S>?>?,
+    _ biases: UnsafePointer<UnsafeMutablePointer<S>?>?, _ count: Int32, _ damping: UnsafeMutablePointer<Double>?
+) throws(KFACError) {
+    try withLayerBuffers(o, weights, biases, count, "weight_dirs") { (buffers) throws(KFACError) in
+        let gamma = try o.copyCandidateDirections(Int(candidate), into: buffers)
+        damping?.pointee = gamma
+    }
+}
+
+@_cdecl("kfac_candidate_directions_f32")
+public func kfac_candidate_directions_f32(_ opt: OpaquePointer?, _ candidate: Int32, _ weights: UnsafePointer<UnsafeMutablePointer<Float>?>?,
+                                          _ biases: UnsafePointer<UnsafeMutablePointer<Float>?>?, _ count: Int32,
+                                          _ damping: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try candidateDirections(o, candidate, weights, biases, count, damping) }
+}
+
+@_cdecl("kfac_candidate_directions_f64")
+public func kfac_candidate_directions_f64(_ opt: OpaquePointer?, _ candidate: Int32, _ weights: UnsafePointer<UnsafeMutablePointer<Double>?>?,
+                                          _ biases: UnsafePointer<UnsafeMutablePointer<Double>?>?, _ count: Int32,
+                                          _ damping: UnsafeMutablePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try candidateDirections(o, candidate, weights, biases, count, damping) }
+}
+
+private func solveCandidates<S: KFACScalar>(
+    _ o: KFACOptimizer<S>, _ outputs: UnsafePointer<S>?, _ products: UnsafePointer<UnsafePointer<S>?>?, _ count: Int32,
+    _ previous: UnsafePointer<S>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ chosen: UnsafeMutablePointer<Int32>?,
+    _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?, _ predicted: UnsafeMutablePointer<Double>?
+) throws(KFACError) {
+    let k = try required(chosen, "chosen"), a = try required(alpha, "alpha"), m = try required(mu, "mu")
+    let products = try required(products, "direction_products")
+    guard count >= 1 else { throw KFACError(.invalidArgument, "n_candidates must be >= 1, got \(count)") }
+    let d = try distribution(dist)
+    let result = try o.solveStepSize(outputs: outputs, candidateProducts: { products[$0] }, candidateCount: Int(count),
+                                     previousProducts: previous, rows: Int(rows), dim: Int(dim), distribution: d)
+    k.pointee = Int32(result.chosen)
+    a.pointee = result.alpha
+    m.pointee = result.mu
+    predicted?.pointee = result.predictedChange
+}
+
+@_cdecl("kfac_solve_step_size_candidates_f32")
+public func kfac_solve_step_size_candidates_f32(
+    _ opt: OpaquePointer?, _ outputs: UnsafePointer<Float>?, _ products: UnsafePointer<UnsafePointer<Float>?>?, _ count: Int32,
+    _ previous: UnsafePointer<Float>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ chosen: UnsafeMutablePointer<Int32>?,
+    _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?, _ predicted: UnsafeMutablePointer<Double>?
+) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in
+        try solveCandidates(o, outputs, products, count, previous, rows, dim, dist, chosen, alpha, mu, predicted)
+    }
+}
+
+@_cdecl("kfac_solve_step_size_candidates_f64")
+public func kfac_solve_step_size_candidates_f64(
+    _ opt: OpaquePointer?, _ outputs: UnsafePointer<Double>?, _ products: UnsafePointer<UnsafePointer<Double>?>?, _ count: Int32,
+    _ previous: UnsafePointer<Double>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ chosen: UnsafeMutablePointer<Int32>?,
+    _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?, _ predicted: UnsafeMutablePointer<Double>?
+) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in
+        try solveCandidates(o, outputs, products, count, previous, rows, dim, dist, chosen, alpha, mu, predicted)
+    }
+}
+
+@_cdecl("kfac_get_update_f32")
+public func kfac_get_update_f32(_ opt: OpaquePointer?, _ weights: UnsafePointer<UnsafeMutablePointer<Float>?>?,
+                                _ biases: UnsafePointer<UnsafeMutablePointer<Float>?>?, _ count: Int32) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in
+        try withLayerBuffers(o, weights, biases, count, "weight_updates") { (buffers) throws(KFACError) in try o.copyUpdate(into: buffers) }
+    }
+}
+
+@_cdecl("kfac_get_update_f64")
+public func kfac_get_update_f64(_ opt: OpaquePointer?, _ weights: UnsafePointer<UnsafeMutablePointer<Double>?>?,
+                                _ biases: UnsafePointer<UnsafeMutablePointer<Double>?>?, _ count: Int32) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in
+        try withLayerBuffers(o, weights, biases, count, "weight_updates") { (buffers) throws(KFACError) in try o.copyUpdate(into: buffers) }
     }
 }
 

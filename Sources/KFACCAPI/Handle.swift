@@ -102,6 +102,7 @@ protocol OptimizerOperations: AnyObject {
     var stepCount: Int { get }
     var lastKLScale: Double { get }
     var lastReductionRatio: Double { get }
+    var candidateCount: Int { get }
     func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double
     var layerCount: Int { get }
     var wantsStatistics: Bool { get }

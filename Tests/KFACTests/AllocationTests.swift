@@ -117,3 +117,62 @@ extension AllocationTests {
         XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 steady-state convolution steps")
     }
 }
+
+extension AllocationTests {
+    /// The adaptive mode's loop with the re-choice of γ: step, every candidate's directions, the
+    /// candidate solve, the update, the loss report — allocation-free after warm-up too.
+    func testSteadyStateAdaptiveStepDoesNotAllocate() throws {
+        for strategy in InverseStrategy.allCases {
+            try adaptiveSteadyState(Float.self, strategy)
+            try adaptiveSteadyState(Double.self, strategy)
+        }
+    }
+
+    private func adaptiveSteadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy) throws {
+        var problem = TwoLayerProblem<S>(seed: 32)
+        let opt = try problem.makeOptimizer {
+            $0.inverseStrategy = strategy; $0.inverseUpdatePeriod = 2; $0.threadCount = 2
+            $0.klClip = 0; $0.factorDampingPeriod = 2; $0.lmInterval = 1; $0.damping = 0.1; $0.factorDamping = 0.1
+        }
+        let (rows, dim) = (8, 3)
+        let batch = problem.batch(rows: rows)
+        let g = problem.gradients()
+        let sizes = TwoLayerProblem<S>.shapes
+        let w = sizes.map { UnsafeMutablePointer<S>.allocate(capacity: $0.inF * $0.outF) }
+        let b = UnsafeMutablePointer<S>.allocate(capacity: sizes[0].outF)
+        let outputs = UnsafeMutablePointer<S>.allocate(capacity: rows * dim)
+        let products = (0..<4).map { _ in UnsafeMutablePointer<S>.allocate(capacity: rows * dim) }
+        let pointers = UnsafeMutablePointer<UnsafePointer<S>?>.allocate(capacity: 3)
+        defer {
+            w.forEach { $0.deallocate() }; b.deallocate(); outputs.deallocate()
+            products.forEach { $0.deallocate() }; pointers.deallocate()
+        }
+        var random = SeededRandom(5)
+        for i in 0..<(rows * dim) {
+            outputs[i] = S(random.uniform())
+            for p in products { p[i] = S(random.uniform()) }
+        }
+        for k in 0..<3 { pointers[k] = UnsafePointer(products[k]) }
+        let buffers: (Int) -> ParameterGradient<S> = { l in ParameterGradient(weight: w[l], bias: l == 0 ? b : nil) }
+        func oneStep() throws {
+            for l in batch.indices {
+                let d = batch[l]
+                try d.x.withUnsafeBufferPointer { try opt.recordInputs(layer: l, $0.baseAddress, rows: rows) }
+                try d.g.withUnsafeBufferPointer { try opt.recordOutputGradients(layer: l, $0.baseAddress, rows: rows) }
+            }
+            for l in sizes.indices { w[l].update(from: g[l].weight, count: g[l].weight.count) }
+            b.update(from: g[0].bias!, count: sizes[0].outF)
+            try opt.step(buffers)
+            for k in 0..<opt.candidateCount { try opt.copyCandidateDirections(k, into: buffers) }
+            let r = try opt.solveStepSize(outputs: outputs, candidateProducts: { pointers[$0] }, candidateCount: opt.candidateCount,
+                                          previousProducts: products[3], rows: rows, dim: dim, distribution: .categorical)
+            try opt.copyUpdate(into: buffers)
+            _ = try opt.reportLossChange(before: 1, after: 1 + 0.5 * r.predictedChange)
+        }
+        for _ in 0..<4 { try oneStep() }
+        allocation_counter_start()
+        for _ in 0..<6 { try oneStep() }  // three γ steps
+        let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
+        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 adaptive steps")
+    }
+}
