@@ -573,9 +573,14 @@ double kfac_last_kl_scale(const kfac_optimizer *opt);
  *                                         KFAC_DIST_CATEGORICAL, &k, &alpha, &mu, &m);
  *     kfac_get_update_f32(opt, upd_W, upd_b, L);   then θ += δ, evaluate, report the loss.
  * The cost of a γ step: two more preconditionings with the eigen strategy (its damping is
- * applied when preconditioning); with the Cholesky strategy every factor is also inverted for
- * each γ on that step (make T₂ a multiple of the inverse period to share the work). A candidate
- * whose inverse or directions are not finite is dropped. Candidates are not saved in states.
+ * applied when preconditioning); with the Cholesky strategy a γ step is always an inverse step —
+ * every factor is inverted from the current factors for each of the three γ, candidate 0's
+ * inverses are committed by the step and the kept candidate's become the current ones at the
+ * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
+ * or not finite (decay^T₂ underflows), whose factor is not positive definite or whose directions
+ * are not finite is dropped, and the later ones move down an index: kfac_candidate_directions_*
+ * reports each candidate's γ. The plain kfac_solve_step_size_* on a γ step solves for candidate
+ * 0 only and keeps γ. Candidates are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
@@ -645,7 +650,8 @@ int kfac_solve_step_size_candidates_f64(kfac_optimizer *opt, const double *outpu
                                         int distribution, int32_t *chosen, double *alpha, double *mu,
                                         double *predicted_change);
 
-/** Writes the update δ = −α·D + μ·δ₀ of the last solve (kept as the next δ₀) into the buffers
+/** Writes the update δ = −α·D + μ·δ₀ of the last solve (kept as the next δ₀; a later step does
+ *  not change it) into the buffers
  *  (layout, bias rules and n_layers of kfac_step_*): the caller applies θ ← θ + δ. Errors:
  *  NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_STEP (no solve yet). Changes
  *  nothing in the handle. */

@@ -24,7 +24,10 @@ conventions plus the fixed input size); channel grouping through the ``input_gro
 Adaptive mode (Martens & Grosse 2015, §6–7): after :meth:`Optimizer.step`, give
 :meth:`Optimizer.solve_step_size` the outputs and the forward-mode products ``J·D``, ``J·δ₀``;
 apply ``θ ← θ − α·D + μ·δ₀`` and report the losses with :meth:`Optimizer.report_loss_change`
-(Levenberg–Marquardt damping with ``lm_interval``, ``lm_decay``). :func:`sampled_output_grads`
+(Levenberg–Marquardt damping with ``lm_interval``, ``lm_decay``). With ``factor_damping_period``
+the factor damping γ is re-chosen every T₂ steps (§6.6): fetch each candidate's directions with
+:meth:`Optimizer.candidate_directions`, solve with :meth:`Optimizer.solve_step_size_candidates`
+and apply :meth:`Optimizer.get_update`. :func:`sampled_output_grads`
 (and :func:`sample_targets`) give the output gradients whose statistics estimate the true Fisher.
 
 With PyTorch, use :class:`kfac.torch.KFACPreconditioner` (``nn.Linear``, ``nn.Conv2d``,

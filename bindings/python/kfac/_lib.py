@@ -105,6 +105,7 @@ KFAC_PARAM_KL_CLIP = 4
 KFAC_PARAM_OUTPUT_GRAD_SCALE = 5
 KFAC_PARAM_LM_DECAY = 6
 KFAC_PARAM_FACTOR_DAMPING = 7
+KFAC_PARAM_FACTOR_DAMPING_DECAY = 8
 KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100
 KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101
 KFAC_PARAM_INVERSE_STRATEGY = 102
@@ -112,6 +113,7 @@ KFAC_PARAM_PI_DAMPING = 103
 KFAC_PARAM_LOSS_REDUCTION = 104
 KFAC_PARAM_NUM_THREADS = 105
 KFAC_PARAM_LM_INTERVAL = 106
+KFAC_PARAM_FACTOR_DAMPING_PERIOD = 107
 
 # ---------------------------------------------------------------------------------------------
 # enum kfac_inverse_strategy, enum kfac_reduction, enum kfac_layer_kind, enum kfac_layout,
@@ -344,6 +346,19 @@ _PROTOTYPES = [
      [_P, c_float_p, c_float_p, c_float_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
     ("kfac_solve_step_size_f64", c_int,
      [_P, c_double_p, c_double_p, c_double_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
+    ("kfac_candidate_count", c_int, [_P, POINTER(c_int32)]),
+    ("kfac_candidate_directions_f32", c_int,
+     [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32, c_double_p]),
+    ("kfac_candidate_directions_f64", c_int,
+     [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32, c_double_p]),
+    ("kfac_solve_step_size_candidates_f32", c_int,
+     [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int,
+      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    ("kfac_solve_step_size_candidates_f64", c_int,
+     [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int,
+      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    ("kfac_get_update_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_get_update_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
     ("kfac_report_loss_change", c_int, [_P, c_double, c_double, c_double_p]),
     ("kfac_last_reduction_ratio", c_double, [_P]),
     ("kfac_sample_targets_f32", c_int, [c_float_p, c_int64, c_int64, c_int, c_uint64, c_float_p]),

@@ -153,6 +153,7 @@ PARAMETERS = {
     "output_grad_scale": (_lib.KFAC_PARAM_OUTPUT_GRAD_SCALE, "double"),
     "lm_decay": (_lib.KFAC_PARAM_LM_DECAY, "double"),
     "factor_damping": (_lib.KFAC_PARAM_FACTOR_DAMPING, "double"),
+    "factor_damping_decay": (_lib.KFAC_PARAM_FACTOR_DAMPING_DECAY, "double"),
     "factor_update_period": (_lib.KFAC_PARAM_FACTOR_UPDATE_PERIOD, "int"),
     "inverse_update_period": (_lib.KFAC_PARAM_INVERSE_UPDATE_PERIOD, "int"),
     "inverse_strategy": (_lib.KFAC_PARAM_INVERSE_STRATEGY, "int"),
@@ -160,6 +161,7 @@ PARAMETERS = {
     "loss_reduction": (_lib.KFAC_PARAM_LOSS_REDUCTION, "int"),
     "num_threads": (_lib.KFAC_PARAM_NUM_THREADS, "int"),
     "lm_interval": (_lib.KFAC_PARAM_LM_INTERVAL, "int"),
+    "factor_damping_period": (_lib.KFAC_PARAM_FACTOR_DAMPING_PERIOD, "int"),
 }
 _PARAM_BY_VALUE = {value: (name, kind) for name, (value, kind) in PARAMETERS.items()}
 
@@ -211,6 +213,9 @@ class Optimizer:
         self._step_fn = getattr(_lib, f"kfac_step_{suffix}")
         self._precondition_fn = getattr(_lib, f"kfac_precondition_{suffix}")
         self._solve_fn = getattr(_lib, f"kfac_solve_step_size_{suffix}")
+        self._candidate_directions_fn = getattr(_lib, f"kfac_candidate_directions_{suffix}")
+        self._solve_candidates_fn = getattr(_lib, f"kfac_solve_step_size_candidates_{suffix}")
+        self._get_update_fn = getattr(_lib, f"kfac_get_update_{suffix}")
         self._lock = threading.RLock()
         self._free = _lib.kfac_optimizer_free  # kept so __del__ works during interpreter exit
         self._layers: list = []  # _LayerShapes per registered layer
@@ -800,37 +805,42 @@ class Optimizer:
         Every array must be a C-contiguous, writeable ``np.ndarray`` of the handle's dtype.
         """
         with self._lock:
-            self._live_handle()
-            n = len(self._layers)
-            weight_grads = list(weight_grads)
-            if len(weight_grads) != n:
-                raise ValueError(f"kfac: step got {len(weight_grads)} weight gradients for {n} layers")
-            if bias_grads is None:
-                bias_grads = [None] * n
-            bias_grads = list(bias_grads)
-            if len(bias_grads) != n:
-                raise ValueError(f"kfac: step got {len(bias_grads)} bias gradients for {n} layers")
-            w_pointers = (self._ptr_type * max(n, 1))()
-            b_pointers = (self._ptr_type * max(n, 1))()
-            any_bias = False
-            for index, (shape, w, b) in enumerate(zip(self._layers, weight_grads, bias_grads)):
-                w_pointers[index] = self._inout_buffer(
-                    w, list(shape.weight_shapes), f"weight_grads[{index}]"
-                )
-                if shape.has_bias:
-                    if b is None:
-                        raise ValueError(f"kfac: layer {index} has a bias but bias_grads[{index}] is None")
-                    b_pointers[index] = self._inout_buffer(
-                        b, (shape.out_features,), f"bias_grads[{index}]"
-                    )
-                    any_bias = True
-                elif b is not None:
-                    raise ValueError(f"kfac: layer {index} has no bias; bias_grads[{index}] must be None")
-            self._call(self._step_fn, w_pointers, b_pointers if any_bias else None, n)
+            w_pointers, b_pointers, n = self._layer_buffers(weight_grads, bias_grads, "weight_grads", "bias_grads")
+            self._call(self._step_fn, w_pointers, b_pointers, n)
 
-    def _step_addresses(self, weight_addresses: Sequence[int], bias_addresses: Sequence[int]) -> None:
-        """:meth:`step` on raw buffer addresses (0 for an absent bias), for integrations that
-        own the memory (torch). Shapes and dtypes are the caller's responsibility."""
+    def _layer_buffers(self, weights, biases, weight_name: str, bias_name: str):
+        """``(weight pointers, bias pointers or None, n_layers)`` for arrays the library writes
+        with the layout and bias rules of :meth:`step`: one C-contiguous, writeable array of the
+        handle's dtype per layer (``None`` for the bias of a layer without one; ``biases`` may be
+        ``None`` when no layer has a bias). Call with the lock held."""
+        self._live_handle()
+        n = len(self._layers)
+        weights = list(weights)
+        if len(weights) != n:
+            raise ValueError(f"kfac: got {len(weights)} arrays in {weight_name} for {n} layers")
+        if biases is None:
+            biases = [None] * n
+        biases = list(biases)
+        if len(biases) != n:
+            raise ValueError(f"kfac: got {len(biases)} arrays in {bias_name} for {n} layers")
+        w_pointers = (self._ptr_type * max(n, 1))()
+        b_pointers = (self._ptr_type * max(n, 1))()
+        any_bias = False
+        for index, (shape, w, b) in enumerate(zip(self._layers, weights, biases)):
+            w_pointers[index] = self._inout_buffer(w, list(shape.weight_shapes), f"{weight_name}[{index}]")
+            if shape.has_bias:
+                if b is None:
+                    raise ValueError(f"kfac: layer {index} has a bias but {bias_name}[{index}] is None")
+                b_pointers[index] = self._inout_buffer(b, (shape.out_features,), f"{bias_name}[{index}]")
+                any_bias = True
+            elif b is not None:
+                raise ValueError(f"kfac: layer {index} has no bias; {bias_name}[{index}] must be None")
+        return w_pointers, (b_pointers if any_bias else None), n
+
+    def _pointer_arrays(self, weight_addresses: Sequence[int], bias_addresses: Sequence[int]):
+        """``(weight pointers, bias pointers or None, n_layers)`` from raw buffer addresses (0
+        for an absent bias), for integrations that own the memory (torch); they may keep the
+        result and pass it to the ``_*_pointers`` methods as long as the buffers live."""
         n = len(weight_addresses)
         w_pointers = (self._ptr_type * max(n, 1))(
             *[ctypes.cast(address, self._ptr_type) for address in weight_addresses]
@@ -839,7 +849,12 @@ class Optimizer:
         b_pointers = (self._ptr_type * max(n, 1))(
             *[ctypes.cast(address or None, self._ptr_type) for address in bias_addresses]
         )
-        self._call(self._step_fn, w_pointers, b_pointers if any_bias else None, n)
+        return w_pointers, (b_pointers if any_bias else None), n
+
+    def _step_addresses(self, weight_addresses: Sequence[int], bias_addresses: Sequence[int]) -> None:
+        """:meth:`step` on raw buffer addresses (0 for an absent bias), for integrations that
+        own the memory (torch). Shapes and dtypes are the caller's responsibility."""
+        self._call(self._step_fn, *self._pointer_arrays(weight_addresses, bias_addresses))
 
     def precondition(self, layer: int, weight_grad: np.ndarray, bias_grad: Optional[np.ndarray] = None) -> None:
         """Preconditions one layer's gradient in place with the current inverses (no schedule,
@@ -905,7 +920,8 @@ class Optimizer:
         mean loss and call :meth:`report_loss_change`. ``predicted_change`` is M(δ) (negative).
         Set ``kl_clip=0`` in this mode (α replaces the clip); the gradients given to
         :meth:`step` must be those of the mean loss. One solve per step
-        (``KFAC_ERROR_NO_STEP`` otherwise).
+        (``KFAC_ERROR_NO_STEP`` otherwise). With ``factor_damping_period`` > 0, use
+        :meth:`solve_step_size_candidates`, which also serves the steps with one candidate.
         """
         code = distribution_code(distribution)
         z = self._output_rows(outputs, None, "outputs")
@@ -932,6 +948,153 @@ class Optimizer:
             ctypes.byref(predicted),
         )
         return float(alpha.value), float(mu.value), float(predicted.value)
+
+    def candidate_count(self) -> int:
+        """The number of direction candidates the last successful :meth:`step` prepared
+        (``kfac_candidate_count``): 1 on an ordinary step; on a γ step (every
+        ``factor_damping_period`` steps) up to 3, one per factor damping γ, γ·ω₂, γ/ω₂ whose
+        directions were finite (candidate 0, the current γ, is always there: it is what
+        :meth:`step` wrote). 0 once the step was solved, and before the first step."""
+        count = ctypes.c_int32()
+        self._call(_lib.kfac_candidate_count, ctypes.byref(count))
+        return int(count.value)
+
+    def _candidate_index(self, candidate) -> int:
+        if isinstance(candidate, (bool, np.bool_)):
+            raise TypeError("kfac: candidate must be an integer, not bool")
+        try:
+            candidate = operator.index(candidate)
+        except TypeError:
+            raise TypeError(f"kfac: candidate must be an integer, not {candidate!r}") from None
+        if not _INT32_MIN <= candidate <= _INT32_MAX:
+            raise KFACError(_lib.KFAC_ERROR_INVALID_ARGUMENT, f"candidate {candidate} is out of range")
+        return candidate
+
+    def candidate_directions(
+        self,
+        candidate: int,
+        weight_dirs: Sequence[np.ndarray],
+        bias_dirs: Optional[Sequence[Optional[np.ndarray]]] = None,
+    ) -> float:
+        """Writes the directions of candidate ``candidate`` (``0 <= candidate <
+        candidate_count()``) of the last step into the arrays, and returns that candidate's
+        factor damping γ (``kfac_candidate_directions_*``).
+
+        The arrays follow :meth:`step`'s layout and rules (one C-contiguous, writeable array of
+        the handle's dtype per layer, ``None`` for the bias of a layer without one). The
+        directions are KL-clipped with the candidate's own ν; candidate 0 is what :meth:`step`
+        wrote. Use them for the forward-mode products ``J·D_k`` that
+        :meth:`solve_step_size_candidates` takes. Changes nothing in the handle; raises
+        ``KFAC_ERROR_NO_STEP`` when no step awaits a solve and ``KFAC_ERROR_INVALID_ARGUMENT``
+        for a candidate out of range."""
+        candidate = self._candidate_index(candidate)
+        damping = ctypes.c_double()
+        with self._lock:
+            w_pointers, b_pointers, n = self._layer_buffers(weight_dirs, bias_dirs, "weight_dirs", "bias_dirs")
+            self._call(self._candidate_directions_fn, candidate, w_pointers, b_pointers, n, ctypes.byref(damping))
+        return float(damping.value)
+
+    def _candidate_directions_pointers(self, candidate: int, pointers) -> float:
+        """:meth:`candidate_directions` into the buffers of ``pointers``, a result of
+        :meth:`_pointer_arrays` (torch). Shapes and dtypes are the caller's responsibility."""
+        candidate = self._candidate_index(candidate)
+        damping = ctypes.c_double()
+        self._call(self._candidate_directions_fn, candidate, pointers[0], pointers[1], pointers[2],
+                   ctypes.byref(damping))
+        return float(damping.value)
+
+    def solve_step_size_candidates(
+        self,
+        outputs,
+        direction_products,
+        previous_products=None,
+        distribution="categorical",
+    ) -> Tuple[int, float, float, float]:
+        """:meth:`solve_step_size` over all direction candidates of the last step
+        (``kfac_solve_step_size_candidates_*``), the re-choice of the factor damping γ of
+        Martens & Grosse 2015, §6.6.
+
+        For each candidate k the library chooses α_k and μ_k as :meth:`solve_step_size` does and
+        keeps the candidate whose update ``δ_k = −α_k·D_k + μ_k·δ₀`` has the lowest
+        ``M(δ_k) = ½ δ_kᵀ(F + λI)δ_k + ∇hᵀδ_k``. On a γ step the chosen candidate's γ becomes
+        ``factor_damping`` (with the Cholesky strategy its inverses become the current ones).
+
+        Args:
+            outputs: the network's outputs on the batch, ``[rows][output_dim]`` (or
+                ``[..., output_dim]``), as for :meth:`solve_step_size`.
+            direction_products: one array ``J·D_k`` per candidate, in candidate order, each of
+                the shape of ``outputs`` (a sequence of arrays, or one array
+                ``[n_candidates, ...]``); their number must be :meth:`candidate_count`
+                (``KFAC_ERROR_INVALID_ARGUMENT`` otherwise).
+            previous_products: ``J·δ₀``, or ``None`` to choose α alone (μ = 0).
+            distribution: as for :meth:`solve_step_size`.
+
+        Returns ``(chosen, alpha, mu, predicted_change)``: the chosen candidate's index, its α,
+        μ and M(δ) (negative). Apply the update with :meth:`get_update` (``θ ← θ + δ``), then
+        call :meth:`report_loss_change`. With one candidate this is :meth:`solve_step_size`.
+        On error nothing changes.
+        """
+        code = distribution_code(distribution)
+        z = self._output_rows(outputs, None, "outputs")
+        rows, dim = z.shape
+        if isinstance(direction_products, np.ndarray) and direction_products.ndim < 3:
+            raise ValueError(
+                "kfac: direction_products must hold one [rows][output_dim] array per candidate "
+                f"(a sequence of arrays or an [n_candidates, rows, output_dim] array), got shape "
+                f"{direction_products.shape}"
+            )
+        products = []
+        for k, product in enumerate(direction_products):
+            jd = self._output_rows(product, dim, f"direction_products[{k}]")
+            if jd.shape != z.shape:
+                raise ValueError(
+                    f"kfac: direction_products[{k}] have {jd.shape[0]} rows, the outputs {rows}"
+                )
+            products.append(jd)
+        if len(products) > _INT32_MAX:
+            raise KFACError(_lib.KFAC_ERROR_INVALID_ARGUMENT, f"{len(products)} candidates")
+        jp = None
+        if previous_products is not None:
+            jp = self._output_rows(previous_products, dim, "previous_products")
+            if jp.shape != z.shape:
+                raise ValueError(f"kfac: previous_products have {jp.shape[0]} rows, the outputs {rows}")
+        pointers = (self._ptr_type * max(len(products), 1))(*[self._pointer(jd) for jd in products])
+        chosen = ctypes.c_int32()
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self._call(
+            self._solve_candidates_fn,
+            self._pointer(z),
+            pointers,
+            len(products),
+            None if jp is None else self._pointer(jp),
+            rows,
+            dim,
+            code,
+            ctypes.byref(chosen),
+            ctypes.byref(alpha),
+            ctypes.byref(mu),
+            ctypes.byref(predicted),
+        )
+        return int(chosen.value), float(alpha.value), float(mu.value), float(predicted.value)
+
+    def get_update(
+        self,
+        weight_updates: Sequence[np.ndarray],
+        bias_updates: Optional[Sequence[Optional[np.ndarray]]] = None,
+    ) -> None:
+        """Writes the update ``δ = −α·D_chosen + μ·δ₀`` of the last solve into the arrays
+        (``kfac_get_update_*``; the library keeps it as the next δ₀): apply ``θ ← θ + δ``.
+
+        The arrays follow :meth:`step`'s layout and rules. Raises ``KFAC_ERROR_NO_STEP`` before
+        the first solve. Changes nothing in the handle."""
+        with self._lock:
+            w_pointers, b_pointers, n = self._layer_buffers(
+                weight_updates, bias_updates, "weight_updates", "bias_updates")
+            self._call(self._get_update_fn, w_pointers, b_pointers, n)
+
+    def _get_update_pointers(self, pointers) -> None:
+        """:meth:`get_update` into the buffers of ``pointers`` (:meth:`_pointer_arrays`)."""
+        self._call(self._get_update_fn, pointers[0], pointers[1], pointers[2])
 
     def report_loss_change(self, loss_before, loss_after) -> float:
         """Reports the mean loss before and after applying the last solved update
@@ -987,7 +1150,7 @@ def _make_property(name: str, kind: str):
         self.set_param(name, value)
 
     doc = {
-        "learning_rate": "η of the KL clip (float, > 0; default 0.1). Used for nothing else.",
+        "learning_rate": "η of the KL clip (float, >= 0; default 0.1; 0: ν = 1). Used for nothing else.",
         "damping": "λ (float, > 0; default 1e-3).",
         "factor_decay": "β of the factors' moving average (float in [0, 1); default 0.95).",
         "kl_clip": "κ of the KL clip (float, >= 0; 0 disables; default 1e-3).",
@@ -1001,6 +1164,15 @@ def _make_property(name: str, kind: str):
         "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ (float in (0, 1); default 0.95).",
         "factor_damping": "γ: damping of the factor inverses instead of λ when > 0 (float >= 0; default 0).",
         "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (int >= 0; 0 = off, default).",
+        "factor_damping_decay": (
+            "ω₂'s base (float in (0, 1); default 0.95): the candidates of a γ step are γ, γ·ω₂ and "
+            "γ/ω₂ with ω₂ = factor_damping_decay ** factor_damping_period."
+        ),
+        "factor_damping_period": (
+            "T₂: every T₂ steps (k ≡ 0 mod T₂) the step prepares direction candidates for the factor "
+            "dampings γ, γ·ω₂, γ/ω₂ and solve_step_size_candidates() keeps the best γ "
+            "(int >= 0; 0 = off, default)."
+        ),
     }[name]
     return property(getter, setter, doc=doc)
 

@@ -63,7 +63,8 @@ The true Fisher and the adaptive mode. :meth:`KFACPreconditioner.sampled_fisher_
 records a step's statistics from targets sampled from the model (call it between the forward
 pass and ``loss.backward()``); :meth:`KFACPreconditioner.adaptive_step` replaces
 ``optimizer.step()`` by K-FAC's adaptive update (α and μ from the quadratic model with the exact
-Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt damping).
+Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt damping, and with
+``factor_damping_period`` the periodic re-choice of the factor damping γ).
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ _PARAMETER_ATTRIBUTES = (
     "num_threads",
     "lm_decay",
     "lm_interval",
+    "factor_damping",
+    "factor_damping_decay",
+    "factor_damping_period",
 )
 
 #: The module types the preconditioner handles.
@@ -133,6 +137,42 @@ class AdaptiveStepResult:
     rho: float
     #: λ after the report (the Levenberg–Marquardt rule may have changed it).
     damping: float
+    #: The index of the direction candidate whose update was applied (0 unless this was a γ step
+    #: and another factor damping lowered the quadratic model more).
+    chosen: int = 0
+    #: The number of direction candidates of the step: 1, or up to 3 on a γ step
+    #: (``factor_damping_period``).
+    candidates: int = 1
+    #: γ after the step: the library's ``factor_damping``, the chosen candidate's γ after a γ
+    #: step (0 while λ damps the factors).
+    factor_damping: float = 0.0
+
+
+class _AdaptiveBuffers:
+    """Buffers the adaptive step reuses across steps, one per preconditioned parameter (weights
+    and biases in library order), CPU and contiguous in the library's dtype, with the ctypes
+    pointer arrays the library is called with."""
+
+    __slots__ = ("key", "directions", "direction_pointers", "update", "update_pointers")
+
+    def __init__(self, key, optimizer: Optimizer, layers, dtype: torch.dtype):
+        self.key = key
+        self.directions: List[torch.Tensor] = []
+        self.update: List[torch.Tensor] = []
+        addresses = {"directions": ([], []), "update": ([], [])}
+        for layer in layers:
+            for name, target in (("directions", self.directions), ("update", self.update)):
+                weight = torch.zeros(layer.module.weight.shape, dtype=dtype)
+                target.append(weight)
+                addresses[name][0].append(weight.data_ptr())
+                if layer.module.bias is not None:
+                    bias = torch.zeros(layer.module.bias.shape, dtype=dtype)
+                    target.append(bias)
+                    addresses[name][1].append(bias.data_ptr())
+                else:
+                    addresses[name][1].append(0)
+        self.direction_pointers = optimizer._pointer_arrays(*addresses["directions"])
+        self.update_pointers = optimizer._pointer_arrays(*addresses["update"])
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -277,6 +317,14 @@ class KFACPreconditioner:
             layers are registered at construction; otherwise at the first training forward pass.
         lm_decay, lm_interval: ω₁ and T₁ of the Levenberg–Marquardt adjustment of λ in the
             adaptive mode (see :meth:`adaptive_step`); ``lm_interval=0`` (default) keeps λ fixed.
+        factor_damping: γ, the damping of the factor inverses when > 0 (0, the default: λ is
+            used for both), so that the Levenberg–Marquardt adjustment of λ only changes the
+            quadratic model of the adaptive mode (Martens & Grosse 2015, §6.6).
+        factor_damping_period, factor_damping_decay: T₂ and ω₂'s base of the re-choice of γ in
+            the adaptive mode: every T₂ steps :meth:`adaptive_step` tries γ, γ·ω₂ and γ/ω₂
+            (ω₂ = ``factor_damping_decay ** factor_damping_period``; starting from λ when γ is 0)
+            and keeps the one whose update lowers the quadratic model most.
+            ``factor_damping_period=0`` (default) keeps γ fixed.
     """
 
     def __init__(
@@ -301,6 +349,9 @@ class KFACPreconditioner:
         input_shapes: Optional[Dict] = None,
         lm_decay: float = 0.95,
         lm_interval: int = 0,
+        factor_damping: float = 0.0,
+        factor_damping_period: int = 0,
+        factor_damping_decay: float = 0.95,
     ):
         self.model = model
         skip = list(skip_layers)
@@ -366,6 +417,9 @@ class KFACPreconditioner:
             num_threads=num_threads,
             lm_decay=lm_decay,
             lm_interval=lm_interval,
+            factor_damping=factor_damping,
+            factor_damping_period=factor_damping_period,
+            factor_damping_decay=factor_damping_decay,
         )
         self.lr = lr
         # Statistics hooks: paused during the adaptive step's own forward passes; once
@@ -379,6 +433,9 @@ class KFACPreconditioner:
         # adaptive_step applied), one tensor per preconditioned parameter.
         self._directions_ready = False
         self._previous_update: Optional[List[torch.Tensor]] = None
+        # Reusable buffers of the adaptive step (built at its first call): the directions of one
+        # candidate and the update, per preconditioned parameter, in the library's dtype.
+        self._adaptive_buffers: Optional[_AdaptiveBuffers] = None
         self._registered = False
         if not self._missing_sizes():
             self._register()
@@ -808,15 +865,26 @@ class KFACPreconditioner:
                 params.append(p)
         return params
 
+    def _buffers_for(self, params: List[torch.Tensor]) -> _AdaptiveBuffers:
+        """The adaptive step's reusable buffers, rebuilt only if the parameters changed."""
+        key = tuple((id(p), tuple(p.shape)) for p in params)
+        buffers = self._adaptive_buffers
+        if buffers is None or buffers.key != key:
+            buffers = _AdaptiveBuffers(key, self.optimizer, self._layers, self._dtype)
+            self._adaptive_buffers = buffers
+        return buffers
+
     def adaptive_step(self, inputs, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                      distribution="categorical") -> AdaptiveStepResult:
+                      distribution="categorical", momentum: bool = True) -> AdaptiveStepResult:
         """K-FAC's adaptive update of the preconditioned layers (Martens & Grosse 2015, §6–7):
-        step size α and momentum μ from the quadratic model with the exact Fisher, and
-        Levenberg–Marquardt adjustment of λ (with ``lm_interval > 0``).
+        step size α and momentum μ from the quadratic model with the exact Fisher,
+        Levenberg–Marquardt adjustment of λ (with ``lm_interval > 0``) and, with
+        ``factor_damping_period > 0``, the periodic re-choice of the factor damping γ (§6.6).
 
         Call it after :meth:`step`, INSTEAD of ``optimizer.step()`` for these layers::
 
-            preconditioner = KFACPreconditioner(model, kl_clip=0, damping=1e-2, lm_interval=5)
+            preconditioner = KFACPreconditioner(model, kl_clip=0, damping=1e-2, lm_interval=5,
+                                                factor_damping=1e-2, factor_damping_period=20)
             for x, y in loader:
                 model.zero_grad()
                 loss = F.cross_entropy(model(x), y)         # the MEAN loss
@@ -824,14 +892,27 @@ class KFACPreconditioner:
                 preconditioner.step()                       # .grad now holds the directions D
                 result = preconditioner.adaptive_step(x, lambda out: F.cross_entropy(out, y))
 
-        With D the directions in the layers' ``.grad`` and δ₀ the update this method applied
-        last, it computes ``J·D`` and ``J·δ₀`` (the derivatives of the outputs along D and δ₀)
-        with forward-mode differentiation (``torch.func.jvp`` over
-        ``torch.func.functional_call``), gets α, μ and M(δ) from the library
-        (:meth:`kfac.Optimizer.solve_step_size`), applies ``θ ← θ − α·D + μ·δ₀`` to the
-        weights and biases of the preconditioned layers (other parameters are yours to update),
-        evaluates the loss again and reports both losses (ρ, λ). The statistics hooks are off
-        during its forward passes.
+        The library prepares one set of directions per candidate factor damping: one (D, what
+        :meth:`step` wrote into ``.grad``) on an ordinary step, and on a γ step (every
+        ``factor_damping_period`` steps) up to three, D_k for γ, γ·ω₂ and γ/ω₂. For each
+        candidate this method fetches D_k from the library into buffers it reuses from step to
+        step (:meth:`kfac.Optimizer.candidate_directions`) and computes ``J·D_k``, the
+        derivative of the outputs along D_k, with forward-mode differentiation
+        (``torch.func.jvp`` over ``torch.func.functional_call``); it also computes ``J·δ₀``
+        along δ₀, the update it applied last. The library
+        (:meth:`kfac.Optimizer.solve_step_size_candidates`) chooses α_k and μ_k for every
+        candidate and keeps the one with the lowest M(δ_k), which on a γ step also becomes the
+        new γ. This method then applies ``θ ← θ + δ`` with the update ``δ = −α·D_chosen + μ·δ₀``
+        the library returns (:meth:`kfac.Optimizer.get_update`; it is also the next δ₀, the same
+        values the library keeps) to the weights and biases of the preconditioned layers (other
+        parameters are yours to update), evaluates the loss again and reports both losses (ρ,
+        λ). The statistics hooks are off during its forward passes.
+
+        Cost: two forward-mode passes (J·D and J·δ₀) and one ordinary forward pass per step,
+        plus one more forward-mode pass per extra candidate on γ steps (up to four in all),
+        and on those steps the library's two extra preconditionings (with the Cholesky
+        strategy, every factor is also inverted for each candidate γ on that step; make
+        ``factor_damping_period`` a multiple of ``inverse_update_period`` to share the work).
 
         Args:
             inputs: the batch, as the model takes it: a tensor, or a tuple of positional
@@ -844,12 +925,15 @@ class KFACPreconditioner:
                 scales the loss but not the Fisher the library uses, and spoils α and ρ —, and
                 ``0.5 * ((out - y) ** 2).sum(-1).mean()`` for ``'gaussian'``).
             distribution: the outputs' predictive distribution, over their last dimension.
+            momentum: ``False`` chooses α alone (μ = 0, no J·δ₀ pass): the update is −α·D.
 
         The model's forward pass must be a deterministic function of the parameters and the
         batch (no dropout; BatchNorm in eval mode) returning one tensor. Set ``kl_clip=0``
         (α replaces the clip) and keep ``loss_reduction='mean'``. Returns an
-        :class:`AdaptiveStepResult`. If the loss after the update is not finite, the update is
-        undone and :class:`kfac.KFACError` (``KFAC_ERROR_NON_FINITE``) is raised.
+        :class:`AdaptiveStepResult` (α, μ, M(δ), the losses, ρ, λ, the chosen candidate and γ).
+        ``.grad`` keeps the directions of candidate 0. If the loss after the update is not
+        finite, the update is undone and :class:`kfac.KFACError` (``KFAC_ERROR_NON_FINITE``) is
+        raised.
         """
         from torch.func import functional_call, jvp
 
@@ -868,21 +952,40 @@ class KFACPreconditioner:
         params = self._adaptive_parameters()
         name_of = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
         names = [name_of[id(p)] for p in params]
-        directions = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        buffers = self._buffers_for(params)
+        count = self.optimizer.candidate_count()
+        if count < 1:
+            self._directions_ready = False
+            raise KFACError(
+                _lib.KFAC_ERROR_NO_STEP,
+                "the library has no directions awaiting a solve: call preconditioner.step() first",
+            )
         previous = self._previous_update
         args = inputs if isinstance(inputs, tuple) else (inputs,)
 
         def forward(*values):
             return functional_call(self.model, dict(zip(names, values)), args)
 
+        def tangents(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            # No copy when the parameter is a CPU tensor of the library's dtype.
+            return tuple(t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, params))
+
+        outputs = jp = None
+        direction_products: List[torch.Tensor] = []
         primals = tuple(p.detach() for p in params)
         # Forward mode needs no autograd graph: no_grad also keeps the backward hooks out.
         with torch.no_grad(), self._hooks_paused(), warnings.catch_warnings():
             # PyTorch's own forward-AD decompositions use torch.jit.script the first time (a
             # FutureWarning about PyTorch internals, not about this code).
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-            outputs, jd = jvp(forward, primals, tuple(d.to(p.dtype) for d, p in zip(directions, params)))
-            jp = jvp(forward, primals, tuple(previous))[1] if previous is not None else None
+            for k in range(count):
+                self.optimizer._candidate_directions_pointers(k, buffers.direction_pointers)
+                out, jd = jvp(forward, primals, tangents(buffers.directions))
+                if outputs is None:
+                    outputs = out
+                direction_products.append(jd)
+            if previous is not None and momentum:
+                jp = jvp(forward, primals, tuple(previous))[1]
         if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1:
             raise TypeError("KFACPreconditioner.adaptive_step: the model must return one tensor of outputs")
         dim = outputs.shape[-1]
@@ -892,19 +995,20 @@ class KFACPreconditioner:
 
         with torch.no_grad():
             loss_before = float(loss_fn(outputs))
-        alpha, mu, predicted = self.optimizer.solve_step_size(
-            rows(outputs), rows(jd), None if jp is None else rows(jp), code)
+        chosen, alpha, mu, predicted = self.optimizer.solve_step_size_candidates(
+            rows(outputs), [rows(jd) for jd in direction_products], None if jp is None else rows(jp), code)
         self._directions_ready = False
-
+        # δ = −α·D_chosen + μ·δ₀ as the library computed it (its next δ₀).
+        self.optimizer._get_update_pointers(buffers.update_pointers)
         update = []
         with torch.no_grad():
-            for i, (p, d) in enumerate(zip(params, directions)):
-                delta = d.to(p.dtype).mul(-alpha)
-                if previous is not None and mu != 0.0:
-                    delta.add_(previous[i], alpha=mu)
+            for p, delta in zip(params, buffers.update):
+                delta = delta.to(device=p.device, dtype=p.dtype)
                 p.add_(delta)
                 update.append(delta)
-        # The library's δ₀ is now this δ: keep ours equal to it (also if it is undone below).
+        # Our δ₀ is now the library's (also if the update is undone below). When the update
+        # buffers are the parameters' dtype and device, δ₀ is those buffers themselves: the next
+        # step reads them for J·δ₀ before get_update overwrites them.
         self._previous_update = update
         with torch.no_grad(), self._hooks_paused():
             loss_after = float(loss_fn(self.model(*args)))
@@ -918,7 +1022,8 @@ class KFACPreconditioner:
                 "the update was undone. Increase the damping",
             )
         rho = self.optimizer.report_loss_change(loss_before, loss_after)
-        return AdaptiveStepResult(alpha, mu, predicted, loss_before, loss_after, rho, self.optimizer.damping)
+        return AdaptiveStepResult(alpha, mu, predicted, loss_before, loss_after, rho, self.optimizer.damping,
+                                  chosen, count, self.optimizer.factor_damping)
 
     # -----------------------------------------------------------------------------------------
     # Parameters (settable attributes, e.g. for schedulers)

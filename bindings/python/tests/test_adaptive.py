@@ -797,6 +797,28 @@ def test_adaptive_step_alpha_and_mu_equal_the_explicit_solution_on_a_linear_mode
 
 
 @needs_torch
+def test_adaptive_step_without_momentum_chooses_alpha_alone():
+    torch.manual_seed(3)
+    layer = nn.Linear(3, 4).double()
+    x, y = _batch(seed=5, n=12, inf=3, classes=4)
+    reference = LinearModel(x.numpy(), y.numpy(), 4, "categorical")
+    damping = 0.05
+    pre = KFACPreconditioner(layer, damping=damping, kl_clip=0, inverse_update_period=1)
+    for k in range(3):
+        layer.zero_grad()
+        theta = _theta(layer)
+        F.cross_entropy(layer(x), y).backward()
+        pre.step()
+        D = _grad_theta(layer)
+        alpha_ref, _, m_ref = reference_solve(reference, theta, D, None, damping)
+        result = pre.adaptive_step(x, lambda out: F.cross_entropy(out, y), momentum=False)
+        assert result.mu == 0
+        assert result.alpha == pytest.approx(alpha_ref, rel=1e-8)
+        assert result.predicted_change == pytest.approx(m_ref, rel=1e-8)
+        np.testing.assert_allclose(_theta(layer), theta - result.alpha * D, rtol=1e-12, atol=1e-14)
+
+
+@needs_torch
 @pytest.mark.parametrize("sampled", [False, True], ids=["empirical", "sampled"])
 def test_adaptive_step_trains_a_small_mlp(sampled):
     torch.manual_seed(0)

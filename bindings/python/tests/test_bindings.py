@@ -75,6 +75,8 @@ _C_TYPES = {
     "const kfac_conv2d_desc*": ctypes.POINTER(_lib.kfac_conv2d_desc),
     "float*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
     "double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
+    "const float*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
+    "const double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
 }
 
 

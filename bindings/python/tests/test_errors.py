@@ -51,7 +51,9 @@ def test_parameter_defaults():
             "num_threads": 0,
             "lm_decay": 0.95,
             "factor_damping": 0.0,
+            "factor_damping_decay": 0.95,
             "lm_interval": 0,
+            "factor_damping_period": 0,
         }
 
 
@@ -85,7 +87,9 @@ def test_parameters_round_trip_through_properties_and_enums():
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("learning_rate", 0.0),
+        ("learning_rate", -0.1),
+        ("learning_rate", math.inf),
+        ("learning_rate", math.nan),
         ("damping", -1.0),
         ("damping", math.inf),
         ("damping", math.nan),
