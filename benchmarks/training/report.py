@@ -10,8 +10,11 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 INF = math.inf
-NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)"}
-COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "kfac": "tab:green", "peer": "tab:red"}
+NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)",
+         "adaptive": "K-FAC adaptive (untuned)"}
+COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "kfac": "tab:green", "peer": "tab:red", "adaptive": "tab:purple"}
+#: The methods of the main tables and plots, in order (adaptive only where the raw results have it).
+MAIN_METHODS = ("sgd", "adam", "kfac", "adaptive")
 SECOND_NAMES = {"momentum": "momentum", "beta1": "β1", "damping": "λ"}
 GOAL_ITERATIONS, GOAL_SECONDS = 10.0, 3.0
 
@@ -86,11 +89,11 @@ def spread(values: Sequence[float], digits: int = 4) -> str:
     return text
 
 
-def ratio(numerator: float, denominator: float) -> str:
+def ratio(numerator: float, denominator: float, who: str = "K-FAC") -> str:
     if denominator == INF and numerator == INF:
         return "neither reaches L*"
     if denominator == INF:
-        return "K-FAC does not reach L*"
+        return f"{who} does not reach L*"
     if numerator == INF:
         return "> T (other does not reach L*)"
     if denominator == 0:
@@ -110,7 +113,7 @@ def config_text(best: Dict, second: str) -> str:
 def summarise_settings(raw) -> List[Dict]:
     """Groups the tuning results by (problem, batch) and computes L* and the reach statistics."""
     groups: Dict[Tuple[str, int], Dict] = {}
-    for entry in raw["settings"]:
+    for entry in list(raw["settings"]) + list(raw.get("adaptive") or []):
         key = (entry["problem"], entry["batch"])
         groups.setdefault(key, dict(problem=entry["problem"], batch=entry["batch"], T=entry["T"],
                                     eval_every=entry["eval_every"], methods={}))["methods"][entry["method"]] = entry
@@ -157,6 +160,80 @@ def goals_table(summaries) -> str:
     return "\n".join(lines)
 
 
+def adaptive_goals_table(summaries) -> str:
+    """The goals of issue 4 for K-FAC's adaptive mode (untuned) against the tuned SGD-momentum
+    and Adam of the same settings, and against the tuned fixed-damping K-FAC."""
+    lines = [
+        "| problem, batch | T | L* | iterations to L*: adaptive | CPU seconds to L*: adaptive "
+        "| vs SGD-m: iterations (goal ≥ 10×) | vs SGD-m: seconds (goal ≥ 3×) | Adam / adaptive seconds (goal > 1×) "
+        "| tuned K-FAC / adaptive: iterations, seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = 0
+    for group in summaries:
+        m = group["methods"]
+        if not all(k in m for k in ("sgd", "adam", "adaptive")):
+            continue
+        rows += 1
+        a_it, a_sec = m["adaptive"]["iterations_median"], m["adaptive"]["seconds_median"]
+        s_it, s_sec = m["sgd"]["iterations_median"], m["sgd"]["seconds_median"]
+        adam_sec = m["adam"]["seconds_median"]
+        gain = lambda num, den: num / den if den not in (0, INF) else (INF if den == 0 else 0.0)
+        mark = lambda ok: "met" if ok else "missed"
+        kfac = "–"
+        if "kfac" in m:
+            kfac = (f"{ratio(m['kfac']['iterations_median'], a_it, 'adaptive')}, "
+                    f"{ratio(m['kfac']['seconds_median'], a_sec, 'adaptive')}")
+        lines.append(
+            f"| {setting_label(group['problem'], group['batch'])} | {group['T']} | {fmt(group['L*'])} "
+            f"| {fmt(a_it)} | {fmt(a_sec, 3)} "
+            f"| {ratio(s_it, a_it, 'adaptive')} ({mark(gain(s_it, a_it) >= GOAL_ITERATIONS)}) "
+            f"| {ratio(s_sec, a_sec, 'adaptive')} ({mark(gain(s_sec, a_sec) >= GOAL_SECONDS)}) "
+            f"| {ratio(adam_sec, a_sec, 'adaptive')} ({mark(gain(adam_sec, a_sec) > 1.0)}) | {kfac} |"
+        )
+    return "\n".join(lines) if rows else ""
+
+
+def adaptive_choices_table(summaries) -> str:
+    """What the adaptive mode chose: λ and γ at the end, median α, μ and ρ (median [range] over
+    seeds of each run's value)."""
+    lines = ["| problem, batch | final λ | smallest λ | final γ | γ changes | median α | median μ | median ρ |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for group in summaries:
+        entry = group["methods"].get("adaptive")
+        if entry is None:
+            continue
+        stats = [r.get("adaptive") or {} for r in entry["runs"]]
+        column = lambda key, digits=3: spread([s[key] for s in stats if s.get(key) is not None], digits) \
+            if any(s.get(key) is not None for s in stats) else "–"
+        rows += 1
+        lines.append(f"| {setting_label(group['problem'], group['batch'])} | {column('damping_final')} "
+                     f"| {column('damping_min')} | {column('factor_damping_final')} "
+                     f"| {column('factor_damping_changes')} | {column('alpha_median')} | {column('mu_median')} "
+                     f"| {column('rho_median')} |")
+    return "\n".join(lines) if rows else ""
+
+
+def adaptive_settings_text(raw) -> str:
+    mode = raw.get("adaptive_mode")
+    if not mode:
+        return "K-FAC's adaptive mode was not run (results from before it was part of the benchmark)."
+    if not mode["available"]:
+        return "K-FAC's adaptive mode: not available in this library version; its rows are omitted."
+    o = mode["options"]
+    gamma = (f"γ re-chosen every T2 = {o['factor_damping_period']} steps among γ, γ·ω2, γ/ω2 "
+             f"(ω2 = {o['factor_damping_decay']:g}^T2)" if mode["gamma_rechoice"] else
+             f"**γ fixed at γ0** (no γ re-choice: {mode['gamma_note']})")
+    return (f"K-FAC adaptive (untuned): the same fixed settings for every problem, from Martens & Grosse "
+            f"2015 — λ0 = {o['damping']:g}, Levenberg–Marquardt every T1 = {o['lm_interval']} steps with "
+            f"ω1 = {o['lm_decay']:g}^T1, γ0 = {o['factor_damping']:g} (this library's γ; M&G's √γ), {gamma}, "
+            f"inverses every T3 = {o['inverse_update_period']} steps, factor decay {o['factor_decay']:g}, "
+            f"Cholesky with π, sampled Fisher; α and μ from the quadratic model, no learning rate, no KL "
+            f"clip. One adaptive step = one iteration; its time includes the forward-mode products and the "
+            f"loss evaluated after the update.")
+
+
 def detail_table(summaries) -> str:
     lines = [
         "| problem, batch | method | tuned configuration | final training loss | iterations to L* | seconds to L* (CPU) "
@@ -164,12 +241,15 @@ def detail_table(summaries) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for group in summaries:
-        for method in ("sgd", "adam", "kfac"):
+        for method in MAIN_METHODS:
             entry = group["methods"].get(method)
             if entry is None:
                 continue
-            config = config_text(entry["best"], entry["second"])
-            if entry["edge"]:
+            if method == "adaptive":
+                config = "untuned (fixed settings, see above)"
+            else:
+                config = config_text(entry["best"], entry["second"])
+            if entry.get("edge"):
                 config += " (edge: no lr beyond it tried)"
             if entry.get("second_from"):
                 config += f" ({SECOND_NAMES.get(entry['second'], entry['second'])} from {entry['second_from']})"
@@ -249,11 +329,60 @@ def ablation_table(raw, summaries) -> str:
                      f"| {spread([r[1] for r in reached], 3)} "
                      f"| {fmt(median([r['step_ms_mean'] for r in runs if r['step_ms_mean']]), 3)} "
                      f"| {fmt(100 * median(clipped), 3) + ' %' if clipped else '–'} |")
-    availability = ("the library has it (`kfac.Optimizer.solve_step_size` exists) but this benchmark does not "
-                    "drive it yet: pending" if ablation["adaptive_available"]
-                    else "not available in this library version")
-    for name in raw["adaptive_rows"]:
-        lines.append(f"| {name} | {availability} | | | | |")
+    if "adaptive_rows" in raw:  # raw results from before the adaptive mode was driven
+        availability = ("the library has it (`kfac.Optimizer.solve_step_size` exists) but this benchmark does not "
+                        "drive it yet: pending" if ablation["adaptive_available"]
+                        else "not available in this library version")
+        for name in raw["adaptive_rows"]:
+            lines.append(f"| {name} | {availability} | | | | |")
+    return "\n".join(lines)
+
+
+def adaptive_ablation_table(raw, summaries) -> str:
+    ablation = raw.get("adaptive_ablation")
+    mode = raw.get("adaptive_mode")
+    if not ablation:
+        if mode and not mode["available"]:
+            return "Not available in this library version."
+        return "(not run)"
+    group = next((g for g in summaries if g["problem"] == ablation["problem"] and g["batch"] == ablation["batch"]), None)
+    target = group["L*"] if group else INF
+    main = group["methods"].get("adaptive") if group else None
+    rows = dict(ablation["rows"])
+    names = list(raw["adaptive_ablation_names"])
+    if main is not None:
+        rows[names[0]] = main["runs"]
+    if mode and not mode.get("gamma_rechoice"):  # the baseline ran with γ fixed: say so
+        label = "adaptive (untuned: LM + α/μ, γ fixed at γ0 — no γ re-choice in this library version; the main table's runs)"
+        rows[label] = rows.pop(names[0], [])
+        names[0] = label
+    kfac = group["methods"].get("kfac") if group else None
+    if kfac is not None:
+        name = (f"α/μ, LM and γ all off = fixed-damping K-FAC (tuned lr {fmt_lr(kfac['best']['lr'])}, "
+                f"λ {kfac['best']['damping']:g}, KL clip; the main table's runs)")
+        rows[name] = kfac["runs"]
+        names.append(name)
+    lines = [f"{setting_label(ablation['problem'], ablation['batch'])}, L* = {fmt(target)} (SGD-momentum's), "
+             f"{len(next(iter(rows.values()))) if rows else 0} seeds, every other setting as in the adaptive row.",
+             "",
+             "| variant | final training loss | iterations to L* | seconds to L* | ms per step | final λ | final γ | median α | median μ |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        if name in ablation.get("notes", {}):
+            lines.append(f"| {name} | {ablation['notes'][name]} | | | | | | | |")
+            continue
+        runs = rows.get(name)
+        if not runs:
+            continue
+        reached = [reach(run, target) for run in runs]
+        stats = [r.get("adaptive") or {} for r in runs]
+        column = lambda key: spread([s[key] for s in stats if s.get(key) is not None], 3) \
+            if any(s.get(key) is not None for s in stats) else "–"
+        lines.append(f"| {name} | {spread(final_losses(runs))} | {spread([r[0] for r in reached])} "
+                     f"| {spread([r[1] for r in reached], 3)} "
+                     f"| {fmt(median([r['step_ms_mean'] for r in runs if r['step_ms_mean']]), 3)} "
+                     f"| {column('damping_final')} | {column('factor_damping_final')} "
+                     f"| {column('alpha_median')} | {column('mu_median')} |")
     return "\n".join(lines)
 
 
@@ -303,6 +432,9 @@ def contention_text(raw) -> str:
     runs += [r for s in raw["sweep"] if s for r in s["runs"]]
     if raw.get("ablation"):
         runs += [r for rs in raw["ablation"]["rows"].values() for r in rs]
+    runs += [r for e in raw.get("adaptive") or [] for r in e["runs"]]
+    if raw.get("adaptive_ablation"):
+        runs += [r for rs in raw["adaptive_ablation"]["rows"].values() for r in rs]
     for p in raw["peer"]:
         if p:
             runs += p["kfac"] + p["peer"]
@@ -367,7 +499,7 @@ def plot_curves(summaries, path: str, x_index: int, xlabel: str) -> None:
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
     for axis, group in zip(axes.flat, summaries):
         top, bottom = -INF, INF
-        for method in ("sgd", "adam", "kfac"):
+        for method in MAIN_METHODS:
             entry = group["methods"].get(method)
             curve = _median_curve(entry["runs"], x_index) if entry else None
             if curve is None:
@@ -458,6 +590,10 @@ def write_report(raw, out: str) -> str:
     profile = raw["profile_settings"]
     runtime = raw.get("runtime_seconds") or 0.0
     omitted = profile.get("omitted") or []
+    choices = adaptive_choices_table(summaries)
+    if choices:
+        choices = ("What the adaptive mode chose (median [min–max] over seeds of each run's value; "
+                   "ρ = actual / predicted loss change):\n\n" + choices + "\n\n")
     protocol_link = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
                                     os.path.abspath(out))
     text = f"""# Convergence benchmark results
@@ -477,25 +613,31 @@ processes took the core) is in the next table; see "Machine" for how much they d
 
 {goals}
 
+{adaptive_settings_text(raw)}
+{chr(10) + adaptive_goals_table(summaries) + chr(10) if adaptive_goals_table(summaries) else ""}
 ## Per method
 
 Final training loss, iterations and seconds to L*: median [min–max] over seeds.
 
 {detail_table(summaries)}
 
-![loss vs iterations](training_loss_vs_iterations.png)
+{choices}![loss vs iterations](training_loss_vs_iterations.png)
 
 ![loss vs seconds](training_loss_vs_seconds.png)
 
 ## Batch-size sweep ({profile['sweep']['problem']})
 
-{sweep_text}
+{sweep_text}{" K-FAC adaptive is not part of the sweep (budget, see the protocol)." if raw.get("adaptive") else ""}
 
 ![batch-size sweep](training_batch_sweep.png)
 
 ## K-FAC ablations
 
 {ablation_table(raw, summaries)}
+
+### Adaptive mode
+
+{adaptive_ablation_table(raw, summaries)}
 
 ## Peer: curvlinops-for-pytorch {machine['curvlinops']}
 

@@ -4,9 +4,11 @@
     python3 benchmarks/training/run.py [--profile default|full|smoke] [--workers 2]
 
 Runs the protocol of benchmarks/training/README.md — tuning on pre-declared equal grids, five
-seeds of every best configuration, the batch-size sweep, the K-FAC ablations and the
-curvlinops peer — in worker processes of one thread each, showing progress on stderr, and
-writes benchmarks/results/training.md, training_*.png and training_raw.json.
+seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds per setting), the
+batch-size sweep, the K-FAC ablations (fixed-damping and adaptive) and the curvlinops peer — in
+worker processes of one thread each, showing progress on stderr, and writes
+benchmarks/results/training.md, training_*.png and training_raw.json (the smoke profile writes
+into a temporary directory instead, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
 """
 
@@ -28,6 +30,7 @@ import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: E402
 
@@ -48,7 +51,8 @@ GRIDS = {
     "kfac": dict(lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0], second="damping", values=[1e-3, 1e-1]),
 }
 METHODS = ("sgd", "adam", "kfac")
-METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)"}
+METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)",
+                "adaptive": "K-FAC adaptive (untuned)"}
 REFINE = (10 ** -0.5, 10 ** 0.5)
 # Problems whose second hyperparameter is taken from another problem at the same batch setting.
 TRANSFER_SECOND = {"ae-mnist": "ae-digits"}
@@ -65,7 +69,17 @@ ABLATIONS = [
     ("KL clip κ = 1e-1 (added after the smoke run, see README)", dict(kl_clip=1e-1)),
     ("KL clip off", dict(kl_clip=0.0)),
 ]
-ADAPTIVE_ROWS = ["adaptive mode: Levenberg–Marquardt λ (LM on/off)", "adaptive mode: quadratic-model α/μ (α/μ on/off)"]
+# K-FAC adaptive-mode ablations on the same problem and batch (README.md, "Added in the
+# adaptive-mode session"): name -> option overrides of trainers.ADAPTIVE_DEFAULTS. The untuned
+# adaptive runs of the main table are the baseline row; "α/μ fully off" is the fixed-damping
+# K-FAC row of the table above (tuned lr, λ, KL clip), so it is not run again.
+ADAPTIVE_BASELINE = "adaptive (untuned, LM + α/μ + γ re-choice; the main table's runs)"
+ADAPTIVE_ABLATIONS = [
+    ("LM off (λ fixed at λ0)", dict(lm_interval=0)),
+    ("α only (no momentum μ)", dict(qmodel_momentum=False)),
+    ("γ re-choice off (γ fixed at γ0)", dict(factor_damping_period=0)),
+]
+GAMMA_OFF = ADAPTIVE_ABLATIONS[2][0]
 
 PROFILES = {
     # (problem, batch (0 = full), T, eval_every)
@@ -106,6 +120,20 @@ _COST = {  # problem: (fixed ms, ms per example) of an SGD step; what K-FAC adds
     "mlp-digits": ((0.32, 0.0019), (0.8, 0.0027)),
     "cnn-digits": ((0.11, 0.0104), (1.0, 0.0153)),
 }
+# What the adaptive step adds to the K-FAC step (the two forward-mode products, the loss after
+# the update, the solve): (fixed ms, ms per example), from the adaptive-mode timing pilot (README,
+# "Added in the adaptive-mode session"): adaptive − K-FAC step medians measured alongside the SGD
+# step, rescaled by this table's SGD step / the measured one. ae-mnist: batch 256 only (two
+# pilots, 56 and 70 ms), with ae-digits' fixed part.
+_ADAPTIVE_EXTRA = {
+    "ae-digits": (2.6, 0.0156),
+    "ae-mnist": (2.6, 0.236),
+    "mlp-digits": (1.5, 0.0086),
+    "cnn-digits": (1.4, 0.0219),
+}
+# γ re-choice (every T2 = 20 steps: two more products and, with Cholesky, two more inversions of
+# every factor), not measurable before the library had it: +10 % of the adaptive step, a guess.
+_GAMMA_STEP_OVERHEAD = 1.10
 
 
 def estimated_seconds(task) -> float:
@@ -116,7 +144,13 @@ def estimated_seconds(task) -> float:
     batch = n if task["batch"] <= 0 or task["batch"] >= n else task["batch"]
     (a, b), (c, d) = _COST[problem]
     sgd = a + b * batch
-    step = {"sgd": sgd, "adam": 1.1 * sgd, "kfac": sgd + c + d * batch}.get(method, 3 * (sgd + c + d * batch))
+    kfac_step = sgd + c + d * batch
+    step = {"sgd": sgd, "adam": 1.1 * sgd, "kfac": kfac_step}.get(method, 3 * kfac_step)
+    if method == "adaptive":
+        e, f = _ADAPTIVE_EXTRA[problem]
+        step = kfac_step + e + f * batch
+        if task["options"].get("factor_damping_period", 0) > 0:
+            step *= _GAMMA_STEP_OVERHEAD
     if method == "kfac" and task["options"].get("inverse_update_period") == 1:
         step *= 2.5
     evals = 0 if batch == n else task["T"] / max(1, task["eval_every"])
@@ -203,6 +237,35 @@ def ablation_experiment(trainers, ablation):
     return dict(best=tuned["best"], rows=rows, adaptive_available=trainers.adaptive_mode_available())
 
 
+def adaptive_experiment(trainers, problem, batch, T, eval_every, seeds, options):
+    """K-FAC's adaptive mode, untuned: the same fixed settings for every problem, no grid; the
+    five seeds of the other methods (same initial weights, batches and sampled-Fisher draws)."""
+    tasks = [trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0, **options)
+             for seed in range(seeds)]
+    results = yield tasks
+    return dict(problem=problem, batch=batch, T=T, eval_every=eval_every, method="adaptive",
+                options=tasks[0]["options"], runs=results)
+
+
+def adaptive_ablation_experiment(trainers, problem, batch, T, eval_every, seeds, options, gamma_note):
+    """The adaptive-mode ablations (ADAPTIVE_ABLATIONS) at ``problem``/``batch``. Without γ
+    re-choice in the library the "γ re-choice off" variant is the main row itself: not run."""
+    tasks, names, notes = [], [], {}
+    for name, overrides in ADAPTIVE_ABLATIONS:
+        if name == GAMMA_OFF and gamma_note is not None:
+            notes[name] = "same as the baseline row: this library version has no γ re-choice"
+            continue
+        for seed in range(seeds):
+            tasks.append(trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0,
+                                            **dict(options, **overrides)))
+            names.append(name)
+    results = yield tasks
+    rows = {}
+    for name, result in zip(names, results):
+        rows.setdefault(name, []).append(result)
+    return dict(problem=problem, batch=batch, rows=rows, notes=notes)
+
+
 def peer_experiment(trainers, problem, batch, T, seeds):
     tuned = yield Need(("tune", problem, batch, "kfac"))
     if tuned is None:
@@ -253,6 +316,8 @@ def _describe(task) -> str:
     if task.get("kind") == "check":
         return f"{task['problem']} peer direction check"
     batch = "full" if task["batch"] <= 0 else task["batch"]
+    if task["method"] == "adaptive":
+        return f"{task['problem']}/{batch} adaptive seed {task['seed']}"
     return f"{task['problem']}/{batch} {task['method']} lr={task['lr']:g} seed {task['seed']}"
 
 
@@ -372,8 +437,9 @@ def run_experiments(experiments, workers, progress):
     return finished
 
 
-def planned_seconds(profile, trainers) -> float:
-    """Estimated single-core seconds of everything the profile runs (for the ETA)."""
+def planned_seconds(profile, trainers, adaptive_options=None) -> float:
+    """Estimated single-core seconds of everything the profile runs (for the ETA);
+    ``adaptive_options`` None: no adaptive runs."""
     total = 0.0
     settings = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
     for problem, batch, T, eval_every in profile["settings"]:
@@ -401,6 +467,18 @@ def planned_seconds(profile, trainers) -> float:
             task = trainers.make_task(problem, method, batch, T, T, 0, 1.0, inverse_update_period=1)
             total += profile["peer_seeds"] * estimated_seconds(task)
         total += 3.0
+    if adaptive_options is not None:
+        for problem, batch, T, eval_every in profile["settings"]:
+            task = trainers.make_task(problem, "adaptive", batch, T, eval_every, 0, 0.0, **adaptive_options)
+            total += profile["seeds"] * estimated_seconds(task)
+        if (ablation["problem"], ablation["batch"]) in settings:
+            T, e = settings[(ablation["problem"], ablation["batch"])]
+            for name, overrides in ADAPTIVE_ABLATIONS:
+                if name == GAMMA_OFF and not adaptive_options.get("factor_damping_period"):
+                    continue
+                task = trainers.make_task(ablation["problem"], "adaptive", ablation["batch"], T, e, 0, 0.0,
+                                          **dict(adaptive_options, **overrides))
+                total += ablation["seeds"] * estimated_seconds(task)
     return total
 
 
@@ -504,10 +582,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--workers", type=int, default=2, help="concurrent single-thread runs (default 2)")
-    parser.add_argument("--out", default=RESULTS, help="output directory (default benchmarks/results)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default benchmarks/results; for --profile smoke a temporary "
+                             "directory, so that a smoke run never overwrites the committed results)")
     parser.add_argument("--no-install", action="store_true", help="do not pip-install missing packages")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from training_raw.json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if args.profile == "smoke" else RESULTS
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "training_raw.json")
 
@@ -530,6 +612,20 @@ def main():
     if profile["omitted"]:
         print("omitted in this profile: " + "; ".join(profile["omitted"]), file=sys.stderr)
 
+    # K-FAC's adaptive mode: untuned, the settings of trainers.ADAPTIVE_DEFAULTS; γ re-choice
+    # only where the bindings and the loaded library have it (README.md, "Added in the
+    # adaptive-mode session").
+    adaptive_options, gamma_note = None, None
+    if trainers.adaptive_mode_available():
+        gamma_note = trainers.gamma_rechoice_support()
+        adaptive_options = {} if gamma_note is None else dict(factor_damping_period=0)
+        print("K-FAC adaptive mode (untuned): " + ("γ re-chosen every T2 = "
+              f"{trainers.ADAPTIVE_DEFAULTS['factor_damping_period']} steps" if gamma_note is None else
+              f"γ fixed at γ0 = {trainers.ADAPTIVE_DEFAULTS['factor_damping']:g}, no γ re-choice ({gamma_note})"),
+              file=sys.stderr)
+    else:
+        print("K-FAC adaptive mode: not available in this library version (its rows are omitted)", file=sys.stderr)
+
     print("measuring step times with 1 and 2 threads (alone)...", file=sys.stderr)
     threads = measure_threads(profile)
 
@@ -541,10 +637,21 @@ def main():
     for method in METHODS:
         experiments[("sweep", method)] = sweep_experiment(trainers, profile["sweep"], method)
     experiments[("ablation",)] = ablation_experiment(trainers, profile["ablation"])
+    settings_by_key = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
+    if adaptive_options is not None:
+        for problem, batch, T, eval_every in profile["settings"]:
+            experiments[("adaptive", problem, batch)] = adaptive_experiment(
+                trainers, problem, batch, T, eval_every, profile["seeds"], adaptive_options)
+        ablation = profile["ablation"]
+        if (ablation["problem"], ablation["batch"]) in settings_by_key:
+            T, eval_every = settings_by_key[(ablation["problem"], ablation["batch"])]
+            experiments[("adaptive-ablation",)] = adaptive_ablation_experiment(
+                trainers, ablation["problem"], ablation["batch"], T, eval_every, ablation["seeds"],
+                adaptive_options, gamma_note)
     for problem, batch, T in profile["peer"]:
         experiments[("peer", problem, batch)] = peer_experiment(trainers, problem, batch, T, profile["peer_seeds"])
 
-    progress = Progress(planned_seconds(profile, trainers), args.workers)
+    progress = Progress(planned_seconds(profile, trainers, adaptive_options), args.workers)
     finished = run_experiments(experiments, args.workers, progress)
     progress.finish()
 
@@ -554,8 +661,19 @@ def main():
         grids=GRIDS, refine=REFINE,
         settings=[finished[("tune", p, b, m)] for p, b, _, _ in profile["settings"] for m in METHODS],
         sweep=[finished[("sweep", m)] for m in METHODS],
-        ablation=finished[("ablation",)], ablation_names=[name for name, _ in ABLATIONS], adaptive_rows=ADAPTIVE_ROWS,
+        ablation=finished[("ablation",)], ablation_names=[name for name, _ in ABLATIONS],
         peer=[finished[("peer", p, b)] for p, b, _ in profile["peer"]],
+        adaptive_mode=dict(
+            available=adaptive_options is not None,
+            gamma_rechoice=adaptive_options is not None and gamma_note is None,
+            gamma_note=gamma_note,
+            defaults=trainers.ADAPTIVE_DEFAULTS,
+            options=None if adaptive_options is None else dict(trainers.ADAPTIVE_DEFAULTS, **adaptive_options),
+        ),
+        adaptive=[finished[("adaptive", p, b)] for p, b, _, _ in profile["settings"]
+                  if ("adaptive", p, b) in finished],
+        adaptive_ablation=finished.get(("adaptive-ablation",)),
+        adaptive_ablation_names=[ADAPTIVE_BASELINE] + [name for name, _ in ADAPTIVE_ABLATIONS],
     )
     raw = _finite(raw)  # JSON-safe: a diverged run's loss is null
     # Written twice so that the recorded runtime includes writing the report and plots.

@@ -3,8 +3,10 @@
 :func:`run_task` takes a plain dict (picklable, see :func:`make_task`) and returns a plain dict
 with the training-loss curve ``[(iterations, loss, seconds), ...]`` and per-step statistics.
 Methods: ``sgd`` (SGD-momentum), ``adam``, ``kfac`` (this library's KFACPreconditioner + SGD
-with momentum) and ``peer`` (curvlinops' KFAC inverse operator + SGD with momentum, the KL clip
-applied here with the formula of kfac.h). See README.md for the protocol.
+with momentum), ``adaptive`` (KFACPreconditioner's adaptive mode: Levenberg–Marquardt λ, γ,
+α/μ from the quadratic model, untuned; no learning rate) and ``peer`` (curvlinops' KFAC inverse
+operator + SGD with momentum, the KL clip applied here with the formula of kfac.h). See
+README.md for the protocol.
 
 Timing: each training step — zeroing the gradients, forward, backward, every K-FAC computation
 (the sampled-Fisher pass included) and the optimizer's update — is timed twice: the process's
@@ -16,6 +18,7 @@ outside both. Curve points are ``(iterations, loss, cpu_seconds, wall_seconds)``
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -55,18 +58,74 @@ KFAC_DEFAULTS = dict(
 )
 
 
+#: K-FAC's adaptive mode, UNTUNED: fixed settings from Martens & Grosse 2015, the same for every
+#: problem (README.md, "Methods" and "Added in the adaptive-mode session"). A task may override
+#: them for the adaptive ablations only.
+ADAPTIVE_DEFAULTS = dict(
+    damping=150.0,               # λ0 (M&G's initial λ)
+    factor_damping=150.0,        # γ0: M&G's γ0 = sqrt(λ0 + η), η = 0; this library's γ is M&G's γ²
+    lm_interval=5,               # T1
+    lm_decay=0.95,               # ω1 per step (the library raises it to T1: (19/20)^5)
+    factor_damping_period=20,    # T2 (0 = γ fixed at γ0; forced to 0 where the library lacks it)
+    factor_damping_decay=0.95,   # ω2 = 0.95^T2 on this library's γ = M&G's sqrt(19/20)^T2 on theirs
+    factor_decay=0.95,
+    factor_update_period=1,
+    inverse_update_period=20,    # T3
+    inverse_strategy="cholesky",
+    pi_damping=True,             # factored Tikhonov damping with π (M&G §6.3)
+    fisher="sampled",
+    qmodel_momentum=True,        # μ from the quadratic model; False = α only (ablation)
+)
+
+
 def adaptive_mode_available() -> bool:
     """Whether this library version has K-FAC's adaptive mode (LM damping, α/μ)."""
-    return hasattr(kfac.Optimizer, "solve_step_size")
+    return hasattr(kfac.Optimizer, "solve_step_size") and hasattr(KFACPreconditioner, "adaptive_step")
+
+
+def _preconditioner_arguments():
+    return set(inspect.signature(KFACPreconditioner.__init__).parameters)
+
+
+def gamma_rechoice_support() -> Optional[str]:
+    """None if the bindings and the loaded library re-choose γ (M&G §6.6,
+    ``factor_damping_period``), else why not. Checked by training a tiny model for two
+    adaptive steps with T2 = 1, so that a binding without the library symbols is caught too."""
+    arguments = _preconditioner_arguments()
+    missing = [name for name in ("factor_damping_period", "factor_damping_decay") if name not in arguments]
+    if missing:
+        return f"KFACPreconditioner has no {', '.join(missing)} argument"
+    if not hasattr(kfac.Optimizer, "solve_step_size_candidates"):
+        return "kfac.Optimizer has no solve_step_size_candidates"
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        pre = KFACPreconditioner(model, damping=1.0, kl_clip=0.0, loss_reduction="mean", num_threads=1,
+                                 inverse_update_period=1, inverse_strategy="cholesky", lm_interval=1,
+                                 factor_damping_period=1, factor_damping_decay=0.95,
+                                 **({"factor_damping": 1.0} if "factor_damping" in arguments else {}))
+        if "factor_damping" not in arguments:
+            pre.optimizer.factor_damping = 1.0
+        for _ in range(2):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+            pre.adaptive_step(x, lambda out: torch.nn.functional.cross_entropy(out, y), "categorical")
+        pre.close()
+    except Exception as exc:  # e.g. the loaded libkfac.so predates the feature
+        return f"the γ re-choice probe failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dict:
     """A run description. ``batch`` 0 means full batch. ``options``: ``momentum`` (sgd),
-    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, peer)."""
+    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, peer), any key of
+    :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is unused: pass 0)."""
     task = dict(problem=problem, method=method, batch=int(batch), T=int(T),
                 eval_every=int(eval_every), seed=int(seed), lr=float(lr))
-    if method in ("kfac", "peer"):
-        merged = dict(KFAC_DEFAULTS)
+    if method in ("kfac", "peer", "adaptive"):
+        merged = dict(ADAPTIVE_DEFAULTS if method == "adaptive" else KFAC_DEFAULTS)
         merged.update(options)
         options = merged
     task["options"] = options
@@ -184,6 +243,87 @@ class _KFACStep:
         self.preconditioner.close()
 
 
+class _AdaptiveStep:
+    """libkfac's adaptive mode (M&G 2015 §6–7): KFACPreconditioner.step() writes the directions
+    D, then KFACPreconditioner.adaptive_step() chooses α and μ from the quadratic model with
+    the exact Fisher (forward-mode products J·D, J·δ₀), applies θ ← θ − α·D + μ·δ₀, evaluates
+    the loss again and adjusts λ (Levenberg–Marquardt) and, where the library has it, γ. No
+    learning rate, no KL clip. Same sampled-Fisher statistics as :class:`_KFACStep`."""
+
+    def __init__(self, model, problem, options):
+        self.model, self.problem = model, problem
+        self.sampled = options["fisher"] == "sampled"
+        self.momentum = bool(options["qmodel_momentum"])
+        self.distribution = "bernoulli" if problem.kind == "autoencoder" else "categorical"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        arguments = _preconditioner_arguments()
+        extra = {}
+        if options["factor_damping_period"] > 0:  # run.py sets 0 where the library lacks it
+            extra = dict(factor_damping_period=options["factor_damping_period"],
+                         factor_damping_decay=options["factor_damping_decay"])
+        if "factor_damping" in arguments:
+            extra["factor_damping"] = options["factor_damping"]
+        self.preconditioner = KFACPreconditioner(
+            model,
+            lr=1.0,  # η of the KL clip only, which is off
+            damping=options["damping"],
+            kl_clip=0.0,
+            factor_decay=options["factor_decay"],
+            factor_update_period=options["factor_update_period"],
+            inverse_update_period=options["inverse_update_period"],
+            inverse_strategy=options["inverse_strategy"],
+            pi_damping=options["pi_damping"],
+            loss_reduction="mean",
+            num_threads=1,
+            lm_interval=options["lm_interval"],
+            lm_decay=options["lm_decay"],
+            **extra,
+        )
+        if "factor_damping" not in arguments:  # bindings without the argument: the parameter
+            self.preconditioner.optimizer.factor_damping = options["factor_damping"]
+        self.alphas: List[float] = []
+        self.mus: List[float] = []
+        self.rhos: List[float] = []
+        self.dampings: List[float] = []
+        self.factor_dampings: List[float] = []
+
+    def __call__(self, x, y) -> float:
+        self.model.zero_grad(set_to_none=False)
+        output = self.model(x)
+        if self.sampled and self.preconditioner.optimizer.wants_statistics:
+            sampled_loss = self.problem.loss(output, self.problem.sample(output))
+            torch.autograd.grad(sampled_loss, self.params, retain_graph=True)
+        loss = self.problem.loss(output, y)
+        loss.backward()
+        self.preconditioner.step()
+        result = self.preconditioner.adaptive_step(x, lambda out: self.problem.loss(out, y), self.distribution,
+                                                   momentum=self.momentum)
+        self.alphas.append(result.alpha)
+        self.mus.append(result.mu)
+        self.rhos.append(result.rho)
+        self.dampings.append(result.damping)
+        self.factor_dampings.append(self.preconditioner.optimizer.factor_damping)
+        return loss.item()
+
+    def statistics(self) -> Dict:
+        if not self.alphas:
+            return {}
+        finite = lambda values: [v for v in values if math.isfinite(v)]
+        median = lambda values: float(np.median(finite(values))) if finite(values) else None
+        every = max(1, len(self.dampings) // 50)  # λ and γ traces, at most ~50 points
+        return dict(
+            alpha_median=median(self.alphas), mu_median=median(self.mus), rho_median=median(self.rhos),
+            damping_final=self.dampings[-1], damping_min=min(self.dampings),
+            factor_damping_final=self.factor_dampings[-1],
+            factor_damping_changes=int(sum(a != b for a, b in zip(self.factor_dampings, self.factor_dampings[1:]))),
+            damping_trace=[(i + 1, self.dampings[i], self.factor_dampings[i])
+                           for i in range(0, len(self.dampings), every)],
+        )
+
+    def close(self):
+        self.preconditioner.close()
+
+
 class _PeerStep:
     """curvlinops' KFAC (rebuilt from the current batch every step, Monte-Carlo Fisher with one
     sample) and its inverse with heuristic π damping, in front of SGD-momentum; the KL clip
@@ -268,6 +408,8 @@ def _build(task, problem, model):
     if method == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(options["beta1"], 0.999), eps=1e-8)
         return _PlainStep(model, optimizer, problem)
+    if method == "adaptive":
+        return _AdaptiveStep(model, problem, options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=options["momentum"])
     if method == "kfac":
         return _KFACStep(model, optimizer, problem, options)
@@ -276,12 +418,35 @@ def _build(task, problem, model):
     raise ValueError(f"unknown method {method!r}")
 
 
+_WARMED_UP = set()
+
+
+def _warm_up_forward_ad(problem) -> None:
+    """PyTorch compiles its forward-mode decompositions at their first use in a process
+    (≈ 0.1 s measured): done here, once per worker process and problem, before the run is seeded
+    and outside its timing, so that the adaptive mode's first run in a worker is not charged
+    for it. Uses a throwaway model; the run seeds the generator afterwards."""
+    if problem.name in _WARMED_UP:
+        return
+    from torch.func import functional_call, jvp
+
+    model = problem.make_model()
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    with torch.no_grad():
+        jvp(lambda *values: functional_call(model, dict(zip(names, values)), (problem.x[:2],)),
+            params, tuple(torch.ones_like(p) for p in params))
+    _WARMED_UP.add(problem.name)
+
+
 def run_task(task: Dict) -> Dict:
     """Trains one model as ``task`` says; returns the curve and statistics (see module doc)."""
     _set_single_thread()
     started = time.perf_counter()
     problem = get_problem(task["problem"])
     seed, T, eval_every = task["seed"], task["T"], max(1, task["eval_every"])
+    if task["method"] == "adaptive":
+        _warm_up_forward_ad(problem)
     torch.manual_seed(seed)
     model = problem.make_model()
     step = _build(task, problem, model)
@@ -346,6 +511,8 @@ def run_task(task: Dict) -> Dict:
         wall_seconds=time.perf_counter() - started,
         test=None if diverged else _test_metrics(model, problem),
     )
+    if isinstance(step, _AdaptiveStep):
+        result["adaptive"] = step.statistics()
     scales = getattr(step, "kl_scales", None)
     if scales:
         result["kl_scale_median"] = float(np.median(scales))
