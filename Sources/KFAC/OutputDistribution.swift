@@ -15,6 +15,9 @@ public enum OutputDistribution: Int32, Sendable, CaseIterable {
 ///   gaussian: B = I.
 enum OutputFisher {
     /// (uᵀBu, uᵀBv, vᵀBv) summed over the rows (v may be nil: then only uᵀBu).
+    // Specialised: the C ABI calls these generically, and unspecialised element loops cost ~100 ns a value.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func quadraticForms<S: KFACScalar>(
         distribution: OutputDistribution, outputs z: UnsafePointer<S>, rows: Int, dim: Int,
         u: UnsafePointer<S>, v: UnsafePointer<S>?
@@ -51,6 +54,8 @@ enum OutputFisher {
     }
 
     /// The max of a row of logits and Σ exp(z − max): p_i = exp(z_i − max) / total.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     static func softmaxNormalizer<S: KFACScalar>(_ z: UnsafePointer<S>, dim: Int) -> (max: Double, total: Double) {
         var m = -Double.infinity
         for i in 0..<dim { m = Swift.max(m, Double(z[i])) }
@@ -90,6 +95,8 @@ public enum TargetSampler {
 
     /// Writes sampled targets: a one-hot row (categorical), 0/1 values (bernoulli), or
     /// μ + standard normal noise (gaussian).
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     public static func sampleTargets<S: KFACScalar>(
         distribution: OutputDistribution, outputs z: UnsafePointer<S>, rows: Int, dim: Int, seed: UInt64,
         into targets: UnsafeMutablePointer<S>
@@ -126,23 +133,33 @@ public enum TargetSampler {
     /// sampled as `sampleTargets` does with the same seed: p − y (categorical, bernoulli) or
     /// μ − y (gaussian). Fed to `recordOutputGradients` (and back-propagated by the caller), it
     /// gives the statistics of the true Fisher instead of the empirical one.
+    @_specialize(where S == Float)
+    @_specialize(where S == Double)
     public static func sampledOutputGradients<S: KFACScalar>(
         distribution: OutputDistribution, outputs z: UnsafePointer<S>, rows: Int, dim: Int, seed: UInt64,
         into gradients: UnsafeMutablePointer<S>
     ) {
-        sampleTargets(distribution: distribution, outputs: z, rows: rows, dim: dim, seed: seed, into: gradients)
+        guard distribution == .bernoulli else {
+            sampleTargets(distribution: distribution, outputs: z, rows: rows, dim: dim, seed: seed, into: gradients)
+            for n in 0..<rows {
+                let row = n * dim
+                if distribution == .categorical {
+                    let (m, total) = OutputFisher.softmaxNormalizer(z + row, dim: dim)
+                    for i in 0..<dim {
+                        gradients[row + i] = S(Foundationless.exp(Double(z[row + i]) - m) / total) - gradients[row + i]
+                    }
+                } else {
+                    for i in 0..<dim { gradients[row + i] = z[row + i] - gradients[row + i] }
+                }
+            }
+            return
+        }
+        // Bernoulli in one pass: the same draws as `sampleTargets`, σ(z) computed once.
         for n in 0..<rows {
             let row = n * dim
-            switch distribution {
-            case .categorical:
-                let (m, total) = OutputFisher.softmaxNormalizer(z + row, dim: dim)
-                for i in 0..<dim {
-                    gradients[row + i] = S(Foundationless.exp(Double(z[row + i]) - m) / total) - gradients[row + i]
-                }
-            case .bernoulli:
-                for i in 0..<dim { gradients[row + i] = S(OutputFisher.logistic(Double(z[row + i]))) - gradients[row + i] }
-            case .gaussian:
-                for i in 0..<dim { gradients[row + i] = z[row + i] - gradients[row + i] }
+            for i in 0..<dim {
+                let p = OutputFisher.logistic(Double(z[row + i]))
+                gradients[row + i] = S(p) - (uniform(seed: seed, row: n, index: i) < p ? 1 : 0)
             }
         }
     }
