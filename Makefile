@@ -1,7 +1,8 @@
 # libkfac — build, demo, tests, benchmarks and installation.
 #
-#   make demo     trains an MLP on the digits data with K-FAC, SGD-momentum and Adam (C example)
-#   make test     every test: Swift (XCTest), C ABI, exports, Python/PyTorch
+#   make demo     C examples on the digits data: an MLP (K-FAC, SGD-momentum, Adam, adaptive K-FAC)
+#                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam)
+#   make test     every test: Swift (XCTest), C ABI, exports, the C examples' passes, Python/PyTorch
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
 #   make install PREFIX=/usr/local
@@ -22,7 +23,7 @@ LIB := .build/release/libkfac.so
 CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
 LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
 
-.PHONY: all deps deps-apt deps-python lib demo demo-python test test-swift test-capi test-python \
+.PHONY: all deps deps-apt deps-python lib demo demo-python test test-swift test-capi test-examples test-python \
         bench bench-train install uninstall clean
 
 all: lib
@@ -46,17 +47,24 @@ lib: deps-apt
 	$(SWIFT_RELEASE) --product kfac
 	ln -sf libkfac.so .build/release/$(SONAME)
 
-build/train_mlp: examples/c/train_mlp.c include/kfac.h lib
-	@mkdir -p build
-	$(CC) $(CFLAGS_EXAMPLE) -o $@ examples/c/train_mlp.c $(LDFLAGS_KFAC) -lopenblas -lm
+# The C examples share one network (net.c: forward, backward, R-op), the optimizers (optim.c),
+# utilities and data loading (common.c), and the finite-difference check of the passes
+# (net_check.c, run by `--check`).
+EXAMPLE_SHARED := examples/c/common.c examples/c/net.c examples/c/net_check.c examples/c/optim.c
+EXAMPLE_HEADERS := examples/c/common.h examples/c/net.h examples/c/optim.h include/kfac.h
 
-demo: deps build/train_mlp
+build/train_mlp build/train_autoencoder: build/%: examples/c/%.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) lib
+	@mkdir -p build
+	$(CC) $(CFLAGS_EXAMPLE) -o $@ examples/c/$*.c $(EXAMPLE_SHARED) $(LDFLAGS_KFAC) -lopenblas -lm
+
+demo: deps build/train_mlp build/train_autoencoder
 	./build/train_mlp data/digits.bin
+	./build/train_autoencoder data/digits.bin
 
 demo-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
 
-test: deps test-swift test-capi test-python
+test: deps test-swift test-capi test-examples test-python
 
 test-swift: deps-apt
 	swift test
@@ -68,6 +76,12 @@ build/test_capi: Tests/capi/test_capi.c include/kfac.h lib
 test-capi: build/test_capi build/train_mlp
 	bash Tests/capi/check_exports.sh $(LIB)
 	./build/test_capi
+
+# Forward, backward and R-op of both example networks against double-precision central
+# differences; each exits non-zero if an error is above its tolerance.
+test-examples: build/train_mlp build/train_autoencoder
+	./build/train_mlp --check
+	./build/train_autoencoder --check
 
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
