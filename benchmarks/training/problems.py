@@ -62,13 +62,31 @@ def load_mnist_5k():
 # ---------------------------------------------------------------------------------------------
 
 
+SPARSE_CONNECTIONS = 15
+
+
+def sparse_init_(layer: nn.Linear, connections: int = SPARSE_CONNECTIONS) -> None:
+    """Martens (2010)'s sparse initialisation, which Martens & Grosse (2015) used for these
+    autoencoders: each unit gets ``connections`` nonzero incoming weights drawn from N(0, 1)
+    (all of them when the layer has fewer inputs), biases 0. Uses torch's generator."""
+    fan_out, fan_in = layer.weight.shape
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        k = min(connections, fan_in)
+        for unit in range(fan_out):
+            chosen = torch.randperm(fan_in)[:k]
+            layer.weight[unit, chosen] = torch.randn(k)
+
+
 def autoencoder(sizes, code_index: int) -> nn.Sequential:
     """Linear layers between consecutive ``sizes``; sigmoid after every hidden layer except
     the code layer (``sizes[code_index]``, linear, as in Hinton & Salakhutdinov 2006); the
-    last layer returns logits."""
+    last layer returns logits. Sparse initialisation as in the paper (:func:`sparse_init_`)."""
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
+        sparse_init_(layers[-1])
         is_output = i == len(sizes) - 2
         if not is_output and i + 1 != code_index:
             layers.append(nn.Sigmoid())
