@@ -1,6 +1,6 @@
 /*
  * common.h — small utilities shared by the C examples: allocation, libkfac error checks, a
- * seedable random generator, a clock and the digits data (data/digits.bin).
+ * seedable random generator, a clock and the image data (data/digits.bin, build/mnist5k.bin).
  */
 #ifndef KFAC_EXAMPLE_COMMON_H
 #define KFAC_EXAMPLE_COMMON_H
@@ -43,17 +43,23 @@ void rng_shuffle(rng_t *r, int *order, int n);
 /* Monotonic clock in seconds. */
 double now_seconds(void);
 
-/* data/digits.bin (format in data/README.md): n images of d = 64 pixels scaled to [0, 1]
- * (pixel / 16) and their labels 0..9. */
+/* Image files of the DIGITS01 / DIGITS02 format (data/README.md): n images of d pixels and
+ * their labels 0..9. DIGITS01 (data/digits.bin) stores pixels 0..16; DIGITS02 (build/mnist5k.bin,
+ * written by data/export_mnist5k.py) adds a header field with the largest pixel value (255 for
+ * MNIST). The loader scales the pixels to [0, 1] (pixel / 16 or pixel / max_value). */
 typedef struct {
     int n, d;
     float *x;   /* [n][d] */
     uint8_t *y; /* [n] */
+    int max_value; /* of the stored pixels: 16 (DIGITS01) or the DIGITS02 header's */
 } dataset_t;
 
-enum { DIGITS_PIXELS = 64, DIGITS_CLASSES = 10 };
+enum { DIGITS_PIXELS = 64, DIGITS_CLASSES = 10, DIGITS01_MAX_VALUE = 16 };
 
-/* Loads the file; exits with a message on any problem, or if it has fewer than min_examples. */
+/* Loads a DIGITS01 or DIGITS02 file of any width d; exits with a message on any problem, or if
+ * it has fewer than min_examples. */
+dataset_t load_images(const char *path, int min_examples);
+/* load_images, and exits unless d = 64 (the 8×8 digits). */
 dataset_t load_digits(const char *path, int min_examples);
 void dataset_free(dataset_t *ds);
 
