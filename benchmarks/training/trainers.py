@@ -208,6 +208,7 @@ class _KFACStep:
     def __init__(self, model, optimizer, problem, options):
         self.model, self.optimizer, self.problem = model, optimizer, problem
         self.sampled = options["fisher"] == "sampled"
+        self.distribution = "bernoulli" if problem.kind == "autoencoder" else "categorical"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.preconditioner = KFACPreconditioner(
             model,
@@ -230,8 +231,7 @@ class _KFACStep:
         if self.sampled and self.preconditioner.optimizer.wants_statistics:
             # True-Fisher statistics: the hooks record this pass's output gradients (and the
             # saved inputs are consumed by it); the parameter gradients are left alone.
-            sampled_loss = self.problem.loss(output, self.problem.sample(output))
-            torch.autograd.grad(sampled_loss, self.params, retain_graph=True)
+            self.preconditioner.sampled_fisher_backward(output, self.distribution)
         loss = self.problem.loss(output, y)
         loss.backward()
         self.preconditioner.step()
@@ -291,8 +291,7 @@ class _AdaptiveStep:
         self.model.zero_grad(set_to_none=False)
         output = self.model(x)
         if self.sampled and self.preconditioner.optimizer.wants_statistics:
-            sampled_loss = self.problem.loss(output, self.problem.sample(output))
-            torch.autograd.grad(sampled_loss, self.params, retain_graph=True)
+            self.preconditioner.sampled_fisher_backward(output, self.distribution)
         loss = self.problem.loss(output, y)
         loss.backward()
         self.preconditioner.step()

@@ -827,11 +827,11 @@ class KFACPreconditioner:
             scale /= rows
         if scale != 1.0:
             grad = grad * scale
-        # The gradients needed for every layer's backward hook to fire: the weights (a first
-        # layer's hook fires with its output gradient) and the layers' inputs that require
-        # gradients (e.g. after a LayerNorm, or a batch that requires gradients). The gradients
-        # themselves are discarded.
-        targets = [layer.module.weight for layer in self._layers]
+        # The gradients needed for every layer's backward hook to fire, and no more: a layer's
+        # inputs where they require gradients (its hook fires when they are computed), else its
+        # weight (a first layer's hook fires with its output gradient). The other layers' weight
+        # gradients — half of a backward pass's work — are not computed. They are discarded.
+        targets = [layer.module.weight for layer in self._layers if not layer.graph_inputs]
         targets += [t for layer in self._layers for t in layer.graph_inputs]
         self._in_sampled_backward = True
         try:
