@@ -428,6 +428,7 @@ class KFACPreconditioner:
         self._sampled_fisher = False
         self._in_sampled_backward = False
         self._loss_backward_recorded = False  # an ordinary backward recorded since the last step
+        self._warned_second_backward = False
         self._sample_count = 0
         # Adaptive mode: directions written by step() and not yet used, and δ₀ (the last update
         # adaptive_step applied), one tensor per preconditioned parameter.
@@ -630,6 +631,17 @@ class KFACPreconditioner:
             # Pairs the gradient with the input of the same forward call: the backward pass
             # visits a module's calls in reverse order, hence pop() from the end.
             if not layer.saved_inputs or grad_output[0] is None:
+                if (grad_output[0] is not None and self._loss_backward_recorded and not self._in_sampled_backward
+                        and not self._warned_second_backward):
+                    # A second backward through a forward pass whose statistics were recorded by
+                    # the first (typically a sampled-target pass after loss.backward()): it
+                    # records nothing, and the factors hold the first loss's (empirical) Fisher.
+                    self._warned_second_backward = True
+                    warnings.warn(
+                        "KFACPreconditioner: a second backward pass through the same forward pass records "
+                        "nothing; this step's statistics came from the first one. For the true Fisher call "
+                        "preconditioner.sampled_fisher_backward(outputs) before loss.backward()",
+                        UserWarning, stacklevel=2)
                 return None
             if self._sampled_fisher and not self._in_sampled_backward:
                 return None  # the loss's own backward pass: the sampled one records

@@ -11,6 +11,8 @@ uses. The PyTorch helpers are checked at the end.
 
 import ctypes
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -794,6 +796,28 @@ def test_adaptive_step_alpha_and_mu_equal_the_explicit_solution_on_a_linear_mode
         assert result.rho == pytest.approx((result.loss_after - result.loss_before) / m_ref, rel=1e-8)
         assert pre.last_reduction_ratio == result.rho
         previous = update
+
+
+@needs_torch
+def test_a_second_backward_after_the_recording_one_warns_once():
+    torch.manual_seed(0)
+    model = _torch_mlp()
+    x, y = _batch()
+    pre = KFACPreconditioner(model)
+    outputs = model(x)
+    F.cross_entropy(outputs, y).backward(retain_graph=True)  # records the empirical Fisher
+    sampled = torch.distributions.Categorical(logits=outputs.detach()).sample()
+    with pytest.warns(UserWarning, match="sampled_fisher_backward"):
+        torch.autograd.grad(F.cross_entropy(outputs, sampled), list(model.parameters()), retain_graph=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="KFACPreconditioner: a second backward")  # only once
+        torch.autograd.grad(F.cross_entropy(outputs, sampled), list(model.parameters()))
+        pre.step()
+        # The documented order warns about nothing.
+        outputs = model(x)
+        pre.sampled_fisher_backward(outputs, "categorical")
+        F.cross_entropy(outputs, y).backward()
+        pre.step()
 
 
 @needs_torch
