@@ -1,3 +1,13 @@
+/// One candidate for the factor damping γ of a step: where its directions U are (slot 0 =
+/// `stepDirection`, 1 and 2 = `candidateDirections`), its γ, KL scale ν and the inner products
+/// ⟨V, U⟩, ‖U‖², ⟨U, δ₀⟩ the quadratic model needs.
+struct DampingCandidate {
+    var slot: Int
+    var damping: Double
+    var klScale: Double
+    var vu = 0.0, uu = 0.0, up = 0.0
+}
+
 /// K-FAC's adaptive mode (Martens & Grosse 2015, §6–7): the step size α and momentum μ chosen
 /// by minimising the quadratic model of the loss, and the Levenberg–Marquardt adjustment of λ
 /// from the reduction ratio ρ.
@@ -9,16 +19,6 @@
 /// a 2×2 linear system (α alone when there is no previous update). ρ = (h(θ + δ) − h(θ)) / M(δ).
 /// On a γ step (§6.6) the model is minimised for each candidate damping's directions and the
 /// candidate with the lowest M(δ) is kept.
-/// One candidate for the factor damping γ of a step: where its directions U are (slot 0 =
-/// `stepDirection`, 1 and 2 = `candidateDirections`), its γ, KL scale ν and the inner products
-/// ⟨V, U⟩, ‖U‖², ⟨U, δ₀⟩ the quadratic model needs.
-struct DampingCandidate {
-    var slot: Int
-    var damping: Double
-    var klScale: Double
-    var vu = 0.0, uu = 0.0, up = 0.0
-}
-
 extension KFACOptimizer {
     /// At a successful step's commit: keeps its directions and the inner products the quadratic
     /// model needs (a failed step or a standalone `precondition` later cannot change them).
@@ -180,7 +180,7 @@ extension KFACOptimizer {
         guard candidate >= 0 && candidate < candidates.count else {
             throw KFACError(.invalidArgument, "candidate \(candidate) is out of range: the last step has \(candidates.count)")
         }
-        try checkBuffers(buffers)
+        for l in blocks.indices { try checkBias(buffers(l).bias, block: blocks[l], layer: l, what: "buffer") }
         let c = candidates[candidate]
         write(buffers, scale: c.klScale) { curvature in candidateDirection(curvature, slot: c.slot) }
         return c.damping
@@ -190,17 +190,8 @@ extension KFACOptimizer {
     /// buffers: the caller applies θ ← θ + δ.
     public func copyUpdate(into buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
         guard hasPreviousUpdate else { throw KFACError(.noStep, "there is no update before the first solve") }
-        try checkBuffers(buffers)
+        for l in blocks.indices { try checkBias(buffers(l).bias, block: blocks[l], layer: l, what: "buffer") }
         write(buffers, scale: 1) { curvature in curvature.previousUpdate! }
-    }
-
-    /// Checks that `buffers` has a bias buffer exactly for the layers with a bias.
-    private func checkBuffers(_ buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
-        for l in blocks.indices where blocks[l].layer.hasBias != (buffers(l).bias != nil) {
-            let b = blocks[l].layer.hasBias
-            throw KFACError(b ? .nullPointer : .invalidArgument,
-                            b ? "layer \(l) has a bias but its bias buffer is NULL" : "layer \(l) has no bias but a bias buffer was given")
-        }
     }
 
     /// Writes `scale ·` the matrices `source` gives per curvature into the layers' buffers

@@ -35,40 +35,34 @@ extension KFACOptimizer {
             try expect(gradients[l].weight.count, b.weightCount, "weight gradient of layer \(l)")
             if let bias = gradients[l].bias { try expect(bias.count, b.layer.outFeatures, "bias gradient of layer \(l)") }
         }
-        let weights = gradients.map { g in
-            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: g.weight.count)
-            p.initialize(from: g.weight, count: g.weight.count)
-            return p
-        }
-        let biases = gradients.map { g in
-            g.bias.map { bias in
-                let p = UnsafeMutablePointer<Scalar>.allocate(capacity: bias.count)
-                p.initialize(from: bias, count: bias.count)
-                return p
-            }
-        }
-        defer {
-            weights.forEach { $0.deallocate() }
-            biases.forEach { $0?.deallocate() }
-        }
-        try step { l in ParameterGradient(weight: weights[l], bias: biases[l]) }
-        for l in gradients.indices {
-            gradients[l].weight = Array(UnsafeBufferPointer(start: weights[l], count: gradients[l].weight.count))
-            if let b = biases[l] { gradients[l].bias = Array(UnsafeBufferPointer(start: b, count: blocks[l].layer.outFeatures)) }
-        }
+        gradients = try layerArrays(from: gradients) { (buffers) throws(KFACError) in try step(buffers) }
     }
 }
 
 extension KFACOptimizer {
-    /// Layer-shaped arrays that `fill` writes through pointers (temporary buffers, copied out).
-    private func layerArrays(_ fill: ((Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Void) throws(KFACError) -> [LayerGradient<Scalar>] {
-        let weights = blocks.map { UnsafeMutablePointer<Scalar>.allocate(capacity: $0.weightCount) }
-        let biases = blocks.map { $0.layer.hasBias ? UnsafeMutablePointer<Scalar>.allocate(capacity: $0.layer.outFeatures) : nil }
+    /// Runs `body` on temporary layer-shaped buffers (holding `initial`, or zeros) and returns
+    /// their contents afterwards; on error nothing is returned. With `initial`, a layer has a
+    /// bias buffer when `initial` has a bias array for it (so `body` sees the caller's mistakes).
+    private func layerArrays(from initial: [LayerGradient<Scalar>]? = nil,
+                             _ body: ((Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Void) throws(KFACError) -> [LayerGradient<Scalar>] {
+        let weights = blocks.indices.map { l in
+            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: blocks[l].weightCount)
+            if let initial { p.initialize(from: initial[l].weight, count: blocks[l].weightCount) }
+            else { p.initialize(repeating: 0, count: blocks[l].weightCount) }
+            return p
+        }
+        let biases = blocks.indices.map { l -> UnsafeMutablePointer<Scalar>? in
+            guard initial.map({ $0[l].bias != nil }) ?? blocks[l].layer.hasBias else { return nil }
+            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: blocks[l].layer.outFeatures)
+            if let bias = initial?[l].bias { p.initialize(from: bias, count: blocks[l].layer.outFeatures) }
+            else { p.initialize(repeating: 0, count: blocks[l].layer.outFeatures) }
+            return p
+        }
         defer {
             weights.forEach { $0.deallocate() }
             biases.forEach { $0?.deallocate() }
         }
-        try fill { l in ParameterGradient(weight: weights[l], bias: biases[l]) }
+        try body { l in ParameterGradient(weight: weights[l], bias: biases[l]) }
         return blocks.indices.map { l in
             LayerGradient(weight: Array(UnsafeBufferPointer(start: weights[l], count: blocks[l].weightCount)),
                           bias: biases[l].map { Array(UnsafeBufferPointer(start: $0, count: blocks[l].layer.outFeatures)) })

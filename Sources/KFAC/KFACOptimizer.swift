@@ -488,11 +488,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let gamma = p.inverseDamping
         let omega = Foundationless.exp(Double(p.factorDampingPeriod) * Foundationless.log(p.factorDampingDecay))
         candidateStrategy = p.inverseStrategy
+        if p.inverseStrategy == .cholesky {
+            for k in curvatures.indices { invertCurvature[k] = true }
+        }
         for slot in 1...2 {
             let damping = slot == 1 ? gamma * omega : gamma / omega
             guard damping > 0 && damping.isFinite else { continue }
             if p.inverseStrategy == .cholesky {
-                for k in curvatures.indices { invertCurvature[k] = true }
                 do { try computeStagedInverses(foldingPending: false, target: slot, damping: damping) } catch { continue }
             }
             var inner = 0.0, finite = true
@@ -514,12 +516,17 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         return Swift.min(1, (kappa / (eta * eta * inner)).squareRoot())
     }
 
+    /// Checks that a layer's bias buffer is given exactly when the layer has a bias.
+    func checkBias(_ bias: UnsafeMutablePointer<Scalar>?, block b: any CurvatureBlock<Scalar>, layer l: Int,
+                   what: String) throws(KFACError) {
+        guard b.layer.hasBias != (bias != nil) else { return }
+        throw KFACError(b.layer.hasBias ? .nullPointer : .invalidArgument,
+                        b.layer.hasBias ? "layer \(l) has a bias but its bias \(what) is NULL"
+                                        : "layer \(l) has no bias but a bias \(what) was given")
+    }
+
     private func checkGradient(_ g: ParameterGradient<Scalar>, block b: any CurvatureBlock<Scalar>, layer l: Int) throws(KFACError) {
-        if b.layer.hasBias != (g.bias != nil) {
-            throw KFACError(b.layer.hasBias ? .nullPointer : .invalidArgument,
-                            b.layer.hasBias ? "layer \(l) has a bias but its bias gradient is NULL"
-                                            : "layer \(l) has no bias but a bias gradient was given")
-        }
+        try checkBias(g.bias, block: b, layer: l, what: "gradient")
         guard Scalar.allFinite(g.weight, count: b.weightCount),
               g.bias.map({ Scalar.allFinite($0, count: b.layer.outFeatures) }) ?? true else {
             throw KFACError(.nonFinite, "the gradient of layer \(l) contains NaN or Inf")
