@@ -79,7 +79,6 @@ ADAPTIVE_ABLATIONS = [
     ("α only (no momentum μ)", dict(qmodel_momentum=False)),
     ("γ re-choice off (γ fixed at γ0)", dict(factor_damping_period=0)),
 ]
-GAMMA_OFF = ADAPTIVE_ABLATIONS[2][0]
 
 PROFILES = {
     # (problem, batch (0 = full), T, eval_every)
@@ -234,30 +233,24 @@ def ablation_experiment(trainers, ablation):
     rows = {ABLATIONS[0][0]: tuned["runs"]}
     for name, result in zip(names, results):
         rows.setdefault(name, []).append(result)
-    return dict(best=tuned["best"], rows=rows, adaptive_available=trainers.adaptive_mode_available())
+    return dict(best=tuned["best"], rows=rows, adaptive_available=True)
 
 
-def adaptive_experiment(trainers, problem, batch, T, eval_every, seeds, options):
+def adaptive_experiment(trainers, problem, batch, T, eval_every, seeds):
     """K-FAC's adaptive mode, untuned: the same fixed settings for every problem, no grid; the
     five seeds of the other methods (same initial weights, batches and sampled-Fisher draws)."""
-    tasks = [trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0, **options)
-             for seed in range(seeds)]
+    tasks = [trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0) for seed in range(seeds)]
     results = yield tasks
     return dict(problem=problem, batch=batch, T=T, eval_every=eval_every, method="adaptive",
                 options=tasks[0]["options"], runs=results)
 
 
-def adaptive_ablation_experiment(trainers, problem, batch, T, eval_every, seeds, options, gamma_note):
-    """The adaptive-mode ablations (ADAPTIVE_ABLATIONS) at ``problem``/``batch``. Without γ
-    re-choice in the library the "γ re-choice off" variant is the main row itself: not run."""
+def adaptive_ablation_experiment(trainers, problem, batch, T, eval_every, seeds):
+    """The adaptive-mode ablations (ADAPTIVE_ABLATIONS) at ``problem``/``batch``."""
     tasks, names, notes = [], [], {}
     for name, overrides in ADAPTIVE_ABLATIONS:
-        if name == GAMMA_OFF and gamma_note is not None:
-            notes[name] = "same as the baseline row: this library version has no γ re-choice"
-            continue
         for seed in range(seeds):
-            tasks.append(trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0,
-                                            **dict(options, **overrides)))
+            tasks.append(trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0, **overrides))
             names.append(name)
     results = yield tasks
     rows = {}
@@ -437,9 +430,8 @@ def run_experiments(experiments, workers, progress):
     return finished
 
 
-def planned_seconds(profile, trainers, adaptive_options=None) -> float:
-    """Estimated single-core seconds of everything the profile runs (for the ETA);
-    ``adaptive_options`` None: no adaptive runs."""
+def planned_seconds(profile, trainers) -> float:
+    """Estimated single-core seconds of everything the profile runs (for the ETA)."""
     total = 0.0
     settings = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
     for problem, batch, T, eval_every in profile["settings"]:
@@ -467,18 +459,14 @@ def planned_seconds(profile, trainers, adaptive_options=None) -> float:
             task = trainers.make_task(problem, method, batch, T, T, 0, 1.0, inverse_update_period=1)
             total += profile["peer_seeds"] * estimated_seconds(task)
         total += 3.0
-    if adaptive_options is not None:
-        for problem, batch, T, eval_every in profile["settings"]:
-            task = trainers.make_task(problem, "adaptive", batch, T, eval_every, 0, 0.0, **adaptive_options)
-            total += profile["seeds"] * estimated_seconds(task)
-        if (ablation["problem"], ablation["batch"]) in settings:
-            T, e = settings[(ablation["problem"], ablation["batch"])]
-            for name, overrides in ADAPTIVE_ABLATIONS:
-                if name == GAMMA_OFF and not adaptive_options.get("factor_damping_period"):
-                    continue
-                task = trainers.make_task(ablation["problem"], "adaptive", ablation["batch"], T, e, 0, 0.0,
-                                          **dict(adaptive_options, **overrides))
-                total += ablation["seeds"] * estimated_seconds(task)
+    for problem, batch, T, eval_every in profile["settings"]:
+        task = trainers.make_task(problem, "adaptive", batch, T, eval_every, 0, 0.0)
+        total += profile["seeds"] * estimated_seconds(task)
+    if (ablation["problem"], ablation["batch"]) in settings:
+        T, e = settings[(ablation["problem"], ablation["batch"])]
+        for _, overrides in ADAPTIVE_ABLATIONS:
+            task = trainers.make_task(ablation["problem"], "adaptive", ablation["batch"], T, e, 0, 0.0, **overrides)
+            total += ablation["seeds"] * estimated_seconds(task)
     return total
 
 
@@ -612,19 +600,9 @@ def main():
     if profile["omitted"]:
         print("omitted in this profile: " + "; ".join(profile["omitted"]), file=sys.stderr)
 
-    # K-FAC's adaptive mode: untuned, the settings of trainers.ADAPTIVE_DEFAULTS; γ re-choice
-    # only where the bindings and the loaded library have it (README.md, "Added in the
-    # adaptive-mode session").
-    adaptive_options, gamma_note = None, None
-    if trainers.adaptive_mode_available():
-        gamma_note = trainers.gamma_rechoice_support()
-        adaptive_options = {} if gamma_note is None else dict(factor_damping_period=0)
-        print("K-FAC adaptive mode (untuned): " + ("γ re-chosen every T2 = "
-              f"{trainers.ADAPTIVE_DEFAULTS['factor_damping_period']} steps" if gamma_note is None else
-              f"γ fixed at γ0 = {trainers.ADAPTIVE_DEFAULTS['factor_damping']:g}, no γ re-choice ({gamma_note})"),
-              file=sys.stderr)
-    else:
-        print("K-FAC adaptive mode: not available in this library version (its rows are omitted)", file=sys.stderr)
+    # K-FAC's adaptive mode: untuned, the settings of trainers.ADAPTIVE_DEFAULTS.
+    print(f"K-FAC adaptive mode (untuned): γ re-chosen every T2 = "
+          f"{trainers.ADAPTIVE_DEFAULTS['factor_damping_period']} steps", file=sys.stderr)
 
     print("measuring step times with 1 and 2 threads (alone)...", file=sys.stderr)
     threads = measure_threads(profile)
@@ -638,20 +616,18 @@ def main():
         experiments[("sweep", method)] = sweep_experiment(trainers, profile["sweep"], method)
     experiments[("ablation",)] = ablation_experiment(trainers, profile["ablation"])
     settings_by_key = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
-    if adaptive_options is not None:
-        for problem, batch, T, eval_every in profile["settings"]:
-            experiments[("adaptive", problem, batch)] = adaptive_experiment(
-                trainers, problem, batch, T, eval_every, profile["seeds"], adaptive_options)
-        ablation = profile["ablation"]
-        if (ablation["problem"], ablation["batch"]) in settings_by_key:
-            T, eval_every = settings_by_key[(ablation["problem"], ablation["batch"])]
-            experiments[("adaptive-ablation",)] = adaptive_ablation_experiment(
-                trainers, ablation["problem"], ablation["batch"], T, eval_every, ablation["seeds"],
-                adaptive_options, gamma_note)
+    for problem, batch, T, eval_every in profile["settings"]:
+        experiments[("adaptive", problem, batch)] = adaptive_experiment(
+            trainers, problem, batch, T, eval_every, profile["seeds"])
+    ablation = profile["ablation"]
+    if (ablation["problem"], ablation["batch"]) in settings_by_key:
+        T, eval_every = settings_by_key[(ablation["problem"], ablation["batch"])]
+        experiments[("adaptive-ablation",)] = adaptive_ablation_experiment(
+            trainers, ablation["problem"], ablation["batch"], T, eval_every, ablation["seeds"])
     for problem, batch, T in profile["peer"]:
         experiments[("peer", problem, batch)] = peer_experiment(trainers, problem, batch, T, profile["peer_seeds"])
 
-    progress = Progress(planned_seconds(profile, trainers, adaptive_options), args.workers)
+    progress = Progress(planned_seconds(profile, trainers), args.workers)
     finished = run_experiments(experiments, args.workers, progress)
     progress.finish()
 
@@ -664,11 +640,11 @@ def main():
         ablation=finished[("ablation",)], ablation_names=[name for name, _ in ABLATIONS],
         peer=[finished[("peer", p, b)] for p, b, _ in profile["peer"]],
         adaptive_mode=dict(
-            available=adaptive_options is not None,
-            gamma_rechoice=adaptive_options is not None and gamma_note is None,
-            gamma_note=gamma_note,
+            available=True,
+            gamma_rechoice=True,
+            gamma_note=None,
             defaults=trainers.ADAPTIVE_DEFAULTS,
-            options=None if adaptive_options is None else dict(trainers.ADAPTIVE_DEFAULTS, **adaptive_options),
+            options=dict(trainers.ADAPTIVE_DEFAULTS),
         ),
         adaptive=[finished[("adaptive", p, b)] for p, b, _, _ in profile["settings"]
                   if ("adaptive", p, b) in finished],

@@ -18,7 +18,6 @@ outside both. Curve points are ``(iterations, loss, cpu_seconds, wall_seconds)``
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -66,7 +65,7 @@ ADAPTIVE_DEFAULTS = dict(
     factor_damping=150.0,        # γ0: M&G's γ0 = sqrt(λ0 + η), η = 0; this library's γ is M&G's γ²
     lm_interval=5,               # T1
     lm_decay=0.95,               # ω1 per step (the library raises it to T1: (19/20)^5)
-    factor_damping_period=20,    # T2 (0 = γ fixed at γ0; forced to 0 where the library lacks it)
+    factor_damping_period=20,    # T2 (0 = γ fixed at γ0)
     factor_damping_decay=0.95,   # ω2 = 0.95^T2 on this library's γ = M&G's sqrt(19/20)^T2 on theirs
     factor_decay=0.95,
     factor_update_period=1,
@@ -76,46 +75,6 @@ ADAPTIVE_DEFAULTS = dict(
     fisher="sampled",
     qmodel_momentum=True,        # μ from the quadratic model; False = α only (ablation)
 )
-
-
-def adaptive_mode_available() -> bool:
-    """Whether this library version has K-FAC's adaptive mode (LM damping, α/μ)."""
-    return hasattr(kfac.Optimizer, "solve_step_size") and hasattr(KFACPreconditioner, "adaptive_step")
-
-
-def _preconditioner_arguments():
-    return set(inspect.signature(KFACPreconditioner.__init__).parameters)
-
-
-def gamma_rechoice_support() -> Optional[str]:
-    """None if the bindings and the loaded library re-choose γ (M&G §6.6,
-    ``factor_damping_period``), else why not. Checked by training a tiny model for two
-    adaptive steps with T2 = 1, so that a binding without the library symbols is caught too."""
-    arguments = _preconditioner_arguments()
-    missing = [name for name in ("factor_damping_period", "factor_damping_decay") if name not in arguments]
-    if missing:
-        return f"KFACPreconditioner has no {', '.join(missing)} argument"
-    if not hasattr(kfac.Optimizer, "solve_step_size_candidates"):
-        return "kfac.Optimizer has no solve_step_size_candidates"
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-        pre = KFACPreconditioner(model, damping=1.0, kl_clip=0.0, loss_reduction="mean", num_threads=1,
-                                 inverse_update_period=1, inverse_strategy="cholesky", lm_interval=1,
-                                 factor_damping_period=1, factor_damping_decay=0.95,
-                                 **({"factor_damping": 1.0} if "factor_damping" in arguments else {}))
-        if "factor_damping" not in arguments:
-            pre.optimizer.factor_damping = 1.0
-        for _ in range(2):
-            model.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            pre.step()
-            pre.adaptive_step(x, lambda out: torch.nn.functional.cross_entropy(out, y), "categorical")
-        pre.close()
-    except Exception as exc:  # e.g. the loaded libkfac.so predates the feature
-        return f"the γ re-choice probe failed: {type(exc).__name__}: {exc}"
-    return None
 
 
 def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dict:
@@ -256,13 +215,6 @@ class _AdaptiveStep:
         self.momentum = bool(options["qmodel_momentum"])
         self.distribution = "bernoulli" if problem.kind == "autoencoder" else "categorical"
         self.params = [p for p in model.parameters() if p.requires_grad]
-        arguments = _preconditioner_arguments()
-        extra = {}
-        if options["factor_damping_period"] > 0:  # run.py sets 0 where the library lacks it
-            extra = dict(factor_damping_period=options["factor_damping_period"],
-                         factor_damping_decay=options["factor_damping_decay"])
-        if "factor_damping" in arguments:
-            extra["factor_damping"] = options["factor_damping"]
         self.preconditioner = KFACPreconditioner(
             model,
             lr=1.0,  # η of the KL clip only, which is off
@@ -277,10 +229,10 @@ class _AdaptiveStep:
             num_threads=1,
             lm_interval=options["lm_interval"],
             lm_decay=options["lm_decay"],
-            **extra,
+            factor_damping=options["factor_damping"],
+            factor_damping_period=options["factor_damping_period"],
+            factor_damping_decay=options["factor_damping_decay"],
         )
-        if "factor_damping" not in arguments:  # bindings without the argument: the parameter
-            self.preconditioner.optimizer.factor_damping = options["factor_damping"]
         self.alphas: List[float] = []
         self.mus: List[float] = []
         self.rhos: List[float] = []
