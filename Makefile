@@ -15,8 +15,11 @@
 PREFIX ?= /usr/local
 PYTHON ?= python3
 CC ?= cc
-VERSION := 0.1.0
-SONAME := libkfac.so.0
+# The version is written once, in include/kfac.h (Package.swift reads it too). While the major
+# version is 0 the SONAME carries the minor version: every 0.x release may change the ABI.
+version_part = $(shell sed -n 's/^\#define KFAC_VERSION_$(1) \([0-9]*\)$$/\1/p' include/kfac.h)
+VERSION := $(call version_part,MAJOR).$(call version_part,MINOR).$(call version_part,PATCH)
+SONAME := libkfac.so.$(if $(filter 0,$(call version_part,MAJOR)),0.$(call version_part,MINOR),$(call version_part,MAJOR))
 
 # Release builds link the Swift runtime statically, so libkfac.so needs only libc, libstdc++,
 # OpenBLAS and LAPACKE at run time.

@@ -21,23 +21,26 @@
  *
  *     kfac_optimizer *opt;
  *     kfac_optimizer_create(KFAC_FLOAT32, &opt);
- *     int32_t l0, l1;
- *     kfac_add_dense(opt, 784, 256, 1, &l0);
- *     kfac_add_dense(opt, 256, 10, 1, &l1);
+ *     kfac_dense_desc d0 = {sizeof d0, .in_features = 784, .out_features = 256, .has_bias = 1};
+ *     kfac_dense_desc d1 = {sizeof d1, .in_features = 256, .out_features = 10, .has_bias = 1};
+ *     int32_t l0, l1, wanted;
+ *     kfac_layer_add_dense(opt, &d0, &l0);
+ *     kfac_layer_add_dense(opt, &d1, &l1);
  *     for (;;) {
  *         ... forward: x -> layer l0 -> h -> layer l1 -> logits ...
- *         if (kfac_wants_statistics(opt)) {
- *             kfac_record_inputs_f32(opt, l0, x, batch);
- *             kfac_record_inputs_f32(opt, l1, h, batch);
+ *         kfac_optimizer_wants_statistics(opt, &wanted);
+ *         if (wanted) {
+ *             kfac_layer_record_inputs_f32(opt, l0, x, batch);
+ *             kfac_layer_record_inputs_f32(opt, l1, h, batch);
  *         }
  *         ... backward: dlogits, dh, weight and bias gradients ...
- *         if (kfac_wants_statistics(opt)) {
- *             kfac_record_output_grads_f32(opt, l1, dlogits, batch);
- *             kfac_record_output_grads_f32(opt, l0, dh_pre, batch);
+ *         if (wanted) {
+ *             kfac_layer_record_output_grads_f32(opt, l1, dlogits, batch);
+ *             kfac_layer_record_output_grads_f32(opt, l0, dh_pre, batch);
  *         }
  *         float *w_grads[2] = {dW0, dW1}, *b_grads[2] = {db0, db1};
- *         if (kfac_step_f32(opt, w_grads, b_grads, 2) != KFAC_OK)
- *             fprintf(stderr, "%s\n", kfac_last_error(opt));
+ *         if (kfac_optimizer_step_f32(opt, w_grads, b_grads, 2) != KFAC_OK)
+ *             fprintf(stderr, "%s\n", kfac_optimizer_last_error(opt));
  *         ... W -= lr * dW, b -= lr * db ...
  *     }
  *     kfac_optimizer_free(opt);
@@ -89,17 +92,17 @@
  * η is used for nothing else: the library returns directions, the caller scales by its own
  * learning rate.
  *
- * Schedule. The optimizer has a step counter k (0 at creation, +1 per successful kfac_step_*).
- * In kfac_step_*, in this order:
+ * Schedule. The optimizer has a step counter k (0 at creation, +1 per successful kfac_optimizer_step_*).
+ * In kfac_optimizer_step_*, in this order:
  *   1. if KFAC_PARAM_FACTOR_UPDATE_PERIOD = Tf > 0 and k mod Tf = 0, the statistics recorded
  *      since the previous factor update are folded into the running factors;
  *   2. if KFAC_PARAM_INVERSE_UPDATE_PERIOD = Ti > 0 and k mod Ti = 0, the inverses of all
  *      layers are recomputed from the factors just folded (in parallel across layers); with
  *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step;
  *   3. every layer's gradient is preconditioned, then KL-clipped, and written back.
- * A period of 0 means "only when asked": kfac_update_factors and kfac_update_inverses do steps 1
+ * A period of 0 means "only when asked": kfac_optimizer_update_factors and kfac_optimizer_update_inverses do steps 1
  * and 2 on demand. Statistics recorded on steps that are not factor-update steps are kept and
- * folded at the next factor update. kfac_wants_statistics tells whether recording is useful now.
+ * folded at the next factor update. kfac_optimizer_wants_statistics tells whether recording is useful now.
  *
  * ---------------------------------------------------------------------------------------------
  * Conventions (convolutions, channel grouping)
@@ -139,7 +142,7 @@
  * may be smaller. Each block is inverted on its own, all blocks of all layers as one parallel
  * batch; a size of 0, or one not smaller than the channel count, means no grouping.
  *
- * kfac_get_group_factors_* returns Ω_g and Γ_g as full matrices in the weight's order, zeros off
+ * kfac_layer_get_factors_* returns Ω_g and Γ_g as full matrices in the weight's order, zeros off
  * the blocks (for SUA, the expanded C_g ⊗ I with the bias block).
  *
  * ---------------------------------------------------------------------------------------------
@@ -155,10 +158,13 @@
  * ---------------------------------------------------------------------------------------------
  * Errors, ownership, threading
  * ---------------------------------------------------------------------------------------------
- * Every function that can fail returns an `int` status: KFAC_OK (0) or a negative kfac_status.
+ * Every function that can fail returns an `int` status: KFAC_OK (0) or a negative kfac_status,
+ * and delivers its results through out-parameters, which it writes only on success. Five
+ * functions cannot fail and return a value instead: kfac_version_number, kfac_version_string,
+ * kfac_status_string, kfac_optimizer_last_error and kfac_optimizer_free (void).
  * A failed call leaves the handle exactly as it was before the call (factors, inverses, pending
  * statistics, counters, parameters), and leaves caller buffers it would have written untouched.
- * kfac_last_error(handle) then describes the failure. No input makes the library abort, trap or
+ * kfac_optimizer_last_error(handle) then describes the failure. No input makes the library abort, trap or
  * exit.
  *
  * Buffers are owned by the caller and only borrowed for the duration of a call; the library
@@ -170,6 +176,17 @@
  * the first time it needs them; they sleep between calls and are joined by kfac_optimizer_free.
  * They are used only while OpenBLAS is single-threaded (see KFAC_PARAM_NUM_THREADS); the library
  * never changes OpenBLAS's process-wide thread setting.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Names and sections
+ * ---------------------------------------------------------------------------------------------
+ * Every function is named kfac_<object>_<verb>[_f32|_f64]; the object is the section it belongs
+ * to: kfac_version_*, kfac_status_*, kfac_optimizer_* (the handle, its schedule and step),
+ * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
+ * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
+ * (checkpoints), and in the experimental section kfac_candidates_* and kfac_curvature_*. A
+ * family of methods adds one section (and one object name) to this header. Enum-typed arguments
+ * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
 #ifndef KFAC_H
 #define KFAC_H
@@ -182,21 +199,54 @@ extern "C" {
 #endif
 
 /* ---------------------------------------------------------------------------------------------
- * Version
+ * API macros
+ *
+ * KFAC_API marks every declaration of the library (default visibility; dllimport on Windows
+ * unless KFAC_BUILDING_LIBRARY). Declarations inside `#if defined(KFAC_EXPERIMENTAL_API)` (the
+ * last section of this header) are exported by every build of the library, but may change or
+ * disappear in any minor release: define KFAC_EXPERIMENTAL_API before including kfac.h to use
+ * them, and accept that. Each experimental function says since when it exists.
+ * ------------------------------------------------------------------------------------------- */
+
+#if defined(_WIN32) && !defined(KFAC_BUILDING_LIBRARY)
+#  define KFAC_API __declspec(dllimport)
+#elif defined(_WIN32)
+#  define KFAC_API __declspec(dllexport)
+#elif defined(__GNUC__) || defined(__clang__)
+#  define KFAC_API __attribute__((visibility("default")))
+#else
+#  define KFAC_API
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Version and compatibility
+ *
+ * The version is written here and nowhere else: the build, the library's kfac_version_* and the
+ * bindings read these macros.
+ *
+ * Compatibility policy. While the major version is 0, a minor release (0.1 → 0.2) may change the
+ * ABI and the API — renames, new parameter numbers, new struct layouts — and lists every change
+ * in CHANGES.md; a patch release (0.2.0 → 0.2.1) keeps both. The shared object's SONAME is
+ * libkfac.so.0.MINOR while the major version is 0, so a program linked against 0.1 never loads a
+ * 0.2 library by accident; from 1.0 on it will be libkfac.so.MAJOR and the ABI will change only
+ * with the major version (functions, enum values and struct fields are then only added; growable
+ * structs carry struct_size). The experimental section is outside this promise at any version.
+ * State images carry their own format version (see "State").
  * ------------------------------------------------------------------------------------------- */
 
 #define KFAC_VERSION_MAJOR 0
-#define KFAC_VERSION_MINOR 1
+#define KFAC_VERSION_MINOR 2
 #define KFAC_VERSION_PATCH 0
-/** MAJOR*10000 + MINOR*100 + PATCH. The shared object's SONAME is libkfac.so.MAJOR. */
+#define KFAC_VERSION_STRING "0.2.0"
+/** MAJOR*10000 + MINOR*100 + PATCH. */
 #define KFAC_VERSION_NUMBER (KFAC_VERSION_MAJOR * 10000 + KFAC_VERSION_MINOR * 100 + KFAC_VERSION_PATCH)
 
 /** The version of the library actually loaded, as KFAC_VERSION_NUMBER. Compare with the macro
- *  to detect a header/library mismatch. */
-unsigned kfac_version_number(void);
+ *  to detect a header/library mismatch. Cannot fail. */
+KFAC_API unsigned kfac_version_number(void);
 
-/** The loaded library's version as a static string, e.g. "0.1.0". Never NULL. */
-const char *kfac_version_string(void);
+/** The loaded library's version as a static string, e.g. "0.2.0". Never NULL; cannot fail. */
+KFAC_API const char *kfac_version_string(void);
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes. The values are pinned and will not change; new codes may be added in the bands.
@@ -237,7 +287,7 @@ typedef enum kfac_status {
 
     /* -60 … -69: state images and files */
     KFAC_ERROR_IO = -60,                    /* a file could not be opened, written, synced or renamed */
-    KFAC_ERROR_BUFFER_TOO_SMALL = -61,      /* the caller's buffer is smaller than kfac_state_size */
+    KFAC_ERROR_BUFFER_TOO_SMALL = -61,      /* the caller's buffer is smaller than kfac_state_get_size */
     KFAC_ERROR_CORRUPT_STATE = -62,         /* bad magic, truncated image or checksum mismatch */
     KFAC_ERROR_STATE_VERSION = -63,         /* image written by an incompatible format version */
     KFAC_ERROR_STATE_MISMATCH = -64,        /* image's precision or layers differ from the handle's */
@@ -246,7 +296,7 @@ typedef enum kfac_status {
 } kfac_status;
 
 /** A static, never-NULL English description of a status code (also for unknown codes). */
-const char *kfac_status_string(int status);
+KFAC_API const char *kfac_status_string(int status);
 
 /* ---------------------------------------------------------------------------------------------
  * Handles
@@ -263,74 +313,85 @@ typedef enum kfac_dtype {
  *  parameters and no layers. On success *out receives the handle and KFAC_OK is returned; on
  *  failure *out is set to NULL (when out is not NULL).
  *  Errors: NULL_POINTER (out), INVALID_ARGUMENT (dtype), OUT_OF_MEMORY. */
-int kfac_optimizer_create(int dtype, kfac_optimizer **out);
+KFAC_API int kfac_optimizer_create(int32_t dtype, kfac_optimizer **out);
 
-/** Releases a handle and everything it owns. NULL is accepted and ignored. */
-void kfac_optimizer_free(kfac_optimizer *opt);
+/** Releases a handle and everything it owns, joining its worker threads. NULL is accepted and
+ *  ignored. Cannot fail. */
+KFAC_API void kfac_optimizer_free(kfac_optimizer *opt);
 
 /** A message about the last failed call on `opt`, or "" if the last call succeeded. The string
  *  is owned by the handle and valid until the next call on it. For opt == NULL, a static
- *  message. Never NULL. */
-const char *kfac_last_error(const kfac_optimizer *opt);
+ *  message. Never NULL; cannot fail. */
+KFAC_API const char *kfac_optimizer_last_error(const kfac_optimizer *opt);
 
-/** The precision the handle was created with (KFAC_FLOAT32 or KFAC_FLOAT64), or
- *  KFAC_ERROR_NULL_POINTER. */
-int kfac_dtype_of(const kfac_optimizer *opt);
+/** The precision the handle was created with (KFAC_FLOAT32 or KFAC_FLOAT64), in *dtype.
+ *  Errors: NULL_POINTER. */
+KFAC_API int kfac_optimizer_get_dtype(const kfac_optimizer *opt, int32_t *dtype);
 
 /* ---------------------------------------------------------------------------------------------
- * Parameters. Each parameter has one type (double or int64) and documented bounds. Setting a
- * value out of bounds fails with KFAC_ERROR_PARAMETER_RANGE and changes nothing. Parameters may
- * be changed between any two calls (to schedule them); when a change takes effect is stated.
+ * Parameters. Each parameter has one type (double or int64), bounds, a default, a family and a
+ * moment it takes effect — one row of a table inside the library, which kfac_param_get_info
+ * returns and which validation, the state image and the bindings all read. Setting a value out of
+ * bounds (or NaN/Inf) fails with KFAC_ERROR_PARAMETER_RANGE and changes nothing. Parameters may
+ * be changed between any two calls (to schedule them).
+ *
+ * Numbers are banded by family and pinned within a release: 1–99 core K-FAC, 100–199 reserved
+ * (curvature sources: KFLR, KFRA), 200–299 adaptive mode, 300–399 Gauss-Newton and CG, 400–499
+ * EKFAC, 500–599 distributed, 600–699 block-tridiagonal, 1000 and up experimental. A number's
+ * type comes from the table, not from its band.
  * ------------------------------------------------------------------------------------------- */
 
 typedef enum kfac_param {
-    /* double, >= 0 and finite, default 0.1. η of the KL clip; used for nothing else (0: ν = 1). */
+    /* ---- core (1–99) ---- */
+    /* double, [0, ∞), default 0.1. η of the KL clip; used for nothing else (0: ν = 1). */
     KFAC_PARAM_LEARNING_RATE = 1,
-    /* double, > 0 and finite, default 1e-3. λ, see "Inverse strategies". */
+    /* double, (0, ∞), default 1e-3. λ, see "Inverse strategies" (eigen: from the next step;
+     * Cholesky: baked into the inverses at the next inverse update). */
     KFAC_PARAM_DAMPING = 2,
-    /* double, in [0, 1), default 0.95. β of the factors' moving average. */
+    /* double, [0, 1), default 0.95. β of the factors' moving average. */
     KFAC_PARAM_FACTOR_DECAY = 3,
-    /* double, >= 0, default 1e-3. κ of the KL clip; 0 disables clipping. */
+    /* double, [0, ∞), default 1e-3. κ of the KL clip; 0 disables clipping. */
     KFAC_PARAM_KL_CLIP = 4,
-    /* double, > 0 and finite, default 1. Recorded output gradients are divided by it. */
+    /* double, (0, ∞), default 1. Recorded output gradients are divided by it. */
     KFAC_PARAM_OUTPUT_GRAD_SCALE = 5,
-    /* double, in (0, 1), default 0.95. ω₁ of the Levenberg–Marquardt adjustment (adaptive mode). */
-    KFAC_PARAM_LM_DECAY = 6,
-    /* double, >= 0 and finite, default 0. γ: when > 0, the damping of the factor inverses (and
-     * of the eigen strategy's divisor) instead of λ, so that the Levenberg–Marquardt adjustment of
-     * λ only changes the quadratic model (Martens & Grosse 2015, §6.6). 0 = use λ for both. */
-    KFAC_PARAM_FACTOR_DAMPING = 7,
-    /* double, in (0, 1), default 0.95. ω₂'s base: the factor-damping candidates of a γ step are
-     * γ, γ·ω₂ and γ/ω₂ with ω₂ = base^T₂ (M&G's √(19/20)^T₂ on their γ, which is the square
-     * root of this library's γ). See "Adaptive mode". */
-    KFAC_PARAM_FACTOR_DAMPING_DECAY = 8,
-
-    /* int, in [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
-     * kfac_update_factors. */
-    KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100,
-    /* int, in [0, 2^31 − 1], default 10. Ti: recompute inverses every Ti steps; 0 = only
-     * kfac_update_inverses. */
-    KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101,
+    /* int, [0, 2^31 − 1], default 1. Tf: fold statistics every Tf steps; 0 = only
+     * kfac_optimizer_update_factors. */
+    KFAC_PARAM_FACTOR_UPDATE_PERIOD = 6,
+    /* int, [0, 2^31 − 1], default 10. Ti: recompute inverses every Ti steps; 0 = only
+     * kfac_optimizer_update_inverses. */
+    KFAC_PARAM_INVERSE_UPDATE_PERIOD = 7,
     /* int, kfac_inverse_strategy, default KFAC_INVERSE_EIGEN. Changing it discards the current
-     * inverses: they are recomputed at the next step (or kfac_update_inverses). */
-    KFAC_PARAM_INVERSE_STRATEGY = 102,
+     * inverses: they are recomputed at the next step (or kfac_optimizer_update_inverses). */
+    KFAC_PARAM_INVERSE_STRATEGY = 8,
     /* int, 0 or 1, default 1. Use π in factored damping (Cholesky strategy only). */
-    KFAC_PARAM_PI_DAMPING = 103,
+    KFAC_PARAM_PI_DAMPING = 9,
     /* int, kfac_reduction, default KFAC_REDUCTION_SUM. How the caller's loss was reduced. */
-    KFAC_PARAM_LOSS_REDUCTION = 104,
-    /* int, in [0, 256], default 0 = the number of online CPUs. Threads the library uses to
+    KFAC_PARAM_LOSS_REDUCTION = 10,
+    /* int, [0, 256], default 0 = the number of online CPUs. Threads the library uses to
      * compute the inverses of different layers in parallel (1 = sequential). Parallel inversion
      * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
      * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
-    KFAC_PARAM_NUM_THREADS = 105,
-    /* int, in [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
+    KFAC_PARAM_NUM_THREADS = 11,
+
+    /* ---- adaptive mode (200–299), see "Adaptive mode" ---- */
+    /* int, [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
      * reported loss changes, λ is multiplied by ω₁^T₁ if ρ > 3/4 and divided by it if ρ < 1/4. */
-    KFAC_PARAM_LM_INTERVAL = 106,
-    /* int, in [0, 2^31 − 1], default 0 = off. T₂: every T₂ steps (at k ≡ 0 mod T₂) the step also
-     * prepares directions for the factor dampings γ·ω₂ and γ/ω₂, and
-     * kfac_solve_step_size_candidates_* keeps the γ whose update lowers the quadratic model most
-     * (Martens & Grosse 2015, §6.6). With γ = 0 the candidates start from λ. See "Adaptive mode". */
-    KFAC_PARAM_FACTOR_DAMPING_PERIOD = 107
+    KFAC_PARAM_LM_INTERVAL = 200,
+    /* double, (0, 1), default 0.95. ω₁ of the Levenberg–Marquardt adjustment. */
+    KFAC_PARAM_LM_DECAY = 201,
+    /* double, [0, ∞), default 0. γ: when > 0, the damping of the factor inverses (and of the
+     * eigen strategy's divisor) instead of λ, so that the Levenberg–Marquardt adjustment of λ
+     * only changes the quadratic model (Martens & Grosse 2015, §6.6). 0 = use λ for both. */
+    KFAC_PARAM_FACTOR_DAMPING = 202,
+    /* int, [0, 2^31 − 1], default 0 = off. T₂: every T₂ steps (at k ≡ 0 mod T₂) the step also
+     * prepares directions for the factor dampings γ·ω₂ and γ/ω₂, and the experimental
+     * kfac_candidates_solve_step_size_* keeps the γ whose update lowers the quadratic model most
+     * (Martens & Grosse 2015, §6.6). With γ = 0 the candidates start from λ. */
+    KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203,
+    /* double, (0, 1), default 0.95. ω₂'s base: the factor-damping candidates of a γ step are
+     * γ, γ·ω₂ and γ/ω₂ with ω₂ = base^T₂ (M&G's √(19/20)^T₂ on their γ, which is the square
+     * root of this library's γ). */
+    KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
@@ -343,16 +404,64 @@ typedef enum kfac_reduction {
     KFAC_REDUCTION_MEAN = 1   /* output gradients are those of (1/rows) Σ_n ℓ_n; scaled by rows */
 } kfac_reduction;
 
+typedef enum kfac_param_type {
+    KFAC_PARAM_TYPE_DOUBLE = 1,   /* kfac_param_set_double / kfac_param_get_double */
+    KFAC_PARAM_TYPE_INT = 2       /* kfac_param_set_int / kfac_param_get_int */
+} kfac_param_type;
+
+typedef enum kfac_family {
+    KFAC_FAMILY_CORE = 0,
+    KFAC_FAMILY_ADAPTIVE = 2,
+    KFAC_FAMILY_GAUSS_NEWTON = 3,
+    KFAC_FAMILY_EKFAC = 4,
+    KFAC_FAMILY_DISTRIBUTED = 5
+} kfac_family;
+
+typedef enum kfac_param_effect {
+    KFAC_EFFECT_IMMEDIATE = 0,       /* by the next call that uses it */
+    KFAC_EFFECT_NEXT_STEP = 1,       /* at the next kfac_optimizer_step_* */
+    KFAC_EFFECT_NEXT_INVERSION = 2,  /* at the next inverse update (baked into the inverses) */
+    KFAC_EFFECT_NEXT_RECORD = 3      /* by the next record call (it scales what is recorded) */
+} kfac_param_effect;
+
+/** What the library knows about a parameter. Growable: set struct_size = sizeof(kfac_param_info)
+ *  before the call; the library fills only the whole fields that fit and sets struct_size to
+ *  the bytes it filled. */
+typedef struct kfac_param_info {
+    size_t struct_size;
+    const char *name;          /* static lower_snake_case name, e.g. "damping" (the Python name) */
+    int32_t type;              /* kfac_param_type */
+    int32_t family;            /* kfac_family */
+    double lower;              /* bounds; -HUGE_VAL / HUGE_VAL = unbounded on that side (values */
+    double upper;              /*   must be finite all the same); int bounds are exact */
+    int32_t lower_inclusive;   /* 1 if `lower` itself is allowed */
+    int32_t upper_inclusive;   /* 1 if `upper` itself is allowed */
+    double default_value;      /* the value of a new handle (exact for int parameters) */
+    int32_t effect;            /* kfac_param_effect */
+    int32_t reserved;          /* 0 */
+} kfac_param_info;
+
+/** Fills *info for `param` from the library's table. No handle: the table is static.
+ *  Errors (returned only): NULL_POINTER, UNKNOWN_PARAMETER, INVALID_SIZE (struct_size smaller
+ *  than the first two fields). Thread-safe. */
+KFAC_API int kfac_param_get_info(int32_t param, kfac_param_info *info);
+
+/** The numbers of every parameter this library knows, ascending: *count receives how many there
+ *  are, and params[0 .. min(count, capacity)) the numbers (params may be NULL to ask the count).
+ *  No handle. Errors (returned only): NULL_POINTER (count), INVALID_SIZE (capacity < 0).
+ *  Thread-safe. */
+KFAC_API int kfac_param_list(int32_t *params, int32_t capacity, int32_t *count);
+
 /** Sets a double parameter. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE (an int
  *  parameter), PARAMETER_RANGE (out of bounds, NaN or Inf). */
-int kfac_set_param_double(kfac_optimizer *opt, int param, double value);
+KFAC_API int kfac_param_set_double(kfac_optimizer *opt, int32_t param, double value);
 /** Reads a double parameter into *value. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE. */
-int kfac_get_param_double(const kfac_optimizer *opt, int param, double *value);
+KFAC_API int kfac_param_get_double(const kfac_optimizer *opt, int32_t param, double *value);
 /** Sets an int parameter. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE (a double
  *  parameter), PARAMETER_RANGE. */
-int kfac_set_param_int(kfac_optimizer *opt, int param, int64_t value);
+KFAC_API int kfac_param_set_int(kfac_optimizer *opt, int32_t param, int64_t value);
 /** Reads an int parameter into *value. Errors: NULL_POINTER, UNKNOWN_PARAMETER, PARAMETER_TYPE. */
-int kfac_get_param_int(const kfac_optimizer *opt, int param, int64_t *value);
+KFAC_API int kfac_param_get_int(const kfac_optimizer *opt, int32_t param, int64_t *value);
 
 /* ---------------------------------------------------------------------------------------------
  * Layers. Layers are numbered 0, 1, 2, … in the order they are added. All layers must be added
@@ -364,24 +473,31 @@ typedef enum kfac_layer_kind {
     KFAC_LAYER_CONV2D = 2
 } kfac_layer_kind;
 
-/** Registers a dense layer s = W a (+ b) with W of shape [out_features][in_features].
- *  has_bias is 0 or 1. *layer_id receives the new layer's index. The running factors and the
- *  gradient buffers are allocated now: (in+1)² + out² + 3·out·(in+1) values. Pending
+/** A dense layer s = W a (+ b) with W of shape [out_features][in_features]. Growable: set
+ *  struct_size = sizeof(kfac_dense_desc); fields past an older caller's struct_size read as 0.
+ *  Zero-initialise it. */
+typedef struct kfac_dense_desc {
+    size_t struct_size;
+    int64_t in_features;
+    int64_t out_features;
+    int32_t has_bias;                 /* 0 or 1 */
+    int32_t reserved;                 /* must be 0 */
+    int64_t input_group_size;         /* input features per block of A (the bias its own block);
+                                         0 = no grouping (see "Conventions (convolutions, channel
+                                         grouping)") */
+    int64_t output_group_size;        /* output features per block of G; 0 = no grouping */
+} kfac_dense_desc;
+
+/** Registers a dense layer. *layer_id receives the new layer's index. The running factors and
+ *  the gradient buffers are allocated now: (in+1)² + out² + 3·out·(in+1) values. Pending
  *  statistics (the recorded rows, at most as many as the factor's dimension, then a d×d sum),
  *  staging copies for atomic inversion steps, and the inverses are allocated on first use: in
  *  all up to about five times the factors' size.
- *  Errors: NULL_POINTER, INVALID_SIZE (features < 1), SIZE_OVERFLOW (a factor dimension above
- *  46340 or more than 2^31 − 1 parameters), INVALID_ARGUMENT (has_bias not 0/1),
+ *  Errors: NULL_POINTER, INVALID_SIZE (struct_size smaller than the fields up to reserved,
+ *  features < 1, a negative group size), SIZE_OVERFLOW (a factor dimension above 46340 or more
+ *  than 2^31 − 1 parameters), INVALID_ARGUMENT (has_bias not 0/1, reserved not 0),
  *  LAYERS_FROZEN, OUT_OF_MEMORY. */
-int kfac_add_dense(kfac_optimizer *opt, int64_t in_features, int64_t out_features, int has_bias,
-                   int32_t *layer_id);
-
-/** Registers a dense layer with channel grouping (see "Conventions (convolutions, channel
- *  grouping)"): input_group_size input features per block of A (the bias its own block), and
- *  output_group_size output features per block of G; 0 = no grouping on that side. Otherwise as
- *  kfac_add_dense. Errors: those of kfac_add_dense, INVALID_SIZE (a negative group size). */
-int kfac_add_dense_grouped(kfac_optimizer *opt, int64_t in_features, int64_t out_features, int has_bias,
-                           int64_t input_group_size, int64_t output_group_size, int32_t *layer_id);
+KFAC_API int kfac_layer_add_dense(kfac_optimizer *opt, const kfac_dense_desc *desc, int32_t *layer_id);
 
 typedef enum kfac_layout {
     KFAC_LAYOUT_NCHW = 0,   /* channels first (PyTorch) */
@@ -422,10 +538,10 @@ typedef struct kfac_conv2d_desc {
  *  groups not dividing the channels, a kernel larger than the padded input), INVALID_ARGUMENT
  *  (has_bias, layout, approximation or reserved out of range), SIZE_OVERFLOW, LAYERS_FROZEN,
  *  OUT_OF_MEMORY. */
-int kfac_add_conv2d(kfac_optimizer *opt, const kfac_conv2d_desc *desc, int32_t *layer_id);
+KFAC_API int kfac_layer_add_conv2d(kfac_optimizer *opt, const kfac_conv2d_desc *desc, int32_t *layer_id);
 
-/** Number of registered layers (>= 0), or KFAC_ERROR_NULL_POINTER. */
-int kfac_layer_count(const kfac_optimizer *opt);
+/** The number of registered layers, in *count. Errors: NULL_POINTER. */
+KFAC_API int kfac_layer_count(const kfac_optimizer *opt, int32_t *count);
 
 /** Describes a registered layer. Growable: set struct_size = sizeof(kfac_layer_info) before
  *  the call; the library fills only the whole fields that fit in struct_size (an older, smaller
@@ -446,7 +562,7 @@ typedef struct kfac_layer_info {
 
 /** Fills *info for layer `layer`. Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE
  *  (struct_size smaller than the first two fields, struct_size and kind). */
-int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_info *info);
+KFAC_API int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_info *info);
 
 /* ---------------------------------------------------------------------------------------------
  * Statistics. Record calls add rows to the layer's pending statistics; they are folded into
@@ -456,54 +572,50 @@ int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_layer_inf
  * second-moment sums could overflow the handle's precision, give KFAC_ERROR_NON_FINITE.
  * ------------------------------------------------------------------------------------------- */
 
-/** 1 if statistics recorded now would be folded at the next kfac_step_* call (the current step is a
- *  factor-update step), else 0; KFAC_ERROR_NULL_POINTER for NULL. With a factor-update period of
- *  0 it returns 1 (the caller decides when to call kfac_update_factors). */
-int kfac_wants_statistics(const kfac_optimizer *opt);
+/** *wanted receives 1 if statistics recorded now would be folded at the next
+ *  kfac_optimizer_step_* call (the current step is a factor-update step), else 0. With a
+ *  factor-update period of 0 it is 1 (the caller decides when to call
+ *  kfac_optimizer_update_factors). Errors: NULL_POINTER. */
+KFAC_API int kfac_optimizer_wants_statistics(const kfac_optimizer *opt, int32_t *wanted);
 
 /** Adds `rows` layer inputs to layer `layer`'s input statistics: for a dense layer row-major
  *  [rows][in_features] (the bias 1 is appended by the library); for a convolution `rows`
  *  examples [rows][C_in][H][W] or [rows][H][W][C_in] as its layout says.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_SIZE (rows < 1), SIZE_OVERFLOW,
  *  DTYPE_MISMATCH, NON_FINITE. */
-int kfac_record_inputs_f32(kfac_optimizer *opt, int32_t layer, const float *inputs, int64_t rows);
-int kfac_record_inputs_f64(kfac_optimizer *opt, int32_t layer, const double *inputs, int64_t rows);
+KFAC_API int kfac_layer_record_inputs_f32(kfac_optimizer *opt, int32_t layer, const float *inputs, int64_t rows);
+KFAC_API int kfac_layer_record_inputs_f64(kfac_optimizer *opt, int32_t layer, const double *inputs, int64_t rows);
 
 /** Adds `rows` output gradients to layer `layer`'s gradient statistics — dense [rows][out_features],
  *  convolution [rows][C_out][H_out][W_out] or channels-last — after the reduction and scale
  *  parameters are applied (see "Gradients"; for a convolution KFAC_REDUCTION_MEAN multiplies by
  *  the examples, rows).
- *  Errors: as kfac_record_inputs_*. */
-int kfac_record_output_grads_f32(kfac_optimizer *opt, int32_t layer, const float *output_grads,
+ *  Errors: as kfac_layer_record_inputs_*. */
+KFAC_API int kfac_layer_record_output_grads_f32(kfac_optimizer *opt, int32_t layer, const float *output_grads,
                                  int64_t rows);
-int kfac_record_output_grads_f64(kfac_optimizer *opt, int32_t layer, const double *output_grads,
+KFAC_API int kfac_layer_record_output_grads_f64(kfac_optimizer *opt, int32_t layer, const double *output_grads,
                                  int64_t rows);
 
 /** Folds all pending statistics into the running factors now (step 1 of the schedule,
  *  regardless of the period). Layers with nothing pending keep their factors.
  *  Errors: NULL_POINTER, NON_FINITE (a resulting factor; nothing is folded), OUT_OF_MEMORY. */
-int kfac_update_factors(kfac_optimizer *opt);
+KFAC_API int kfac_optimizer_update_factors(kfac_optimizer *opt);
 
 /** Recomputes the inverses of every layer that has factors now, in parallel across layers.
  *  Errors: NULL_POINTER, NO_STATISTICS (no layer has factors), NOT_POSITIVE_DEFINITE,
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes. */
-int kfac_update_inverses(kfac_optimizer *opt);
+KFAC_API int kfac_optimizer_update_inverses(kfac_optimizer *opt);
 
-/** Copies layer `layer`'s running factors (group 0 of a convolution): A into a_out
- *  ([a_dim][a_dim] row-major) and G into g_out ([g_dim][g_dim]). Either pointer may be NULL.
- *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, DTYPE_MISMATCH, NO_STATISTICS. */
-int kfac_get_factors_f32(const kfac_optimizer *opt, int32_t layer, float *a_out, float *g_out);
-int kfac_get_factors_f64(const kfac_optimizer *opt, int32_t layer, double *a_out, double *g_out);
-
-/** Copies group `group` (0 ≤ group < groups) of a layer's running factors: Ω_g (or A) into
- *  a_out ([a_dim][a_dim]) and Γ_g (or G) into g_out ([g_dim][g_dim]), full symmetric matrices in
- *  the weight's order with zeros off the blocks. Either pointer may be NULL to skip it.
+/** Copies group `group` (0 ≤ group < groups; 0 for a dense layer) of a layer's running factors:
+ *  Ω_g (or A) into a_out ([a_dim][a_dim] row-major) and Γ_g (or G) into g_out ([g_dim][g_dim]),
+ *  full symmetric matrices in the weight's order with zeros off the blocks of a grouped or SUA
+ *  factor. Either pointer may be NULL to skip it.
  *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, INVALID_ARGUMENT (group out of range),
  *  DTYPE_MISMATCH, NO_STATISTICS. */
-int kfac_get_group_factors_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *a_out,
-                               float *g_out);
-int kfac_get_group_factors_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *a_out,
-                               double *g_out);
+KFAC_API int kfac_layer_get_factors_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *a_out,
+                                        float *g_out);
+KFAC_API int kfac_layer_get_factors_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *a_out,
+                                        double *g_out);
 
 /* ---------------------------------------------------------------------------------------------
  * Preconditioning
@@ -520,66 +632,66 @@ int kfac_get_group_factors_f64(const kfac_optimizer *opt, int32_t layer, int32_t
  *  NO_STATISTICS, NO_INVERSES (inverse period 0 and never computed), NOT_POSITIVE_DEFINITE,
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error, no gradient is written, the step counter does not
  *  advance, and factors and inverses are as before the call. */
-int kfac_step_f32(kfac_optimizer *opt, float *const *weight_grads, float *const *bias_grads,
+KFAC_API int kfac_optimizer_step_f32(kfac_optimizer *opt, float *const *weight_grads, float *const *bias_grads,
                   int32_t n_layers);
-int kfac_step_f64(kfac_optimizer *opt, double *const *weight_grads, double *const *bias_grads,
+KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_grads, double *const *bias_grads,
                   int32_t n_layers);
 
 /** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
  *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, DTYPE_MISMATCH, NON_FINITE, NO_STATISTICS,
  *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
-int kfac_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
-int kfac_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
+KFAC_API int kfac_layer_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
+KFAC_API int kfac_layer_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
                           double *bias_grad);
 
-/** The step counter k (>= 0), or a negative status. */
-int64_t kfac_step_count(const kfac_optimizer *opt);
+/** The step counter k (>= 0), in *count. Errors: NULL_POINTER. */
+KFAC_API int kfac_optimizer_get_step_count(const kfac_optimizer *opt, int64_t *count);
 
-/** The ν of the last successful kfac_step_* call (1 if clipping was off or not needed), or NaN for NULL
- *  or before the first step. */
-double kfac_last_kl_scale(const kfac_optimizer *opt);
+/** The ν of the last successful kfac_optimizer_step_* call (1 if clipping was off or not
+ *  needed), in *scale. Errors: NULL_POINTER, NO_STEP (no successful step yet; *scale untouched). */
+KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scale);
 
 /* ---------------------------------------------------------------------------------------------
  * Adaptive mode (Martens & Grosse 2015, §6–7): the step size α and momentum μ from the quadratic
  * model of the loss, and Levenberg–Marquardt adjustment of λ from the reduction ratio ρ.
  *
- * After kfac_step_* wrote directions D (set KFAC_PARAM_KL_CLIP to 0 here: α replaces the clip),
+ * After kfac_optimizer_step_* wrote directions D (set KFAC_PARAM_KL_CLIP to 0 here: α replaces the clip),
  * the caller runs a forward-mode (R-op) pass to get, per example, the derivative of the network's
  * outputs along D (J·D) and along its previous update δ₀ (J·δ₀), and calls
- * kfac_solve_step_size_*. With F the exact Fisher of the mean loss over the batch (from the
+ * kfac_adaptive_solve_step_size_*. With F the exact Fisher of the mean loss over the batch (from the
  * output distribution below) the library minimises
  *     M(δ) = ½ δᵀ (F + λ I) δ + ∇hᵀ δ   over   δ = −α·D + μ·δ₀
  * (a 2×2 system; α alone without δ₀) and returns α, μ and M(δ). The caller applies
  * θ ← θ − α·D + μ·δ₀ (δ₀: its previous applied update; the library keeps its own copy to form the
- * model), evaluates the mean loss, and calls kfac_report_loss_change with the losses before and
+ * model), evaluates the mean loss, and calls kfac_adaptive_report_loss_change with the losses before and
  * after: ρ = (h(θ + δ) − h(θ)) / M(δ), which adjusts λ every KFAC_PARAM_LM_INTERVAL reports.
  * Set KFAC_PARAM_FACTOR_DAMPING (γ) to keep the factor inverses' damping apart from λ. The
  * directions and inner products of the last successful step are kept for the solve: a failed
- * step or kfac_precondition_* in between does not change them.
- * The gradients given to kfac_step_* must be those of the mean loss h over the batch.
+ * step or kfac_layer_precondition_* in between does not change them.
+ * The gradients given to kfac_optimizer_step_* must be those of the mean loss h over the batch.
  *
  * Re-choosing γ (M&G §6.6): with KFAC_PARAM_FACTOR_DAMPING_PERIOD T₂ > 0, every T₂-th step also
  * prepares the directions D_k for the dampings γ·ω₂ and γ/ω₂ (candidates 1, 2; candidate 0 is γ,
- * written as usual). The caller computes J·D_k for each (kfac_candidate_count,
- * kfac_candidate_directions_*), calls kfac_solve_step_size_candidates_*, which keeps the γ whose
- * update has the lowest M(δ), and applies the update with kfac_get_update_*. One loop serves
+ * written as usual). The caller computes J·D_k for each (kfac_candidates_get_count,
+ * kfac_candidates_get_directions_*), calls kfac_candidates_solve_step_size_*, which keeps the γ whose
+ * update has the lowest M(δ), and applies the update with kfac_adaptive_get_update_*. One loop serves
  * every step, since a step that is not a γ step has one candidate:
- *     kfac_step_f32(opt, dW, db, L);
- *     kfac_candidate_count(opt, &n);
- *     for (k = 0; k < n; k++) { kfac_candidate_directions_f32(opt, k, dk_W, dk_b, L, NULL);
+ *     kfac_optimizer_step_f32(opt, dW, db, L);
+ *     kfac_candidates_get_count(opt, &n);
+ *     for (k = 0; k < n; k++) { kfac_candidates_get_directions_f32(opt, k, dk_W, dk_b, L, NULL);
  *                               jvp(dk_W, dk_b, jd[k]); }
- *     kfac_solve_step_size_candidates_f32(opt, logits, jd, n, jd_prev, rows, dim,
+ *     kfac_candidates_solve_step_size_f32(opt, logits, jd, n, jd_prev, rows, dim,
  *                                         KFAC_DIST_CATEGORICAL, &k, &alpha, &mu, &m);
- *     kfac_get_update_f32(opt, upd_W, upd_b, L);   then θ += δ, evaluate, report the loss.
+ *     kfac_adaptive_get_update_f32(opt, upd_W, upd_b, L);   then θ += δ, evaluate, report the loss.
  * The cost of a γ step: two more preconditionings with the eigen strategy (its damping is
  * applied when preconditioning); with the Cholesky strategy a γ step is always an inverse step —
  * every factor is inverted from the current factors for each of the three γ, candidate 0's
  * inverses are committed by the step and the kept candidate's become the current ones at the
  * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
  * or not finite (decay^T₂ underflows), whose factor is not positive definite or whose directions
- * are not finite is dropped, and the later ones move down an index: kfac_candidate_directions_*
- * reports each candidate's γ. The plain kfac_solve_step_size_* on a γ step solves for candidate
+ * are not finite is dropped, and the later ones move down an index: kfac_candidates_get_directions_*
+ * reports each candidate's γ. The plain kfac_adaptive_solve_step_size_* on a γ step solves for candidate
  * 0 only and keeps γ. Candidates are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
@@ -588,7 +700,7 @@ double kfac_last_kl_scale(const kfac_optimizer *opt);
  *   KFAC_DIST_GAUSSIAN    — means of unit-variance Gaussians (squared error ½‖y − μ‖²); I.
  *
  * Which Fisher the factors estimate depends on the output gradients recorded: the gradients of the
- * loss at the data's targets give the empirical Fisher; kfac_sampled_output_grads_* gives the
+ * loss at the data's targets give the empirical Fisher; kfac_sample_output_grads_* gives the
  * gradients at targets sampled from the model (back-propagated by the caller like any output
  * gradient), whose statistics estimate the true Fisher.
  * ------------------------------------------------------------------------------------------- */
@@ -599,65 +711,28 @@ typedef enum kfac_distribution {
     KFAC_DIST_GAUSSIAN = 2
 } kfac_distribution;
 
-/** Chooses α (and μ) for the directions of the last kfac_step_* call (see "Adaptive mode").
+/** Chooses α (and μ) for the directions of the last kfac_optimizer_step_* call (see "Adaptive mode").
  *  outputs, direction_products and previous_products are [rows][output_dim] row-major;
  *  previous_products may be NULL (then μ = 0; also μ = 0 before the first solve). *alpha and *mu
  *  receive the coefficients; *predicted_change (may be NULL) receives M(δ) (negative).
  *  Errors: NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT (distribution),
  *  DTYPE_MISMATCH, NON_FINITE (inputs, or a degenerate model), NO_STEP (no step since the last
  *  solve), OUT_OF_MEMORY. On error nothing changes. */
-int kfac_solve_step_size_f32(kfac_optimizer *opt, const float *outputs, const float *direction_products,
+KFAC_API int kfac_adaptive_solve_step_size_f32(kfac_optimizer *opt, const float *outputs, const float *direction_products,
                              const float *previous_products, int64_t rows, int64_t output_dim,
-                             int distribution, double *alpha, double *mu, double *predicted_change);
-int kfac_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const double *direction_products,
+                             int32_t distribution, double *alpha, double *mu, double *predicted_change);
+KFAC_API int kfac_adaptive_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const double *direction_products,
                              const double *previous_products, int64_t rows, int64_t output_dim,
-                             int distribution, double *alpha, double *mu, double *predicted_change);
-
-/** The number of direction candidates the last successful kfac_step_* prepared, in *count: 1, or
- *  on a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) up to 3 — one per factor damping γ, γ·ω₂, γ/ω₂
- *  whose directions were finite (candidate 0, the current γ, always; it is what kfac_step_* wrote).
- *  0 once the step was solved, or before the first step. Errors: NULL_POINTER. */
-int kfac_candidate_count(const kfac_optimizer *opt, int32_t *count);
-
-/** Writes the directions of candidate `candidate` of the last step into the buffers (the layout,
- *  bias rules and n_layers of kfac_step_*; candidate 0 is what kfac_step_* wrote), KL-clipped with
- *  that candidate's own ν. *factor_damping (may be NULL) receives the candidate's γ. The caller
- *  needs them for its forward-mode products J·D_k. Errors: NULL_POINTER, INVALID_SIZE (n_layers),
- *  INVALID_ARGUMENT (candidate out of range, a bias buffer for a layer without bias),
- *  DTYPE_MISMATCH, NO_STEP (no step awaiting a solve). Changes nothing in the handle. */
-int kfac_candidate_directions_f32(kfac_optimizer *opt, int32_t candidate, float *const *weight_dirs,
-                                  float *const *bias_dirs, int32_t n_layers, double *factor_damping);
-int kfac_candidate_directions_f64(kfac_optimizer *opt, int32_t candidate, double *const *weight_dirs,
-                                  double *const *bias_dirs, int32_t n_layers, double *factor_damping);
-
-/** kfac_solve_step_size_* over all candidates of the last step: direction_products[k] is J·D_k
- *  for candidate k ([rows][output_dim]), n_candidates must equal kfac_candidate_count. For each
- *  candidate the library chooses α_k (and μ_k) as kfac_solve_step_size_* does, and keeps the one
- *  with the lowest M(δ_k): *chosen receives its index, *alpha, *mu, *predicted_change its values.
- *  On a γ step the chosen candidate's γ becomes KFAC_PARAM_FACTOR_DAMPING (with the Cholesky
- *  strategy its inverses become the current ones). The update is then δ = −α·D_chosen + μ·δ₀:
- *  apply it with kfac_get_update_* (or from the candidate's directions). With one candidate this
- *  is kfac_solve_step_size_*. Errors: those of kfac_solve_step_size_*, and INVALID_ARGUMENT
- *  (n_candidates), NULL_POINTER (a NULL product). On error nothing changes. */
-int kfac_solve_step_size_candidates_f32(kfac_optimizer *opt, const float *outputs,
-                                        const float *const *direction_products, int32_t n_candidates,
-                                        const float *previous_products, int64_t rows, int64_t output_dim,
-                                        int distribution, int32_t *chosen, double *alpha, double *mu,
-                                        double *predicted_change);
-int kfac_solve_step_size_candidates_f64(kfac_optimizer *opt, const double *outputs,
-                                        const double *const *direction_products, int32_t n_candidates,
-                                        const double *previous_products, int64_t rows, int64_t output_dim,
-                                        int distribution, int32_t *chosen, double *alpha, double *mu,
-                                        double *predicted_change);
+                             int32_t distribution, double *alpha, double *mu, double *predicted_change);
 
 /** Writes the update δ = −α·D + μ·δ₀ of the last solve (kept as the next δ₀; a later step does
  *  not change it) into the buffers
- *  (layout, bias rules and n_layers of kfac_step_*): the caller applies θ ← θ + δ. Errors:
+ *  (layout, bias rules and n_layers of kfac_optimizer_step_*): the caller applies θ ← θ + δ. Errors:
  *  NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_STEP (no solve yet). Changes
  *  nothing in the handle. */
-int kfac_get_update_f32(kfac_optimizer *opt, float *const *weight_updates, float *const *bias_updates,
+KFAC_API int kfac_adaptive_get_update_f32(kfac_optimizer *opt, float *const *weight_updates, float *const *bias_updates,
                         int32_t n_layers);
-int kfac_get_update_f64(kfac_optimizer *opt, double *const *weight_updates, double *const *bias_updates,
+KFAC_API int kfac_adaptive_get_update_f64(kfac_optimizer *opt, double *const *weight_updates, double *const *bias_updates,
                         int32_t n_layers);
 
 /** Reports the mean loss before and after applying the last solved update: *rho (may be NULL)
@@ -665,34 +740,35 @@ int kfac_get_update_f64(kfac_optimizer *opt, double *const *weight_updates, doub
  *  KFAC_PARAM_LM_INTERVAL reports λ is adjusted. loss_after may be +Inf (a divergent step: ρ is
  *  −Inf and λ grows). Errors: NULL_POINTER (opt), NON_FINITE (NaN, a non-finite loss_before or
  *  −Inf), NO_STEP (no solve since the last report). */
-int kfac_report_loss_change(kfac_optimizer *opt, double loss_before, double loss_after, double *rho);
+KFAC_API int kfac_adaptive_report_loss_change(kfac_optimizer *opt, double loss_before, double loss_after, double *rho);
 
-/** ρ of the last kfac_report_loss_change (NaN before the first, or for NULL). */
-double kfac_last_reduction_ratio(const kfac_optimizer *opt);
+/** ρ of the last kfac_adaptive_report_loss_change, in *rho (NaN if that report's M(δ) was not
+ *  negative). Errors: NULL_POINTER, NO_STEP (no report yet; *rho untouched). */
+KFAC_API int kfac_adaptive_get_reduction_ratio(const kfac_optimizer *opt, double *rho);
 
 /** Samples targets from the model's predictive distribution at `outputs` ([rows][output_dim]):
  *  one-hot rows (categorical), 0/1 values (bernoulli), μ + N(0, 1) (gaussian), into targets (same
  *  shape). Reproducible: each draw depends only on (seed, row, coordinate). No handle: errors are
  *  returned only. Errors: NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT
  *  (distribution), NON_FINITE (outputs). */
-int kfac_sample_targets_f32(const float *outputs, int64_t rows, int64_t output_dim, int distribution,
+KFAC_API int kfac_sample_targets_f32(const float *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
                             uint64_t seed, float *targets);
-int kfac_sample_targets_f64(const double *outputs, int64_t rows, int64_t output_dim, int distribution,
+KFAC_API int kfac_sample_targets_f64(const double *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
                             uint64_t seed, double *targets);
 
 /** The gradient of the summed loss with respect to the outputs at targets sampled as
  *  kfac_sample_targets_* does with the same seed (p − y, or μ − y), into grads ([rows][output_dim]):
  *  the output gradients whose statistics estimate the true Fisher. Errors: as kfac_sample_targets_*. */
-int kfac_sampled_output_grads_f32(const float *outputs, int64_t rows, int64_t output_dim, int distribution,
+KFAC_API int kfac_sample_output_grads_f32(const float *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
                                   uint64_t seed, float *grads);
-int kfac_sampled_output_grads_f64(const double *outputs, int64_t rows, int64_t output_dim, int distribution,
+KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
                                   uint64_t seed, double *grads);
 
 /* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
  * statistics, inverses, the adaptive mode's previous update, pending prediction and counters),
  * so that a resumed run produces bit-identical directions. Directions awaiting
- * kfac_solve_step_size_* are not saved: after loading, the next solve needs a new step.
+ * kfac_adaptive_solve_step_size_* are not saved: after loading, the next solve needs a new step.
  *
  * Image format: magic "KFACSTAT", format version, precision, layer descriptions, then the
  * payload, then a 64-bit checksum of everything before it. Little-endian. Loading checks magic,
@@ -700,24 +776,96 @@ int kfac_sampled_output_grads_f64(const double *outputs, int64_t rows, int64_t o
  * and sizes); parameters in the image replace the handle's.
  * ------------------------------------------------------------------------------------------- */
 
-/** Number of bytes kfac_save_state needs now, in *size. Errors: NULL_POINTER. */
-int kfac_state_size(const kfac_optimizer *opt, size_t *size);
+/** Number of bytes kfac_state_save needs now, in *size. Errors: NULL_POINTER. */
+KFAC_API int kfac_state_get_size(const kfac_optimizer *opt, size_t *size);
 
 /** Writes the state image into buffer[0 .. capacity). *written receives the image size.
  *  Errors: NULL_POINTER, BUFFER_TOO_SMALL (nothing written). */
-int kfac_save_state(const kfac_optimizer *opt, void *buffer, size_t capacity, size_t *written);
+KFAC_API int kfac_state_save(const kfac_optimizer *opt, void *buffer, size_t capacity, size_t *written);
 
 /** Replaces the handle's state with the image in buffer[0 .. size).
  *  Errors: NULL_POINTER, CORRUPT_STATE, STATE_VERSION, STATE_MISMATCH, OUT_OF_MEMORY. On error
  *  the handle is unchanged. */
-int kfac_load_state(kfac_optimizer *opt, const void *buffer, size_t size);
+KFAC_API int kfac_state_load(kfac_optimizer *opt, const void *buffer, size_t size);
 
 /** Writes the state image to `path` atomically: into a temporary file in the same directory,
  *  flushed to disk, then renamed over `path`. Errors: NULL_POINTER, IO (path unchanged). */
-int kfac_save_state_file(const kfac_optimizer *opt, const char *path);
+KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
 
-/** Loads a state image from `path`. Errors: NULL_POINTER, IO, and those of kfac_load_state. */
-int kfac_load_state_file(kfac_optimizer *opt, const char *path);
+/** Loads a state image from `path`. Errors: NULL_POINTER, IO, and those of kfac_state_load. */
+KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
+
+/* =============================================================================================
+ * Experimental. Exported by every build, but may change or disappear in any minor release;
+ * define KFAC_EXPERIMENTAL_API before including this header to use it.
+ * ============================================================================================= */
+#if defined(KFAC_EXPERIMENTAL_API)
+
+/* ---------------------------------------------------------------------------------------------
+ * Candidates for the factor damping γ (see "Adaptive mode", "Re-choosing γ").
+ * ------------------------------------------------------------------------------------------- */
+
+/** Since 0.1 (as kfac_candidate_count). The number of direction candidates the last successful kfac_optimizer_step_* prepared, in *count: 1, or
+ *  on a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) up to 3 — one per factor damping γ, γ·ω₂, γ/ω₂
+ *  whose directions were finite (candidate 0, the current γ, always; it is what kfac_optimizer_step_* wrote).
+ *  0 once the step was solved, or before the first step. Errors: NULL_POINTER. */
+KFAC_API int kfac_candidates_get_count(const kfac_optimizer *opt, int32_t *count);
+
+/** Since 0.1 (as kfac_candidate_directions_*). Writes the directions of candidate `candidate` of the last step into the buffers (the layout,
+ *  bias rules and n_layers of kfac_optimizer_step_*; candidate 0 is what kfac_optimizer_step_* wrote), KL-clipped with
+ *  that candidate's own ν. *factor_damping (may be NULL) receives the candidate's γ. The caller
+ *  needs them for its forward-mode products J·D_k. Errors: NULL_POINTER, INVALID_SIZE (n_layers),
+ *  INVALID_ARGUMENT (candidate out of range, a bias buffer for a layer without bias),
+ *  DTYPE_MISMATCH, NO_STEP (no step awaiting a solve). Changes nothing in the handle. */
+KFAC_API int kfac_candidates_get_directions_f32(kfac_optimizer *opt, int32_t candidate, float *const *weight_dirs,
+                                  float *const *bias_dirs, int32_t n_layers, double *factor_damping);
+KFAC_API int kfac_candidates_get_directions_f64(kfac_optimizer *opt, int32_t candidate, double *const *weight_dirs,
+                                  double *const *bias_dirs, int32_t n_layers, double *factor_damping);
+
+/** Since 0.1 (as kfac_solve_step_size_candidates_*). kfac_adaptive_solve_step_size_* over all candidates of the last step: direction_products[k] is J·D_k
+ *  for candidate k ([rows][output_dim]), n_candidates must equal kfac_candidates_get_count. For each
+ *  candidate the library chooses α_k (and μ_k) as kfac_adaptive_solve_step_size_* does, and keeps the one
+ *  with the lowest M(δ_k): *chosen receives its index, *alpha, *mu, *predicted_change its values.
+ *  On a γ step the chosen candidate's γ becomes KFAC_PARAM_FACTOR_DAMPING (with the Cholesky
+ *  strategy its inverses become the current ones). The update is then δ = −α·D_chosen + μ·δ₀:
+ *  apply it with kfac_adaptive_get_update_* (or from the candidate's directions). With one candidate this
+ *  is kfac_adaptive_solve_step_size_*. Errors: those of kfac_adaptive_solve_step_size_*, and INVALID_ARGUMENT
+ *  (n_candidates), NULL_POINTER (a NULL product). On error nothing changes. */
+KFAC_API int kfac_candidates_solve_step_size_f32(kfac_optimizer *opt, const float *outputs,
+                                        const float *const *direction_products, int32_t n_candidates,
+                                        const float *previous_products, int64_t rows, int64_t output_dim,
+                                        int32_t distribution, int32_t *chosen, double *alpha, double *mu,
+                                        double *predicted_change);
+KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const double *outputs,
+                                        const double *const *direction_products, int32_t n_candidates,
+                                        const double *previous_products, int64_t rows, int64_t output_dim,
+                                        int32_t distribution, int32_t *chosen, double *alpha, double *mu,
+                                        double *predicted_change);
+
+/* ---------------------------------------------------------------------------------------------
+ * Products with the damped curvature.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Since 0.2. Multiplies every layer's gradient-shaped buffers in place by the damped curvature
+ *  block the current inverse strategy inverts, at power `power`: +1 (the forward product, e.g.
+ *  for conjugate gradient or tests) or −1 (the preconditioning kfac_optimizer_step_* applies,
+ *  without schedule or KL clip). The damped block is, with λ the inverse damping
+ *  (KFAC_PARAM_FACTOR_DAMPING if > 0, else KFAC_PARAM_DAMPING):
+ *     KFAC_INVERSE_EIGEN:    A ⊗ G + λ I
+ *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
+ *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
+ *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
+ *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
+ *  bias rules and n_layers of kfac_optimizer_step_*. Changes nothing in the handle.
+ *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), INVALID_ARGUMENT (power, a bias buffer for a
+ *  layer without bias), DTYPE_MISMATCH, NON_FINITE (an input or the result; buffers untouched),
+ *  NO_STATISTICS (+1 before a layer has factors), NO_INVERSES (−1 before inverses exist). */
+KFAC_API int kfac_curvature_multiply_f32(kfac_optimizer *opt, int32_t power, float *const *weights,
+                                         float *const *biases, int32_t n_layers);
+KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, double *const *weights,
+                                         double *const *biases, int32_t n_layers);
+
+#endif /* KFAC_EXPERIMENTAL_API */
 
 #ifdef __cplusplus
 }

@@ -102,6 +102,7 @@ protocol OptimizerOperations: AnyObject {
     var stepCount: Int { get }
     var lastKLScale: Double { get }
     var lastReductionRatio: Double { get }
+    var hasReportedLossChange: Bool { get }
     var candidateCount: Int { get }
     func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double
     var layerCount: Int { get }
@@ -121,17 +122,3 @@ protocol OptimizerOperations: AnyObject {
 }
 
 extension KFACOptimizer: OptimizerOperations {}
-
-/// A `KFACParameter` from its C number, or `KFAC_ERROR_UNKNOWN_PARAMETER`.
-func parameter(_ raw: Int32) throws(KFACError) -> KFACParameter {
-    guard let p = KFACParameter(rawValue: raw) else {
-        throw KFACError(.unknownParameter, "unknown parameter \(raw)")
-    }
-    return p
-}
-
-/// A non-NULL output pointer, or `KFAC_ERROR_NULL_POINTER` naming it.
-func required<T>(_ p: T?, _ name: StaticString) throws(KFACError) -> T {
-    guard let p else { throw KFACError(.nullPointer, "\(name) is NULL") }
-    return p
-}

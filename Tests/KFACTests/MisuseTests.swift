@@ -87,7 +87,7 @@ final class MisuseTests: XCTestCase {
     func testParametersByIdentifier() throws {
         let opt = try KFACOptimizer<Float>()
         for p in KFACParameter.allCases {
-            if p.isDouble {
+            if p.spec.type == .double {
                 XCTAssertEqual(status { _ = try opt.parameters.int(p) }, .parameterType)
             } else {
                 XCTAssertEqual(status { _ = try opt.parameters.double(p) }, .parameterType)

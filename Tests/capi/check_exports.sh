@@ -2,7 +2,7 @@
 # check_exports.sh — checks that a built libkfac.so matches include/kfac.h:
 #   1. every function declared in the header is exported (defined, dynamic symbol table);
 #   2. the library exports no other kfac_* symbol;
-#   3. its SONAME is libkfac.so.<KFAC_VERSION_MAJOR> (libkfac.so.0).
+#   3. its SONAME is libkfac.so.0.<MINOR> while KFAC_VERSION_MAJOR is 0, else libkfac.so.<MAJOR>.
 #
 # Usage: Tests/capi/check_exports.sh path/to/libkfac.so [path/to/kfac.h]
 #        (the header defaults to include/kfac.h of this repository)
@@ -65,7 +65,8 @@ else
 fi
 
 major=$(sed -nE 's/^#define[[:space:]]+KFAC_VERSION_MAJOR[[:space:]]+([0-9]+).*/\1/p' "$header")
-want_soname="libkfac.so.${major:-0}"
+minor=$(sed -nE 's/^#define[[:space:]]+KFAC_VERSION_MINOR[[:space:]]+([0-9]+).*/\1/p' "$header")
+if [[ ${major:-0} == 0 ]]; then want_soname="libkfac.so.0.${minor:-0}"; else want_soname="libkfac.so.$major"; fi
 soname=$(readelf -d "$lib" | sed -nE 's/.*\(SONAME\).*\[(.*)\].*/\1/p')
 if [[ $soname != "$want_soname" ]]; then
     echo "FAIL: SONAME is '${soname:-(none)}', expected '$want_soname'"
