@@ -92,17 +92,18 @@
  * η is used for nothing else: the library returns directions, the caller scales by its own
  * learning rate.
  *
- * Schedule. The optimizer has a step counter k (0 at creation, +1 per successful kfac_optimizer_step_*).
- * In kfac_optimizer_step_*, in this order:
+ * Schedule. The optimizer has a step counter k (0 at creation, +1 per successful
+ * kfac_optimizer_step_*). In kfac_optimizer_step_*, in this order:
  *   1. if KFAC_PARAM_FACTOR_UPDATE_PERIOD = Tf > 0 and k mod Tf = 0, the statistics recorded
  *      since the previous factor update are folded into the running factors;
  *   2. if KFAC_PARAM_INVERSE_UPDATE_PERIOD = Ti > 0 and k mod Ti = 0, the inverses of all
  *      layers are recomputed from the factors just folded (in parallel across layers); with
  *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step;
  *   3. every layer's gradient is preconditioned, then KL-clipped, and written back.
- * A period of 0 means "only when asked": kfac_optimizer_update_factors and kfac_optimizer_update_inverses do steps 1
- * and 2 on demand. Statistics recorded on steps that are not factor-update steps are kept and
- * folded at the next factor update. kfac_optimizer_wants_statistics tells whether recording is useful now.
+ * A period of 0 means "only when asked": kfac_optimizer_update_factors and
+ * kfac_optimizer_update_inverses do steps 1 and 2 on demand. Statistics recorded on steps that are
+ * not factor-update steps are kept and folded at the next factor update.
+ * kfac_optimizer_wants_statistics tells whether recording is useful now.
  *
  * ---------------------------------------------------------------------------------------------
  * Conventions (convolutions, channel grouping)
@@ -138,9 +139,10 @@
  * Channel grouping (Laurent et al. 2018, §2.2): input_group_size s > 0 restricts Ω (or A) to
  * its block diagonal over groups of s consecutive input channels (dense: features; a conv
  * channel group covers its channels' kh·kw coordinates; within a convolution group, channels
- * are counted from that group's first), the bias coordinate becoming its own 1×1 block; output_group_size does the same for Γ (or G) over output channels. The last group
- * may be smaller. Each block is inverted on its own, all blocks of all layers as one parallel
- * batch; a size of 0, or one not smaller than the channel count, means no grouping.
+ * are counted from that group's first), the bias coordinate becoming its own 1×1 block;
+ * output_group_size does the same for Γ (or G) over output channels. The last group may be smaller.
+ * Each block is inverted on its own, all blocks of all layers as one parallel batch; a size of 0,
+ * or one not smaller than the channel count, means no grouping.
  *
  * kfac_layer_get_factors_* returns Ω_g and Γ_g as full matrices in the weight's order, zeros off
  * the blocks (for SUA, the expanded C_g ⊗ I with the bias block).
@@ -164,8 +166,8 @@
  * kfac_status_string, kfac_optimizer_last_error and kfac_optimizer_free (void).
  * A failed call leaves the handle exactly as it was before the call (factors, inverses, pending
  * statistics, counters, parameters), and leaves caller buffers it would have written untouched.
- * kfac_optimizer_last_error(handle) then describes the failure. No input makes the library abort, trap or
- * exit.
+ * kfac_optimizer_last_error(handle) then describes the failure. No input makes the library abort,
+ * trap or exit.
  *
  * Buffers are owned by the caller and only borrowed for the duration of a call; the library
  * copies whatever it keeps. Buffers must not alias each other unless stated.
@@ -592,9 +594,9 @@ KFAC_API int kfac_layer_record_inputs_f64(kfac_optimizer *opt, int32_t layer, co
  *  the examples, rows).
  *  Errors: as kfac_layer_record_inputs_*. */
 KFAC_API int kfac_layer_record_output_grads_f32(kfac_optimizer *opt, int32_t layer, const float *output_grads,
-                                 int64_t rows);
+                                                int64_t rows);
 KFAC_API int kfac_layer_record_output_grads_f64(kfac_optimizer *opt, int32_t layer, const double *output_grads,
-                                 int64_t rows);
+                                                int64_t rows);
 
 /** Folds all pending statistics into the running factors now (step 1 of the schedule,
  *  regardless of the period). Layers with nothing pending keep their factors.
@@ -633,9 +635,9 @@ KFAC_API int kfac_layer_get_factors_f64(const kfac_optimizer *opt, int32_t layer
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error, no gradient is written, the step counter does not
  *  advance, and factors and inverses are as before the call. */
 KFAC_API int kfac_optimizer_step_f32(kfac_optimizer *opt, float *const *weight_grads, float *const *bias_grads,
-                  int32_t n_layers);
+                                     int32_t n_layers);
 KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_grads, double *const *bias_grads,
-                  int32_t n_layers);
+                                     int32_t n_layers);
 
 /** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
  *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
@@ -643,7 +645,7 @@ KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_
  *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
 KFAC_API int kfac_layer_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
 KFAC_API int kfac_layer_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
-                          double *bias_grad);
+                                         double *bias_grad);
 
 /** The step counter k (>= 0), in *count. Errors: NULL_POINTER. */
 KFAC_API int kfac_optimizer_get_step_count(const kfac_optimizer *opt, int64_t *count);
@@ -656,27 +658,28 @@ KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scal
  * Adaptive mode (Martens & Grosse 2015, §6–7): the step size α and momentum μ from the quadratic
  * model of the loss, and Levenberg–Marquardt adjustment of λ from the reduction ratio ρ.
  *
- * After kfac_optimizer_step_* wrote directions D (set KFAC_PARAM_KL_CLIP to 0 here: α replaces the clip),
- * the caller runs a forward-mode (R-op) pass to get, per example, the derivative of the network's
- * outputs along D (J·D) and along its previous update δ₀ (J·δ₀), and calls
- * kfac_adaptive_solve_step_size_*. With F the exact Fisher of the mean loss over the batch (from the
- * output distribution below) the library minimises
+ * After kfac_optimizer_step_* wrote directions D (set KFAC_PARAM_KL_CLIP to 0 here: α replaces the
+ * clip), the caller runs a forward-mode (R-op) pass to get, per example, the derivative of the
+ * network's outputs along D (J·D) and along its previous update δ₀ (J·δ₀), and calls
+ * kfac_adaptive_solve_step_size_*. With F the exact Fisher of the mean loss over the batch (from
+ * the output distribution below) the library minimises
  *     M(δ) = ½ δᵀ (F + λ I) δ + ∇hᵀ δ   over   δ = −α·D + μ·δ₀
  * (a 2×2 system; α alone without δ₀) and returns α, μ and M(δ). The caller applies
  * θ ← θ − α·D + μ·δ₀ (δ₀: its previous applied update; the library keeps its own copy to form the
- * model), evaluates the mean loss, and calls kfac_adaptive_report_loss_change with the losses before and
- * after: ρ = (h(θ + δ) − h(θ)) / M(δ), which adjusts λ every KFAC_PARAM_LM_INTERVAL reports.
- * Set KFAC_PARAM_FACTOR_DAMPING (γ) to keep the factor inverses' damping apart from λ. The
+ * model), evaluates the mean loss, and calls kfac_adaptive_report_loss_change with the losses
+ * before and after: ρ = (h(θ + δ) − h(θ)) / M(δ), which adjusts λ every KFAC_PARAM_LM_INTERVAL
+ * reports. Set KFAC_PARAM_FACTOR_DAMPING (γ) to keep the factor inverses' damping apart from λ. The
  * directions and inner products of the last successful step are kept for the solve: a failed
  * step or kfac_layer_precondition_* in between does not change them.
  * The gradients given to kfac_optimizer_step_* must be those of the mean loss h over the batch.
  *
- * Re-choosing γ (M&G §6.6): with KFAC_PARAM_FACTOR_DAMPING_PERIOD T₂ > 0, every T₂-th step also
+ * Re-choosing γ (M&G §6.6; the candidate calls are in the experimental section at the end of
+ * this header): with KFAC_PARAM_FACTOR_DAMPING_PERIOD T₂ > 0, every T₂-th step also
  * prepares the directions D_k for the dampings γ·ω₂ and γ/ω₂ (candidates 1, 2; candidate 0 is γ,
  * written as usual). The caller computes J·D_k for each (kfac_candidates_get_count,
- * kfac_candidates_get_directions_*), calls kfac_candidates_solve_step_size_*, which keeps the γ whose
- * update has the lowest M(δ), and applies the update with kfac_adaptive_get_update_*. One loop serves
- * every step, since a step that is not a γ step has one candidate:
+ * kfac_candidates_get_directions_*), calls kfac_candidates_solve_step_size_*, which keeps the γ
+ * whose update has the lowest M(δ), and applies the update with kfac_adaptive_get_update_*. One
+ * loop serves every step, since a step that is not a γ step has one candidate:
  *     kfac_optimizer_step_f32(opt, dW, db, L);
  *     kfac_candidates_get_count(opt, &n);
  *     for (k = 0; k < n; k++) { kfac_candidates_get_directions_f32(opt, k, dk_W, dk_b, L, NULL);
@@ -690,9 +693,10 @@ KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scal
  * inverses are committed by the step and the kept candidate's become the current ones at the
  * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
  * or not finite (decay^T₂ underflows), whose factor is not positive definite or whose directions
- * are not finite is dropped, and the later ones move down an index: kfac_candidates_get_directions_*
- * reports each candidate's γ. The plain kfac_adaptive_solve_step_size_* on a γ step solves for candidate
- * 0 only and keeps γ. Candidates are not saved in states.
+ * are not finite is dropped, and the later ones move down an index:
+ * kfac_candidates_get_directions_* reports each candidate's γ. The plain
+ * kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ. Candidates
+ * are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
@@ -719,21 +723,20 @@ typedef enum kfac_distribution {
  *  DTYPE_MISMATCH, NON_FINITE (inputs, or a degenerate model), NO_STEP (no step since the last
  *  solve), OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_adaptive_solve_step_size_f32(kfac_optimizer *opt, const float *outputs, const float *direction_products,
-                             const float *previous_products, int64_t rows, int64_t output_dim,
-                             int32_t distribution, double *alpha, double *mu, double *predicted_change);
+                                               const float *previous_products, int64_t rows, int64_t output_dim,
+                                               int32_t distribution, double *alpha, double *mu, double *predicted_change);
 KFAC_API int kfac_adaptive_solve_step_size_f64(kfac_optimizer *opt, const double *outputs, const double *direction_products,
-                             const double *previous_products, int64_t rows, int64_t output_dim,
-                             int32_t distribution, double *alpha, double *mu, double *predicted_change);
+                                               const double *previous_products, int64_t rows, int64_t output_dim,
+                                               int32_t distribution, double *alpha, double *mu, double *predicted_change);
 
 /** Writes the update δ = −α·D + μ·δ₀ of the last solve (kept as the next δ₀; a later step does
- *  not change it) into the buffers
- *  (layout, bias rules and n_layers of kfac_optimizer_step_*): the caller applies θ ← θ + δ. Errors:
- *  NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_STEP (no solve yet). Changes
- *  nothing in the handle. */
+ *  not change it) into the buffers (layout, bias rules and n_layers of kfac_optimizer_step_*):
+ *  the caller applies θ ← θ + δ. Errors: NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT,
+ *  DTYPE_MISMATCH, NO_STEP (no solve yet). Changes nothing in the handle. */
 KFAC_API int kfac_adaptive_get_update_f32(kfac_optimizer *opt, float *const *weight_updates, float *const *bias_updates,
-                        int32_t n_layers);
+                                          int32_t n_layers);
 KFAC_API int kfac_adaptive_get_update_f64(kfac_optimizer *opt, double *const *weight_updates, double *const *bias_updates,
-                        int32_t n_layers);
+                                          int32_t n_layers);
 
 /** Reports the mean loss before and after applying the last solved update: *rho (may be NULL)
  *  receives ρ = (after − before) / M(δ) (NaN if M(δ) was not negative); every
@@ -752,17 +755,18 @@ KFAC_API int kfac_adaptive_get_reduction_ratio(const kfac_optimizer *opt, double
  *  returned only. Errors: NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT
  *  (distribution), NON_FINITE (outputs). */
 KFAC_API int kfac_sample_targets_f32(const float *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
-                            uint64_t seed, float *targets);
+                                     uint64_t seed, float *targets);
 KFAC_API int kfac_sample_targets_f64(const double *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
-                            uint64_t seed, double *targets);
+                                     uint64_t seed, double *targets);
 
 /** The gradient of the summed loss with respect to the outputs at targets sampled as
- *  kfac_sample_targets_* does with the same seed (p − y, or μ − y), into grads ([rows][output_dim]):
- *  the output gradients whose statistics estimate the true Fisher. Errors: as kfac_sample_targets_*. */
+ *  kfac_sample_targets_* does with the same seed (p − y, or μ − y), into grads
+ *  ([rows][output_dim]): the output gradients whose statistics estimate the true Fisher.
+ *  Errors: as kfac_sample_targets_*. */
 KFAC_API int kfac_sample_output_grads_f32(const float *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
-                                  uint64_t seed, float *grads);
+                                          uint64_t seed, float *grads);
 KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
-                                  uint64_t seed, double *grads);
+                                          uint64_t seed, double *grads);
 
 /* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
@@ -805,42 +809,46 @@ KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
  * Candidates for the factor damping γ (see "Adaptive mode", "Re-choosing γ").
  * ------------------------------------------------------------------------------------------- */
 
-/** Since 0.1 (as kfac_candidate_count). The number of direction candidates the last successful kfac_optimizer_step_* prepared, in *count: 1, or
- *  on a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) up to 3 — one per factor damping γ, γ·ω₂, γ/ω₂
- *  whose directions were finite (candidate 0, the current γ, always; it is what kfac_optimizer_step_* wrote).
- *  0 once the step was solved, or before the first step. Errors: NULL_POINTER. */
+/** Since 0.1 (as kfac_candidate_count). The number of direction candidates the last successful
+ *  kfac_optimizer_step_* prepared, in *count: 1, or on a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
+ *  up to 3 — one per factor damping γ, γ·ω₂, γ/ω₂ whose directions were finite (candidate 0, the
+ *  current γ, always; it is what kfac_optimizer_step_* wrote). 0 once the step was solved, or
+ *  before the first step. Errors: NULL_POINTER. */
 KFAC_API int kfac_candidates_get_count(const kfac_optimizer *opt, int32_t *count);
 
-/** Since 0.1 (as kfac_candidate_directions_*). Writes the directions of candidate `candidate` of the last step into the buffers (the layout,
- *  bias rules and n_layers of kfac_optimizer_step_*; candidate 0 is what kfac_optimizer_step_* wrote), KL-clipped with
- *  that candidate's own ν. *factor_damping (may be NULL) receives the candidate's γ. The caller
- *  needs them for its forward-mode products J·D_k. Errors: NULL_POINTER, INVALID_SIZE (n_layers),
- *  INVALID_ARGUMENT (candidate out of range, a bias buffer for a layer without bias),
+/** Since 0.1 (as kfac_candidate_directions_*). Writes the directions of candidate `candidate`
+ *  of the last step into the buffers (the layout, bias rules and n_layers of kfac_optimizer_step_*; candidate 0 is what kfac_optimizer_step_*
+ *  wrote), KL-clipped with that candidate's own ν. *factor_damping (may be NULL) receives the
+ *  candidate's γ. The caller needs them for its forward-mode products J·D_k. Errors: NULL_POINTER,
+ *  INVALID_SIZE (n_layers), INVALID_ARGUMENT (candidate out of range, a bias buffer for a layer
+ *  without bias),
  *  DTYPE_MISMATCH, NO_STEP (no step awaiting a solve). Changes nothing in the handle. */
 KFAC_API int kfac_candidates_get_directions_f32(kfac_optimizer *opt, int32_t candidate, float *const *weight_dirs,
-                                  float *const *bias_dirs, int32_t n_layers, double *factor_damping);
+                                                float *const *bias_dirs, int32_t n_layers, double *factor_damping);
 KFAC_API int kfac_candidates_get_directions_f64(kfac_optimizer *opt, int32_t candidate, double *const *weight_dirs,
-                                  double *const *bias_dirs, int32_t n_layers, double *factor_damping);
+                                                double *const *bias_dirs, int32_t n_layers, double *factor_damping);
 
-/** Since 0.1 (as kfac_solve_step_size_candidates_*). kfac_adaptive_solve_step_size_* over all candidates of the last step: direction_products[k] is J·D_k
- *  for candidate k ([rows][output_dim]), n_candidates must equal kfac_candidates_get_count. For each
- *  candidate the library chooses α_k (and μ_k) as kfac_adaptive_solve_step_size_* does, and keeps the one
+/** Since 0.1 (as kfac_solve_step_size_candidates_*). kfac_adaptive_solve_step_size_* over all
+ *  candidates of the last step: direction_products[k] is J·D_k for candidate k
+ *  ([rows][output_dim]), n_candidates must equal kfac_candidates_get_count. For each candidate
+ *  the library chooses α_k (and μ_k) as kfac_adaptive_solve_step_size_* does, and keeps the one
  *  with the lowest M(δ_k): *chosen receives its index, *alpha, *mu, *predicted_change its values.
  *  On a γ step the chosen candidate's γ becomes KFAC_PARAM_FACTOR_DAMPING (with the Cholesky
  *  strategy its inverses become the current ones). The update is then δ = −α·D_chosen + μ·δ₀:
- *  apply it with kfac_adaptive_get_update_* (or from the candidate's directions). With one candidate this
- *  is kfac_adaptive_solve_step_size_*. Errors: those of kfac_adaptive_solve_step_size_*, and INVALID_ARGUMENT
- *  (n_candidates), NULL_POINTER (a NULL product). On error nothing changes. */
+ *  apply it with kfac_adaptive_get_update_* (or from the candidate's directions). With one
+ *  candidate this is kfac_adaptive_solve_step_size_*. Errors: those of
+ *  kfac_adaptive_solve_step_size_*, and INVALID_ARGUMENT (n_candidates), NULL_POINTER (a NULL
+ *  product). On error nothing changes. */
 KFAC_API int kfac_candidates_solve_step_size_f32(kfac_optimizer *opt, const float *outputs,
-                                        const float *const *direction_products, int32_t n_candidates,
-                                        const float *previous_products, int64_t rows, int64_t output_dim,
-                                        int32_t distribution, int32_t *chosen, double *alpha, double *mu,
-                                        double *predicted_change);
+                                                 const float *const *direction_products, int32_t n_candidates,
+                                                 const float *previous_products, int64_t rows, int64_t output_dim,
+                                                 int32_t distribution, int32_t *chosen, double *alpha, double *mu,
+                                                 double *predicted_change);
 KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const double *outputs,
-                                        const double *const *direction_products, int32_t n_candidates,
-                                        const double *previous_products, int64_t rows, int64_t output_dim,
-                                        int32_t distribution, int32_t *chosen, double *alpha, double *mu,
-                                        double *predicted_change);
+                                                 const double *const *direction_products, int32_t n_candidates,
+                                                 const double *previous_products, int64_t rows, int64_t output_dim,
+                                                 int32_t distribution, int32_t *chosen, double *alpha, double *mu,
+                                                 double *predicted_change);
 
 /* ---------------------------------------------------------------------------------------------
  * Products with the damped curvature.
