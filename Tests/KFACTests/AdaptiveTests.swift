@@ -29,7 +29,7 @@ final class AdaptiveTests: XCTestCase {
             var total = 0.0
             for n in inputs.indices {
                 let p = oracleSoftmax(logits(theta, n))
-                total -= Foundationless.log(p[labels[n]])
+                total -= LibM.log(p[labels[n]])
             }
             return total / Double(inputs.count)
         }
@@ -247,7 +247,7 @@ final class AdaptiveTests: XCTestCase {
 /// Softmax of a row, the slow and obvious way.
 func oracleSoftmax(_ z: [Double]) -> [Double] {
     let m = z.max()!
-    let e = z.map { Foundationless.exp($0 - m) }
+    let e = z.map { LibM.exp($0 - m) }
     let s = e.reduce(0, +)
     return e.map { $0 / s }
 }

@@ -16,7 +16,7 @@ final class DampingCandidateTests: XCTestCase {
             (0..<out).map { o in (0..<inF).reduce(theta[o, inF]) { $0 + theta[o, $1] * inputs[n][$1] } }
         }
         func loss(_ theta: Dense) -> Double {
-            inputs.indices.reduce(0.0) { $0 - Foundationless.log(oracleSoftmax(logits(theta, $1))[labels[$1]]) } / Double(inputs.count)
+            inputs.indices.reduce(0.0) { $0 - LibM.log(oracleSoftmax(logits(theta, $1))[labels[$1]]) } / Double(inputs.count)
         }
         /// Output gradients of the summed loss, [N][out].
         func outputGradients(_ theta: Dense) -> [Double] {

@@ -15,15 +15,15 @@
 ///
 /// Patches (and pixel rows) are formed for chunks of examples of at most `chunkValues` values
 /// (or one example), so memory stays bounded whatever the batch.
-final class Conv2dBlock<Scalar: KFACScalar>: CurvatureBlock {
+final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     let layer: LayerDescription
-    let curvatures: [KroneckerCurvature<Scalar>]
+    let curvatures: [KroneckerBlock<Scalar>]
     let geometry: Conv2dGeometry
     let approximation: ConvApproximation
     /// SUA: the pixels read by at least one kernel tap, and their row scales sqrt(m·P/(kh·kw)).
     private let activePixels: [Int]
     private let pixelScales: [Scalar]
-    private var scratch: Matrix<Scalar>?
+    private var scratch: AlignedBuffer<Scalar>?
     /// Per group: whether the record call in progress buffers rows (see `KroneckerFactor.prepareRecord`).
     private var recordModes: [Bool]
 
@@ -46,8 +46,8 @@ final class Conv2dBlock<Scalar: KFACScalar>: CurvatureBlock {
                                                     repeats: g.kernelPositions, bias: g.hasBias)
         }
         let outputStructure = FactorStructure.grouped(count: g.groupOutChannels, groupSize: grouping.outputGroupSize, bias: false)
-        var curvatures: [KroneckerCurvature<Scalar>] = []
-        for _ in 0..<g.groups { curvatures.append(try KroneckerCurvature(input: inputStructure, output: outputStructure)) }
+        var curvatures: [KroneckerBlock<Scalar>] = []
+        for _ in 0..<g.groups { curvatures.append(try KroneckerBlock(input: inputStructure, output: outputStructure)) }
         self.curvatures = curvatures
         recordModes = Array(repeating: false, count: g.groups)
 
@@ -103,14 +103,14 @@ final class Conv2dBlock<Scalar: KFACScalar>: CurvatureBlock {
         Swift.max(1, Self.chunkValues / Swift.max(1, rowsPerExample * width))
     }
 
-    private func scratchBuffer(values: Int) throws(KFACError) -> Matrix<Scalar> {
+    private func scratchBuffer(values: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         if let s = scratch, s.count >= values { return s }
-        let s = try Matrix<Scalar>(rows: 1, columns: values)
+        let s = try AlignedBuffer<Scalar>(rows: 1, columns: values)
         scratch = s
         return s
     }
 
-    func recordInputs(_ x: UnsafePointer<Scalar>, rows n: Int, ones: Matrix<Scalar>) throws(KFACError) {
+    func recordInputs(_ x: UnsafePointer<Scalar>, rows n: Int, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         let g = geometry
         let (perExample, width) = (inputRowsPerExample, inputRowWidth)
         guard perExample > 0 else { return }
@@ -147,7 +147,7 @@ final class Conv2dBlock<Scalar: KFACScalar>: CurvatureBlock {
         }
     }
 
-    func recordOutputGradients(_ gradients: UnsafePointer<Scalar>, rows n: Int, scale: Scalar, ones: Matrix<Scalar>) throws(KFACError) {
+    func recordOutputGradients(_ gradients: UnsafePointer<Scalar>, rows n: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         let g = geometry
         let (t, cg) = (g.outputPositions, g.groupOutChannels)
         for group in curvatures.indices {

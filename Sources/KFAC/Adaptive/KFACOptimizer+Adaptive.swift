@@ -38,7 +38,7 @@ extension KFACOptimizer {
     }
 
     /// The directions of candidate `slot` of curvature `c`.
-    private func candidateDirection(_ c: KroneckerCurvature<Scalar>, slot: Int) -> Matrix<Scalar> {
+    private func candidateDirection(_ c: KroneckerBlock<Scalar>, slot: Int) -> AlignedBuffer<Scalar> {
         slot == 0 ? c.stepDirection! : c.candidateDirections[slot - 1]
     }
 
@@ -149,7 +149,7 @@ extension KFACOptimizer {
         }
         for k in curvatures.indices where curvatures[k].previousUpdate == nil {
             let c = curvatures[k]
-            c.previousUpdate = try Matrix(rows: c.direction.rows, columns: c.direction.columns)
+            c.previousUpdate = try AlignedBuffer(rows: c.direction.rows, columns: c.direction.columns)
         }
         // Commit: nothing below can fail. δ = −α ν U + μ δ₀ becomes the next δ₀.
         let chosen = candidates[best.index]
@@ -197,7 +197,7 @@ extension KFACOptimizer {
     /// Writes `scale ·` the matrices `source` gives per curvature into the layers' buffers
     /// (through each curvature's `direction`, free between steps).
     private func write(_ buffers: (Int) -> ParameterGradient<Scalar>, scale: Double,
-                       _ source: (KroneckerCurvature<Scalar>) -> Matrix<Scalar>) {
+                       _ source: (KroneckerBlock<Scalar>) -> AlignedBuffer<Scalar>) {
         for l in blocks.indices {
             let b = blocks[l], g = buffers(l)
             for j in b.curvatures.indices { b.curvatures[j].direction.copyContents(from: source(b.curvatures[j])) }
@@ -223,7 +223,7 @@ extension KFACOptimizer {
         lossReports += 1
         let t = parameters.lmInterval
         if t > 0 && lossReports % t == 0 && !rho.isNaN {
-            let omega = Foundationless.exp(Double(t) * Foundationless.log(parameters.lmDecay))
+            let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
             var p = parameters
             if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }
             if p.damping > 0 && p.damping.isFinite { parameters = p }

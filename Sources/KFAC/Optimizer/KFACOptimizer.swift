@@ -35,16 +35,16 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public internal(set) var lastReductionRatio = Double.nan
     var lossReports = 0
 
-    var blocks: [any CurvatureBlock<Scalar>] = [] {
+    var blocks: [any CurvatureLayer<Scalar>] = [] {
         didSet { indexCurvatures() }
     }
     /// Every layer's curvatures, flat, and the layer each belongs to.
-    private(set) var curvatures: [KroneckerCurvature<Scalar>] = []
+    private(set) var curvatures: [KroneckerBlock<Scalar>] = []
     private var curvatureLayer: [Int] = []
     /// Layers can no longer be added once statistics were recorded.
     var statisticsStarted = false
 
-    private let ones: Matrix<Scalar>
+    private let ones: AlignedBuffer<Scalar>
     fileprivate var workspaces: [EigenWorkspace<Scalar>] = []
     private let workers = WorkerPool()
     // Per-step bookkeeping, sized when layers are added so a step does not allocate.
@@ -52,7 +52,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Inversion jobs: one per unique block of each side of each curvature to invert.
     fileprivate var inversionJobs: [InversionJob] = []
     /// Per curvature and side (2c, 2c + 1): the factor to invert and its Tikhonov shift.
-    fileprivate var jobSources: [Matrix<Scalar>?] = []
+    fileprivate var jobSources: [AlignedBuffer<Scalar>?] = []
     fileprivate var jobShifts: [Scalar] = []
     /// One slot per job, written by the worker threads (distinct slots), read after they finish.
     fileprivate var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
@@ -73,7 +73,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     public init() throws(KFACError) {
         candidates.reserveCapacity(3)
-        ones = try Matrix(rows: 1, columns: 1024)
+        ones = try AlignedBuffer(rows: 1, columns: 1024)
         for i in 0..<ones.count { ones.base[i] = 1 }
     }
 
@@ -147,17 +147,17 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         }
     }
 
-    private func append(_ block: any CurvatureBlock<Scalar>) throws(KFACError) {
+    private func append(_ block: any CurvatureLayer<Scalar>) throws(KFACError) {
         blocks.append(block)
     }
 
     /// The block type of a layer kind, built from its description.
-    func makeBlock(_ layer: LayerDescription) throws(KFACError) -> any CurvatureBlock<Scalar> {
+    func makeBlock(_ layer: LayerDescription) throws(KFACError) -> any CurvatureLayer<Scalar> {
         switch layer {
         case .dense(let i, let o, let bias, let grouping):
-            return try DenseBlock<Scalar>(inFeatures: i, outFeatures: o, hasBias: bias, grouping: grouping)
+            return try DenseLayer<Scalar>(inFeatures: i, outFeatures: o, hasBias: bias, grouping: grouping)
         case .conv2d(let g, let approximation, let grouping):
-            return try Conv2dBlock<Scalar>(g, approximation: approximation, grouping: grouping)
+            return try Conv2dLayer<Scalar>(g, approximation: approximation, grouping: grouping)
         }
     }
 
@@ -195,7 +195,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     public var layerCount: Int { blocks.count }
 
-    func block(_ layer: Int) throws(KFACError) -> any CurvatureBlock<Scalar> {
+    func block(_ layer: Int) throws(KFACError) -> any CurvatureLayer<Scalar> {
         guard layer >= 0 && layer < blocks.count else {
             throw KFACError(.unknownLayer, "layer \(layer) is not registered (there are \(blocks.count) layers)")
         }
@@ -220,7 +220,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// finite and small enough that the pending second-moment sums, with `scale` applied to every
     /// value, stay finite (so a later fold cannot fail because of them).
     private func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
-                               scale: Double) throws(KFACError) -> any CurvatureBlock<Scalar> {
+                               scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
         let b = try block(layer)
         let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
@@ -389,7 +389,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     /// The inverse an inversion into `target` writes for curvature `c`.
-    fileprivate func inverse(of c: KroneckerCurvature<Scalar>, target: Int, strategy: InverseStrategy) throws(KFACError) -> KroneckerInverse<Scalar> {
+    fileprivate func inverse(of c: KroneckerBlock<Scalar>, target: Int, strategy: InverseStrategy) throws(KFACError) -> KroneckerInverse<Scalar> {
         target == 0 ? try c.stagingInverse(for: strategy) : c.candidateInverses[target - 1]
     }
 
@@ -486,7 +486,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     private func prepareDampingCandidates() {
         let p = parameters
         let gamma = p.inverseDamping
-        let omega = Foundationless.exp(Double(p.factorDampingPeriod) * Foundationless.log(p.factorDampingDecay))
+        let omega = LibM.exp(Double(p.factorDampingPeriod) * LibM.log(p.factorDampingDecay))
         candidateStrategy = p.inverseStrategy
         if p.inverseStrategy == .cholesky {
             for k in curvatures.indices { invertCurvature[k] = true }
@@ -517,7 +517,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     }
 
     /// Checks that a layer's bias buffer is given exactly when the layer has a bias.
-    func checkBias(_ bias: UnsafeMutablePointer<Scalar>?, block b: any CurvatureBlock<Scalar>, layer l: Int,
+    func checkBias(_ bias: UnsafeMutablePointer<Scalar>?, block b: any CurvatureLayer<Scalar>, layer l: Int,
                    what: String) throws(KFACError) {
         guard b.layer.hasBias != (bias != nil) else { return }
         throw KFACError(b.layer.hasBias ? .nullPointer : .invalidArgument,
@@ -525,7 +525,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
                                         : "layer \(l) has no bias but a bias \(what) was given")
     }
 
-    private func checkGradient(_ g: ParameterGradient<Scalar>, block b: any CurvatureBlock<Scalar>, layer l: Int) throws(KFACError) {
+    private func checkGradient(_ g: ParameterGradient<Scalar>, block b: any CurvatureLayer<Scalar>, layer l: Int) throws(KFACError) {
         try checkBias(g.bias, block: b, layer: l, what: "gradient")
         guard Scalar.allFinite(g.weight, count: b.weightCount),
               g.bias.map({ Scalar.allFinite($0, count: b.layer.outFeatures) }) ?? true else {

@@ -229,7 +229,7 @@ extension KFACOptimizer {
             }
         }
         // Build fresh blocks from the image; the optimizer's own are replaced only on success.
-        var restored: [any CurvatureBlock<Scalar>] = []
+        var restored: [any CurvatureLayer<Scalar>] = []
         for b in blocks {
             let fresh = try makeBlock(b.layer)
             for c in fresh.curvatures {
@@ -249,7 +249,7 @@ extension KFACOptimizer {
                     c.restoreInverse(inv)
                 }
                 if previous {
-                    let p = try Matrix<Scalar>(rows: c.direction.rows, columns: c.direction.columns)
+                    let p = try AlignedBuffer<Scalar>(rows: c.direction.rows, columns: c.direction.columns)
                     try r.scalars(into: p.base, count: p.count)
                     c.previousUpdate = p
                 }

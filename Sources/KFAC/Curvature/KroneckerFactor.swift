@@ -12,18 +12,18 @@
 /// follows it), so that failure leaves `running` and the pending statistics untouched.
 final class KroneckerFactor<Scalar: KFACScalar> {
     let structure: FactorStructure
-    private var rowBuffer: Matrix<Scalar>?
+    private var rowBuffer: AlignedBuffer<Scalar>?
     private(set) var bufferedRows = 0
-    private var pendingSum: Matrix<Scalar>?
+    private var pendingSum: AlignedBuffer<Scalar>?
     private(set) var summedRows = 0
     /// The moving average, block by block (`structure.storageOffsets`).
-    private(set) var running: Matrix<Scalar>
+    private(set) var running: AlignedBuffer<Scalar>
     private(set) var hasRunning = false
-    private var staged: Matrix<Scalar>?
+    private var staged: AlignedBuffer<Scalar>?
 
     init(structure: FactorStructure) throws(KFACError) {
         self.structure = structure
-        running = try Matrix(rows: 1, columns: structure.storageCount)
+        running = try AlignedBuffer(rows: 1, columns: structure.storageCount)
     }
 
     /// The factor's dimension (the gradient matrix's extent on this side).
@@ -39,7 +39,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// multiplied by `scale`, followed by `appended` as a last coordinate if given
     /// (width + 1 == recordedWidth), else width == recordedWidth. On error nothing changed.
     func record(_ x: UnsafePointer<Scalar>, rows: Int, width: Int, stride: Int? = nil, appended: Scalar?,
-                scale: Scalar, ones: Matrix<Scalar>) throws(KFACError) {
+                scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         let buffered = try prepareRecord(rows: rows)
         add(x, rows: rows, width: width, stride: stride, appended: appended, scale: scale, ones: ones, buffered: buffered)
     }
@@ -58,7 +58,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
 
     /// Records rows as `record` does, in the form `prepareRecord` chose for them.
     func add(_ x: UnsafePointer<Scalar>, rows: Int, width: Int, stride: Int? = nil, appended: Scalar?,
-             scale: Scalar, ones: Matrix<Scalar>, buffered: Bool) {
+             scale: Scalar, ones: AlignedBuffer<Scalar>, buffered: Bool) {
         let stride = stride ?? width
         let w = structure.recordedWidth
         if buffered, let buffer = rowBuffer {
@@ -107,25 +107,25 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         }
     }
 
-    private func reserveRowBuffer(_ rows: Int) throws(KFACError) -> Matrix<Scalar> {
+    private func reserveRowBuffer(_ rows: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         if let b = rowBuffer, b.rows >= rows { return b }
         // Grow geometrically (up to the limit) so that a steady batch size stops allocating.
         let capacity = Swift.min(Swift.max(rowBufferLimit, rows), Swift.max(rows, 2 * (rowBuffer?.rows ?? 0)))
-        let bigger = try Matrix<Scalar>(rows: capacity, columns: structure.recordedWidth)
+        let bigger = try AlignedBuffer<Scalar>(rows: capacity, columns: structure.recordedWidth)
         if let old = rowBuffer { bigger.base.update(from: old.base, count: bufferedRows * structure.recordedWidth) }
         rowBuffer = bigger
         return bigger
     }
 
-    private func pendingSumMatrix() throws(KFACError) -> Matrix<Scalar> {
+    private func pendingSumMatrix() throws(KFACError) -> AlignedBuffer<Scalar> {
         if let s = pendingSum { return s }
-        let s = try Matrix<Scalar>(rows: 1, columns: structure.storageCount)
+        let s = try AlignedBuffer<Scalar>(rows: 1, columns: structure.storageCount)
         pendingSum = s
         return s
     }
 
     /// syrk of the buffered rows into every block of `destination`: alpha·XᵀX + beta·destination.
-    private func blockUpdates(from buffer: Matrix<Scalar>, alpha: Scalar, beta: Scalar, into destination: UnsafeMutablePointer<Scalar>) {
+    private func blockUpdates(from buffer: AlignedBuffer<Scalar>, alpha: Scalar, beta: Scalar, into destination: UnsafeMutablePointer<Scalar>) {
         for q in structure.uniqueSizes.indices {
             let b = structure.uniqueSizes[q]
             Scalar.syrkTransposed(n: b, k: bufferedRows, alpha: alpha, a: buffer.base + structure.uniqueOffsets[q],
@@ -135,7 +135,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     }
 
     /// Moves the buffered rows into the block sums.
-    private func flushRowBuffer(into sum: Matrix<Scalar>) {
+    private func flushRowBuffer(into sum: AlignedBuffer<Scalar>) {
         guard bufferedRows > 0, let buffer = rowBuffer else { return }
         blockUpdates(from: buffer, alpha: 1, beta: summedRows > 0 ? 1 : 0, into: sum.base)
         summedRows += bufferedRows
@@ -154,7 +154,7 @@ final class KroneckerFactor<Scalar: KFACScalar> {
 
     /// destination = β·previous + c·(pending statistics), β = 0 for the first fold, with
     /// c = (1 − β)/rows (or 1/rows). `previous` may be `destination`.
-    private func average(into destination: Matrix<Scalar>, decay: Scalar) {
+    private func average(into destination: AlignedBuffer<Scalar>, decay: Scalar) {
         let n = Scalar(pendingRows)
         let (beta, c): (Scalar, Scalar) = hasRunning ? (decay, (1 - decay) / n) : (0, 1 / n)
         let previous: UnsafePointer<Scalar>? = hasRunning ? UnsafePointer(running.base) : nil
@@ -191,9 +191,9 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// The factor a step that folds out of place will use: the staged average (allocated on first
     /// use) if something is pending, else the running factor. Nothing committed changes.
     /// Call `validatePending` first.
-    func stageFold(decay: Scalar) throws(KFACError) -> Matrix<Scalar> {
+    func stageFold(decay: Scalar) throws(KFACError) -> AlignedBuffer<Scalar> {
         guard hasPending else { return running }
-        if staged == nil { staged = try Matrix(rows: 1, columns: structure.storageCount) }
+        if staged == nil { staged = try AlignedBuffer(rows: 1, columns: structure.storageCount) }
         average(into: staged!, decay: decay)
         return staged!
     }

@@ -7,7 +7,7 @@ import Darwin
 /// A dense row-major matrix (or vector, with one row) in 64-byte aligned memory the library
 /// owns. Allocation failure throws `.outOfMemory` instead of trapping, so that a caller of the
 /// C ABI gets a status. The contents start zeroed.
-final class Matrix<Scalar: KFACScalar> {
+final class AlignedBuffer<Scalar: KFACScalar> {
     let rows: Int
     let columns: Int
     let base: UnsafeMutablePointer<Scalar>
@@ -30,7 +30,7 @@ final class Matrix<Scalar: KFACScalar> {
         self.base = raw.bindMemory(to: Scalar.self, capacity: Swift.max(count, 1))
     }
 
-    func copyContents(from other: Matrix) {
+    func copyContents(from other: AlignedBuffer) {
         precondition(other.count == count)
         base.update(from: other.base, count: count)
     }

@@ -110,7 +110,7 @@ extension KFACScalar {
 /// that covers `ones.count` rows at a time.
 func columnSums<T: KFACScalar>(
     of x: UnsafePointer<T>, rows: Int, columns: Int, stride: Int, scale: T,
-    into sums: UnsafeMutablePointer<T>, incY: Int, accumulate: Bool, ones: Matrix<T>
+    into sums: UnsafeMutablePointer<T>, incY: Int, accumulate: Bool, ones: AlignedBuffer<T>
 ) {
     var start = 0
     while start < rows {

@@ -3,20 +3,20 @@
 /// The parameter matrix is Θ = [W | b] (bias as the last column), the input factor is
 /// A = E[ā āᵀ] with ā = [a; 1], the output factor G = E[g gᵀ]; with channel grouping both are
 /// restricted to their block diagonals.
-final class DenseBlock<Scalar: KFACScalar>: CurvatureBlock {
+final class DenseLayer<Scalar: KFACScalar>: CurvatureLayer {
     let layer: LayerDescription
-    let curvatures: [KroneckerCurvature<Scalar>]
+    let curvatures: [KroneckerBlock<Scalar>]
     private let inFeatures: Int, outFeatures: Int, hasBias: Bool
 
     init(inFeatures: Int, outFeatures: Int, hasBias: Bool, grouping: ChannelGrouping = .init()) throws(KFACError) {
         layer = .dense(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, grouping: grouping)
         (self.inFeatures, self.outFeatures, self.hasBias) = (inFeatures, outFeatures, hasBias)
-        curvatures = [try KroneckerCurvature(
+        curvatures = [try KroneckerBlock(
             input: .grouped(count: inFeatures, groupSize: grouping.inputGroupSize, bias: hasBias),
             output: .grouped(count: outFeatures, groupSize: grouping.outputGroupSize, bias: false))]
     }
 
-    private var curvature: KroneckerCurvature<Scalar> { curvatures[0] }
+    private var curvature: KroneckerBlock<Scalar> { curvatures[0] }
 
     func inputValueCount(rows: Int) -> Int { rows * inFeatures }
     func outputGradientValueCount(rows: Int) -> Int { rows * outFeatures }
@@ -27,11 +27,11 @@ final class DenseBlock<Scalar: KFACScalar>: CurvatureBlock {
         return Swift.max(largest * largest, 1) * scale * scale * Double(pending + rows)
     }
 
-    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: Matrix<Scalar>) throws(KFACError) {
+    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         try curvature.input.record(x, rows: rows, width: inFeatures, appended: hasBias ? 1 : nil, scale: 1, ones: ones)
     }
 
-    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: Matrix<Scalar>) throws(KFACError) {
+    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         try curvature.output.record(g, rows: rows, width: outFeatures, appended: nil, scale: scale, ones: ones)
     }
 

@@ -9,16 +9,16 @@
 final class FactorInverse<Scalar: KFACScalar> {
     let strategy: InverseStrategy
     let structure: FactorStructure
-    let matrix: Matrix<Scalar>
-    let values: Matrix<Scalar>
-    let tileValues: Matrix<Scalar>
+    let matrix: AlignedBuffer<Scalar>
+    let values: AlignedBuffer<Scalar>
+    let tileValues: AlignedBuffer<Scalar>
 
     init(strategy: InverseStrategy, structure: FactorStructure) throws(KFACError) {
         self.strategy = strategy
         self.structure = structure
-        matrix = try Matrix(rows: 1, columns: structure.storageCount)
-        values = try Matrix(rows: 1, columns: strategy == .eigen ? structure.recordedWidth : 0)
-        tileValues = try Matrix(rows: 1, columns: strategy == .eigen ? structure.dimension : 0)
+        matrix = try AlignedBuffer(rows: 1, columns: structure.storageCount)
+        values = try AlignedBuffer(rows: 1, columns: strategy == .eigen ? structure.recordedWidth : 0)
+        tileValues = try AlignedBuffer(rows: 1, columns: strategy == .eigen ? structure.dimension : 0)
     }
 
     var dimension: Int { structure.dimension }
@@ -72,13 +72,13 @@ final class FactorInverse<Scalar: KFACScalar> {
 /// LAPACK workspace for eigendecompositions, one per worker thread, grown to the largest
 /// block on first use and then reused.
 final class EigenWorkspace<Scalar: KFACScalar> {
-    private(set) var work: Matrix<Scalar>
+    private(set) var work: AlignedBuffer<Scalar>
     private(set) var iwork: UnsafeMutablePointer<Int32>
     private(set) var iworkCount = 0
     private var dimension = -1
 
     init() throws(KFACError) {
-        work = try Matrix(rows: 1, columns: 1)
+        work = try AlignedBuffer(rows: 1, columns: 1)
         iwork = .allocate(capacity: 1)
     }
 
@@ -88,7 +88,7 @@ final class EigenWorkspace<Scalar: KFACScalar> {
         guard w <= Int(Int32.max), iw <= Int(Int32.max) else {
             throw KFACError(.sizeOverflow, "the eigensolver's workspace for a \(n)×\(n) factor exceeds LAPACK's 32-bit sizes; use the Cholesky strategy")
         }
-        work = try Matrix(rows: 1, columns: w)
+        work = try AlignedBuffer(rows: 1, columns: w)
         iwork.deallocate()
         iwork = .allocate(capacity: Swift.max(iw, 1))
         iworkCount = iw
@@ -134,7 +134,7 @@ struct KroneckerInverse<Scalar: KFACScalar> {
 
     /// u = (damped A ⊗ G)⁻¹ v, with `scratch` of v's shape. `damping` is λ, used by `.eigen`
     /// (for `.cholesky` it was applied when the inverses were formed).
-    func apply(to v: Matrix<Scalar>, into u: Matrix<Scalar>, scratch t: Matrix<Scalar>, damping: Scalar) {
+    func apply(to v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch t: AlignedBuffer<Scalar>, damping: Scalar) {
         let o = output.dimension, a = input.dimension
         switch strategy {
         case .cholesky:

@@ -1,0 +1,32 @@
+/// One block type per layer kind. A block turns the caller's raw buffers into factor statistics
+/// and maps the layer's parameter gradients to and from the gradient matrices V on which the
+/// Kronecker inverses act (one per independent group of the layer). Everything that does not
+/// depend on the layer kind lives in `KroneckerBlock` and the inverse strategy.
+protocol CurvatureLayer<Scalar>: AnyObject {
+    associatedtype Scalar: KFACScalar
+    var layer: LayerDescription { get }
+    /// The layer's independent Kronecker blocks (conv groups; one for dense layers).
+    var curvatures: [KroneckerBlock<Scalar>] { get }
+
+    /// Number of values in an inputs buffer of `rows` rows.
+    func inputValueCount(rows: Int) -> Int
+    /// Number of values in an output-gradients buffer of `rows` rows.
+    func outputGradientValueCount(rows: Int) -> Int
+    /// Number of values of the weight gradient (the bias gradient has `outFeatures` values).
+    var weightCount: Int { get }
+    /// A bound on every entry of a factor's pending second-moment sums after recording `rows`
+    /// more examples whose values are at most `largest` in magnitude, multiplied by `scale`.
+    func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double
+
+    /// Adds the inputs of `rows` examples (rows of a dense layer) to the input factors' pending
+    /// statistics (values already validated). On error nothing changed.
+    func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: AlignedBuffer<Scalar>) throws(KFACError)
+    /// Adds the output gradients, each multiplied by `scale`, to the output factors' pending
+    /// statistics. On error nothing changed.
+    func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError)
+
+    /// Copies the parameter gradient into every curvature's `gradient`.
+    func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?)
+    /// Writes `scale *` every curvature's `direction` into the parameter gradient buffers.
+    func scatterDirection(scale: Scalar, weight: UnsafeMutablePointer<Scalar>, bias: UnsafeMutablePointer<Scalar>?)
+}
