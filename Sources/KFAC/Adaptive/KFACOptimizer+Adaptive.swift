@@ -1,13 +1,3 @@
-/// One candidate for the factor damping γ of a step: where its directions U are (slot 0 =
-/// `stepDirection`, 1 and 2 = `candidateDirections`), its γ, KL scale ν and the inner products
-/// ⟨V, U⟩, ‖U‖², ⟨U, δ₀⟩ the quadratic model needs.
-struct DampingCandidate {
-    var slot: Int
-    var damping: Double
-    var klScale: Double
-    var vu = 0.0, uu = 0.0, up = 0.0
-}
-
 /// K-FAC's adaptive mode (Martens & Grosse 2015, §6–7): the step size α and momentum μ chosen
 /// by minimising the quadratic model of the loss, and the Levenberg–Marquardt adjustment of λ
 /// from the reduction ratio ρ.
@@ -24,40 +14,79 @@ extension KFACOptimizer {
     /// model needs (a failed step or a standalone `precondition` later cannot change them).
     func keepStepForModel(klScale: Double, damping: Double) {
         var vp = 0.0, pp = 0.0
-        for k in curvatures.indices {
-            let c = curvatures[k], n = c.direction.count
-            if hasPreviousUpdate, let p = c.previousUpdate {
+        let blocks = estimator.blocks
+        for k in blocks.indices {
+            let c = blocks[k], n = c.direction.count
+            if let p = adaptive.previous(k) {
                 vp += Double(Scalar.dot(count: n, x: c.gradient.base, y: p.base))
                 pp += Double(Scalar.dot(count: n, x: p.base, y: p.base))
             }
-            c.stepDirection?.copyContents(from: c.direction)
+            adaptive.stepDirection[k]?.copyContents(from: c.direction)
         }
-        previousProducts = (vp, pp)
-        candidates.removeAll(keepingCapacity: true)
-        addCandidate(slot: 0, damping: damping, klScale: klScale)
+        adaptive.previousProducts = (vp, pp)
+        candidates.list.removeAll(keepingCapacity: true)
+        addCandidate(slot: .current, damping: damping, klScale: klScale)
     }
 
-    /// The directions of candidate `slot` of curvature `c`.
-    private func candidateDirection(_ c: KroneckerBlock<Scalar>, slot: Int) -> AlignedBuffer<Scalar> {
-        slot == 0 ? c.stepDirection! : c.candidateDirections[slot - 1]
+    /// The directions of candidate `slot` of block `k`.
+    private func candidateDirection(block k: Int, slot: CandidateSlot) -> AlignedBuffer<Scalar> {
+        slot == .current ? adaptive.stepDirection[k]! : candidates.directions(slot)[k]
     }
 
     /// Adds a candidate whose directions are in place, with its inner products.
-    func addCandidate(slot: Int, damping: Double, klScale: Double) {
+    func addCandidate(slot: CandidateSlot, damping: Double, klScale: Double) {
         var candidate = DampingCandidate(slot: slot, damping: damping, klScale: klScale)
-        for k in curvatures.indices {
-            let c = curvatures[k], u = candidateDirection(c, slot: slot), n = u.count
+        let blocks = estimator.blocks
+        for k in blocks.indices {
+            let c = blocks[k], u = candidateDirection(block: k, slot: slot), n = u.count
             candidate.vu += Double(Scalar.dot(count: n, x: c.gradient.base, y: u.base))
             candidate.uu += Double(Scalar.dot(count: n, x: u.base, y: u.base))
-            if hasPreviousUpdate, let p = c.previousUpdate {
+            if let p = adaptive.previous(k) {
                 candidate.up += Double(Scalar.dot(count: n, x: u.base, y: p.base))
             }
         }
-        candidates.append(candidate)
+        candidates.list.append(candidate)
+    }
+
+    /// On a γ step, after the commit: the directions for γ·ω₂ and γ/ω₂ (inverting the factors
+    /// again when the strategy's inverses hold their damping). A candidate that fails (a factor
+    /// not positive definite, directions not finite) is left out; nothing here changes the
+    /// committed state.
+    func prepareDampingCandidates() {
+        let p = parameters, settings = p.curvatureSettings
+        let gamma = p.inverseDamping
+        let omega = LibM.exp(Double(p.factorDampingPeriod) * LibM.log(p.factorDampingDecay))
+        let baked = p.inverseStrategy.dampingIsBakedIn
+        candidates.strategy = p.inverseStrategy
+        if baked { estimator.markAllForInversion() }
+        let blocks = estimator.blocks
+        for raw in CandidateSlot.larger.rawValue...CandidateSlot.smaller.rawValue {
+            let slot = CandidateSlot(rawValue: raw)!
+            let damping = slot == .larger ? gamma * omega : gamma / omega
+            guard damping > 0 && damping.isFinite else { continue }
+            if baked {
+                do {
+                    try estimator.stageInverses(foldingPending: false, into: .inverses(candidates.inverses(slot)),
+                                                settings: settings, damping: damping)
+                } catch { continue }
+            }
+            var inner = 0.0, finite = true
+            for k in blocks.indices {
+                let c = blocks[k], u = candidates.directions(slot)[k]
+                let inverse = baked ? candidates.inverses(slot)[k] : c.inverse!
+                inverse.multiplyInverse(c.gradient, into: u, scratch: c.scratch, damping: Scalar(damping))
+                guard Scalar.allFinite(u.base, count: u.count) else { finite = false; break }
+                inner += Double(Scalar.dot(count: u.count, x: u.base, y: c.gradient.base)).magnitude
+            }
+            if finite { addCandidate(slot: slot, damping: damping, klScale: klScale(inner: inner)) }
+        }
     }
 
     /// The number of candidates awaiting the solve: 1, up to 3 on a γ step; 0 when none await.
-    public var candidateCount: Int { directionsAvailable ? candidates.count : 0 }
+    public var candidateCount: Int { adaptive.directionsAvailable ? candidates.list.count : 0 }
+
+    /// ρ of the last `reportLossChange`, NaN before the first.
+    public var lastReductionRatio: Double { adaptive.lastReductionRatio }
 
     /// Chooses α (and μ when `previousProducts` is given) for the directions of the last step.
     ///
@@ -93,11 +122,11 @@ extension KFACOptimizer {
     private func solve(outputs: UnsafePointer<Scalar>?, products: (Int) -> UnsafePointer<Scalar>?, count: Int, firstOnly: Bool,
                        previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
                        distribution: OutputDistribution) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
-        guard directionsAvailable else {
+        guard adaptive.directionsAvailable else {
             throw KFACError(.noStep, "solve the step size after a successful step (and only once per step)")
         }
-        guard firstOnly || count == candidates.count else {
-            throw KFACError(.invalidArgument, "the last step has \(candidates.count) candidates, got products for \(count)")
+        guard firstOnly || count == candidates.list.count else {
+            throw KFACError(.invalidArgument, "the last step has \(candidates.list.count) candidates, got products for \(count)")
         }
         guard let outputs else { throw KFACError(.nullPointer, "outputs are NULL") }
         for k in 0..<count where products(k) == nil {
@@ -106,7 +135,7 @@ extension KFACOptimizer {
         guard rows >= 1, dim >= 1 else { throw KFACError(.invalidSize, "rows and dim must be >= 1, got \(rows) and \(dim)") }
         let (size, overflow) = rows.multipliedReportingOverflow(by: dim)
         guard !overflow else { throw KFACError(.sizeOverflow, "rows × dim overflows") }
-        let usePrevious = previousProducts != nil && hasPreviousUpdate
+        let usePrevious = previousProducts != nil && adaptive.hasPreviousUpdate
         guard Scalar.allFinite(outputs, count: size), previousProducts.map({ Scalar.allFinite($0, count: size) }) ?? true else {
             throw KFACError(.nonFinite, "outputs or Jacobian products contain NaN or Inf")
         }
@@ -117,11 +146,11 @@ extension KFACOptimizer {
         var best: (index: Int, alpha: Double, mu: Double, predicted: Double)?
         var smallest = Double.infinity
         for k in 0..<count {
-            let c = candidates[k]
+            let c = candidates.list[k]
             let forms = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs, rows: rows, dim: dim,
                                                     u: products(k)!, v: usePrevious ? previousProducts : nil)
             // Coefficients of Δ = −D = −ν U and δ₀.
-            let nu = c.klScale, (vp, pp) = self.previousProducts
+            let nu = c.klScale, (vp, pp) = adaptive.previousProducts
             let (vd, dd, dp) = (nu * c.vu, nu * nu * c.uu, nu * c.up)
             let a11 = forms.uu / n + lambda * dd
             let b1 = -vd
@@ -147,26 +176,23 @@ extension KFACOptimizer {
         guard let best else {
             throw KFACError(.nonFinite, "the quadratic model is degenerate (Dᵀ(F + λI)D is not positive); increase the damping")
         }
-        for k in curvatures.indices where curvatures[k].previousUpdate == nil {
-            let c = curvatures[k]
-            c.previousUpdate = try AlignedBuffer(rows: c.direction.rows, columns: c.direction.columns)
-        }
+        try adaptive.reservePreviousUpdates(estimator.blocks)
         // Commit: nothing below can fail. δ = −α ν U + μ δ₀ becomes the next δ₀.
-        let chosen = candidates[best.index]
-        if !firstOnly && candidates.count > 1 {
+        let chosen = candidates.list[best.index]
+        if !firstOnly && candidates.list.count > 1 {
             parameters.factorDamping = chosen.damping
-            if chosen.slot != 0 && candidateStrategy == .cholesky {
-                for k in curvatures.indices { curvatures[k].adoptCandidateInverse(chosen.slot) }
+            if chosen.slot != .current && candidates.strategy.dampingIsBakedIn {
+                candidates.adoptInverses(chosen.slot, into: estimator.blocks)
             }
         }
-        for k in curvatures.indices {
-            let c = curvatures[k], p = c.previousUpdate!
-            Scalar.scal(count: p.count, alpha: Scalar(hasPreviousUpdate ? best.mu : 0), x: p.base)
-            Scalar.axpy(count: p.count, alpha: Scalar(-best.alpha * chosen.klScale), x: candidateDirection(c, slot: chosen.slot).base, y: p.base)
+        for k in estimator.blocks.indices {
+            let p = adaptive.previousUpdate[k]!
+            Scalar.scal(count: p.count, alpha: Scalar(adaptive.hasPreviousUpdate ? best.mu : 0), x: p.base)
+            Scalar.axpy(count: p.count, alpha: Scalar(-best.alpha * chosen.klScale), x: candidateDirection(block: k, slot: chosen.slot).base, y: p.base)
         }
-        hasPreviousUpdate = true
-        directionsAvailable = false
-        predictedChange = best.predicted
+        adaptive.hasPreviousUpdate = true
+        adaptive.directionsAvailable = false
+        adaptive.predictedChange = best.predicted
         return (best.index, best.alpha, best.mu, best.predicted)
     }
 
@@ -174,34 +200,39 @@ extension KFACOptimizer {
     /// into the layers' buffers, as `step` writes candidate 0's. Returns the candidate's γ.
     @discardableResult
     public func copyCandidateDirections(_ candidate: Int, into buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Double {
-        guard directionsAvailable else {
+        guard adaptive.directionsAvailable else {
             throw KFACError(.noStep, "candidate directions are available after a successful step, until its solve")
         }
-        guard candidate >= 0 && candidate < candidates.count else {
-            throw KFACError(.invalidArgument, "candidate \(candidate) is out of range: the last step has \(candidates.count)")
+        guard candidate >= 0 && candidate < candidates.list.count else {
+            throw KFACError(.invalidArgument, "candidate \(candidate) is out of range: the last step has \(candidates.list.count)")
         }
-        for l in blocks.indices { try checkBias(buffers(l).bias, block: blocks[l], layer: l, what: "buffer") }
-        let c = candidates[candidate]
-        write(buffers, scale: c.klScale) { curvature in candidateDirection(curvature, slot: c.slot) }
+        try checkBiases(buffers)
+        let c = candidates.list[candidate]
+        write(buffers, scale: c.klScale) { k in candidateDirection(block: k, slot: c.slot) }
         return c.damping
     }
 
     /// Writes the update δ = −α·D + μ·δ₀ of the last solve (the next δ₀) into the layers'
     /// buffers: the caller applies θ ← θ + δ.
     public func copyUpdate(into buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
-        guard hasPreviousUpdate else { throw KFACError(.noStep, "there is no update before the first solve") }
-        for l in blocks.indices { try checkBias(buffers(l).bias, block: blocks[l], layer: l, what: "buffer") }
-        write(buffers, scale: 1) { curvature in curvature.previousUpdate! }
+        guard adaptive.hasPreviousUpdate else { throw KFACError(.noStep, "there is no update before the first solve") }
+        try checkBiases(buffers)
+        write(buffers, scale: 1) { k in adaptive.previousUpdate[k]! }
     }
 
-    /// Writes `scale ·` the matrices `source` gives per curvature into the layers' buffers
-    /// (through each curvature's `direction`, free between steps).
+    private func checkBiases(_ buffers: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
+        for l in 0..<estimator.layerCount {
+            try checkBias(buffers(l).bias, layer: estimator.layers[l], index: l, what: "buffer")
+        }
+    }
+
+    /// Writes `scale ·` the matrices `source` gives per block index into the layers' buffers
+    /// (through each block's `direction`, free between steps).
     private func write(_ buffers: (Int) -> ParameterGradient<Scalar>, scale: Double,
-                       _ source: (KroneckerBlock<Scalar>) -> AlignedBuffer<Scalar>) {
-        for l in blocks.indices {
-            let b = blocks[l], g = buffers(l)
-            for j in b.curvatures.indices { b.curvatures[j].direction.copyContents(from: source(b.curvatures[j])) }
-            b.scatterDirection(scale: Scalar(scale), weight: g.weight, bias: g.bias)
+                       _ source: (Int) -> AlignedBuffer<Scalar>) {
+        for l in 0..<estimator.layerCount {
+            for k in estimator.layerBlocks[l] { estimator.blocks[k].direction.copyContents(from: source(k)) }
+            estimator.scatter(layer: l, scale: Scalar(scale), into: buffers(l))
         }
     }
 
@@ -210,7 +241,7 @@ extension KFACOptimizer {
     /// ρ < 1/4: λ/ω; ω = lmDecay^lmInterval).
     @discardableResult
     public func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double {
-        guard let predicted = predictedChange else {
+        guard let predicted = adaptive.predictedChange else {
             throw KFACError(.noStep, "report the loss change after solveStepSize (once per solve)")
         }
         // A divergent step may report +Inf after: ρ = −Inf, and λ grows.
@@ -218,11 +249,11 @@ extension KFACOptimizer {
             throw KFACError(.nonFinite, "the loss before must be finite and the loss after finite or +Inf, got \(before) and \(after)")
         }
         let rho = predicted < 0 ? (after - before) / predicted : .nan
-        predictedChange = nil
-        lastReductionRatio = rho
-        lossReports += 1
+        adaptive.predictedChange = nil
+        adaptive.lastReductionRatio = rho
+        adaptive.lossReports += 1
         let t = parameters.lmInterval
-        if t > 0 && lossReports % t == 0 && !rho.isNaN {
+        if t > 0 && adaptive.lossReports % t == 0 && !rho.isNaN {
             let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
             var p = parameters
             if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }

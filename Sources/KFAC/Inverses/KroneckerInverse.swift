@@ -1,70 +1,135 @@
-/// The inverse of one Kronecker factor in the representation of an `InverseStrategy`, block by
-/// block (`FactorStructure`): each unique block is inverted once.
+/// One of the two Kronecker factors of a block: the input side A or the output side G.
+enum FactorSide: CaseIterable, Sendable {
+    case input
+    case output
+}
+
+/// The damped curvature of a Kronecker block that an inverse representation inverts, so that
+/// the forward product (`KroneckerBlock.multiply(power: .one)`) multiplies by the same matrix.
+enum KroneckerDamping<Scalar: KFACScalar> {
+    /// A ⊗ G + λ I (exact damping).
+    case exact(Scalar)
+    /// (A + input·I) ⊗ (G + output·I) (factored Tikhonov damping).
+    case factored(input: Scalar, output: Scalar)
+}
+
+/// The inverse of a damped Kronecker block A ⊗ G in one representation (one type per
+/// `InverseStrategy`; EKFAC will be another), computed block by block of each factor's
+/// `FactorStructure` (each unique block once) and applied to gradient matrices V
+/// (output dimension × input dimension, row-major).
 ///
-/// - `.cholesky`: `matrix` holds each block's (F_b + shift·I)⁻¹ as a full symmetric matrix,
-///   formed by LAPACK potrf/potri; `values` is unused.
-/// - `.eigen`: `matrix` holds each block's Qᵀ (row i is the i-th eigenvector) and `values` the
-///   eigenvalues in recorded-coordinate order, negative rounding noise clamped to 0; `tileValues`
-///   repeats them along the factor's coordinates. Damping is applied when preconditioning.
-final class FactorInverse<Scalar: KFACScalar> {
-    let strategy: InverseStrategy
-    let structure: FactorStructure
-    let matrix: AlignedBuffer<Scalar>
-    let values: AlignedBuffer<Scalar>
-    let tileValues: AlignedBuffer<Scalar>
+/// The lifecycle: `damping` says which damped matrix the representation inverts; the
+/// estimator computes every unique block of both sides (`computeBlock`, possibly concurrently,
+/// with the side's shift from `damping`), then calls `finish`. A representation writes and
+/// reads its own state-image section.
+protocol KroneckerInverse<Scalar>: AnyObject {
+    associatedtype Scalar: KFACScalar
 
-    init(strategy: InverseStrategy, structure: FactorStructure) throws(KFACError) {
-        self.strategy = strategy
-        self.structure = structure
-        matrix = try AlignedBuffer(rows: 1, columns: structure.storageCount)
-        values = try AlignedBuffer(rows: 1, columns: strategy == .eigen ? structure.recordedWidth : 0)
-        tileValues = try AlignedBuffer(rows: 1, columns: strategy == .eigen ? structure.dimension : 0)
+    /// The inverse-strategy parameter's value that selects this representation.
+    static var strategy: InverseStrategy { get }
+
+    /// Whether the damping is part of the computed blocks (then a different λ needs its own
+    /// inverse, as the γ candidates of a damping step do), rather than applied when multiplying.
+    static var dampingIsBakedIn: Bool { get }
+
+    /// The damped block this representation inverts for damping λ; `pi` is π of factored
+    /// damping (evaluated only by representations that use it).
+    static func damping(_ lambda: Double, pi: () -> Scalar) -> KroneckerDamping<Scalar>
+
+    /// Empty (zeroed) storage for the blocks of factors with these structures.
+    init(input: FactorStructure, output: FactorStructure) throws(KFACError)
+
+    var inputStructure: FactorStructure { get }
+    var outputStructure: FactorStructure { get }
+
+    /// Inverts unique block `q` of one side's factor, whose blocks are in `factor` (block
+    /// storage, upper triangles); `shift` is that side's Tikhonov term for factored damping.
+    /// Different blocks may be computed concurrently.
+    func computeBlock(_ side: FactorSide, _ q: Int, from factor: UnsafePointer<Scalar>, shift: Scalar,
+                      workspace: EigenWorkspace<Scalar>) throws(KFACError)
+
+    /// After every block of both sides is computed (or read).
+    func finish()
+
+    /// u = (damped A ⊗ G)⁻¹ v with `scratch` of v's shape; `damping` is λ for exact damping
+    /// (factored damping was applied when the blocks were computed).
+    func multiplyInverse(_ v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch: AlignedBuffer<Scalar>,
+                         damping: Scalar)
+
+    /// Writes the representation's state-image section.
+    func write(to w: inout StateWriter)
+    /// Reads what `write` wrote into this (fresh) inverse, then finishes it.
+    func read(from r: inout StateReader) throws(KFACError)
+}
+
+extension KroneckerInverse {
+    var strategy: InverseStrategy { Self.strategy }
+}
+
+extension InverseStrategy {
+    /// Whether this strategy's inverses hold their damping (see `KroneckerInverse.dampingIsBakedIn`).
+    var dampingIsBakedIn: Bool { representation(Float.self).dampingIsBakedIn }
+}
+
+extension InverseStrategy {
+    /// The representation type of the strategy: the one place a strategy value becomes a type.
+    func representation<Scalar: KFACScalar>(_: Scalar.Type) -> any KroneckerInverse<Scalar>.Type {
+        switch self {
+        case .cholesky: return CholeskyInverse<Scalar>.self
+        case .eigen: return EigenInverse<Scalar>.self
+        }
     }
 
-    var dimension: Int { structure.dimension }
+    /// A fresh inverse of this strategy's representation.
+    func makeInverse<Scalar: KFACScalar>(input: FactorStructure, output: FactorStructure) throws(KFACError) -> any KroneckerInverse<Scalar> {
+        try representation(Scalar.self).init(input: input, output: output)
+    }
+}
 
-    /// Inverts unique block `q` of the factor whose blocks are in `factor` (block storage, upper
-    /// triangles). `shift` is the Tikhonov term added to the diagonal for `.cholesky` (ignored
-    /// for `.eigen`). Blocks are independent: different blocks may be computed concurrently.
-    func computeBlock(_ q: Int, from factor: UnsafePointer<Scalar>, shift: Scalar, workspace: EigenWorkspace<Scalar>) throws(KFACError) {
-        let n = structure.uniqueSizes[q], o = structure.storageOffsets[q]
-        let block = matrix.base + o
-        switch strategy {
-        case .cholesky:
-            Scalar.copyUpperTriangle(from: factor + o, to: block, n: n, diagonalShift: shift)
-            let info = Scalar.choleskyFactor(n: n, a: block)
-            guard info == 0 else {
-                throw KFACError(.notPositiveDefinite,
-                                "damped \(n)×\(n) factor block is not positive definite (potrf info \(info)); increase the damping")
-            }
-            let info2 = Scalar.choleskyInverse(n: n, a: block)
-            guard info2 == 0 else {
-                throw KFACError(.notPositiveDefinite, "damped \(n)×\(n) factor block is singular (potri info \(info2))")
-            }
-            Scalar.symmetrizeFromUpper(block, n: n)
-        case .eigen:
-            Scalar.copyUpperTriangle(from: factor + o, to: block, n: n, diagonalShift: 0)
-            try workspace.reserve(dimension: n)
-            let v = values.base + structure.uniqueOffsets[q]
-            let info = Scalar.symmetricEigen(n: n, a: block, values: v,
-                                             work: workspace.work.base, workCount: workspace.work.count,
-                                             iwork: workspace.iwork, iworkCount: workspace.iworkCount)
-            guard info == 0 else {
-                throw KFACError(.eigenFailed, "eigendecomposition of a \(n)×\(n) factor block failed (syevd info \(info))")
-            }
-            Scalar.clampNegativeToZero(v, count: n)
-        }
-        guard Scalar.allFinite(block, count: n * n) else {
-            throw KFACError(.nonFinite, "the inverse of a \(n)×\(n) factor block is not finite; increase the damping")
+/// Products of a gradient matrix with a block-diagonal factor-shaped matrix, tile by tile of a
+/// `FactorStructure`: `blocks` holds each unique block as a full b×b row-major matrix
+/// (`storageOffsets`), or for the symmetric forms only its upper triangle.
+enum BlockDiagonalProduct {
+    /// c = v · op(M), v and c o×dim row-major (M acts on the columns: the input side).
+    static func right<S: KFACScalar>(_ v: UnsafePointer<S>, _ m: UnsafePointer<S>, structure s: FactorStructure,
+                                     transposed: Bool, into c: UnsafeMutablePointer<S>, rows o: Int) {
+        let a = s.dimension
+        for t in s.tiles.indices {
+            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
+            S.gemm(transA: false, transB: transposed, m: o, n: b, k: b, alpha: 1, a: v + tile.offset, lda: a,
+                   b: m + s.storageOffsets[tile.unique], ldb: b, beta: 0, c: c + tile.offset, ldc: a)
         }
     }
 
-    /// After all blocks are computed: lays the eigenvalues out along the factor's coordinates.
-    func finish() {
-        guard strategy == .eigen else { return }
-        for k in structure.tiles.indices {
-            let tile = structure.tiles[k], b = structure.uniqueSizes[tile.unique]
-            (tileValues.base + tile.offset).update(from: values.base + structure.uniqueOffsets[tile.unique], count: b)
+    /// c = op(M) · v, v and c dim×a row-major (M acts on the rows: the output side).
+    static func left<S: KFACScalar>(_ v: UnsafePointer<S>, _ m: UnsafePointer<S>, structure s: FactorStructure,
+                                    transposed: Bool, into c: UnsafeMutablePointer<S>, columns a: Int) {
+        for t in s.tiles.indices {
+            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
+            S.gemm(transA: transposed, transB: false, m: b, n: a, k: b, alpha: 1,
+                   a: m + s.storageOffsets[tile.unique], lda: b,
+                   b: v + tile.offset * a, ldb: a, beta: 0, c: c + tile.offset * a, ldc: a)
+        }
+    }
+
+    /// c = v · M for M symmetric, its blocks' upper triangles in `m` (a factor's block storage).
+    static func rightSymmetric<S: KFACScalar>(_ v: UnsafePointer<S>, _ m: UnsafePointer<S>, structure s: FactorStructure,
+                                              into c: UnsafeMutablePointer<S>, rows o: Int) {
+        let a = s.dimension
+        for t in s.tiles.indices {
+            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
+            S.symm(aOnLeft: false, m: o, n: b, alpha: 1, a: m + s.storageOffsets[tile.unique], lda: b,
+                   b: v + tile.offset, ldb: a, beta: 0, c: c + tile.offset, ldc: a)
+        }
+    }
+
+    /// c = M · v for M symmetric, its blocks' upper triangles in `m`.
+    static func leftSymmetric<S: KFACScalar>(_ v: UnsafePointer<S>, _ m: UnsafePointer<S>, structure s: FactorStructure,
+                                             into c: UnsafeMutablePointer<S>, columns a: Int) {
+        for t in s.tiles.indices {
+            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
+            S.symm(aOnLeft: true, m: b, n: a, alpha: 1, a: m + s.storageOffsets[tile.unique], lda: b,
+                   b: v + tile.offset * a, ldb: a, beta: 0, c: c + tile.offset * a, ldc: a)
         }
     }
 }
@@ -96,59 +161,4 @@ final class EigenWorkspace<Scalar: KFACScalar> {
     }
 
     deinit { iwork.deallocate() }
-}
-
-/// The damped inverse of a whole Kronecker block A ⊗ G: one `FactorInverse` per side, of the
-/// same strategy, and how they act on a gradient matrix V (out × aDim, row-major), block by block.
-struct KroneckerInverse<Scalar: KFACScalar> {
-    let input: FactorInverse<Scalar>
-    let output: FactorInverse<Scalar>
-
-    var strategy: InverseStrategy { input.strategy }
-
-    init(strategy: InverseStrategy, input: FactorStructure, output: FactorStructure) throws(KFACError) {
-        self.input = try FactorInverse(strategy: strategy, structure: input)
-        self.output = try FactorInverse(strategy: strategy, structure: output)
-    }
-
-    /// c = v · op(M_A) where M_A is the input side's block-diagonal matrix (Mᵀ if `transposed`).
-    private func multiplyInputSide(_ v: UnsafePointer<Scalar>, transposed: Bool, into c: UnsafeMutablePointer<Scalar>, rows o: Int) {
-        let a = input.dimension, s = input.structure
-        for t in s.tiles.indices {
-            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
-            Scalar.gemm(transA: false, transB: transposed, m: o, n: b, k: b, alpha: 1, a: v + tile.offset, lda: a,
-                        b: input.matrix.base + s.storageOffsets[tile.unique], ldb: b, beta: 0, c: c + tile.offset, ldc: a)
-        }
-    }
-
-    /// c = op(M_G) · v where M_G is the output side's block-diagonal matrix.
-    private func multiplyOutputSide(_ v: UnsafePointer<Scalar>, transposed: Bool, into c: UnsafeMutablePointer<Scalar>, columns a: Int) {
-        let s = output.structure
-        for t in s.tiles.indices {
-            let tile = s.tiles[t], b = s.uniqueSizes[tile.unique]
-            Scalar.gemm(transA: transposed, transB: false, m: b, n: a, k: b, alpha: 1,
-                        a: output.matrix.base + s.storageOffsets[tile.unique], lda: b,
-                        b: v + tile.offset * a, ldb: a, beta: 0, c: c + tile.offset * a, ldc: a)
-        }
-    }
-
-    /// u = (damped A ⊗ G)⁻¹ v, with `scratch` of v's shape. `damping` is λ, used by `.eigen`
-    /// (for `.cholesky` it was applied when the inverses were formed).
-    func apply(to v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch t: AlignedBuffer<Scalar>, damping: Scalar) {
-        let o = output.dimension, a = input.dimension
-        switch strategy {
-        case .cholesky:
-            // U = G⁻¹ (V A⁻¹)
-            multiplyInputSide(v.base, transposed: false, into: t.base, rows: o)
-            multiplyOutputSide(t.base, transposed: false, into: u.base, columns: a)
-        case .eigen:
-            // U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ; the blocks hold Q_Gᵀ and Q_Aᵀ.
-            multiplyInputSide(v.base, transposed: true, into: t.base, rows: o)
-            multiplyOutputSide(t.base, transposed: false, into: u.base, columns: a)
-            Scalar.divideByEigenvalueGrid(u.base, rows: o, columns: a, outputValues: output.tileValues.base,
-                                          inputValues: input.tileValues.base, damping: damping)
-            multiplyInputSide(u.base, transposed: false, into: t.base, rows: o)
-            multiplyOutputSide(t.base, transposed: true, into: u.base, columns: a)
-        }
-    }
 }

@@ -1,12 +1,13 @@
-/// One block type per layer kind. A block turns the caller's raw buffers into factor statistics
-/// and maps the layer's parameter gradients to and from the gradient matrices V on which the
-/// Kronecker inverses act (one per independent group of the layer). Everything that does not
-/// depend on the layer kind lives in `KroneckerBlock` and the inverse strategy.
+/// One type per layer kind (kfac-pytorch's module helper). A layer turns the caller's raw
+/// buffers into factor statistics and maps its parameter gradients to and from the gradient
+/// matrices V of its Kronecker blocks (one per independent group of the layer). Everything
+/// that does not depend on the layer kind lives in `KroneckerBlock` and the inverse
+/// representations.
 protocol CurvatureLayer<Scalar>: AnyObject {
     associatedtype Scalar: KFACScalar
     var layer: LayerDescription { get }
     /// The layer's independent Kronecker blocks (conv groups; one for dense layers).
-    var curvatures: [KroneckerBlock<Scalar>] { get }
+    var blocks: [KroneckerBlock<Scalar>] { get }
 
     /// Number of values in an inputs buffer of `rows` rows.
     func inputValueCount(rows: Int) -> Int
@@ -25,8 +26,8 @@ protocol CurvatureLayer<Scalar>: AnyObject {
     /// statistics. On error nothing changed.
     func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError)
 
-    /// Copies the parameter gradient into every curvature's `gradient`.
+    /// Copies the parameter gradient into every block's `gradient`.
     func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?)
-    /// Writes `scale *` every curvature's `direction` into the parameter gradient buffers.
+    /// Writes `scale *` every block's `direction` into the parameter gradient buffers.
     func scatterDirection(scale: Scalar, weight: UnsafeMutablePointer<Scalar>, bias: UnsafeMutablePointer<Scalar>?)
 }

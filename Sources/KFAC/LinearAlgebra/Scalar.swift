@@ -17,6 +17,12 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
         alpha: Self, a: UnsafePointer<Self>, lda: Int, b: UnsafePointer<Self>, ldb: Int,
         beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
 
+    /// `c = alpha * a * b + beta * c` (`aOnLeft`) or `c = alpha * b * a + beta * c`, c m×n
+    /// row-major, a symmetric and read from its upper triangle only (row-major).
+    static func symm(
+        aOnLeft: Bool, m: Int, n: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
+        b: UnsafePointer<Self>, ldb: Int, beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+
     /// The upper triangle (row-major) of `c = alpha * aᵀ a + beta * c`, a k×n row-major.
     static func syrkTransposed(
         n: Int, k: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
@@ -120,6 +126,14 @@ extension Float: KFACScalar {
                     beta, c, Int32(ldc))
     }
 
+    public static func symm(
+        aOnLeft: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        b: UnsafePointer<Float>, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_ssymm(CblasRowMajor, aOnLeft ? CblasLeft : CblasRight, CblasUpper, Int32(m), Int32(n),
+                    alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
     public static func syrkTransposed(
         n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
         beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
@@ -199,6 +213,14 @@ extension Double: KFACScalar {
         cblas_dgemm(CblasRowMajor, blasTranspose(transA), blasTranspose(transB),
                     Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
                     beta, c, Int32(ldc))
+    }
+
+    public static func symm(
+        aOnLeft: Bool, m: Int, n: Int, alpha: Double, a: UnsafePointer<Double>, lda: Int,
+        b: UnsafePointer<Double>, ldb: Int, beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        cblas_dsymm(CblasRowMajor, aOnLeft ? CblasLeft : CblasRight, CblasUpper, Int32(m), Int32(n),
+                    alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
 
     public static func syrkTransposed(

@@ -11,7 +11,7 @@ extension KFACOptimizer {
     /// Adds layer inputs given as an array (dense: rows × inFeatures values; convolution: rows
     /// examples of its input shape).
     public func recordInputs(layer: Int, _ inputs: [Scalar], rows: Int) throws(KFACError) {
-        let b = try block(layer)
+        let b = try self.layer(layer)
         try expect(inputs.count, b.inputValueCount(rows: rows), "inputs")
         try asKFACError { try inputs.withUnsafeBufferPointer { p in try recordInputs(layer: layer, p.baseAddress, rows: rows) } }
     }
@@ -19,7 +19,7 @@ extension KFACOptimizer {
     /// Adds output gradients given as an array (dense: rows × outFeatures values; convolution:
     /// rows examples of its output shape).
     public func recordOutputGradients(layer: Int, _ gradients: [Scalar], rows: Int) throws(KFACError) {
-        let b = try block(layer)
+        let b = try self.layer(layer)
         try expect(gradients.count, b.outputGradientValueCount(rows: rows), "output gradients")
         try asKFACError {
             try gradients.withUnsafeBufferPointer { p in try recordOutputGradients(layer: layer, p.baseAddress, rows: rows) }
@@ -28,10 +28,10 @@ extension KFACOptimizer {
 
     /// `step` on gradients held in arrays; on success they hold the directions.
     public func step(_ gradients: inout [LayerGradient<Scalar>]) throws(KFACError) {
-        guard gradients.count == blocks.count else {
-            throw KFACError(.invalidSize, "\(gradients.count) gradients for \(blocks.count) layers")
+        guard gradients.count == estimator.layers.count else {
+            throw KFACError(.invalidSize, "\(gradients.count) gradients for \(estimator.layers.count) layers")
         }
-        for (l, b) in blocks.enumerated() {
+        for (l, b) in estimator.layers.enumerated() {
             try expect(gradients[l].weight.count, b.weightCount, "weight gradient of layer \(l)")
             if let bias = gradients[l].bias { try expect(bias.count, b.layer.outFeatures, "bias gradient of layer \(l)") }
         }
@@ -45,17 +45,17 @@ extension KFACOptimizer {
     /// bias buffer when `initial` has a bias array for it (so `body` sees the caller's mistakes).
     private func layerArrays(from initial: [LayerGradient<Scalar>]? = nil,
                              _ body: ((Int) -> ParameterGradient<Scalar>) throws(KFACError) -> Void) throws(KFACError) -> [LayerGradient<Scalar>] {
-        let weights = blocks.indices.map { l in
-            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: blocks[l].weightCount)
-            if let initial { p.initialize(from: initial[l].weight, count: blocks[l].weightCount) }
-            else { p.initialize(repeating: 0, count: blocks[l].weightCount) }
+        let weights = estimator.layers.indices.map { l in
+            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: estimator.layers[l].weightCount)
+            if let initial { p.initialize(from: initial[l].weight, count: estimator.layers[l].weightCount) }
+            else { p.initialize(repeating: 0, count: estimator.layers[l].weightCount) }
             return p
         }
-        let biases = blocks.indices.map { l -> UnsafeMutablePointer<Scalar>? in
-            guard initial.map({ $0[l].bias != nil }) ?? blocks[l].layer.hasBias else { return nil }
-            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: blocks[l].layer.outFeatures)
-            if let bias = initial?[l].bias { p.initialize(from: bias, count: blocks[l].layer.outFeatures) }
-            else { p.initialize(repeating: 0, count: blocks[l].layer.outFeatures) }
+        let biases = estimator.layers.indices.map { l -> UnsafeMutablePointer<Scalar>? in
+            guard initial.map({ $0[l].bias != nil }) ?? estimator.layers[l].layer.hasBias else { return nil }
+            let p = UnsafeMutablePointer<Scalar>.allocate(capacity: estimator.layers[l].layer.outFeatures)
+            if let bias = initial?[l].bias { p.initialize(from: bias, count: estimator.layers[l].layer.outFeatures) }
+            else { p.initialize(repeating: 0, count: estimator.layers[l].layer.outFeatures) }
             return p
         }
         defer {
@@ -63,9 +63,9 @@ extension KFACOptimizer {
             biases.forEach { $0?.deallocate() }
         }
         try body { l in ParameterGradient(weight: weights[l], bias: biases[l]) }
-        return blocks.indices.map { l in
-            LayerGradient(weight: Array(UnsafeBufferPointer(start: weights[l], count: blocks[l].weightCount)),
-                          bias: biases[l].map { Array(UnsafeBufferPointer(start: $0, count: blocks[l].layer.outFeatures)) })
+        return estimator.layers.indices.map { l in
+            LayerGradient(weight: Array(UnsafeBufferPointer(start: weights[l], count: estimator.layers[l].weightCount)),
+                          bias: biases[l].map { Array(UnsafeBufferPointer(start: $0, count: estimator.layers[l].layer.outFeatures)) })
         }
     }
 

@@ -1,4 +1,4 @@
-/// The curvature block of a 2-D convolution (KFC, Grosse & Martens 2016), one Kronecker block per
+/// A 2-D convolution layer (KFC, Grosse & Martens 2016), one Kronecker block per
 /// convolution group g:
 ///
 ///     Ω_g = (1/N) Σ_n Σ_t ā_{n,t} ā_{n,t}ᵀ,   Γ_g = (1/(N·|T|)) Σ_n Σ_t g_{n,t} g_{n,t}ᵀ,
@@ -17,7 +17,7 @@
 /// (or one example), so memory stays bounded whatever the batch.
 final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     let layer: LayerDescription
-    let curvatures: [KroneckerBlock<Scalar>]
+    let blocks: [KroneckerBlock<Scalar>]
     let geometry: Conv2dGeometry
     let approximation: ConvApproximation
     /// SUA: the pixels read by at least one kernel tap, and their row scales sqrt(m·P/(kh·kw)).
@@ -46,9 +46,9 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                                                     repeats: g.kernelPositions, bias: g.hasBias)
         }
         let outputStructure = FactorStructure.grouped(count: g.groupOutChannels, groupSize: grouping.outputGroupSize, bias: false)
-        var curvatures: [KroneckerBlock<Scalar>] = []
-        for _ in 0..<g.groups { curvatures.append(try KroneckerBlock(input: inputStructure, output: outputStructure)) }
-        self.curvatures = curvatures
+        var blocks: [KroneckerBlock<Scalar>] = []
+        for _ in 0..<g.groups { blocks.append(try KroneckerBlock(input: inputStructure, output: outputStructure)) }
+        self.blocks = blocks
         recordModes = Array(repeating: false, count: g.groups)
 
         // Multiplicities of input rows and columns: how many (output position, kernel offset)
@@ -90,7 +90,7 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     private var inputRowWidth: Int { approximation == .kfc ? geometry.patchSize : geometry.groupInChannels }
 
     func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double {
-        let factor = outputSide ? curvatures[0].output : curvatures[0].input
+        let factor = outputSide ? blocks[0].output : blocks[0].input
         let perExample = outputSide ? geometry.outputPositions : inputRowsPerExample
         // Input rows are scaled by at most √|T| (KFC) or √P (SUA, m ≤ kh·kw); bias entries by as much.
         let rowScale2 = outputSide ? scale * scale : Double(perExample)
@@ -116,8 +116,8 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
         guard perExample > 0 else { return }
         let chunk = Swift.min(n, chunkExamples(rowsPerExample: perExample, width: width))
         let buffer = try scratchBuffer(values: chunk * perExample * width)
-        for group in curvatures.indices {
-            recordModes[group] = try curvatures[group].input.prepareRecord(rows: n * perExample)
+        for group in blocks.indices {
+            recordModes[group] = try blocks[group].input.prepareRecord(rows: n * perExample)
         }
         let rootT = Scalar(Double(g.outputPositions).squareRoot())
         for group in 0..<g.groups {
@@ -127,7 +127,7 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                 switch approximation {
                 case .kfc:
                     Scalar.extractPatchRows(x, geometry: g, group: group, first: first, count: count, into: buffer.base)
-                    curvatures[group].input.add(buffer.base, rows: count * perExample, width: width,
+                    blocks[group].input.add(buffer.base, rows: count * perExample, width: width,
                                                 appended: g.hasBias ? rootT : nil, scale: rootT, ones: ones,
                                                 buffered: recordModes[group])
                 case .sua:
@@ -138,7 +138,7 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                                                     pixelCount: pixels.count, into: buffer.base)
                         }
                     }
-                    curvatures[group].input.add(buffer.base, rows: count * perExample, width: width,
+                    blocks[group].input.add(buffer.base, rows: count * perExample, width: width,
                                                 appended: g.hasBias ? rootT : nil, scale: 1, ones: ones,
                                                 buffered: recordModes[group])
                 }
@@ -150,13 +150,13 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     func recordOutputGradients(_ gradients: UnsafePointer<Scalar>, rows n: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         let g = geometry
         let (t, cg) = (g.outputPositions, g.groupOutChannels)
-        for group in curvatures.indices {
-            recordModes[group] = try curvatures[group].output.prepareRecord(rows: n * t)
+        for group in blocks.indices {
+            recordModes[group] = try blocks[group].output.prepareRecord(rows: n * t)
         }
         if g.layout == .channelsLast {
             // Rows (n, t) are already contiguous; a group is a column slice.
             for group in 0..<g.groups {
-                curvatures[group].output.add(gradients + group * cg, rows: n * t, width: cg, stride: g.outChannels,
+                blocks[group].output.add(gradients + group * cg, rows: n * t, width: cg, stride: g.outChannels,
                                              appended: nil, scale: scale, ones: ones, buffered: recordModes[group])
             }
             return
@@ -169,7 +169,7 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                 let count = Swift.min(chunk, n - first)
                 Scalar.gatherChannelRows(gradients, totalChannels: g.outChannels, positions: t, firstChannel: group * cg,
                                          channels: cg, first: first, count: count, into: buffer.base)
-                curvatures[group].output.add(buffer.base, rows: count * t, width: cg, appended: nil, scale: scale,
+                blocks[group].output.add(buffer.base, rows: count * t, width: cg, appended: nil, scale: scale,
                                              ones: ones, buffered: recordModes[group])
                 first += count
             }
@@ -178,8 +178,8 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
 
     func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?) {
         let (cg, p) = (geometry.groupOutChannels, geometry.patchSize)
-        for group in curvatures.indices {
-            let c = curvatures[group]
+        for group in blocks.indices {
+            let c = blocks[group]
             let w = weight + group * cg * p, b = bias.map { $0 + group * cg }
             switch approximation {
             case .kfc:
@@ -193,8 +193,8 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
 
     func scatterDirection(scale: Scalar, weight: UnsafeMutablePointer<Scalar>, bias: UnsafeMutablePointer<Scalar>?) {
         let (cg, p) = (geometry.groupOutChannels, geometry.patchSize)
-        for group in curvatures.indices {
-            let c = curvatures[group]
+        for group in blocks.indices {
+            let c = blocks[group]
             let w = weight + group * cg * p, b = bias.map { $0 + group * cg }
             switch approximation {
             case .kfc:

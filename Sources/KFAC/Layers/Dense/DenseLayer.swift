@@ -1,46 +1,46 @@
-/// The curvature block of a dense layer s = W a (+ b), W of shape [out][in] row-major.
+/// A dense layer s = W a (+ b), W of shape [out][in] row-major, with one Kronecker block.
 ///
 /// The parameter matrix is Θ = [W | b] (bias as the last column), the input factor is
 /// A = E[ā āᵀ] with ā = [a; 1], the output factor G = E[g gᵀ]; with channel grouping both are
 /// restricted to their block diagonals.
 final class DenseLayer<Scalar: KFACScalar>: CurvatureLayer {
     let layer: LayerDescription
-    let curvatures: [KroneckerBlock<Scalar>]
+    let blocks: [KroneckerBlock<Scalar>]
     private let inFeatures: Int, outFeatures: Int, hasBias: Bool
 
     init(inFeatures: Int, outFeatures: Int, hasBias: Bool, grouping: ChannelGrouping = .init()) throws(KFACError) {
         layer = .dense(inFeatures: inFeatures, outFeatures: outFeatures, hasBias: hasBias, grouping: grouping)
         (self.inFeatures, self.outFeatures, self.hasBias) = (inFeatures, outFeatures, hasBias)
-        curvatures = [try KroneckerBlock(
+        blocks = [try KroneckerBlock(
             input: .grouped(count: inFeatures, groupSize: grouping.inputGroupSize, bias: hasBias),
             output: .grouped(count: outFeatures, groupSize: grouping.outputGroupSize, bias: false))]
     }
 
-    private var curvature: KroneckerBlock<Scalar> { curvatures[0] }
+    private var block: KroneckerBlock<Scalar> { blocks[0] }
 
     func inputValueCount(rows: Int) -> Int { rows * inFeatures }
     func outputGradientValueCount(rows: Int) -> Int { rows * outFeatures }
     var weightCount: Int { inFeatures * outFeatures }
 
     func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double {
-        let pending = outputSide ? curvature.output.pendingRows : curvature.input.pendingRows
+        let pending = outputSide ? block.output.pendingRows : block.input.pendingRows
         return Swift.max(largest * largest, 1) * scale * scale * Double(pending + rows)
     }
 
     func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: AlignedBuffer<Scalar>) throws(KFACError) {
-        try curvature.input.record(x, rows: rows, width: inFeatures, appended: hasBias ? 1 : nil, scale: 1, ones: ones)
+        try block.input.record(x, rows: rows, width: inFeatures, appended: hasBias ? 1 : nil, scale: 1, ones: ones)
     }
 
     func recordOutputGradients(_ g: UnsafePointer<Scalar>, rows: Int, scale: Scalar, ones: AlignedBuffer<Scalar>) throws(KFACError) {
-        try curvature.output.record(g, rows: rows, width: outFeatures, appended: nil, scale: scale, ones: ones)
+        try block.output.record(g, rows: rows, width: outFeatures, appended: nil, scale: scale, ones: ones)
     }
 
     func gatherGradient(weight: UnsafePointer<Scalar>, bias: UnsafePointer<Scalar>?) {
-        gatherRows(weight: weight, bias: bias, rows: outFeatures, rowLength: inFeatures, into: curvature.gradient.base)
+        gatherRows(weight: weight, bias: bias, rows: outFeatures, rowLength: inFeatures, into: block.gradient.base)
     }
 
     func scatterDirection(scale: Scalar, weight: UnsafeMutablePointer<Scalar>, bias: UnsafeMutablePointer<Scalar>?) {
-        scatterRows(curvature.direction.base, scale: scale, weight: weight, bias: bias, rows: outFeatures, rowLength: inFeatures)
+        scatterRows(block.direction.base, scale: scale, weight: weight, bias: bias, rows: outFeatures, rowLength: inFeatures)
     }
 }
 

@@ -1,0 +1,98 @@
+/// Exact damping through eigendecompositions (LAPACK syevd): each side holds its blocks' Qᵀ
+/// (row i is the i-th eigenvector) and the eigenvalues in recorded-coordinate order, negative
+/// rounding noise clamped to 0, also laid out along the factor's coordinates. λ is applied when
+/// multiplying: U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ.
+///
+/// State-image section: per side (input, then output) the eigenvector blocks (block storage),
+/// then the eigenvalues (recorded width).
+final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
+    static var strategy: InverseStrategy { .eigen }
+    static var dampingIsBakedIn: Bool { false }
+
+    /// One side's eigendecomposition.
+    private struct Side {
+        let structure: FactorStructure
+        let vectors: AlignedBuffer<Scalar>
+        let values: AlignedBuffer<Scalar>
+        /// `values` repeated along the factor's coordinates (tiles).
+        let tileValues: AlignedBuffer<Scalar>
+
+        init(_ structure: FactorStructure) throws(KFACError) {
+            self.structure = structure
+            vectors = try AlignedBuffer(rows: 1, columns: structure.storageCount)
+            values = try AlignedBuffer(rows: 1, columns: structure.recordedWidth)
+            tileValues = try AlignedBuffer(rows: 1, columns: structure.dimension)
+        }
+
+        func layOutTileValues() {
+            for k in structure.tiles.indices {
+                let tile = structure.tiles[k], b = structure.uniqueSizes[tile.unique]
+                (tileValues.base + tile.offset).update(from: values.base + structure.uniqueOffsets[tile.unique], count: b)
+            }
+        }
+    }
+
+    private let input: Side
+    private let output: Side
+    var inputStructure: FactorStructure { input.structure }
+    var outputStructure: FactorStructure { output.structure }
+
+    static func damping(_ lambda: Double, pi: () -> Scalar) -> KroneckerDamping<Scalar> {
+        .exact(Scalar(lambda))
+    }
+
+    init(input: FactorStructure, output: FactorStructure) throws(KFACError) {
+        self.input = try Side(input)
+        self.output = try Side(output)
+    }
+
+    func computeBlock(_ sideName: FactorSide, _ q: Int, from factor: UnsafePointer<Scalar>, shift: Scalar,
+                      workspace: EigenWorkspace<Scalar>) throws(KFACError) {
+        let side = sideName == .input ? input : output
+        let structure = side.structure
+        let n = structure.uniqueSizes[q], o = structure.storageOffsets[q]
+        let block = side.vectors.base + o
+        Scalar.copyUpperTriangle(from: factor + o, to: block, n: n, diagonalShift: 0)
+        try workspace.reserve(dimension: n)
+        let v = side.values.base + structure.uniqueOffsets[q]
+        let info = Scalar.symmetricEigen(n: n, a: block, values: v,
+                                         work: workspace.work.base, workCount: workspace.work.count,
+                                         iwork: workspace.iwork, iworkCount: workspace.iworkCount)
+        guard info == 0 else {
+            throw KFACError(.eigenFailed, "eigendecomposition of a \(n)×\(n) factor block failed (syevd info \(info))")
+        }
+        Scalar.clampNegativeToZero(v, count: n)
+    }
+
+    func finish() {
+        input.layOutTileValues()
+        output.layOutTileValues()
+    }
+
+    func multiplyInverse(_ v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch t: AlignedBuffer<Scalar>,
+                         damping: Scalar) {
+        let o = output.structure.dimension, a = input.structure.dimension
+        // U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ; the blocks hold Q_Gᵀ and Q_Aᵀ.
+        BlockDiagonalProduct.right(v.base, input.vectors.base, structure: input.structure, transposed: true, into: t.base, rows: o)
+        BlockDiagonalProduct.left(t.base, output.vectors.base, structure: output.structure, transposed: false, into: u.base, columns: a)
+        Scalar.divideByEigenvalueGrid(u.base, rows: o, columns: a, outputValues: output.tileValues.base,
+                                      inputValues: input.tileValues.base, damping: damping)
+        BlockDiagonalProduct.right(u.base, input.vectors.base, structure: input.structure, transposed: false, into: t.base, rows: o)
+        BlockDiagonalProduct.left(t.base, output.vectors.base, structure: output.structure, transposed: true, into: u.base, columns: a)
+    }
+
+    func write(to w: inout StateWriter) {
+        for side in [input, output] {
+            w.scalars(side.vectors.base, count: side.vectors.count)
+            w.scalars(side.values.base, count: side.values.count)
+        }
+    }
+
+    func read(from r: inout StateReader) throws(KFACError) {
+        for side in [input, output] {
+            try r.scalars(into: side.vectors.base, count: side.vectors.count)
+            try r.scalars(into: side.values.base, count: side.values.count)
+        }
+        finish()
+    }
+}
