@@ -11,6 +11,12 @@ import KFAC
 import Glibc
 #endif
 
+/// Why the data file could not be read: the example's own error, not the library's (its
+/// status codes describe the library's inputs, such as state images).
+struct DataFileError: Error, CustomStringConvertible {
+    var description: String
+}
+
 /// The digits: 1797 images of 64 pixels (0…16) and their labels.
 struct Digits {
     var pixels: [Float]
@@ -18,16 +24,16 @@ struct Digits {
     var count: Int { labels.count }
 
     init(path: String) throws {
-        guard let f = fopen(path, "rb") else { throw KFACError(.io, "cannot open \(path)") }
+        guard let f = fopen(path, "rb") else { throw DataFileError(description: "cannot open \(path)") }
         defer { fclose(f) }
         var header = [UInt8](repeating: 0, count: 16)
         guard fread(&header, 1, 16, f) == 16, Array(header[0..<8]) == Array("DIGITS01".utf8) else {
-            throw KFACError(.corruptState, "\(path) is not a digits file")
+            throw DataFileError(description: "\(path) is not a digits file")
         }
         let n = Int(header[8]) | Int(header[9]) << 8 | Int(header[10]) << 16 | Int(header[11]) << 24
         let d = Int(header[12]) | Int(header[13]) << 8
         var raw = [UInt8](repeating: 0, count: n * d + n)
-        guard d == 64, fread(&raw, 1, raw.count, f) == raw.count else { throw KFACError(.corruptState, "truncated \(path)") }
+        guard d == 64, fread(&raw, 1, raw.count, f) == raw.count else { throw DataFileError(description: "truncated \(path)") }
         pixels = raw[0..<(n * d)].map { Float($0) / 16 }
         labels = raw[(n * d)...].map(Int.init)
     }
