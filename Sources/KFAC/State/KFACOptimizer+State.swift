@@ -9,15 +9,35 @@ extension KFACOptimizer {
         w.u64(StateImage.formatVersion)
         w.u64(UInt64(Scalar.dtypeCode))
         w.u64(0)  // image size, patched by saveState
-        for v in [p.learningRate, p.damping, p.factorDecay, p.klClip, p.outputGradScale, p.lmDecay, p.factorDamping,
-                  p.factorDampingDecay] { w.f64(v) }
-        for v in [p.factorUpdatePeriod, p.inverseUpdatePeriod, Int(p.inverseStrategy.rawValue),
-                  p.piDamping ? 1 : 0, Int(p.lossReduction.rawValue), p.threadCount, p.lmInterval,
-                  p.factorDampingPeriod] { w.i64(v) }
+        writeParameters(p, to: &w)
         w.i64(stepCount)
         w.f64(lastKLScale)
         estimator.write(to: &w)
         adaptive.write(to: &w)
+    }
+
+    /// The parameters section: every row of `ParameterSpec.table`, in table order, as f64
+    /// (double parameters) or i64 (int parameters).
+    private func writeParameters(_ p: KFACParameters, to w: inout StateWriter) {
+        for spec in ParameterSpec.table {
+            let v = spec.read(p)
+            if spec.type == .double { w.f64(v) } else { w.i64(Int(v)) }
+        }
+    }
+
+    /// Reads what `writeParameters` wrote: each value must be one its row accepts, and the whole
+    /// set must validate.
+    private func readParameters(from r: inout StateReader) throws(KFACError) -> KFACParameters {
+        var p = KFACParameters()
+        for spec in ParameterSpec.table {
+            let v = spec.type == .double ? try r.f64() : Double(try r.i64())
+            guard spec.accepts(v) else {
+                throw KFACError(.corruptState, "state image parameter \(spec.name) = \(v) is out of range \(spec.rangeDescription)")
+            }
+            spec.write(&p, v)
+        }
+        do { try p.validate() } catch { throw KFACError(.corruptState, "state image parameters: \(error.message)") }
+        return p
     }
 
     /// The number of bytes `saveState` writes now.
@@ -76,24 +96,7 @@ extension KFACOptimizer {
             throw KFACError(.stateMismatch, "state image precision \(dtype == 1 ? "float32" : "float64") differs from the optimizer's")
         }
 
-        var p = KFACParameters()
-        p.learningRate = try r.f64(); p.damping = try r.f64(); p.factorDecay = try r.f64()
-        p.klClip = try r.f64(); p.outputGradScale = try r.f64(); p.lmDecay = try r.f64(); p.factorDamping = try r.f64()
-        p.factorDampingDecay = try r.f64()
-        p.factorUpdatePeriod = try r.i64(); p.inverseUpdatePeriod = try r.i64()
-        guard let strategy = InverseStrategy(rawValue: Int32(truncatingIfNeeded: try r.i64())) else {
-            throw KFACError(.corruptState, "state image has an unknown inverse strategy")
-        }
-        p.inverseStrategy = strategy
-        p.piDamping = try r.i64() == 1
-        guard let reduction = LossReduction(rawValue: Int32(truncatingIfNeeded: try r.i64())) else {
-            throw KFACError(.corruptState, "state image has an unknown loss reduction")
-        }
-        p.lossReduction = reduction
-        p.threadCount = try r.i64()
-        p.lmInterval = try r.i64()
-        p.factorDampingPeriod = try r.i64()
-        do { try p.validate() } catch { throw KFACError(.corruptState, "state image parameters: \(error.message)") }
+        let p = try readParameters(from: &r)
         let steps = try r.i64()
         let klScale = try r.f64()
         // Read into fresh owners; the optimizer's own are replaced only once all of it is read.

@@ -4,10 +4,8 @@
 /// Layout (little-endian, all header fields 8 bytes wide):
 ///
 ///     header      "KFACSTAT"  u64 format version  u64 dtype  u64 image size
-///     parameters  8 × f64 (learning rate, damping, decay, KL clip, output-grad scale, LM decay,
-///                 factor damping, factor damping decay),
-///                 8 × i64 (factor period, inverse period, strategy, π flag, reduction, threads,
-///                 LM interval, factor damping period)
+///     parameters  per row of `ParameterSpec.table` (ascending id): f64 for a double
+///                 parameter, i64 for an int parameter
 ///     optimizer   i64 step count  f64 last ν
 ///     estimator   u64 statistics started  u64 layer count
 ///                 per layer: u64 field count, i64 fields (`LayerDescription.fields`: kind, then
@@ -24,7 +22,8 @@
 ///     u64 checksum of all preceding bytes
 ///
 /// Factors are stored as their diagonal blocks (`FactorStructure`), each whole and row-major.
-/// Format 5 (0.2) moved the adaptive fields and δ₀ into their own section after the estimator's.
+/// Format 5 (0.2): parameters from the table; the adaptive fields and δ₀ in their own section
+/// after the estimator's.
 enum StateImage {
     static let magic: [UInt8] = Array("KFACSTAT".utf8)
     static let formatVersion: UInt64 = 5
