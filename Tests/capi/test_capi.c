@@ -1,3 +1,4 @@
+#define KFAC_EXPERIMENTAL_API
 /*
  * test_capi.c — tests of libkfac's C ABI, written against include/kfac.h only.
  *
@@ -10,7 +11,7 @@
  *   1. Global functions: versions, status strings, NULL handles for every entry point.
  *   2. Error paths of every entry point, for a float32 and a float64 handle. Each bad call is made
  *      on one handle of a "twin" group whose handles have been fed identical valid calls. After
- *      the bad call the test checks the returned status, that kfac_last_error and
+ *      the bad call the test checks the returned status, that kfac_optimizer_last_error and
  *      kfac_status_string are non-empty, that the state images of the twins are still
  *      byte-identical (the failed call changed nothing: factors, pending statistics, inverses,
  *      counters, parameters), and that a further record + step round succeeds on every twin and
@@ -22,37 +23,37 @@
  *      the eigen strategy against a dense solve of (A⊗G + λI) vec(V) = vec(V₀); the Cholesky
  *      strategy against (G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹; the KL clip; the mean-reduction and
  *      output-gradient-scale parameters; the moving average of the factors.
- *   5. Convolutions and channel grouping: kfac_add_dense_grouped and kfac_add_conv2d error paths
+ *   5. Convolutions and channel grouping: kfac_layer_add_dense and kfac_layer_add_conv2d error paths
  *      on the twins (sizes, groups, kernel fit, enums, reserved, struct_size, overflowing sizes);
  *      twins with a grouped conv and a 1-D conv layer (layer info, kfac_get_group_factors group
  *      range, record/step/precondition errors, state images of differing convolutions); the
  *      growable kfac_conv2d_desc (an older struct_size, zeros read as 1, group sizes not smaller
  *      than the channels); a float64 conv (groups 2, padding, stride 2, NCHW and NHWC): Ω_g, Γ_g
- *      against a naive loop and kfac_step_f64 against dense per-group Kronecker solves.
+ *      against a naive loop and kfac_optimizer_step_f64 against dense per-group Kronecker solves.
  *      Calls that could crash a buggy library on huge sizes are tried in a forked child first,
  *      so that a crash is reported as a failed check instead of ending the test.
- *   6. The adaptive mode: kfac_solve_step_size_* and kfac_report_loss_change error paths on the
+ *   6. The adaptive mode: kfac_adaptive_solve_step_size_* and kfac_adaptive_report_loss_change error paths on the
  *      twins (NULL pointers, sizes, overflow, distributions, NaN/Inf outputs and products,
  *      DTYPE_MISMATCH, NO_STEP order errors, non-finite losses); after each bad call the twins
  *      must also agree bitwise on a following valid solve and report (the state image does not
  *      hold the directions awaiting a solve). NO_STEP on a fresh handle and after loading a
  *      state image; a pending prediction survives an image. The handle-less samplers' error
  *      paths (output buffer untouched) and basic properties. LM parameters' defaults and
- *      ranges. Numerics: kfac_solve_step_size_f64 on a linear softmax model against the 2×2
+ *      ranges. Numerics: kfac_adaptive_solve_step_size_f64 on a linear softmax model against the 2×2
  *      system built in C from the explicit Fisher (1/N) Σ J_nᵀ(diag(p) − ppᵀ)J_n, ρ, and the
  *      Levenberg–Marquardt schedule.
  *   7. Regressions of two adaptive-mode bugs found by this test (fixed): a standalone
  *      precondition or a failed step between a step and its solve must not change the solve.
  *   8. Re-choosing the factor damping γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD T₂,
- *      KFAC_PARAM_FACTOR_DAMPING_DECAY): kfac_candidate_count, kfac_candidate_directions_*,
- *      kfac_solve_step_size_candidates_* and kfac_get_update_* error paths on twins with T₂ = 2
+ *      KFAC_PARAM_FACTOR_DAMPING_DECAY): kfac_candidates_get_count, kfac_candidates_get_directions_*,
+ *      kfac_candidates_solve_step_size_* and kfac_adaptive_get_update_* error paths on twins with T₂ = 2
  *      (NULL pointers and array entries, n_layers, bias buffers, candidate range, n_candidates
  *      other than the count, sizes, NaN/Inf, DTYPE_MISMATCH, NO_STEP before a step, after the
  *      solve and before the first solve). The state images hold neither the candidates nor the
  *      directions awaiting a solve, so after each bad call the twins must also agree bitwise on the
  *      count, every candidate's directions and γ, a candidate solve, kfac_get_update and a report.
  *      Valid calls: candidate 0 is bitwise kfac_step's output, candidates 1, 2 have γ·ω₂, γ/ω₂;
- *      kfac_candidate_directions, kfac_candidate_count and kfac_get_update change nothing (state
+ *      kfac_candidate_directions, kfac_candidates_get_count and kfac_get_update change nothing (state
  *      image, twin behaviour); the kept γ becomes KFAC_PARAM_FACTOR_DAMPING; one candidate equals
  *      kfac_solve_step_size bitwise; a failed step or a precondition before the solve keeps the
  *      candidates, a state load discards them. Numerics (float64, the linear softmax model of 6):
@@ -146,7 +147,7 @@ static int nonempty(const char *s) { return s != NULL && s[0] != '\0'; }
 
 /* Checks the status of a call made with a NULL handle. */
 static void expect_null_handle(int got, int want, const char *what) {
-    check(got == want && nonempty(kfac_status_string(got)) && kfac_last_error(NULL) != NULL,
+    check(got == want && nonempty(kfac_status_string(got)) && kfac_optimizer_last_error(NULL) != NULL,
           "NULL handle: %s -> %s (got %s %d)", what, status_name(want), status_name(got), got);
 }
 
@@ -157,7 +158,7 @@ static void expect_null_handle(int got, int want, const char *what) {
         if (require_status_ != KFAC_OK) {                                                      \
             printf("FAIL setup call %s at %s:%d returned %s (%d): %s\n", #call, __FILE__,      \
                    __LINE__, status_name(require_status_), require_status_,                    \
-                   (h) ? kfac_last_error(h) : "");                                             \
+                   (h) ? kfac_optimizer_last_error(h) : "");                                             \
             printf("\n%d checks, %d failed (aborted)\n", g_checks, g_failures + 1);           \
             exit(1);                                                                           \
         }                                                                                      \
@@ -223,40 +224,101 @@ static int buf_same(const buf_t *a, const buf_t *b) {
     return a->dtype == b->dtype && a->n == b->n && memcmp(a->p, b->p, a->n * dtype_size(a->dtype)) == 0;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Value readers over the 0.2 out-parameter getters                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Each returns the value on success and the (negative) status on failure, so that checks such as
+ * `layer_count(B) == 2` fail on either a wrong value or a failed call. The getters' own contract
+ * (status, out-parameter untouched on failure) is checked separately in test_library.c. */
+static int32_t layer_count(const kfac_optimizer *h) {
+    int32_t n = -1000;
+    const int st = kfac_layer_count(h, &n);
+    return st == KFAC_OK ? n : st;
+}
+
+static int64_t step_count(const kfac_optimizer *h) {
+    int64_t k = -1000;
+    const int st = kfac_optimizer_get_step_count(h, &k);
+    return st == KFAC_OK ? k : st;
+}
+
+static int32_t wants_statistics(const kfac_optimizer *h) {
+    int32_t w = -1000;
+    const int st = kfac_optimizer_wants_statistics(h, &w);
+    return st == KFAC_OK ? w : st;
+}
+
+static int32_t dtype_of(const kfac_optimizer *h) {
+    int32_t d = -1000;
+    const int st = kfac_optimizer_get_dtype(h, &d);
+    return st == KFAC_OK ? d : st;
+}
+
+/* ν of the last step; NaN if the call fails (tests that expect a failure check the status). */
+static double kl_scale(const kfac_optimizer *h) {
+    double v = NAN;
+    return kfac_optimizer_get_kl_scale(h, &v) == KFAC_OK ? v : NAN;
+}
+
+/* ρ of the last report; NaN if the call fails. */
+static double reduction_ratio(const kfac_optimizer *h) {
+    double v = NAN;
+    return kfac_adaptive_get_reduction_ratio(h, &v) == KFAC_OK ? v : NAN;
+}
+
+/* kfac_layer_add_dense from the fields of a kfac_dense_desc. */
+static int add_dense_grouped(kfac_optimizer *h, int64_t in, int64_t out, int32_t has_bias,
+                             int64_t input_group, int64_t output_group, int32_t *id) {
+    kfac_dense_desc d;
+    memset(&d, 0, sizeof d);
+    d.struct_size = sizeof d;
+    d.in_features = in;
+    d.out_features = out;
+    d.has_bias = has_bias;
+    d.input_group_size = input_group;
+    d.output_group_size = output_group;
+    return kfac_layer_add_dense(h, &d, id);
+}
+
+static int add_dense(kfac_optimizer *h, int64_t in, int64_t out, int32_t has_bias, int32_t *id) {
+    return add_dense_grouped(h, in, out, has_bias, 0, 0, id);
+}
+
 /* Entry points dispatched on the precision of the buffers (not of the handle: calling the
  * "wrong" form is how DTYPE_MISMATCH is tested, always with correctly typed buffers). */
 static int record_inputs(kfac_optimizer *h, int32_t layer, const buf_t *x, int64_t rows) {
-    return x->dtype == KFAC_FLOAT32 ? kfac_record_inputs_f32(h, layer, (const float *)x->p, rows)
-                                    : kfac_record_inputs_f64(h, layer, (const double *)x->p, rows);
+    return x->dtype == KFAC_FLOAT32 ? kfac_layer_record_inputs_f32(h, layer, (const float *)x->p, rows)
+                                    : kfac_layer_record_inputs_f64(h, layer, (const double *)x->p, rows);
 }
 
 static int record_grads(kfac_optimizer *h, int32_t layer, const buf_t *g, int64_t rows) {
     return g->dtype == KFAC_FLOAT32
-               ? kfac_record_output_grads_f32(h, layer, (const float *)g->p, rows)
-               : kfac_record_output_grads_f64(h, layer, (const double *)g->p, rows);
+               ? kfac_layer_record_output_grads_f32(h, layer, (const float *)g->p, rows)
+               : kfac_layer_record_output_grads_f64(h, layer, (const double *)g->p, rows);
 }
 
 static int get_factors(const kfac_optimizer *h, int32_t layer, buf_t *a, buf_t *g) {
     int dtype = a ? a->dtype : g ? g->dtype : KFAC_FLOAT32;
     if (dtype == KFAC_FLOAT32)
-        return kfac_get_factors_f32(h, layer, a ? (float *)a->p : NULL, g ? (float *)g->p : NULL);
-    return kfac_get_factors_f64(h, layer, a ? (double *)a->p : NULL, g ? (double *)g->p : NULL);
+        return kfac_layer_get_factors_f32(h, layer, 0, a ? (float *)a->p : NULL, g ? (float *)g->p : NULL);
+    return kfac_layer_get_factors_f64(h, layer, 0, a ? (double *)a->p : NULL, g ? (double *)g->p : NULL);
 }
 
 static int get_group_factors(const kfac_optimizer *h, int32_t layer, int32_t group, buf_t *a,
                              buf_t *g) {
     int dtype = a ? a->dtype : g ? g->dtype : KFAC_FLOAT32;
     if (dtype == KFAC_FLOAT32)
-        return kfac_get_group_factors_f32(h, layer, group, a ? (float *)a->p : NULL,
+        return kfac_layer_get_factors_f32(h, layer, group, a ? (float *)a->p : NULL,
                                           g ? (float *)g->p : NULL);
-    return kfac_get_group_factors_f64(h, layer, group, a ? (double *)a->p : NULL,
+    return kfac_layer_get_factors_f64(h, layer, group, a ? (double *)a->p : NULL,
                                       g ? (double *)g->p : NULL);
 }
 
 static int precondition(kfac_optimizer *h, int32_t layer, buf_t *w, buf_t *b) {
     if (w->dtype == KFAC_FLOAT32)
-        return kfac_precondition_f32(h, layer, (float *)w->p, b ? (float *)b->p : NULL);
-    return kfac_precondition_f64(h, layer, (double *)w->p, b ? (double *)b->p : NULL);
+        return kfac_layer_precondition_f32(h, layer, (float *)w->p, b ? (float *)b->p : NULL);
+    return kfac_layer_precondition_f64(h, layer, (double *)w->p, b ? (double *)b->p : NULL);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -318,11 +380,11 @@ static kfac_optimizer *make_handle(int dtype, const model_t *m) {
     for (int l = 0; l < m->n; l++) {
         int32_t id = -1;
         if (m->l[l].conv)
-            REQUIRE_OK(h, kfac_add_conv2d(h, m->l[l].conv, &id));
+            REQUIRE_OK(h, kfac_layer_add_conv2d(h, m->l[l].conv, &id));
         else
-            REQUIRE_OK(h, kfac_add_dense(h, m->l[l].in, m->l[l].out, m->l[l].bias, &id));
+            REQUIRE_OK(h, add_dense(h, m->l[l].in, m->l[l].out, m->l[l].bias, &id));
         if (id != l) {
-            printf("FAIL kfac_add_dense returned layer id %d, expected %d\n", (int)id, l);
+            printf("FAIL kfac_layer_add_dense returned layer id %d, expected %d\n", (int)id, l);
             exit(1);
         }
     }
@@ -376,7 +438,7 @@ static void grads_free(grads_t *g) {
     }
 }
 
-/* kfac_step_* with the pointer arrays built from g; `with_bias_array` = 0 passes bias_grads NULL. */
+/* kfac_optimizer_step_* with the pointer arrays built from g; `with_bias_array` = 0 passes bias_grads NULL. */
 static int step_with(kfac_optimizer *h, grads_t *g, int with_bias_array, int32_t n_layers) {
     if (g->w[0].dtype == KFAC_FLOAT32) {
         float *w[MAX_LAYERS], *b[MAX_LAYERS];
@@ -384,14 +446,14 @@ static int step_with(kfac_optimizer *h, grads_t *g, int with_bias_array, int32_t
             w[l] = (float *)g->w[l].p;
             b[l] = (float *)g->b[l].p;
         }
-        return kfac_step_f32(h, w, with_bias_array ? b : NULL, n_layers);
+        return kfac_optimizer_step_f32(h, w, with_bias_array ? b : NULL, n_layers);
     }
     double *w[MAX_LAYERS], *b[MAX_LAYERS];
     for (int l = 0; l < g->n; l++) {
         w[l] = (double *)g->w[l].p;
         b[l] = (double *)g->b[l].p;
     }
-    return kfac_step_f64(h, w, with_bias_array ? b : NULL, n_layers);
+    return kfac_optimizer_step_f64(h, w, with_bias_array ? b : NULL, n_layers);
 }
 
 static int step(kfac_optimizer *h, grads_t *g) { return step_with(h, g, 1, g->n); }
@@ -403,16 +465,16 @@ static int step(kfac_optimizer *h, grads_t *g) { return step_with(h, g, 1, g->n)
 /* Saves the handle's state into a new malloc'ed buffer; returns NULL (and reports) on failure. */
 static unsigned char *save_image(const kfac_optimizer *h, size_t *size) {
     *size = 0;
-    if (kfac_state_size(h, size) != KFAC_OK || *size == 0) {
-        check(0, "kfac_state_size failed: %s", kfac_last_error(h));
+    if (kfac_state_get_size(h, size) != KFAC_OK || *size == 0) {
+        check(0, "kfac_state_get_size failed: %s", kfac_optimizer_last_error(h));
         return NULL;
     }
     unsigned char *img = malloc(*size);
     size_t written = 0;
-    int st = kfac_save_state(h, img, *size, &written);
+    int st = kfac_state_save(h, img, *size, &written);
     if (st != KFAC_OK || written != *size) {
-        check(0, "kfac_save_state failed (%s, written %zu of %zu): %s", status_name(st), written,
-              *size, kfac_last_error(h));
+        check(0, "kfac_state_save failed (%s, written %zu of %zu): %s", status_name(st), written,
+              *size, kfac_optimizer_last_error(h));
         free(img);
         return NULL;
     }
@@ -463,7 +525,7 @@ static void twins_free(twins_t *t) {
 }
 
 /* Records one batch of random inputs and output gradients on every twin (if it wants them).
- * Returns 1 if every call succeeded and the twins agreed on kfac_wants_statistics. */
+ * Returns 1 if every call succeeded and the twins agreed on kfac_optimizer_wants_statistics. */
 static int twins_record(twins_t *t) {
     const int64_t rows = 3 + t->rounds % 4;
     const model_t *m = &t->model;
@@ -475,9 +537,9 @@ static int twins_record(twins_t *t) {
         buf_random(&g[l], &t->rng);
     }
     int ok = 1;
-    const int wants0 = kfac_wants_statistics(t->h[0]);
+    const int wants0 = wants_statistics(t->h[0]);
     for (int i = 0; i < t->n; i++) {
-        const int wants = kfac_wants_statistics(t->h[i]);
+        const int wants = wants_statistics(t->h[i]);
         if (wants != wants0 || wants < 0) ok = 0;
         if (wants != 1) continue;
         for (int l = 0; l < m->n; l++) {
@@ -495,12 +557,12 @@ static int twins_record(twins_t *t) {
 }
 
 /* A full round: record, then step every twin with the same gradients; checks all succeeded,
- * left kfac_last_error empty, and produced bitwise identical directions and KL scales. */
+ * left kfac_optimizer_last_error empty, and produced bitwise identical directions and KL scales. */
 static int twins_round(twins_t *t, char *why, size_t why_size) {
     t->rounds++;
     if (!twins_record(t)) {
-        snprintf(why, why_size, "record failed: %s / %s", kfac_last_error(t->h[0]),
-                 kfac_last_error(t->h[1]));
+        snprintf(why, why_size, "record failed: %s / %s", kfac_optimizer_last_error(t->h[0]),
+                 kfac_optimizer_last_error(t->h[1]));
         return 0;
     }
     grads_t g0 = grads_new(t->dtype, &t->model, &t->rng);
@@ -512,17 +574,17 @@ static int twins_round(twins_t *t, char *why, size_t why_size) {
         int st = step(t->h[i], &out[i]);
         if (st != KFAC_OK) {
             snprintf(why, why_size, "step on twin %d failed: %s: %s", i, status_name(st),
-                     kfac_last_error(t->h[i]));
+                     kfac_optimizer_last_error(t->h[i]));
             ok = 0;
-        } else if (kfac_last_error(t->h[i])[0] != '\0') {
-            snprintf(why, why_size, "kfac_last_error not empty after a successful step");
+        } else if (kfac_optimizer_last_error(t->h[i])[0] != '\0') {
+            snprintf(why, why_size, "kfac_optimizer_last_error not empty after a successful step");
             ok = 0;
         }
     }
     for (int i = 1; ok && i < t->n; i++) {
-        const double k0 = kfac_last_kl_scale(t->h[0]), ki = kfac_last_kl_scale(t->h[i]);
+        const double k0 = kl_scale(t->h[0]), ki = kl_scale(t->h[i]);
         if (!grads_same(&out[0], &out[i]) || memcmp(&k0, &ki, sizeof k0) != 0 ||
-            kfac_step_count(t->h[0]) != kfac_step_count(t->h[i])) {
+            step_count(t->h[0]) != step_count(t->h[i])) {
             snprintf(why, why_size, "twin %d's directions differ from twin 0's", i);
             ok = 0;
         }
@@ -536,12 +598,12 @@ static int twins_round(twins_t *t, char *why, size_t why_size) {
     return ok;
 }
 
-/* kfac_last_error of the bad twin, captured right after the bad call (before any other call on
+/* kfac_optimizer_last_error of the bad twin, captured right after the bad call (before any other call on
  * the handle, which may reset it). */
 static char g_last_error[512];
 
 static int bad_call(const kfac_optimizer *h, int status) {
-    const char *le = kfac_last_error(h);
+    const char *le = kfac_optimizer_last_error(h);
     snprintf(g_last_error, sizeof g_last_error, "%s", le ? le : "(NULL)");
     return status;
 }
@@ -604,7 +666,7 @@ static int survives_in_child(kfac_optimizer *h, guarded_fn fn, const void *arg, 
     return 1;
 }
 
-/* Arguments of kfac_add_dense (grouped = 0) or kfac_add_dense_grouped (grouped = 1). */
+/* Arguments of kfac_layer_add_dense (grouped = 0) or kfac_layer_add_dense (grouped = 1). */
 typedef struct {
     int64_t in, out;
     int bias;
@@ -616,13 +678,13 @@ static int call_add_dense(kfac_optimizer *h, const void *arg) {
     const dense_args_t *a = arg;
     int32_t id;
     if (a->grouped)
-        return kfac_add_dense_grouped(h, a->in, a->out, a->bias, a->input_group, a->output_group, &id);
-    return kfac_add_dense(h, a->in, a->out, a->bias, &id);
+        return add_dense_grouped(h, a->in, a->out, a->bias, a->input_group, a->output_group, &id);
+    return add_dense(h, a->in, a->out, a->bias, &id);
 }
 
 static int call_add_conv2d(kfac_optimizer *h, const void *arg) {
     int32_t id;
-    return kfac_add_conv2d(h, (const kfac_conv2d_desc *)arg, &id);
+    return kfac_layer_add_conv2d(h, (const kfac_conv2d_desc *)arg, &id);
 }
 
 /* A valid convolution for the error tables: 4 -> 6 channels in 2 groups, 3x3 kernel on 5x5. */
@@ -641,7 +703,7 @@ static kfac_conv2d_desc base_conv(void) {
     return d;
 }
 
-/* kfac_add_conv2d error paths on the twins (before statistics): each must leave the layer list,
+/* kfac_layer_add_conv2d error paths on the twins (before statistics): each must leave the layer list,
  * the state and *layer_id alone. */
 static void errors_add_conv2d(twins_t *tp) {
     twins_t t = *tp;
@@ -757,20 +819,20 @@ static void errors_add_conv2d(twins_t *tp) {
             d.padding_h = d.padding_w = big;
             break;
         }
-        snprintf(what, sizeof what, "[%s] kfac_add_conv2d(%s)", dtype_tag(dt), cases[i].what);
+        snprintf(what, sizeof what, "[%s] kfac_layer_add_conv2d(%s)", dtype_tag(dt), cases[i].what);
         if (!survives_in_child(B, call_add_conv2d, &d, what)) continue;
         int32_t id = -77;
-        int st = bad_call(B, kfac_add_conv2d(B, &d, &id));
-        snprintf(what, sizeof what, "kfac_add_conv2d(%s)", cases[i].what);
-        after_bad(&t, st, cases[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
+        int st = bad_call(B, kfac_layer_add_conv2d(B, &d, &id));
+        snprintf(what, sizeof what, "kfac_layer_add_conv2d(%s)", cases[i].what);
+        after_bad(&t, st, cases[i].want, what, 0, id == -77 && layer_count(B) == 2);
     }
     kfac_conv2d_desc d = base_conv();
     int32_t id = -77;
-    int st = bad_call(B, kfac_add_conv2d(B, NULL, &id));
-    after_bad(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_add_conv2d(desc = NULL)", 0,
-              id == -77 && kfac_layer_count(B) == 2);
-    BAD_NO_ROUND(kfac_add_conv2d(B, &d, NULL), KFAC_ERROR_NULL_POINTER,
-                 "kfac_add_conv2d(layer_id = NULL)");
+    int st = bad_call(B, kfac_layer_add_conv2d(B, NULL, &id));
+    after_bad(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_layer_add_conv2d(desc = NULL)", 0,
+              id == -77 && layer_count(B) == 2);
+    BAD_NO_ROUND(kfac_layer_add_conv2d(B, &d, NULL), KFAC_ERROR_NULL_POINTER,
+                 "kfac_layer_add_conv2d(layer_id = NULL)");
     *tp = t;
 }
 
@@ -810,8 +872,8 @@ static void test_globals(void) {
 
     kfac_optimizer_free(NULL);
     check(1, "kfac_optimizer_free(NULL) returns");
-    check(kfac_last_error(NULL) != NULL, "kfac_last_error(NULL) non-NULL (\"%s\")",
-          kfac_last_error(NULL) ? kfac_last_error(NULL) : "");
+    check(kfac_optimizer_last_error(NULL) != NULL, "kfac_optimizer_last_error(NULL) non-NULL (\"%s\")",
+          kfac_optimizer_last_error(NULL) ? kfac_optimizer_last_error(NULL) : "");
 
     section("kfac_optimizer_create");
     kfac_optimizer *h = (kfac_optimizer *)&g_checks; /* a non-NULL sentinel that must be reset */
@@ -828,11 +890,13 @@ static void test_globals(void) {
     for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
         h = NULL;
         int st = kfac_optimizer_create(dtype, &h);
-        check(st == KFAC_OK && h != NULL && kfac_dtype_of(h) == dtype &&
-                  kfac_layer_count(h) == 0 && kfac_step_count(h) == 0 &&
-                  kfac_last_error(h) != NULL && isnan(kfac_last_kl_scale(h)),
-              "create %s: dtype_of, 0 layers, step 0, kl scale NaN before the first step",
-              dtype_tag(dtype));
+        double nu = -777;
+        const int st_nu = h ? kfac_optimizer_get_kl_scale(h, &nu) : KFAC_OK;
+        check(st == KFAC_OK && h != NULL && dtype_of(h) == dtype &&
+                  layer_count(h) == 0 && step_count(h) == 0 &&
+                  kfac_optimizer_last_error(h) != NULL && st_nu == KFAC_ERROR_NO_STEP && nu == -777,
+              "create %s: get_dtype, 0 layers, step 0, get_kl_scale NO_STEP (*scale untouched) "
+              "before the first step", dtype_tag(dtype));
         kfac_optimizer_free(h);
     }
 
@@ -847,115 +911,124 @@ static void test_globals(void) {
     size_t sz = 0;
     unsigned char img[64] = {0};
     kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    expect_null_handle(kfac_dtype_of(NULL), KFAC_ERROR_NULL_POINTER, "kfac_dtype_of");
-    expect_null_handle(kfac_set_param_double(NULL, KFAC_PARAM_DAMPING, 1e-2),
-                       KFAC_ERROR_NULL_POINTER, "kfac_set_param_double");
-    expect_null_handle(kfac_get_param_double(NULL, KFAC_PARAM_DAMPING, &dv),
-                       KFAC_ERROR_NULL_POINTER, "kfac_get_param_double");
-    expect_null_handle(kfac_set_param_int(NULL, KFAC_PARAM_NUM_THREADS, 1),
-                       KFAC_ERROR_NULL_POINTER, "kfac_set_param_int");
-    expect_null_handle(kfac_get_param_int(NULL, KFAC_PARAM_NUM_THREADS, &iv),
-                       KFAC_ERROR_NULL_POINTER, "kfac_get_param_int");
-    expect_null_handle(kfac_add_dense(NULL, 2, 2, 1, &id), KFAC_ERROR_NULL_POINTER,
-                       "kfac_add_dense");
+    {
+        int32_t i32 = -777;
+        expect_null_handle(kfac_optimizer_get_dtype(NULL, &i32), KFAC_ERROR_NULL_POINTER,
+                           "kfac_optimizer_get_dtype");
+        expect_null_handle(kfac_layer_count(NULL, &i32), KFAC_ERROR_NULL_POINTER, "kfac_layer_count");
+        expect_null_handle(kfac_optimizer_wants_statistics(NULL, &i32), KFAC_ERROR_NULL_POINTER,
+                           "kfac_optimizer_wants_statistics");
+        check(i32 == -777, "NULL handle: get_dtype, layer_count, wants_statistics leave *out");
+    }
+    expect_null_handle(kfac_param_set_double(NULL, KFAC_PARAM_DAMPING, 1e-2),
+                       KFAC_ERROR_NULL_POINTER, "kfac_param_set_double");
+    expect_null_handle(kfac_param_get_double(NULL, KFAC_PARAM_DAMPING, &dv),
+                       KFAC_ERROR_NULL_POINTER, "kfac_param_get_double");
+    expect_null_handle(kfac_param_set_int(NULL, KFAC_PARAM_NUM_THREADS, 1),
+                       KFAC_ERROR_NULL_POINTER, "kfac_param_set_int");
+    expect_null_handle(kfac_param_get_int(NULL, KFAC_PARAM_NUM_THREADS, &iv),
+                       KFAC_ERROR_NULL_POINTER, "kfac_param_get_int");
+    expect_null_handle(add_dense(NULL, 2, 2, 1, &id), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_add_dense");
     int32_t null_id = -77;
-    expect_null_handle(kfac_add_dense_grouped(NULL, 2, 2, 1, 1, 1, &null_id),
-                       KFAC_ERROR_NULL_POINTER, "kfac_add_dense_grouped");
+    expect_null_handle(add_dense_grouped(NULL, 2, 2, 1, 1, 1, &null_id),
+                       KFAC_ERROR_NULL_POINTER, "kfac_layer_add_dense");
     kfac_conv2d_desc desc;
     memset(&desc, 0, sizeof desc);
     desc.struct_size = sizeof desc;
     desc.in_channels = desc.out_channels = 2;
     desc.kernel_h = desc.kernel_w = 1;
     desc.input_h = desc.input_w = 3;
-    expect_null_handle(kfac_add_conv2d(NULL, &desc, &null_id), KFAC_ERROR_NULL_POINTER,
-                       "kfac_add_conv2d");
-    check(null_id == -77, "NULL handle: kfac_add_dense_grouped/kfac_add_conv2d leave *layer_id");
-    expect_null_handle(kfac_layer_count(NULL), KFAC_ERROR_NULL_POINTER, "kfac_layer_count");
+    expect_null_handle(kfac_layer_add_conv2d(NULL, &desc, &null_id), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_add_conv2d");
+    check(null_id == -77, "NULL handle: kfac_layer_add_dense/kfac_layer_add_conv2d leave *layer_id");
     expect_null_handle(kfac_layer_get_info(NULL, 0, &info), KFAC_ERROR_NULL_POINTER,
                        "kfac_layer_get_info");
-    expect_null_handle(kfac_wants_statistics(NULL), KFAC_ERROR_NULL_POINTER,
-                       "kfac_wants_statistics");
-    expect_null_handle(kfac_record_inputs_f32(NULL, 0, f, 1), KFAC_ERROR_NULL_POINTER,
-                       "kfac_record_inputs_f32");
-    expect_null_handle(kfac_record_inputs_f64(NULL, 0, d, 1), KFAC_ERROR_NULL_POINTER,
-                       "kfac_record_inputs_f64");
-    expect_null_handle(kfac_record_output_grads_f32(NULL, 0, f, 1), KFAC_ERROR_NULL_POINTER,
-                       "kfac_record_output_grads_f32");
-    expect_null_handle(kfac_record_output_grads_f64(NULL, 0, d, 1), KFAC_ERROR_NULL_POINTER,
-                       "kfac_record_output_grads_f64");
-    expect_null_handle(kfac_update_factors(NULL), KFAC_ERROR_NULL_POINTER, "kfac_update_factors");
-    expect_null_handle(kfac_update_inverses(NULL), KFAC_ERROR_NULL_POINTER,
-                       "kfac_update_inverses");
-    expect_null_handle(kfac_get_factors_f32(NULL, 0, f, f), KFAC_ERROR_NULL_POINTER,
-                       "kfac_get_factors_f32");
-    expect_null_handle(kfac_get_factors_f64(NULL, 0, d, d), KFAC_ERROR_NULL_POINTER,
-                       "kfac_get_factors_f64");
-    expect_null_handle(kfac_get_group_factors_f32(NULL, 0, 0, f, f), KFAC_ERROR_NULL_POINTER,
-                       "kfac_get_group_factors_f32");
-    expect_null_handle(kfac_get_group_factors_f64(NULL, 0, 0, d, d), KFAC_ERROR_NULL_POINTER,
-                       "kfac_get_group_factors_f64");
-    expect_null_handle(kfac_step_f32(NULL, fp, fp, 2), KFAC_ERROR_NULL_POINTER, "kfac_step_f32");
-    expect_null_handle(kfac_step_f64(NULL, dp, dp, 2), KFAC_ERROR_NULL_POINTER, "kfac_step_f64");
-    expect_null_handle(kfac_precondition_f32(NULL, 0, f, f), KFAC_ERROR_NULL_POINTER,
-                       "kfac_precondition_f32");
-    expect_null_handle(kfac_precondition_f64(NULL, 0, d, d), KFAC_ERROR_NULL_POINTER,
-                       "kfac_precondition_f64");
-    expect_null_handle((int)kfac_step_count(NULL), KFAC_ERROR_NULL_POINTER, "kfac_step_count");
-    check(isnan(kfac_last_kl_scale(NULL)), "NULL handle: kfac_last_kl_scale -> NaN");
+    expect_null_handle(kfac_layer_record_inputs_f32(NULL, 0, f, 1), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_record_inputs_f32");
+    expect_null_handle(kfac_layer_record_inputs_f64(NULL, 0, d, 1), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_record_inputs_f64");
+    expect_null_handle(kfac_layer_record_output_grads_f32(NULL, 0, f, 1), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_record_output_grads_f32");
+    expect_null_handle(kfac_layer_record_output_grads_f64(NULL, 0, d, 1), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_record_output_grads_f64");
+    expect_null_handle(kfac_optimizer_update_factors(NULL), KFAC_ERROR_NULL_POINTER, "kfac_optimizer_update_factors");
+    expect_null_handle(kfac_optimizer_update_inverses(NULL), KFAC_ERROR_NULL_POINTER,
+                       "kfac_optimizer_update_inverses");
+    expect_null_handle(kfac_layer_get_factors_f32(NULL, 0, 0, f, f), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_get_factors_f32");
+    expect_null_handle(kfac_layer_get_factors_f64(NULL, 0, 0, d, d), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_get_factors_f64");
+    expect_null_handle(kfac_layer_get_factors_f32(NULL, 0, 0, f, f), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_get_factors_f32");
+    expect_null_handle(kfac_layer_get_factors_f64(NULL, 0, 0, d, d), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_get_factors_f64");
+    expect_null_handle(kfac_optimizer_step_f32(NULL, fp, fp, 2), KFAC_ERROR_NULL_POINTER, "kfac_optimizer_step_f32");
+    expect_null_handle(kfac_optimizer_step_f64(NULL, dp, dp, 2), KFAC_ERROR_NULL_POINTER, "kfac_optimizer_step_f64");
+    expect_null_handle(kfac_layer_precondition_f32(NULL, 0, f, f), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_precondition_f32");
+    expect_null_handle(kfac_layer_precondition_f64(NULL, 0, d, d), KFAC_ERROR_NULL_POINTER,
+                       "kfac_layer_precondition_f64");
+    expect_null_handle(kfac_optimizer_get_step_count(NULL, &iv), KFAC_ERROR_NULL_POINTER,
+                       "kfac_optimizer_get_step_count");
+    expect_null_handle(kfac_optimizer_get_kl_scale(NULL, &dv), KFAC_ERROR_NULL_POINTER,
+                       "kfac_optimizer_get_kl_scale");
     {
         double alpha = -777, mu = -777, m = -777, rho = -777;
-        expect_null_handle(kfac_solve_step_size_f32(NULL, f, f, f, 2, 2, KFAC_DIST_CATEGORICAL,
+        expect_null_handle(kfac_adaptive_solve_step_size_f32(NULL, f, f, f, 2, 2, KFAC_DIST_CATEGORICAL,
                                                     &alpha, &mu, &m),
-                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_f32");
-        expect_null_handle(kfac_solve_step_size_f64(NULL, d, d, NULL, 2, 2, KFAC_DIST_GAUSSIAN,
+                           KFAC_ERROR_NULL_POINTER, "kfac_adaptive_solve_step_size_f32");
+        expect_null_handle(kfac_adaptive_solve_step_size_f64(NULL, d, d, NULL, 2, 2, KFAC_DIST_GAUSSIAN,
                                                     &alpha, &mu, &m),
-                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_f64");
-        expect_null_handle(kfac_report_loss_change(NULL, 1.0, 0.5, &rho), KFAC_ERROR_NULL_POINTER,
-                           "kfac_report_loss_change");
+                           KFAC_ERROR_NULL_POINTER, "kfac_adaptive_solve_step_size_f64");
+        expect_null_handle(kfac_adaptive_report_loss_change(NULL, 1.0, 0.5, &rho), KFAC_ERROR_NULL_POINTER,
+                           "kfac_adaptive_report_loss_change");
         check(alpha == -777 && mu == -777 && m == -777 && rho == -777,
               "NULL handle: the adaptive calls leave *alpha, *mu, *predicted_change, *rho");
-        check(isnan(kfac_last_reduction_ratio(NULL)), "NULL handle: kfac_last_reduction_ratio -> NaN");
+        expect_null_handle(kfac_adaptive_get_reduction_ratio(NULL, &rho), KFAC_ERROR_NULL_POINTER,
+                           "kfac_adaptive_get_reduction_ratio");
+        check(rho == -777, "NULL handle: kfac_adaptive_get_reduction_ratio leaves *rho");
 
         /* The damping-candidate calls (KFAC_PARAM_FACTOR_DAMPING_PERIOD). */
         int32_t count = -777, chosen = -777;
         double gamma = -777;
         const float *fq[2] = {f, f};
         const double *dq[2] = {d, d};
-        expect_null_handle(kfac_candidate_count(NULL, &count), KFAC_ERROR_NULL_POINTER,
-                           "kfac_candidate_count");
-        expect_null_handle(kfac_candidate_directions_f32(NULL, 0, fp, fp, 2, &gamma),
-                           KFAC_ERROR_NULL_POINTER, "kfac_candidate_directions_f32");
-        expect_null_handle(kfac_candidate_directions_f64(NULL, 0, dp, dp, 2, &gamma),
-                           KFAC_ERROR_NULL_POINTER, "kfac_candidate_directions_f64");
-        expect_null_handle(kfac_solve_step_size_candidates_f32(NULL, f, fq, 1, f, 2, 2,
+        expect_null_handle(kfac_candidates_get_count(NULL, &count), KFAC_ERROR_NULL_POINTER,
+                           "kfac_candidates_get_count");
+        expect_null_handle(kfac_candidates_get_directions_f32(NULL, 0, fp, fp, 2, &gamma),
+                           KFAC_ERROR_NULL_POINTER, "kfac_candidates_get_directions_f32");
+        expect_null_handle(kfac_candidates_get_directions_f64(NULL, 0, dp, dp, 2, &gamma),
+                           KFAC_ERROR_NULL_POINTER, "kfac_candidates_get_directions_f64");
+        expect_null_handle(kfac_candidates_solve_step_size_f32(NULL, f, fq, 1, f, 2, 2,
                                                                KFAC_DIST_CATEGORICAL, &chosen,
                                                                &alpha, &mu, &m),
-                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_candidates_f32");
-        expect_null_handle(kfac_solve_step_size_candidates_f64(NULL, d, dq, 2, NULL, 2, 2,
+                           KFAC_ERROR_NULL_POINTER, "kfac_candidates_solve_step_size_f32");
+        expect_null_handle(kfac_candidates_solve_step_size_f64(NULL, d, dq, 2, NULL, 2, 2,
                                                                KFAC_DIST_GAUSSIAN, &chosen, &alpha,
                                                                &mu, &m),
-                           KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size_candidates_f64");
-        expect_null_handle(kfac_get_update_f32(NULL, fp, fp, 2), KFAC_ERROR_NULL_POINTER,
-                           "kfac_get_update_f32");
-        expect_null_handle(kfac_get_update_f64(NULL, dp, dp, 2), KFAC_ERROR_NULL_POINTER,
-                           "kfac_get_update_f64");
+                           KFAC_ERROR_NULL_POINTER, "kfac_candidates_solve_step_size_f64");
+        expect_null_handle(kfac_adaptive_get_update_f32(NULL, fp, fp, 2), KFAC_ERROR_NULL_POINTER,
+                           "kfac_adaptive_get_update_f32");
+        expect_null_handle(kfac_adaptive_get_update_f64(NULL, dp, dp, 2), KFAC_ERROR_NULL_POINTER,
+                           "kfac_adaptive_get_update_f64");
         int untouched = count == -777 && chosen == -777 && gamma == -777 && alpha == -777 &&
                         mu == -777 && m == -777;
         for (int i = 0; i < 16; i++) untouched = untouched && f[i] == 0 && d[i] == 0;
         check(untouched, "NULL handle: the candidate calls leave *count, *factor_damping, *chosen, "
                          "*alpha, *mu, *predicted_change and the direction/update buffers");
     }
-    expect_null_handle(kfac_state_size(NULL, &sz), KFAC_ERROR_NULL_POINTER, "kfac_state_size");
-    expect_null_handle(kfac_save_state(NULL, img, sizeof img, &sz), KFAC_ERROR_NULL_POINTER,
-                       "kfac_save_state");
-    expect_null_handle(kfac_load_state(NULL, img, sizeof img), KFAC_ERROR_NULL_POINTER,
-                       "kfac_load_state");
-    expect_null_handle(kfac_save_state_file(NULL, "/tmp/kfac-never-written"),
-                       KFAC_ERROR_NULL_POINTER, "kfac_save_state_file");
-    expect_null_handle(kfac_load_state_file(NULL, "/tmp/kfac-never-written"),
-                       KFAC_ERROR_NULL_POINTER, "kfac_load_state_file");
+    expect_null_handle(kfac_state_get_size(NULL, &sz), KFAC_ERROR_NULL_POINTER, "kfac_state_get_size");
+    expect_null_handle(kfac_state_save(NULL, img, sizeof img, &sz), KFAC_ERROR_NULL_POINTER,
+                       "kfac_state_save");
+    expect_null_handle(kfac_state_load(NULL, img, sizeof img), KFAC_ERROR_NULL_POINTER,
+                       "kfac_state_load");
+    expect_null_handle(kfac_state_save_file(NULL, "/tmp/kfac-never-written"),
+                       KFAC_ERROR_NULL_POINTER, "kfac_state_save_file");
+    expect_null_handle(kfac_state_load_file(NULL, "/tmp/kfac-never-written"),
+                       KFAC_ERROR_NULL_POINTER, "kfac_state_load_file");
     check(access("/tmp/kfac-never-written", F_OK) != 0,
-          "NULL handle: kfac_save_state_file created no file");
+          "NULL handle: kfac_state_save_file created no file");
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -971,7 +1044,7 @@ static void errors_before_statistics(twins_t *tp) {
 
     section(dt == KFAC_FLOAT32 ? "float32 handle: before any statistics"
                                : "float64 handle: before any statistics");
-    /* kfac_add_dense: each failure must leave the layer list and *layer_id alone. */
+    /* kfac_layer_add_dense: each failure must leave the layer list and *layer_id alone. */
     struct {
         int64_t in, out;
         int bias, want;
@@ -995,16 +1068,16 @@ static void errors_before_statistics(twins_t *tp) {
     for (size_t i = 0; i < sizeof adds / sizeof adds[0]; i++) {
         int32_t id = -77;
         dense_args_t args = {adds[i].in, adds[i].out, adds[i].bias, 0, 0, 0};
-        snprintf(what, sizeof what, "[%s] kfac_add_dense(%s)", dtype_tag(dt), adds[i].what);
+        snprintf(what, sizeof what, "[%s] kfac_layer_add_dense(%s)", dtype_tag(dt), adds[i].what);
         if (!survives_in_child(B, call_add_dense, &args, what)) continue;
-        int st = bad_call(B, kfac_add_dense(B, adds[i].in, adds[i].out, adds[i].bias, &id));
-        snprintf(what, sizeof what, "kfac_add_dense(%s)", adds[i].what);
-        after_bad(&t, st, adds[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
+        int st = bad_call(B, add_dense(B, adds[i].in, adds[i].out, adds[i].bias, &id));
+        snprintf(what, sizeof what, "kfac_layer_add_dense(%s)", adds[i].what);
+        after_bad(&t, st, adds[i].want, what, 0, id == -77 && layer_count(B) == 2);
     }
-    BAD_NO_ROUND(kfac_add_dense(B, 3, 3, 1, NULL), KFAC_ERROR_NULL_POINTER,
-                 "kfac_add_dense(layer_id = NULL)");
+    BAD_NO_ROUND(add_dense(B, 3, 3, 1, NULL), KFAC_ERROR_NULL_POINTER,
+                 "kfac_layer_add_dense(layer_id = NULL)");
 
-    /* kfac_add_dense_grouped: the errors of kfac_add_dense, and negative group sizes. */
+    /* kfac_layer_add_dense: the errors of kfac_layer_add_dense, and negative group sizes. */
     struct {
         int64_t in, out;
         int bias;
@@ -1035,17 +1108,17 @@ static void errors_before_statistics(twins_t *tp) {
         int32_t id = -77;
         dense_args_t args = {gadds[i].in, gadds[i].out, gadds[i].bias, gadds[i].input_group,
                              gadds[i].output_group, 1};
-        snprintf(what, sizeof what, "[%s] kfac_add_dense_grouped(%s)", dtype_tag(dt), gadds[i].what);
+        snprintf(what, sizeof what, "[%s] kfac_layer_add_dense(%s)", dtype_tag(dt), gadds[i].what);
         if (!survives_in_child(B, call_add_dense, &args, what)) continue;
-        int st = bad_call(B, kfac_add_dense_grouped(B, gadds[i].in, gadds[i].out, gadds[i].bias,
+        int st = bad_call(B, add_dense_grouped(B, gadds[i].in, gadds[i].out, gadds[i].bias,
                                                     gadds[i].input_group, gadds[i].output_group, &id));
-        snprintf(what, sizeof what, "kfac_add_dense_grouped(%s)", gadds[i].what);
-        after_bad(&t, st, gadds[i].want, what, 0, id == -77 && kfac_layer_count(B) == 2);
+        snprintf(what, sizeof what, "kfac_layer_add_dense(%s)", gadds[i].what);
+        after_bad(&t, st, gadds[i].want, what, 0, id == -77 && layer_count(B) == 2);
     }
-    BAD_NO_ROUND(kfac_add_dense_grouped(B, 3, 3, 1, 1, 1, NULL), KFAC_ERROR_NULL_POINTER,
-                 "kfac_add_dense_grouped(layer_id = NULL)");
+    BAD_NO_ROUND(add_dense_grouped(B, 3, 3, 1, 1, 1, NULL), KFAC_ERROR_NULL_POINTER,
+                 "kfac_layer_add_dense(layer_id = NULL)");
 
-    /* kfac_add_conv2d */
+    /* kfac_layer_add_conv2d */
     errors_add_conv2d(&t);
 
     /* kfac_get_group_factors before any statistics: NO_STATISTICS, buffers untouched. */
@@ -1085,7 +1158,7 @@ static void errors_before_statistics(twins_t *tp) {
     grads_t g = grads_new(dt, &t.model, &t.rng), g_copy = grads_clone(&g);
     int st = bad_call(B, step(B, &g));
     after_bad(&t, st, KFAC_ERROR_NO_STATISTICS, "kfac_step before any statistics", 0,
-              grads_same(&g, &g_copy) && kfac_step_count(B) == 0);
+              grads_same(&g, &g_copy) && step_count(B) == 0);
     st = bad_call(B, precondition(B, 0, &g.w[0], &g.b[0]));
     after_bad(&t, st, KFAC_ERROR_NO_STATISTICS, "kfac_precondition before any statistics", 0,
               grads_same(&g, &g_copy));
@@ -1094,14 +1167,19 @@ static void errors_before_statistics(twins_t *tp) {
     st = bad_call(B, get_factors(B, 0, &a, &gg));
     after_bad(&t, st, KFAC_ERROR_NO_STATISTICS, "kfac_get_factors before any statistics", 0,
               buf_same(&a, &a0) && buf_same(&gg, &gg0));
-    BAD_NO_ROUND(kfac_update_inverses(B), KFAC_ERROR_NO_STATISTICS,
-                 "kfac_update_inverses before any statistics");
-    check(kfac_update_factors(B) == KFAC_OK && kfac_update_factors(t.h[0]) == KFAC_OK &&
+    BAD_NO_ROUND(kfac_optimizer_update_inverses(B), KFAC_ERROR_NO_STATISTICS,
+                 "kfac_optimizer_update_inverses before any statistics");
+    check(kfac_optimizer_update_factors(B) == KFAC_OK && kfac_optimizer_update_factors(t.h[0]) == KFAC_OK &&
               same_state(t.h[0], t.h[1]),
-          "[%s] kfac_update_factors with nothing recorded succeeds and changes nothing",
+          "[%s] kfac_optimizer_update_factors with nothing recorded succeeds and changes nothing",
           dtype_tag(dt));
-    check(isnan(kfac_last_kl_scale(B)), "[%s] kfac_last_kl_scale is NaN before the first step",
-          dtype_tag(dt));
+    {
+        double nu = -777;
+        const int st_nu = kfac_optimizer_get_kl_scale(B, &nu);
+        check(st_nu == KFAC_ERROR_NO_STEP && nu == -777,
+              "[%s] kfac_optimizer_get_kl_scale -> NO_STEP before the first step, *scale untouched "
+              "(got %s)", dtype_tag(dt), status_name(st_nu));
+    }
 
     buf_free(&a);
     buf_free(&gg);
@@ -1122,8 +1200,8 @@ static void errors_record(twins_t *tp) {
 
     /* add_dense after statistics were recorded (the twins have had rounds by now). */
     int32_t id = -77;
-    int st = bad_call(B, kfac_add_dense(B, 3, 3, 1, &id));
-    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_add_dense after recording", 1, id == -77);
+    int st = bad_call(B, add_dense(B, 3, 3, 1, &id));
+    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_layer_add_dense after recording", 1, id == -77);
 
     for (int side = 0; side < 2; side++) {
         const char *fn = side == 0 ? "kfac_record_inputs" : "kfac_record_output_grads";
@@ -1135,12 +1213,12 @@ static void errors_record(twins_t *tp) {
 
         snprintf(what, sizeof what, "%s(buffer = NULL)", fn);
         if (dt == KFAC_FLOAT32)
-            BAD(side == 0 ? kfac_record_inputs_f32(B, 0, NULL, 2)
-                          : kfac_record_output_grads_f32(B, 0, NULL, 2),
+            BAD(side == 0 ? kfac_layer_record_inputs_f32(B, 0, NULL, 2)
+                          : kfac_layer_record_output_grads_f32(B, 0, NULL, 2),
                 KFAC_ERROR_NULL_POINTER, what);
         else
-            BAD(side == 0 ? kfac_record_inputs_f64(B, 0, NULL, 2)
-                          : kfac_record_output_grads_f64(B, 0, NULL, 2),
+            BAD(side == 0 ? kfac_layer_record_inputs_f64(B, 0, NULL, 2)
+                          : kfac_layer_record_output_grads_f64(B, 0, NULL, 2),
                 KFAC_ERROR_NULL_POINTER, what);
 
         const int32_t bad_layers[] = {-1, 2, INT32_MAX, INT32_MIN};
@@ -1202,8 +1280,8 @@ static void errors_record(twins_t *tp) {
             after_bad(&t, st, KFAC_ERROR_NON_FINITE, what, 0, unchanged);
 
             /* Fold whatever is pending on both twins and compare the factors bitwise. */
-            const int folded = twins_record(&t) && kfac_update_factors(t.h[0]) == KFAC_OK &&
-                               kfac_update_factors(B) == KFAC_OK &&
+            const int folded = twins_record(&t) && kfac_optimizer_update_factors(t.h[0]) == KFAC_OK &&
+                               kfac_optimizer_update_factors(B) == KFAC_OK &&
                                get_factors(t.h[0], l, &a_twin, &g_twin) == KFAC_OK &&
                                get_factors(B, l, &a_after, &g_after) == KFAC_OK &&
                                buf_same(&a_twin, &a_after) && buf_same(&g_twin, &g_after);
@@ -1242,12 +1320,12 @@ static void errors_step(twins_t *tp) {
         snprintf(what, sizeof what, "kfac_get_factors(layer %d)", (int)bad_layers[i]);
         BAD(get_factors(B, bad_layers[i], &a, &g), KFAC_ERROR_UNKNOWN_LAYER, what);
     }
-    snprintf(what, sizeof what, "kfac_get_factors_%s on a %s handle", dtype_tag(od), dtype_tag(dt));
+    snprintf(what, sizeof what, "kfac_layer_get_factors_%s on a %s handle", dtype_tag(od), dtype_tag(dt));
     buf_t ao0 = buf_clone(&ao), go0 = buf_clone(&go);
     int st = bad_call(B, get_factors(B, 0, &ao, &go));
     after_bad(&t, st, KFAC_ERROR_DTYPE_MISMATCH, what, 1, buf_same(&ao, &ao0) && buf_same(&go, &go0));
-    check((dt == KFAC_FLOAT32 ? kfac_get_factors_f32(B, 0, NULL, NULL)
-                              : kfac_get_factors_f64(B, 0, NULL, NULL)) == KFAC_OK,
+    check((dt == KFAC_FLOAT32 ? kfac_layer_get_factors_f32(B, 0, 0, NULL, NULL)
+                              : kfac_layer_get_factors_f64(B, 0, 0, NULL, NULL)) == KFAC_OK,
           "[%s] kfac_get_factors(layer 0, NULL, NULL) succeeds (both outputs skipped)",
           dtype_tag(dt));
 
@@ -1270,7 +1348,7 @@ static void errors_step(twins_t *tp) {
             st = bad_call(B, get_group_factors(B, bad_layers[i], 0, &a, &g));
             after_bad(&t, st, KFAC_ERROR_UNKNOWN_LAYER, what, 0, buf_same(&a, &a0) && buf_same(&g, &g0));
         }
-        snprintf(what, sizeof what, "kfac_get_group_factors_%s on a %s handle", dtype_tag(od),
+        snprintf(what, sizeof what, "kfac_layer_get_factors_%s on a %s handle", dtype_tag(od),
                  dtype_tag(dt));
         st = bad_call(B, get_group_factors(B, 0, 0, &ao, &go));
         after_bad(&t, st, KFAC_ERROR_DTYPE_MISMATCH, what, 1, buf_same(&ao, &ao0) && buf_same(&go, &go0));
@@ -1278,8 +1356,8 @@ static void errors_step(twins_t *tp) {
         const int same = get_factors(B, 0, &a1, &g1) == KFAC_OK &&
                          get_group_factors(B, 0, 0, &a2, &g2) == KFAC_OK && buf_same(&a1, &a2) &&
                          buf_same(&g1, &g2) &&
-                         (dt == KFAC_FLOAT32 ? kfac_get_group_factors_f32(B, 1, 0, NULL, NULL)
-                                             : kfac_get_group_factors_f64(B, 1, 0, NULL, NULL)) == KFAC_OK;
+                         (dt == KFAC_FLOAT32 ? kfac_layer_get_factors_f32(B, 1, 0, NULL, NULL)
+                                             : kfac_layer_get_factors_f64(B, 1, 0, NULL, NULL)) == KFAC_OK;
         check(same, "[%s] kfac_get_group_factors(group 0) of a dense layer equals kfac_get_factors; "
                     "NULL outputs are skipped", dtype_tag(dt));
         buf_free(&a0);
@@ -1337,24 +1415,24 @@ static void errors_step(twins_t *tp) {
         case 14: buf_set(&gr.b[0], gr.b[0].n - 1, -INFINITY); break;
         }
         grads_t gr0 = grads_clone(&gr); /* after poisoning: must come back untouched */
-        const int64_t k = kfac_step_count(B);
+        const int64_t k = step_count(B);
         if (gr.w[0].dtype == KFAC_FLOAT32) {
             float *wf[3], *bf[3];
             for (int i = 0; i < 3; i++) {
                 wf[i] = (float *)w[i];
                 bf[i] = (float *)b[i];
             }
-            st = bad_call(B, kfac_step_f32(B, wp ? wf : NULL, bp ? bf : NULL, n));
+            st = bad_call(B, kfac_optimizer_step_f32(B, wp ? wf : NULL, bp ? bf : NULL, n));
         } else {
             double *wd[3], *bd[3];
             for (int i = 0; i < 3; i++) {
                 wd[i] = (double *)w[i];
                 bd[i] = (double *)b[i];
             }
-            st = bad_call(B, kfac_step_f64(B, wp ? wd : NULL, bp ? bd : NULL, n));
+            st = bad_call(B, kfac_optimizer_step_f64(B, wp ? wd : NULL, bp ? bd : NULL, n));
         }
         after_bad(&t, st, cases[c].want, cases[c].what, 1,
-                  grads_same(&gr, &gr0) && kfac_step_count(B) == k + (st == KFAC_OK));
+                  grads_same(&gr, &gr0) && step_count(B) == k + (st == KFAC_OK));
         grads_free(&gr);
         grads_free(&gr0);
     }
@@ -1373,7 +1451,7 @@ static void errors_step(twins_t *tp) {
         {1, 2, KFAC_ERROR_INVALID_ARGUMENT, "kfac_precondition(bias_grad given, layer has none)"},
         {0, 3, KFAC_ERROR_NON_FINITE, "kfac_precondition(NaN in the weight gradient)"},
         {0, 4, KFAC_ERROR_NON_FINITE, "kfac_precondition(Inf in the bias gradient)"},
-        {0, 5, KFAC_ERROR_DTYPE_MISMATCH, "kfac_precondition_<other dtype>"},
+        {0, 5, KFAC_ERROR_DTYPE_MISMATCH, "kfac_layer_precondition_<other dtype>"},
         {-1, 6, KFAC_ERROR_UNKNOWN_LAYER, "kfac_precondition(layer -1)"},
         {2, 6, KFAC_ERROR_UNKNOWN_LAYER, "kfac_precondition(layer 2)"},
         {INT32_MAX, 6, KFAC_ERROR_UNKNOWN_LAYER, "kfac_precondition(layer INT32_MAX)"},
@@ -1385,8 +1463,8 @@ static void errors_step(twins_t *tp) {
         buf_t *w = &gr.w[l], *b = gr.b[l].p ? &gr.b[l] : NULL;
         switch (pc[i].which) {
         case 0:
-            st = dt == KFAC_FLOAT32 ? kfac_precondition_f32(B, 0, NULL, (float *)b->p)
-                                    : kfac_precondition_f64(B, 0, NULL, (double *)b->p);
+            st = dt == KFAC_FLOAT32 ? kfac_layer_precondition_f32(B, 0, NULL, (float *)b->p)
+                                    : kfac_layer_precondition_f64(B, 0, NULL, (double *)b->p);
             break;
         case 1: st = precondition(B, 0, w, NULL); break;
         case 2: st = precondition(B, 1, w, &gr.w[0]); break; /* a buffer with >= 3 values */
@@ -1440,17 +1518,20 @@ static void errors_params(twins_t *tp) {
     int64_t iv = -123;
     section(dt == KFAC_FLOAT32 ? "float32 handle: parameters" : "float64 handle: parameters");
 
-    /* 9 and 108: the first undefined ids after the double and the int parameters. */
-    const int unknown[] = {0, 9, 99, 108, -1, 1000, INT32_MIN};
+    /* 12 and 205: the first undefined ids after the core and the adaptive band; 100, 300, 400,
+     * 500, 600: reserved bands without parameters yet; 1000: the experimental band. 9 and 108 were
+     * the 0.1 table's first undefined ids (9 is now KFAC_PARAM_PI_DAMPING: not here). */
+    const int unknown[] = {0, 12, 99, 100, 108, 199, 205, 299, 300, 400, 500, 600, -1, 1000,
+                           INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
-        snprintf(what, sizeof what, "kfac_set_param_double(param %d)", unknown[i]);
-        BAD_NO_ROUND(kfac_set_param_double(B, unknown[i], 0.5), KFAC_ERROR_UNKNOWN_PARAMETER, what);
-        snprintf(what, sizeof what, "kfac_set_param_int(param %d)", unknown[i]);
-        BAD_NO_ROUND(kfac_set_param_int(B, unknown[i], 1), KFAC_ERROR_UNKNOWN_PARAMETER, what);
-        snprintf(what, sizeof what, "kfac_get_param_double(param %d)", unknown[i]);
-        BAD_NO_ROUND(kfac_get_param_double(B, unknown[i], &dv), KFAC_ERROR_UNKNOWN_PARAMETER, what);
-        snprintf(what, sizeof what, "kfac_get_param_int(param %d)", unknown[i]);
-        BAD_NO_ROUND(kfac_get_param_int(B, unknown[i], &iv), KFAC_ERROR_UNKNOWN_PARAMETER, what);
+        snprintf(what, sizeof what, "kfac_param_set_double(param %d)", unknown[i]);
+        BAD_NO_ROUND(kfac_param_set_double(B, unknown[i], 0.5), KFAC_ERROR_UNKNOWN_PARAMETER, what);
+        snprintf(what, sizeof what, "kfac_param_set_int(param %d)", unknown[i]);
+        BAD_NO_ROUND(kfac_param_set_int(B, unknown[i], 1), KFAC_ERROR_UNKNOWN_PARAMETER, what);
+        snprintf(what, sizeof what, "kfac_param_get_double(param %d)", unknown[i]);
+        BAD_NO_ROUND(kfac_param_get_double(B, unknown[i], &dv), KFAC_ERROR_UNKNOWN_PARAMETER, what);
+        snprintf(what, sizeof what, "kfac_param_get_int(param %d)", unknown[i]);
+        BAD_NO_ROUND(kfac_param_get_int(B, unknown[i], &iv), KFAC_ERROR_UNKNOWN_PARAMETER, what);
     }
     check(dv == -123.0 && iv == -123, "[%s] failed getters left *value untouched", dtype_tag(dt));
 
@@ -1462,20 +1543,20 @@ static void errors_params(twins_t *tp) {
                            KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS,
                            KFAC_PARAM_LM_INTERVAL, KFAC_PARAM_FACTOR_DAMPING_PERIOD};
     for (size_t i = 0; i < sizeof dparams / sizeof dparams[0]; i++) {
-        snprintf(what, sizeof what, "kfac_set_param_int(double param %d)", dparams[i]);
-        BAD_NO_ROUND(kfac_set_param_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);
-        snprintf(what, sizeof what, "kfac_get_param_int(double param %d)", dparams[i]);
-        BAD_NO_ROUND(kfac_get_param_int(B, dparams[i], &iv), KFAC_ERROR_PARAMETER_TYPE, what);
-        snprintf(what, sizeof what, "kfac_get_param_double(param %d, value = NULL)", dparams[i]);
-        BAD_NO_ROUND(kfac_get_param_double(B, dparams[i], NULL), KFAC_ERROR_NULL_POINTER, what);
+        snprintf(what, sizeof what, "kfac_param_set_int(double param %d)", dparams[i]);
+        BAD_NO_ROUND(kfac_param_set_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);
+        snprintf(what, sizeof what, "kfac_param_get_int(double param %d)", dparams[i]);
+        BAD_NO_ROUND(kfac_param_get_int(B, dparams[i], &iv), KFAC_ERROR_PARAMETER_TYPE, what);
+        snprintf(what, sizeof what, "kfac_param_get_double(param %d, value = NULL)", dparams[i]);
+        BAD_NO_ROUND(kfac_param_get_double(B, dparams[i], NULL), KFAC_ERROR_NULL_POINTER, what);
     }
     for (size_t i = 0; i < sizeof iparams / sizeof iparams[0]; i++) {
-        snprintf(what, sizeof what, "kfac_set_param_double(int param %d)", iparams[i]);
-        BAD_NO_ROUND(kfac_set_param_double(B, iparams[i], 1.0), KFAC_ERROR_PARAMETER_TYPE, what);
-        snprintf(what, sizeof what, "kfac_get_param_double(int param %d)", iparams[i]);
-        BAD_NO_ROUND(kfac_get_param_double(B, iparams[i], &dv), KFAC_ERROR_PARAMETER_TYPE, what);
-        snprintf(what, sizeof what, "kfac_get_param_int(param %d, value = NULL)", iparams[i]);
-        BAD_NO_ROUND(kfac_get_param_int(B, iparams[i], NULL), KFAC_ERROR_NULL_POINTER, what);
+        snprintf(what, sizeof what, "kfac_param_set_double(int param %d)", iparams[i]);
+        BAD_NO_ROUND(kfac_param_set_double(B, iparams[i], 1.0), KFAC_ERROR_PARAMETER_TYPE, what);
+        snprintf(what, sizeof what, "kfac_param_get_double(int param %d)", iparams[i]);
+        BAD_NO_ROUND(kfac_param_get_double(B, iparams[i], &dv), KFAC_ERROR_PARAMETER_TYPE, what);
+        snprintf(what, sizeof what, "kfac_param_get_int(param %d, value = NULL)", iparams[i]);
+        BAD_NO_ROUND(kfac_param_get_int(B, iparams[i], NULL), KFAC_ERROR_NULL_POINTER, what);
     }
 
     const struct {
@@ -1526,8 +1607,8 @@ static void errors_params(twins_t *tp) {
         {KFAC_PARAM_FACTOR_DAMPING_DECAY, -INFINITY, "factor damping decay -Inf"},
     };
     for (size_t i = 0; i < sizeof dranges / sizeof dranges[0]; i++) {
-        snprintf(what, sizeof what, "kfac_set_param_double(%s)", dranges[i].what);
-        BAD_NO_ROUND(kfac_set_param_double(B, dranges[i].param, dranges[i].value),
+        snprintf(what, sizeof what, "kfac_param_set_double(%s)", dranges[i].what);
+        BAD_NO_ROUND(kfac_param_set_double(B, dranges[i].param, dranges[i].value),
                      KFAC_ERROR_PARAMETER_RANGE, what);
     }
     const struct {
@@ -1559,8 +1640,8 @@ static void errors_params(twins_t *tp) {
         {KFAC_PARAM_FACTOR_DAMPING_PERIOD, INT64_MAX, "factor damping period INT64_MAX"},
     };
     for (size_t i = 0; i < sizeof iranges / sizeof iranges[0]; i++) {
-        snprintf(what, sizeof what, "kfac_set_param_int(%s)", iranges[i].what);
-        BAD_NO_ROUND(kfac_set_param_int(B, iranges[i].param, iranges[i].value),
+        snprintf(what, sizeof what, "kfac_param_set_int(%s)", iranges[i].what);
+        BAD_NO_ROUND(kfac_param_set_int(B, iranges[i].param, iranges[i].value),
                      KFAC_ERROR_PARAMETER_RANGE, what);
     }
     /* One round at the end shows the twins still behave identically. */
@@ -1600,22 +1681,22 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
                                : "float64 handle: state images and files");
 
     size_t size = 0, written = 0;
-    BAD_NO_ROUND(kfac_state_size(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_state_size(size = NULL)");
+    BAD_NO_ROUND(kfac_state_get_size(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_state_get_size(size = NULL)");
     unsigned char *img = save_image(B, &size);
     if (!img) return;
     check(size > 16, "[%s] state image of %zu bytes", dtype_tag(dt), size);
     check(memcmp(img, "KFACSTAT", 8) == 0, "[%s] image starts with the magic \"KFACSTAT\"",
           dtype_tag(dt));
 
-    /* kfac_save_state */
+    /* kfac_state_save */
     unsigned char *out = malloc(size + 16);
     memset(out, 0xA5, size + 16);
     unsigned char *pattern = malloc(size + 16);
     memset(pattern, 0xA5, size + 16);
-    BAD(kfac_save_state(B, NULL, size, &written), KFAC_ERROR_NULL_POINTER,
-        "kfac_save_state(buffer = NULL)");
-    BAD(kfac_save_state(B, out, size, NULL), KFAC_ERROR_NULL_POINTER,
-        "kfac_save_state(written = NULL)");
+    BAD(kfac_state_save(B, NULL, size, &written), KFAC_ERROR_NULL_POINTER,
+        "kfac_state_save(buffer = NULL)");
+    BAD(kfac_state_save(B, out, size, NULL), KFAC_ERROR_NULL_POINTER,
+        "kfac_state_save(written = NULL)");
     free(img);
     img = save_image(B, &size); /* the rounds changed the state */
     if (!img) return;
@@ -1623,20 +1704,20 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
     pattern = realloc(pattern, size + 16);
     memset(out, 0xA5, size + 16);
     memset(pattern, 0xA5, size + 16);
-    int st = bad_call(B, kfac_save_state(B, out, size - 1, &written));
-    after_bad(&t, st, KFAC_ERROR_BUFFER_TOO_SMALL, "kfac_save_state(capacity = size - 1)", 0,
+    int st = bad_call(B, kfac_state_save(B, out, size - 1, &written));
+    after_bad(&t, st, KFAC_ERROR_BUFFER_TOO_SMALL, "kfac_state_save(capacity = size - 1)", 0,
               memcmp(out, pattern, size + 16) == 0);
-    st = bad_call(B, kfac_save_state(B, out, 0, &written));
-    after_bad(&t, st, KFAC_ERROR_BUFFER_TOO_SMALL, "kfac_save_state(capacity = 0)", 0,
+    st = bad_call(B, kfac_state_save(B, out, 0, &written));
+    after_bad(&t, st, KFAC_ERROR_BUFFER_TOO_SMALL, "kfac_state_save(capacity = 0)", 0,
               memcmp(out, pattern, size + 16) == 0);
-    st = kfac_save_state(B, out, size + 16, &written);
+    st = kfac_state_save(B, out, size + 16, &written);
     check(st == KFAC_OK && written == size && memcmp(out, img, size) == 0 &&
               memcmp(out + size, pattern, 16) == 0,
-          "[%s] kfac_save_state with a larger buffer writes exactly the image (%zu bytes)",
+          "[%s] kfac_state_save with a larger buffer writes exactly the image (%zu bytes)",
           dtype_tag(dt), written);
 
-    /* kfac_load_state: damaged images. */
-    BAD(kfac_load_state(B, NULL, size), KFAC_ERROR_NULL_POINTER, "kfac_load_state(buffer = NULL)");
+    /* kfac_state_load: damaged images. */
+    BAD(kfac_state_load(B, NULL, size), KFAC_ERROR_NULL_POINTER, "kfac_state_load(buffer = NULL)");
     unsigned char *bad = malloc(size + 1);
     const struct {
         size_t len;
@@ -1657,8 +1738,8 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
         memcpy(bad, img, size);
         bad[size] = 0;
         if (damaged[i].flip >= 0) bad[damaged[i].flip] ^= 0x5A;
-        snprintf(what, sizeof what, "kfac_load_state(%s)", damaged[i].what);
-        BAD(kfac_load_state(B, bad, damaged[i].len), KFAC_ERROR_CORRUPT_STATE, what);
+        snprintf(what, sizeof what, "kfac_state_load(%s)", damaged[i].what);
+        BAD(kfac_state_load(B, bad, damaged[i].len), KFAC_ERROR_CORRUPT_STATE, what);
     }
 
     /* Images of other handles: different layers, different precision. */
@@ -1675,8 +1756,8 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
         kfac_optimizer *o = make_handle(dt, &others[i]);
         size_t osize;
         unsigned char *oimg = save_image(o, &osize);
-        snprintf(what, sizeof what, "kfac_load_state(image of a handle with %s)", other_names[i]);
-        if (oimg) BAD(kfac_load_state(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
+        snprintf(what, sizeof what, "kfac_state_load(image of a handle with %s)", other_names[i]);
+        if (oimg) BAD(kfac_state_load(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
         free(oimg);
         kfac_optimizer_free(o);
     }
@@ -1684,71 +1765,71 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
         kfac_optimizer *o = make_handle(other_dtype(dt), &t.model);
         size_t osize;
         unsigned char *oimg = save_image(o, &osize);
-        snprintf(what, sizeof what, "kfac_load_state(image of a %s handle, same layers)",
+        snprintf(what, sizeof what, "kfac_state_load(image of a %s handle, same layers)",
                  dtype_tag(other_dtype(dt)));
-        if (oimg) BAD(kfac_load_state(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
+        if (oimg) BAD(kfac_state_load(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
         free(oimg);
         kfac_optimizer_free(o);
     }
 
     /* Files. */
-    BAD(kfac_save_state_file(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_save_state_file(path = NULL)");
-    BAD(kfac_load_state_file(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_load_state_file(path = NULL)");
-    BAD(kfac_save_state_file(B, "/nonexistent-kfac-dir/sub/state.bin"), KFAC_ERROR_IO,
-        "kfac_save_state_file(path in a missing directory)");
-    BAD(kfac_save_state_file(B, "/proc/kfac-state.bin"), KFAC_ERROR_IO,
-        "kfac_save_state_file(path in /proc, unwritable even for root)");
+    BAD(kfac_state_save_file(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_state_save_file(path = NULL)");
+    BAD(kfac_state_load_file(B, NULL), KFAC_ERROR_NULL_POINTER, "kfac_state_load_file(path = NULL)");
+    BAD(kfac_state_save_file(B, "/nonexistent-kfac-dir/sub/state.bin"), KFAC_ERROR_IO,
+        "kfac_state_save_file(path in a missing directory)");
+    BAD(kfac_state_save_file(B, "/proc/kfac-state.bin"), KFAC_ERROR_IO,
+        "kfac_state_save_file(path in /proc, unwritable even for root)");
     snprintf(path, sizeof path, "%s/adir", tmpdir);
     mkdir(path, 0700);
-    st = bad_call(B, kfac_save_state_file(B, path));
+    st = bad_call(B, kfac_state_save_file(B, path));
     struct stat sb;
-    after_bad(&t, st, KFAC_ERROR_IO, "kfac_save_state_file(path is a directory); no temp file left",
+    after_bad(&t, st, KFAC_ERROR_IO, "kfac_state_save_file(path is a directory); no temp file left",
               1, stat(path, &sb) == 0 && S_ISDIR(sb.st_mode) && count_entries(tmpdir) == 1);
     rmdir(path);
 
     snprintf(path, sizeof path, "%s/missing.bin", tmpdir);
-    BAD(kfac_load_state_file(B, path), KFAC_ERROR_IO, "kfac_load_state_file(missing file)");
-    BAD(kfac_load_state_file(B, tmpdir), KFAC_ERROR_IO, "kfac_load_state_file(a directory)");
+    BAD(kfac_state_load_file(B, path), KFAC_ERROR_IO, "kfac_state_load_file(missing file)");
+    BAD(kfac_state_load_file(B, tmpdir), KFAC_ERROR_IO, "kfac_state_load_file(a directory)");
     snprintf(path, sizeof path, "%s/empty.bin", tmpdir);
     write_file(path, "", 0);
-    BAD(kfac_load_state_file(B, path), KFAC_ERROR_CORRUPT_STATE, "kfac_load_state_file(empty file)");
+    BAD(kfac_state_load_file(B, path), KFAC_ERROR_CORRUPT_STATE, "kfac_state_load_file(empty file)");
     unlink(path);
     free(img);
     img = save_image(B, &size);
     if (!img) return;
     snprintf(path, sizeof path, "%s/truncated.bin", tmpdir);
     write_file(path, img, size - 3);
-    BAD(kfac_load_state_file(B, path), KFAC_ERROR_CORRUPT_STATE,
-        "kfac_load_state_file(truncated image)");
+    BAD(kfac_state_load_file(B, path), KFAC_ERROR_CORRUPT_STATE,
+        "kfac_state_load_file(truncated image)");
     unlink(path);
     snprintf(path, sizeof path, "%s/garbage.bin", tmpdir);
     write_file(path, pattern, size);
-    BAD(kfac_load_state_file(B, path), KFAC_ERROR_CORRUPT_STATE,
-        "kfac_load_state_file(garbage of the right size)");
+    BAD(kfac_state_load_file(B, path), KFAC_ERROR_CORRUPT_STATE,
+        "kfac_state_load_file(garbage of the right size)");
     unlink(path);
 
     /* Valid round trips: save the good twin, restore into a fresh handle (and into the bad twin
      * itself), then all three must produce identical directions. */
     snprintf(path, sizeof path, "%s/state.bin", tmpdir);
-    st = kfac_save_state_file(t.h[0], path);
+    st = kfac_state_save_file(t.h[0], path);
     check(st == KFAC_OK && count_entries(tmpdir) == 1,
-          "[%s] kfac_save_state_file to a new path succeeds, no temp file left", dtype_tag(dt));
-    st = kfac_save_state_file(t.h[0], path);
+          "[%s] kfac_state_save_file to a new path succeeds, no temp file left", dtype_tag(dt));
+    st = kfac_state_save_file(t.h[0], path);
     check(st == KFAC_OK && count_entries(tmpdir) == 1,
-          "[%s] kfac_save_state_file over an existing file succeeds", dtype_tag(dt));
+          "[%s] kfac_state_save_file over an existing file succeeds", dtype_tag(dt));
     kfac_optimizer *fresh = make_handle(dt, &t.model);
-    REQUIRE_OK(fresh, kfac_set_param_double(fresh, KFAC_PARAM_DAMPING, 0.5)); /* replaced by load */
-    st = kfac_load_state_file(fresh, path);
+    REQUIRE_OK(fresh, kfac_param_set_double(fresh, KFAC_PARAM_DAMPING, 0.5)); /* replaced by load */
+    st = kfac_state_load_file(fresh, path);
     check(st == KFAC_OK && same_state(t.h[0], fresh),
-          "[%s] kfac_load_state_file into a fresh handle reproduces the state image", dtype_tag(dt));
+          "[%s] kfac_state_load_file into a fresh handle reproduces the state image", dtype_tag(dt));
     double damping = 0;
-    kfac_get_param_double(fresh, KFAC_PARAM_DAMPING, &damping);
+    kfac_param_get_double(fresh, KFAC_PARAM_DAMPING, &damping);
     check(damping == 1e-3, "[%s] loading replaced the fresh handle's parameters (damping %g)",
           dtype_tag(dt), damping);
     free(img);
     img = save_image(t.h[0], &size);
-    check(img && kfac_load_state(B, img, size) == KFAC_OK && same_state(t.h[0], B),
-          "[%s] kfac_load_state of the twin's (identical) image", dtype_tag(dt));
+    check(img && kfac_state_load(B, img, size) == KFAC_OK && same_state(t.h[0], B),
+          "[%s] kfac_state_load of the twin's (identical) image", dtype_tag(dt));
     t.h[2] = fresh;
     t.n = 3;
     for (int r = 0; r < 12; r++) {
@@ -1772,14 +1853,14 @@ static void errors_state(twins_t *tp, const char *tmpdir) {
 /* 2c. The adaptive mode on twin handles                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
-/* kfac_solve_step_size_* chosen by `dtype` (the buffers' precision), with raw pointers so that
+/* kfac_adaptive_solve_step_size_* chosen by `dtype` (the buffers' precision), with raw pointers so that
  * NULL can be passed for any of them. */
 static int solve_raw(kfac_optimizer *h, int dtype, const void *z, const void *jd, const void *jp,
                      int64_t rows, int64_t dim, int dist, double *alpha, double *mu, double *m) {
     if (dtype == KFAC_FLOAT32)
-        return kfac_solve_step_size_f32(h, (const float *)z, (const float *)jd, (const float *)jp,
+        return kfac_adaptive_solve_step_size_f32(h, (const float *)z, (const float *)jd, (const float *)jp,
                                         rows, dim, dist, alpha, mu, m);
-    return kfac_solve_step_size_f64(h, (const double *)z, (const double *)jd, (const double *)jp,
+    return kfac_adaptive_solve_step_size_f64(h, (const double *)z, (const double *)jd, (const double *)jp,
                                     rows, dim, dist, alpha, mu, m);
 }
 
@@ -1821,14 +1902,14 @@ static int twins_adaptive_agree(twins_t *t, char *why, size_t why_size) {
                            KFAC_DIST_CATEGORICAL, &res[i][0], &res[i][1], &res[i][2]);
         if (st != KFAC_OK) {
             snprintf(why, why_size, "solve on twin %d: %s: %s", i, status_name(st),
-                     kfac_last_error(t->h[i]));
+                     kfac_optimizer_last_error(t->h[i]));
             ok = 0;
             break;
         }
-        st = kfac_report_loss_change(t->h[i], 2.0, 2.0 + 0.5 * res[i][2], &res[i][3]);
+        st = kfac_adaptive_report_loss_change(t->h[i], 2.0, 2.0 + 0.5 * res[i][2], &res[i][3]);
         if (st != KFAC_OK) {
             snprintf(why, why_size, "report on twin %d: %s: %s", i, status_name(st),
-                     kfac_last_error(t->h[i]));
+                     kfac_optimizer_last_error(t->h[i]));
             ok = 0;
             break;
         }
@@ -1900,12 +1981,12 @@ static void errors_adaptive(twins_t *tp) {
         {17, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(NaN in a direction product)"},
         {18, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(-Inf in the last direction product)"},
         {19, KFAC_ERROR_NON_FINITE, "kfac_solve_step_size(NaN in a previous product, δ₀ exists)"},
-        {20, KFAC_ERROR_DTYPE_MISMATCH, "kfac_solve_step_size_<other dtype>"},
+        {20, KFAC_ERROR_DTYPE_MISMATCH, "kfac_adaptive_solve_step_size_<other dtype>"},
         {21, KFAC_ERROR_NO_STEP, "kfac_solve_step_size twice for one step"},
-        {22, KFAC_ERROR_NO_STEP, "kfac_report_loss_change twice for one solve"},
-        {23, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_before = NaN)"},
-        {24, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_after = NaN)"},
-        {25, KFAC_ERROR_NON_FINITE, "kfac_report_loss_change(loss_after = -Inf)"},
+        {22, KFAC_ERROR_NO_STEP, "kfac_adaptive_report_loss_change twice for one solve"},
+        {23, KFAC_ERROR_NON_FINITE, "kfac_adaptive_report_loss_change(loss_before = NaN)"},
+        {24, KFAC_ERROR_NON_FINITE, "kfac_adaptive_report_loss_change(loss_after = NaN)"},
+        {25, KFAC_ERROR_NON_FINITE, "kfac_adaptive_report_loss_change(loss_after = -Inf)"},
         {26, KFAC_ERROR_NULL_POINTER, "kfac_solve_step_size(alpha = mu = NULL)"},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -1970,8 +2051,8 @@ static void errors_adaptive(twins_t *tp) {
             extra_ok = alpha == -777 && mu == -777 && m == -777;
             /* Leave both twins as twins_adaptive_agree expects them: directions available. */
             after_bad(&t, st, cases[c].want, cases[c].what, 0, extra_ok);
-            const int reported = kfac_report_loss_change(t.h[0], 1.0, 0.5, NULL) == KFAC_OK &&
-                                 kfac_report_loss_change(B, 1.0, 0.5, NULL) == KFAC_OK;
+            const int reported = kfac_adaptive_report_loss_change(t.h[0], 1.0, 0.5, NULL) == KFAC_OK &&
+                                 kfac_adaptive_report_loss_change(B, 1.0, 0.5, NULL) == KFAC_OK;
             const int round = twins_round(&t, why, sizeof why);
             check(reported && round && twins_adaptive_agree(&t, why, sizeof why),
                   "[%s]   ... then report, round, solve and report agree on both twins%s%s",
@@ -1984,20 +2065,20 @@ static void errors_adaptive(twins_t *tp) {
             int ok = 1;
             for (int i = 0; i < t.n; i++) {
                 ok = ok && solve_raw(t.h[i], dt, z, jd, jp, rows, dim, dist, &a0, &m0, &p0) == KFAC_OK;
-                if (which == 22) ok = ok && kfac_report_loss_change(t.h[i], 1.0, 0.75, NULL) == KFAC_OK;
+                if (which == 22) ok = ok && kfac_adaptive_report_loss_change(t.h[i], 1.0, 0.75, NULL) == KFAC_OK;
             }
             check(ok, "[%s] solve%s on both twins before a bad report", dtype_tag(dt),
                   which == 22 ? " and report" : "");
             const double before = which == 23 ? NAN : 1.0;
             const double after = which == 24 ? NAN : which == 25 ? -INFINITY : 0.5;
-            st = bad_call(B, kfac_report_loss_change(B, before, after, &rho));
+            st = bad_call(B, kfac_adaptive_report_loss_change(B, before, after, &rho));
             extra_ok = rho == -777;
             after_bad(&t, st, cases[c].want, cases[c].what, 0, extra_ok);
             /* Case 22 left no prediction; cases 23-25 must have kept it: report it now. */
             if (which != 22) {
                 double r0 = 0, r1 = 1;
-                const int same = kfac_report_loss_change(t.h[0], 1.0, 0.5, &r0) == KFAC_OK &&
-                                 kfac_report_loss_change(B, 1.0, 0.5, &r1) == KFAC_OK && r0 == r1;
+                const int same = kfac_adaptive_report_loss_change(t.h[0], 1.0, 0.5, &r0) == KFAC_OK &&
+                                 kfac_adaptive_report_loss_change(B, 1.0, 0.5, &r1) == KFAC_OK && r0 == r1;
                 check(same, "[%s]   ... the prediction is still pending on the bad twin: reports "
                             "agree (ρ %.17g / %.17g)", dtype_tag(dt), r0, r1);
             }
@@ -2020,12 +2101,12 @@ static void errors_adaptive(twins_t *tp) {
         for (int i = 0; ok && i < t.n; i++)
             ok = solve_raw(t.h[i], dt, d.z.p, d.jd.p, d.jp.p, AD_ROWS, AD_DIM, KFAC_DIST_BERNOULLI,
                            &a[i], &m[i], NULL) == KFAC_OK &&
-                 kfac_report_loss_change(t.h[i], 1.0, 0.9, NULL) == KFAC_OK;
-        const double r0 = kfac_last_reduction_ratio(t.h[0]), r1 = kfac_last_reduction_ratio(B);
+                 kfac_adaptive_report_loss_change(t.h[i], 1.0, 0.9, NULL) == KFAC_OK;
+        const double r0 = reduction_ratio(t.h[0]), r1 = reduction_ratio(B);
         check(ok && a[0] == a[1] && m[0] == m[1] && r0 == r1 && isfinite(r0) &&
                   same_state(t.h[0], B),
               "[%s] solve with predicted_change = NULL and report with rho = NULL succeed; "
-              "kfac_last_reduction_ratio %.6g on both", dtype_tag(dt), r0);
+              "kfac_adaptive_get_reduction_ratio %.6g on both", dtype_tag(dt), r0);
         adaptive_data_free(&d);
     }
     *tp = t;
@@ -2033,7 +2114,7 @@ static void errors_adaptive(twins_t *tp) {
 
 static void test_errors(int dtype, const char *tmpdir) {
     twins_t t = twins_new(dtype, dtype == KFAC_FLOAT32 ? 101 : 202);
-    check(kfac_dtype_of(t.h[1]) == dtype && kfac_layer_count(t.h[1]) == 2,
+    check(dtype_of(t.h[1]) == dtype && layer_count(t.h[1]) == 2,
           "[%s] twin handles created with 2 layers", dtype_tag(dtype));
     errors_before_statistics(&t);
     char why[512] = "";
@@ -2057,11 +2138,11 @@ static void test_errors(int dtype, const char *tmpdir) {
  * even if a buggy library accepts it. */
 enum { MAX_CAND = 4 };
 
-/* The two entry points that write per-layer buffers like kfac_step_*. */
+/* The two entry points that write per-layer buffers like kfac_optimizer_step_*. */
 enum { FN_CANDIDATE = 0, FN_UPDATE = 1 };
 static const char *const FN_NAME[2] = {"kfac_candidate_directions", "kfac_get_update"};
 
-/* kfac_candidate_directions_* (FN_CANDIDATE) or kfac_get_update_* (FN_UPDATE) chosen by `dtype`
+/* kfac_candidates_get_directions_* (FN_CANDIDATE) or kfac_adaptive_get_update_* (FN_UPDATE) chosen by `dtype`
  * (the buffers' precision), with raw arrays of MAX_LAYERS pointers (w or b may be NULL). */
 static int layer_call(int fn, kfac_optimizer *h, int dtype, void *const *w, void *const *b,
                       int32_t n_layers, int32_t candidate, double *factor_damping) {
@@ -2072,9 +2153,9 @@ static int layer_call(int fn, kfac_optimizer *h, int dtype, void *const *w, void
             bf[l] = b ? (float *)b[l] : NULL;
         }
         if (fn == FN_CANDIDATE)
-            return kfac_candidate_directions_f32(h, candidate, w ? wf : NULL, b ? bf : NULL, n_layers,
+            return kfac_candidates_get_directions_f32(h, candidate, w ? wf : NULL, b ? bf : NULL, n_layers,
                                                  factor_damping);
-        return kfac_get_update_f32(h, w ? wf : NULL, b ? bf : NULL, n_layers);
+        return kfac_adaptive_get_update_f32(h, w ? wf : NULL, b ? bf : NULL, n_layers);
     }
     double *wd[MAX_LAYERS], *bd[MAX_LAYERS];
     for (int l = 0; l < MAX_LAYERS; l++) {
@@ -2082,9 +2163,9 @@ static int layer_call(int fn, kfac_optimizer *h, int dtype, void *const *w, void
         bd[l] = b ? (double *)b[l] : NULL;
     }
     if (fn == FN_CANDIDATE)
-        return kfac_candidate_directions_f64(h, candidate, w ? wd : NULL, b ? bd : NULL, n_layers,
+        return kfac_candidates_get_directions_f64(h, candidate, w ? wd : NULL, b ? bd : NULL, n_layers,
                                              factor_damping);
-    return kfac_get_update_f64(h, w ? wd : NULL, b ? bd : NULL, n_layers);
+    return kfac_adaptive_get_update_f64(h, w ? wd : NULL, b ? bd : NULL, n_layers);
 }
 
 /* The same with the arrays built from g (its precision and layer count). */
@@ -2098,7 +2179,7 @@ static int layer_call_grads(int fn, kfac_optimizer *h, grads_t *g, int32_t candi
     return layer_call(fn, h, g->w[0].dtype, w, b, g->n, candidate, factor_damping);
 }
 
-/* kfac_solve_step_size_candidates_* chosen by `dtype`, with raw pointers (jd: MAX_CAND entries
+/* kfac_candidates_solve_step_size_* chosen by `dtype`, with raw pointers (jd: MAX_CAND entries
  * or NULL). */
 static int solve_candidates_raw(kfac_optimizer *h, int dtype, const void *z, const void *const *jd,
                                 int32_t n, const void *jp, int64_t rows, int64_t dim, int dist,
@@ -2106,13 +2187,13 @@ static int solve_candidates_raw(kfac_optimizer *h, int dtype, const void *z, con
     if (dtype == KFAC_FLOAT32) {
         const float *p[MAX_CAND];
         for (int k = 0; k < MAX_CAND; k++) p[k] = jd ? (const float *)jd[k] : NULL;
-        return kfac_solve_step_size_candidates_f32(h, (const float *)z, jd ? p : NULL, n,
+        return kfac_candidates_solve_step_size_f32(h, (const float *)z, jd ? p : NULL, n,
                                                    (const float *)jp, rows, dim, dist, chosen, alpha,
                                                    mu, m);
     }
     const double *p[MAX_CAND];
     for (int k = 0; k < MAX_CAND; k++) p[k] = jd ? (const double *)jd[k] : NULL;
-    return kfac_solve_step_size_candidates_f64(h, (const double *)z, jd ? p : NULL, n,
+    return kfac_candidates_solve_step_size_f64(h, (const double *)z, jd ? p : NULL, n,
                                                (const double *)jp, rows, dim, dist, chosen, alpha,
                                                mu, m);
 }
@@ -2151,9 +2232,9 @@ static int solve_candidates(kfac_optimizer *h, const candidate_data_t *d, int32_
 }
 
 /* What a bad call on twin 1 must not have changed although the state images do not show it (they
- * hold neither the candidates nor the directions awaiting a solve): kfac_candidate_count, every
+ * hold neither the candidates nor the directions awaiting a solve): kfac_candidates_get_count, every
  * candidate's directions and γ; then, with identical data on every twin, the candidate solve
- * (chosen, α, μ, M(δ), the resulting KFAC_PARAM_FACTOR_DAMPING), kfac_get_update_* and a report.
+ * (chosen, α, μ, M(δ), the resulting KFAC_PARAM_FACTOR_DAMPING), kfac_adaptive_get_update_* and a report.
  * Statuses must agree and results be bitwise identical; when candidates await, the solve and the
  * update must succeed. Consumes the pending candidates. */
 static int twins_candidates_agree(twins_t *t, char *why, size_t why_size) {
@@ -2161,9 +2242,9 @@ static int twins_candidates_agree(twins_t *t, char *why, size_t why_size) {
     why[0] = '\0';
     for (int i = 0; i < t->n; i++) {
         n[i] = -1;
-        const int st = kfac_candidate_count(t->h[i], &n[i]);
+        const int st = kfac_candidates_get_count(t->h[i], &n[i]);
         if (st != KFAC_OK || n[i] != n[0]) {
-            snprintf(why, why_size, "kfac_candidate_count: twin 0 %d, twin %d %d (%s)", (int)n[0], i,
+            snprintf(why, why_size, "kfac_candidates_get_count: twin 0 %d, twin %d %d (%s)", (int)n[0], i,
                      (int)n[i], status_name(st));
             return 0;
         }
@@ -2179,7 +2260,7 @@ static int twins_candidates_agree(twins_t *t, char *why, size_t why_size) {
             const int st = layer_call_grads(FN_CANDIDATE, t->h[i], &d[i], k, &gamma[i]);
             if (ok && st != KFAC_OK) {
                 snprintf(why, why_size, "candidate %d on twin %d: %s: %s", k, i, status_name(st),
-                         kfac_last_error(t->h[i]));
+                         kfac_optimizer_last_error(t->h[i]));
                 ok = 0;
             } else if (ok && i > 0 && (!grads_same(&d[0], &d[i]) ||
                                        memcmp(&gamma[0], &gamma[i], sizeof(double)) != 0)) {
@@ -2204,14 +2285,14 @@ static int twins_candidates_agree(twins_t *t, char *why, size_t why_size) {
         st_solve[i] = n[0] > 0 ? solve_candidates(t->h[i], &cd, n[0], &chosen[i], &res[i][0],
                                                   &res[i][1], &res[i][2])
                                : KFAC_ERROR_NO_STEP;
-        kfac_get_param_double(t->h[i], KFAC_PARAM_FACTOR_DAMPING, &res[i][3]);
+        kfac_param_get_double(t->h[i], KFAC_PARAM_FACTOR_DAMPING, &res[i][3]);
         u[i] = grads_clone(&u0);
         st_update[i] = layer_call_grads(FN_UPDATE, t->h[i], &u[i], 0, NULL);
-        st_report[i] = kfac_report_loss_change(t->h[i], 1.0, 0.75, &res[i][4]);
+        st_report[i] = kfac_adaptive_report_loss_change(t->h[i], 1.0, 0.75, &res[i][4]);
     }
     if (n[0] > 0 && (st_solve[0] != KFAC_OK || st_update[0] != KFAC_OK)) {
         snprintf(why, why_size, "twin 0: candidate solve %s, kfac_get_update %s: %s",
-                 status_name(st_solve[0]), status_name(st_update[0]), kfac_last_error(t->h[0]));
+                 status_name(st_solve[0]), status_name(st_update[0]), kfac_optimizer_last_error(t->h[0]));
         ok = 0;
     }
     for (int i = 1; ok && i < t->n; i++) {
@@ -2258,8 +2339,8 @@ static int twins_setup(twins_t *t, int setup, char *why, size_t why_size) {
     for (int tries = 0; !reached && tries < 2; tries++) {
         if (!twins_round(t, why, why_size)) return 0;
         int32_t n0 = -1, n1 = -1;
-        reached = kfac_candidate_count(t->h[0], &n0) == KFAC_OK &&
-                  kfac_candidate_count(t->h[1], &n1) == KFAC_OK && n0 == want && n1 == want;
+        reached = kfac_candidates_get_count(t->h[0], &n0) == KFAC_OK &&
+                  kfac_candidates_get_count(t->h[1], &n1) == KFAC_OK && n0 == want && n1 == want;
     }
     if (!reached) {
         snprintf(why, why_size, "two rounds gave no step with %d candidates", (int)want);
@@ -2304,16 +2385,16 @@ static void test_candidate_errors(int dtype) {
     const double gamma0 = dt == KFAC_FLOAT32 ? 0.0 : 1e-2, base = 0.8;
     const double omega = base * base;
     for (int i = 0; i < t.n; i++) {
-        REQUIRE_OK(t.h[i], kfac_set_param_int(t.h[i], KFAC_PARAM_FACTOR_DAMPING_PERIOD, 2));
-        REQUIRE_OK(t.h[i], kfac_set_param_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING_DECAY, base));
-        REQUIRE_OK(t.h[i], kfac_set_param_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING, gamma0));
+        REQUIRE_OK(t.h[i], kfac_param_set_int(t.h[i], KFAC_PARAM_FACTOR_DAMPING_PERIOD, 2));
+        REQUIRE_OK(t.h[i], kfac_param_set_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING_DECAY, base));
+        REQUIRE_OK(t.h[i], kfac_param_set_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING, gamma0));
     }
 
     /* Before any step: no candidates, nothing to solve or get. */
     int32_t count = -777, chosen = -777;
     double gamma = -777, alpha = -777, mu = -777, m = -777;
-    int st = kfac_candidate_count(B, &count);
-    check(st == KFAC_OK && count == 0, "[%s] kfac_candidate_count before any step: %d (want 0)",
+    int st = kfac_candidates_get_count(B, &count);
+    check(st == KFAC_OK && count == 0, "[%s] kfac_candidates_get_count before any step: %d (want 0)",
           dtype_tag(dt), (int)count);
     grads_t g = grads_new(dt, &t.model, &t.rng), g0 = grads_clone(&g);
     st = bad_call(B, layer_call_grads(FN_CANDIDATE, B, &g, 0, &gamma));
@@ -2324,7 +2405,7 @@ static void test_candidate_errors(int dtype) {
     {
         candidate_data_t cd = candidate_data(dt, &t.rng);
         st = bad_call(B, solve_candidates(B, &cd, 1, &chosen, &alpha, &mu, &m));
-        after_bad(&t, st, KFAC_ERROR_NO_STEP, "kfac_solve_step_size_candidates before any step", 0,
+        after_bad(&t, st, KFAC_ERROR_NO_STEP, "kfac_adaptive_solve_step_size_candidates before any step", 0,
                   chosen == -777 && alpha == -777 && mu == -777 && m == -777);
         candidate_data_free(&cd);
     }
@@ -2343,8 +2424,8 @@ static void test_candidate_errors(int dtype) {
         check(0, "[%s] a step that is not a γ step: %s", dtype_tag(dt), why);
     {
         double lam = 0, gam = 0;
-        REQUIRE_OK(t.h[0], kfac_get_param_double(t.h[0], KFAC_PARAM_DAMPING, &lam));
-        REQUIRE_OK(t.h[0], kfac_get_param_double(t.h[0], KFAC_PARAM_FACTOR_DAMPING, &gam));
+        REQUIRE_OK(t.h[0], kfac_param_get_double(t.h[0], KFAC_PARAM_DAMPING, &lam));
+        REQUIRE_OK(t.h[0], kfac_param_get_double(t.h[0], KFAC_PARAM_FACTOR_DAMPING, &gam));
         const double cur = gam > 0 ? gam : lam;
         const double want_gamma[3] = {cur, cur * omega, cur / omega};
         if (!twins_record(&t)) check(0, "[%s] twins_record before a γ step", dtype_tag(dt));
@@ -2355,7 +2436,7 @@ static void test_candidate_errors(int dtype) {
             out[i] = grads_clone(&in);
             ok = ok && step(t.h[i], &out[i]) == KFAC_OK;
             count = -1;
-            ok = ok && kfac_candidate_count(t.h[i], &count) == KFAC_OK && count == 3;
+            ok = ok && kfac_candidates_get_count(t.h[i], &count) == KFAC_OK && count == 3;
             for (int k = 0; k < 3; k++) {
                 dir[i][k] = grads_clone(&in);
                 gk[i][k] = -1;
@@ -2382,7 +2463,7 @@ static void test_candidate_errors(int dtype) {
 
         /* Valid calls on twin 1 only change nothing: the count, every candidate's directions (twice,
          * once with factor_damping = NULL). */
-        ok = kfac_candidate_count(B, &count) == KFAC_OK && count == 3;
+        ok = kfac_candidates_get_count(B, &count) == KFAC_OK && count == 3;
         for (int rep = 0; rep < 2; rep++)
             for (int k = 2; k >= 0; k--) {
                 grads_t d = grads_clone(&in);
@@ -2391,9 +2472,9 @@ static void test_candidate_errors(int dtype) {
                      grads_same(&d, &dir[1][k]) && (rep || gm == gk[1][k]);
                 grads_free(&d);
             }
-        check(ok && same_state(t.h[0], B) && nonempty(kfac_last_error(B)) == 0,
+        check(ok && same_state(t.h[0], B) && nonempty(kfac_optimizer_last_error(B)) == 0,
               "[%s] kfac_candidate_directions (every candidate, twice, factor_damping NULL once) "
-              "and kfac_candidate_count on twin 1 only: same results, state image unchanged",
+              "and kfac_candidates_get_count on twin 1 only: same results, state image unchanged",
               dtype_tag(dt));
 
         /* The solve on both twins: the kept candidate's γ becomes KFAC_PARAM_FACTOR_DAMPING. */
@@ -2404,16 +2485,16 @@ static void test_candidate_errors(int dtype) {
         for (int i = 0; i < 2; i++) {
             ok = ok && solve_candidates(t.h[i], &cd, 3, &c[i], &r[i][0], &r[i][1], NULL) == KFAC_OK;
             r[i][2] = 0;
-            kfac_get_param_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING, &after[i]);
+            kfac_param_get_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING, &after[i]);
         }
         ok = ok && c[0] == c[1] && c[0] >= 0 && c[0] < 3 && memcmp(r[0], r[1], sizeof r[0]) == 0;
         check(ok && after[0] == gk[0][c[0]] && after[1] == after[0],
-              "[%s] kfac_solve_step_size_candidates (predicted_change NULL) keeps candidate %d on both "
+              "[%s] kfac_adaptive_solve_step_size_candidates (predicted_change NULL) keeps candidate %d on both "
               "twins; KFAC_PARAM_FACTOR_DAMPING is then its γ %.10g (got %.10g)", dtype_tag(dt),
               (int)c[0], ok ? gk[0][c[0]] : NAN, after[0]);
         count = -1;
-        ok = kfac_candidate_count(B, &count) == KFAC_OK && count == 0;
-        check(ok, "[%s] kfac_candidate_count after the solve: %d (want 0)", dtype_tag(dt), (int)count);
+        ok = kfac_candidates_get_count(B, &count) == KFAC_OK && count == 0;
+        check(ok, "[%s] kfac_candidates_get_count after the solve: %d (want 0)", dtype_tag(dt), (int)count);
         /* kfac_get_update is also repeatable and changes nothing. */
         grads_t u1 = grads_clone(&in), u2 = grads_clone(&in), u0 = grads_clone(&in);
         ok = layer_call_grads(FN_UPDATE, B, &u1, 0, NULL) == KFAC_OK &&
@@ -2422,8 +2503,8 @@ static void test_candidate_errors(int dtype) {
         check(ok && grads_same(&u1, &u2) && grads_same(&u0, &u1) && same_state(t.h[0], B),
               "[%s] kfac_get_update twice on twin 1, once on twin 0: identical updates, state image "
               "unchanged", dtype_tag(dt));
-        ok = kfac_report_loss_change(t.h[0], 1.0, 0.5, NULL) == KFAC_OK &&
-             kfac_report_loss_change(B, 1.0, 0.5, NULL) == KFAC_OK;
+        ok = kfac_adaptive_report_loss_change(t.h[0], 1.0, 0.5, NULL) == KFAC_OK &&
+             kfac_adaptive_report_loss_change(B, 1.0, 0.5, NULL) == KFAC_OK;
         why[0] = '\0';
         ok = ok && twins_setup(&t, SETUP_GAMMA, why, sizeof why) &&
              twins_candidates_agree(&t, why, sizeof why);
@@ -2434,7 +2515,7 @@ static void test_candidate_errors(int dtype) {
         grads_free(&u2);
         candidate_data_free(&cd);
 
-        /* With one candidate the candidate solve is kfac_solve_step_size_*: twin 0 calls the one,
+        /* With one candidate the candidate solve is kfac_adaptive_solve_step_size_*: twin 0 calls the one,
          * twin 1 the other, with the same data. */
         if (!twins_setup(&t, SETUP_PLAIN, why, sizeof why))
             check(0, "[%s] a step that is not a γ step: %s", dtype_tag(dt), why);
@@ -2450,10 +2531,10 @@ static void test_candidate_errors(int dtype) {
         u1 = grads_clone(&in);
         ok = layer_call_grads(FN_UPDATE, t.h[0], &u0, 0, NULL) == KFAC_OK &&
              layer_call_grads(FN_UPDATE, B, &u1, 0, NULL) == KFAC_OK && grads_same(&u0, &u1) &&
-             kfac_report_loss_change(t.h[0], 1.0, 0.75, &rho[0]) == KFAC_OK &&
-             kfac_report_loss_change(B, 1.0, 0.75, &rho[1]) == KFAC_OK && rho[0] == rho[1];
+             kfac_adaptive_report_loss_change(t.h[0], 1.0, 0.75, &rho[0]) == KFAC_OK &&
+             kfac_adaptive_report_loss_change(B, 1.0, 0.75, &rho[1]) == KFAC_OK && rho[0] == rho[1];
         check(same_solve && ok,
-              "[%s] one candidate: kfac_solve_step_size_candidates(n_candidates = 1) on twin 1 gives "
+              "[%s] one candidate: kfac_adaptive_solve_step_size_candidates(n_candidates = 1) on twin 1 gives "
               "bitwise kfac_solve_step_size's α %.10g, μ %.10g, M(δ) %.10g (twin 0), chosen 0, the "
               "same state image, update and ρ", dtype_tag(dt), single[0], single[1], single[2]);
         grads_free(&u0);
@@ -2548,13 +2629,13 @@ static void test_candidate_errors(int dtype) {
         grads_free(&gr0);
     }
 
-    /* kfac_candidate_count(count = NULL). */
+    /* kfac_candidates_get_count(count = NULL). */
     if (!twins_setup(&t, SETUP_GAMMA, why, sizeof why))
         check(0, "[%s] twins_setup: %s", dtype_tag(dt), why);
-    st = bad_call(B, kfac_candidate_count(B, NULL));
-    after_bad_candidates(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_candidate_count(count = NULL)", 1);
+    st = bad_call(B, kfac_candidates_get_count(B, NULL));
+    after_bad_candidates(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_candidates_get_count(count = NULL)", 1);
 
-    /* kfac_solve_step_size_candidates. The twins have a previous update δ₀ by now. */
+    /* kfac_adaptive_solve_step_size_candidates. The twins have a previous update δ₀ by now. */
     const struct {
         int setup, which, want;
         const char *what;
@@ -2565,8 +2646,8 @@ static void test_candidate_errors(int dtype) {
         {SETUP_GAMMA, 3, KFAC_ERROR_NULL_POINTER, "chosen = NULL"},
         {SETUP_GAMMA, 4, KFAC_ERROR_NULL_POINTER, "alpha = NULL"},
         {SETUP_GAMMA, 5, KFAC_ERROR_NULL_POINTER, "mu = NULL"},
-        {SETUP_GAMMA, 6, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 2, kfac_candidate_count 3"},
-        {SETUP_GAMMA, 7, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 4, kfac_candidate_count 3"},
+        {SETUP_GAMMA, 6, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 2, kfac_candidates_get_count 3"},
+        {SETUP_GAMMA, 7, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 4, kfac_candidates_get_count 3"},
         {SETUP_GAMMA, 8, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 1 on a γ step (3 candidates)"},
         {SETUP_GAMMA, 9, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = 0"},
         {SETUP_GAMMA, 10, KFAC_ERROR_INVALID_ARGUMENT, "n_candidates = -1"},
@@ -2624,7 +2705,7 @@ static void test_candidate_errors(int dtype) {
         }
         if (which == 15) {
             solve_candidates_args_t args = {dt, &cd};
-            snprintf(what, sizeof what, "[%s] kfac_solve_step_size_candidates(%s)", dtype_tag(dt),
+            snprintf(what, sizeof what, "[%s] kfac_adaptive_solve_step_size_candidates(%s)", dtype_tag(dt),
                      sc[c].what);
             if (!survives_in_child(B, call_solve_candidates_overflow, &args, what)) {
                 candidate_data_free(&cd);
@@ -2638,10 +2719,10 @@ static void test_candidate_errors(int dtype) {
         st = bad_call(B, solve_candidates_raw(B, cd.z.dtype, z, jdp, n, jp, rows, dim, dist, pc, pa,
                                               pm, &m));
         if (which == 22)
-            snprintf(what, sizeof what, "kfac_solve_step_size_candidates_%s on a %s handle",
+            snprintf(what, sizeof what, "kfac_candidates_solve_step_size_%s on a %s handle",
                      dtype_tag(od), dtype_tag(dt));
         else
-            snprintf(what, sizeof what, "kfac_solve_step_size_candidates(%s)", sc[c].what);
+            snprintf(what, sizeof what, "kfac_adaptive_solve_step_size_candidates(%s)", sc[c].what);
         after_bad_candidates(&t, st, sc[c].want, what,
                              chosen == -777 && alpha == -777 && mu == -777 && m == -777);
         candidate_data_free(&cd);
@@ -2655,11 +2736,11 @@ static void test_candidate_errors(int dtype) {
     {
         grads_t gr = grads_new(dt, &t.model, &t.rng);
         buf_set(&gr.w[1], 2, NAN);
-        const int64_t k = kfac_step_count(B);
+        const int64_t k = step_count(B);
         st = bad_call(B, step(B, &gr));
         after_bad_candidates(&t, st, KFAC_ERROR_NON_FINITE,
                              "kfac_step(NaN in a gradient) between a γ step and its candidate solve",
-                             kfac_step_count(B) == k);
+                             step_count(B) == k);
         grads_free(&gr);
     }
     if (!twins_setup(&t, SETUP_GAMMA, why, sizeof why))
@@ -2682,14 +2763,14 @@ static void test_candidate_errors(int dtype) {
         size_t size;
         unsigned char *img = save_image(t.h[0], &size);
         int ok = img != NULL;
-        for (int i = 0; ok && i < t.n; i++) ok = kfac_load_state(t.h[i], img, size) == KFAC_OK;
+        for (int i = 0; ok && i < t.n; i++) ok = kfac_state_load(t.h[i], img, size) == KFAC_OK;
         count = -1;
-        ok = ok && kfac_candidate_count(B, &count) == KFAC_OK && count == 0;
+        ok = ok && kfac_candidates_get_count(B, &count) == KFAC_OK && count == 0;
         grads_t gr = grads_new(dt, &t.model, &t.rng), gr0 = grads_clone(&gr);
         gamma = -777;
         st = layer_call_grads(FN_CANDIDATE, B, &gr, 0, &gamma);
         check(ok && st == KFAC_ERROR_NO_STEP && grads_same(&gr, &gr0) && gamma == -777,
-              "[%s] kfac_load_state (its own image) with 3 candidates pending: kfac_candidate_count "
+              "[%s] kfac_state_load (its own image) with 3 candidates pending: kfac_candidates_get_count "
               "0, kfac_candidate_directions -> NO_STEP (got %s), buffers untouched", dtype_tag(dt),
               status_name(st));
         why[0] = '\0';
@@ -2794,7 +2875,7 @@ static void test_conv_errors(int dtype) {
         st = bad_call(B, get_group_factors(B, bad_groups[i].layer, bad_groups[i].group, &a, &g));
         after_bad(&t, st, KFAC_ERROR_INVALID_ARGUMENT, what, i < 2, buf_same(&a, &a0) && buf_same(&g, &g0));
     }
-    snprintf(what, sizeof what, "kfac_get_group_factors_%s(conv layer) on a %s handle", dtype_tag(od),
+    snprintf(what, sizeof what, "kfac_layer_get_factors_%s(conv layer) on a %s handle", dtype_tag(od),
              dtype_tag(dt));
     st = bad_call(B, get_group_factors(B, 1, 1, &ao, &go));
     after_bad(&t, st, KFAC_ERROR_DTYPE_MISMATCH, what, 0, buf_same(&ao, &ao0) && buf_same(&go, &go0));
@@ -2814,12 +2895,12 @@ static void test_conv_errors(int dtype) {
 
     /* Layers cannot be added after statistics. */
     int32_t id = -77;
-    st = bad_call(B, kfac_add_conv2d(B, &CONV_TWIN_A, &id));
-    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_add_conv2d after recording", 1,
-              id == -77 && kfac_layer_count(B) == 3);
-    st = bad_call(B, kfac_add_dense_grouped(B, 3, 3, 1, 1, 1, &id));
-    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_add_dense_grouped after recording", 1,
-              id == -77 && kfac_layer_count(B) == 3);
+    st = bad_call(B, kfac_layer_add_conv2d(B, &CONV_TWIN_A, &id));
+    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_layer_add_conv2d after recording", 1,
+              id == -77 && layer_count(B) == 3);
+    st = bad_call(B, add_dense_grouped(B, 3, 3, 1, 1, 1, &id));
+    after_bad(&t, st, KFAC_ERROR_LAYERS_FROZEN, "kfac_layer_add_dense after recording", 1,
+              id == -77 && layer_count(B) == 3);
 
     /* Record calls on the convolutions (rows = examples). */
     for (int side = 0; side < 2; side++) {
@@ -2878,9 +2959,9 @@ static void test_conv_errors(int dtype) {
             break;
         }
         grads_t gr0 = grads_clone(&gr);
-        const int64_t k = kfac_step_count(B);
+        const int64_t k = step_count(B);
         st = bad_call(B, step(B, &gr));
-        after_bad(&t, st, KFAC_ERROR_NON_FINITE, name, 1, grads_same(&gr, &gr0) && kfac_step_count(B) == k);
+        after_bad(&t, st, KFAC_ERROR_NON_FINITE, name, 1, grads_same(&gr, &gr0) && step_count(B) == k);
         grads_free(&gr);
         grads_free(&gr0);
     }
@@ -2918,16 +2999,16 @@ static void test_conv_errors(int dtype) {
         kfac_optimizer *o = make_handle(dt, &m);
         size_t osize;
         unsigned char *oimg = save_image(o, &osize);
-        snprintf(what, sizeof what, "kfac_load_state(image of a handle whose conv layer differs in %s)", name);
-        if (oimg) BAD(kfac_load_state(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
+        snprintf(what, sizeof what, "kfac_state_load(image of a handle whose conv layer differs in %s)", name);
+        if (oimg) BAD(kfac_state_load(B, oimg, osize), KFAC_ERROR_STATE_MISMATCH, what);
         free(oimg);
         kfac_optimizer_free(o);
     }
     /* ... and a round trip through an image restores the conv layers' state exactly. */
     if (img) {
         twins_round(&t, why, sizeof why);
-        const int restored = kfac_load_state(t.h[0], img, size) == KFAC_OK &&
-                             kfac_load_state(B, img, size) == KFAC_OK && same_state(t.h[0], B) &&
+        const int restored = kfac_state_load(t.h[0], img, size) == KFAC_OK &&
+                             kfac_state_load(B, img, size) == KFAC_OK && same_state(t.h[0], B) &&
                              twins_round(&t, why, sizeof why);
         check(restored, "[%s] both twins restored from an earlier image continue identically%s%s",
               dtype_tag(dt), restored ? "" : ": ", why);
@@ -2959,7 +3040,7 @@ static void test_conv_desc_compat(void) {
     kfac_optimizer *ref = NULL, *h = NULL;
     int32_t id = -1;
     REQUIRE_OK(ref, kfac_optimizer_create(KFAC_FLOAT64, &ref));
-    REQUIRE_OK(ref, kfac_add_conv2d(ref, &full, &id));
+    REQUIRE_OK(ref, kfac_layer_add_conv2d(ref, &full, &id));
 
     /* An older caller: its struct ends at `reserved`; the bytes after it are someone else's. */
     union {
@@ -2970,11 +3051,11 @@ static void test_conv_desc_compat(void) {
     memcpy(old.bytes, &full, offsetof(kfac_conv2d_desc, input_group_size));
     old.d.struct_size = offsetof(kfac_conv2d_desc, input_group_size);
     REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
-    int st = kfac_add_conv2d(h, &old.d, &id);
+    int st = kfac_layer_add_conv2d(h, &old.d, &id);
     check(st == KFAC_OK && id == 0 && same_state(ref, h),
           "struct_size = offsetof(input_group_size) = %zu (an older caller): accepted, the "
           "grouping fields read as 0 although the bytes after the struct are 0xFF (got %s: %s)",
-          offsetof(kfac_conv2d_desc, input_group_size), status_name(st), kfac_last_error(h));
+          offsetof(kfac_conv2d_desc, input_group_size), status_name(st), kfac_optimizer_last_error(h));
     kfac_optimizer_free(h);
 
     /* stride, dilation and groups 0 read as 1. */
@@ -2985,10 +3066,10 @@ static void test_conv_desc_compat(void) {
     zeros.dilation_h = zeros.dilation_w = 0;
     kfac_optimizer *ones = NULL;
     REQUIRE_OK(ones, kfac_optimizer_create(KFAC_FLOAT64, &ones));
-    REQUIRE_OK(ones, kfac_add_conv2d(ones, &full, &id));
+    REQUIRE_OK(ones, kfac_layer_add_conv2d(ones, &full, &id));
     h = NULL;
     REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
-    st = kfac_add_conv2d(h, &zeros, &id);
+    st = kfac_layer_add_conv2d(h, &zeros, &id);
     check(st == KFAC_OK && same_state(ones, h),
           "stride_w, dilation_h, dilation_w and groups given as 0 read as 1 (same state as a "
           "handle given 1s)");
@@ -3006,7 +3087,7 @@ static void test_conv_desc_compat(void) {
     kfac_layer_info info;
     memset(&info, 0, sizeof info);
     info.struct_size = sizeof info;
-    st = kfac_add_conv2d(h, &fit, &id);
+    st = kfac_layer_add_conv2d(h, &fit, &id);
     check(st == KFAC_OK && kfac_layer_get_info(h, 0, &info) == KFAC_OK && info.a_dim == 2 * 21 + 1,
           "a 7x3 kernel (dilation_w 2) that exactly fits the padded 7x5 input is accepted (got %s)",
           status_name(st));
@@ -3029,10 +3110,10 @@ static void test_conv_desc_compat(void) {
         buf_t a1 = buf_new(KFAC_FLOAT64, 19 * 19), g1 = buf_new(KFAC_FLOAT64, 9);
         kfac_optimizer *base = NULL;
         REQUIRE_OK(base, kfac_optimizer_create(KFAC_FLOAT64, &base));
-        REQUIRE_OK(base, kfac_add_conv2d(base, &plain, &id));
+        REQUIRE_OK(base, kfac_layer_add_conv2d(base, &plain, &id));
         REQUIRE_OK(base, record_inputs(base, 0, &x, 3));
         REQUIRE_OK(base, record_grads(base, 0, &g, 3));
-        REQUIRE_OK(base, kfac_update_factors(base));
+        REQUIRE_OK(base, kfac_optimizer_update_factors(base));
         REQUIRE_OK(base, get_group_factors(base, 0, 1, &a0, &g0));
         for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
             kfac_conv2d_desc d = plain;
@@ -3048,9 +3129,9 @@ static void test_conv_desc_compat(void) {
                 kfac_optimizer_free(h);
                 continue;
             }
-            st = kfac_add_conv2d(h, &d, &id);
+            st = kfac_layer_add_conv2d(h, &d, &id);
             const int same = st == KFAC_OK && record_inputs(h, 0, &x, 3) == KFAC_OK &&
-                             record_grads(h, 0, &g, 3) == KFAC_OK && kfac_update_factors(h) == KFAC_OK &&
+                             record_grads(h, 0, &g, 3) == KFAC_OK && kfac_optimizer_update_factors(h) == KFAC_OK &&
                              get_group_factors(h, 0, 1, &a1, &g1) == KFAC_OK &&
                              buf_same(&a0, &a1) && buf_same(&g0, &g1);
             check(same, "%s: accepted, no grouping (factors bitwise equal to the ungrouped layer's; "
@@ -3094,7 +3175,7 @@ static void expect_fails_unchanged(kfac_optimizer *h, int got, int want, const u
                                    size_t size, const char *what) {
     size_t now_size;
     char le[512];
-    snprintf(le, sizeof le, "%s", kfac_last_error(h));
+    snprintf(le, sizeof le, "%s", kfac_optimizer_last_error(h));
     unsigned char *now = save_image(h, &now_size);
     check(got == want && now && now_size == size && memcmp(now, img, size) == 0 && nonempty(le),
           "%s -> %s (got %s), handle unchanged (last_error: \"%s\")", what, status_name(want),
@@ -3116,45 +3197,45 @@ static void test_call_order(void) {
         char what[128];
         snprintf(what, sizeof what, "[%s] kfac_step with only inputs recorded", dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_STATISTICS, img, size, what);
-        check(grads_same(&g, &g0) && kfac_step_count(h) == 0,
+        check(grads_same(&g, &g0) && step_count(h) == 0,
               "[%s]   ... gradients untouched, step count still 0", dtype_tag(dtype));
         free(img);
         kfac_optimizer_free(h);
 
-        /* Inverse period 0: stepping without kfac_update_inverses fails. */
+        /* Inverse period 0: stepping without kfac_optimizer_update_inverses fails. */
         h = handle_with_batch(dtype, &r, 1, 1);
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 0));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 0));
         img = save_image(h, &size);
         st = step(h, &g);
         snprintf(what, sizeof what, "[%s] kfac_step with inverse period 0, never inverted",
                  dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_INVERSES, img, size, what);
-        check(grads_same(&g, &g0) && kfac_step_count(h) == 0,
+        check(grads_same(&g, &g0) && step_count(h) == 0,
               "[%s]   ... gradients untouched, step count still 0", dtype_tag(dtype));
         free(img);
         kfac_layer_info info;
         memset(&info, 0, sizeof info);
         info.struct_size = sizeof info;
-        REQUIRE_OK(h, kfac_update_factors(h));
+        REQUIRE_OK(h, kfac_optimizer_update_factors(h));
         REQUIRE_OK(h, kfac_layer_get_info(h, 0, &info));
         check(info.has_factors == 1 && info.has_inverses == 0,
-              "[%s] after kfac_update_factors: has_factors 1, has_inverses 0", dtype_tag(dtype));
+              "[%s] after kfac_optimizer_update_factors: has_factors 1, has_inverses 0", dtype_tag(dtype));
         img = save_image(h, &size);
         st = step(h, &g);
         snprintf(what, sizeof what, "[%s] kfac_step with factors but inverse period 0",
                  dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_INVERSES, img, size, what);
         st = precondition(h, 0, &g.w[0], &g.b[0]);
-        snprintf(what, sizeof what, "[%s] kfac_precondition before kfac_update_inverses",
+        snprintf(what, sizeof what, "[%s] kfac_precondition before kfac_optimizer_update_inverses",
                  dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_INVERSES, img, size, what);
         free(img);
-        REQUIRE_OK(h, kfac_update_inverses(h));
+        REQUIRE_OK(h, kfac_optimizer_update_inverses(h));
         REQUIRE_OK(h, kfac_layer_get_info(h, 1, &info));
         st = step(h, &g);
-        check(info.has_inverses == 1 && st == KFAC_OK && kfac_step_count(h) == 1 &&
-                  !grads_same(&g, &g0) && kfac_last_error(h)[0] == '\0',
-              "[%s] after kfac_update_inverses the step succeeds (k = 1, last_error \"\")",
+        check(info.has_inverses == 1 && st == KFAC_OK && step_count(h) == 1 &&
+                  !grads_same(&g, &g0) && kfac_optimizer_last_error(h)[0] == '\0',
+              "[%s] after kfac_optimizer_update_inverses the step succeeds (k = 1, last_error \"\")",
               dtype_tag(dtype));
         kfac_optimizer_free(h);
         grads_free(&g);
@@ -3170,7 +3251,7 @@ static void test_call_order(void) {
         memset(&info, 0, sizeof info);
         info.struct_size = sizeof info;
         REQUIRE_OK(h, step(h, &g)); /* k = 0: factors and inverses */
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_CHOLESKY));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_CHOLESKY));
         REQUIRE_OK(h, kfac_layer_get_info(h, 0, &info));
         const int discarded = info.has_factors == 1 && info.has_inverses == 0;
         int st = step(h, &g); /* k = 1, not a multiple of Ti = 10 */
@@ -3178,8 +3259,8 @@ static void test_call_order(void) {
         check(discarded && st == KFAC_OK && info.has_inverses == 1,
               "changing the strategy discards the inverses; the next step (k = 1, Ti = 10) "
               "inverts again (got %s)", status_name(st));
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 0));
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 0));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN));
         unsigned char *img = save_image(h, &size);
         st = step(h, &g);
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_INVERSES, img, size,
@@ -3189,22 +3270,22 @@ static void test_call_order(void) {
         kfac_optimizer_free(h);
     }
 
-    /* kfac_wants_statistics follows the factor-update period. */
+    /* kfac_optimizer_wants_statistics follows the factor-update period. */
     kfac_optimizer *h = handle_with_batch(KFAC_FLOAT64, &r, 1, 1);
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_FACTOR_UPDATE_PERIOD, 3));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_FACTOR_UPDATE_PERIOD, 3));
     grads_t g = grads_new(KFAC_FLOAT64, &TWIN_MODEL, &r);
     int pattern_ok = 1;
     char seen[16] = "";
     for (int k = 0; k < 7; k++) {
-        int w = kfac_wants_statistics(h);
+        int w = wants_statistics(h);
         seen[k] = (char)('0' + w);
         if (w != (k % 3 == 0)) pattern_ok = 0;
         if (step(h, &g) != KFAC_OK) pattern_ok = 0;
     }
-    check(pattern_ok, "kfac_wants_statistics with factor period 3 over k = 0..6: %s (want 1001001)",
+    check(pattern_ok, "kfac_optimizer_wants_statistics with factor period 3 over k = 0..6: %s (want 1001001)",
           seen);
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_FACTOR_UPDATE_PERIOD, 0));
-    check(kfac_wants_statistics(h) == 1, "kfac_wants_statistics with factor period 0 is 1");
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_FACTOR_UPDATE_PERIOD, 0));
+    check(wants_statistics(h) == 1, "kfac_optimizer_wants_statistics with factor period 0 is 1");
     grads_free(&g);
     kfac_optimizer_free(h);
 
@@ -3230,9 +3311,9 @@ static void test_call_order(void) {
         check(1, "[f32] kfac_record_inputs of finite values whose squares overflow: accepted");
         free(img);
         img = save_image(h, &size);
-        st = kfac_update_factors(h);
+        st = kfac_optimizer_update_factors(h);
         expect_fails_unchanged(h, st, KFAC_ERROR_NON_FINITE, img, size,
-                               "[f32] kfac_update_factors whose factor overflows to Inf");
+                               "[f32] kfac_optimizer_update_factors whose factor overflows to Inf");
         grads_t gf = grads_new(KFAC_FLOAT32, &TWIN_MODEL, &r), gf0 = grads_clone(&gf);
         st = step(h, &gf);
         expect_fails_unchanged(h, st, KFAC_ERROR_NON_FINITE, img, size,
@@ -3246,7 +3327,7 @@ static void test_call_order(void) {
         st = step(h, &gf);
         printf("note [f32] after the overflow, recording valid statistics and stepping gives %s: "
                "%s\n", status_name(st), st == KFAC_OK ? "recovered" :
-               "the handle stays stuck until kfac_load_state (no API discards pending statistics)");
+               "the handle stays stuck until kfac_state_load (no API discards pending statistics)");
         grads_free(&gf);
         grads_free(&gf0);
     }
@@ -3274,7 +3355,7 @@ static void test_params_and_info(void) {
                 {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.95}};
     for (size_t i = 0; i < sizeof ddef / sizeof ddef[0]; i++) {
         double v = -1;
-        int st = kfac_get_param_double(h, ddef[i].param, &v);
+        int st = kfac_param_get_double(h, ddef[i].param, &v);
         check(st == KFAC_OK && v == ddef[i].value, "default of double param %d: %g (want %g)",
               ddef[i].param, v, ddef[i].value);
     }
@@ -3287,7 +3368,7 @@ static void test_params_and_info(void) {
                 {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}};
     for (size_t i = 0; i < sizeof idef / sizeof idef[0]; i++) {
         int64_t v = -1;
-        int st = kfac_get_param_int(h, idef[i].param, &v);
+        int st = kfac_param_get_int(h, idef[i].param, &v);
         check(st == KFAC_OK && v == idef[i].value, "default of int param %d: %lld (want %lld)",
               idef[i].param, (long long)v, (long long)idef[i].value);
     }
@@ -3306,8 +3387,8 @@ static void test_params_and_info(void) {
                {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.5}};
     for (size_t i = 0; i < sizeof dok / sizeof dok[0]; i++) {
         double v = -1;
-        int st = bad_call(h, kfac_set_param_double(h, dok[i].param, dok[i].value));
-        kfac_get_param_double(h, dok[i].param, &v);
+        int st = bad_call(h, kfac_param_set_double(h, dok[i].param, dok[i].value));
+        kfac_param_get_double(h, dok[i].param, &v);
         check(st == KFAC_OK && v == dok[i].value,
               "set double param %d = %g accepted and read back (got %s%s%s)", dok[i].param,
               dok[i].value, status_name(st), st ? ": " : "", st ? g_last_error : "");
@@ -3325,18 +3406,18 @@ static void test_params_and_info(void) {
                {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}};
     for (size_t i = 0; i < sizeof iok / sizeof iok[0]; i++) {
         int64_t v = -1;
-        int st = bad_call(h, kfac_set_param_int(h, iok[i].param, iok[i].value));
-        kfac_get_param_int(h, iok[i].param, &v);
+        int st = bad_call(h, kfac_param_set_int(h, iok[i].param, iok[i].value));
+        kfac_param_get_int(h, iok[i].param, &v);
         check(st == KFAC_OK && v == iok[i].value,
               "set int param %d = %lld accepted and read back (got %s%s%s)", iok[i].param,
               (long long)iok[i].value, status_name(st), st ? ": " : "", st ? g_last_error : "");
     }
     /* A failed set changes nothing. */
     double before = 0, after = 0;
-    kfac_get_param_double(h, KFAC_PARAM_DAMPING, &before);
-    kfac_set_param_double(h, KFAC_PARAM_DAMPING, NAN);
-    kfac_get_param_double(h, KFAC_PARAM_DAMPING, &after);
-    check(before == after, "a failed kfac_set_param_double(damping, NaN) kept damping %g", after);
+    kfac_param_get_double(h, KFAC_PARAM_DAMPING, &before);
+    kfac_param_set_double(h, KFAC_PARAM_DAMPING, NAN);
+    kfac_param_get_double(h, KFAC_PARAM_DAMPING, &after);
+    check(before == after, "a failed kfac_param_set_double(damping, NaN) kept damping %g", after);
 
     /* Layer info, full and truncated struct. */
     kfac_layer_info info;
@@ -3398,9 +3479,9 @@ static void *worker_run(void *arg) {
     kfac_optimizer *h = NULL;
     if (kfac_optimizer_create(KFAC_FLOAT32, &h) != KFAC_OK) return NULL;
     int32_t id;
-    int ok = kfac_add_dense(h, 16, 12, 1, &id) == KFAC_OK && kfac_add_dense(h, 12, 8, 0, &id) == KFAC_OK &&
-             kfac_set_param_int(h, KFAC_PARAM_NUM_THREADS, 2) == KFAC_OK &&
-             kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3) == KFAC_OK;
+    int ok = add_dense(h, 16, 12, 1, &id) == KFAC_OK && add_dense(h, 12, 8, 0, &id) == KFAC_OK &&
+             kfac_param_set_int(h, KFAC_PARAM_NUM_THREADS, 2) == KFAC_OK &&
+             kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3) == KFAC_OK;
     const model_t m = {2, {{16, 12, 1, NULL}, {12, 8, 0, NULL}}};
     rng_t r = {5000 + (uint64_t)w->index};
     for (int round = 0; ok && round < 40; round++) {
@@ -3600,14 +3681,14 @@ static void test_numerics(void) {
         for (int i = 0; i < 3; i++) a[i] = rng_sym(&r) * 3.7;
         for (int i = 0; i < 2; i++) g[i] = rng_sym(&r) * 0.3;
         double a1[2] = {rng_sym(&r), rng_sym(&r)}, g1[3] = {rng_sym(&r), rng_sym(&r), rng_sym(&r)};
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, a, 1));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, 1));
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 1, a1, 1));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 1, g1, 1));
-        REQUIRE_OK(h, kfac_update_factors(h));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 0, a, 1));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 0, g, 1));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 1, a1, 1));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 1, g1, 1));
+        REQUIRE_OK(h, kfac_optimizer_update_factors(h));
         double A[16], G[4], A1[4], G1[9];
-        REQUIRE_OK(h, kfac_get_factors_f64(h, 0, A, G));
-        REQUIRE_OK(h, kfac_get_factors_f64(h, 1, A1, G1));
+        REQUIRE_OK(h, kfac_layer_get_factors_f64(h, 0, 0, A, G));
+        REQUIRE_OK(h, kfac_layer_get_factors_f64(h, 1, 0, A1, G1));
         const double abar[4] = {a[0], a[1], a[2], 1.0};
         int exact = 1;
         for (int i = 0; i < 4; i++)
@@ -3628,12 +3709,12 @@ static void test_numerics(void) {
 
         /* Second update: the moving average A ← β A + (1 − β) A_batch (default β = 0.95). */
         double b[3] = {rng_sym(&r), rng_sym(&r), rng_sym(&r)}, gb[2] = {rng_sym(&r), rng_sym(&r)};
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, b, 1));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, gb, 1));
-        REQUIRE_OK(h, kfac_update_factors(h));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 0, b, 1));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 0, gb, 1));
+        REQUIRE_OK(h, kfac_optimizer_update_factors(h));
         double A2[16], G2[4], A1b[4], EA[16], EG[4];
-        REQUIRE_OK(h, kfac_get_factors_f64(h, 0, A2, G2));
-        REQUIRE_OK(h, kfac_get_factors_f64(h, 1, A1b, NULL));
+        REQUIRE_OK(h, kfac_layer_get_factors_f64(h, 0, 0, A2, G2));
+        REQUIRE_OK(h, kfac_layer_get_factors_f64(h, 1, 0, A1b, NULL));
         const double bbar[4] = {b[0], b[1], b[2], 1.0};
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 4; j++) EA[i * 4 + j] = 0.95 * A[i * 4 + j] + 0.05 * bbar[i] * bbar[j];
@@ -3660,16 +3741,16 @@ static void test_numerics(void) {
         }
         kfac_optimizer *hs = make_handle(KFAC_FLOAT64, m), *hm = make_handle(KFAC_FLOAT64, m),
                        *hl = make_handle(KFAC_FLOAT64, m);
-        REQUIRE_OK(hm, kfac_set_param_int(hm, KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_MEAN));
-        REQUIRE_OK(hl, kfac_set_param_double(hl, KFAC_PARAM_OUTPUT_GRAD_SCALE, 8.0));
+        REQUIRE_OK(hm, kfac_param_set_int(hm, KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_MEAN));
+        REQUIRE_OK(hl, kfac_param_set_double(hl, KFAC_PARAM_OUTPUT_GRAD_SCALE, 8.0));
         kfac_optimizer *hh[3] = {hs, hm, hl};
         const double *gg[3] = {gs, gm, gl};
         double G[3][4], A[3][16];
         for (int k = 0; k < 3; k++) {
-            REQUIRE_OK(hh[k], kfac_record_inputs_f64(hh[k], 0, x, rows));
-            REQUIRE_OK(hh[k], kfac_record_output_grads_f64(hh[k], 0, gg[k], rows));
-            REQUIRE_OK(hh[k], kfac_update_factors(hh[k]));
-            REQUIRE_OK(hh[k], kfac_get_factors_f64(hh[k], 0, A[k], G[k]));
+            REQUIRE_OK(hh[k], kfac_layer_record_inputs_f64(hh[k], 0, x, rows));
+            REQUIRE_OK(hh[k], kfac_layer_record_output_grads_f64(hh[k], 0, gg[k], rows));
+            REQUIRE_OK(hh[k], kfac_optimizer_update_factors(hh[k]));
+            REQUIRE_OK(hh[k], kfac_layer_get_factors_f64(hh[k], 0, 0, A[k], G[k]));
         }
         double EG[4] = {0};
         for (int n = 0; n < rows; n++)
@@ -3689,8 +3770,8 @@ static void test_numerics(void) {
     /* Preconditioning against dense oracles. 6 rows per layer. */
     kfac_optimizer *h = make_handle(KFAC_FLOAT64, m);
     const double lambda = 1e-2;
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, 0.0));
     for (int l = 0; l < 2; l++) {
         const int rows = 6;
         buf_t x = buf_new(KFAC_FLOAT64, (size_t)(rows * m->l[l].in));
@@ -3702,10 +3783,10 @@ static void test_numerics(void) {
         buf_free(&x);
         buf_free(&g);
     }
-    REQUIRE_OK(h, kfac_update_factors(h));
-    REQUIRE_OK(h, kfac_update_inverses(h));
+    REQUIRE_OK(h, kfac_optimizer_update_factors(h));
+    REQUIRE_OK(h, kfac_optimizer_update_inverses(h));
     double A[2][16], G[2][9];
-    for (int l = 0; l < 2; l++) REQUIRE_OK(h, kfac_get_factors_f64(h, l, A[l], G[l]));
+    for (int l = 0; l < 2; l++) REQUIRE_OK(h, kfac_layer_get_factors_f64(h, l, 0, A[l], G[l]));
 
     grads_t v = grads_new(KFAC_FLOAT64, m, &r);
     double V[2][12], U[2][12], E[2][12];
@@ -3733,9 +3814,9 @@ static void test_numerics(void) {
         theta_of(&s, m, l, S);
         worst = fmax(worst, rel_diff(S, E[l], (size_t)((m->l[l].in + m->l[l].bias) * m->l[l].out)));
     }
-    check(worst < 1e-10 && kfac_last_kl_scale(h) == 1.0,
+    check(worst < 1e-10 && kl_scale(h) == 1.0,
           "kfac_step with KL clip 0: directions equal the oracle (rel. diff %.2e), ν = %g", worst,
-          kfac_last_kl_scale(h));
+          kl_scale(h));
 
     /* KL clip: ν = min(1, sqrt(κ / (η² Σ_l |⟨U_l, V_l⟩|))). */
     double inner = 0;
@@ -3744,8 +3825,8 @@ static void test_numerics(void) {
             inner += E[l][i] * V[l][i];
     const double eta = 0.5, kappa = 1e-4 * eta * eta * fabs(inner);
     const double nu = fmin(1.0, sqrt(kappa / (eta * eta * fabs(inner))));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, kappa));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_LEARNING_RATE, eta));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, kappa));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_LEARNING_RATE, eta));
     grads_t c = grads_clone(&v);
     REQUIRE_OK(h, step(h, &c));
     worst = 0;
@@ -3756,12 +3837,12 @@ static void test_numerics(void) {
         theta_of(&c, m, l, S);
         worst = fmax(worst, rel_diff(S, scaled, n));
     }
-    const double nu_lib = kfac_last_kl_scale(h);
+    const double nu_lib = kl_scale(h);
     check(fabs(nu_lib - nu) < 1e-10 * nu && worst < 1e-9,
           "KL clip κ = %.3g, η = %g: ν = %.6g (library %.6g), directions = ν U (rel. diff %.2e)",
           kappa, eta, nu, nu_lib, worst);
     /* η = 0 is accepted and never clips (ν = 1), whatever κ. */
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_LEARNING_RATE, 0.0));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_LEARNING_RATE, 0.0));
     grads_t c0 = grads_clone(&v);
     REQUIRE_OK(h, step(h, &c0));
     worst = 0;
@@ -3769,18 +3850,18 @@ static void test_numerics(void) {
         theta_of(&c0, m, l, S);
         worst = fmax(worst, rel_diff(S, E[l], (size_t)((m->l[l].in + m->l[l].bias) * m->l[l].out)));
     }
-    check(kfac_last_kl_scale(h) == 1.0 && worst < 1e-10,
+    check(kl_scale(h) == 1.0 && worst < 1e-10,
           "KL clip κ = %.3g with learning rate η = 0: ν = %g (want 1), directions = U (rel. diff "
-          "%.2e)", kappa, kfac_last_kl_scale(h), worst);
+          "%.2e)", kappa, kl_scale(h), worst);
     grads_free(&c0);
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_LEARNING_RATE, eta));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_LEARNING_RATE, eta));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, 0.0));
 
     /* Cholesky strategy with and without π. */
     for (int use_pi = 1; use_pi >= 0; use_pi--) {
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_CHOLESKY));
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_PI_DAMPING, use_pi));
-        REQUIRE_OK(h, kfac_update_inverses(h));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_CHOLESKY));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_PI_DAMPING, use_pi));
+        REQUIRE_OK(h, kfac_optimizer_update_inverses(h));
         grads_t q = grads_clone(&v);
         for (int l = 0; l < 2; l++) {
             REQUIRE_OK(h, precondition(h, l, &q.w[l], m->l[l].bias ? &q.b[l] : NULL));
@@ -3803,7 +3884,7 @@ static void test_numerics(void) {
 }
 
 /* A float64 convolution through the C ABI: Ω_g and Γ_g against a naive loop over examples,
- * output positions and kernel offsets, and kfac_step_f64's directions (eigen strategy, KL clip
+ * output positions and kernel offsets, and kfac_optimizer_step_f64's directions (eigen strategy, KL clip
  * 0) against a dense solve of (Ω_g ⊗ Γ_g + λI) vec(U_g) = vec(V_g) per group. The same batch is
  * fed in NCHW and in NHWC. */
 static void test_conv_numerics(void) {
@@ -3877,18 +3958,18 @@ static void test_conv_numerics(void) {
         kfac_optimizer *h = NULL;
         int32_t id = -1;
         REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
-        REQUIRE_OK(h, kfac_add_conv2d(h, &d, &id));
-        REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
-        REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
-        REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN));
+        REQUIRE_OK(h, kfac_layer_add_conv2d(h, &d, &id));
+        REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+        REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN));
         const double *xin = layout == KFAC_LAYOUT_NCHW ? &x[0][0][0][0] : &xl[0][0][0][0];
         const double *gin = layout == KFAC_LAYOUT_NCHW ? &gr[0][0][0][0] : &gl[0][0][0][0];
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, id, xin, N));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, id, gin, N));
-        REQUIRE_OK(h, kfac_update_factors(h));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, id, xin, N));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, id, gin, N));
+        REQUIRE_OK(h, kfac_optimizer_update_factors(h));
         for (int gi = 0; gi < G; gi++) {
             double A[AD * AD], Gm[OG * OG];
-            REQUIRE_OK(h, kfac_get_group_factors_f64(h, id, gi, A, Gm));
+            REQUIRE_OK(h, kfac_layer_get_factors_f64(h, id, gi, A, Gm));
             const double da = rel_diff(A, omega[gi], AD * AD), dg = rel_diff(Gm, gamma[gi], OG * OG);
             check(da < 1e-13 && dg < 1e-13,
                   "%s, group %d: Ω_g (%dx%d) and Γ_g (%dx%d) equal the naive loop (rel. diff %.1e, "
@@ -3898,11 +3979,11 @@ static void test_conv_numerics(void) {
         memcpy(w, wt, sizeof w);
         memcpy(b, bs, sizeof b);
         double *wp[1] = {&w[0][0][0][0]}, *bp[1] = {b};
-        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        REQUIRE_OK(h, kfac_optimizer_step_f64(h, wp, bp, 1));
         const double dw = rel_diff(&w[0][0][0][0], &want_w[0][0], COUT * P);
         const double db = rel_diff(b, want_b, COUT);
-        check(dw < 1e-10 && db < 1e-10 && kfac_last_kl_scale(h) == 1.0,
-              "%s: kfac_step_f64 (eigen, KL clip 0) writes (Ω_g ⊗ Γ_g + λI)⁻¹ vec([W_g | b_g]) per "
+        check(dw < 1e-10 && db < 1e-10 && kl_scale(h) == 1.0,
+              "%s: kfac_optimizer_step_f64 (eigen, KL clip 0) writes (Ω_g ⊗ Γ_g + λI)⁻¹ vec([W_g | b_g]) per "
               "group, by dense %dx%d solves (rel. diff %.1e weights, %.1e biases)",
               tag, OG * AD, OG * AD, dw, db);
         kfac_optimizer_free(h);
@@ -3923,15 +4004,19 @@ static void test_adaptive_call_order(void) {
         size_t size;
         char what[160];
         double alpha = -777, mu = -777, m = -777, rho = -777;
-        check(isnan(kfac_last_reduction_ratio(h)), "[%s] kfac_last_reduction_ratio is NaN before "
-              "the first report", dtype_tag(dtype));
+        {
+            const int st_rho = kfac_adaptive_get_reduction_ratio(h, &rho);
+            check(st_rho == KFAC_ERROR_NO_STEP && rho == -777,
+                  "[%s] kfac_adaptive_get_reduction_ratio -> NO_STEP before the first report, *rho "
+                  "untouched (got %s)", dtype_tag(dtype), status_name(st_rho));
+        }
         unsigned char *img = save_image(h, &size);
         int st = solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
                            &alpha, &mu, &m);
         snprintf(what, sizeof what, "[%s] kfac_solve_step_size before any step", dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_STEP, img, size, what);
-        st = kfac_report_loss_change(h, 1.0, 0.5, &rho);
-        snprintf(what, sizeof what, "[%s] kfac_report_loss_change before any solve", dtype_tag(dtype));
+        st = kfac_adaptive_report_loss_change(h, 1.0, 0.5, &rho);
+        snprintf(what, sizeof what, "[%s] kfac_adaptive_report_loss_change before any solve", dtype_tag(dtype));
         expect_fails_unchanged(h, st, KFAC_ERROR_NO_STEP, img, size, what);
         check(alpha == -777 && mu == -777 && m == -777 && rho == -777,
               "[%s]   ... outputs untouched", dtype_tag(dtype));
@@ -3942,23 +4027,23 @@ static void test_adaptive_call_order(void) {
         REQUIRE_OK(h, step(h, &g));
         kfac_optimizer *copy = make_handle(dtype, &TWIN_MODEL);
         img = save_image(h, &size);
-        REQUIRE_OK(copy, kfac_load_state(copy, img, size));
+        REQUIRE_OK(copy, kfac_state_load(copy, img, size));
         free(img);
         img = save_image(copy, &size);
         st = solve_raw(copy, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
                        &alpha, &mu, &m);
-        snprintf(what, sizeof what, "[%s] kfac_solve_step_size after kfac_load_state (directions "
+        snprintf(what, sizeof what, "[%s] kfac_solve_step_size after kfac_state_load (directions "
                  "are not saved)", dtype_tag(dtype));
         expect_fails_unchanged(copy, st, KFAC_ERROR_NO_STEP, img, size, what);
         free(img);
         REQUIRE_OK(h, solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM,
                                 KFAC_DIST_GAUSSIAN, &alpha, &mu, &m));
         img = save_image(h, &size);
-        REQUIRE_OK(copy, kfac_load_state(copy, img, size));
+        REQUIRE_OK(copy, kfac_state_load(copy, img, size));
         free(img);
         double r0 = 0, r1 = 1;
-        st = kfac_report_loss_change(copy, 1.0, 0.25, &r1);
-        const int st0 = kfac_report_loss_change(h, 1.0, 0.25, &r0);
+        st = kfac_adaptive_report_loss_change(copy, 1.0, 0.25, &r1);
+        const int st0 = kfac_adaptive_report_loss_change(h, 1.0, 0.25, &r0);
         check(st0 == KFAC_OK && st == KFAC_OK && r0 == r1 && mu == 0.0 && m < 0,
               "[%s] a pending prediction is saved: the loaded copy reports the same ρ = %.6g "
               "(first solve: μ = 0, M(δ) = %.4g < 0)", dtype_tag(dtype), r0, m);
@@ -3983,8 +4068,8 @@ static void test_samplers(void) {
     }
     typedef int (*sampler64)(const double *, int64_t, int64_t, int, uint64_t, double *);
     typedef int (*sampler32)(const float *, int64_t, int64_t, int, uint64_t, float *);
-    const sampler64 f64[2] = {kfac_sample_targets_f64, kfac_sampled_output_grads_f64};
-    const sampler32 f32[2] = {kfac_sample_targets_f32, kfac_sampled_output_grads_f32};
+    const sampler64 f64[2] = {kfac_sample_targets_f64, kfac_sample_output_grads_f64};
+    const sampler32 f32[2] = {kfac_sample_targets_f32, kfac_sample_output_grads_f32};
     const char *names[2] = {"kfac_sample_targets", "kfac_sampled_output_grads"};
     for (int k = 0; k < 2; k++) {
         const struct {
@@ -4046,7 +4131,7 @@ static void test_samplers(void) {
     float targetsf[R * C];
     REQUIRE_OK(NULL, kfac_sample_targets_f64(z, R, C, KFAC_DIST_CATEGORICAL, 9, targets));
     REQUIRE_OK(NULL, kfac_sample_targets_f32(zf, R, C, KFAC_DIST_CATEGORICAL, 9, targetsf));
-    REQUIRE_OK(NULL, kfac_sampled_output_grads_f64(z, R, C, KFAC_DIST_CATEGORICAL, 9, grads));
+    REQUIRE_OK(NULL, kfac_sample_output_grads_f64(z, R, C, KFAC_DIST_CATEGORICAL, 9, grads));
     int one_hot = 1, same_precision = 1, grads_ok = 1;
     for (int n = 0; n < R; n++) {
         double sum = 0, mx = z[n * C], total = 0;
@@ -4228,24 +4313,24 @@ static void test_adaptive_numerics(void) {
     kfac_optimizer *h = NULL;
     int32_t id;
     REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
-    REQUIRE_OK(h, kfac_add_dense(h, AI, AO, 1, &id));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, 0.0));
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 1));
+    REQUIRE_OK(h, add_dense(h, AI, AO, 1, &id));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 1));
 
     for (int k = 0; k < 3; k++) {
         /* Statistics (summed-loss output gradients p − y), the mean-loss gradient, the step. */
         double x[AN * AI], g[AN * AO], z[AN * AO], grad[AQ];
         linear_batch(&data, theta, x, g, z, grad);
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, x, AN));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, AN));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 0, x, AN));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 0, g, AN));
         double dw[AO * AI], db[AO];
         for (int o = 0; o < AO; o++) {
             for (int i = 0; i < AI; i++) dw[o * AI + i] = grad[o * AP + i];
             db[o] = grad[o * AP + AI];
         }
         double *wp[1] = {dw}, *bp[1] = {db};
-        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        REQUIRE_OK(h, kfac_optimizer_step_f64(h, wp, bp, 1));
         double D[AQ];
         for (int o = 0; o < AO; o++) {
             for (int i = 0; i < AI; i++) D[o * AP + i] = dw[o * AI + i];
@@ -4263,12 +4348,12 @@ static void test_adaptive_numerics(void) {
         linear_products(&data, D, jd);
         if (two) linear_products(&data, previous, jp);
         double alpha = 0, mu = 0, m = 0;
-        REQUIRE_OK(h, kfac_solve_step_size_f64(h, z, jd, two ? jp : NULL, AN, AO,
+        REQUIRE_OK(h, kfac_adaptive_solve_step_size_f64(h, z, jd, two ? jp : NULL, AN, AO,
                                                KFAC_DIST_CATEGORICAL, &alpha, &mu, &m));
         check(fabs(alpha - alpha_ref) <= 1e-9 * fabs(alpha_ref) &&
                   fabs(mu - mu_ref) <= 1e-9 * fmax(fabs(mu_ref), 1e-3) &&
                   fabs(m - m_ref) <= 1e-9 * fabs(m_ref) && m < 0 && (mu != 0) == two,
-              "step %d: kfac_solve_step_size_f64 α = %.10g (oracle %.10g), μ = %.10g (%.10g), "
+              "step %d: kfac_adaptive_solve_step_size_f64 α = %.10g (oracle %.10g), μ = %.10g (%.10g), "
               "M(δ) = %.10g (%.10g) from the explicit %d×%d Fisher", k, alpha, alpha_ref, mu,
               mu_ref, m, m_ref, AQ, AQ);
 
@@ -4280,9 +4365,9 @@ static void test_adaptive_numerics(void) {
         }
         const double after = linear_loss(&data, theta);
         double rho = 0;
-        REQUIRE_OK(h, kfac_report_loss_change(h, before, after, &rho));
+        REQUIRE_OK(h, kfac_adaptive_report_loss_change(h, before, after, &rho));
         const double rho_ref = (after - before) / m_ref;
-        check(fabs(rho - rho_ref) <= 1e-8 * fabs(rho_ref) && kfac_last_reduction_ratio(h) == rho &&
+        check(fabs(rho - rho_ref) <= 1e-8 * fabs(rho_ref) && reduction_ratio(h) == rho &&
                   after < before,
               "step %d: ρ = %.10g = (h(θ+δ) − h(θ)) / M(δ) (oracle %.10g); loss %.6f -> %.6f", k,
               rho, rho_ref, before, after);
@@ -4295,10 +4380,10 @@ static void test_adaptive_numerics(void) {
     kfac_optimizer *lm = NULL;
     REQUIRE_OK(lm, kfac_optimizer_create(KFAC_FLOAT64, &lm));
     h = lm;
-    REQUIRE_OK(h, kfac_add_dense(h, AI, AO, 1, &id));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_LM_INTERVAL, 2));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_LM_DECAY, 0.5));
+    REQUIRE_OK(h, add_dense(h, AI, AO, 1, &id));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_LM_INTERVAL, 2));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_LM_DECAY, 0.5));
     const double ratios[8] = {0.1, 0.9, 0.9, 0.5, 0.9, 0.1, 0.1, 0.8};
     double expected = lambda;
     int lm_ok = 1;
@@ -4315,18 +4400,18 @@ static void test_adaptive_numerics(void) {
         for (int j = 0; j < AO * AI; j++) dw[j] = rng_sym(&r);
         for (int j = 0; j < AO; j++) db[j] = rng_sym(&r);
         double *wp[1] = {dw}, *bp[1] = {db}, alpha, mu, m, rho;
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, x, AN));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, AN));
-        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
-        REQUIRE_OK(h, kfac_solve_step_size_f64(h, z, jd, NULL, AN, AO, KFAC_DIST_CATEGORICAL,
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 0, x, AN));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 0, g, AN));
+        REQUIRE_OK(h, kfac_optimizer_step_f64(h, wp, bp, 1));
+        REQUIRE_OK(h, kfac_adaptive_solve_step_size_f64(h, z, jd, NULL, AN, AO, KFAC_DIST_CATEGORICAL,
                                                &alpha, &mu, &m));
-        REQUIRE_OK(h, kfac_report_loss_change(h, 3.0, 3.0 + ratios[i] * m, &rho));
+        REQUIRE_OK(h, kfac_adaptive_report_loss_change(h, 3.0, 3.0 + ratios[i] * m, &rho));
         if (i % 2 == 1) {
             if (ratios[i] > 0.75) expected *= 0.25;
             else if (ratios[i] < 0.25) expected /= 0.25;
         }
         double lam = 0;
-        REQUIRE_OK(h, kfac_get_param_double(h, KFAC_PARAM_DAMPING, &lam));
+        REQUIRE_OK(h, kfac_param_get_double(h, KFAC_PARAM_DAMPING, &lam));
         if (fabs(lam - expected) > 1e-12 * expected || fabs(rho - ratios[i]) > 1e-9) lm_ok = 0;
         snprintf(seen + strlen(seen), sizeof seen - strlen(seen), "%s%.6g", i ? ", " : "", lam);
     }
@@ -4354,16 +4439,16 @@ typedef struct {
     double gamma0; /* KFAC_PARAM_FACTOR_DAMPING at the start (0: the candidates start from λ) */
     double decay;  /* KFAC_PARAM_FACTOR_DAMPING_DECAY */
     double kappa;  /* KFAC_PARAM_KL_CLIP (η is the default 0.1) */
-    int plain;     /* 1: solve with kfac_solve_step_size_f64 (J·D₀ only) instead of the candidates */
+    int plain;     /* 1: solve with kfac_adaptive_solve_step_size_f64 (J·D₀ only) instead of the candidates */
     int steps;
     uint64_t seed;
 } candidate_run_t;
 
 /* One run of the γ re-choice on the linear softmax model of 4b (float64, λ = 0.05,
- * ω₂ = decay^T₂): `steps` steps of the adaptive loop with kfac_solve_step_size_candidates_f64 and
- * kfac_get_update_f64. At every step, against values computed here from the factors read back
- * (kfac_get_factors_f64), the explicit 16×16 Fisher and the model's Jacobians:
- *   - kfac_candidate_count is 3 on steps k ≡ 0 mod T₂ and 1 otherwise;
+ * ω₂ = decay^T₂): `steps` steps of the adaptive loop with kfac_candidates_solve_step_size_f64 and
+ * kfac_adaptive_get_update_f64. At every step, against values computed here from the factors read back
+ * (kfac_layer_get_factors_f64), the explicit 16×16 Fisher and the model's Jacobians:
+ *   - kfac_candidates_get_count is 3 on steps k ≡ 0 mod T₂ and 1 otherwise;
  *   - candidate j's γ_j is γ, γ·ω₂, γ/ω₂ (γ = KFAC_PARAM_FACTOR_DAMPING, or λ while it is 0) and
  *     its directions are the explicit damped solve: eigen strategy (A ⊗ G + γ_j I)⁻¹ vec(V),
  *     a dense 16×16 solve (kron_solve); Cholesky strategy (G + (√γ_j/π) I)⁻¹ V (A + π√γ_j I)⁻¹,
@@ -4372,9 +4457,9 @@ typedef struct {
  *     ν_j = min(1, sqrt(κ / (η² |⟨U_j, V⟩|))). Candidate 0 is bitwise what kfac_step wrote;
  *   - the candidate solve keeps the candidate whose minimised quadratic model M(δ_j) is lowest
  *     (model_minimum, with λ), with its α, μ and M(δ); KFAC_PARAM_FACTOR_DAMPING is then its γ
- *     (unchanged on other steps, and by kfac_solve_step_size_f64 with `plain`, which solves for
+ *     (unchanged on other steps, and by kfac_adaptive_solve_step_size_f64 with `plain`, which solves for
  *     candidate 0);
- *   - kfac_get_update_f64 is −α·D_kept + μ·δ₀, and still the last solve's update after the next
+ *   - kfac_adaptive_get_update_f64 is −α·D_kept + μ·δ₀, and still the last solve's update after the next
  *     step; ρ of the report uses the kept M(δ).
  * Returns the number of γ steps that kept a candidate other than 0 (a changed γ). */
 static int candidate_run(const candidate_run_t *run) {
@@ -4394,14 +4479,14 @@ static int candidate_run(const candidate_run_t *run) {
     kfac_optimizer *h = NULL;
     int32_t id;
     REQUIRE_OK(h, kfac_optimizer_create(KFAC_FLOAT64, &h));
-    REQUIRE_OK(h, kfac_add_dense(h, AI, AO, 1, &id));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_DAMPING, lambda));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_FACTOR_DAMPING, run->gamma0));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_FACTOR_DAMPING_DECAY, run->decay));
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_FACTOR_DAMPING_PERIOD, run->period));
-    REQUIRE_OK(h, kfac_set_param_double(h, KFAC_PARAM_KL_CLIP, run->kappa));
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_STRATEGY, run->strategy));
-    REQUIRE_OK(h, kfac_set_param_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD,
+    REQUIRE_OK(h, add_dense(h, AI, AO, 1, &id));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DAMPING, run->gamma0));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DAMPING_DECAY, run->decay));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_FACTOR_DAMPING_PERIOD, run->period));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, run->kappa));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, run->strategy));
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD,
                                      run->strategy == KFAC_INVERSE_EIGEN ? 1 : run->period));
     /* The factors and γ the Cholesky inverses in use were computed with. */
     double A_inv[AP * AP], G_inv[AO * AO], gamma_inv = 0;
@@ -4411,41 +4496,41 @@ static int candidate_run(const candidate_run_t *run) {
         double x[AN * AI], g[AN * AO], z[AN * AO], grad[AQ];
         linear_batch(&data, theta, x, g, z, grad);
         double gamma_param = -1;
-        REQUIRE_OK(h, kfac_get_param_double(h, KFAC_PARAM_FACTOR_DAMPING, &gamma_param));
+        REQUIRE_OK(h, kfac_param_get_double(h, KFAC_PARAM_FACTOR_DAMPING, &gamma_param));
         const double cur = gamma_param > 0 ? gamma_param : lambda;
-        REQUIRE_OK(h, kfac_record_inputs_f64(h, 0, x, AN));
-        REQUIRE_OK(h, kfac_record_output_grads_f64(h, 0, g, AN));
+        REQUIRE_OK(h, kfac_layer_record_inputs_f64(h, 0, x, AN));
+        REQUIRE_OK(h, kfac_layer_record_output_grads_f64(h, 0, g, AN));
         double dw[AO * AI], db[AO], D[3][AQ];
         for (int o = 0; o < AO; o++) {
             for (int i = 0; i < AI; i++) dw[o * AI + i] = grad[o * AP + i];
             db[o] = grad[o * AP + AI];
         }
         double *wp[1] = {dw}, *bp[1] = {db};
-        REQUIRE_OK(h, kfac_step_f64(h, wp, bp, 1));
+        REQUIRE_OK(h, kfac_optimizer_step_f64(h, wp, bp, 1));
         double written[AQ];
         linear_theta(dw, db, written);
         const int two = k > 0;
         if (two) {
             double uw[AO * AI], ub[AO], U[AQ];
             double *uwp[1] = {uw}, *ubp[1] = {ub};
-            const int st = kfac_get_update_f64(h, uwp, ubp, 1);
+            const int st = kfac_adaptive_get_update_f64(h, uwp, ubp, 1);
             linear_theta(uw, ub, U);
             check(st == KFAC_OK && memcmp(U, last_update, sizeof U) == 0,
-                  "[%s] step %d: after the step, before its solve, kfac_get_update_f64 still gives "
+                  "[%s] step %d: after the step, before its solve, kfac_adaptive_get_update_f64 still gives "
                   "the last solve's update (%s)", tag, k, status_name(st));
         }
 
         /* (a) the count. */
         const int gamma_step = k % run->period == 0;
         int32_t n = -1;
-        REQUIRE_OK(h, kfac_candidate_count(h, &n));
-        check(n == (gamma_step ? 3 : 1), "[%s] step %d: kfac_candidate_count %d (want %d)", tag, k,
+        REQUIRE_OK(h, kfac_candidates_get_count(h, &n));
+        check(n == (gamma_step ? 3 : 1), "[%s] step %d: kfac_candidates_get_count %d (want %d)", tag, k,
               (int)n, gamma_step ? 3 : 1);
         if (n < 1 || n > 3) break;
 
         /* (b) every candidate against the explicit solve. */
         double A[AP * AP], G[AO * AO];
-        REQUIRE_OK(h, kfac_get_factors_f64(h, 0, A, G));
+        REQUIRE_OK(h, kfac_layer_get_factors_f64(h, 0, 0, A, G));
         if (run->strategy == KFAC_INVERSE_CHOLESKY && gamma_step) {
             memcpy(A_inv, A, sizeof A);
             memcpy(G_inv, G, sizeof G);
@@ -4457,7 +4542,7 @@ static int candidate_run(const candidate_run_t *run) {
             double cw[AO * AI], cb[AO], E[AQ];
             double *cwp[1] = {cw}, *cbp[1] = {cb};
             calls_ok = calls_ok &&
-                       kfac_candidate_directions_f64(h, j, cwp, cbp, 1, &gamma_lib[j]) == KFAC_OK;
+                       kfac_candidates_get_directions_f64(h, j, cwp, cbp, 1, &gamma_lib[j]) == KFAC_OK;
             linear_theta(cw, cb, D[j]);
             if (run->strategy == KFAC_INVERSE_EIGEN)
                 kron_solve(A, G, AP, AO, want_gamma[j], grad, E);
@@ -4482,7 +4567,7 @@ static int candidate_run(const candidate_run_t *run) {
                 snprintf(gammas + strlen(gammas), sizeof gammas - strlen(gammas), "%s%.4g",
                          j ? ", " : "", nu[j]);
         }
-        const double nu_step = kfac_last_kl_scale(h);
+        const double nu_step = kl_scale(h);
         check(calls_ok && worst < 1e-10 && worst_gamma < 1e-14 &&
                   memcmp(D[0], written, sizeof written) == 0 && fabs(nu_step - nu[0]) <= 1e-12,
               "[%s] step %d: %d candidate(s), γ_j = %s (rel. diff %.1e), directions = the explicit "
@@ -4513,15 +4598,15 @@ static int candidate_run(const candidate_run_t *run) {
         int32_t chosen = -1;
         double alpha = 0, mu = 0, m = 0, gamma_after = -1;
         if (run->plain) {
-            REQUIRE_OK(h, kfac_solve_step_size_f64(h, z, jd[0], two ? jp : NULL, AN, AO,
+            REQUIRE_OK(h, kfac_adaptive_solve_step_size_f64(h, z, jd[0], two ? jp : NULL, AN, AO,
                                                    KFAC_DIST_CATEGORICAL, &alpha, &mu, &m));
             chosen = 0;
         } else {
-            REQUIRE_OK(h, kfac_solve_step_size_candidates_f64(h, z, jdp, n, two ? jp : NULL, AN, AO,
+            REQUIRE_OK(h, kfac_candidates_solve_step_size_f64(h, z, jdp, n, two ? jp : NULL, AN, AO,
                                                               KFAC_DIST_CATEGORICAL, &chosen,
                                                               &alpha, &mu, &m));
         }
-        REQUIRE_OK(h, kfac_get_param_double(h, KFAC_PARAM_FACTOR_DAMPING, &gamma_after));
+        REQUIRE_OK(h, kfac_param_get_double(h, KFAC_PARAM_FACTOR_DAMPING, &gamma_after));
         const int c = chosen >= 0 && chosen < n ? chosen : 0;
         char models[160] = "";
         for (int j = 0; j < n; j++)
@@ -4536,10 +4621,10 @@ static int candidate_run(const candidate_run_t *run) {
               alpha_ref[c], mu, mu_ref[c], m, m_ref[c]);
         const double want_after = gamma_step && !run->plain ? gamma_lib[c] : gamma_param;
         int32_t left = -1;
-        REQUIRE_OK(h, kfac_candidate_count(h, &left));
+        REQUIRE_OK(h, kfac_candidates_get_count(h, &left));
         check(gamma_after == want_after && left == 0,
               "[%s] step %d: KFAC_PARAM_FACTOR_DAMPING after the solve %.10g (want %.10g: %s); "
-              "kfac_candidate_count %d (want 0)", tag, k, gamma_after, want_after,
+              "kfac_candidates_get_count %d (want 0)", tag, k, gamma_after, want_after,
               gamma_step && !run->plain ? "the kept candidate's γ" : "unchanged", (int)left);
         if (gamma_step && c != 0) changed++;
         if (run->strategy == KFAC_INVERSE_CHOLESKY && gamma_step) gamma_inv = gamma_lib[c];
@@ -4547,11 +4632,11 @@ static int candidate_run(const candidate_run_t *run) {
         /* (d) the update. */
         double uw[AO * AI], ub[AO], U[AQ], want_u[AQ];
         double *uwp[1] = {uw}, *ubp[1] = {ub};
-        REQUIRE_OK(h, kfac_get_update_f64(h, uwp, ubp, 1));
+        REQUIRE_OK(h, kfac_adaptive_get_update_f64(h, uwp, ubp, 1));
         linear_theta(uw, ub, U);
         for (int q = 0; q < AQ; q++) want_u[q] = -alpha * D[c][q] + (two ? mu * previous[q] : 0.0);
         const double du = rel_diff(U, want_u, AQ);
-        check(du < 1e-13, "[%s] step %d: kfac_get_update_f64 = −α·D_%d + μ·δ₀ (rel. diff %.2e)", tag,
+        check(du < 1e-13, "[%s] step %d: kfac_adaptive_get_update_f64 = −α·D_%d + μ·δ₀ (rel. diff %.2e)", tag,
               k, (int)chosen, du);
         memcpy(last_update, U, sizeof U);
 
@@ -4563,7 +4648,7 @@ static int candidate_run(const candidate_run_t *run) {
         }
         const double after = linear_loss(&data, theta);
         double rho = 0;
-        REQUIRE_OK(h, kfac_report_loss_change(h, before, after, &rho));
+        REQUIRE_OK(h, kfac_adaptive_report_loss_change(h, before, after, &rho));
         const double rho_ref = (after - before) / m_ref[c];
         check(fabs(rho - rho_ref) <= 1e-8 * fabs(rho_ref),
               "[%s] step %d: ρ = %.10g (oracle %.10g, with the kept M(δ)); loss %.6f -> %.6f", tag,
@@ -4595,7 +4680,7 @@ static void test_candidate_numerics(void) {
     /* T₂ = 3: the count pattern 3, 1, 1, 3 and ω₂ = decay³. */
     const candidate_run_t period3 = {KFAC_INVERSE_EIGEN, 3, 0.02, 0.6, 0.0, 0, 4, 757};
     candidate_run(&period3);
-    /* kfac_solve_step_size_f64 on γ steps: candidate 0's model, γ kept, candidates discarded. */
+    /* kfac_adaptive_solve_step_size_f64 on γ steps: candidate 0's model, γ kept, candidates discarded. */
     const candidate_run_t plain = {KFAC_INVERSE_EIGEN, 2, 0.02, 0.5, 0.0, 1, 3, 727};
     candidate_run(&plain);
 }
@@ -4627,7 +4712,7 @@ static int twins_solve_same(twins_t *t, char *why, size_t why_size) {
     const int ok = st[0] == KFAC_OK && st[1] == KFAC_OK && memcmp(res[0], res[1], sizeof res[0]) == 0;
     snprintf(why, why_size, "untouched twin: %s α = %.10g; other twin: %s α = %.10g%s%s",
              status_name(st[0]), res[0][0], status_name(st[1]), st[1] == KFAC_OK ? res[1][0] : NAN,
-             st[1] == KFAC_OK ? "" : ": ", st[1] == KFAC_OK ? "" : kfac_last_error(t->h[1]));
+             st[1] == KFAC_OK ? "" : ": ", st[1] == KFAC_OK ? "" : kfac_optimizer_last_error(t->h[1]));
     adaptive_data_free(&d);
     return ok;
 }
@@ -4658,7 +4743,7 @@ static void test_adaptive_known_bugs(void) {
         grads_t g = grads_new(KFAC_FLOAT32, &t.model, &t.rng);
         for (size_t i = 0; i < g.w[1].n; i++) buf_set(&g.w[1], i, 3e38);
         const int st = step(t.h[1], &g);
-        check(st == KFAC_ERROR_NON_FINITE && kfac_step_count(t.h[0]) == kfac_step_count(t.h[1]) &&
+        check(st == KFAC_ERROR_NON_FINITE && step_count(t.h[0]) == step_count(t.h[1]) &&
                   same_state(t.h[0], t.h[1]),
               "[f32] a step whose preconditioned gradient overflows fails (%s) and leaves the "
               "state image", status_name(st));
