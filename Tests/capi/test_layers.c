@@ -184,7 +184,160 @@ void test_layer_info(void) {
     kfac_optimizer_free(h);
 }
 
-void test_dense_desc(void) {}
+/* The A and G of a one-layer float64 handle registered from `desc` (struct_size bytes of it)
+ * after one fixed batch of 6 rows (seed 77): 1 if registration, record and fold succeeded. */
+static int dense_factors(const kfac_dense_desc *desc, int64_t in, int64_t out, int bias, double *A,
+                         double *G) {
+    kfac_optimizer *h = NULL;
+    if (kfac_optimizer_create(KFAC_FLOAT64, &h) != KFAC_OK) return 0;
+    int32_t id = -1;
+    int ok = kfac_layer_add_dense(h, desc, &id) == KFAC_OK && id == 0;
+    rng_t r = {77};
+    buf_t x = buf_new(KFAC_FLOAT64, (size_t)(6 * in)), g = buf_new(KFAC_FLOAT64, (size_t)(6 * out));
+    buf_random(&x, &r);
+    buf_random(&g, &r);
+    ok = ok && record_inputs(h, 0, &x, 6) == KFAC_OK && record_grads(h, 0, &g, 6) == KFAC_OK &&
+         kfac_optimizer_update_factors(h) == KFAC_OK &&
+         kfac_layer_get_factors_f64(h, 0, 0, A, G) == KFAC_OK;
+    (void)bias;
+    buf_free(&x);
+    buf_free(&g);
+    kfac_optimizer_free(h);
+    return ok;
+}
+
+/* kfac_dense_desc: error paths on the twins (each leaves the layer list, the state and
+ * *layer_id alone), the growable struct (an older struct_size reads the fields past it as 0),
+ * group sizes not smaller than the features. */
+void test_dense_desc(void) {
+    section("kfac_dense_desc");
+    for (int dt = KFAC_FLOAT32; dt <= KFAC_FLOAT64; dt++) {
+        twins_t t = twins_new(dt, dt == KFAC_FLOAT32 ? 3101 : 3202);
+        kfac_optimizer *B = t.h[1];
+        char what[256];
+        const struct {
+            int field; /* 0 struct_size, 1 has_bias, 2 reserved, 3 input_group_size,
+                          4 output_group_size */
+            int64_t value;
+            int want;
+            const char *what;
+        } cases[] = {
+            {0, 0, KFAC_ERROR_INVALID_SIZE, "struct_size = 0"},
+            {0, sizeof(size_t), KFAC_ERROR_INVALID_SIZE, "struct_size = sizeof(size_t)"},
+            {0, offsetof(kfac_dense_desc, has_bias), KFAC_ERROR_INVALID_SIZE,
+             "struct_size ending before has_bias"},
+            {0, offsetof(kfac_dense_desc, reserved) + sizeof(int32_t) - 1, KFAC_ERROR_INVALID_SIZE,
+             "struct_size one byte short of `reserved`"},
+            {1, 2, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = 2"},
+            {1, -1, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = -1"},
+            {1, INT32_MAX, KFAC_ERROR_INVALID_ARGUMENT, "has_bias = INT32_MAX"},
+            {2, 1, KFAC_ERROR_INVALID_ARGUMENT, "reserved = 1"},
+            {2, -1, KFAC_ERROR_INVALID_ARGUMENT, "reserved = -1"},
+            {2, INT32_MIN, KFAC_ERROR_INVALID_ARGUMENT, "reserved = INT32_MIN"},
+            {3, -1, KFAC_ERROR_INVALID_SIZE, "input_group_size = -1"},
+            {3, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "input_group_size = INT64_MIN"},
+            {4, -3, KFAC_ERROR_INVALID_SIZE, "output_group_size = -3"},
+            {4, INT64_MIN, KFAC_ERROR_INVALID_SIZE, "output_group_size = INT64_MIN"},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            kfac_dense_desc d;
+            memset(&d, 0, sizeof d);
+            d.struct_size = sizeof d;
+            d.in_features = 4;
+            d.out_features = 3;
+            d.has_bias = 1;
+            const int64_t v = cases[i].value;
+            switch (cases[i].field) {
+            case 0: d.struct_size = (size_t)v; break;
+            case 1: d.has_bias = (int32_t)v; break;
+            case 2: d.reserved = (int32_t)v; break;
+            case 3: d.input_group_size = v; break;
+            case 4: d.output_group_size = v; break;
+            }
+            int32_t id = -77;
+            const int st = bad_call(B, kfac_layer_add_dense(B, &d, &id));
+            snprintf(what, sizeof what, "kfac_layer_add_dense(%s)", cases[i].what);
+            after_bad(&t, st, cases[i].want, what, 0, id == -77 && layer_count(B) == 2);
+        }
+        {
+            int32_t id = -77;
+            const int st = bad_call(B, kfac_layer_add_dense(B, NULL, &id));
+            after_bad(&t, st, KFAC_ERROR_NULL_POINTER, "kfac_layer_add_dense(desc = NULL)", 0,
+                      id == -77 && layer_count(B) == 2);
+        }
+        /* reserved is checked although has_bias, sizes and groups are valid; a short struct
+         * that ends before a bad reserved value is still too small. */
+        char why[512] = "";
+        check(twins_round(&t, why, sizeof why), "[%s] a round after the kfac_dense_desc errors: "
+              "identical directions%s%s", dtype_tag(dt), why[0] ? ": " : "", why);
+        twins_free(&t);
+    }
+
+    /* The growable struct: bytes past an older caller's struct_size are not read (they hold
+     * garbage here), and the group sizes read as 0 = no grouping. The factors must equal those
+     * of the full struct without grouping, bitwise, and differ from a grouped layer's. */
+    enum { IN = 6, OUT = 4 };
+    double A_full[(IN + 1) * (IN + 1)], G_full[OUT * OUT], A[(IN + 1) * (IN + 1)], G[OUT * OUT];
+    kfac_dense_desc full;
+    memset(&full, 0, sizeof full);
+    full.struct_size = sizeof full;
+    full.in_features = IN;
+    full.out_features = OUT;
+    full.has_bias = 1;
+    const int full_ok = dense_factors(&full, IN, OUT, 1, A_full, G_full);
+    check(full_ok, "kfac_dense_desc (full struct, no grouping): registered, factors read back");
+    const size_t older[] = {offsetof(kfac_dense_desc, input_group_size),
+                            offsetof(kfac_dense_desc, output_group_size)};
+    for (size_t i = 0; i < 2; i++) {
+        kfac_dense_desc d;
+        memset(&d, 0xA5, sizeof d); /* garbage past struct_size: group sizes 0xA5A5... */
+        d.struct_size = older[i];
+        d.in_features = IN;
+        d.out_features = OUT;
+        d.has_bias = 1;
+        d.reserved = 0;
+        if (i == 1) d.input_group_size = 0;
+        memset(A, 0, sizeof A);
+        memset(G, 0, sizeof G);
+        const int ok = dense_factors(&d, IN, OUT, 1, A, G);
+        check(ok && full_ok && memcmp(A, A_full, sizeof A) == 0 && memcmp(G, G_full, sizeof G) == 0,
+              "kfac_dense_desc with an older struct_size %zu (%s): accepted, the fields past it "
+              "read as 0 (factors bitwise those of the ungrouped full struct)", older[i],
+              i == 0 ? "no group sizes" : "no output_group_size");
+    }
+    {
+        /* Zero-initialised with only the sizes set, the documented way. */
+        kfac_dense_desc d = {sizeof d, .in_features = IN, .out_features = OUT, .has_bias = 1};
+        const int ok = dense_factors(&d, IN, OUT, 1, A, G);
+        check(ok && memcmp(A, A_full, sizeof A) == 0 && memcmp(G, G_full, sizeof G) == 0,
+              "kfac_dense_desc zero-initialised by a designated initialiser: the same layer");
+    }
+    {
+        /* Group sizes not smaller than the features mean no grouping; a real grouping differs. */
+        kfac_dense_desc d = full;
+        d.input_group_size = IN;
+        d.output_group_size = OUT + 5;
+        int ok = dense_factors(&d, IN, OUT, 1, A, G);
+        check(ok && memcmp(A, A_full, sizeof A) == 0 && memcmp(G, G_full, sizeof G) == 0,
+              "kfac_dense_desc with group sizes %d and %d (not smaller than in %d, out %d): no "
+              "grouping", IN, OUT + 5, IN, OUT);
+        d.input_group_size = 2;
+        d.output_group_size = 2;
+        ok = dense_factors(&d, IN, OUT, 1, A, G);
+        int blocks_ok = ok;
+        for (int r = 0; r <= IN; r++)
+            for (int c = 0; c <= IN; c++) {
+                const int same_block = (r == IN || c == IN) ? r == c : r / 2 == c / 2;
+                const double want = same_block ? A_full[r * (IN + 1) + c] : 0.0;
+                if (A[r * (IN + 1) + c] != want) blocks_ok = 0;
+            }
+        for (int r = 0; r < OUT; r++)
+            for (int c = 0; c < OUT; c++)
+                if (G[r * OUT + c] != (r / 2 == c / 2 ? G_full[r * OUT + c] : 0.0)) blocks_ok = 0;
+        check(blocks_ok, "kfac_dense_desc with group sizes 2 and 2: A and G are the full factors' "
+                         "blocks (the bias its own 1×1 block), zeros elsewhere");
+    }
+}
 
 
 /* 4 -> 6 channels in 2 groups, 3x3 kernel, stride 2, padding 1 on 5x6 NCHW inputs (|T| = 3·3),
