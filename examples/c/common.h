@@ -22,7 +22,7 @@ void *xcalloc(size_t count, size_t size);
         if (kfac_check_status_ != KFAC_OK) {                                                   \
             fprintf(stderr, "%s:%d: %s failed: %s (%d): %s\n", __FILE__, __LINE__, #call,      \
                     kfac_status_string(kfac_check_status_), kfac_check_status_,                \
-                    kfac_last_error(opt));                                                     \
+                    kfac_optimizer_last_error(opt));                                           \
             exit(1);                                                                           \
         }                                                                                      \
     } while (0)

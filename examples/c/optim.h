@@ -10,7 +10,7 @@
  *                      output distribution (the caller's R-op gives J·D and J·δ₀),
  *                      Levenberg–Marquardt λ from the reported loss change, optionally a
  *                      separate factor damping γ and its re-choice every T₂ steps. Fisher
- *                      statistics from the library's seeded sampler (kfac_sampled_output_grads_f32).
+ *                      statistics from the library's seeded sampler (kfac_sample_output_grads_f32).
  *   OPT_SGD            SGD with momentum: m ← momentum·m + g, θ ← θ − lr·m.
  *   OPT_ADAM           Adam (Kingma & Ba 2015).
  *
@@ -66,7 +66,7 @@ typedef struct {
     params_t candidate;      /* directions of one γ candidate */
     int has_previous;
     rop_buffers_t r_dir[MAX_CANDIDATES], r_prev; /* R-op results along D_k and δ₀ */
-    uint64_t sample_seed;    /* seed of kfac_sampled_output_grads_f32, one per call */
+    uint64_t sample_seed;    /* seed of kfac_sample_output_grads_f32, one per call */
     /* of the last step: */
     double alpha, mu, rho, predicted;
     int32_t n_candidates, chosen;
