@@ -419,6 +419,24 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                   _ settings: CurvatureSettings) throws(KFACError) {
         _ = try layer(l)
         try checkReady(layer: l, for: power, strategy: settings.strategy)
+        try multiplyGathered(layer: l, vector, power: power, settings)
+        scatter(layer: l, scale: 1, into: vector)
+    }
+
+    /// `multiply(layer:…)` for every layer, `vectors(l)` giving layer l's buffers: every product
+    /// is formed (in the blocks' own buffers) and found finite before any buffer is written, so
+    /// a failure leaves the caller's buffers untouched.
+    func multiplyAll(_ vectors: (Int) -> ParameterGradient<Scalar>, power: CurvaturePower,
+                     _ settings: CurvatureSettings) throws(KFACError) {
+        for l in layers.indices { try checkReady(layer: l, for: power, strategy: settings.strategy) }
+        for l in layers.indices { try multiplyGathered(layer: l, vectors(l), power: power, settings) }
+        for l in layers.indices { scatter(layer: l, scale: 1, into: vectors(l)) }
+    }
+
+    /// Gathers layer l's vector into its blocks and forms each block's product in its
+    /// `direction`, checking that it is finite. Writes nothing of the caller's.
+    private func multiplyGathered(layer l: Int, _ vector: ParameterGradient<Scalar>, power: CurvaturePower,
+                                  _ settings: CurvatureSettings) throws(KFACError) {
         gather(layer: l, vector)
         for k in layerBlocks[l] {
             let c = blocks[k]
@@ -430,7 +448,6 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                                 : "the curvature product of layer \(l) is not finite")
             }
         }
-        scatter(layer: l, scale: 1, into: vector)
     }
 
     /// The explicit damped curvature at `power` of block `group` of layer `l` (oracle tests).

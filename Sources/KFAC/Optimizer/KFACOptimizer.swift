@@ -247,17 +247,14 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try estimator.multiply(layer: layer, v, power: power, parameters.curvatureSettings)
     }
 
-    /// `multiply(layer:…)` for every layer; `vectors(l)` returns layer l's buffers. Every
-    /// layer is checked before any buffer is written; a product that is not finite still stops
-    /// at that layer (`.nonFinite`), earlier layers' buffers then hold their products.
+    /// `multiply(layer:…)` for every layer; `vectors(l)` returns layer l's buffers. On any
+    /// error (a bad buffer, a layer not ready, a product that is not finite) no buffer has been
+    /// written.
     public func multiply(power: CurvaturePower, _ vectors: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
         guard estimator.layerCount > 0 else { throw KFACError(.invalidSize, "no layers are registered") }
         for l in 0..<estimator.layerCount {
             try checkGradient(vectors(l), layer: estimator.layers[l], index: l)
-            try estimator.checkReady(layer: l, for: power, strategy: parameters.inverseStrategy)
         }
-        for l in 0..<estimator.layerCount {
-            try estimator.multiply(layer: l, vectors(l), power: power, parameters.curvatureSettings)
-        }
+        try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
     }
 }
