@@ -108,8 +108,8 @@ protocol OptimizerOperations: AnyObject {
     var layerCount: Int { get }
     var wantsStatistics: Bool { get }
     var stateSize: Int { get }
-    func set(_ p: KFACParameter, _ value: Double) throws(KFACError)
-    func set(_ p: KFACParameter, _ value: Int64) throws(KFACError)
+    func set(_ p: ParameterID, _ value: Double) throws(KFACError)
+    func set(_ p: ParameterID, _ value: Int64) throws(KFACError)
     func addDense(inFeatures: Int, outFeatures: Int, hasBias: Bool, grouping: ChannelGrouping) throws(KFACError) -> Int
     func addConv2d(_ geometry: Conv2dGeometry, approximation: ConvApproximation, grouping: ChannelGrouping) throws(KFACError) -> Int
     func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo

@@ -85,6 +85,10 @@ extension KFACOptimizer {
     /// The number of candidates awaiting the solve: 1, up to 3 on a γ step; 0 when none await.
     public var candidateCount: Int { adaptive.directionsAvailable ? candidates.list.count : 0 }
 
+    /// Whether a loss change was ever reported (so `lastReductionRatio` is a reported ρ, which
+    /// may itself be NaN when that solve's M(δ) was not negative).
+    public var hasReportedLossChange: Bool { adaptive.lossReports > 0 }
+
     /// ρ of the last `reportLossChange`, NaN before the first.
     public var lastReductionRatio: Double { adaptive.lastReductionRatio }
 

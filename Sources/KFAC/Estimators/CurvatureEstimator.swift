@@ -40,4 +40,7 @@ protocol CurvatureEstimator<Scalar>: AnyObject {
     /// `power`.
     func multiply(layer: Int, _ vector: ParameterGradient<Scalar>, power: CurvaturePower,
                   _ settings: CurvatureSettings) throws(KFACError)
+    /// The same for every layer, `vectors(l)` giving layer l's buffers; on error none is written.
+    func multiplyAll(_ vectors: (Int) -> ParameterGradient<Scalar>, power: CurvaturePower,
+                     _ settings: CurvatureSettings) throws(KFACError)
 }

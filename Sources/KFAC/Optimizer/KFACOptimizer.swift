@@ -33,11 +33,11 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         parameters = p
     }
 
-    public func set(_ p: KFACParameter, _ value: Double) throws(KFACError) {
+    public func set(_ p: ParameterID, _ value: Double) throws(KFACError) {
         parameters = try parameters.setting(p, value)
     }
 
-    public func set(_ p: KFACParameter, _ value: Int64) throws(KFACError) {
+    public func set(_ p: ParameterID, _ value: Int64) throws(KFACError) {
         parameters = try parameters.setting(p, value)
     }
 

@@ -26,9 +26,6 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }
 }
 
-/// Renamed in 0.2; kept until every caller says `ParameterID`.
-public typealias KFACParameter = ParameterID
-
 /// How a parameter is read and written (`kfac_param_type`).
 public enum ParameterType: Int32, Sendable {
     case double = 1

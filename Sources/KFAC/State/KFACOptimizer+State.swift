@@ -16,20 +16,34 @@ extension KFACOptimizer {
         adaptive.write(to: &w)
     }
 
-    /// The parameters section: every row of `ParameterSpec.table`, in table order, as f64
-    /// (double parameters) or i64 (int parameters).
+    /// The parameters section: the number of rows, then per row of `ParameterSpec.table` its id
+    /// (i64) and value (f64 for a double parameter, i64 for an int one). Ids make the section
+    /// self-describing, so a family that adds parameters does not change the format.
     private func writeParameters(_ p: KFACParameters, to w: inout StateWriter) {
+        w.u64(UInt64(ParameterSpec.table.count))
         for spec in ParameterSpec.table {
             let v = spec.read(p)
+            w.i64(Int(spec.id.rawValue))
             if spec.type == .double { w.f64(v) } else { w.i64(Int(v)) }
         }
     }
 
-    /// Reads what `writeParameters` wrote: each value must be one its row accepts, and the whole
-    /// set must validate.
+    /// Reads what `writeParameters` wrote: ids ascending and known to this library (an unknown
+    /// one is `.stateVersion`: the image comes from a library with more parameters), each value
+    /// one its row accepts, the whole set valid. A parameter the image lacks keeps its default.
     private func readParameters(from r: inout StateReader) throws(KFACError) -> KFACParameters {
         var p = KFACParameters()
-        for spec in ParameterSpec.table {
+        let count = try r.u64()
+        guard count <= 4096 else { throw KFACError(.corruptState, "state image has an impossible parameter count \(count)") }
+        var previous = Int.min
+        for _ in 0..<Int(count) {
+            let raw = try r.i64()
+            guard raw > previous else { throw KFACError(.corruptState, "state image parameters are not in ascending order") }
+            previous = raw
+            guard let id = Int32(exactly: raw).flatMap(ParameterID.init(rawValue:)) else {
+                throw KFACError(.stateVersion, "state image has parameter \(raw), which this library does not know")
+            }
+            let spec = id.spec
             let v = spec.type == .double ? try r.f64() : Double(try r.i64())
             guard spec.accepts(v) else {
                 throw KFACError(.corruptState, "state image parameter \(spec.name) = \(v) is out of range \(spec.rangeDescription)")

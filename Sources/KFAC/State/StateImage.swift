@@ -4,8 +4,9 @@
 /// Layout (little-endian, all header fields 8 bytes wide):
 ///
 ///     header      "KFACSTAT"  u64 format version  u64 dtype  u64 image size
-///     parameters  per row of `ParameterSpec.table` (ascending id): f64 for a double
-///                 parameter, i64 for an int parameter
+///     parameters  u64 count, then per parameter (ascending id): i64 id, then f64 for a double
+///                 parameter or i64 for an int parameter (a parameter missing from an image
+///                 loads as its default; an unknown id is refused as a newer format)
 ///     optimizer   i64 step count  f64 last ν
 ///     estimator   u64 statistics started  u64 layer count
 ///                 per layer: u64 field count, i64 fields (`LayerDescription.fields`: kind, then

@@ -86,7 +86,7 @@ final class MisuseTests: XCTestCase {
 
     func testParametersByIdentifier() throws {
         let opt = try KFACOptimizer<Float>()
-        for p in KFACParameter.allCases {
+        for p in ParameterID.allCases {
             if p.spec.type == .double {
                 XCTAssertEqual(status { _ = try opt.parameters.int(p) }, .parameterType)
             } else {

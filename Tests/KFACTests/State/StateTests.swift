@@ -121,6 +121,60 @@ final class StateTests: XCTestCase {
     }
 }
 
+extension StateTests {
+    /// Re-seals an edited image: its size field and checksum, as the library writes them.
+    private func sealed(_ bytes: [UInt8]) -> [UInt8] {
+        var b = bytes
+        withUnsafeBytes(of: UInt64(b.count).littleEndian) { for i in 0..<8 { b[24 + i] = $0[i] } }
+        let sum = b.withUnsafeBytes { StateImage.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<(b.count - 8)])) }
+        withUnsafeBytes(of: sum.littleEndian) { for i in 0..<8 { b[b.count - 8 + i] = $0[i] } }
+        return b
+    }
+
+    /// The parameters section is (id, value) pairs: a parameter an image lacks loads as its
+    /// default, an id this library does not know is a newer format, ids out of order are corrupt.
+    func testParameterSectionIsSelfDescribing() throws {
+        var problem = TwoLayerProblem<Double>(seed: 23)
+        let opt = try problem.makeOptimizer { $0.damping = 0.25; $0.lmDecay = 0.5; $0.inverseUpdatePeriod = 3 }
+        let image = try opt.stateImage()
+        func u64(_ b: [UInt8], _ at: Int) -> UInt64 { b[at..<(at + 8)].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
+        func put(_ b: inout [UInt8], _ at: Int, _ v: UInt64) { for i in 0..<8 { b[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
+        let count = Int(u64(image, 32))
+        XCTAssertEqual(count, ParameterSpec.table.count)
+        let rowOf = { (id: ParameterID) in ParameterSpec.table.firstIndex { $0.id == id }! }
+        XCTAssertEqual(u64(image, 40 + 16 * rowOf(.damping)), UInt64(ParameterID.damping.rawValue))
+        XCTAssertEqual(Double(bitPattern: u64(image, 48 + 16 * rowOf(.damping))), 0.25)
+
+        // Without its damping row, the image loads with the default damping and everything else.
+        var withoutDamping = image
+        withoutDamping.removeSubrange((40 + 16 * rowOf(.damping))..<(56 + 16 * rowOf(.damping)))
+        put(&withoutDamping, 32, UInt64(count - 1))
+        let fresh = try problem.makeOptimizer()
+        try sealed(withoutDamping).withUnsafeBytes { try fresh.loadState(from: $0) }
+        XCTAssertEqual(fresh.parameters.damping, KFACParameters().damping)
+        XCTAssertEqual(fresh.parameters.lmDecay, 0.5)
+        XCTAssertEqual(fresh.parameters.inverseUpdatePeriod, 3)
+
+        func status(_ bytes: [UInt8]) -> KFACStatus? {
+            let before = try? fresh.stateImage()
+            defer { XCTAssertEqual(try? fresh.stateImage(), before, "a refused image changes nothing") }
+            do { try bytes.withUnsafeBytes { try fresh.loadState(from: $0) }; return nil } catch { return (error as? KFACError)?.status }
+        }
+        var unknown = image
+        put(&unknown, 40 + 16 * (count - 1), 999)  // the last id becomes one no family has
+        XCTAssertEqual(status(sealed(unknown)), .stateVersion)
+        var swapped = image
+        put(&swapped, 40, UInt64(ParameterID.damping.rawValue))  // row 0 now repeats a later id
+        XCTAssertEqual(status(sealed(swapped)), .corruptState)
+        var outOfRange = image
+        put(&outOfRange, 48 + 16 * rowOf(.damping), (-1.0).bitPattern)
+        XCTAssertEqual(status(sealed(outOfRange)), .corruptState)
+        var huge = image
+        put(&huge, 32, UInt64.max)
+        XCTAssertEqual(status(sealed(huge)), .corruptState)
+    }
+}
+
 /// Minimal temporary-directory helpers on Glibc (the library does not depend on Foundation).
 enum FileManagerFree {
     static func temporaryDirectory() -> String {
