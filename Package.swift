@@ -25,12 +25,8 @@ let package = Package(
         .library(name: "KFAC", targets: ["KFAC"]),
     ],
     targets: [
-        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
-        .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
+        // MARK: - Public API
         .target(name: "KFAC", dependencies: ["CBLAS", "CLAPACKE"]),
-        // include/kfac.h as the C layer sees it (experimental section included), so every
-        // `@c @implementation` export is checked against its declaration. Not API.
-        .systemLibrary(name: "_KFACHeader", path: "Sources/_KFACHeader"),
         .target(
             name: "KFACCAPI",
             dependencies: ["KFAC", "_KFACHeader"],
@@ -40,9 +36,21 @@ let package = Package(
                 "-Xlinker", "--version-script=\(packageRoot)Sources/KFACCAPI/exports.map",
             ])]
         ),
+
+        // MARK: - Implementation details
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
+        .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
+        // include/kfac.h as the C layer sees it (experimental section included), so every
+        // `@c @implementation` export is checked against its declaration. Not API.
+        .systemLibrary(name: "_KFACHeader", path: "Sources/_KFACHeader"),
+        // Interposes malloc in the executables that link it, to count allocations (tests and
+        // benchmarks). Not API.
+        .target(name: "AllocationCounter", path: "Sources/_AllocationCounter"),
+
+        // MARK: - Unit test bundles
         .testTarget(name: "KFACTests", dependencies: ["KFAC", "CBLAS", "AllocationCounter"]),
-        // Interposes malloc in the executables that link it, to count allocations.
-        .target(name: "AllocationCounter", path: "benchmarks/allocation-counter"),
+
+        // MARK: - Examples and benchmarks
         .executableTarget(name: "kfac-swift-example", dependencies: ["KFAC", "CBLAS"], path: "examples/swift"),
         .executableTarget(name: "kfac-bench", dependencies: ["KFAC", "CBLAS", "CLAPACKE", "AllocationCounter"],
                           path: "benchmarks/swift"),

@@ -134,7 +134,7 @@ extension StateTests {
     /// The parameters section is (id, value) pairs: a parameter an image lacks loads as its
     /// default, an id this library does not know is a newer format, ids out of order are corrupt.
     func testParameterSectionIsSelfDescribing() throws {
-        var problem = TwoLayerProblem<Double>(seed: 23)
+        let problem = TwoLayerProblem<Double>(seed: 23)
         let opt = try problem.makeOptimizer { $0.damping = 0.25; $0.lmDecay = 0.5; $0.inverseUpdatePeriod = 3 }
         let image = try opt.stateImage()
         func u64(_ b: [UInt8], _ at: Int) -> UInt64 { b[at..<(at + 8)].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
