@@ -90,7 +90,8 @@ test-swift: deps-apt
 	swift test
 
 # The C ABI tests: a harness, reference oracles and one file per family of the header
-# (Tests/capi/main.c lists them); test_candidates.c opts into the experimental section itself.
+# (Tests/capi/main.c lists them); test_candidates.c and test_curvature.c opt into the experimental
+# section themselves (KFAC_EXPERIMENTAL_API).
 CAPI_TEST_SOURCES := $(wildcard Tests/capi/*.c)
 CAPI_TEST_HEADERS := $(wildcard Tests/capi/*.h) include/kfac.h
 

@@ -346,11 +346,13 @@ void test_samplers(void);
 void test_adaptive_numerics(void);
 void test_adaptive_pending_solve(void);
 
-/* test_candidates.c (KFAC_EXPERIMENTAL_API): re-choosing the factor damping γ, and the
- * curvature products when the library exports them. */
+/* test_candidates.c (KFAC_EXPERIMENTAL_API): re-choosing the factor damping γ. */
 void test_candidates_null_handle(void);
 void test_candidate_errors(int dtype);
 void test_candidate_numerics(void);
+
+/* test_curvature.c (KFAC_EXPERIMENTAL_API): kfac_curvature_multiply_* against the oracles and
+ * on twin handles. */
 void test_curvature_multiply(void);
 
 #endif /* KFAC_CAPI_HARNESS_H */

@@ -11,7 +11,7 @@
  * symbols, NULL handles, the parameter table), test_errors.c (error paths on twin handles),
  * test_layers.c (dense and convolution descriptors, layer info), test_optimizer.c (call order,
  * schedule, concurrency), test_numerics.c, test_state.c, test_adaptive.c (adaptive mode and
- * samplers) and test_candidates.c (the experimental section, compiled with
+ * samplers), test_candidates.c and test_curvature.c (the experimental section, compiled with
  * KFAC_EXPERIMENTAL_API).
  *
  * What is checked:
@@ -79,6 +79,19 @@
  *    family, effect), its growable struct, unknown ids and NULL; kfac_param_list; the
  *    kfac_dense_desc checks (older struct_size, reserved, has_bias, struct_size too small,
  *    negative group sizes); the out-parameter getters leave *out untouched when they fail.
+ *
+ * 10. The experimental kfac_curvature_multiply_f32/_f64 (test_curvature.c), in both precisions:
+ *    power +1 on a dense layer with bias, a dense layer with input and output channel grouping,
+ *    a grouped dense layer without bias and a 2-group convolution against the explicit damped
+ *    Kronecker matrix built from the factors read back per group (eigen A ⊗ G + λI; Cholesky
+ *    (A + π√λ I) ⊗ (G + √λ/π I) with π and with KFAC_PARAM_PI_DAMPING 0; KFAC_PARAM_FACTOR_DAMPING γ
+ *    in place of λ); power −1 against the dense solve, +1 then −1 giving V back, −1 bitwise
+ *    kfac_layer_precondition per layer; a new λ reaching −1 at once (eigen) or at the next inverse
+ *    update (Cholesky). Errors on twins with every caller buffer compared: NULL pointers,
+ *    n_layers, power, bias buffers, DTYPE_MISMATCH, NaN/Inf, NO_STATISTICS (also with one layer
+ *    folded), NO_INVERSES (also after a strategy change), a product that overflows in one layer
+ *    only (no layer's buffer written); valid calls leave the state image and the pending adaptive
+ *    solve unchanged.
  *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.

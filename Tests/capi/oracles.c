@@ -95,6 +95,59 @@ void factored_solve(const double *A, const double *G, int p, int out, double lam
     free(Xt);
 }
 
+double factored_pi(const double *A, const double *G, int p, int out, int use_pi) {
+    double trA = 0, trG = 0;
+    for (int i = 0; i < p; i++) trA += A[i * p + i];
+    for (int i = 0; i < out; i++) trG += G[i * out + i];
+    if (!use_pi || trA == 0 || trG == 0) return 1.0;
+    return sqrt((trA / p) / (trG / out));
+}
+
+void damped_kron(const double *A, const double *G, int p, int out, int factored, double lambda,
+                 int use_pi, double *K) {
+    const int n = p * out;
+    const double pi = factored_pi(A, G, p, out, use_pi);
+    /* Exact damping adds λ to the diagonal of A ⊗ G; factored damping shifts A by π√λ and G
+     * by √λ/π before the product. */
+    const double shift_a = factored ? pi * sqrt(lambda) : 0.0;
+    const double shift_g = factored ? sqrt(lambda) / pi : 0.0;
+    for (int j = 0; j < p; j++)
+        for (int i = 0; i < out; i++)
+            for (int jj = 0; jj < p; jj++)
+                for (int ii = 0; ii < out; ii++) {
+                    const double a = A[j * p + jj] + (j == jj ? shift_a : 0.0);
+                    const double g = G[i * out + ii] + (i == ii ? shift_g : 0.0);
+                    K[(j * out + i) * n + (jj * out + ii)] =
+                        a * g + (!factored && j == jj && i == ii ? lambda : 0.0);
+                }
+}
+
+int kron_apply(const double *K, int p, int out, int inverse, const double *V, double *U) {
+    const int n = p * out;
+    double *x = malloc(sizeof(double) * n), *y = malloc(sizeof(double) * n);
+    double *M = inverse ? malloc(sizeof(double) * n * n) : NULL;
+    int ok = 1;
+    for (int j = 0; j < p; j++)
+        for (int i = 0; i < out; i++) x[j * out + i] = V[i * p + j];
+    if (inverse) {
+        memcpy(M, K, sizeof(double) * n * n);
+        memcpy(y, x, sizeof(double) * n);
+        ok = solve(M, y, n, 1);
+    } else {
+        for (int r = 0; r < n; r++) {
+            double s = 0;
+            for (int c = 0; c < n; c++) s += K[r * n + c] * x[c];
+            y[r] = s;
+        }
+    }
+    for (int j = 0; j < p; j++)
+        for (int i = 0; i < out; i++) U[i * p + j] = y[j * out + i];
+    free(x);
+    free(y);
+    free(M);
+    return ok;
+}
+
 void linear_logits(const linear_data_t *d, const double *theta, int n, double *z) {
     for (int o = 0; o < AO; o++) {
         z[o] = theta[o * AP + AI];

@@ -25,6 +25,20 @@ void kron_solve(const double *A, const double *G, int p, int out, double lambda,
 void factored_solve(const double *A, const double *G, int p, int out, double lambda,
                     int use_pi, const double *V, double *U);
 
+/* π of factored Tikhonov damping: sqrt((tr A / p) / (tr G / out)), 1 if `use_pi` is 0 or a
+ * trace is 0. */
+double factored_pi(const double *A, const double *G, int p, int out, int use_pi);
+
+/* The explicit damped curvature block K ((p·out)² row-major) acting on vec(Θ), Θ [out][p],
+ * column-major vec (index j·out + i): A ⊗ G + λ I (`factored` 0, the eigen strategy), or
+ * (A + π√λ I) ⊗ (G + (√λ/π) I) (`factored` 1, the Cholesky strategy, π from factored_pi). */
+void damped_kron(const double *A, const double *G, int p, int out, int factored, double lambda,
+                 int use_pi, double *K);
+
+/* U = unvec(K vec(V)) for V, U [out][p] (`inverse` 0), or the solution of K vec(U) = vec(V)
+ * (`inverse` 1; returns 0 if K is singular). K is not changed. */
+int kron_apply(const double *K, int p, int out, int inverse, const double *V, double *U);
+
 /* A linear softmax classifier z_n = W x_n + b, θ = [W | b] ([AO][AP], vectorised row-major),
  * with the explicit per-example Jacobians J_n = I ⊗ ā_nᵀ and the explicit Fisher of the mean
  * loss F = (1/N) Σ J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n. */

@@ -1,13 +1,12 @@
 /*
  * test_candidates.c — the experimental section: re-choosing the factor damping γ
- * (kfac_candidates_*) on twin handles and against the oracles, and kfac_curvature_multiply_*
- * when the loaded library exports it.
+ * (kfac_candidates_*) on twin handles and against the oracles (kfac_curvature_multiply_* is
+ * tested in test_curvature.c).
  */
 #define KFAC_EXPERIMENTAL_API
 #include "harness.h"
 #include "oracles.h"
 
-#include <dlfcn.h>
 #include <math.h>
 
 /* The experimental entry points with a NULL handle (with the non-experimental
@@ -954,18 +953,4 @@ void test_candidate_numerics(void) {
     /* kfac_adaptive_solve_step_size_f64 on γ steps: candidate 0's model, γ kept, candidates discarded. */
     const candidate_run_t plain = {KFAC_INVERSE_EIGEN, 2, 0.02, 0.5, 0.0, 1, 3, 727};
     candidate_run(&plain);
-}
-
-/* kfac_curvature_multiply_* is declared in the experimental section; its implementation comes
- * later. Until the loaded library exports it there is nothing to test (check_exports.sh reports
- * the declared-but-missing symbols). */
-void test_curvature_multiply(void) {
-    section("experimental: kfac_curvature_multiply_*");
-    const int f32 = dlsym(RTLD_DEFAULT, "kfac_curvature_multiply_f32") != NULL;
-    const int f64 = dlsym(RTLD_DEFAULT, "kfac_curvature_multiply_f64") != NULL;
-    if (!f32 && !f64) {
-        printf("skip kfac_curvature_multiply_f32/_f64: not exported by the loaded library yet\n");
-        return;
-    }
-    check(f32 && f64, "kfac_curvature_multiply_f32 and _f64 are both exported");
 }
