@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-import kfac
-from kfac import _lib
+import libkfac as kfac
+from libkfac import _lib
 from testutil import REPO_ROOT
 
 HEADER = os.path.join(REPO_ROOT, "include", "kfac.h") if REPO_ROOT else None
@@ -244,7 +244,7 @@ def _import_kfac(env_updates):
     env = dict(os.environ)
     env.update(env_updates)
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import kfac, sys; sys.stdout.write(kfac.library_path)"
+    code = "import libkfac, sys; sys.stdout.write(libkfac.library_path)"
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -281,14 +281,14 @@ def test_major_version_mismatch_raises_import_error(tmp_path):
 
 def test_library_next_to_package_is_found_first(tmp_path):
     """A copy of the package with libkfac.so inside it loads that copy (KFAC_LIBRARY unset)."""
-    package = tmp_path / "kfac"
+    package = tmp_path / "libkfac"
     shutil.copytree(os.path.dirname(kfac.__file__), package,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
     shutil.copy(_lib.library_path, package / "libkfac.so")
     env = {key: value for key, value in os.environ.items() if key != "KFAC_LIBRARY"}
     env["PYTHONPATH"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-c", "import kfac, sys; sys.stdout.write(kfac.library_path)"],
+        [sys.executable, "-c", "import libkfac, sys; sys.stdout.write(libkfac.library_path)"],
         env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
