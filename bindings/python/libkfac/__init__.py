@@ -55,11 +55,12 @@ from ._lib import (
     status_string,
 )
 from ._errors import KFACError
-from ._params import PARAMETERS
+from ._params import PARAMETERS, Parameter
 from .optimizer import LayerInfo, Optimizer
 from .sampling import DISTRIBUTIONS, sample_targets, sampled_output_grads
 
-__version__ = "0.1.0"
+#: The version of kfac.h these bindings mirror (the distribution's version too).
+__version__ = _lib.KFAC_VERSION_STRING
 
 # Every KFAC_* constant of kfac.h (status codes, parameters, dtypes, strategies, reductions,
 # layer kinds, layouts, conv approximations, distributions, version macros) is also available as
@@ -67,7 +68,7 @@ __version__ = "0.1.0"
 _CONSTANTS = {name: getattr(_lib, name) for name in dir(_lib) if name.startswith("KFAC_")}
 globals().update(_CONSTANTS)
 
-#: Version of the loaded shared library, e.g. ``"0.1.0"``.
+#: Version of the loaded shared library, e.g. ``"0.2.0"``.
 library_version = loaded_version_string
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "LayerInfo",
     "Optimizer",
     "PARAMETERS",
+    "Parameter",
     "library_path",
     "library_version",
     "loaded_version_number",

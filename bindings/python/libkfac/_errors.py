@@ -29,7 +29,7 @@ class KFACError(Exception):
 
 def last_error(pointer) -> str:
     """The library's last-error message of a handle pointer (a static message for NULL)."""
-    return _lib.kfac_last_error(pointer).decode("utf-8", "replace")
+    return _lib.kfac_optimizer_last_error(pointer).decode("utf-8", "replace")
 
 
 def check(status: int, pointer=None, context: str = "") -> int:

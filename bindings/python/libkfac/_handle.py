@@ -22,6 +22,15 @@ from ._errors import KFACError, check, last_error
 __all__ = ["Handle", "LayerPointers"]
 
 
+def _unsupported(name: str):
+    """Stands in for an experimental function the loaded library does not export."""
+
+    def call(*args):
+        raise KFACError(_lib.KFAC_ERROR_UNSUPPORTED, f"the loaded library does not export {name}()")
+
+    return call
+
+
 class LayerPointers(NamedTuple):
     """The per-layer buffer arguments of the step-shaped calls (``float *const *weights,
     float *const *biases, int32_t n_layers``): keep one and reuse it while its buffers live."""
@@ -43,10 +52,11 @@ class Handle:
         ctype, suffix = CTYPES[dtype]
         self.ptr_type = ctypes.POINTER(ctype)
         self._fn = {
-            name: getattr(_lib, f"kfac_{name}_{suffix}")
+            name: getattr(_lib, f"kfac_{name}_{suffix}") or _unsupported(f"kfac_{name}_{suffix}")
             for name in (
-                "record_inputs", "record_output_grads", "get_group_factors", "step", "precondition",
-                "solve_step_size", "candidate_directions", "solve_step_size_candidates", "get_update",
+                "layer_record_inputs", "layer_record_output_grads", "layer_get_factors", "optimizer_step",
+                "layer_precondition", "adaptive_solve_step_size", "adaptive_get_update",
+                "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
             )
         }
         self.lock = threading.RLock()
@@ -109,42 +119,56 @@ class Handle:
     # Queries and parameters
     # -----------------------------------------------------------------------------------------
 
+    def _get(self, function, ctype):
+        """A getter's out-parameter after a successful call."""
+        out = ctype()
+        self.call(function, ctypes.byref(out))
+        return out.value
+
+    def _get_if_stepped(self, function) -> Optional[float]:
+        """A double getter that fails with NO_STEP until the value exists: None then."""
+        try:
+            return float(self._get(function, ctypes.c_double))
+        except KFACError as error:
+            if error.status != _lib.KFAC_ERROR_NO_STEP:
+                raise
+            return None
+
+    def get_dtype(self) -> int:
+        return int(self._get(_lib.kfac_optimizer_get_dtype, ctypes.c_int32))
+
     def layer_count(self) -> int:
-        return self.call(_lib.kfac_layer_count)
+        return int(self._get(_lib.kfac_layer_count, ctypes.c_int32))
 
     def wants_statistics(self) -> bool:
-        return bool(self.call(_lib.kfac_wants_statistics))
+        return bool(self._get(_lib.kfac_optimizer_wants_statistics, ctypes.c_int32))
 
     def step_count(self) -> int:
-        return self.call(_lib.kfac_step_count)
+        return int(self._get(_lib.kfac_optimizer_get_step_count, ctypes.c_int64))
 
     def kl_scale(self) -> Optional[float]:
-        """ν of the last step; None before the first."""
-        with self.lock:
-            value = float(_lib.kfac_last_kl_scale(self.pointer))
-        return None if value != value else value
+        """ν of the last step; None before the first (the library's NO_STEP)."""
+        return self._get_if_stepped(_lib.kfac_optimizer_get_kl_scale)
 
     def reduction_ratio(self) -> Optional[float]:
-        """ρ of the last report; None before the first."""
-        with self.lock:
-            value = float(_lib.kfac_last_reduction_ratio(self.pointer))
-        return None if value != value else value
+        """ρ of the last report; None before the first (the library's NO_STEP)."""
+        return self._get_if_stepped(_lib.kfac_adaptive_get_reduction_ratio)
 
     def get_double(self, param: int) -> float:
         out = ctypes.c_double()
-        self.call(_lib.kfac_get_param_double, param, ctypes.byref(out))
+        self.call(_lib.kfac_param_get_double, param, ctypes.byref(out))
         return float(out.value)
 
     def set_double(self, param: int, value: float) -> None:
-        self.call(_lib.kfac_set_param_double, param, float(value))
+        self.call(_lib.kfac_param_set_double, param, float(value))
 
     def get_int(self, param: int) -> int:
         out = ctypes.c_int64()
-        self.call(_lib.kfac_get_param_int, param, ctypes.byref(out))
+        self.call(_lib.kfac_param_get_int, param, ctypes.byref(out))
         return int(out.value)
 
     def set_int(self, param: int, value: int) -> None:
-        self.call(_lib.kfac_set_param_int, param, value)
+        self.call(_lib.kfac_param_set_int, param, value)
 
     # -----------------------------------------------------------------------------------------
     # Layers
@@ -152,17 +176,16 @@ class Handle:
 
     def add_dense(self, in_features: int, out_features: int, bias: bool,
                   input_group_size: int = 0, output_group_size: int = 0) -> int:
+        desc = _lib.kfac_dense_desc.new(in_features=in_features, out_features=out_features,
+                                        has_bias=1 if bias else 0, input_group_size=input_group_size,
+                                        output_group_size=output_group_size)
         layer = ctypes.c_int32()
-        if input_group_size or output_group_size:
-            self.call(_lib.kfac_add_dense_grouped, in_features, out_features, 1 if bias else 0,
-                      input_group_size, output_group_size, ctypes.byref(layer))
-        else:
-            self.call(_lib.kfac_add_dense, in_features, out_features, 1 if bias else 0, ctypes.byref(layer))
+        self.call(_lib.kfac_layer_add_dense, ctypes.byref(desc), ctypes.byref(layer))
         return int(layer.value)
 
     def add_conv2d(self, desc) -> int:
         layer = ctypes.c_int32()
-        self.call(_lib.kfac_add_conv2d, ctypes.byref(desc), ctypes.byref(layer))
+        self.call(_lib.kfac_layer_add_conv2d, ctypes.byref(desc), ctypes.byref(layer))
         return int(layer.value)
 
     def layer_info(self, layer: int):
@@ -177,27 +200,31 @@ class Handle:
     def record(self, side: int, layer: int, address: int, rows: int) -> None:
         """Records ``rows`` rows (dense) or examples (convolution) at ``address``: inputs for
         ``side`` 0, output gradients for ``side`` 1."""
-        function = self._fn["record_inputs"] if side == 0 else self._fn["record_output_grads"]
+        function = self._fn["layer_record_inputs"] if side == 0 else self._fn["layer_record_output_grads"]
         self.call(function, layer, self.cast(address), rows)
 
     def update_factors(self) -> None:
-        self.call(_lib.kfac_update_factors)
+        self.call(_lib.kfac_optimizer_update_factors)
 
     def update_inverses(self) -> None:
-        self.call(_lib.kfac_update_inverses)
+        self.call(_lib.kfac_optimizer_update_inverses)
 
     def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
-        self.call(self._fn["get_group_factors"], layer, group, self.cast(a_address), self.cast(g_address))
+        self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
 
     # -----------------------------------------------------------------------------------------
     # Preconditioning
     # -----------------------------------------------------------------------------------------
 
     def step(self, pointers: LayerPointers) -> None:
-        self.call(self._fn["step"], *pointers)
+        self.call(self._fn["optimizer_step"], *pointers)
 
     def precondition(self, layer: int, weight_address: int, bias_address: int) -> None:
-        self.call(self._fn["precondition"], layer, self.cast(weight_address), self.cast(bias_address))
+        self.call(self._fn["layer_precondition"], layer, self.cast(weight_address), self.cast(bias_address))
+
+    def curvature_multiply(self, power: int, pointers: LayerPointers) -> None:
+        """Experimental: the buffers ← (damped curvature)^power · buffers, per layer."""
+        self.call(self._fn["curvature_multiply"], power, *pointers)
 
     # -----------------------------------------------------------------------------------------
     # Adaptive mode
@@ -206,20 +233,18 @@ class Handle:
     def solve_step_size(self, outputs: int, direction_products: int, previous_products: int,
                         rows: int, dim: int, distribution: int) -> Tuple[float, float, float]:
         alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
-        self.call(self._fn["solve_step_size"], self.cast(outputs), self.cast(direction_products),
+        self.call(self._fn["adaptive_solve_step_size"], self.cast(outputs), self.cast(direction_products),
                   self.cast(previous_products), rows, dim, distribution,
                   ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
         return float(alpha.value), float(mu.value), float(predicted.value)
 
     def candidate_count(self) -> int:
-        count = ctypes.c_int32()
-        self.call(_lib.kfac_candidate_count, ctypes.byref(count))
-        return int(count.value)
+        return int(self._get(_lib.kfac_candidates_get_count, ctypes.c_int32))
 
     def candidate_directions(self, candidate: int, pointers: LayerPointers) -> float:
         """Writes candidate ``candidate``'s directions; returns its factor damping γ."""
         damping = ctypes.c_double()
-        self.call(self._fn["candidate_directions"], candidate, *pointers, ctypes.byref(damping))
+        self.call(self._fn["candidates_get_directions"], candidate, *pointers, ctypes.byref(damping))
         return float(damping.value)
 
     def solve_step_size_candidates(self, outputs: int, direction_products: Sequence[int],
@@ -229,17 +254,17 @@ class Handle:
         products = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in direction_products])
         chosen = ctypes.c_int32()
         alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
-        self.call(self._fn["solve_step_size_candidates"], self.cast(outputs), products, n,
+        self.call(self._fn["candidates_solve_step_size"], self.cast(outputs), products, n,
                   self.cast(previous_products), rows, dim, distribution, ctypes.byref(chosen),
                   ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
         return int(chosen.value), float(alpha.value), float(mu.value), float(predicted.value)
 
     def get_update(self, pointers: LayerPointers) -> None:
-        self.call(self._fn["get_update"], *pointers)
+        self.call(self._fn["adaptive_get_update"], *pointers)
 
     def report_loss_change(self, before: float, after: float) -> float:
         rho = ctypes.c_double()
-        self.call(_lib.kfac_report_loss_change, float(before), float(after), ctypes.byref(rho))
+        self.call(_lib.kfac_adaptive_report_loss_change, float(before), float(after), ctypes.byref(rho))
         return float(rho.value)
 
     # -----------------------------------------------------------------------------------------
@@ -249,17 +274,17 @@ class Handle:
     def state_bytes(self) -> bytes:
         with self.lock:
             size = ctypes.c_size_t()
-            self.call(_lib.kfac_state_size, ctypes.byref(size))
+            self.call(_lib.kfac_state_get_size, ctypes.byref(size))
             buffer = ctypes.create_string_buffer(max(size.value, 1))
             written = ctypes.c_size_t()
-            self.call(_lib.kfac_save_state, buffer, size.value, ctypes.byref(written))
+            self.call(_lib.kfac_state_save, buffer, size.value, ctypes.byref(written))
             return buffer.raw[: written.value]
 
     def load_state(self, data: bytes) -> None:
-        self.call(_lib.kfac_load_state, data, len(data))
+        self.call(_lib.kfac_state_load, data, len(data))
 
     def save_file(self, path: bytes) -> None:
-        self.call(_lib.kfac_save_state_file, path)
+        self.call(_lib.kfac_state_save_file, path)
 
     def load_file(self, path: bytes) -> None:
-        self.call(_lib.kfac_load_state_file, path)
+        self.call(_lib.kfac_state_load_file, path)

@@ -1,24 +1,30 @@
-"""Low-level ctypes bindings of libkfac, mirroring ``include/kfac.h`` one to one.
+"""Low-level ctypes bindings of libkfac, mirroring ``include/kfac.h`` one to one, in the
+header's order.
 
-Every function declared in the header is available here under the same name with its
-``argtypes`` and ``restype`` set; every enum value and version macro is a module constant with
-the same name; the structs ``kfac_layer_info`` and ``kfac_conv2d_desc`` are
-:class:`ctypes.Structure` subclasses. Nothing here checks statuses or converts arrays: that
-is the job of :mod:`kfac` (see :class:`kfac.Optimizer`).
+Every function declared in the header — the experimental section's too (the library exports
+them all; the ``KFAC_EXPERIMENTAL_API`` macro only makes C callers opt in) — is available here
+under the same name with its ``argtypes`` and ``restype`` set; every enum value and version
+macro is a module constant with the same name; the structs ``kfac_param_info``,
+``kfac_dense_desc``, ``kfac_conv2d_desc`` and ``kfac_layer_info`` are :class:`ctypes.Structure`
+subclasses. Nothing here checks statuses or converts arrays: that is the job of
+:mod:`libkfac._handle` and :class:`libkfac.Optimizer`. ``tests/test_bindings.py`` checks this
+module against the header.
 
 The shared library is located, in this order:
 
 1. the environment variable ``KFAC_LIBRARY`` (a full path; if it is set, nothing else is tried);
-2. ``libkfac.so`` next to the package (inside the ``kfac`` directory, then beside it);
+2. ``libkfac.so`` next to the package (inside the ``libkfac`` directory, then beside it);
 3. ``<repo>/.build/release/libkfac.so`` where ``<repo>`` is the first directory above the
    package that contains ``Package.swift`` (a source checkout built with
    ``swift build -c release --product kfac``);
-4. ``ctypes.util.find_library("kfac")``, then ``libkfac.so.0`` through the dynamic loader's
-   ordinary search (``LD_LIBRARY_PATH``, ``ldconfig``).
+4. ``ctypes.util.find_library("kfac")``, then the SONAME (``libkfac.so.0.MINOR`` while the
+   major version is 0) through the dynamic loader's ordinary search (``LD_LIBRARY_PATH``,
+   ``ldconfig``).
 
 At import the loaded library's ``kfac_version_number()`` is compared with
-:data:`KFAC_VERSION_NUMBER`, the version these bindings were written for; a different major
-version raises :class:`ImportError`.
+:data:`KFAC_VERSION_NUMBER`, the version these bindings were written for. Under the header's
+compatibility policy a different major version, or while the major version is 0 a different
+minor version, has another ABI: :class:`ImportError`.
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ from ctypes import (
 # ---------------------------------------------------------------------------------------------
 
 KFAC_VERSION_MAJOR = 0
-KFAC_VERSION_MINOR = 1
+KFAC_VERSION_MINOR = 2
 KFAC_VERSION_PATCH = 0
+KFAC_VERSION_STRING = "0.2.0"
 KFAC_VERSION_NUMBER = KFAC_VERSION_MAJOR * 10000 + KFAC_VERSION_MINOR * 100 + KFAC_VERSION_PATCH
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +102,8 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive), enum kfac_inverse_strategy,
+# enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
 KFAC_PARAM_LEARNING_RATE = 1
@@ -103,28 +111,41 @@ KFAC_PARAM_DAMPING = 2
 KFAC_PARAM_FACTOR_DECAY = 3
 KFAC_PARAM_KL_CLIP = 4
 KFAC_PARAM_OUTPUT_GRAD_SCALE = 5
-KFAC_PARAM_LM_DECAY = 6
-KFAC_PARAM_FACTOR_DAMPING = 7
-KFAC_PARAM_FACTOR_DAMPING_DECAY = 8
-KFAC_PARAM_FACTOR_UPDATE_PERIOD = 100
-KFAC_PARAM_INVERSE_UPDATE_PERIOD = 101
-KFAC_PARAM_INVERSE_STRATEGY = 102
-KFAC_PARAM_PI_DAMPING = 103
-KFAC_PARAM_LOSS_REDUCTION = 104
-KFAC_PARAM_NUM_THREADS = 105
-KFAC_PARAM_LM_INTERVAL = 106
-KFAC_PARAM_FACTOR_DAMPING_PERIOD = 107
-
-# ---------------------------------------------------------------------------------------------
-# enum kfac_inverse_strategy, enum kfac_reduction, enum kfac_layer_kind, enum kfac_layout,
-# enum kfac_conv_approximation
-# ---------------------------------------------------------------------------------------------
+KFAC_PARAM_FACTOR_UPDATE_PERIOD = 6
+KFAC_PARAM_INVERSE_UPDATE_PERIOD = 7
+KFAC_PARAM_INVERSE_STRATEGY = 8
+KFAC_PARAM_PI_DAMPING = 9
+KFAC_PARAM_LOSS_REDUCTION = 10
+KFAC_PARAM_NUM_THREADS = 11
+KFAC_PARAM_LM_INTERVAL = 200
+KFAC_PARAM_LM_DECAY = 201
+KFAC_PARAM_FACTOR_DAMPING = 202
+KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203
+KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
 
 KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
+
+KFAC_PARAM_TYPE_DOUBLE = 1
+KFAC_PARAM_TYPE_INT = 2
+
+KFAC_FAMILY_CORE = 0
+KFAC_FAMILY_ADAPTIVE = 2
+KFAC_FAMILY_GAUSS_NEWTON = 3
+KFAC_FAMILY_EKFAC = 4
+KFAC_FAMILY_DISTRIBUTED = 5
+
+KFAC_EFFECT_IMMEDIATE = 0
+KFAC_EFFECT_NEXT_STEP = 1
+KFAC_EFFECT_NEXT_INVERSION = 2
+KFAC_EFFECT_NEXT_RECORD = 3
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_layer_kind, enum kfac_layout, enum kfac_conv_approximation
+# ---------------------------------------------------------------------------------------------
 
 KFAC_LAYER_DENSE = 1
 KFAC_LAYER_CONV2D = 2
@@ -158,34 +179,54 @@ class kfac_optimizer(Structure):
 kfac_optimizer_p = POINTER(kfac_optimizer)
 
 
-class kfac_layer_info(Structure):
-    """``struct kfac_layer_info``. Set ``struct_size`` to ``ctypes.sizeof(kfac_layer_info)``
-    before passing it to :func:`kfac_layer_get_info` (:meth:`new` does it)."""
+class _Growable(Structure):
+    """A struct whose first field is ``struct_size``: :meth:`new` zeroes it, sets
+    ``struct_size`` to its own size and sets the given fields."""
+
+    @classmethod
+    def new(cls, **fields):
+        value = cls()
+        value.struct_size = ctypes.sizeof(cls)
+        for name, field in fields.items():
+            setattr(value, name, field)
+        return value
+
+
+class kfac_param_info(_Growable):
+    """``struct kfac_param_info``: what :func:`kfac_param_get_info` reports of a parameter."""
 
     _fields_ = [
         ("struct_size", c_size_t),
-        ("kind", c_int32),
-        ("has_bias", c_int32),
-        ("in_features", c_int64),
-        ("out_features", c_int64),
-        ("a_dim", c_int64),
-        ("g_dim", c_int64),
-        ("has_factors", c_int32),
-        ("has_inverses", c_int32),
-        ("groups", c_int64),
+        ("name", c_char_p),
+        ("type", c_int32),
+        ("family", c_int32),
+        ("lower", c_double),
+        ("upper", c_double),
+        ("lower_inclusive", c_int32),
+        ("upper_inclusive", c_int32),
+        ("default_value", c_double),
+        ("effect", c_int32),
+        ("reserved", c_int32),
     ]
 
-    @classmethod
-    def new(cls) -> "kfac_layer_info":
-        """A zeroed struct with ``struct_size`` set to its own size."""
-        info = cls()
-        info.struct_size = ctypes.sizeof(cls)
-        return info
+
+class kfac_dense_desc(_Growable):
+    """``struct kfac_dense_desc``: a dense layer for :func:`kfac_layer_add_dense`."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("in_features", c_int64),
+        ("out_features", c_int64),
+        ("has_bias", c_int32),
+        ("reserved", c_int32),
+        ("input_group_size", c_int64),
+        ("output_group_size", c_int64),
+    ]
 
 
-class kfac_conv2d_desc(Structure):
+class kfac_conv2d_desc(_Growable):
     """``struct kfac_conv2d_desc``: a 2-D (or, as 1×L, 1-D) convolution for
-    :func:`kfac_add_conv2d`. Zero-initialised by ctypes; :meth:`new` also sets ``struct_size``
+    :func:`kfac_layer_add_conv2d`. Zero-initialised by ctypes; :meth:`new` also sets ``struct_size``
     to ``ctypes.sizeof(kfac_conv2d_desc)``. A stride, dilation or groups of 0 is read as 1."""
 
     _fields_ = [
@@ -211,14 +252,23 @@ class kfac_conv2d_desc(Structure):
         ("output_group_size", c_int64),
     ]
 
-    @classmethod
-    def new(cls, **fields) -> "kfac_conv2d_desc":
-        """A zeroed struct with ``struct_size`` set to its own size and the given fields set."""
-        desc = cls()
-        desc.struct_size = ctypes.sizeof(cls)
-        for name, value in fields.items():
-            setattr(desc, name, value)
-        return desc
+
+class kfac_layer_info(_Growable):
+    """``struct kfac_layer_info``. Set ``struct_size`` to ``ctypes.sizeof(kfac_layer_info)``
+    before passing it to :func:`kfac_layer_get_info` (:meth:`new` does it)."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("kind", c_int32),
+        ("has_bias", c_int32),
+        ("in_features", c_int64),
+        ("out_features", c_int64),
+        ("a_dim", c_int64),
+        ("g_dim", c_int64),
+        ("has_factors", c_int32),
+        ("has_inverses", c_int32),
+        ("groups", c_int64),
+    ]
 
 
 c_float_p = POINTER(c_float)
@@ -229,6 +279,9 @@ c_double_p = POINTER(c_double)
 # ---------------------------------------------------------------------------------------------
 
 _LIBRARY_NAME = "libkfac.so"
+#: The shared object's SONAME: libkfac.so.0.MINOR while the major version is 0, else .MAJOR.
+_SONAME = (f"libkfac.so.0.{KFAC_VERSION_MINOR}" if KFAC_VERSION_MAJOR == 0
+           else f"libkfac.so.{KFAC_VERSION_MAJOR}")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -253,7 +306,7 @@ def _candidate_paths():
     found = ctypes.util.find_library("kfac")
     if found:
         yield "find_library", found
-    yield "dynamic loader", "libkfac.so.0"
+    yield "dynamic loader", _SONAME
 
 
 def _load_library():
@@ -270,7 +323,7 @@ def _load_library():
             if origin == "KFAC_LIBRARY":
                 break
     raise ImportError(
-        "kfac: cannot load the libkfac shared library. Tried:\n"
+        "libkfac: cannot load the libkfac shared library. Tried:\n"
         + "\n".join(failures)
         + "\nBuild it with `swift build -c release --product kfac` in the libkfac checkout, or set "
         "KFAC_LIBRARY to the full path of libkfac.so."
@@ -284,12 +337,22 @@ lib, library_path = _load_library()
 # ---------------------------------------------------------------------------------------------
 
 
+#: Experimental functions the header declares but the loaded library does not export (an
+#: experimental call may come later than its declaration, or go); they are None here, and
+#: :mod:`libkfac._handle` raises ``KFAC_ERROR_UNSUPPORTED`` when one is called.
+MISSING_EXPERIMENTAL = set()
+
+
 def _bind(name, restype, argtypes):
     try:
         function = getattr(lib, name)
     except AttributeError:
+        if name in EXPERIMENTAL_FUNCTION_NAMES:
+            MISSING_EXPERIMENTAL.add(name)
+            globals()[name] = None
+            return None
         raise ImportError(
-            f"kfac: {library_path} does not export {name}(); it is not a libkfac built from a "
+            f"libkfac: {library_path} does not export {name}(); it is not a libkfac built from a "
             f"kfac.h compatible with version {KFAC_VERSION_MAJOR}.{KFAC_VERSION_MINOR}."
         ) from None
     function.restype = restype
@@ -307,71 +370,79 @@ _PROTOTYPES = [
     # Status codes
     ("kfac_status_string", c_char_p, [c_int]),
     # Handles
-    ("kfac_optimizer_create", c_int, [c_int, POINTER(kfac_optimizer_p)]),
+    ("kfac_optimizer_create", c_int, [c_int32, POINTER(kfac_optimizer_p)]),
     ("kfac_optimizer_free", None, [_P]),
-    ("kfac_last_error", c_char_p, [_P]),
-    ("kfac_dtype_of", c_int, [_P]),
+    ("kfac_optimizer_last_error", c_char_p, [_P]),
+    ("kfac_optimizer_get_dtype", c_int, [_P, POINTER(c_int32)]),
     # Parameters
-    ("kfac_set_param_double", c_int, [_P, c_int, c_double]),
-    ("kfac_get_param_double", c_int, [_P, c_int, c_double_p]),
-    ("kfac_set_param_int", c_int, [_P, c_int, c_int64]),
-    ("kfac_get_param_int", c_int, [_P, c_int, POINTER(c_int64)]),
+    ("kfac_param_get_info", c_int, [c_int32, POINTER(kfac_param_info)]),
+    ("kfac_param_list", c_int, [POINTER(c_int32), c_int32, POINTER(c_int32)]),
+    ("kfac_param_set_double", c_int, [_P, c_int32, c_double]),
+    ("kfac_param_get_double", c_int, [_P, c_int32, c_double_p]),
+    ("kfac_param_set_int", c_int, [_P, c_int32, c_int64]),
+    ("kfac_param_get_int", c_int, [_P, c_int32, POINTER(c_int64)]),
     # Layers
-    ("kfac_add_dense", c_int, [_P, c_int64, c_int64, c_int, POINTER(c_int32)]),
-    ("kfac_add_dense_grouped", c_int, [_P, c_int64, c_int64, c_int, c_int64, c_int64, POINTER(c_int32)]),
-    ("kfac_add_conv2d", c_int, [_P, POINTER(kfac_conv2d_desc), POINTER(c_int32)]),
-    ("kfac_layer_count", c_int, [_P]),
+    ("kfac_layer_add_dense", c_int, [_P, POINTER(kfac_dense_desc), POINTER(c_int32)]),
+    ("kfac_layer_add_conv2d", c_int, [_P, POINTER(kfac_conv2d_desc), POINTER(c_int32)]),
+    ("kfac_layer_count", c_int, [_P, POINTER(c_int32)]),
     ("kfac_layer_get_info", c_int, [_P, c_int32, POINTER(kfac_layer_info)]),
     # Statistics
-    ("kfac_wants_statistics", c_int, [_P]),
-    ("kfac_record_inputs_f32", c_int, [_P, c_int32, c_float_p, c_int64]),
-    ("kfac_record_inputs_f64", c_int, [_P, c_int32, c_double_p, c_int64]),
-    ("kfac_record_output_grads_f32", c_int, [_P, c_int32, c_float_p, c_int64]),
-    ("kfac_record_output_grads_f64", c_int, [_P, c_int32, c_double_p, c_int64]),
-    ("kfac_update_factors", c_int, [_P]),
-    ("kfac_update_inverses", c_int, [_P]),
-    ("kfac_get_factors_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
-    ("kfac_get_factors_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
-    ("kfac_get_group_factors_f32", c_int, [_P, c_int32, c_int32, c_float_p, c_float_p]),
-    ("kfac_get_group_factors_f64", c_int, [_P, c_int32, c_int32, c_double_p, c_double_p]),
+    ("kfac_optimizer_wants_statistics", c_int, [_P, POINTER(c_int32)]),
+    ("kfac_layer_record_inputs_f32", c_int, [_P, c_int32, c_float_p, c_int64]),
+    ("kfac_layer_record_inputs_f64", c_int, [_P, c_int32, c_double_p, c_int64]),
+    ("kfac_layer_record_output_grads_f32", c_int, [_P, c_int32, c_float_p, c_int64]),
+    ("kfac_layer_record_output_grads_f64", c_int, [_P, c_int32, c_double_p, c_int64]),
+    ("kfac_optimizer_update_factors", c_int, [_P]),
+    ("kfac_optimizer_update_inverses", c_int, [_P]),
+    ("kfac_layer_get_factors_f32", c_int, [_P, c_int32, c_int32, c_float_p, c_float_p]),
+    ("kfac_layer_get_factors_f64", c_int, [_P, c_int32, c_int32, c_double_p, c_double_p]),
     # Preconditioning
-    ("kfac_step_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
-    ("kfac_step_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
-    ("kfac_precondition_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
-    ("kfac_precondition_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
-    ("kfac_step_count", c_int64, [_P]),
-    ("kfac_last_kl_scale", c_double, [_P]),
+    ("kfac_optimizer_step_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_optimizer_step_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_layer_precondition_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
+    ("kfac_layer_precondition_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
+    ("kfac_optimizer_get_step_count", c_int, [_P, POINTER(c_int64)]),
+    ("kfac_optimizer_get_kl_scale", c_int, [_P, c_double_p]),
     # Adaptive mode
-    ("kfac_solve_step_size_f32", c_int,
-     [_P, c_float_p, c_float_p, c_float_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
-    ("kfac_solve_step_size_f64", c_int,
-     [_P, c_double_p, c_double_p, c_double_p, c_int64, c_int64, c_int, c_double_p, c_double_p, c_double_p]),
-    ("kfac_candidate_count", c_int, [_P, POINTER(c_int32)]),
-    ("kfac_candidate_directions_f32", c_int,
-     [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32, c_double_p]),
-    ("kfac_candidate_directions_f64", c_int,
-     [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32, c_double_p]),
-    ("kfac_solve_step_size_candidates_f32", c_int,
-     [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int,
-      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
-    ("kfac_solve_step_size_candidates_f64", c_int,
-     [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int,
-      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
-    ("kfac_get_update_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
-    ("kfac_get_update_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
-    ("kfac_report_loss_change", c_int, [_P, c_double, c_double, c_double_p]),
-    ("kfac_last_reduction_ratio", c_double, [_P]),
-    ("kfac_sample_targets_f32", c_int, [c_float_p, c_int64, c_int64, c_int, c_uint64, c_float_p]),
-    ("kfac_sample_targets_f64", c_int, [c_double_p, c_int64, c_int64, c_int, c_uint64, c_double_p]),
-    ("kfac_sampled_output_grads_f32", c_int, [c_float_p, c_int64, c_int64, c_int, c_uint64, c_float_p]),
-    ("kfac_sampled_output_grads_f64", c_int, [c_double_p, c_int64, c_int64, c_int, c_uint64, c_double_p]),
+    ("kfac_adaptive_solve_step_size_f32", c_int,
+     [_P, c_float_p, c_float_p, c_float_p, c_int64, c_int64, c_int32, c_double_p, c_double_p, c_double_p]),
+    ("kfac_adaptive_solve_step_size_f64", c_int,
+     [_P, c_double_p, c_double_p, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_double_p, c_double_p]),
+    ("kfac_adaptive_get_update_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_adaptive_get_update_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_adaptive_report_loss_change", c_int, [_P, c_double, c_double, c_double_p]),
+    ("kfac_adaptive_get_reduction_ratio", c_int, [_P, c_double_p]),
+    # Target samplers
+    ("kfac_sample_targets_f32", c_int, [c_float_p, c_int64, c_int64, c_int32, c_uint64, c_float_p]),
+    ("kfac_sample_targets_f64", c_int, [c_double_p, c_int64, c_int64, c_int32, c_uint64, c_double_p]),
+    ("kfac_sample_output_grads_f32", c_int, [c_float_p, c_int64, c_int64, c_int32, c_uint64, c_float_p]),
+    ("kfac_sample_output_grads_f64", c_int, [c_double_p, c_int64, c_int64, c_int32, c_uint64, c_double_p]),
     # State
-    ("kfac_state_size", c_int, [_P, POINTER(c_size_t)]),
-    ("kfac_save_state", c_int, [_P, c_void_p, c_size_t, POINTER(c_size_t)]),
-    ("kfac_load_state", c_int, [_P, c_void_p, c_size_t]),
-    ("kfac_save_state_file", c_int, [_P, c_char_p]),
-    ("kfac_load_state_file", c_int, [_P, c_char_p]),
+    ("kfac_state_get_size", c_int, [_P, POINTER(c_size_t)]),
+    ("kfac_state_save", c_int, [_P, c_void_p, c_size_t, POINTER(c_size_t)]),
+    ("kfac_state_load", c_int, [_P, c_void_p, c_size_t]),
+    ("kfac_state_save_file", c_int, [_P, c_char_p]),
+    ("kfac_state_load_file", c_int, [_P, c_char_p]),
+    # Experimental (KFAC_EXPERIMENTAL_API): γ candidates
+    ("kfac_candidates_get_count", c_int, [_P, POINTER(c_int32)]),
+    ("kfac_candidates_get_directions_f32", c_int,
+     [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32, c_double_p]),
+    ("kfac_candidates_get_directions_f64", c_int,
+     [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32, c_double_p]),
+    ("kfac_candidates_solve_step_size_f32", c_int,
+     [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int32,
+      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    ("kfac_candidates_solve_step_size_f64", c_int,
+     [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32,
+      POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    # Experimental: products with the damped curvature
+    ("kfac_curvature_multiply_f32", c_int, [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_curvature_multiply_f64", c_int, [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
 ]
+
+#: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
+EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
+                                    if name.startswith(("kfac_candidates_", "kfac_curvature_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)
@@ -388,13 +459,24 @@ loaded_version_number = int(kfac_version_number())  # noqa: F821 (bound above)
 #: The version string of the library actually loaded, e.g. ``"0.1.0"``.
 loaded_version_string = kfac_version_string().decode("utf-8", "replace")  # noqa: F821
 
-if loaded_version_number // 10000 != KFAC_VERSION_MAJOR:
+def abi_compatible(version_number: int) -> bool:
+    """Whether a library of this version number has these bindings' ABI: the same major
+    version, and while the major version is 0 the same minor version too (the header's
+    compatibility policy)."""
+    major, minor = version_number // 10000, version_number // 100 % 100
+    if major != KFAC_VERSION_MAJOR:
+        return False
+    return major != 0 or minor == KFAC_VERSION_MINOR
+
+
+if not abi_compatible(loaded_version_number):
+    _series = f"{KFAC_VERSION_MAJOR}.{KFAC_VERSION_MINOR}" if KFAC_VERSION_MAJOR == 0 else f"{KFAC_VERSION_MAJOR}"
     raise ImportError(
-        f"kfac: {library_path} is libkfac {loaded_version_string} (version number "
-        f"{loaded_version_number}), but these bindings were written for "
-        f"{KFAC_VERSION_MAJOR}.{KFAC_VERSION_MINOR}.{KFAC_VERSION_PATCH} (version number "
-        f"{KFAC_VERSION_NUMBER}); the major versions differ. Install matching bindings or point "
-        f"KFAC_LIBRARY at a libkfac {KFAC_VERSION_MAJOR}.x."
+        f"libkfac: {library_path} is libkfac {loaded_version_string} (version number "
+        f"{loaded_version_number}), but these bindings were written for {KFAC_VERSION_STRING} "
+        f"(version number {KFAC_VERSION_NUMBER}); the major versions (or, before 1.0, the minor "
+        f"versions) differ, and with them the ABI. Install matching bindings or point "
+        f"KFAC_LIBRARY at a libkfac {_series}.x."
     )
 
 for _name, _restype, _argtypes in _PROTOTYPES[2:]:

@@ -31,7 +31,7 @@ class AdaptiveMethods:
         distribution="categorical",
     ) -> Tuple[float, float, float]:
         """Chooses the step size α and momentum μ of the adaptive mode for the directions the
-        last :meth:`step` wrote (``kfac_solve_step_size_*``).
+        last :meth:`step` wrote (``kfac_adaptive_solve_step_size_*``).
 
         Minimises the quadratic model ``M(δ) = ½ δᵀ(F + λI)δ + ∇hᵀδ`` over
         ``δ = −α·D + μ·δ₀``, F being the exact Fisher of the mean loss h over the batch.
@@ -70,7 +70,7 @@ class AdaptiveMethods:
 
     def candidate_count(self) -> int:
         """The number of direction candidates the last successful :meth:`step` prepared
-        (``kfac_candidate_count``): 1 on an ordinary step; on a γ step (every
+        (``kfac_candidates_get_count``, experimental): 1 on an ordinary step; on a γ step (every
         ``factor_damping_period`` steps) up to 3, one per factor damping γ, γ·ω₂, γ/ω₂ whose
         directions were finite (candidate 0, the current γ, is always there: it is what
         :meth:`step` wrote). 0 once the step was solved, and before the first step."""
@@ -90,7 +90,7 @@ class AdaptiveMethods:
     ) -> float:
         """Writes the directions of candidate ``candidate`` (``0 <= candidate <
         candidate_count()``) of the last step into the arrays, and returns that candidate's
-        factor damping γ (``kfac_candidate_directions_*``).
+        factor damping γ (``kfac_candidates_get_directions_*``, experimental).
 
         The arrays follow :meth:`step`'s layout and rules (one C-contiguous, writeable array of
         the handle's dtype per layer, ``None`` for the bias of a layer without one). The
@@ -112,7 +112,7 @@ class AdaptiveMethods:
         distribution="categorical",
     ) -> Tuple[int, float, float, float]:
         """:meth:`solve_step_size` over all direction candidates of the last step
-        (``kfac_solve_step_size_candidates_*``), the re-choice of the factor damping γ of
+        (``kfac_candidates_solve_step_size_*``, experimental), the re-choice of the factor damping γ of
         Martens & Grosse 2015, §6.6.
 
         For each candidate k the library chooses α_k and μ_k as :meth:`solve_step_size` does and
@@ -169,7 +169,7 @@ class AdaptiveMethods:
         bias_updates: Optional[Sequence[Optional[np.ndarray]]] = None,
     ) -> None:
         """Writes the update ``δ = −α·D_chosen + μ·δ₀`` of the last solve into the arrays
-        (``kfac_get_update_*``; the library keeps it as the next δ₀): apply ``θ ← θ + δ``.
+        (``kfac_adaptive_get_update_*``; the library keeps it as the next δ₀): apply ``θ ← θ + δ``.
 
         The arrays follow :meth:`step`'s layout and rules. Raises ``KFAC_ERROR_NO_STEP`` before
         the first solve. Changes nothing in the handle."""
@@ -179,14 +179,13 @@ class AdaptiveMethods:
 
     def report_loss_change(self, loss_before, loss_after) -> float:
         """Reports the mean loss before and after applying the last solved update
-        (``kfac_report_loss_change``); returns the reduction ratio
+        (``kfac_adaptive_report_loss_change``); returns the reduction ratio
         ``ρ = (after − before) / M(δ)`` (NaN if M(δ) was not negative). Every ``lm_interval``
         reports, λ (``damping``) is multiplied by ``lm_decay ** lm_interval`` if ρ > 3/4 and
         divided by it if ρ < 1/4. One report per solve (``KFAC_ERROR_NO_STEP`` otherwise)."""
         return self._handle.report_loss_change(float(loss_before), float(loss_after))
 
     @property
-    def last_reduction_ratio(self) -> float:
-        """ρ of the last :meth:`report_loss_change` (NaN before the first)."""
-        value = self._handle.reduction_ratio()
-        return float("nan") if value is None else value
+    def last_reduction_ratio(self) -> Optional[float]:
+        """ρ of the last :meth:`report_loss_change` (``None`` before the first)."""
+        return self._handle.reduction_ratio()

@@ -154,10 +154,10 @@ class Optimizer(AdaptiveMethods):
         return self._handle.step_count()
 
     @property
-    def last_kl_scale(self) -> float:
-        """ν of the last successful :meth:`step` (1.0 if no clipping), NaN before the first."""
-        value = self._handle.kl_scale()
-        return float("nan") if value is None else value
+    def last_kl_scale(self) -> Optional[float]:
+        """ν of the last successful :meth:`step` (1.0 if no clipping), ``None`` before the first
+        (``kfac_optimizer_get_kl_scale`` fails with ``KFAC_ERROR_NO_STEP`` then)."""
+        return self._handle.kl_scale()
 
     # -----------------------------------------------------------------------------------------
     # Parameters
@@ -168,17 +168,17 @@ class Optimizer(AdaptiveMethods):
         """(kfac_param value, name or None, "double"/"int"/None) for a name or an enum value."""
         if isinstance(param, str):
             try:
-                value, kind = _params.PARAMETERS[param]
+                entry = _params.PARAMETERS[param]
             except KeyError:
                 raise ValueError(
                     f"libkfac: unknown parameter {param!r}; known: {', '.join(_params.PARAMETERS)}"
                 ) from None
-            return value, param, kind
+            return entry.id, param, entry.type
         if isinstance(param, bool):
             raise TypeError("parameter ids are integers, not bool")
         value = _convert.integer(param, "a parameter id")
-        name, kind = _params.BY_ID.get(value, (None, None))
-        return value, name, kind
+        entry = _params.BY_ID.get(value)
+        return (value, None, None) if entry is None else (value, entry.name, entry.type)
 
     def set_param(self, param, value) -> None:
         """Sets a parameter by name (``"damping"``) or enum value (``libkfac.KFAC_PARAM_DAMPING``).
@@ -229,13 +229,7 @@ class Optimizer(AdaptiveMethods):
                 if error.status != _lib.KFAC_ERROR_PARAMETER_TYPE:
                     raise
                 return self._handle.get_double(number)
-        value = self._handle.get_int(number)
-        if name in _convert.BOOL_PARAMETERS:
-            return bool(value)
-        for symbol, code in _convert.ENUM_PARAMETERS.get(name, {}).items():
-            if code == value:
-                return symbol
-        return value
+        return _params.to_python(name, self._handle.get_int(number))
 
     def params(self) -> dict:
         """All known parameters as a ``{name: value}`` dict."""
@@ -644,6 +638,25 @@ class Optimizer(AdaptiveMethods):
         b_address = self._inout_buffer(bias_grad, (shape.out_features,), "bias_grad") if shape.has_bias else 0
         self._handle.precondition(layer, w_address, b_address)
 
+    def curvature_multiply(
+        self,
+        weights: Sequence[np.ndarray],
+        biases: Optional[Sequence[Optional[np.ndarray]]] = None,
+        power: int = 1,
+    ) -> None:
+        """EXPERIMENTAL (``kfac_curvature_multiply_*``; may change in any minor release).
+        Overwrites every layer's arrays V with ``C^power · V``, C being the damped curvature
+        block the current inverse strategy inverts (eigen: ``A ⊗ G + λI``; Cholesky:
+        ``(A + π√λ I) ⊗ (G + √λ/π I)``; λ = ``factor_damping`` if > 0, else ``damping``).
+        ``power`` +1 uses the running factors (``KFAC_ERROR_NO_STATISTICS`` before they exist),
+        −1 the current inverses (``KFAC_ERROR_NO_INVERSES``). The arrays follow :meth:`step`'s
+        layout and rules. No schedule, no KL clip, no change to the handle."""
+        if _convert.is_bool(power):
+            raise TypeError("libkfac: power must be an integer, not bool")
+        power = _convert.int32(power, "power", _lib.KFAC_ERROR_INVALID_ARGUMENT)
+        with self._handle.lock:
+            self._handle.curvature_multiply(power, self._layer_buffers(weights, biases, "weights", "biases"))
+
     # -----------------------------------------------------------------------------------------
     # State
     # -----------------------------------------------------------------------------------------
@@ -667,41 +680,48 @@ class Optimizer(AdaptiveMethods):
         self._handle.load_file(os.fsencode(path))
 
 
-def _make_property(name: str, kind: str):
+# What each parameter means; its type, bounds, default, family and when it takes effect come
+# from the library's table (_params) and are appended to the property's documentation.
+_MEANINGS = {
+    "learning_rate": "η of the KL clip (0: ν = 1). Used for nothing else.",
+    "damping": "λ, the damping of the curvature (and of the quadratic model of the adaptive mode).",
+    "factor_decay": "β of the factors' moving average.",
+    "kl_clip": "κ of the KL clip; 0 disables it.",
+    "output_grad_scale": "Recorded output gradients are divided by it (a loss scale).",
+    "factor_update_period": "Tf: fold statistics every Tf steps; 0 = only update_factors().",
+    "inverse_update_period": "Ti: recompute inverses every Ti steps; 0 = only update_inverses().",
+    "inverse_strategy": "'cholesky' or 'eigen'; set with a name or a KFAC_INVERSE_* int.",
+    "pi_damping": "Use π in factored (Cholesky) damping (bool).",
+    "loss_reduction": "'sum' or 'mean': how the caller's loss was reduced.",
+    "num_threads": "Threads for parallel inversion (0 = all CPUs).",
+    "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (0 = off).",
+    "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ.",
+    "factor_damping": "γ: damping of the factor inverses instead of λ when > 0.",
+    "factor_damping_period": (
+        "T₂: every T₂ steps (k ≡ 0 mod T₂) the step prepares direction candidates for the factor "
+        "dampings γ, γ·ω₂, γ/ω₂ and solve_step_size_candidates() keeps the best γ (0 = off)."
+    ),
+    "factor_damping_decay": (
+        "ω₂'s base: the candidates of a γ step are γ, γ·ω₂ and γ/ω₂ with "
+        "ω₂ = factor_damping_decay ** factor_damping_period."
+    ),
+}
+
+
+def _make_property(parameter: "_params.Parameter"):
+    name = parameter.name
+
     def getter(self):
         return self.get_param(name)
 
     def setter(self, value):
         self.set_param(name, value)
 
-    doc = {
-        "learning_rate": "η of the KL clip (float, >= 0; default 0.1; 0: ν = 1). Used for nothing else.",
-        "damping": "λ (float, > 0; default 1e-3).",
-        "factor_decay": "β of the factors' moving average (float in [0, 1); default 0.95).",
-        "kl_clip": "κ of the KL clip (float, >= 0; 0 disables; default 1e-3).",
-        "output_grad_scale": "Recorded output gradients are divided by it (float, > 0; default 1).",
-        "factor_update_period": "Tf: fold statistics every Tf steps; 0 = only update_factors().",
-        "inverse_update_period": "Ti: recompute inverses every Ti steps; 0 = only update_inverses().",
-        "inverse_strategy": "'cholesky' or 'eigen' (default); set with a name or a KFAC_INVERSE_* int.",
-        "pi_damping": "Use π in factored (Cholesky) damping (bool; default True).",
-        "loss_reduction": "'sum' (default) or 'mean': how the caller's loss was reduced.",
-        "num_threads": "Threads for parallel inversion (int in [0, 256]; 0 = all CPUs).",
-        "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ (float in (0, 1); default 0.95).",
-        "factor_damping": "γ: damping of the factor inverses instead of λ when > 0 (float >= 0; default 0).",
-        "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (int >= 0; 0 = off, default).",
-        "factor_damping_decay": (
-            "ω₂'s base (float in (0, 1); default 0.95): the candidates of a γ step are γ, γ·ω₂ and "
-            "γ/ω₂ with ω₂ = factor_damping_decay ** factor_damping_period."
-        ),
-        "factor_damping_period": (
-            "T₂: every T₂ steps (k ≡ 0 mod T₂) the step prepares direction candidates for the factor "
-            "dampings γ, γ·ω₂, γ/ω₂ and solve_step_size_candidates() keeps the best γ "
-            "(int >= 0; 0 = off, default)."
-        ),
-    }[name]
-    return property(getter, setter, doc=doc)
+    meaning = _MEANINGS.get(name, f"The library's {name} parameter.")
+    return property(getter, setter, doc=f"{meaning} ({parameter.describe()}.)")
 
 
-for _name, (_value, _kind) in _params.PARAMETERS.items():
-    setattr(Optimizer, _name, _make_property(_name, _kind))
-del _name, _value, _kind
+# One property per parameter the loaded library knows.
+for _parameter in _params.PARAMETERS.values():
+    setattr(Optimizer, _parameter.name, _make_property(_parameter))
+del _parameter

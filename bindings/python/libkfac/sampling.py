@@ -81,4 +81,4 @@ def sampled_output_grads(outputs, distribution, seed) -> np.ndarray:
     ``μ − y`` (gaussian). Their second moment is the output Fisher, so back-propagated and
     recorded as output gradients they give the true Fisher's statistics. Divide by the number
     of rows for the gradient of a mean loss. Arguments and dtypes as :func:`sample_targets`."""
-    return _sample("kfac_sampled_output_grads", outputs, distribution, seed)
+    return _sample("kfac_sample_output_grads", outputs, distribution, seed)

@@ -321,12 +321,12 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
 
     @property
     def last_kl_scale(self) -> float:
-        """ν of the last step (1.0 when the KL clip did not shrink the update)."""
+        """ν of the last step (1.0 when the KL clip did not shrink the update; ``None`` before the first)."""
         return self.optimizer.last_kl_scale
 
     @property
     def last_reduction_ratio(self) -> float:
-        """ρ of the last :meth:`adaptive_step` (NaN before the first)."""
+        """ρ of the last :meth:`adaptive_step` (``None`` before the first)."""
         return self.optimizer.last_reduction_ratio
 
     # -----------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_call_order_errors_are_no_step(rng):
         z = model.logits(theta)
         _expect(kfac.KFAC_ERROR_NO_STEP, b.solve_step_size, z, z)  # before any step
         _expect(kfac.KFAC_ERROR_NO_STEP, b.report_loss_change, 1.0, 0.5)  # before any solve
-        assert np.isnan(b.last_reduction_ratio)
+        assert b.last_reduction_ratio is None
         results = []
         for opt in (a, b):
             D = kfac_step(opt, model, theta, np.float64)
@@ -277,27 +277,30 @@ def test_raw_calls_null_pointers_and_dtype_mismatch(rng):
         h = opt.handle.pointer
         args = (z.ctypes.data_as(dp), jd.ctypes.data_as(dp), None, z.shape[0], z.shape[1], 0)
         outs = (ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(m))
-        assert _lib.kfac_solve_step_size_f64(None, *args, *outs) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_solve_step_size_f64(h, None, *args[1:], *outs) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_solve_step_size_f64(h, args[0], None, *args[2:], *outs) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_solve_step_size_f64(h, *args, None, outs[1], outs[2]) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_solve_step_size_f64(h, *args, outs[0], None, outs[2]) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_solve_step_size_f64(None, *args, *outs) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_solve_step_size_f64(h, None, *args[1:], *outs) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_solve_step_size_f64(h, args[0], None, *args[2:], *outs) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_solve_step_size_f64(h, *args, None, outs[1], outs[2]) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_solve_step_size_f64(h, *args, outs[0], None, outs[2]) == kfac.KFAC_ERROR_NULL_POINTER
         z32, jd32 = z.astype(np.float32), jd.astype(np.float32)
-        assert _lib.kfac_solve_step_size_f32(h, z32.ctypes.data_as(fp), jd32.ctypes.data_as(fp), None,
+        assert _lib.kfac_adaptive_solve_step_size_f32(h, z32.ctypes.data_as(fp), jd32.ctypes.data_as(fp), None,
                                              z.shape[0], z.shape[1], 0, *outs) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         for rows, dim, status in [(0, 4, kfac.KFAC_ERROR_INVALID_SIZE), (10, 0, kfac.KFAC_ERROR_INVALID_SIZE),
                                   (-1, 4, kfac.KFAC_ERROR_INVALID_SIZE),
                                   (2**40, 2**40, kfac.KFAC_ERROR_SIZE_OVERFLOW)]:
-            assert _lib.kfac_solve_step_size_f64(h, args[0], args[1], None, rows, dim, 0, *outs) == status
+            assert _lib.kfac_adaptive_solve_step_size_f64(h, args[0], args[1], None, rows, dim, 0, *outs) == status
         assert (alpha.value, mu.value, m.value) == (7, 7, 7), "failed calls leave the outputs"
         # predicted_change may be NULL.
-        assert _lib.kfac_solve_step_size_f64(h, *args, outs[0], outs[1], None) == kfac.KFAC_OK
+        assert _lib.kfac_adaptive_solve_step_size_f64(h, *args, outs[0], outs[1], None) == kfac.KFAC_OK
         assert alpha.value != 7 and mu.value == 0 and m.value == 7
         # rho may be NULL; the report still counts.
-        assert _lib.kfac_report_loss_change(h, 1.0, 0.9, None) == kfac.KFAC_OK
+        assert _lib.kfac_adaptive_report_loss_change(h, 1.0, 0.9, None) == kfac.KFAC_OK
         assert np.isfinite(opt.last_reduction_ratio)
-        assert _lib.kfac_report_loss_change(None, 1.0, 0.9, None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert np.isnan(_lib.kfac_last_reduction_ratio(None))
+        assert _lib.kfac_adaptive_report_loss_change(None, 1.0, 0.9, None) == kfac.KFAC_ERROR_NULL_POINTER
+        rho = ctypes.c_double(7.0)
+        assert _lib.kfac_adaptive_get_reduction_ratio(None, ctypes.byref(rho)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_adaptive_get_reduction_ratio(h, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert rho.value == 7.0
 
 
 def test_state_keeps_the_previous_update_and_the_pending_prediction(rng):

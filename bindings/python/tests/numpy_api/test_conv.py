@@ -151,10 +151,11 @@ def test_raw_desc_with_an_older_struct_size_reads_missing_fields_as_zero(rng):
         )
         desc.struct_size = _lib.kfac_conv2d_desc.input_group_size.offset
         layer = ctypes.c_int32(-1)
-        assert _lib.kfac_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_OK
+        assert _lib.kfac_layer_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_OK
         desc.struct_size -= 1
-        assert _lib.kfac_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_ERROR_INVALID_SIZE
-        assert _lib.kfac_layer_count(handle) == 1
+        assert _lib.kfac_layer_add_conv2d(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_ERROR_INVALID_SIZE
+        count = ctypes.c_int32(-1)
+        assert _lib.kfac_layer_count(handle, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 1
         info = _lib.kfac_layer_info.new()
         assert _lib.kfac_layer_get_info(handle, 0, ctypes.byref(info)) == kfac.KFAC_OK
         assert (info.kind, info.groups, info.a_dim, info.g_dim) == (kfac.KFAC_LAYER_CONV2D, 1, 37, 4)
@@ -163,11 +164,11 @@ def test_raw_desc_with_an_older_struct_size_reads_missing_fields_as_zero(rng):
         x = rng.standard_normal((2, 4, 5, 5))
         g = rng.standard_normal((2, 4, 3, 3))
         ptr = ctypes.POINTER(ctypes.c_double)
-        assert _lib.kfac_record_inputs_f64(handle, 0, x.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
-        assert _lib.kfac_record_output_grads_f64(handle, 0, g.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
-        assert _lib.kfac_update_factors(handle) == kfac.KFAC_OK
+        assert _lib.kfac_layer_record_inputs_f64(handle, 0, x.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
+        assert _lib.kfac_layer_record_output_grads_f64(handle, 0, g.ctypes.data_as(ptr), 2) == kfac.KFAC_OK
+        assert _lib.kfac_optimizer_update_factors(handle) == kfac.KFAC_OK
         a = np.zeros((37, 37))
-        assert _lib.kfac_get_group_factors_f64(handle, 0, 0, a.ctypes.data_as(ptr), None) == kfac.KFAC_OK
+        assert _lib.kfac_layer_get_factors_f64(handle, 0, 0, a.ctypes.data_as(ptr), None) == kfac.KFAC_OK
         conv = cr.Conv(4, 4, (3, 3), (5, 5))
         np.testing.assert_allclose(a, cr.expected_factors(x, g, conv)[0][0], rtol=1e-12, atol=1e-12)
     finally:
@@ -420,20 +421,29 @@ def test_grouped_dense_factors(rng, dtype, bias, sizes):
         assert_close(G, G_ref * cr.mask(cr.block_ids(5, s_out, False)), dtype)
 
 
-def test_grouped_dense_uses_the_grouped_entry_point_only_when_asked(monkeypatch):
+def test_dense_group_sizes_reach_the_library_in_the_descriptor(monkeypatch):
+    """0.2 has one entry point, kfac_layer_add_dense with a kfac_dense_desc (0.1 chose between
+    kfac_add_dense and kfac_add_dense_grouped): the group sizes travel in the descriptor."""
     calls = []
     with kfac.Optimizer(np.float64) as opt:
         original = opt.handle.call
 
         def spy(function, *args):
-            calls.append(function)
+            desc = ctypes.cast(args[0], ctypes.POINTER(_lib.kfac_dense_desc)).contents
+            calls.append((function, desc.struct_size, desc.in_features, desc.out_features, desc.has_bias,
+                          desc.reserved, desc.input_group_size, desc.output_group_size))
             return original(function, *args)
 
         monkeypatch.setattr(opt.handle, "call", spy)
         opt.add_dense(3, 2)
         opt.add_dense(3, 2, input_group_size=1)
-        opt.add_dense(3, 2, output_group_size=1)
-    assert calls == [_lib.kfac_add_dense, _lib.kfac_add_dense_grouped, _lib.kfac_add_dense_grouped]
+        opt.add_dense(3, 2, bias=False, output_group_size=1)
+    size = ctypes.sizeof(_lib.kfac_dense_desc)
+    assert calls == [
+        (_lib.kfac_layer_add_dense, size, 3, 2, 1, 0, 0, 0),
+        (_lib.kfac_layer_add_dense, size, 3, 2, 1, 0, 1, 0),
+        (_lib.kfac_layer_add_dense, size, 3, 2, 0, 0, 0, 1),
+    ]
 
 
 def test_group_factor_errors(rng):
@@ -461,22 +471,22 @@ def test_get_group_factors_raw_errors(rng):
         g = np.full((2, 2), 7.0)
         dp = ctypes.POINTER(ctypes.c_double)
         fp = ctypes.POINTER(ctypes.c_float)
-        assert _lib.kfac_get_group_factors_f64(h, layer, 0, a.ctypes.data_as(dp), g.ctypes.data_as(dp)) == \
+        assert _lib.kfac_layer_get_factors_f64(h, layer, 0, a.ctypes.data_as(dp), g.ctypes.data_as(dp)) == \
             kfac.KFAC_ERROR_NO_STATISTICS
         opt.record_inputs(layer, rng.standard_normal((2, 4, 5, 5)))
         opt.record_output_grads(layer, rng.standard_normal((2, 4, 3, 3)))
         opt.update_factors()
         for group in (-1, 2):
-            assert _lib.kfac_get_group_factors_f64(h, layer, group, a.ctypes.data_as(dp), None) == \
+            assert _lib.kfac_layer_get_factors_f64(h, layer, group, a.ctypes.data_as(dp), None) == \
                 kfac.KFAC_ERROR_INVALID_ARGUMENT
         af = np.zeros((19, 19), np.float32)
-        assert _lib.kfac_get_group_factors_f32(h, layer, 0, af.ctypes.data_as(fp), None) == \
+        assert _lib.kfac_layer_get_factors_f32(h, layer, 0, af.ctypes.data_as(fp), None) == \
             kfac.KFAC_ERROR_DTYPE_MISMATCH
-        assert _lib.kfac_get_group_factors_f64(h, 1, 0, a.ctypes.data_as(dp), None) == \
+        assert _lib.kfac_layer_get_factors_f64(h, 1, 0, a.ctypes.data_as(dp), None) == \
             kfac.KFAC_ERROR_UNKNOWN_LAYER
-        assert _lib.kfac_get_group_factors_f64(None, 0, 0, None, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_layer_get_factors_f64(None, 0, 0, None, None) == kfac.KFAC_ERROR_NULL_POINTER
         assert np.all(a == 7.0) and np.all(g == 7.0)
-        assert _lib.kfac_get_group_factors_f64(h, layer, 1, None, g.ctypes.data_as(dp)) == kfac.KFAC_OK
+        assert _lib.kfac_layer_get_factors_f64(h, layer, 1, None, g.ctypes.data_as(dp)) == kfac.KFAC_OK
         assert np.all(a == 7.0) and not np.all(g == 7.0)
 
 

@@ -386,9 +386,9 @@ def test_new_parameter_ranges(name, value):
         opt.learning_rate = 0
         assert (opt.factor_damping_decay, opt.factor_damping_period, opt.learning_rate) == (1e-6, 2**31 - 1, 0.0)
         value_type = ctypes.c_int64()
-        assert _lib.kfac_get_param_int(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_DECAY,
+        assert _lib.kfac_param_get_int(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_DECAY,
                                        ctypes.byref(value_type)) == kfac.KFAC_ERROR_PARAMETER_TYPE
-        assert _lib.kfac_set_param_double(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_PERIOD,
+        assert _lib.kfac_param_set_double(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_PERIOD,
                                           2.0) == kfac.KFAC_ERROR_PARAMETER_TYPE
 
 
@@ -545,11 +545,11 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         nobias.add_dense(model.inf, model.out, bias=False)
         h = opt.handle.pointer
         count = ctypes.c_int32(-5)
-        assert _lib.kfac_candidate_count(None, ctypes.byref(count)) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_candidate_count(h, None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 0
+        assert _lib.kfac_candidates_get_count(None, ctypes.byref(count)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_candidates_get_count(h, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 0
         kfac_step(opt, model, theta, np.float64)
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
 
         w = np.full((model.out, model.inf), SENTINEL)
         b = np.full(model.out, SENTINEL)
@@ -560,7 +560,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         wp32 = (fp * 1)(w32.ctypes.data_as(fp))
         bp32 = (fp * 1)(b32.ctypes.data_as(fp))
         gamma = ctypes.c_double(SENTINEL)
-        directions = _lib.kfac_candidate_directions_f64
+        directions = _lib.kfac_candidates_get_directions_f64
         assert directions(None, 0, wp, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
         assert directions(h, 0, None, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
         assert directions(h, 0, wp, None, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
@@ -568,7 +568,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         assert directions(h, 0, wp, bp, 2, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_SIZE
         assert directions(h, 0, wp, bp, 0, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_SIZE
         assert directions(h, 3, wp, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_ARGUMENT
-        assert _lib.kfac_candidate_directions_f32(h, 0, wp32, bp32, 1, None) == kfac.KFAC_ERROR_DTYPE_MISMATCH
+        assert _lib.kfac_candidates_get_directions_f32(h, 0, wp32, bp32, 1, None) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert np.all(w == SENTINEL) and np.all(b == SENTINEL) and gamma.value == SENTINEL
         assert np.all(w32 == SENTINEL) and np.all(b32 == SENTINEL)
         assert directions(h, 1, wp, bp, 1, None) == kfac.KFAC_OK, "factor_damping may be NULL"
@@ -588,7 +588,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         chosen, alpha, mu, m = ctypes.c_int32(-7), ctypes.c_double(SENTINEL), ctypes.c_double(SENTINEL), \
             ctypes.c_double(SENTINEL)
         outs = (ctypes.byref(chosen), ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(m))
-        solve = _lib.kfac_solve_step_size_candidates_f64
+        solve = _lib.kfac_candidates_solve_step_size_f64
         rows, dim = z.shape
         zp = z.ctypes.data_as(dp)
         assert solve(None, zp, products, 3, None, rows, dim, 0, *outs) == kfac.KFAC_ERROR_NULL_POINTER
@@ -605,21 +605,21 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         z32 = z.astype(np.float32)
         jd32 = [p.astype(np.float32) for p in jd]
         products32 = (fp * 3)(*[p.ctypes.data_as(fp) for p in jd32])
-        assert _lib.kfac_solve_step_size_candidates_f32(h, z32.ctypes.data_as(fp), products32, 3, None, rows,
+        assert _lib.kfac_candidates_solve_step_size_f32(h, z32.ctypes.data_as(fp), products32, 3, None, rows,
                                                         dim, 0, *outs) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert (chosen.value, alpha.value, mu.value, m.value) == (-7, SENTINEL, SENTINEL, SENTINEL)
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
         assert solve(h, zp, products, 3, None, rows, dim, 0, *outs) == kfac.KFAC_OK
         assert 0 <= chosen.value < 3 and m.value < 0 and mu.value == 0
 
-        update = _lib.kfac_get_update_f64
+        update = _lib.kfac_adaptive_get_update_f64
         w[:] = SENTINEL
         b[:] = SENTINEL
         assert update(None, wp, bp, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, None, bp, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, wp, None, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, wp, bp, 2) == kfac.KFAC_ERROR_INVALID_SIZE
-        assert _lib.kfac_get_update_f32(h, wp32, bp32, 1) == kfac.KFAC_ERROR_DTYPE_MISMATCH
+        assert _lib.kfac_adaptive_get_update_f32(h, wp32, bp32, 1) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert np.all(w == SENTINEL) and np.all(b == SENTINEL)
         assert np.all(w32 == SENTINEL) and np.all(b32 == SENTINEL)
         assert update(h, wp, bp, 1) == kfac.KFAC_OK

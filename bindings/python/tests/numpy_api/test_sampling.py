@@ -134,7 +134,7 @@ def test_sampler_errors():
     dp = ctypes.POINTER(ctypes.c_double)
     out = np.full((4, 3), 7.0)
     zp, op = z.ctypes.data_as(dp), out.ctypes.data_as(dp)
-    for name in ("kfac_sample_targets_f64", "kfac_sampled_output_grads_f64"):
+    for name in ("kfac_sample_targets_f64", "kfac_sample_output_grads_f64"):
         function = getattr(_lib, name)
         assert function(None, 4, 3, 0, 1, op) == kfac.KFAC_ERROR_NULL_POINTER
         assert function(zp, 4, 3, 0, 1, None) == kfac.KFAC_ERROR_NULL_POINTER
