@@ -330,7 +330,7 @@ def ablation_table(raw, summaries) -> str:
                      f"| {fmt(median([r['step_ms_mean'] for r in runs if r['step_ms_mean']]), 3)} "
                      f"| {fmt(100 * median(clipped), 3) + ' %' if clipped else '–'} |")
     if "adaptive_rows" in raw:  # raw results from before the adaptive mode was driven
-        availability = ("the library has it (`kfac.Optimizer.solve_step_size` exists) but this benchmark does not "
+        availability = ("the library has it (`libkfac.Optimizer.solve_step_size` exists) but this benchmark does not "
                         "drive it yet: pending" if ablation["adaptive_available"]
                         else "not available in this library version")
         for name in raw["adaptive_rows"]:

@@ -539,7 +539,7 @@ def machine_description(trainers) -> dict:
                     break
     except OSError:
         pass
-    kfac = trainers.kfac
+    kfac = trainers.libkfac
     git = lambda *args: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(kfac.__file__)), *args],
                                        capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "not a git checkout"

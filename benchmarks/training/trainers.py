@@ -32,11 +32,11 @@ sys.path.insert(0, HERE)
 from problems import REPO_ROOT, get_problem  # noqa: E402
 
 try:
-    import kfac  # noqa: E402
+    import libkfac  # noqa: E402
 except ImportError:  # not installed: the bindings of this checkout
     sys.path.insert(0, os.path.join(REPO_ROOT, "bindings", "python"))
-    import kfac  # noqa: E402
-from kfac.torch import KFACPreconditioner  # noqa: E402
+    import libkfac  # noqa: E402
+from libkfac.torch import KFACPreconditioner  # noqa: E402
 
 #: Offset of the seed of the sampled-Fisher draws from the run's seed.
 FISHER_SEED_OFFSET = 1_000_003
@@ -435,7 +435,7 @@ def run_task(task: Dict) -> Dict:
                 if _bad(value):
                     diverged = True
                     break
-    except kfac.KFACError as exc:  # e.g. a factorisation failing on non-finite statistics
+    except libkfac.KFACError as exc:  # e.g. a factorisation failing on non-finite statistics
         diverged, error = True, str(exc)
     if not diverged:
         final = _full_loss(model, problem)

@@ -4,7 +4,7 @@
 Three runs from the same initial weights and the same minibatch order:
 
   * K-FAC: plain SGD whose gradients are first preconditioned by
-    kfac.torch.KFACPreconditioner;
+    libkfac.torch.KFACPreconditioner;
   * SGD with momentum alone;
   * Adam.
 
@@ -19,7 +19,7 @@ Run from anywhere, after building the library (swift build -c release --product 
 
     python3 examples/python/train_digits_torch.py [--epochs N] [--model mlp|cnn]
 
-The kfac package is imported from bindings/python of this checkout unless it is installed.
+The libkfac package is imported from bindings/python of this checkout unless it is installed.
 Everything is seeded; the run takes a few seconds on two CPU cores.
 """
 
@@ -37,10 +37,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 DATA_PATH = os.path.join(REPO_ROOT, "data", "digits.bin")
 
 try:
-    from kfac.torch import KFACPreconditioner
+    from libkfac.torch import KFACPreconditioner
 except ImportError:  # not installed: use the bindings of this checkout
     sys.path.insert(0, os.path.join(REPO_ROOT, "bindings", "python"))
-    from kfac.torch import KFACPreconditioner
+    from libkfac.torch import KFACPreconditioner
 
 TRAIN_SIZE = 1500
 BATCH_SIZE = 64

@@ -1,4 +1,5 @@
-"""The ctypes layer mirrors include/kfac.h one to one; library discovery and version check."""
+"""The ctypes layer mirrors include/kfac.h one to one (KFAC_API declarations, the experimental
+section, enums, structs); library discovery and version check."""
 
 import ctypes
 import os
@@ -11,8 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-import kfac
-from kfac import _lib
+import libkfac as kfac
+from libkfac import _lib
 from testutil import REPO_ROOT
 
 HEADER = os.path.join(REPO_ROOT, "include", "kfac.h") if REPO_ROOT else None
@@ -29,13 +30,35 @@ def _header_code():
     return re.sub(r"//[^\n]*", " ", text)
 
 
+def _experimental_spans(code):
+    """(start, end) offsets of the ``#if defined(KFAC_EXPERIMENTAL_API)`` blocks."""
+    spans = []
+    for match in re.finditer(r"#\s*if\s+defined\s*\(\s*KFAC_EXPERIMENTAL_API\s*\)", code):
+        end = code.index("#endif", match.end())
+        assert "#if" not in code[match.end():end], "nested conditionals in the experimental section"
+        spans.append((match.start(), end))
+    return spans
+
+
+def _header_declarations():
+    """[(name, has KFAC_API, experimental)] of every function declaration in kfac.h."""
+    code = _header_code()
+    spans = _experimental_spans(code)
+    result = []
+    for match in re.finditer(r"(?:^|;|\}|\n)\s*((?:KFAC_API\s+)?)[A-Za-z_][\w\s\*]*?\b(kfac_\w+)\s*\([^()]*\)\s*;", code):
+        experimental = any(start <= match.start(2) < end for start, end in spans)
+        result.append((match.group(2), bool(match.group(1)), experimental))
+    return result
+
+
 def _header_functions():
-    """{name: (return type, [parameter types])} of every function declared in kfac.h."""
+    """{name: (return type, [parameter types])} of every function declared in kfac.h (the
+    experimental section's too), ``KFAC_API`` stripped."""
     code = _header_code()
     functions = {}
     for match in re.finditer(r"([A-Za-z_][\w\s\*]*?)\b(kfac_\w+)\s*\(([^()]*)\)\s*;", code):
         ret, name, params = match.groups()
-        ret = " ".join(ret.split())
+        ret = " ".join(ret.replace("KFAC_API", " ").split())
         types = []
         params = params.strip()
         if params and params != "void":
@@ -72,6 +95,8 @@ _C_TYPES = {
     "int64_t*": ctypes.POINTER(ctypes.c_int64),
     "size_t*": ctypes.POINTER(ctypes.c_size_t),
     "kfac_layer_info*": ctypes.POINTER(_lib.kfac_layer_info),
+    "kfac_param_info*": ctypes.POINTER(_lib.kfac_param_info),
+    "const kfac_dense_desc*": ctypes.POINTER(_lib.kfac_dense_desc),
     "const kfac_conv2d_desc*": ctypes.POINTER(_lib.kfac_conv2d_desc),
     "float*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
     "double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
@@ -85,11 +110,45 @@ def test_every_header_function_is_bound_with_matching_types():
     functions = _header_functions()
     assert len(functions) >= 30
     assert set(functions) == set(_lib.FUNCTION_NAMES)
+    # Only experimental functions may be missing from the library (declared before exported).
+    assert _lib.MISSING_EXPERIMENTAL <= set(_lib.EXPERIMENTAL_FUNCTION_NAMES)
+    prototypes = {name: (restype, argtypes) for name, restype, argtypes in _lib._PROTOTYPES}
     for name, (ret, params) in functions.items():
-        bound = getattr(_lib, name)
         assert ret in _C_TYPES, (name, ret)
-        assert bound.restype is _C_TYPES[ret], name
-        assert [_C_TYPES[p] for p in params] == list(bound.argtypes), name
+        restype, argtypes = prototypes[name]
+        assert restype is _C_TYPES[ret], name
+        assert [_C_TYPES[p] for p in params] == list(argtypes), name
+        bound = getattr(_lib, name)
+        if name in _lib.MISSING_EXPERIMENTAL:
+            assert bound is None
+        else:
+            assert bound.restype is _C_TYPES[ret], name
+            assert [_C_TYPES[p] for p in params] == list(bound.argtypes), name
+
+
+@needs_header
+def test_every_declaration_has_kfac_api_and_the_experimental_section_is_mirrored():
+    declarations = _header_declarations()
+    assert {name for name, _, _ in declarations} == set(_header_functions())
+    assert [name for name, api, _ in declarations if not api] == []
+    experimental = {name for name, _, exp in declarations if exp}
+    assert experimental == set(_lib.EXPERIMENTAL_FUNCTION_NAMES)
+    assert {"kfac_candidates_get_count", "kfac_curvature_multiply_f64"} <= experimental
+    # The experimental section is the header's last: _lib lists it last too.
+    order = [name for name, _, _ in declarations]
+    assert list(_lib.FUNCTION_NAMES) == order
+
+
+def test_every_exported_function_is_declared():
+    """The library exports nothing the header does not declare (nm -D, when available)."""
+    if shutil.which("nm") is None:
+        pytest.skip("needs nm")
+    output = subprocess.run(["nm", "-D", "--defined-only", _lib.library_path], capture_output=True,
+                            text=True).stdout
+    exported = set(re.findall(r"\b(kfac_\w+)\b", output))
+    assert exported, output
+    assert exported <= set(_lib.FUNCTION_NAMES)
+    assert set(_lib.FUNCTION_NAMES) - exported == _lib.MISSING_EXPERIMENTAL
 
 
 @needs_header
@@ -99,6 +158,10 @@ def test_every_header_constant_is_mirrored_with_its_value():
         (name, int(value)) for name, value in re.findall(r"\b(KFAC_\w+)\s*=\s*(-?\d+)", code)
     )
     macros = dict(re.findall(r"#define\s+(KFAC_VERSION_(?:MAJOR|MINOR|PATCH))\s+(\d+)", code))
+    with open(HEADER, encoding="utf-8") as file:  # the string macro is inside quotes: raw text
+        string = re.search(r'#define\s+KFAC_VERSION_STRING\s+"([^"]+)"', file.read()).group(1)
+    assert _lib.KFAC_VERSION_STRING == kfac.__version__ == string == "%s.%s.%s" % (
+        macros["KFAC_VERSION_MAJOR"], macros["KFAC_VERSION_MINOR"], macros["KFAC_VERSION_PATCH"])
     assert len(enum_values) >= 40
     for name, value in enum_values.items():
         assert getattr(_lib, name) == value, name
@@ -110,7 +173,7 @@ def test_every_header_constant_is_mirrored_with_its_value():
         + int(macros["KFAC_VERSION_MINOR"]) * 100
         + int(macros["KFAC_VERSION_PATCH"])
     )
-    assert _lib.KFAC_VERSION_NUMBER == expected_number == 100
+    assert _lib.KFAC_VERSION_NUMBER == expected_number == 200
     # No constant the header does not have.
     mirrored = {n for n in dir(_lib) if n.startswith("KFAC_") and not n.startswith("KFAC_VERSION")}
     assert mirrored == set(enum_values)
@@ -127,18 +190,22 @@ def _header_struct_fields(name):
         declaration = declaration.strip()
         if not declaration:
             continue
-        match = re.fullmatch(r"(\w+)\s+(\w+(?:\s*,\s*\w+)*)", declaration)
+        match = re.fullmatch(r"((?:const\s+)?\w+(?:\s*\*)?)\s*(\w+(?:\s*,\s*\w+)*)", declaration)
         assert match, (name, declaration)
         ctype, names = match.groups()
+        ctype = " ".join(ctype.replace("*", " *").split()).replace(" *", "*")
         fields.extend((ctype, field.strip()) for field in names.split(","))
     return fields
 
 
-_STRUCT_CTYPES = {"size_t": ctypes.c_size_t, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64}
+_STRUCT_CTYPES = {"size_t": ctypes.c_size_t, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
+                  "double": ctypes.c_double, "const char*": ctypes.c_char_p}
+_STRUCTS = [("kfac_param_info", 64), ("kfac_dense_desc", 48), ("kfac_conv2d_desc", 144),
+            ("kfac_layer_info", 64)]
 
 
 @needs_header
-@pytest.mark.parametrize("name, size", [("kfac_layer_info", 64), ("kfac_conv2d_desc", 144)])
+@pytest.mark.parametrize("name, size", _STRUCTS)
 def test_structs_match_header(name, size):
     fields = _header_struct_fields(name)
     struct = getattr(_lib, name)
@@ -153,7 +220,7 @@ def test_struct_layouts_match_the_c_compiler(tmp_path):
     """sizeof and every offsetof of the ctypes structs equal the C compiler's for kfac.h."""
     lines = []
     expected = []
-    for name in ("kfac_layer_info", "kfac_conv2d_desc"):
+    for name, _ in _STRUCTS:
         struct = getattr(_lib, name)
         lines.append(f'printf("%zu\\n", sizeof({name}));')
         expected.append(ctypes.sizeof(struct))
@@ -175,6 +242,7 @@ def test_struct_layouts_match_the_c_compiler(tmp_path):
 def test_loaded_version_matches_bindings():
     assert _lib.kfac_version_number() == kfac.loaded_version_number
     assert kfac.loaded_version_number // 10000 == kfac.KFAC_VERSION_MAJOR
+    assert _lib.abi_compatible(kfac.loaded_version_number)
     assert kfac.library_version == "%d.%d.%d" % (
         kfac.loaded_version_number // 10000,
         kfac.loaded_version_number // 100 % 100,
@@ -193,7 +261,7 @@ def test_status_strings_and_names():
 
 
 def test_last_error_of_null_handle_is_a_static_message():
-    assert isinstance(_lib.kfac_last_error(None), bytes)
+    assert isinstance(_lib.kfac_optimizer_last_error(None), bytes)
 
 
 def test_raw_calls_report_statuses():
@@ -204,18 +272,26 @@ def test_raw_calls_report_statuses():
     assert _lib.kfac_optimizer_create(kfac.KFAC_FLOAT64, None) == kfac.KFAC_ERROR_NULL_POINTER
     assert _lib.kfac_optimizer_create(kfac.KFAC_FLOAT64, ctypes.byref(handle)) == kfac.KFAC_OK
     try:
-        assert _lib.kfac_dtype_of(handle) == kfac.KFAC_FLOAT64
-        assert _lib.kfac_layer_count(handle) == 0
-        assert _lib.kfac_step_count(handle) == 0
-        assert _lib.kfac_last_error(handle) == b""
-        assert _lib.kfac_dtype_of(None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_layer_count(None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_wants_statistics(None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert np.isnan(_lib.kfac_last_kl_scale(None))
-        assert np.isnan(_lib.kfac_last_kl_scale(handle))
+        dtype, count, wanted = ctypes.c_int32(-1), ctypes.c_int32(-1), ctypes.c_int32(-1)
+        steps, scale = ctypes.c_int64(-1), ctypes.c_double(7.0)
+        assert _lib.kfac_optimizer_get_dtype(handle, ctypes.byref(dtype)) == kfac.KFAC_OK
+        assert dtype.value == kfac.KFAC_FLOAT64
+        assert _lib.kfac_layer_count(handle, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 0
+        assert _lib.kfac_optimizer_get_step_count(handle, ctypes.byref(steps)) == kfac.KFAC_OK
+        assert steps.value == 0
+        assert _lib.kfac_optimizer_last_error(handle) == b""
+        assert _lib.kfac_optimizer_get_dtype(None, ctypes.byref(dtype)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_optimizer_get_dtype(handle, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_layer_count(None, ctypes.byref(count)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_optimizer_wants_statistics(None, ctypes.byref(wanted)) == kfac.KFAC_ERROR_NULL_POINTER
+        # No NaN sentinel: before the first step the getter fails and leaves its output alone.
+        assert _lib.kfac_optimizer_get_kl_scale(None, ctypes.byref(scale)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_optimizer_get_kl_scale(handle, ctypes.byref(scale)) == kfac.KFAC_ERROR_NO_STEP
+        assert scale.value == 7.0
         info = _lib.kfac_layer_info.new()
         layer = ctypes.c_int32(-1)
-        assert _lib.kfac_add_dense(handle, 3, 2, 1, ctypes.byref(layer)) == kfac.KFAC_OK
+        desc = _lib.kfac_dense_desc.new(in_features=3, out_features=2, has_bias=1)
+        assert _lib.kfac_layer_add_dense(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_OK
         assert layer.value == 0
         assert _lib.kfac_layer_get_info(handle, 0, ctypes.byref(info)) == kfac.KFAC_OK
         assert (info.kind, info.has_bias, info.in_features, info.out_features) == (
@@ -224,12 +300,13 @@ def test_raw_calls_report_statuses():
         small = _lib.kfac_layer_info()
         small.struct_size = 4
         assert _lib.kfac_layer_get_info(handle, 0, ctypes.byref(small)) == kfac.KFAC_ERROR_INVALID_SIZE
-        assert _lib.kfac_add_dense(handle, 3, 2, 2, ctypes.byref(layer)) == kfac.KFAC_ERROR_INVALID_ARGUMENT
+        desc.has_bias = 2
+        assert _lib.kfac_layer_add_dense(handle, ctypes.byref(desc), ctypes.byref(layer)) == kfac.KFAC_ERROR_INVALID_ARGUMENT
         x = np.ones((2, 3), dtype=np.float32)
-        status = _lib.kfac_record_inputs_f32(
+        status = _lib.kfac_layer_record_inputs_f32(
             handle, 0, x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 2)
         assert status == kfac.KFAC_ERROR_DTYPE_MISMATCH
-        assert _lib.kfac_last_error(handle) != b""
+        assert _lib.kfac_optimizer_last_error(handle) != b""
     finally:
         _lib.kfac_optimizer_free(handle)
     _lib.kfac_optimizer_free(None)  # accepted and ignored
@@ -244,7 +321,7 @@ def _import_kfac(env_updates):
     env = dict(os.environ)
     env.update(env_updates)
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import kfac, sys; sys.stdout.write(kfac.library_path)"
+    code = "import libkfac, sys; sys.stdout.write(libkfac.library_path)"
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -279,16 +356,41 @@ def test_major_version_mismatch_raises_import_error(tmp_path):
     assert "1.2.3" in result.stderr and "major" in result.stderr
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_minor_version_mismatch_before_1_0_raises_import_error(tmp_path):
+    """While the major version is 0 every minor release has its own ABI: a 0.1 library must not
+    load under 0.2 bindings (its functions have other names and conventions)."""
+    source = tmp_path / "fake.c"
+    source.write_text(textwrap.dedent("""
+        unsigned kfac_version_number(void) { return 100; }
+        const char *kfac_version_string(void) { return "0.1.0"; }
+    """))
+    library = tmp_path / "libkfac.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    result = _import_kfac({"KFAC_LIBRARY": str(library)})
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "0.1.0" in result.stderr and "minor" in result.stderr
+
+
+def test_abi_compatibility_rule():
+    assert _lib.abi_compatible(_lib.KFAC_VERSION_NUMBER)
+    assert _lib.abi_compatible(_lib.KFAC_VERSION_NUMBER + 1)  # a patch release
+    assert not _lib.abi_compatible(_lib.KFAC_VERSION_NUMBER + 100)  # 0.(x+1)
+    assert not _lib.abi_compatible(_lib.KFAC_VERSION_NUMBER - 100)  # 0.(x−1)
+    assert not _lib.abi_compatible(10000 + _lib.KFAC_VERSION_NUMBER)  # another major version
+
+
 def test_library_next_to_package_is_found_first(tmp_path):
     """A copy of the package with libkfac.so inside it loads that copy (KFAC_LIBRARY unset)."""
-    package = tmp_path / "kfac"
+    package = tmp_path / "libkfac"
     shutil.copytree(os.path.dirname(kfac.__file__), package,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
     shutil.copy(_lib.library_path, package / "libkfac.so")
     env = {key: value for key, value in os.environ.items() if key != "KFAC_LIBRARY"}
     env["PYTHONPATH"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-c", "import kfac, sys; sys.stdout.write(kfac.library_path)"],
+        [sys.executable, "-c", "import libkfac, sys; sys.stdout.write(libkfac.library_path)"],
         env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""Helpers shared by the kfac binding tests (imported by the test modules)."""
+"""Helpers shared by the libkfac binding tests (imported by the test modules)."""
 
 import os
 
@@ -43,3 +43,19 @@ def random_batch(rng, rows, in_features, out_features, dtype):
     inputs = rng.standard_normal((rows, in_features)).astype(dtype)
     grads = rng.standard_normal((rows, out_features)).astype(dtype)
     return inputs, grads
+
+
+def kfac_step(opt, model, theta, dtype):
+    """Records the statistics of the batch and steps on the mean-loss gradient; returns the
+    directions D = [dW | db] as float64."""
+    opt.record_inputs(0, model.x.astype(dtype))
+    opt.record_output_grads(0, model.output_grads(theta).astype(dtype))
+    grad = model.gradient(theta)
+    dw = np.ascontiguousarray(grad[:, :-1], dtype=dtype)
+    db = np.ascontiguousarray(grad[:, -1], dtype=dtype)
+    opt.step([dw], [db])
+    return np.hstack([dw, db[:, None]]).astype(np.float64)
+
+
+#: Tolerances of the adaptive-mode comparisons with references.adaptive, per dtype.
+TOLERANCE = {np.float64: 1e-8, np.float32: 3e-3}

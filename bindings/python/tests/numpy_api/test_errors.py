@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-import kfac
-import kfac_reference as ref
-from kfac import _lib
+import libkfac as kfac
+from references import dense as ref
+from libkfac import _lib
 from testutil import assert_close, random_batch
 
 
@@ -116,11 +116,11 @@ def test_parameter_errors_from_the_library():
         _expect(kfac.KFAC_ERROR_UNKNOWN_PARAMETER, opt.set_param, 999, 1.0)
         _expect(kfac.KFAC_ERROR_UNKNOWN_PARAMETER, opt.get_param, 999)
         value = ctypes.c_int64()
-        status = _lib.kfac_get_param_int(opt._handle, kfac.KFAC_PARAM_DAMPING, ctypes.byref(value))
+        status = _lib.kfac_param_get_int(opt.handle.pointer, kfac.KFAC_PARAM_DAMPING, ctypes.byref(value))
         assert status == kfac.KFAC_ERROR_PARAMETER_TYPE
-        status = _lib.kfac_set_param_double(opt._handle, kfac.KFAC_PARAM_NUM_THREADS, 2.0)
+        status = _lib.kfac_param_set_double(opt.handle.pointer, kfac.KFAC_PARAM_NUM_THREADS, 2.0)
         assert status == kfac.KFAC_ERROR_PARAMETER_TYPE
-        assert _lib.kfac_set_param_double(None, kfac.KFAC_PARAM_DAMPING, 1.0) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_param_set_double(None, kfac.KFAC_PARAM_DAMPING, 1.0) == kfac.KFAC_ERROR_NULL_POINTER
         _expect(kfac.KFAC_ERROR_PARAMETER_RANGE, opt.set_param, "num_threads", 2**70)
         with pytest.raises(ValueError):
             opt.set_param("no_such_parameter", 1)
@@ -181,14 +181,14 @@ def test_wrong_dtype(rng):
         with pytest.raises(TypeError):
             opt.record_inputs(layer, rng.standard_normal((4, 3)))
         x64 = np.ones((4, 3))
-        status = _lib.kfac_record_inputs_f64(
-            opt._handle, layer, x64.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), 4)
+        status = _lib.kfac_layer_record_inputs_f64(
+            opt.handle.pointer, layer, x64.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), 4)
         assert status == kfac.KFAC_ERROR_DTYPE_MISMATCH
         a = np.zeros((4, 4))
-        status = _lib.kfac_get_factors_f64(
-            opt._handle, layer, a.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), None)
+        status = _lib.kfac_layer_get_factors_f64(
+            opt.handle.pointer, layer, 0, a.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), None)
         assert status == kfac.KFAC_ERROR_DTYPE_MISMATCH
-        assert _lib.kfac_last_error(opt._handle)
+        assert _lib.kfac_optimizer_last_error(opt.handle.pointer)
         # still works
         x, g = random_batch(rng, 4, 3, 2, np.float32)
         opt.record_inputs(layer, x)
@@ -247,7 +247,7 @@ def test_step_before_statistics(rng):
         assert error.message == error.message.strip() and len(error.message) > 5
         np.testing.assert_array_equal(w, w0)
         np.testing.assert_array_equal(b, b0)
-        assert opt.step_count == 0 and math.isnan(opt.last_kl_scale)
+        assert opt.step_count == 0 and opt.last_kl_scale is None
         _expect(kfac.KFAC_ERROR_NO_STATISTICS, opt.update_inverses)
         # and it works afterwards
         x, g = random_batch(rng, 5, 3, 2, np.float64)
@@ -299,11 +299,13 @@ def test_library_rejects_null_and_missing_bias_buffers(rng):
         w = np.ones((2, 3))
         pointer = ctypes.POINTER(ctypes.c_double)
         weights = (pointer * 1)(w.ctypes.data_as(pointer))
-        status = _lib.kfac_step_f64(opt._handle, weights, None, 1)
+        status = _lib.kfac_optimizer_step_f64(opt.handle.pointer, weights, None, 1)
         assert status == kfac.KFAC_ERROR_NULL_POINTER
-        status = _lib.kfac_step_f64(opt._handle, weights, None, 2)
+        status = _lib.kfac_optimizer_step_f64(opt.handle.pointer, weights, None, 2)
         assert status in (kfac.KFAC_ERROR_INVALID_SIZE, kfac.KFAC_ERROR_NULL_POINTER)
-        assert _lib.kfac_step_count(opt._handle) == 0
+        steps = ctypes.c_int64(-1)
+        assert _lib.kfac_optimizer_get_step_count(opt.handle.pointer, ctypes.byref(steps)) == kfac.KFAC_OK
+        assert steps.value == 0
         np.testing.assert_array_equal(w, np.ones((2, 3)))
 
 
@@ -317,7 +319,7 @@ def test_bias_given_for_layer_without_bias_is_invalid(rng):
         opt.update_inverses()
         w, b = np.ones((2, 3)), np.ones(2)
         pointer = ctypes.POINTER(ctypes.c_double)
-        status = _lib.kfac_precondition_f64(opt._handle, 0, w.ctypes.data_as(pointer),
+        status = _lib.kfac_layer_precondition_f64(opt.handle.pointer, 0, w.ctypes.data_as(pointer),
                                             b.ctypes.data_as(pointer))
         assert status == kfac.KFAC_ERROR_INVALID_ARGUMENT
         with pytest.raises(ValueError):

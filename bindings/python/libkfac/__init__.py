@@ -6,9 +6,9 @@ apply the directions with your own learning rate. See ``include/kfac.h`` for the
 
 Quick start with numpy::
 
-    import numpy as np, kfac
+    import numpy as np, libkfac
 
-    with kfac.Optimizer(np.float32, damping=1e-2) as opt:
+    with libkfac.Optimizer(np.float32, damping=1e-2) as opt:
         layer = opt.add_dense(784, 10)
         for x, dlogits, dw, db in batches:         # dlogits: gradient of a summed loss
             if opt.wants_statistics:
@@ -30,13 +30,20 @@ the factor damping γ is re-chosen every T₂ steps (§6.6): fetch each candidat
 and apply :meth:`Optimizer.get_update`. :func:`sampled_output_grads`
 (and :func:`sample_targets`) give the output gradients whose statistics estimate the true Fisher.
 
-With PyTorch, use :class:`kfac.torch.KFACPreconditioner` (``nn.Linear``, ``nn.Conv2d``,
+With PyTorch, use :class:`libkfac.torch.KFACPreconditioner` (``nn.Linear``, ``nn.Conv2d``,
 ``nn.Conv1d``), whose ``sampled_fisher_backward`` and ``adaptive_step`` do the above for a
 model.
 
 Modules:
-    :mod:`kfac._lib`: the raw ctypes mirror of ``kfac.h`` (all functions and constants);
-    :mod:`kfac.torch`: the PyTorch integration (imported on demand, needs torch).
+    :mod:`libkfac.optimizer`: the numpy :class:`Optimizer`;
+    :mod:`libkfac.adaptive`: its adaptive-mode methods;
+    :mod:`libkfac.sampling`: the target samplers;
+    :mod:`libkfac.torch`: the PyTorch integration (imported on demand, needs torch);
+    :mod:`libkfac._lib`: the raw ctypes mirror of ``kfac.h`` (all functions and constants);
+    :mod:`libkfac._handle`: the address-level calls both front-ends use.
+
+The import name is ``libkfac`` (it was ``kfac`` in 0.1, the import name of kfac-pytorch and of
+the PyPI distribution ``kfac``).
 """
 
 from . import _lib
@@ -47,18 +54,21 @@ from ._lib import (
     status_name,
     status_string,
 )
-from ._optimizer import PARAMETERS, KFACError, LayerInfo, Optimizer
-from ._sampling import DISTRIBUTIONS, sample_targets, sampled_output_grads
+from ._errors import KFACError
+from ._params import PARAMETERS, Parameter
+from .optimizer import LayerInfo, Optimizer
+from .sampling import DISTRIBUTIONS, sample_targets, sampled_output_grads
 
-__version__ = "0.1.0"
+#: The version of kfac.h these bindings mirror (the distribution's version too).
+__version__ = _lib.KFAC_VERSION_STRING
 
 # Every KFAC_* constant of kfac.h (status codes, parameters, dtypes, strategies, reductions,
 # layer kinds, layouts, conv approximations, distributions, version macros) is also available as
-# kfac.KFAC_*.
+# libkfac.KFAC_*.
 _CONSTANTS = {name: getattr(_lib, name) for name in dir(_lib) if name.startswith("KFAC_")}
 globals().update(_CONSTANTS)
 
-#: Version of the loaded shared library, e.g. ``"0.1.0"``.
+#: Version of the loaded shared library, e.g. ``"0.2.0"``.
 library_version = loaded_version_string
 
 __all__ = [
@@ -67,6 +77,7 @@ __all__ = [
     "LayerInfo",
     "Optimizer",
     "PARAMETERS",
+    "Parameter",
     "library_path",
     "library_version",
     "loaded_version_number",

@@ -16,65 +16,14 @@ network) they make the factors estimate the true Fisher instead of the empirical
 from __future__ import annotations
 
 import ctypes
-import operator
 
 import numpy as np
 
 from . import _lib
+from ._convert import DISTRIBUTIONS, distribution_code, seed as _seed
+from ._errors import check
 
 __all__ = ["DISTRIBUTIONS", "distribution_code", "sample_targets", "sampled_output_grads"]
-
-#: Distribution name -> ``kfac_distribution`` value.
-DISTRIBUTIONS = {
-    "categorical": _lib.KFAC_DIST_CATEGORICAL,
-    "bernoulli": _lib.KFAC_DIST_BERNOULLI,
-    "gaussian": _lib.KFAC_DIST_GAUSSIAN,
-}
-
-_UINT64_MAX = 2**64 - 1
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
-
-def distribution_code(distribution) -> int:
-    """The ``kfac_distribution`` value of a distribution given by name (``'categorical'``,
-    ``'bernoulli'``, ``'gaussian'``; case-insensitive) or as a ``KFAC_DIST_*`` integer.
-
-    An unknown name raises ``ValueError``; an integer is passed through unchecked (if it fits a C
-    ``int``), so that the library reports an unknown one as ``KFAC_ERROR_INVALID_ARGUMENT``."""
-    if isinstance(distribution, str):
-        try:
-            return DISTRIBUTIONS[distribution.lower()]
-        except KeyError:
-            raise ValueError(
-                f"kfac: distribution must be one of {', '.join(repr(d) for d in DISTRIBUTIONS)} "
-                f"(or a KFAC_DIST_* value), not {distribution!r}"
-            ) from None
-    if isinstance(distribution, (bool, np.bool_)):
-        raise TypeError("kfac: distribution must be a name or a KFAC_DIST_* integer, not bool")
-    try:
-        code = operator.index(distribution)
-    except TypeError:
-        raise TypeError(
-            f"kfac: distribution must be a name or a KFAC_DIST_* integer, not {distribution!r}"
-        ) from None
-    if not _INT32_MIN <= code <= _INT32_MAX:
-        # Cannot be passed as a C int; it names no distribution either.
-        from ._optimizer import KFACError
-
-        raise KFACError(_lib.KFAC_ERROR_INVALID_ARGUMENT, f"unknown distribution {code}")
-    return code
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, (bool, np.bool_)):
-        raise TypeError("kfac: seed must be an integer, not bool")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"kfac: seed must be an integer, not {seed!r}") from None
-    if not 0 <= seed <= _UINT64_MAX:
-        raise ValueError(f"kfac: seed must be in [0, 2^64), got {seed}")
-    return seed
 
 
 def _rows(outputs):
@@ -88,15 +37,13 @@ def _rows(outputs):
     ):
         dtype = np.dtype(np.float64)
     else:
-        raise TypeError(f"kfac: outputs must be real numbers (float32 or float64), not {array.dtype}")
+        raise TypeError(f"libkfac: outputs must be real numbers (float32 or float64), not {array.dtype}")
     if array.ndim < 1:
-        raise ValueError("kfac: outputs must have at least one dimension (the last is output_dim)")
+        raise ValueError("libkfac: outputs must have at least one dimension (the last is output_dim)")
     return np.ascontiguousarray(array, dtype=dtype)
 
 
 def _sample(name: str, outputs, distribution, seed) -> np.ndarray:
-    from ._optimizer import KFACError
-
     code = distribution_code(distribution)
     seed = _seed(seed)
     z = _rows(outputs)
@@ -107,12 +54,7 @@ def _sample(name: str, outputs, distribution, seed) -> np.ndarray:
     function = getattr(_lib, f"{name}_{suffix}")
     pointer = ctypes.POINTER(ctypes.c_float if suffix == "f32" else ctypes.c_double)
     status = function(z.ctypes.data_as(pointer), rows, dim, code, seed, out.ctypes.data_as(pointer))
-    if status != _lib.KFAC_OK:
-        raise KFACError(
-            status,
-            f"{name}_{suffix}(rows={rows}, output_dim={dim}, distribution={code}): "
-            f"{_lib.status_string(status)}",
-        )
+    check(status, None, f"{name}_{suffix}(rows={rows}, output_dim={dim}, distribution={code})")
     return out
 
 
@@ -129,7 +71,7 @@ def sample_targets(outputs, distribution, seed) -> np.ndarray:
     Returns an array of the shape of ``outputs``: one-hot rows (categorical), 0/1 values
     (bernoulli) or ``μ + N(0, 1)`` noise (gaussian). float32 inputs give float32 results
     (``kfac_sample_targets_f32``), float64 and other real inputs float64 ones. Raises
-    :class:`kfac.KFACError` (e.g. ``KFAC_ERROR_NON_FINITE`` for NaN or Inf outputs)."""
+    :class:`libkfac.KFACError` (e.g. ``KFAC_ERROR_NON_FINITE`` for NaN or Inf outputs)."""
     return _sample("kfac_sample_targets", outputs, distribution, seed)
 
 
@@ -139,4 +81,4 @@ def sampled_output_grads(outputs, distribution, seed) -> np.ndarray:
     ``μ − y`` (gaussian). Their second moment is the output Fisher, so back-propagated and
     recorded as output gradients they give the true Fisher's statistics. Divide by the number
     of rows for the gradient of a mean loss. Arguments and dtypes as :func:`sample_targets`."""
-    return _sample("kfac_sampled_output_grads", outputs, distribution, seed)
+    return _sample("kfac_sample_output_grads", outputs, distribution, seed)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import kfac
-import kfac_reference as ref
+import libkfac as kfac
+from references import dense as ref
 from testutil import assert_close, random_batch
 
 

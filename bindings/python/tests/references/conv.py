@@ -11,7 +11,7 @@ from typing import Tuple
 
 import numpy as np
 
-import kfac_reference as ref
+from . import dense as ref
 
 
 @dataclass

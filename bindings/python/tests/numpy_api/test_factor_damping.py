@@ -21,21 +21,11 @@ import math
 import numpy as np
 import pytest
 
-import kfac
-import kfac_reference as ref
-from kfac import _lib
-from test_adaptive import TOLERANCE, kfac_step, make_problem, reference_solve
-from testutil import assert_close, random_batch
-
-try:
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-    from kfac.torch import KFACPreconditioner
-except ImportError:  # the numpy tests run without PyTorch
-    torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
+import libkfac as kfac
+from references import dense as ref
+from libkfac import _lib
+from references.adaptive import make_problem, reference_solve
+from testutil import TOLERANCE, assert_close, kfac_step, random_batch
 
 SENTINEL = 7.0
 
@@ -396,9 +386,9 @@ def test_new_parameter_ranges(name, value):
         opt.learning_rate = 0
         assert (opt.factor_damping_decay, opt.factor_damping_period, opt.learning_rate) == (1e-6, 2**31 - 1, 0.0)
         value_type = ctypes.c_int64()
-        assert _lib.kfac_get_param_int(opt._handle, kfac.KFAC_PARAM_FACTOR_DAMPING_DECAY,
+        assert _lib.kfac_param_get_int(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_DECAY,
                                        ctypes.byref(value_type)) == kfac.KFAC_ERROR_PARAMETER_TYPE
-        assert _lib.kfac_set_param_double(opt._handle, kfac.KFAC_PARAM_FACTOR_DAMPING_PERIOD,
+        assert _lib.kfac_param_set_double(opt.handle.pointer, kfac.KFAC_PARAM_FACTOR_DAMPING_PERIOD,
                                           2.0) == kfac.KFAC_ERROR_PARAMETER_TYPE
 
 
@@ -553,13 +543,13 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
             kfac.Optimizer(np.float64, kl_clip=0, inverse_update_period=1) as nobias:
         opt.add_dense(model.inf, model.out)
         nobias.add_dense(model.inf, model.out, bias=False)
-        h = opt._handle
+        h = opt.handle.pointer
         count = ctypes.c_int32(-5)
-        assert _lib.kfac_candidate_count(None, ctypes.byref(count)) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_candidate_count(h, None) == kfac.KFAC_ERROR_NULL_POINTER
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 0
+        assert _lib.kfac_candidates_get_count(None, ctypes.byref(count)) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_candidates_get_count(h, None) == kfac.KFAC_ERROR_NULL_POINTER
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 0
         kfac_step(opt, model, theta, np.float64)
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
 
         w = np.full((model.out, model.inf), SENTINEL)
         b = np.full(model.out, SENTINEL)
@@ -570,7 +560,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         wp32 = (fp * 1)(w32.ctypes.data_as(fp))
         bp32 = (fp * 1)(b32.ctypes.data_as(fp))
         gamma = ctypes.c_double(SENTINEL)
-        directions = _lib.kfac_candidate_directions_f64
+        directions = _lib.kfac_candidates_get_directions_f64
         assert directions(None, 0, wp, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
         assert directions(h, 0, None, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
         assert directions(h, 0, wp, None, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_NULL_POINTER
@@ -578,7 +568,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         assert directions(h, 0, wp, bp, 2, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_SIZE
         assert directions(h, 0, wp, bp, 0, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_SIZE
         assert directions(h, 3, wp, bp, 1, ctypes.byref(gamma)) == kfac.KFAC_ERROR_INVALID_ARGUMENT
-        assert _lib.kfac_candidate_directions_f32(h, 0, wp32, bp32, 1, None) == kfac.KFAC_ERROR_DTYPE_MISMATCH
+        assert _lib.kfac_candidates_get_directions_f32(h, 0, wp32, bp32, 1, None) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert np.all(w == SENTINEL) and np.all(b == SENTINEL) and gamma.value == SENTINEL
         assert np.all(w32 == SENTINEL) and np.all(b32 == SENTINEL)
         assert directions(h, 1, wp, bp, 1, None) == kfac.KFAC_OK, "factor_damping may be NULL"
@@ -587,7 +577,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
 
         # A bias buffer for a layer without bias.
         kfac_step_nobias(nobias, model, theta)
-        hn = nobias._handle
+        hn = nobias.handle.pointer
         assert directions(hn, 0, wp, bp, 1, None) == kfac.KFAC_ERROR_INVALID_ARGUMENT
         assert directions(hn, 0, wp, None, 1, None) == kfac.KFAC_OK
 
@@ -598,7 +588,7 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         chosen, alpha, mu, m = ctypes.c_int32(-7), ctypes.c_double(SENTINEL), ctypes.c_double(SENTINEL), \
             ctypes.c_double(SENTINEL)
         outs = (ctypes.byref(chosen), ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(m))
-        solve = _lib.kfac_solve_step_size_candidates_f64
+        solve = _lib.kfac_candidates_solve_step_size_f64
         rows, dim = z.shape
         zp = z.ctypes.data_as(dp)
         assert solve(None, zp, products, 3, None, rows, dim, 0, *outs) == kfac.KFAC_ERROR_NULL_POINTER
@@ -615,21 +605,21 @@ def test_raw_calls_null_pointers_sizes_and_dtype_mismatch(rng):
         z32 = z.astype(np.float32)
         jd32 = [p.astype(np.float32) for p in jd]
         products32 = (fp * 3)(*[p.ctypes.data_as(fp) for p in jd32])
-        assert _lib.kfac_solve_step_size_candidates_f32(h, z32.ctypes.data_as(fp), products32, 3, None, rows,
+        assert _lib.kfac_candidates_solve_step_size_f32(h, z32.ctypes.data_as(fp), products32, 3, None, rows,
                                                         dim, 0, *outs) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert (chosen.value, alpha.value, mu.value, m.value) == (-7, SENTINEL, SENTINEL, SENTINEL)
-        assert _lib.kfac_candidate_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
+        assert _lib.kfac_candidates_get_count(h, ctypes.byref(count)) == kfac.KFAC_OK and count.value == 3
         assert solve(h, zp, products, 3, None, rows, dim, 0, *outs) == kfac.KFAC_OK
         assert 0 <= chosen.value < 3 and m.value < 0 and mu.value == 0
 
-        update = _lib.kfac_get_update_f64
+        update = _lib.kfac_adaptive_get_update_f64
         w[:] = SENTINEL
         b[:] = SENTINEL
         assert update(None, wp, bp, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, None, bp, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, wp, None, 1) == kfac.KFAC_ERROR_NULL_POINTER
         assert update(h, wp, bp, 2) == kfac.KFAC_ERROR_INVALID_SIZE
-        assert _lib.kfac_get_update_f32(h, wp32, bp32, 1) == kfac.KFAC_ERROR_DTYPE_MISMATCH
+        assert _lib.kfac_adaptive_get_update_f32(h, wp32, bp32, 1) == kfac.KFAC_ERROR_DTYPE_MISMATCH
         assert np.all(w == SENTINEL) and np.all(b == SENTINEL)
         assert np.all(w32 == SENTINEL) and np.all(b32 == SENTINEL)
         assert update(h, wp, bp, 1) == kfac.KFAC_OK
@@ -669,196 +659,3 @@ def test_state_keeps_the_parameters_and_not_the_candidates(rng):
             counts.append((a.candidate_count(), b.candidate_count()))
             assert all(np.array_equal(x, y) for x, y in zip(_fetch_all(a, model), _fetch_all(b, model)))
         assert counts == [(1, 1), (1, 1), (3, 3)]
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch: adaptive_step with the re-choice of γ
-# ---------------------------------------------------------------------------------------------
-
-
-def _mlp(seed=1, sizes=(5, 7, 4)):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])).double()
-
-
-def _data(seed=0, n=64, inf=5, classes=4):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, inf, generator=generator, dtype=torch.float64)
-    y = (x @ torch.randn(inf, classes, generator=generator, dtype=torch.float64)).argmax(1)
-    return x, y
-
-
-class _HandMLP:
-    """z = W2 tanh(W1 x + b1) + b2 with the mean cross-entropy, by hand in numpy: forward,
-    backward (mean-loss gradients and output gradients) and the forward-mode product J·v."""
-
-    def __init__(self, model, x, y):
-        self.params = [p.detach().numpy().copy() for p in model.parameters()]  # W1, b1, W2, b2
-        self.x = x.numpy()
-        self.y = y.numpy()
-
-    def forward(self, params=None):
-        W1, b1, W2, b2 = self.params if params is None else params
-        s1 = self.x @ W1.T + b1
-        h = np.tanh(s1)
-        return h, h @ W2.T + b2
-
-    def loss(self, params=None):
-        z = self.forward(params)[1]
-        z = z - z.max(axis=1, keepdims=True)
-        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-log_p[np.arange(len(self.y)), self.y].mean())
-
-    def backward(self):
-        W1, b1, W2, b2 = self.params
-        h, z = self.forward()
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        dz = p.copy()
-        dz[np.arange(len(self.y)), self.y] -= 1.0
-        dz /= len(self.y)
-        ds1 = (dz @ W2) * (1.0 - h**2)
-        grads = [ds1.T @ self.x, ds1.sum(0), dz.T @ h, dz.sum(0)]
-        return h, z, ds1, dz, grads
-
-    def jvp(self, tangent):
-        W1, b1, W2, b2 = self.params
-        V1, c1, V2, c2 = tangent
-        h, _ = self.forward()
-        dh = (1.0 - h**2) * (self.x @ V1.T + c1)
-        return h @ V2.T + c2 + dh @ W2.T
-
-
-@needs_torch
-@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
-def test_adaptive_step_with_gamma_steps_equals_the_numpy_api_driven_by_hand(strategy):
-    x, y = _data()
-    model = _mlp()
-    hand = _HandMLP(model, x, y)
-    settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, inverse_strategy=strategy,
-                    factor_damping=1.0, factor_damping_period=2, factor_damping_decay=0.5)
-    pre = KFACPreconditioner(model, **settings)
-    assert (pre.factor_damping, pre.factor_damping_period, pre.factor_damping_decay) == (1.0, 2, 0.5)
-    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
-    shapes = [(5, 7, True), (7, 4, True)]
-    with kfac.Optimizer(np.float64, loss_reduction="mean", **settings) as opt:
-        for fan_in, fan_out, bias in shapes:
-            opt.add_dense(fan_in, fan_out, bias=bias)
-        previous = None
-        gammas, losses, chosen = [], [], []
-        for step in range(10):
-            # PyTorch.
-            model.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            pre.step()
-            result = pre.adaptive_step(x, loss_fn)
-            # By hand.
-            h, z, ds1, dz, grads = hand.backward()
-            for layer, (inputs, output_grads) in enumerate(((hand.x, ds1), (h, dz))):
-                opt.record_inputs(layer, inputs)
-                opt.record_output_grads(layer, output_grads)
-            loss_before = hand.loss()
-            opt.step([grads[0], grads[2]], [grads[1], grads[3]])
-            count = opt.candidate_count()
-            products = []
-            for c in range(count):
-                w_out, b_out = _buffers(np.float64, shapes)
-                opt.candidate_directions(c, w_out, b_out)
-                products.append(hand.jvp([w_out[0], b_out[0], w_out[1], b_out[1]]))
-            jp = None if previous is None else hand.jvp(previous)
-            c, alpha, mu, m = opt.solve_step_size_candidates(z, products, jp, "categorical")
-            w_up, b_up = _buffers(np.float64, shapes)
-            opt.get_update(w_up, b_up)
-            previous = [w_up[0], b_up[0], w_up[1], b_up[1]]
-            hand.params = [p + d for p, d in zip(hand.params, previous)]
-            loss_after = hand.loss()
-            rho = opt.report_loss_change(loss_before, loss_after)
-            # The same step.
-            assert (result.candidates, result.chosen) == (count, c), step
-            assert result.candidates == (3 if step % 2 == 0 else 1)
-            assert result.alpha == pytest.approx(alpha, rel=1e-9)
-            assert result.mu == pytest.approx(mu, rel=1e-9, abs=1e-14)
-            assert result.predicted_change == pytest.approx(m, rel=1e-9)
-            assert result.loss_before == pytest.approx(loss_before, rel=1e-12)
-            assert result.loss_after == pytest.approx(loss_after, rel=1e-10)
-            assert result.rho == pytest.approx(rho, rel=1e-7)
-            assert result.factor_damping == pytest.approx(opt.factor_damping, rel=1e-12)
-            assert result.factor_damping == pre.factor_damping
-            assert result.damping == opt.damping
-            for p, q in zip(model.parameters(), hand.params):
-                np.testing.assert_allclose(p.detach().numpy(), q, rtol=1e-9, atol=1e-12)
-            # adaptive_step applied exactly the library's update, and keeps it as δ₀.
-            w_lib, b_lib = _buffers(np.float64, shapes)
-            pre.optimizer.get_update(w_lib, b_lib)
-            for kept, lib in zip(pre._previous_update, [w_lib[0], b_lib[0], w_lib[1], b_lib[1]]):
-                assert np.array_equal(kept.numpy(), lib)
-            gammas.append(result.factor_damping)
-            losses.append(result.loss_after)
-            chosen.append(result.chosen)
-    assert len(set(gammas)) > 1, gammas
-    assert gammas[-1] < 1.0 and any(chosen), (gammas, chosen)
-    assert losses[-1] < 0.5 * losses[0], losses
-
-
-@needs_torch
-def test_adaptive_step_applies_the_library_update_to_float32_parameters():
-    """A float32 model with a float64 library: the directions are converted for the JVPs, the
-    library's float64 update is rounded once onto the parameters, and δ₀ is that rounded update."""
-    x, y = _data(n=48)
-    model = _mlp().float()
-    x32 = x.float()
-    pre = KFACPreconditioner(model, dtype=torch.float64, damping=1e-2, kl_clip=0, inverse_update_period=1,
-                             factor_damping=0.5, factor_damping_period=3)
-    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
-    shapes = [(5, 7, True), (7, 4, True)]
-    for step in range(5):
-        model.zero_grad()
-        F.cross_entropy(model(x32), y).backward()
-        pre.step()
-        before = [p.detach().clone() for p in model.parameters()]
-        result = pre.adaptive_step(x32, loss_fn)
-        assert result.candidates == (3 if step % 3 == 0 else 1)
-        w_lib, b_lib = _buffers(np.float64, shapes)
-        pre.optimizer.get_update(w_lib, b_lib)
-        update = [w_lib[0], b_lib[0], w_lib[1], b_lib[1]]
-        for p, p0, delta, kept in zip(model.parameters(), before, update, pre._previous_update):
-            rounded = torch.from_numpy(delta).float()
-            assert kept.dtype == torch.float32 and torch.equal(kept, rounded)
-            assert torch.equal(p.detach(), p0 + rounded)
-        assert math.isfinite(result.rho) and result.predicted_change < 0
-
-
-@needs_torch
-def test_adaptive_step_reuses_its_buffers_and_survives_a_state_round_trip():
-    x, y = _data(n=32)
-    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
-    settings = dict(kl_clip=0, damping=1e-2, factor_damping=0.3, factor_damping_period=2,
-                    factor_damping_decay=0.6, lm_interval=1)
-
-    def run(model, pre, steps):
-        results = []
-        for _ in range(steps):
-            model.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            pre.step()
-            results.append(pre.adaptive_step(x, loss_fn))
-        return results
-
-    model = _mlp()
-    pre = KFACPreconditioner(model, **settings)
-    run(model, pre, 1)
-    buffers = pre._adaptive_buffers
-    addresses = [t.data_ptr() for t in buffers.directions + buffers.update]
-    run(model, pre, 2)
-    assert pre._adaptive_buffers is buffers
-    assert [t.data_ptr() for t in buffers.directions + buffers.update] == addresses
-    state = pre.state_dict()
-    clone = copy.deepcopy(model)
-    resumed = KFACPreconditioner(clone, kl_clip=0, damping=1e-2, lm_interval=1)
-    resumed.load_state_dict(state)
-    assert (resumed.factor_damping_period, resumed.factor_damping_decay) == (2, 0.6)
-    assert resumed.factor_damping == pre.factor_damping
-    a = run(model, pre, 3)
-    b = run(clone, resumed, 3)
-    assert a == b
-    assert [r.candidates for r in a] == [1, 3, 1]

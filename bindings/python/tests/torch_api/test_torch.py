@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import kfac
-import kfac_reference as ref
-from kfac.torch import KFACPreconditioner
+import libkfac as kfac
+from references import dense as ref
+from libkfac.torch import KFACPreconditioner
 from testutil import assert_close
 
 TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -329,13 +329,13 @@ def test_recorded_tensors_are_passed_without_copies():
     model = _mlp(torch.float32)
     pre = KFACPreconditioner(model)
     seen = []
-    original = pre.optimizer._record_address
+    original = pre.optimizer.handle.record
 
     def spy(side, layer, address, rows):
         seen.append((side, layer, address, rows))
         original(side, layer, address, rows)
 
-    pre.optimizer._record_address = spy
+    pre.optimizer.handle.record = spy
     grads = {}
     model[4].register_full_backward_hook(lambda m, gi, go: grads.update(out=go[0].data_ptr()))
     x = torch.randn(9, 5)

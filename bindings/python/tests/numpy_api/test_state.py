@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import kfac
+import libkfac as kfac
 from testutil import random_batch
 
 LAYERS = [(5, 4, True), (4, 3, False)]

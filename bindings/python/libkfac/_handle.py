@@ -1,0 +1,290 @@
+"""The address-level layer: one ``kfac_optimizer`` handle and the library's calls on raw buffer
+addresses, statuses turned into :class:`~libkfac.KFACError`.
+
+Both front-ends sit on it: :class:`libkfac.Optimizer` checks and converts numpy arrays and
+passes their addresses; :mod:`libkfac.torch` passes the addresses of tensors it owns (the
+zero-copy path). Nothing here checks shapes or dtypes of buffers: a caller passing addresses
+vouches for them (the library checks only what it can: NULLs, sizes, ids).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _lib
+from ._convert import CTYPES, DTYPES
+from ._errors import KFACError, check, last_error
+
+__all__ = ["Handle", "LayerPointers"]
+
+
+def _unsupported(name: str):
+    """Stands in for an experimental function the loaded library does not export."""
+
+    def call(*args):
+        raise KFACError(_lib.KFAC_ERROR_UNSUPPORTED, f"the loaded library does not export {name}()")
+
+    return call
+
+
+class LayerPointers(NamedTuple):
+    """The per-layer buffer arguments of the step-shaped calls (``float *const *weights,
+    float *const *biases, int32_t n_layers``): keep one and reuse it while its buffers live."""
+
+    weights: ctypes.Array
+    biases: Optional[ctypes.Array]
+    count: int
+
+
+class Handle:
+    """A ``kfac_optimizer`` of one precision. Calls are serialised by :attr:`lock` (an
+    ``RLock``: callers may hold it across several calls); :meth:`close` frees the handle."""
+
+    def __init__(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES:
+            raise TypeError(f"libkfac.Optimizer: dtype must be float32 or float64, not {dtype}")
+        self.dtype = dtype
+        ctype, suffix = CTYPES[dtype]
+        self.ptr_type = ctypes.POINTER(ctype)
+        self._fn = {
+            name: getattr(_lib, f"kfac_{name}_{suffix}") or _unsupported(f"kfac_{name}_{suffix}")
+            for name in (
+                "layer_record_inputs", "layer_record_output_grads", "layer_get_factors", "optimizer_step",
+                "layer_precondition", "adaptive_solve_step_size", "adaptive_get_update",
+                "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
+            )
+        }
+        self.lock = threading.RLock()
+        self._free = _lib.kfac_optimizer_free  # kept so __del__ works during interpreter exit
+        self._pointer = None
+        pointer = _lib.kfac_optimizer_p()
+        status = _lib.kfac_optimizer_create(DTYPES[dtype], ctypes.byref(pointer))
+        if status != _lib.KFAC_OK:
+            raise KFACError(status, last_error(None))
+        self._pointer = pointer
+
+    # -----------------------------------------------------------------------------------------
+    # Lifetime and calling
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def pointer(self):
+        """The live ``kfac_optimizer *`` (``ValueError`` once closed)."""
+        pointer = self._pointer
+        if pointer is None:
+            raise ValueError("libkfac.Optimizer: the optimizer is closed")
+        return pointer
+
+    @property
+    def closed(self) -> bool:
+        return self._pointer is None
+
+    def close(self) -> None:
+        """Frees the handle; closing twice is harmless."""
+        with self.lock:
+            pointer, self._pointer = self._pointer, None
+            if pointer is not None:
+                self._free(pointer)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
+    def call(self, function, *args) -> int:
+        """``function(handle, *args)``; :class:`KFACError` for a negative result."""
+        with self.lock:
+            pointer = self.pointer
+            return check(function(pointer, *args), pointer)
+
+    def cast(self, address: int):
+        """A buffer address (0 for none) as a pointer of the handle's scalar type."""
+        return ctypes.cast(address or None, self.ptr_type)
+
+    def pointer_arrays(self, weight_addresses: Sequence[int], bias_addresses: Sequence[int]) -> LayerPointers:
+        """:class:`LayerPointers` from buffer addresses, one weight and one bias address per
+        layer (0 for an absent bias; the bias array is NULL when no layer has one)."""
+        n = len(weight_addresses)
+        weights = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in weight_addresses])
+        biases = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in bias_addresses])
+        return LayerPointers(weights, biases if any(bias_addresses) else None, n)
+
+    # -----------------------------------------------------------------------------------------
+    # Queries and parameters
+    # -----------------------------------------------------------------------------------------
+
+    def _get(self, function, ctype):
+        """A getter's out-parameter after a successful call."""
+        out = ctype()
+        self.call(function, ctypes.byref(out))
+        return out.value
+
+    def _get_if_stepped(self, function) -> Optional[float]:
+        """A double getter that fails with NO_STEP until the value exists: None then."""
+        try:
+            return float(self._get(function, ctypes.c_double))
+        except KFACError as error:
+            if error.status != _lib.KFAC_ERROR_NO_STEP:
+                raise
+            return None
+
+    def get_dtype(self) -> int:
+        return int(self._get(_lib.kfac_optimizer_get_dtype, ctypes.c_int32))
+
+    def layer_count(self) -> int:
+        return int(self._get(_lib.kfac_layer_count, ctypes.c_int32))
+
+    def wants_statistics(self) -> bool:
+        return bool(self._get(_lib.kfac_optimizer_wants_statistics, ctypes.c_int32))
+
+    def step_count(self) -> int:
+        return int(self._get(_lib.kfac_optimizer_get_step_count, ctypes.c_int64))
+
+    def kl_scale(self) -> Optional[float]:
+        """ν of the last step; None before the first (the library's NO_STEP)."""
+        return self._get_if_stepped(_lib.kfac_optimizer_get_kl_scale)
+
+    def reduction_ratio(self) -> Optional[float]:
+        """ρ of the last report; None before the first (the library's NO_STEP)."""
+        return self._get_if_stepped(_lib.kfac_adaptive_get_reduction_ratio)
+
+    def get_double(self, param: int) -> float:
+        out = ctypes.c_double()
+        self.call(_lib.kfac_param_get_double, param, ctypes.byref(out))
+        return float(out.value)
+
+    def set_double(self, param: int, value: float) -> None:
+        self.call(_lib.kfac_param_set_double, param, float(value))
+
+    def get_int(self, param: int) -> int:
+        out = ctypes.c_int64()
+        self.call(_lib.kfac_param_get_int, param, ctypes.byref(out))
+        return int(out.value)
+
+    def set_int(self, param: int, value: int) -> None:
+        self.call(_lib.kfac_param_set_int, param, value)
+
+    # -----------------------------------------------------------------------------------------
+    # Layers
+    # -----------------------------------------------------------------------------------------
+
+    def add_dense(self, in_features: int, out_features: int, bias: bool,
+                  input_group_size: int = 0, output_group_size: int = 0) -> int:
+        desc = _lib.kfac_dense_desc.new(in_features=in_features, out_features=out_features,
+                                        has_bias=1 if bias else 0, input_group_size=input_group_size,
+                                        output_group_size=output_group_size)
+        layer = ctypes.c_int32()
+        self.call(_lib.kfac_layer_add_dense, ctypes.byref(desc), ctypes.byref(layer))
+        return int(layer.value)
+
+    def add_conv2d(self, desc) -> int:
+        layer = ctypes.c_int32()
+        self.call(_lib.kfac_layer_add_conv2d, ctypes.byref(desc), ctypes.byref(layer))
+        return int(layer.value)
+
+    def layer_info(self, layer: int):
+        info = _lib.kfac_layer_info.new()
+        self.call(_lib.kfac_layer_get_info, layer, ctypes.byref(info))
+        return info
+
+    # -----------------------------------------------------------------------------------------
+    # Statistics, factors, inverses
+    # -----------------------------------------------------------------------------------------
+
+    def record(self, side: int, layer: int, address: int, rows: int) -> None:
+        """Records ``rows`` rows (dense) or examples (convolution) at ``address``: inputs for
+        ``side`` 0, output gradients for ``side`` 1."""
+        function = self._fn["layer_record_inputs"] if side == 0 else self._fn["layer_record_output_grads"]
+        self.call(function, layer, self.cast(address), rows)
+
+    def update_factors(self) -> None:
+        self.call(_lib.kfac_optimizer_update_factors)
+
+    def update_inverses(self) -> None:
+        self.call(_lib.kfac_optimizer_update_inverses)
+
+    def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
+        self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
+
+    # -----------------------------------------------------------------------------------------
+    # Preconditioning
+    # -----------------------------------------------------------------------------------------
+
+    def step(self, pointers: LayerPointers) -> None:
+        self.call(self._fn["optimizer_step"], *pointers)
+
+    def precondition(self, layer: int, weight_address: int, bias_address: int) -> None:
+        self.call(self._fn["layer_precondition"], layer, self.cast(weight_address), self.cast(bias_address))
+
+    def curvature_multiply(self, power: int, pointers: LayerPointers) -> None:
+        """Experimental: the buffers ← (damped curvature)^power · buffers, per layer."""
+        self.call(self._fn["curvature_multiply"], power, *pointers)
+
+    # -----------------------------------------------------------------------------------------
+    # Adaptive mode
+    # -----------------------------------------------------------------------------------------
+
+    def solve_step_size(self, outputs: int, direction_products: int, previous_products: int,
+                        rows: int, dim: int, distribution: int) -> Tuple[float, float, float]:
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self.call(self._fn["adaptive_solve_step_size"], self.cast(outputs), self.cast(direction_products),
+                  self.cast(previous_products), rows, dim, distribution,
+                  ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
+        return float(alpha.value), float(mu.value), float(predicted.value)
+
+    def candidate_count(self) -> int:
+        return int(self._get(_lib.kfac_candidates_get_count, ctypes.c_int32))
+
+    def candidate_directions(self, candidate: int, pointers: LayerPointers) -> float:
+        """Writes candidate ``candidate``'s directions; returns its factor damping γ."""
+        damping = ctypes.c_double()
+        self.call(self._fn["candidates_get_directions"], candidate, *pointers, ctypes.byref(damping))
+        return float(damping.value)
+
+    def solve_step_size_candidates(self, outputs: int, direction_products: Sequence[int],
+                                   previous_products: int, rows: int, dim: int,
+                                   distribution: int) -> Tuple[int, float, float, float]:
+        n = len(direction_products)
+        products = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in direction_products])
+        chosen = ctypes.c_int32()
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self.call(self._fn["candidates_solve_step_size"], self.cast(outputs), products, n,
+                  self.cast(previous_products), rows, dim, distribution, ctypes.byref(chosen),
+                  ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
+        return int(chosen.value), float(alpha.value), float(mu.value), float(predicted.value)
+
+    def get_update(self, pointers: LayerPointers) -> None:
+        self.call(self._fn["adaptive_get_update"], *pointers)
+
+    def report_loss_change(self, before: float, after: float) -> float:
+        rho = ctypes.c_double()
+        self.call(_lib.kfac_adaptive_report_loss_change, float(before), float(after), ctypes.byref(rho))
+        return float(rho.value)
+
+    # -----------------------------------------------------------------------------------------
+    # State
+    # -----------------------------------------------------------------------------------------
+
+    def state_bytes(self) -> bytes:
+        with self.lock:
+            size = ctypes.c_size_t()
+            self.call(_lib.kfac_state_get_size, ctypes.byref(size))
+            buffer = ctypes.create_string_buffer(max(size.value, 1))
+            written = ctypes.c_size_t()
+            self.call(_lib.kfac_state_save, buffer, size.value, ctypes.byref(written))
+            return buffer.raw[: written.value]
+
+    def load_state(self, data: bytes) -> None:
+        self.call(_lib.kfac_state_load, data, len(data))
+
+    def save_file(self, path: bytes) -> None:
+        self.call(_lib.kfac_state_save_file, path)
+
+    def load_file(self, path: bytes) -> None:
+        self.call(_lib.kfac_state_load_file, path)
