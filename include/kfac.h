@@ -872,7 +872,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *  bias rules and n_layers of kfac_optimizer_step_*. Changes nothing in the handle.
  *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), INVALID_ARGUMENT (power, a bias buffer for a
  *  layer without bias), DTYPE_MISMATCH, NON_FINITE (an input or the result; buffers untouched),
- *  NO_STATISTICS (+1 before a layer has factors), NO_INVERSES (−1 before inverses exist). */
+ *  NO_STATISTICS (a layer has no factors yet, whatever the power; checked first), NO_INVERSES
+ *  (−1 when a layer has factors but no inverses for the current strategy). */
 KFAC_API int kfac_curvature_multiply_f32(kfac_optimizer *opt, int32_t power, float *const *weights,
                                          float *const *biases, int32_t n_layers);
 KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, double *const *weights,
