@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 from ctypes import (
     POINTER,
     Structure,
@@ -309,9 +310,35 @@ def _candidate_paths():
     yield "dynamic loader", _SONAME
 
 
+#: The system libraries libkfac.so needs at run time (the Swift runtime is linked into it), and
+#: what provides them, for the import-time message when the dynamic loader cannot find one.
+SYSTEM_LIBRARIES = {
+    "libopenblas.so.0": "OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0; Fedora: dnf install openblas)",
+    "liblapacke.so.3": "LAPACKE (Debian/Ubuntu: apt-get install liblapacke; Fedora: dnf install lapack)",
+    "libstdc++.so.6": "the GNU C++ runtime libstdc++ (Debian/Ubuntu: apt-get install libstdc++6)",
+    "libgcc_s.so.1": "the GCC runtime libgcc_s (Debian/Ubuntu: apt-get install libgcc-s1)",
+}
+
+
+def _missing_dependency(error):
+    """A sentence naming the system library the loader could not find (or the too old glibc)
+    in an OSError of ctypes.CDLL, or None."""
+    text = str(error)
+    found = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", text)
+    if found and found.group(1) != _LIBRARY_NAME:
+        name = found.group(1)
+        provider = SYSTEM_LIBRARIES.get(name, "it")
+        return f"the system library {name} is missing: install {provider}."
+    found = re.search(r"version `(GLIBC[\w.]*)' not found", text)
+    if found:
+        return f"the C library (glibc) is older than this libkfac.so needs ({found.group(1)})."
+    return None
+
+
 def _load_library():
     """Loads the first candidate that the dynamic loader accepts; ``ImportError`` otherwise."""
     failures = []
+    missing = []
     for origin, path in _candidate_paths():
         if os.sep in path and not os.path.exists(path) and origin != "KFAC_LIBRARY":
             failures.append(f"  {origin}: {path}: not found")
@@ -320,13 +347,23 @@ def _load_library():
             return ctypes.CDLL(path), path
         except OSError as error:
             failures.append(f"  {origin}: {path}: {error}")
+            reason = _missing_dependency(error)
+            if reason and reason not in missing:
+                missing.append(reason)
             if origin == "KFAC_LIBRARY":
                 break
+    if missing:
+        raise ImportError(
+            "libkfac: cannot load the libkfac shared library: " + " ".join(missing)
+            + " libkfac.so needs OpenBLAS, LAPACKE, libstdc++ and glibc from the system. Tried:\n"
+            + "\n".join(failures)
+        )
     raise ImportError(
         "libkfac: cannot load the libkfac shared library. Tried:\n"
         + "\n".join(failures)
-        + "\nBuild it with `swift build -c release --product kfac` in the libkfac checkout, or set "
-        "KFAC_LIBRARY to the full path of libkfac.so."
+        + "\nInstall the package with `pip install <checkout>/bindings/python` (which builds and "
+        "bundles it), build it with `make lib` in the libkfac checkout, or set KFAC_LIBRARY to the "
+        "full path of libkfac.so."
     )
 
 

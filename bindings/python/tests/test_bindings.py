@@ -342,6 +342,38 @@ def test_missing_library_gives_clear_import_error(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_missing_system_library_is_named_at_import(tmp_path):
+    """A libkfac.so whose dependency the loader cannot find: the message names that library."""
+    (tmp_path / "dep.c").write_text("int kfac_test_dependency(void) { return 1; }\n")
+    (tmp_path / "fake.c").write_text(textwrap.dedent("""
+        int kfac_test_dependency(void);
+        unsigned kfac_version_number(void) { return (unsigned)kfac_test_dependency(); }
+    """))
+    dependency = tmp_path / "libkfac_vanished.so.7"
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libkfac_vanished.so.7", "-o", str(dependency),
+                    str(tmp_path / "dep.c")], check=True)
+    library = tmp_path / "libkfac.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(tmp_path / "fake.c"), str(dependency)],
+                   check=True)
+    dependency.unlink()
+    result = _import_kfac({"KFAC_LIBRARY": str(library)})
+    assert result.returncode != 0
+    assert "the system library libkfac_vanished.so.7 is missing" in result.stderr
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("libopenblas.so.0: cannot open shared object file: No such file or directory", "OpenBLAS"),
+    ("liblapacke.so.3: cannot open shared object file: No such file or directory", "LAPACKE"),
+    ("libstdc++.so.6: cannot open shared object file: No such file or directory", "libstdc++"),
+    ("/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.38' not found", "GLIBC_2.38"),
+])
+def test_missing_dependency_messages(message, expected):
+    reason = _lib._missing_dependency(OSError(message))
+    assert reason is not None and expected in reason
+    assert _lib._missing_dependency(OSError("libkfac.so: cannot open shared object file")) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_major_version_mismatch_raises_import_error(tmp_path):
     source = tmp_path / "fake.c"
     source.write_text(textwrap.dedent("""
