@@ -1,0 +1,200 @@
+// Tests of include/kfac.hpp: every failure path turns the C status and the handle's message
+// into kfac::error (status, function, message), results come back through return values, the
+// handle is owned (move-only), the parameter table reads as through C, and a training step
+// works. Built and run by `make test-cpp` (against .build/release) and by the C++ install check
+// (against an installed prefix, through pkg-config).
+#define KFAC_EXPERIMENTAL_API
+#include <kfac.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+static int failures = 0, checks = 0;
+
+#define CHECK(cond)                                                                      \
+    do {                                                                                 \
+        ++checks;                                                                        \
+        if (!(cond)) {                                                                   \
+            ++failures;                                                                  \
+            std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                                \
+    } while (0)
+
+// Runs `call`, which must throw kfac::error with `status` from C function `function`; returns
+// the error's message.
+template <class Call>
+static std::string expect_error(Call call, int status, const char *function) {
+    try {
+        call();
+    } catch (const kfac::error &e) {
+        CHECK(e.status() == status);
+        CHECK(std::strcmp(e.function(), function) == 0);
+        CHECK(!e.message().empty());
+        CHECK(std::string(e.what()).find(e.message()) != std::string::npos);
+        CHECK(std::string(e.what()).find(kfac_status_string(status)) != std::string::npos);
+        if (e.status() != status || std::strcmp(e.function(), function) != 0)
+            std::fprintf(stderr, "  got %s\n", e.what());
+        return e.message();
+    }
+    ++checks;
+    ++failures;
+    std::fprintf(stderr, "no kfac::error thrown, expected %s from %s\n", kfac_status_string(status), function);
+    return "";
+}
+
+static void test_errors() {
+    // Creation without a handle: the message is the status string.
+    CHECK(expect_error([] { kfac::optimizer bad(99); }, KFAC_ERROR_INVALID_ARGUMENT, "kfac_optimizer_create") ==
+          kfac_status_string(KFAC_ERROR_INVALID_ARGUMENT));
+    CHECK(expect_error([] { kfac::param_get_info(9999); }, KFAC_ERROR_UNKNOWN_PARAMETER, "kfac_param_get_info") ==
+          kfac_status_string(KFAC_ERROR_UNKNOWN_PARAMETER));
+    CHECK(expect_error([] { kfac::sample_targets<float>(nullptr, 1, 1, KFAC_DIST_CATEGORICAL, 0, nullptr); },
+                       KFAC_ERROR_NULL_POINTER, "kfac_sample_targets_f32") != "");
+
+    kfac::optimizer opt(KFAC_FLOAT32);
+    // With a handle: the message is kfac_optimizer_last_error, exactly.
+    auto desc = kfac::dense_desc();
+    desc.in_features = 0;
+    desc.out_features = 3;
+    std::string message = expect_error([&] { opt.layer_add_dense(desc); }, KFAC_ERROR_INVALID_SIZE, "kfac_layer_add_dense");
+    CHECK(message == opt.last_error());
+    message = expect_error([&] { opt.param_set_double(KFAC_PARAM_DAMPING, -1.0); }, KFAC_ERROR_PARAMETER_RANGE,
+                           "kfac_param_set_double");
+    CHECK(message == opt.last_error());
+    expect_error([&] { opt.param_set_int(KFAC_PARAM_DAMPING, 1); }, KFAC_ERROR_PARAMETER_TYPE, "kfac_param_set_int");
+    expect_error([&] { opt.get_kl_scale(); }, KFAC_ERROR_NO_STEP, "kfac_optimizer_get_kl_scale");
+    expect_error([&] { opt.adaptive_get_reduction_ratio(); }, KFAC_ERROR_NO_STEP, "kfac_adaptive_get_reduction_ratio");
+    expect_error([&] { opt.layer_get_info(7); }, KFAC_ERROR_UNKNOWN_LAYER, "kfac_layer_get_info");
+    expect_error([&] { opt.state_load_file("/nonexistent/dir/state.bin"); }, KFAC_ERROR_IO, "kfac_state_load_file");
+
+    desc.in_features = 4;
+    const int32_t layer = opt.layer_add_dense(desc);
+    CHECK(layer == 0 && opt.layer_count() == 1);
+    std::vector<double> rows64(8, 0.5);
+    expect_error([&] { opt.layer_record_inputs(layer, rows64.data(), 2); }, KFAC_ERROR_DTYPE_MISMATCH,
+                 "kfac_layer_record_inputs_f64");
+    std::vector<float> w(12, 0.1f);
+    float *weights[] = {w.data()};
+    expect_error([&] { opt.step(weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_optimizer_step_f32");
+    expect_error([&] { opt.curvature_multiply(1, weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_curvature_multiply_f32");
+    // The one check of the wrapper's own: a bias span must be empty or as long as the weights.
+    float *two_biases[] = {w.data(), w.data()};
+    expect_error([&] { opt.step(weights, two_biases); }, KFAC_ERROR_INVALID_SIZE, "kfac_optimizer_step_f32");
+    // A failed call left the handle as it was.
+    CHECK(opt.get_step_count() == 0);
+    CHECK(opt.param_get_double(KFAC_PARAM_DAMPING) == kfac::param_get_info(KFAC_PARAM_DAMPING).default_value);
+}
+
+static void test_ownership() {
+    static_assert(!std::is_copy_constructible_v<kfac::optimizer>, "move-only");
+    static_assert(std::is_nothrow_move_constructible_v<kfac::optimizer>, "movable");
+    kfac::optimizer a(KFAC_FLOAT64);
+    kfac_optimizer *handle = a.get();
+    kfac::optimizer b(std::move(a));
+    CHECK(a.get() == nullptr && b.get() == handle);
+    CHECK(b.get_dtype() == KFAC_FLOAT64);
+    kfac::optimizer c(KFAC_FLOAT32);
+    c = std::move(b);  // frees c's own handle
+    CHECK(c.get() == handle && b.get() == nullptr);
+    kfac_optimizer *raw = c.release();
+    CHECK(c.get() == nullptr);
+    kfac::optimizer d = kfac::optimizer::adopt(raw);
+    CHECK(d.get_dtype() == KFAC_FLOAT64);
+    // A moved-from handle is NULL: calls fail as the C functions do with NULL.
+    expect_error([&] { a.layer_count(); }, KFAC_ERROR_NULL_POINTER, "kfac_layer_count");
+}
+
+static void test_parameter_table() {
+    const std::vector<int32_t> ids = kfac::param_list();
+    int32_t count = 0;
+    CHECK(kfac_param_list(nullptr, 0, &count) == KFAC_OK && ids.size() == static_cast<std::size_t>(count));
+    kfac::optimizer opt(KFAC_FLOAT64);
+    for (int32_t id : ids) {
+        kfac_param_info c_info{};
+        c_info.struct_size = sizeof c_info;
+        CHECK(kfac_param_get_info(id, &c_info) == KFAC_OK);
+        const kfac_param_info info = kfac::param_get_info(id);
+        CHECK(std::strcmp(info.name, c_info.name) == 0 && info.type == c_info.type && info.family == c_info.family);
+        CHECK(info.lower == c_info.lower && info.upper == c_info.upper && info.effect == c_info.effect);
+        if (info.type == KFAC_PARAM_TYPE_DOUBLE)
+            CHECK(opt.param_get_double(id) == info.default_value);
+        else
+            CHECK(static_cast<double>(opt.param_get_int(id)) == info.default_value);
+    }
+    CHECK(ids.size() >= 16);
+}
+
+static void test_training_steps() {
+    // Least squares with one dense layer; the loss must go down.
+    const int n = 32, in = 5, out = 2;
+    std::vector<float> x(n * in), y(n * out), w(out * in, 0.0f), b(out, 0.0f), r(n * out), dw(out * in), db(out);
+    for (int i = 0; i < n * in; ++i) x[i] = std::sin(0.7f * i);
+    for (int i = 0; i < n; ++i)
+        for (int o = 0; o < out; ++o) y[i * out + o] = x[i * in + o] - 0.5f * x[i * in + 4] + 0.1f * o;
+    kfac::optimizer opt(KFAC_FLOAT32);
+    opt.param_set_double(KFAC_PARAM_DAMPING, 1e-2);
+    opt.param_set_double(KFAC_PARAM_KL_CLIP, 0.0);
+    auto desc = kfac::dense_desc();
+    desc.in_features = in;
+    desc.out_features = out;
+    desc.has_bias = 1;
+    const int32_t layer = opt.layer_add_dense(desc);
+    double first = 0, last = 0;
+    for (int step = 0; step < 10; ++step) {
+        double loss = 0;
+        for (int i = 0; i < n; ++i)
+            for (int o = 0; o < out; ++o) {
+                float s = b[o];
+                for (int k = 0; k < in; ++k) s += w[o * in + k] * x[i * in + k];
+                r[i * out + o] = s - y[i * out + o];
+                loss += 0.5 * r[i * out + o] * r[i * out + o] / n;
+            }
+        (step == 0 ? first : last) = loss;
+        for (int o = 0; o < out; ++o) {
+            db[o] = 0;
+            for (int k = 0; k < in; ++k) dw[o * in + k] = 0;
+            for (int i = 0; i < n; ++i) {
+                db[o] += r[i * out + o] / n;
+                for (int k = 0; k < in; ++k) dw[o * in + k] += r[i * out + o] * x[i * in + k] / n;
+            }
+        }
+        if (opt.wants_statistics()) {
+            opt.layer_record_inputs(layer, x.data(), n);
+            opt.layer_record_output_grads(layer, r.data(), n);
+        }
+        opt.step({dw.data()}, {db.data()});
+        for (int i = 0; i < out * in; ++i) w[i] -= 0.1f * dw[i];
+        for (int o = 0; o < out; ++o) b[o] -= 0.1f * db[o];
+    }
+    CHECK(opt.get_step_count() == 10);
+    CHECK(opt.get_kl_scale() == 1.0);
+    CHECK(last < 0.5 * first);
+    const kfac_layer_info info = opt.layer_get_info(layer);
+    CHECK(info.kind == KFAC_LAYER_DENSE && info.a_dim == in + 1 && info.g_dim == out && info.has_inverses == 1);
+    std::vector<float> a(info.a_dim * info.a_dim), g(info.g_dim * info.g_dim);
+    opt.layer_get_factors(layer, 0, a.data(), g.data());
+    CHECK(a[a.size() - 1] == 1.0f);  // the bias coordinate's second moment
+    // State round trip through a buffer.
+    std::vector<unsigned char> image(opt.state_get_size());
+    CHECK(opt.state_save(image.data(), image.size()) == image.size());
+    kfac::optimizer copy(KFAC_FLOAT32);
+    copy.layer_add_dense(desc);
+    copy.state_load(image.data(), image.size());
+    CHECK(copy.get_step_count() == 10);
+    std::printf("training: loss %.4f -> %.4f in 10 steps\n", first, last);
+}
+
+int main() {
+    CHECK(kfac::version_number() == KFAC_VERSION_NUMBER);
+    CHECK(std::strcmp(kfac::version_string(), KFAC_VERSION_STRING) == 0);
+    test_errors();
+    test_ownership();
+    test_parameter_table();
+    test_training_steps();
+    std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}
