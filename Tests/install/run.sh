@@ -28,6 +28,25 @@ route_python() {
     (cd "$tmp" && "$tmp/editable-venv/bin/python" "$root/Tests/install/python_step.py" checkout)
 }
 
+route_cpp() {
+    local prefix="$tmp/prefix"
+    make -s -C "$root" install PREFIX="$prefix"
+    cmake -S "$root/examples/cpp" -B "$tmp/cpp-build" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build "$tmp/cpp-build"
+    (cd "$tmp" && "$tmp/cpp-build/train_digits" "$root/data/digits.bin" 3)
+    # pkg-config: the wrapper's test (C++) and a C program, compiled against the installed prefix.
+    export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+    local rpath="-Wl,-rpath,$(pkg-config --variable=libdir kfac)"
+    c++ -std=c++17 -o "$tmp/test_kfac_hpp" "$root/Tests/cpp/test_kfac_hpp.cpp" $(pkg-config --cflags --libs kfac) "$rpath"
+    "$tmp/test_kfac_hpp"
+    printf '%s\n' '#include <kfac.h>' '#include <stdio.h>' \
+        'int main(void) { kfac_optimizer *o; if (kfac_optimizer_create(KFAC_FLOAT64, &o) != KFAC_OK) return 1;' \
+        '  kfac_optimizer_free(o); printf("C via pkg-config: libkfac %s\n", kfac_version_string());' \
+        '  return kfac_version_number() != KFAC_VERSION_NUMBER; }' > "$tmp/version.c"
+    cc -std=c11 -Wall -Werror -o "$tmp/version" "$tmp/version.c" $(pkg-config --cflags --libs kfac) "$rpath"
+    "$tmp/version"
+}
+
 for route in "${@:-python cpp swift}"; do
     for r in $route; do
         echo "== install route: $r"
