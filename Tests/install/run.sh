@@ -47,6 +47,12 @@ route_cpp() {
     "$tmp/version"
 }
 
+route_swift() {
+    # A clean scratch directory: the dependency is resolved and built as a dependent sees it.
+    swift build -c release --package-path "$root/examples/swift-package" --scratch-path "$tmp/swift-build"
+    (cd "$tmp" && "$tmp/swift-build/release/TrainDigits" "$root/data/digits.bin" 3)
+}
+
 for route in "${@:-python cpp swift}"; do
     for r in $route; do
         echo "== install route: $r"
