@@ -20,6 +20,11 @@ route_python() {
     "$tmp/venv/bin/pip" install -q "$root/bindings/python"
     (cd "$tmp" && "$tmp/venv/bin/python" "$root/Tests/install/python_step.py" bundled)
     "$tmp/venv/bin/pip" wheel -q --no-deps -w "$tmp/wheel" "$root/bindings/python"
+    # The wheel: any Python 3, this platform; its library carries the Swift runtime (no libswift*).
+    local wheel; wheel="$(ls "$tmp"/wheel/libkfac-*-py3-none-linux_*.whl)"
+    "$PYTHON" -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('libkfac/libkfac.so'))" \
+        "$wheel" "$tmp/wheel-libkfac.so"
+    if readelf -d "$tmp/wheel-libkfac.so" | grep 'NEEDED.*libswift'; then echo "the wheel's libkfac.so needs the Swift runtime"; exit 1; fi
     "$PYTHON" -m venv --system-site-packages "$tmp/wheel-venv"
     "$tmp/wheel-venv/bin/pip" install -q "$tmp"/wheel/libkfac-*.whl
     (cd "$tmp" && "$tmp/wheel-venv/bin/python" "$root/Tests/install/python_step.py" bundled)
