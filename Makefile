@@ -113,12 +113,14 @@ test-examples: build/train_mlp build/train_autoencoder
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
 
-# The C++ wrapper include/kfac.hpp: error paths, ownership, parameter table, training steps.
+# The C++ wrapper include/kfac.hpp: it calls every function of kfac.h; error paths, ownership,
+# the parameter table, training steps.
 build/test_kfac_hpp: Tests/cpp/test_kfac_hpp.cpp include/kfac.hpp include/kfac.h lib | deps-cxx
 	@mkdir -p build
 	$(CXX) -std=c++17 -Wall -Wextra -Werror -pedantic -I include -o $@ $< $(LDFLAGS_KFAC)
 
 test-cpp: build/test_kfac_hpp
+	bash Tests/cpp/check_wrapper.sh
 	./build/test_kfac_hpp
 
 # Each install route from a clean temporary directory (Tests/install/run.sh): pip (venv, wheel,
