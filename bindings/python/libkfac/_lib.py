@@ -13,13 +13,17 @@ module against the header.
 The shared library is located, in this order:
 
 1. the environment variable ``KFAC_LIBRARY`` (a full path; if it is set, nothing else is tried);
-2. ``libkfac.so`` next to the package (inside the ``libkfac`` directory, then beside it);
+2. ``libkfac.so`` next to the package (inside the ``libkfac`` directory, where ``pip install``
+   puts the library it builds, then beside it);
 3. ``<repo>/.build/release/libkfac.so`` where ``<repo>`` is the first directory above the
    package that contains ``Package.swift`` (a source checkout built with
    ``swift build -c release --product kfac``);
 4. ``ctypes.util.find_library("kfac")``, then the SONAME (``libkfac.so.0.MINOR`` while the
    major version is 0) through the dynamic loader's ordinary search (``LD_LIBRARY_PATH``,
    ``ldconfig``).
+
+If the dynamic loader refuses a library because a system library it needs is missing (OpenBLAS,
+LAPACKE, libstdc++, or a too old glibc), the ``ImportError`` names that library first.
 
 At import the loaded library's ``kfac_version_number()`` is compared with
 :data:`KFAC_VERSION_NUMBER`, the version these bindings were written for. Under the header's
