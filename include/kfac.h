@@ -571,7 +571,11 @@ KFAC_API int kfac_layer_get_info(const kfac_optimizer *opt, int32_t layer, kfac_
  * the running factors at the next factor update. Several calls per step are allowed (e.g. for
  * micro-batches); each side is averaged over all rows recorded for it.
  * Buffers are checked before anything is added: NaN/Inf, or values so large that the pending
- * second-moment sums could overflow the handle's precision, give KFAC_ERROR_NON_FINITE.
+ * second-moment sums — those already pending plus this call's — could overflow the handle's
+ * precision, give KFAC_ERROR_NON_FINITE; more than 2^53 pending rows give SIZE_OVERFLOW.
+ * Pending statistics that every fold or inversion refuses (e.g. NOT_POSITIVE_DEFINITE at every
+ * step from factors that are numerically singular) are dropped with
+ * kfac_optimizer_discard_statistics.
  * ------------------------------------------------------------------------------------------- */
 
 /** *wanted receives 1 if statistics recorded now would be folded at the next
@@ -603,6 +607,12 @@ KFAC_API int kfac_layer_record_output_grads_f64(kfac_optimizer *opt, int32_t lay
  *  Errors: NULL_POINTER, NON_FINITE (a resulting factor; nothing is folded), OUT_OF_MEMORY. */
 KFAC_API int kfac_optimizer_update_factors(kfac_optimizer *opt);
 
+/** Since 0.2 (issue 15). Drops every layer's pending statistics (recorded since the last factor
+ *  update); running factors, inverses, counters and parameters are kept. The way out of pending
+ *  statistics that make every step, kfac_optimizer_update_factors or kfac_optimizer_update_inverses
+ *  fail. Errors: NULL_POINTER. */
+KFAC_API int kfac_optimizer_discard_statistics(kfac_optimizer *opt);
+
 /** Recomputes the inverses of every layer that has factors now, in parallel across layers.
  *  Errors: NULL_POINTER, NO_STATISTICS (no layer has factors), NOT_POSITIVE_DEFINITE,
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes. */
@@ -630,7 +640,8 @@ KFAC_API int kfac_layer_get_factors_f64(const kfac_optimizer *opt, int32_t layer
  *  itself may be NULL only when no layer has a bias (else KFAC_ERROR_NULL_POINTER). Both are read,
  *  then overwritten with the KL-clipped preconditioned direction.
  *  n_layers must equal kfac_layer_count.
- *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), DTYPE_MISMATCH, NON_FINITE (a gradient),
+ *  Errors: NULL_POINTER, INVALID_SIZE (n_layers), INVALID_ARGUMENT (a bias buffer for a layer
+ *  without bias), DTYPE_MISMATCH, NON_FINITE (a gradient, pending statistics or the result),
  *  NO_STATISTICS, NO_INVERSES (inverse period 0 and never computed), NOT_POSITIVE_DEFINITE,
  *  EIGEN_FAILED, OUT_OF_MEMORY. On error, no gradient is written, the step counter does not
  *  advance, and factors and inverses are as before the call. */
@@ -779,29 +790,51 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
  * parameters (as (id, value) pairs), the optimizer's counters, the estimator's layer
  * descriptions, factors and inverses (each inverse representation writing its own part), the
  * adaptive mode's state — then a 64-bit checksum of everything before it. Little-endian. Loading
- * checks magic, version, size, checksum, precision and that the layers match the handle's (same
+ * checks magic, size, checksum, version, precision and that the layers match the handle's (same
  * count, kinds and sizes); parameters in the image replace the handle's (a parameter the image
  * does not have takes its default; one this library does not know gives STATE_VERSION). Images
  * of 0.1 (format 4) are refused with STATE_VERSION.
+ *
+ * Integrity (issue 15). The checksum is checked before the version, so any accidental change
+ * (a flipped bit anywhere, the version field's included; a truncation) is CORRUPT_STATE. It
+ * is an unkeyed hash whose rule is public: it protects against accidental corruption, not
+ * against a deliberate edit. Against those, loading validates every field as the API could
+ * have produced it — counters in [0, 2^62] (a step count 0 exactly when there is no KL scale),
+ * flags 0 or 1, row counts within the layers' buffers (and 2^53), factors and pending sums
+ * finite with non-negative diagonals and within the record calls' overflow margin, inverses
+ * finite (Cholesky: symmetric with a positive diagonal; eigen: entries of the eigenvectors at
+ * most 1, eigenvalues non-negative), only for blocks with factors, the adaptive values finite —
+ * and refuses anything else with CORRUPT_STATE. So no image makes a later call trap or fail
+ * forever; an image can still carry valid but unwanted values (e.g. another run's factors).
  * ------------------------------------------------------------------------------------------- */
 
 /** Number of bytes kfac_state_save needs now, in *size. Errors: NULL_POINTER. */
 KFAC_API int kfac_state_get_size(const kfac_optimizer *opt, size_t *size);
 
 /** Writes the state image into buffer[0 .. capacity). *written receives the image size.
- *  Errors: NULL_POINTER, BUFFER_TOO_SMALL (nothing written). */
+ *  Errors: NULL_POINTER, INVALID_SIZE (capacity > INT64_MAX), BUFFER_TOO_SMALL (nothing
+ *  written). */
 KFAC_API int kfac_state_save(const kfac_optimizer *opt, void *buffer, size_t capacity, size_t *written);
 
 /** Replaces the handle's state with the image in buffer[0 .. size).
- *  Errors: NULL_POINTER, CORRUPT_STATE, STATE_VERSION, STATE_MISMATCH, OUT_OF_MEMORY. On error
- *  the handle is unchanged. */
+ *  Errors: NULL_POINTER, INVALID_SIZE (size > INT64_MAX), CORRUPT_STATE, STATE_VERSION,
+ *  STATE_MISMATCH, OUT_OF_MEMORY. On error the handle is unchanged. */
 KFAC_API int kfac_state_load(kfac_optimizer *opt, const void *buffer, size_t size);
 
-/** Writes the state image to `path` atomically: into a temporary file in the same directory,
- *  flushed to disk, then renamed over `path`. Errors: NULL_POINTER, IO (path unchanged). */
+/** Writes the state image to `path` atomically: into a new temporary file
+ *  `<path>.kfac-tmp-<pid>-<random hex>` created exclusively in the same directory (never
+ *  through an existing file or link; concurrent saves, also to one path, use distinct files),
+ *  flushed to disk, renamed over `path`, then the directory flushed. Paths are bytes, passed to
+ *  the system unchanged (no encoding is assumed). On failure `path` is unchanged and the
+ *  temporary file removed; a process killed mid-save leaves `path` unchanged but may leave its
+ *  temporary file, which the library never reuses and the caller may delete.
+ *  Errors: NULL_POINTER, IO (path unchanged), OUT_OF_MEMORY. */
 KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
 
-/** Loads a state image from `path`. Errors: NULL_POINTER, IO, and those of kfac_state_load. */
+/** Loads a state image from `path` (bytes, as for saving). Only a regular file is read (a FIFO,
+ *  device or directory is IO, without blocking); a file larger than any image of the handle's
+ *  layers can be is CORRUPT_STATE before anything is read; the file is read in bounded pieces.
+ *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 
 /* =============================================================================================

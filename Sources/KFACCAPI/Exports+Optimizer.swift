@@ -53,6 +53,11 @@ public func kfac_optimizer_update_inverses(_ opt: OpaquePointer?) -> Int32 {
     withAnyOptimizer(opt) { (o) throws(KFACError) in try o.updateInverses() }
 }
 
+@c @implementation
+public func kfac_optimizer_discard_statistics(_ opt: OpaquePointer?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in o.discardStatistics() }
+}
+
 /// Validates per-layer pointer arrays (the step, candidate directions, updates, curvature
 /// products) and runs `body` with them; the bias rules are the optimizer's to check.
 func withLayerBuffers<S: KFACScalar>(

@@ -30,10 +30,10 @@ public func kfac_state_load(_ opt: OpaquePointer?, _ buffer: UnsafeRawPointer?, 
 
 @c @implementation
 public func kfac_state_save_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CChar>?) -> Int32 {
-    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.saveState(toFile: String(cString: try required(path, "path"))) }
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.saveState(toFilePath: try required(path, "path")) }
 }
 
 @c @implementation
 public func kfac_state_load_file(_ opt: OpaquePointer?, _ path: UnsafePointer<CChar>?) -> Int32 {
-    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.loadState(fromFile: String(cString: try required(path, "path"))) }
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.loadState(fromFilePath: try required(path, "path")) }
 }

@@ -115,10 +115,11 @@ protocol OptimizerOperations: AnyObject {
     func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo
     func updateFactors() throws(KFACError)
     func updateInverses() throws(KFACError)
+    func discardStatistics()
     func saveState(into buffer: UnsafeMutableRawBufferPointer) throws(KFACError) -> Int
     func loadState(from image: UnsafeRawBufferPointer) throws(KFACError)
-    func saveState(toFile path: String) throws(KFACError)
-    func loadState(fromFile path: String) throws(KFACError)
+    func saveState(toFilePath path: UnsafePointer<CChar>) throws(KFACError)
+    func loadState(fromFilePath path: UnsafePointer<CChar>) throws(KFACError)
 }
 
 extension KFACOptimizer: OptimizerOperations {}

@@ -63,13 +63,29 @@ final class AdaptiveState<Scalar: KFACScalar> {
         s.hasPreviousUpdate = try r.flag()
         let hasPrediction = try r.flag()
         let prediction = try r.f64()
+        guard prediction.isFinite && (hasPrediction || prediction == 0) else {
+            throw KFACError(.corruptState, "state image has an impossible predicted change \(prediction)")
+        }
         s.predictedChange = hasPrediction ? prediction : nil
         s.lastReductionRatio = try r.f64()
         s.lossReports = try r.i64()
+        guard s.lossReports >= 0 && s.lossReports <= 1 << 62 && (s.lossReports > 0 || s.lastReductionRatio.isNaN) else {
+            throw KFACError(.corruptState, "state image has an impossible loss-report count \(s.lossReports)")
+        }
         if s.hasPreviousUpdate {
             try s.reservePreviousUpdates(blocks)
-            for case let p? in s.previousUpdate { try r.scalars(into: p.base, count: p.count) }
+            for case let p? in s.previousUpdate {
+                try r.scalars(into: p.base, count: p.count)
+                guard Scalar.allFinite(p.base, count: p.count) else {
+                    throw KFACError(.corruptState, "state image has a previous update that is not finite")
+                }
+            }
         }
         return s
+    }
+
+    /// The most bytes `write` can write for `blocks`.
+    static func maximumImageBytes(blocks: [KroneckerBlock<Scalar>]) -> Int {
+        40 + blocks.reduce(0) { $0 + $1.direction.count * MemoryLayout<Scalar>.stride }
     }
 }

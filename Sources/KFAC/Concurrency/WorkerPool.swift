@@ -15,32 +15,48 @@ protocol ParallelJobs: AnyObject {
 /// nothing (Dispatch, and storing a closure, allocate on every call). They are joined when the
 /// pool is released.
 final class WorkerPool {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private let finished = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// What the helper threads share with the pool. It lives in memory the pool allocates and
+    /// frees (not in the pool object), so that a helper thread holds no reference to the pool:
+    /// a thread that retained the pool while it waits would keep it alive forever, and the
+    /// pool's deinit — which stops and joins the threads — would never run.
+    private struct Shared {
+        var mutex = pthread_mutex_t()
+        var wake = pthread_cond_t()
+        var finished = pthread_cond_t()
+        var generation = 0
+        var running = 0
+        var stopping = false
+        var task: (any ParallelJobs)?
+        var jobCount = 0
+        var workerCount = 0
+    }
+
+    private let shared: UnsafeMutablePointer<Shared>
     private var threads: [pthread_t] = []
-    private var generation = 0
-    private var running = 0
-    private var stopping = false
-    private var task: (any ParallelJobs)?
-    private var jobCount = 0
-    private var workerCount = 0
 
     init() {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(wake, nil)
-        pthread_cond_init(finished, nil)
+        shared = .allocate(capacity: 1)
+        shared.initialize(to: Shared())
+        pthread_mutex_init(&shared.pointee.mutex, nil)
+        pthread_cond_init(&shared.pointee.wake, nil)
+        pthread_cond_init(&shared.pointee.finished, nil)
     }
 
     deinit {
-        pthread_mutex_lock(mutex)
-        stopping = true
-        pthread_cond_broadcast(wake)
-        pthread_mutex_unlock(mutex)
+        pthread_mutex_lock(&shared.pointee.mutex)
+        shared.pointee.stopping = true
+        pthread_cond_broadcast(&shared.pointee.wake)
+        pthread_mutex_unlock(&shared.pointee.mutex)
         for t in threads { pthread_join(t, nil) }
-        pthread_mutex_destroy(mutex); pthread_cond_destroy(wake); pthread_cond_destroy(finished)
-        mutex.deallocate(); wake.deallocate(); finished.deallocate()
+        pthread_mutex_destroy(&shared.pointee.mutex)
+        pthread_cond_destroy(&shared.pointee.wake)
+        pthread_cond_destroy(&shared.pointee.finished)
+        shared.deinitialize(count: 1)
+        shared.deallocate()
     }
+
+    /// The number of helper threads started so far (tests).
+    var threadCount: Int { threads.count }
 
     /// Runs the jobs on `workers` threads (the caller included), worker w taking jobs
     /// w, w + workers, … . Returns when all are done.
@@ -56,35 +72,35 @@ final class WorkerPool {
             for job in 0..<count { jobs.runJob(job, worker: 0) }
             return
         }
-        pthread_mutex_lock(mutex)
-        task = jobs
-        jobCount = count
-        workerCount = workers
-        running = workers - 1
-        generation += 1
-        pthread_cond_broadcast(wake)
-        pthread_mutex_unlock(mutex)
+        pthread_mutex_lock(&shared.pointee.mutex)
+        shared.pointee.task = jobs
+        shared.pointee.jobCount = count
+        shared.pointee.workerCount = workers
+        shared.pointee.running = workers - 1
+        shared.pointee.generation += 1
+        pthread_cond_broadcast(&shared.pointee.wake)
+        pthread_mutex_unlock(&shared.pointee.mutex)
 
         var job = 0
         while job < count { jobs.runJob(job, worker: 0); job += workers }
 
-        pthread_mutex_lock(mutex)
-        while running > 0 { pthread_cond_wait(finished, mutex) }
-        task = nil
-        pthread_mutex_unlock(mutex)
+        pthread_mutex_lock(&shared.pointee.mutex)
+        while shared.pointee.running > 0 { pthread_cond_wait(&shared.pointee.finished, &shared.pointee.mutex) }
+        shared.pointee.task = nil
+        pthread_mutex_unlock(&shared.pointee.mutex)
     }
 
     /// Makes sure `n` helper threads exist; false if the system refused to create them.
     private func startThreads(upTo n: Int) -> Bool {
         while threads.count < n {
-            let context = UnsafeMutablePointer<(Unmanaged<WorkerPool>, Int)>.allocate(capacity: 1)
-            context.initialize(to: (Unmanaged.passUnretained(self), threads.count + 1))
+            let context = UnsafeMutablePointer<(UnsafeMutablePointer<Shared>, Int)>.allocate(capacity: 1)
+            context.initialize(to: (shared, threads.count + 1))
             var thread = pthread_t()
             let status = pthread_create(&thread, nil, { raw in
-                let context = raw!.assumingMemoryBound(to: (Unmanaged<WorkerPool>, Int).self)
-                let (pool, index) = context.pointee
+                let context = raw!.assumingMemoryBound(to: (UnsafeMutablePointer<WorkerPool.Shared>, Int).self)
+                let (shared, index) = context.pointee
                 context.deallocate()
-                pool.takeUnretainedValue().serve(worker: index)
+                WorkerPool.serve(shared, worker: index)
                 return nil
             }, context)
             guard status == 0 else {
@@ -97,23 +113,26 @@ final class WorkerPool {
     }
 
     /// The loop of helper thread `worker` (1-based): wait for a generation, do its share, report.
-    private func serve(worker: Int) {
+    /// Holds no reference to the pool, only to the shared state, which outlives the thread.
+    private static func serve(_ shared: UnsafeMutablePointer<Shared>, worker: Int) {
         var seen = 0
-        pthread_mutex_lock(mutex)
+        pthread_mutex_lock(&shared.pointee.mutex)
         while true {
-            while generation == seen && !stopping { pthread_cond_wait(wake, mutex) }
-            if stopping { break }
-            seen = generation
-            guard worker < workerCount, let jobs = task else { continue }
-            let (count, stride) = (jobCount, workerCount)
-            pthread_mutex_unlock(mutex)
+            while shared.pointee.generation == seen && !shared.pointee.stopping {
+                pthread_cond_wait(&shared.pointee.wake, &shared.pointee.mutex)
+            }
+            if shared.pointee.stopping { break }
+            seen = shared.pointee.generation
+            guard worker < shared.pointee.workerCount, let jobs = shared.pointee.task else { continue }
+            let (count, stride) = (shared.pointee.jobCount, shared.pointee.workerCount)
+            pthread_mutex_unlock(&shared.pointee.mutex)
             var job = worker
             while job < count { jobs.runJob(job, worker: worker); job += stride }
-            pthread_mutex_lock(mutex)
-            running -= 1
-            if running == 0 { pthread_cond_signal(finished) }
+            pthread_mutex_lock(&shared.pointee.mutex)
+            shared.pointee.running -= 1
+            if shared.pointee.running == 0 { pthread_cond_signal(&shared.pointee.finished) }
         }
-        pthread_mutex_unlock(mutex)
+        pthread_mutex_unlock(&shared.pointee.mutex)
     }
 }
 

@@ -16,6 +16,11 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     private(set) var bufferedRows = 0
     private var pendingSum: AlignedBuffer<Scalar>?
     private(set) var summedRows = 0
+    /// A bound on every entry of the pending second-moment sums (those of the buffered rows
+    /// included): the sum over the record calls since the last fold of each call's own bound.
+    /// Record calls refuse data that would take it past `pendingLimit`, so the sums themselves —
+    /// not only each call's share — stay finite with a margin (issue 15).
+    private(set) var pendingMagnitude = 0.0
     /// The moving average, block by block (`structure.storageOffsets`).
     private(set) var running: AlignedBuffer<Scalar>
     private(set) var hasRunning = false
@@ -31,6 +36,17 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     /// Rows recorded since the last fold.
     var pendingRows: Int { bufferedRows + summedRows }
     var hasPending: Bool { pendingRows > 0 }
+
+    /// The largest `pendingMagnitude` a record call may leave (2⁻⁴ of the largest finite value).
+    static var pendingLimit: Double { Double(Scalar.greatestFiniteMagnitude) / 16 }
+    /// The most rows that may be pending (so that counts, and their conversion to a scalar,
+    /// stay exact and cannot overflow).
+    static var maximumPendingRows: Int { 1 << 53 }
+
+    /// Adds a record call's bound to `pendingMagnitude` (after the call recorded its rows).
+    func notePending(magnitude: Double) {
+        pendingMagnitude += magnitude
+    }
 
     /// Rows are buffered while they take no more memory than the block storage.
     private var rowBufferLimit: Int { Swift.max(1, structure.storageCount / Swift.max(1, structure.recordedWidth)) }
@@ -177,6 +193,12 @@ final class KroneckerFactor<Scalar: KFACScalar> {
     private func clearPending() {
         bufferedRows = 0
         summedRows = 0
+        pendingMagnitude = 0
+    }
+
+    /// Drops the statistics recorded since the last fold (`kfac_optimizer_discard_statistics`).
+    func discardPending() {
+        clearPending()
     }
 
     /// Folds the pending statistics into the running average in place and clears them.
@@ -250,19 +272,73 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         if summedRows > 0 { w.scalars(pendingSum!.base, count: structure.storageCount) }
     }
 
-    /// Reads what `write` wrote into this (fresh) factor.
+    /// Reads what `write` wrote into this (fresh) factor, and checks everything a record call or
+    /// a fold guarantees: running blocks finite with a non-negative diagonal, buffered rows
+    /// within the buffer and finite, summed blocks finite with a non-negative diagonal, at most
+    /// `maximumPendingRows` pending rows (never both buffered and summed ones), and pending sums
+    /// within the limit record calls keep them under. So a loaded factor can neither trap nor
+    /// fail a later fold because of its own contents.
     func read(from r: inout StateReader) throws(KFACError) {
         hasRunning = try r.flag()
-        if hasRunning { try r.scalars(into: running.base, count: structure.storageCount) }
+        if hasRunning {
+            try r.scalars(into: running.base, count: structure.storageCount)
+            guard secondMomentBlocksValid(running.base) else {
+                throw KFACError(.corruptState, "state image has a running factor that is not finite or has a negative diagonal")
+            }
+        }
         let buffered = try r.i64()
         guard buffered >= 0 && buffered <= rowBufferLimit else {
             throw KFACError(.corruptState, "state image has \(buffered) buffered rows where at most \(rowBufferLimit) fit")
         }
-        if buffered > 0 { try r.scalars(into: try reserveRowBuffer(buffered).base, count: buffered * structure.recordedWidth) }
+        var magnitude = 0.0
+        if buffered > 0 {
+            let w = structure.recordedWidth
+            let buffer = try reserveRowBuffer(buffered)
+            try r.scalars(into: buffer.base, count: buffered * w)
+            for row in 0..<buffered {
+                let largest = Double(Scalar.largestMagnitude(buffer.base + row * w, count: w))
+                guard largest.isFinite else { throw KFACError(.corruptState, "state image has a buffered row that is not finite") }
+                magnitude += largest * largest
+            }
+        }
         bufferedRows = buffered
         let summed = try r.i64()
-        guard summed >= 0 else { throw KFACError(.corruptState, "state image has a negative row count") }
-        if summed > 0 { try r.scalars(into: try pendingSumMatrix().base, count: structure.storageCount) }
+        guard summed >= 0 && summed <= Self.maximumPendingRows && (summed == 0 || buffered == 0) else {
+            throw KFACError(.corruptState, "state image has an impossible pending row count \(summed)")
+        }
+        if summed > 0 {
+            let sum = try pendingSumMatrix()
+            try r.scalars(into: sum.base, count: structure.storageCount)
+            guard secondMomentBlocksValid(sum.base) else {
+                throw KFACError(.corruptState, "state image has pending sums that are not finite or have a negative diagonal")
+            }
+            // A sum of outer products: every entry is bounded by the largest diagonal entry.
+            for q in structure.uniqueSizes.indices {
+                let (o, b) = (structure.storageOffsets[q], structure.uniqueSizes[q])
+                for i in 0..<b { magnitude = Swift.max(magnitude, Double(sum.base[o + i * b + i])) }
+            }
+        }
         summedRows = summed
+        guard magnitude <= Self.pendingLimit else {
+            throw KFACError(.corruptState, "state image has pending statistics larger than a record call accepts")
+        }
+        pendingMagnitude = magnitude
+    }
+
+    /// Whether block storage `m` holds finite blocks whose diagonals are non-negative (what a
+    /// second moment, or a moving average of them, always is).
+    private func secondMomentBlocksValid(_ m: UnsafePointer<Scalar>) -> Bool {
+        guard Scalar.allFinite(m, count: structure.storageCount) else { return false }
+        for q in structure.uniqueSizes.indices {
+            let (o, b) = (structure.storageOffsets[q], structure.uniqueSizes[q])
+            for i in 0..<b where !(m[o + i * b + i] >= 0) { return false }
+        }
+        return true
+    }
+
+    /// The most bytes `write` can write for this factor's structure (state-file size checks).
+    var maximumImageBytes: Int {
+        let s = MemoryLayout<Scalar>.stride
+        return 24 + (2 * structure.storageCount + rowBufferLimit * structure.recordedWidth) * s
     }
 }

@@ -173,11 +173,13 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
 
     // MARK: Statistics
 
-    /// Validates a record call and returns the layer: the buffer, the rows, and that the values
-    /// are finite and small enough that the pending second-moment sums, with `scale` applied to
-    /// every value, stay finite (so a later fold cannot fail because of them).
+    /// Validates a record call and returns the layer and the bound its values add to the side's
+    /// pending sums: the buffer, the rows, and that the values are finite and small enough that
+    /// the pending second-moment sums — those already pending plus this call's, with `scale`
+    /// applied to every value — stay finite (so a later fold cannot fail because of them), and
+    /// that the pending row count stays below `KroneckerFactor.maximumPendingRows`.
     private func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
-                               scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
+                               scale: Double) throws(KFACError) -> (any CurvatureLayer<Scalar>, Double) {
         let b = try self.layer(layer)
         let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
@@ -186,26 +188,49 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         guard rows <= Int.max / perRow else {
             throw KFACError(.sizeOverflow, "\(rows) rows overflow the buffer size")
         }
+        let added = b.recordedRows(rows: rows, outputSide: outputSide)
+        var pendingRows = 0, pending = 0.0  // over the layer's groups, without allocating
+        for c in b.blocks {
+            let f = outputSide ? c.output : c.input
+            pendingRows = Swift.max(pendingRows, f.pendingRows)
+            pending = Swift.max(pending, f.pendingMagnitude)
+        }
+        guard added <= KroneckerFactor<Scalar>.maximumPendingRows - pendingRows else {
+            throw KFACError(.sizeOverflow, "\(what) of layer \(layer): more than 2^53 rows pending; fold or discard the statistics")
+        }
         let count = outputSide ? b.outputGradientValueCount(rows: rows) : b.inputValueCount(rows: rows)
         let largest = Double(Scalar.largestMagnitude(p, count: count))
         guard largest.isFinite else { throw KFACError(.nonFinite, "\(what) of layer \(layer) contain NaN or Inf") }
         let bound = b.pendingBound(largest: largest, rows: rows, outputSide: outputSide, scale: scale)
-        guard bound <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
-            throw KFACError(.nonFinite, "\(what) of layer \(layer) are too large (|x| up to \(largest)): their second moments would overflow \(Scalar.self)")
+        guard bound + pending <= KroneckerFactor<Scalar>.pendingLimit else {
+            throw KFACError(.nonFinite, pending > 0
+                            ? "\(what) of layer \(layer) are too large (|x| up to \(largest)) for the statistics already pending: their second moments would overflow \(Scalar.self); fold or discard the pending statistics"
+                            : "\(what) of layer \(layer) are too large (|x| up to \(largest)): their second moments would overflow \(Scalar.self)")
         }
-        return b
+        return (b, bound)
     }
 
     func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
-        let b = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
+        let (b, bound) = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
         try b.recordInputs(inputs!, rows: rows, ones: ones)
+        for c in b.blocks { c.input.notePending(magnitude: bound) }
         statisticsStarted = true
     }
 
     func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int, scale: Double) throws(KFACError) {
-        let b = try checkedRecord(gradients, layer: layer, rows: rows, outputSide: true, scale: scale)
+        let (b, bound) = try checkedRecord(gradients, layer: layer, rows: rows, outputSide: true, scale: scale)
         try b.recordOutputGradients(gradients!, rows: rows, scale: Scalar(scale), ones: ones)
+        for c in b.blocks { c.output.notePending(magnitude: bound) }
         statisticsStarted = true
+    }
+
+    /// Drops every layer's statistics recorded since the last fold; running factors, inverses
+    /// and counters stay. Cannot fail.
+    func discardPendingStatistics() {
+        for c in blocks {
+            c.input.discardPending()
+            c.output.discardPending()
+        }
     }
 
     /// Throws if folding some block's pending statistics could produce a non-finite factor.
@@ -510,14 +535,33 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                     guard let s = InverseStrategy(rawValue: Int32(truncatingIfNeeded: tag - 1)) else {
                         throw KFACError(.corruptState, "state image has an unknown inverse strategy")
                     }
+                    guard c.hasFactors else {
+                        throw KFACError(.corruptState, "state image has inverses for a block without factors")
+                    }
                     let inv = try c.makeInverse(s)
                     try inv.read(from: &r)
                     c.restoreInverse(inv)
+                }
+                guard started || !(c.input.hasRunning || c.input.hasPending || c.output.hasRunning || c.output.hasPending) else {
+                    throw KFACError(.corruptState, "state image has statistics but says none were recorded")
                 }
             }
             restored.append(fresh)
         }
         return (restored, started)
+    }
+
+    /// The most bytes `write` can write for these layers (state-file size checks).
+    var maximumImageBytes: Int {
+        var total = 16
+        for b in layers { total += 8 + 8 * b.layer.fields.count }
+        for c in blocks {
+            let inverse = InverseStrategy.allCases.map {
+                $0.representation(Scalar.self).imageScalarCount(input: c.input.structure, output: c.output.structure)
+            }.max() ?? 0
+            total += c.input.maximumImageBytes + c.output.maximumImageBytes + 8 + inverse * MemoryLayout<Scalar>.stride
+        }
+        return total
     }
 
     /// Replaces the layers (and their blocks) with ones `read` restored.

@@ -61,6 +61,26 @@ final class CholeskyInverse<Scalar: KFACScalar>: KroneckerInverse {
     func read(from r: inout StateReader) throws(KFACError) {
         try r.scalars(into: inputBlocks.base, count: inputBlocks.count)
         try r.scalars(into: outputBlocks.base, count: outputBlocks.count)
+        // potri of a positive definite block, symmetrised: finite, symmetric, positive diagonal.
+        for (blocks, structure) in [(inputBlocks, inputStructure), (outputBlocks, outputStructure)] {
+            guard Scalar.allFinite(blocks.base, count: blocks.count) else {
+                throw KFACError(.corruptState, "state image has a Cholesky inverse that is not finite")
+            }
+            for q in structure.uniqueSizes.indices {
+                let (o, b) = (structure.storageOffsets[q], structure.uniqueSizes[q])
+                let m = blocks.base + o
+                for i in 0..<b {
+                    guard m[i * b + i] > 0 else { throw KFACError(.corruptState, "state image has a Cholesky inverse that is not positive definite") }
+                    for j in (i + 1)..<Swift.max(b, i + 1) where m[i * b + j] != m[j * b + i] {
+                        throw KFACError(.corruptState, "state image has a Cholesky inverse that is not symmetric")
+                    }
+                }
+            }
+        }
         finish()
+    }
+
+    static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {
+        input.storageCount + output.storageCount
     }
 }

@@ -92,7 +92,19 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
         for side in [input, output] {
             try r.scalars(into: side.vectors.base, count: side.vectors.count)
             try r.scalars(into: side.values.base, count: side.values.count)
+            // Orthonormal eigenvectors (every entry at most 1 in magnitude) and eigenvalues
+            // clamped to be non-negative, all finite.
+            guard Scalar.allFinite(side.vectors.base, count: side.vectors.count),
+                  Double(Scalar.largestMagnitude(side.vectors.base, count: side.vectors.count)) <= 1.001,
+                  Scalar.allFinite(side.values.base, count: side.values.count),
+                  (0..<side.values.count).allSatisfy({ side.values.base[$0] >= 0 }) else {
+                throw KFACError(.corruptState, "state image has an eigendecomposition that is not finite, not orthonormal or has negative eigenvalues")
+            }
         }
         finish()
+    }
+
+    static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {
+        input.storageCount + input.recordedWidth + output.storageCount + output.recordedWidth
     }
 }

@@ -58,8 +58,11 @@ protocol KroneckerInverse<Scalar>: AnyObject {
 
     /// Writes the representation's state-image section.
     func write(to w: inout StateWriter)
-    /// Reads what `write` wrote into this (fresh) inverse, then finishes it.
+    /// Reads what `write` wrote into this (fresh) inverse, checks that it is one the
+    /// representation can compute (`.corruptState` if not), then finishes it.
     func read(from r: inout StateReader) throws(KFACError)
+    /// The number of scalars `write` writes for factors of these structures.
+    static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int
 }
 
 extension KroneckerInverse {

@@ -15,9 +15,12 @@ protocol CurvatureLayer<Scalar>: AnyObject {
     func outputGradientValueCount(rows: Int) -> Int
     /// Number of values of the weight gradient (the bias gradient has `outFeatures` values).
     var weightCount: Int { get }
-    /// A bound on every entry of a factor's pending second-moment sums after recording `rows`
-    /// more examples whose values are at most `largest` in magnitude, multiplied by `scale`.
+    /// A bound on every entry of what recording `rows` examples whose values are at most
+    /// `largest` in magnitude, multiplied by `scale`, adds to a factor's pending second-moment
+    /// sums (the factor's `pendingMagnitude` bounds what is already there).
     func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double
+    /// The rows a factor of the side records for `rows` examples.
+    func recordedRows(rows: Int, outputSide: Bool) -> Int
 
     /// Adds the inputs of `rows` examples (rows of a dense layer) to the input factors' pending
     /// statistics (values already validated). On error nothing changed.

@@ -114,6 +114,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try estimator.foldFactors(decay: parameters.factorDecay)
     }
 
+    /// Drops every layer's statistics recorded since the last fold (`kfac_optimizer_discard_statistics`):
+    /// the way out of pending statistics that make every fold or inversion fail. Running
+    /// factors, inverses, counters and parameters stay. Cannot fail.
+    public func discardStatistics() {
+        estimator.discardPendingStatistics()
+    }
+
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
         try estimator.invert(parameters.curvatureSettings)

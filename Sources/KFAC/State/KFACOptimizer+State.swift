@@ -54,11 +54,29 @@ extension KFACOptimizer {
         return p
     }
 
+    /// The largest step count or loss-report count an image may carry: far beyond any run, and
+    /// far enough from Int.max that counting on from it cannot overflow.
+    static var maximumCounter: Int { 1 << 62 }
+
     /// The number of bytes `saveState` writes now.
     public var stateSize: Int {
         var w = StateWriter(nil)
         write(to: &w)
         return w.offset + 8
+    }
+
+    /// An upper bound on the size of any image this optimizer could write with its layers
+    /// (every factor with running, buffered and summed statistics, the largest inverse
+    /// representation, δ₀): a larger file is refused before it is read.
+    public var maximumStateSize: Int {
+        var w = StateWriter(nil)
+        w.bytes(StateImage.magic, count: 8)
+        w.u64(0); w.u64(0); w.u64(0)
+        writeParameters(parameters, to: &w)
+        w.i64(0); w.f64(0)
+        var total = w.offset + estimator.maximumImageBytes + AdaptiveState<Scalar>.maximumImageBytes(blocks: estimator.blocks) + 8
+        total += 4096  // parameter rows of a library with more parameters are refused after reading
+        return total
     }
 
     /// Writes the state image into `buffer` and returns its size; throws `.bufferTooSmall`
@@ -85,6 +103,12 @@ extension KFACOptimizer {
 
     /// Replaces the optimizer's state with an image from `saveState`. The image must come from
     /// an optimizer of the same precision and layers. On error nothing changes.
+    ///
+    /// Order: magic, size, checksum (so that any accidental change, the version field's
+    /// included, is `.corruptState`), version, precision, then every section, each field
+    /// checked against what the API can produce (counters in range, flags 0 or 1, sizes that
+    /// match the layers, finite factors with non-negative diagonals, pending sums within the
+    /// record limit, valid inverses) — the checksum does not protect against a deliberate edit.
     public func loadState(from image: UnsafeRawBufferPointer) throws(KFACError) {
         guard image.count >= StateImage.headerSize + 8, image.baseAddress != nil else {
             throw KFACError(.corruptState, "state image of \(image.count) bytes is too short")
@@ -94,9 +118,6 @@ extension KFACOptimizer {
             throw KFACError(.corruptState, "not a libkfac state image (bad magic)")
         }
         let version = try r.u64()
-        guard version == StateImage.formatVersion else {
-            throw KFACError(.stateVersion, "state image format \(version), this library reads format \(StateImage.formatVersion)")
-        }
         let dtype = try r.u64()
         let size = try r.u64()
         guard size == UInt64(image.count) else {
@@ -106,18 +127,31 @@ extension KFACOptimizer {
         guard StateImage.checksum(UnsafeRawBufferPointer(rebasing: image[0..<(image.count - 8)])) == stored else {
             throw KFACError(.corruptState, "state image checksum mismatch (corrupted)")
         }
+        guard version == StateImage.formatVersion else {
+            throw KFACError(.stateVersion, "state image format \(version), this library reads format \(StateImage.formatVersion)")
+        }
         guard dtype == UInt64(Scalar.dtypeCode) else {
-            throw KFACError(.stateMismatch, "state image precision \(dtype == 1 ? "float32" : "float64") differs from the optimizer's")
+            throw KFACError(dtype == 1 || dtype == 2 ? .stateMismatch : .corruptState,
+                            "state image precision \(dtype == 1 ? "float32" : dtype == 2 ? "float64" : "\(dtype) (unknown)") differs from the optimizer's")
         }
 
         let p = try readParameters(from: &r)
         let steps = try r.i64()
+        guard steps >= 0 && steps <= Self.maximumCounter else {
+            throw KFACError(.corruptState, "state image has an impossible step count \(steps)")
+        }
         let klScale = try r.f64()
+        guard steps == 0 ? klScale.isNaN : (klScale >= 0 && klScale <= 1) else {
+            throw KFACError(.corruptState, "state image has an impossible KL scale \(klScale) after \(steps) steps")
+        }
         // Read into fresh owners; the optimizer's own are replaced only once all of it is read.
         let restored = try estimator.read(from: &r)
         let adaptiveState = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")
+        }
+        guard !adaptiveState.hasPreviousUpdate || steps > 0 else {
+            throw KFACError(.corruptState, "state image has a previous update but no step")
         }
         estimator.install(layers: restored.layers, statisticsStarted: restored.statisticsStarted)
         parameters = p
@@ -127,56 +161,96 @@ extension KFACOptimizer {
         candidates = DampingCandidates()
     }
 
-    /// Writes the state image to `path` atomically: a temporary file in the same directory,
-    /// flushed, then renamed over `path`.
+    /// Writes the state image to `path` atomically (see `saveState(toFilePath:)`).
     public func saveState(toFile path: String) throws(KFACError) {
-        let image = try stateImage()
-        let temporary = "\(path).tmp.\(getpid())"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw KFACError(.io, "cannot create \(temporary): \(String(cString: strerror(errno)))") }
-        var ok = image.withUnsafeBytes { bytes -> Bool in
-            var done = 0
-            while done < bytes.count {
-                let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { return false }
-                done += n
-            }
-            return true
+        try asKFACError { try path.withCString { p in try saveState(toFilePath: p) } }
+    }
+
+    /// Loads a state image written by `saveState(toFile:)` (see `loadState(fromFilePath:)`).
+    public func loadState(fromFile path: String) throws(KFACError) {
+        try asKFACError { try path.withCString { p in try loadState(fromFilePath: p) } }
+    }
+
+    /// Writes the state image to the file `path` (bytes, passed to the system unchanged)
+    /// atomically: into a new temporary file `<path>.kfac-tmp-<pid>-<random>` created
+    /// exclusively (O_EXCL, never through a link) in the same directory, flushed, renamed over
+    /// `path`, then the directory flushed. On failure `path` is unchanged and the temporary file
+    /// removed; a process killed mid-save may leave one, recognisable by its name.
+    public func saveState(toFilePath path: UnsafePointer<CChar>) throws(KFACError) {
+        let size = stateSize
+        guard let raw = malloc(size) else { throw KFACError(.outOfMemory, "could not allocate \(size) bytes for the state image") }
+        defer { free(raw) }
+        _ = try saveState(into: UnsafeMutableRawBufferPointer(start: raw, count: size))
+
+        let pathLength = strlen(path)
+        // "<path>.kfac-tmp-<pid>-<16 hex digits>\0"
+        guard let temporary = malloc(pathLength + 64)?.assumingMemoryBound(to: CChar.self) else {
+            throw KFACError(.outOfMemory, "could not allocate a file name")
         }
-        let reason = ok ? "" : String(cString: strerror(errno))
-        ok = ok && fsync(fd) == 0
-        close(fd)
-        guard ok, rename(temporary, path) == 0 else {
-            let why = reason.isEmpty ? String(cString: strerror(errno)) : reason
+        defer { free(temporary) }
+        var fd: Int32 = -1
+        for _ in 0..<16 {
+            let suffix = ".kfac-tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+            memcpy(temporary, path, pathLength)
+            suffix.withCString { s in _ = strcpy(temporary + pathLength, s) }
+            fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+            if fd >= 0 || errno != EEXIST { break }
+        }
+        guard fd >= 0 else { throw KFACError(.io, "cannot create a temporary file next to \(String(cString: path)): \(String(cString: strerror(errno)))") }
+        var done = 0
+        var failure: Int32 = 0
+        while done < size {
+            let n = Glibc.write(fd, raw + done, Swift.min(size - done, 1 << 20))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { failure = n < 0 ? errno : EIO; break }
+            done += n
+        }
+        if failure == 0 && fsync(fd) != 0 { failure = errno }
+        if close(fd) != 0 && failure == 0 { failure = errno }
+        if failure == 0 && rename(temporary, path) != 0 { failure = errno }
+        guard failure == 0 else {
             unlink(temporary)
-            throw KFACError(.io, "cannot write \(path): \(why)")
+            throw KFACError(.io, "cannot write \(String(cString: path)): \(String(cString: strerror(failure)))")
         }
-        // Make the rename itself durable.
-        let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
-        let dfd = open(directory.isEmpty ? "/" : directory, O_RDONLY | O_CLOEXEC)
+        // Make the rename itself durable: flush the directory that holds `path`.
+        if let slash = strrchr(path, Int32(UInt8(ascii: "/"))) {
+            let length = slash == path ? 1 : path.distance(to: UnsafePointer(slash))
+            memcpy(temporary, path, length)
+            temporary[length] = 0
+        } else {
+            strcpy(temporary, ".")
+        }
+        let dfd = open(temporary, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 { fsync(dfd); close(dfd) }
     }
 
-    /// Loads a state image written by `saveState(toFile:)`.
-    public func loadState(fromFile path: String) throws(KFACError) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw KFACError(.io, "cannot open \(path): \(String(cString: strerror(errno)))") }
+    /// Loads a state image from the file `path` (bytes, passed to the system unchanged): only a
+    /// regular file (a FIFO or device is `.io`, without blocking), no larger than
+    /// `maximumStateSize` (else `.corruptState`, before anything is read), read in pieces into
+    /// memory the library allocates fallibly (`.outOfMemory`).
+    public func loadState(fromFilePath path: UnsafePointer<CChar>) throws(KFACError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        guard fd >= 0 else { throw KFACError(.io, "cannot open \(String(cString: path)): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0, st.st_size >= 0 else { throw KFACError(.io, "cannot stat \(path)") }
-        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-        let complete = bytes.withUnsafeMutableBytes { b -> Bool in
-            var done = 0
-            while done < b.count {
-                let n = read(fd, b.baseAddress! + done, b.count - done)
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { return false }
-                done += n
-            }
-            return true
+        guard fstat(fd, &st) == 0 else { throw KFACError(.io, "cannot stat \(String(cString: path))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw KFACError(.io, "\(String(cString: path)) is not a regular file")
         }
-        guard complete else { throw KFACError(.io, "cannot read \(path)") }
-        try asKFACError { try bytes.withUnsafeBytes { b in try loadState(from: b) } }
+        let size = Int(st.st_size)
+        guard size <= maximumStateSize else {
+            throw KFACError(.corruptState, "\(String(cString: path)) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))")
+        }
+        guard let raw = malloc(Swift.max(size, 1)) else { throw KFACError(.outOfMemory, "could not allocate \(size) bytes to read \(String(cString: path))") }
+        defer { free(raw) }
+        var done = 0
+        while done < size {
+            let n = read(fd, raw + done, Swift.min(size - done, 1 << 20))
+            if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            guard n >= 0 else { throw KFACError(.io, "cannot read \(String(cString: path)): \(String(cString: strerror(errno)))") }
+            guard n > 0 else { break }  // shrank while reading: the image check reports it
+            done += n
+        }
+        try loadState(from: UnsafeRawBufferPointer(start: raw, count: done))
     }
 }

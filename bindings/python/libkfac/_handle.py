@@ -209,6 +209,9 @@ class Handle:
     def update_inverses(self) -> None:
         self.call(_lib.kfac_optimizer_update_inverses)
 
+    def discard_statistics(self) -> None:
+        self.call(_lib.kfac_optimizer_discard_statistics)
+
     def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
         self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
 

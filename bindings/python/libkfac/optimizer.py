@@ -579,6 +579,11 @@ class Optimizer(AdaptiveMethods):
         """Recomputes the inverses of every layer that has factors now."""
         self._handle.update_inverses()
 
+    def discard_statistics(self) -> None:
+        """Drops the statistics recorded since the last factor update (running factors,
+        inverses and counters stay): the way out of pending statistics every step refuses."""
+        self._handle.discard_statistics()
+
     def factors(self, layer: int, group: int = 0) -> Tuple[np.ndarray, np.ndarray]:
         """Copies of the running factors of group ``group`` of layer ``layer``: ``(A, G)`` of a
         dense layer (group 0), ``(Ω_g, Γ_g)`` of a convolution group, of shapes

@@ -21,8 +21,8 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     let geometry: Conv2dGeometry
     let approximation: ConvApproximation
     /// SUA: the pixels read by at least one kernel tap, and their row scales sqrt(m·P/(kh·kw)).
-    private let activePixels: [Int]
-    private let pixelScales: [Scalar]
+    private let activePixels: HeapArray<Int>
+    private let pixelScales: HeapArray<Scalar>
     private var scratch: AlignedBuffer<Scalar>?
     /// Per group: whether the record call in progress buffers rows (see `KroneckerFactor.prepareRecord`).
     private var recordModes: [Bool]
@@ -46,39 +46,61 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                                                     repeats: g.kernelPositions, bias: g.hasBias)
         }
         let outputStructure = FactorStructure.grouped(count: g.groupOutChannels, groupSize: grouping.outputGroupSize, bias: false)
+        // Many groups are many small objects, which a Swift array cannot allocate fallibly.
+        try probeAllocation(bytes: g.groups.multipliedReportingOverflow(by: 4096).partialValue, what: "\(g.groups) groups")
         var blocks: [KroneckerBlock<Scalar>] = []
         for _ in 0..<g.groups { blocks.append(try KroneckerBlock(input: inputStructure, output: outputStructure)) }
         self.blocks = blocks
         recordModes = Array(repeating: false, count: g.groups)
 
-        // Multiplicities of input rows and columns: how many (output position, kernel offset)
-        // pairs read them.
-        func multiplicity(size: Int, outputs: Int, kernel: Int, stride: Int, padding: Int, dilation: Int) -> [Int] {
-            var m = [Int](repeating: 0, count: size)
-            for o in 0..<outputs {
-                for k in 0..<kernel {
-                    let p = o * stride - padding + k * dilation
-                    if p >= 0 && p < size { m[p] += 1 }
-                }
-            }
-            return m
+        guard approximation == .sua else {
+            activePixels = try HeapArray(count: 0)
+            pixelScales = try HeapArray(count: 0)
+            return
         }
-        let mh = multiplicity(size: g.inputHeight, outputs: g.outputHeight, kernel: g.kernelHeight,
-                              stride: g.strideHeight, padding: g.paddingHeight, dilation: g.dilationHeight)
-        let mw = multiplicity(size: g.inputWidth, outputs: g.outputWidth, kernel: g.kernelWidth,
-                              stride: g.strideWidth, padding: g.paddingWidth, dilation: g.dilationWidth)
-        var pixels: [Int] = [], counts: [Int] = []
-        if approximation == .sua {
-            for y in 0..<g.inputHeight where mh[y] > 0 {
-                for x in 0..<g.inputWidth where mw[x] > 0 {
-                    pixels.append(y * g.inputWidth + x)
-                    counts.append(mh[y] * mw[x])
-                }
-            }
-        }
+        let mh = try Self.multiplicity(size: g.inputHeight, outputs: g.outputHeight, kernel: g.kernelHeight,
+                                       stride: g.strideHeight, padding: g.paddingHeight, dilation: g.dilationHeight)
+        let mw = try Self.multiplicity(size: g.inputWidth, outputs: g.outputWidth, kernel: g.kernelWidth,
+                                       stride: g.strideWidth, padding: g.paddingWidth, dilation: g.dilationWidth)
+        var activeRows = 0, activeColumns = 0
+        for y in 0..<g.inputHeight where mh[y] > 0 { activeRows += 1 }
+        for x in 0..<g.inputWidth where mw[x] > 0 { activeColumns += 1 }
+        let pixels = try HeapArray<Int>(count: activeRows * activeColumns)
+        let scales = try HeapArray<Scalar>(count: activeRows * activeColumns)
         let active = Double(pixels.count), taps = Double(g.kernelPositions)
+        var i = 0
+        for y in 0..<g.inputHeight where mh[y] > 0 {
+            for x in 0..<g.inputWidth where mw[x] > 0 {
+                pixels[i] = y * g.inputWidth + x
+                scales[i] = Scalar((Double(mh[y] * mw[x]) * active / taps).squareRoot())
+                i += 1
+            }
+        }
         activePixels = pixels
-        pixelScales = counts.map { Scalar((Double($0) * active / taps).squareRoot()) }
+        pixelScales = scales
+    }
+
+    /// Multiplicities of input rows (or columns): how many (output position, kernel offset)
+    /// pairs read each. O(size + kernel): for each kernel offset the positions it reads form an
+    /// arithmetic progression with step `stride`, added through a difference array along that
+    /// step (a loop over outputs × kernel took minutes for long 1-D inputs and wide kernels).
+    static func multiplicity(size: Int, outputs: Int, kernel: Int, stride: Int, padding: Int,
+                             dilation: Int) throws(KFACError) -> HeapArray<Int> {
+        let m = try HeapArray<Int>(count: size)
+        for k in 0..<kernel {
+            let c = k * dilation - padding  // position read by output o: o·stride + c
+            let first = c >= 0 ? 0 : (-c + stride - 1) / stride
+            guard size - 1 - c >= 0 else { continue }
+            let last = Swift.min(outputs - 1, (size - 1 - c) / stride)
+            guard first <= last else { continue }
+            m[first * stride + c] += 1
+            let end = (last + 1) * stride + c
+            if end < size { m[end] -= 1 }
+        }
+        if stride < size {
+            for p in stride..<size { m[p] += m[p - stride] }
+        }
+        return m
     }
 
     func inputValueCount(rows: Int) -> Int { rows * geometry.inChannels * geometry.inputHeight * geometry.inputWidth }
@@ -90,12 +112,15 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     private var inputRowWidth: Int { approximation == .kfc ? geometry.patchSize : geometry.groupInChannels }
 
     func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double {
-        let factor = outputSide ? blocks[0].output : blocks[0].input
         let perExample = outputSide ? geometry.outputPositions : inputRowsPerExample
         // Input rows are scaled by at most √|T| (KFC) or √P (SUA, m ≤ kh·kw); bias entries by as much.
         let rowScale2 = outputSide ? scale * scale : Double(perExample)
         let m = Swift.max(largest * largest, 1)
-        return m * rowScale2 * Double(factor.pendingRows + rows * perExample)
+        return m * rowScale2 * Double(rows) * Double(perExample)
+    }
+
+    func recordedRows(rows: Int, outputSide: Bool) -> Int {
+        rows * (outputSide ? geometry.outputPositions : inputRowsPerExample)
     }
 
     /// Examples per chunk for rows of `rowsPerExample` × `width` values.
@@ -131,13 +156,9 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
                                                 appended: g.hasBias ? rootT : nil, scale: rootT, ones: ones,
                                                 buffered: recordModes[group])
                 case .sua:
-                    activePixels.withUnsafeBufferPointer { pixels in
-                        pixelScales.withUnsafeBufferPointer { scales in
-                            Scalar.extractPixelRows(x, geometry: g, group: group, first: first, count: count,
-                                                    pixels: pixels.baseAddress!, scales: scales.baseAddress!,
-                                                    pixelCount: pixels.count, into: buffer.base)
-                        }
-                    }
+                    Scalar.extractPixelRows(x, geometry: g, group: group, first: first, count: count,
+                                            pixels: activePixels.base, scales: pixelScales.base,
+                                            pixelCount: activePixels.count, into: buffer.base)
                     blocks[group].input.add(buffer.base, rows: count * perExample, width: width,
                                                 appended: g.hasBias ? rootT : nil, scale: 1, ones: ones,
                                                 buffered: recordModes[group])

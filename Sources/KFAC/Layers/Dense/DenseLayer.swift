@@ -23,9 +23,10 @@ final class DenseLayer<Scalar: KFACScalar>: CurvatureLayer {
     var weightCount: Int { inFeatures * outFeatures }
 
     func pendingBound(largest: Double, rows: Int, outputSide: Bool, scale: Double) -> Double {
-        let pending = outputSide ? block.output.pendingRows : block.input.pendingRows
-        return Swift.max(largest * largest, 1) * scale * scale * Double(pending + rows)
+        Swift.max(largest * largest, 1) * scale * scale * Double(rows)
     }
+
+    func recordedRows(rows: Int, outputSide: Bool) -> Int { rows }
 
     func recordInputs(_ x: UnsafePointer<Scalar>, rows: Int, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         try block.input.record(x, rows: rows, width: inFeatures, appended: hasBias ? 1 : nil, scale: 1, ones: ones)
