@@ -355,4 +355,8 @@ void test_candidate_numerics(void);
  * on twin handles. */
 void test_curvature_multiply(void);
 
+/* test_reliability.c: issue 15's regressions (crafted images, the pending bound, worker threads,
+ * state files, allocation failures, exhaustive bit flips and truncations, killed saves). */
+void test_reliability(const char *tmpdir);
+
 #endif /* KFAC_CAPI_HARNESS_H */
