@@ -190,8 +190,9 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         }
         let added = b.recordedRows(rows: rows, outputSide: outputSide)
         var pendingRows = 0, pending = 0.0  // over the layer's groups, without allocating
-        for c in b.blocks {
-            let f = outputSide ? c.output : c.input
+        let blocks = b.blocks
+        for k in blocks.indices {
+            let f = outputSide ? blocks[k].output : blocks[k].input
             pendingRows = Swift.max(pendingRows, f.pendingRows)
             pending = Swift.max(pending, f.pendingMagnitude)
         }
@@ -213,14 +214,16 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let (b, bound) = try checkedRecord(inputs, layer: layer, rows: rows, outputSide: false, scale: 1)
         try b.recordInputs(inputs!, rows: rows, ones: ones)
-        for c in b.blocks { c.input.notePending(magnitude: bound) }
+        let blocks = b.blocks
+        for k in blocks.indices { blocks[k].input.notePending(magnitude: bound) }
         statisticsStarted = true
     }
 
     func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int, scale: Double) throws(KFACError) {
         let (b, bound) = try checkedRecord(gradients, layer: layer, rows: rows, outputSide: true, scale: scale)
         try b.recordOutputGradients(gradients!, rows: rows, scale: Scalar(scale), ones: ones)
-        for c in b.blocks { c.output.notePending(magnitude: bound) }
+        let blocks = b.blocks
+        for k in blocks.indices { blocks[k].output.notePending(magnitude: bound) }
         statisticsStarted = true
     }
 

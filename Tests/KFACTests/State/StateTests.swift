@@ -94,7 +94,10 @@ final class StateTests: XCTestCase {
         expect(badMagic, .corruptState, "magic")
         var newer = image
         newer[8] = UInt8(StateImage.formatVersion + 1)
-        expect(newer, .stateVersion, "format version")
+        // The checksum is checked before the version: an edited version field is corruption,
+        // another format's image with its own valid checksum is a version mismatch.
+        expect(newer, .corruptState, "format version edited")
+        expect(sealed(newer), .stateVersion, "format version")
 
         let otherLayers = try KFACOptimizer<Float>()
         try otherLayers.addDense(inFeatures: 5, outFeatures: 4, hasBias: false)

@@ -1,0 +1,598 @@
+/*
+ * fuzz_api.c — a libFuzzer harness for the whole C interface of libkfac (include/kfac.h).
+ *
+ * The input is a program: a sequence of operations, each one byte choosing the entry point and
+ * further bytes choosing its arguments — sizes, enums, flags, parameter numbers and values, row
+ * counts and buffer contents from tables of hostile values (0, −1, INT64_MAX, 2^31, NaN, ±Inf,
+ * subnormals, values near the overflow limits, …), NULL pointers and wrong precisions. Every
+ * entry point is reachable: handles, parameters (the table, get/set), dense and convolution
+ * layers (every descriptor field, struct_size), record calls, factor and inverse updates,
+ * discarding statistics, steps, preconditioning, factors, the adaptive mode, the experimental
+ * candidate and curvature calls, samplers, state images (saved, then edited byte by byte and
+ * optionally resealed with the image's public checksum rule, then loaded) and state files
+ * (save/load, hostile paths).
+ *
+ * Buffers are always as long as the call claims (the harness derives their length from the
+ * layers it registered); a claim the harness cannot back (too large) is not made, except with
+ * sizes the library must refuse before reading (non-positive rows, products that overflow).
+ *
+ * Oracles besides the sanitizers: a call that fails must leave the handle's state image
+ * byte-identical (the header's promise), and statuses must be KFAC_OK or a defined code;
+ * a violation calls abort() so that libFuzzer records the input.
+ *
+ * Build: `make fuzz` (long run) or `make fuzz-smoke` (bounded, part of `make test`); the seed
+ * corpus is Tests/fuzz/corpus/ (Tests/fuzz/make_seeds.py writes it).
+ */
+#define _GNU_SOURCE
+#define KFAC_EXPERIMENTAL_API
+#include <kfac.h>
+
+#include <dlfcn.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Reading the program                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n, at;
+} input_t;
+
+static uint8_t u8(input_t *in) { return in->at < in->n ? in->p[in->at++] : 0; }
+static int more(const input_t *in) { return in->at < in->n; }
+static uint32_t u32(input_t *in) {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++) v = v << 8 | u8(in);
+    return v;
+}
+
+static const int64_t SIZES[] = {1, 2, 3, 4, 5, 8, 0, -1, INT64_MAX, INT64_MIN, (int64_t)1 << 31, 46341,
+                                (int64_t)1 << 40, 7, 16, 6, 3, 2, 1, 4};
+static int64_t size_arg(input_t *in) { return SIZES[u8(in) % (sizeof SIZES / sizeof SIZES[0])]; }
+/* Sizes that are always valid and small (shapes the harness can back with buffers). */
+static int64_t small(input_t *in, int64_t max) { return 1 + u8(in) % max; }
+
+static double value_arg(input_t *in) {
+    static const double V[] = {0.0, 1.0, -1.0, 0.5, 1e-3, 2.0, 1e18, 2.5e18, 1e30, 3e38, 1e154, 1e300,
+                               NAN, INFINITY, -INFINITY, 1e-310, 1e-45, DBL_MAX, FLT_MAX, -0.0, 0.95, 10.0};
+    uint8_t b = u8(in);
+    if (b < 200) return ((double)b - 100.0) / 37.0; /* ordinary values */
+    return V[(b - 200) % (sizeof V / sizeof V[0])];
+}
+
+static int32_t enum_arg(input_t *in) {
+    static const int32_t E[] = {0, 1, 2, 3, -1, 4, 100, INT32_MAX, INT32_MIN};
+    return E[u8(in) % (sizeof E / sizeof E[0])];
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The harness's view of its handles                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+enum { MAX_HANDLES = 2, MAX_LAYERS = 4, MAX_VALUES = 1 << 16 };
+
+typedef struct {
+    int64_t x_values, g_values, w_values, out, a_dim, g_dim, groups;
+    int has_bias;
+} layer_t;
+
+typedef struct {
+    kfac_optimizer *h;
+    int dtype;
+    int n;
+    layer_t l[MAX_LAYERS];
+    unsigned char *image;
+    size_t image_size;
+} handle_t;
+
+static handle_t H[MAX_HANDLES];
+static char g_dir[128];
+
+/* A buffer of n values of `dtype` filled from the program (hostile values included). */
+static void *values(input_t *in, int dtype, int64_t n) {
+    if (n < 0 || n > MAX_VALUES) return NULL;
+    void *b = calloc((size_t)(n ? n : 1), 8);
+    uint8_t mode = u8(in);
+    for (int64_t i = 0; i < n; i++) {
+        double v = mode % 4 == 0 ? value_arg(in) : (double)((int)((i * 7919 + mode) % 41) - 20) / 9.0;
+        if (mode % 4 == 1 && i == 0) v = value_arg(in);
+        if (dtype == KFAC_FLOAT32) ((float *)b)[i] = (float)v;
+        else ((double *)b)[i] = v;
+    }
+    return b;
+}
+
+static void fail(const char *what) {
+    fprintf(stderr, "fuzz_api: %s\n", what);
+    abort();
+}
+
+static void check_status(int s) {
+    if (s == 0) return;
+    if (!((s <= -1 && s >= -5) || (s <= -10 && s >= -13) || (s <= -20 && s >= -23) || (s <= -30 && s >= -32) ||
+          s == -40 || s == -50 || (s <= -60 && s >= -64) || s == -99))
+        fail("a status that the header does not define");
+    if (s == -99) fail("KFAC_ERROR_INTERNAL");
+}
+
+/* The handle's image, to compare before and after a call that fails. */
+static unsigned char *snapshot(handle_t *t, size_t *size) {
+    *size = 0;
+    if (!t->h || kfac_state_get_size(t->h, size) != KFAC_OK) return NULL;
+    unsigned char *b = malloc(*size ? *size : 1);
+    size_t written = 0;
+    if (kfac_state_save(t->h, b, *size, &written) != KFAC_OK || written != *size) fail("kfac_state_save failed");
+    return b;
+}
+
+/* Calls made on a handle: a failure must leave its image unchanged. */
+#define ON_HANDLE(t, call)                                                                       \
+    do {                                                                                         \
+        size_t before_size_, after_size_;                                                        \
+        unsigned char *before_ = snapshot((t), &before_size_);                                   \
+        int status_ = (call);                                                                    \
+        check_status(status_);                                                                   \
+        if (status_ != KFAC_OK && (t)->h) {                                                      \
+            if (!kfac_optimizer_last_error((t)->h)[0]) fail("a failed call left no message");   \
+            unsigned char *after_ = snapshot((t), &after_size_);                                 \
+            if (before_size_ != after_size_ || memcmp(before_, after_, before_size_))           \
+                fail("a failed call changed the handle: " #call);                               \
+            free(after_);                                                                        \
+        }                                                                                        \
+        free(before_);                                                                           \
+    } while (0)
+
+static void forget(handle_t *t) {
+    kfac_optimizer_free(t->h);
+    free(t->image);
+    memset(t, 0, sizeof *t);
+}
+
+static int record_layer(handle_t *t, const kfac_layer_info *info, layer_t *l) {
+    if (t->n >= MAX_LAYERS) return 0;
+    l->out = info->out_features;
+    l->a_dim = info->a_dim;
+    l->g_dim = info->g_dim;
+    l->groups = info->groups;
+    l->has_bias = info->has_bias;
+    t->l[t->n++] = *l;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Operations                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+static void op_create(input_t *in, handle_t *t) {
+    forget(t);
+    int32_t dtype = u8(in) % 8 == 7 ? enum_arg(in) : 1 + (u8(in) & 1);
+    kfac_optimizer *h = (kfac_optimizer *)(uintptr_t)1;
+    int s = kfac_optimizer_create(dtype, u8(in) % 16 == 0 ? NULL : &h);
+    check_status(s);
+    if (s == KFAC_OK) {
+        t->h = h;
+        t->dtype = dtype;
+    }
+}
+
+static void op_param(input_t *in, handle_t *t) {
+    static const int32_t P[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 200, 201, 202, 203, 204, 0, -1, 12, 300, 1000};
+    int32_t p = P[u8(in) % (sizeof P / sizeof P[0])];
+    uint8_t kind = u8(in) % 5;
+    if (kind == 0) {
+        double v = value_arg(in);
+        ON_HANDLE(t, kfac_param_set_double(t->h, p, v));
+    } else if (kind == 1) {
+        static const int64_t I[] = {0, 1, 2, 3, 10, -1, INT64_MAX, (int64_t)1 << 31, 256, 257, 4};
+        int64_t v = I[u8(in) % (sizeof I / sizeof I[0])];
+        if (p == KFAC_PARAM_NUM_THREADS && v > 4) v %= 5; /* keep thread creation cheap */
+        ON_HANDLE(t, kfac_param_set_int(t->h, p, v));
+    } else if (kind == 2) {
+        double v;
+        ON_HANDLE(t, kfac_param_get_double(t->h, p, u8(in) % 8 ? &v : NULL));
+        int64_t i;
+        ON_HANDLE(t, kfac_param_get_int(t->h, p, u8(in) % 8 ? &i : NULL));
+    } else if (kind == 3) {
+        kfac_param_info info;
+        memset(&info, 0, sizeof info);
+        static const size_t S[] = {sizeof(kfac_param_info), 0, 8, 16, 24, 4096};
+        info.struct_size = S[u8(in) % 6];
+        check_status(kfac_param_get_info(p, u8(in) % 8 ? &info : NULL));
+    } else {
+        int32_t list[64], count;
+        static const int32_t C[] = {0, 1, 5, 64, -1};
+        check_status(kfac_param_list(u8(in) % 4 ? list : NULL, C[u8(in) % 5], u8(in) % 8 ? &count : NULL));
+    }
+}
+
+static void op_add_dense(input_t *in, handle_t *t) {
+    kfac_dense_desc d;
+    memset(&d, 0, sizeof d);
+    static const size_t S[] = {sizeof(kfac_dense_desc), 0, 8, 24, 32, 4096};
+    d.struct_size = u8(in) % 6 ? sizeof d : S[u8(in) % 6];
+    int hostile = u8(in) % 4 == 0;
+    d.in_features = hostile ? size_arg(in) : small(in, 8);
+    d.out_features = hostile ? size_arg(in) : small(in, 8);
+    d.has_bias = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) & 1;
+    d.reserved = u8(in) % 16 == 0 ? 1 : 0;
+    d.input_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
+    d.output_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
+    int32_t id = -7;
+    int null_desc = u8(in) % 32 == 0;
+    ON_HANDLE(t, kfac_layer_add_dense(t->h, null_desc ? NULL : &d, &id));
+    if (t->h && id >= 0) {
+        kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+        if (kfac_layer_get_info(t->h, id, &info) != KFAC_OK) fail("layer_get_info failed on a new layer");
+        layer_t l = {info.in_features, info.out_features, info.out_features * info.in_features, 0, 0, 0, 0, 0};
+        record_layer(t, &info, &l);
+    }
+}
+
+static void op_add_conv(input_t *in, handle_t *t) {
+    kfac_conv2d_desc d;
+    memset(&d, 0, sizeof d);
+    d.struct_size = u8(in) % 8 ? sizeof d : (size_t)(u8(in) % 2 ? 0 : 120);
+    int hostile = u8(in) % 4 == 0;
+    d.in_channels = hostile ? size_arg(in) : small(in, 4);
+    d.out_channels = hostile ? size_arg(in) : small(in, 4);
+    d.kernel_h = hostile ? size_arg(in) : small(in, 3);
+    d.kernel_w = hostile ? size_arg(in) : small(in, 3);
+    d.stride_h = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 3;
+    d.stride_w = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 3;
+    d.padding_h = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 2;
+    d.padding_w = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 2;
+    d.dilation_h = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 3;
+    d.dilation_w = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 3;
+    d.groups = u8(in) % 4 == 0 ? size_arg(in) : u8(in) % 3;
+    d.input_h = hostile ? size_arg(in) : small(in, 8);
+    d.input_w = hostile ? size_arg(in) : small(in, 8);
+    d.has_bias = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) & 1;
+    d.layout = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) & 1;
+    d.approximation = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) & 1;
+    d.reserved = u8(in) % 16 == 0 ? 3 : 0;
+    d.input_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
+    d.output_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
+    int32_t id = -7;
+    ON_HANDLE(t, kfac_layer_add_conv2d(t->h, u8(in) % 32 ? &d : NULL, &id));
+    if (t->h && id >= 0) {
+        kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+        if (kfac_layer_get_info(t->h, id, &info) != KFAC_OK) fail("layer_get_info failed on a new layer");
+        int64_t sh = d.stride_h ? d.stride_h : 1, sw = d.stride_w ? d.stride_w : 1;
+        int64_t dh = d.dilation_h ? d.dilation_h : 1, dw = d.dilation_w ? d.dilation_w : 1;
+        int64_t groups = d.groups ? d.groups : 1;
+        int64_t ho = (d.input_h + 2 * d.padding_h - dh * (d.kernel_h - 1) - 1) / sh + 1;
+        int64_t wo = (d.input_w + 2 * d.padding_w - dw * (d.kernel_w - 1) - 1) / sw + 1;
+        layer_t l = {d.in_channels * d.input_h * d.input_w, d.out_channels * ho * wo,
+                     d.out_channels * (d.in_channels / groups) * d.kernel_h * d.kernel_w, 0, 0, 0, 0, 0};
+        record_layer(t, &info, &l);
+    }
+}
+
+static int wrong_dtype(input_t *in, const handle_t *t) {
+    int d = t->dtype ? t->dtype : KFAC_FLOAT32;
+    return u8(in) % 16 == 0 ? (d == KFAC_FLOAT32 ? KFAC_FLOAT64 : KFAC_FLOAT32) : d;
+}
+
+static void op_record(input_t *in, handle_t *t) {
+    int32_t layer = u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)(u8(in) % (t->n ? t->n : 1));
+    int side = u8(in) & 1;
+    int dtype = wrong_dtype(in, t);
+    int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 6);
+    int64_t per = 1;
+    if (layer >= 0 && layer < t->n) per = side ? t->l[layer].g_values : t->l[layer].x_values;
+    int64_t count;
+    void *b;
+    if (rows <= 0 || __builtin_mul_overflow(rows, per, &count)) b = values(in, dtype, 4); /* refused before reading */
+    else if (count <= MAX_VALUES) b = values(in, dtype, count);
+    else return; /* a claim the harness cannot back */
+    if (u8(in) % 32 == 0) {
+        free(b);
+        b = NULL;
+    }
+    if (dtype == KFAC_FLOAT32) {
+        if (side) ON_HANDLE(t, kfac_layer_record_output_grads_f32(t->h, layer, b, rows));
+        else ON_HANDLE(t, kfac_layer_record_inputs_f32(t->h, layer, b, rows));
+    } else {
+        if (side) ON_HANDLE(t, kfac_layer_record_output_grads_f64(t->h, layer, b, rows));
+        else ON_HANDLE(t, kfac_layer_record_inputs_f64(t->h, layer, b, rows));
+    }
+    free(b);
+}
+
+/* Per-layer weight and bias buffers, as kfac_optimizer_step_* takes them. */
+typedef struct {
+    void *w[MAX_LAYERS], *b[MAX_LAYERS];
+    int32_t n;
+    int null_array, null_bias_array;
+} layer_buffers_t;
+
+static void buffers_new(input_t *in, const handle_t *t, int dtype, layer_buffers_t *lb) {
+    memset(lb, 0, sizeof *lb);
+    lb->n = u8(in) % 16 == 0 ? enum_arg(in) : t->n;
+    for (int l = 0; l < t->n; l++) {
+        lb->w[l] = values(in, dtype, t->l[l].w_values);
+        int bias = t->l[l].has_bias;
+        if (u8(in) % 32 == 0) bias = !bias; /* the wrong bias rule */
+        lb->b[l] = bias ? values(in, dtype, t->l[l].out) : NULL;
+        if (u8(in) % 64 == 0) {
+            free(lb->w[l]);
+            lb->w[l] = NULL;
+        }
+    }
+    lb->null_array = u8(in) % 64 == 0;
+    lb->null_bias_array = u8(in) % 32 == 0;
+}
+
+static void buffers_free(layer_buffers_t *lb) {
+    for (int l = 0; l < MAX_LAYERS; l++) {
+        free(lb->w[l]);
+        free(lb->b[l]);
+    }
+}
+
+#define W32(lb) ((lb)->null_array ? NULL : (float *const *)(lb)->w)
+#define B32(lb) ((lb)->null_bias_array ? NULL : (float *const *)(lb)->b)
+#define W64(lb) ((lb)->null_array ? NULL : (double *const *)(lb)->w)
+#define B64(lb) ((lb)->null_bias_array ? NULL : (double *const *)(lb)->b)
+
+static void op_step(input_t *in, handle_t *t) {
+    int dtype = wrong_dtype(in, t);
+    layer_buffers_t lb;
+    buffers_new(in, t, dtype, &lb);
+    uint8_t which = u8(in) % 6;
+    if (which == 0) {
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_optimizer_step_f32(t->h, W32(&lb), B32(&lb), lb.n));
+        else ON_HANDLE(t, kfac_optimizer_step_f64(t->h, W64(&lb), B64(&lb), lb.n));
+    } else if (which == 1) {
+        int32_t power = u8(in) % 8 == 0 ? enum_arg(in) : (u8(in) & 1 ? 1 : -1);
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_curvature_multiply_f32(t->h, power, W32(&lb), B32(&lb), lb.n));
+        else ON_HANDLE(t, kfac_curvature_multiply_f64(t->h, power, W64(&lb), B64(&lb), lb.n));
+    } else if (which == 2) {
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_adaptive_get_update_f32(t->h, W32(&lb), B32(&lb), lb.n));
+        else ON_HANDLE(t, kfac_adaptive_get_update_f64(t->h, W64(&lb), B64(&lb), lb.n));
+    } else if (which == 3) {
+        int32_t c = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+        double gamma;
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_candidates_get_directions_f32(t->h, c, W32(&lb), B32(&lb), lb.n, u8(in) & 1 ? &gamma : NULL));
+        else
+            ON_HANDLE(t, kfac_candidates_get_directions_f64(t->h, c, W64(&lb), B64(&lb), lb.n, u8(in) & 1 ? &gamma : NULL));
+    } else {
+        int32_t layer = u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)(u8(in) % (t->n ? t->n : 1));
+        int l = layer >= 0 && layer < t->n ? layer : 0;
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_layer_precondition_f32(t->h, layer, lb.w[l], lb.b[l]));
+        else
+            ON_HANDLE(t, kfac_layer_precondition_f64(t->h, layer, lb.w[l], lb.b[l]));
+    }
+    buffers_free(&lb);
+}
+
+static void op_factors(input_t *in, handle_t *t) {
+    int32_t layer = u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)(u8(in) % (t->n ? t->n : 1));
+    int32_t group = u8(in) % 8 == 0 ? enum_arg(in) : 0;
+    int dtype = wrong_dtype(in, t);
+    int64_t a = 1, g = 1;
+    if (layer >= 0 && layer < t->n) {
+        a = t->l[layer].a_dim * t->l[layer].a_dim;
+        g = t->l[layer].g_dim * t->l[layer].g_dim;
+    }
+    if (a > MAX_VALUES || g > MAX_VALUES) return;
+    void *ab = u8(in) % 8 ? calloc((size_t)a, 8) : NULL, *gb = u8(in) % 8 ? calloc((size_t)g, 8) : NULL;
+    if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_layer_get_factors_f32(t->h, layer, group, ab, gb));
+    else ON_HANDLE(t, kfac_layer_get_factors_f64(t->h, layer, group, ab, gb));
+    kfac_layer_info info;
+    static const size_t S[] = {sizeof(kfac_layer_info), 0, 8, 16, 24, 4096};
+    memset(&info, 0, sizeof info);
+    info.struct_size = S[u8(in) % 6];
+    ON_HANDLE(t, kfac_layer_get_info(t->h, layer, u8(in) % 16 ? &info : NULL));
+    free(ab);
+    free(gb);
+}
+
+static void op_schedule(input_t *in, handle_t *t) {
+    int32_t v;
+    int64_t c;
+    double d;
+    switch (u8(in) % 10) {
+    case 0: ON_HANDLE(t, kfac_optimizer_update_factors(t->h)); break;
+    case 1: ON_HANDLE(t, kfac_optimizer_update_inverses(t->h)); break;
+    case 2: ON_HANDLE(t, kfac_optimizer_discard_statistics(t->h)); break;
+    case 3: ON_HANDLE(t, kfac_optimizer_wants_statistics(t->h, u8(in) % 8 ? &v : NULL)); break;
+    case 4: ON_HANDLE(t, kfac_optimizer_get_step_count(t->h, u8(in) % 8 ? &c : NULL)); break;
+    case 5: ON_HANDLE(t, kfac_optimizer_get_kl_scale(t->h, u8(in) % 8 ? &d : NULL)); break;
+    case 6: ON_HANDLE(t, kfac_optimizer_get_dtype(t->h, u8(in) % 8 ? &v : NULL)); break;
+    case 7: ON_HANDLE(t, kfac_layer_count(t->h, u8(in) % 8 ? &v : NULL)); break;
+    case 8: ON_HANDLE(t, kfac_candidates_get_count(t->h, u8(in) % 8 ? &v : NULL)); break;
+    default: ON_HANDLE(t, kfac_adaptive_get_reduction_ratio(t->h, u8(in) % 8 ? &d : NULL)); break;
+    }
+    if (!kfac_optimizer_last_error(t->h)) fail("last_error returned NULL");
+    if (!kfac_status_string((int)u32(in))) fail("status_string returned NULL");
+}
+
+static void op_adaptive(input_t *in, handle_t *t) {
+    int dtype = wrong_dtype(in, t);
+    int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 5);
+    int64_t dim = u8(in) % 8 == 0 ? size_arg(in) : small(in, 4);
+    int64_t count;
+    if (rows > 0 && dim > 0 && (__builtin_mul_overflow(rows, dim, &count) || count > MAX_VALUES)) return;
+    if (rows <= 0 || dim <= 0) count = 4;
+    int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+    void *z = values(in, dtype, count), *jd[3], *jp = u8(in) & 1 ? values(in, dtype, count) : NULL;
+    for (int k = 0; k < 3; k++) jd[k] = values(in, dtype, count);
+    double alpha, mu, m, rho;
+    int32_t chosen;
+    uint8_t which = u8(in) % 5;
+    if (which == 0) {
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_adaptive_solve_step_size_f32(t->h, z, jd[0], jp, rows, dim, dist, &alpha, &mu, u8(in) & 1 ? &m : NULL));
+        else ON_HANDLE(t, kfac_adaptive_solve_step_size_f64(t->h, z, jd[0], jp, rows, dim, dist, &alpha, &mu, u8(in) & 1 ? &m : NULL));
+    } else if (which == 1) {
+        int32_t n = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % 3;
+        if (n > 3) n = 3;
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_candidates_solve_step_size_f32(t->h, z, (const float *const *)jd, n, jp, rows, dim, dist, &chosen, &alpha, &mu, &m));
+        else
+            ON_HANDLE(t, kfac_candidates_solve_step_size_f64(t->h, z, (const double *const *)jd, n, jp, rows, dim, dist, &chosen, &alpha, &mu, &m));
+    } else if (which == 2) {
+        double before = value_arg(in), after = value_arg(in);
+        ON_HANDLE(t, kfac_adaptive_report_loss_change(t->h, before, after, u8(in) & 1 ? &rho : NULL));
+    } else {
+        void *out = calloc((size_t)count, 8);
+        uint64_t seed = u32(in);
+        int s;
+        if (which == 3) s = dtype == KFAC_FLOAT32 ? kfac_sample_targets_f32(z, rows, dim, dist, seed, out)
+                                                  : kfac_sample_targets_f64(z, rows, dim, dist, seed, out);
+        else s = dtype == KFAC_FLOAT32 ? kfac_sample_output_grads_f32(z, rows, dim, dist, seed, out)
+                                       : kfac_sample_output_grads_f64(z, rows, dim, dist, seed, out);
+        check_status(s);
+        free(out);
+    }
+    free(z);
+    free(jp);
+    for (int k = 0; k < 3; k++) free(jd[k]);
+}
+
+static uint64_t rd64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static void wr64(unsigned char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* The image's public checksum rule (Sources/KFAC/State/StateImage.swift). */
+static void reseal(unsigned char *img, size_t size) {
+    if (size < 40) return;
+    wr64(img + 24, size);
+    uint64_t h = 0xcbf29ce484222325ull;
+    size_t n = size - 8, words = n / 8;
+    for (size_t i = 0; i < words; i++) h = (h ^ rd64(img + 8 * i)) * 0x00000100000001b3ull;
+    for (size_t i = words * 8; i < n; i++) h = (h ^ img[i]) * 0x00000100000001b3ull;
+    wr64(img + size - 8, h ^ (h >> 29));
+}
+
+static void op_state(input_t *in, handle_t *t, handle_t *other) {
+    uint8_t which = u8(in) % 6;
+    if (which == 0) {
+        size_t size = 0;
+        ON_HANDLE(t, kfac_state_get_size(t->h, &size));
+        static const int64_t slack[] = {0, -1, 1, -8, 64};
+        int64_t capacity = (int64_t)size + slack[u8(in) % 5];
+        if (capacity < 0) capacity = 0;
+        unsigned char *b = malloc((size_t)capacity + 1);
+        size_t written = 0;
+        ON_HANDLE(t, kfac_state_save(t->h, u8(in) % 32 ? b : NULL, (size_t)capacity, &written));
+        if (t->h && written && written <= (size_t)capacity) {
+            free(t->image);
+            t->image = b;
+            t->image_size = written;
+        } else {
+            free(b);
+        }
+    } else if (which <= 2) {
+        /* Load an image (this handle's or the other's), edited and maybe resealed. */
+        handle_t *src = u8(in) & 1 ? other : t;
+        if (!src->image) return;
+        size_t size = src->image_size;
+        uint8_t cut = u8(in);
+        if (cut % 8 == 0 && size) size = cut / 8 < size ? size - cut / 8 : 0;
+        unsigned char *c = malloc(size ? size : 1);
+        memcpy(c, src->image, size);
+        int edits = u8(in) % 4;
+        for (int e = 0; e < edits && size; e++) {
+            size_t at = u32(in) % size;
+            uint8_t kind = u8(in) % 4;
+            if (kind == 0) c[at] ^= (uint8_t)(1u << (u8(in) % 8));
+            else if (kind == 1) c[at] = u8(in);
+            else if (size >= 8 && at <= size - 8) {
+                static const uint64_t Q[] = {0, 1, 2, UINT64_MAX, (uint64_t)INT64_MAX, (uint64_t)INT64_MIN,
+                                             0x7ff8000000000000ull, 0x7ff0000000000000ull, 0xfff0000000000000ull,
+                                             (uint64_t)-30, 1ull << 53, 0x7f8000007f800000ull, 5};
+                wr64(c + at - at % 8, Q[u8(in) % (sizeof Q / sizeof Q[0])]);
+            }
+        }
+        if (u8(in) % 4) reseal(c, size);
+        ON_HANDLE(t, kfac_state_load(t->h, u8(in) % 32 ? c : NULL, size));
+        free(c);
+    } else if (which <= 4) {
+        char path[256];
+        static const char *names[] = {"a", "b", "run\xff.ckpt", "", "missing/dir/x", ".", "a/"};
+        const char *name = names[u8(in) % 7];
+        snprintf(path, sizeof path, "%s/%s", g_dir, name);
+        const char *p = u8(in) % 32 ? path : NULL;
+        if (which == 3) ON_HANDLE(t, kfac_state_save_file(t->h, p));
+        else ON_HANDLE(t, kfac_state_load_file(t->h, p));
+    } else {
+        /* Write an edited image to a file and load it from there. */
+        if (!t->image) return;
+        char path[256];
+        snprintf(path, sizeof path, "%s/edited", g_dir);
+        FILE *f = fopen(path, "wb");
+        if (!f) return;
+        size_t size = t->image_size;
+        if (u8(in) % 2) size -= size ? 1 : 0;
+        fwrite(t->image, 1, size, f);
+        fclose(f);
+        ON_HANDLE(t, kfac_state_load_file(t->h, path));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
+    /* Parallel inversion runs only while OpenBLAS is single-threaded: make it so. */
+    void (*set_threads)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
+    if (set_threads) set_threads(1);
+    snprintf(g_dir, sizeof g_dir, "/tmp/kfac-fuzz-%d", (int)getpid());
+    mkdir(g_dir, 0700);
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    input_t in = {data, size, 0};
+    for (int ops = 0; ops < 96 && more(&in); ops++) {
+        uint8_t op = u8(&in);
+        handle_t *t = &H[op >> 7], *other = &H[!(op >> 7)];
+        op &= 0x7f;
+        if (!t->h && op % 16 != 0) {
+            /* Calls with a NULL handle. */
+            if (op % 16 == 1) check_status(kfac_optimizer_step_f32(NULL, NULL, NULL, 0));
+            else if (op % 16 == 2) check_status(kfac_state_load(NULL, data, size));
+            else if (op % 16 == 3) check_status(kfac_optimizer_discard_statistics(NULL));
+            continue;
+        }
+        switch (op % 16) {
+        case 0: op_create(&in, t); break;
+        case 1: op_param(&in, t); break;
+        case 2: op_add_dense(&in, t); break;
+        case 3: op_add_conv(&in, t); break;
+        case 4: case 5: case 6: op_record(&in, t); break;
+        case 7: case 8: op_step(&in, t); break;
+        case 9: op_factors(&in, t); break;
+        case 10: op_schedule(&in, t); break;
+        case 11: op_adaptive(&in, t); break;
+        case 12: case 13: op_state(&in, t, other); break;
+        case 14: if (u8(&in) % 8 == 0) forget(t); break;
+        default: {
+            int32_t v;
+            check_status(kfac_optimizer_get_dtype(t->h, &v));
+            if (!kfac_version_string() || kfac_version_number() != KFAC_VERSION_NUMBER) fail("version");
+            break;
+        }
+        }
+    }
+    for (int i = 0; i < MAX_HANDLES; i++) forget(&H[i]);
+    return 0;
+}
