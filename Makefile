@@ -85,7 +85,7 @@ demo-mnist: build/train_autoencoder $(MNIST5K)
 demo-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
 
-test: deps test-swift test-capi test-cpp test-examples test-python
+test: deps test-swift test-capi test-cpp test-examples test-python test-reliability
 
 test-swift: deps-apt
 	swift test
@@ -132,6 +132,84 @@ deps-cxx deps-install: deps-apt
 
 test-install: deps deps-cxx deps-install lib
 	PYTHON=$(PYTHON) bash Tests/install/run.sh
+
+# ---- Reliability (issue 15): fuzzing, sanitizers, valgrind, soak ---------------------------------
+# The sanitizer builds of the library have their own scratch paths (.build-fuzz: AddressSanitizer
+# with libFuzzer's coverage; .build-tsan: ThreadSanitizer) and use the Swift toolchain's clang,
+# which carries the libFuzzer and sanitizer runtimes that match swiftc's.
+#   make fuzz-smoke     the seed corpus replayed, then FUZZ_SMOKE_RUNS fuzzed inputs (in `make test`)
+#   make fuzz           FUZZ_TIME seconds (default 1 h) into build/fuzz-corpus, from the seeds
+#   make test-asan      the C ABI tests against the ASan library, with ASan + UBSan in the tests
+#   make test-tsan      threads each driving its own handle with parallel inversions, under TSan
+#   make test-valgrind  memcheck on the C ABI tests (0 bytes definitely or indirectly lost)
+#   make soak           10^4 steps with periodic save/load, memory at start and end
+SAN_CLANG ?= clang
+FUZZ_LIB := .build-fuzz/release/libkfac.so
+TSAN_LIB := .build-tsan/release/libkfac.so
+FUZZ_SMOKE_RUNS ?= 20000
+FUZZ_TIME ?= 3600
+FUZZ_FLAGS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1
+FUZZ_ENV := ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1
+SWIFT_SOURCES := $(shell find Sources -name '*.swift' -o -name '*.h' -o -name '*.map') Package.swift include/kfac.h
+
+.PHONY: test-reliability fuzz fuzz-smoke test-asan test-tsan test-valgrind soak deps-reliability
+
+test-reliability: fuzz-smoke test-asan test-tsan test-valgrind
+
+deps-reliability:
+	@command -v valgrind >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq valgrind; }
+
+$(FUZZ_LIB): $(SWIFT_SOURCES)
+	swift build -c release --product kfac --scratch-path .build-fuzz -Xswiftc -sanitize=fuzzer,address
+	ln -sf libkfac.so .build-fuzz/release/$(SONAME)
+
+$(TSAN_LIB): $(SWIFT_SOURCES)
+	swift build -c release --product kfac --scratch-path .build-tsan -Xswiftc -sanitize=thread
+	ln -sf libkfac.so .build-tsan/release/$(SONAME)
+
+build/fuzz_api: Tests/fuzz/fuzz_api.c include/kfac.h $(FUZZ_LIB)
+	@mkdir -p build
+	$(SAN_CLANG) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -I include \
+	    -o $@ $< -L .build-fuzz/release -lkfac -Wl,-rpath,$(CURDIR)/.build-fuzz/release -ldl
+
+fuzz-smoke: build/fuzz_api
+	rm -rf build/fuzz-smoke-corpus && mkdir -p build/fuzz-smoke-corpus
+	$(FUZZ_ENV) ./build/fuzz_api $(FUZZ_FLAGS) -seed=15 -runs=$(FUZZ_SMOKE_RUNS) build/fuzz-smoke-corpus Tests/fuzz/corpus
+
+fuzz: build/fuzz_api
+	mkdir -p build/fuzz-corpus
+	$(FUZZ_ENV) ./build/fuzz_api $(FUZZ_FLAGS) -max_total_time=$(FUZZ_TIME) build/fuzz-corpus Tests/fuzz/corpus
+
+build/test_capi_asan: $(CAPI_TEST_SOURCES) $(CAPI_TEST_HEADERS) $(FUZZ_LIB)
+	@mkdir -p build
+	$(SAN_CLANG) -std=c11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -I include \
+	    -o $@ $(CAPI_TEST_SOURCES) -L .build-fuzz/release -lkfac -Wl,-rpath,$(CURDIR)/.build-fuzz/release -ldl -lpthread -lm
+
+test-asan: build/test_capi_asan build/fuzz_api
+	$(FUZZ_ENV) ./build/test_capi_asan > build/test_capi_asan.log 2>&1 || { tail -40 build/test_capi_asan.log; exit 1; }
+	@tail -1 build/test_capi_asan.log
+	$(FUZZ_ENV) ./build/fuzz_api -runs=0 Tests/fuzz/corpus
+
+# The toolchain's static TSan runtime carries libdispatch interceptors: link libdispatch.
+SWIFT_RUNTIME_DIR := $(dir $(shell command -v swift 2>/dev/null))../lib/swift/linux
+build/threads_tsan: Tests/sanitizers/threads.c include/kfac.h $(TSAN_LIB)
+	@mkdir -p build
+	$(SAN_CLANG) -g -O1 -fsanitize=thread -Wall -Wextra -I include -o $@ $< -L .build-tsan/release -lkfac \
+	    -Wl,-rpath,$(CURDIR)/.build-tsan/release -L $(SWIFT_RUNTIME_DIR) -ldispatch -lBlocksRuntime \
+	    -Wl,-rpath,$(SWIFT_RUNTIME_DIR) -ldl -lpthread
+
+test-tsan: build/threads_tsan
+	TSAN_OPTIONS=halt_on_error=1:exitcode=66 ./build/threads_tsan
+
+test-valgrind: build/test_capi deps-reliability
+	KFAC_TEST_LIGHT=1 valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite,indirect \
+	    --child-silent-after-fork=yes --error-exitcode=99 ./build/test_capi > build/test_capi_valgrind.log 2>&1 \
+	    || { tail -60 build/test_capi_valgrind.log; exit 1; }
+	@grep -E "checks, " build/test_capi_valgrind.log; echo "valgrind memcheck: no errors, 0 bytes definitely or indirectly lost"
+
+soak: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/soak/soak.py
 
 bench: deps lib
 	$(SWIFT_RELEASE) --product kfac-bench

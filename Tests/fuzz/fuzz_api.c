@@ -95,6 +95,7 @@ typedef struct {
 
 static handle_t H[MAX_HANDLES];
 static char g_dir[128];
+static int g_trace; /* KFAC_FUZZ_TRACE=1 prints every call on a handle and its status */
 
 /* A buffer of n values of `dtype` filled from the program (hostile values included). */
 static void *values(input_t *in, int dtype, int64_t n) {
@@ -139,6 +140,7 @@ static unsigned char *snapshot(handle_t *t, size_t *size) {
         size_t before_size_, after_size_;                                                        \
         unsigned char *before_ = snapshot((t), &before_size_);                                   \
         int status_ = (call);                                                                    \
+        if (g_trace) fprintf(stderr, "%-60.60s -> %d\n", #call, status_);                       \
         check_status(status_);                                                                   \
         if (status_ != KFAC_OK && (t)->h) {                                                      \
             if (!kfac_optimizer_last_error((t)->h)[0]) fail("a failed call left no message");   \
@@ -555,6 +557,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     /* Parallel inversion runs only while OpenBLAS is single-threaded: make it so. */
     void (*set_threads)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
     if (set_threads) set_threads(1);
+    g_trace = getenv("KFAC_FUZZ_TRACE") != NULL;
     snprintf(g_dir, sizeof g_dir, "/tmp/kfac-fuzz-%d", (int)getpid());
     mkdir(g_dir, 0700);
     return 0;

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seeds of the fuzz corpus (Tests/fuzz/corpus/seed-*): short programs in
+the harness's encoding (Tests/fuzz/fuzz_api.c) that reach the interesting states — a dense and a
+convolution layer, recorded statistics, steps with either inverse strategy, state images saved,
+edited, resealed and loaded, files, the adaptive mode, two handles. The rest of the corpus is
+what libFuzzer kept (`make fuzz` merges new inputs into build/fuzz-corpus, not into the
+repository)."""
+import os
+import sys
+
+H1 = 0x80  # the op byte's high bit selects the second handle
+
+
+def create(f64=True, h=0):
+    return [0x00 | h, 0, 1 if f64 else 0, 1]
+
+
+def param_int(index, value_index, h=0):
+    return [0x01 | h, index, 1, value_index]
+
+
+def dense(in_sel=2, out_sel=1, bias=1, h=0):
+    # struct_size, not hostile, in, out, has_bias (2 bytes), reserved, groups (2), non-NULL desc
+    return [0x02 | h, 1, 1, in_sel, out_sel, 1, bias, 1, 1, 1, 1]
+
+
+def conv(h=0):
+    return [0x03 | h, 1, 1, 1, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 4, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1]
+
+
+def record(layer, side, rows_sel=3, h=0):
+    # layer (2 bytes), side, dtype, rows (2 bytes), value mode, non-NULL
+    return [0x04 | h, 1, layer, side, 1, 1, rows_sel, 2, 1]
+
+
+def step(layers_with_bias, h=0):
+    out = [0x07 | h, 1, 1]
+    for bias in layers_with_bias:
+        out += [2, 1] + ([2] if bias else []) + [1]
+    return out + [1, 1, 0]
+
+
+def save(h=0):
+    return [0x0C | h, 0, 0, 1]
+
+
+def load_edited(at, h=0, reseal=True):
+    return [0x0C | h, 1, 0, 1, 1, 0, (at >> 16) & 255, (at >> 8) & 255, at & 255, 0, 3, 1 if reseal else 0, 1]
+
+
+def files(h=0):
+    return [0x0C | h, 3, 0, 1, 0x0C | h, 4, 0, 1, 0x0D | h, 5, 1]
+
+
+def solve_and_report(h=0):
+    solve = [0x0B | h, 1, 1, 3, 1, 2, 1, 0, 2, 0, 2, 2, 2, 0, 1]
+    report = [0x0B | h, 1, 1, 3, 1, 2, 1, 0, 2, 0, 2, 2, 2, 2, 100, 90, 1]
+    return solve + report
+
+
+def schedule(which, h=0):
+    return [0x0A | h, which, 1, 0, 0, 0, 0]
+
+
+def train(bias_layers, rounds):
+    out = []
+    for _ in range(rounds):
+        for layer in range(len(bias_layers)):
+            out += record(layer, 0) + record(layer, 1)
+        out += step(bias_layers)
+    return out
+
+
+SEEDS = {
+    "dense-eigen": create() + dense() + train([1], 3) + save() + load_edited(200),
+    "dense-cholesky-f32": create(False) + param_int(7, 0) + dense() + train([1], 3) + save() + load_edited(96),
+    "two-layers": create() + dense() + dense(3, 2, 0) + train([1, 0], 2) + save() + files(),
+    "conv": create(False) + conv() + train([1], 2) + save() + load_edited(300, reseal=False),
+    "adaptive": create() + param_int(11, 1) + dense() + train([1], 2) + solve_and_report() + train([1], 1) + save()
+    + load_edited(64),
+    "discard": create() + dense() + record(0, 0) + schedule(2) + record(0, 0) + record(0, 1) + schedule(0)
+    + schedule(1) + step([1]),
+    "two-handles": create() + create(False, H1) + dense() + dense(h=H1) + train([1], 1) + save() + [0x8C, 1, 1, 1, 1,
+                                                                                                      0, 0, 0, 8, 0,
+                                                                                                      3, 1, 1],
+}
+
+
+def main():
+    target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus")
+    os.makedirs(target, exist_ok=True)
+    for name, program in SEEDS.items():
+        with open(os.path.join(target, "seed-" + name), "wb") as f:
+            f.write(bytes(b & 255 for b in program))
+
+
+if __name__ == "__main__":
+    main()
