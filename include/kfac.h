@@ -615,7 +615,14 @@ KFAC_API int kfac_optimizer_discard_statistics(kfac_optimizer *opt);
 
 /** Recomputes the inverses of every layer that has factors now, in parallel across layers.
  *  Errors: NULL_POINTER, NO_STATISTICS (no layer has factors), NOT_POSITIVE_DEFINITE,
- *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes. */
+ *  EIGEN_FAILED, OUT_OF_MEMORY. On error no layer's inverse changes.
+ *  Numerical faults (issue 15): a block whose eigendecomposition fails (or is not finite) is
+ *  decomposed again in double precision with LAPACK's QR driver (syev); only if that fails too
+ *  does the update (or the step) fail with EIGEN_FAILED, which leaves the last good inverses,
+ *  the factors and the pending statistics as they were. All-zero or rank-deficient statistics
+ *  are inverted with the damping alone; NaN/Inf never enter (NON_FINITE at the record call); a
+ *  fold or inversion that keeps failing (NOT_POSITIVE_DEFINITE, EIGEN_FAILED) is left by
+ *  kfac_optimizer_discard_statistics or a larger damping. */
 KFAC_API int kfac_optimizer_update_inverses(kfac_optimizer *opt);
 
 /** Copies group `group` (0 ≤ group < groups; 0 for a dense layer) of a layer's running factors:

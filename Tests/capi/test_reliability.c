@@ -814,6 +814,87 @@ static void killed_saves(void) {
     kfac_optimizer_free(h);
 }
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* Numerical faults: each gives a clear status, and the handle computes correctly again       */
+/* ------------------------------------------------------------------------------------------ */
+
+static const model_t FAULT_MODEL = {1, {{6, 4, 1, NULL}}};
+
+/* One good batch and step on both handles: 1 if both succeed with bitwise equal directions. */
+static int good_round_agrees(kfac_optimizer *a, kfac_optimizer *b, int dtype, rng_t *r) {
+    buf_t x = buf_new(dtype, 8 * 6), g = buf_new(dtype, 8 * 4);
+    buf_random(&x, r);
+    buf_random(&g, r);
+    grads_t ga = grads_new(dtype, &FAULT_MODEL, r), gb = grads_clone(&ga);
+    int ok = record_inputs(a, 0, &x, 8) == KFAC_OK && record_grads(a, 0, &g, 8) == KFAC_OK &&
+             record_inputs(b, 0, &x, 8) == KFAC_OK && record_grads(b, 0, &g, 8) == KFAC_OK && step(a, &ga) == KFAC_OK &&
+             step(b, &gb) == KFAC_OK && grads_same(&ga, &gb);
+    buf_free(&x);
+    buf_free(&g);
+    grads_free(&ga);
+    grads_free(&gb);
+    return ok;
+}
+
+static void numerical_faults(int dtype, int strategy) {
+    const char *tag = dtype == KFAC_FLOAT32 ? "f32" : "f64";
+    const char *st = strategy == KFAC_INVERSE_EIGEN ? "eigen" : "cholesky";
+    const double huge = dtype == KFAC_FLOAT32 ? 1e17 : 1e150, tiny = dtype == KFAC_FLOAT32 ? 1e-30 : 1e-300;
+    enum { ZEROS, RANK_ONE, HUGE_RANGE, NAN_INPUTS, INF_GRADS, FAULTS };
+    static const char *names[FAULTS] = {"all-zero statistics", "rank-one statistics (one row)",
+                                        "huge-range statistics", "NaN inputs after good steps",
+                                        "Inf output gradients after good steps"};
+    for (int fault = 0; fault < FAULTS; fault++) {
+        kfac_optimizer *a = make_handle(dtype, &FAULT_MODEL), *b = make_handle(dtype, &FAULT_MODEL);
+        for (int i = 0; i < 2; i++) {
+            kfac_optimizer *h = i ? b : a;
+            REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, strategy));
+            REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 1));
+            REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DECAY, 0)); /* each update replaces the factors */
+        }
+        rng_t r = {0xfa17 + (uint64_t)fault};
+        int good = good_round_agrees(a, b, dtype, &r) && good_round_agrees(a, b, dtype, &r);
+        /* The fault, on handle a only. */
+        int rows = fault == RANK_ONE ? 1 : 8;
+        buf_t x = buf_new(dtype, (size_t)rows * 6), g = buf_new(dtype, (size_t)rows * 4);
+        buf_random(&x, &r);
+        buf_random(&g, &r);
+        for (size_t i = 0; i < x.n; i++) {
+            if (fault == ZEROS) buf_set(&x, i, 0);
+            if (fault == HUGE_RANGE) buf_set(&x, i, i % 2 ? huge : tiny);
+            if (fault == NAN_INPUTS && i == 3) buf_set(&x, i, NAN);
+        }
+        for (size_t i = 0; i < g.n; i++) {
+            if (fault == ZEROS) buf_set(&g, i, 0);
+            if (fault == INF_GRADS && i == 2) buf_set(&g, i, INFINITY);
+        }
+        int si = record_inputs(a, 0, &x, rows), sg = record_grads(a, 0, &g, rows);
+        grads_t gr = grads_new(dtype, &FAULT_MODEL, &r);
+        int ss = (si == KFAC_OK && sg == KFAC_OK) ? step(a, &gr) : KFAC_ERROR_NON_FINITE;
+        int finite = 1;
+        for (size_t i = 0; ss == KFAC_OK && i < gr.w[0].n; i++) {
+            double v = dtype == KFAC_FLOAT32 ? ((float *)gr.w[0].p)[i] : ((double *)gr.w[0].p)[i];
+            finite = finite && isfinite(v);
+        }
+        const int clear = (ss == KFAC_OK && finite) || ss == KFAC_ERROR_NON_FINITE || ss == KFAC_ERROR_NOT_POSITIVE_DEFINITE ||
+                          ss == KFAC_ERROR_EIGEN_FAILED;
+        /* A failed record adds nothing; a failed step keeps its pending statistics: drop them. */
+        if (ss != KFAC_OK) REQUIRE_OK(a, kfac_optimizer_discard_statistics(a));
+        int recovers = good_round_agrees(a, b, dtype, &r) && good_round_agrees(a, b, dtype, &r);
+        check(good && clear && recovers,
+              "[%s %s] %s: record %s/%s, step %s%s; then good data: directions bitwise those of a twin that never "
+              "saw the fault", tag, st, names[fault], status_name(si), status_name(sg),
+              si == KFAC_OK && sg == KFAC_OK ? status_name(ss) : "not called",
+              ss == KFAC_OK ? (finite ? " (finite directions)" : " (NOT FINITE)") : " (then discard_statistics)");
+        grads_free(&gr);
+        buf_free(&x);
+        buf_free(&g);
+        kfac_optimizer_free(a);
+        kfac_optimizer_free(b);
+    }
+}
+
 /* KFAC_TEST_LIGHT=1 (the valgrind run of `make test-valgrind`): only the checks that do not fork,
  * limit memory, time calls or repeat a load 90,000 times — under valgrind those measure valgrind. */
 void test_reliability(const char *tmpdir) {
@@ -824,6 +905,10 @@ void test_reliability(const char *tmpdir) {
     crafted_images(KFAC_FLOAT32, KFAC_INVERSE_CHOLESKY);
     crafted_images(KFAC_FLOAT64, KFAC_INVERSE_CHOLESKY);
     pending_bound();
+    for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
+        numerical_faults(dtype, KFAC_INVERSE_EIGEN);
+        numerical_faults(dtype, KFAC_INVERSE_CHOLESKY);
+    }
     if (light) {
         printf("(KFAC_TEST_LIGHT: the forking, memory-limit, timing and exhaustive checks are skipped)\n");
         return;

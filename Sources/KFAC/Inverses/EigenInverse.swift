@@ -1,3 +1,8 @@
+/// Tests only: 1 makes the first eigensolver attempt of every block fail, 2 the retry too.
+enum EigenFaultInjection {
+    nonisolated(unsafe) static var failingAttempts = 0
+}
+
 /// Exact damping through eigendecompositions (LAPACK syevd): each side holds its blocks' Qᵀ
 /// (row i is the i-th eigenvector) and the eigenvalues in recorded-coordinate order, negative
 /// rounding noise clamped to 0, also laid out along the factor's coordinates. λ is applied when
@@ -34,6 +39,7 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
 
     private let input: Side
     private let output: Side
+
     var inputStructure: FactorStructure { input.structure }
     var outputStructure: FactorStructure { output.structure }
 
@@ -55,11 +61,19 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
         Scalar.copyUpperTriangle(from: factor + o, to: block, n: n, diagonalShift: 0)
         try workspace.reserve(dimension: n)
         let v = side.values.base + structure.uniqueOffsets[q]
-        let info = Scalar.symmetricEigen(n: n, a: block, values: v,
+        var info = Scalar.symmetricEigen(n: n, a: block, values: v,
                                          work: workspace.work.base, workCount: workspace.work.count,
                                          iwork: workspace.iwork, iworkCount: workspace.iworkCount)
+        if EigenFaultInjection.failingAttempts >= 1 { info = 1 }
+        let first = info
+        if info != 0 || !Scalar.allFinite(v, count: n) || !Scalar.allFinite(block, count: n * n) {
+            // Retry in double precision with another driver; if that fails too, the step (or
+            // update) fails with EIGEN_FAILED and the committed inverse stays.
+            info = Scalar.symmetricEigenInDouble(n: n, source: factor + o, vectors: block, values: v)
+            if EigenFaultInjection.failingAttempts >= 2 { info = 1 }
+        }
         guard info == 0 else {
-            throw KFACError(.eigenFailed, "eigendecomposition of a \(n)×\(n) factor block failed (syevd info \(info))")
+            throw KFACError(.eigenFailed, "eigendecomposition of a \(n)×\(n) factor block failed (syevd info \(first), then in double precision with syev info \(info)); the previous inverses are kept")
         }
         Scalar.clampNegativeToZero(v, count: n)
     }

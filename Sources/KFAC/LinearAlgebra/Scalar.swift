@@ -288,3 +288,27 @@ extension Double: KFACScalar {
         }
     }
 }
+
+extension KFACScalar {
+    /// The fallback of `symmetricEigen` when it fails (or returns non-finite values): the same
+    /// decomposition of the n×n symmetric matrix whose upper triangle (row-major) is in `source`,
+    /// computed in double precision with LAPACK's QR-iteration driver (dsyev) instead of divide
+    /// and conquer, then rounded to this precision: `vectors` receives Qᵀ, `values` the ascending
+    /// eigenvalues. Returns 0 on success, else the LAPACK info (or −1000 when memory could not
+    /// be allocated, −1001 when the result is not finite). Allocates: a failure path only.
+    static func symmetricEigenInDouble(n: Int, source: UnsafePointer<Self>, vectors: UnsafeMutablePointer<Self>,
+                                       values: UnsafeMutablePointer<Self>) -> Int32 {
+        guard let mRaw = malloc(Swift.max(n * n, 1) * 8), let wRaw = malloc(Swift.max(n, 1) * 8) else { return -1000 }
+        let m = mRaw.assumingMemoryBound(to: Double.self), w = wRaw.assumingMemoryBound(to: Double.self)
+        defer { free(mRaw); free(wRaw) }
+        for i in 0..<n {
+            for j in 0..<n { m[i * n + j] = j >= i ? Double(source[i * n + j]) : 0 }
+        }
+        let info = LAPACKE_dsyev(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor, Int32(n), m, Int32(n), w)
+        guard info == 0 else { return info }
+        for k in 0..<(n * n) { vectors[k] = Self(m[k]) }
+        for k in 0..<n { values[k] = Self(w[k]) }
+        guard allFinite(vectors, count: n * n), allFinite(values, count: n) else { return -1001 }
+        return 0
+    }
+}
