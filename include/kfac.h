@@ -840,7 +840,9 @@ KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
 
 /** Loads a state image from `path` (bytes, as for saving). Only a regular file is read (a FIFO,
  *  device or directory is IO, without blocking); a file larger than any image of the handle's
- *  layers can be is CORRUPT_STATE before anything is read; the file is read in bounded pieces.
+ *  layers can be is refused after reading only its 32-byte header (CORRUPT_STATE if that is not
+ *  an image header, STATE_VERSION for another format, else STATE_MISMATCH); the file is read in
+ *  bounded pieces.
  *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 

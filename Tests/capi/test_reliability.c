@@ -588,6 +588,17 @@ static void files(void) {
         check(rh == KFAC_ERROR_CORRUPT_STATE && seconds < 5,
               "#4 kfac_state_load_file of a 64 GiB sparse file -> %s in %.2f s (want CORRUPT_STATE at once)",
               child_result(rh), seconds);
+        /* The same size with an image header of larger layers: STATE_MISMATCH from the header. */
+        fd = open(path, O_WRONLY);
+        unsigned char header[32];
+        memcpy(header, ia, 32);
+        wr64(header + 24, (uint64_t)64 << 30);
+        int wrote = fd >= 0 && write(fd, header, 32) == 32;
+        if (fd >= 0) close(fd);
+        rh = in_child(huge_file_child, path, 60);
+        check(wrote && rh == KFAC_ERROR_STATE_MISMATCH,
+              "#4 a 64 GiB file with a valid image header -> %s (want STATE_MISMATCH: the image of larger layers)",
+              child_result(rh));
     } else {
         check(1, "#4 (skipped: the file system refuses a 64 GiB sparse file)");
     }

@@ -239,7 +239,20 @@ extension KFACOptimizer {
         }
         let size = Int(st.st_size)
         guard size <= maximumStateSize else {
-            throw KFACError(.corruptState, "\(String(cString: path)) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))")
+            // Read only the header to say why: not an image, another format or precision, or an
+            // image of larger layers.
+            var header = [UInt8](repeating: 0, count: StateImage.headerSize)
+            let n = header.withUnsafeMutableBytes { read(fd, $0.baseAddress!, StateImage.headerSize) }
+            let what = "\(String(cString: path)) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))"
+            guard n == StateImage.headerSize, Array(header[0..<8]) == StateImage.magic else {
+                throw KFACError(.corruptState, "\(what) and is not a libkfac state image")
+            }
+            let field = { (at: Int) in header[at..<(at + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+            guard field(24) == UInt64(size) else { throw KFACError(.corruptState, "\(what); its size field disagrees") }
+            guard field(8) == StateImage.formatVersion else {
+                throw KFACError(.stateVersion, "\(what); it has format \(field(8)), this library reads format \(StateImage.formatVersion)")
+            }
+            throw KFACError(.stateMismatch, "\(what): it is the image of other layers or another precision")
         }
         guard let raw = malloc(Swift.max(size, 1)) else { throw KFACError(.outOfMemory, "could not allocate \(size) bytes to read \(String(cString: path))") }
         defer { free(raw) }
