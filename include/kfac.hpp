@@ -321,6 +321,11 @@ public:
     void update_factors() { check(kfac_optimizer_update_factors(handle_), "kfac_optimizer_update_factors"); }
     /** kfac_optimizer_update_inverses. */
     void update_inverses() { check(kfac_optimizer_update_inverses(handle_), "kfac_optimizer_update_inverses"); }
+    /** kfac_optimizer_discard_statistics: drops the pending statistics (the way out of a fold or
+     *  inversion that keeps failing). */
+    void discard_statistics() {
+        check(kfac_optimizer_discard_statistics(handle_), "kfac_optimizer_discard_statistics");
+    }
     /** kfac_layer_get_factors_f32 / _f64 (either output may be nullptr). */
     template <class T>
     void layer_get_factors(int32_t layer, int32_t group, T *a_out, T *g_out) const {
