@@ -93,6 +93,16 @@
  *    only (no layer's buffer written); valid calls leave the state image and the pending adaptive
  *    solve unchanged.
  *
+ * 11. Issue 15 (test_reliability.c): crafted state images with a valid checksum (counters, row
+ *    counts, flags, NaN/Inf and impossible factors or inverses) refused with the handle unchanged;
+ *    the checksum before the version; pending sums that overflow only together refused, and
+ *    kfac_optimizer_discard_statistics as the way out; kfac_optimizer_free joins the worker
+ *    threads; state files (links at temporary names, concurrent saves to one path, non-UTF-8
+ *    paths, FIFOs, directories, a 64 GiB file, saves killed mid-write); OUT_OF_MEMORY under an
+ *    address-space limit; long 1-D convolutions registered at once; numerical faults recovering
+ *    like a clean twin; every single-bit flip and truncation of a dense + conv + adaptive image.
+ *    KFAC_TEST_LIGHT=1 (the valgrind run) skips the forking, timing and exhaustive parts.
+ *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
  */
