@@ -434,8 +434,8 @@ _PROTOTYPES = [
     ("kfac_layer_record_output_grads_f32", c_int, [_P, c_int32, c_float_p, c_int64]),
     ("kfac_layer_record_output_grads_f64", c_int, [_P, c_int32, c_double_p, c_int64]),
     ("kfac_optimizer_update_factors", c_int, [_P]),
-    ("kfac_optimizer_update_inverses", c_int, [_P]),
     ("kfac_optimizer_discard_statistics", c_int, [_P]),
+    ("kfac_optimizer_update_inverses", c_int, [_P]),
     ("kfac_layer_get_factors_f32", c_int, [_P, c_int32, c_int32, c_float_p, c_float_p]),
     ("kfac_layer_get_factors_f64", c_int, [_P, c_int32, c_int32, c_double_p, c_double_p]),
     # Preconditioning
