@@ -29,11 +29,15 @@ final class HeapArray<Element> {
     deinit { free(base) }
 }
 
-/// Checks that about `bytes` bytes can be allocated now (an allocation the caller cannot make
-/// fallibly, such as many small objects, would otherwise trap when memory runs out).
+/// Checks that about `bytes` bytes of address space can be mapped now (an allocation the
+/// caller cannot make fallibly, such as many small objects, would otherwise trap when memory
+/// runs out). A mapping, not malloc: the optimiser may delete a malloc whose block is unused,
+/// together with its failure check.
 func probeAllocation(bytes: Int, what: String) throws(KFACError) {
-    guard let p = malloc(Swift.max(bytes, 1)) else {
+    let size = Swift.max(bytes, 1)
+    let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    guard let p, p != MAP_FAILED else {
         throw KFACError(.outOfMemory, "could not allocate \(bytes) bytes for \(what)")
     }
-    free(p)
+    munmap(p, size)
 }
