@@ -82,6 +82,7 @@ enum { MAX_HANDLES = 2, MAX_LAYERS = 4, MAX_VALUES = 1 << 16 };
 typedef struct {
     int64_t x_values, g_values, w_values, out, a_dim, g_dim, groups;
     int has_bias;
+    int64_t work; /* values a convolution's record forms per example (patches) */
 } layer_t;
 
 typedef struct {
@@ -233,7 +234,7 @@ static void op_add_dense(input_t *in, handle_t *t) {
     if (t->h && id >= 0) {
         kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
         if (kfac_layer_get_info(t->h, id, &info) != KFAC_OK) fail("layer_get_info failed on a new layer");
-        layer_t l = {info.in_features, info.out_features, info.out_features * info.in_features, 0, 0, 0, 0, 0};
+        layer_t l = {info.in_features, info.out_features, info.out_features * info.in_features, 0, 0, 0, 0, 0, 0};
         record_layer(t, &info, &l);
     }
 }
@@ -273,7 +274,8 @@ static void op_add_conv(input_t *in, handle_t *t) {
         int64_t ho = (d.input_h + 2 * d.padding_h - dh * (d.kernel_h - 1) - 1) / sh + 1;
         int64_t wo = (d.input_w + 2 * d.padding_w - dw * (d.kernel_w - 1) - 1) / sw + 1;
         layer_t l = {d.in_channels * d.input_h * d.input_w, d.out_channels * ho * wo,
-                     d.out_channels * (d.in_channels / groups) * d.kernel_h * d.kernel_w, 0, 0, 0, 0, 0};
+                     d.out_channels * (d.in_channels / groups) * d.kernel_h * d.kernel_w, 0, 0, 0, 0, 0,
+                     ho * wo * d.in_channels * d.kernel_h * d.kernel_w};
         record_layer(t, &info, &l);
     }
 }
@@ -290,6 +292,9 @@ static void op_record(input_t *in, handle_t *t) {
     int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 6);
     int64_t per = 1;
     if (layer >= 0 && layer < t->n) per = side ? t->l[layer].g_values : t->l[layer].x_values;
+    /* Valid but huge convolution geometries (e.g. padding 46341) make a record legitimately
+     * slow: keep each input's work bounded (the library's cost is the caller's choice there). */
+    if (layer >= 0 && layer < t->n && rows > 0 && rows <= 64 && t->l[layer].work * rows > ((int64_t)1 << 22)) return;
     int64_t count;
     void *b;
     if (rows <= 0 || __builtin_mul_overflow(rows, per, &count)) b = values(in, dtype, 4); /* refused before reading */
