@@ -142,7 +142,7 @@ test-install: deps deps-cxx deps-install lib
 #   make test-asan      the C ABI tests against the ASan library, with ASan + UBSan in the tests
 #   make test-tsan      threads each driving its own handle with parallel inversions, under TSan
 #   make test-valgrind  memcheck on the C ABI tests (0 bytes definitely or indirectly lost)
-#   make soak           10^4 steps with periodic save/load, memory at start and end
+#   make soak           10^4 steps with periodic save/load (C, then Python), memory at start and end
 SAN_CLANG ?= clang
 FUZZ_LIB := .build-fuzz/release/libkfac.so
 TSAN_LIB := .build-tsan/release/libkfac.so
@@ -208,8 +208,12 @@ test-valgrind: build/test_capi deps-reliability
 	    || { tail -60 build/test_capi_valgrind.log; exit 1; }
 	@grep -E "checks, " build/test_capi_valgrind.log; echo "valgrind memcheck: no errors, 0 bytes definitely or indirectly lost"
 
+STEPS ?= 10000
 soak: deps lib
-	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/soak/soak.py
+	@mkdir -p build
+	$(CC) $(CFLAGS_EXAMPLE) -o build/soak benchmarks/soak/soak.c $(LDFLAGS_KFAC) -lm
+	./build/soak $(STEPS) $(CURDIR)/build/soak.ckpt
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) STEPS=$(STEPS) $(PYTHON) benchmarks/soak/soak.py
 
 bench: deps lib
 	$(SWIFT_RELEASE) --product kfac-bench
