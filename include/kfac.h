@@ -802,16 +802,17 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
  * does not have takes its default; one this library does not know gives STATE_VERSION). Images
  * of 0.1 (format 4) are refused with STATE_VERSION.
  *
- * Integrity (issue 15). The checksum is checked before the version, so any accidental change
- * (a flipped bit anywhere, the version field's included; a truncation) is CORRUPT_STATE. It
- * is an unkeyed hash whose rule is public: it protects against accidental corruption, not
- * against a deliberate edit. Against those, loading validates every field as the API could
- * have produced it — counters in [0, 2^62] (a step count 0 exactly when there is no KL scale),
+ * Integrity (issue 15). The checksum is checked before the version, so accidental corruption
+ * is CORRUPT_STATE: every single flipped bit (the version field's included) and every
+ * truncation is detected; larger random damage escapes with probability about 2^-64. It is an
+ * unkeyed hash whose rule is public: it protects against accidental corruption, not against a
+ * deliberate edit. Against those, loading validates every field as the API could have
+ * produced it — counters in [0, 2^62] (a step count 0 exactly when there is no KL scale),
  * flags 0 or 1, row counts within the layers' buffers (and 2^53), factors and pending sums
  * finite with non-negative diagonals and within the record calls' overflow margin, inverses
  * finite (Cholesky: symmetric with a positive diagonal; eigen: entries of the eigenvectors at
- * most 1, eigenvalues non-negative), only for blocks with factors, the adaptive values finite —
- * and refuses anything else with CORRUPT_STATE. So no image makes a later call trap or fail
+ * most 1, eigenvalues non-negative), only for blocks with factors, the adaptive prediction and
+ * previous update finite — and refuses anything else with CORRUPT_STATE. So no image makes a later call trap or fail
  * forever; an image can still carry valid but unwanted values (e.g. another run's factors).
  * ------------------------------------------------------------------------------------------- */
 
