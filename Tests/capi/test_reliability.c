@@ -751,22 +751,27 @@ static void exhaustive_image_edits(int dtype) {
     unsigned char *img = save_image(t.h[0], &size);
     kfac_optimizer *B = t.h[1];
     unsigned char *c = malloc(size);
-    long accepted = 0, changed = 0, tried = 0;
+    long accepted = 0, changed = 0, tried = 0, other = 0;
     for (size_t byte = 0; byte < size; byte++) {
         for (int bit = 0; bit < 8; bit++) {
             memcpy(c, img, size);
             c[byte] ^= (unsigned char)(1u << bit);
             tried++;
-            if (kfac_state_load(B, c, size) == KFAC_OK) accepted++;
+            int s = kfac_state_load(B, c, size);
+            if (s == KFAC_OK) accepted++;
+            else if (s != KFAC_ERROR_CORRUPT_STATE) other++;
         }
     }
-    for (size_t n = 0; n < size; n++)
-        if (kfac_state_load(B, img, n) == KFAC_OK) accepted++;
+    for (size_t n = 0; n < size; n++) {
+        int s = kfac_state_load(B, img, n);
+        if (s == KFAC_OK) accepted++;
+        else if (s != KFAC_ERROR_CORRUPT_STATE) other++;
+    }
     if (!same_state(t.h[0], B)) changed++;
-    check(accepted == 0 && changed == 0,
+    check(accepted == 0 && other == 0 && changed == 0,
           "[%s] every single-bit flip (%ld) and truncation (%zu) of a %zu-byte dense + conv + adaptive image is "
-          "refused (%ld accepted) and leaves the handle equal to its twin",
-          dtype_tag(dtype), tried, size, size, accepted);
+          "CORRUPT_STATE (%ld accepted, %ld other statuses) and leaves the handle equal to its twin",
+          dtype_tag(dtype), tried, size, size, accepted, other);
     check(twins_round(&t, why, sizeof why), "[%s] after the edits the twins step identically %s", dtype_tag(dtype), why);
     free(c);
     free(img);
