@@ -1,0 +1,68 @@
+extension KFACOptimizer {
+    /// Defines the dense chain of the R-op product: `layers[i]` (registered dense layers, each
+    /// feeding the next), `activations[i]` between layers[i] and layers[i+1] (the last must be
+    /// `.identity`: the last layer's outputs are the network's, under `distribution`). Replaces
+    /// a previous chain and its forward pass. On error the previous chain is kept.
+    public func defineDenseChain(layers: [Int], activations: [ChainActivation], distribution: OutputDistribution) throws(KFACError) {
+        denseChain = try DenseChain(layers: layers, activations: activations, distribution: distribution,
+                                    registered: estimator.layers)
+    }
+
+    /// The chain's forward pass on `rows` examples: copies every chain layer's weight [out][in]
+    /// and bias, the inputs (`inputs[i]`: [rows][in_i]; nil for i > 0 computes a_i = φ(s_{i−1}),
+    /// named activations only) and φ′ (`derivatives[i]`: [rows][out_i], for CUSTOM activations,
+    /// else ignored), computes z = s_{L−1} into `outputs` ([rows][out], may be nil). Every
+    /// product until the next forward uses these. On error the previous forward pass is kept.
+    public func denseChainForward(rows: Int, weights: [UnsafePointer<Scalar>?], biases: [UnsafePointer<Scalar>?],
+                                  inputs: [UnsafePointer<Scalar>?], derivatives: [UnsafePointer<Scalar>?],
+                                  outputs: UnsafeMutablePointer<Scalar>?) throws(KFACError) {
+        guard let chain = denseChain else { throw KFACError(.noColumns, "no chain is defined: define it first") }
+        let count = chain.layers.count
+        guard weights.count == count, biases.count == count, inputs.count == count, derivatives.count == count else {
+            throw KFACError(.invalidSize, "the chain has \(count) layers: give that many weights, biases, inputs and derivatives")
+        }
+        guard rows >= 1 else { throw KFACError(.invalidSize, "rows must be >= 1, got \(rows)") }
+        let widest = (chain.inFeatures + chain.outFeatures).max()!
+        guard rows <= Int.max / 8 / widest else { throw KFACError(.sizeOverflow, "\(rows) rows overflow") }
+        guard inputs[0] != nil else { throw KFACError(.nullPointer, "the chain's inputs (inputs[0]) are NULL") }
+        for i in 0..<count {
+            let l = chain.layers[i], b = estimator.layers[l]
+            guard let w = weights[i] else { throw KFACError(.nullPointer, "the weight of chain layer \(i) (layer \(l)) is NULL") }
+            try checkBias(biases[i].map { UnsafeMutablePointer(mutating: $0) }, layer: b, index: l, what: "")
+            guard Scalar.allFinite(w, count: b.weightCount),
+                  biases[i].map({ Scalar.allFinite($0, count: b.layer.outFeatures) }) ?? true else {
+                throw KFACError(.nonFinite, "the weights of chain layer \(i) (layer \(l)) contain NaN or Inf")
+            }
+            if i > 0 && inputs[i] == nil && chain.activations[i - 1] == .custom {
+                throw KFACError(.nullPointer, "chain layer \(i) follows a CUSTOM activation: its inputs are needed")
+            }
+            if i < count - 1 && chain.activations[i] == .custom && derivatives[i] == nil {
+                throw KFACError(.nullPointer, "chain layer \(i) has a CUSTOM activation but its derivatives are NULL")
+            }
+        }
+        try chain.forward(rows: rows, weight: { weights[$0]! }, bias: { biases[$0] }, input: { inputs[$0] },
+                          derivative: { derivatives[$0] }, outputs: outputs)
+    }
+
+    /// The chain's layers (registered indices), empty without a chain.
+    public var denseChainLayers: [Int] { denseChain?.layers ?? [] }
+
+    /// G v = (1/N) Σ_n J_nᵀ B_n J_n v over the chain's layers, by the R operator, from the last
+    /// forward pass. `vector(l)`/`output(l)` are by registered layer and called for chain layers
+    /// only. Outputs may alias vectors; nothing is written on error.
+    public func denseChainProduct(_ vector: (Int) -> ParameterVector<Scalar>?,
+                                  into output: (Int) -> ParameterGradient<Scalar>?) throws(KFACError) {
+        guard let chain = denseChain, chain.hasForward else {
+            throw KFACError(.noColumns, "no chain forward pass: define the chain and run its forward first")
+        }
+        var covered = [Bool](repeating: false, count: layerCount)
+        for l in chain.layers { covered[l] = true }
+        try checkProductBuffers(covered: covered, vector, output)
+        try chain.multiply(vector: { vector(chain.layers[$0])! }, output: { output(chain.layers[$0])! })
+    }
+
+    /// `denseChainProduct` on arrays (one per registered layer; zeros outside the chain).
+    public func denseChainProduct(_ v: [LayerGradient<Scalar>]) throws(KFACError) -> [LayerGradient<Scalar>] {
+        try arrayProduct(v) { (vector, output) throws(KFACError) in try denseChainProduct(vector, into: output) }
+    }
+}
