@@ -355,4 +355,7 @@ void test_candidate_numerics(void);
  * on twin handles. */
 void test_curvature_multiply(void);
 
+/* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
+void test_gauss_newton(void);
+
 #endif /* KFAC_CAPI_HARNESS_H */

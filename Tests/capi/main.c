@@ -133,6 +133,7 @@ int main(void) {
     test_candidate_numerics();
     test_adaptive_pending_solve();
     test_curvature_multiply();
+    test_gauss_newton();
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);
