@@ -83,6 +83,7 @@ from .._errors import KFACError
 from .._params import PARAMETERS
 from ..optimizer import Optimizer
 from ._adaptive import AdaptiveMixin, AdaptiveStepResult
+from ._columns import ColumnRecorder  # experimental: stored-column Gauss-Newton products
 from ._hooks import HooksMixin
 from ._registration import (
     SUPPORTED_MODULES,
@@ -95,7 +96,7 @@ from ._registration import (
 from ._sampled_fisher import SampledFisherMixin
 from ._state import StateMixin
 
-__all__ = ["AdaptiveStepResult", "KFACPreconditioner", "SUPPORTED_MODULES"]
+__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "SUPPORTED_MODULES"]
 
 
 class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, AdaptiveMixin, StateMixin):
