@@ -68,7 +68,9 @@ Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt dampi
 
 Modules: ``_registration`` (which modules, their options, padding and input sizes),
 ``_hooks`` (the statistics hooks), ``_sampled_fisher``, ``_adaptive`` (``adaptive_step``),
-``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them.
+``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them. Experimental:
+``_columns`` (:class:`ColumnRecorder`, exact Gauss-Newton products from stored Jacobian columns,
+a ``curvature_product`` callable for Newton-CG).
 """
 
 from __future__ import annotations
