@@ -83,15 +83,15 @@ extension KFACOptimizer {
         (gaussNewtonColumns.examples, gaussNewtonColumns.columnCount ?? 0, gaussNewtonColumns.storedValues)
     }
 
-    /// Which layers a product covers: `true` for the layers with kept columns.
+    /// Which layers a column product covers: `true` for the layers with kept columns.
     public var gaussNewtonColumnLayers: [Bool] {
         (0..<layerCount).map { l in l < gaussNewtonColumns.layers.count && gaussNewtonColumns.layers[l] != nil }
     }
 
     /// Checks the vector and output buffers of the layers `covered` says a product covers.
-    func checkProductBuffers(covered: [Bool], _ vector: (Int) -> ParameterVector<Scalar>?,
+    func checkProductBuffers(covered: (Int) -> Bool, _ vector: (Int) -> ParameterVector<Scalar>?,
                              _ output: (Int) -> ParameterGradient<Scalar>?) throws(KFACError) {
-        for l in 0..<layerCount where covered[l] {
+        for l in 0..<layerCount where covered(l) {
             let b = estimator.layers[l]
             guard let v = vector(l) else { throw KFACError(.nullPointer, "the vector's weight of layer \(l) is NULL") }
             guard let out = output(l) else { throw KFACError(.nullPointer, "the product's weight of layer \(l) is NULL") }
@@ -112,8 +112,8 @@ extension KFACOptimizer {
         guard !gaussNewtonColumns.isEmpty else {
             throw KFACError(.noColumns, "no Jacobian columns are kept: record them with uses PRODUCT first")
         }
-        let covered = gaussNewtonColumnLayers
-        try checkProductBuffers(covered: covered, vector, output)
+        let kept = gaussNewtonColumns.layers
+        try checkProductBuffers(covered: { l in l < kept.count && kept[l] != nil }, vector, output)
         try gaussNewtonColumns.multiply(layers: estimator.layers, vector: { l in
             let v = vector(l)!
             return (v.weight, v.bias)

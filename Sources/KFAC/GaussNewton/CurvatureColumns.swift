@@ -71,12 +71,21 @@ final class CurvatureColumns<Scalar: KFACScalar> {
     private var results: [AlignedBuffer<Scalar>?] = []
     private var work: AlignedBuffer<Scalar>?
 
-    var isEmpty: Bool { layers.allSatisfy { $0 == nil } }
+    var isEmpty: Bool { firstKept == nil }
+    /// The first layer with kept columns (plain loops: no allocation in a product).
+    private var firstKept: Layer? {
+        for l in 0..<layers.count { if let s = layers[l] { return s } }
+        return nil
+    }
     /// K of the kept columns (nil when none are kept).
-    var columnCount: Int? { layers.lazy.compactMap { $0?.k }.first }
-    var storedValues: Int { layers.reduce(0) { $0 + ($1?.storedValues ?? 0) } }
+    var columnCount: Int? { firstKept?.k }
+    var storedValues: Int {
+        var total = 0
+        for l in 0..<layers.count { total += layers[l]?.storedValues ?? 0 }
+        return total
+    }
     /// The examples of the first layer with columns (all must agree for a product).
-    var examples: Int { layers.lazy.compactMap { $0?.examples }.first ?? 0 }
+    var examples: Int { firstKept?.examples ?? 0 }
 
     func clear() {
         layers = layers.map { _ in nil }
@@ -124,15 +133,15 @@ final class CurvatureColumns<Scalar: KFACScalar> {
             throw KFACError(.noColumns, "no Jacobian columns are kept: record them with record_output_grad_columns (PRODUCT use)")
         }
         let n = examples
-        for (l, s) in layers.enumerated() {
-            if let s, s.examples != n {
+        for l in 0..<layers.count {
+            if let s = layers[l], s.examples != n {
                 throw KFACError(.invalidSize, "layer \(l) keeps columns of \(s.examples) examples, another layer of \(n): every layer needs the same examples")
             }
         }
         // Scratch sizes: t; per layer a result; the largest work area (patches + Z/Y rows).
         let tb = try buffer(&t, values: n * k)
         var workValues = 0
-        for (l, s) in layers.enumerated() where s != nil {
+        for l in 0..<layers.count where layers[l] != nil {
             let b = registered[l]
             switch b.layer {
             case .dense(_, let o, _, _):
@@ -147,8 +156,8 @@ final class CurvatureColumns<Scalar: KFACScalar> {
         tb.base.initialize(repeating: 0, count: n * k)
 
         // Phase 1: t_n = Σ_l Σ_t C_{l,n,t}ᵀ (V_l ā_{l,n,t}).
-        for (l, s) in layers.enumerated() {
-            guard let s else { continue }
+        for l in 0..<layers.count {
+            guard let s = layers[l] else { continue }
             let v = vector(l)
             switch registered[l].layer {
             case .dense(let i, let o, _, _):
@@ -160,8 +169,8 @@ final class CurvatureColumns<Scalar: KFACScalar> {
         }
         // Phase 2: (G v)_l = (1/N) Σ_n Σ_t (C_{l,n,t} t_n) ā_{l,n,t}ᵀ.
         var finite = true
-        for (l, s) in layers.enumerated() {
-            guard let s, let r = results[l] else { continue }
+        for l in 0..<layers.count {
+            guard let s = layers[l], let r = results[l] else { continue }
             let b = registered[l], wc = b.weightCount, o = b.layer.outFeatures
             r.base.initialize(repeating: 0, count: wc + o)
             switch b.layer {
@@ -174,8 +183,8 @@ final class CurvatureColumns<Scalar: KFACScalar> {
             finite = finite && Scalar.allFinite(r.base, count: wc + (b.layer.hasBias ? o : 0))
         }
         guard finite else { throw KFACError(.nonFinite, "the Gauss-Newton product is not finite") }
-        for (l, s) in layers.enumerated() {
-            guard s != nil, let r = results[l] else { continue }
+        for l in 0..<layers.count {
+            guard layers[l] != nil, let r = results[l] else { continue }
             let b = registered[l], out = output(l)
             out.weight.update(from: r.base, count: b.weightCount)
             out.bias?.update(from: r.base + b.weightCount, count: b.layer.outFeatures)

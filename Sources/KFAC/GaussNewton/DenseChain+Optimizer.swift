@@ -55,9 +55,11 @@ extension KFACOptimizer {
         guard let chain = denseChain, chain.hasForward else {
             throw KFACError(.noColumns, "no chain forward pass: define the chain and run its forward first")
         }
-        var covered = [Bool](repeating: false, count: layerCount)
-        for l in chain.layers { covered[l] = true }
-        try checkProductBuffers(covered: covered, vector, output)
+        let layers = chain.layers
+        try checkProductBuffers(covered: { l in
+            for i in 0..<layers.count where layers[i] == l { return true }  // (no iterator: no allocation)
+            return false
+        }, vector, output)
         try chain.multiply(vector: { vector(chain.layers[$0])! }, output: { output(chain.layers[$0])! })
     }
 

@@ -63,7 +63,8 @@ final class DenseChain<Scalar: KFACScalar> {
         (inFeatures, outFeatures, hasBias) = (ins, outs, bias)
     }
 
-    var outputDim: Int { outFeatures.last! }
+    /// The network's output dimension (out of the last layer).
+    var outputDim: Int { outFeatures[outFeatures.count - 1] }  // (not .last: no allocation in debug builds)
 
     private static func make(_ rows: Int, _ columns: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         try AlignedBuffer(rows: rows, columns: columns)
@@ -175,7 +176,7 @@ final class DenseChain<Scalar: KFACScalar> {
             }
             if i < count - 1 {
                 ChainKernels.multiply(sdot, by: derivatives[i].base, count: n * fo)
-                swap(&sdot, &rdot)
+                (sdot, rdot) = (rdot, sdot)
             }
         }
         // u = B ṡ (in place), then the backward pass with δ = u.
@@ -183,7 +184,8 @@ final class DenseChain<Scalar: KFACScalar> {
         var delta = sdot, next = rdot
         let inv = 1 / Scalar(n)
         var finite = true
-        for i in stride(from: count - 1, through: 0, by: -1) {
+        for back in 0..<count {
+            let i = count - 1 - back
             let (fi, fo) = (inFeatures[i], outFeatures[i]), r = results[i].base
             Scalar.gemm(transA: true, transB: false, m: fo, n: fi, k: n, alpha: inv, a: delta, lda: fo, b: inputs[i].base,
                         ldb: fi, beta: 0, c: r, ldc: fi)
@@ -196,7 +198,7 @@ final class DenseChain<Scalar: KFACScalar> {
                 Scalar.gemm(transA: false, transB: false, m: n, n: fi, k: fo, alpha: 1, a: delta, lda: fo, b: weights[i].base,
                             ldb: fi, beta: 0, c: next, ldc: fi)
                 ChainKernels.multiply(next, by: derivatives[i - 1].base, count: n * fi)
-                swap(&delta, &next)
+                (delta, next) = (next, delta)
             }
         }
         guard finite else { throw KFACError(.nonFinite, "the Gauss-Newton product is not finite") }

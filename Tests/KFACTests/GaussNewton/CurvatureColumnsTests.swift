@@ -227,3 +227,54 @@ extension KFACScalar {
         XCTAssertEqual(try opt.denseChainProduct(v), chainProduct, "a failed define keeps the previous chain")
     }
 }
+
+import AllocationCounter
+
+extension CurvatureColumnsTests {
+    /// After the first product (scratch sized), column and chain products allocate nothing
+    /// outside OpenBLAS: a CG solve can call them every iteration.
+    func testSteadyStateProductsDoNotAllocate() throws {
+        try Float.checkProductsDoNotAllocate()
+        try Double.checkProductsDoNotAllocate()
+    }
+}
+
+extension KFACScalar {
+    static func checkProductsDoNotAllocate() throws {
+        var r = SeededRandom(43)
+        let opt = try KFACOptimizer<Self>()
+        try opt.addDense(inFeatures: 3, outFeatures: 4, hasBias: true)
+        try opt.addDense(inFeatures: 4, outFeatures: 2, hasBias: false)
+        try opt.addConv2d(Conv2dGeometry(inChannels: 2, outChannels: 4, kernel: (2, 2), groups: 2, input: (3, 3), layout: .channelsLast))
+        let n = 5
+        try opt.recordOutputGradientColumns(layer: 0, inputs: r.array(n * 3), columns: r.array(2 * n * 4), rows: n, k: 2, uses: .product)
+        try opt.recordOutputGradientColumns(layer: 1, inputs: r.array(n * 4), columns: r.array(2 * n * 2), rows: n, k: 2, uses: .product)
+        try opt.recordOutputGradientColumns(layer: 2, inputs: r.array(n * 18), columns: r.array(2 * n * 16), rows: n, k: 2, uses: .product)
+        try opt.defineDenseChain(layers: [0, 1], activations: [.logistic, .identity], distribution: .bernoulli)
+        let w0: [Self] = r.array(12), b0: [Self] = r.array(4), w1: [Self] = r.array(8), x: [Self] = r.array(n * 3)
+        try withPointers([w0, b0, w1, x]) { p in
+            try opt.denseChainForward(rows: n, weights: [p[0], p[2]], biases: [p[1], nil], inputs: [p[3], nil],
+                                      derivatives: [nil, nil], outputs: nil)
+        }
+        let sizes = [(12, 4), (8, 0), (32, 4)]
+        let v = sizes.map { (UnsafeMutablePointer<Self>.allocate(capacity: $0.0), UnsafeMutablePointer<Self>.allocate(capacity: max($0.1, 1))) }
+        let o = sizes.map { (UnsafeMutablePointer<Self>.allocate(capacity: $0.0), UnsafeMutablePointer<Self>.allocate(capacity: max($0.1, 1))) }
+        defer { (v + o).forEach { $0.0.deallocate(); $0.1.deallocate() } }
+        for (l, s) in sizes.enumerated() {
+            for i in 0..<s.0 { v[l].0[i] = Self(r.uniform()) }
+            for i in 0..<s.1 { v[l].1[i] = Self(r.uniform()) }
+        }
+        let vector = { (l: Int) -> ParameterVector<Self>? in ParameterVector(weight: v[l].0, bias: sizes[l].1 > 0 ? UnsafePointer(v[l].1) : nil) }
+        let output = { (l: Int) -> ParameterGradient<Self>? in ParameterGradient(weight: o[l].0, bias: sizes[l].1 > 0 ? o[l].1 : nil) }
+        try opt.gaussNewtonProduct(vector, into: output)
+        try opt.denseChainProduct(vector, into: output)
+        for chain in [false, true] {
+            allocation_counter_start()
+            for _ in 0..<3 {
+                if chain { try opt.denseChainProduct(vector, into: output) } else { try opt.gaussNewtonProduct(vector, into: output) }
+            }
+            let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
+            XCTAssertEqual(count - openblas, 0, "\(Self.self): \(count - openblas) allocations in 3 \(chain ? "chain" : "column") products")
+        }
+    }
+}
