@@ -1033,6 +1033,17 @@ KFAC_API int kfac_gn_chain_forward_f64(kfac_optimizer *opt, const double *const 
                                        const double *const *biases, const double *const *inputs,
                                        const double *const *derivatives, int64_t rows, double *outputs);
 
+/** Since 0.2. The chain back-propagates the K = output_dim columns of S at the last forward
+ *  pass's outputs itself (C_{n−1} = S, C_{i−1} = (C_i W_i) ⊙ φ′_{i−1}: one gemm of K·rows rows
+ *  per layer) and records them for every chain layer with its copied inputs, as
+ *  kfac_layer_record_output_grad_columns_* does with `uses`: FACTOR gives every chain layer's
+ *  KFLR output factor (record the input factors as usual), PRODUCT keeps them for
+ *  kfac_gn_columns_multiply_* (the backward setting without the caller's backward passes).
+ *  All chain layers or none: on error nothing is recorded or kept. Errors: NULL_POINTER,
+ *  INVALID_ARGUMENT (uses), INVALID_SIZE (K differing from kept columns'), NON_FINITE,
+ *  NO_COLUMNS (no chain forward pass), OUT_OF_MEMORY. */
+KFAC_API int kfac_gn_chain_record_columns(kfac_optimizer *opt, int32_t uses);
+
 /** Since 0.2. product = G·vector over the chain's layers by the R operator, from the last
  *  forward pass:  ṙ_0 = 0, ṡ_i = W_i ṙ_i + V_i ā_i, ṙ_{i+1} = φ′_i ⊙ ṡ_i;  u_n = B_n ṡ_{n−1,n};
  *  δ = u, (G v)_i = (1/N) Σ_n δ_{i,n} ā_{i,n}ᵀ, δ ← φ′_{i−1} ⊙ (W_iᵀ δ). About two forward and

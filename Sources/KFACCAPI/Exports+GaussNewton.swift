@@ -192,6 +192,16 @@ public func kfac_gn_chain_forward_f64(_ opt: OpaquePointer?, _ w: UnsafePointer<
 }
 
 @c @implementation
+public func kfac_gn_chain_record_columns(_ opt: OpaquePointer?, _ uses: Int32) -> Int32 {
+    withHandle(opt) { (handle) throws(KFACError) in
+        switch handle.engine {
+        case .float32(let o): try o.denseChainRecordColumns(uses: ColumnUses(rawValue: uses))
+        case .float64(let o): try o.denseChainRecordColumns(uses: ColumnUses(rawValue: uses))
+        }
+    }
+}
+
+@c @implementation
 public func kfac_gn_chain_multiply_f32(_ opt: OpaquePointer?, _ vw: UnsafePointer<UnsafePointer<Float>?>?,
                                        _ vb: UnsafePointer<UnsafePointer<Float>?>?, _ pw: UnsafePointer<UnsafeMutablePointer<Float>?>?,
                                        _ pb: UnsafePointer<UnsafeMutablePointer<Float>?>?, _ count: Int32) -> Int32 {

@@ -268,6 +268,24 @@ static void test_oracle(int dtype, int dist) {
     check(kfac_gn_columns_clear(h) == KFAC_OK && kfac_gn_columns_get_info(h, &examples, &kk, &values) == KFAC_OK &&
           examples == 0 && kk == 0 && values == 0 && gn_multiply(h, dtype, 0, vw, vb, pw, pb, 2) == KFAC_ERROR_NO_COLUMNS,
           "[%s] kfac_gn_columns_clear: nothing kept, NO_COLUMNS after", dtype_tag(dtype));
+    {
+        /* The chain's own back-propagated columns (PRODUCT): the same G·v without the caller's
+         * backward passes. (The vectors were overwritten in place above: refill them.) */
+        for (int p = 0; p < NH * NX; p++) buf_set(&vw0, p, v[p]);
+        for (int p = 0; p < NH; p++) buf_set(&vb0, p, v[NH * NX + p]);
+        for (int p = 0; p < NZ * NH; p++) buf_set(&vw1, p, v[NH * NX + NH + p]);
+        const int rs = kfac_gn_chain_record_columns(h, KFAC_COLUMNS_PRODUCT);
+        const int ms = gn_multiply(h, dtype, 0, vw, vb, pw, pb, 2);
+        double got[NP];
+        for (int p = 0; p < NH * NX; p++) got[p] = get(&ow0, p);
+        for (int p = 0; p < NH; p++) got[NH * NX + p] = get(&ob0, p);
+        for (int p = 0; p < NZ * NH; p++) got[NH * NX + NH + p] = get(&ow1, p);
+        const double e = rel_err(got, gv, NP);
+        check(rs == KFAC_OK && ms == KFAC_OK && e < tol,
+              "[%s] dist %d: columns recorded by kfac_gn_chain_record_columns, G·v against the explicit (relative error %.2e)",
+              dtype_tag(dtype), dist, e);
+        REQUIRE_OK(h, kfac_gn_columns_clear(h));
+    }
     /* K = 1 FACTOR columns are bitwise kfac_layer_record_output_grads_* (SUM; loss scale 2). */
     kfac_optimizer *g = NULL;
     REQUIRE_OK(g, kfac_optimizer_create(dtype, &g));
@@ -432,6 +450,8 @@ static void test_twins(int dtype) {
     gn_bad(&t, &d, kfac_gn_chain_define(B, layers, last, 2, 0), KFAC_ERROR_INVALID_ARGUMENT, "chain define: last activation RELU", 1);
     gn_bad(&t, &d, kfac_gn_chain_define(B, layers, oob, 2, 0), KFAC_ERROR_INVALID_ARGUMENT, "chain define: activation 9", 1);
     gn_bad(&t, &d, kfac_gn_chain_define(B, layers, acts, 2, 5), KFAC_ERROR_INVALID_ARGUMENT, "chain define: distribution 5", 1);
+    gn_bad(&t, &d, kfac_gn_chain_record_columns(B, 0), KFAC_ERROR_INVALID_ARGUMENT, "chain record columns: uses 0", 1);
+    gn_bad(&t, &d, kfac_gn_chain_record_columns(B, 7), KFAC_ERROR_INVALID_ARGUMENT, "chain record columns: uses 7", 1);
     void *w[2] = {d.w0.p, d.w1.p}, *b[2] = {d.b0.p, NULL}, *a[2] = {d.x0.p, NULL}, *noa[2] = {NULL, NULL},
          *now[2] = {d.w0.p, NULL}, *b2[2] = {d.b0.p, d.b0.p}, *nob[2] = {NULL, NULL}, *wrong_w[2] = {wrong.p, wrong.p};
     buf_t nan_w = buf_clone(&d.w1);
@@ -454,6 +474,8 @@ static void test_twins(int dtype) {
               "chain multiply before the forward pass", 1, 1);
     after_bad(&t, bad_call(B, chain_forward(B, dtype, w, b, a, NULL, TR, NULL)), KFAC_ERROR_NULL_POINTER,
               "chain forward: CUSTOM without derivatives", 1, 1);
+    after_bad(&t, bad_call(B, kfac_gn_chain_record_columns(B, KFAC_COLUMNS_FACTOR)), KFAC_ERROR_NO_COLUMNS,
+              "chain record columns before the forward pass", 1, 1);
     ok = 1;
     for (int i = 0; i < t.n; i++) ok &= gn_setup(t.h[i], dtype, &d) && kfac_gn_columns_clear(t.h[i]) == KFAC_OK;
     check(ok, "[%s] every twin: set up again, then columns cleared", dtype_tag(dtype));
@@ -467,6 +489,7 @@ static void test_twins(int dtype) {
               "columns multiply: layers keep different examples", 1, 1);
     check(kfac_gn_columns_get_info(NULL, NULL, NULL, NULL) == KFAC_ERROR_NULL_POINTER && kfac_gn_columns_clear(NULL) == KFAC_ERROR_NULL_POINTER &&
           kfac_gn_chain_define(NULL, layers, acts, 2, 0) == KFAC_ERROR_NULL_POINTER &&
+          kfac_gn_chain_record_columns(NULL, 1) == KFAC_ERROR_NULL_POINTER &&
           gn_multiply(NULL, dtype, 0, vw, vb, pw, pb, 2) == KFAC_ERROR_NULL_POINTER &&
           gn_multiply(NULL, dtype, 1, vw, vb, pw, pb, 2) == KFAC_ERROR_NULL_POINTER &&
           chain_forward(NULL, dtype, w, b, a, NULL, TR, NULL) == KFAC_ERROR_NULL_POINTER &&

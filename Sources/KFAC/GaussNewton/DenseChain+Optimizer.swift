@@ -63,6 +63,46 @@ extension KFACOptimizer {
         try chain.multiply(vector: { vector(chain.layers[$0])! }, output: { output(chain.layers[$0])! })
     }
 
+    /// Records, for every chain layer, the K = output_dim columns of S back-propagated by the
+    /// library from the last forward pass (C_{L−1} = S, C_{i−1} = (C_i W_i) ⊙ φ′_{i−1}) with the
+    /// layer's kept inputs, exactly as `recordOutputGradientColumns` would with `uses`: `.factor`
+    /// gives every chain layer's KFLR output factor, `.product` keeps them for
+    /// `gaussNewtonProduct`. The input factors are not recorded. All layers or none: on error
+    /// nothing is recorded or kept.
+    public func denseChainRecordColumns(uses: ColumnUses) throws(KFACError) {
+        guard let chain = denseChain, chain.hasForward else {
+            throw KFACError(.noColumns, "no chain forward pass: define the chain and run its forward first")
+        }
+        guard uses.rawValue >= 1 && uses.rawValue <= 3 else {
+            throw KFACError(.invalidArgument, "uses must be FACTOR (1), PRODUCT (2) or both (3), got \(uses.rawValue)")
+        }
+        let (columns, inputs, k) = try chain.backPropagatedColumns()
+        let n = chain.rows, scale = 1 / parameters.outputGradScale
+        if uses.contains(.product), let kept = gaussNewtonColumns.columnCount, kept != k {
+            throw KFACError(.invalidSize, "the chain's k = \(k) differs from the \(kept) columns already kept (clear them first)")
+        }
+        // Everything that can fail, for every layer, before anything is recorded: values,
+        // the factors' pending-sum bounds, and the memory both uses will need.
+        for (i, l) in chain.layers.enumerated() {
+            let b = estimator.layers[l], count = k * n * chain.outFeatures[i]
+            let largest = Double(Scalar.largestMagnitude(columns[i].base, count: count))
+            guard largest.isFinite,
+                  b.pendingBound(largest: largest, rows: k * n, outputSide: true, scale: Double(k).squareRoot() * scale)
+                    <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
+                throw KFACError(.nonFinite, "the back-propagated columns of layer \(l) are not finite or too large")
+            }
+            if uses.contains(.factor) { for block in b.blocks { _ = try block.output.prepareRecord(rows: k * n) } }
+            if uses.contains(.product) {
+                _ = try gaussNewtonColumns.reserve(layer: l, layerCount: layerCount, k: k, inputWidth: chain.inFeatures[i],
+                                                   columnWidth: chain.outFeatures[i], rows: n)
+            }
+        }
+        for (i, l) in chain.layers.enumerated() {
+            try recordOutputGradientColumns(layer: l, inputs: inputs[i], columns: UnsafePointer(columns[i].base), rows: n, k: k,
+                                            uses: uses)
+        }
+    }
+
     /// `denseChainProduct` on arrays (one per registered layer; zeros outside the chain).
     public func denseChainProduct(_ v: [LayerGradient<Scalar>]) throws(KFACError) -> [LayerGradient<Scalar>] {
         try arrayProduct(v) { (vector, output) throws(KFACError) in try denseChainProduct(vector, into: output) }

@@ -210,6 +210,28 @@ final class DenseChain<Scalar: KFACScalar> {
     }
 }
 
+extension DenseChain {
+    /// The K = output_dim back-propagated columns of S (S Sᵀ = B at the last forward pass's z) at
+    /// every chain layer's outputs, [K][rows][out_i] per chain position:
+    ///     C_{L−1} = S,   C_{i−1} = (C_i W_i) ⊙ φ′_{i−1}   (one gemm of K·rows rows per layer).
+    /// Also returns the kept inputs a_i. Throws `.noColumns` without a forward pass.
+    func backPropagatedColumns() throws(KFACError) -> (columns: [AlignedBuffer<Scalar>], inputs: [UnsafePointer<Scalar>], k: Int) {
+        guard let z = outputs else { throw KFACError(.noColumns, "no chain forward pass: call the chain's forward first") }
+        let n = rows, k = outputDim, count = layers.count
+        var columns: [AlignedBuffer<Scalar>] = []
+        for i in 0..<count { columns.append(try AlignedBuffer(rows: k * n, columns: outFeatures[i])) }
+        OutputHessian.squareRoot(distribution: distribution, outputs: z.base, rows: n, dim: k, into: columns[count - 1].base)
+        for back in 0..<(count - 1) {
+            let i = count - 1 - back, (fi, fo) = (inFeatures[i], outFeatures[i])
+            let below = columns[i - 1].base
+            Scalar.gemm(transA: false, transB: false, m: k * n, n: fi, k: fo, alpha: 1, a: columns[i].base, lda: fo,
+                        b: weights[i].base, ldb: fi, beta: 0, c: below, ldc: fi)
+            for j in 0..<k { ChainKernels.multiply(below + j * n * fi, by: derivatives[i - 1].base, count: n * fi) }
+        }
+        return (columns, (0..<count).map { UnsafePointer(inputs[$0].base) }, k)
+    }
+}
+
 enum ChainKernels {
     /// tanh from exp (the core's LibM has no tanh): sign(x)·(1 − e^{−2|x|})/(1 + e^{−2|x|}).
     static func tanh(_ x: Double) -> Double {

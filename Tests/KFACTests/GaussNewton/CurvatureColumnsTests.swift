@@ -41,6 +41,26 @@ extension KFACScalar {
             try opt.recordOutputGradientColumns(layer: l, inputs: nil, columns: columns, rows: 1, k: net.outputDim, uses: .factor)
         }
         try opt.updateFactors()
+        // The same factors from the chain's own back-propagated columns.
+        let viaChain = try register(net, channelsLast: false)
+        try viaChain.defineDenseChain(layers: Array(net.layers.indices), activations: net.layers.map(\.activation),
+                                      distribution: net.distribution)
+        let w = net.parameters.enumerated().map { l, p in p[..<net.layers[l].weightCount].map { Self($0) } }
+        let b = net.parameters.enumerated().map { l, p in net.layers[l].hasBias ? p[net.layers[l].weightCount...].map { Self($0) } : nil }
+        let x = [xs.flatMap { $0 }.map { Self($0) }]
+        try withPointers(w) { wp in try withPointers(b) { bp in try withPointers(x) { xp in
+            try viaChain.denseChainForward(rows: 1, weights: wp, biases: bp, inputs: [xp[0]] + Array(repeating: nil, count: net.layers.count - 1),
+                                           derivatives: Array(repeating: nil, count: net.layers.count), outputs: nil)
+        } } }
+        try viaChain.denseChainRecordColumns(uses: .factor)
+        XCTAssertEqual(viaChain.gaussNewtonColumnInfo.values, 0, "FACTOR alone keeps nothing")
+        for l in net.layers.indices { try viaChain.recordInputs(layer: l, recordBuffers(net, layer: l, xs, channelsLast: false).inputs, rows: 1) }
+        try viaChain.updateFactors()
+        for l in net.layers.indices {
+            let (g1, g2) = (try opt.factors(layer: l).g, try viaChain.factors(layer: l).g)
+            assertClose(Dense(rows: 1, columns: g2.count, g2), Dense(rows: 1, columns: g1.count, g1), gnTolerance,
+                        "KFLR G from the chain's columns = from the caller's, layer \(l) \(net.distribution) \(Self.self)")
+        }
         for l in net.layers.indices {
             guard case .dense(let i, let o) = net.layers[l].kind else { continue }
             let bias = net.layers[l].hasBias, ia = i + (bias ? 1 : 0)
@@ -198,6 +218,7 @@ extension KFACScalar {
         XCTAssertEqual(status { try opt.denseChainForward(rows: 1, weights: [], biases: [], inputs: [], derivatives: [], outputs: nil) }, .noColumns)
         try opt.defineDenseChain(layers: [0, 1], activations: [.custom, .identity], distribution: .categorical)
         XCTAssertEqual(status { _ = try opt.denseChainProduct(v) }, .noColumns, "chain product before forward")
+        XCTAssertEqual(status { try opt.denseChainRecordColumns(uses: .factor) }, .noColumns, "chain columns before forward")
         let w0: [Self] = r.array(6), b0: [Self] = r.array(2), w1: [Self] = r.array(4), xs: [Self] = r.array(3 * 3),
             a1: [Self] = r.array(3 * 2), d0: [Self] = r.array(3 * 2)
         try withPointers([w0, b0, w1, xs, a1, d0]) { p in
@@ -216,6 +237,12 @@ extension KFACScalar {
             XCTAssertNil(forward([p[0], p[2]], [p[1], nil], [p[3], p[4]], [p[5], nil]))
         }
         let chainProduct = try opt.denseChainProduct(v)
+        XCTAssertEqual(status { try opt.denseChainRecordColumns(uses: ColumnUses(rawValue: 0)) }, .invalidArgument, "chain columns, uses 0")
+        try opt.recordOutputGradientColumns(layer: 0, inputs: x0, columns: r.array(4 * 3 * 2), rows: 4, k: 3, uses: .product)
+        XCTAssertEqual(status { try opt.denseChainRecordColumns(uses: [.factor, .product]) }, .invalidSize, "chain k 2 against kept 3")
+        XCTAssertFalse(try opt.layerInfo(0).hasFactors)
+        XCTAssertEqual(opt.gaussNewtonColumnInfo.examples, 4, "a failed chain recording keeps nothing")
+        opt.clearGaussNewtonColumns()
         XCTAssertEqual(chainProduct[2].weight, [Self](repeating: 0, count: 8), "layers outside the chain are not covered")
         var huge = x1; huge[0] = .nan
         try withPointers([w0, b0, w1, huge, a1, d0]) { p in

@@ -206,6 +206,11 @@ extension KFACScalar {
         let actual = flat(try opt.denseChainProduct(vectors(v, net)))
         let err = relativeError(actual, expected)
         XCTAssertLessThan(err, gnTolerance, "\(name) \(Self.self): chain product error \(err)")
+        // The chain's own back-propagated columns, kept: the backward setting without the caller.
+        try opt.denseChainRecordColumns(uses: .product)
+        let viaColumns = flat(try opt.gaussNewtonProduct(vectors(v, net)))
+        let errColumns = relativeError(viaColumns, expected)
+        XCTAssertLessThan(errColumns, gnTolerance, "\(name) \(Self.self): chain-recorded column product error \(errColumns)")
     }
 
     /// Seed 000: for a deep linear net with Gaussian output, layer l's exact Hessian block (second

@@ -510,6 +510,7 @@ _PROTOTYPES = [
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int64, c_float_p]),
     ("kfac_gn_chain_forward_f64", c_int,
      [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int64, c_double_p]),
+    ("kfac_gn_chain_record_columns", c_int, [_P, c_int32]),
     ("kfac_gn_chain_multiply_f32", c_int,
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_gn_chain_multiply_f64", c_int,

@@ -217,6 +217,12 @@ class GaussNewton:
         h.call(self._fn("kfac_gn_chain_forward"), arr(ws), arr(bs), arr(xs), arr(ds), rows, h.cast(z.ctypes.data))
         return z
 
+    def chain_record_columns(self, uses=("factor", "product")) -> None:
+        """The chain back-propagates S's columns itself from the last forward pass and records
+        them for every chain layer (``kfac_gn_chain_record_columns``): ``'factor'`` gives the
+        chain layers' KFLR output factors, ``'product'`` keeps them for :meth:`columns_multiply`."""
+        self._handle.call(_lib.kfac_gn_chain_record_columns, _uses_code(uses))
+
     def chain_multiply(self, weights: Sequence, biases: Optional[Sequence] = None):
         """G·v over the chain's layers by the R operator (``kfac_gn_chain_multiply_*``), layouts
         as :meth:`columns_multiply` (zeros outside the chain)."""

@@ -239,3 +239,35 @@ def test_errors(rng):
         g.record_columns(0, c[:1], inputs=x)
     assert e.value.status == _lib.KFAC_ERROR_INVALID_SIZE
     assert g.columns_info() == (4, 2, 4 * 3 + 2 * 4 * 2)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_chain_records_the_same_columns(rng, dtype, dist):
+    """kfac_gn_chain_record_columns: the chain's own columns give the caller's KFLR factors and
+    the same column product."""
+    net = TanhMLP(rng, True)
+    x = rng.standard_normal((4, 3))
+    a1, _ = net.forward(x)
+    c0, c1 = net.columns(dist, x)
+    factors, products = [], []
+    v = [rng.standard_normal((4, 3)), rng.standard_normal((2, 4))], [rng.standard_normal(4), rng.standard_normal(2)]
+    for via_chain in (False, True):
+        opt = kfac.Optimizer(dtype)
+        opt.add_dense(3, 4, bias=True)
+        opt.add_dense(4, 2, bias=True)
+        g = gn.GaussNewton(opt)
+        opt.record_inputs(0, x.astype(dtype))
+        opt.record_inputs(1, a1.astype(dtype))
+        if via_chain:
+            g.define_chain([0, 1], ["tanh", "identity"], dist)
+            g.chain_forward([net.W0, net.W1], [net.b0, net.b1], [x, None])
+            g.chain_record_columns(("factor", "product"))
+        else:
+            g.record_columns(0, c0, inputs=x)
+            g.record_columns(1, c1, inputs=a1)
+        opt.update_factors()
+        factors.append([opt.factors(layer)[1].astype(np.float64) for layer in range(2)])
+        products.append(np.concatenate([p.ravel() for pair in zip(*g.columns_multiply(*v)) for p in pair]))
+    for a, b in zip(*factors):
+        np.testing.assert_allclose(a, b, atol=10 * _tol(dtype) * max(1, np.abs(b).max()))
+    np.testing.assert_allclose(products[1], products[0], atol=10 * _tol(dtype) * np.abs(products[0]).max())
