@@ -896,6 +896,10 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  *   - the R operator (forward + backward setting) on a chain of dense layers with elementwise
  *     activations (kfac_gn_chain_*): the library runs the forward-mode and reverse passes itself
  *     from copies of the weights, inputs and φ′ taken at kfac_gn_chain_forward_*.
+ *     kfac_gn_chain_record_columns has the chain back-propagate S's columns itself and record
+ *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed.
+ * Convolutions take part through columns only: chains are dense (a convolution's R operator
+ * would need the library to run its patches forward and col2im back; not done in 0.2).
  * B is the output Hessian of the distribution (see "Adaptive mode", Output distributions):
  *     categorical  B = diag(p) − p pᵀ (p = softmax(z)),   S = diag(√p) − p √pᵀ  (rank dim − 1)
  *     bernoulli    B = diag(p(1 − p)) (p = σ(z)),        S = diag(√(p(1 − p)))

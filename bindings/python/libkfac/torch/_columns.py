@@ -15,8 +15,10 @@ is then the exact
 of the mean of the per-example losses (softmax cross-entropy, binary cross-entropy with logits, or
 ½‖y − z‖²), times ``loss_scale`` — a callable taking a list of parameter-shaped tensors (for every
 recorded layer in order: its weight, then its bias if it has one) and returning the product in the
-same layout, suitable as the ``curvature_product=`` of the Newton-CG optimizer. Layers without a
-recorded input (not reached by the forward pass) give zero products.
+same layout — the model's trainable parameters in ``model.parameters()`` order (zero products for
+parameters outside the recorded layers), or :meth:`ColumnRecorder.parameters` — suitable as the
+``curvature_product=`` of :class:`libkfac.torch.NewtonCG`. Layers without a recorded input (not
+reached by the forward pass) give zero products.
 
 Loss conventions: PyTorch's ``cross_entropy`` and ``binary_cross_entropy_with_logits`` with
 ``reduction='mean'`` (over examples) match ``loss_scale=1``; ``reduction='sum'`` is ``N`` times
@@ -148,31 +150,50 @@ class ColumnRecorder:
         return z.detach()
 
     def curvature_product(self, vectors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """G·v (times ``loss_scale``) for parameter-shaped tensors: for every recorded layer in
-        order its weight, then its bias if it has one. Returns new tensors of the same shapes,
-        dtypes and devices."""
+        """G·v (times ``loss_scale``) for a list of parameter-shaped tensors, in either order:
+
+        - the model's trainable parameters (``[p for p in model.parameters() if
+          p.requires_grad]``, the layout of :class:`libkfac.torch.NewtonCG`); parameters outside
+          the recorded layers get zero products (G has no curvature for them here);
+        - :meth:`parameters` (every recorded layer's weight, then its bias).
+
+        Returns new tensors of the same shapes, dtypes and devices."""
         if self._gn is None:
             raise RuntimeError("libkfac: call record(x) on a curvature batch first")
         vectors = list(vectors)
-        expected = len(self.parameters())
-        if len(vectors) != expected:
-            raise ValueError(f"libkfac: expected {expected} tensors (weights and biases of {len(self.modules)} layers), got {len(vectors)}")
-        weights, biases, i = [], [], 0
-        for m in self.modules:
-            weights.append(vectors[i].detach().cpu().numpy())
-            i += 1
-            if m.bias is not None:
-                biases.append(vectors[i].detach().cpu().numpy())
-                i += 1
-            else:
-                biases.append(None)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        ours = self.parameters()
+        if len(vectors) == len(trainable):
+            order = trainable
+        elif len(vectors) == len(ours):
+            order = ours
+        else:
+            raise ValueError(f"libkfac: expected {len(trainable)} tensors (the model's trainable parameters) "
+                             f"or {len(ours)} (the recorded layers' weights and biases), got {len(vectors)}")
+        position = {id(p): i for i, p in enumerate(order)}
+        for v, p in zip(vectors, order):
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"libkfac: a vector of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def array(p):
+            i = position.get(id(p))
+            return vectors[i].detach().cpu().numpy().astype(np_dtype, copy=False) if i is not None else np.zeros(tuple(p.shape), np_dtype)
+
+        weights = [array(m.weight) for m in self.modules]
+        biases = [array(m.bias) if m.bias is not None else None for m in self.modules]
         pw, pb = self._gn.columns_multiply(weights, biases)
+        products = {}
+        for m, w, b in zip(self.modules, pw, pb):
+            products[id(m.weight)] = w
+            if m.bias is not None:
+                products[id(m.bias)] = b
         out = []
-        for w, b in zip(pw, pb):
-            out.append(w)
-            if b is not None:
-                out.append(b)
-        return [torch.from_numpy(self.loss_scale * o).to(device=v.device, dtype=v.dtype) for o, v in zip(out, vectors)]
+        for v, p in zip(vectors, order):
+            value = products.get(id(p))
+            out.append(torch.zeros_like(v) if value is None else
+                       torch.from_numpy(self.loss_scale * value).to(device=v.device, dtype=v.dtype))
+        return out
 
     def __call__(self, vectors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         return self.curvature_product(vectors)

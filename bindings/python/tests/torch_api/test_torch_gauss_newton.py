@@ -101,3 +101,30 @@ def test_errors():
         rec.curvature_product([torch.zeros(2, 3)])
     with pytest.raises(ValueError):
         ColumnRecorder(nn.Sequential(nn.ReLU()))
+
+
+def test_model_parameter_order_with_an_extra_parameter():
+    """Vectors in model.parameters() order (the NewtonCG layout): a parameter outside the
+    recorded layers gets a zero product; the layers' products equal those in parameters() order."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.a = nn.Linear(3, 4).double()
+            self.b = nn.Linear(4, 2, bias=False).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))) * 1.0
+
+    torch.manual_seed(3)
+    model = Net()
+    rec = ColumnRecorder(model, "categorical")
+    rec.record(torch.randn(5, 3, dtype=torch.float64))
+    trainable = list(model.parameters())
+    v = [torch.randn_like(p) for p in trainable]
+    got = rec.curvature_product(v)
+    assert torch.count_nonzero(got[0]) == 0
+    ours = rec.curvature_product(v[1:])
+    for g, o in zip(got[1:], ours):
+        torch.testing.assert_close(g, o)
