@@ -973,9 +973,11 @@ KFAC_API int kfac_gn_output_hessian_sqrt_f64(const double *outputs, int64_t rows
  *             layer must keep the same k, and all layers the same examples in the same order.
  *  Memory of PRODUCT: N·(K·Σ_l o_l|T_l| + Σ_l i_l) values for N kept examples (o_l|T_l| the
  *  output values, i_l the input values of layer l per example): 1000 examples of a 784-100-10
- *  MLP at K = 10 keep 1000·(10·110 + 884) values, 7.9 MB in float32. The store grows
- *  geometrically on append; an allocation the system refuses gives OUT_OF_MEMORY with nothing
- *  kept. Recording marks the layers frozen. Kept columns are not part of state images.
+ *  MLP at K = 10 keep 1000·(10·110 + 884) values, 7.9 MB in float32. The first call of a layer
+ *  allocates exactly its rows; appending grows the layer's store geometrically (capacity at most
+ *  twice the kept rows); the product's scratch is O(N·(K + max o_l)) for dense layers and one
+ *  example's patches for convolutions. An allocation the system refuses gives OUT_OF_MEMORY with
+ *  nothing kept. Recording marks the layers frozen. Kept columns are not part of state images.
  *  Errors: NULL_POINTER (columns; inputs with PRODUCT), UNKNOWN_LAYER, INVALID_ARGUMENT (uses
  *  not 1–3), INVALID_SIZE (rows or k < 1, k differing from the kept columns'), SIZE_OVERFLOW,
  *  DTYPE_MISMATCH, NON_FINITE, OUT_OF_MEMORY. On error nothing is recorded or kept. */
