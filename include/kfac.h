@@ -893,13 +893,14 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  *     (kfac_layer_record_output_grad_columns_*); every product is then a few gemms per layer
  *     (kfac_gn_columns_multiply_*). Works for any graph whose registered layers' outputs the
  *     caller's backward pass reaches (residual connections included).
- *   - the R operator (forward + backward setting) on a chain of dense layers with elementwise
- *     activations (kfac_gn_chain_*): the library runs the forward-mode and reverse passes itself
- *     from copies of the weights, inputs and φ′ taken at kfac_gn_chain_forward_*.
+ *   - the R operator (forward + backward setting) on a sequential chain of registered dense and
+ *     conv2d layers with elementwise activations (kfac_gn_chain_*): the library runs the
+ *     forward-mode and reverse passes itself (convolutions over the patches it forms, and their
+ *     transpose, col2im) from copies of the weights, inputs and φ′ taken at
+ *     kfac_gn_chain_forward_*.
  *     kfac_gn_chain_record_columns has the chain back-propagate S's columns itself and record
  *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed.
- * Convolutions take part through columns only: chains are dense (a convolution's R operator
- * would need the library to run its patches forward and col2im back; not done in 0.2).
+ * Pooling, normalisation and residual connections are not chain layers: such networks use columns.
  * B is the output Hessian of the distribution (see "Adaptive mode", Output distributions):
  *     categorical  B = diag(p) − p pᵀ (p = softmax(z)),   S = diag(√p) − p √pᵀ  (rank dim − 1)
  *     bernoulli    B = diag(p(1 − p)) (p = σ(z)),        S = diag(√(p(1 − p)))
@@ -1009,27 +1010,30 @@ KFAC_API int kfac_gn_columns_get_info(const kfac_optimizer *opt, int64_t *exampl
  *  statistics are not affected). Errors: NULL_POINTER. */
 KFAC_API int kfac_gn_columns_clear(kfac_optimizer *opt);
 
-/** Since 0.2. Defines the dense chain of kfac_gn_chain_multiply_*: layers[0] → activations[0]
- *  → layers[1] → … → layers[n−1], registered dense layers (distinct; out of each = in of the
- *  next); activations[n−1] must be IDENTITY: the last layer's outputs are the network's z, under
- *  `distribution` (kfac_distribution). Replaces a previous chain and drops its forward pass.
- *  Convolutions are not supported in chains (use columns). Errors: NULL_POINTER, INVALID_SIZE
- *  (n < 1, sizes that do not chain), UNKNOWN_LAYER, UNSUPPORTED (a convolution),
- *  INVALID_ARGUMENT (a repeated layer, an activation or distribution out of range, a last
+/** Since 0.2. Defines the chain of kfac_gn_chain_multiply_*: layers[0] → activations[0] →
+ *  layers[1] → … → layers[n−1], registered dense or conv2d layers (distinct), each layer's output
+ *  buffer being the next one's input buffer: the output values per example of each (dense: out;
+ *  convolution: C_out·H_out·W_out in its layout, e.g. flattened into a dense layer as PyTorch's
+ *  Flatten does for NCHW) equal the input values of the next (dense: in; convolution: C·H·W in its
+ *  layout). activations[n−1] must be IDENTITY: the last layer's outputs, [rows][output_dim], are
+ *  the network's z under `distribution` (kfac_distribution). Replaces a previous chain and drops
+ *  its forward pass. Errors: NULL_POINTER, INVALID_SIZE (n < 1, sizes that do not chain),
+ *  UNKNOWN_LAYER, INVALID_ARGUMENT (a repeated layer, an activation or distribution out of range, a last
  *  activation other than IDENTITY). On error the previous chain is kept. */
 KFAC_API int kfac_gn_chain_define(kfac_optimizer *opt, const int32_t *layers, const int32_t *activations, int32_t n,
                                   int32_t distribution);
 
 /** Since 0.2. The chain's forward pass on `rows` examples; the arrays have the chain's n
- *  entries in chain order. weights[i] [out][in] and biases[i] [out] (NULL for a layer without
- *  bias; `biases` itself may be NULL if no chain layer has one) are copied, so every product
- *  until the next forward uses this θ. inputs[0] [rows][in_0] is required; inputs[i] (i > 0)
+ *  entries in chain order. weights[i] (the layer's weight layout) and biases[i] [out] (NULL for a
+ *  layer without bias; `biases` itself may be NULL if no chain layer has one) are copied, so every
+ *  product until the next forward uses this θ. inputs[0] (rows examples of the first layer's
+ *  input) is required; inputs[i] (i > 0)
  *  may be NULL to have a_i = φ_{i−1}(s_{i−1}) computed (named activations), or give the layer's
  *  inputs from the caller's own forward pass (required after a CUSTOM activation).
- *  derivatives[i] [rows][out_i] is φ′_{i}(s_i) for a CUSTOM activation and ignored otherwise
+ *  derivatives[i] (rows × the layer's output values) is φ′_{i}(s_i) for a CUSTOM activation and ignored otherwise
  *  (`derivatives` itself may be NULL without CUSTOM). outputs (may be NULL) receives z
  *  [rows][out_{n−1}]. Memory: copies of W, b and the inputs, φ′ and z, plus two [rows][widest]
- *  scratch rows. Errors: NULL_POINTER, INVALID_SIZE (rows < 1), INVALID_ARGUMENT (a bias for a
+ *  scratch rows and, with convolutions, two of one example's patch matrices. Errors: NULL_POINTER, INVALID_SIZE (rows < 1), INVALID_ARGUMENT (a bias for a
  *  layer without), SIZE_OVERFLOW, DTYPE_MISMATCH, NON_FINITE, NO_COLUMNS (no chain defined),
  *  OUT_OF_MEMORY. On error the previous forward pass is kept. */
 KFAC_API int kfac_gn_chain_forward_f32(kfac_optimizer *opt, const float *const *weights, const float *const *biases,
@@ -1040,8 +1044,8 @@ KFAC_API int kfac_gn_chain_forward_f64(kfac_optimizer *opt, const double *const 
                                        const double *const *derivatives, int64_t rows, double *outputs);
 
 /** Since 0.2. The chain back-propagates the K = output_dim columns of S at the last forward
- *  pass's outputs itself (C_{n−1} = S, C_{i−1} = (C_i W_i) ⊙ φ′_{i−1}: one gemm of K·rows rows
- *  per layer) and records them for every chain layer with its copied inputs, as
+ *  pass's outputs itself (C_{n−1} = S, C_{i−1} = (layer_iᵀ C_i) ⊙ φ′_{i−1}: for a dense layer one
+ *  gemm of K·rows rows, for a convolution col2im of Wᵀ C per example) and records them for every chain layer with its copied inputs, as
  *  kfac_layer_record_output_grad_columns_* does with `uses`: FACTOR gives every chain layer's
  *  KFLR output factor (record the input factors as usual), PRODUCT keeps them for
  *  kfac_gn_columns_multiply_* (the backward setting without the caller's backward passes).
@@ -1052,8 +1056,9 @@ KFAC_API int kfac_gn_chain_record_columns(kfac_optimizer *opt, int32_t uses);
 
 /** Since 0.2. product = G·vector over the chain's layers by the R operator, from the last
  *  forward pass:  ṙ_0 = 0, ṡ_i = W_i ṙ_i + V_i ā_i, ṙ_{i+1} = φ′_i ⊙ ṡ_i;  u_n = B_n ṡ_{n−1,n};
- *  δ = u, (G v)_i = (1/N) Σ_n δ_{i,n} ā_{i,n}ᵀ, δ ← φ′_{i−1} ⊙ (W_iᵀ δ). About two forward and
- *  one backward gemm per layer. Buffers and errors as kfac_gn_columns_multiply_*, NO_COLUMNS
+ *  δ = u, (G v)_i = (1/N) Σ_n δ_{i,n} ā_{i,n}ᵀ, δ ← φ′_{i−1} ⊙ (W_iᵀ δ) (for a convolution W
+ *  and V act on patches, Σ runs over positions too, and W_iᵀ δ is col2im'd). About two forward
+ *  and two backward gemms per layer. Buffers and errors as kfac_gn_columns_multiply_*, NO_COLUMNS
  *  meaning no chain forward pass. */
 KFAC_API int kfac_gn_chain_multiply_f32(kfac_optimizer *opt, const float *const *vector_w, const float *const *vector_b,
                                         float *const *product_w, float *const *product_b, int32_t n_layers);

@@ -1,6 +1,6 @@
 extension KFACOptimizer {
-    /// Defines the dense chain of the R-op product: `layers[i]` (registered dense layers, each
-    /// feeding the next), `activations[i]` between layers[i] and layers[i+1] (the last must be
+    /// Defines the chain of the R-op product: `layers[i]` (registered dense or conv2d layers, each
+    /// one's output buffer the next one's input: value counts must match), `activations[i]` between layers[i] and layers[i+1] (the last must be
     /// `.identity`: the last layer's outputs are the network's, under `distribution`). Replaces
     /// a previous chain and its forward pass. On error the previous chain is kept.
     public func defineDenseChain(layers: [Int], activations: [ChainActivation], distribution: OutputDistribution) throws(KFACError) {
@@ -8,9 +8,9 @@ extension KFACOptimizer {
                                     registered: estimator.layers)
     }
 
-    /// The chain's forward pass on `rows` examples: copies every chain layer's weight [out][in]
-    /// and bias, the inputs (`inputs[i]`: [rows][in_i]; nil for i > 0 computes a_i = φ(s_{i−1}),
-    /// named activations only) and φ′ (`derivatives[i]`: [rows][out_i], for CUSTOM activations,
+    /// The chain's forward pass on `rows` examples: copies every chain layer's weight (its layer's
+    /// layout) and bias, the inputs (`inputs[i]`: rows examples; nil for i > 0 computes
+    /// a_i = φ(s_{i−1}), named activations only) and φ′ (`derivatives[i]`, for CUSTOM activations,
     /// else ignored), computes z = s_{L−1} into `outputs` ([rows][out], may be nil). Every
     /// product until the next forward uses these. On error the previous forward pass is kept.
     public func denseChainForward(rows: Int, weights: [UnsafePointer<Scalar>?], biases: [UnsafePointer<Scalar>?],

@@ -9,7 +9,9 @@ public enum ChainActivation: Int32, Sendable, CaseIterable {
 }
 
 /// The forward + backward setting of the Gauss-Newton product (seed 002, the R operator) for a
-/// sequential chain of registered dense layers l_0 → φ_0 → l_1 → … → l_{L−1}, whose last output
+/// sequential chain of registered dense and conv2d layers l_0 → φ_0 → l_1 → … → l_{L−1} (each
+/// layer's output buffer the next one's input; convolutions over their patches, the transpose by
+/// col2im: `DenseChain+Layers.swift`), whose last output
 /// s_{L−1} is the network output z (the distribution's logits or means):
 ///
 ///     R-op forward:  ṙ_0 = 0,  ṡ_i = W_i ṙ_i + V_i ā_i,  ṙ_{i+1} = φ′_i(s_i) ⊙ ṡ_i
@@ -22,7 +24,11 @@ final class DenseChain<Scalar: KFACScalar> {
     let layers: [Int]
     let activations: [ChainActivation]
     let distribution: OutputDistribution
+    /// Per chain position: values per example in and out (dense: features; convolution:
+    /// C·H·W and C_out·H_out·W_out in its layout), the bias, and a convolution's geometry.
     let inFeatures: [Int], outFeatures: [Int], hasBias: [Bool]
+    let geometries: [Conv2dGeometry?]
+    let weightCounts: [Int], biasCounts: [Int]
 
     /// After `forward`: N, the copied W (and b), the inputs a_i, φ′_i (i < L−1) and z.
     private(set) var rows = 0
@@ -34,6 +40,10 @@ final class DenseChain<Scalar: KFACScalar> {
     /// Scratch for products: ṡ/δ (two N × widest), per-layer results.
     private var scratch: [AlignedBuffer<Scalar>] = []
     private var results: [AlignedBuffer<Scalar>] = []
+    /// Convolutions: one example's patches and their gradient (|T| × patch each).
+    private var patchScratch: AlignedBuffer<Scalar>?
+    /// The patch scratch (allocated by `forward` when the chain has convolutions).
+    var patchBuffer: UnsafeMutablePointer<Scalar> { patchScratch!.base }  // (used for convolutions only)
 
     var hasForward: Bool { outputs != nil }
 
@@ -42,25 +52,28 @@ final class DenseChain<Scalar: KFACScalar> {
         guard !layers.isEmpty, activations.count == layers.count else {
             throw KFACError(.invalidSize, "a chain needs n >= 1 layers and as many activations")
         }
-        var ins: [Int] = [], outs: [Int] = [], bias: [Bool] = []
+        var ins: [Int] = [], outs: [Int] = [], bias: [Bool] = [], geos: [Conv2dGeometry?] = [], wc: [Int] = [], bc: [Int] = []
         for (i, l) in layers.enumerated() {
             guard l >= 0 && l < registered.count else {
                 throw KFACError(.unknownLayer, "layer \(l) is not registered (there are \(registered.count) layers)")
             }
             guard layers.firstIndex(of: l) == i else { throw KFACError(.invalidArgument, "layer \(l) appears twice in the chain") }
-            guard case .dense(let a, let o, let b, _) = registered[l].layer else {
-                throw KFACError(.unsupported, "layer \(l) is not dense: chains hold dense layers only")
-            }
+            let b = registered[l]
+            let (a, o) = (b.inputValueCount(rows: 1), b.outputGradientValueCount(rows: 1))
             if i > 0 && outs[i - 1] != a {
-                throw KFACError(.invalidSize, "layer \(layers[i - 1]) has \(outs[i - 1]) outputs but layer \(l) takes \(a) inputs")
+                throw KFACError(.invalidSize, "layer \(layers[i - 1]) has \(outs[i - 1]) output values but layer \(l) takes \(a) input values")
             }
-            ins.append(a); outs.append(o); bias.append(b)
+            switch b.layer {
+            case .dense: geos.append(nil)
+            case .conv2d(let g, _, _): geos.append(g)
+            }
+            ins.append(a); outs.append(o); bias.append(b.layer.hasBias); wc.append(b.weightCount); bc.append(b.layer.outFeatures)
         }
         guard activations.last == .identity else {
             throw KFACError(.invalidArgument, "the last layer's activation must be IDENTITY (its outputs are the network's)")
         }
         (self.layers, self.activations, self.distribution) = (layers, activations, distribution)
-        (inFeatures, outFeatures, hasBias) = (ins, outs, bias)
+        (inFeatures, outFeatures, hasBias, geometries, weightCounts, biasCounts) = (ins, outs, bias, geos, wc, bc)
     }
 
     /// The network's output dimension (out of the last layer).
@@ -83,10 +96,10 @@ final class DenseChain<Scalar: KFACScalar> {
         let z = try Self.make(n, outputDim)
         for i in 0..<count {
             let (fi, fo) = (inFeatures[i], outFeatures[i])
-            let wi = try Self.make(fo, fi)
-            wi.base.update(from: weight(i), count: fo * fi)
-            let bi: AlignedBuffer<Scalar>? = hasBias[i] ? try Self.make(1, fo) : nil
-            if let bi, let src = bias(i) { bi.base.update(from: src, count: fo) }
+            let wi = try Self.make(1, weightCounts[i])
+            wi.base.update(from: weight(i), count: weightCounts[i])
+            let bi: AlignedBuffer<Scalar>? = hasBias[i] ? try Self.make(1, biasCounts[i]) : nil
+            if let bi, let src = bias(i) { bi.base.update(from: src, count: biasCounts[i]) }
             let ai = try Self.make(n, fi)
             if let x = input(i) {
                 ai.base.update(from: x, count: n * fi)
@@ -99,11 +112,10 @@ final class DenseChain<Scalar: KFACScalar> {
             guard Scalar.allFinite(ai.base, count: n * fi) else {
                 throw KFACError(.nonFinite, "the inputs of chain layer \(i) (layer \(layers[i])) contain NaN or Inf")
             }
-            // s_i = a_i W_iᵀ + b_i.
+            // s_i = layer_i(a_i) with W_i, b_i.
             let s = i == count - 1 ? z : try Self.make(n, fo)
-            Scalar.gemm(transA: false, transB: true, m: n, n: fo, k: fi, alpha: 1, a: ai.base, lda: fi, b: wi.base, ldb: fi,
-                        beta: 0, c: s.base, ldc: fo)
-            if let bi { for r in 0..<n { Scalar.axpy(count: fo, alpha: 1, x: bi.base, y: s.base + r * fo) } }
+            if patchScratch == nil, let size = patchScratchValues { patchScratch = try Self.make(1, size) }
+            apply(i, ai.base, examples: n, weight: wi.base, bias: bi.map { UnsafePointer($0.base) }, accumulate: false, into: s.base)
             if i < count - 1 {
                 if activations[i] == .custom {
                     guard let phi = derivative(i) else {
@@ -131,7 +143,7 @@ final class DenseChain<Scalar: KFACScalar> {
         let widest = (inFeatures + outFeatures).max()!
         for _ in 0..<2 { sc.append(try Self.make(n, widest)) }
         var rs: [AlignedBuffer<Scalar>] = []
-        for i in 0..<count { rs.append(try Self.make(1, outFeatures[i] * (inFeatures[i] + 1))) }
+        for i in 0..<count { rs.append(try Self.make(1, weightCounts[i] + biasCounts[i])) }
         (weights, biases, inputs, derivatives, outputs, scratch, results, rows) = (w, b, a, d, z, sc, rs, n)
         out?.update(from: z.base, count: n * outputDim)
     }
@@ -166,14 +178,9 @@ final class DenseChain<Scalar: KFACScalar> {
         var sdot = scratch[0].base, rdot = scratch[1].base
         // R-op forward.
         for i in 0..<count {
-            let (fi, fo) = (inFeatures[i], outFeatures[i]), v = vector(i)
-            Scalar.gemm(transA: false, transB: true, m: n, n: fo, k: fi, alpha: 1, a: inputs[i].base, lda: fi, b: v.weight,
-                        ldb: fi, beta: 0, c: sdot, ldc: fo)
-            if let vb = v.bias { for r in 0..<n { Scalar.axpy(count: fo, alpha: 1, x: vb, y: sdot + r * fo) } }
-            if i > 0 {
-                Scalar.gemm(transA: false, transB: true, m: n, n: fo, k: fi, alpha: 1, a: rdot, lda: fi, b: weights[i].base,
-                            ldb: fi, beta: 1, c: sdot, ldc: fo)
-            }
+            let fo = outFeatures[i], v = vector(i)
+            apply(i, inputs[i].base, examples: n, weight: v.weight, bias: v.bias, accumulate: false, into: sdot)
+            if i > 0 { apply(i, rdot, examples: n, weight: weights[i].base, bias: nil, accumulate: true, into: sdot) }
             if i < count - 1 {
                 ChainKernels.multiply(sdot, by: derivatives[i].base, count: n * fo)
                 (sdot, rdot) = (rdot, sdot)
@@ -186,26 +193,20 @@ final class DenseChain<Scalar: KFACScalar> {
         var finite = true
         for back in 0..<count {
             let i = count - 1 - back
-            let (fi, fo) = (inFeatures[i], outFeatures[i]), r = results[i].base
-            Scalar.gemm(transA: true, transB: false, m: fo, n: fi, k: n, alpha: inv, a: delta, lda: fo, b: inputs[i].base,
-                        ldb: fi, beta: 0, c: r, ldc: fi)
-            if hasBias[i] {
-                (r + fo * fi).initialize(repeating: 0, count: fo)
-                for row in 0..<n { Scalar.axpy(count: fo, alpha: inv, x: delta + row * fo, y: r + fo * fi) }
-            }
-            finite = finite && Scalar.allFinite(r, count: fo * (fi + (hasBias[i] ? 1 : 0)))
+            let fi = inFeatures[i], r = results[i].base
+            weightGradient(i, delta, inputs: inputs[i].base, examples: n, alpha: inv, into: r)
+            finite = finite && Scalar.allFinite(r, count: weightCounts[i] + (hasBias[i] ? biasCounts[i] : 0))
             if i > 0 {
-                Scalar.gemm(transA: false, transB: false, m: n, n: fi, k: fo, alpha: 1, a: delta, lda: fo, b: weights[i].base,
-                            ldb: fi, beta: 0, c: next, ldc: fi)
+                backward(i, delta, examples: n, weight: weights[i].base, into: next)
                 ChainKernels.multiply(next, by: derivatives[i - 1].base, count: n * fi)
                 (delta, next) = (next, delta)
             }
         }
         guard finite else { throw KFACError(.nonFinite, "the Gauss-Newton product is not finite") }
         for i in 0..<count {
-            let (fi, fo) = (inFeatures[i], outFeatures[i]), out = output(i)
-            out.weight.update(from: results[i].base, count: fo * fi)
-            out.bias?.update(from: results[i].base + fo * fi, count: fo)
+            let out = output(i)
+            out.weight.update(from: results[i].base, count: weightCounts[i])
+            out.bias?.update(from: results[i].base + weightCounts[i], count: biasCounts[i])
         }
     }
 }
@@ -222,10 +223,9 @@ extension DenseChain {
         for i in 0..<count { columns.append(try AlignedBuffer(rows: k * n, columns: outFeatures[i])) }
         OutputHessian.squareRoot(distribution: distribution, outputs: z.base, rows: n, dim: k, into: columns[count - 1].base)
         for back in 0..<(count - 1) {
-            let i = count - 1 - back, (fi, fo) = (inFeatures[i], outFeatures[i])
+            let i = count - 1 - back, fi = inFeatures[i]
             let below = columns[i - 1].base
-            Scalar.gemm(transA: false, transB: false, m: k * n, n: fi, k: fo, alpha: 1, a: columns[i].base, lda: fo,
-                        b: weights[i].base, ldb: fi, beta: 0, c: below, ldc: fi)
+            backward(i, columns[i].base, examples: k * n, weight: weights[i].base, into: below)
             for j in 0..<k { ChainKernels.multiply(below + j * n * fi, by: derivatives[i - 1].base, count: n * fi) }
         }
         return (columns, (0..<count).map { UnsafePointer(inputs[$0].base) }, k)

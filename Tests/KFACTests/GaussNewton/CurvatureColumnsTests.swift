@@ -209,7 +209,7 @@ extension KFACScalar {
         XCTAssertEqual(status { _ = try opt.gaussNewtonProduct(v) }, .noColumns, "after clear")
 
         // Chains.
-        XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 2], activations: [.tanh, .identity], distribution: .gaussian) }, .unsupported)
+        XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 2], activations: [.tanh, .identity], distribution: .gaussian) }, .invalidSize, "dense 2 outputs into a conv of 4 input values")
         XCTAssertEqual(status { try opt.defineDenseChain(layers: [1, 0], activations: [.tanh, .identity], distribution: .gaussian) }, .invalidSize)
         XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 1], activations: [.tanh, .tanh], distribution: .gaussian) }, .invalidArgument)
         XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 0], activations: [.tanh, .identity], distribution: .gaussian) }, .invalidArgument)
@@ -250,7 +250,7 @@ extension KFACScalar {
                                                               derivatives: [p[5], nil], outputs: nil) }, .nonFinite)
         }
         XCTAssertEqual(try opt.denseChainProduct(v), chainProduct, "a failed forward keeps the previous one")
-        XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 2], activations: [.tanh, .identity], distribution: .gaussian) }, .unsupported)
+        XCTAssertEqual(status { try opt.defineDenseChain(layers: [0, 2], activations: [.tanh, .identity], distribution: .gaussian) }, .invalidSize)
         XCTAssertEqual(try opt.denseChainProduct(v), chainProduct, "a failed define keeps the previous chain")
     }
 }
@@ -295,6 +295,27 @@ extension KFACScalar {
         let output = { (l: Int) -> ParameterGradient<Self>? in ParameterGradient(weight: o[l].0, bias: sizes[l].1 > 0 ? o[l].1 : nil) }
         try opt.gaussNewtonProduct(vector, into: output)
         try opt.denseChainProduct(vector, into: output)
+        // A chain with a convolution (patches and col2im in the product).
+        let convChain = try KFACOptimizer<Self>()
+        try convChain.addConv2d(Conv2dGeometry(inChannels: 1, outChannels: 2, kernel: (2, 2), input: (3, 3)))
+        try convChain.addDense(inFeatures: 8, outFeatures: 3, hasBias: true)
+        try convChain.defineDenseChain(layers: [0, 1], activations: [.tanh, .identity], distribution: .categorical)
+        let cw0: [Self] = r.array(8), cb0: [Self] = r.array(2), cw1: [Self] = r.array(24), cb1: [Self] = r.array(3), cx: [Self] = r.array(n * 9)
+        try withPointers([cw0, cb0, cw1, cb1, cx]) { p in
+            try convChain.denseChainForward(rows: n, weights: [p[0], p[2]], biases: [p[1], p[3]], inputs: [p[4], nil],
+                                            derivatives: [nil, nil], outputs: nil)
+        }
+        let cv = [cw0, cb0, cw1, cb1].map { a -> UnsafeMutablePointer<Self> in
+            let q = UnsafeMutablePointer<Self>.allocate(capacity: a.count); q.initialize(from: a, count: a.count); return q }
+        let co = [cw0, cb0, cw1, cb1].map { a in UnsafeMutablePointer<Self>.allocate(capacity: a.count) }
+        defer { (cv + co).forEach { $0.deallocate() } }
+        let cvector = { (l: Int) -> ParameterVector<Self>? in ParameterVector(weight: cv[2 * l], bias: UnsafePointer(cv[2 * l + 1])) }
+        let coutput = { (l: Int) -> ParameterGradient<Self>? in ParameterGradient(weight: co[2 * l], bias: co[2 * l + 1]) }
+        try convChain.denseChainProduct(cvector, into: coutput)
+        allocation_counter_start()
+        for _ in 0..<3 { try convChain.denseChainProduct(cvector, into: coutput) }
+        let convCount = allocation_counter_stop() - allocation_counter_openblas()
+        XCTAssertEqual(convCount, 0, "\(Self.self): \(convCount) allocations in 3 conv-chain products")
         for chain in [false, true] {
             allocation_counter_start()
             for _ in 0..<3 {

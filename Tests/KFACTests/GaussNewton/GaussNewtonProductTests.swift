@@ -41,6 +41,35 @@ final class GaussNewtonProductTests: XCTestCase {
         }
     }
 
+    /// Convolutions in the chain (stretch goal): conv (groups, stride, padding) → tanh → conv
+    /// (dilation, no bias) → tanh → dense, channels-first; the chain's own columns too.
+    func testChainWithConvolutionsMatchesExplicit() throws {
+        for d in OutputDistribution.allCases {
+            for bias in [true, false] {
+                try Float.checkChainProduct(TinyNet.convNet(d, bias: bias), "conv chain \(d) bias \(bias)", giveInputs: bias)
+                try Double.checkChainProduct(TinyNet.convNet(d, bias: bias), "conv chain \(d) bias \(bias)", giveInputs: !bias)
+            }
+        }
+    }
+
+    /// Channels-last convolutions in a chain: conv (groups, padding) → logistic → conv (groups)
+    /// → tanh → conv to a 1×1 output (whose channels are the network's outputs in either layout).
+    func testChannelsLastConvChainMatchesExplicit() throws {
+        var r = SeededRandom(94)
+        for d in OutputDistribution.allCases {
+            let g1 = Conv2dGeometry(inChannels: 2, outChannels: 4, kernel: (3, 3), padding: (1, 1), groups: 2, input: (3, 4))
+            let g2 = Conv2dGeometry(inChannels: 4, outChannels: 4, kernel: (2, 3), groups: 2, hasBias: false, input: (3, 4))
+            let g3 = Conv2dGeometry(inChannels: 4, outChannels: 3, kernel: (2, 2), input: (2, 2))
+            let net = TinyNet([.init(kind: .conv(g1), hasBias: true, activation: .logistic),
+                               .init(kind: .conv(g2), hasBias: false, activation: .tanh),
+                               .init(kind: .conv(g3), hasBias: true, activation: .identity)], distribution: d, random: &r)
+            for last in [true, false] {
+                try Float.checkChainProduct(net, "conv chain \(d) channels-last \(last)", giveInputs: last, channelsLast: last)
+                try Double.checkChainProduct(net, "conv chain \(d) channels-last \(last)", giveInputs: !last, channelsLast: last)
+            }
+        }
+    }
+
     func testDeepLinearGaussianBlockIsExactHessian() throws {
         try Float.checkDeepLinearHessian()
         try Double.checkDeepLinearHessian()
@@ -182,15 +211,19 @@ extension KFACScalar {
         XCTAssertGreaterThan(expected.flatMap { $0 }.map(abs).max()!, 1e-3, "\(name): a non-trivial product")
     }
 
-    static func checkChainProduct(_ net: TinyNet, _ name: String, giveInputs: Bool) throws {
+    static func checkChainProduct(_ net: TinyNet, _ name: String, giveInputs: Bool, channelsLast: Bool = false) throws {
         let xs = net.inputs(5, seed: 9)
-        let opt = try register(net, channelsLast: false)
+        let opt = try register(net, channelsLast: channelsLast)
         let count = net.layers.count
         try opt.defineDenseChain(layers: Array(0..<count), activations: net.layers.map(\.activation), distribution: net.distribution)
         let weights = net.parameters.enumerated().map { l, p in p[..<net.layers[l].weightCount].map { Self($0) } }
         let biases = net.parameters.enumerated().map { l, p in net.layers[l].hasBias ? p[net.layers[l].weightCount...].map { Self($0) } : nil }
         let passes = xs.map { net.pass($0) }
-        let inputs = (0..<count).map { l in passes.flatMap { $0.inputs[l] }.map { Self($0) } }
+        let inputs = (0..<count).map { l -> [Self] in
+            let a = passes.flatMap { $0.inputs[l] }
+            guard channelsLast, case .conv(let g) = net.layers[l].kind else { return a.map { Self($0) } }
+            return toChannelsLast(a, examples: xs.count, channels: g.inChannels, positions: g.inputHeight * g.inputWidth).map { Self($0) }
+        }
         let derivs = (0..<count).map { l in passes.flatMap { $0.pre[l] }.map { Self(TinyNet.phiPrime(net.layers[l].activation, $0)) } }
         var z = [Self](repeating: 0, count: xs.count * net.outputDim)
         try withPointers(weights) { w in try withPointers(biases) { b in try withPointers(inputs) { a in try withPointers(derivs) { d in

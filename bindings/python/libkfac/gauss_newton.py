@@ -10,7 +10,7 @@ B the output Hessian of the distribution (``'categorical'``: ``diag(p) − ppᵀ
   :meth:`GaussNewton.record_columns`; then :meth:`GaussNewton.columns_multiply` is a few gemms.
   The same recording with ``uses='factor'`` feeds the layer's output factor as KFLR
   (``G = (1/N) Σ_n Σ_k c cᵀ``), or the Monte-Carlo Fisher with sampled gradients / √S.
-- the R operator on a chain of dense layers: :meth:`GaussNewton.define_chain`,
+- the R operator on a chain of dense and conv2d layers: :meth:`GaussNewton.define_chain`,
   :meth:`GaussNewton.chain_forward` (copies the weights), :meth:`GaussNewton.chain_multiply`.
 
 Columns are those of the SUMMED loss; ``loss_reduction`` does not apply to them (square roots
@@ -185,7 +185,8 @@ class GaussNewton:
     # -- dense chain ------------------------------------------------------------------------
 
     def define_chain(self, layers: Sequence[int], activations: Sequence, distribution) -> None:
-        """The dense chain ``layers[0] → activations[0] → layers[1] → …`` (``kfac_gn_chain_define``);
+        """The chain ``layers[0] → activations[0] → layers[1] → …`` of dense and conv2d layers, each
+        layer's output buffer the next one's input (``kfac_gn_chain_define``);
         the last activation must be ``'identity'``. Activations by name (``'identity'``,
         ``'relu'``, ``'tanh'``, ``'logistic'``, ``'custom'``) or ``KFAC_ACTIVATION_*``."""
         codes = [ACTIVATIONS[a.lower()] if isinstance(a, str) else int(a) for a in activations]

@@ -1,7 +1,7 @@
 """EXPERIMENTAL Gauss-Newton products (libkfac.gauss_newton) against references written here:
 S Sᵀ = B and B·q from p; G·v from stored columns and from the dense chain against the explicit
 (1/N) Σ_n J_nᵀ B_n J_n v of a tanh MLP (analytic J) and of a grouped conv net (central-difference
-J in float64); KFLR from columns at N = 1 against the exact GGN block; errors."""
+J in float64), also as an R-op chain; KFLR from columns at N = 1 against the exact GGN block; errors."""
 
 import numpy as np
 import pytest
@@ -188,6 +188,20 @@ def test_conv_columns_match_explicit_ggn(rng, dist):
     pw, pb = g.columns_multiply([v[:16].reshape(4, 1, 2, 2), v[20:].reshape(3, 12)], [v[16:20], None])
     got = np.concatenate([pw[0].ravel(), pb[0], pw[1].ravel()])
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-7
+    # The same net as a chain (conv → tanh → flatten → dense): the R operator, then the chain's own columns.
+    g.define_chain([0, 1], ["tanh", "identity"], dist)
+    z = g.chain_forward([wc, wd], [bc, None], [x, None])
+    np.testing.assert_allclose(z, zs, rtol=1e-12, atol=1e-12)
+    vs = ([v[:16].reshape(4, 1, 2, 2), v[20:].reshape(3, 12)], [v[16:20], None])
+    for multiply in ("chain", "chain columns"):
+        if multiply == "chain":
+            pw, pb = g.chain_multiply(*vs)
+        else:
+            g.clear_columns()
+            g.chain_record_columns("product")
+            pw, pb = g.columns_multiply(*vs)
+        got = np.concatenate([pw[0].ravel(), pb[0], pw[1].ravel()])
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-7, multiply
 
 
 @pytest.mark.parametrize("dist", DISTS)
