@@ -417,7 +417,7 @@ if CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.co
     print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
     print("gradient (forward + backward) of the same batch")
     print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
-          + pad("recording (K=10)", 20) + "kept values")
+          + pad("recording (K=10)", 20) + pad("kept values", 13) + "columns/gradient FLOPs")
     for w in quick ? [512] : [512, 1024] {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
         let tGrad = median(repeats: 7) { mlp.forwardBackward() }
@@ -463,7 +463,8 @@ if CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.co
         let tColumns = try median(repeats: 7) { try opt.gaussNewtonProduct(vector, into: output) }
         print(pad("\(w)", 6) + pad("\(f(tGrad * 1e3)) ms", 11) + pad("\(f(tChain / tGrad))× (≤ 2)", 16)
               + pad("\(f(tColumns / tGrad))× (≤ 0.5)", 22) + pad("\(f(tRecord / tGrad))× once", 20)
-              + "\(opt.gaussNewtonColumnInfo.values)")
+              + pad("\(opt.gaussNewtonColumnInfo.values)", 13)
+              + f(4 * Double(batch) * (0..<mlp.layerCount).reduce(0.0) { $0 + Double(mlp.sizes[$1] * mlp.sizes[$1 + 1]) } / mlp.flops))
         columns.forEach { $0.deallocate() }
         roots.deallocate()
     }
@@ -471,5 +472,7 @@ if CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.co
       Ratios to the gradient of the same batch, measured in this run. The R-op product includes the
       output Hessian; the chain's forward pass (copies of θ and the inputs) is made once per batch
       and not counted. The recording is S, K = 10 backward passes through the MLP and the record calls.
+      Stored columns cost two gemms per layer (V ā and its transpose) whatever K is; the gradient
+      costs two for the first layer and three for the others: the last column is that FLOP ratio.
     """)
 }
