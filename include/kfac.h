@@ -913,6 +913,10 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  * arrays when no covered layer has a bias). Products may be written over their vectors (the same
  * pointers). They are G without damping or L2; they change nothing in the handle and may be
  * called any number of times; nothing is written when they fail.
+ * Threading and state: the handle calls follow the handle rule (one thread at a time); the
+ * output-space helpers have no handle and are thread-safe. Kept columns and the chain (its
+ * definition and forward pass) live beside the K-FAC state and are not part of state images;
+ * kfac_state_load leaves them as they are. After the first call, products allocate nothing.
  *
  * Loss conventions. Columns are those of the SUMMED loss: S of kfac_gn_output_hessian_sqrt_*
  * back-propagated. KFAC_PARAM_LOSS_REDUCTION does not apply to them; a caller whose square roots
