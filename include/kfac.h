@@ -376,6 +376,20 @@ typedef enum kfac_param {
      * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
      * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
     KFAC_PARAM_NUM_THREADS = 11,
+    /* int, 0 or 1, default 0 = off. Spread the inversions of a period over its steps (with
+     * Ti = KFAC_PARAM_INVERSE_UPDATE_PERIOD > 1): each block (a layer, or one convolution group)
+     * gets a phase s in [0, min(Ti, blocks)) and is re-inverted at the steps with k mod Ti = s,
+     * from the factors as folded by that step, instead of every block at k mod Ti = 0. Phases
+     * are fixed by the blocks' shapes and Ti alone: longest processing time first (blocks in
+     * decreasing Σ d³ over their factors' diagonal blocks, ties by layer order, each to the
+     * phase with the least work so far), so no step inverts more than about 1/Ti of the work
+     * unless one block alone is more. Staleness: as without spreading, a block's inverse is at
+     * most Ti − 1 steps (one period) old, but the blocks' inverses come from different steps'
+     * factors. A block without an inverse for the strategy is still inverted at any step; with
+     * the Cholesky strategy each block bakes in the λ (or γ) and π of its own inversion step,
+     * and a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) inverts every block as before. A step
+     * that fails changes no inverse; kfac_optimizer_update_inverses inverts every block. */
+    KFAC_PARAM_INVERSE_SPREAD = 12,
 
     /* ---- adaptive mode (200–299), see "Adaptive mode" ---- */
     /* int, [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁

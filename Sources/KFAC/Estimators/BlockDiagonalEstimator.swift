@@ -244,10 +244,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     }
 
     /// Before a step: checks that every block has (or, with `foldingPending`, will have) both
-    /// factors, marks the blocks `invert(hasInverse)` says the step inverts, and checks that the
-    /// others have an inverse for the strategy. Returns whether any block is inverted.
+    /// factors, marks the blocks `invert(block, hasInverse)` says the step inverts, and checks
+    /// that the others have an inverse for the strategy. Returns whether any block is inverted.
     func planInversions(foldingPending: Bool, strategy: InverseStrategy,
-                        invert: (_ hasInverse: Bool) -> Bool) throws(KFACError) -> Bool {
+                        invert: (_ block: Int, _ hasInverse: Bool) -> Bool) throws(KFACError) -> Bool {
         var anyInversion = false
         for k in blocks.indices {
             let c = blocks[k]
@@ -257,7 +257,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                 throw KFACError(.noStatistics, "layer \(blockLayer[k]) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
             }
             let hasInverse = c.hasInverse(for: strategy)
-            invertBlock[k] = invert(hasInverse)
+            invertBlock[k] = invert(k, hasInverse)
             guard invertBlock[k] || hasInverse else {
                 throw KFACError(.noInverses, "layer \(blockLayer[k]) has no inverses and the inverse update period is 0; call update_inverses")
             }

@@ -23,6 +23,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Gauss-Newton products: the kept Jacobian columns and the dense chain (GaussNewton/).
     var gaussNewtonColumns = CurvatureColumns<Scalar>()
     var denseChain: DenseChain<Scalar>?
+    /// The blocks' phases when the inversions of a period are spread over its steps.
+    let spread = InversionSpread()
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
@@ -54,6 +56,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Whether the step with counter `k` recomputes every layer's inverses.
     func shouldInvert(at k: Int) -> Bool {
         parameters.inverseUpdatePeriod > 0 && k % parameters.inverseUpdatePeriod == 0
+    }
+
+    /// When the inversions are spread (`inverseSpread`, Ti > 1): the phase whose blocks the step
+    /// with counter `k` re-inverts, k mod Ti. Nil otherwise (every block at k ≡ 0 mod Ti).
+    func spreadPhase(at k: Int) -> Int? {
+        let t = parameters.inverseUpdatePeriod
+        return parameters.inverseSpread && t > 1 ? k % t : nil
     }
 
     /// Whether the step with counter `k` prepares γ candidates (a γ step).
@@ -166,8 +175,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let dampingStep = isDampingCandidateStep(at: stepCount)
         // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
         let invertForCandidates = dampingStep && p.inverseStrategy.dampingIsBakedIn
-        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { hasInverse in
-            (p.inverseUpdatePeriod > 0 && (inverting || !hasInverse)) || invertForCandidates
+        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
+        let phase = spreadPhase(at: stepCount)
+        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
+        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
+            let due = phase.map { spread.phase[k] == $0 } ?? inverting
+            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
         }
         if folding { try estimator.validatePendingStatistics() }
         try adaptive.reserveStepDirections(estimator.blocks)

@@ -15,6 +15,7 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case piDamping = 9
     case lossReduction = 10
     case threadCount = 11
+    case inverseSpread = 12
     // Adaptive mode (Parameters+Adaptive.swift).
     case lmInterval = 200
     case lmDecay = 201

@@ -36,5 +36,8 @@ extension ParameterSpec {
         ParameterSpec(.threadCount, "num_threads", .int, .core, lower: 0, upper: 256,
                       default: 0, effect: .nextInversion,
                       read: { Double($0.threadCount) }, write: { $0.threadCount = Int($1) }),
+        ParameterSpec(.inverseSpread, "inverse_spread", .int, .core, lower: 0, upper: 1,
+                      default: 0, effect: .nextStep,
+                      read: { $0.inverseSpread ? 1 : 0 }, write: { $0.inverseSpread = $1 == 1 }),
     ]
 }

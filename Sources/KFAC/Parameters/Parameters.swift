@@ -53,6 +53,8 @@ public struct KFACParameters: Equatable, Sendable {
     public var lossReduction: LossReduction = .sum
     /// Threads for parallel inversions, 0 = one per online CPU, at most 256.
     public var threadCount: Int = 0
+    /// Spread the inversions of a period over its steps, block by block (`InversionSpread`).
+    public var inverseSpread: Bool = false
     /// Levenberg–Marquardt adjustment of λ (Martens & Grosse 2015, §6.5): every `lmInterval`
     /// reported loss changes, λ is multiplied by lmDecay^lmInterval if ρ > 3/4 and divided by it
     /// if ρ < 1/4. 0 turns the adjustment off.

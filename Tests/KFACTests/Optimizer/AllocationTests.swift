@@ -16,16 +16,18 @@ final class AllocationTests: XCTestCase {
         for threads in [blasThreads, 1] {
             openblas_set_num_threads(threads)
             for strategy in InverseStrategy.allCases {
-                try steadyState(Float.self, strategy)
-                try steadyState(Double.self, strategy)
+                for spread in [false, true] {  // spread: one layer inverted per step
+                    try steadyState(Float.self, strategy, spread: spread)
+                    try steadyState(Double.self, strategy, spread: spread)
+                }
             }
         }
     }
 
-    private func steadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy) throws {
+    private func steadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, spread: Bool) throws {
         var problem = TwoLayerProblem<S>(seed: 31)
         let opt = try problem.makeOptimizer {
-            $0.inverseStrategy = strategy; $0.inverseUpdatePeriod = 2; $0.threadCount = 2
+            $0.inverseStrategy = strategy; $0.inverseUpdatePeriod = 2; $0.threadCount = 2; $0.inverseSpread = spread
         }
         let batch = problem.batch(rows: 8)
         // Gradient buffers the trainer owns; their contents are irrelevant to allocation.
@@ -51,7 +53,7 @@ final class AllocationTests: XCTestCase {
         allocation_counter_start()
         for _ in 0..<6 { try oneStep() }  // includes three inversion steps
         let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
-        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 steady-state steps")
+        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy) spread \(spread): \(count - openblas) allocations outside OpenBLAS in 6 steady-state steps")
     }
 }
 
