@@ -63,7 +63,7 @@ extension KFACOptimizer {
         for raw in CandidateSlot.larger.rawValue...CandidateSlot.smaller.rawValue {
             let slot = CandidateSlot(rawValue: raw)!
             let damping = slot == .larger ? gamma * omega : gamma / omega
-            guard damping > 0 && damping.isFinite else { continue }
+            guard damping > 0 && damping.isFinite && p.factorDampingInBand(damping) else { continue }
             if baked {
                 do {
                     try estimator.stageInverses(foldingPending: false, into: .inverses(candidates.inverses(slot)),
@@ -260,7 +260,9 @@ extension KFACOptimizer {
         if t > 0 && adaptive.lossReports % t == 0 && !rho.isNaN {
             let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
             var p = parameters
-            if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }
+            // Never below λ_min (`dampingMin`), nor from below it further down.
+            let lambda = p.damping, floor = Swift.min(lambda, p.dampingMin)
+            if rho > 0.75 { p.damping = Swift.max(lambda * omega, floor) } else if rho < 0.25 { p.damping /= omega }
             if p.damping > 0 && p.damping.isFinite { parameters = p }
         }
         return rho

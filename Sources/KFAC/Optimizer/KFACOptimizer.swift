@@ -169,10 +169,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         for l in 0..<estimator.layerCount {
             try checkGradient(gradient(l), layer: estimator.layers[l], index: l)
         }
-        let p = parameters, settings = p.curvatureSettings
+        let dampingStep = isDampingCandidateStep(at: stepCount)
+        var p = parameters
+        // A γ step starts from γ brought into [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
+        if dampingStep && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
         let inverting = shouldInvert(at: stepCount)
-        let dampingStep = isDampingCandidateStep(at: stepCount)
         // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
         let invertForCandidates = dampingStep && p.inverseStrategy.dampingIsBakedIn
         // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
@@ -191,6 +194,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
+        parameters.factorDamping = p.factorDamping
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)

@@ -22,6 +22,8 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case factorDamping = 202
     case factorDampingPeriod = 203
     case factorDampingDecay = 204
+    case dampingMin = 205
+    case factorDampingRatio = 206
 
     /// This parameter's row of the table.
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }

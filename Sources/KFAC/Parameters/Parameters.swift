@@ -34,9 +34,22 @@ public struct KFACParameters: Equatable, Sendable {
     public var factorDampingPeriod: Int = 0
     /// The base of ω₂, in (0, 1).
     public var factorDampingDecay: Double = 0
+    /// The Levenberg–Marquardt adjustment never decreases λ below this (>= 0).
+    public var dampingMin: Double = 0
+    /// r (>= 1): a γ step keeps γ within [λ/r, λ·r] (`bandedFactorDamping`).
+    public var factorDampingRatio: Double = 0
 
     /// The damping the factor inverses use: γ if set, else λ.
     public var inverseDamping: Double { factorDamping > 0 ? factorDamping : damping }
+    /// Whether a factor damping lies in the band [λ/r, λ·r] of `factorDampingRatio`.
+    func factorDampingInBand(_ gamma: Double) -> Bool {
+        gamma >= damping / factorDampingRatio && gamma <= damping * factorDampingRatio
+    }
+    /// The damping a γ step starts from: `inverseDamping` brought into [λ/r, λ·r] (unchanged
+    /// when it is inside).
+    var bandedFactorDamping: Double {
+        Swift.min(Swift.max(inverseDamping, damping / factorDampingRatio), damping * factorDampingRatio)
+    }
     /// β of the factors' moving average, in [0, 1).
     public var factorDecay: Double = 0
     /// κ of the KL clip (>= 0); 0 disables clipping.

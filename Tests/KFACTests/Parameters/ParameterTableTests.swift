@@ -17,11 +17,14 @@ final class ParameterTableTests: XCTestCase {
         (9, "pi_damping", .int, 1, 0, true, 1, true, .core),
         (10, "loss_reduction", .int, 0, 0, true, 1, true, .core),
         (11, "num_threads", .int, 0, 0, true, 256, true, .core),
+        (12, "inverse_spread", .int, 0, 0, true, 1, true, .core),
         (200, "lm_interval", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (201, "lm_decay", .double, 0.95, 0, false, 1, false, .adaptive),
         (202, "factor_damping", .double, 0, 0, true, .infinity, false, .adaptive),
         (203, "factor_damping_period", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (204, "factor_damping_decay", .double, 0.95, 0, false, 1, false, .adaptive),
+        (205, "damping_min", .double, 1e-8, 0, true, .infinity, false, .adaptive),
+        (206, "factor_damping_ratio", .double, 100, 1, true, .infinity, false, .adaptive),
     ]
 
     func testTableMatchesTheHeader() {

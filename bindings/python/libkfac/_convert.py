@@ -37,7 +37,7 @@ ENUM_PARAMETERS = {
     "loss_reduction": {"sum": _lib.KFAC_REDUCTION_SUM, "mean": _lib.KFAC_REDUCTION_MEAN},
 }
 #: Integer parameters read back as bool.
-BOOL_PARAMETERS = frozenset({"pi_damping"})
+BOOL_PARAMETERS = frozenset({"pi_damping", "inverse_spread"})
 
 
 def is_bool(value) -> bool:

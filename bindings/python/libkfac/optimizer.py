@@ -694,6 +694,11 @@ _MEANINGS = {
     "pi_damping": "Use π in factored (Cholesky) damping (bool).",
     "loss_reduction": "'sum' or 'mean': how the caller's loss was reduced.",
     "num_threads": "Threads for parallel inversion (0 = all CPUs).",
+    "inverse_spread": (
+        "Spread the inversions of a period over its steps, block by block (bool): each block is "
+        "re-inverted once per inverse_update_period, at the step of its phase, from that step's "
+        "factors; an inverse is at most one period old."
+    ),
     "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (0 = off).",
     "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ.",
     "factor_damping": "γ: damping of the factor inverses instead of λ when > 0.",
@@ -704,6 +709,11 @@ _MEANINGS = {
     "factor_damping_decay": (
         "ω₂'s base: the candidates of a γ step are γ, γ·ω₂ and γ/ω₂ with "
         "ω₂ = factor_damping_decay ** factor_damping_period."
+    ),
+    "damping_min": "λ_min: the Levenberg–Marquardt adjustment never decreases λ below it (0 = no floor).",
+    "factor_damping_ratio": (
+        "r: the re-choice of γ keeps γ within [λ/r, λ·r] (a γ step clamps γ into it and drops "
+        "candidates outside it; 1e300 = no band)."
     ),
 }
 

@@ -133,6 +133,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             losses are mean-reduced) or ``'sum'``.
         output_grad_scale: the loss scale of mixed-precision training (1 otherwise).
         num_threads: threads the library uses for inversions (0 = all CPUs).
+        inverse_spread: spread the inversions of a period over its steps, block by block (each
+            block re-inverted once per period at its own step; inverses at most one period old).
 
     Adaptive mode (library family ``adaptive``; see :meth:`adaptive_step`):
         lm_interval, lm_decay: T₁ and ω₁ of the Levenberg–Marquardt adjustment of λ;
@@ -145,6 +147,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             (ω₂ = ``factor_damping_decay ** factor_damping_period``; starting from λ when γ is 0)
             and keeps the one whose update lowers the quadratic model most.
             ``factor_damping_period=0`` (the library's default) keeps γ fixed.
+        damping_min: λ_min, the floor of the Levenberg–Marquardt adjustment of λ.
+        factor_damping_ratio: r, the re-choice of γ keeps γ within [λ/r, λ·r].
 
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
@@ -180,12 +184,15 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         loss_reduction: Union[str, int] = "mean",
         output_grad_scale: Optional[float] = None,
         num_threads: Optional[int] = None,
+        inverse_spread: Optional[bool] = None,
         # adaptive
         lm_interval: Optional[int] = None,
         lm_decay: Optional[float] = None,
         factor_damping: Optional[float] = None,
         factor_damping_period: Optional[int] = None,
         factor_damping_decay: Optional[float] = None,
+        damping_min: Optional[float] = None,
+        factor_damping_ratio: Optional[float] = None,
         # layers
         dtype=None,
         skip_layers: Iterable = (),
@@ -201,7 +208,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             inverse_strategy=inverse_strategy, pi_damping=pi_damping, loss_reduction=loss_reduction,
             output_grad_scale=output_grad_scale, num_threads=num_threads, lm_interval=lm_interval,
             lm_decay=lm_decay, factor_damping=factor_damping, factor_damping_period=factor_damping_period,
-            factor_damping_decay=factor_damping_decay,
+            factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
+            damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
         )
         self.model = model
         self._layers = discover_layers(model, skip_layers)

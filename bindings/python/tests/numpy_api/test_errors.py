@@ -49,11 +49,14 @@ def test_parameter_defaults():
             "pi_damping": True,
             "loss_reduction": "sum",
             "num_threads": 0,
+            "inverse_spread": False,
             "lm_decay": 0.95,
             "factor_damping": 0.0,
             "factor_damping_decay": 0.95,
             "lm_interval": 0,
             "factor_damping_period": 0,
+            "damping_min": 1e-8,
+            "factor_damping_ratio": 100.0,
         }
 
 

@@ -152,7 +152,8 @@ def test_candidate_solve_keeps_the_damping_with_the_lowest_model_value(rng, dtyp
     tol = TOLERANCE[dtype]
     opt = kfac.Optimizer(dtype, damping=damping, kl_clip=0, factor_decay=beta, inverse_strategy=strategy,
                          inverse_update_period=inverse_period, factor_damping=gamma0,
-                         factor_damping_period=period, factor_damping_decay=decay)
+                         factor_damping_period=period, factor_damping_decay=decay,
+                         factor_damping_ratio=1e300)  # γ up to 1600 λ: no band (not tested here)
     with opt:
         opt.add_dense(model.inf, model.out)
         A = G = None

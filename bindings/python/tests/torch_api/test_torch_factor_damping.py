@@ -86,7 +86,8 @@ def test_adaptive_step_with_gamma_steps_equals_the_numpy_api_driven_by_hand(stra
     model = _mlp()
     hand = _HandMLP(model, x, y)
     settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, inverse_strategy=strategy,
-                    factor_damping=1.0, factor_damping_period=2, factor_damping_decay=0.5)
+                    factor_damping=1.0, factor_damping_period=2, factor_damping_decay=0.5,
+                    factor_damping_ratio=1e300)  # γ = 100 λ and beyond: no band (not tested here)
     pre = KFACPreconditioner(model, **settings)
     assert (pre.factor_damping, pre.factor_damping_period, pre.factor_damping_decay) == (1.0, 2, 0.5)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
