@@ -413,22 +413,25 @@ typedef enum kfac_param {
     /* Safeguards of the adaptive mode. Without them, M&G's settings (λ0 = γ0 = 150, T₁ = 5,
      * T₂ = T₃ = 20) let λ fall by ω₁^T₁ at every adjustment while ρ ≈ 1 (α and μ come from the
      * exact-Fisher model, so ρ stays near 1 once λ no longer matters to it): λ reached 6.5e-12
-     * in 600 steps. And γ, re-chosen by the model value, drifted up while λ was large (a large
-     * λ makes the model prefer directions close to the gradient, and in that regime the three
-     * candidates' model values hardly differ) to 10^4–10^11, with α growing with it
-     * (benchmarks/training/README.md, "Adaptive mode"). */
+     * in 600 steps, where it takes some 500 steps to recover. And γ, re-chosen by the model
+     * value, drifted away from λ with nothing to bring it back: up to 10^4–10^11 (α growing as
+     * γ, the directions shrinking as 1/γ) while λ fell, 10^5–10^7 times λ (issue 14;
+     * benchmarks/training/README.md, findings). */
     /* double, [0, ∞), default 1e-8. λ_min: the Levenberg–Marquardt adjustment never decreases λ
      * below it (a λ set below it is not raised; kfac-jax's min_damping has the same default).
-     * Keeps λ within reach: from 1e-8 back to 1 takes about 360 steps at ω₁ = 0.95, from
-     * 6.5e-12 about 500. 0 = no floor. */
+     * Keeps λ within reach: from 1e-8 back to 1 takes about 360 steps at ω₁ = 0.95, T₁ = 5.
+     * 0 = no floor. */
     KFAC_PARAM_DAMPING_MIN = 205,
-    /* double, [1, ∞), default 100. r: the re-choice of γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
+    /* double, [1, ∞), default 10. r: the re-choice of γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
      * keeps γ within a factor r of λ: a γ step first brings γ into [λ/r, λ·r] (the step uses,
      * and keeps, that value) and drops a candidate γ·ω₂ or γ/ω₂ outside it (as a failed one,
      * see "Re-choosing γ"). M&G start from γ = λ (γ0 = √(λ0 + η) in their notation); the band
-     * lets γ follow λ down instead of staying where λ once was. Steps that are not γ steps,
-     * and a γ set by the caller between them, are not changed. A value like 1e300 turns the
-     * band off. */
+     * lets γ follow λ as the Levenberg–Marquardt rule moves it, with room for about two
+     * re-choices either way at ω₂ = 0.95^20. The default was chosen with M&G's values on four
+     * of the convergence benchmark's settings (r = 10 against 100, 1000 and no band: lowest
+     * loss, and the loss targets soonest, on each; see CHANGES.md). Steps that are not γ
+     * steps, and a γ set by the caller between them, are not changed; 1e300 turns the band
+     * off. */
     KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
 } kfac_param;
 

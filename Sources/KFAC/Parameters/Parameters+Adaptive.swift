@@ -22,7 +22,7 @@ extension ParameterSpec {
                       default: 1e-8, effect: .immediate,
                       read: { $0.dampingMin }, write: { $0.dampingMin = $1 }),
         ParameterSpec(.factorDampingRatio, "factor_damping_ratio", .double, .adaptive, lower: 1, upper: .infinity,
-                      upperInclusive: false, default: 100, effect: .nextStep,
+                      upperInclusive: false, default: 10, effect: .nextStep,
                       read: { $0.factorDampingRatio }, write: { $0.factorDampingRatio = $1 }),
     ]
 }

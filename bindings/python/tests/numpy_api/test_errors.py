@@ -56,7 +56,7 @@ def test_parameter_defaults():
             "lm_interval": 0,
             "factor_damping_period": 0,
             "damping_min": 1e-8,
-            "factor_damping_ratio": 100.0,
+            "factor_damping_ratio": 10.0,
         }
 
 

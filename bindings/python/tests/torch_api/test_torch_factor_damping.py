@@ -158,7 +158,7 @@ def test_adaptive_step_applies_the_library_update_to_float32_parameters():
     model = _mlp().float()
     x32 = x.float()
     pre = KFACPreconditioner(model, dtype=torch.float64, damping=1e-2, kl_clip=0, inverse_update_period=1,
-                             factor_damping=0.5, factor_damping_period=3)
+                             factor_damping=0.5, factor_damping_period=3, factor_damping_ratio=1e300)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
     shapes = [(5, 7, True), (7, 4, True)]
     for step in range(5):
@@ -182,7 +182,7 @@ def test_adaptive_step_reuses_its_buffers_and_survives_a_state_round_trip():
     x, y = _data(n=32)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
     settings = dict(kl_clip=0, damping=1e-2, factor_damping=0.3, factor_damping_period=2,
-                    factor_damping_decay=0.6, lm_interval=1)
+                    factor_damping_decay=0.6, lm_interval=1, factor_damping_ratio=1e300)  # γ = 30 λ: no band
 
     def run(model, pre, steps):
         results = []
@@ -228,7 +228,8 @@ def test_batched_products_equal_one_jvp_per_tangent(strategy, dtype):
     x = x.to(dtype)
     twins = [_mlp().to(dtype), _mlp().to(dtype)]
     settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, inverse_strategy=strategy, lm_interval=1,
-                    factor_damping=1e-2, factor_damping_period=2, factor_damping_decay=0.5)
+                    factor_damping=1e-2, factor_damping_period=2, factor_damping_decay=0.5,
+                    factor_damping_ratio=1e300)  # four tangents at every γ step
     pres = [KFACPreconditioner(m, **settings) for m in twins]
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     for k in range(8):
