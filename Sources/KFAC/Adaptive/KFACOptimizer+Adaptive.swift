@@ -49,7 +49,8 @@ extension KFACOptimizer {
     }
 
     /// On a γ step, after the commit: the directions for γ·ω₂ and γ/ω₂ (inverting the factors
-    /// again when the strategy's inverses hold their damping). A candidate that fails (a factor
+    /// again when the strategy's inverses hold their damping), those within [λ/r, λ·r]
+    /// (`factorDampingRatio`) only. A candidate that fails (a factor
     /// not positive definite, directions not finite) is left out; nothing here changes the
     /// committed state.
     func prepareDampingCandidates() {
@@ -241,8 +242,8 @@ extension KFACOptimizer {
     }
 
     /// Reports the mean loss before and after the update of the last `solveStepSize`: returns
-    /// ρ = (after − before) / M(δ) and, every `lmInterval` reports, adjusts λ (ρ > 3/4: λ·ω;
-    /// ρ < 1/4: λ/ω; ω = lmDecay^lmInterval).
+    /// ρ = (after − before) / M(δ) and, every `lmInterval` reports, adjusts λ (ρ > 3/4: λ·ω, but
+    /// not below `dampingMin` (nor below λ if λ already is); ρ < 1/4: λ/ω; ω = lmDecay^lmInterval).
     @discardableResult
     public func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double {
         guard let predicted = adaptive.predictedChange else {
