@@ -194,7 +194,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
-        parameters.factorDamping = p.factorDamping
+        if dampingStep { parameters.factorDamping = p.factorDamping }
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)
