@@ -733,9 +733,9 @@ KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scal
  * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
  * or not finite (decay^T₂ underflows) or outside [λ/r, λ·r] (KFAC_PARAM_FACTOR_DAMPING_RATIO),
  * whose factor is not positive definite or whose directions are not finite is dropped, and the
- * later ones move down an index: kfac_candidates_get_directions_* reports each candidate's γ. The plain
- * kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ. Candidates
- * are not saved in states.
+ * later ones move down an index: kfac_candidates_get_directions_* reports each candidate's γ.
+ * The plain kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ.
+ * Candidates are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
