@@ -111,7 +111,10 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Folds every layer's pending statistics into its running factors now.
     public func updateFactors() throws(KFACError) {
+        try estimator.validatePendingStatistics()
+        try estimator.stageScalingFolds(settings: parameters.curvatureSettings)  // EKFAC's S
         try estimator.foldFactors(decay: parameters.factorDecay)
+        estimator.commitScalingFolds(clearingAll: parameters.inverseStrategy != .ekfac)
     }
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
@@ -170,11 +173,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try estimator.stageInverses(foldingPending: folding, settings: settings, damping: p.inverseDamping) }
+        try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
 
         let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
+        estimator.commitPairedStatistics(folding: folding)
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)

@@ -21,6 +21,9 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case factorDamping = 202
     case factorDampingPeriod = 203
     case factorDampingDecay = 204
+    // EKFAC (Parameters+EKFAC.swift).
+    case ekfacDecay = 400
+    case ekfacMode = 401
 
     /// This parameter's row of the table.
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }
