@@ -355,4 +355,8 @@ void test_candidate_numerics(void);
  * on twin handles. */
 void test_curvature_multiply(void);
 
+/* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */
+void test_ekfac_numerics(void);
+void test_ekfac_errors(int dtype);
+
 #endif /* KFAC_CAPI_HARNESS_H */
