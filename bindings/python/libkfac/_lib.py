@@ -107,7 +107,7 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -127,9 +127,12 @@ KFAC_PARAM_LM_DECAY = 201
 KFAC_PARAM_FACTOR_DAMPING = 202
 KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203
 KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
+KFAC_PARAM_EKFAC_DECAY = 400
+KFAC_PARAM_EKFAC_MODE = 401
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
+KFAC_INVERSE_EKFAC = 2  # experimental (the header's "EKFAC" section)
 
 KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
@@ -168,6 +171,13 @@ KFAC_CONV_SUA = 1
 KFAC_DIST_CATEGORICAL = 0
 KFAC_DIST_BERNOULLI = 1
 KFAC_DIST_GAUSSIAN = 2
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_EKFAC_PER_EXAMPLE = 0
+KFAC_EKFAC_PER_ROW = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -479,11 +489,18 @@ _PROTOTYPES = [
     # Experimental: products with the damped curvature
     ("kfac_curvature_multiply_f32", c_int, [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_curvature_multiply_f64", c_int, [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: EKFAC
+    ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
+    ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
+    ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
+    ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
-                                    if name.startswith(("kfac_candidates_", "kfac_curvature_")))
+                                    if name.startswith(("kfac_candidates_", "kfac_curvature_",
+                                                        "kfac_layer_record_examples_",
+                                                        "kfac_layer_get_ekfac_scaling_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)
