@@ -110,7 +110,7 @@ for w in runDense ? widths : [] {
     var precondition: [InverseStrategy: Double] = [:]
     var inverseRatio: [InverseStrategy: Double] = [:]
     var parallelRatio: [InverseStrategy: Double] = [:]
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         try opt.set(.inverseStrategy, Int64(strategy.rawValue))
         try opt.updateInverses()
         let t = try median(repeats: 5) { try opt.precondition(layer: 0, weight: weight, bias: bias) }
@@ -260,7 +260,7 @@ print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step"
       + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single") }
 let stepWidths = !runDense ? [] : quick ? [512] : [512, 1024, 2048]
 for w in stepWidths {
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
         let opt = try KFACOptimizer<Float>()
         for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
@@ -390,7 +390,7 @@ if runConv {
     var reference: [InverseStrategy: Double] = [:]
     for (name, approximation, group) in variants {
         var cells: [String] = []
-        for strategy in InverseStrategy.allCases {
+        for strategy in [InverseStrategy.cholesky, .eigen] {
             let opt = try KFACOptimizer<Float>()
             try opt.addConv2d(geometry, approximation: approximation,
                               grouping: ChannelGrouping(inputGroupSize: group, outputGroupSize: group))
@@ -408,5 +408,77 @@ if runConv {
     print("""
       Both factors of the layer are inverted (A and the 512×512 Γ, grouped alike); 1/x is KFC's
       time over the variant's.
+    """)
+}
+
+// MARK: 5. EKFAC's extra cost per step
+
+/// Median seconds per step of `steps` steps (after a warm-up round) of one optimizer on fixed
+/// buffers: record (paired or not), then step. Inverses every 10 steps, factors every step.
+func stepTime(_ opt: KFACOptimizer<Float>, steps: Int, record: () throws -> Void,
+              gradient: (Int) -> ParameterGradient<Float>) throws -> Double {
+    func run() throws { for _ in 0..<steps { try record(); try opt.step(gradient) } }
+    try run()
+    return try median(repeats: 3) { try run() } / Double(steps)
+}
+
+if !CommandLine.arguments.contains("--no-ekfac") {
+    print("""
+
+    EKFAC against the eigen strategy, same layers and data, float32: time of one training step's
+    library calls (record + step; factors every step, inverses every 10), as a ratio to eigen's
+    """)
+    print(pad("layers", 40) + pad("eigen", 11) + pad("EKFAC per example", 19) + "EKFAC per row")
+    struct EKFACCase { var name: String; var dense: [(Int, Int)]; var conv: Conv2dGeometry?; var rows: Int; var perExample: Int }
+    var ekfacCases: [EKFACCase] = (quick ? [512] : [512, 1024]).map {
+        EKFACCase(name: "MLP 784-\($0)-\($0)-10, batch \(batch)", dense: [(784, $0), ($0, $0), ($0, 10)], conv: nil, rows: batch, perExample: 1)
+    }
+    ekfacCases.append(EKFACCase(name: "dense 512-512, 32 sequences × 8", dense: [(512, 512)], conv: nil, rows: 256, perExample: 8))
+    ekfacCases.append(EKFACCase(name: "conv 64→64 3×3 on 16×16, batch 32", dense: [],
+                                conv: Conv2dGeometry(inChannels: 64, outChannels: 64, kernel: (3, 3), padding: (1, 1), input: (16, 16)),
+                                rows: 32, perExample: 1))
+    for c in ekfacCases {
+        var buffers: [(x: UnsafeMutablePointer<Float>, g: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>)] = []
+        func layerSizes(_ opt: KFACOptimizer<Float>) throws {
+            for (i, o) in c.dense { try opt.addDense(inFeatures: i, outFeatures: o, hasBias: true) }
+            if let g = c.conv { try opt.addConv2d(g) }
+        }
+        let probe = try KFACOptimizer<Float>()
+        try layerSizes(probe)
+        for l in 0..<probe.layerCount {
+            let d = try probe.layerInfo(l).layer
+            let xCount = c.conv != nil ? c.rows * d.inFeatures * 16 * 16 : c.rows * d.inFeatures
+            let gCount = c.conv != nil ? c.rows * d.outFeatures * 16 * 16 : c.rows * d.outFeatures
+            let wCount = c.conv != nil ? d.outFeatures * (d.inputFactorDimension - 1) : d.inFeatures * d.outFeatures
+            buffers.append((randomBuffer(xCount, seed: UInt64(40 + l)), randomBuffer(gCount, seed: UInt64(50 + l)),
+                            randomBuffer(wCount, seed: 0), randomBuffer(d.outFeatures, seed: 0)))
+        }
+        defer { for b in buffers { b.x.deallocate(); b.g.deallocate(); b.w.deallocate(); b.b.deallocate() } }
+        var times: [Double] = []
+        for (strategy, mode) in [(InverseStrategy.eigen, EKFACMode.perExample), (.ekfac, .perExample), (.ekfac, .perRow)] {
+            let opt = try KFACOptimizer<Float>()
+            try layerSizes(opt)
+            var p = opt.parameters
+            p.inverseStrategy = strategy; p.ekfacMode = mode; p.inverseUpdatePeriod = 10; p.damping = 0.01
+            try opt.setParameters(p)
+            let n = opt.layerCount
+            times.append(try stepTime(opt, steps: 10, record: {
+                for l in 0..<n {
+                    if strategy == .ekfac {
+                        try opt.recordExamples(layer: l, inputs: buffers[l].x, outputGradients: buffers[l].g, rows: c.rows,
+                                               rowsPerExample: c.perExample)
+                    } else {
+                        try opt.recordInputs(layer: l, buffers[l].x, rows: c.rows)
+                        try opt.recordOutputGradients(layer: l, buffers[l].g, rows: c.rows)
+                    }
+                }
+            }, gradient: { l in ParameterGradient(weight: buffers[l].w, bias: buffers[l].b) }))
+        }
+        print(pad(c.name, 40) + pad("\(f(times[0] * 1e3)) ms", 11) + pad("\(f(times[1] / times[0]))×", 19) + "\(f(times[2] / times[0]))×")
+    }
+    print("""
+      EKFAC records the rows paired (kept until the step) and re-estimates S at every factor update
+      in the current bases: rotations of all rows (dense, per-row) or of every per-example gradient
+      (sequences, convolutions: one o×|T|×a gemm to form it, two block products to rotate it).
     """)
 }

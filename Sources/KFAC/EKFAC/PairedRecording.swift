@@ -22,19 +22,22 @@ extension KroneckerBlock {
 }
 
 extension DenseLayer: PairedRecordingLayer {
-    /// Rows ā_r = [a_r; 1] and g_r; per-example gradients G_n = Σ_t g_{n,t} ā_{n,t}ᵀ over the
-    /// T = `rowsPerExample` consecutive rows of an example. The divisor is the rows.
+    /// Rows ā_r = [a_r; 1] and g_r, in examples of T = `rowsPerExample` consecutive rows (per-example
+    /// mode; 1 per row), or when T is large the per-example gradients G_n = Σ_t g_{n,t} ā_{n,t}ᵀ
+    /// themselves (`PairedStatistics.prefersMatrices`). The divisor is the rows.
     func recordPaired(_ x: UnsafePointer<Scalar>, _ g: UnsafePointer<Scalar>, rows: Int, rowsPerExample t: Int,
                       scale: Scalar, perExample: Bool, keep: Bool, ones: AlignedBuffer<Scalar>) throws(KFACError) {
         let (i, o, bias) = (layer.inFeatures, layer.outFeatures, layer.hasBias)
         let a = i + (bias ? 1 : 0)
         let c = blocks[0]
-        let asRows = !perExample || t == 1
+        let unit = perExample ? t : 1
         let examples = rows / t
         var stats: PairedStatistics<Scalar>?
+        var asMatrices = false
         if keep {
             let p = try c.pairedStatistics()
-            try p.reserve(rows: asRows ? rows : 0, matrices: asRows ? 0 : examples, workValues: asRows ? 0 : t * a)
+            asMatrices = p.prefersMatrices(unit: unit)
+            try p.reserve(rows: asMatrices ? 0 : rows, matrices: asMatrices ? examples : 0, workValues: asMatrices ? t * a : 0)
             stats = p
         }
         _ = try c.output.prepareRecord(rows: rows)  // so that recording G below cannot fail
@@ -49,11 +52,11 @@ extension DenseLayer: PairedRecordingLayer {
                 if bias { out[r * a + i] = 1 }
             }
         }
-        if asRows {
+        if !asMatrices {
             let (xa, ga) = p.nextRows()
             extendedRows(0, rows, into: xa)
             Scalar.scaledCopy(from: g, to: ga, count: rows * o, scale: scale)
-            p.commit(rows: rows, matrices: 0, divisor: rows)
+            p.commit(rows: rows, unit: unit, matrices: 0, divisor: rows)
         } else {
             let w = p.work!.base
             for n in 0..<examples {
@@ -81,10 +84,12 @@ extension Conv2dLayer: PairedRecordingLayer {
         let (t, p, cg) = (geo.outputPositions, geo.patchSize, geo.groupOutChannels)
         let a = p + (geo.hasBias ? 1 : 0)
         let (channels, taps) = (geo.groupInChannels, geo.kernelPositions)
-        let asRows = !perExample || t == 1
+        let unit = perExample ? t : 1
         if keep {
             for group in blocks.indices {
-                try blocks[group].pairedStatistics().reserve(rows: asRows ? n * t : 0, matrices: asRows ? 0 : n, workValues: t * (p + a + cg))
+                let s = try blocks[group].pairedStatistics()
+                let asMatrices = s.prefersMatrices(unit: unit)
+                try s.reserve(rows: asMatrices ? 0 : n * t, matrices: asMatrices ? n : 0, workValues: t * (p + a + cg))
             }
         }
         for group in blocks.indices { _ = try blocks[group].output.prepareRecord(rows: n * t) }
@@ -94,6 +99,7 @@ extension Conv2dLayer: PairedRecordingLayer {
 
         for group in 0..<geo.groups {
             let s = blocks[group].paired!
+            let asMatrices = s.prefersMatrices(unit: unit)
             let patches = s.work!.base, extended = patches + t * p, grads = extended + t * a
             for e in 0..<n {
                 Scalar.extractPatchRows(x, geometry: geo, group: group, first: e, count: 1, into: patches)
@@ -115,11 +121,11 @@ extension Conv2dLayer: PairedRecordingLayer {
                     Scalar.gatherChannelRows(g, totalChannels: geo.outChannels, positions: t, firstChannel: group * cg,
                                              channels: cg, first: e, count: 1, into: grads)
                 }
-                if asRows {
+                if !asMatrices {
                     let (xa, ga) = s.nextRows()
                     xa.update(from: extended, count: t * a)
                     Scalar.scaledCopy(from: grads, to: ga, count: t * cg, scale: scale)
-                    s.commit(rows: t, matrices: 0, divisor: 1)
+                    s.commit(rows: t, unit: unit, matrices: 0, divisor: 1)
                 } else {
                     Scalar.gemm(transA: true, transB: false, m: cg, n: a, k: t, alpha: scale, a: grads, lda: cg,
                                 b: extended, ldb: a, beta: 0, c: s.nextMatrix(), ldc: a)

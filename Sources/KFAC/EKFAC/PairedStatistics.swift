@@ -1,23 +1,33 @@
 /// EKFAC's pending per-example gradients of one Kronecker block, recorded by paired record
 /// calls since they were last used, in the block's own coordinates (a = input dimension,
-/// o = output dimension; SUA's offset-major order):
-/// - `rows`: pairs (ā_r, g_r) whose per-example gradient is the one outer product g_r ā_rᵀ
-///   (one row per example, or per-row mode where every row or position counts as an example);
-/// - `matrices`: whole per-example gradients G_n = Σ_t g_{n,t} ā_{n,t}ᵀ (o × a) when an example
-///   has several rows (sequences, convolution positions) in per-example mode;
-/// - `divisor` D: the rows of dense calls, the examples of convolution calls.
+/// o = output dimension; SUA's offset-major order), in one of two forms:
+/// - `rows`: pairs (ā_r, g_r), in segments of examples of `unit` consecutive rows each; an
+///   example's gradient is G_n = Σ_{r in n} g_r ā_rᵀ (unit 1: one row per example, or per-row
+///   mode where every row or position counts as an example);
+/// - `matrices`: whole per-example gradients G_n (o × a), when an example has so many rows that
+///   rotating them would cost more than rotating G_n: unit·(o² + a²) > o·a·(o + a)
+///   (`prefersMatrices`; convolutions with many positions);
+/// and the divisor D: the rows of dense calls, the examples of convolution calls.
 ///
 /// They are kept rather than summed because S is a second moment in the bases in force at the
 /// step, which may be new bases computed at that very step. For given bases Q_A, Q_G:
 ///
-///     S_batch = (1/D) [ Σ_rows (Q_Gᵀ g_r)^{∘2} ((Q_Aᵀ ā_r)^{∘2})ᵀ + Σ_matrices (Q_Gᵀ G_n Q_A)^{∘2} ]
+///     S_batch = (1/D) Σ_n (Q_Gᵀ G_n Q_A)^{∘2}
 ///
-/// (rows: two rotations of all rows and one gemm; matrices: two block products per example).
+/// rows: Ã = X Q_A and G̃ = Γ Q_G for all rows at once, then per example (G̃_nᵀ Ã_n)^{∘2}, or for
+/// unit 1 (G̃^{∘2})ᵀ (Ã^{∘2}) in one gemm; matrices: two block products per example.
 /// Buffers grow geometrically and are kept, so a steady batch stops allocating.
 final class PairedStatistics<Scalar: KFACScalar> {
     let inputDimension: Int
     let outputDimension: Int
     private(set) var rowCount = 0
+    /// Consecutive runs of rows whose examples have `unit` rows each.
+    struct Segment: Equatable {
+        var start: Int
+        var count: Int
+        var unit: Int
+    }
+    private(set) var segments: [Segment] = []
     private(set) var matrixCount = 0
     private(set) var divisor = 0
     private var inputRows: AlignedBuffer<Scalar>?
@@ -39,12 +49,19 @@ final class PairedStatistics<Scalar: KFACScalar> {
     init(inputDimension a: Int, outputDimension o: Int) throws(KFACError) {
         inputDimension = a
         outputDimension = o
+        segments.reserveCapacity(16)
         matrixScratch = try AlignedBuffer(rows: o, columns: a)
         matrixRotated = try AlignedBuffer(rows: o, columns: a)
         batch = try AlignedBuffer(rows: o, columns: a)
     }
 
     var hasPending: Bool { divisor > 0 }
+
+    /// Whether examples of `unit` rows are cheaper kept as matrices than as rows.
+    func prefersMatrices(unit: Int) -> Bool {
+        let (a, o) = (Double(inputDimension), Double(outputDimension))
+        return unit > 1 && Double(unit) * (o * o + a * a) > o * a * (o + a)
+    }
 
     private static func grown(_ b: AlignedBuffer<Scalar>?, rows: Int, columns: Int, keep: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         if let b, b.rows >= rows { return b }
@@ -69,6 +86,7 @@ final class PairedStatistics<Scalar: KFACScalar> {
         work = newWork
         (inputRows, gradientRows, matrices) = (newInputs, newGradients, newMatrices)
         (rotatedInputs, rotatedGradients) = (newRotatedInputs, newRotatedGradients)
+        if rows > 0 && segments.count == segments.capacity { segments.reserveCapacity(2 * segments.capacity) }
     }
 
     /// Where the next `rows` row pairs go (after `reserve`): ā rows (a wide), g rows (o wide).
@@ -81,8 +99,18 @@ final class PairedStatistics<Scalar: KFACScalar> {
         matrices!.base + matrixCount * outputDimension * inputDimension
     }
 
-    /// Counts what was written at `nextRows` / `nextMatrix`, and the divisor.
-    func commit(rows: Int, matrices count: Int, divisor d: Int) {
+    /// Counts what was written at `nextRows` (in examples of `unit` rows) / `nextMatrix`, and the
+    /// divisor. A new segment needs the capacity `reserve` made (at most one per call).
+    func commit(rows: Int, unit: Int = 1, matrices count: Int, divisor d: Int) {
+        if rows > 0 {
+            // (Indexing rather than `segments.last`, which allocates in debug builds.)
+            let n = segments.count
+            if n > 0, segments[n - 1].unit == unit, segments[n - 1].start + segments[n - 1].count == rowCount {
+                segments[n - 1] = Segment(start: segments[n - 1].start, count: segments[n - 1].count + rows, unit: unit)
+            } else {
+                segments.append(Segment(start: rowCount, count: rows, unit: unit))
+            }
+        }
         rowCount += rows
         matrixCount += count
         divisor += d
@@ -93,30 +121,47 @@ final class PairedStatistics<Scalar: KFACScalar> {
         matrixCount = 0
         divisor = 0
         consumed = false
+        segments.removeAll(keepingCapacity: true)
     }
 
     /// S_batch of the pending statistics in the bases of `inverse`, into `out` (o × a).
     func batchScaling(in inverse: EKFACInverse<Scalar>, into out: UnsafeMutablePointer<Scalar>) {
         let (a, o) = (inputDimension, outputDimension)
         let scale = 1 / Scalar(divisor)
+        out.initialize(repeating: 0, count: o * a)
         if rowCount > 0, let x = inputRows, let g = gradientRows, let rx = rotatedInputs, let rg = rotatedGradients {
-            // Ã = X Q_A, G̃ = Γ Q_G (the bases hold Qᵀ), squared; S = (1/D) G̃²ᵀ Ã².
+            // Ã = X Q_A, G̃ = Γ Q_G (the bases hold Qᵀ).
             BlockDiagonalProduct.right(x.base, inverse.bases.input.vectors.base, structure: inverse.inputStructure,
                                        transposed: true, into: rx.base, rows: rowCount)
             BlockDiagonalProduct.right(g.base, inverse.bases.output.vectors.base, structure: inverse.outputStructure,
                                        transposed: true, into: rg.base, rows: rowCount)
-            Scalar.squareInPlace(rx.base, count: rowCount * a)
-            Scalar.squareInPlace(rg.base, count: rowCount * o)
-            var start = 0
-            let chunk = Swift.max(1, Int(Int32.max) / Swift.max(a, o, 1))
-            while start < rowCount {
-                let k = Swift.min(chunk, rowCount - start)
-                Scalar.gemm(transA: true, transB: false, m: o, n: a, k: k, alpha: scale, a: rg.base + start * o, lda: o,
-                            b: rx.base + start * a, ldb: a, beta: start > 0 ? 1 : 0, c: out, ldc: a)
-                start += k
+            // Examples of several rows: (G̃_nᵀ Ã_n)^∘2 each.
+            var singles = false
+            for k in segments.indices {
+                let segment = segments[k]
+                guard segment.unit > 1 else { singles = true; continue }
+                for first in stride(from: segment.start, to: segment.start + segment.count, by: segment.unit) {
+                    Scalar.gemm(transA: true, transB: false, m: o, n: a, k: segment.unit, alpha: 1, a: rg.base + first * o, lda: o,
+                                b: rx.base + first * a, ldb: a, beta: 0, c: matrixRotated.base, ldc: a)
+                    Scalar.accumulateSquares(matrixRotated.base, into: out, count: o * a, alpha: scale)
+                }
             }
-        } else {
-            out.initialize(repeating: 0, count: o * a)
+            // Examples of one row: (G̃^∘2)ᵀ (Ã^∘2) over each such segment's rows.
+            if singles {
+                Scalar.squareInPlace(rx.base, count: rowCount * a)
+                Scalar.squareInPlace(rg.base, count: rowCount * o)
+                let chunk = Swift.max(1, Int(Int32.max) / Swift.max(a, o, 1))
+                for k in segments.indices where segments[k].unit == 1 {
+                    var start = segments[k].start
+                    let end = start + segments[k].count
+                    while start < end {
+                        let rows = Swift.min(chunk, end - start)
+                        Scalar.gemm(transA: true, transB: false, m: o, n: a, k: rows, alpha: scale, a: rg.base + start * o, lda: o,
+                                    b: rx.base + start * a, ldb: a, beta: 1, c: out, ldc: a)
+                        start += rows
+                    }
+                }
+            }
         }
         if matrixCount > 0, let m = matrices {
             for n in 0..<matrixCount {
@@ -151,14 +196,19 @@ final class PairedStatistics<Scalar: KFACScalar> {
 
     // MARK: State images
 
-    /// Writes: u64 divisor, u64 rows [rows·a input scalars, rows·o gradient scalars],
-    /// u64 matrices [matrices·o·a scalars].
+    /// Writes: u64 divisor, u64 rows [rows·a input scalars, rows·o gradient scalars], u64
+    /// segments [per segment: u64 rows, u64 rows per example], u64 matrices [matrices·o·a scalars].
     func write(to w: inout StateWriter) {
         w.u64(UInt64(divisor))
         w.u64(UInt64(rowCount))
         if rowCount > 0 {
             w.scalars(inputRows!.base, count: rowCount * inputDimension)
             w.scalars(gradientRows!.base, count: rowCount * outputDimension)
+        }
+        w.u64(UInt64(segments.count))
+        for k in segments.indices {
+            w.u64(UInt64(segments[k].count))
+            w.u64(UInt64(segments[k].unit))
         }
         w.u64(UInt64(matrixCount))
         if matrixCount > 0 { w.scalars(matrices!.base, count: matrixCount * inputDimension * outputDimension) }
@@ -173,10 +223,27 @@ final class PairedStatistics<Scalar: KFACScalar> {
             try r.scalars(into: inputRows!.base, count: rows * inputDimension)
             try r.scalars(into: gradientRows!.base, count: rows * outputDimension)
         }
+        let segmentCount = try r.i64()
+        guard segmentCount >= 0, segmentCount <= rows else { throw KFACError(.corruptState, "state image has bad paired statistics") }
+        var read: [Segment] = []
+        var start = 0
+        for _ in 0..<segmentCount {
+            let (n, unit) = (try r.i64(), try r.i64())
+            guard n >= 1, unit >= 1, n % unit == 0, start + n <= rows else {
+                throw KFACError(.corruptState, "state image has bad paired statistics")
+            }
+            read.append(Segment(start: start, count: n, unit: unit))
+            start += n
+        }
+        guard start == rows else { throw KFACError(.corruptState, "state image has bad paired statistics") }
         let count = try r.i64()
         guard count >= 0, count <= Int(Int32.max) else { throw KFACError(.corruptState, "state image has bad paired statistics") }
         try reserve(rows: 0, matrices: count, workValues: 0)
         if count > 0 { try r.scalars(into: matrices!.base, count: count * inputDimension * outputDimension) }
-        commit(rows: rows, matrices: count, divisor: d)
+        segments = read
+        segments.reserveCapacity(16)
+        rowCount = rows
+        matrixCount = count
+        divisor = d
     }
 }

@@ -31,6 +31,8 @@ final class EKFACTests: XCTestCase {
                   reduction: .mean, gradScale: 4),
         DenseCase(inFeatures: 5, outFeatures: 4, bias: true, rows: 8, rowsPerExample: 2, mode: .perExample,
                   grouping: ChannelGrouping(inputGroupSize: 2, outputGroupSize: 3)),
+        // Long sequences: kept as per-example matrices rather than rows (PairedStatistics.prefersMatrices).
+        DenseCase(inFeatures: 2, outFeatures: 2, bias: true, rows: 16, rowsPerExample: 8, mode: .perExample),
     ]
 
     static func ekfacOptimizer<S: KFACScalar>(_: S.Type, _ configure: (inout KFACParameters) -> Void = { _ in }) throws -> KFACOptimizer<S> {
@@ -98,6 +100,13 @@ final class EKFACTests: XCTestCase {
         }
     }
 
+    func testBothStorageFormsAreUsed() throws {
+        let p = try PairedStatistics<Double>(inputDimension: 3, outputDimension: 2)
+        XCTAssertTrue(p.prefersMatrices(unit: 8))
+        XCTAssertFalse(p.prefersMatrices(unit: 2))
+        XCTAssertFalse(p.prefersMatrices(unit: 1))
+    }
+
     func testPerExampleAndPerRowModesAgreeForOneRowPerExample() throws {
         for mode in EKFACMode.allCases {
             let c = DenseCase(inFeatures: 3, outFeatures: 2, bias: true, rows: 6, rowsPerExample: 1, mode: mode)
@@ -120,6 +129,8 @@ final class EKFACTests: XCTestCase {
         (ConvCase(inChannels: 2, outChannels: 3, kernel: (3, 2), stride: (2, 1), padding: (1, 1), input: (5, 4)), .kfc, .perRow),
         (ConvCase(inChannels: 2, outChannels: 2, kernel: (2, 2), stride: (1, 1), padding: (0, 1), groups: 2,
                   input: (3, 3), channelsLast: true), .sua, .perRow),
+        // Two positions: kept as rows in examples of 2 (PairedStatistics.prefersMatrices).
+        (ConvCase(inChannels: 2, outChannels: 3, kernel: (3, 3), input: (3, 4)), .kfc, .perExample),
     ]
 
     func testConvScalingMatchesNaivePerExampleLoop() throws {
