@@ -2,7 +2,8 @@
 // kernels against the sgemm rate, inversions against the bare LAPACK calls, a K-FAC training
 // step against the plain SGD step of the same model. Times are medians of repeated runs.
 //
-//     make bench        (or: swift run -c release kfac-bench [--quick])
+//     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
+//                        --ekfac-only | --no-ekfac])
 
 import AllocationCounter
 import CBLAS
@@ -72,8 +73,9 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
-let runDense = !CommandLine.arguments.contains("--conv-only")
-let runConv = !CommandLine.arguments.contains("--dense-only")
+let ekfacOnly = CommandLine.arguments.contains("--ekfac-only")
+let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 

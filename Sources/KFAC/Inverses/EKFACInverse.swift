@@ -108,6 +108,8 @@ final class EKFACInverse<Scalar: KFACScalar>: KroneckerInverse {
     }
 }
 
+// Requirements of `KFACScalar` (so that generic callers run specialised loops, as in
+// LinearAlgebra.swift), implemented once here.
 extension KFACScalar {
     /// v[i] /= s[i] + damping (`divide`), else v[i] *= s[i] + damping.
     public static func applyScaling(_ v: UnsafeMutablePointer<Self>, _ s: UnsafePointer<Self>, count: Int, damping: Self,
