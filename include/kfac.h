@@ -932,6 +932,17 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  *   - every factor update then discards what is pending (the bases follow the inverse period,
  *     S the factor-update period).
  * Without paired recording S stays d_G d_Aᵀ and EKFAC is the eigen strategy.
+ *
+ * Use. Set the strategy before recording (rows recorded under another strategy add to A and G
+ * only), and call kfac_layer_record_examples_* for a layer instead of — not besides — the two
+ * unpaired calls. The γ candidates ("Re-choosing γ") and the adaptive mode work as with the eigen
+ * strategy (λ is applied when preconditioning, no re-inversion per candidate). Cost: pending
+ * per-example gradients are kept as their rows (rows·(in + 1 + out) values; an example of T rows
+ * as a matrix instead, out·(in+1) values, when T·(out² + (in+1)²) > out·(in+1)·(out + in + 1),
+ * e.g. convolutions with many positions); each factor update then rotates them into the bases
+ * (two block products per row or per matrix) and, for examples of several rows, forms each
+ * example's rotated gradient (one out × T × (in+1) gemm). The per-row mode's single gemm is
+ * cheaper for sequences, not for convolutions whose positions outnumber the channels.
  * ------------------------------------------------------------------------------------------- */
 
 typedef enum kfac_ekfac_mode {

@@ -271,6 +271,41 @@ final class EKFACTests: XCTestCase {
         }
     }
 
+    func testDampingCandidatesUseTheScaling() throws {
+        try dampingCandidates(Float.self)
+        try dampingCandidates(Double.self)
+    }
+
+    /// A γ step with EKFAC: each candidate's directions are (Ũ diag(S) Ũᵀ + γ_k I)⁻¹ v with the
+    /// step's S (damping applied when preconditioning, as for the eigen strategy).
+    private func dampingCandidates<S: KFACScalar>(_: S.Type) throws {
+        var random = SeededRandom(514)
+        let (inF, outF, rows) = (3, 2, 6)
+        let opt = try Self.ekfacOptimizer(S.self) { $0.factorDampingPeriod = 1; $0.factorDamping = 0.2; $0.factorDampingDecay = 0.5 }
+        try opt.addDense(inFeatures: inF, outFeatures: outF, hasBias: true)
+        try opt.recordExamples(layer: 0, inputs: random.array(rows * inF) as [S], outputGradients: random.array(rows * outF) as [S],
+                               rows: rows, rowsPerExample: 2)
+        let w: [S] = random.array(inF * outF), b: [S] = random.array(outF)
+        var d = [LayerGradient<S>(weight: w, bias: b)]
+        try opt.step(&d)
+        XCTAssertEqual(opt.candidateCount, 3)
+        let (qa, qg, s) = try ekfacState(opt, layer: 0)
+        let v = parameterMatrix(weight: w, bias: b, out: outF, inFeatures: inF)
+        for k in 0..<3 {
+            var cw = [S](repeating: 0, count: inF * outF), cb = [S](repeating: 0, count: outF)
+            let gamma = try cw.withUnsafeMutableBufferPointer { pw in
+                try cb.withUnsafeMutableBufferPointer { pb in
+                    try opt.copyCandidateDirections(k, into: { _ in ParameterGradient(weight: pw.baseAddress!, bias: pb.baseAddress!) })
+                }
+            }
+            let m = ekfacMatrix(qa: qa, qg: qg, s: s) + gamma * Dense.identity(qa.rows * qg.rows)
+            let expected = unvec(denseSolve(m, vec(v)), rows: v.rows, columns: v.columns)
+            // Candidates are KL-clipped with their own ν; the clip is off here (κ = 0).
+            assertClose(parameterMatrix(weight: cw, bias: cb, out: outF, inFeatures: inF), expected,
+                        S.self == Float.self ? 1e-4 : 1e-10, "\(S.self) candidate \(k) (γ = \(gamma))")
+        }
+    }
+
     // MARK: Schedule
 
     func testScheduleMovingAverageAndResetOnNewBases() throws {
