@@ -5,8 +5,7 @@ protocol PairedRecordingLayer<Scalar>: CurvatureLayer {
     /// Records `rows` rows of inputs and of output gradients (the latter multiplied by `scale`)
     /// into the factors and, when `keep`, into each block's `PairedStatistics`: as rows when
     /// an example is one row (or `perExample` is false: per-row mode), else as per-example
-    /// gradients of `rowsPerExample` rows. Values are validated. On error nothing changed
-    /// (except for an allocation failure of a convolution's scratch between its two factors).
+    /// gradients of `rowsPerExample` rows. Values are validated. On error nothing changed.
     func recordPaired(_ x: UnsafePointer<Scalar>, _ g: UnsafePointer<Scalar>, rows: Int, rowsPerExample: Int,
                       scale: Scalar, perExample: Bool, keep: Bool, ones: AlignedBuffer<Scalar>) throws(KFACError)
 }
@@ -92,7 +91,12 @@ extension Conv2dLayer: PairedRecordingLayer {
                 try s.reserve(rows: asMatrices ? 0 : n * t, matrices: asMatrices ? n : 0, workValues: t * (p + a + cg))
             }
         }
+        // So that recording Γ below cannot fail once Ω changed: its pending storage, and the
+        // scratch its channels-first gather uses (recording Ω only ever grows the scratch).
         for group in blocks.indices { _ = try blocks[group].output.prepareRecord(rows: n * t) }
+        if geo.layout == .channelsFirst {
+            _ = try scratchBuffer(values: Swift.min(n, chunkExamples(rowsPerExample: t, width: cg)) * t * cg)
+        }
         try recordInputs(x, rows: n, ones: ones)
         try recordOutputGradients(g, rows: n, scale: scale, ones: ones)
         guard keep else { return }
