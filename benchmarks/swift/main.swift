@@ -415,15 +415,6 @@ if runConv {
 
 // MARK: 5. EKFAC's extra cost per step
 
-/// Median seconds per step of `steps` steps (after a warm-up round) of one optimizer on fixed
-/// buffers: record (paired or not), then step. Inverses every 10 steps, factors every step.
-func stepTime(_ opt: KFACOptimizer<Float>, steps: Int, record: () throws -> Void,
-              gradient: (Int) -> ParameterGradient<Float>) throws -> Double {
-    func run() throws { for _ in 0..<steps { try record(); try opt.step(gradient) } }
-    try run()
-    return try median(repeats: 3) { try run() } / Double(steps)
-}
-
 if !CommandLine.arguments.contains("--no-ekfac") {
     print("""
 
@@ -456,17 +447,22 @@ if !CommandLine.arguments.contains("--no-ekfac") {
                             randomBuffer(wCount, seed: 0), randomBuffer(d.outFeatures, seed: 0)))
         }
         defer { for b in buffers { b.x.deallocate(); b.g.deallocate(); b.w.deallocate(); b.b.deallocate() } }
-        var times: [Double] = []
-        for (strategy, mode) in [(InverseStrategy.eigen, EKFACMode.perExample), (.ekfac, .perExample), (.ekfac, .perRow)] {
+        // The three optimizers run in turns (5 rounds of 10 steps each, after a warm-up round),
+        // so that a load change on the machine hits them alike; medians per optimizer.
+        let variants = [(InverseStrategy.eigen, EKFACMode.perExample), (.ekfac, .perExample), (.ekfac, .perRow)]
+        var optimizers: [KFACOptimizer<Float>] = []
+        for (strategy, mode) in variants {
             let opt = try KFACOptimizer<Float>()
             try layerSizes(opt)
             var p = opt.parameters
             p.inverseStrategy = strategy; p.ekfacMode = mode; p.inverseUpdatePeriod = 10; p.damping = 0.01
             try opt.setParameters(p)
-            let n = opt.layerCount
-            times.append(try stepTime(opt, steps: 10, record: {
-                for l in 0..<n {
-                    if strategy == .ekfac {
+            optimizers.append(opt)
+        }
+        func run(_ opt: KFACOptimizer<Float>) throws {
+            for _ in 0..<10 {
+                for l in 0..<opt.layerCount {
+                    if opt.parameters.inverseStrategy == .ekfac {
                         try opt.recordExamples(layer: l, inputs: buffers[l].x, outputGradients: buffers[l].g, rows: c.rows,
                                                rowsPerExample: c.perExample)
                     } else {
@@ -474,8 +470,19 @@ if !CommandLine.arguments.contains("--no-ekfac") {
                         try opt.recordOutputGradients(layer: l, buffers[l].g, rows: c.rows)
                     }
                 }
-            }, gradient: { l in ParameterGradient(weight: buffers[l].w, bias: buffers[l].b) }))
+                try opt.step { l in ParameterGradient(weight: buffers[l].w, bias: buffers[l].b) }
+            }
         }
+        for opt in optimizers { try run(opt) }
+        var samples = [[Double]](repeating: [], count: optimizers.count)
+        for _ in 0..<5 {
+            for (k, opt) in optimizers.enumerated() {
+                let t = now()
+                try run(opt)
+                samples[k].append((now() - t) / 10)
+            }
+        }
+        let times = samples.map { $0.sorted()[$0.count / 2] }
         print(pad(c.name, 40) + pad("\(f(times[0] * 1e3)) ms", 11) + pad("\(f(times[1] / times[0]))×", 19) + "\(f(times[2] / times[0]))×")
     }
     print("""
