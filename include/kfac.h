@@ -783,19 +783,20 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
 
 /* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
- * statistics, inverses, the adaptive mode's previous update, pending prediction and counters),
- * so that a resumed run produces bit-identical directions. Directions awaiting
+ * statistics (paired rows too), inverses, the adaptive mode's previous update, pending prediction
+ * and counters), so that a resumed run produces bit-identical directions. Directions awaiting
  * kfac_adaptive_solve_step_size_* are not saved: after loading, the next solve needs a new step.
  *
  * Image format (version 5 since 0.2; Sources/KFAC/State/StateImage.swift has the layout):
  * magic "KFACSTAT", format version, precision, size; then one section per owner — the
  * parameters (as (id, value) pairs), the optimizer's counters, the estimator's layer
- * descriptions, factors and inverses (each inverse representation writing its own part), the
- * adaptive mode's state — then a 64-bit checksum of everything before it. Little-endian. Loading
- * checks magic, version, size, checksum, precision and that the layers match the handle's (same
- * count, kinds and sizes); parameters in the image replace the handle's (a parameter the image
- * does not have takes its default; one this library does not know gives STATE_VERSION). Images
- * of 0.1 (format 4) are refused with STATE_VERSION.
+ * descriptions, factors and inverses (each inverse representation writing its own part: EKFAC's
+ * holds its bases and S), the adaptive mode's state, EKFAC's pending per-example gradients — then
+ * a 64-bit checksum of everything before it. Little-endian. Loading checks magic, version, size,
+ * checksum, precision and that the layers match the handle's (same count, kinds and sizes);
+ * parameters in the image replace the handle's (a parameter the image does not have takes its
+ * default; one this library does not know gives STATE_VERSION). Images of 0.1 (format 4) are
+ * refused with STATE_VERSION.
  * ------------------------------------------------------------------------------------------- */
 
 /** Number of bytes kfac_state_save needs now, in *size. Errors: NULL_POINTER. */
