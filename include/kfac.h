@@ -791,7 +791,8 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
  * magic "KFACSTAT", format version, precision, size; then one section per owner — the
  * parameters (as (id, value) pairs), the optimizer's counters, the estimator's layer
  * descriptions, factors and inverses (each inverse representation writing its own part: EKFAC's
- * holds its bases and S), the adaptive mode's state, EKFAC's pending per-example gradients — then
+ * holds its bases and S), the adaptive mode's state, EKFAC's pending per-example gradients (with
+ * that strategy only) — then
  * a 64-bit checksum of everything before it. Little-endian. Loading checks magic, version, size,
  * checksum, precision and that the layers match the handle's (same count, kinds and sizes);
  * parameters in the image replace the handle's (a parameter the image does not have takes its
@@ -923,7 +924,8 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  * update instead of one per example). With T = 1 (|T| = 1) the two modes are identical.
  *
  * Schedule (per group). Per-example gradients are kept (only while the strategy is
- * KFAC_INVERSE_EKFAC) until used, in the precision of the handle and in checkpoints:
+ * KFAC_INVERSE_EKFAC: changing it discards them) until used, in the precision of the handle and
+ * in checkpoints:
  *   - when the eigenbases are recomputed (an inverse-update step, kfac_optimizer_update_inverses,
  *     or the first step), S = S_batch in the new bases if per-example gradients are pending,
  *     else S = d_G d_Aᵀ of the new factors (the authors' reset); the pending ones are used up;

@@ -39,6 +39,12 @@ extension KFACOptimizer {
 }
 
 extension KFACOptimizer {
+    /// When the strategy changes away from EKFAC its pending per-example gradients are
+    /// discarded (nothing else would use them, and the state image holds them only under EKFAC).
+    func leftStrategy(_ old: InverseStrategy) {
+        if old == .ekfac { estimator.commitPairedStatistics(folding: true) }
+    }
+
     /// `recordExamples` with arrays (the sizes of `recordInputs(layer:_:rows:)` and
     /// `recordOutputGradients(layer:_:rows:)`).
     public func recordExamples(layer: Int, inputs: [Scalar], outputGradients: [Scalar], rows: Int,

@@ -8,7 +8,10 @@
 /// at a time. Every throwing method leaves the optimizer as it was when it throws: a step stages
 /// its folds and inverses and commits them only once nothing can fail any more.
 public final class KFACOptimizer<Scalar: KFACScalar> {
-    public internal(set) var parameters = KFACParameters()
+    public internal(set) var parameters = KFACParameters() {
+        // EKFAC's per-example gradients are kept only under its strategy (KFACOptimizer+EKFAC).
+        didSet { if parameters.inverseStrategy != oldValue.inverseStrategy { leftStrategy(oldValue.inverseStrategy) } }
+    }
     /// The step counter k: the number of successful `step` calls (or as restored from a state).
     public internal(set) var stepCount = 0
     /// ν of the last successful `step` (1 when not clipped), NaN before the first.

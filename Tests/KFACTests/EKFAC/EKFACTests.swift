@@ -490,6 +490,22 @@ final class EKFACTests: XCTestCase {
         XCTAssertNil(opt.estimator.blocks[0].paired.flatMap { $0.hasPending ? $0 : nil }, "no per-example gradients kept for the eigen strategy")
     }
 
+    func testLeavingTheStrategyDiscardsPendingExamples() throws {
+        // An EKFAC handle with pending per-example gradients, switched to the eigen strategy, is
+        // the eigen handle that recorded the same rows unpaired: same state image, byte for byte.
+        var random = SeededRandom(515)
+        let x: [Double] = random.array(8 * 3), g: [Double] = random.array(8 * 2)
+        let a = try Self.ekfacOptimizer(Double.self), b = try Self.ekfacOptimizer(Double.self) { $0.inverseStrategy = .eigen }
+        for o in [a, b] { try o.addDense(inFeatures: 3, outFeatures: 2, hasBias: true) }
+        try a.recordExamples(layer: 0, inputs: x, outputGradients: g, rows: 8, rowsPerExample: 2)
+        XCTAssertTrue(a.estimator.blocks[0].paired?.hasPending ?? false)
+        try b.recordInputs(layer: 0, x, rows: 8)
+        try b.recordOutputGradients(layer: 0, g, rows: 8)
+        try a.set(.inverseStrategy, Int64(InverseStrategy.eigen.rawValue))
+        XCTAssertFalse(a.estimator.blocks[0].paired?.hasPending ?? false)
+        XCTAssertEqual(try a.stateImage(), try b.stateImage())
+    }
+
     func testPairedCallRecordsTheSameFactorsAsTheUnpairedCalls() throws {
         for strategy in InverseStrategy.allCases {
             var random = SeededRandom(513)
