@@ -177,7 +177,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// are finite and small enough that the pending second-moment sums, with `scale` applied to
     /// every value, stay finite (so a later fold cannot fail because of them).
     func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
-                               scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
+                       scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
         let b = try self.layer(layer)
         let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
