@@ -189,8 +189,9 @@
  * to: kfac_version_*, kfac_status_*, kfac_optimizer_* (the handle, its schedule and step),
  * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
- * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_* and EKFAC's
- * per-layer kfac_layer_record_examples_* and kfac_layer_get_ekfac_scaling_*. A
+ * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
+ * (Gauss-Newton products) and EKFAC's per-layer kfac_layer_record_examples_* and
+ * kfac_layer_get_ekfac_scaling_*. A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -279,6 +280,7 @@ typedef enum kfac_status {
     KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
     KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
     KFAC_ERROR_NO_STEP = -23,               /* adaptive mode: solve after a step, report after a solve */
+    KFAC_ERROR_NO_COLUMNS = -25,            /* Gauss-Newton product without kept columns or chain forward pass */
 
     /* -30 … -39: numerical */
     KFAC_ERROR_NON_FINITE = -30,            /* NaN or Inf in an input buffer or a resulting factor */
@@ -895,6 +897,195 @@ KFAC_API int kfac_curvature_multiply_f32(kfac_optimizer *opt, int32_t power, flo
                                          float *const *biases, int32_t n_layers);
 KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, double *const *weights,
                                          double *const *biases, int32_t n_layers);
+
+/* ---------------------------------------------------------------------------------------------
+ * Gauss-Newton products (experimental). Since 0.2.
+ *
+ * The exact Gauss-Newton (GGN) matrix-vector product of the mean loss h = (1/N) Σ_n ℓ_n,
+ *     G v = (1/N) Σ_n J_nᵀ B_n J_n v,      J_n = ∂z_n/∂θ,  B_n = ∂²ℓ_n/∂z_n²,
+ * over the registered layers, in the two settings of Lin et al.'s seed (simpleNN):
+ *   - stored Jacobian columns (backward setting): the caller back-propagates the K columns of
+ *     S_n (S_n S_nᵀ = B_n, kfac_gn_output_hessian_sqrt_*) through its network once per curvature
+ *     batch and records them per layer with the layer's inputs
+ *     (kfac_layer_record_output_grad_columns_*); every product is then a few gemms per layer
+ *     (kfac_gn_columns_multiply_*). Works for any graph whose registered layers' outputs the
+ *     caller's backward pass reaches (residual connections included).
+ *   - the R operator (forward + backward setting) on a sequential chain of registered dense and
+ *     conv2d layers with elementwise activations (kfac_gn_chain_*): the library runs the
+ *     forward-mode and reverse passes itself (convolutions over the patches it forms, and their
+ *     transpose, col2im) from copies of the weights, inputs and φ′ taken at
+ *     kfac_gn_chain_forward_*.
+ *     kfac_gn_chain_record_columns has the chain back-propagate S's columns itself and record
+ *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed.
+ * Pooling, normalisation and residual connections are not chain layers: such networks use columns.
+ * B is the output Hessian of the distribution (see "Adaptive mode", Output distributions):
+ *     categorical  B = diag(p) − p pᵀ (p = softmax(z)),   S = diag(√p) − p √pᵀ  (rank dim − 1)
+ *     bernoulli    B = diag(p(1 − p)) (p = σ(z)),        S = diag(√(p(1 − p)))
+ *     gaussian     B = I (½‖y − z‖²),                    S = I
+ * S has K = output_dim columns for every distribution. Vectors and products are parameter-shaped:
+ * the buffers of kfac_optimizer_step_* (weight [out][in] or the conv weight, bias [out]) in
+ * arrays of n_layers = the registered layer count. A product covers the layers that have kept
+ * columns (all of them give the full G; some, that principal block) or that are in the chain;
+ * the entries of the other layers are not read or written and may be NULL (so may the bias
+ * arrays when no covered layer has a bias). Products may be written over their vectors (the same
+ * pointers). They are G without damping or L2; they change nothing in the handle and may be
+ * called any number of times; nothing is written when they fail.
+ * Threading and state: the handle calls follow the handle rule (one thread at a time); the
+ * output-space helpers have no handle and are thread-safe. Kept columns and the chain (its
+ * definition and forward pass) live beside the K-FAC state and are not part of state images;
+ * kfac_state_load leaves them as they are. After the first call, products allocate nothing.
+ *
+ * Loss conventions. Columns are those of the SUMMED loss: S of kfac_gn_output_hessian_sqrt_*
+ * back-propagated. KFAC_PARAM_LOSS_REDUCTION does not apply to them; a caller whose square roots
+ * come from a mean-reduced loss (B/N per example) has S/√N and must multiply its columns by √N,
+ * not N. A caller that back-propagates them through a loss-scaled graph sets
+ * KFAC_PARAM_OUTPUT_GRAD_SCALE and the library divides the columns by it (linearly). The
+ * product is then that of the mean loss (the 1/N above; N = the examples kept). A loss that is
+ * a multiple c of these (PyTorch's MSELoss is 2·(½‖·‖²)) has c·G.
+ * ------------------------------------------------------------------------------------------- */
+
+/** What a column recording is used for (bits of `uses`). */
+typedef enum kfac_columns_use {
+    KFAC_COLUMNS_FACTOR = 1,    /* add to the layer's pending output factor (KFLR, MC Fisher) */
+    KFAC_COLUMNS_PRODUCT = 2    /* keep inputs and columns for kfac_gn_columns_multiply_* */
+} kfac_columns_use;
+
+/** Elementwise activations of a chain. */
+typedef enum kfac_activation {
+    KFAC_ACTIVATION_IDENTITY = 0,
+    KFAC_ACTIVATION_RELU = 1,       /* φ′ = 1 if s > 0, else 0 */
+    KFAC_ACTIVATION_TANH = 2,
+    KFAC_ACTIVATION_LOGISTIC = 3,
+    KFAC_ACTIVATION_CUSTOM = 4      /* φ′ (and the next layer's inputs) given at every forward */
+} kfac_activation;
+
+/** Since 0.2. u = B q for every row: outputs z, vectors q and products u are [rows][output_dim]
+ *  row-major (products may be vectors). No handle: errors are returned only. Errors:
+ *  NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT (distribution), NON_FINITE
+ *  (outputs or vectors). Thread-safe. */
+KFAC_API int kfac_gn_output_hessian_multiply_f32(const float *outputs, const float *vectors, int64_t rows,
+                                                 int64_t output_dim, int32_t distribution, float *products);
+KFAC_API int kfac_gn_output_hessian_multiply_f64(const double *outputs, const double *vectors, int64_t rows,
+                                                 int64_t output_dim, int32_t distribution, double *products);
+
+/** Since 0.2. The K = output_dim columns of S_n (S_n S_nᵀ = B_n, the table above) for every row,
+ *  into columns [K][rows][output_dim]: column k of example n is columns[(k·rows + n)·output_dim
+ *  ...], so each block [k] is a batch of output gradients to back-propagate (one backward pass
+ *  per k, or one vmapped pass). Errors: those of kfac_gn_output_hessian_multiply_*. Thread-safe. */
+KFAC_API int kfac_gn_output_hessian_sqrt_f32(const float *outputs, int64_t rows, int64_t output_dim,
+                                             int32_t distribution, float *columns);
+KFAC_API int kfac_gn_output_hessian_sqrt_f64(const double *outputs, int64_t rows, int64_t output_dim,
+                                             int32_t distribution, double *columns);
+
+/** Since 0.2. Records the K back-propagated columns per example of layer `layer`:
+ *  columns [k][rows][out…] (block j is a batch of output gradients: dense [rows][out], conv
+ *  [rows][C_out][H_out][W_out] or channels-last; rows = examples, one row per example for a
+ *  dense layer), C_{l,n} = J_{s_l,n}ᵀ S_n. `uses` is a bit set of kfac_columns_use:
+ *   FACTOR  — the pending output factor gains, per example, Σ_k c cᵀ with the example counted
+ *             once: G = (1/N) Σ_n Σ_k c_{n,k} c_{n,k}ᵀ (KFLR from the K columns of S; the
+ *             Monte-Carlo Fisher with S sampled output gradients / √S as columns; a convolution
+ *             with KFC's Γ = (1/(N|T|)) Σ_n Σ_t Σ_k c cᵀ). It is recorded as k·rows rows scaled
+ *             by √k, so k = 1 is exactly kfac_layer_record_output_grads_* (without the MEAN
+ *             reduction), and the output-side records of a layer between two factor updates
+ *             should all use the same k. The input factor is recorded as usual
+ *             (kfac_layer_record_inputs_*); `inputs` may be NULL.
+ *   PRODUCT — the layer's inputs (as kfac_layer_record_inputs_* takes them; NOT added to A) and
+ *             the columns are copied and kept for kfac_gn_columns_multiply_* until
+ *             kfac_gn_columns_clear; successive calls append examples (micro-batches); every
+ *             layer must keep the same k, and all layers the same examples in the same order.
+ *  Memory of PRODUCT: N·(K·Σ_l o_l|T_l| + Σ_l i_l) values for N kept examples (o_l|T_l| the
+ *  output values, i_l the input values of layer l per example): 1000 examples of a 784-100-10
+ *  MLP at K = 10 keep 1000·(10·110 + 884) values, 7.9 MB in float32. The first call of a layer
+ *  allocates exactly its rows; appending grows the layer's store geometrically (capacity at most
+ *  twice the kept rows); the product's scratch is O(N·(K + max o_l)) for dense layers and one
+ *  example's patches for convolutions. An allocation the system refuses gives OUT_OF_MEMORY with
+ *  nothing kept. Recording marks the layers frozen. Kept columns are not part of state images.
+ *  Errors: NULL_POINTER (columns; inputs with PRODUCT), UNKNOWN_LAYER, INVALID_ARGUMENT (uses
+ *  not 1–3), INVALID_SIZE (rows or k < 1, k differing from the kept columns'), SIZE_OVERFLOW,
+ *  DTYPE_MISMATCH, NON_FINITE, OUT_OF_MEMORY. On error nothing is recorded or kept. */
+KFAC_API int kfac_layer_record_output_grad_columns_f32(kfac_optimizer *opt, int32_t layer, const float *inputs,
+                                                       const float *columns, int64_t rows, int32_t k, int32_t uses);
+KFAC_API int kfac_layer_record_output_grad_columns_f64(kfac_optimizer *opt, int32_t layer, const double *inputs,
+                                                       const double *columns, int64_t rows, int32_t k, int32_t uses);
+
+/** Since 0.2. product = G·vector from the kept columns:
+ *      t_n = Σ_l Σ_t C_{l,n,t}ᵀ (V_l ā_{l,n,t}),   (G v)_l = (1/N) Σ_n Σ_t (C_{l,n,t} t_n) ā_{l,n,t}ᵀ
+ *  (t over a convolution's output positions, ā its patches; dense: two gemms per layer plus
+ *  O(N·K·out)). Errors: NULL_POINTER (a covered layer's buffer, or a bias buffer of a covered
+ *  layer with bias), INVALID_SIZE (n_layers; layers keeping different numbers of examples),
+ *  INVALID_ARGUMENT (a bias buffer for a covered layer without bias), DTYPE_MISMATCH,
+ *  NON_FINITE (a vector, or the product), NO_COLUMNS (none kept), OUT_OF_MEMORY (scratch). */
+KFAC_API int kfac_gn_columns_multiply_f32(kfac_optimizer *opt, const float *const *vector_w,
+                                          const float *const *vector_b, float *const *product_w,
+                                          float *const *product_b, int32_t n_layers);
+KFAC_API int kfac_gn_columns_multiply_f64(kfac_optimizer *opt, const double *const *vector_w,
+                                          const double *const *vector_b, double *const *product_w,
+                                          double *const *product_b, int32_t n_layers);
+
+/** Since 0.2. The kept columns: *examples (N of the first layer with columns, 0 if none), *k (0
+ *  if none) and *values (inputs and columns stored, in the handle's precision); any pointer may
+ *  be NULL. Errors: NULL_POINTER (opt). */
+KFAC_API int kfac_gn_columns_get_info(const kfac_optimizer *opt, int64_t *examples, int32_t *k, int64_t *values);
+
+/** Since 0.2. Drops every kept column and input and releases their memory (pending factor
+ *  statistics are not affected). Errors: NULL_POINTER. */
+KFAC_API int kfac_gn_columns_clear(kfac_optimizer *opt);
+
+/** Since 0.2. Defines the chain of kfac_gn_chain_multiply_*: layers[0] → activations[0] →
+ *  layers[1] → … → layers[n−1], registered dense or conv2d layers (distinct), each layer's output
+ *  buffer being the next one's input buffer: the output values per example of each (dense: out;
+ *  convolution: C_out·H_out·W_out in its layout, e.g. flattened into a dense layer as PyTorch's
+ *  Flatten does for NCHW) equal the input values of the next (dense: in; convolution: C·H·W in its
+ *  layout). activations[n−1] must be IDENTITY: the last layer's outputs, [rows][output_dim], are
+ *  the network's z under `distribution` (kfac_distribution). Replaces a previous chain and drops
+ *  its forward pass. Errors: NULL_POINTER, INVALID_SIZE (n < 1, sizes that do not chain),
+ *  UNKNOWN_LAYER, INVALID_ARGUMENT (a repeated layer, an activation or distribution out of range, a last
+ *  activation other than IDENTITY). On error the previous chain is kept. */
+KFAC_API int kfac_gn_chain_define(kfac_optimizer *opt, const int32_t *layers, const int32_t *activations, int32_t n,
+                                  int32_t distribution);
+
+/** Since 0.2. The chain's forward pass on `rows` examples; the arrays have the chain's n
+ *  entries in chain order. weights[i] (the layer's weight layout) and biases[i] [out] (NULL for a
+ *  layer without bias; `biases` itself may be NULL if no chain layer has one) are copied, so every
+ *  product until the next forward uses this θ. inputs[0] (rows examples of the first layer's
+ *  input) is required; inputs[i] (i > 0)
+ *  may be NULL to have a_i = φ_{i−1}(s_{i−1}) computed (named activations), or give the layer's
+ *  inputs from the caller's own forward pass (required after a CUSTOM activation).
+ *  derivatives[i] (rows × the layer's output values) is φ′_{i}(s_i) for a CUSTOM activation and ignored otherwise
+ *  (`derivatives` itself may be NULL without CUSTOM). outputs (may be NULL) receives z
+ *  [rows][out_{n−1}]. Memory: copies of W, b and the inputs, φ′ and z, plus two [rows][widest]
+ *  scratch rows and, with convolutions, two of one example's patch matrices. Errors: NULL_POINTER, INVALID_SIZE (rows < 1), INVALID_ARGUMENT (a bias for a
+ *  layer without), SIZE_OVERFLOW, DTYPE_MISMATCH, NON_FINITE, NO_COLUMNS (no chain defined),
+ *  OUT_OF_MEMORY. On error the previous forward pass is kept. */
+KFAC_API int kfac_gn_chain_forward_f32(kfac_optimizer *opt, const float *const *weights, const float *const *biases,
+                                       const float *const *inputs, const float *const *derivatives, int64_t rows,
+                                       float *outputs);
+KFAC_API int kfac_gn_chain_forward_f64(kfac_optimizer *opt, const double *const *weights,
+                                       const double *const *biases, const double *const *inputs,
+                                       const double *const *derivatives, int64_t rows, double *outputs);
+
+/** Since 0.2. The chain back-propagates the K = output_dim columns of S at the last forward
+ *  pass's outputs itself (C_{n−1} = S, C_{i−1} = (layer_iᵀ C_i) ⊙ φ′_{i−1}: for a dense layer one
+ *  gemm of K·rows rows, for a convolution col2im of Wᵀ C per example) and records them for every chain layer with its copied inputs, as
+ *  kfac_layer_record_output_grad_columns_* does with `uses`: FACTOR gives every chain layer's
+ *  KFLR output factor (record the input factors as usual), PRODUCT keeps them for
+ *  kfac_gn_columns_multiply_* (the backward setting without the caller's backward passes).
+ *  All chain layers or none: on error nothing is recorded or kept. Errors: NULL_POINTER,
+ *  INVALID_ARGUMENT (uses), INVALID_SIZE (K differing from kept columns'), NON_FINITE,
+ *  NO_COLUMNS (no chain forward pass), OUT_OF_MEMORY. */
+KFAC_API int kfac_gn_chain_record_columns(kfac_optimizer *opt, int32_t uses);
+
+/** Since 0.2. product = G·vector over the chain's layers by the R operator, from the last
+ *  forward pass:  ṙ_0 = 0, ṡ_i = W_i ṙ_i + V_i ā_i, ṙ_{i+1} = φ′_i ⊙ ṡ_i;  u_n = B_n ṡ_{n−1,n};
+ *  δ = u, (G v)_i = (1/N) Σ_n δ_{i,n} ā_{i,n}ᵀ, δ ← φ′_{i−1} ⊙ (W_iᵀ δ) (for a convolution W
+ *  and V act on patches, Σ runs over positions too, and W_iᵀ δ is col2im'd). About two forward
+ *  and two backward gemms per layer. Buffers and errors as kfac_gn_columns_multiply_*, NO_COLUMNS
+ *  meaning no chain forward pass. */
+KFAC_API int kfac_gn_chain_multiply_f32(kfac_optimizer *opt, const float *const *vector_w, const float *const *vector_b,
+                                        float *const *product_w, float *const *product_b, int32_t n_layers);
+KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const *vector_w,
+                                        const double *const *vector_b, double *const *product_w,
+                                        double *const *product_b, int32_t n_layers);
 
 /* ---------------------------------------------------------------------------------------------
  * EKFAC (George, Laurent, Bouthillier, Ballas & Vincent 2018), Since 0.2.

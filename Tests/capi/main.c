@@ -95,6 +95,11 @@
  *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
+ * 10. Gauss-Newton products (test_gauss_newton.c, experimental): S Sᵀ = B and B·q against B
+ *     written out; G·v from stored columns (caller's and the chain's own) and from the chain's
+ *     R operator against the analytic (1/N) Σ JᵀBJ v of a tanh MLP, three distributions, both
+ *     precisions; K = 1 FACTOR columns bitwise record_output_grads; every misuse on twins with the
+ *     kept columns and chain compared bitwise after each bad call.
  */
 #include "harness.h"
 
@@ -133,6 +138,7 @@ int main(void) {
     test_candidate_numerics();
     test_adaptive_pending_solve();
     test_curvature_multiply();
+    test_gauss_newton();
     test_ekfac_numerics();
     test_ekfac_errors(KFAC_FLOAT32);
     test_ekfac_errors(KFAC_FLOAT64);

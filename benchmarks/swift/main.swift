@@ -413,7 +413,73 @@ if runConv {
     """)
 }
 
-// MARK: 5. EKFAC's extra cost per step
+// MARK: 5. Gauss-Newton products (experimental)
+
+if CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly) {
+    print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
+    print("gradient (forward + backward) of the same batch")
+    print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
+          + pad("recording (K=10)", 20) + pad("kept values", 13) + "columns/gradient FLOPs")
+    for w in quick ? [512] : [512, 1024] {
+        let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
+        let tGrad = median(repeats: 7) { mlp.forwardBackward() }
+        let opt = try KFACOptimizer<Float>()
+        for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+        // R operator: the chain's forward pass once (it copies θ and the inputs), then products.
+        try opt.defineDenseChain(layers: [0, 1, 2], activations: [.tanh, .tanh, .identity], distribution: .categorical)
+        mlp.forwardBackward()
+        try opt.denseChainForward(rows: batch, weights: mlp.weights.map { UnsafePointer($0) }, biases: mlp.biases.map { UnsafePointer($0) },
+                                  inputs: [UnsafePointer(mlp.input), nil, nil], derivatives: [nil, nil, nil], outputs: nil)
+        let vectors = (0..<mlp.layerCount).map { l in
+            (randomBuffer(mlp.sizes[l] * mlp.sizes[l + 1], seed: 7 + UInt64(l)), randomBuffer(mlp.sizes[l + 1], seed: 17 + UInt64(l)))
+        }
+        let outputs = (0..<mlp.layerCount).map { l in
+            (randomBuffer(mlp.sizes[l] * mlp.sizes[l + 1], seed: 0), randomBuffer(mlp.sizes[l + 1], seed: 0))
+        }
+        let vector = { (l: Int) -> ParameterVector<Float>? in ParameterVector(weight: vectors[l].0, bias: vectors[l].1) }
+        let output = { (l: Int) -> ParameterGradient<Float>? in ParameterGradient(weight: outputs[l].0, bias: outputs[l].1) }
+        let tChain = try median(repeats: 7) { try opt.denseChainProduct(vector, into: output) }
+        // Stored columns: S's K = 10 columns back-propagated through the MLP (K backward passes),
+        // recorded with the inputs; this one-off cost is the "recording" column.
+        let k = 10, c = mlp.sizes.last!
+        let columns = (0..<mlp.layerCount).map { l in UnsafeMutablePointer<Float>.allocate(capacity: k * batch * mlp.sizes[l + 1]) }
+        let roots = UnsafeMutablePointer<Float>.allocate(capacity: c * batch * c)
+        let tRecord = try median(repeats: 3) {
+            opt.clearGaussNewtonColumns()
+            OutputHessian.squareRoot(distribution: .categorical, outputs: mlp.activations[mlp.layerCount], rows: batch, dim: c, into: roots)
+            for j in 0..<k {
+                (columns[mlp.layerCount - 1] + j * batch * c).update(from: roots + j * batch * c, count: batch * c)
+                for l in stride(from: mlp.layerCount - 1, to: 0, by: -1) {
+                    let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+                    let d = columns[l - 1] + j * batch * Int(i), a = mlp.activations[l]
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(batch), i, o, 1, columns[l] + j * batch * Int(o), o,
+                                mlp.weights[l], i, 0, d, i)
+                    for q in 0..<(batch * Int(i)) { d[q] *= 1 - a[q] * a[q] }
+                }
+            }
+            for l in 0..<mlp.layerCount {
+                try opt.recordOutputGradientColumns(layer: l, inputs: mlp.activations[l], columns: columns[l], rows: batch, k: k,
+                                                    uses: .product)
+            }
+        }
+        let tColumns = try median(repeats: 7) { try opt.gaussNewtonProduct(vector, into: output) }
+        print(pad("\(w)", 6) + pad("\(f(tGrad * 1e3)) ms", 11) + pad("\(f(tChain / tGrad))× (≤ 2)", 16)
+              + pad("\(f(tColumns / tGrad))× (≤ 0.5)", 22) + pad("\(f(tRecord / tGrad))× once", 20)
+              + pad("\(opt.gaussNewtonColumnInfo.values)", 13)
+              + f(4 * Double(batch) * (0..<mlp.layerCount).reduce(0.0) { $0 + Double(mlp.sizes[$1] * mlp.sizes[$1 + 1]) } / mlp.flops))
+        columns.forEach { $0.deallocate() }
+        roots.deallocate()
+    }
+    print("""
+      Ratios to the gradient of the same batch, measured in this run. The R-op product includes the
+      output Hessian; the chain's forward pass (copies of θ and the inputs) is made once per batch
+      and not counted. The recording is S, K = 10 backward passes through the MLP and the record calls.
+      Stored columns cost two gemms per layer (V ā and its transpose) whatever K is; the gradient
+      costs two for the first layer and three for the others: the last column is that FLOP ratio.
+    """)
+}
+
+// MARK: 6. EKFAC's extra cost per step
 
 if !CommandLine.arguments.contains("--no-ekfac") {
     print("""

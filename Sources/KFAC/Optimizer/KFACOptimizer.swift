@@ -23,6 +23,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     var adaptive = AdaptiveState<Scalar>()
     /// The γ candidates of the last step.
     var candidates = DampingCandidates<Scalar>()
+    /// Gauss-Newton products: the kept Jacobian columns and the dense chain (GaussNewton/).
+    var gaussNewtonColumns = CurvatureColumns<Scalar>()
+    var denseChain: DenseChain<Scalar>?
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()

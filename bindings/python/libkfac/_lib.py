@@ -80,6 +80,7 @@ KFAC_ERROR_NO_STATISTICS = -20
 KFAC_ERROR_NO_INVERSES = -21
 KFAC_ERROR_LAYERS_FROZEN = -22
 KFAC_ERROR_NO_STEP = -23
+KFAC_ERROR_NO_COLUMNS = -25
 KFAC_ERROR_NON_FINITE = -30
 KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31
 KFAC_ERROR_EIGEN_FAILED = -32
@@ -171,6 +172,18 @@ KFAC_CONV_SUA = 1
 KFAC_DIST_CATEGORICAL = 0
 KFAC_DIST_BERNOULLI = 1
 KFAC_DIST_GAUSSIAN = 2
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_columns_use, enum kfac_activation (experimental: Gauss-Newton products)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_COLUMNS_FACTOR = 1
+KFAC_COLUMNS_PRODUCT = 2
+KFAC_ACTIVATION_IDENTITY = 0
+KFAC_ACTIVATION_RELU = 1
+KFAC_ACTIVATION_TANH = 2
+KFAC_ACTIVATION_LOGISTIC = 3
+KFAC_ACTIVATION_CUSTOM = 4
 
 # ---------------------------------------------------------------------------------------------
 # enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
@@ -489,6 +502,29 @@ _PROTOTYPES = [
     # Experimental: products with the damped curvature
     ("kfac_curvature_multiply_f32", c_int, [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_curvature_multiply_f64", c_int, [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: Gauss-Newton products
+    ("kfac_gn_output_hessian_multiply_f32", c_int, [c_float_p, c_float_p, c_int64, c_int64, c_int32, c_float_p]),
+    ("kfac_gn_output_hessian_multiply_f64", c_int, [c_double_p, c_double_p, c_int64, c_int64, c_int32, c_double_p]),
+    ("kfac_gn_output_hessian_sqrt_f32", c_int, [c_float_p, c_int64, c_int64, c_int32, c_float_p]),
+    ("kfac_gn_output_hessian_sqrt_f64", c_int, [c_double_p, c_int64, c_int64, c_int32, c_double_p]),
+    ("kfac_layer_record_output_grad_columns_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int32, c_int32]),
+    ("kfac_layer_record_output_grad_columns_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int32, c_int32]),
+    ("kfac_gn_columns_multiply_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_gn_columns_multiply_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_gn_columns_get_info", c_int, [_P, POINTER(c_int64), POINTER(c_int32), POINTER(c_int64)]),
+    ("kfac_gn_columns_clear", c_int, [_P]),
+    ("kfac_gn_chain_define", c_int, [_P, POINTER(c_int32), POINTER(c_int32), c_int32, c_int32]),
+    ("kfac_gn_chain_forward_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int64, c_float_p]),
+    ("kfac_gn_chain_forward_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int64, c_double_p]),
+    ("kfac_gn_chain_record_columns", c_int, [_P, c_int32]),
+    ("kfac_gn_chain_multiply_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_gn_chain_multiply_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
     # Experimental: EKFAC
     ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
     ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
@@ -498,7 +534,8 @@ _PROTOTYPES = [
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
-                                    if name.startswith(("kfac_candidates_", "kfac_curvature_",
+                                    if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
+                                                        "kfac_layer_record_output_grad_columns_",
                                                         "kfac_layer_record_examples_",
                                                         "kfac_layer_get_ekfac_scaling_")))
 

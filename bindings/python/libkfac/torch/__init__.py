@@ -68,7 +68,9 @@ Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt dampi
 
 Modules: ``_registration`` (which modules, their options, padding and input sizes),
 ``_hooks`` (the statistics hooks), ``_sampled_fisher``, ``_adaptive`` (``adaptive_step``),
-``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them.
+``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them. Experimental:
+``_columns`` (:class:`ColumnRecorder`, exact Gauss-Newton products from stored Jacobian columns,
+a ``curvature_product`` callable for Newton-CG).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from .._errors import KFACError
 from .._params import PARAMETERS
 from ..optimizer import Optimizer
 from ._adaptive import AdaptiveMixin, AdaptiveStepResult
+from ._columns import ColumnRecorder  # experimental: stored-column Gauss-Newton products
 from ._hooks import HooksMixin
 from ._registration import (
     SUPPORTED_MODULES,
@@ -95,7 +98,7 @@ from ._registration import (
 from ._sampled_fisher import SampledFisherMixin
 from ._state import StateMixin
 
-__all__ = ["AdaptiveStepResult", "KFACPreconditioner", "SUPPORTED_MODULES"]
+__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "SUPPORTED_MODULES"]
 
 
 class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, AdaptiveMixin, StateMixin):
