@@ -616,6 +616,8 @@ public:
         check(kfac_gn_chain_multiply_f64(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
                                          detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
               "kfac_gn_chain_multiply_f64");
+    }
+
     /* ---- Experimental: EKFAC ---- */
 
     /** kfac_layer_record_examples_f32 / _f64: paired inputs and output gradients of the same rows. */
