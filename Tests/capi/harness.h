@@ -357,5 +357,8 @@ void test_curvature_multiply(void);
 
 /* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
 void test_gauss_newton(void);
+/* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */
+void test_ekfac_numerics(void);
+void test_ekfac_errors(int dtype);
 
 #endif /* KFAC_CAPI_HARNESS_H */

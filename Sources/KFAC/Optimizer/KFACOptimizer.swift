@@ -8,7 +8,10 @@
 /// at a time. Every throwing method leaves the optimizer as it was when it throws: a step stages
 /// its folds and inverses and commits them only once nothing can fail any more.
 public final class KFACOptimizer<Scalar: KFACScalar> {
-    public internal(set) var parameters = KFACParameters()
+    public internal(set) var parameters = KFACParameters() {
+        // EKFAC's per-example gradients are kept only under its strategy (KFACOptimizer+EKFAC).
+        didSet { if parameters.inverseStrategy != oldValue.inverseStrategy { leftStrategy(oldValue.inverseStrategy) } }
+    }
     /// The step counter k: the number of successful `step` calls (or as restored from a state).
     public internal(set) var stepCount = 0
     /// ν of the last successful `step` (1 when not clipped), NaN before the first.
@@ -123,7 +126,10 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Folds every layer's pending statistics into its running factors now.
     public func updateFactors() throws(KFACError) {
+        try estimator.validatePendingStatistics()
+        try estimator.stageScalingFolds(settings: parameters.curvatureSettings)  // EKFAC's S
         try estimator.foldFactors(decay: parameters.factorDecay)
+        estimator.commitScalingFolds(clearingAll: parameters.inverseStrategy != .ekfac)
     }
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
@@ -189,12 +195,14 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try estimator.stageInverses(foldingPending: folding, settings: settings, damping: p.inverseDamping) }
+        try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
 
         let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
         if dampingStep { parameters.factorDamping = p.factorDamping }
+        estimator.commitPairedStatistics(folding: folding)
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)

@@ -24,6 +24,9 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case factorDampingDecay = 204
     case dampingMin = 205
     case factorDampingRatio = 206
+    // EKFAC (Parameters+EKFAC.swift).
+    case ekfacDecay = 400
+    case ekfacMode = 401
 
     /// This parameter's row of the table.
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }

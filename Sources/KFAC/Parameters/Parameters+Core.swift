@@ -22,7 +22,7 @@ extension ParameterSpec {
         ParameterSpec(.inverseUpdatePeriod, "inverse_update_period", .int, .core, lower: 0, upper: periodLimit,
                       default: 10, effect: .nextStep,
                       read: { Double($0.inverseUpdatePeriod) }, write: { $0.inverseUpdatePeriod = Int($1) }),
-        ParameterSpec(.inverseStrategy, "inverse_strategy", .int, .core, lower: 0, upper: 1,
+        ParameterSpec(.inverseStrategy, "inverse_strategy", .int, .core, lower: 0, upper: 2,
                       default: Double(InverseStrategy.eigen.rawValue), effect: .nextStep,
                       read: { Double($0.inverseStrategy.rawValue) },
                       write: { $0.inverseStrategy = InverseStrategy(rawValue: Int32($1)) ?? .eigen }),

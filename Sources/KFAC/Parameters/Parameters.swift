@@ -4,6 +4,9 @@ public enum InverseStrategy: Int32, Sendable, CaseIterable {
     case cholesky = 0
     /// Exact damping (A ⊗ G + λI)⁻¹ through eigendecompositions of both factors.
     case eigen = 1
+    /// EKFAC (George et al. 2018): the eigen strategy's bases with a scaling S re-estimated from
+    /// per-example gradients (paired recording) in place of d_G d_Aᵀ.
+    case ekfac = 2
 }
 
 /// How the caller's loss was reduced over rows (`kfac_reduction`).
@@ -74,6 +77,10 @@ public struct KFACParameters: Equatable, Sendable {
     public var lmInterval: Int = 0
     /// The base ω₁ of that factor, in (0, 1).
     public var lmDecay: Double = 0
+    /// β_S of EKFAC's scaling S, in [0, 1).
+    public var ekfacDecay: Double = 0
+    /// How paired recording forms EKFAC's per-example gradients.
+    public var ekfacMode: EKFACMode = .perExample
 
     /// The defaults of the parameter table.
     public init() {

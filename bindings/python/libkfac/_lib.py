@@ -108,7 +108,7 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -131,9 +131,12 @@ KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203
 KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
 KFAC_PARAM_DAMPING_MIN = 205
 KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
+KFAC_PARAM_EKFAC_DECAY = 400
+KFAC_PARAM_EKFAC_MODE = 401
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
+KFAC_INVERSE_EKFAC = 2  # experimental (the header's "EKFAC" section)
 
 KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
@@ -184,6 +187,13 @@ KFAC_ACTIVATION_RELU = 1
 KFAC_ACTIVATION_TANH = 2
 KFAC_ACTIVATION_LOGISTIC = 3
 KFAC_ACTIVATION_CUSTOM = 4
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_EKFAC_PER_EXAMPLE = 0
+KFAC_EKFAC_PER_ROW = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -518,12 +528,19 @@ _PROTOTYPES = [
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_gn_chain_multiply_f64", c_int,
      [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: EKFAC
+    ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
+    ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
+    ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
+    ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
-                                                     "kfac_layer_record_output_grad_columns_")))
+                                                        "kfac_layer_record_output_grad_columns_",
+                                                        "kfac_layer_record_examples_",
+                                                        "kfac_layer_get_ekfac_scaling_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

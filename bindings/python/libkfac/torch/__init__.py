@@ -127,7 +127,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         kl_clip: κ of the KL clip; 0 disables it.
         factor_update_period: fold statistics into the factors every this many steps.
         inverse_update_period: recompute the inverses every this many steps.
-        inverse_strategy: ``'eigen'`` (exact damping) or ``'cholesky'`` (factored damping).
+        inverse_strategy: ``'eigen'`` (exact damping), ``'cholesky'`` (factored damping) or
+            ``'ekfac'`` (experimental: the eigen strategy's bases re-scaled by per-example
+            gradients; the hooks then record inputs and output gradients as pairs, see
+            ``ekfac_mode``).
         pi_damping: use π in factored damping (Cholesky strategy).
         loss_reduction: ``'mean'`` (the default HERE, unlike the library's ``'sum'``: PyTorch's
             losses are mean-reduced) or ``'sum'``.
@@ -149,6 +152,15 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             ``factor_damping_period=0`` (the library's default) keeps γ fixed.
         damping_min: λ_min, the floor of the Levenberg–Marquardt adjustment of λ.
         factor_damping_ratio: r, the re-choice of γ keeps γ within [λ/r, λ·r].
+
+    EKFAC (library family ``ekfac``, used with ``inverse_strategy='ekfac'``):
+        ekfac_decay: β_S of the moving average of the scaling S between eigenbasis refreshes.
+        ekfac_mode: ``'per_example'`` (the library's default, and what this integration
+            relies on: PyTorch hands each hook whole examples — the first dimension — so the
+            exact per-example gradient of a sequence ``[N, T, in]`` or of a convolution's
+            positions costs no extra bookkeeping, one small gemm per example) or ``'per_row'``
+            (every token or position its own example: one gemm per step, cross terms dropped).
+            For plain ``[N, in]`` batches the two are identical.
 
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
@@ -193,6 +205,9 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         factor_damping_decay: Optional[float] = None,
         damping_min: Optional[float] = None,
         factor_damping_ratio: Optional[float] = None,
+        # EKFAC
+        ekfac_decay: Optional[float] = None,
+        ekfac_mode: Union[None, str, int] = None,
         # layers
         dtype=None,
         skip_layers: Iterable = (),
@@ -210,6 +225,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             lm_decay=lm_decay, factor_damping=factor_damping, factor_damping_period=factor_damping_period,
             factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
             damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
+            ekfac_decay=ekfac_decay, ekfac_mode=ekfac_mode,
         )
         self.model = model
         self._layers = discover_layers(model, skip_layers)
