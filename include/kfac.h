@@ -84,6 +84,9 @@
  *       U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ  =  (A ⊗ G + λ I)⁻¹ vec(V).
  *     Negative eigenvalues from rounding are clamped to 0. λ is applied when preconditioning,
  *     so a new λ takes effect at the next step.
+ *   KFAC_INVERSE_EKFAC (experimental, see "EKFAC") — the eigen strategy's bases with a scaling S
+ *     re-estimated from per-example gradients in place of d_G d_Aᵀ:
+ *       U = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + λ)] Q_Aᵀ.
  *
  * KL clipping (KFAC_PARAM_KL_CLIP = κ > 0, η = KFAC_PARAM_LEARNING_RATE): after preconditioning
  * every layer, all directions are multiplied by
@@ -186,7 +189,9 @@
  * to: kfac_version_*, kfac_status_*, kfac_optimizer_* (the handle, its schedule and step),
  * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
- * (checkpoints), and in the experimental section kfac_candidates_* and kfac_curvature_*. A
+ * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
+ * (Gauss-Newton products) and EKFAC's per-layer kfac_layer_record_examples_* and
+ * kfac_layer_get_ekfac_scaling_*. A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -275,6 +280,7 @@ typedef enum kfac_status {
     KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
     KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
     KFAC_ERROR_NO_STEP = -23,               /* adaptive mode: solve after a step, report after a solve */
+    KFAC_ERROR_NO_COLUMNS = -25,            /* Gauss-Newton product without kept columns or chain forward pass */
 
     /* -30 … -39: numerical */
     KFAC_ERROR_NON_FINITE = -30,            /* NaN or Inf in an input buffer or a resulting factor */
@@ -374,6 +380,20 @@ typedef enum kfac_param {
      * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
      * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
     KFAC_PARAM_NUM_THREADS = 11,
+    /* int, 0 or 1, default 0 = off. Spread the inversions of a period over its steps (with
+     * Ti = KFAC_PARAM_INVERSE_UPDATE_PERIOD > 1): each block (a layer, or one convolution group)
+     * gets a phase s in [0, min(Ti, blocks)) and is re-inverted at the steps with k mod Ti = s,
+     * from the factors as folded by that step, instead of every block at k mod Ti = 0. Phases
+     * are fixed by the blocks' shapes and Ti alone: longest processing time first (blocks in
+     * decreasing Σ d³ over their factors' diagonal blocks, ties by layer order, each to the
+     * phase with the least work so far), so no step inverts more than about 1/Ti of the work
+     * unless one block alone is more. Staleness: as without spreading, a block's inverse is at
+     * most Ti − 1 steps (one period) old, but the blocks' inverses come from different steps'
+     * factors. A block without an inverse for the strategy is still inverted at any step; with
+     * the Cholesky strategy each block bakes in the λ (or γ) and π of its own inversion step,
+     * and a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) inverts every block as before. A step
+     * that fails changes no inverse; kfac_optimizer_update_inverses inverts every block. */
+    KFAC_PARAM_INVERSE_SPREAD = 12,
 
     /* ---- adaptive mode (200–299), see "Adaptive mode" ---- */
     /* int, [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
@@ -393,12 +413,44 @@ typedef enum kfac_param {
     /* double, (0, 1), default 0.95. ω₂'s base: the factor-damping candidates of a γ step are
      * γ, γ·ω₂ and γ/ω₂ with ω₂ = base^T₂ (M&G's √(19/20)^T₂ on their γ, which is the square
      * root of this library's γ). */
-    KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
+    KFAC_PARAM_FACTOR_DAMPING_DECAY = 204,
+    /* Safeguards of the adaptive mode. Without them, M&G's settings (λ0 = γ0 = 150, T₁ = 5,
+     * T₂ = T₃ = 20) let λ fall by ω₁^T₁ at every adjustment while ρ ≈ 1 (α and μ come from the
+     * exact-Fisher model, so ρ stays near 1 once λ no longer matters to it): λ reached 6.5e-12
+     * in 600 steps, where it takes some 500 steps to recover. And γ, re-chosen by the model
+     * value, drifted away from λ with nothing to bring it back: up to 10^4–10^11 (α growing as
+     * γ, the directions shrinking as 1/γ) while λ fell, 10^5–10^7 times λ (issue 14;
+     * benchmarks/training/README.md, findings). */
+    /* double, [0, ∞), default 1e-8. λ_min: the Levenberg–Marquardt adjustment never decreases λ
+     * below it (a λ set below it is not raised; kfac-jax's min_damping has the same default).
+     * Keeps λ within reach: from 1e-8 back to 1 takes about 360 steps at ω₁ = 0.95, T₁ = 5.
+     * 0 = no floor. */
+    KFAC_PARAM_DAMPING_MIN = 205,
+    /* double, [1, ∞), default 10. r: the re-choice of γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
+     * keeps γ within a factor r of λ: a γ step first brings γ into [λ/r, λ·r] (the step uses,
+     * and keeps, that value) and drops a candidate γ·ω₂ or γ/ω₂ outside it (as a failed one,
+     * see "Re-choosing γ"). M&G start from γ = λ (γ0 = √(λ0 + η) in their notation); the band
+     * lets γ follow λ as the Levenberg–Marquardt rule moves it, with room for about two
+     * re-choices either way at ω₂ = 0.95^20. The default was chosen with M&G's values on four
+     * of the convergence benchmark's settings (r = 10 against 100, 1000 and no band: lowest
+     * loss, and the loss targets soonest, on each; see CHANGES.md). Steps that are not γ
+     * steps, and a γ set by the caller between them, are not changed; 1e300 turns the band
+     * off. */
+    KFAC_PARAM_FACTOR_DAMPING_RATIO = 206,
+
+    /* ---- EKFAC (400–499), see "EKFAC" in the experimental section ---- */
+    /* double, [0, 1), default 0.95. β_S of the moving average of EKFAC's scaling S between
+     * eigenbasis refreshes (the factors' default; the EKFAC authors use 0.75). */
+    KFAC_PARAM_EKFAC_DECAY = 400,
+    /* int, kfac_ekfac_mode, default KFAC_EKFAC_PER_EXAMPLE (0). How kfac_layer_record_examples_*
+     * forms per-example gradients: 0 exact (an example's rows or positions summed), 1 per row. */
+    KFAC_PARAM_EKFAC_MODE = 401
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
     KFAC_INVERSE_CHOLESKY = 0,
-    KFAC_INVERSE_EIGEN = 1
+    KFAC_INVERSE_EIGEN = 1,
+    KFAC_INVERSE_EKFAC = 2    /* experimental, see "EKFAC" */
 } kfac_inverse_strategy;
 
 typedef enum kfac_reduction {
@@ -710,11 +762,11 @@ KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scal
  * every factor is inverted from the current factors for each of the three γ, candidate 0's
  * inverses are committed by the step and the kept candidate's become the current ones at the
  * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
- * or not finite (decay^T₂ underflows), whose factor is not positive definite or whose directions
- * are not finite is dropped, and the later ones move down an index:
- * kfac_candidates_get_directions_* reports each candidate's γ. The plain
- * kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ. Candidates
- * are not saved in states.
+ * or not finite (decay^T₂ underflows) or outside [λ/r, λ·r] (KFAC_PARAM_FACTOR_DAMPING_RATIO),
+ * whose factor is not positive definite or whose directions are not finite is dropped, and the
+ * later ones move down an index: kfac_candidates_get_directions_* reports each candidate's γ.
+ * The plain kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ.
+ * Candidates are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
@@ -788,15 +840,16 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
 
 /* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
- * statistics, inverses, the adaptive mode's previous update, pending prediction and counters),
- * so that a resumed run produces bit-identical directions. Directions awaiting
+ * statistics (paired rows too), inverses, the adaptive mode's previous update, pending prediction
+ * and counters), so that a resumed run produces bit-identical directions. Directions awaiting
  * kfac_adaptive_solve_step_size_* are not saved: after loading, the next solve needs a new step.
  *
  * Image format (version 5 since 0.2; Sources/KFAC/State/StateImage.swift has the layout):
  * magic "KFACSTAT", format version, precision, size; then one section per owner — the
  * parameters (as (id, value) pairs), the optimizer's counters, the estimator's layer
- * descriptions, factors and inverses (each inverse representation writing its own part), the
- * adaptive mode's state — then a 64-bit checksum of everything before it. Little-endian. Loading
+ * descriptions, factors and inverses (each inverse representation writing its own part: EKFAC's
+ * holds its bases and S), the adaptive mode's state, EKFAC's pending per-example gradients (with
+ * that strategy only) — then a 64-bit checksum of everything before it. Little-endian. Loading
  * checks magic, size, checksum, version, precision and that the layers match the handle's (same
  * count, kinds and sizes); parameters in the image replace the handle's (a parameter the image
  * does not have takes its default; one this library does not know gives STATE_VERSION). Images
@@ -810,9 +863,10 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
  * produced it — counters in [0, 2^62] (a step count 0 exactly when there is no KL scale),
  * flags 0 or 1, row counts within the layers' buffers (and 2^53), factors and pending sums
  * finite with non-negative diagonals and within the record calls' overflow margin, inverses
- * finite (Cholesky: symmetric with a positive diagonal; eigen: entries of the eigenvectors at
- * most 1, eigenvalues non-negative), only for blocks with factors, the adaptive prediction and
- * previous update finite — and refuses anything else with CORRUPT_STATE. So no image makes a later call trap or fail
+ * finite (Cholesky: symmetric with a positive diagonal; eigen and EKFAC: entries of the
+ * eigenvectors at most 1, eigenvalues and S non-negative), only for blocks with factors, EKFAC's
+ * pending per-example gradients, the adaptive prediction and previous update finite — and
+ * refuses anything else with CORRUPT_STATE. So no image makes a later call trap or fail
  * forever; an image can still carry valid but unwanted values (e.g. another run's factors).
  * ------------------------------------------------------------------------------------------- */
 
@@ -841,9 +895,10 @@ KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
 
 /** Loads a state image from `path` (bytes, as for saving). Only a regular file is read (a FIFO,
  *  device or directory is IO, without blocking); a file larger than any image of the handle's
- *  layers can be is refused after reading only its 32-byte header (CORRUPT_STATE if that is not
- *  an image header, STATE_VERSION for another format, else STATE_MISMATCH); the file is read in
- *  bounded pieces.
+ *  layers can be is refused after reading only its header and parameter section (CORRUPT_STATE
+ *  if that is not an image header, STATE_VERSION for another format, else STATE_MISMATCH) —
+ *  unless the image's strategy is EKFAC, whose pending per-example gradients the layers do not
+ *  bound; the file is read in bounded pieces.
  *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 
@@ -909,6 +964,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *  (KFAC_PARAM_FACTOR_DAMPING if > 0, else KFAC_PARAM_DAMPING):
  *     KFAC_INVERSE_EIGEN:    A ⊗ G + λ I
  *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
+ *     KFAC_INVERSE_EKFAC:    Ũ diag(vec S + λ) Ũᵀ, Ũ = Q_A ⊗ Q_G   (see "EKFAC"; both powers
+ *                            use the current inverses, so +1 too gives NO_INVERSES without them)
  *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
  *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
  *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
@@ -921,6 +978,276 @@ KFAC_API int kfac_curvature_multiply_f32(kfac_optimizer *opt, int32_t power, flo
                                          float *const *biases, int32_t n_layers);
 KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, double *const *weights,
                                          double *const *biases, int32_t n_layers);
+
+/* ---------------------------------------------------------------------------------------------
+ * Gauss-Newton products (experimental). Since 0.2.
+ *
+ * The exact Gauss-Newton (GGN) matrix-vector product of the mean loss h = (1/N) Σ_n ℓ_n,
+ *     G v = (1/N) Σ_n J_nᵀ B_n J_n v,      J_n = ∂z_n/∂θ,  B_n = ∂²ℓ_n/∂z_n²,
+ * over the registered layers, in the two settings of Lin et al.'s seed (simpleNN):
+ *   - stored Jacobian columns (backward setting): the caller back-propagates the K columns of
+ *     S_n (S_n S_nᵀ = B_n, kfac_gn_output_hessian_sqrt_*) through its network once per curvature
+ *     batch and records them per layer with the layer's inputs
+ *     (kfac_layer_record_output_grad_columns_*); every product is then a few gemms per layer
+ *     (kfac_gn_columns_multiply_*). Works for any graph whose registered layers' outputs the
+ *     caller's backward pass reaches (residual connections included).
+ *   - the R operator (forward + backward setting) on a sequential chain of registered dense and
+ *     conv2d layers with elementwise activations (kfac_gn_chain_*): the library runs the
+ *     forward-mode and reverse passes itself (convolutions over the patches it forms, and their
+ *     transpose, col2im) from copies of the weights, inputs and φ′ taken at
+ *     kfac_gn_chain_forward_*.
+ *     kfac_gn_chain_record_columns has the chain back-propagate S's columns itself and record
+ *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed.
+ * Pooling, normalisation and residual connections are not chain layers: such networks use columns.
+ * B is the output Hessian of the distribution (see "Adaptive mode", Output distributions):
+ *     categorical  B = diag(p) − p pᵀ (p = softmax(z)),   S = diag(√p) − p √pᵀ  (rank dim − 1)
+ *     bernoulli    B = diag(p(1 − p)) (p = σ(z)),        S = diag(√(p(1 − p)))
+ *     gaussian     B = I (½‖y − z‖²),                    S = I
+ * S has K = output_dim columns for every distribution. Vectors and products are parameter-shaped:
+ * the buffers of kfac_optimizer_step_* (weight [out][in] or the conv weight, bias [out]) in
+ * arrays of n_layers = the registered layer count. A product covers the layers that have kept
+ * columns (all of them give the full G; some, that principal block) or that are in the chain;
+ * the entries of the other layers are not read or written and may be NULL (so may the bias
+ * arrays when no covered layer has a bias). Products may be written over their vectors (the same
+ * pointers). They are G without damping or L2; they change nothing in the handle and may be
+ * called any number of times; nothing is written when they fail.
+ * Threading and state: the handle calls follow the handle rule (one thread at a time); the
+ * output-space helpers have no handle and are thread-safe. Kept columns and the chain (its
+ * definition and forward pass) live beside the K-FAC state and are not part of state images;
+ * kfac_state_load leaves them as they are. After the first call, products allocate nothing.
+ *
+ * Loss conventions. Columns are those of the SUMMED loss: S of kfac_gn_output_hessian_sqrt_*
+ * back-propagated. KFAC_PARAM_LOSS_REDUCTION does not apply to them; a caller whose square roots
+ * come from a mean-reduced loss (B/N per example) has S/√N and must multiply its columns by √N,
+ * not N. A caller that back-propagates them through a loss-scaled graph sets
+ * KFAC_PARAM_OUTPUT_GRAD_SCALE and the library divides the columns by it (linearly). The
+ * product is then that of the mean loss (the 1/N above; N = the examples kept). A loss that is
+ * a multiple c of these (PyTorch's MSELoss is 2·(½‖·‖²)) has c·G.
+ * ------------------------------------------------------------------------------------------- */
+
+/** What a column recording is used for (bits of `uses`). */
+typedef enum kfac_columns_use {
+    KFAC_COLUMNS_FACTOR = 1,    /* add to the layer's pending output factor (KFLR, MC Fisher) */
+    KFAC_COLUMNS_PRODUCT = 2    /* keep inputs and columns for kfac_gn_columns_multiply_* */
+} kfac_columns_use;
+
+/** Elementwise activations of a chain. */
+typedef enum kfac_activation {
+    KFAC_ACTIVATION_IDENTITY = 0,
+    KFAC_ACTIVATION_RELU = 1,       /* φ′ = 1 if s > 0, else 0 */
+    KFAC_ACTIVATION_TANH = 2,
+    KFAC_ACTIVATION_LOGISTIC = 3,
+    KFAC_ACTIVATION_CUSTOM = 4      /* φ′ (and the next layer's inputs) given at every forward */
+} kfac_activation;
+
+/** Since 0.2. u = B q for every row: outputs z, vectors q and products u are [rows][output_dim]
+ *  row-major (products may be vectors). No handle: errors are returned only. Errors:
+ *  NULL_POINTER, INVALID_SIZE, SIZE_OVERFLOW, INVALID_ARGUMENT (distribution), NON_FINITE
+ *  (outputs or vectors). Thread-safe. */
+KFAC_API int kfac_gn_output_hessian_multiply_f32(const float *outputs, const float *vectors, int64_t rows,
+                                                 int64_t output_dim, int32_t distribution, float *products);
+KFAC_API int kfac_gn_output_hessian_multiply_f64(const double *outputs, const double *vectors, int64_t rows,
+                                                 int64_t output_dim, int32_t distribution, double *products);
+
+/** Since 0.2. The K = output_dim columns of S_n (S_n S_nᵀ = B_n, the table above) for every row,
+ *  into columns [K][rows][output_dim]: column k of example n is columns[(k·rows + n)·output_dim
+ *  ...], so each block [k] is a batch of output gradients to back-propagate (one backward pass
+ *  per k, or one vmapped pass). Errors: those of kfac_gn_output_hessian_multiply_*. Thread-safe. */
+KFAC_API int kfac_gn_output_hessian_sqrt_f32(const float *outputs, int64_t rows, int64_t output_dim,
+                                             int32_t distribution, float *columns);
+KFAC_API int kfac_gn_output_hessian_sqrt_f64(const double *outputs, int64_t rows, int64_t output_dim,
+                                             int32_t distribution, double *columns);
+
+/** Since 0.2. Records the K back-propagated columns per example of layer `layer`:
+ *  columns [k][rows][out…] (block j is a batch of output gradients: dense [rows][out], conv
+ *  [rows][C_out][H_out][W_out] or channels-last; rows = examples, one row per example for a
+ *  dense layer), C_{l,n} = J_{s_l,n}ᵀ S_n. `uses` is a bit set of kfac_columns_use:
+ *   FACTOR  — the pending output factor gains, per example, Σ_k c cᵀ with the example counted
+ *             once: G = (1/N) Σ_n Σ_k c_{n,k} c_{n,k}ᵀ (KFLR from the K columns of S; the
+ *             Monte-Carlo Fisher with S sampled output gradients / √S as columns; a convolution
+ *             with KFC's Γ = (1/(N|T|)) Σ_n Σ_t Σ_k c cᵀ). It is recorded as k·rows rows scaled
+ *             by √k, so k = 1 is exactly kfac_layer_record_output_grads_* (without the MEAN
+ *             reduction), and the output-side records of a layer between two factor updates
+ *             should all use the same k. The input factor is recorded as usual
+ *             (kfac_layer_record_inputs_*); `inputs` may be NULL.
+ *   PRODUCT — the layer's inputs (as kfac_layer_record_inputs_* takes them; NOT added to A) and
+ *             the columns are copied and kept for kfac_gn_columns_multiply_* until
+ *             kfac_gn_columns_clear; successive calls append examples (micro-batches); every
+ *             layer must keep the same k, and all layers the same examples in the same order.
+ *  Memory of PRODUCT: N·(K·Σ_l o_l|T_l| + Σ_l i_l) values for N kept examples (o_l|T_l| the
+ *  output values, i_l the input values of layer l per example): 1000 examples of a 784-100-10
+ *  MLP at K = 10 keep 1000·(10·110 + 884) values, 7.9 MB in float32. The first call of a layer
+ *  allocates exactly its rows; appending grows the layer's store geometrically (capacity at most
+ *  twice the kept rows); the product's scratch is O(N·(K + max o_l)) for dense layers and one
+ *  example's patches for convolutions. An allocation the system refuses gives OUT_OF_MEMORY with
+ *  nothing kept. Recording marks the layers frozen. Kept columns are not part of state images.
+ *  Errors: NULL_POINTER (columns; inputs with PRODUCT), UNKNOWN_LAYER, INVALID_ARGUMENT (uses
+ *  not 1–3), INVALID_SIZE (rows or k < 1, k differing from the kept columns'), SIZE_OVERFLOW,
+ *  DTYPE_MISMATCH, NON_FINITE, OUT_OF_MEMORY. On error nothing is recorded or kept. */
+KFAC_API int kfac_layer_record_output_grad_columns_f32(kfac_optimizer *opt, int32_t layer, const float *inputs,
+                                                       const float *columns, int64_t rows, int32_t k, int32_t uses);
+KFAC_API int kfac_layer_record_output_grad_columns_f64(kfac_optimizer *opt, int32_t layer, const double *inputs,
+                                                       const double *columns, int64_t rows, int32_t k, int32_t uses);
+
+/** Since 0.2. product = G·vector from the kept columns:
+ *      t_n = Σ_l Σ_t C_{l,n,t}ᵀ (V_l ā_{l,n,t}),   (G v)_l = (1/N) Σ_n Σ_t (C_{l,n,t} t_n) ā_{l,n,t}ᵀ
+ *  (t over a convolution's output positions, ā its patches; dense: two gemms per layer plus
+ *  O(N·K·out)). Errors: NULL_POINTER (a covered layer's buffer, or a bias buffer of a covered
+ *  layer with bias), INVALID_SIZE (n_layers; layers keeping different numbers of examples),
+ *  INVALID_ARGUMENT (a bias buffer for a covered layer without bias), DTYPE_MISMATCH,
+ *  NON_FINITE (a vector, or the product), NO_COLUMNS (none kept), OUT_OF_MEMORY (scratch). */
+KFAC_API int kfac_gn_columns_multiply_f32(kfac_optimizer *opt, const float *const *vector_w,
+                                          const float *const *vector_b, float *const *product_w,
+                                          float *const *product_b, int32_t n_layers);
+KFAC_API int kfac_gn_columns_multiply_f64(kfac_optimizer *opt, const double *const *vector_w,
+                                          const double *const *vector_b, double *const *product_w,
+                                          double *const *product_b, int32_t n_layers);
+
+/** Since 0.2. The kept columns: *examples (N of the first layer with columns, 0 if none), *k (0
+ *  if none) and *values (inputs and columns stored, in the handle's precision); any pointer may
+ *  be NULL. Errors: NULL_POINTER (opt). */
+KFAC_API int kfac_gn_columns_get_info(const kfac_optimizer *opt, int64_t *examples, int32_t *k, int64_t *values);
+
+/** Since 0.2. Drops every kept column and input and releases their memory (pending factor
+ *  statistics are not affected). Errors: NULL_POINTER. */
+KFAC_API int kfac_gn_columns_clear(kfac_optimizer *opt);
+
+/** Since 0.2. Defines the chain of kfac_gn_chain_multiply_*: layers[0] → activations[0] →
+ *  layers[1] → … → layers[n−1], registered dense or conv2d layers (distinct), each layer's output
+ *  buffer being the next one's input buffer: the output values per example of each (dense: out;
+ *  convolution: C_out·H_out·W_out in its layout, e.g. flattened into a dense layer as PyTorch's
+ *  Flatten does for NCHW) equal the input values of the next (dense: in; convolution: C·H·W in its
+ *  layout). activations[n−1] must be IDENTITY: the last layer's outputs, [rows][output_dim], are
+ *  the network's z under `distribution` (kfac_distribution). Replaces a previous chain and drops
+ *  its forward pass. Errors: NULL_POINTER, INVALID_SIZE (n < 1, sizes that do not chain),
+ *  UNKNOWN_LAYER, INVALID_ARGUMENT (a repeated layer, an activation or distribution out of range, a last
+ *  activation other than IDENTITY). On error the previous chain is kept. */
+KFAC_API int kfac_gn_chain_define(kfac_optimizer *opt, const int32_t *layers, const int32_t *activations, int32_t n,
+                                  int32_t distribution);
+
+/** Since 0.2. The chain's forward pass on `rows` examples; the arrays have the chain's n
+ *  entries in chain order. weights[i] (the layer's weight layout) and biases[i] [out] (NULL for a
+ *  layer without bias; `biases` itself may be NULL if no chain layer has one) are copied, so every
+ *  product until the next forward uses this θ. inputs[0] (rows examples of the first layer's
+ *  input) is required; inputs[i] (i > 0)
+ *  may be NULL to have a_i = φ_{i−1}(s_{i−1}) computed (named activations), or give the layer's
+ *  inputs from the caller's own forward pass (required after a CUSTOM activation).
+ *  derivatives[i] (rows × the layer's output values) is φ′_{i}(s_i) for a CUSTOM activation and ignored otherwise
+ *  (`derivatives` itself may be NULL without CUSTOM). outputs (may be NULL) receives z
+ *  [rows][out_{n−1}]. Memory: copies of W, b and the inputs, φ′ and z, plus two [rows][widest]
+ *  scratch rows and, with convolutions, two of one example's patch matrices. Errors: NULL_POINTER, INVALID_SIZE (rows < 1), INVALID_ARGUMENT (a bias for a
+ *  layer without), SIZE_OVERFLOW, DTYPE_MISMATCH, NON_FINITE, NO_COLUMNS (no chain defined),
+ *  OUT_OF_MEMORY. On error the previous forward pass is kept. */
+KFAC_API int kfac_gn_chain_forward_f32(kfac_optimizer *opt, const float *const *weights, const float *const *biases,
+                                       const float *const *inputs, const float *const *derivatives, int64_t rows,
+                                       float *outputs);
+KFAC_API int kfac_gn_chain_forward_f64(kfac_optimizer *opt, const double *const *weights,
+                                       const double *const *biases, const double *const *inputs,
+                                       const double *const *derivatives, int64_t rows, double *outputs);
+
+/** Since 0.2. The chain back-propagates the K = output_dim columns of S at the last forward
+ *  pass's outputs itself (C_{n−1} = S, C_{i−1} = (layer_iᵀ C_i) ⊙ φ′_{i−1}: for a dense layer one
+ *  gemm of K·rows rows, for a convolution col2im of Wᵀ C per example) and records them for every chain layer with its copied inputs, as
+ *  kfac_layer_record_output_grad_columns_* does with `uses`: FACTOR gives every chain layer's
+ *  KFLR output factor (record the input factors as usual), PRODUCT keeps them for
+ *  kfac_gn_columns_multiply_* (the backward setting without the caller's backward passes).
+ *  All chain layers or none: on error nothing is recorded or kept. Errors: NULL_POINTER,
+ *  INVALID_ARGUMENT (uses), INVALID_SIZE (K differing from kept columns'), NON_FINITE,
+ *  NO_COLUMNS (no chain forward pass), OUT_OF_MEMORY. */
+KFAC_API int kfac_gn_chain_record_columns(kfac_optimizer *opt, int32_t uses);
+
+/** Since 0.2. product = G·vector over the chain's layers by the R operator, from the last
+ *  forward pass:  ṙ_0 = 0, ṡ_i = W_i ṙ_i + V_i ā_i, ṙ_{i+1} = φ′_i ⊙ ṡ_i;  u_n = B_n ṡ_{n−1,n};
+ *  δ = u, (G v)_i = (1/N) Σ_n δ_{i,n} ā_{i,n}ᵀ, δ ← φ′_{i−1} ⊙ (W_iᵀ δ) (for a convolution W
+ *  and V act on patches, Σ runs over positions too, and W_iᵀ δ is col2im'd). About two forward
+ *  and two backward gemms per layer. Buffers and errors as kfac_gn_columns_multiply_*, NO_COLUMNS
+ *  meaning no chain forward pass. */
+KFAC_API int kfac_gn_chain_multiply_f32(kfac_optimizer *opt, const float *const *vector_w, const float *const *vector_b,
+                                        float *const *product_w, float *const *product_b, int32_t n_layers);
+KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const *vector_w,
+                                        const double *const *vector_b, double *const *product_w,
+                                        double *const *product_b, int32_t n_layers);
+
+/* ---------------------------------------------------------------------------------------------
+ * EKFAC (George, Laurent, Bouthillier, Ballas & Vincent 2018), Since 0.2.
+ *
+ * Strategy KFAC_INVERSE_EKFAC keeps, per group of every layer, the eigenbases Q_A, Q_G of the
+ * factors exactly as KFAC_INVERSE_EIGEN computes them (at the same inverse updates) and a
+ * scaling S of out × in(+1) values (a group's dimensions) that replaces d_G d_Aᵀ:
+ *     U = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + λ)] Q_Aᵀ  =  (Ũ diag(vec S) Ũᵀ + λ I)⁻¹ vec(V),  Ũ = Q_A ⊗ Q_G,
+ * λ the eigen strategy's (KFAC_PARAM_FACTOR_DAMPING if > 0, else KFAC_PARAM_DAMPING), applied
+ * when preconditioning (γ candidates and the adaptive mode work as with the eigen strategy).
+ *
+ * The statistic. S is the second moment of per-example gradients G_n (out × in(+1), the bias
+ * column last) in the Kronecker eigenbasis, S = E[(Q_Gᵀ G_n Q_A)^∘2] (∘2: entrywise square);
+ * for a fixed basis it is the diagonal of Ũᵀ F Ũ, F = E[vec G_n vec G_nᵀ] the empirical Fisher of
+ * the per-example gradients, and so the best diagonal in that basis in Frobenius norm (never
+ * farther from F than A ⊗ G computed from the same rows). Per-example gradients need inputs and
+ * output gradients of the same rows: record them with kfac_layer_record_examples_* (instead of
+ * kfac_layer_record_inputs_* and kfac_layer_record_output_grads_*). With the rows of all such
+ * calls since S was last updated (output gradients scaled as "Gradients" says):
+ *   dense, an example = T consecutive rows (T = rows_per_example; T = 1 for plain batches):
+ *     G_n = Σ_t g_{n,t} ā_{n,t}ᵀ,      S_batch = (1/R) Σ_n (Q_Gᵀ G_n Q_A)^∘2,   R = N·T rows;
+ *   convolution (KFC's |T| split, positions t of an example, ā the patch [c][i][j] then 1):
+ *     G_n = Σ_t g_{n,t} ā_{n,t}ᵀ,      S_batch = (1/N) Σ_n (Q_Γᵀ G_n Q_Ω)^∘2     (SUA: Q_Ω of I ⊗ C);
+ *   so that S_batch → d_G d_Aᵀ when an example's rows are uncorrelated.
+ * KFAC_PARAM_EKFAC_MODE = KFAC_EKFAC_PER_ROW treats every row (position) as its own example:
+ * the same formulas with G_n replaced by each g_t ā_tᵀ (cross terms dropped; one gemm per
+ * update instead of one per example). With T = 1 (|T| = 1) the two modes are identical.
+ *
+ * Schedule (per group). Per-example gradients are kept (only while the strategy is
+ * KFAC_INVERSE_EKFAC: changing it discards them) until used, in the precision of the handle and
+ * in checkpoints:
+ *   - when the eigenbases are recomputed (an inverse-update step, kfac_optimizer_update_inverses,
+ *     or the first step), S = S_batch in the new bases if per-example gradients are pending,
+ *     else S = d_G d_Aᵀ of the new factors (the authors' reset); the pending ones are used up;
+ *   - at any other factor update with per-example gradients pending (a factor-update step, or
+ *     kfac_optimizer_update_factors once bases exist): S ← β_S S + (1 − β_S) S_batch in the
+ *     current bases, β_S = KFAC_PARAM_EKFAC_DECAY;
+ *   - every factor update then discards what is pending (the bases follow the inverse period,
+ *     S the factor-update period).
+ * Without paired recording S stays d_G d_Aᵀ and EKFAC is the eigen strategy.
+ *
+ * Use. Set the strategy before recording (rows recorded under another strategy add to A and G
+ * only), and call kfac_layer_record_examples_* for a layer instead of — not besides — the two
+ * unpaired calls. The γ candidates ("Re-choosing γ") and the adaptive mode work as with the eigen
+ * strategy (λ is applied when preconditioning, no re-inversion per candidate). Cost: pending
+ * per-example gradients are kept as their rows (rows·(in + 1 + out) values; an example of T rows
+ * as a matrix instead, out·(in+1) values, when T·(out² + (in+1)²) > out·(in+1)·(out + in + 1),
+ * e.g. convolutions with many positions); each factor update then rotates them into the bases
+ * (two block products per row or per matrix) and, for examples of several rows, forms each
+ * example's rotated gradient (one out × T × (in+1) gemm). The per-row mode's single gemm is
+ * cheaper for sequences, not for convolutions whose positions outnumber the channels.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_ekfac_mode {
+    KFAC_EKFAC_PER_EXAMPLE = 0,   /* exact: an example's rows summed before squaring */
+    KFAC_EKFAC_PER_ROW = 1        /* every row or position an example of its own */
+} kfac_ekfac_mode;
+
+/** Since 0.2. Records `rows` rows of inputs and the output gradients of the same rows of layer
+ *  `layer`, in the layouts (and with the reduction and scale) of kfac_layer_record_inputs_* and
+ *  kfac_layer_record_output_grads_*: it adds exactly what those two calls add to A and G, and,
+ *  while the strategy is KFAC_INVERSE_EKFAC, keeps the per-example gradients S is estimated
+ *  from (see "EKFAC"). Dense layers: an example is `rows_per_example` consecutive rows (a
+ *  sequence of T tokens; rows must be a multiple of it). Convolutions: an example is a row
+ *  (its positions come from the geometry) and rows_per_example must be 1.
+ *  Errors: those of kfac_layer_record_inputs_*, INVALID_SIZE (rows_per_example < 1 or not
+ *  dividing rows; not 1 for a convolution), NON_FINITE (also when the per-example gradients'
+ *  second moments could overflow). On error nothing is recorded. */
+KFAC_API int kfac_layer_record_examples_f32(kfac_optimizer *opt, int32_t layer, const float *inputs,
+                                            const float *output_grads, int64_t rows, int64_t rows_per_example);
+KFAC_API int kfac_layer_record_examples_f64(kfac_optimizer *opt, int32_t layer, const double *inputs,
+                                            const double *output_grads, int64_t rows, int64_t rows_per_example);
+
+/** Since 0.2. Copies EKFAC's current scaling S of group `group` of layer `layer` into
+ *  scaling[g_dim][a_dim] (row-major; kfac_layer_info's dimensions): S[i][j] belongs to the i-th
+ *  eigenvector of G and the j-th of A, eigenvalues ascending (LAPACK syevd's order; block by
+ *  block for grouped and SUA factors). Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_ARGUMENT
+ *  (group), DTYPE_MISMATCH, NO_INVERSES (the layer has no EKFAC inverse: the strategy is another
+ *  one, or no inverse update happened yet). Changes nothing in the handle. */
+KFAC_API int kfac_layer_get_ekfac_scaling_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *scaling);
+KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *scaling);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 

@@ -6,7 +6,8 @@
  * What the wrapper changes is only the form:
  *   - kfac::optimizer owns a kfac_optimizer handle (RAII, move-only) and has one method per
  *     kfac_optimizer_* / kfac_param_* / kfac_layer_* / kfac_adaptive_* / kfac_state_* (and, with
- *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_*) function, named after it without
+ *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_*) function, named
+ *     after it without
  *     "kfac_" and without "optimizer_": kfac_layer_add_dense(opt, …) is opt.layer_add_dense(…),
  *     kfac_optimizer_step_f32(opt, …) is opt.step(…);
  *   - the _f32 / _f64 pairs are one overloaded name, chosen by the buffer's element type;
@@ -202,6 +203,45 @@ struct step_size {
     double predicted_change = 0;
     int32_t chosen = 0;  /* candidates only */
 };
+
+#if defined(KFAC_EXPERIMENTAL_API)
+/* ---------------------------------------------------------------------------------------------
+ * Experimental: Gauss-Newton products, the output-space helpers (no handle)
+ * ------------------------------------------------------------------------------------------- */
+
+/** kfac_gn_output_hessian_multiply_f32 / _f64: products = B·vectors per row. */
+template <class T>
+inline void gn_output_hessian_multiply(const T *outputs, const T *vectors, int64_t rows, int64_t output_dim,
+                                       int32_t distribution, T *products) {
+    detail::require_real<T>();
+    if constexpr (std::is_same_v<T, float>)
+        detail::check(kfac_gn_output_hessian_multiply_f32(outputs, vectors, rows, output_dim, distribution, products),
+                      "kfac_gn_output_hessian_multiply_f32");
+    else
+        detail::check(kfac_gn_output_hessian_multiply_f64(outputs, vectors, rows, output_dim, distribution, products),
+                      "kfac_gn_output_hessian_multiply_f64");
+}
+
+/** kfac_gn_output_hessian_sqrt_f32 / _f64: columns [output_dim][rows][output_dim]. */
+template <class T>
+inline void gn_output_hessian_sqrt(const T *outputs, int64_t rows, int64_t output_dim, int32_t distribution,
+                                   T *columns) {
+    detail::require_real<T>();
+    if constexpr (std::is_same_v<T, float>)
+        detail::check(kfac_gn_output_hessian_sqrt_f32(outputs, rows, output_dim, distribution, columns),
+                      "kfac_gn_output_hessian_sqrt_f32");
+    else
+        detail::check(kfac_gn_output_hessian_sqrt_f64(outputs, rows, output_dim, distribution, columns),
+                      "kfac_gn_output_hessian_sqrt_f64");
+}
+
+/** What kfac_gn_columns_get_info reports. */
+struct gn_columns_info {
+    int64_t examples = 0;
+    int32_t k = 0;
+    int64_t values = 0;
+};
+#endif /* KFAC_EXPERIMENTAL_API */
 
 /* ---------------------------------------------------------------------------------------------
  * Handles: kfac::optimizer
@@ -507,11 +547,114 @@ public:
         check(kfac_curvature_multiply_f64(handle_, power, weights.data(), detail::or_null(biases), n),
               "kfac_curvature_multiply_f64");
     }
+
+    /* ---- Experimental: Gauss-Newton products ---- */
+
+    /** kfac_layer_record_output_grad_columns_f32 / _f64 (uses: KFAC_COLUMNS_* bits). */
+    void layer_record_output_grad_columns(int32_t layer, const float *inputs, const float *columns, int64_t rows,
+                                          int32_t k, int32_t uses) {
+        check(kfac_layer_record_output_grad_columns_f32(handle_, layer, inputs, columns, rows, k, uses),
+              "kfac_layer_record_output_grad_columns_f32");
+    }
+    void layer_record_output_grad_columns(int32_t layer, const double *inputs, const double *columns, int64_t rows,
+                                          int32_t k, int32_t uses) {
+        check(kfac_layer_record_output_grad_columns_f64(handle_, layer, inputs, columns, rows, k, uses),
+              "kfac_layer_record_output_grad_columns_f64");
+    }
+    /** kfac_gn_columns_multiply_f32 / _f64 (n_layers = vector_w.size()). */
+    void gn_columns_multiply(span<const float *const> vector_w, span<const float *const> vector_b,
+                             span<float *const> product_w, span<float *const> product_b) {
+        check(kfac_gn_columns_multiply_f32(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
+                                           detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
+              "kfac_gn_columns_multiply_f32");
+    }
+    void gn_columns_multiply(span<const double *const> vector_w, span<const double *const> vector_b,
+                             span<double *const> product_w, span<double *const> product_b) {
+        check(kfac_gn_columns_multiply_f64(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
+                                           detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
+              "kfac_gn_columns_multiply_f64");
+    }
+    /** kfac_gn_columns_get_info. */
+    gn_columns_info gn_columns_get_info() const {
+        gn_columns_info info;
+        check(kfac_gn_columns_get_info(handle_, &info.examples, &info.k, &info.values), "kfac_gn_columns_get_info");
+        return info;
+    }
+    /** kfac_gn_columns_clear. */
+    void gn_columns_clear() { check(kfac_gn_columns_clear(handle_), "kfac_gn_columns_clear"); }
+    /** kfac_gn_chain_define (n = layers.size(); activations must be as long). */
+    void gn_chain_define(span<const int32_t> layers, span<const int32_t> activations, int32_t distribution) {
+        if (layers.size() != activations.size())
+            throw error(KFAC_ERROR_INVALID_SIZE, "kfac_gn_chain_define", "layers and activations differ in length");
+        check(kfac_gn_chain_define(handle_, layers.data(), activations.data(), static_cast<int32_t>(layers.size()),
+                                   distribution),
+              "kfac_gn_chain_define");
+    }
+    /** kfac_gn_chain_forward_f32 / _f64 (chain order; empty biases / derivatives spans are NULL). */
+    void gn_chain_forward(span<const float *const> weights, span<const float *const> biases,
+                          span<const float *const> inputs, span<const float *const> derivatives, int64_t rows,
+                          float *outputs) {
+        check(kfac_gn_chain_forward_f32(handle_, weights.data(), or_null(biases), inputs.data(), or_null(derivatives),
+                                        rows, outputs),
+              "kfac_gn_chain_forward_f32");
+    }
+    void gn_chain_forward(span<const double *const> weights, span<const double *const> biases,
+                          span<const double *const> inputs, span<const double *const> derivatives, int64_t rows,
+                          double *outputs) {
+        check(kfac_gn_chain_forward_f64(handle_, weights.data(), or_null(biases), inputs.data(), or_null(derivatives),
+                                        rows, outputs),
+              "kfac_gn_chain_forward_f64");
+    }
+    /** kfac_gn_chain_record_columns (uses: KFAC_COLUMNS_* bits). */
+    void gn_chain_record_columns(int32_t uses) {
+        check(kfac_gn_chain_record_columns(handle_, uses), "kfac_gn_chain_record_columns");
+    }
+    /** kfac_gn_chain_multiply_f32 / _f64 (n_layers = vector_w.size()). */
+    void gn_chain_multiply(span<const float *const> vector_w, span<const float *const> vector_b,
+                           span<float *const> product_w, span<float *const> product_b) {
+        check(kfac_gn_chain_multiply_f32(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
+                                         detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
+              "kfac_gn_chain_multiply_f32");
+    }
+    void gn_chain_multiply(span<const double *const> vector_w, span<const double *const> vector_b,
+                           span<double *const> product_w, span<double *const> product_b) {
+        check(kfac_gn_chain_multiply_f64(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
+                                         detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
+              "kfac_gn_chain_multiply_f64");
+    }
+
+    /* ---- Experimental: EKFAC ---- */
+
+    /** kfac_layer_record_examples_f32 / _f64: paired inputs and output gradients of the same rows. */
+    template <class T>
+    void layer_record_examples(int32_t layer, const T *inputs, const T *output_grads, int64_t rows,
+                               int64_t rows_per_example = 1) {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_record_examples_f32(handle_, layer, inputs, output_grads, rows, rows_per_example),
+                  "kfac_layer_record_examples_f32");
+        else
+            check(kfac_layer_record_examples_f64(handle_, layer, inputs, output_grads, rows, rows_per_example),
+                  "kfac_layer_record_examples_f64");
+    }
+    /** kfac_layer_get_ekfac_scaling_f32 / _f64: S of one group, [g_dim][a_dim]. */
+    template <class T>
+    void layer_get_ekfac_scaling(int32_t layer, int32_t group, T *scaling) const {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_get_ekfac_scaling_f32(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f32");
+        else
+            check(kfac_layer_get_ekfac_scaling_f64(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f64");
+    }
 #endif /* KFAC_EXPERIMENTAL_API */
 
 private:
     explicit optimizer(kfac_optimizer *handle) noexcept : handle_(handle) {}
     void check(int status, const char *function) const { detail::check(status, function, handle_); }
+    template <class T>
+    static const T *const *or_null(span<const T *const> buffers) noexcept {
+        return buffers.empty() ? nullptr : buffers.data();
+    }
 
     kfac_optimizer *handle_ = nullptr;
 };

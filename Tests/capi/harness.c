@@ -45,6 +45,7 @@ const char *status_name(int s) {
     case KFAC_ERROR_NO_INVERSES: return "NO_INVERSES";
     case KFAC_ERROR_LAYERS_FROZEN: return "LAYERS_FROZEN";
     case KFAC_ERROR_NO_STEP: return "NO_STEP";
+    case KFAC_ERROR_NO_COLUMNS: return "NO_COLUMNS";
     case KFAC_ERROR_NON_FINITE: return "NON_FINITE";
     case KFAC_ERROR_NOT_POSITIVE_DEFINITE: return "NOT_POSITIVE_DEFINITE";
     case KFAC_ERROR_EIGEN_FAILED: return "EIGEN_FAILED";

@@ -355,6 +355,11 @@ void test_candidate_numerics(void);
  * on twin handles. */
 void test_curvature_multiply(void);
 
+/* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
+void test_gauss_newton(void);
+/* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */
+void test_ekfac_numerics(void);
+void test_ekfac_errors(int dtype);
 /* test_reliability.c: issue 15's regressions (crafted images, the pending bound, worker threads,
  * state files, allocation failures, exhaustive bit flips and truncations, killed saves). */
 void test_reliability(const char *tmpdir);

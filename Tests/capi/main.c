@@ -11,8 +11,8 @@
  * symbols, NULL handles, the parameter table), test_errors.c (error paths on twin handles),
  * test_layers.c (dense and convolution descriptors, layer info), test_optimizer.c (call order,
  * schedule, concurrency), test_numerics.c, test_state.c, test_adaptive.c (adaptive mode and
- * samplers), test_candidates.c and test_curvature.c (the experimental section, compiled with
- * KFAC_EXPERIMENTAL_API).
+ * samplers), test_candidates.c, test_curvature.c and test_ekfac.c (the experimental section,
+ * compiled with KFAC_EXPERIMENTAL_API).
  *
  * What is checked:
  *   1. Global functions: versions, status strings, NULL handles for every entry point.
@@ -105,6 +105,11 @@
  *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
+ * 10. Gauss-Newton products (test_gauss_newton.c, experimental): S Sᵀ = B and B·q against B
+ *     written out; G·v from stored columns (caller's and the chain's own) and from the chain's
+ *     R operator against the analytic (1/N) Σ JᵀBJ v of a tanh MLP, three distributions, both
+ *     precisions; K = 1 FACTOR columns bitwise record_output_grads; every misuse on twins with the
+ *     kept columns and chain compared bitwise after each bad call.
  */
 #include "harness.h"
 
@@ -143,6 +148,10 @@ int main(void) {
     test_candidate_numerics();
     test_adaptive_pending_solve();
     test_curvature_multiply();
+    test_gauss_newton();
+    test_ekfac_numerics();
+    test_ekfac_errors(KFAC_FLOAT32);
+    test_ekfac_errors(KFAC_FLOAT64);
     test_reliability(tmpdir);
 
     rmdir(tmpdir);

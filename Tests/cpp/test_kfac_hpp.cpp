@@ -81,6 +81,29 @@ static void test_errors() {
     float *weights[] = {w.data()};
     expect_error([&] { opt.step(weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_optimizer_step_f32");
     expect_error([&] { opt.curvature_multiply(1, weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_curvature_multiply_f32");
+    std::vector<float> x4(8, 0.5f), g3(6, 0.25f), s(12, -1.0f);
+    expect_error([&] { opt.layer_record_examples(layer, x4.data(), g3.data(), 2, 3); }, KFAC_ERROR_INVALID_SIZE,
+                 "kfac_layer_record_examples_f32");
+    expect_error([&] { opt.layer_get_ekfac_scaling(layer, 0, s.data()); }, KFAC_ERROR_NO_INVERSES,
+                 "kfac_layer_get_ekfac_scaling_f32");
+    {  // EKFAC through the wrapper: paired rows, then S of out × (in + 1) non-negative values.
+        kfac::optimizer e(KFAC_FLOAT32);
+        auto d = kfac::dense_desc();
+        d.in_features = 4;
+        d.out_features = 3;
+        d.has_bias = 1;
+        e.param_set_int(KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EKFAC);
+        const int32_t id = e.layer_add_dense(d);
+        std::vector<float> xs{0.5f, -1, 2, 0.25f, 1, 0.5f, -0.5f, 1.5f}, gs{0.1f, -0.2f, 0.3f, 0.2f, 0.1f, -0.4f};
+        e.layer_record_examples(id, xs.data(), gs.data(), 2, 1);
+        e.update_factors();
+        e.update_inverses();
+        std::vector<float> scaling(15, -1.0f);
+        e.layer_get_ekfac_scaling(id, 0, scaling.data());
+        bool nonnegative = true;
+        for (float v : scaling) nonnegative = nonnegative && v >= 0;
+        CHECK(nonnegative);
+    }
     // The one check of the wrapper's own: a bias span must be empty or as long as the weights.
     float *two_biases[] = {w.data(), w.data()};
     expect_error([&] { opt.step(weights, two_biases); }, KFAC_ERROR_INVALID_SIZE, "kfac_optimizer_step_f32");
@@ -188,6 +211,40 @@ static void test_training_steps() {
     std::printf("training: loss %.4f -> %.4f in 10 steps\n", first, last);
 }
 
+// The experimental Gauss-Newton wrappers: a one-layer linear chain with Gaussian output, where
+// G·v = (1/N) Σ_n v x_n x_nᵀ (weights) exactly; columns from the chain give the same product.
+static void test_gauss_newton() {
+    kfac::optimizer opt(KFAC_FLOAT64);
+    kfac_dense_desc desc = kfac::dense_desc();
+    desc.in_features = 2;
+    desc.out_features = 1;
+    opt.layer_add_dense(desc);
+    const double x[4] = {1, 2, 3, -1}, w[2] = {0.5, -0.25}, v[2] = {1, 2};
+    double z[2], p1[2], p2[2];
+    const int32_t layers[1] = {0}, acts[1] = {KFAC_ACTIVATION_IDENTITY};
+    opt.gn_chain_define(layers, acts, KFAC_DIST_GAUSSIAN);
+    const double *ws[1] = {w}, *xs[1] = {x}, *vs[1] = {v};
+    double *p1s[1] = {p1}, *p2s[1] = {p2};
+    opt.gn_chain_forward(ws, {}, xs, {}, 2, z);
+    CHECK(z[0] == 0.0 && z[1] == 1.75);
+    opt.gn_chain_multiply(vs, {}, p1s, {});
+    // (1/2)·Σ_n (vᵀx_n) x_nᵀ = ((5)·(1, 2) + (1)·(3, −1)) / 2 = (4, 4.5).
+    CHECK(std::fabs(p1[0] - 4) < 1e-14 && std::fabs(p1[1] - 4.5) < 1e-14);
+    opt.gn_chain_record_columns(KFAC_COLUMNS_PRODUCT);
+    CHECK(opt.gn_columns_get_info().examples == 2 && opt.gn_columns_get_info().k == 1);
+    opt.gn_columns_multiply(vs, {}, p2s, {});
+    CHECK(std::fabs(p2[0] - 4) < 1e-14 && std::fabs(p2[1] - 4.5) < 1e-14);
+    double s[4];
+    kfac::gn_output_hessian_sqrt(z, 2, 1, KFAC_DIST_GAUSSIAN, s);
+    CHECK(s[0] == 1.0 && s[1] == 1.0);
+    kfac::gn_output_hessian_multiply(z, z, 2, 1, KFAC_DIST_GAUSSIAN, s);
+    CHECK(s[1] == 1.75);
+    opt.layer_record_output_grad_columns(0, x, s, 2, 1, KFAC_COLUMNS_FACTOR);
+    opt.gn_columns_clear();
+    expect_error([&] { opt.gn_columns_multiply(vs, {}, p2s, {}); }, KFAC_ERROR_NO_COLUMNS, "kfac_gn_columns_multiply_f64");
+    std::printf("gauss-newton: chain and column products %.2f %.2f\n", p1[0], p2[1]);
+}
+
 int main() {
     CHECK(kfac::version_number() == KFAC_VERSION_NUMBER);
     CHECK(std::strcmp(kfac::version_string(), KFAC_VERSION_STRING) == 0);
@@ -195,6 +252,7 @@ int main() {
     test_ownership();
     test_parameter_table();
     test_training_steps();
+    test_gauss_newton();
     std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -2,7 +2,8 @@
 // kernels against the sgemm rate, inversions against the bare LAPACK calls, a K-FAC training
 // step against the plain SGD step of the same model. Times are medians of repeated runs.
 //
-//     make bench        (or: swift run -c release kfac-bench [--quick])
+//     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
+//                        --ekfac-only | --no-ekfac])
 
 import AllocationCounter
 import CBLAS
@@ -72,8 +73,9 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
-let runDense = !CommandLine.arguments.contains("--conv-only")
-let runConv = !CommandLine.arguments.contains("--dense-only")
+let ekfacOnly = CommandLine.arguments.contains("--ekfac-only")
+let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
@@ -110,7 +112,7 @@ for w in runDense ? widths : [] {
     var precondition: [InverseStrategy: Double] = [:]
     var inverseRatio: [InverseStrategy: Double] = [:]
     var parallelRatio: [InverseStrategy: Double] = [:]
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         try opt.set(.inverseStrategy, Int64(strategy.rawValue))
         try opt.updateInverses()
         let t = try median(repeats: 5) { try opt.precondition(layer: 0, weight: weight, bias: bias) }
@@ -260,7 +262,7 @@ print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step"
       + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single") }
 let stepWidths = !runDense ? [] : quick ? [512] : [512, 1024, 2048]
 for w in stepWidths {
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
         let opt = try KFACOptimizer<Float>()
         for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
@@ -390,7 +392,7 @@ if runConv {
     var reference: [InverseStrategy: Double] = [:]
     for (name, approximation, group) in variants {
         var cells: [String] = []
-        for strategy in InverseStrategy.allCases {
+        for strategy in [InverseStrategy.cholesky, .eigen] {
             let opt = try KFACOptimizer<Float>()
             try opt.addConv2d(geometry, approximation: approximation,
                               grouping: ChannelGrouping(inputGroupSize: group, outputGroupSize: group))
@@ -408,5 +410,150 @@ if runConv {
     print("""
       Both factors of the layer are inverted (A and the 512×512 Γ, grouped alike); 1/x is KFC's
       time over the variant's.
+    """)
+}
+
+// MARK: 5. Gauss-Newton products (experimental)
+
+if CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly) {
+    print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
+    print("gradient (forward + backward) of the same batch")
+    print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
+          + pad("recording (K=10)", 20) + pad("kept values", 13) + "columns/gradient FLOPs")
+    for w in quick ? [512] : [512, 1024] {
+        let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
+        let tGrad = median(repeats: 7) { mlp.forwardBackward() }
+        let opt = try KFACOptimizer<Float>()
+        for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+        // R operator: the chain's forward pass once (it copies θ and the inputs), then products.
+        try opt.defineDenseChain(layers: [0, 1, 2], activations: [.tanh, .tanh, .identity], distribution: .categorical)
+        mlp.forwardBackward()
+        try opt.denseChainForward(rows: batch, weights: mlp.weights.map { UnsafePointer($0) }, biases: mlp.biases.map { UnsafePointer($0) },
+                                  inputs: [UnsafePointer(mlp.input), nil, nil], derivatives: [nil, nil, nil], outputs: nil)
+        let vectors = (0..<mlp.layerCount).map { l in
+            (randomBuffer(mlp.sizes[l] * mlp.sizes[l + 1], seed: 7 + UInt64(l)), randomBuffer(mlp.sizes[l + 1], seed: 17 + UInt64(l)))
+        }
+        let outputs = (0..<mlp.layerCount).map { l in
+            (randomBuffer(mlp.sizes[l] * mlp.sizes[l + 1], seed: 0), randomBuffer(mlp.sizes[l + 1], seed: 0))
+        }
+        let vector = { (l: Int) -> ParameterVector<Float>? in ParameterVector(weight: vectors[l].0, bias: vectors[l].1) }
+        let output = { (l: Int) -> ParameterGradient<Float>? in ParameterGradient(weight: outputs[l].0, bias: outputs[l].1) }
+        let tChain = try median(repeats: 7) { try opt.denseChainProduct(vector, into: output) }
+        // Stored columns: S's K = 10 columns back-propagated through the MLP (K backward passes),
+        // recorded with the inputs; this one-off cost is the "recording" column.
+        let k = 10, c = mlp.sizes.last!
+        let columns = (0..<mlp.layerCount).map { l in UnsafeMutablePointer<Float>.allocate(capacity: k * batch * mlp.sizes[l + 1]) }
+        let roots = UnsafeMutablePointer<Float>.allocate(capacity: c * batch * c)
+        let tRecord = try median(repeats: 3) {
+            opt.clearGaussNewtonColumns()
+            OutputHessian.squareRoot(distribution: .categorical, outputs: mlp.activations[mlp.layerCount], rows: batch, dim: c, into: roots)
+            for j in 0..<k {
+                (columns[mlp.layerCount - 1] + j * batch * c).update(from: roots + j * batch * c, count: batch * c)
+                for l in stride(from: mlp.layerCount - 1, to: 0, by: -1) {
+                    let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+                    let d = columns[l - 1] + j * batch * Int(i), a = mlp.activations[l]
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(batch), i, o, 1, columns[l] + j * batch * Int(o), o,
+                                mlp.weights[l], i, 0, d, i)
+                    for q in 0..<(batch * Int(i)) { d[q] *= 1 - a[q] * a[q] }
+                }
+            }
+            for l in 0..<mlp.layerCount {
+                try opt.recordOutputGradientColumns(layer: l, inputs: mlp.activations[l], columns: columns[l], rows: batch, k: k,
+                                                    uses: .product)
+            }
+        }
+        let tColumns = try median(repeats: 7) { try opt.gaussNewtonProduct(vector, into: output) }
+        print(pad("\(w)", 6) + pad("\(f(tGrad * 1e3)) ms", 11) + pad("\(f(tChain / tGrad))× (≤ 2)", 16)
+              + pad("\(f(tColumns / tGrad))× (≤ 0.5)", 22) + pad("\(f(tRecord / tGrad))× once", 20)
+              + pad("\(opt.gaussNewtonColumnInfo.values)", 13)
+              + f(4 * Double(batch) * (0..<mlp.layerCount).reduce(0.0) { $0 + Double(mlp.sizes[$1] * mlp.sizes[$1 + 1]) } / mlp.flops))
+        columns.forEach { $0.deallocate() }
+        roots.deallocate()
+    }
+    print("""
+      Ratios to the gradient of the same batch, measured in this run. The R-op product includes the
+      output Hessian; the chain's forward pass (copies of θ and the inputs) is made once per batch
+      and not counted. The recording is S, K = 10 backward passes through the MLP and the record calls.
+      Stored columns cost two gemms per layer (V ā and its transpose) whatever K is; the gradient
+      costs two for the first layer and three for the others: the last column is that FLOP ratio.
+    """)
+}
+
+// MARK: 6. EKFAC's extra cost per step
+
+if !CommandLine.arguments.contains("--no-ekfac") {
+    print("""
+
+    EKFAC against the eigen strategy, same layers and data, float32: time of one training step's
+    library calls (record + step; factors every step, inverses every 10), as a ratio to eigen's
+    """)
+    print(pad("layers", 40) + pad("eigen", 11) + pad("EKFAC per example", 19) + "EKFAC per row")
+    struct EKFACCase { var name: String; var dense: [(Int, Int)]; var conv: Conv2dGeometry?; var rows: Int; var perExample: Int }
+    var ekfacCases: [EKFACCase] = (quick ? [512] : [512, 1024]).map {
+        EKFACCase(name: "MLP 784-\($0)-\($0)-10, batch \(batch)", dense: [(784, $0), ($0, $0), ($0, 10)], conv: nil, rows: batch, perExample: 1)
+    }
+    ekfacCases.append(EKFACCase(name: "dense 512-512, 32 sequences × 8", dense: [(512, 512)], conv: nil, rows: 256, perExample: 8))
+    ekfacCases.append(EKFACCase(name: "conv 64→64 3×3 on 16×16, batch 32", dense: [],
+                                conv: Conv2dGeometry(inChannels: 64, outChannels: 64, kernel: (3, 3), padding: (1, 1), input: (16, 16)),
+                                rows: 32, perExample: 1))
+    for c in ekfacCases {
+        var buffers: [(x: UnsafeMutablePointer<Float>, g: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>)] = []
+        func layerSizes(_ opt: KFACOptimizer<Float>) throws {
+            for (i, o) in c.dense { try opt.addDense(inFeatures: i, outFeatures: o, hasBias: true) }
+            if let g = c.conv { try opt.addConv2d(g) }
+        }
+        let probe = try KFACOptimizer<Float>()
+        try layerSizes(probe)
+        for l in 0..<probe.layerCount {
+            let d = try probe.layerInfo(l).layer
+            let xCount = c.conv != nil ? c.rows * d.inFeatures * 16 * 16 : c.rows * d.inFeatures
+            let gCount = c.conv != nil ? c.rows * d.outFeatures * 16 * 16 : c.rows * d.outFeatures
+            let wCount = c.conv != nil ? d.outFeatures * (d.inputFactorDimension - 1) : d.inFeatures * d.outFeatures
+            buffers.append((randomBuffer(xCount, seed: UInt64(40 + l)), randomBuffer(gCount, seed: UInt64(50 + l)),
+                            randomBuffer(wCount, seed: 0), randomBuffer(d.outFeatures, seed: 0)))
+        }
+        defer { for b in buffers { b.x.deallocate(); b.g.deallocate(); b.w.deallocate(); b.b.deallocate() } }
+        // The three optimizers run in turns (5 rounds of 10 steps each, after a warm-up round),
+        // so that a load change on the machine hits them alike; medians per optimizer.
+        let variants = [(InverseStrategy.eigen, EKFACMode.perExample), (.ekfac, .perExample), (.ekfac, .perRow)]
+        var optimizers: [KFACOptimizer<Float>] = []
+        for (strategy, mode) in variants {
+            let opt = try KFACOptimizer<Float>()
+            try layerSizes(opt)
+            var p = opt.parameters
+            p.inverseStrategy = strategy; p.ekfacMode = mode; p.inverseUpdatePeriod = 10; p.damping = 0.01
+            try opt.setParameters(p)
+            optimizers.append(opt)
+        }
+        func run(_ opt: KFACOptimizer<Float>) throws {
+            for _ in 0..<10 {
+                for l in 0..<opt.layerCount {
+                    if opt.parameters.inverseStrategy == .ekfac {
+                        try opt.recordExamples(layer: l, inputs: buffers[l].x, outputGradients: buffers[l].g, rows: c.rows,
+                                               rowsPerExample: c.perExample)
+                    } else {
+                        try opt.recordInputs(layer: l, buffers[l].x, rows: c.rows)
+                        try opt.recordOutputGradients(layer: l, buffers[l].g, rows: c.rows)
+                    }
+                }
+                try opt.step { l in ParameterGradient(weight: buffers[l].w, bias: buffers[l].b) }
+            }
+        }
+        for opt in optimizers { try run(opt) }
+        var samples = [[Double]](repeating: [], count: optimizers.count)
+        for _ in 0..<5 {
+            for (k, opt) in optimizers.enumerated() {
+                let t = now()
+                try run(opt)
+                samples[k].append((now() - t) / 10)
+            }
+        }
+        let times = samples.map { $0.sorted()[$0.count / 2] }
+        print(pad(c.name, 40) + pad("\(f(times[0] * 1e3)) ms", 11) + pad("\(f(times[1] / times[0]))×", 19) + "\(f(times[2] / times[0]))×")
+    }
+    print("""
+      EKFAC records the rows paired (kept until the step) and re-estimates S at every factor update
+      in the current bases: rotations of all rows (dense, per-row) or of every per-example gradient
+      (sequences, convolutions: one o×|T|×a gemm to form it, two block products to rotate it).
     """)
 }

@@ -18,6 +18,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
     case noInverses = -21
     case layersFrozen = -22
     case noStep = -23
+    case noColumns = -25
 
     case nonFinite = -30
     case notPositiveDefinite = -31
@@ -55,6 +56,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
         case .noInverses: return "inverses have not been computed"
         case .layersFrozen: return "layers cannot be added after statistics were recorded"
         case .noStep: return "no step to act on (solve the step size after a step, report the loss after a solve)"
+        case .noColumns: return "no Jacobian columns or chain forward pass to multiply with"
         case .nonFinite: return "NaN or Inf in input or result"
         case .notPositiveDefinite: return "damped factor is not positive definite"
         case .eigenFailed: return "eigendecomposition did not converge"

@@ -14,8 +14,8 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
     static var strategy: InverseStrategy { .eigen }
     static var dampingIsBakedIn: Bool { false }
 
-    /// One side's eigendecomposition.
-    private struct Side {
+    /// One side's eigendecomposition (also the bases of `EKFACInverse`).
+    struct Side {
         let structure: FactorStructure
         let vectors: AlignedBuffer<Scalar>
         let values: AlignedBuffer<Scalar>
@@ -37,8 +37,8 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
         }
     }
 
-    private let input: Side
-    private let output: Side
+    let input: Side
+    let output: Side
 
     var inputStructure: FactorStructure { input.structure }
     var outputStructure: FactorStructure { output.structure }

@@ -14,6 +14,7 @@ extension KFACOptimizer {
         w.f64(lastKLScale)
         estimator.write(to: &w)
         adaptive.write(to: &w)
+        if p.inverseStrategy == .ekfac { estimator.writePaired(to: &w) }
     }
 
     /// The parameters section: the number of rows, then per row of `ParameterSpec.table` its id
@@ -147,6 +148,7 @@ extension KFACOptimizer {
         // Read into fresh owners; the optimizer's own are replaced only once all of it is read.
         let restored = try estimator.read(from: &r)
         let adaptiveState = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
+        if p.inverseStrategy == .ekfac { try estimator.readPaired(from: &r, into: restored.layers) }
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")
         }
@@ -225,9 +227,11 @@ extension KFACOptimizer {
     }
 
     /// Loads a state image from the file `path` (bytes, passed to the system unchanged): only a
-    /// regular file (a FIFO or device is `.io`, without blocking), no larger than
-    /// `maximumStateSize` (else `.corruptState`, before anything is read), read in pieces into
-    /// memory the library allocates fallibly (`.outOfMemory`).
+    /// regular file (a FIFO or device is `.io`, without blocking); a file larger than
+    /// `maximumStateSize` is judged from its header and parameter section alone (only an image
+    /// with the EKFAC strategy, whose pending per-example gradients have no bound the layers
+    /// set, is read further); the rest is read in pieces into memory the library allocates
+    /// fallibly (`.outOfMemory`).
     public func loadState(fromFilePath path: UnsafePointer<CChar>) throws(KFACError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else { throw KFACError(.io, "cannot open \(String(cString: path)): \(String(cString: strerror(errno)))") }
@@ -238,22 +242,7 @@ extension KFACOptimizer {
             throw KFACError(.io, "\(String(cString: path)) is not a regular file")
         }
         let size = Int(st.st_size)
-        guard size <= maximumStateSize else {
-            // Read only the header to say why: not an image, another format or precision, or an
-            // image of larger layers.
-            var header = [UInt8](repeating: 0, count: StateImage.headerSize)
-            let n = header.withUnsafeMutableBytes { read(fd, $0.baseAddress!, StateImage.headerSize) }
-            let what = "\(String(cString: path)) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))"
-            guard n == StateImage.headerSize, Array(header[0..<8]) == StateImage.magic else {
-                throw KFACError(.corruptState, "\(what) and is not a libkfac state image")
-            }
-            let field = { (at: Int) in header[at..<(at + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
-            guard field(24) == UInt64(size) else { throw KFACError(.corruptState, "\(what); its size field disagrees") }
-            guard field(8) == StateImage.formatVersion else {
-                throw KFACError(.stateVersion, "\(what); it has format \(field(8)), this library reads format \(StateImage.formatVersion)")
-            }
-            throw KFACError(.stateMismatch, "\(what): it is the image of other layers or another precision")
-        }
+        if size > maximumStateSize { try checkLargeImage(fd: fd, size: size, path: String(cString: path)) }
         guard let raw = malloc(Swift.max(size, 1)) else { throw KFACError(.outOfMemory, "could not allocate \(size) bytes to read \(String(cString: path))") }
         defer { free(raw) }
         var done = 0
@@ -265,5 +254,38 @@ extension KFACOptimizer {
             done += n
         }
         try loadState(from: UnsafeRawBufferPointer(start: raw, count: done))
+    }
+
+    /// For a file larger than any image without EKFAC's per-example gradients could be: reads
+    /// its header and parameter section only (at most 64 KiB) and throws unless it is a
+    /// well-formed image header of this format whose inverse strategy is EKFAC.
+    private func checkLargeImage(fd: Int32, size: Int, path: String) throws(KFACError) {
+        let what = "\(path) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))"
+        let prefix = Swift.min(size, StateImage.headerSize + 8 + 16 * 4096)
+        var bytes = [UInt8](repeating: 0, count: prefix)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, prefix, 0) }
+        let field = { (at: Int) -> UInt64 in
+            at + 8 <= n ? bytes[at..<(at + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : UInt64.max
+        }
+        guard n >= StateImage.headerSize, Array(bytes[0..<8]) == StateImage.magic else {
+            throw KFACError(.corruptState, "\(what) and is not a libkfac state image")
+        }
+        guard field(24) == UInt64(size) else { throw KFACError(.corruptState, "\(what); its size field disagrees") }
+        guard field(8) == StateImage.formatVersion else {
+            throw KFACError(.stateVersion, "\(what); it has format \(field(8)), this library reads format \(StateImage.formatVersion)")
+        }
+        guard field(16) == UInt64(Scalar.dtypeCode) else {
+            throw KFACError(.stateMismatch, "\(what); its precision differs from the optimizer's")
+        }
+        let rows = field(StateImage.headerSize)
+        var strategy = UInt64.max
+        if rows <= 4096 {
+            for i in 0..<Int(rows) where field(StateImage.headerSize + 8 + 16 * i) == UInt64(ParameterID.inverseStrategy.rawValue) {
+                strategy = field(StateImage.headerSize + 16 + 16 * i)
+            }
+        }
+        guard strategy == UInt64(InverseStrategy.ekfac.rawValue) else {
+            throw KFACError(.stateMismatch, "\(what): it is the image of other layers")
+        }
     }
 }

@@ -80,6 +80,7 @@ KFAC_ERROR_NO_STATISTICS = -20
 KFAC_ERROR_NO_INVERSES = -21
 KFAC_ERROR_LAYERS_FROZEN = -22
 KFAC_ERROR_NO_STEP = -23
+KFAC_ERROR_NO_COLUMNS = -25
 KFAC_ERROR_NON_FINITE = -30
 KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31
 KFAC_ERROR_EIGEN_FAILED = -32
@@ -107,7 +108,7 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -122,14 +123,20 @@ KFAC_PARAM_INVERSE_STRATEGY = 8
 KFAC_PARAM_PI_DAMPING = 9
 KFAC_PARAM_LOSS_REDUCTION = 10
 KFAC_PARAM_NUM_THREADS = 11
+KFAC_PARAM_INVERSE_SPREAD = 12
 KFAC_PARAM_LM_INTERVAL = 200
 KFAC_PARAM_LM_DECAY = 201
 KFAC_PARAM_FACTOR_DAMPING = 202
 KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203
 KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
+KFAC_PARAM_DAMPING_MIN = 205
+KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
+KFAC_PARAM_EKFAC_DECAY = 400
+KFAC_PARAM_EKFAC_MODE = 401
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
+KFAC_INVERSE_EKFAC = 2  # experimental (the header's "EKFAC" section)
 
 KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
@@ -168,6 +175,25 @@ KFAC_CONV_SUA = 1
 KFAC_DIST_CATEGORICAL = 0
 KFAC_DIST_BERNOULLI = 1
 KFAC_DIST_GAUSSIAN = 2
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_columns_use, enum kfac_activation (experimental: Gauss-Newton products)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_COLUMNS_FACTOR = 1
+KFAC_COLUMNS_PRODUCT = 2
+KFAC_ACTIVATION_IDENTITY = 0
+KFAC_ACTIVATION_RELU = 1
+KFAC_ACTIVATION_TANH = 2
+KFAC_ACTIVATION_LOGISTIC = 3
+KFAC_ACTIVATION_CUSTOM = 4
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_EKFAC_PER_EXAMPLE = 0
+KFAC_EKFAC_PER_ROW = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -480,11 +506,42 @@ _PROTOTYPES = [
     # Experimental: products with the damped curvature
     ("kfac_curvature_multiply_f32", c_int, [_P, c_int32, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_curvature_multiply_f64", c_int, [_P, c_int32, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: Gauss-Newton products
+    ("kfac_gn_output_hessian_multiply_f32", c_int, [c_float_p, c_float_p, c_int64, c_int64, c_int32, c_float_p]),
+    ("kfac_gn_output_hessian_multiply_f64", c_int, [c_double_p, c_double_p, c_int64, c_int64, c_int32, c_double_p]),
+    ("kfac_gn_output_hessian_sqrt_f32", c_int, [c_float_p, c_int64, c_int64, c_int32, c_float_p]),
+    ("kfac_gn_output_hessian_sqrt_f64", c_int, [c_double_p, c_int64, c_int64, c_int32, c_double_p]),
+    ("kfac_layer_record_output_grad_columns_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int32, c_int32]),
+    ("kfac_layer_record_output_grad_columns_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int32, c_int32]),
+    ("kfac_gn_columns_multiply_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_gn_columns_multiply_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_gn_columns_get_info", c_int, [_P, POINTER(c_int64), POINTER(c_int32), POINTER(c_int64)]),
+    ("kfac_gn_columns_clear", c_int, [_P]),
+    ("kfac_gn_chain_define", c_int, [_P, POINTER(c_int32), POINTER(c_int32), c_int32, c_int32]),
+    ("kfac_gn_chain_forward_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int64, c_float_p]),
+    ("kfac_gn_chain_forward_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int64, c_double_p]),
+    ("kfac_gn_chain_record_columns", c_int, [_P, c_int32]),
+    ("kfac_gn_chain_multiply_f32", c_int,
+     [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_gn_chain_multiply_f64", c_int,
+     [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: EKFAC
+    ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
+    ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
+    ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
+    ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
-                                    if name.startswith(("kfac_candidates_", "kfac_curvature_")))
+                                    if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
+                                                        "kfac_layer_record_output_grad_columns_",
+                                                        "kfac_layer_record_examples_",
+                                                        "kfac_layer_get_ekfac_scaling_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

@@ -92,6 +92,7 @@ _C_TYPES = {
     "float*": ctypes.POINTER(ctypes.c_float),
     "const float*": ctypes.POINTER(ctypes.c_float),
     "int32_t*": ctypes.POINTER(ctypes.c_int32),
+    "const int32_t*": ctypes.POINTER(ctypes.c_int32),
     "int64_t*": ctypes.POINTER(ctypes.c_int64),
     "size_t*": ctypes.POINTER(ctypes.c_size_t),
     "kfac_layer_info*": ctypes.POINTER(_lib.kfac_layer_info),
