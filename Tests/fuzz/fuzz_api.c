@@ -6,9 +6,11 @@
  * counts and buffer contents from tables of hostile values (0, −1, INT64_MAX, 2^31, NaN, ±Inf,
  * subnormals, values near the overflow limits, …), NULL pointers and wrong precisions. Every
  * entry point is reachable: handles, parameters (the table, get/set), dense and convolution
- * layers (every descriptor field, struct_size), record calls, factor and inverse updates,
+ * layers (every descriptor field, struct_size), record calls (also EKFAC's paired recording),
+ * factor and inverse updates,
  * discarding statistics, steps, preconditioning, factors, the adaptive mode, the experimental
- * candidate and curvature calls, samplers, state images (saved, then edited byte by byte and
+ * candidate and curvature calls, the EKFAC scaling readout, the Gauss-Newton output-Hessian
+ * products and kept-column info (the chain and column products are not driven), samplers, state images (saved, then edited byte by byte and
  * optionally resealed with the image's public checksum rule, then loaded) and state files
  * (save/load, hostile paths).
  *
@@ -467,6 +469,73 @@ static void op_adaptive(input_t *in, handle_t *t) {
     for (int k = 0; k < 3; k++) free(jd[k]);
 }
 
+
+/* Added with 0.2's experimental EKFAC and Gauss-Newton sections: paired recording (which feeds
+ * the same pending sums as the record calls), the EKFAC scaling readout, the output-Hessian
+ * products (no handle) and the kept columns' info and clear. */
+static void op_paired(input_t *in, handle_t *t) {
+    int32_t layer = u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)(u8(in) % (t->n ? t->n : 1));
+    int dtype = wrong_dtype(in, t);
+    uint8_t which = u8(in) % 4;
+    if (which == 0) {
+        int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 6);
+        int64_t per_example = u8(in) % 4 == 0 ? size_arg(in) : 1 + u8(in) % 2;
+        int64_t xs = 1, gs = 1, cx, cg;
+        if (layer >= 0 && layer < t->n) {
+            xs = t->l[layer].x_values;
+            gs = t->l[layer].g_values;
+            if (rows > 0 && rows <= 64 && t->l[layer].work * rows > ((int64_t)1 << 22)) return;
+        }
+        void *x, *g;
+        if (rows <= 0 || __builtin_mul_overflow(rows, xs, &cx) || __builtin_mul_overflow(rows, gs, &cg)) {
+            x = values(in, dtype, 4);
+            g = values(in, dtype, 4);
+        } else if (cx <= MAX_VALUES && cg <= MAX_VALUES) {
+            x = values(in, dtype, cx);
+            g = values(in, dtype, cg);
+        } else {
+            return;
+        }
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_layer_record_examples_f32(t->h, layer, x, u8(in) % 32 ? g : NULL, rows, per_example));
+        else
+            ON_HANDLE(t, kfac_layer_record_examples_f64(t->h, layer, x, u8(in) % 32 ? g : NULL, rows, per_example));
+        free(x);
+        free(g);
+    } else if (which == 1) {
+        int32_t group = u8(in) % 8 == 0 ? enum_arg(in) : 0;
+        int64_t n = 1;
+        if (layer >= 0 && layer < t->n) n = t->l[layer].a_dim * t->l[layer].g_dim;
+        if (n > MAX_VALUES) return;
+        void *sbuf = calloc((size_t)(n ? n : 1), 8);
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_layer_get_ekfac_scaling_f32(t->h, layer, group, u8(in) % 16 ? sbuf : NULL));
+        else ON_HANDLE(t, kfac_layer_get_ekfac_scaling_f64(t->h, layer, group, u8(in) % 16 ? sbuf : NULL));
+        free(sbuf);
+    } else if (which == 2) {
+        int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 5), dim = u8(in) % 8 == 0 ? size_arg(in) : small(in, 4);
+        int64_t count;
+        if (rows > 0 && dim > 0 && (__builtin_mul_overflow(rows, dim, &count) || count > MAX_VALUES / dim)) return;
+        if (rows <= 0 || dim <= 0) count = 4;
+        int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+        void *z = values(in, dtype, count), *q = values(in, dtype, count);
+        void *out = calloc((size_t)(count * (dim > 0 ? dim : 1)), 8);
+        int st = u8(in) & 1
+            ? (dtype == KFAC_FLOAT32 ? kfac_gn_output_hessian_multiply_f32(z, q, rows, dim, dist, out)
+                                     : kfac_gn_output_hessian_multiply_f64(z, q, rows, dim, dist, out))
+            : (dtype == KFAC_FLOAT32 ? kfac_gn_output_hessian_sqrt_f32(z, rows, dim, dist, out)
+                                     : kfac_gn_output_hessian_sqrt_f64(z, rows, dim, dist, out));
+        check_status(st);
+        free(z);
+        free(q);
+        free(out);
+    } else {
+        int64_t examples, values_kept;
+        int32_t k;
+        ON_HANDLE(t, kfac_gn_columns_get_info(t->h, u8(in) & 1 ? &examples : NULL, &k, &values_kept));
+        if (u8(in) % 4 == 0) ON_HANDLE(t, kfac_gn_columns_clear(t->h));
+    }
+}
+
 static uint64_t rd64(const unsigned char *p) {
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
@@ -592,7 +661,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         case 10: op_schedule(&in, t); break;
         case 11: op_adaptive(&in, t); break;
         case 12: case 13: op_state(&in, t, other); break;
-        case 14: if (u8(&in) % 8 == 0) forget(t); break;
+        case 14:
+            if (u8(&in) % 8 == 0) forget(t);
+            else op_paired(&in, t);
+            break;
         default: {
             int32_t v;
             check_status(kfac_optimizer_get_dtype(t->h, &v));
