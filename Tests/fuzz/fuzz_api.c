@@ -219,6 +219,7 @@ static void op_param(input_t *in, handle_t *t) {
 }
 
 static void op_add_dense(input_t *in, handle_t *t) {
+    if (t->n >= MAX_LAYERS) return; /* every layer the library has must be one the harness sizes buffers for */
     kfac_dense_desc d;
     memset(&d, 0, sizeof d);
     static const size_t S[] = {sizeof(kfac_dense_desc), 0, 8, 24, 32, 4096};
@@ -242,6 +243,7 @@ static void op_add_dense(input_t *in, handle_t *t) {
 }
 
 static void op_add_conv(input_t *in, handle_t *t) {
+    if (t->n >= MAX_LAYERS) return;
     kfac_conv2d_desc d;
     memset(&d, 0, sizeof d);
     d.struct_size = u8(in) % 8 ? sizeof d : (size_t)(u8(in) % 2 ? 0 : 120);
