@@ -3,8 +3,9 @@
 the harness's encoding (Tests/fuzz/fuzz_api.c) that reach the interesting states — a dense and a
 convolution layer, recorded statistics, steps with either inverse strategy, state images saved,
 edited, resealed and loaded, files, the adaptive mode, two handles. The rest of the corpus is
-what libFuzzer kept (`make fuzz` merges new inputs into build/fuzz-corpus, not into the
-repository)."""
+a set cover of what the long runs of issue 15 kept (libFuzzer's -set_cover_merge: 1,534
+inputs, 200 KB, named by their SHA-1); `make fuzz` adds new inputs to build/fuzz-corpus, not to
+the repository."""
 import os
 import sys
 
