@@ -256,13 +256,19 @@ extension KFACOptimizer {
         adaptive.predictedChange = nil
         adaptive.lastReductionRatio = rho
         adaptive.lossReports += 1
-        let t = parameters.lmInterval
-        if t > 0 && adaptive.lossReports % t == 0 && !rho.isNaN {
-            let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
-            var p = parameters
-            if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }
-            if p.damping > 0 && p.damping.isFinite { parameters = p }
-        }
+        applyLevenbergMarquardt(rho: rho, reports: adaptive.lossReports)
         return rho
+    }
+
+    /// The Levenberg–Marquardt rule, shared by the adaptive mode and Newton-CG: on every
+    /// `lmInterval`-th report (`reports` counts them), λ·ω if ρ > 3/4 and λ/ω if ρ < 1/4,
+    /// ω = lmDecay^lmInterval; a NaN ρ, or a λ that would leave (0, ∞), changes nothing.
+    func applyLevenbergMarquardt(rho: Double, reports: Int) {
+        let t = parameters.lmInterval
+        guard t > 0 && reports % t == 0 && !rho.isNaN else { return }
+        let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
+        var p = parameters
+        if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }
+        if p.damping > 0 && p.damping.isFinite { parameters = p }
     }
 }

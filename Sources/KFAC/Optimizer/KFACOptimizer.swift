@@ -23,6 +23,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Gauss-Newton products: the kept Jacobian columns and the dense chain (GaussNewton/).
     var gaussNewtonColumns = CurvatureColumns<Scalar>()
     var denseChain: DenseChain<Scalar>?
+    /// The conjugate-gradient solver's state (Gauss-Newton family, `GaussNewton/`).
+    let conjugateGradient = ConjugateGradientState<Scalar>()
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
