@@ -186,8 +186,8 @@
  * to: kfac_version_*, kfac_status_*, kfac_optimizer_* (the handle, its schedule and step),
  * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
- * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_* and kfac_gn_*
- * (Gauss-Newton products). A
+ * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
+ * (Gauss-Newton products) and kfac_cg_* (conjugate gradient and Newton-CG). A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -276,6 +276,7 @@ typedef enum kfac_status {
     KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
     KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
     KFAC_ERROR_NO_STEP = -23,               /* adaptive mode: solve after a step, report after a solve */
+    KFAC_ERROR_NO_SOLVE = -24,              /* conjugate gradient: no solve in the state the call needs */
     KFAC_ERROR_NO_COLUMNS = -25,            /* Gauss-Newton product without kept columns or chain forward pass */
 
     /* -30 … -39: numerical */
@@ -295,6 +296,9 @@ typedef enum kfac_status {
     KFAC_ERROR_CORRUPT_STATE = -62,         /* bad magic, truncated image or checksum mismatch */
     KFAC_ERROR_STATE_VERSION = -63,         /* image written by an incompatible format version */
     KFAC_ERROR_STATE_MISMATCH = -64,        /* image's precision or layers differ from the handle's */
+
+    /* -70 … -79: caller code */
+    KFAC_ERROR_CALLBACK = -70,              /* a caller-supplied function returned non-zero */
 
     KFAC_ERROR_INTERNAL = -99               /* a bug in the library; please report it */
 } kfac_status;
@@ -1069,6 +1073,203 @@ KFAC_API int kfac_gn_chain_multiply_f32(kfac_optimizer *opt, const float *const 
 KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const *vector_w,
                                         const double *const *vector_b, double *const *product_w,
                                         double *const *product_b, int32_t n_layers);
+
+/* ---------------------------------------------------------------------------------------------
+ * Conjugate gradient and Newton-CG (experimental; Martens 2010, simpleNN).
+ *
+ * Solves (G + (λ + η) I) s = −g for the step s of Newton-CG, G the caller's curvature (usually
+ * the Gauss-Newton matrix of a curvature batch), g its gradient, λ = KFAC_PARAM_DAMPING (the
+ * Levenberg–Marquardt damping) and η = kfac_cg_desc.l2. The solver works by reverse
+ * communication: it never calls the caller. It hands out a vector v (kfac_cg_get_vector_*), the
+ * caller computes G·v by any means (an R-op forward and backward pass, stored Jacobian columns,
+ * torch.func jvp/vjp) and passes it back (kfac_cg_supply_product_*), until the solve stops:
+ *
+ *     int32_t request;
+ *     kfac_cg_desc desc = {sizeof desc, .preconditioner = KFAC_CG_PRECONDITIONER_KFAC};
+ *     kfac_cg_begin_f32(opt, &desc, grad_w, grad_b, NULL, NULL, L, &request);
+ *     while (request == KFAC_CG_NEED_PRODUCT) {
+ *         kfac_cg_get_vector_f32(opt, v_w, v_b, L);
+ *         gauss_newton_product(v_w, v_b, gv_w, gv_b);          // the caller's G·v, no λ, no η
+ *         kfac_cg_supply_product_f32(opt, gv_w, gv_b, L, &request);
+ *     }
+ *     kfac_cg_result res = {sizeof res};
+ *     kfac_cg_finish_f32(opt, s_w, s_b, L, &res);
+ *     ... θ ← θ + α s (α = 1, or backtracked: halve while h(θ + αs) − h(θ) > 1e-4 · α · gᵀs) ...
+ *     kfac_cg_report_loss_change(opt, α, h_before, h_after, &rho);   // adjusts λ
+ *
+ * Vectors have the layout, bias rules and n_layers of kfac_optimizer_step_* (weights [out][in] or
+ * the convolution's weight shape, biases [out]; bias arrays NULL exactly for layers without a
+ * bias). Subsampling is the caller's choice: the gradient on the whole batch, G on a fraction of
+ * it (simpleNN: 5%), G being the mean of J_iᵀ B_i J_i over that fraction.
+ *
+ * The iteration (A = G + (λ + η) I, M the preconditioner, r = −g − A x):
+ *     x₀ = 0, or decay · (the last finished solution) with warm_start; r₀ = −g − A x₀ (a warm
+ *     start first asks for the product of x₀); y₀ = M⁻¹ r₀; p₀ = y₀; then per iteration i:
+ *     α = rᵀy / pᵀAp, x += α p, r −= α A p, y = M⁻¹ r, β = r_newᵀ y_new / r_oldᵀ y_old, p = y + β p.
+ *     φ(x) = ½ xᵀ A x + gᵀ x = ½ gᵀ x − ½ xᵀ r.
+ * Preconditioners: NONE (M = I); KFAC (M⁻¹ = the current K-FAC inverses, as
+ * kfac_curvature_multiply_* at power −1, any strategy — the layers need factors and inverses);
+ * DIAGONAL (M = diag(d + λ + η)^exponent with d ≥ 0 given to begin, Martens 2010: d the sum of
+ * the squared per-example gradients, exponent 0.75).
+ * Stopping, checked at the start (i = 0) and after every iteration i, in this order:
+ *     ‖r_i‖ = 0 → KFAC_CG_REASON_RESIDUAL;
+ *     RESIDUAL rule (simpleNN): ‖r_i‖ ≤ ξ‖g‖, ξ = tolerance (default 0.1) → REASON_RESIDUAL;
+ *     RELATIVE_PROGRESS rule (Martens 2010, §4.4): with k = max(10, ⌊i/10⌋), i > k, φ_i < 0 and
+ *       (φ_i − φ_{i−k}) / φ_i < k·ε, ε = tolerance (default 5e-4) → REASON_RELATIVE_PROGRESS;
+ *     i = max_iterations (default 250) → REASON_MAX_ITERATIONS.
+ * A pᵀAp that is not positive stops before the update (REASON_NON_POSITIVE_CURVATURE; s is the
+ * last iterate).
+ *
+ * Newton-CG and Levenberg–Marquardt. The model of the step α·s excludes λ (Martens 2010,
+ * simpleNN): m(α) = α gᵀs + ½ α² sᵀ(G + ηI)s, with sᵀ(G + ηI)s = sᵀ(−g − r) − λ‖s‖² from the
+ * residual (no extra product). kfac_cg_report_loss_change computes ρ = (h_after − h_before) /
+ * m(α) and applies the library's Levenberg–Marquardt rule to λ (see KFAC_PARAM_LM_INTERVAL):
+ * with KFAC_PARAM_LM_DECAY = 2/3 and KFAC_PARAM_LM_INTERVAL = 1, λ·3/2 if ρ < 1/4 and λ·2/3 if
+ * ρ > 3/4 (simpleNN's schedule; simpleNN drops λ at ρ = 3/4 exactly too). Its reports are
+ * counted apart from kfac_adaptive_report_loss_change's, and the two modes' models do not mix.
+ * The caller's loss and gradient include η's term ½η‖θ‖² (the library adds nothing to g).
+ *
+ * State and errors. One solve per handle; a begin replaces an open solve. The solver keeps about
+ * nine parameter-sized vectors (eleven with DIAGONAL), allocated at begin; after a first solve
+ * of the same size, get_vector / supply_product / finish allocate nothing. Every call is atomic:
+ * on error the solve and the handle are as before. A product with NaN or Inf is refused with
+ * KFAC_ERROR_NON_FINITE and may be supplied again. Calls out of order give KFAC_ERROR_NO_SOLVE.
+ * Adding a layer during a solve makes the next solver call fail with INVALID_SIZE (begin
+ * again). Solves are independent of kfac_optimizer_step_* and the adaptive mode, and are not
+ * part of state images.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_cg_preconditioner {
+    KFAC_CG_PRECONDITIONER_NONE = 0,
+    KFAC_CG_PRECONDITIONER_KFAC = 1,
+    KFAC_CG_PRECONDITIONER_DIAGONAL = 2
+} kfac_cg_preconditioner;
+
+typedef enum kfac_cg_stop_rule {
+    KFAC_CG_STOP_RESIDUAL = 0,
+    KFAC_CG_STOP_RELATIVE_PROGRESS = 1
+} kfac_cg_stop_rule;
+
+typedef enum kfac_cg_request {
+    KFAC_CG_NEED_PRODUCT = 1,   /* read the vector, supply G times it */
+    KFAC_CG_DONE = 2            /* the solve has stopped: finish it */
+} kfac_cg_request;
+
+typedef enum kfac_cg_reason {
+    KFAC_CG_REASON_RUNNING = 0,
+    KFAC_CG_REASON_RESIDUAL = 1,
+    KFAC_CG_REASON_RELATIVE_PROGRESS = 2,
+    KFAC_CG_REASON_MAX_ITERATIONS = 3,
+    KFAC_CG_REASON_NON_POSITIVE_CURVATURE = 4,
+    KFAC_CG_REASON_CALLER = 5   /* finished by the caller before the solver stopped */
+} kfac_cg_reason;
+
+/** Since 0.2. The options of a solve. Growable: set struct_size = sizeof(kfac_cg_desc) (at least
+ *  the first three fields); fields past an older caller's struct_size read as 0. Zero means
+ *  the default everywhere. */
+typedef struct kfac_cg_desc {
+    size_t struct_size;
+    int32_t max_iterations;      /* [0, 10^6], 0 = 250 */
+    int32_t stop_rule;           /* kfac_cg_stop_rule */
+    double tolerance;            /* ξ (RESIDUAL, in (0, 1)) or ε (RELATIVE_PROGRESS, > 0); 0 = 0.1 / 5e-4 */
+    int32_t preconditioner;      /* kfac_cg_preconditioner */
+    int32_t warm_start;          /* 0 or 1: x₀ = warm_start_decay · the last finished solution */
+    double warm_start_decay;     /* (0, 1], 0 = 0.95 */
+    double diagonal_exponent;    /* (0, 1], 0 = 0.75 (DIAGONAL only) */
+    double l2;                   /* η >= 0, added to λ in the system and to G in the model */
+} kfac_cg_desc;
+
+/** Since 0.2. The outcome of a solve. Growable: set struct_size = sizeof(kfac_cg_result); the
+ *  library fills the whole fields that fit and sets struct_size to the bytes filled. */
+typedef struct kfac_cg_result {
+    size_t struct_size;
+    int32_t iterations;          /* CG iterations (a warm start's initial product not counted) */
+    int32_t products;            /* products supplied (iterations, + 1 with a warm start) */
+    int32_t reason;              /* kfac_cg_reason */
+    int32_t reserved;            /* 0 */
+    double grad_dot_step;        /* gᵀs */
+    double step_curvature;       /* sᵀ(G + ηI)s */
+    double damping_term;         /* λ‖s‖² */
+    double model_value;          /* m(1) = gᵀs + ½ sᵀ(G + ηI)s: the model without λ */
+    double quadratic_value;      /* φ(s) = m(1) + ½ λ‖s‖²: what CG minimised */
+    double residual_norm;        /* ‖r‖ at s */
+    double gradient_norm;        /* ‖g‖ */
+    double damping;              /* λ of the solve */
+} kfac_cg_result;
+
+/** Since 0.2. Begins a solve (replacing an open one). desc may be NULL (all defaults). grad_* is
+ *  g; diag_* is d, given exactly for KFAC_CG_PRECONDITIONER_DIAGONAL (else NULL). *request
+ *  receives KFAC_CG_NEED_PRODUCT, or KFAC_CG_DONE when g = 0. λ is read now.
+ *  Errors: NULL_POINTER, INVALID_SIZE (n_layers, desc->struct_size, no layers), INVALID_ARGUMENT
+ *  (a desc field out of range, diag given without DIAGONAL, a negative d, a bias buffer for a
+ *  layer without bias), DTYPE_MISMATCH, NON_FINITE (g or d), NO_STATISTICS / NO_INVERSES (KFAC
+ *  preconditioner, as kfac_curvature_multiply_*), OUT_OF_MEMORY. */
+KFAC_API int kfac_cg_begin_f32(kfac_optimizer *opt, const kfac_cg_desc *desc, const float *const *grad_w,
+                               const float *const *grad_b, const float *const *diag_w, const float *const *diag_b,
+                               int32_t n_layers, int32_t *request);
+KFAC_API int kfac_cg_begin_f64(kfac_optimizer *opt, const kfac_cg_desc *desc, const double *const *grad_w,
+                               const double *const *grad_b, const double *const *diag_w, const double *const *diag_b,
+                               int32_t n_layers, int32_t *request);
+
+/** Since 0.2. Writes the vector the solve asks G to multiply into vector_* (caller-owned, the
+ *  step's layout). Changes nothing. Errors: NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT,
+ *  DTYPE_MISMATCH, NO_SOLVE (no open solve, or it has stopped). */
+KFAC_API int kfac_cg_get_vector_f32(kfac_optimizer *opt, float *const *vector_w, float *const *vector_b, int32_t n_layers);
+KFAC_API int kfac_cg_get_vector_f64(kfac_optimizer *opt, double *const *vector_w, double *const *vector_b,
+                                    int32_t n_layers);
+
+/** Since 0.2. Supplies G·v for the vector of kfac_cg_get_vector_* (G without λ and η) and runs
+ *  the iteration; *request receives KFAC_CG_NEED_PRODUCT or KFAC_CG_DONE. Errors: NULL_POINTER,
+ *  INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_SOLVE, NON_FINITE (NaN or Inf in the
+ *  product — supply it again — or a K-FAC-preconditioned residual that is not finite). On error
+ *  the solve is unchanged. */
+KFAC_API int kfac_cg_supply_product_f32(kfac_optimizer *opt, const float *const *product_w,
+                                        const float *const *product_b, int32_t n_layers, int32_t *request);
+KFAC_API int kfac_cg_supply_product_f64(kfac_optimizer *opt, const double *const *product_w,
+                                        const double *const *product_b, int32_t n_layers, int32_t *request);
+
+/** Since 0.2. Ends the solve: writes s into step_* and, if result is not NULL, fills *result. A
+ *  solve that has not stopped ends with KFAC_CG_REASON_CALLER. s is kept for the next warm start
+ *  and its model for kfac_cg_report_loss_change. Errors: NULL_POINTER, INVALID_SIZE (n_layers,
+ *  result->struct_size), INVALID_ARGUMENT, DTYPE_MISMATCH, NO_SOLVE (no open solve, or a warm
+ *  start's first product not yet supplied). */
+KFAC_API int kfac_cg_finish_f32(kfac_optimizer *opt, float *const *step_w, float *const *step_b, int32_t n_layers,
+                                kfac_cg_result *result);
+KFAC_API int kfac_cg_finish_f64(kfac_optimizer *opt, double *const *step_w, double *const *step_b, int32_t n_layers,
+                                kfac_cg_result *result);
+
+/** Since 0.2. Reports the mean loss before and after θ ← θ + step_scale · s (s of the last
+ *  finished solve; step_scale < 1 after a line search): *rho (may be NULL) receives
+ *  ρ = (after − before) / m(step_scale) (NaN if the model is not negative), and λ is adjusted as
+ *  described above. One report per finished solve. loss_after may be +Inf (ρ = −Inf, λ grows).
+ *  Errors: NULL_POINTER (opt), INVALID_ARGUMENT (step_scale not finite and > 0), NON_FINITE (the
+ *  losses), NO_SOLVE (no finished solve since the last report). */
+KFAC_API int kfac_cg_report_loss_change(kfac_optimizer *opt, double step_scale, double loss_before, double loss_after,
+                                        double *rho);
+
+/** Since 0.2. A product function for kfac_cg_solve_*: writes G·vector into product (the step's
+ *  layout; both arrays hold n_layers pointers, bias entries NULL for layers without bias) and
+ *  returns 0, or non-zero to stop. */
+typedef int (*kfac_cg_product_fn_f32)(void *user, const float *const *vector_w, const float *const *vector_b,
+                                      float *const *product_w, float *const *product_b, int32_t n_layers);
+typedef int (*kfac_cg_product_fn_f64)(void *user, const double *const *vector_w, const double *const *vector_b,
+                                      double *const *product_w, double *const *product_b, int32_t n_layers);
+
+/** Since 0.2. C convenience over the calls above: begin, call `product` for every requested
+ *  vector, finish into step_* and *result (may be NULL). `product` runs on the calling thread,
+ *  with buffers the library owns (valid during the call), and must not call into `opt`. If it
+ *  returns non-zero, the solve stays open at its last iterate (kfac_cg_finish_* returns it) and
+ *  the call fails with KFAC_ERROR_CALLBACK; a product with NaN or Inf fails with NON_FINITE, also
+ *  leaving the solve open. Not for bindings that cannot guarantee both (Python uses the calls
+ *  above). Errors: those of the four calls, CALLBACK. */
+KFAC_API int kfac_cg_solve_f32(kfac_optimizer *opt, const kfac_cg_desc *desc, const float *const *grad_w,
+                               const float *const *grad_b, const float *const *diag_w, const float *const *diag_b,
+                               kfac_cg_product_fn_f32 product, void *user, float *const *step_w, float *const *step_b,
+                               int32_t n_layers, kfac_cg_result *result);
+KFAC_API int kfac_cg_solve_f64(kfac_optimizer *opt, const kfac_cg_desc *desc, const double *const *grad_w,
+                               const double *const *grad_b, const double *const *diag_w, const double *const *diag_b,
+                               kfac_cg_product_fn_f64 product, void *user, double *const *step_w,
+                               double *const *step_b, int32_t n_layers, kfac_cg_result *result);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 
