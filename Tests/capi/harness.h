@@ -357,5 +357,7 @@ void test_curvature_multiply(void);
 
 /* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
 void test_gauss_newton(void);
+/* test_cg.c: conjugate gradient and Newton-CG (experimental kfac_cg_*). */
+void test_cg(void);
 
 #endif /* KFAC_CAPI_HARNESS_H */

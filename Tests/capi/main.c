@@ -93,6 +93,11 @@
  *    only (no layer's buffer written); valid calls leave the state image and the pending adaptive
  *    solve unchanged.
  *
+ * 11. The experimental kfac_cg_* (test_cg.c): CG on an SPD matrix of known spectrum against the
+ *    dense solve, the result's model values, ρ and the LM rule, the product-function wrapper
+ *    bitwise equal to the reverse-communication loop and its CALLBACK path, K-FAC preconditioning
+ *    exact in one iteration; every misuse on twins, whose solves must then go on identically.
+ *
  * Every check prints one line ("ok" or "FAIL"); the exit status is the number of failures
  * (capped at 100), 0 if all passed.
  * 10. Gauss-Newton products (test_gauss_newton.c, experimental): S Sᵀ = B and B·q against B
@@ -139,6 +144,7 @@ int main(void) {
     test_adaptive_pending_solve();
     test_curvature_multiply();
     test_gauss_newton();
+    test_cg();
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);
