@@ -57,6 +57,7 @@ class Handle:
                 "layer_record_inputs", "layer_record_output_grads", "layer_get_factors", "optimizer_step",
                 "layer_precondition", "adaptive_solve_step_size", "adaptive_get_update",
                 "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
+                "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
             )
         }
         self.lock = threading.RLock()
@@ -225,6 +226,36 @@ class Handle:
     def curvature_multiply(self, power: int, pointers: LayerPointers) -> None:
         """Experimental: the buffers ← (damped curvature)^power · buffers, per layer."""
         self.call(self._fn["curvature_multiply"], power, *pointers)
+
+    # -----------------------------------------------------------------------------------------
+    # Experimental: conjugate gradient and Newton-CG (reverse communication)
+    # -----------------------------------------------------------------------------------------
+
+    def cg_begin(self, desc, grads: LayerPointers, diagonal: Optional[LayerPointers]) -> int:
+        """Begins a solve; returns the request (KFAC_CG_NEED_PRODUCT or KFAC_CG_DONE)."""
+        request = ctypes.c_int32()
+        dw, db = (diagonal.weights, diagonal.biases) if diagonal is not None else (None, None)
+        self.call(self._fn["cg_begin"], ctypes.byref(desc), grads.weights, grads.biases, dw, db, grads.count,
+                  ctypes.byref(request))
+        return int(request.value)
+
+    def cg_get_vector(self, pointers: LayerPointers) -> None:
+        self.call(self._fn["cg_get_vector"], *pointers)
+
+    def cg_supply_product(self, pointers: LayerPointers) -> int:
+        request = ctypes.c_int32()
+        self.call(self._fn["cg_supply_product"], *pointers, ctypes.byref(request))
+        return int(request.value)
+
+    def cg_finish(self, pointers: LayerPointers):
+        result = _lib.kfac_cg_result.new()
+        self.call(self._fn["cg_finish"], *pointers, ctypes.byref(result))
+        return result
+
+    def cg_report_loss_change(self, step_scale: float, before: float, after: float) -> float:
+        rho = ctypes.c_double()
+        self.call(_lib.kfac_cg_report_loss_change, float(step_scale), float(before), float(after), ctypes.byref(rho))
+        return float(rho.value)
 
     # -----------------------------------------------------------------------------------------
     # Adaptive mode

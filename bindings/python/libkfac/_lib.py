@@ -80,6 +80,7 @@ KFAC_ERROR_NO_STATISTICS = -20
 KFAC_ERROR_NO_INVERSES = -21
 KFAC_ERROR_LAYERS_FROZEN = -22
 KFAC_ERROR_NO_STEP = -23
+KFAC_ERROR_NO_SOLVE = -24
 KFAC_ERROR_NO_COLUMNS = -25
 KFAC_ERROR_NON_FINITE = -30
 KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31
@@ -91,6 +92,7 @@ KFAC_ERROR_BUFFER_TOO_SMALL = -61
 KFAC_ERROR_CORRUPT_STATE = -62
 KFAC_ERROR_STATE_VERSION = -63
 KFAC_ERROR_STATE_MISMATCH = -64
+KFAC_ERROR_CALLBACK = -70
 KFAC_ERROR_INTERNAL = -99
 
 #: Status value -> constant name, e.g. ``STATUS_NAMES[-12] == "KFAC_ERROR_UNKNOWN_LAYER"``.
@@ -181,6 +183,28 @@ KFAC_ACTIVATION_RELU = 1
 KFAC_ACTIVATION_TANH = 2
 KFAC_ACTIVATION_LOGISTIC = 3
 KFAC_ACTIVATION_CUSTOM = 4
+
+# ---------------------------------------------------------------------------------------------
+# Experimental: conjugate gradient and Newton-CG (enum kfac_cg_preconditioner, kfac_cg_stop_rule,
+# kfac_cg_request, kfac_cg_reason)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_CG_PRECONDITIONER_NONE = 0
+KFAC_CG_PRECONDITIONER_KFAC = 1
+KFAC_CG_PRECONDITIONER_DIAGONAL = 2
+
+KFAC_CG_STOP_RESIDUAL = 0
+KFAC_CG_STOP_RELATIVE_PROGRESS = 1
+
+KFAC_CG_NEED_PRODUCT = 1
+KFAC_CG_DONE = 2
+
+KFAC_CG_REASON_RUNNING = 0
+KFAC_CG_REASON_RESIDUAL = 1
+KFAC_CG_REASON_RELATIVE_PROGRESS = 2
+KFAC_CG_REASON_MAX_ITERATIONS = 3
+KFAC_CG_REASON_NON_POSITIVE_CURVATURE = 4
+KFAC_CG_REASON_CALLER = 5
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -291,6 +315,50 @@ class kfac_layer_info(_Growable):
 
 c_float_p = POINTER(c_float)
 c_double_p = POINTER(c_double)
+
+
+class kfac_cg_desc(_Growable):
+    """``struct kfac_cg_desc`` (experimental): the options of a conjugate-gradient solve."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("max_iterations", c_int32),
+        ("stop_rule", c_int32),
+        ("tolerance", c_double),
+        ("preconditioner", c_int32),
+        ("warm_start", c_int32),
+        ("warm_start_decay", c_double),
+        ("diagonal_exponent", c_double),
+        ("l2", c_double),
+    ]
+
+
+class kfac_cg_result(_Growable):
+    """``struct kfac_cg_result`` (experimental): the outcome of a conjugate-gradient solve."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("iterations", c_int32),
+        ("products", c_int32),
+        ("reason", c_int32),
+        ("reserved", c_int32),
+        ("grad_dot_step", c_double),
+        ("step_curvature", c_double),
+        ("damping_term", c_double),
+        ("model_value", c_double),
+        ("quadratic_value", c_double),
+        ("residual_norm", c_double),
+        ("gradient_norm", c_double),
+        ("damping", c_double),
+    ]
+
+
+#: ``kfac_cg_product_fn_f32`` / ``_f64`` (experimental; for C users: the Python front-ends use
+#: the reverse-communication calls, since an exception cannot cross a ctypes callback).
+kfac_cg_product_fn_f32 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_float_p), POINTER(c_float_p),
+                                          POINTER(c_float_p), POINTER(c_float_p), c_int32)
+kfac_cg_product_fn_f64 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_double_p), POINTER(c_double_p),
+                                          POINTER(c_double_p), POINTER(c_double_p), c_int32)
 
 # ---------------------------------------------------------------------------------------------
 # Locating and loading the shared library
@@ -515,12 +583,30 @@ _PROTOTYPES = [
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_gn_chain_multiply_f64", c_int,
      [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: conjugate gradient and Newton-CG
+    ("kfac_cg_begin_f32", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_float_p), POINTER(c_float_p),
+                                  POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_begin_f64", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_double_p), POINTER(c_double_p),
+                                  POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_get_vector_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_cg_get_vector_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_cg_supply_product_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_supply_product_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_finish_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_finish_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_report_loss_change", c_int, [_P, c_double, c_double, c_double, c_double_p]),
+    ("kfac_cg_solve_f32", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_float_p), POINTER(c_float_p),
+                                  POINTER(c_float_p), POINTER(c_float_p), kfac_cg_product_fn_f32, c_void_p,
+                                  POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_solve_f64", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_double_p), POINTER(c_double_p),
+                                  POINTER(c_double_p), POINTER(c_double_p), kfac_cg_product_fn_f64, c_void_p,
+                                  POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(kfac_cg_result)]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
-                                                     "kfac_layer_record_output_grad_columns_")))
+                                                     "kfac_layer_record_output_grad_columns_", "kfac_cg_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)
