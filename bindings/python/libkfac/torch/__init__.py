@@ -66,6 +66,11 @@ pass and ``loss.backward()``); :meth:`KFACPreconditioner.adaptive_step` replaces
 Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt damping, and with
 ``factor_damping_period`` the periodic re-choice of the factor damping γ).
 
+Newton-CG. :class:`NewtonCG` (``_newton_cg``) trains any ``nn.Module`` by subsampled Newton-CG with
+Levenberg–Marquardt damping on the library's conjugate gradient (experimental ``kfac_cg_*``),
+G·v by ``torch.func`` (or a ``curvature_product=`` callable), with no, diagonal or this
+preconditioner's K-FAC preconditioning.
+
 Modules: ``_registration`` (which modules, their options, padding and input sizes),
 ``_hooks`` (the statistics hooks), ``_sampled_fisher``, ``_adaptive`` (``adaptive_step``),
 ``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them. Experimental:
@@ -87,6 +92,7 @@ from ..optimizer import Optimizer
 from ._adaptive import AdaptiveMixin, AdaptiveStepResult
 from ._columns import ColumnRecorder  # experimental: stored-column Gauss-Newton products
 from ._hooks import HooksMixin
+from ._newton_cg import NewtonCG, NewtonCGStepResult
 from ._registration import (
     SUPPORTED_MODULES,
     TORCH_TO_NUMPY,
@@ -98,7 +104,8 @@ from ._registration import (
 from ._sampled_fisher import SampledFisherMixin
 from ._state import StateMixin
 
-__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "SUPPORTED_MODULES"]
+__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "NewtonCG", "NewtonCGStepResult",
+           "SUPPORTED_MODULES"]
 
 
 class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, AdaptiveMixin, StateMixin):
