@@ -271,6 +271,25 @@ final class ConjugateGradientTests: XCTestCase {
             }
         }
         XCTAssertGreaterThan(stops.count, 4, "the cases should stop at different iterations: \(stops)")
+        // A slower problem (1e-2 … 1e1, ε = 1e-8) whose progress rule fires at i = 111, where the
+        // window k = ⌊i/10⌋ = 11 exceeds 10: the same iteration as the reference.
+        do {
+            let G = Self.spd((0..<n).map { 1e-2 * pow(1e3, Double($0) / Double(n - 1)) }, seed: 11)
+            let opt = try KFACOptimizer<Double>()
+            try opt.addDense(inFeatures: 24, outFeatures: 8, hasBias: true)
+            try opt.set(.damping, lambda)
+            let o = CGOptions(maxIterations: 400, stopRule: .relativeProgress, tolerance: 1e-8)
+            var request = try opt.beginConjugateGradient(o, gradient: layer(g))
+            while request == .needProduct {
+                let v = try opt.conjugateGradientVector()
+                request = try opt.supplyConjugateGradientProduct(layer(Self.times(G, v[0].weight + v[0].bias!)))
+            }
+            let (_, r) = try opt.finishConjugateGradient()
+            let ref = Self.referencePCG(G: G, shift: lambda, g: g, minv: nil, rule: .relativeProgress, tol: 1e-8, maxIterations: 400)
+            XCTAssertEqual(r.iterations, ref.iterations)
+            XCTAssertGreaterThan(r.iterations, 110)
+            XCTAssertEqual(r.reason, .relativeProgress)
+        }
         // The iteration limit.
         let G36 = Self.spd((0..<Self.n).map { 1 + Double($0) }, seed: 14)
         let opt = try Self.makeOptimizer(Double.self, damping: lambda)

@@ -108,6 +108,21 @@ def test_stopping_rules_stop_where_the_reference_stops(rule, tol, diagonal):
     assert iterations > 3
 
 
+def test_relative_progress_window_grows_past_100_iterations():
+    """A slower problem (spectrum 1e-2 … 1e1, ε = 1e-8) whose progress rule fires at i = 113,
+    where k = ⌊i/10⌋ = 11 > 10: the same iteration as the reference. (Past ~100 iterations
+    two correct CGs drift apart by rounding, so x is compared to 1e-4 only.)"""
+    n = _size(ONE)
+    G = ref.spd(0.01 * 1e3 ** (np.arange(n) / (n - 1)), 12)
+    g = np.random.default_rng(11).standard_normal(n)
+    cg = NewtonCG(_optimizer(np.float64, ONE, damping=1e-3), stop_rule="relative_progress", tolerance=1e-8,
+                  max_iterations=400)
+    x, res = _solve(cg, G, g, ONE, np.float64)
+    xr, iterations, reason, _ = ref.pcg(G, 1e-3, g, rule="relative_progress", tol=1e-8, max_iterations=400)
+    assert (res.iterations, res.reason) == (iterations, reason) == (113, "relative_progress")
+    assert np.max(np.abs(x - xr)) < 1e-4 * np.max(np.abs(xr))
+
+
 def test_the_stopping_iterations_differ_between_cases():
     """The oracle above is not vacuous: the eight cases stop at several different iterations."""
     n = _size(ONE)
