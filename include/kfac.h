@@ -1118,7 +1118,8 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
  *       (φ_i − φ_{i−k}) / φ_i < k·ε, ε = tolerance (default 5e-4) → REASON_RELATIVE_PROGRESS;
  *     i = max_iterations (default 250) → REASON_MAX_ITERATIONS.
  * A pᵀAp that is not positive stops before the update (REASON_NON_POSITIVE_CURVATURE; s is the
- * last iterate).
+ * last iterate). Inner products are accumulated in double precision (also on float32 handles),
+ * left to right over the layer layout, so a solve is reproducible bit for bit.
  *
  * Newton-CG and Levenberg–Marquardt. The model of the step α·s excludes λ (Martens 2010,
  * simpleNN): m(α) = α gᵀs + ½ α² sᵀ(G + ηI)s, with sᵀ(G + ηI)s = sᵀ(−g − r) − λ‖s‖² from the

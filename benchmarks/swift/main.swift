@@ -72,8 +72,10 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
-let runDense = !CommandLine.arguments.contains("--conv-only")
-let runConv = !CommandLine.arguments.contains("--dense-only")
+let cgOnly = CommandLine.arguments.contains("--cg-only")  // section 6 alone
+let runDense = !CommandLine.arguments.contains("--conv-only") && !cgOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !cgOnly
+let runCG = !CommandLine.arguments.contains("--conv-only")
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
@@ -413,7 +415,7 @@ if runConv {
 
 // MARK: 5. Gauss-Newton products (experimental)
 
-if CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.contains("--no-gauss-newton") {
+if (CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.contains("--no-gauss-newton")) && !cgOnly {
     print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
     print("gradient (forward + backward) of the same batch")
     print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
@@ -476,3 +478,130 @@ if CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.co
       costs two for the first layer and three for the others: the last column is that FLOP ratio.
     """)
 }
+// MARK: 6. Conjugate gradient: the solver's own work per iteration against one product
+
+/// G·v = (1/rows) Σ Jᵀ (diag(p) − ppᵀ) J v of a 784-W-W-10 tanh MLP at the activations of its
+/// last forward pass: R-op forward, the softmax Hessian, backward (the product a Newton-CG
+/// trainer supplies for every CG iteration).
+final class GaussNewtonProduct {
+    let mlp: MLP
+    var r: [UnsafeMutablePointer<Float>] = []
+    let probs: UnsafeMutablePointer<Float>
+
+    init(_ mlp: MLP) {
+        self.mlp = mlp
+        for l in 0..<mlp.layerCount { r.append(randomBuffer(mlp.rows * mlp.sizes[l + 1], seed: 0)) }
+        probs = randomBuffer(mlp.rows * mlp.sizes.last!, seed: 0)
+    }
+
+    /// After mlp.forwardBackward(): the softmax of the logits.
+    func prepare() {
+        let c = mlp.sizes.last!, z = mlp.activations[mlp.layerCount]
+        for row in 0..<mlp.rows {
+            var m = -Float.infinity
+            for k in 0..<c { m = max(m, z[row * c + k]) }
+            var s: Float = 0
+            for k in 0..<c { probs[row * c + k] = expf(z[row * c + k] - m); s += probs[row * c + k] }
+            for k in 0..<c { probs[row * c + k] /= s }
+        }
+    }
+
+    func multiply(vW: [UnsafeMutablePointer<Float>], vb: [UnsafeMutablePointer<Float>],
+                  outW: [UnsafeMutablePointer<Float>], outb: [UnsafeMutablePointer<Float>]) {
+        let rows = mlp.rows, n = Int32(rows), L = mlp.layerCount
+        for l in 0..<L {
+            let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+            for row in 0..<rows { (r[l] + row * Int(o)).update(from: vb[l], count: Int(o)) }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, mlp.activations[l], i, vW[l], i, 1, r[l], o)
+            if l > 0 { cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, r[l - 1], i, mlp.weights[l], i, 1, r[l], o) }
+            if l < L - 1 { let a = mlp.activations[l + 1]; for k in 0..<(rows * Int(o)) { r[l][k] *= 1 - a[k] * a[k] } }
+        }
+        let c = mlp.sizes.last!, q = r[L - 1], dz = mlp.deltas[L - 1]
+        for row in 0..<rows {
+            var s: Float = 0
+            for k in 0..<c { s += probs[row * c + k] * q[row * c + k] }
+            for k in 0..<c { dz[row * c + k] = probs[row * c + k] * (q[row * c + k] - s) }
+        }
+        for l in stride(from: L - 1, through: 0, by: -1) {
+            let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, n, 1 / Float(rows), mlp.deltas[l], o,
+                        mlp.activations[l], i, 0, outW[l], i)
+            for k in 0..<Int(o) { outb[l][k] = 0 }
+            for row in 0..<rows { for k in 0..<Int(o) { outb[l][k] += mlp.deltas[l][row * Int(o) + k] / Float(rows) } }
+            if l > 0 {
+                let d = mlp.deltas[l - 1], a = mlp.activations[l]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, i, o, 1, mlp.deltas[l], o, mlp.weights[l], i, 0, d, i)
+                for k in 0..<(rows * Int(i)) { d[k] *= 1 - a[k] * a[k] }
+            }
+        }
+    }
+}
+
+let cgCases: [(width: Int, rows: Int)] = !runCG ? [] : quick ? [(512, 256), (512, 1024)] : [(512, 256), (512, 1024), (1024, 256), (1024, 1024)]
+if !cgCases.isEmpty {
+    print("\nConjugate gradient on a 784-W-W-10 tanh MLP: the library's work per CG iteration")
+    print("(kfac_cg_get_vector + kfac_cg_supply_product) against one Gauss-Newton product (R-op, softmax Hessian, backward)")
+    print(pad("W", 6) + pad("rows", 6) + pad("preconditioner", 16) + pad("product", 11) + pad("solver/iter", 13) + pad("solver/product", 16) + "allocations/iter")
+}
+for (w, rows) in cgCases {
+    let mlp = MLP(sizes: [784, w, w, 10], rows: rows)
+    let gn = GaussNewtonProduct(mlp)
+    let opt = try KFACOptimizer<Float>()
+    for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+    try opt.set(.damping, 1.0)
+    mlp.forwardBackward()
+    for l in 0..<mlp.layerCount {
+        try opt.recordInputs(layer: l, mlp.activations[l], rows: rows)
+        try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: rows)
+    }
+    try opt.updateFactors()
+    try opt.updateInverses()
+    mlp.forwardBackward()
+    gn.prepare()
+    let shapes = (0..<mlp.layerCount).map { (mlp.sizes[$0 + 1] * mlp.sizes[$0], mlp.sizes[$0 + 1]) }
+    func buffers(_ seed: UInt64) -> ([UnsafeMutablePointer<Float>], [UnsafeMutablePointer<Float>]) {
+        (shapes.map { randomBuffer($0.0, seed: seed) }, shapes.map { randomBuffer($0.1, seed: seed + 1) })
+    }
+    let (vW, vb) = buffers(3), (pW, pb) = buffers(5), (sW, sb) = buffers(7), (dW, db) = buffers(9)
+    for l in 0..<shapes.count { for k in 0..<shapes[l].0 { dW[l][k] = abs(dW[l][k]) }; for k in 0..<shapes[l].1 { db[l][k] = abs(db[l][k]) } }
+    let grads = { (l: Int) in ParameterGradient(weight: mlp.weightGrads[l], bias: mlp.biasGrads[l]) }
+    let vector = { (l: Int) in ParameterGradient(weight: vW[l], bias: vb[l]) }
+    let product = { (l: Int) in ParameterGradient(weight: pW[l], bias: pb[l]) }
+    let step = { (l: Int) in ParameterGradient(weight: sW[l], bias: sb[l]) }
+    let diagonal = { (l: Int) in ParameterGradient(weight: dW[l], bias: db[l]) }
+    for precond in CGPreconditioner.allCases {
+        let options = CGOptions(maxIterations: 20, tolerance: 1e-9, preconditioner: precond)
+        var solver = 0.0, products = 0.0, iterations = 0
+        var allocations: Int64 = 0
+        for round in 0..<4 {  // round 0 warms up
+            var request = try opt.beginConjugateGradient(options, gradient: grads, diagonal: precond == .diagonal ? diagonal : nil)
+            while request == .needProduct {
+                var t = now()
+                if round > 0 { allocation_counter_start() }
+                try opt.conjugateGradientVector(into: vector)
+                if round > 0 { allocations += allocation_counter_stop() }
+                if round > 0 { solver += now() - t }
+                t = now()
+                gn.multiply(vW: vW, vb: vb, outW: pW, outb: pb)
+                if round > 0 { products += now() - t }
+                t = now()
+                if round > 0 { allocation_counter_start() }
+                request = try opt.supplyConjugateGradientProduct(product)
+                if round > 0 { allocations += allocation_counter_stop(); solver += now() - t; iterations += 1 }
+            }
+            _ = try opt.finishConjugateGradient(into: step)
+        }
+        let perIteration = solver / Double(iterations), perProduct = products / Double(iterations)
+        print(pad("\(w)", 6) + pad("\(rows)", 6) + pad("\(precond)", 16) + pad("\(f(perProduct * 1e3)) ms", 11) + pad("\(f(perIteration * 1e3, 3)) ms", 13)
+              + pad("\(f(100 * perIteration / perProduct, 1))%", 16) + "\(f(Double(allocations) / Double(iterations), 1))")
+    }
+}
+if !cgCases.isEmpty { print("""
+  solver/iter = the library's time per CG iteration (copying the vector out, reading the product,
+  the CG recurrences, the preconditioner: none, the diagonal, or the K-FAC inverses of all three
+  layers); product = the caller's Gauss-Newton product on a curvature batch of `rows` (its cost grows
+  with the rows, the solver's does not: simpleNN's 5% of CIFAR-10 is 2500 rows). Goal: ≤ 5% without
+  a preconditioner (the K-FAC preconditioner adds two products with the Kronecker inverses per
+  layer, which is its point). allocations/iter counts heap allocations during the library's calls
+  (OpenBLAS's threaded dispatch included).
+""") }

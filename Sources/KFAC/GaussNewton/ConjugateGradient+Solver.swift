@@ -72,15 +72,13 @@ extension KFACOptimizer {
         let shift = lambda + options.l2
         Self.gather(gradient, layout, into: q.base)
         let n = size
-        for i in 0..<n { rNext.base[i] = -q.base[i] }
+        typealias K = ConjugateGradientKernels<Scalar>
+        K.scaled(rNext.base, q.base, by: -1, count: n)
         if options.preconditioner == .diagonal, let d = diagonal, let m = minvNext {
             Self.gather(d, layout, into: m.base)
-            let exponent = -options.diagonalExponent
-            for i in 0..<n {
-                m.base[i] = Scalar(LibM.exp(exponent * LibM.log(Double(m.base[i]) + shift)))
-            }
+            K.diagonalInverse(m.base, shift: shift, exponent: options.diagonalExponent, count: n)
         }
-        let gradientNorm = Double(Scalar.dot(count: n, x: q.base, y: q.base)).squareRoot()
+        let gradientNorm = K.dot(q.base, q.base, count: n).squareRoot()
         let warm = options.warmStart && cg.hasPrevious && cg.previous === newPrevious
         let stopsAtStart = !warm && gradientNorm == 0
         let needsPreconditioned = !warm && !stopsAtStart
@@ -107,14 +105,13 @@ extension KFACOptimizer {
         if options.preconditioner == .diagonal { cg.minv = minvNext; cg.minvNext = newMinv }
         if warm {
             // x₀ = decay · previous; its product comes first.
-            let decay = Scalar(options.warmStartDecay)
-            for i in 0..<n { newX.base[i] = decay * newPrevious.base[i] }
+            K.scaled(newX.base, newPrevious.base, by: options.warmStartDecay, count: n)
             cg.r = newR; cg.rNext = rNext
             cg.y = newY; cg.yNext = yNext
             cg.phase = .initialProduct
             return .needProduct
         }
-        for i in 0..<n { newX.base[i] = 0 }
+        K.zero(newX.base, count: n)
         cg.r = rNext; cg.rNext = newR
         cg.phi.append(0)
         cg.residualNorm = gradientNorm
@@ -127,7 +124,7 @@ extension KFACOptimizer {
         }
         cg.y = yNext; cg.yNext = newY
         newP.base.update(from: yNext.base, count: n)
-        cg.ry = Double(Scalar.dot(count: n, x: rNext.base, y: yNext.base))
+        cg.ry = K.dot(rNext.base, yNext.base, count: n)
         cg.phase = .iterating
         return .needProduct
     }
@@ -150,28 +147,42 @@ extension KFACOptimizer {
         let cg = conjugateGradient
         try checkOpen(forProduct: true)
         try checkLayerBuffers(product, what: "product")
-        for l in cg.layout.indices {
-            let v = product(l), s = cg.layout[l]
-            guard Scalar.allFinite(v.weight, count: s.weights), v.bias.map({ Scalar.allFinite($0, count: s.biases) }) ?? true else {
-                throw KFACError(.nonFinite, "the product of layer \(l) contains NaN or Inf; the solve is unchanged, supply it again")
-            }
-        }
+        typealias K = ConjugateGradientKernels<Scalar>
         let n = cg.size
         let q = cg.q!, rNext = cg.rNext!, yNext = cg.yNext!
         let g = cg.g!, x = cg.x!, r = cg.r!, p = cg.p!
-        Self.gather(product, cg.layout, into: q.base)
-        let shift = Scalar(cg.lambda + cg.options.l2)
+        let initial = cg.phase == .initialProduct
+        let shift = Double(Scalar(cg.lambda + cg.options.l2))
+        // One pass per layer: q = G·v (+ (λ + η) p when iterating), pᵀq, and the product's
+        // finiteness (q is scratch: a refused product changes nothing).
+        var pAp = 0.0
+        for l in cg.layout.indices {
+            let v = product(l), s = cg.layout[l]
+            let w = K.productSegment(q.base + s.offset, v.weight, p.base + s.offset, shift: initial ? 0 : shift,
+                                     count: s.weights, sum: pAp)
+            var finite = w.finite
+            pAp = w.pq
+            if s.biases > 0, let bias = v.bias {
+                let o = s.offset + s.weights
+                let b = K.productSegment(q.base + o, bias, p.base + o, shift: initial ? 0 : shift, count: s.biases, sum: pAp)
+                finite = finite && b.finite
+                pAp = b.pq
+            }
+            guard finite else {
+                throw KFACError(.nonFinite, "the product of layer \(l) contains NaN or Inf; the solve is unchanged, supply it again")
+            }
+        }
 
-        if cg.phase == .initialProduct {
+        if initial {
             // r₀ = −g − (G + λ + η) x₀.
-            for i in 0..<n { rNext.base[i] = -g.base[i] - q.base[i] - shift * x.base[i] }
-            let residualNorm = Double(Scalar.dot(count: n, x: rNext.base, y: rNext.base)).squareRoot()
-            let phi0 = 0.5 * Double(Scalar.dot(count: n, x: g.base, y: x.base)) - 0.5 * Double(Scalar.dot(count: n, x: x.base, y: rNext.base))
+            K.residual(rNext.base, g: g.base, q: q.base, x: x.base, shift: shift, count: n)
+            let residualNorm = K.dot(rNext.base, rNext.base, count: n).squareRoot()
+            let phi0 = 0.5 * K.dot(g.base, x.base, count: n) - 0.5 * K.dot(x.base, rNext.base, count: n)
             let reason = stopReason(iteration: 0, phi: phi0, residualNorm: residualNorm)
             var ry = 0.0
             if reason == .running {
                 try applyPreconditioner(cg.options.preconditioner, cg.layout, from: rNext, into: yNext, minv: cg.minv)
-                ry = Double(Scalar.dot(count: n, x: rNext.base, y: yNext.base))
+                ry = K.dot(rNext.base, yNext.base, count: n)
             }
             // Commit.
             swap(&cg.r, &cg.rNext)
@@ -190,9 +201,6 @@ extension KFACOptimizer {
             return .needProduct
         }
 
-        // q = (G + λ + η) p.
-        Scalar.axpy(count: n, alpha: shift, x: p.base, y: q.base)
-        let pAp = Double(Scalar.dot(count: n, x: p.base, y: q.base))
         guard pAp > 0 && pAp.isFinite else {
             cg.products += 1
             cg.reason = .nonPositiveCurvature
@@ -203,37 +211,41 @@ extension KFACOptimizer {
         guard alpha.isFinite else {
             throw KFACError(.nonFinite, "the CG step length is not finite (rᵀy = \(cg.ry), pᵀAp = \(pAp)); the solve is unchanged")
         }
-        // r_new = r − α q; φ(x + αp) = ½ gᵀ(x + αp) − ½ (x + αp)ᵀ r_new.
-        rNext.base.update(from: r.base, count: n)
-        Scalar.axpy(count: n, alpha: Scalar(-alpha), x: q.base, y: rNext.base)
-        let gx = Double(Scalar.dot(count: n, x: g.base, y: x.base)), gp = Double(Scalar.dot(count: n, x: g.base, y: p.base))
-        let xr = Double(Scalar.dot(count: n, x: x.base, y: rNext.base)), pr = Double(Scalar.dot(count: n, x: p.base, y: rNext.base))
-        let phi = 0.5 * (gx + alpha * gp) - 0.5 * (xr + alpha * pr)
-        let residualNorm = Double(Scalar.dot(count: n, x: rNext.base, y: rNext.base)).squareRoot()
+        // r_new = r − α q, with φ(x + αp) = ½ gᵀ(x + αp) − ½ (x + αp)ᵀ r_new and ‖r_new‖ in the same pass.
+        let d = K.residualPass(rNext.base, r: r.base, q: q.base, g: g.base, x: x.base, p: p.base, alpha: alpha, count: n)
+        let phi = 0.5 * (d.gx + alpha * d.gp) - 0.5 * (d.xr + alpha * d.pr)
+        let residualNorm = d.rr.squareRoot()
         let iteration = cg.iterations + 1
         let reason = stopReason(iteration: iteration, phi: phi, residualNorm: residualNorm)
+        let kind = cg.options.preconditioner
         var ryNext = 0.0
         if reason == .running {
-            try applyPreconditioner(cg.options.preconditioner, cg.layout, from: rNext, into: yNext, minv: cg.minv)
-            ryNext = Double(Scalar.dot(count: n, x: rNext.base, y: yNext.base))
+            switch kind {
+            case .none:
+                ryNext = d.rr  // y = r: no copy
+            case .diagonal:
+                ryNext = K.diagonalPass(yNext.base, cg.minv!.base, rNext.base, count: n)
+            case .kfac:
+                try applyPreconditioner(kind, cg.layout, from: rNext, into: yNext, minv: cg.minv)
+                ryNext = K.dot(rNext.base, yNext.base, count: n)
+            }
         }
         // Commit.
-        Scalar.axpy(count: n, alpha: Scalar(alpha), x: p.base, y: x.base)
         swap(&cg.r, &cg.rNext)
         cg.iterations = iteration
         cg.products += 1
         cg.phi.append(phi)
         cg.residualNorm = residualNorm
         if reason != .running {
+            K.axpy(x.base, p.base, alpha: alpha, count: n)
             cg.reason = reason
             cg.phase = .stopped
             return .done
         }
-        swap(&cg.y, &cg.yNext)
-        // p = y + β p.
-        let beta = Scalar(ryNext / cg.ry)
-        let y = cg.y!
-        for i in 0..<n { p.base[i] = y.base[i] + beta * p.base[i] }
+        if kind != .none { swap(&cg.y, &cg.yNext) }
+        // x += α p; p = y + β p.
+        K.updatePass(x: x.base, p: p.base, y: (kind == .none ? cg.r! : cg.y!).base, alpha: alpha, beta: ryNext / cg.ry,
+                     count: n)
         cg.ry = ryNext
         return .needProduct
     }
@@ -263,8 +275,8 @@ extension KFACOptimizer {
         result.iterations = cg.iterations
         result.products = cg.products
         result.reason = cg.phase == .stopped ? cg.reason : .caller
-        let gs = Double(Scalar.dot(count: n, x: g, y: x)), ss = Double(Scalar.dot(count: n, x: x, y: x))
-        let xr = Double(Scalar.dot(count: n, x: x, y: r))
+        typealias K = ConjugateGradientKernels<Scalar>
+        let gs = K.dot(g, x, count: n), ss = K.dot(x, x, count: n), xr = K.dot(x, r, count: n)
         result.gradDotStep = gs
         result.dampingTerm = cg.lambda * ss
         result.stepCurvature = -gs - xr - cg.lambda * ss
@@ -321,8 +333,7 @@ extension KFACOptimizer {
         case .none:
             y.base.update(from: r.base, count: n)
         case .diagonal:
-            let m = minv!.base
-            for i in 0..<n { y.base[i] = m[i] * r.base[i] }
+            ConjugateGradientKernels<Scalar>.multiply(y.base, minv!.base, r.base, count: n)
         case .kfac:
             y.base.update(from: r.base, count: n)
             let base = y.base
@@ -352,7 +363,6 @@ extension KFACOptimizer {
     }
 
     private static func allNonNegative(_ p: UnsafePointer<Scalar>, count: Int) -> Bool {
-        for i in 0..<count where !(p[i] >= 0) { return false }
-        return true
+        ConjugateGradientKernels<Scalar>.nonNegative(p, count: count)
     }
 }
