@@ -6,8 +6,8 @@
  * What the wrapper changes is only the form:
  *   - kfac::optimizer owns a kfac_optimizer handle (RAII, move-only) and has one method per
  *     kfac_optimizer_* / kfac_param_* / kfac_layer_* / kfac_adaptive_* / kfac_state_* (and, with
- *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_*) function, named
- *     after it without
+ *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_* / kfac_cg_*) function,
+ *     named after it without
  *     "kfac_" and without "optimizer_": kfac_layer_add_dense(opt, …) is opt.layer_add_dense(…),
  *     kfac_optimizer_step_f32(opt, …) is opt.step(…);
  *   - the _f32 / _f64 pairs are one overloaded name, chosen by the buffer's element type;
@@ -616,6 +616,93 @@ public:
         check(kfac_gn_chain_multiply_f64(handle_, vector_w.data(), or_null(vector_b), product_w.data(),
                                          detail::or_null(product_b), static_cast<int32_t>(vector_w.size())),
               "kfac_gn_chain_multiply_f64");
+    }
+
+    /* ---- Experimental: conjugate gradient and Newton-CG (kfac.h's "Conjugate gradient") ---- */
+
+    /** kfac_cg_begin_f32 (desc may be nullptr; the diag spans only for DIAGONAL): the request. */
+    int32_t cg_begin(const kfac_cg_desc *desc, span<const float *const> grad_w, span<const float *const> grad_b = {},
+                     span<const float *const> diag_w = {}, span<const float *const> diag_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_begin_f32");
+        int32_t request = 0;
+        check(kfac_cg_begin_f32(handle_, desc, grad_w.data(), detail::or_null(grad_b), detail::or_null(diag_w),
+                                detail::or_null(diag_b), n, &request), "kfac_cg_begin_f32");
+        return request;
+    }
+    /** kfac_cg_begin_f64. */
+    int32_t cg_begin(const kfac_cg_desc *desc, span<const double *const> grad_w, span<const double *const> grad_b = {},
+                     span<const double *const> diag_w = {}, span<const double *const> diag_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_begin_f64");
+        int32_t request = 0;
+        check(kfac_cg_begin_f64(handle_, desc, grad_w.data(), detail::or_null(grad_b), detail::or_null(diag_w),
+                                detail::or_null(diag_b), n, &request), "kfac_cg_begin_f64");
+        return request;
+    }
+    /** kfac_cg_get_vector_f32. */
+    void cg_get_vector(span<float *const> vector_w, span<float *const> vector_b = {}) {
+        const int32_t n = detail::layer_count(vector_w, vector_b, "kfac_cg_get_vector_f32");
+        check(kfac_cg_get_vector_f32(handle_, vector_w.data(), detail::or_null(vector_b), n), "kfac_cg_get_vector_f32");
+    }
+    /** kfac_cg_get_vector_f64. */
+    void cg_get_vector(span<double *const> vector_w, span<double *const> vector_b = {}) {
+        const int32_t n = detail::layer_count(vector_w, vector_b, "kfac_cg_get_vector_f64");
+        check(kfac_cg_get_vector_f64(handle_, vector_w.data(), detail::or_null(vector_b), n), "kfac_cg_get_vector_f64");
+    }
+    /** kfac_cg_supply_product_f32: the request. */
+    int32_t cg_supply_product(span<const float *const> product_w, span<const float *const> product_b = {}) {
+        const int32_t n = detail::layer_count(product_w, product_b, "kfac_cg_supply_product_f32");
+        int32_t request = 0;
+        check(kfac_cg_supply_product_f32(handle_, product_w.data(), detail::or_null(product_b), n, &request),
+              "kfac_cg_supply_product_f32");
+        return request;
+    }
+    /** kfac_cg_supply_product_f64: the request. */
+    int32_t cg_supply_product(span<const double *const> product_w, span<const double *const> product_b = {}) {
+        const int32_t n = detail::layer_count(product_w, product_b, "kfac_cg_supply_product_f64");
+        int32_t request = 0;
+        check(kfac_cg_supply_product_f64(handle_, product_w.data(), detail::or_null(product_b), n, &request),
+              "kfac_cg_supply_product_f64");
+        return request;
+    }
+    /** kfac_cg_finish_f32: the result. */
+    kfac_cg_result cg_finish(span<float *const> step_w, span<float *const> step_b = {}) {
+        const int32_t n = detail::layer_count(step_w, step_b, "kfac_cg_finish_f32");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_finish_f32(handle_, step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_finish_f32");
+        return r;
+    }
+    /** kfac_cg_finish_f64: the result. */
+    kfac_cg_result cg_finish(span<double *const> step_w, span<double *const> step_b = {}) {
+        const int32_t n = detail::layer_count(step_w, step_b, "kfac_cg_finish_f64");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_finish_f64(handle_, step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_finish_f64");
+        return r;
+    }
+    /** kfac_cg_report_loss_change: ρ. */
+    double cg_report_loss_change(double step_scale, double loss_before, double loss_after) {
+        double rho = 0;
+        check(kfac_cg_report_loss_change(handle_, step_scale, loss_before, loss_after, &rho), "kfac_cg_report_loss_change");
+        return rho;
+    }
+    /** kfac_cg_solve_f32 (product must not throw: it is called from C). */
+    kfac_cg_result cg_solve(const kfac_cg_desc *desc, span<const float *const> grad_w, span<const float *const> grad_b,
+                            kfac_cg_product_fn_f32 product, void *user, span<float *const> step_w,
+                            span<float *const> step_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_solve_f32");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_solve_f32(handle_, desc, grad_w.data(), detail::or_null(grad_b), nullptr, nullptr, product, user,
+                                step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_solve_f32");
+        return r;
+    }
+    /** kfac_cg_solve_f64 (product must not throw: it is called from C). */
+    kfac_cg_result cg_solve(const kfac_cg_desc *desc, span<const double *const> grad_w, span<const double *const> grad_b,
+                            kfac_cg_product_fn_f64 product, void *user, span<double *const> step_w,
+                            span<double *const> step_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_solve_f64");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_solve_f64(handle_, desc, grad_w.data(), detail::or_null(grad_b), nullptr, nullptr, product, user,
+                                step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_solve_f64");
+        return r;
     }
 #endif /* KFAC_EXPERIMENTAL_API */
 
