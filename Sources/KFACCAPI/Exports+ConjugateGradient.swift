@@ -28,18 +28,21 @@ private func options(_ p: UnsafePointer<kfac_cg_desc>?) throws(KFACError) -> CGO
     return o
 }
 
-/// Per-layer views of const pointer arrays (read only by the library).
-private func constBuffers<S: KFACScalar>(_ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafePointer<S>?>?,
-                                         _ biases: UnsafePointer<UnsafePointer<S>?>?, _ count: Int32,
-                                         _ name: StaticString) throws(KFACError) -> (Int) -> ParameterGradient<S> {
+/// Checks const pointer arrays (read only by the library) as `withLayerBuffers` does.
+private func checkConstBuffers<S: KFACScalar>(_ o: KFACOptimizer<S>, _ weights: UnsafePointer<UnsafePointer<S>?>?,
+                                              _ count: Int32, _ name: StaticString) throws(KFACError) {
     let w = try required(weights, name)
     guard Int(count) == o.layerCount else {
         throw KFACError(.invalidSize, "n_layers is \(count) but \(o.layerCount) layers are registered")
     }
     for l in 0..<Int(count) where w[l] == nil { throw KFACError(.nullPointer, "\(name)[\(l)] is NULL") }
-    return { l in
-        ParameterGradient(weight: UnsafeMutablePointer(mutating: w[l]!), bias: biases?[l].map { UnsafeMutablePointer(mutating: $0) })
-    }
+}
+
+/// Layer l's view of checked const pointer arrays.
+@inline(__always)
+private func view<S: KFACScalar>(_ weights: UnsafePointer<UnsafePointer<S>?>?, _ biases: UnsafePointer<UnsafePointer<S>?>?,
+                                 _ l: Int) -> ParameterGradient<S> {
+    ParameterGradient(weight: UnsafeMutablePointer(mutating: weights![l]!), bias: biases?[l].map { UnsafeMutablePointer(mutating: $0) })
 }
 
 private func writeRequest(_ r: CGRequest, _ out: UnsafeMutablePointer<Int32>) { out.pointee = r.rawValue }
@@ -50,10 +53,11 @@ private func begin<S: KFACScalar>(_ o: KFACOptimizer<S>, _ desc: UnsafePointer<k
                                   _ count: Int32, _ request: UnsafeMutablePointer<Int32>?) throws(KFACError) {
     let out = try required(request, "request")
     let opts = try options(desc)
-    let g = try constBuffers(o, gw, gb, count, "grad_w")
+    try checkConstBuffers(o, gw, count, "grad_w")
     if dw == nil && db != nil { throw KFACError(.nullPointer, "diag_w is NULL but diag_b is not") }
-    let d = dw == nil ? nil : try constBuffers(o, dw, db, count, "diag_w")
-    writeRequest(try o.beginConjugateGradient(opts, gradient: g, diagonal: d), out)
+    if dw != nil { try checkConstBuffers(o, dw, count, "diag_w") }
+    writeRequest(try o.beginConjugateGradient(opts, gradient: { view(gw, gb, $0) }, hasDiagonal: dw != nil,
+                                              diagonal: { view(dw, db, $0) }), out)
 }
 
 private func vector<S: KFACScalar>(_ o: KFACOptimizer<S>, _ w: UnsafePointer<UnsafeMutablePointer<S>?>?,
@@ -65,8 +69,8 @@ private func supply<S: KFACScalar>(_ o: KFACOptimizer<S>, _ w: UnsafePointer<Uns
                                    _ b: UnsafePointer<UnsafePointer<S>?>?, _ count: Int32,
                                    _ request: UnsafeMutablePointer<Int32>?) throws(KFACError) {
     let out = try required(request, "request")
-    let v = try constBuffers(o, w, b, count, "product_w")
-    writeRequest(try o.supplyConjugateGradientProduct(v), out)
+    try checkConstBuffers(o, w, count, "product_w")
+    writeRequest(try o.supplyConjugateGradientProduct { view(w, b, $0) }, out)
 }
 
 /// Where each field of kfac_cg_result ends (offset + size), ascending.
@@ -106,8 +110,18 @@ private func checkResult(_ p: UnsafeMutablePointer<kfac_cg_result>?) throws(KFAC
 
 private func storeResult(_ r: CGResult, _ p: UnsafeMutablePointer<kfac_cg_result>?) throws(KFACError) {
     guard let p else { return }
-    try writeGrowable(cResult(r), to: p, "result", minimum: MemoryLayout<kfac_cg_result>.offset(of: \.products)!,
-                      fieldEnds: resultFieldEnds)
+    // writeGrowable's rule (the whole fields that fit; struct_size ← the bytes filled), without
+    // its array concatenation, so that finishing a solve allocates nothing.
+    let raw = UnsafeMutableRawPointer(p)
+    let size = raw.load(as: Int.self)
+    var filled = MemoryLayout<kfac_cg_result>.size
+    if size < filled {
+        filled = MemoryLayout<kfac_cg_result>.offset(of: \.iterations)!
+        for end in resultFieldEnds where end <= size { filled = end }
+    }
+    var value = cResult(r)
+    value.struct_size = filled
+    withUnsafeBytes(of: &value) { raw.copyMemory(from: $0.baseAddress!, byteCount: filled) }
 }
 
 private func finish<S: KFACScalar>(_ o: KFACOptimizer<S>, _ w: UnsafePointer<UnsafeMutablePointer<S>?>?,
@@ -131,9 +145,12 @@ private func solve<S: KFACScalar>(
 ) throws(KFACError) {
     try checkResult(result)
     let opts = try options(desc)
-    let g = try constBuffers(o, gw, gb, count, "grad_w")
+    try checkConstBuffers(o, gw, count, "grad_w")
     if dw == nil && db != nil { throw KFACError(.nullPointer, "diag_w is NULL but diag_b is not") }
-    let d = dw == nil ? nil : try constBuffers(o, dw, db, count, "diag_w")
+    if dw != nil { try checkConstBuffers(o, dw, count, "diag_w") }
+    // kfac_cg_solve_* allocates per call anyway (its pointer arrays): escaping views are fine here.
+    let g: (Int) -> ParameterGradient<S> = { view(gw, gb, $0) }
+    let d: ((Int) -> ParameterGradient<S>)? = dw == nil ? nil : { view(dw, db, $0) }
     let n = Int(count)
     // Pointer arrays handed to the product function, filled per call.
     let vw = UnsafeMutablePointer<UnsafePointer<S>?>.allocate(capacity: n), vb = UnsafeMutablePointer<UnsafePointer<S>?>.allocate(capacity: n)

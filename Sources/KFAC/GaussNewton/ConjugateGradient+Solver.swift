@@ -13,6 +13,15 @@ extension KFACOptimizer {
     @discardableResult
     public func beginConjugateGradient(_ options: CGOptions, gradient: (Int) -> ParameterGradient<Scalar>,
                                        diagonal: ((Int) -> ParameterGradient<Scalar>)? = nil) throws(KFACError) -> CGRequest {
+        if let diagonal { return try beginConjugateGradient(options, gradient: gradient, hasDiagonal: true, diagonal: diagonal) }
+        return try beginConjugateGradient(options, gradient: gradient, hasDiagonal: false, diagonal: gradient)
+    }
+
+    /// `beginConjugateGradient` with the diagonal as a non-escaping closure (no allocation);
+    /// `diagonal` is read only when `hasDiagonal`.
+    @discardableResult
+    public func beginConjugateGradient(_ options: CGOptions, gradient: (Int) -> ParameterGradient<Scalar>, hasDiagonal: Bool,
+                                       diagonal d: (Int) -> ParameterGradient<Scalar>) throws(KFACError) -> CGRequest {
         let cg = conjugateGradient
         try options.validate()
         let layers = estimator.layers
@@ -25,10 +34,10 @@ extension KFACOptimizer {
                 throw KFACError(.nonFinite, "the gradient of layer \(l) contains NaN or Inf")
             }
         }
-        switch (options.preconditioner, diagonal) {
-        case (.diagonal, nil):
+        switch (options.preconditioner, hasDiagonal) {
+        case (.diagonal, false):
             throw KFACError(.nullPointer, "the diagonal preconditioner needs the diagonal buffers")
-        case (.diagonal, let d?):
+        case (.diagonal, true):
             for l in layers.indices {
                 let v = d(l)
                 try checkBias(v.bias, layer: layers[l], index: l, what: "diagonal")
@@ -41,11 +50,11 @@ extension KFACOptimizer {
                     throw KFACError(.invalidArgument, "the diagonal of layer \(l) has a negative value")
                 }
             }
-        case (_, _?):
+        case (_, true):
             throw KFACError(.invalidArgument, "diagonal buffers are given but the preconditioner is not the diagonal one")
-        case (.kfac, nil):
+        case (.kfac, false):
             for l in layers.indices { try estimator.checkReady(layer: l, for: .inverse, strategy: parameters.inverseStrategy) }
-        case (.none, nil):
+        case (.none, false):
             break
         }
 
@@ -74,7 +83,7 @@ extension KFACOptimizer {
         let n = size
         typealias K = ConjugateGradientKernels<Scalar>
         K.scaled(rNext.base, q.base, by: -1, count: n)
-        if options.preconditioner == .diagonal, let d = diagonal, let m = minvNext {
+        if options.preconditioner == .diagonal, hasDiagonal, let m = minvNext {
             Self.gather(d, layout, into: m.base)
             K.diagonalInverse(m.base, shift: shift, exponent: options.diagonalExponent, count: n)
         }
