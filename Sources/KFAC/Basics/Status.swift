@@ -18,8 +18,8 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
     case noInverses = -21
     case layersFrozen = -22
     case noStep = -23
-    case noColumns = -25
     case noSolve = -24
+    case noColumns = -25
 
     case nonFinite = -30
     case notPositiveDefinite = -31

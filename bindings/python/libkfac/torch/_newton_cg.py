@@ -112,8 +112,10 @@ class NewtonCG:
             the CG options (:class:`libkfac.newton_cg.NewtonCG`).
         l2: η; ``½η‖θ‖²`` is added to the loss and η to the curvature.
         line_search: Armijo backtracking on α (otherwise α = 1).
-        curvature_product: ``f(vectors) -> products`` (lists of tensors shaped like the
-            parameters) replacing the ``torch.func`` Gauss-Newton product.
+        curvature_product: ``f(vectors) -> products`` (lists of tensors shaped like
+            :attr:`parameters`, in that order) replacing the ``torch.func`` Gauss-Newton product,
+            e.g. ``ColumnRecorder(model, ...).curvature_product`` after ``record`` on the
+            curvature batch.
     """
 
     def __init__(self, model: torch.nn.Module, *, preconditioner=None, damping: float = 1.0,
@@ -172,6 +174,13 @@ class NewtonCG:
         self._cg = _NumpyNewtonCG(self._owner, preconditioner=kind, stop_rule=stop_rule, tolerance=tolerance,
                                   max_iterations=max_iterations, warm_start=warm_start,
                                   warm_start_decay=warm_start_decay, diagonal_exponent=diagonal_exponent, l2=l2)
+
+    @property
+    def parameters(self) -> List[torch.Tensor]:
+        """The trained parameters in the solver's order: the model's trainable parameters, or with
+        a KFACPreconditioner its layers' weights and biases (the order ``curvature_product``
+        receives and returns; ``libkfac.torch.ColumnRecorder.curvature_product`` accepts both)."""
+        return list(self._params)
 
     @property
     def damping(self) -> float:
