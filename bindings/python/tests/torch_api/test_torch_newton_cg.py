@@ -150,3 +150,20 @@ def test_kfac_preconditioner_must_cover_every_parameter():
     kp = KFACPreconditioner(model, dtype=torch.float64)
     with pytest.raises(ValueError, match="1.weight"):
         NewtonCG(model, preconditioner=kp)
+
+
+def test_stored_columns_plug_into_curvature_product():
+    """The other product source: libkfac.torch.ColumnRecorder's stored-column G·v as
+    ``curvature_product`` gives the same Newton step as the torch.func product."""
+    from libkfac.torch import ColumnRecorder
+
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    r1 = NewtonCG(m1, tolerance=1e-10, line_search=False).step(x, y, F.cross_entropy)
+    recorder = ColumnRecorder(m2, "categorical")
+    recorder.record(x)
+    r2 = NewtonCG(m2, tolerance=1e-10, line_search=False, curvature_product=recorder.curvature_product).step(
+        x, y, F.cross_entropy)
+    assert r1.cg.iterations == r2.cg.iterations
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, rtol=1e-8, atol=1e-10)
