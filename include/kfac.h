@@ -1130,9 +1130,10 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
  * counted apart from kfac_adaptive_report_loss_change's, and the two modes' models do not mix.
  * The caller's loss and gradient include η's term ½η‖θ‖² (the library adds nothing to g).
  *
- * State and errors. One solve per handle; a begin replaces an open solve. The solver keeps about
- * nine parameter-sized vectors (eleven with DIAGONAL), allocated at begin; after a first solve
- * of the same size, get_vector / supply_product / finish allocate nothing. Every call is atomic:
+ * State and errors. One solve per handle; a begin replaces an open solve. The solver keeps
+ * nine parameter-sized vectors (eleven with DIAGONAL, one more once kfac_cg_solve_* was used),
+ * allocated at begin; after a first solve of the same size, get_vector / supply_product / finish
+ * allocate nothing. Every call is atomic:
  * on error the solve and the handle are as before. A product with NaN or Inf is refused with
  * KFAC_ERROR_NON_FINITE and may be supplied again. Calls out of order give KFAC_ERROR_NO_SOLVE.
  * Adding a layer during a solve makes the next solver call fail with INVALID_SIZE (begin

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -222,7 +223,12 @@ class NewtonCG:
         def forward(*values):
             return functional_call(self.model, dict(zip(self._names, values)), args)
 
-        out, jvp_fn = linearize(forward, *primals)
+        with warnings.catch_warnings():
+            # torch.func.linearize's graph constant folding warns about PyTorch internals (and
+            # its forward-AD decompositions about torch.jit.script), not about this code.
+            warnings.filterwarnings("ignore", message=r".*get_attr Node with no underlying reference.*")
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            out, jvp_fn = linearize(forward, *primals)
         _, vjp_fn = vjp(forward, *primals)
         out = out.detach()
         loss_grad = grad(lambda o: loss_fn(o, targets))
