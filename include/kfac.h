@@ -84,6 +84,9 @@
  *       U = Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ  =  (A ⊗ G + λ I)⁻¹ vec(V).
  *     Negative eigenvalues from rounding are clamped to 0. λ is applied when preconditioning,
  *     so a new λ takes effect at the next step.
+ *   KFAC_INVERSE_EKFAC (experimental, see "EKFAC") — the eigen strategy's bases with a scaling S
+ *     re-estimated from per-example gradients in place of d_G d_Aᵀ:
+ *       U = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + λ)] Q_Aᵀ.
  *
  * KL clipping (KFAC_PARAM_KL_CLIP = κ > 0, η = KFAC_PARAM_LEARNING_RATE): after preconditioning
  * every layer, all directions are multiplied by
@@ -187,7 +190,8 @@
  * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
  * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
- * (Gauss-Newton products) and kfac_cg_* (conjugate gradient and Newton-CG). A
+ * (Gauss-Newton products), kfac_cg_* (conjugate gradient and Newton-CG) and EKFAC's per-layer
+ * kfac_layer_record_examples_* and kfac_layer_get_ekfac_scaling_*. A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -380,6 +384,20 @@ typedef enum kfac_param {
      * is used only while OpenBLAS runs single-threaded (OPENBLAS_NUM_THREADS=1 or
      * openblas_set_num_threads(1)); otherwise every inversion uses OpenBLAS's own threads. */
     KFAC_PARAM_NUM_THREADS = 11,
+    /* int, 0 or 1, default 0 = off. Spread the inversions of a period over its steps (with
+     * Ti = KFAC_PARAM_INVERSE_UPDATE_PERIOD > 1): each block (a layer, or one convolution group)
+     * gets a phase s in [0, min(Ti, blocks)) and is re-inverted at the steps with k mod Ti = s,
+     * from the factors as folded by that step, instead of every block at k mod Ti = 0. Phases
+     * are fixed by the blocks' shapes and Ti alone: longest processing time first (blocks in
+     * decreasing Σ d³ over their factors' diagonal blocks, ties by layer order, each to the
+     * phase with the least work so far), so no step inverts more than about 1/Ti of the work
+     * unless one block alone is more. Staleness: as without spreading, a block's inverse is at
+     * most Ti − 1 steps (one period) old, but the blocks' inverses come from different steps'
+     * factors. A block without an inverse for the strategy is still inverted at any step; with
+     * the Cholesky strategy each block bakes in the λ (or γ) and π of its own inversion step,
+     * and a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) inverts every block as before. A step
+     * that fails changes no inverse; kfac_optimizer_update_inverses inverts every block. */
+    KFAC_PARAM_INVERSE_SPREAD = 12,
 
     /* ---- adaptive mode (200–299), see "Adaptive mode" ---- */
     /* int, [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
@@ -399,12 +417,44 @@ typedef enum kfac_param {
     /* double, (0, 1), default 0.95. ω₂'s base: the factor-damping candidates of a γ step are
      * γ, γ·ω₂ and γ/ω₂ with ω₂ = base^T₂ (M&G's √(19/20)^T₂ on their γ, which is the square
      * root of this library's γ). */
-    KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
+    KFAC_PARAM_FACTOR_DAMPING_DECAY = 204,
+    /* Safeguards of the adaptive mode. Without them, M&G's settings (λ0 = γ0 = 150, T₁ = 5,
+     * T₂ = T₃ = 20) let λ fall by ω₁^T₁ at every adjustment while ρ ≈ 1 (α and μ come from the
+     * exact-Fisher model, so ρ stays near 1 once λ no longer matters to it): λ reached 6.5e-12
+     * in 600 steps, where it takes some 500 steps to recover. And γ, re-chosen by the model
+     * value, drifted away from λ with nothing to bring it back: up to 10^4–10^11 (α growing as
+     * γ, the directions shrinking as 1/γ) while λ fell, 10^5–10^7 times λ (issue 14;
+     * benchmarks/training/README.md, findings). */
+    /* double, [0, ∞), default 1e-8. λ_min: the Levenberg–Marquardt adjustment never decreases λ
+     * below it (a λ set below it is not raised; kfac-jax's min_damping has the same default).
+     * Keeps λ within reach: from 1e-8 back to 1 takes about 360 steps at ω₁ = 0.95, T₁ = 5.
+     * 0 = no floor. */
+    KFAC_PARAM_DAMPING_MIN = 205,
+    /* double, [1, ∞), default 10. r: the re-choice of γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
+     * keeps γ within a factor r of λ: a γ step first brings γ into [λ/r, λ·r] (the step uses,
+     * and keeps, that value) and drops a candidate γ·ω₂ or γ/ω₂ outside it (as a failed one,
+     * see "Re-choosing γ"). M&G start from γ = λ (γ0 = √(λ0 + η) in their notation); the band
+     * lets γ follow λ as the Levenberg–Marquardt rule moves it, with room for about two
+     * re-choices either way at ω₂ = 0.95^20. The default was chosen with M&G's values on four
+     * of the convergence benchmark's settings (r = 10 against 100, 1000 and no band: lowest
+     * loss, and the loss targets soonest, on each; see CHANGES.md). Steps that are not γ
+     * steps, and a γ set by the caller between them, are not changed; 1e300 turns the band
+     * off. */
+    KFAC_PARAM_FACTOR_DAMPING_RATIO = 206,
+
+    /* ---- EKFAC (400–499), see "EKFAC" in the experimental section ---- */
+    /* double, [0, 1), default 0.95. β_S of the moving average of EKFAC's scaling S between
+     * eigenbasis refreshes (the factors' default; the EKFAC authors use 0.75). */
+    KFAC_PARAM_EKFAC_DECAY = 400,
+    /* int, kfac_ekfac_mode, default KFAC_EKFAC_PER_EXAMPLE (0). How kfac_layer_record_examples_*
+     * forms per-example gradients: 0 exact (an example's rows or positions summed), 1 per row. */
+    KFAC_PARAM_EKFAC_MODE = 401
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
     KFAC_INVERSE_CHOLESKY = 0,
-    KFAC_INVERSE_EIGEN = 1
+    KFAC_INVERSE_EIGEN = 1,
+    KFAC_INVERSE_EKFAC = 2    /* experimental, see "EKFAC" */
 } kfac_inverse_strategy;
 
 typedef enum kfac_reduction {
@@ -698,11 +748,11 @@ KFAC_API int kfac_optimizer_get_kl_scale(const kfac_optimizer *opt, double *scal
  * every factor is inverted from the current factors for each of the three γ, candidate 0's
  * inverses are committed by the step and the kept candidate's become the current ones at the
  * solve (make T₂ a multiple of the inverse period to share the work). A candidate whose γ is 0
- * or not finite (decay^T₂ underflows), whose factor is not positive definite or whose directions
- * are not finite is dropped, and the later ones move down an index:
- * kfac_candidates_get_directions_* reports each candidate's γ. The plain
- * kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ. Candidates
- * are not saved in states.
+ * or not finite (decay^T₂ underflows) or outside [λ/r, λ·r] (KFAC_PARAM_FACTOR_DAMPING_RATIO),
+ * whose factor is not positive definite or whose directions are not finite is dropped, and the
+ * later ones move down an index: kfac_candidates_get_directions_* reports each candidate's γ.
+ * The plain kfac_adaptive_solve_step_size_* on a γ step solves for candidate 0 only and keeps γ.
+ * Candidates are not saved in states.
  *
  * Output distributions (outputs: one row of output_dim values per example):
  *   KFAC_DIST_CATEGORICAL — logits of a softmax (cross-entropy); Fisher diag(p) − p pᵀ;
@@ -776,19 +826,21 @@ KFAC_API int kfac_sample_output_grads_f64(const double *outputs, int64_t rows, i
 
 /* ---------------------------------------------------------------------------------------------
  * State: save and restore everything (parameters, counters, running factors, pending
- * statistics, inverses, the adaptive mode's previous update, pending prediction and counters),
- * so that a resumed run produces bit-identical directions. Directions awaiting
+ * statistics (paired rows too), inverses, the adaptive mode's previous update, pending prediction
+ * and counters), so that a resumed run produces bit-identical directions. Directions awaiting
  * kfac_adaptive_solve_step_size_* are not saved: after loading, the next solve needs a new step.
  *
  * Image format (version 5 since 0.2; Sources/KFAC/State/StateImage.swift has the layout):
  * magic "KFACSTAT", format version, precision, size; then one section per owner — the
  * parameters (as (id, value) pairs), the optimizer's counters, the estimator's layer
- * descriptions, factors and inverses (each inverse representation writing its own part), the
- * adaptive mode's state — then a 64-bit checksum of everything before it. Little-endian. Loading
- * checks magic, version, size, checksum, precision and that the layers match the handle's (same
- * count, kinds and sizes); parameters in the image replace the handle's (a parameter the image
- * does not have takes its default; one this library does not know gives STATE_VERSION). Images
- * of 0.1 (format 4) are refused with STATE_VERSION.
+ * descriptions, factors and inverses (each inverse representation writing its own part: EKFAC's
+ * holds its bases and S), the adaptive mode's state, EKFAC's pending per-example gradients (with
+ * that strategy only) — then
+ * a 64-bit checksum of everything before it. Little-endian. Loading checks magic, version, size,
+ * checksum, precision and that the layers match the handle's (same count, kinds and sizes);
+ * parameters in the image replace the handle's (a parameter the image does not have takes its
+ * default; one this library does not know gives STATE_VERSION). Images of 0.1 (format 4) are
+ * refused with STATE_VERSION.
  * ------------------------------------------------------------------------------------------- */
 
 /** Number of bytes kfac_state_save needs now, in *size. Errors: NULL_POINTER. */
@@ -872,6 +924,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *  (KFAC_PARAM_FACTOR_DAMPING if > 0, else KFAC_PARAM_DAMPING):
  *     KFAC_INVERSE_EIGEN:    A ⊗ G + λ I
  *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
+ *     KFAC_INVERSE_EKFAC:    Ũ diag(vec S + λ) Ũᵀ, Ũ = Q_A ⊗ Q_G   (see "EKFAC"; both powers
+ *                            use the current inverses, so +1 too gives NO_INVERSES without them)
  *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
  *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
  *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
@@ -1272,6 +1326,87 @@ KFAC_API int kfac_cg_solve_f64(kfac_optimizer *opt, const kfac_cg_desc *desc, co
                                const double *const *grad_b, const double *const *diag_w, const double *const *diag_b,
                                kfac_cg_product_fn_f64 product, void *user, double *const *step_w,
                                double *const *step_b, int32_t n_layers, kfac_cg_result *result);
+
+/* ---------------------------------------------------------------------------------------------
+ * EKFAC (George, Laurent, Bouthillier, Ballas & Vincent 2018), Since 0.2.
+ *
+ * Strategy KFAC_INVERSE_EKFAC keeps, per group of every layer, the eigenbases Q_A, Q_G of the
+ * factors exactly as KFAC_INVERSE_EIGEN computes them (at the same inverse updates) and a
+ * scaling S of out × in(+1) values (a group's dimensions) that replaces d_G d_Aᵀ:
+ *     U = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + λ)] Q_Aᵀ  =  (Ũ diag(vec S) Ũᵀ + λ I)⁻¹ vec(V),  Ũ = Q_A ⊗ Q_G,
+ * λ the eigen strategy's (KFAC_PARAM_FACTOR_DAMPING if > 0, else KFAC_PARAM_DAMPING), applied
+ * when preconditioning (γ candidates and the adaptive mode work as with the eigen strategy).
+ *
+ * The statistic. S is the second moment of per-example gradients G_n (out × in(+1), the bias
+ * column last) in the Kronecker eigenbasis, S = E[(Q_Gᵀ G_n Q_A)^∘2] (∘2: entrywise square);
+ * for a fixed basis it is the diagonal of Ũᵀ F Ũ, F = E[vec G_n vec G_nᵀ] the empirical Fisher of
+ * the per-example gradients, and so the best diagonal in that basis in Frobenius norm (never
+ * farther from F than A ⊗ G computed from the same rows). Per-example gradients need inputs and
+ * output gradients of the same rows: record them with kfac_layer_record_examples_* (instead of
+ * kfac_layer_record_inputs_* and kfac_layer_record_output_grads_*). With the rows of all such
+ * calls since S was last updated (output gradients scaled as "Gradients" says):
+ *   dense, an example = T consecutive rows (T = rows_per_example; T = 1 for plain batches):
+ *     G_n = Σ_t g_{n,t} ā_{n,t}ᵀ,      S_batch = (1/R) Σ_n (Q_Gᵀ G_n Q_A)^∘2,   R = N·T rows;
+ *   convolution (KFC's |T| split, positions t of an example, ā the patch [c][i][j] then 1):
+ *     G_n = Σ_t g_{n,t} ā_{n,t}ᵀ,      S_batch = (1/N) Σ_n (Q_Γᵀ G_n Q_Ω)^∘2     (SUA: Q_Ω of I ⊗ C);
+ *   so that S_batch → d_G d_Aᵀ when an example's rows are uncorrelated.
+ * KFAC_PARAM_EKFAC_MODE = KFAC_EKFAC_PER_ROW treats every row (position) as its own example:
+ * the same formulas with G_n replaced by each g_t ā_tᵀ (cross terms dropped; one gemm per
+ * update instead of one per example). With T = 1 (|T| = 1) the two modes are identical.
+ *
+ * Schedule (per group). Per-example gradients are kept (only while the strategy is
+ * KFAC_INVERSE_EKFAC: changing it discards them) until used, in the precision of the handle and
+ * in checkpoints:
+ *   - when the eigenbases are recomputed (an inverse-update step, kfac_optimizer_update_inverses,
+ *     or the first step), S = S_batch in the new bases if per-example gradients are pending,
+ *     else S = d_G d_Aᵀ of the new factors (the authors' reset); the pending ones are used up;
+ *   - at any other factor update with per-example gradients pending (a factor-update step, or
+ *     kfac_optimizer_update_factors once bases exist): S ← β_S S + (1 − β_S) S_batch in the
+ *     current bases, β_S = KFAC_PARAM_EKFAC_DECAY;
+ *   - every factor update then discards what is pending (the bases follow the inverse period,
+ *     S the factor-update period).
+ * Without paired recording S stays d_G d_Aᵀ and EKFAC is the eigen strategy.
+ *
+ * Use. Set the strategy before recording (rows recorded under another strategy add to A and G
+ * only), and call kfac_layer_record_examples_* for a layer instead of — not besides — the two
+ * unpaired calls. The γ candidates ("Re-choosing γ") and the adaptive mode work as with the eigen
+ * strategy (λ is applied when preconditioning, no re-inversion per candidate). Cost: pending
+ * per-example gradients are kept as their rows (rows·(in + 1 + out) values; an example of T rows
+ * as a matrix instead, out·(in+1) values, when T·(out² + (in+1)²) > out·(in+1)·(out + in + 1),
+ * e.g. convolutions with many positions); each factor update then rotates them into the bases
+ * (two block products per row or per matrix) and, for examples of several rows, forms each
+ * example's rotated gradient (one out × T × (in+1) gemm). The per-row mode's single gemm is
+ * cheaper for sequences, not for convolutions whose positions outnumber the channels.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_ekfac_mode {
+    KFAC_EKFAC_PER_EXAMPLE = 0,   /* exact: an example's rows summed before squaring */
+    KFAC_EKFAC_PER_ROW = 1        /* every row or position an example of its own */
+} kfac_ekfac_mode;
+
+/** Since 0.2. Records `rows` rows of inputs and the output gradients of the same rows of layer
+ *  `layer`, in the layouts (and with the reduction and scale) of kfac_layer_record_inputs_* and
+ *  kfac_layer_record_output_grads_*: it adds exactly what those two calls add to A and G, and,
+ *  while the strategy is KFAC_INVERSE_EKFAC, keeps the per-example gradients S is estimated
+ *  from (see "EKFAC"). Dense layers: an example is `rows_per_example` consecutive rows (a
+ *  sequence of T tokens; rows must be a multiple of it). Convolutions: an example is a row
+ *  (its positions come from the geometry) and rows_per_example must be 1.
+ *  Errors: those of kfac_layer_record_inputs_*, INVALID_SIZE (rows_per_example < 1 or not
+ *  dividing rows; not 1 for a convolution), NON_FINITE (also when the per-example gradients'
+ *  second moments could overflow). On error nothing is recorded. */
+KFAC_API int kfac_layer_record_examples_f32(kfac_optimizer *opt, int32_t layer, const float *inputs,
+                                            const float *output_grads, int64_t rows, int64_t rows_per_example);
+KFAC_API int kfac_layer_record_examples_f64(kfac_optimizer *opt, int32_t layer, const double *inputs,
+                                            const double *output_grads, int64_t rows, int64_t rows_per_example);
+
+/** Since 0.2. Copies EKFAC's current scaling S of group `group` of layer `layer` into
+ *  scaling[g_dim][a_dim] (row-major; kfac_layer_info's dimensions): S[i][j] belongs to the i-th
+ *  eigenvector of G and the j-th of A, eigenvalues ascending (LAPACK syevd's order; block by
+ *  block for grouped and SUA factors). Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_ARGUMENT
+ *  (group), DTYPE_MISMATCH, NO_INVERSES (the layer has no EKFAC inverse: the strategy is another
+ *  one, or no inverse update happened yet). Changes nothing in the handle. */
+KFAC_API int kfac_layer_get_ekfac_scaling_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *scaling);
+KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *scaling);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 

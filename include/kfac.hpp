@@ -704,6 +704,30 @@ public:
                                 step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_solve_f64");
         return r;
     }
+
+    /* ---- Experimental: EKFAC ---- */
+
+    /** kfac_layer_record_examples_f32 / _f64: paired inputs and output gradients of the same rows. */
+    template <class T>
+    void layer_record_examples(int32_t layer, const T *inputs, const T *output_grads, int64_t rows,
+                               int64_t rows_per_example = 1) {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_record_examples_f32(handle_, layer, inputs, output_grads, rows, rows_per_example),
+                  "kfac_layer_record_examples_f32");
+        else
+            check(kfac_layer_record_examples_f64(handle_, layer, inputs, output_grads, rows, rows_per_example),
+                  "kfac_layer_record_examples_f64");
+    }
+    /** kfac_layer_get_ekfac_scaling_f32 / _f64: S of one group, [g_dim][a_dim]. */
+    template <class T>
+    void layer_get_ekfac_scaling(int32_t layer, int32_t group, T *scaling) const {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_get_ekfac_scaling_f32(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f32");
+        else
+            check(kfac_layer_get_ekfac_scaling_f64(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f64");
+    }
 #endif /* KFAC_EXPERIMENTAL_API */
 
 private:

@@ -359,5 +359,8 @@ void test_curvature_multiply(void);
 void test_gauss_newton(void);
 /* test_cg.c: conjugate gradient and Newton-CG (experimental kfac_cg_*). */
 void test_cg(void);
+/* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */
+void test_ekfac_numerics(void);
+void test_ekfac_errors(int dtype);
 
 #endif /* KFAC_CAPI_HARNESS_H */

@@ -11,8 +11,8 @@
  * symbols, NULL handles, the parameter table), test_errors.c (error paths on twin handles),
  * test_layers.c (dense and convolution descriptors, layer info), test_optimizer.c (call order,
  * schedule, concurrency), test_numerics.c, test_state.c, test_adaptive.c (adaptive mode and
- * samplers), test_candidates.c and test_curvature.c (the experimental section, compiled with
- * KFAC_EXPERIMENTAL_API).
+ * samplers), test_candidates.c, test_curvature.c and test_ekfac.c (the experimental section,
+ * compiled with KFAC_EXPERIMENTAL_API).
  *
  * What is checked:
  *   1. Global functions: versions, status strings, NULL handles for every entry point.
@@ -145,6 +145,9 @@ int main(void) {
     test_curvature_multiply();
     test_gauss_newton();
     test_cg();
+    test_ekfac_numerics();
+    test_ekfac_errors(KFAC_FLOAT32);
+    test_ekfac_errors(KFAC_FLOAT64);
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);

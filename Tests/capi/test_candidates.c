@@ -302,6 +302,8 @@ void test_candidate_errors(int dtype) {
         REQUIRE_OK(t.h[i], kfac_param_set_int(t.h[i], KFAC_PARAM_FACTOR_DAMPING_PERIOD, 2));
         REQUIRE_OK(t.h[i], kfac_param_set_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING_DECAY, base));
         REQUIRE_OK(t.h[i], kfac_param_set_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING, gamma0));
+        /* γ = 10 λ and beyond: no band (KFAC_PARAM_FACTOR_DAMPING_RATIO is tested elsewhere). */
+        REQUIRE_OK(t.h[i], kfac_param_set_double(t.h[i], KFAC_PARAM_FACTOR_DAMPING_RATIO, 1e300));
     }
 
     /* Before any step: no candidates, nothing to solve or get. */
@@ -754,6 +756,7 @@ static int candidate_run(const candidate_run_t *run) {
     REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DAMPING, run->gamma0));
     REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DAMPING_DECAY, run->decay));
     REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_FACTOR_DAMPING_PERIOD, run->period));
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_FACTOR_DAMPING_RATIO, 1e300)); /* no band here */
     REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, run->kappa));
     REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, run->strategy));
     REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_UPDATE_PERIOD,

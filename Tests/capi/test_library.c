@@ -297,12 +297,14 @@ static const param_row_t PARAM_TABLE[] = {
     {KFAC_PARAM_INVERSE_UPDATE_PERIOD, "inverse_update_period", KFAC_PARAM_TYPE_INT,
      KFAC_FAMILY_CORE, 0.0, INT31_MAX, 1, 1, 10.0},
     {KFAC_PARAM_INVERSE_STRATEGY, "inverse_strategy", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0,
-     1.0, 1, 1, KFAC_INVERSE_EIGEN},
+     2.0, 1, 1, KFAC_INVERSE_EIGEN},
     {KFAC_PARAM_PI_DAMPING, "pi_damping", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 1.0, 1, 1,
      1.0},
     {KFAC_PARAM_LOSS_REDUCTION, "loss_reduction", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 1.0,
      1, 1, KFAC_REDUCTION_SUM},
     {KFAC_PARAM_NUM_THREADS, "num_threads", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 256.0, 1,
+     1, 0.0},
+    {KFAC_PARAM_INVERSE_SPREAD, "inverse_spread", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 1.0, 1,
      1, 0.0},
     {KFAC_PARAM_LM_INTERVAL, "lm_interval", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_ADAPTIVE, 0.0,
      INT31_MAX, 1, 1, 0.0},
@@ -314,6 +316,14 @@ static const param_row_t PARAM_TABLE[] = {
      KFAC_FAMILY_ADAPTIVE, 0.0, INT31_MAX, 1, 1, 0.0},
     {KFAC_PARAM_FACTOR_DAMPING_DECAY, "factor_damping_decay", KFAC_PARAM_TYPE_DOUBLE,
      KFAC_FAMILY_ADAPTIVE, 0.0, 1.0, 0, 0, 0.95},
+    {KFAC_PARAM_DAMPING_MIN, "damping_min", KFAC_PARAM_TYPE_DOUBLE, KFAC_FAMILY_ADAPTIVE, 0.0,
+     HUGE_VAL, 1, 0, 1e-8},
+    {KFAC_PARAM_FACTOR_DAMPING_RATIO, "factor_damping_ratio", KFAC_PARAM_TYPE_DOUBLE,
+     KFAC_FAMILY_ADAPTIVE, 1.0, HUGE_VAL, 1, 0, 10.0},
+    {KFAC_PARAM_EKFAC_DECAY, "ekfac_decay", KFAC_PARAM_TYPE_DOUBLE, KFAC_FAMILY_EKFAC, 0.0, 1.0, 1,
+     0, 0.95},
+    {KFAC_PARAM_EKFAC_MODE, "ekfac_mode", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_EKFAC, 0.0, 1.0, 1, 1,
+     0.0},
 };
 enum { N_PARAMS = sizeof PARAM_TABLE / sizeof PARAM_TABLE[0] };
 
@@ -441,7 +451,7 @@ void test_param_table(void) {
           status_name(st));
 
     /* Unknown ids, NULL. */
-    const int32_t unknown[] = {0, 12, 99, 100, 199, 205, 299, 300, 400, 500, 600, 1000, -1,
+    const int32_t unknown[] = {0, 13, 99, 100, 199, 207, 299, 300, 402, 500, 600, 1000, -1,
                                INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         kfac_param_info info;
@@ -623,7 +633,9 @@ void test_params_and_info(void) {
                 {KFAC_PARAM_OUTPUT_GRAD_SCALE, 1.0},
                 {KFAC_PARAM_LM_DECAY, 0.95},
                 {KFAC_PARAM_FACTOR_DAMPING, 0.0},
-                {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.95}};
+                {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.95},
+                {KFAC_PARAM_DAMPING_MIN, 1e-8},
+                {KFAC_PARAM_FACTOR_DAMPING_RATIO, 10.0}};
     for (size_t i = 0; i < sizeof ddef / sizeof ddef[0]; i++) {
         double v = -1;
         int st = kfac_param_get_double(h, ddef[i].param, &v);
@@ -636,7 +648,8 @@ void test_params_and_info(void) {
     } idef[] = {{KFAC_PARAM_FACTOR_UPDATE_PERIOD, 1}, {KFAC_PARAM_INVERSE_UPDATE_PERIOD, 10},
                 {KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN}, {KFAC_PARAM_PI_DAMPING, 1},
                 {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_SUM}, {KFAC_PARAM_NUM_THREADS, 0},
-                {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}};
+                {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0},
+                {KFAC_PARAM_INVERSE_SPREAD, 0}};
     for (size_t i = 0; i < sizeof idef / sizeof idef[0]; i++) {
         int64_t v = -1;
         int st = kfac_param_get_int(h, idef[i].param, &v);
@@ -655,7 +668,9 @@ void test_params_and_info(void) {
                {KFAC_PARAM_FACTOR_DAMPING, 1e-300}, {KFAC_PARAM_FACTOR_DAMPING, 1e300},
                {KFAC_PARAM_FACTOR_DAMPING, 0.0}, {KFAC_PARAM_FACTOR_DAMPING_DECAY, 1e-300},
                {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.9999999999},
-               {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.5}};
+               {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.5}, {KFAC_PARAM_DAMPING_MIN, 0.0},
+               {KFAC_PARAM_DAMPING_MIN, 1e300}, {KFAC_PARAM_FACTOR_DAMPING_RATIO, 1.0},
+               {KFAC_PARAM_FACTOR_DAMPING_RATIO, 1e300}};
     for (size_t i = 0; i < sizeof dok / sizeof dok[0]; i++) {
         double v = -1;
         int st = bad_call(h, kfac_param_set_double(h, dok[i].param, dok[i].value));
@@ -674,7 +689,8 @@ void test_params_and_info(void) {
                {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_LM_INTERVAL, 1},
                {KFAC_PARAM_LM_INTERVAL, INT32_MAX}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 1},
                {KFAC_PARAM_FACTOR_DAMPING_PERIOD, INT32_MAX},
-               {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}};
+               {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}, {KFAC_PARAM_INVERSE_SPREAD, 1},
+               {KFAC_PARAM_INVERSE_SPREAD, 0}};
     for (size_t i = 0; i < sizeof iok / sizeof iok[0]; i++) {
         int64_t v = -1;
         int st = bad_call(h, kfac_param_set_int(h, iok[i].param, iok[i].value));
@@ -704,10 +720,10 @@ void errors_params(twins_t *tp) {
     int64_t iv = -123;
     section(dt == KFAC_FLOAT32 ? "float32 handle: parameters" : "float64 handle: parameters");
 
-    /* 12 and 205: the first undefined ids after the core and the adaptive band; 100, 300, 400,
-     * 500, 600: reserved bands without parameters yet; 1000: the experimental band. 9 and 108 were
-     * the 0.1 table's first undefined ids (9 is now KFAC_PARAM_PI_DAMPING: not here). */
-    const int unknown[] = {0, 12, 99, 100, 108, 199, 205, 299, 300, 400, 500, 600, -1, 1000,
+    /* 13, 207 and 402: the first undefined ids after the core, the adaptive and the EKFAC band;
+     * 100, 300, 500, 600: reserved bands without parameters yet; 1000: the experimental band. 9
+     * and 108 were the 0.1 table's first undefined ids (9 is now KFAC_PARAM_PI_DAMPING: not here). */
+    const int unknown[] = {0, 13, 99, 100, 108, 199, 207, 299, 300, 402, 499, 500, 600, -1, 1000,
                            INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_double(param %d)", unknown[i]);
@@ -723,11 +739,14 @@ void errors_params(twins_t *tp) {
 
     const int dparams[] = {KFAC_PARAM_LEARNING_RATE, KFAC_PARAM_DAMPING, KFAC_PARAM_FACTOR_DECAY,
                            KFAC_PARAM_KL_CLIP, KFAC_PARAM_OUTPUT_GRAD_SCALE, KFAC_PARAM_LM_DECAY,
-                           KFAC_PARAM_FACTOR_DAMPING, KFAC_PARAM_FACTOR_DAMPING_DECAY};
+                           KFAC_PARAM_FACTOR_DAMPING, KFAC_PARAM_FACTOR_DAMPING_DECAY,
+                           KFAC_PARAM_DAMPING_MIN, KFAC_PARAM_FACTOR_DAMPING_RATIO,
+                           KFAC_PARAM_EKFAC_DECAY};
     const int iparams[] = {KFAC_PARAM_FACTOR_UPDATE_PERIOD, KFAC_PARAM_INVERSE_UPDATE_PERIOD,
                            KFAC_PARAM_INVERSE_STRATEGY, KFAC_PARAM_PI_DAMPING,
                            KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS,
-                           KFAC_PARAM_LM_INTERVAL, KFAC_PARAM_FACTOR_DAMPING_PERIOD};
+                           KFAC_PARAM_LM_INTERVAL, KFAC_PARAM_FACTOR_DAMPING_PERIOD,
+                           KFAC_PARAM_INVERSE_SPREAD, KFAC_PARAM_EKFAC_MODE};
     for (size_t i = 0; i < sizeof dparams / sizeof dparams[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_int(double param %d)", dparams[i]);
         BAD_NO_ROUND(kfac_param_set_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);
@@ -805,7 +824,9 @@ void errors_params(twins_t *tp) {
         {KFAC_PARAM_FACTOR_UPDATE_PERIOD, -1, "factor update period -1"},
         {KFAC_PARAM_FACTOR_UPDATE_PERIOD, INT64_MIN, "factor update period INT64_MIN"},
         {KFAC_PARAM_INVERSE_UPDATE_PERIOD, -1, "inverse update period -1"},
-        {KFAC_PARAM_INVERSE_STRATEGY, 2, "inverse strategy 2"},
+        {KFAC_PARAM_INVERSE_STRATEGY, 3, "inverse strategy 3"},
+        {KFAC_PARAM_EKFAC_MODE, 2, "EKFAC mode 2"},
+        {KFAC_PARAM_EKFAC_MODE, -1, "EKFAC mode -1"},
         {KFAC_PARAM_INVERSE_STRATEGY, -1, "inverse strategy -1"},
         {KFAC_PARAM_PI_DAMPING, 2, "pi damping 2"},
         {KFAC_PARAM_PI_DAMPING, -1, "pi damping -1"},

@@ -81,6 +81,29 @@ static void test_errors() {
     float *weights[] = {w.data()};
     expect_error([&] { opt.step(weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_optimizer_step_f32");
     expect_error([&] { opt.curvature_multiply(1, weights); }, KFAC_ERROR_NO_STATISTICS, "kfac_curvature_multiply_f32");
+    std::vector<float> x4(8, 0.5f), g3(6, 0.25f), s(12, -1.0f);
+    expect_error([&] { opt.layer_record_examples(layer, x4.data(), g3.data(), 2, 3); }, KFAC_ERROR_INVALID_SIZE,
+                 "kfac_layer_record_examples_f32");
+    expect_error([&] { opt.layer_get_ekfac_scaling(layer, 0, s.data()); }, KFAC_ERROR_NO_INVERSES,
+                 "kfac_layer_get_ekfac_scaling_f32");
+    {  // EKFAC through the wrapper: paired rows, then S of out × (in + 1) non-negative values.
+        kfac::optimizer e(KFAC_FLOAT32);
+        auto d = kfac::dense_desc();
+        d.in_features = 4;
+        d.out_features = 3;
+        d.has_bias = 1;
+        e.param_set_int(KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EKFAC);
+        const int32_t id = e.layer_add_dense(d);
+        std::vector<float> xs{0.5f, -1, 2, 0.25f, 1, 0.5f, -0.5f, 1.5f}, gs{0.1f, -0.2f, 0.3f, 0.2f, 0.1f, -0.4f};
+        e.layer_record_examples(id, xs.data(), gs.data(), 2, 1);
+        e.update_factors();
+        e.update_inverses();
+        std::vector<float> scaling(15, -1.0f);
+        e.layer_get_ekfac_scaling(id, 0, scaling.data());
+        bool nonnegative = true;
+        for (float v : scaling) nonnegative = nonnegative && v >= 0;
+        CHECK(nonnegative);
+    }
     // The one check of the wrapper's own: a bias span must be empty or as long as the weights.
     float *two_biases[] = {w.data(), w.data()};
     expect_error([&] { opt.step(weights, two_biases); }, KFAC_ERROR_INVALID_SIZE, "kfac_optimizer_step_f32");

@@ -2,7 +2,8 @@
 // kernels against the sgemm rate, inversions against the bare LAPACK calls, a K-FAC training
 // step against the plain SGD step of the same model. Times are medians of repeated runs.
 //
-//     make bench        (or: swift run -c release kfac-bench [--quick])
+//     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
+//                        --ekfac-only | --no-ekfac | --cg-only | --no-cg])
 
 import AllocationCounter
 import CBLAS
@@ -72,10 +73,11 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
-let cgOnly = CommandLine.arguments.contains("--cg-only")  // section 6 alone
-let runDense = !CommandLine.arguments.contains("--conv-only") && !cgOnly
-let runConv = !CommandLine.arguments.contains("--dense-only") && !cgOnly
-let runCG = !CommandLine.arguments.contains("--conv-only")
+let cgOnly = CommandLine.arguments.contains("--cg-only")  // section 7 alone
+let ekfacOnly = CommandLine.arguments.contains("--ekfac-only")
+let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !cgOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly && !cgOnly
+let runCG = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !CommandLine.arguments.contains("--no-cg")
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
@@ -112,7 +114,7 @@ for w in runDense ? widths : [] {
     var precondition: [InverseStrategy: Double] = [:]
     var inverseRatio: [InverseStrategy: Double] = [:]
     var parallelRatio: [InverseStrategy: Double] = [:]
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         try opt.set(.inverseStrategy, Int64(strategy.rawValue))
         try opt.updateInverses()
         let t = try median(repeats: 5) { try opt.precondition(layer: 0, weight: weight, bias: bias) }
@@ -262,7 +264,7 @@ print(pad("W", 6) + pad("strategy", 10) + pad("SGD step", 11) + pad("K-FAC step"
       + pad("FLOP floor", 12) + pad("measured/floor", 16) + "allocations/step: OpenBLAS threaded / single") }
 let stepWidths = !runDense ? [] : quick ? [512] : [512, 1024, 2048]
 for w in stepWidths {
-    for strategy in InverseStrategy.allCases {
+    for strategy in [InverseStrategy.cholesky, .eigen] {
         let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
         let opt = try KFACOptimizer<Float>()
         for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
@@ -392,7 +394,7 @@ if runConv {
     var reference: [InverseStrategy: Double] = [:]
     for (name, approximation, group) in variants {
         var cells: [String] = []
-        for strategy in InverseStrategy.allCases {
+        for strategy in [InverseStrategy.cholesky, .eigen] {
             let opt = try KFACOptimizer<Float>()
             try opt.addConv2d(geometry, approximation: approximation,
                               grouping: ChannelGrouping(inputGroupSize: group, outputGroupSize: group))
@@ -415,7 +417,7 @@ if runConv {
 
 // MARK: 5. Gauss-Newton products (experimental)
 
-if (CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.contains("--no-gauss-newton")) && !cgOnly {
+if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly)) && !cgOnly {
     print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
     print("gradient (forward + backward) of the same batch")
     print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
@@ -478,7 +480,87 @@ if (CommandLine.arguments.contains("--gauss-newton") || !CommandLine.arguments.c
       costs two for the first layer and three for the others: the last column is that FLOP ratio.
     """)
 }
-// MARK: 6. Conjugate gradient: the solver's own work per iteration against one product
+
+// MARK: 6. EKFAC's extra cost per step
+
+if !CommandLine.arguments.contains("--no-ekfac") && !cgOnly {
+    print("""
+
+    EKFAC against the eigen strategy, same layers and data, float32: time of one training step's
+    library calls (record + step; factors every step, inverses every 10), as a ratio to eigen's
+    """)
+    print(pad("layers", 40) + pad("eigen", 11) + pad("EKFAC per example", 19) + "EKFAC per row")
+    struct EKFACCase { var name: String; var dense: [(Int, Int)]; var conv: Conv2dGeometry?; var rows: Int; var perExample: Int }
+    var ekfacCases: [EKFACCase] = (quick ? [512] : [512, 1024]).map {
+        EKFACCase(name: "MLP 784-\($0)-\($0)-10, batch \(batch)", dense: [(784, $0), ($0, $0), ($0, 10)], conv: nil, rows: batch, perExample: 1)
+    }
+    ekfacCases.append(EKFACCase(name: "dense 512-512, 32 sequences × 8", dense: [(512, 512)], conv: nil, rows: 256, perExample: 8))
+    ekfacCases.append(EKFACCase(name: "conv 64→64 3×3 on 16×16, batch 32", dense: [],
+                                conv: Conv2dGeometry(inChannels: 64, outChannels: 64, kernel: (3, 3), padding: (1, 1), input: (16, 16)),
+                                rows: 32, perExample: 1))
+    for c in ekfacCases {
+        var buffers: [(x: UnsafeMutablePointer<Float>, g: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>)] = []
+        func layerSizes(_ opt: KFACOptimizer<Float>) throws {
+            for (i, o) in c.dense { try opt.addDense(inFeatures: i, outFeatures: o, hasBias: true) }
+            if let g = c.conv { try opt.addConv2d(g) }
+        }
+        let probe = try KFACOptimizer<Float>()
+        try layerSizes(probe)
+        for l in 0..<probe.layerCount {
+            let d = try probe.layerInfo(l).layer
+            let xCount = c.conv != nil ? c.rows * d.inFeatures * 16 * 16 : c.rows * d.inFeatures
+            let gCount = c.conv != nil ? c.rows * d.outFeatures * 16 * 16 : c.rows * d.outFeatures
+            let wCount = c.conv != nil ? d.outFeatures * (d.inputFactorDimension - 1) : d.inFeatures * d.outFeatures
+            buffers.append((randomBuffer(xCount, seed: UInt64(40 + l)), randomBuffer(gCount, seed: UInt64(50 + l)),
+                            randomBuffer(wCount, seed: 0), randomBuffer(d.outFeatures, seed: 0)))
+        }
+        defer { for b in buffers { b.x.deallocate(); b.g.deallocate(); b.w.deallocate(); b.b.deallocate() } }
+        // The three optimizers run in turns (5 rounds of 10 steps each, after a warm-up round),
+        // so that a load change on the machine hits them alike; medians per optimizer.
+        let variants = [(InverseStrategy.eigen, EKFACMode.perExample), (.ekfac, .perExample), (.ekfac, .perRow)]
+        var optimizers: [KFACOptimizer<Float>] = []
+        for (strategy, mode) in variants {
+            let opt = try KFACOptimizer<Float>()
+            try layerSizes(opt)
+            var p = opt.parameters
+            p.inverseStrategy = strategy; p.ekfacMode = mode; p.inverseUpdatePeriod = 10; p.damping = 0.01
+            try opt.setParameters(p)
+            optimizers.append(opt)
+        }
+        func run(_ opt: KFACOptimizer<Float>) throws {
+            for _ in 0..<10 {
+                for l in 0..<opt.layerCount {
+                    if opt.parameters.inverseStrategy == .ekfac {
+                        try opt.recordExamples(layer: l, inputs: buffers[l].x, outputGradients: buffers[l].g, rows: c.rows,
+                                               rowsPerExample: c.perExample)
+                    } else {
+                        try opt.recordInputs(layer: l, buffers[l].x, rows: c.rows)
+                        try opt.recordOutputGradients(layer: l, buffers[l].g, rows: c.rows)
+                    }
+                }
+                try opt.step { l in ParameterGradient(weight: buffers[l].w, bias: buffers[l].b) }
+            }
+        }
+        for opt in optimizers { try run(opt) }
+        var samples = [[Double]](repeating: [], count: optimizers.count)
+        for _ in 0..<5 {
+            for (k, opt) in optimizers.enumerated() {
+                let t = now()
+                try run(opt)
+                samples[k].append((now() - t) / 10)
+            }
+        }
+        let times = samples.map { $0.sorted()[$0.count / 2] }
+        print(pad(c.name, 40) + pad("\(f(times[0] * 1e3)) ms", 11) + pad("\(f(times[1] / times[0]))×", 19) + "\(f(times[2] / times[0]))×")
+    }
+    print("""
+      EKFAC records the rows paired (kept until the step) and re-estimates S at every factor update
+      in the current bases: rotations of all rows (dense, per-row) or of every per-example gradient
+      (sequences, convolutions: one o×|T|×a gemm to form it, two block products to rotate it).
+    """)
+}
+
+// MARK: 7. Conjugate gradient: the solver's own work per iteration against one product
 
 /// G·v = (1/rows) Σ Jᵀ (diag(p) − ppᵀ) J v of a 784-W-W-10 tanh MLP at the activations of its
 /// last forward pass: R-op forward, the softmax Hessian, backward (the product a Newton-CG

@@ -49,7 +49,8 @@ extension KFACOptimizer {
     }
 
     /// On a γ step, after the commit: the directions for γ·ω₂ and γ/ω₂ (inverting the factors
-    /// again when the strategy's inverses hold their damping). A candidate that fails (a factor
+    /// again when the strategy's inverses hold their damping), those within [λ/r, λ·r]
+    /// (`factorDampingRatio`) only. A candidate that fails (a factor
     /// not positive definite, directions not finite) is left out; nothing here changes the
     /// committed state.
     func prepareDampingCandidates() {
@@ -63,7 +64,7 @@ extension KFACOptimizer {
         for raw in CandidateSlot.larger.rawValue...CandidateSlot.smaller.rawValue {
             let slot = CandidateSlot(rawValue: raw)!
             let damping = slot == .larger ? gamma * omega : gamma / omega
-            guard damping > 0 && damping.isFinite else { continue }
+            guard damping > 0 && damping.isFinite && p.factorDampingInBand(damping) else { continue }
             if baked {
                 do {
                     try estimator.stageInverses(foldingPending: false, into: .inverses(candidates.inverses(slot)),
@@ -241,8 +242,8 @@ extension KFACOptimizer {
     }
 
     /// Reports the mean loss before and after the update of the last `solveStepSize`: returns
-    /// ρ = (after − before) / M(δ) and, every `lmInterval` reports, adjusts λ (ρ > 3/4: λ·ω;
-    /// ρ < 1/4: λ/ω; ω = lmDecay^lmInterval).
+    /// ρ = (after − before) / M(δ) and, every `lmInterval` reports, adjusts λ (ρ > 3/4: λ·ω, but
+    /// not below `dampingMin` (nor below λ if λ already is); ρ < 1/4: λ/ω; ω = lmDecay^lmInterval).
     @discardableResult
     public func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double {
         guard let predicted = adaptive.predictedChange else {
@@ -268,7 +269,9 @@ extension KFACOptimizer {
         guard t > 0 && reports % t == 0 && !rho.isNaN else { return }
         let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
         var p = parameters
-        if rho > 0.75 { p.damping *= omega } else if rho < 0.25 { p.damping /= omega }
+        // Never below λ_min (`dampingMin`), nor from below it further down.
+        let lambda = p.damping, floor = Swift.min(lambda, p.dampingMin)
+        if rho > 0.75 { p.damping = Swift.max(lambda * omega, floor) } else if rho < 0.25 { p.damping /= omega }
         if p.damping > 0 && p.damping.isFinite { parameters = p }
     }
 }

@@ -22,6 +22,8 @@ final class KroneckerBlock<Scalar: KFACScalar> {
     let gradient: AlignedBuffer<Scalar>
     let direction: AlignedBuffer<Scalar>
     let scratch: AlignedBuffer<Scalar>
+    /// EKFAC's pending paired rows (per-example gradients), from the first paired record call.
+    var paired: PairedStatistics<Scalar>?
 
     init(input inputStructure: FactorStructure, output outputStructure: FactorStructure) throws(KFACError) {
         input = try KroneckerFactor(structure: inputStructure)
@@ -95,6 +97,8 @@ extension KroneckerBlock {
         switch power {
         case .inverse:
             inverse!.multiplyInverse(v, into: u, scratch: scratch, damping: Scalar(lambda))
+        case .one where strategy.forwardProductUsesInverse:
+            inverse!.multiplyCurvature(v, into: u, scratch: scratch, damping: Scalar(lambda))
         case .one:
             let (a, g) = (input.running.base, output.running.base)
             let (o, n) = (output.dimension, input.dimension)

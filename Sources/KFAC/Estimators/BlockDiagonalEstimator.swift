@@ -16,12 +16,12 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// Layers can no longer be added once statistics were recorded.
     var statisticsStarted = false
 
-    private let ones: AlignedBuffer<Scalar>
+    let ones: AlignedBuffer<Scalar>
     private var workspaces: [EigenWorkspace<Scalar>] = []
     private let workers = WorkerPool()
     // Inversion bookkeeping, sized when layers are added so a step does not allocate.
     /// The blocks the next `stageInverses` inverts.
-    private(set) var invertBlock: [Bool] = []
+    var invertBlock: [Bool] = []
     /// One per unique block of each side of each block to invert.
     private var inversionJobs: [InversionJob] = []
     /// Per block: the factors the running inversion inverts, and their shifts.
@@ -176,8 +176,8 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// Validates a record call and returns the layer: the buffer, the rows, and that the values
     /// are finite and small enough that the pending second-moment sums, with `scale` applied to
     /// every value, stay finite (so a later fold cannot fail because of them).
-    private func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
-                               scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
+    func checkedRecord(_ p: UnsafePointer<Scalar>?, layer: Int, rows: Int, outputSide: Bool,
+                       scale: Double) throws(KFACError) -> any CurvatureLayer<Scalar> {
         let b = try self.layer(layer)
         let what = outputSide ? "output gradients" : "inputs"
         guard let p else { throw KFACError(.nullPointer, "\(what) buffer is NULL") }
@@ -240,14 +240,16 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         }
         guard any else { throw KFACError(.noStatistics, "no layer has factors yet") }
         try stageInverses(foldingPending: false, settings: settings, damping: settings.damping)
+        try stageScalings(folding: false, settings: settings)  // EKFAC: S in the new bases
         commitStagedInverses()
+        commitPairedStatistics(folding: false)
     }
 
     /// Before a step: checks that every block has (or, with `foldingPending`, will have) both
-    /// factors, marks the blocks `invert(hasInverse)` says the step inverts, and checks that the
-    /// others have an inverse for the strategy. Returns whether any block is inverted.
+    /// factors, marks the blocks `invert(block, hasInverse)` says the step inverts, and checks
+    /// that the others have an inverse for the strategy. Returns whether any block is inverted.
     func planInversions(foldingPending: Bool, strategy: InverseStrategy,
-                        invert: (_ hasInverse: Bool) -> Bool) throws(KFACError) -> Bool {
+                        invert: (_ block: Int, _ hasInverse: Bool) -> Bool) throws(KFACError) -> Bool {
         var anyInversion = false
         for k in blocks.indices {
             let c = blocks[k]
@@ -257,7 +259,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                 throw KFACError(.noStatistics, "layer \(blockLayer[k]) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
             }
             let hasInverse = c.hasInverse(for: strategy)
-            invertBlock[k] = invert(hasInverse)
+            invertBlock[k] = invert(k, hasInverse)
             guard invertBlock[k] || hasInverse else {
                 throw KFACError(.noInverses, "layer \(blockLayer[k]) has no inverses and the inverse update period is 0; call update_inverses")
             }
@@ -409,7 +411,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         for k in layerBlocks[l] {
             let c = blocks[k]
             guard c.hasFactors else { throw KFACError(.noStatistics, "layer \(l) has no factors yet") }
-            guard power == .one || c.hasInverse(for: strategy) else {
+            guard (power == .one && !strategy.forwardProductUsesInverse) || c.hasInverse(for: strategy) else {
                 throw KFACError(.noInverses, "layer \(l) has no inverses for the current strategy")
             }
         }

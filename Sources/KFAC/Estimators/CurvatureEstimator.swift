@@ -8,12 +8,14 @@ struct CurvatureSettings {
     var factorDecay: Double
     /// Inversion threads, 0 = one per online CPU.
     var threadCount: Int
+    /// β_S of EKFAC's scaling (`KFACParameters.ekfacDecay`).
+    var ekfacDecay: Double = 0.95
 }
 
 extension KFACParameters {
     var curvatureSettings: CurvatureSettings {
         CurvatureSettings(strategy: inverseStrategy, damping: inverseDamping, piDamping: piDamping,
-                          factorDecay: factorDecay, threadCount: threadCount)
+                          factorDecay: factorDecay, threadCount: threadCount, ekfacDecay: ekfacDecay)
     }
 }
 

@@ -9,8 +9,8 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
     static var strategy: InverseStrategy { .eigen }
     static var dampingIsBakedIn: Bool { false }
 
-    /// One side's eigendecomposition.
-    private struct Side {
+    /// One side's eigendecomposition (also the bases of `EKFACInverse`).
+    struct Side {
         let structure: FactorStructure
         let vectors: AlignedBuffer<Scalar>
         let values: AlignedBuffer<Scalar>
@@ -32,8 +32,8 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
         }
     }
 
-    private let input: Side
-    private let output: Side
+    let input: Side
+    let output: Side
     var inputStructure: FactorStructure { input.structure }
     var outputStructure: FactorStructure { output.structure }
 

@@ -14,7 +14,7 @@ enum KroneckerDamping<Scalar: KFACScalar> {
 }
 
 /// The inverse of a damped Kronecker block A ⊗ G in one representation (one type per
-/// `InverseStrategy`; EKFAC will be another), computed block by block of each factor's
+/// `InverseStrategy`), computed block by block of each factor's
 /// `FactorStructure` (each unique block once) and applied to gradient matrices V
 /// (output dimension × input dimension, row-major).
 ///
@@ -60,15 +60,33 @@ protocol KroneckerInverse<Scalar>: AnyObject {
     func write(to w: inout StateWriter)
     /// Reads what `write` wrote into this (fresh) inverse, then finishes it.
     func read(from r: inout StateReader) throws(KFACError)
+
+    /// Whether the damped curvature this representation inverts is not A ⊗ G itself (EKFAC's
+    /// re-scaled eigenbasis), so that the forward product (`multiplyCurvature`) needs the
+    /// inverse rather than the running factors. Default false.
+    static var forwardProductUsesInverse: Bool { get }
+    /// u = (the damped curvature this representation inverts) v, for representations whose
+    /// `forwardProductUsesInverse`.
+    func multiplyCurvature(_ v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch: AlignedBuffer<Scalar>,
+                           damping: Scalar)
 }
 
 extension KroneckerInverse {
     var strategy: InverseStrategy { Self.strategy }
+
+    static var forwardProductUsesInverse: Bool { false }
+    func multiplyCurvature(_ v: AlignedBuffer<Scalar>, into u: AlignedBuffer<Scalar>, scratch: AlignedBuffer<Scalar>,
+                           damping: Scalar) {
+        preconditionFailure("\(Self.self) forms its forward product from the running factors")
+    }
 }
 
 extension InverseStrategy {
     /// Whether this strategy's inverses hold their damping (see `KroneckerInverse.dampingIsBakedIn`).
     var dampingIsBakedIn: Bool { representation(Float.self).dampingIsBakedIn }
+    /// Whether this strategy's forward product needs its inverse (see
+    /// `KroneckerInverse.forwardProductUsesInverse`).
+    var forwardProductUsesInverse: Bool { representation(Float.self).forwardProductUsesInverse }
 }
 
 extension InverseStrategy {
@@ -77,6 +95,7 @@ extension InverseStrategy {
         switch self {
         case .cholesky: return CholeskyInverse<Scalar>.self
         case .eigen: return EigenInverse<Scalar>.self
+        case .ekfac: return EKFACInverse<Scalar>.self
         }
     }
 

@@ -94,6 +94,10 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
                                   taps: Int, into v: UnsafeMutablePointer<Self>)
     static func scatterOffsetMajor(_ u: UnsafePointer<Self>, scale: Self, weight: UnsafeMutablePointer<Self>,
                                    bias: UnsafeMutablePointer<Self>?, rows: Int, channels: Int, taps: Int)
+    // EKFAC's element kernels, implemented in Inverses/EKFACInverse.swift.
+    static func applyScaling(_ v: UnsafeMutablePointer<Self>, _ s: UnsafePointer<Self>, count: Int, damping: Self, divide: Bool)
+    static func accumulateSquares(_ m: UnsafePointer<Self>, into s: UnsafeMutablePointer<Self>, count: Int, alpha: Self)
+    static func squareInPlace(_ m: UnsafeMutablePointer<Self>, count: Int)
 }
 
 /// The library keeps factors in the upper triangle of row-major storage, which LAPACK (called

@@ -8,7 +8,10 @@
 /// at a time. Every throwing method leaves the optimizer as it was when it throws: a step stages
 /// its folds and inverses and commits them only once nothing can fail any more.
 public final class KFACOptimizer<Scalar: KFACScalar> {
-    public internal(set) var parameters = KFACParameters()
+    public internal(set) var parameters = KFACParameters() {
+        // EKFAC's per-example gradients are kept only under its strategy (KFACOptimizer+EKFAC).
+        didSet { if parameters.inverseStrategy != oldValue.inverseStrategy { leftStrategy(oldValue.inverseStrategy) } }
+    }
     /// The step counter k: the number of successful `step` calls (or as restored from a state).
     public internal(set) var stepCount = 0
     /// ν of the last successful `step` (1 when not clipped), NaN before the first.
@@ -25,6 +28,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     var denseChain: DenseChain<Scalar>?
     /// The conjugate-gradient solver's state (Gauss-Newton family, `GaussNewton/`).
     let conjugateGradient = ConjugateGradientState<Scalar>()
+    /// The blocks' phases when the inversions of a period are spread over its steps.
+    let spread = InversionSpread()
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
@@ -56,6 +61,13 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Whether the step with counter `k` recomputes every layer's inverses.
     func shouldInvert(at k: Int) -> Bool {
         parameters.inverseUpdatePeriod > 0 && k % parameters.inverseUpdatePeriod == 0
+    }
+
+    /// When the inversions are spread (`inverseSpread`, Ti > 1): the phase whose blocks the step
+    /// with counter `k` re-inverts, k mod Ti. Nil otherwise (every block at k ≡ 0 mod Ti).
+    func spreadPhase(at k: Int) -> Int? {
+        let t = parameters.inverseUpdatePeriod
+        return parameters.inverseSpread && t > 1 ? k % t : nil
     }
 
     /// Whether the step with counter `k` prepares γ candidates (a γ step).
@@ -116,7 +128,10 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Folds every layer's pending statistics into its running factors now.
     public func updateFactors() throws(KFACError) {
+        try estimator.validatePendingStatistics()
+        try estimator.stageScalingFolds(settings: parameters.curvatureSettings)  // EKFAC's S
         try estimator.foldFactors(decay: parameters.factorDecay)
+        estimator.commitScalingFolds(clearingAll: parameters.inverseStrategy != .ekfac)
     }
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
@@ -162,24 +177,34 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         for l in 0..<estimator.layerCount {
             try checkGradient(gradient(l), layer: estimator.layers[l], index: l)
         }
-        let p = parameters, settings = p.curvatureSettings
+        let dampingStep = isDampingCandidateStep(at: stepCount)
+        var p = parameters
+        // A γ step starts from γ brought into [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
+        if dampingStep && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
         let inverting = shouldInvert(at: stepCount)
-        let dampingStep = isDampingCandidateStep(at: stepCount)
         // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
         let invertForCandidates = dampingStep && p.inverseStrategy.dampingIsBakedIn
-        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { hasInverse in
-            (p.inverseUpdatePeriod > 0 && (inverting || !hasInverse)) || invertForCandidates
+        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
+        let phase = spreadPhase(at: stepCount)
+        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
+        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
+            let due = phase.map { spread.phase[k] == $0 } ?? inverting
+            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
         }
         if folding { try estimator.validatePendingStatistics() }
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try estimator.stageInverses(foldingPending: folding, settings: settings, damping: p.inverseDamping) }
+        try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
 
         let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
+        if dampingStep { parameters.factorDamping = p.factorDamping }
+        estimator.commitPairedStatistics(folding: folding)
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)

@@ -15,12 +15,18 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case piDamping = 9
     case lossReduction = 10
     case threadCount = 11
+    case inverseSpread = 12
     // Adaptive mode (Parameters+Adaptive.swift).
     case lmInterval = 200
     case lmDecay = 201
     case factorDamping = 202
     case factorDampingPeriod = 203
     case factorDampingDecay = 204
+    case dampingMin = 205
+    case factorDampingRatio = 206
+    // EKFAC (Parameters+EKFAC.swift).
+    case ekfacDecay = 400
+    case ekfacMode = 401
 
     /// This parameter's row of the table.
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }

@@ -22,7 +22,7 @@ extension ParameterSpec {
         ParameterSpec(.inverseUpdatePeriod, "inverse_update_period", .int, .core, lower: 0, upper: periodLimit,
                       default: 10, effect: .nextStep,
                       read: { Double($0.inverseUpdatePeriod) }, write: { $0.inverseUpdatePeriod = Int($1) }),
-        ParameterSpec(.inverseStrategy, "inverse_strategy", .int, .core, lower: 0, upper: 1,
+        ParameterSpec(.inverseStrategy, "inverse_strategy", .int, .core, lower: 0, upper: 2,
                       default: Double(InverseStrategy.eigen.rawValue), effect: .nextStep,
                       read: { Double($0.inverseStrategy.rawValue) },
                       write: { $0.inverseStrategy = InverseStrategy(rawValue: Int32($1)) ?? .eigen }),
@@ -36,5 +36,8 @@ extension ParameterSpec {
         ParameterSpec(.threadCount, "num_threads", .int, .core, lower: 0, upper: 256,
                       default: 0, effect: .nextInversion,
                       read: { Double($0.threadCount) }, write: { $0.threadCount = Int($1) }),
+        ParameterSpec(.inverseSpread, "inverse_spread", .int, .core, lower: 0, upper: 1,
+                      default: 0, effect: .nextStep,
+                      read: { $0.inverseSpread ? 1 : 0 }, write: { $0.inverseSpread = $1 == 1 }),
     ]
 }

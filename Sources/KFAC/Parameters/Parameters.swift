@@ -4,6 +4,9 @@ public enum InverseStrategy: Int32, Sendable, CaseIterable {
     case cholesky = 0
     /// Exact damping (A ⊗ G + λI)⁻¹ through eigendecompositions of both factors.
     case eigen = 1
+    /// EKFAC (George et al. 2018): the eigen strategy's bases with a scaling S re-estimated from
+    /// per-example gradients (paired recording) in place of d_G d_Aᵀ.
+    case ekfac = 2
 }
 
 /// How the caller's loss was reduced over rows (`kfac_reduction`).
@@ -34,9 +37,22 @@ public struct KFACParameters: Equatable, Sendable {
     public var factorDampingPeriod: Int = 0
     /// The base of ω₂, in (0, 1).
     public var factorDampingDecay: Double = 0
+    /// The Levenberg–Marquardt adjustment never decreases λ below this (>= 0).
+    public var dampingMin: Double = 0
+    /// r (>= 1): a γ step keeps γ within [λ/r, λ·r] (`bandedFactorDamping`).
+    public var factorDampingRatio: Double = 0
 
     /// The damping the factor inverses use: γ if set, else λ.
     public var inverseDamping: Double { factorDamping > 0 ? factorDamping : damping }
+    /// Whether a factor damping lies in the band [λ/r, λ·r] of `factorDampingRatio`.
+    func factorDampingInBand(_ gamma: Double) -> Bool {
+        gamma >= damping / factorDampingRatio && gamma <= damping * factorDampingRatio
+    }
+    /// The damping a γ step starts from: `inverseDamping` brought into [λ/r, λ·r] (unchanged
+    /// when it is inside).
+    var bandedFactorDamping: Double {
+        Swift.min(Swift.max(inverseDamping, damping / factorDampingRatio), damping * factorDampingRatio)
+    }
     /// β of the factors' moving average, in [0, 1).
     public var factorDecay: Double = 0
     /// κ of the KL clip (>= 0); 0 disables clipping.
@@ -53,12 +69,18 @@ public struct KFACParameters: Equatable, Sendable {
     public var lossReduction: LossReduction = .sum
     /// Threads for parallel inversions, 0 = one per online CPU, at most 256.
     public var threadCount: Int = 0
+    /// Spread the inversions of a period over its steps, block by block (`InversionSpread`).
+    public var inverseSpread: Bool = false
     /// Levenberg–Marquardt adjustment of λ (Martens & Grosse 2015, §6.5): every `lmInterval`
     /// reported loss changes, λ is multiplied by lmDecay^lmInterval if ρ > 3/4 and divided by it
     /// if ρ < 1/4. 0 turns the adjustment off.
     public var lmInterval: Int = 0
     /// The base ω₁ of that factor, in (0, 1).
     public var lmDecay: Double = 0
+    /// β_S of EKFAC's scaling S, in [0, 1).
+    public var ekfacDecay: Double = 0
+    /// How paired recording forms EKFAC's per-example gradients.
+    public var ekfacMode: EKFACMode = .perExample
 
     /// The defaults of the parameter table.
     public init() {

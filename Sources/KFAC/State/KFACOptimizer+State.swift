@@ -14,6 +14,7 @@ extension KFACOptimizer {
         w.f64(lastKLScale)
         estimator.write(to: &w)
         adaptive.write(to: &w)
+        if p.inverseStrategy == .ekfac { estimator.writePaired(to: &w) }
     }
 
     /// The parameters section: the number of rows, then per row of `ParameterSpec.table` its id
@@ -116,6 +117,7 @@ extension KFACOptimizer {
         // Read into fresh owners; the optimizer's own are replaced only once all of it is read.
         let restored = try estimator.read(from: &r)
         let adaptiveState = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
+        if p.inverseStrategy == .ekfac { try estimator.readPaired(from: &r, into: restored.layers) }
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")
         }

@@ -17,9 +17,14 @@
 ///                   u64 inverse strategy + 1 (0 = none), then the representation's section:
 ///                     Cholesky: A blocks, G blocks
 ///                     eigen: A eigenvectors, A eigenvalues, G eigenvectors, G eigenvalues
+///                     EKFAC: the eigen section, then S (out × in scalars)
 ///     adaptive    u64 has previous update  u64 has prediction  f64 prediction  f64 last ρ
 ///                 i64 loss reports  [per block: previous update δ₀, out × in scalars, if there
 ///                 is one]
+///     EKFAC       only when the inverse strategy is EKFAC: per block, u64 has paired statistics,
+///                 then (`PairedStatistics`): u64 divisor, u64 rows [rows·in, rows·out scalars],
+///                 u64 segments [u64 rows, u64 rows per example each], u64 matrices
+///                 [matrices·out·in scalars]
 ///     u64 checksum of all preceding bytes
 ///
 /// Factors are stored as their diagonal blocks (`FactorStructure`), each whole and row-major.

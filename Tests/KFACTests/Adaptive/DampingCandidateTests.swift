@@ -78,6 +78,7 @@ final class DampingCandidateTests: XCTestCase {
         p.klClip = 0; p.damping = 1e-3; p.factorDamping = 3; p.factorDecay = 0
         p.inverseStrategy = strategy; p.inverseUpdatePeriod = 2
         p.factorDampingPeriod = 2; p.factorDampingDecay = 0.8; p.lmInterval = 0
+        p.factorDampingRatio = 1e300  // γ = 3000 λ: outside the default band, which this test does not exercise
         try opt.setParameters(p)
         let omega = 0.8 * 0.8
         var gamma = 3.0

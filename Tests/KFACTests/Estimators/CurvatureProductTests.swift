@@ -87,7 +87,7 @@ extension KFACScalar {
         let A = Dense(rows: da, columns: da, a), G = Dense(rows: dg, columns: dg, g)
         let lambda = opt.parameters.inverseDamping
         switch opt.parameters.inverseStrategy {
-        case .eigen:
+        case .eigen, .ekfac:  // EKFAC without paired recording: S = d_G d_Aᵀ
             return kronecker(A, G) + lambda * Dense.identity(da * dg)
         case .cholesky:
             let pi = ((A.trace / Double(da)) / (G.trace / Double(dg))).squareRoot()

@@ -16,16 +16,25 @@ final class AllocationTests: XCTestCase {
         for threads in [blasThreads, 1] {
             openblas_set_num_threads(threads)
             for strategy in InverseStrategy.allCases {
-                try steadyState(Float.self, strategy)
-                try steadyState(Double.self, strategy)
+                for spread in [false, true] {  // spread: one layer inverted per step
+                    try steadyState(Float.self, strategy, spread: spread)
+                    try steadyState(Double.self, strategy, spread: spread)
+                }
+            }
+            // EKFAC with paired recording, both modes, sequences of 2 rows.
+            for mode in EKFACMode.allCases {
+                try steadyState(Float.self, .ekfac, paired: mode)
+                try steadyState(Double.self, .ekfac, paired: mode)
             }
         }
     }
 
-    private func steadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy) throws {
+    private func steadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, spread: Bool = false,
+                                            paired: EKFACMode? = nil) throws {
         var problem = TwoLayerProblem<S>(seed: 31)
         let opt = try problem.makeOptimizer {
-            $0.inverseStrategy = strategy; $0.inverseUpdatePeriod = 2; $0.threadCount = 2
+            $0.inverseStrategy = strategy; $0.inverseUpdatePeriod = 2; $0.threadCount = 2; $0.inverseSpread = spread
+            if let paired { $0.ekfacMode = paired }
         }
         let batch = problem.batch(rows: 8)
         // Gradient buffers the trainer owns; their contents are irrelevant to allocation.
@@ -37,6 +46,14 @@ final class AllocationTests: XCTestCase {
         func oneStep() throws {
             for l in batch.indices {
                 let d = batch[l]
+                if paired != nil {
+                    try d.x.withUnsafeBufferPointer { x in
+                        try d.g.withUnsafeBufferPointer { g in
+                            try opt.recordExamples(layer: l, inputs: x.baseAddress, outputGradients: g.baseAddress, rows: 8, rowsPerExample: 2)
+                        }
+                    }
+                    continue
+                }
                 try d.x.withUnsafeBufferPointer { try opt.recordInputs(layer: l, $0.baseAddress, rows: 8) }
                 try d.g.withUnsafeBufferPointer { try opt.recordOutputGradients(layer: l, $0.baseAddress, rows: 8) }
             }
@@ -51,7 +68,7 @@ final class AllocationTests: XCTestCase {
         allocation_counter_start()
         for _ in 0..<6 { try oneStep() }  // includes three inversion steps
         let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
-        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 steady-state steps")
+        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy) spread \(spread) paired \(paired.map { "\($0)" } ?? "no"): \(count - openblas) allocations outside OpenBLAS in 6 steady-state steps")
     }
 }
 
@@ -66,10 +83,14 @@ extension AllocationTests {
                 try convolutionSteadyState(Float.self, strategy)
                 try convolutionSteadyState(Double.self, strategy)
             }
+            for mode in EKFACMode.allCases {
+                try convolutionSteadyState(Float.self, .ekfac, paired: mode)
+                try convolutionSteadyState(Double.self, .ekfac, paired: mode)
+            }
         }
     }
 
-    private func convolutionSteadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy) throws {
+    private func convolutionSteadyState<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, paired: EKFACMode? = nil) throws {
         var random = SeededRandom(41)
         let layers = [
             (Conv2dGeometry(inChannels: 4, outChannels: 6, kernel: (3, 3), padding: (1, 1), groups: 2, input: (5, 5)),
@@ -83,6 +104,7 @@ extension AllocationTests {
         p.inverseStrategy = strategy
         p.inverseUpdatePeriod = 2
         p.threadCount = 2
+        if let paired { p.ekfacMode = paired }
         try opt.setParameters(p)
         let batch = 3
         var inputs: [[S]] = [], outputs: [[S]] = []
@@ -100,8 +122,16 @@ extension AllocationTests {
         }
         func oneStep() throws {
             for l in layers.indices {
-                try inputs[l].withUnsafeBufferPointer { try opt.recordInputs(layer: l, $0.baseAddress, rows: batch) }
-                try outputs[l].withUnsafeBufferPointer { try opt.recordOutputGradients(layer: l, $0.baseAddress, rows: batch) }
+                if paired != nil {
+                    try inputs[l].withUnsafeBufferPointer { x in
+                        try outputs[l].withUnsafeBufferPointer { g in
+                            try opt.recordExamples(layer: l, inputs: x.baseAddress, outputGradients: g.baseAddress, rows: batch)
+                        }
+                    }
+                } else {
+                    try inputs[l].withUnsafeBufferPointer { try opt.recordInputs(layer: l, $0.baseAddress, rows: batch) }
+                    try outputs[l].withUnsafeBufferPointer { try opt.recordOutputGradients(layer: l, $0.baseAddress, rows: batch) }
+                }
                 let g = layers[l].0
                 for i in 0..<(g.outChannels * g.patchSize) { weights[l][i] = S(i % 7) / 7 - 0.5 }
                 if let b = biases[l] { for i in 0..<g.outChannels { b[i] = S(i % 3) / 3 } }
@@ -114,7 +144,7 @@ extension AllocationTests {
         let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
         // OpenBLAS's small-matrix gemm kernels allocate on their own for some shapes; the rest
         // would be libkfac's.
-        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 steady-state convolution steps")
+        XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy) paired \(paired.map { "\($0)" } ?? "no"): \(count - openblas) allocations outside OpenBLAS in 6 steady-state convolution steps")
     }
 }
 

@@ -13,15 +13,20 @@ final class ParameterTableTests: XCTestCase {
         (5, "output_grad_scale", .double, 1, 0, false, .infinity, false, .core),
         (6, "factor_update_period", .int, 1, 0, true, 2_147_483_647, true, .core),
         (7, "inverse_update_period", .int, 10, 0, true, 2_147_483_647, true, .core),
-        (8, "inverse_strategy", .int, 1, 0, true, 1, true, .core),
+        (8, "inverse_strategy", .int, 1, 0, true, 2, true, .core),
         (9, "pi_damping", .int, 1, 0, true, 1, true, .core),
         (10, "loss_reduction", .int, 0, 0, true, 1, true, .core),
         (11, "num_threads", .int, 0, 0, true, 256, true, .core),
+        (12, "inverse_spread", .int, 0, 0, true, 1, true, .core),
         (200, "lm_interval", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (201, "lm_decay", .double, 0.95, 0, false, 1, false, .adaptive),
         (202, "factor_damping", .double, 0, 0, true, .infinity, false, .adaptive),
         (203, "factor_damping_period", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (204, "factor_damping_decay", .double, 0.95, 0, false, 1, false, .adaptive),
+        (205, "damping_min", .double, 1e-8, 0, true, .infinity, false, .adaptive),
+        (206, "factor_damping_ratio", .double, 10, 1, true, .infinity, false, .adaptive),
+        (400, "ekfac_decay", .double, 0.95, 0, true, 1, false, .ekfac),
+        (401, "ekfac_mode", .int, 0, 0, true, 1, true, .ekfac),
     ]
 
     func testTableMatchesTheHeader() {

@@ -134,7 +134,7 @@ func parameterMatrix<S: KFACScalar>(weight: [S], bias: [S]?, out: Int, inFeature
 /// The damped-Kronecker solves of the header's two inverse strategies, done densely.
 func expectedDirection(a: Dense, g: Dense, v: Dense, damping: Double, strategy: InverseStrategy, usePi: Bool = true) -> Dense {
     switch strategy {
-    case .eigen:
+    case .eigen, .ekfac:  // EKFAC without paired recording: S = d_G d_Aᵀ, the eigen strategy
         let m = kronecker(a, g) + damping * Dense.identity(a.rows * g.rows)
         return unvec(denseSolve(m, vec(v)), rows: v.rows, columns: v.columns)
     case .cholesky:

@@ -33,11 +33,13 @@ LAYOUTS = {"nchw": _lib.KFAC_LAYOUT_NCHW, "nhwc": _lib.KFAC_LAYOUT_NHWC}
 APPROXIMATIONS = {"kfc": _lib.KFAC_CONV_KFC, "sua": _lib.KFAC_CONV_SUA}
 #: Symbolic values accepted (and returned) for the enum-valued parameters.
 ENUM_PARAMETERS = {
-    "inverse_strategy": {"cholesky": _lib.KFAC_INVERSE_CHOLESKY, "eigen": _lib.KFAC_INVERSE_EIGEN},
+    "inverse_strategy": {"cholesky": _lib.KFAC_INVERSE_CHOLESKY, "eigen": _lib.KFAC_INVERSE_EIGEN,
+                         "ekfac": _lib.KFAC_INVERSE_EKFAC},
+    "ekfac_mode": {"per_example": _lib.KFAC_EKFAC_PER_EXAMPLE, "per_row": _lib.KFAC_EKFAC_PER_ROW},
     "loss_reduction": {"sum": _lib.KFAC_REDUCTION_SUM, "mean": _lib.KFAC_REDUCTION_MEAN},
 }
 #: Integer parameters read back as bool.
-BOOL_PARAMETERS = frozenset({"pi_damping"})
+BOOL_PARAMETERS = frozenset({"pi_damping", "inverse_spread"})
 
 
 def is_bool(value) -> bool:

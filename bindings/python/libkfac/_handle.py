@@ -58,6 +58,7 @@ class Handle:
                 "layer_precondition", "adaptive_solve_step_size", "adaptive_get_update",
                 "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
                 "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
+                "layer_record_examples", "layer_get_ekfac_scaling",
             )
         }
         self.lock = threading.RLock()
@@ -203,6 +204,16 @@ class Handle:
         ``side`` 0, output gradients for ``side`` 1."""
         function = self._fn["layer_record_inputs"] if side == 0 else self._fn["layer_record_output_grads"]
         self.call(function, layer, self.cast(address), rows)
+
+    def record_examples(self, layer: int, inputs_address: int, grads_address: int, rows: int,
+                        rows_per_example: int) -> None:
+        """Experimental (EKFAC): paired inputs and output gradients of the same rows."""
+        self.call(self._fn["layer_record_examples"], layer, self.cast(inputs_address), self.cast(grads_address),
+                  rows, rows_per_example)
+
+    def get_ekfac_scaling(self, layer: int, group: int, address: int) -> None:
+        """Experimental (EKFAC): S of one group, [g_dim][a_dim], into ``address``."""
+        self.call(self._fn["layer_get_ekfac_scaling"], layer, group, self.cast(address))
 
     def update_factors(self) -> None:
         self.call(_lib.kfac_optimizer_update_factors)

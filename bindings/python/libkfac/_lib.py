@@ -110,7 +110,7 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -125,14 +125,20 @@ KFAC_PARAM_INVERSE_STRATEGY = 8
 KFAC_PARAM_PI_DAMPING = 9
 KFAC_PARAM_LOSS_REDUCTION = 10
 KFAC_PARAM_NUM_THREADS = 11
+KFAC_PARAM_INVERSE_SPREAD = 12
 KFAC_PARAM_LM_INTERVAL = 200
 KFAC_PARAM_LM_DECAY = 201
 KFAC_PARAM_FACTOR_DAMPING = 202
 KFAC_PARAM_FACTOR_DAMPING_PERIOD = 203
 KFAC_PARAM_FACTOR_DAMPING_DECAY = 204
+KFAC_PARAM_DAMPING_MIN = 205
+KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
+KFAC_PARAM_EKFAC_DECAY = 400
+KFAC_PARAM_EKFAC_MODE = 401
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
+KFAC_INVERSE_EKFAC = 2  # experimental (the header's "EKFAC" section)
 
 KFAC_REDUCTION_SUM = 0
 KFAC_REDUCTION_MEAN = 1
@@ -205,6 +211,13 @@ KFAC_CG_REASON_RELATIVE_PROGRESS = 2
 KFAC_CG_REASON_MAX_ITERATIONS = 3
 KFAC_CG_REASON_NON_POSITIVE_CURVATURE = 4
 KFAC_CG_REASON_CALLER = 5
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_EKFAC_PER_EXAMPLE = 0
+KFAC_EKFAC_PER_ROW = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -601,12 +614,19 @@ _PROTOTYPES = [
     ("kfac_cg_solve_f64", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_double_p), POINTER(c_double_p),
                                   POINTER(c_double_p), POINTER(c_double_p), kfac_cg_product_fn_f64, c_void_p,
                                   POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(kfac_cg_result)]),
+    # Experimental: EKFAC
+    ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
+    ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
+    ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
+    ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
-                                                     "kfac_layer_record_output_grad_columns_", "kfac_cg_")))
+                                                        "kfac_layer_record_output_grad_columns_",
+                                                        "kfac_layer_record_examples_",
+                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

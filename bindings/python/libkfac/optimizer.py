@@ -571,6 +571,48 @@ class Optimizer(AdaptiveMethods):
             )
         self._handle.record(side, layer, rows.ctypes.data, rows.shape[0])
 
+    def record_examples(self, layer: int, inputs, output_grads, rows_per_example: Optional[int] = None) -> None:
+        """EXPERIMENTAL (``kfac_layer_record_examples_*``; may change in any minor release).
+        Records inputs and the output gradients of the same rows: what :meth:`record_inputs` and
+        :meth:`record_output_grads` add to the factors, and — with ``inverse_strategy='ekfac'`` —
+        the per-example gradients EKFAC's scaling S is estimated from (use it instead of those
+        two calls).
+
+        Dense layers: ``inputs`` ``[rows][in_features]`` and ``output_grads``
+        ``[rows][out_features]`` (or ``[..., features]``); an example is ``rows_per_example``
+        consecutive rows (a sequence of T tokens). ``None`` means T = the second dimension of
+        3-D ``[N, T, features]`` arrays, else 1. Convolutions: ``N`` examples of each, as in
+        :meth:`record_inputs`; ``rows_per_example`` must be ``None`` or 1."""
+        layer = self._checked_layer_id(layer)
+        shape = self._shape_of(layer)
+        if shape is None or shape.is_dense:
+            features = (None, None) if shape is None else (shape.in_features, shape.out_features)
+            if rows_per_example is None:
+                rows_per_example = np.shape(inputs)[1] if np.ndim(inputs) == 3 else 1
+            x = self._input_rows(inputs, features[0], "inputs")
+            g = self._input_rows(output_grads, features[1], "output gradients")
+        else:
+            rows_per_example = 1 if rows_per_example is None else rows_per_example
+            x = self._example_rows(inputs, shape.input_values, shape.input_shape, "inputs")
+            g = self._example_rows(output_grads, shape.grad_values, shape.grad_shape, "output gradients")
+        if x.shape[0] != g.shape[0]:
+            raise ValueError(f"libkfac: inputs hold {x.shape[0]} rows, output gradients {g.shape[0]}: they must pair")
+        rows_per_example = _convert.size(rows_per_example, "rows_per_example")
+        self._handle.record_examples(layer, x.ctypes.data, g.ctypes.data, x.shape[0], rows_per_example)
+
+    def ekfac_scaling(self, layer: int, group: int = 0) -> np.ndarray:
+        """EXPERIMENTAL (``kfac_layer_get_ekfac_scaling_*``). A copy of EKFAC's scaling S of group
+        ``group`` of layer ``layer``, ``[g_dim][a_dim]``: S[i, j] belongs to the i-th eigenvector
+        of G and the j-th of A, eigenvalues ascending (block by block for grouped and SUA
+        factors). ``KFACError`` ``KFAC_ERROR_NO_INVERSES`` without an EKFAC inverse."""
+        info = self.layer_info(layer)
+        if _convert.is_bool(group):
+            raise TypeError("libkfac: group must be an integer, not bool")
+        group = _convert.int32(group, "group", _lib.KFAC_ERROR_INVALID_ARGUMENT)
+        s = np.empty((info.g_dim, info.a_dim), dtype=self.dtype)
+        self._handle.get_ekfac_scaling(int(layer), group, s.ctypes.data)
+        return s
+
     def update_factors(self) -> None:
         """Folds all pending statistics into the running factors now."""
         self._handle.update_factors()
@@ -690,10 +732,15 @@ _MEANINGS = {
     "output_grad_scale": "Recorded output gradients are divided by it (a loss scale).",
     "factor_update_period": "Tf: fold statistics every Tf steps; 0 = only update_factors().",
     "inverse_update_period": "Ti: recompute inverses every Ti steps; 0 = only update_inverses().",
-    "inverse_strategy": "'cholesky' or 'eigen'; set with a name or a KFAC_INVERSE_* int.",
+    "inverse_strategy": "'cholesky', 'eigen' or 'ekfac' (experimental); set with a name or a KFAC_INVERSE_* int.",
     "pi_damping": "Use π in factored (Cholesky) damping (bool).",
     "loss_reduction": "'sum' or 'mean': how the caller's loss was reduced.",
     "num_threads": "Threads for parallel inversion (0 = all CPUs).",
+    "inverse_spread": (
+        "Spread the inversions of a period over its steps, block by block (bool): each block is "
+        "re-inverted once per inverse_update_period, at the step of its phase, from that step's "
+        "factors; an inverse is at most one period old."
+    ),
     "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (0 = off).",
     "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ.",
     "factor_damping": "γ: damping of the factor inverses instead of λ when > 0.",
@@ -701,9 +748,19 @@ _MEANINGS = {
         "T₂: every T₂ steps (k ≡ 0 mod T₂) the step prepares direction candidates for the factor "
         "dampings γ, γ·ω₂, γ/ω₂ and solve_step_size_candidates() keeps the best γ (0 = off)."
     ),
+    "ekfac_decay": "β_S of the moving average of EKFAC's scaling S between eigenbasis refreshes.",
+    "ekfac_mode": (
+        "'per_example' (exact: an example's rows or positions summed before squaring) or 'per_row' "
+        "(each row or position its own example): how record_examples() forms EKFAC's per-example gradients."
+    ),
     "factor_damping_decay": (
         "ω₂'s base: the candidates of a γ step are γ, γ·ω₂ and γ/ω₂ with "
         "ω₂ = factor_damping_decay ** factor_damping_period."
+    ),
+    "damping_min": "λ_min: the Levenberg–Marquardt adjustment never decreases λ below it (0 = no floor).",
+    "factor_damping_ratio": (
+        "r: the re-choice of γ keeps γ within [λ/r, λ·r] (a γ step clamps γ into it and drops "
+        "candidates outside it; 1e300 = no band)."
     ),
 }
 

@@ -67,7 +67,7 @@ def _documented_table():
 @needs_header
 def test_the_table_read_from_the_library_is_the_header_s():
     documented = _documented_table()
-    assert len(documented) >= 16
+    assert len(documented) >= 19
     assert list(_params.PARAMETERS) == sorted(_params.PARAMETERS, key=lambda n: _params.PARAMETERS[n].id)
     assert set(_params.PARAMETERS) == set(documented)
     for name, (kind, lower, upper, lower_inclusive, upper_inclusive, default) in documented.items():
@@ -84,7 +84,8 @@ def test_the_table_read_from_the_library_is_the_header_s():
 
 def test_families_follow_the_bands_and_effects_are_known():
     for p in _params.PARAMETERS.values():
-        assert p.family == ("core" if 1 <= p.id <= 99 else "adaptive" if 200 <= p.id <= 299 else "?"), p
+        assert p.family == ("core" if 1 <= p.id <= 99 else "adaptive" if 200 <= p.id <= 299
+                            else "ekfac" if 400 <= p.id <= 499 else "?"), p
         assert p.effect in ("immediate", "next_step", "next_inversion", "next_record"), p
     assert _params.PARAMETERS["output_grad_scale"].effect == "next_record"
     assert _params.BY_ID[_lib.KFAC_PARAM_DAMPING] is _params.PARAMETERS["damping"]
@@ -123,7 +124,7 @@ def test_properties_document_the_table():
 
 def test_param_get_info_errors():
     info = _lib.kfac_param_info.new()
-    for unknown in (0, 12, 99, 100, 199, 205, 1000, -1, 2**31 - 1):
+    for unknown in (0, 13, 99, 100, 199, 207, 1000, -1, 2**31 - 1):
         assert _lib.kfac_param_get_info(unknown, ctypes.byref(info)) == libkfac.KFAC_ERROR_UNKNOWN_PARAMETER
     assert _lib.kfac_param_get_info(_lib.KFAC_PARAM_DAMPING, None) == libkfac.KFAC_ERROR_NULL_POINTER
     small = _lib.kfac_param_info()

@@ -99,11 +99,11 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     }
 
     /// Examples per chunk for rows of `rowsPerExample` × `width` values.
-    private func chunkExamples(rowsPerExample: Int, width: Int) -> Int {
+    func chunkExamples(rowsPerExample: Int, width: Int) -> Int {
         Swift.max(1, Self.chunkValues / Swift.max(1, rowsPerExample * width))
     }
 
-    private func scratchBuffer(values: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
+    func scratchBuffer(values: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         if let s = scratch, s.count >= values { return s }
         let s = try AlignedBuffer<Scalar>(rows: 1, columns: values)
         scratch = s

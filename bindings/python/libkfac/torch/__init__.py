@@ -134,12 +134,17 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         kl_clip: κ of the KL clip; 0 disables it.
         factor_update_period: fold statistics into the factors every this many steps.
         inverse_update_period: recompute the inverses every this many steps.
-        inverse_strategy: ``'eigen'`` (exact damping) or ``'cholesky'`` (factored damping).
+        inverse_strategy: ``'eigen'`` (exact damping), ``'cholesky'`` (factored damping) or
+            ``'ekfac'`` (experimental: the eigen strategy's bases re-scaled by per-example
+            gradients; the hooks then record inputs and output gradients as pairs, see
+            ``ekfac_mode``).
         pi_damping: use π in factored damping (Cholesky strategy).
         loss_reduction: ``'mean'`` (the default HERE, unlike the library's ``'sum'``: PyTorch's
             losses are mean-reduced) or ``'sum'``.
         output_grad_scale: the loss scale of mixed-precision training (1 otherwise).
         num_threads: threads the library uses for inversions (0 = all CPUs).
+        inverse_spread: spread the inversions of a period over its steps, block by block (each
+            block re-inverted once per period at its own step; inverses at most one period old).
 
     Adaptive mode (library family ``adaptive``; see :meth:`adaptive_step`):
         lm_interval, lm_decay: T₁ and ω₁ of the Levenberg–Marquardt adjustment of λ;
@@ -152,6 +157,17 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             (ω₂ = ``factor_damping_decay ** factor_damping_period``; starting from λ when γ is 0)
             and keeps the one whose update lowers the quadratic model most.
             ``factor_damping_period=0`` (the library's default) keeps γ fixed.
+        damping_min: λ_min, the floor of the Levenberg–Marquardt adjustment of λ.
+        factor_damping_ratio: r, the re-choice of γ keeps γ within [λ/r, λ·r].
+
+    EKFAC (library family ``ekfac``, used with ``inverse_strategy='ekfac'``):
+        ekfac_decay: β_S of the moving average of the scaling S between eigenbasis refreshes.
+        ekfac_mode: ``'per_example'`` (the library's default, and what this integration
+            relies on: PyTorch hands each hook whole examples — the first dimension — so the
+            exact per-example gradient of a sequence ``[N, T, in]`` or of a convolution's
+            positions costs no extra bookkeeping, one small gemm per example) or ``'per_row'``
+            (every token or position its own example: one gemm per step, cross terms dropped).
+            For plain ``[N, in]`` batches the two are identical.
 
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
@@ -187,12 +203,18 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         loss_reduction: Union[str, int] = "mean",
         output_grad_scale: Optional[float] = None,
         num_threads: Optional[int] = None,
+        inverse_spread: Optional[bool] = None,
         # adaptive
         lm_interval: Optional[int] = None,
         lm_decay: Optional[float] = None,
         factor_damping: Optional[float] = None,
         factor_damping_period: Optional[int] = None,
         factor_damping_decay: Optional[float] = None,
+        damping_min: Optional[float] = None,
+        factor_damping_ratio: Optional[float] = None,
+        # EKFAC
+        ekfac_decay: Optional[float] = None,
+        ekfac_mode: Union[None, str, int] = None,
         # layers
         dtype=None,
         skip_layers: Iterable = (),
@@ -208,7 +230,9 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             inverse_strategy=inverse_strategy, pi_damping=pi_damping, loss_reduction=loss_reduction,
             output_grad_scale=output_grad_scale, num_threads=num_threads, lm_interval=lm_interval,
             lm_decay=lm_decay, factor_damping=factor_damping, factor_damping_period=factor_damping_period,
-            factor_damping_decay=factor_damping_decay,
+            factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
+            damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
+            ekfac_decay=ekfac_decay, ekfac_mode=ekfac_mode,
         )
         self.model = model
         self._layers = discover_layers(model, skip_layers)

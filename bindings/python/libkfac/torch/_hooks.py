@@ -93,7 +93,9 @@ class HooksMixin:
             inputs = layer.saved_inputs.pop()
             if not layer.saved_inputs:
                 layer.graph_inputs.clear()  # only sampled_fisher_backward needs them
-            if layer.is_conv:
+            if self._ekfac_pairs():
+                self._record_pair(layer, inputs, grad_output[0])
+            elif layer.is_conv:
                 self._record_examples(layer, 0, inputs, layer.input_values)
                 self._record_examples(layer, 1, grad_output[0], layer.grad_values)
             else:
@@ -136,6 +138,47 @@ class HooksMixin:
         if examples == 0:
             return
         self.optimizer.handle.record(side, layer.index, buffer.data_ptr(), examples)
+
+    def _ekfac_pairs(self) -> bool:
+        """Whether the hooks record paired rows (``kfac_layer_record_examples_*``): with the EKFAC
+        strategy, whose scaling needs per-example gradients. Otherwise the two unpaired calls."""
+        return self.optimizer.inverse_strategy == "ekfac"
+
+    def _record_pair(self, layer: _Layer, inputs: torch.Tensor, grads: torch.Tensor) -> None:
+        """Records a layer's input and output gradient of one forward call as paired rows. An
+        example is what PyTorch batches over: the first dimension. A ``Linear`` on
+        ``[N, T, ..., in]`` records N·T rows in sequences of T (its per-example gradient sums
+        over the T rows); a convolution records N examples (its positions from the geometry).
+        Whether an example's rows are summed (exact) or counted one by one is the library's
+        ``ekfac_mode`` (default exact)."""
+        if layer.is_conv:
+            values = (layer.input_values, layer.grad_values)
+            for side, tensor in enumerate((inputs, grads)):
+                if tensor.numel() % values[side]:
+                    raise ValueError(
+                        f"KFACPreconditioner: {layer.kind} layer {layer.name!r} got "
+                        f"{'an input' if side == 0 else 'an output gradient'} of shape {tuple(tensor.shape)}, "
+                        f"not a whole number of examples of {values[side]} values"
+                    )
+            x, g = self._buffer(inputs), self._buffer(grads)
+            rows, per_example = x.numel() // values[0], 1
+            if g.numel() // values[1] != rows:
+                raise ValueError(f"KFACPreconditioner: layer {layer.name!r}: inputs and output gradients "
+                                 "hold different numbers of examples")
+        else:
+            features = (layer.module.in_features, layer.module.out_features)
+            for tensor, width in zip((inputs, grads), features):
+                if tensor.dim() < 1 or tensor.shape[-1] != width:
+                    raise ValueError(
+                        f"KFACPreconditioner: layer {layer.name!r} got a tensor of shape "
+                        f"{tuple(tensor.shape)}, expected [..., {width}]"
+                    )
+            x, g = self._buffer(inputs), self._buffer(grads)
+            rows = x.numel() // features[0]
+            per_example = rows // inputs.shape[0] if inputs.dim() >= 3 and inputs.shape[0] > 0 else 1
+        if rows == 0:
+            return
+        self.optimizer.handle.record_examples(layer.index, x.data_ptr(), g.data_ptr(), rows, per_example)
 
     @contextlib.contextmanager
     def _hooks_paused(self):

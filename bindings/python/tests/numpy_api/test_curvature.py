@@ -62,7 +62,7 @@ def test_power_one_is_the_explicit_damped_kronecker_product(rng, dtype, strategy
             assert_close(ref.theta_grad(weights[layer], biases[layer]), expected, dtype, scale=10)
 
 
-@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky", "ekfac"])
 def test_power_one_then_minus_one_is_the_identity(rng, dtype, strategy):
     with _recorded(rng, dtype, damping=0.05, inverse_strategy=strategy) as opt:
         opt.update_inverses()

@@ -49,11 +49,16 @@ def test_parameter_defaults():
             "pi_damping": True,
             "loss_reduction": "sum",
             "num_threads": 0,
+            "inverse_spread": False,
             "lm_decay": 0.95,
             "factor_damping": 0.0,
             "factor_damping_decay": 0.95,
             "lm_interval": 0,
             "factor_damping_period": 0,
+            "damping_min": 1e-8,
+            "factor_damping_ratio": 10.0,
+            "ekfac_decay": 0.95,
+            "ekfac_mode": "per_example",
         }
 
 
@@ -98,7 +103,7 @@ def test_parameters_round_trip_through_properties_and_enums():
         ("output_grad_scale", 0.0),
         ("factor_update_period", -1),
         ("inverse_update_period", -1),
-        ("inverse_strategy", 2),
+        ("inverse_strategy", 3),
         ("pi_damping", 2),
         ("loss_reduction", 5),
         ("num_threads", 257),

@@ -89,7 +89,8 @@ def test_candidate_directions_equal_the_damped_kronecker_solves(rng, dtype, stra
     scale = 1.0 if dtype == np.float64 else max(1.0, 0.1 / min(gammas))
     params = dict(damping=damping, factor_damping=gamma, factor_damping_period=period,
                   factor_damping_decay=decay, kl_clip=kl_clip, learning_rate=lr, factor_decay=beta,
-                  inverse_update_period=1, inverse_strategy=strategy, pi_damping=use_pi)
+                  inverse_update_period=1, inverse_strategy=strategy, pi_damping=use_pi,
+                  factor_damping_ratio=1e300)  # γ = 30 λ: no band (tested in the library's tests)
     with kfac.Optimizer(dtype, **params) as opt:
         for fan_in, fan_out, bias in LAYERS:
             opt.add_dense(fan_in, fan_out, bias=bias)
@@ -152,7 +153,8 @@ def test_candidate_solve_keeps_the_damping_with_the_lowest_model_value(rng, dtyp
     tol = TOLERANCE[dtype]
     opt = kfac.Optimizer(dtype, damping=damping, kl_clip=0, factor_decay=beta, inverse_strategy=strategy,
                          inverse_update_period=inverse_period, factor_damping=gamma0,
-                         factor_damping_period=period, factor_damping_decay=decay)
+                         factor_damping_period=period, factor_damping_decay=decay,
+                         factor_damping_ratio=1e300)  # γ up to 1600 λ: no band (not tested here)
     with opt:
         opt.add_dense(model.inf, model.out)
         A = G = None
@@ -280,7 +282,8 @@ def test_candidates_with_extreme_dampings_are_dropped_or_finite(rng, strategy):
     model, theta = make_problem(rng, "categorical", n=12)
     gamma = 0.5
     with kfac.Optimizer(np.float64, damping=0.01, kl_clip=0, inverse_update_period=1, inverse_strategy=strategy,
-                        factor_damping=gamma, factor_damping_period=1000, factor_damping_decay=0.5) as opt:
+                        factor_damping=gamma, factor_damping_period=1000, factor_damping_decay=0.5,
+                        factor_damping_ratio=1e300) as opt:  # extreme γ: no band
         opt.add_dense(model.inf, model.out)
         V = model.gradient(theta)
         kfac_step(opt, model, theta, np.float64)

@@ -53,7 +53,7 @@ PARAMS = dict(damping=0.05, kl_clip=1e-2, factor_decay=0.9, inverse_update_perio
               factor_update_period=2)
 
 
-@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky", "ekfac"])
 def test_state_bytes_round_trip_is_bit_identical(dtype, strategy):
     batches = _batches(7, 9, dtype)
     # Step 4 is a factor-update step (Tf = 2): its statistics are recorded before saving, so the

@@ -86,7 +86,8 @@ def test_adaptive_step_with_gamma_steps_equals_the_numpy_api_driven_by_hand(stra
     model = _mlp()
     hand = _HandMLP(model, x, y)
     settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, inverse_strategy=strategy,
-                    factor_damping=1.0, factor_damping_period=2, factor_damping_decay=0.5)
+                    factor_damping=1.0, factor_damping_period=2, factor_damping_decay=0.5,
+                    factor_damping_ratio=1e300)  # γ = 100 λ and beyond: no band (not tested here)
     pre = KFACPreconditioner(model, **settings)
     assert (pre.factor_damping, pre.factor_damping_period, pre.factor_damping_decay) == (1.0, 2, 0.5)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
@@ -157,7 +158,7 @@ def test_adaptive_step_applies_the_library_update_to_float32_parameters():
     model = _mlp().float()
     x32 = x.float()
     pre = KFACPreconditioner(model, dtype=torch.float64, damping=1e-2, kl_clip=0, inverse_update_period=1,
-                             factor_damping=0.5, factor_damping_period=3)
+                             factor_damping=0.5, factor_damping_period=3, factor_damping_ratio=1e300)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
     shapes = [(5, 7, True), (7, 4, True)]
     for step in range(5):
@@ -181,7 +182,7 @@ def test_adaptive_step_reuses_its_buffers_and_survives_a_state_round_trip():
     x, y = _data(n=32)
     loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
     settings = dict(kl_clip=0, damping=1e-2, factor_damping=0.3, factor_damping_period=2,
-                    factor_damping_decay=0.6, lm_interval=1)
+                    factor_damping_decay=0.6, lm_interval=1, factor_damping_ratio=1e300)  # γ = 30 λ: no band
 
     def run(model, pre, steps):
         results = []
@@ -210,3 +211,41 @@ def test_adaptive_step_reuses_its_buffers_and_survives_a_state_round_trip():
     b = run(clone, resumed, 3)
     assert a == b
     assert [r.candidates for r in a] == [1, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched forward-mode products: one vmapped jvp against one jvp per tangent
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+def test_batched_products_equal_one_jvp_per_tangent(strategy, dtype):
+    """Eight adaptive steps with γ steps every 2 (three candidates and δ₀: four tangents in one
+    vmapped jvp) on twin models, one with ``batched_products=False``: the same choices and, to
+    rounding, the same α, μ, M(δ), ρ, γ and parameters."""
+    x, y = _data()
+    x = x.to(dtype)
+    twins = [_mlp().to(dtype), _mlp().to(dtype)]
+    settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, inverse_strategy=strategy, lm_interval=1,
+                    factor_damping=1e-2, factor_damping_period=2, factor_damping_decay=0.5,
+                    factor_damping_ratio=1e300)  # four tangents at every γ step
+    pres = [KFACPreconditioner(m, **settings) for m in twins]
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for k in range(8):
+        results = []
+        for model, pre, batched in zip(twins, pres, (True, False)):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+            results.append(pre.adaptive_step(x, lambda out: F.cross_entropy(out, y), batched_products=batched))
+        a, b = results
+        assert (a.chosen, a.candidates) == (b.chosen, b.candidates), k
+        assert a.candidates == (3 if k % 2 == 0 else 1), k
+        for field in ("alpha", "mu", "predicted_change", "loss_before", "loss_after", "rho", "damping", "factor_damping"):
+            u, v = getattr(a, field), getattr(b, field)
+            assert abs(u - v) <= tol * max(1.0, abs(v)), (k, field, u, v)
+    for p, q in zip(twins[0].parameters(), twins[1].parameters()):
+        assert torch.allclose(p, q, rtol=tol, atol=tol)
+    for pre in pres:
+        pre.close()

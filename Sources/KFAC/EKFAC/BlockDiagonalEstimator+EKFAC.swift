@@ -1,0 +1,144 @@
+/// EKFAC in the block-diagonal estimator: paired recording, and S staged with the step's other
+/// staged state so that a failing step leaves it as it was.
+///
+/// Schedule of S (per block, strategy EKFAC):
+/// - new bases (an inversion: the step's, or update_inverses): S = S_batch of the pending paired
+///   statistics in the new bases if any are pending, else d_G d_Aᵀ; the pending ones are used up;
+/// - a factor update without new bases, with paired statistics pending: S ← β_S S + (1 − β_S)
+///   S_batch in the current bases (the block's inverse is re-staged with copied bases, so that
+///   the step commits it like an inversion);
+/// - every factor update clears the paired statistics (like the factors' pending rows).
+extension BlockDiagonalEstimator {
+    /// Validates and records a paired call (see `PairedRecordingLayer`); `keep` says whether
+    /// the per-example gradients are kept (only the EKFAC strategy uses them).
+    func recordPaired(layer l: Int, inputs: UnsafePointer<Scalar>?, outputGradients: UnsafePointer<Scalar>?, rows: Int,
+                      rowsPerExample: Int, scale: Double, perExample: Bool, keep: Bool) throws(KFACError) {
+        let b = try checkedRecord(inputs, layer: l, rows: rows, outputSide: false, scale: 1)
+        _ = try checkedRecord(outputGradients, layer: l, rows: rows, outputSide: true, scale: scale)
+        guard rowsPerExample >= 1, rows % rowsPerExample == 0 else {
+            throw KFACError(.invalidSize, "rows_per_example must be >= 1 and divide rows (\(rows)), got \(rowsPerExample)")
+        }
+        guard let layer = b as? any PairedRecordingLayer<Scalar> else {
+            throw KFACError(.invalidArgument, "layer \(l) does not support paired recording")
+        }
+        if keep {
+            // S sums the squares of rotated per-example gradients, each entry at most ‖G_n‖_F:
+            // bound them as the factors' pending sums are bounded.
+            var positions = rowsPerExample
+            if case .conv2d(let g, _, _) = b.layer { positions = g.outputPositions }
+            let mx = Swift.max(Double(Scalar.largestMagnitude(inputs!, count: b.inputValueCount(rows: rows))), 1)
+            let mg = Double(Scalar.largestMagnitude(outputGradients!, count: b.outputGradientValueCount(rows: rows)))
+            let m = Swift.max(mx * mg * scale * Double(positions), 1)
+            let bound = m * m * Double(b.layer.inputFactorDimension) * Double(b.layer.outputFactorDimension) * Double(rows)
+            guard bound <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
+                throw KFACError(.nonFinite, "inputs and output gradients of layer \(l) are too large: the second moments of their per-example gradients would overflow \(Scalar.self)")
+            }
+        }
+        try layer.recordPaired(inputs!, outputGradients!, rows: rows, rowsPerExample: rowsPerExample, scale: Scalar(scale),
+                               perExample: perExample, keep: keep, ones: ones)
+        statisticsStarted = true
+    }
+
+    /// After `stageInverses` of a step (or of update_inverses), for the EKFAC strategy: S of
+    /// every block inverted now (into its staging inverse), and, when `folding`, S folded for
+    /// blocks with paired statistics that are not inverted (marking them inverted: their
+    /// factors' folds and a staging inverse with copied bases are staged).
+    func stageScalings(folding: Bool, settings: CurvatureSettings) throws(KFACError) {
+        guard settings.strategy == .ekfac else { return }
+        let decay = Scalar(settings.ekfacDecay)
+        for k in blocks.indices {
+            let c = blocks[k]
+            if let p = c.paired { p.consumed = false }
+            let pending = c.paired?.hasPending ?? false
+            if invertBlock[k] {
+                guard pending, let p = c.paired else { continue }
+                let staged = try c.stagingInverse(for: .ekfac) as! EKFACInverse<Scalar>
+                p.batchScaling(in: staged, into: staged.scaling.base)
+                p.consumed = true
+            } else if folding, pending, let p = c.paired, let committed = c.inverse as? EKFACInverse<Scalar> {
+                let factorDecay = Scalar(settings.factorDecay)
+                _ = try c.input.stageFold(decay: factorDecay)
+                _ = try c.output.stageFold(decay: factorDecay)
+                let staged = try c.stagingInverse(for: .ekfac) as! EKFACInverse<Scalar>
+                staged.copyBases(from: committed)
+                p.foldedScaling(committed.scaling.base, decay: decay, in: committed, into: staged.scaling.base)
+                p.consumed = true
+                invertBlock[k] = true
+            }
+        }
+    }
+
+    /// After a step's (or update_inverses') commit: clears the paired statistics it used, and all
+    /// of them at a factor update.
+    func commitPairedStatistics(folding: Bool) {
+        for k in blocks.indices {
+            guard let p = blocks[k].paired else { continue }
+            if folding || p.consumed { p.clear() }
+        }
+    }
+
+    /// update_factors with the EKFAC strategy, before the factors fold: S folded into each
+    /// block's staged buffer where the block has an EKFAC inverse and paired statistics.
+    /// Returns whether any was staged.
+    func stageScalingFolds(settings: CurvatureSettings) throws(KFACError) {
+        guard settings.strategy == .ekfac else { return }
+        let decay = Scalar(settings.ekfacDecay)
+        for k in blocks.indices {
+            let c = blocks[k]
+            if let p = c.paired { p.consumed = false }
+            guard let p = c.paired, p.hasPending, let inverse = c.inverse as? EKFACInverse<Scalar> else { continue }
+            let s = try p.reserveStagedScaling()
+            p.foldedScaling(inverse.scaling.base, decay: decay, in: inverse, into: s.base)
+            p.consumed = true
+        }
+    }
+
+    /// update_factors' commit (after the factors folded): installs the staged S and clears the
+    /// paired statistics used. Blocks without an EKFAC inverse keep theirs for the first bases,
+    /// unless `clearingAll` (another strategy: nothing will use them).
+    func commitScalingFolds(clearingAll: Bool) {
+        if clearingAll {
+            commitPairedStatistics(folding: true)
+            return
+        }
+        for k in blocks.indices {
+            let c = blocks[k]
+            guard let p = c.paired, p.consumed, let inverse = c.inverse as? EKFACInverse<Scalar>,
+                  let s = p.stagedScaling else { continue }
+            inverse.scaling.copyContents(from: s)
+            p.clear()
+        }
+    }
+
+    /// S of block `group` of layer `l` (output × input dimension, the bases' coordinates).
+    func ekfacScaling(layer l: Int, group: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
+        let c = try block(layer: l, group: group)
+        guard let inverse = c.inverse as? EKFACInverse<Scalar> else {
+            throw KFACError(.noInverses, "layer \(l) has no EKFAC inverse (set the EKFAC strategy and update the inverses)")
+        }
+        return inverse.scaling
+    }
+
+    // MARK: State image
+
+    /// The EKFAC section: per block, u64 has paired statistics, then their section.
+    func writePaired(to w: inout StateWriter) {
+        for k in blocks.indices {
+            if let p = blocks[k].paired, p.hasPending {
+                w.u64(1)
+                p.write(to: &w)
+            } else {
+                w.u64(0)
+            }
+        }
+    }
+
+    /// Reads the EKFAC section into the blocks of `restored` layers (fresh, from `read`).
+    func readPaired(from r: inout StateReader, into restored: [any CurvatureLayer<Scalar>]) throws(KFACError) {
+        for layer in restored {
+            for c in layer.blocks where try r.flag() {
+                try c.pairedStatistics().read(from: &r)
+            }
+        }
+    }
+}
