@@ -1178,7 +1178,8 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
  * Newton-CG and Levenberg–Marquardt. The model of the step α·s excludes λ (Martens 2010,
  * simpleNN): m(α) = α gᵀs + ½ α² sᵀ(G + ηI)s, with sᵀ(G + ηI)s = sᵀ(−g − r) − λ‖s‖² from the
  * residual (no extra product). kfac_cg_report_loss_change computes ρ = (h_after − h_before) /
- * m(α) and applies the library's Levenberg–Marquardt rule to λ (see KFAC_PARAM_LM_INTERVAL):
+ * m(α) and applies the library's Levenberg–Marquardt rule to λ (KFAC_PARAM_LM_INTERVAL,
+ * KFAC_PARAM_LM_DECAY, the floor KFAC_PARAM_DAMPING_MIN):
  * with KFAC_PARAM_LM_DECAY = 2/3 and KFAC_PARAM_LM_INTERVAL = 1, λ·3/2 if ρ < 1/4 and λ·2/3 if
  * ρ > 3/4 (simpleNN's schedule; simpleNN drops λ at ρ = 3/4 exactly too). Its reports are
  * counted apart from kfac_adaptive_report_loss_change's, and the two modes' models do not mix.
