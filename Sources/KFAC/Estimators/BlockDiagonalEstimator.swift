@@ -30,6 +30,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     private var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
     private var inversionStrategy = InverseStrategy.eigen
     private var inversionTarget = InversionTarget.staging
+    /// Distributed runs (Distributed/): which units `stageInverses` computes, and a counter of
+    /// its calls (so that inverses exchanged into staging are known to be still there).
+    var unitFilter = InversionUnitFilter.all
+    private(set) var stagingGeneration = 0
 
     struct InversionJob {
         var block: Int
@@ -281,6 +285,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                        damping: Double) throws(KFACError) {
         let strategy = settings.strategy
         let decay = Scalar(settings.factorDecay)
+        stagingGeneration &+= 1
         inversionJobs.removeAll(keepingCapacity: true)
         for k in blocks.indices where invertBlock[k] {
             let c = blocks[k]
@@ -295,10 +300,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
             case .exact:
                 (jobSources[k].inputShift, jobSources[k].outputShift) = (0, 0)
             }
-            for q in c.input.structure.uniqueSizes.indices {
+            for q in c.input.structure.uniqueSizes.indices where unitFilter.includes(block: k, side: .input, unique: q) {
                 inversionJobs.append(InversionJob(block: k, side: .input, unique: q, size: c.input.structure.uniqueSizes[q]))
             }
-            for q in c.output.structure.uniqueSizes.indices {
+            for q in c.output.structure.uniqueSizes.indices where unitFilter.includes(block: k, side: .output, unique: q) {
                 inversionJobs.append(InversionJob(block: k, side: .output, unique: q, size: c.output.structure.uniqueSizes[q]))
             }
         }

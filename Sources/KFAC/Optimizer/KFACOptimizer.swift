@@ -30,6 +30,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     let conjugateGradient = ConjugateGradientState<Scalar>()
     /// The blocks' phases when the inversions of a period are spread over its steps.
     let spread = InversionSpread()
+    /// A distributed run's rank, size and exchanged inverses (Distributed/).
+    var distributed = DistributedState<Scalar>()
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
@@ -178,25 +180,14 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             try checkGradient(gradient(l), layer: estimator.layers[l], index: l)
         }
         let dampingStep = isDampingCandidateStep(at: stepCount)
-        var p = parameters
-        // A γ step starts from γ brought into [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
-        if dampingStep && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        let p = stepParameters()
         let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
-        let inverting = shouldInvert(at: stepCount)
-        // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
-        let invertForCandidates = dampingStep && p.inverseStrategy.dampingIsBakedIn
-        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
-        let phase = spreadPhase(at: stepCount)
-        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
-        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
-            let due = phase.map { spread.phase[k] == $0 } ?? inverting
-            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
-        }
+        let anyInversion = try planStepInversions(p, folding: folding)
         if folding { try estimator.validatePendingStatistics() }
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
-        if anyInversion { try estimator.stageInverses(foldingPending: folding, settings: settings, damping: p.inverseDamping) }
+        if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
         try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
 
         let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
@@ -212,6 +203,29 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         lastKLScale = nu
         stepCount += 1
         adaptive.directionsAvailable = true
+    }
+
+    /// The parameters the step at the current counter uses: on a γ step, γ brought into
+    /// [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
+    func stepParameters() -> KFACParameters {
+        var p = parameters
+        if isDampingCandidateStep(at: stepCount) && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        return p
+    }
+
+    /// Marks the blocks the step at the current counter inverts (`estimator.invertBlock`);
+    /// returns whether there is any. Also used by the distributed inverse exchange.
+    func planStepInversions(_ p: KFACParameters, folding: Bool) throws(KFACError) -> Bool {
+        let inverting = shouldInvert(at: stepCount)
+        // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
+        let invertForCandidates = isDampingCandidateStep(at: stepCount) && p.inverseStrategy.dampingIsBakedIn
+        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
+        let phase = spreadPhase(at: stepCount)
+        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
+        return try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
+            let due = phase.map { spread.phase[k] == $0 } ?? inverting
+            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
+        }
     }
 
     /// Preconditions every layer's gradient into its blocks' directions with the inverses the

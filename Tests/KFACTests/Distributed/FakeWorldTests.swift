@@ -1,0 +1,257 @@
+import XCTest
+@testable import KFAC
+
+/// Distributed runs in one process: P handles, a fake SUM-allreduce over their packed buffers,
+/// each handle recording a disjoint slice of a union batch (uneven unless the lazy mode is
+/// tested), the same averaged gradient given to all. Every rank's directions must be
+/// bit-identical, and equal to one handle's on the union batch to rtol 1e-12 (float64).
+final class FakeWorldTests: XCTestCase {
+    typealias S = Double
+
+    /// Layers: a dense layer with channel groups on both sides, a plain dense layer without bias,
+    /// a grouped convolution (2 groups, input channel groups), an SUA convolution.
+    struct Model {
+        static let conv = Conv2dGeometry(inChannels: 4, outChannels: 4, kernel: (3, 3), padding: (1, 1), groups: 2,
+                                         hasBias: true, input: (4, 4))
+        static let sua = Conv2dGeometry(inChannels: 3, outChannels: 2, kernel: (2, 2), hasBias: true, input: (3, 3))
+
+        static func make(_ configure: (inout KFACParameters) -> Void) throws -> KFACOptimizer<S> {
+            let opt = try KFACOptimizer<S>()
+            var p = opt.parameters
+            p.klClip = 1e-2
+            p.learningRate = 0.1
+            p.threadCount = 1
+            configure(&p)
+            try opt.setParameters(p)
+            try opt.addDense(inFeatures: 7, outFeatures: 5, hasBias: true, grouping: .init(inputGroupSize: 3, outputGroupSize: 2))
+            try opt.addDense(inFeatures: 5, outFeatures: 3, hasBias: false)
+            try opt.addConv2d(conv, grouping: .init(inputGroupSize: 1))
+            try opt.addConv2d(sua, approximation: .sua)
+            return opt
+        }
+
+        /// Per layer, per example: inputs and output gradients.
+        static func batch(_ r: inout SeededRandom, rows: Int) -> [(x: [S], g: [S])] {
+            let sizes = [(7, 5), (5, 3),
+                         (4 * 16, 4 * conv.outputPositions),
+                         (3 * 9, 2 * sua.outputPositions)]
+            return sizes.map { (r.array(rows * $0.0), r.array(rows * $0.1, scale: 0.5)) }
+        }
+
+        static func gradients(_ r: inout SeededRandom) -> [LayerGradient<S>] {
+            [LayerGradient(weight: r.array(35), bias: r.array(5)), LayerGradient(weight: r.array(15), bias: nil),
+             LayerGradient(weight: r.array(4 * 2 * 9), bias: r.array(4)), LayerGradient(weight: r.array(2 * 3 * 4), bias: r.array(2))]
+        }
+    }
+
+    /// Records rows [lo, hi) of a union batch of `rows` rows.
+    func record(_ opt: KFACOptimizer<S>, _ batch: [(x: [S], g: [S])], rows: Int, _ lo: Int, _ hi: Int) throws {
+        guard hi > lo else { return }
+        for (l, b) in batch.enumerated() {
+            let xw = b.x.count / rows, gw = b.g.count / rows
+            try opt.recordInputs(layer: l, Array(b.x[lo * xw..<hi * xw]), rows: hi - lo)
+            try opt.recordOutputGradients(layer: l, Array(b.g[lo * gw..<hi * gw]), rows: hi - lo)
+        }
+    }
+
+    /// The fake allreduce: every rank's buffer becomes the sum of all, in rank order.
+    func allreduce(_ buffers: inout [[S]]) {
+        var sum = buffers[0]
+        for r in 1..<buffers.count { for i in sum.indices { sum[i] += buffers[r][i] } }
+        for r in buffers.indices { buffers[r] = sum }
+    }
+
+    /// Both exchanges, when the step needs them.
+    func exchange(_ ranks: [KFACOptimizer<S>]) throws {
+        if ranks[0].exchangeDue(.statistics) {
+            let n = ranks[0].statisticsPackCount
+            var bufs = [[S]](repeating: [S](repeating: 0, count: n), count: ranks.count)
+            for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeMutableBufferPointer { try o.packStatistics(into: $0.baseAddress, count: n) } }
+            allreduce(&bufs)
+            for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeBufferPointer { try o.unpackStatistics(from: $0.baseAddress, count: n) } }
+        }
+        if ranks[0].exchangeDue(.inverses) {
+            let n = try ranks[0].inversePackCount()
+            var bufs = [[S]](repeating: [S](repeating: 0, count: n), count: ranks.count)
+            for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeMutableBufferPointer { try o.packInverses(into: $0.baseAddress, count: n) } }
+            allreduce(&bufs)
+            for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeBufferPointer { try o.unpackInverses(from: $0.baseAddress, count: n) } }
+        }
+    }
+
+    func slices(rows: Int, ranks p: Int, even: Bool) -> [(Int, Int)] {
+        if even { return (0..<p).map { (rows * $0 / p, rows * ($0 + 1) / p) } }
+        // Uneven: rank r gets a share proportional to r + 1 (rank 0 may get none when rows are few).
+        let weights = (0..<p).map { $0 + 1 }, total = weights.reduce(0, +)
+        var bounds = [0], acc = 0
+        for w in weights { acc += w; bounds.append(rows * acc / total) }
+        return (0..<p).map { (bounds[$0], bounds[$0 + 1]) }
+    }
+
+    func maxRelativeDifference(_ a: [LayerGradient<S>], _ b: [LayerGradient<S>]) -> Double {
+        var diff = 0.0, scale = 0.0
+        for (x, y) in zip(a, b) {
+            for (u, v) in zip(x.weight + (x.bias ?? []), y.weight + (y.bias ?? [])) {
+                diff = max(diff, abs(u - v)); scale = max(scale, abs(v))
+            }
+        }
+        return diff / max(scale, 1e-300)
+    }
+
+    /// Runs `steps` steps on P ranks and on one reference handle; optionally saves every rank
+    /// after step `checkpoint` and continues on fresh handles loaded from the images.
+    func run(ranks p: Int, strategy: InverseStrategy, reduce: DistributedReduce, steps: Int = 7, rows: Int = 12,
+             checkpoint: Int? = nil, seed: UInt64 = 5, configure: @escaping (inout KFACParameters) -> Void = { _ in }) throws -> Double {
+        let setup: (inout KFACParameters) -> Void = {
+            $0.inverseStrategy = strategy; $0.factorUpdatePeriod = 1; $0.inverseUpdatePeriod = 3
+            $0.distributedReduce = reduce; configure(&$0)
+        }
+        let reference = try Model.make(setup)
+        var ranks = try (0..<p).map { r in
+            let o = try Model.make(setup)
+            try o.setWorld(rank: r, size: p)
+            return o
+        }
+        var random = SeededRandom(seed)
+        let cut = slices(rows: rows, ranks: p, even: reduce == .lazy)
+        var worst = 0.0
+        for k in 0..<steps {
+            let batch = Model.batch(&random, rows: rows)
+            let grads = Model.gradients(&random)
+            if reference.wantsStatistics { try record(reference, batch, rows: rows, 0, rows) }
+            if ranks[0].wantsStatistics { for (r, o) in ranks.enumerated() { try record(o, batch, rows: rows, cut[r].0, cut[r].1) } }
+            try exchange(ranks)
+            var expected = grads
+            try reference.step(&expected)
+            var first: [LayerGradient<S>]?
+            for (r, o) in ranks.enumerated() {
+                var g = grads
+                try o.step(&g)
+                if let first { XCTAssertEqual(g, first, "rank \(r) of \(p) differs from rank 0 at step \(k)") } else { first = g }
+            }
+            worst = max(worst, maxRelativeDifference(first!, expected))
+            if k == checkpoint {
+                let images = try ranks.map { try $0.stateImage() }
+                ranks = try (0..<p).map { r in
+                    let o = try Model.make { _ in }
+                    try images[r].withUnsafeBytes { try o.loadState(from: $0) }
+                    try o.setWorld(rank: r, size: p)
+                    return o
+                }
+            }
+        }
+        return worst
+    }
+
+    func testEagerReduceMatchesUnionBatch() throws {
+        for strategy in InverseStrategy.allCases {
+            for p in 1...4 {
+                let d = try run(ranks: p, strategy: strategy, reduce: .eager)
+                XCTAssertLessThan(d, 1e-12, "eager, \(strategy), P = \(p)")
+            }
+        }
+    }
+
+    func testLazyReduceMatchesUnionBatchForEqualSlices() throws {
+        for strategy in InverseStrategy.allCases {
+            for p in 1...4 {
+                let d = try run(ranks: p, strategy: strategy, reduce: .lazy)
+                XCTAssertLessThan(d, 1e-12, "lazy, \(strategy), P = \(p)")
+            }
+        }
+    }
+
+    func testFactorPeriodAndDampingCandidates() throws {
+        // Folds every other step, γ steps every 2 (Cholesky: γ steps invert every factor again).
+        for strategy in InverseStrategy.allCases {
+            for reduce in DistributedReduce.allCases {
+                let d = try run(ranks: 3, strategy: strategy, reduce: reduce, steps: 8) {
+                    $0.factorUpdatePeriod = 2; $0.factorDampingPeriod = 2; $0.factorDamping = 1e-2
+                }
+                XCTAssertLessThan(d, 1e-12, "\(strategy) \(reduce) with Tf = 2, T₂ = 2")
+            }
+        }
+    }
+
+    func testCheckpointResumeMidRun() throws {
+        for strategy in InverseStrategy.allCases {
+            let d = try run(ranks: 3, strategy: strategy, reduce: .eager, steps: 8, checkpoint: 3)
+            XCTAssertLessThan(d, 1e-12, "resume, \(strategy)")
+        }
+    }
+
+    func testEveryUnitHasOneOwnerAndTheAssignmentIsBalanced() throws {
+        let opt = try Model.make { _ in }
+        try opt.setWorld(rank: 1, size: 3)
+        let a = opt.inverseAssignment()
+        XCTAssertEqual(Set(a.owners), [0, 1, 2])
+        XCTAssertEqual(a.owners.count, opt.estimator.blocks.reduce(0) { $0 + $1.input.structure.uniqueSizes.count + $1.output.structure.uniqueSizes.count })
+        // The C API query agrees with the assignment.
+        XCTAssertEqual(try opt.inverseOwner(layer: 2, group: 0, outputSide: false, unique: 0), a.owner(block: 2, side: .input, unique: 0))
+        XCTAssertThrowsError(try opt.inverseOwner(layer: 0, group: 0, outputSide: false, unique: 9))
+        XCTAssertThrowsError(try opt.setWorld(rank: 3, size: 3))
+        XCTAssertEqual(opt.worldRank, 1)
+        XCTAssertGreaterThan(opt.inverseAssignmentEfficiency, 0.5)
+    }
+
+    func testFailedExchangesChangeNothing() throws {
+        let opt = try Model.make { $0.inverseStrategy = .cholesky }
+        let twin = try Model.make { $0.inverseStrategy = .cholesky }
+        try opt.setWorld(rank: 0, size: 2)
+        try twin.setWorld(rank: 0, size: 2)
+        var random = SeededRandom(9)
+        let batch = Model.batch(&random, rows: 4)
+        try record(opt, batch, rows: 4, 0, 4)
+        try record(twin, batch, rows: 4, 0, 4)
+        let n = opt.statisticsPackCount
+        var buf = [S](repeating: 0, count: n)
+        try buf.withUnsafeMutableBufferPointer { try opt.packStatistics(into: $0.baseAddress, count: n) }
+        XCTAssertThrowsError(try buf.withUnsafeMutableBufferPointer { try opt.packStatistics(into: $0.baseAddress, count: n - 1) })
+        var bad = buf; bad[3] = .nan
+        XCTAssertThrowsError(try bad.withUnsafeBufferPointer { try opt.unpackStatistics(from: $0.baseAddress, count: n) })
+        bad = buf; bad[n - 1] = 2.5
+        XCTAssertThrowsError(try bad.withUnsafeBufferPointer { try opt.unpackStatistics(from: $0.baseAddress, count: n) })
+        let m = try opt.inversePackCount()
+        var inv = [S](repeating: 0, count: m)
+        try inv.withUnsafeMutableBufferPointer { try opt.packInverses(into: $0.baseAddress, count: m) }
+        inv[0] = .infinity
+        XCTAssertThrowsError(try inv.withUnsafeBufferPointer { try opt.unpackInverses(from: $0.baseAddress, count: m) })
+        XCTAssertEqual(try opt.stateImage(), try twin.stateImage())
+        // Without an exchange the step computes every inverse itself: the same directions.
+        var g1 = Model.gradients(&random), g2 = g1
+        try opt.step(&g1)
+        try twin.step(&g2)
+        XCTAssertEqual(g1, g2)
+    }
+
+    /// The exchange is really used: unpacking rank 0's pack alone (without rank 1's units) gives
+    /// rank 1 different directions than the union handle.
+    func testStepUsesTheExchangedInverses() throws {
+        let opts = try (0..<2).map { r in
+            let o = try Model.make { $0.inverseStrategy = .cholesky }
+            try o.setWorld(rank: r, size: 2)
+            return o
+        }
+        let reference = try Model.make { $0.inverseStrategy = .cholesky }
+        var random = SeededRandom(3)
+        let batch = Model.batch(&random, rows: 6)
+        try record(reference, batch, rows: 6, 0, 6)
+        try record(opts[0], batch, rows: 6, 0, 2)
+        try record(opts[1], batch, rows: 6, 2, 6)
+        let n = opts[0].statisticsPackCount
+        var bufs = [[S]](repeating: [S](repeating: 0, count: n), count: 2)
+        for r in 0..<2 { try bufs[r].withUnsafeMutableBufferPointer { try opts[r].packStatistics(into: $0.baseAddress, count: n) } }
+        allreduce(&bufs)
+        for r in 0..<2 { try bufs[r].withUnsafeBufferPointer { try opts[r].unpackStatistics(from: $0.baseAddress, count: n) } }
+        let m = try opts[0].inversePackCount()
+        var only0 = [S](repeating: 0, count: m)
+        try only0.withUnsafeMutableBufferPointer { try opts[0].packInverses(into: $0.baseAddress, count: m) }
+        XCTAssertTrue(only0.contains(0))
+        try only0.withUnsafeBufferPointer { try opts[1].unpackInverses(from: $0.baseAddress, count: m) }
+        let grads = Model.gradients(&random)
+        var expected = grads, g = grads
+        try reference.step(&expected)
+        try opts[1].step(&g)
+        XCTAssertGreaterThan(maxRelativeDifference(g, expected), 1e-3)
+    }
+}
