@@ -191,7 +191,7 @@
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
  * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
  * (Gauss-Newton products), kfac_cg_* (conjugate gradient and Newton-CG) and EKFAC's per-layer
- * kfac_layer_record_examples_* and kfac_layer_get_ekfac_scaling_*. A
+ * kfac_layer_record_examples_* and kfac_layer_get_ekfac_scaling_*, and kfac_distributed_* (distributed runs). A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -448,7 +448,12 @@ typedef enum kfac_param {
     KFAC_PARAM_EKFAC_DECAY = 400,
     /* int, kfac_ekfac_mode, default KFAC_EKFAC_PER_EXAMPLE (0). How kfac_layer_record_examples_*
      * forms per-example gradients: 0 exact (an example's rows or positions summed), 1 per row. */
-    KFAC_PARAM_EKFAC_MODE = 401
+    KFAC_PARAM_EKFAC_MODE = 401,
+
+    /* ---- distributed (500–599), see "Distributed (experimental)" ---- */
+    /* int, kfac_distributed_reduce, default KFAC_DISTRIBUTED_REDUCE_EAGER. Since 0.2. When a
+     * distributed run reduces its statistics; it has no effect in a single process. */
+    KFAC_PARAM_DISTRIBUTED_REDUCE = 500
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
@@ -1408,6 +1413,130 @@ KFAC_API int kfac_layer_record_examples_f64(kfac_optimizer *opt, int32_t layer, 
  *  one, or no inverse update happened yet). Changes nothing in the handle. */
 KFAC_API int kfac_layer_get_ekfac_scaling_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *scaling);
 KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *scaling);
+
+/* ---------------------------------------------------------------------------------------------
+ * Distributed (experimental). Since 0.2.
+ *
+ * Data-parallel K-FAC over several processes (ranks) on the caller's own communication engine —
+ * MPI, torch.distributed, anything with a SUM-allreduce. The library never communicates: it packs
+ * what must be combined into caller buffers of the handle's precision and unpacks the
+ * element-wise sum over all ranks. Every rank has a handle with the same layers and parameters,
+ * records the statistics of its own local batch (a disjoint slice of the union batch, any size,
+ * possibly empty), and passes the same gradient to kfac_optimizer_step_* — the gradient of the
+ * mean loss over the union batch, which the caller averages as it would without K-FAC (the
+ * library never reduces gradients). Per step, on every rank, in the same order:
+ *     record statistics (kfac_optimizer_wants_statistics as usual);
+ *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_STATISTICS, &due);
+ *     if (due) { kfac_distributed_pack_statistics_f64(opt, buf, n); allreduce_sum(buf, n);
+ *                kfac_distributed_unpack_statistics_f64(opt, buf, n); }
+ *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_INVERSES, &due);
+ *     if (due) { kfac_distributed_pack_inverses_f64(opt, ibuf, m); allreduce_sum(ibuf, m);
+ *                kfac_distributed_unpack_inverses_f64(opt, ibuf, m); }
+ *     kfac_optimizer_step_f64(opt, grads_w, grads_b, n_layers);
+ * n and m come from kfac_distributed_get_count; the due flags are the same on every rank.
+ *
+ * Statistics. KFAC_DISTRIBUTED_REDUCE_EAGER (the default) packs the pending statistics as sums
+ * Σ x xᵀ (each factor block's upper triangle, row-major) and a row count per factor: after the
+ * allreduce every rank folds the union batch's statistics — exactly a single process's factors
+ * on the union batch, for any local batch sizes (up to the order of floating-point sums). Due on
+ * every factor-update step (with KFAC_PARAM_FACTOR_UPDATE_PERIOD 0, exchange before
+ * kfac_optimizer_update_factors yourself). KFAC_DISTRIBUTED_REDUCE_LAZY (kfac-jax's lazy mode)
+ * folds local statistics into local moving averages and, only before an inverse update (or a γ
+ * step that inverts), packs each rank's moving average and sets every rank's factors to their
+ * mean: the union batch's factors when every rank records the same number of rows per fold, an
+ * approximation otherwise; between those steps the ranks' factors differ (so do factor-based
+ * queries: kfac_layer_get_factors_*, kfac_curvature_multiply_* with power 1), not their
+ * inverses or directions. Row counts travel as values of the handle's precision: exact up to 2^24
+ * rows per fold in float32, 2^53 in float64.
+ *
+ * Inverses. The inversion units — one block of one factor of one group (convolution groups and
+ * channel groups are separate units, the bias coordinate its own) — are assigned to ranks by
+ * longest processing time first: cost n³, largest first, ties in the fixed order (layer, group,
+ * input before output factor, block), each to the least-loaded rank (the lowest on a tie).
+ * kfac_distributed_pack_inverses_* computes the inverses the next step would compute, for the units
+ * this rank owns, and writes every group's inverse with zeros in the units it does not own; after
+ * the SUM-allreduce each value is its owner's exactly (x + 0 + … = x), so
+ * kfac_distributed_unpack_inverses_* gives every rank bit-identical inverses, which the next step
+ * commits instead of computing them. Every rank then ends the step with identical directions.
+ * Without the exchange (a single process, or a step whose prepared inverses were invalidated by
+ * a parameter, state or inverse change in between) the step computes every inverse itself. The
+ * inverse buffer holds every group's whole inverse representation (zero-padded: the volume of a
+ * broadcast of all inverses, not of the owned share).
+ *
+ * Errors and rollback. A call that fails changes nothing in the handle. A failed
+ * kfac_distributed_pack_inverses_* (a factor not positive definite on its owner, say) fills the
+ * buffer with NaN: take part in the allreduce anyway, and kfac_distributed_unpack_inverses_* then
+ * fails with NON_FINITE on every rank alike, leaving every handle as before the step. Unpack
+ * checks that every value is finite and every count a whole number >= 0.
+ *
+ * Threading: as every call on a handle, one thread at a time; pack and unpack do not
+ * communicate, so the allreduce may run on any thread the engine needs (MPI_THREAD_FUNNELED
+ * suffices when the caller communicates on its calling thread).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_distributed_reduce {
+    KFAC_DISTRIBUTED_REDUCE_EAGER = 0,  /* pending sums and row counts at every factor update */
+    KFAC_DISTRIBUTED_REDUCE_LAZY = 1    /* moving averages, only before an inverse update */
+} kfac_distributed_reduce;
+
+typedef enum kfac_distributed_exchange {
+    KFAC_DISTRIBUTED_STATISTICS = 0,
+    KFAC_DISTRIBUTED_INVERSES = 1
+} kfac_distributed_exchange;
+
+/** Since 0.2. Makes the handle rank `rank` of `size` processes (0 ≤ rank < size ≤ 2^24; 0 of 1,
+ *  a single process, is the default). Neither saved in nor restored from states: set it again
+ *  after kfac_state_load. Errors: NULL_POINTER, INVALID_ARGUMENT. */
+KFAC_API int kfac_distributed_set_world(kfac_optimizer *opt, int32_t rank, int32_t size);
+
+/** Since 0.2. The handle's rank and world size (either pointer may be NULL). Errors: NULL_POINTER (opt). */
+KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank, int32_t *size);
+
+/** Since 0.2. The number of values (of the handle's precision) of a pack of `what`
+ *  (kfac_distributed_exchange), in *count. Statistics: per group of each layer in order, the input
+ *  then the output factor, each factor's blocks' upper triangles (b(b+1)/2 values each) then one
+ *  count. Inverses: per group, the inverse strategy's representation. Fixed once layers are
+ *  registered (inverses: for the current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what),
+ *  OUT_OF_MEMORY. */
+KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
+
+/** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
+ *  every rank of a consistent run), else 0. Errors: NULL_POINTER, INVALID_ARGUMENT (what). */
+KFAC_API int kfac_distributed_get_due(const kfac_optimizer *opt, int32_t what, int32_t *due);
+
+/** Since 0.2. The rank that computes block `block` of the input (side 0) or output (side 1) factor
+ *  of group `group` of layer `layer`, in *rank. Errors: NULL_POINTER, UNKNOWN_LAYER,
+ *  INVALID_ARGUMENT (group, side, block). */
+KFAC_API int kfac_distributed_get_owner(const kfac_optimizer *opt, int32_t layer, int32_t group, int32_t side,
+                                        int32_t block, int32_t *rank);
+
+/** Since 0.2. Writes this rank's statistics (see "Statistics") into buffer[count], count from
+ *  kfac_distributed_get_count. Changes nothing in the handle. Errors: NULL_POINTER, INVALID_SIZE
+ *  (count), DTYPE_MISMATCH, OUT_OF_MEMORY. */
+KFAC_API int kfac_distributed_pack_statistics_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_statistics_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. Replaces the statistics by the SUM-allreduced pack (eager: the pending statistics
+ *  become the union's; lazy: each factor becomes the mean of the ranks' moving averages, nothing
+ *  pending). Use the reduce mode the pack used. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH,
+ *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), OUT_OF_MEMORY. On
+ *  error nothing changes. */
+KFAC_API int kfac_distributed_unpack_statistics_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_statistics_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
+/** Since 0.2. Computes the inverses the next step needs for the units this rank owns and writes
+ *  every group's inverse, zeros elsewhere (all zeros when no inverse is due). Nothing committed
+ *  changes. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NO_STATISTICS, NO_INVERSES,
+ *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, OUT_OF_MEMORY; on an error after the size
+ *  checks the buffer is filled with NaN (see "Errors and rollback"). */
+KFAC_API int kfac_distributed_pack_inverses_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_inverses_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. Takes the SUM-allreduced inverse pack as the inverses the next step commits.
+ *  Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NON_FINITE (some rank's pack failed),
+ *  NO_STATISTICS, NO_INVERSES, OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_unpack_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 
