@@ -96,7 +96,7 @@ test-swift: deps-apt
 # (Tests/capi/main.c lists them); test_candidates.c and test_curvature.c opt into the experimental
 # section themselves (KFAC_EXPERIMENTAL_API).
 CAPI_TEST_SOURCES := $(wildcard Tests/capi/*.c)
-CAPI_TEST_HEADERS := $(wildcard Tests/capi/*.h) include/kfac.h
+CAPI_TEST_HEADERS := $(wildcard Tests/capi/*.h) Tests/distributed/dist_model.h include/kfac.h
 
 build/test_capi: $(CAPI_TEST_SOURCES) $(CAPI_TEST_HEADERS) lib
 	@mkdir -p build

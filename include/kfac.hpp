@@ -6,7 +6,8 @@
  * What the wrapper changes is only the form:
  *   - kfac::optimizer owns a kfac_optimizer handle (RAII, move-only) and has one method per
  *     kfac_optimizer_* / kfac_param_* / kfac_layer_* / kfac_adaptive_* / kfac_state_* (and, with
- *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_* / kfac_cg_*) function,
+ *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_* / kfac_cg_* /
+ *     kfac_distributed_*) function,
  *     named after it without
  *     "kfac_" and without "optimizer_": kfac_layer_add_dense(opt, …) is opt.layer_add_dense(…),
  *     kfac_optimizer_step_f32(opt, …) is opt.step(…);
@@ -727,6 +728,73 @@ public:
             check(kfac_layer_get_ekfac_scaling_f32(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f32");
         else
             check(kfac_layer_get_ekfac_scaling_f64(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f64");
+    }
+
+    /* ---- Experimental: distributed runs (the caller's engine does the SUM-allreduce) ---- */
+
+    /** kfac_distributed_set_world. */
+    void distributed_set_world(int32_t rank, int32_t size) {
+        check(kfac_distributed_set_world(handle_, rank, size), "kfac_distributed_set_world");
+    }
+    /** kfac_distributed_get_world: {rank, size}. */
+    std::pair<int32_t, int32_t> distributed_get_world() const {
+        int32_t rank = 0, size = 1;
+        check(kfac_distributed_get_world(handle_, &rank, &size), "kfac_distributed_get_world");
+        return {rank, size};
+    }
+    /** kfac_distributed_get_count (what: KFAC_DISTRIBUTED_STATISTICS or _INVERSES). */
+    int64_t distributed_get_count(int32_t what) {
+        int64_t count = 0;
+        check(kfac_distributed_get_count(handle_, what, &count), "kfac_distributed_get_count");
+        return count;
+    }
+    /** kfac_distributed_get_due. */
+    bool distributed_get_due(int32_t what) const {
+        int32_t due = 0;
+        check(kfac_distributed_get_due(handle_, what, &due), "kfac_distributed_get_due");
+        return due != 0;
+    }
+    /** kfac_distributed_get_owner (side 0 = input factor, 1 = output factor). */
+    int32_t distributed_get_owner(int32_t layer, int32_t group, int32_t side, int32_t block) const {
+        int32_t rank = 0;
+        check(kfac_distributed_get_owner(handle_, layer, group, side, block, &rank), "kfac_distributed_get_owner");
+        return rank;
+    }
+    /** kfac_distributed_pack_statistics_f32 / _f64 (count = buffer.size()). */
+    void distributed_pack_statistics(span<float> buffer) {
+        check(kfac_distributed_pack_statistics_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_statistics_f32");
+    }
+    void distributed_pack_statistics(span<double> buffer) {
+        check(kfac_distributed_pack_statistics_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_statistics_f64");
+    }
+    /** kfac_distributed_unpack_statistics_f32 / _f64. */
+    void distributed_unpack_statistics(span<const float> buffer) {
+        check(kfac_distributed_unpack_statistics_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_statistics_f32");
+    }
+    void distributed_unpack_statistics(span<const double> buffer) {
+        check(kfac_distributed_unpack_statistics_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_statistics_f64");
+    }
+    /** kfac_distributed_pack_inverses_f32 / _f64 (on error the buffer holds NaN). */
+    void distributed_pack_inverses(span<float> buffer) {
+        check(kfac_distributed_pack_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_inverses_f32");
+    }
+    void distributed_pack_inverses(span<double> buffer) {
+        check(kfac_distributed_pack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_inverses_f64");
+    }
+    /** kfac_distributed_unpack_inverses_f32 / _f64. */
+    void distributed_unpack_inverses(span<const float> buffer) {
+        check(kfac_distributed_unpack_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_inverses_f32");
+    }
+    void distributed_unpack_inverses(span<const double> buffer) {
+        check(kfac_distributed_unpack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_inverses_f64");
     }
 #endif /* KFAC_EXPERIMENTAL_API */
 

@@ -363,4 +363,7 @@ void test_cg(void);
 void test_ekfac_numerics(void);
 void test_ekfac_errors(int dtype);
 
+/* test_distributed.c (KFAC_EXPERIMENTAL_API): the fake-world distributed tests. */
+void test_distributed(void);
+
 #endif /* KFAC_CAPI_HARNESS_H */

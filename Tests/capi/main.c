@@ -143,6 +143,7 @@ int main(void) {
     test_candidate_numerics();
     test_adaptive_pending_solve();
     test_curvature_multiply();
+    test_distributed();
     test_gauss_newton();
     test_cg();
     test_ekfac_numerics();

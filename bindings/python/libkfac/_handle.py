@@ -59,6 +59,8 @@ class Handle:
                 "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
                 "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
                 "layer_record_examples", "layer_get_ekfac_scaling",
+                "distributed_pack_statistics", "distributed_unpack_statistics",
+                "distributed_pack_inverses", "distributed_unpack_inverses",
             )
         }
         self.lock = threading.RLock()
@@ -279,6 +281,38 @@ class Handle:
                   self.cast(previous_products), rows, dim, distribution,
                   ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
         return float(alpha.value), float(mu.value), float(predicted.value)
+
+    # -----------------------------------------------------------------------------------------
+    # Distributed runs (experimental)
+    # -----------------------------------------------------------------------------------------
+
+    def set_world(self, rank: int, size: int) -> None:
+        self.call(_lib.kfac_distributed_set_world, rank, size)
+
+    def get_world(self) -> Tuple[int, int]:
+        rank, size = ctypes.c_int32(), ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_world, ctypes.byref(rank), ctypes.byref(size))
+        return int(rank.value), int(size.value)
+
+    def exchange_count(self, what: int) -> int:
+        count = ctypes.c_int64()
+        self.call(_lib.kfac_distributed_get_count, what, ctypes.byref(count))
+        return int(count.value)
+
+    def exchange_due(self, what: int) -> bool:
+        due = ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_due, what, ctypes.byref(due))
+        return bool(due.value)
+
+    def inverse_owner(self, layer: int, group: int, side: int, block: int) -> int:
+        rank = ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_owner, layer, group, side, block, ctypes.byref(rank))
+        return int(rank.value)
+
+    def exchange(self, name: str, address: int, count: int) -> None:
+        """kfac_distributed_<name>_* (pack_statistics, unpack_statistics, pack_inverses,
+        unpack_inverses) on the buffer at ``address`` of ``count`` values."""
+        self.call(self._fn["distributed_" + name], self.cast(address), count)
 
     def candidate_count(self) -> int:
         return int(self._get(_lib.kfac_candidates_get_count, ctypes.c_int32))

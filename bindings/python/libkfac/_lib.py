@@ -110,7 +110,8 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC, 500–599
+# distributed), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ KFAC_PARAM_DAMPING_MIN = 205
 KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
 KFAC_PARAM_EKFAC_DECAY = 400
 KFAC_PARAM_EKFAC_MODE = 401
+KFAC_PARAM_DISTRIBUTED_REDUCE = 500
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
@@ -218,6 +220,15 @@ KFAC_CG_REASON_CALLER = 5
 
 KFAC_EKFAC_PER_EXAMPLE = 0
 KFAC_EKFAC_PER_ROW = 1
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_distributed_reduce, enum kfac_distributed_exchange (experimental: distributed runs)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_DISTRIBUTED_REDUCE_EAGER = 0
+KFAC_DISTRIBUTED_REDUCE_LAZY = 1
+KFAC_DISTRIBUTED_STATISTICS = 0
+KFAC_DISTRIBUTED_INVERSES = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -619,6 +630,20 @@ _PROTOTYPES = [
     ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
     ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
     ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
+    # Experimental (KFAC_EXPERIMENTAL_API): distributed runs
+    ("kfac_distributed_set_world", c_int, [_P, c_int32, c_int32]),
+    ("kfac_distributed_get_world", c_int, [_P, POINTER(c_int32), POINTER(c_int32)]),
+    ("kfac_distributed_get_count", c_int, [_P, c_int32, POINTER(c_int64)]),
+    ("kfac_distributed_get_due", c_int, [_P, c_int32, POINTER(c_int32)]),
+    ("kfac_distributed_get_owner", c_int, [_P, c_int32, c_int32, c_int32, c_int32, POINTER(c_int32)]),
+    ("kfac_distributed_pack_statistics_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_statistics_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_statistics_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_statistics_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_pack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
@@ -626,7 +651,7 @@ EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
                                                         "kfac_layer_record_output_grad_columns_",
                                                         "kfac_layer_record_examples_",
-                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_")))
+                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_", "kfac_distributed_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

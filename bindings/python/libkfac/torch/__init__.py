@@ -169,6 +169,19 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             (every token or position its own example: one gemm per step, cross terms dropped).
             For plain ``[N, in]`` batches the two are identical.
 
+    Distributed runs (experimental; library family ``distributed``):
+        process_group: a ``torch.distributed`` process group (``True``: the default group) whose
+            ranks train one model data-parallel. Each rank records the statistics of its own
+            local batch; :meth:`step` then SUM-allreduces the packed statistics and inverses
+            (``all_reduce``; gloo on CPU shares the buffers, NCCL copies them to the device and
+            back), each rank inverting only the blocks it owns, so that every rank gets the same
+            directions as one process on the union batch. The gradients must already be those
+            of the union batch's mean loss (DDP's average is, for equal local batches); the
+            library never reduces gradients.
+        distributed_reduce: ``'eager'`` (the default: union statistics at every factor update,
+            exact for any local batch sizes) or ``'lazy'`` (moving averages averaged only before
+            an inverse update: less traffic, exact only for equal local batches).
+
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
             preconditioned layers must then share one dtype). A different dtype works through
@@ -215,6 +228,9 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         # EKFAC
         ekfac_decay: Optional[float] = None,
         ekfac_mode: Union[None, str, int] = None,
+        # distributed (experimental)
+        process_group=None,
+        distributed_reduce: Union[None, str, int] = None,
         # layers
         dtype=None,
         skip_layers: Iterable = (),
@@ -233,6 +249,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
             damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
             ekfac_decay=ekfac_decay, ekfac_mode=ekfac_mode,
+            distributed_reduce=distributed_reduce,
         )
         self.model = model
         self._layers = discover_layers(model, skip_layers)
@@ -246,6 +263,13 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         )
         if lr is not None:
             self.lr = lr
+        # Distributed runs: the process group whose ranks share the statistics and inverses.
+        self._process_group = None
+        if process_group is not None:
+            import torch.distributed as dist
+
+            self._process_group = None if process_group is True else process_group
+            self.optimizer.set_world(dist.get_rank(self._process_group), dist.get_world_size(self._process_group))
         # Statistics hooks: paused during the adaptive step's own forward passes; once
         # sampled_fisher_backward was used, ordinary backward passes record nothing.
         self._paused = False
@@ -302,6 +326,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
                 self._grad_buffer(module.bias, keep, write_back) if module.bias is not None else 0
             )
         try:
+            if self.optimizer.world[1] > 1:
+                self.optimizer.synchronize(self._allreduce_sum)
             self.optimizer.handle.step(self.optimizer.handle.pointer_arrays(weight_addresses, bias_addresses))
         finally:
             for layer in self._layers:
@@ -311,6 +337,21 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         for grad, buffer in write_back:
             grad.copy_(buffer)
         self._directions_ready = True
+
+    def _allreduce_sum(self, array):
+        """SUM-allreduces a packed buffer over the process group, in place: the tensor shares the
+        array's memory (gloo). NCCL needs device tensors: the buffer goes through a host→device
+        copy and back (2 copies of the pack per exchange)."""
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(array)
+        if dist.get_backend(self._process_group) == "nccl":
+            device_tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(device_tensor, op=dist.ReduceOp.SUM, group=self._process_group)
+            tensor.copy_(device_tensor.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._process_group)
+        return array
 
     def _grad_buffer(self, parameter: torch.Tensor, keep: list, write_back: list) -> int:
         """The address of a buffer holding ``parameter.grad`` that the library may overwrite:
