@@ -30,12 +30,12 @@ LIB := .build/release/libkfac.so
 CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
 LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
 
-.PHONY: all deps deps-apt deps-python deps-mnist lib demo demo-mnist demo-python test test-swift test-capi test-examples test-python \
+.PHONY: all deps deps-apt deps-mpi mpi test-mpi deps-python deps-mnist lib demo demo-mnist demo-python test test-swift test-capi test-examples test-python \
         test-cpp test-install deps-cxx deps-install bench bench-train install uninstall clean
 
 all: lib
 
-deps: deps-apt deps-python
+deps: deps-apt deps-python deps-mpi
 
 deps-apt:
 	@if ! ( [ -e /usr/include/lapacke.h ] && ( [ -e /usr/include/cblas.h ] || ls /usr/include/*/cblas.h >/dev/null 2>&1 ) \
@@ -43,6 +43,14 @@ deps-apt:
 	    echo "installing OpenBLAS and LAPACKE (apt)"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas-dev liblapacke-dev pkg-config; \
+	fi
+
+# Open MPI for the optional companion library libkfac_mpi (make mpi) and its mpirun test.
+deps-mpi:
+	@if ! ( command -v mpicc >/dev/null && command -v mpirun >/dev/null ); then \
+	    echo "installing Open MPI (apt)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev; \
 	fi
 
 deps-python:
@@ -87,7 +95,7 @@ demo-mnist: build/train_autoencoder $(MNIST5K)
 demo-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
 
-test: deps test-swift test-capi test-cpp test-examples test-python
+test: deps test-swift test-capi test-cpp test-examples test-python test-mpi
 
 test-swift: deps-apt
 	swift test
@@ -115,6 +123,26 @@ test-examples: build/train_mlp build/train_autoencoder build/train_newton_cg
 
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
+
+# libkfac_mpi: the optional Open MPI companion (include/kfac_mpi.h, mpi/kfac_mpi.c; plain C, one
+# build per MPI implementation), and its test: 3 ranks on loopback, each compared with a
+# single-process reference (bounded to 5 minutes).
+MPICC ?= mpicc
+MPI_LIB := build/libkfac_mpi.so
+MPIRUN_FLAGS := --allow-run-as-root --oversubscribe
+
+mpi: $(MPI_LIB)
+
+$(MPI_LIB): mpi/kfac_mpi.c include/kfac_mpi.h include/kfac.h lib | deps-mpi
+	@mkdir -p build
+	$(MPICC) -std=c11 -O2 -Wall -Wextra -Werror -fPIC -shared -I include -o $@ mpi/kfac_mpi.c $(LDFLAGS_KFAC)
+
+build/test_mpi: Tests/mpi/test_mpi.c Tests/distributed/dist_model.h $(MPI_LIB)
+	$(MPICC) -std=c11 -Wall -Wextra -Werror -I include -o $@ Tests/mpi/test_mpi.c -L build -lkfac_mpi \
+	    -Wl,-rpath,$(CURDIR)/build $(LDFLAGS_KFAC) -lm
+
+test-mpi: build/test_mpi
+	OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./build/test_mpi
 
 # The C++ wrapper include/kfac.hpp: it calls every function of kfac.h; error paths, ownership,
 # the parameter table, training steps.
@@ -149,6 +177,11 @@ install: lib
 	ln -sf libkfac.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkfac.so
 	install -m 644 include/kfac.h include/kfac.hpp $(DESTDIR)$(PREFIX)/include/
+	if [ -e $(MPI_LIB) ]; then \
+	    install -m 755 $(MPI_LIB) $(DESTDIR)$(PREFIX)/lib/libkfac_mpi.so && \
+	    install -m 644 include/kfac_mpi.h $(DESTDIR)$(PREFIX)/include/ && \
+	    sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' mpi/kfac_mpi.pc.in \
+	        > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac_mpi.pc; fi
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' kfac.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
 	for f in kfacConfig kfacConfigVersion; do \
 	    sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME@|$(SONAME)|g' -e 's|@MAJOR@|$(call version_part,MAJOR)|g' \
@@ -156,6 +189,7 @@ install: lib
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/lib/libkfac.so* $(DESTDIR)$(PREFIX)/include/kfac.h $(DESTDIR)$(PREFIX)/include/kfac.hpp \
+	      $(DESTDIR)$(PREFIX)/lib/libkfac_mpi.so $(DESTDIR)$(PREFIX)/include/kfac_mpi.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac_mpi.pc \
 	      $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc $(DESTDIR)$(PREFIX)/lib/cmake/kfac/kfacConfig*.cmake
 	-rmdir $(DESTDIR)$(PREFIX)/lib/cmake/kfac
 

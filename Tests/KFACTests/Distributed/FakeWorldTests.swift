@@ -173,6 +173,14 @@ final class FakeWorldTests: XCTestCase {
         }
     }
 
+    func testSpreadInversions() throws {
+        // Each step re-inverts the blocks of its phase: the exchange carries those only.
+        for strategy in InverseStrategy.allCases {
+            let d = try run(ranks: 3, strategy: strategy, reduce: .eager, steps: 8) { $0.inverseSpread = true }
+            XCTAssertLessThan(d, 1e-12, "spread, \(strategy)")
+        }
+    }
+
     func testCheckpointResumeMidRun() throws {
         for strategy in InverseStrategy.allCases {
             let d = try run(ranks: 3, strategy: strategy, reduce: .eager, steps: 8, checkpoint: 3)
