@@ -1469,6 +1469,14 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * fails with NON_FINITE on every rank alike, leaving every handle as before the step. Unpack
  * checks that every value is finite and every count a whole number >= 0.
  *
+ * The adaptive mode is not reduced by the library yet: kfac_adaptive_solve_step_size_* and
+ * kfac_candidates_solve_step_size_* form their model from the rows they are given. To get the same
+ * α and μ on every rank, give every rank the union batch's outputs and J·D products (gather them
+ * first); the loss report too must be the union batch's.
+ *
+ * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
+ * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).
+ *
  * Threading: as every call on a handle, one thread at a time; pack and unpack do not
  * communicate, so the allreduce may run on any thread the engine needs (MPI_THREAD_FUNNELED
  * suffices when the caller communicates on its calling thread).
@@ -1497,7 +1505,7 @@ KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank
  *  then the output factor, each factor's blocks' upper triangles (b(b+1)/2 values each) then one
  *  count. Inverses: per group, the inverse strategy's representation. Fixed once layers are
  *  registered (inverses: for the current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what),
- *  OUT_OF_MEMORY. */
+ *  UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
 
 /** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
@@ -1512,29 +1520,29 @@ KFAC_API int kfac_distributed_get_owner(const kfac_optimizer *opt, int32_t layer
 
 /** Since 0.2. Writes this rank's statistics (see "Statistics") into buffer[count], count from
  *  kfac_distributed_get_count. Changes nothing in the handle. Errors: NULL_POINTER, INVALID_SIZE
- *  (count), DTYPE_MISMATCH, OUT_OF_MEMORY. */
+ *  (count), DTYPE_MISMATCH, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_pack_statistics_f32(kfac_optimizer *opt, float *buffer, int64_t count);
 KFAC_API int kfac_distributed_pack_statistics_f64(kfac_optimizer *opt, double *buffer, int64_t count);
 
 /** Since 0.2. Replaces the statistics by the SUM-allreduced pack (eager: the pending statistics
  *  become the union's; lazy: each factor becomes the mean of the ranks' moving averages, nothing
  *  pending). Use the reduce mode the pack used. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH,
- *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), OUT_OF_MEMORY. On
- *  error nothing changes. */
+ *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), UNSUPPORTED (EKFAC),
+ *  OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_unpack_statistics_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
 KFAC_API int kfac_distributed_unpack_statistics_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
 
 /** Since 0.2. Computes the inverses the next step needs for the units this rank owns and writes
  *  every group's inverse, zeros elsewhere (all zeros when no inverse is due). Nothing committed
  *  changes. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NO_STATISTICS, NO_INVERSES,
- *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, OUT_OF_MEMORY; on an error after the size
+ *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, UNSUPPORTED (EKFAC), OUT_OF_MEMORY; on an error after the size
  *  checks the buffer is filled with NaN (see "Errors and rollback"). */
 KFAC_API int kfac_distributed_pack_inverses_f32(kfac_optimizer *opt, float *buffer, int64_t count);
 KFAC_API int kfac_distributed_pack_inverses_f64(kfac_optimizer *opt, double *buffer, int64_t count);
 
 /** Since 0.2. Takes the SUM-allreduced inverse pack as the inverses the next step commits.
  *  Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NON_FINITE (some rank's pack failed),
- *  NO_STATISTICS, NO_INVERSES, OUT_OF_MEMORY. On error nothing changes. */
+ *  NO_STATISTICS, NO_INVERSES, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_unpack_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
 KFAC_API int kfac_distributed_unpack_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
 

@@ -133,6 +133,13 @@ extension KFACOptimizer {
         return s
     }
 
+    /// EKFAC's scaling S comes from per-example statistics that the exchange does not carry yet.
+    private func checkStrategySupported() throws(KFACError) {
+        guard parameters.inverseStrategy != .ekfac else {
+            throw KFACError(.unsupported, "distributed runs do not support the EKFAC strategy yet (its scaling is not exchanged)")
+        }
+    }
+
     private func checkCount(_ count: Int, _ expected: Int, _ what: String) throws(KFACError) {
         guard count == expected else {
             throw KFACError(.invalidSize, "the \(what) buffer must hold exactly \(expected) values, got \(count)")
@@ -143,6 +150,7 @@ extension KFACOptimizer {
     /// counts; lazy: moving averages and 1/0 weights). Changes nothing.
     public func packStatistics(into out: UnsafeMutablePointer<Scalar>?, count: Int) throws(KFACError) {
         guard let out else { throw KFACError(.nullPointer, "statistics buffer is NULL") }
+        try checkStrategySupported()
         try checkCount(count, statisticsPackCount, "statistics")
         let scratch = try packScratch()
         let lazy = parameters.distributedReduce == .lazy
@@ -162,6 +170,7 @@ extension KFACOptimizer {
     /// becomes the mean of the ranks' averages and nothing stays pending. On error nothing changed.
     public func unpackStatistics(from p: UnsafePointer<Scalar>?, count: Int) throws(KFACError) {
         guard let p else { throw KFACError(.nullPointer, "statistics buffer is NULL") }
+        try checkStrategySupported()
         try checkCount(count, statisticsPackCount, "statistics")
         guard Scalar.allFinite(p, count: count) else { throw KFACError(.nonFinite, "the reduced statistics contain NaN or Inf") }
         let lazy = parameters.distributedReduce == .lazy
@@ -197,6 +206,7 @@ extension KFACOptimizer {
     /// Values of an inverse pack for the current strategy: every Kronecker block's inverse
     /// image (the representation's state-image section), in block order.
     public func inversePackCount() throws(KFACError) -> Int {
+        try checkStrategySupported()
         let strategy = parameters.inverseStrategy
         var total = 0
         for c in estimator.blocks {
