@@ -1469,10 +1469,14 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * fails with NON_FINITE on every rank alike, leaving every handle as before the step. Unpack
  * checks that every value is finite and every count a whole number >= 0.
  *
- * The adaptive mode is not reduced by the library yet: kfac_adaptive_solve_step_size_* and
- * kfac_candidates_solve_step_size_* form their model from the rows they are given. To get the same
- * α and μ on every rank, give every rank the union batch's outputs and J·D products (gather them
- * first); the loss report too must be the union batch's.
+ * The adaptive mode. kfac_adaptive_solve_step_size_* and kfac_candidates_solve_step_size_* form
+ * their quadratic model from the rows they are given. In a distributed run each rank instead
+ * packs the model's output-space sums over its own rows (kfac_distributed_pack_model_sums_*: per
+ * candidate Σ uᵀFu, Σ uᵀFv, Σ vᵀFv with u = J·D_k, v = J·δ₀; then the rows; then a flag), the
+ * caller SUM-allreduces the 3·n_candidates + 2 doubles, and kfac_distributed_solve_model_sums
+ * solves from them on every rank: the union batch's α, μ and M(δ), bit-identical everywhere (the
+ * directions' inner products are already identical). Report the union batch's mean losses to
+ * kfac_adaptive_report_loss_change on every rank.
  *
  * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
  * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).
@@ -1545,6 +1549,34 @@ KFAC_API int kfac_distributed_pack_inverses_f64(kfac_optimizer *opt, double *buf
  *  NO_STATISTICS, NO_INVERSES, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_unpack_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
 KFAC_API int kfac_distributed_unpack_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
+/** Since 0.2. The adaptive mode's model sums over this rank's rows, for a SUM-allreduce:
+ *  sums[3k], sums[3k+1], sums[3k+2] = Σ_n u_nᵀF_n u_n, u_nᵀF_n v_n, v_nᵀF_n v_n for candidate k
+ *  (u = direction_products[k], v = previous_products, F_n the output Fisher at outputs[n]), then
+ *  sums[3·n_candidates] = rows and sums[3·n_candidates + 1] = 1 if the previous update takes part
+ *  (previous_products given and a previous solve), else 0; n_sums must be 3·n_candidates + 2.
+ *  n_candidates 1 solves for candidate 0 (as kfac_adaptive_solve_step_size_*), else it must be
+ *  kfac_candidates_get_count. Arguments as kfac_candidates_solve_step_size_*, except that rows may
+ *  be 0 (a rank without examples: zeros; outputs and products are not read). Changes nothing.
+ *  Errors: those of kfac_candidates_solve_step_size_*, INVALID_SIZE (n_sums). */
+KFAC_API int kfac_distributed_pack_model_sums_f32(kfac_optimizer *opt, const float *outputs,
+                                                  const float *const *direction_products, int32_t n_candidates,
+                                                  const float *previous_products, int64_t rows, int64_t output_dim,
+                                                  int32_t distribution, double *sums, int64_t n_sums);
+KFAC_API int kfac_distributed_pack_model_sums_f64(kfac_optimizer *opt, const double *outputs,
+                                                  const double *const *direction_products, int32_t n_candidates,
+                                                  const double *previous_products, int64_t rows, int64_t output_dim,
+                                                  int32_t distribution, double *sums, int64_t n_sums);
+
+/** Since 0.2. Solves the step size from SUM-allreduced model sums (the layout of
+ *  kfac_distributed_pack_model_sums_*; n_sums = 3·n_candidates + 2) exactly as
+ *  kfac_adaptive_solve_step_size_* (one candidate) or kfac_candidates_solve_step_size_* would on
+ *  the union batch: *chosen (may be NULL), *alpha, *mu, *predicted_change (may be NULL); the
+ *  update and the kept γ as there. Errors: NULL_POINTER, INVALID_SIZE (n_sums), INVALID_ARGUMENT
+ *  (candidate count, a row count that is not a whole number >= 1), NON_FINITE, NO_STEP,
+ *  OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double *sums, int64_t n_sums, int32_t *chosen,
+                                               double *alpha, double *mu, double *predicted_change);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 

@@ -796,6 +796,34 @@ public:
         check(kfac_distributed_unpack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
               "kfac_distributed_unpack_inverses_f64");
     }
+    /** kfac_distributed_pack_model_sums_f32 / _f64 (n_candidates = direction_products.size(),
+     *  n_sums = sums.size() = 3·n_candidates + 2). */
+    void distributed_pack_model_sums(const float *outputs, span<const float *const> direction_products,
+                                     const float *previous_products, int64_t rows, int64_t output_dim,
+                                     int32_t distribution, span<double> sums) {
+        check(kfac_distributed_pack_model_sums_f32(handle_, outputs, direction_products.data(),
+                                                   static_cast<int32_t>(direction_products.size()), previous_products,
+                                                   rows, output_dim, distribution, sums.data(),
+                                                   static_cast<int64_t>(sums.size())),
+              "kfac_distributed_pack_model_sums_f32");
+    }
+    void distributed_pack_model_sums(const double *outputs, span<const double *const> direction_products,
+                                     const double *previous_products, int64_t rows, int64_t output_dim,
+                                     int32_t distribution, span<double> sums) {
+        check(kfac_distributed_pack_model_sums_f64(handle_, outputs, direction_products.data(),
+                                                   static_cast<int32_t>(direction_products.size()), previous_products,
+                                                   rows, output_dim, distribution, sums.data(),
+                                                   static_cast<int64_t>(sums.size())),
+              "kfac_distributed_pack_model_sums_f64");
+    }
+    /** kfac_distributed_solve_model_sums. */
+    step_size distributed_solve_model_sums(span<const double> sums) {
+        step_size r;
+        check(kfac_distributed_solve_model_sums(handle_, sums.data(), static_cast<int64_t>(sums.size()), &r.chosen,
+                                                &r.alpha, &r.mu, &r.predicted_change),
+              "kfac_distributed_solve_model_sums");
+        return r;
+    }
 #endif /* KFAC_EXPERIMENTAL_API */
 
 private:

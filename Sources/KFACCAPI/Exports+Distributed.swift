@@ -120,3 +120,62 @@ public func kfac_distributed_unpack_inverses_f32(_ opt: OpaquePointer?, _ buffer
 public func kfac_distributed_unpack_inverses_f64(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Double>?, _ n: Int64) -> Int32 {
     withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.unpackInverses(from: buffer, count: try count(n)) }
 }
+
+private func packModelSums<S: KFACScalar>(
+    _ o: KFACOptimizer<S>, _ outputs: UnsafePointer<S>?, _ products: UnsafePointer<UnsafePointer<S>?>?, _ candidates: Int32,
+    _ previous: UnsafePointer<S>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ sums: UnsafeMutablePointer<Double>?, _ n: Int64
+) throws(KFACError) {
+    let d = try distribution(dist)
+    guard rows >= 0 else { throw KFACError(.invalidSize, "rows must be >= 0, got \(rows)") }
+    let table = rows > 0 ? try required(products, "direction_products") : products
+    try o.packModelSums(outputs: outputs, candidateProducts: { table?[$0] }, candidates: Int(candidates),
+                        previousProducts: previous, rows: Int(rows), dim: Int(dim), distribution: d,
+                        into: sums, count: try count(n))
+}
+
+@c @implementation
+public func kfac_distributed_pack_model_sums_f32(
+    _ opt: OpaquePointer?, _ outputs: UnsafePointer<Float>?, _ products: UnsafePointer<UnsafePointer<Float>?>?, _ candidates: Int32,
+    _ previous: UnsafePointer<Float>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ sums: UnsafeMutablePointer<Double>?, _ n: Int64
+) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in
+        try packModelSums(o, outputs, products, candidates, previous, rows, dim, dist, sums, n)
+    }
+}
+
+@c @implementation
+public func kfac_distributed_pack_model_sums_f64(
+    _ opt: OpaquePointer?, _ outputs: UnsafePointer<Double>?, _ products: UnsafePointer<UnsafePointer<Double>?>?, _ candidates: Int32,
+    _ previous: UnsafePointer<Double>?, _ rows: Int64, _ dim: Int64, _ dist: Int32, _ sums: UnsafeMutablePointer<Double>?, _ n: Int64
+) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in
+        try packModelSums(o, outputs, products, candidates, previous, rows, dim, dist, sums, n)
+    }
+}
+
+/// The precision-independent solve from reduced model sums.
+private protocol ModelSumSolver: AnyObject {
+    func solveModelSums(_ sums: UnsafePointer<Double>?, count: Int) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double)
+}
+
+extension KFACOptimizer: ModelSumSolver {}
+
+@c @implementation
+public func kfac_distributed_solve_model_sums(
+    _ opt: OpaquePointer?, _ sums: UnsafePointer<Double>?, _ n: Int64, _ chosen: UnsafeMutablePointer<Int32>?,
+    _ alpha: UnsafeMutablePointer<Double>?, _ mu: UnsafeMutablePointer<Double>?, _ predicted: UnsafeMutablePointer<Double>?
+) -> Int32 {
+    withHandle(opt) { (handle) throws(KFACError) in
+        let a = try required(alpha, "alpha"), m = try required(mu, "mu")
+        let solver: any ModelSumSolver
+        switch handle.engine {
+        case .float32(let o): solver = o
+        case .float64(let o): solver = o
+        }
+        let r = try solver.solveModelSums(sums, count: try count(n))
+        chosen?.pointee = Int32(r.chosen)
+        a.pointee = r.alpha
+        m.pointee = r.mu
+        predicted?.pointee = r.predictedChange
+    }
+}

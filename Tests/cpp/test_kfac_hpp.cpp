@@ -293,6 +293,17 @@ static void test_distributed() {
     double worst = 0;
     for (std::size_t i = 0; i < 12; i++) worst = std::max(worst, std::fabs(w[1][i] - w[0][i]) / std::fabs(w[0][i]));
     CHECK(worst < 1e-12);
+    // The adaptive mode's model sums: a one-example solve on both ranks gives the same α.
+    std::vector<double> z = {0.1, -0.2, 0.3}, jd = {0.5, 0.25, -0.5}, sums0(5), sums1(5), total(5);
+    const double *products[] = {jd.data()};
+    r0.distributed_pack_model_sums(z.data(), products, nullptr, 1, 3, KFAC_DIST_CATEGORICAL, sums0);
+    const double *none[] = {nullptr};  // rank 1 has no examples this step: zeros
+    r1.distributed_pack_model_sums(nullptr, none, nullptr, 0, 3, KFAC_DIST_CATEGORICAL, sums1);
+    for (std::size_t i = 0; i < 5; i++) total[i] = sums0[i] + sums1[i];
+    CHECK(total[3] == 1.0);
+    const auto s0 = r0.distributed_solve_model_sums(total), s1 = r1.distributed_solve_model_sums(total);
+    CHECK(s0.alpha == s1.alpha && s0.mu == 0.0);
+    expect_error([&] { r0.distributed_solve_model_sums(total); }, KFAC_ERROR_NO_STEP, "kfac_distributed_solve_model_sums");
     std::vector<double> short_buffer(3);
     expect_error([&] { r0.distributed_pack_statistics(short_buffer); }, KFAC_ERROR_INVALID_SIZE,
                  "kfac_distributed_pack_statistics_f64");

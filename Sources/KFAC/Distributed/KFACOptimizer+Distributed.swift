@@ -316,3 +316,70 @@ extension KFACOptimizer {
         try estimator.stageInverses(foldingPending: folding, settings: settings, damping: damping)
     }
 }
+
+// MARK: The adaptive mode's model sums
+
+extension KFACOptimizer {
+    /// Values of a model-sum pack for `candidates` candidates: per candidate Σ uᵀFu, Σ uᵀFv,
+    /// Σ vᵀFv over this rank's rows, then the rows, then 1 if the previous update takes part.
+    public static func modelSumCount(candidates: Int) -> Int { 3 * candidates + 2 }
+
+    /// Writes this rank's output-space sums of the adaptive mode's quadratic model (what
+    /// `solveStepSize` forms from the rows it is given) for a SUM-allreduce: `candidates` 1
+    /// solves for candidate 0 as `solveStepSize` does, else it must be the candidate count.
+    /// `rows` may be 0 (a rank without examples: zeros; the pointers are not read). Changes nothing.
+    public func packModelSums(outputs: UnsafePointer<Scalar>?, candidateProducts products: (Int) -> UnsafePointer<Scalar>?,
+                              candidates count: Int, previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
+                              distribution: OutputDistribution, into out: UnsafeMutablePointer<Double>?, count values: Int) throws(KFACError) {
+        guard let out else { throw KFACError(.nullPointer, "sums buffer is NULL") }
+        guard count >= 1 else { throw KFACError(.invalidArgument, "n_candidates must be >= 1, got \(count)") }
+        try checkCount(values, Self.modelSumCount(candidates: count), "model sums")
+        guard rows != 0 else {
+            // A rank without examples this step contributes zeros (and the flag).
+            guard adaptive.directionsAvailable else {
+                throw KFACError(.noStep, "solve the step size after a successful step (and only once per step)")
+            }
+            out.initialize(repeating: 0, count: values)
+            out[3 * count + 1] = previousProducts != nil && adaptive.hasPreviousUpdate ? 1 : 0
+            return
+        }
+        let usePrevious = try checkModelInputs(outputs: outputs, products: products, count: count, firstOnly: count == 1,
+                                               previousProducts: previousProducts, rows: rows, dim: dim)
+        for k in 0..<count {
+            let f = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs!, rows: rows, dim: dim,
+                                                u: products(k)!, v: usePrevious ? previousProducts : nil)
+            (out[3 * k], out[3 * k + 1], out[3 * k + 2]) = (f.uu, f.uv, f.vv)
+        }
+        out[3 * count] = Double(rows)
+        out[3 * count + 1] = usePrevious ? 1 : 0
+    }
+
+    /// The solve from SUM-allreduced model sums (`packModelSums`): α, μ and M(δ) of the union
+    /// batch, and the kept candidate, as `solveStepSize` (one candidate) or its candidate form.
+    /// On error nothing changes.
+    public func solveModelSums(_ sums: UnsafePointer<Double>?, count values: Int) throws(KFACError)
+        -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
+        guard let sums else { throw KFACError(.nullPointer, "sums buffer is NULL") }
+        guard values >= 5, (values - 2) % 3 == 0 else {
+            throw KFACError(.invalidSize, "model sums hold 3 values per candidate, the rows and a flag, got \(values)")
+        }
+        let count = (values - 2) / 3
+        guard adaptive.directionsAvailable else {
+            throw KFACError(.noStep, "solve the step size after a successful step (and only once per step)")
+        }
+        guard count == 1 || count == candidates.list.count else {
+            throw KFACError(.invalidArgument, "the last step has \(candidates.list.count) candidates, got sums for \(count)")
+        }
+        guard (0..<values).allSatisfy({ sums[$0].isFinite }) else {
+            throw KFACError(.nonFinite, "the reduced model sums contain NaN or Inf")
+        }
+        let rows = sums[values - 2]
+        guard rows >= 1, rows.rounded() == rows else {
+            throw KFACError(.invalidArgument, "the reduced row count is \(rows), not a whole number >= 1")
+        }
+        let usePrevious = adaptive.hasPreviousUpdate && sums[values - 1] > 0
+        return try solve(count: count, firstOnly: count == 1, usePrevious: usePrevious, rows: rows) { k in
+            (sums[3 * k], sums[3 * k + 1], sums[3 * k + 2])
+        }
+    }
+}

@@ -274,4 +274,95 @@ final class FakeWorldTests: XCTestCase {
         }
         XCTAssertThrowsError(try opt.inversePackCount()) { XCTAssertEqual(($0 as? KFACError)?.status, .unsupported) }
     }
+
+    /// The adaptive mode: a linear softmax model z = W x + b (so J·D = D_W x + D_b), each rank
+    /// packing the model sums of its own uneven slice; α, μ and the update on every rank are
+    /// bit-identical and equal to one handle's solve on the union batch.
+    func testAdaptiveModelSums() throws {
+        let (inF, outF, rows) = (5, 3, 11)
+        func make(_ r: Int, _ p: Int) throws -> KFACOptimizer<S> {
+            let o = try KFACOptimizer<S>()
+            var q = o.parameters
+            q.klClip = 0; q.inverseUpdatePeriod = 2; q.threadCount = 1
+            try o.setParameters(q)
+            try o.addDense(inFeatures: inF, outFeatures: outF, hasBias: true)
+            try o.setWorld(rank: r, size: p)
+            return o
+        }
+        func products(_ d: LayerGradient<S>, _ x: [S], _ lo: Int, _ hi: Int) -> [S] {
+            var out = [S](repeating: 0, count: (hi - lo) * outF)
+            for n in lo..<hi { for i in 0..<outF {
+                var v = d.bias![i]
+                for j in 0..<inF { v += d.weight[i * inF + j] * x[n * inF + j] }
+                out[(n - lo) * outF + i] = v
+            } }
+            return out
+        }
+        for p in 1...4 {
+            var random = SeededRandom(21)
+            let reference = try make(0, 1)
+            let ranks = try (0..<p).map { try make($0, p) }
+            let cut = slices(rows: rows, ranks: p, even: false)
+            var previousRef: LayerGradient<S>?
+            var previousRanks = [LayerGradient<S>?](repeating: nil, count: p)
+            for _ in 0..<4 {
+                let x: [S] = random.array(rows * inF), g: [S] = random.array(rows * outF, scale: 0.5)
+                let z: [S] = random.array(rows * outF)
+                let grads = [LayerGradient<S>(weight: random.array(inF * outF), bias: random.array(outF))]
+                try reference.recordInputs(layer: 0, x, rows: rows)
+                try reference.recordOutputGradients(layer: 0, g, rows: rows)
+                for (r, o) in ranks.enumerated() where cut[r].1 > cut[r].0 {
+                    let (lo, hi) = cut[r]
+                    try o.recordInputs(layer: 0, Array(x[lo * inF..<hi * inF]), rows: hi - lo)
+                    try o.recordOutputGradients(layer: 0, Array(g[lo * outF..<hi * outF]), rows: hi - lo)
+                }
+                try exchange(ranks)
+                var d = grads
+                try reference.step(&d)
+                let jd = products(d[0], x, 0, rows)
+                let jp = previousRef.map { products($0, x, 0, rows) }
+                let want = try z.withUnsafeBufferPointer { zp in try jd.withUnsafeBufferPointer { a in
+                    try (jp ?? []).withUnsafeBufferPointer { b in
+                        try reference.solveStepSize(outputs: zp.baseAddress, directionProducts: a.baseAddress,
+                                                    previousProducts: jp == nil ? nil : b.baseAddress, rows: rows, dim: outF,
+                                                    distribution: .categorical)
+                    } } }
+                previousRef = try reference.update()[0]
+                // The ranks: local sums, the fake allreduce, the solve.
+                let n = KFACOptimizer<S>.modelSumCount(candidates: 1)
+                var sums = [[S]](repeating: [S](repeating: 0, count: n), count: p)
+                for (r, o) in ranks.enumerated() {
+                    var dr = grads
+                    try o.step(&dr)
+                    let (lo, hi) = cut[r]
+                    let zl = Array(z[lo * outF..<hi * outF]) + [0], jl = products(dr[0], x, lo, hi) + [0]
+                    let pl = previousRanks[r].map { products($0, x, lo, hi) + [0] }
+                    // An empty slice (rows 0) contributes zeros.
+                    do {
+                        try zl.withUnsafeBufferPointer { zp in try jl.withUnsafeBufferPointer { a in
+                            try (pl ?? []).withUnsafeBufferPointer { b in
+                                try sums[r].withUnsafeMutableBufferPointer { out in
+                                    try o.packModelSums(outputs: zp.baseAddress, candidateProducts: { _ in a.baseAddress }, candidates: 1,
+                                                        previousProducts: pl == nil ? nil : b.baseAddress, rows: hi - lo, dim: outF,
+                                                        distribution: .categorical, into: out.baseAddress, count: n)
+                                } } } }
+                    }
+                }
+                allreduce(&sums)
+                var results: [(Double, Double)] = []
+                for (r, o) in ranks.enumerated() {
+                    let got = try sums[r].withUnsafeBufferPointer { try o.solveModelSums($0.baseAddress, count: n) }
+                    results.append((got.alpha, got.mu))
+                    previousRanks[r] = try o.update()[0]
+                    XCTAssertEqual(previousRanks[r], previousRanks[0], "P = \(p): rank \(r)'s update differs")
+                }
+                for (a, m) in results {
+                    XCTAssertEqual(a.bitPattern, results[0].0.bitPattern)
+                    XCTAssertEqual(m.bitPattern, results[0].1.bitPattern)
+                }
+                XCTAssertLessThan(abs(results[0].0 - want.alpha), 1e-12 * abs(want.alpha), "P = \(p): α")
+                XCTAssertLessThan(abs(results[0].1 - want.mu), 1e-12 * max(abs(want.mu), 1e-300) + 1e-300, "P = \(p): μ")
+            }
+        }
+    }
 }

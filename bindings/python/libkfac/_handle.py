@@ -60,7 +60,7 @@ class Handle:
                 "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
                 "layer_record_examples", "layer_get_ekfac_scaling",
                 "distributed_pack_statistics", "distributed_unpack_statistics",
-                "distributed_pack_inverses", "distributed_unpack_inverses",
+                "distributed_pack_inverses", "distributed_unpack_inverses", "distributed_pack_model_sums",
             )
         }
         self.lock = threading.RLock()
@@ -313,6 +313,21 @@ class Handle:
         """kfac_distributed_<name>_* (pack_statistics, unpack_statistics, pack_inverses,
         unpack_inverses) on the buffer at ``address`` of ``count`` values."""
         self.call(self._fn["distributed_" + name], self.cast(address), count)
+
+    def pack_model_sums(self, outputs: int, direction_products: Sequence[int], previous_products: int,
+                        rows: int, dim: int, distribution: int, sums: int, n_sums: int) -> None:
+        n = len(direction_products)
+        products = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in direction_products])
+        self.call(self._fn["distributed_pack_model_sums"], self.cast(outputs), products, n,
+                  self.cast(previous_products), rows, dim, distribution,
+                  ctypes.cast(sums, ctypes.POINTER(ctypes.c_double)), n_sums)
+
+    def solve_model_sums(self, sums: int, n_sums: int) -> Tuple[int, float, float, float]:
+        chosen = ctypes.c_int32()
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self.call(_lib.kfac_distributed_solve_model_sums, ctypes.cast(sums, ctypes.POINTER(ctypes.c_double)), n_sums,
+                  ctypes.byref(chosen), ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
+        return int(chosen.value), float(alpha.value), float(mu.value), float(predicted.value)
 
     def candidate_count(self) -> int:
         return int(self._get(_lib.kfac_candidates_get_count, ctypes.c_int32))

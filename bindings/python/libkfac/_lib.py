@@ -644,6 +644,12 @@ _PROTOTYPES = [
     ("kfac_distributed_pack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
     ("kfac_distributed_unpack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
     ("kfac_distributed_unpack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_pack_model_sums_f32", c_int,
+     [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
+    ("kfac_distributed_pack_model_sums_f64", c_int,
+     [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
+    ("kfac_distributed_solve_model_sums", c_int,
+     [_P, c_double_p, c_int64, POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).

@@ -76,3 +76,40 @@ def test_synchronize_and_errors():
     assert opt.distributed_reduce == "eager"
     opt.distributed_reduce = "lazy"
     assert opt.get_param("distributed_reduce") == "lazy"
+
+
+def test_model_sums_match_the_union_solve():
+    """Two ranks' model sums (uneven rows, one rank empty at the second step) solve to the union
+    batch's α and μ on both ranks."""
+    rng = np.random.default_rng(8)
+    ref = _optimizer(0, 1, "eigen")
+    ranks = [_optimizer(r, 2, "eigen") for r in range(2)]
+    for opt in [ref] + ranks:
+        opt.kl_clip = 0.0
+    rows = 7
+    for cut in (3, 0, 5):
+        x0, g0 = rng.standard_normal((rows, 6)), rng.standard_normal((rows, 4))
+        x1, g1 = rng.standard_normal((rows, 4)), rng.standard_normal((rows, 3))
+        grads = [rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((3, 4))]
+        z, jd, jp = (rng.standard_normal((rows, 3)) for _ in range(3))
+        for opt, (lo, hi) in [(ref, (0, rows)), (ranks[0], (0, cut)), (ranks[1], (cut, rows))]:
+            if hi > lo:
+                opt.record_inputs(0, x0[lo:hi]); opt.record_output_grads(0, g0[lo:hi])
+                opt.record_inputs(1, x1[lo:hi]); opt.record_output_grads(1, g1[lo:hi])
+        for what in ("statistics", "inverses"):
+            if ranks[0].exchange_due(what):
+                total = sum(getattr(o, "pack_" + what)() for o in ranks)
+                for o in ranks:
+                    getattr(o, "unpack_" + what)(total.copy())
+        for opt in [ref] + ranks:
+            d = [g.copy() for g in grads]
+            opt.step([d[0], d[2]], [d[1], None])
+        first = ref.step_count == 1
+        want = ref.solve_step_size(z, jd, None if first else jp)
+        sums = [o.pack_model_sums(z[lo:hi], jd[lo:hi], None if first else jp[lo:hi])
+                for o, (lo, hi) in zip(ranks, [(0, cut), (cut, rows)])]
+        total = sums[0] + sums[1]
+        got = [o.solve_model_sums(total) for o in ranks]
+        assert got[0] == got[1]
+        assert got[0][1] == pytest.approx(want[0], rel=1e-12)
+        assert got[0][2] == pytest.approx(want[1], rel=1e-12, abs=1e-300)
