@@ -1478,6 +1478,9 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * directions' inner products are already identical). Report the union batch's mean losses to
  * kfac_adaptive_report_loss_change on every rank.
  *
+ * Gauss-Newton products (kfac_gn_*) are means over the examples a rank recorded: weight each
+ * rank's product by its rows over the union's and SUM-allreduce the product buffers.
+ *
  * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
  * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).
  *
@@ -1513,7 +1516,9 @@ KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank
 KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
 
 /** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
- *  every rank of a consistent run), else 0. Errors: NULL_POINTER, INVALID_ARGUMENT (what). */
+ *  every rank of a consistent run), else 0. Statistics already unpacked for this step are not
+ *  due again (a retry after a failed inverse exchange must not count them twice): record every
+ *  statistic of a step before its exchange. Errors: NULL_POINTER, INVALID_ARGUMENT (what). */
 KFAC_API int kfac_distributed_get_due(const kfac_optimizer *opt, int32_t what, int32_t *due);
 
 /** Since 0.2. The rank that computes block `block` of the input (side 0) or output (side 1) factor

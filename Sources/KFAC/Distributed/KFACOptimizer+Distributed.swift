@@ -24,6 +24,9 @@ struct DistributedState<Scalar: KFACScalar> {
     var scratch: AlignedBuffer<Scalar>?
     var zeros: AlignedBuffer<Scalar>?
     var prepared: PreparedInverses?
+    /// The step (and layers) whose statistics `unpackStatistics` already replaced by the union's,
+    /// so that a retried exchange does not count them again.
+    var statisticsReduced: (step: Int, blocks: ObjectIdentifier?)?
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {
@@ -55,6 +58,7 @@ extension KFACOptimizer {
         distributed.size = size
         distributed.assignment = nil
         distributed.prepared = nil
+        distributed.statisticsReduced = nil
     }
 
     /// The assignment of inversion units to ranks for the current layers.
@@ -113,6 +117,10 @@ extension KFACOptimizer {
         switch what {
         case .inverses: return inverts
         case .statistics:
+            if let done = distributed.statisticsReduced, done.step == stepCount,
+               done.blocks == estimator.blocks.first.map({ ObjectIdentifier($0) }) {
+                return false
+            }
             return parameters.distributedReduce == .eager ? shouldFoldFactors(at: stepCount) : inverts
         }
     }
@@ -199,6 +207,7 @@ extension KFACOptimizer {
         }
         if anyRows { estimator.statisticsStarted = true }
         distributed.prepared = nil
+        distributed.statisticsReduced = (stepCount, estimator.blocks.first.map { ObjectIdentifier($0) })
     }
 
     // MARK: Inverses

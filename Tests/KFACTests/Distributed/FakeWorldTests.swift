@@ -365,4 +365,62 @@ final class FakeWorldTests: XCTestCase {
             }
         }
     }
+
+    /// A collective that fails at either call site (the caller then skips the unpack) leaves
+    /// every handle as an untouched twin's; the next attempt, and the step, work.
+    func testFailedCollectivesLeaveHandlesUnchanged() throws {
+        for failAt in [DistributedExchange.statistics, .inverses] {
+            let p = 3
+            let reference = try Model.make { $0.inverseStrategy = .cholesky }
+            let ranks = try (0..<p).map { r in
+                let o = try Model.make { $0.inverseStrategy = .cholesky }
+                try o.setWorld(rank: r, size: p)
+                return o
+            }
+            let twins = try (0..<p).map { r in
+                let o = try Model.make { $0.inverseStrategy = .cholesky }
+                try o.setWorld(rank: r, size: p)
+                return o
+            }
+            var random = SeededRandom(4)
+            let batch = Model.batch(&random, rows: 9)
+            let cut = slices(rows: 9, ranks: p, even: false)
+            try record(reference, batch, rows: 9, 0, 9)
+            for r in 0..<p {
+                try record(ranks[r], batch, rows: 9, cut[r].0, cut[r].1)
+                try record(twins[r], batch, rows: 9, cut[r].0, cut[r].1)
+            }
+            // The failed attempt: pack everything up to the failing collective, unpack nothing after it.
+            if failAt == .inverses {
+                let n = ranks[0].statisticsPackCount
+                var bufs = [[S]](repeating: [S](repeating: 0, count: n), count: p)
+                for r in 0..<p { try bufs[r].withUnsafeMutableBufferPointer { try ranks[r].packStatistics(into: $0.baseAddress, count: n) } }
+                allreduce(&bufs)
+                for r in 0..<p {
+                    try bufs[r].withUnsafeBufferPointer { try ranks[r].unpackStatistics(from: $0.baseAddress, count: n) }
+                    try bufs[r].withUnsafeBufferPointer { try twins[r].unpackStatistics(from: $0.baseAddress, count: n) }
+                }
+                let m = try ranks[0].inversePackCount()
+                var inv = [S](repeating: 0, count: m)
+                for r in 0..<p { try inv.withUnsafeMutableBufferPointer { try ranks[r].packInverses(into: $0.baseAddress, count: m) } }
+            } else {
+                let n = ranks[0].statisticsPackCount
+                var buf = [S](repeating: 0, count: n)
+                for r in 0..<p { try buf.withUnsafeMutableBufferPointer { try ranks[r].packStatistics(into: $0.baseAddress, count: n) } }
+            }
+            for r in 0..<p { XCTAssertEqual(try ranks[r].stateImage(), try twins[r].stateImage(), "\(failAt): rank \(r) changed") }
+            // Statistics already reduced are not exchanged again (that would count them twice).
+            XCTAssertEqual(ranks[0].exchangeDue(.statistics), failAt == .statistics)
+            // The retry: the whole exchange, then the step.
+            try exchange(ranks)
+            let grads = Model.gradients(&random)
+            var expected = grads
+            try reference.step(&expected)
+            for o in ranks {
+                var g = grads
+                try o.step(&g)
+                XCTAssertLessThan(maxRelativeDifference(g, expected), 1e-12, "\(failAt): retry")
+            }
+        }
+    }
 }
