@@ -61,6 +61,24 @@ int kfac_mpi_allreduce_sum(void *buffer, int64_t count, int32_t dtype, MPI_Fint 
  *  KFAC_MPI_ERROR_COMMUNICATION. */
 int kfac_mpi_synchronize(kfac_optimizer *opt, MPI_Fint comm);
 
+/** A statistics exchange in flight (kfac_mpi_statistics_start). Opaque. */
+typedef struct kfac_mpi_request kfac_mpi_request;
+
+/** Since 0.2. Starts the statistics exchange the next step needs, non-blocking: packs the
+ *  statistics and starts MPI_Iallreduce on them (in chunks of at most 2^31 − 1 values), so that
+ *  the caller can overlap it with other work (its gradient allreduce, say). *request receives the
+ *  exchange, or NULL when none is due. Do not record statistics or step until
+ *  kfac_mpi_statistics_finish; the handle is unchanged until then. Errors: NULL_POINTER, those of
+ *  kfac_distributed_pack_statistics_*, OUT_OF_MEMORY, KFAC_MPI_ERROR_COMMUNICATION (nothing
+ *  in flight then). */
+int kfac_mpi_statistics_start(kfac_optimizer *opt, MPI_Fint comm, kfac_mpi_request **request);
+
+/** Since 0.2. Waits for a kfac_mpi_statistics_start exchange, unpacks it and frees the request
+ *  (NULL: nothing to do). Then exchange the inverses (kfac_mpi_synchronize does only what is still
+ *  due) and step. Errors: those of kfac_distributed_unpack_statistics_*,
+ *  KFAC_MPI_ERROR_COMMUNICATION; the request is freed and the handle unchanged on error. */
+int kfac_mpi_statistics_finish(kfac_optimizer *opt, kfac_mpi_request *request);
+
 #ifdef __cplusplus
 }
 #endif

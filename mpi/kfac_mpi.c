@@ -79,3 +79,78 @@ int kfac_mpi_synchronize(kfac_optimizer *opt, MPI_Fint comm) {
     if ((s = exchange(opt, dtype, KFAC_DISTRIBUTED_STATISTICS, comm))) return s;
     return exchange(opt, dtype, KFAC_DISTRIBUTED_INVERSES, comm);
 }
+
+struct kfac_mpi_request {
+    void *buffer;
+    int64_t count;
+    int32_t dtype;
+    int n_requests;
+    MPI_Request *requests;
+};
+
+static void free_request(kfac_mpi_request *r) {
+    if (!r) return;
+    free(r->buffer);
+    free(r->requests);
+    free(r);
+}
+
+int kfac_mpi_statistics_start(kfac_optimizer *opt, MPI_Fint comm, kfac_mpi_request **request) {
+    if (!opt || !request) return KFAC_ERROR_NULL_POINTER;
+    *request = NULL;
+    int32_t dtype = 0, due = 0;
+    int s = kfac_optimizer_get_dtype(opt, &dtype);
+    if (!s) s = kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_STATISTICS, &due);
+    if (s || !due) return s;
+    int64_t n = 0;
+    if ((s = kfac_distributed_get_count(opt, KFAC_DISTRIBUTED_STATISTICS, &n))) return s;
+    size_t width = dtype == KFAC_FLOAT32 ? sizeof(float) : sizeof(double);
+    int chunks = (int)((n + INT_MAX - 1) / INT_MAX);
+    kfac_mpi_request *r = calloc(1, sizeof *r);
+    if (r) {
+        r->buffer = malloc((size_t)(n > 0 ? n : 1) * width);
+        r->requests = malloc((size_t)(chunks > 0 ? chunks : 1) * sizeof(MPI_Request));
+    }
+    if (!r || !r->buffer || !r->requests) {
+        free_request(r);
+        return KFAC_ERROR_OUT_OF_MEMORY;
+    }
+    r->count = n;
+    r->dtype = dtype;
+    s = dtype == KFAC_FLOAT32 ? kfac_distributed_pack_statistics_f32(opt, r->buffer, n)
+                              : kfac_distributed_pack_statistics_f64(opt, r->buffer, n);
+    if (s) {
+        free_request(r);
+        return s;
+    }
+    MPI_Comm c = MPI_Comm_f2c(comm);
+    MPI_Datatype type = dtype == KFAC_FLOAT32 ? MPI_FLOAT : MPI_DOUBLE;
+    for (int64_t done = 0; done < n; r->n_requests++) {
+        int64_t k = n - done > INT_MAX ? INT_MAX : n - done;
+        if (MPI_Iallreduce(MPI_IN_PLACE, (char *)r->buffer + (size_t)done * width, (int)k, type, MPI_SUM, c,
+                           &r->requests[r->n_requests]) != MPI_SUCCESS) {
+            MPI_Waitall(r->n_requests, r->requests, MPI_STATUSES_IGNORE);
+            free_request(r);
+            return KFAC_MPI_ERROR_COMMUNICATION;
+        }
+        done += k;
+    }
+    *request = r;
+    return KFAC_OK;
+}
+
+int kfac_mpi_statistics_finish(kfac_optimizer *opt, kfac_mpi_request *request) {
+    if (!request) return KFAC_OK;
+    if (!opt) {
+        free_request(request);
+        return KFAC_ERROR_NULL_POINTER;
+    }
+    int s = MPI_Waitall(request->n_requests, request->requests, MPI_STATUSES_IGNORE) == MPI_SUCCESS
+                ? KFAC_OK : KFAC_MPI_ERROR_COMMUNICATION;
+    if (!s)
+        s = request->dtype == KFAC_FLOAT32
+                ? kfac_distributed_unpack_statistics_f32(opt, request->buffer, request->count)
+                : kfac_distributed_unpack_statistics_f64(opt, request->buffer, request->count);
+    free_request(request);
+    return s;
+}
