@@ -141,8 +141,14 @@ build/test_mpi: Tests/mpi/test_mpi.c Tests/distributed/dist_model.h $(MPI_LIB)
 	$(MPICC) -std=c11 -Wall -Wextra -Werror -I include -o $@ Tests/mpi/test_mpi.c -L build -lkfac_mpi \
 	    -Wl,-rpath,$(CURDIR)/build $(LDFLAGS_KFAC) -lm
 
-test-mpi: build/test_mpi
+# The example trainer: train_mlp's network data-parallel over MPI ranks (examples/c/train_mlp_mpi.c).
+build/train_mlp_mpi: examples/c/train_mlp_mpi.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) include/kfac_mpi.h $(MPI_LIB)
+	$(MPICC) $(CFLAGS_EXAMPLE) -o $@ examples/c/train_mlp_mpi.c $(EXAMPLE_SHARED) -L build -lkfac_mpi \
+	    -Wl,-rpath,$(CURDIR)/build $(LDFLAGS_KFAC) -lopenblas -lm
+
+test-mpi: build/test_mpi build/train_mlp_mpi
 	OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./build/test_mpi
+	OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 mpirun $(MPIRUN_FLAGS) -np 4 ./build/train_mlp_mpi data/digits.bin 2
 
 # The C++ wrapper include/kfac.hpp: it calls every function of kfac.h; error paths, ownership,
 # the parameter table, training steps.
