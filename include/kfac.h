@@ -1479,7 +1479,11 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * kfac_adaptive_report_loss_change on every rank.
  *
  * Gauss-Newton products (kfac_gn_*) are means over the examples a rank recorded: weight each
- * rank's product by its rows over the union's and SUM-allreduce the product buffers.
+ * rank's product by its rows over the union's and SUM-allreduce the product buffers. Newton-CG
+ * (kfac_cg_*) needs nothing more: begin every rank's solve with the union gradient, and before
+ * each kfac_cg_supply_product_* SUM-allreduce the ranks' weighted shares of G·v; the solve's
+ * state then stays identical on every rank (its K-FAC preconditioner uses the exchanged
+ * inverses), and so does its step. Report the union batch's losses to kfac_cg_report_loss_change.
  *
  * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
  * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).

@@ -423,4 +423,74 @@ final class FakeWorldTests: XCTestCase {
             }
         }
     }
+
+    /// Newton-CG: the caller SUM-allreduces each rank's share of every product G·v (the mean
+    /// over the union batch); the solve's state stays replicated, so every rank's step is
+    /// bit-identical and equals one handle's with the union's products (K-FAC preconditioner,
+    /// inverses from an exchanged run).
+    func testNewtonCGWithReducedProducts() throws {
+        let (p, rows) = (3, 9)
+        let reference = try Model.make { _ in }
+        let ranks = try (0..<p).map { r in
+            let o = try Model.make { _ in }
+            try o.setWorld(rank: r, size: p)
+            return o
+        }
+        var random = SeededRandom(31)
+        let cut = slices(rows: rows, ranks: p, even: false)
+        for _ in 0..<2 {
+            let batch = Model.batch(&random, rows: rows)
+            try record(reference, batch, rows: rows, 0, rows)
+            for r in 0..<p { try record(ranks[r], batch, rows: rows, cut[r].0, cut[r].1) }
+            try exchange(ranks)
+            let grads = Model.gradients(&random)
+            var g = grads
+            try reference.step(&g)
+            for o in ranks { g = grads; try o.step(&g) }
+        }
+        // G = (1/N) Σ_n a_n a_nᵀ over the flattened parameters.
+        func flat(_ v: [LayerGradient<S>]) -> [S] { v.flatMap { $0.weight + ($0.bias ?? []) } }
+        func shaped(_ x: [S], like v: [LayerGradient<S>]) -> [LayerGradient<S>] {
+            var o = 0
+            return v.map { l in
+                let w = Array(x[o..<o + l.weight.count]); o += l.weight.count
+                let b = l.bias.map { b -> [S] in defer { o += b.count }; return Array(x[o..<o + b.count]) }
+                return LayerGradient(weight: w, bias: b)
+            }
+        }
+        let gradient = Model.gradients(&random)
+        let dim = flat(gradient).count
+        let a: [[S]] = (0..<rows).map { _ in random.array(dim) }
+        func share(_ v: [LayerGradient<S>], _ lo: Int, _ hi: Int) -> [S] {
+            let x = flat(v)
+            var u = [S](repeating: 0, count: dim)
+            for n in lo..<hi {
+                var dot: S = 0
+                for i in 0..<dim { dot += a[n][i] * x[i] }
+                for i in 0..<dim { u[i] += dot * a[n][i] / S(rows) }
+            }
+            return u
+        }
+        var options = CGOptions()
+        options.preconditioner = .kfac
+        options.maxIterations = 8
+        var request = try reference.beginConjugateGradient(options, gradient: gradient)
+        while request == .needProduct {
+            let v = try reference.conjugateGradientVector()
+            request = try reference.supplyConjugateGradientProduct(shaped(share(v, 0, rows), like: v))
+        }
+        let want = flat(try reference.finishConjugateGradient().step)
+        var requests = try ranks.map { try $0.beginConjugateGradient(options, gradient: gradient) }
+        while requests[0] == .needProduct {
+            let vs = try ranks.map { try $0.conjugateGradientVector() }
+            var shares = (0..<p).map { share(vs[$0], cut[$0].0, cut[$0].1) }
+            allreduce(&shares)
+            requests = try (0..<p).map { try ranks[$0].supplyConjugateGradientProduct(shaped(shares[$0], like: vs[$0])) }
+        }
+        let steps = try ranks.map { flat(try $0.finishConjugateGradient().step) }
+        for r in 1..<p { XCTAssertEqual(steps[r], steps[0], "rank \(r)'s Newton-CG step differs") }
+        let scale = want.map { abs($0) }.max()!
+        let difference = zip(steps[0], want).map { abs($0 - $1) }.max()! / scale
+        XCTAssertLessThan(difference, 1e-12)
+    }
 }
