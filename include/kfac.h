@@ -1488,6 +1488,10 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
  * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).
  *
+ * Ownership: every buffer is the caller's, read or written only during the call; counts are
+ * int64_t values of the handle's precision (model sums: doubles), and an MPI-style engine whose
+ * counts are int must send them in chunks (libkfac_mpi does, at 2^31 − 1).
+ *
  * Threading: as every call on a handle, one thread at a time; pack and unpack do not
  * communicate, so the allreduce may run on any thread the engine needs (MPI_THREAD_FUNNELED
  * suffices when the caller communicates on its calling thread).
