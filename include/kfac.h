@@ -698,7 +698,8 @@ KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_
 /** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
  *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, DTYPE_MISMATCH, NON_FINITE, NO_STATISTICS,
- *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
+ *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias), UNSUPPORTED (a
+ *  block-tridiagonally linked layer, see "Block-tridiagonal" in the experimental section). */
 KFAC_API int kfac_layer_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
 KFAC_API int kfac_layer_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
                                          double *bias_grad);
@@ -926,7 +927,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
  *     KFAC_INVERSE_EKFAC:    Ũ diag(vec S + λ) Ũᵀ, Ũ = Q_A ⊗ Q_G   (see "EKFAC"; both powers
  *                            use the current inverses, so +1 too gives NO_INVERSES without them)
- *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
+ *  for every group of every layer (block-diagonal over groups and layers); linked layers use the
+ *  block-tridiagonal F̂ or F̂⁻¹ instead (see "Block-tridiagonal"). Power +1 uses the
  *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
  *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
  *  bias rules and n_layers of kfac_optimizer_step_*. Changes nothing in the handle.

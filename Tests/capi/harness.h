@@ -363,4 +363,8 @@ void test_cg(void);
 void test_ekfac_numerics(void);
 void test_ekfac_errors(int dtype);
 
+/* test_tridiagonal.c (KFAC_EXPERIMENTAL_API): block-tridiagonal links against the dense Ξᵀ Λ Ξ
+ * and on twin handles. */
+void test_tridiagonal(void);
+
 #endif /* KFAC_CAPI_HARNESS_H */
