@@ -59,6 +59,7 @@ class Handle:
                 "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
                 "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
                 "layer_record_examples", "layer_get_ekfac_scaling",
+                "layer_get_cross_factors",
             )
         }
         self.lock = threading.RLock()
@@ -223,6 +224,14 @@ class Handle:
 
     def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
         self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
+
+    def link(self, lower: int, upper: int) -> None:
+        """Experimental: kfac_layer_link."""
+        self.call(_lib.kfac_layer_link, lower, upper)
+
+    def get_cross_factors(self, lower: int, a_address: int, g_address: int) -> None:
+        """Experimental: kfac_layer_get_cross_factors_*."""
+        self.call(self._fn["layer_get_cross_factors"], lower, self.cast(a_address), self.cast(g_address))
 
     # -----------------------------------------------------------------------------------------
     # Preconditioning
