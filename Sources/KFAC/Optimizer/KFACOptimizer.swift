@@ -124,7 +124,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         }
         if rows >= 1 && inputs != nil { try links.prepareRecord(layer: layer, outputSide: false, rows: rows) }
         try estimator.recordInputs(layer: layer, inputs, rows: rows)
-        links.record(layer: layer, layer: estimator.layers[layer].layer, inputs!, rows: rows, outputSide: false, scale: 1)
+        links.record(layer: layer, inputs!, rows: rows, outputSide: false, scale: 1)
     }
 
     /// Adds the output gradients of `rows` examples to the layer's gradient statistics (dense
@@ -138,7 +138,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         }
         if rows >= 1 && gradients != nil { try links.prepareRecord(layer: layer, outputSide: true, rows: rows) }
         try estimator.recordOutputGradients(layer: layer, gradients, rows: rows, scale: scale)
-        links.record(layer: layer, layer: estimator.layers[layer].layer, gradients!, rows: rows, outputSide: true, scale: Scalar(scale))
+        links.record(layer: layer, gradients!, rows: rows, outputSide: true, scale: Scalar(scale))
     }
 
     /// Folds every layer's pending statistics into its running factors now.

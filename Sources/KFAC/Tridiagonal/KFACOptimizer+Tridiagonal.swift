@@ -70,8 +70,11 @@ extension KFACOptimizer {
         guard p.factorDampingPeriod == 0 else {
             throw KFACError(.unsupported, "re-choosing γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD) is not supported with block-tridiagonal links")
         }
-        for k in links.links where !(k.inputs.hasRunning && k.gradients.hasRunning) && !(folding && k.inputs.hasPending && k.gradients.hasPending) {
-            throw KFACError(.noStatistics, "the link \(k.lower)–\(k.upper) has no cross statistics; record both layers before the step")
+        for k in links.links.indices {
+            let link = links.links[k]
+            if link.inputs.hasRunning, link.gradients.hasRunning { continue }
+            if folding, link.inputs.pairedRows > 0, link.gradients.pairedRows > 0 { continue }
+            throw KFACError(.noStatistics, "the link \(link.lower)–\(link.upper) has no cross statistics; record both layers before the step")
         }
         let invert = p.inverseUpdatePeriod > 0 && (inverting || !links.hasInverses)
         guard invert || links.hasInverses else {
@@ -84,8 +87,9 @@ extension KFACOptimizer {
     func preconditionLinked(_ links: TridiagonalLinks<Scalar>, staged: Bool) throws(KFACError) -> Double {
         try links.precondition(estimator: estimator, staged: staged)
         var inner = 0.0
-        for l in links.linkedLayers {
-            let c = estimator.layers[l].blocks[0]
+        for i in 0..<links.linkedLayers.count {
+            let l = links.linkedLayers[i]
+            let c = estimator.blocks[estimator.layerBlocks[l].lowerBound]
             inner += Double(Scalar.dot(count: c.direction.count, x: c.direction.base, y: c.gradient.base)).magnitude
         }
         return inner
@@ -101,16 +105,19 @@ extension KFACOptimizer {
     /// buffer is written unless every product succeeded.
     func multiplyLinked(_ links: TridiagonalLinks<Scalar>, power: CurvaturePower,
                         _ vectors: (Int) -> ParameterGradient<Scalar>) throws(KFACError) {
-        for l in links.linkedLayers where !estimator.layers[l].blocks[0].hasFactors {
+        for i in 0..<links.linkedLayers.count where !estimator.blocks[estimator.layerBlocks[links.linkedLayers[i]].lowerBound].hasFactors {
+            let l = links.linkedLayers[i]
             throw KFACError(.noStatistics, "layer \(l) has no factors yet")
         }
         guard links.hasInverses else { throw KFACError(.noInverses, "the linked layers have no inverses yet") }
-        for l in links.linkedLayers { estimator.gather(layer: l, vectors(l)) }
+        for i in 0..<links.linkedLayers.count { estimator.gather(layer: links.linkedLayers[i], vectors(links.linkedLayers[i])) }
         switch power {
         case .inverse: try links.precondition(estimator: estimator, staged: false)
         case .one: try links.multiplyForward(estimator: estimator)
         }
         try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
-        for l in links.linkedLayers { estimator.scatter(layer: l, scale: 1, into: vectors(l)) }
+        for i in 0..<links.linkedLayers.count {
+            estimator.scatter(layer: links.linkedLayers[i], scale: 1, into: vectors(links.linkedLayers[i]))
+        }
     }
 }

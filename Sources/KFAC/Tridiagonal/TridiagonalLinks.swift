@@ -89,6 +89,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     private var crossSources: [(a: AlignedBuffer<Scalar>, g: AlignedBuffer<Scalar>)?] = []
     private let workers = WorkerPool()
     private var largestDimension = 0
+    /// Per layer: (in features, out features, bias) of the linked dense layers.
+    private var shapes: [(inFeatures: Int, outFeatures: Int, hasBias: Bool)] = []
 
     /// 1 − max s·t below which Σ_{l|l+1} counts as not positive definite.
     static var minimumDenominator: Scalar { Scalar.ulpOfOne.squareRoot() }
@@ -173,6 +175,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         jobs = []
         jobs.reserveCapacity(2 * layers.count)
         largestDimension = largest
+        shapes = e.layers.map { ($0.layer.inFeatures, $0.layer.outFeatures, $0.layer.hasBias) }
         hasInverses = false
     }
 
@@ -188,7 +191,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// Adds the rows the estimator has just recorded for layer `l` to its links (after
     /// `prepareRecord`): dense inputs [rows][in] with the bias coordinate 1 appended if the layer
     /// has a bias, or output gradients [rows][out] times `scale`.
-    func record(layer l: Int, layer d: LayerDescription, _ x: UnsafePointer<Scalar>, rows: Int, outputSide: Bool, scale: Scalar) {
+    func record(layer l: Int, _ x: UnsafePointer<Scalar>, rows: Int, outputSide: Bool, scale: Scalar) {
+        let d = shapes[l]
         let width = outputSide ? d.outFeatures : d.inFeatures
         let appended: Scalar? = !outputSide && d.hasBias ? 1 : nil
         if let k = link(lowerOf: l) {
@@ -201,8 +205,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
 
     /// Throws `.invalidSize` if some link's rows do not pair (see `CrossFactor`).
     func checkPaired(estimator e: BlockDiagonalEstimator<Scalar>) throws(KFACError) {
-        for k in links {
-            let lo = e.layers[k.lower].blocks[0], up = e.layers[k.upper].blocks[0]
+        for i in 0..<links.count {
+            let k = links[i]
+            let lo = e.blocks[e.layerBlocks[k.lower].lowerBound], up = e.blocks[e.layerBlocks[k.upper].lowerBound]
             do {
                 try k.inputs.checkPaired(lowerPending: lo.input.pendingRows, upperPending: up.input.pendingRows, what: "input")
                 try k.gradients.checkPaired(lowerPending: lo.output.pendingRows, upperPending: up.output.pendingRows,
@@ -215,7 +220,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
 
     /// Folds every link's pending cross statistics (after `checkPaired`).
     func fold(decay: Double) {
-        for k in links {
+        for i in 0..<links.count {
+            let k = links[i]
             k.inputs.fold(decay: Scalar(decay))
             k.gradients.fold(decay: Scalar(decay))
         }
@@ -223,7 +229,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
 
     /// Whether every linked layer and every link has factors.
     func hasFactors(estimator e: BlockDiagonalEstimator<Scalar>) -> Bool {
-        linkedLayers.allSatisfy { e.layers[$0].blocks[0].hasFactors } && links.allSatisfy { $0.inputs.hasRunning && $0.gradients.hasRunning }
+        linkedLayers.allSatisfy { e.blocks[e.layerBlocks[$0].lowerBound].hasFactors } && links.allSatisfy { $0.inputs.hasRunning && $0.gradients.hasRunning }
     }
 
     // MARK: Inversion
@@ -234,8 +240,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// layer order.
     func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings) throws(KFACError) {
         let decay = Scalar(settings.factorDecay)
-        for l in linkedLayers {
-            let c = e.layers[l].blocks[0]
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound]
             let a = foldingPending ? try c.input.stageFold(decay: decay) : c.input.running
             let g = foldingPending ? try c.output.stageFold(decay: decay) : c.output.running
             let inv = staged[l]!
@@ -247,7 +254,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             Scalar.copyUpperTriangle(from: g.base, to: inv.dampedG.base, n: dg, diagonalShift: sqrtDamping / pi)
             Scalar.symmetrizeFromUpper(inv.dampedG.base, n: dg)
         }
-        for (k, link) in links.enumerated() {
+        for k in 0..<links.count {
+            let link = links[k]
             crossSources[k] = foldingPending ? (try link.inputs.stageFold(decay: decay), try link.gradients.stageFold(decay: decay))
                                              : (link.inputs.running, link.gradients.running)
         }
@@ -261,7 +269,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         for round in 0..<2 {
             let round = round == 1
             jobs.removeAll(keepingCapacity: true)
-            for l in linkedLayers where !round || upLink[l] >= 0 {
+            for i in 0..<linkedLayers.count {
+                let l = linkedLayers[i]
+                guard !round || upLink[l] >= 0 else { continue }
                 jobs.append(Job(layer: l, side: .input))
                 jobs.append(Job(layer: l, side: .output))
             }
@@ -276,7 +286,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             }
             if let f = first { throw KFACError(f.error.status, "layer \(f.layer) (block-tridiagonal): \(f.error.message)") }
         }
-        for l in linkedLayers where upLink[l] >= 0 {
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            guard upLink[l] >= 0 else { continue }
             do {
                 try staged[l]!.sigma!.finish(sign: -1, minimumDenominator: Self.minimumDenominator)
             } catch {
@@ -336,12 +348,13 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// Throws `.nonFinite` if some U is not finite.
     func precondition(estimator e: BlockDiagonalEstimator<Scalar>, staged useStaged: Bool) throws(KFACError) {
         let set = useStaged ? staged : committed
-        for l in linkedLayers {
-            let c = e.layers[l].blocks[0], inv = set[l]!
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound], inv = set[l]!
             let (o, a) = (c.output.dimension, c.input.dimension)
             let wl = w[l]!, zl = z[l]!
             if upLink[l] >= 0 {
-                let v = e.layers[l + 1].blocks[0].gradient
+                let v = e.blocks[e.layerBlocks[l + 1].lowerBound].gradient
                 let (uo, ua) = (v.rows, v.columns)
                 let t = above[l]!
                 Scalar.gemm(transA: false, transB: false, m: o, n: ua, k: uo, alpha: 1, a: inv.psiG!.base, lda: uo,
@@ -357,8 +370,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                             b: c.scratch.base, ldb: a, beta: 0, c: zl.base, ldc: a)
             }
         }
-        for l in linkedLayers {
-            let c = e.layers[l].blocks[0]
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound]
             let (o, a) = (c.output.dimension, c.input.dimension)
             let u = c.direction
             u.base.update(from: z[l]!.base, count: o * a)
@@ -382,8 +396,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// W_l = Σ_{l|l+1} Y_l = Ḡ Y Ā − D Y C, then U solves Ξ U = W (U_l = W_l + Ψ^G_l U_{l+1} Ψ^Aᵀ_l).
     func multiplyForward(estimator e: BlockDiagonalEstimator<Scalar>) throws(KFACError) {
         let set = committed
-        for l in linkedLayers {
-            let c = e.layers[l].blocks[0]
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound]
             let (o, a) = (c.output.dimension, c.input.dimension)
             let y = w[l]!
             y.base.update(from: c.gradient.base, count: o * a)
@@ -397,8 +412,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                             b: lowerInverse.psiA!.base, ldb: a, beta: 1, c: y.base, ldc: a)
             }
         }
-        for l in linkedLayers {
-            let c = e.layers[l].blocks[0], inv = set[l]!
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound], inv = set[l]!
             let (o, a) = (c.output.dimension, c.input.dimension)
             let y = w[l]!, zl = z[l]!, s = c.scratch
             Scalar.gemm(transA: false, transB: false, m: o, n: a, k: a, alpha: 1, a: y.base, lda: a,
@@ -412,13 +428,14 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                             b: s.base, ldb: a, beta: 1, c: zl.base, ldc: a)
             }
         }
-        for l in linkedLayers.reversed() {
-            let c = e.layers[l].blocks[0], inv = set[l]!
+        for i in stride(from: linkedLayers.count - 1, through: 0, by: -1) {
+            let l = linkedLayers[i]
+            let c = e.blocks[e.layerBlocks[l].lowerBound], inv = set[l]!
             let (o, a) = (c.output.dimension, c.input.dimension)
             let u = c.direction
             u.base.update(from: z[l]!.base, count: o * a)
             if upLink[l] >= 0 {
-                let uUpper = e.layers[l + 1].blocks[0].direction
+                let uUpper = e.blocks[e.layerBlocks[l + 1].lowerBound].direction
                 let (uo, ua) = (uUpper.rows, uUpper.columns)
                 let t = above[l]!
                 Scalar.gemm(transA: false, transB: false, m: o, n: ua, k: uo, alpha: 1, a: inv.psiG!.base, lda: uo,
@@ -427,8 +444,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                             b: inv.psiA!.base, ldb: ua, beta: 1, c: u.base, ldc: a)
             }
         }
-        for l in linkedLayers {
-            let u = e.layers[l].blocks[0].direction
+        for i in 0..<linkedLayers.count {
+            let l = linkedLayers[i]
+            let u = e.blocks[e.layerBlocks[l].lowerBound].direction
             guard Scalar.allFinite(u.base, count: u.count) else {
                 throw KFACError(.nonFinite, "the curvature product of layer \(l) is not finite")
             }
