@@ -54,6 +54,9 @@ extension KFACOptimizer {
     /// layers inverted and committed, then the tridiagonal one committed (a failure changes
     /// nothing).
     func updateInverses(_ links: TridiagonalLinks<Scalar>) throws(KFACError) {
+        guard parameters.inverseStrategy != .ekfac else {
+            throw KFACError(.unsupported, "the EKFAC strategy is not supported with block-tridiagonal links")
+        }
         let settings = parameters.curvatureSettings
         let linkedReady = links.hasFactors(estimator: estimator)
         let othersReady = estimator.blocks.indices.contains { !estimator.isExcluded(estimator.blockLayer[$0]) && estimator.blocks[$0].hasFactors }
@@ -67,6 +70,9 @@ extension KFACOptimizer {
     func planTridiagonalStep(folding: Bool, inverting: Bool) throws(KFACError) -> Bool {
         guard let links = tridiagonal else { return false }
         let p = parameters
+        guard p.inverseStrategy != .ekfac else {
+            throw KFACError(.unsupported, "the EKFAC strategy is not supported with block-tridiagonal links")
+        }
         guard p.factorDampingPeriod == 0 else {
             throw KFACError(.unsupported, "re-choosing γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD) is not supported with block-tridiagonal links")
         }

@@ -201,20 +201,15 @@ struct ChainNet<S: KFACScalar> {
     }
 }
 
-func transpose(_ m: Dense) -> Dense {
-    var t = Dense(rows: m.columns, columns: m.rows)
-    for i in 0..<m.rows { for j in 0..<m.columns { t[j, i] = m[i, j] } }
-    return t
-}
-
-func multiply(_ a: Dense, _ b: Dense) -> Dense {
+// transpose(_:) is EKFACOracles.swift's.
+fileprivate func multiply(_ a: Dense, _ b: Dense) -> Dense {
     var c = Dense(rows: a.rows, columns: b.columns)
     for i in 0..<a.rows { for k in 0..<a.columns where a[i, k] != 0 { for j in 0..<b.columns { c[i, j] += a[i, k] * b[k, j] } } }
     return c
 }
 
 /// M⁻¹ B column by column.
-func solveColumns(_ m: Dense, _ b: Dense) -> Dense {
+fileprivate func solveColumns(_ m: Dense, _ b: Dense) -> Dense {
     var x = Dense(rows: b.rows, columns: b.columns)
     for j in 0..<b.columns {
         let s = denseSolve(m, (0..<b.rows).map { b[$0, j] })
@@ -223,7 +218,7 @@ func solveColumns(_ m: Dense, _ b: Dense) -> Dense {
     return x
 }
 
-func randomSPD(_ n: Int, _ r: inout SeededRandom, shift: Double) -> Dense {
+fileprivate func randomSPD(_ n: Int, _ r: inout SeededRandom, shift: Double) -> Dense {
     var x = Dense(rows: n, columns: n)
     for i in x.values.indices { x.values[i] = r.uniform() }
     return multiply(x, transpose(x)) + shift * Dense.identity(n)
