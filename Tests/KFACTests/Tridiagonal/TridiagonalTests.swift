@@ -24,6 +24,13 @@ final class TridiagonalTests: XCTestCase {
         }
     }
 
+    func testSeparateChainsAndUnlinkedLayers() throws {
+        try Float.checkPartialLinks(layers: 4, only: [0, 2])
+        try Double.checkPartialLinks(layers: 4, only: [0, 2])
+        try Float.checkPartialLinks(layers: 3, only: [1])
+        try Double.checkPartialLinks(layers: 3, only: [1])
+    }
+
     func testUncorrelatedLayersReduceToBlockDiagonalCholesky() throws {
         try Float.checkReducesToCholesky()
         try Double.checkReducesToCholesky()
@@ -59,10 +66,11 @@ struct ChainNet<S: KFACScalar> {
         random = SeededRandom(seed)
     }
 
-    func makeOptimizer(link: Bool = true, _ configure: (inout KFACParameters) -> Void = { _ in }) throws -> KFACOptimizer<S> {
+    func makeOptimizer(link: Bool = true, only lowers: [Int]? = nil,
+                       _ configure: (inout KFACParameters) -> Void = { _ in }) throws -> KFACOptimizer<S> {
         let opt = try KFACOptimizer<S>()
         for s in shapes { try opt.addDense(inFeatures: s.inF, outFeatures: s.outF, hasBias: s.bias) }
-        if link { for l in 0..<(shapes.count - 1) { try opt.linkLayers(lower: l, upper: l + 1) } }
+        if link { for l in lowers ?? Array(0..<(shapes.count - 1)) { try opt.linkLayers(lower: l, upper: l + 1) } }
         var p = opt.parameters
         p.damping = 0.05
         p.inverseStrategy = .cholesky
@@ -155,7 +163,8 @@ struct ChainNet<S: KFACScalar> {
 
     /// The oracle: damped diagonal factors, cross factors, Ψ, Σ and F̂⁻¹ = Ξᵀ Λ Ξ, all dense, from
     /// the optimizer's own running factors.
-    func denseModel(_ opt: KFACOptimizer<S>, damping: Double) throws -> (inverse: Dense, diagonal: [Dense], cross: [Dense]) {
+    func denseModel(_ opt: KFACOptimizer<S>, damping: Double, only lowers: [Int]? = nil) throws -> (inverse: Dense, diagonal: [Dense], cross: [Dense]) {
+        let linked = Set(lowers ?? Array(0..<(shapes.count - 1)))
         let n = shapes.count
         var ad: [Dense] = [], gd: [Dense] = []
         for l in 0..<n {
@@ -169,6 +178,10 @@ struct ChainNet<S: KFACScalar> {
         let diagonal = (0..<n).map { kronecker(ad[$0], gd[$0]) }
         var cross: [Dense] = []
         for l in 0..<(n - 1) {
+            guard linked.contains(l) else {
+                cross.append(Dense(rows: sizes[l].o * sizes[l].a, columns: sizes[l + 1].o * sizes[l + 1].a))
+                continue
+            }
             let c = try opt.crossFactors(lower: l)
             cross.append(kronecker(Dense(rows: sizes[l].a, columns: sizes[l + 1].a, c.a),
                                    Dense(rows: sizes[l].o, columns: sizes[l + 1].o, c.g)))
@@ -177,7 +190,7 @@ struct ChainNet<S: KFACScalar> {
         var xi = Dense.identity(total), lambda = Dense(rows: total, columns: total)
         for l in 0..<n {
             let sigma: Dense
-            if l < n - 1 {
+            if l < n - 1 && linked.contains(l) {
                 let psi = transpose(solveColumns(diagonal[l + 1], transpose(cross[l])))
                 xiBlock(&xi, l, l + 1, -1.0 * psi)
                 sigma = diagonal[l] + (-1.0) * multiply(multiply(psi, diagonal[l + 1]), transpose(psi))
@@ -374,6 +387,28 @@ extension KFACScalar {
                     "\(Self.self) \(layers) layers: step direction against the product")
         let expected = multiply(try twin.denseModel(step, damping: 0.05).inverse, Dense(rows: net.total, columns: 1, v))
         assertClose(Dense(rows: net.total, columns: 1, u), expected, tol, "\(Self.self) \(layers) layers: step direction")
+    }
+
+    /// Two chains (0–1, 2–3) or a chain beside an unlinked layer (Cholesky strategy): F̂⁻¹ is
+    /// block-diagonal between chains, the unlinked layer's block the Cholesky/π inverse.
+    static func checkPartialLinks(layers: Int, only lowers: [Int]) throws {
+        var net = ChainNet<Self>(layers: layers, seed: 31 + UInt64(layers))
+        let opt = try net.makeOptimizer(only: lowers) { $0.factorDecay = 0.5 }
+        for _ in 0..<2 {
+            try net.record(opt, net.batch(rows: 9), rows: 9)
+            try opt.updateFactors()
+        }
+        try opt.updateInverses()
+        let model = try net.denseModel(opt, damping: 0.05, only: lowers)
+        for _ in 0..<3 {
+            let v = (0..<net.total).map { _ in net.random.uniform() }
+            let u = try net.product(opt, v, power: .inverse)
+            let expected = multiply(model.inverse, Dense(rows: net.total, columns: 1, v))
+            assertClose(Dense(rows: net.total, columns: 1, u), expected, chainTolerance, "\(Self.self) links \(lowers) of \(layers) layers")
+            let back = try net.product(opt, try net.product(opt, v, power: .one), power: .inverse)
+            assertClose(Dense(rows: net.total, columns: 1, back), Dense(rows: net.total, columns: 1, v),
+                        Self.self == Float.self ? 2e-3 : 1e-10, "\(Self.self) links \(lowers): F̂⁻¹ F̂ v")
+        }
     }
 
     /// Data whose cross moments vanish (rows in ± pairs for the upper layer): Ψ = 0, so the
