@@ -125,6 +125,9 @@ extension KFACOptimizer {
                 throw KFACError(.stateMismatch, "state image has no block-tridiagonal links, the optimizer has \(links.links.count)")
             }
             installLinks = try links.read(from: &r, estimator: estimator)
+        } else if r.offset < image.count - 8, let count = try? r.u64(), count > 0, count < UInt64(estimator.layerCount) {
+            // A links section (the checksum held): an image of a handle with links.
+            throw KFACError(.stateMismatch, "state image has \(count) block-tridiagonal links, the optimizer none")
         }
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")

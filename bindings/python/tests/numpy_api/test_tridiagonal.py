@@ -185,4 +185,4 @@ def test_errors():
     unlinked = _optimizer(np.float64, link=False)
     with pytest.raises(kfac.KFACError) as e:
         unlinked.load_state(opt.state_bytes())
-    assert e.value.status in (kfac.KFAC_ERROR_STATE_MISMATCH, kfac.KFAC_ERROR_CORRUPT_STATE)
+    assert e.value.status == kfac.KFAC_ERROR_STATE_MISMATCH
