@@ -1418,9 +1418,10 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * l + 1 (layer l + 1 consumes layer l's activation) keeps, besides each layer's A_l ⊗ G_l, the
  * cross blocks F̃_{l,l+1} = A_{l,l+1} ⊗ G_{l,l+1} with
  *     A_{l,l+1} = E[ā_l ā_{l+1}ᵀ]  ((i_l + 1) × (i_{l+1} + 1) with biases, the bias coordinate last)
- *     G_{l,l+1} = E[g_l g_{l+1}ᵀ]  (o_l × o_{l+1}),
+ *     G_{l,l+1} = E[g_l g_{l+1}ᵀ]  (o_l × o_{l+1}; output gradients scaled as for G),
  * averaged exactly like the diagonal factors (same moving average β, folded at the same times,
- * kept in state images). Along a chain of linked layers l₀ … l_L the inverse of the curvature
+ * kept in state images). kfac_layer_get_info's has_inverses reports a linked layer's
+ * block-tridiagonal inverse. Along a chain of linked layers l₀ … l_L the inverse of the curvature
  * is approximated as the precision of a chain-structured Gaussian graphical model, the one that
  * agrees with F̃ on the diagonal and first off-diagonal blocks:
  *     F̂⁻¹ = Ξᵀ Λ Ξ,  Ξ = I except Ξ_{l,l+1} = −Ψ_l,  Ψ_l = Ψ^A_l ⊗ Ψ^G_l,
