@@ -346,10 +346,10 @@ extension KFACOptimizer {
         case .kfac:
             y.base.update(from: r.base, count: n)
             let base = y.base
-            try estimator.multiplyAll({ l in
+            try multiplyCurvature({ l in
                 let s = layout[l]
                 return ParameterGradient(weight: base + s.offset, bias: s.biases > 0 ? base + s.offset + s.weights : nil)
-            }, power: .inverse, parameters.curvatureSettings)
+            }, power: .inverse)
         }
     }
 

@@ -106,6 +106,16 @@ extension KFACOptimizer {
         if inverted { links.commit() }
     }
 
+    /// The damped curvature at `power` on every layer's buffers (checked by the caller): the
+    /// block-diagonal estimator's product, or with links `multiplyLinked` (used by CG's K-FAC
+    /// preconditioner too).
+    func multiplyCurvature(_ vectors: (Int) -> ParameterGradient<Scalar>, power: CurvaturePower) throws(KFACError) {
+        guard let links = tridiagonal else {
+            return try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
+        }
+        try multiplyLinked(links, power: power, vectors)
+    }
+
     /// The all-layer product with links: the linked layers by the chain recursions (both powers
     /// need the current tridiagonal inverse), the others by the block-diagonal estimator; no
     /// buffer is written unless every product succeeded.
