@@ -1462,7 +1462,8 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  *    needs its neighbours'). kfac_curvature_multiply_* covers linked layers: power −1 is F̂⁻¹ of
  *    the current inverses (what the step applies), power +1 is F̂ = (Ξᵀ Λ Ξ)⁻¹, also from the
  *    current inverses (their damping and factors), so +1 then −1 is the identity; both return
- *    KFAC_ERROR_NO_INVERSES before the first inversion.
+ *    KFAC_ERROR_NO_INVERSES before the first inversion. Conjugate gradient's K-FAC preconditioner
+ *    (kfac_cg_*) applies the same F̂⁻¹ to linked layers.
  *  - Re-choosing γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD > 0) and the KFAC_INVERSE_EKFAC strategy are
  *    not supported with links: the step and kfac_optimizer_update_inverses return
  *    KFAC_ERROR_UNSUPPORTED (EKFAC's paired recording does not pair links either). The adaptive

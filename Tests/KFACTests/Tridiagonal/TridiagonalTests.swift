@@ -46,6 +46,13 @@ final class TridiagonalTests: XCTestCase {
         try Double.checkSingular()
     }
 
+    /// CG's K-FAC preconditioner uses the linked layers' F̂⁻¹: the first search direction of PCG
+    /// from x₀ = 0 for (G + λI) s = −g is F̂⁻¹(−g).
+    func testConjugateGradientPreconditionsLinkedLayers() throws {
+        try Double.checkConjugateGradient()
+        try Float.checkConjugateGradient()
+    }
+
     func testMisuse() throws {
         try Float.checkMisuse()
         try Double.checkMisuse()
@@ -510,6 +517,40 @@ extension KFACScalar {
         }
         XCTAssertTrue(try opt.stateImage() == before, "\(Self.self): a failed inversion changed the handle")
         XCTAssertFalse(try opt.layerInfo(0).hasInverses)
+    }
+
+    static func checkConjugateGradient() throws {
+        var net = ChainNet<Self>(layers: 3, seed: 41)
+        let opt = try net.makeOptimizer()
+        try net.record(opt, net.batch(rows: 9), rows: 9)
+        try opt.updateFactors()
+        try opt.updateInverses()
+        let g = (0..<net.total).map { _ in net.random.uniform() }
+        var gradient = opt.zeroLayerArrays()
+        for l in net.shapes.indices {
+            let w = UnsafeMutablePointer<Self>.allocate(capacity: gradient[l].weight.count)
+            let b: UnsafeMutablePointer<Self>? = gradient[l].bias.map { .allocate(capacity: $0.count) }
+            net.scatter(g, layer: l, weight: w, bias: b)
+            gradient[l].weight = Array(UnsafeBufferPointer(start: w, count: gradient[l].weight.count))
+            if let b { gradient[l].bias = Array(UnsafeBufferPointer(start: b, count: gradient[l].bias!.count)) }
+            w.deallocate(); b?.deallocate()
+        }
+        let request = try opt.beginConjugateGradient(CGOptions(tolerance: 1e-6, preconditioner: .kfac), gradient: gradient)
+        XCTAssertEqual(request, .needProduct)
+        let p = try opt.conjugateGradientVector()
+        var u = [Double](repeating: 0, count: net.total)
+        for l in net.shapes.indices {
+            p[l].weight.withUnsafeBufferPointer { w in
+                if let bias = p[l].bias {
+                    bias.withUnsafeBufferPointer { b in net.gather(&u, layer: l, weight: w.baseAddress!, bias: b.baseAddress) }
+                } else {
+                    net.gather(&u, layer: l, weight: w.baseAddress!, bias: nil)
+                }
+            }
+        }
+        let expected = try net.product(opt, g.map { -$0 }, power: .inverse)
+        assertClose(Dense(rows: net.total, columns: 1, u), Dense(rows: net.total, columns: 1, expected),
+                    Self.self == Float.self ? 1e-4 : 1e-12, "\(Self.self): CG's first direction is F̂⁻¹(−g)")
     }
 
     static func checkMisuse() throws {
