@@ -703,7 +703,8 @@ KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_
 /** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
  *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, DTYPE_MISMATCH, NON_FINITE, NO_STATISTICS,
- *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
+ *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias), UNSUPPORTED (a
+ *  block-tridiagonally linked layer, see "Block-tridiagonal" in the experimental section). */
 KFAC_API int kfac_layer_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
 KFAC_API int kfac_layer_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
                                          double *bias_grad);
@@ -931,7 +932,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
  *     KFAC_INVERSE_EKFAC:    Ũ diag(vec S + λ) Ũᵀ, Ũ = Q_A ⊗ Q_G   (see "EKFAC"; both powers
  *                            use the current inverses, so +1 too gives NO_INVERSES without them)
- *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
+ *  for every group of every layer (block-diagonal over groups and layers); linked layers use the
+ *  block-tridiagonal F̂ or F̂⁻¹ instead (see "Block-tridiagonal"). Power +1 uses the
  *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
  *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
  *  bias rules and n_layers of kfac_optimizer_step_*. Changes nothing in the handle.
@@ -1486,7 +1488,8 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * inverses), and so does its step. Report the union batch's losses to kfac_cg_report_loss_change.
  *
  * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
- * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet).
+ * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet),
+ * as they do when block-tridiagonal links exist (cross factors are not exchanged yet).
  *
  * Ownership: every buffer is the caller's, read or written only during the call; counts are
  * int64_t values of the handle's precision (model sums: doubles), and an MPI-style engine whose
@@ -1590,6 +1593,81 @@ KFAC_API int kfac_distributed_pack_model_sums_f64(kfac_optimizer *opt, const dou
  *  OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double *sums, int64_t n_sums, int32_t *chosen,
                                                double *alpha, double *mu, double *predicted_change);
+
+/* ---------------------------------------------------------------------------------------------
+ * Block-tridiagonal (experimental). Since 0.2.
+ *
+ * Martens & Grosse 2015, §4.3 and §6.3 (seed 001, eq. 8). Linking consecutive dense layers l and
+ * l + 1 (layer l + 1 consumes layer l's activation) keeps, besides each layer's A_l ⊗ G_l, the
+ * cross blocks F̃_{l,l+1} = A_{l,l+1} ⊗ G_{l,l+1} with
+ *     A_{l,l+1} = E[ā_l ā_{l+1}ᵀ]  ((i_l + 1) × (i_{l+1} + 1) with biases, the bias coordinate last)
+ *     G_{l,l+1} = E[g_l g_{l+1}ᵀ]  (o_l × o_{l+1}; output gradients scaled as for G),
+ * averaged exactly like the diagonal factors (same moving average β, folded at the same times,
+ * kept in state images). kfac_layer_get_info's has_inverses reports a linked layer's
+ * block-tridiagonal inverse. Along a chain of linked layers l₀ … l_L the inverse of the curvature
+ * is approximated as the precision of a chain-structured Gaussian graphical model, the one that
+ * agrees with F̃ on the diagonal and first off-diagonal blocks:
+ *     F̂⁻¹ = Ξᵀ Λ Ξ,  Ξ = I except Ξ_{l,l+1} = −Ψ_l,  Ψ_l = Ψ^A_l ⊗ Ψ^G_l,
+ *     Ψ^A_l = A_{l,l+1} Ā_{l+1}⁻¹,  Ψ^G_l = G_{l,l+1} Ḡ_{l+1}⁻¹,
+ *     Λ = diag(Σ_{l₀|l₀+1}⁻¹, …, Σ_{l_L}⁻¹),  Σ_{l_L} = Ā ⊗ Ḡ of the chain's last layer,
+ *     Σ_{l|l+1} = Ā_l ⊗ Ḡ_l − C_l ⊗ D_l,  C_l = Ψ^A_l Ā_{l+1} Ψ^Aᵀ_l,  D_l = Ψ^G_l Ḡ_{l+1} Ψ^Gᵀ_l.
+ * F̂⁻¹ is zero beyond the first off-diagonal block; F̂'s diagonal blocks are Ā_l ⊗ Ḡ_l and its
+ * first off-diagonal ones A_{l,l+1} ⊗ G_{l,l+1}.
+ *
+ * Damping: factored Tikhonov on the diagonal factors only, wherever they appear (Ψ, C, D, Σ):
+ * Ā = A + π√λ I, Ḡ = G + √λ/π I, λ the inverse damping and π as in KFAC_INVERSE_CHOLESKY
+ * (1 unless KFAC_PARAM_PI_DAMPING); the cross factors are not damped. This holds for linked
+ * layers whatever KFAC_PARAM_INVERSE_STRATEGY says (exact damping would make Σ a sum of three
+ * Kronecker products, which eq. 8 cannot invert); unlinked layers keep their strategy. Damping
+ * is required: with biases the largest generalized eigenvalue s of C x = s Ā x tends to 1 as λ → 0,
+ * so Σ becomes singular.
+ *
+ * Σ_{l|l+1}⁻¹ by eq. 8: the generalized symmetric-definite eigenproblems C x = s Ā x and
+ * D y = t Ḡ y (LAPACK sygvd) give K_A, K_G with K_Aᵀ Ā K_A = I, K_Aᵀ C K_A = diag(s), so that
+ * Σ⁻¹ W = K_G [(K_Gᵀ W K_A) ⊘ (1 − t sᵀ)] K_Aᵀ. u = F̂⁻¹ v is applied per layer (V_l, U_l the
+ * [o_l][i_l + 1] gradient matrices): W_l = V_l − Ψ^G_l V_{l+1} Ψ^Aᵀ_l, Z_l = Σ_{l|l+1}⁻¹ W_l
+ * (Ḡ⁻¹ W Ā⁻¹ for the last layer), U_l = Z_l − Ψ^Gᵀ_{l−1} Z_{l−1} Ψ^A_{l−1}. The inversion costs,
+ * per linked layer with a link up, two Cholesky inversions, four gemms and two sygvd; different
+ * layers and sides run in parallel like the block-diagonal inversions.
+ *
+ * Call rules:
+ *  - Link with kfac_layer_link before any statistics are recorded; link every consecutive pair
+ *    of a chain to get the whole chain. Only ungrouped dense layers can be linked.
+ *  - Record the same examples, in the same order, for both layers of a link, inputs and output
+ *    gradients alike (kfac_layer_record_inputs_*, kfac_layer_record_output_grads_*; rows may be
+ *    split over calls). A fold (kfac_optimizer_update_factors or a folding step) whose rows do not
+ *    pair fails with KFAC_ERROR_INVALID_SIZE and changes nothing. Statistics recorded otherwise
+ *    (kfac_layer_record_output_grad_columns_*, kfac_gn_chain_record_columns) do not pair either.
+ *  - kfac_optimizer_step_* and kfac_optimizer_update_inverses handle the linked layers; a Σ that
+ *    is not positive definite (1 − max s·t below √ε of the precision, or a damped factor that
+ *    fails Cholesky) gives KFAC_ERROR_NOT_POSITIVE_DEFINITE and changes nothing.
+ *  - kfac_layer_precondition_* on a linked layer returns KFAC_ERROR_UNSUPPORTED (its direction
+ *    needs its neighbours'). kfac_curvature_multiply_* covers linked layers: power −1 is F̂⁻¹ of
+ *    the current inverses (what the step applies), power +1 is F̂ = (Ξᵀ Λ Ξ)⁻¹, also from the
+ *    current inverses (their damping and factors), so +1 then −1 is the identity; both return
+ *    KFAC_ERROR_NO_INVERSES before the first inversion. Conjugate gradient's K-FAC preconditioner
+ *    (kfac_cg_*) applies the same F̂⁻¹ to linked layers.
+ *  - Re-choosing γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD > 0) and the KFAC_INVERSE_EKFAC strategy are
+ *    not supported with links: the step and kfac_optimizer_update_inverses return
+ *    KFAC_ERROR_UNSUPPORTED (EKFAC's paired recording does not pair links either). The adaptive
+ *    mode works as usual.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Since 0.2. Links dense layer `lower` with layer `upper` = lower + 1 (see "Block-tridiagonal").
+ *  Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_ARGUMENT (upper ≠ lower + 1, a layer that is not an
+ *  ungrouped dense layer, a pair already linked), INVALID_SIZE (upper's in_features ≠ lower's
+ *  out_features), LAYERS_FROZEN (statistics were recorded), OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_layer_link(kfac_optimizer *opt, int32_t lower, int32_t upper);
+
+/** Since 0.2. Copies the running cross factors of the link from `lower` to lower + 1:
+ *  A_{l,l+1} into a_cross ([i_l + 1][i_{l+1} + 1] row-major, without the + 1 of a layer without
+ *  bias) and G_{l,l+1} into g_cross ([o_l][o_{l+1}]). Either pointer may be NULL to skip it.
+ *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, INVALID_ARGUMENT (no link from `lower`),
+ *  DTYPE_MISMATCH, NO_STATISTICS. */
+KFAC_API int kfac_layer_get_cross_factors_f32(const kfac_optimizer *opt, int32_t lower, float *a_cross,
+                                              float *g_cross);
+KFAC_API int kfac_layer_get_cross_factors_f64(const kfac_optimizer *opt, int32_t lower, double *a_cross,
+                                              double *g_cross);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 

@@ -9,6 +9,7 @@
  *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_* / kfac_cg_* /
  *     kfac_distributed_*) function,
  *     named after it without
+ *     kfac_layer_link / kfac_layer_get_cross_factors_*) function, named after it without
  *     "kfac_" and without "optimizer_": kfac_layer_add_dense(opt, …) is opt.layer_add_dense(…),
  *     kfac_optimizer_step_f32(opt, …) is opt.step(…);
  *   - the _f32 / _f64 pairs are one overloaded name, chosen by the buffer's element type;
@@ -542,6 +543,21 @@ public:
         const int32_t n = detail::layer_count(weights, biases, "kfac_curvature_multiply_f64");
         check(kfac_curvature_multiply_f64(handle_, power, weights.data(), detail::or_null(biases), n),
               "kfac_curvature_multiply_f64");
+    }
+
+    /* ---- Experimental: block-tridiagonal links ---- */
+
+    /** kfac_layer_link (upper = lower + 1; before any statistics). */
+    void layer_link(int32_t lower, int32_t upper) { check(kfac_layer_link(handle_, lower, upper), "kfac_layer_link"); }
+    /** kfac_layer_get_cross_factors_f32 / _f64: A_{l,l+1} [a_dim(l)][a_dim(l+1)] and G_{l,l+1}
+     *  [out(l)][out(l+1)] of the link from `lower` (either output may be nullptr). */
+    template <class T>
+    void layer_get_cross_factors(int32_t lower, T *a_cross, T *g_cross) const {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_get_cross_factors_f32(handle_, lower, a_cross, g_cross), "kfac_layer_get_cross_factors_f32");
+        else
+            check(kfac_layer_get_cross_factors_f64(handle_, lower, a_cross, g_cross), "kfac_layer_get_cross_factors_f64");
     }
 
     /* ---- Experimental: Gauss-Newton products ---- */

@@ -115,6 +115,7 @@ protocol OptimizerOperations: AnyObject {
     func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo
     func updateFactors() throws(KFACError)
     func updateInverses() throws(KFACError)
+    func linkLayers(lower: Int, upper: Int) throws(KFACError)
     func saveState(into buffer: UnsafeMutableRawBufferPointer) throws(KFACError) -> Int
     func loadState(from image: UnsafeRawBufferPointer) throws(KFACError)
     func saveState(toFile path: String) throws(KFACError)

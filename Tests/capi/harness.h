@@ -365,5 +365,8 @@ void test_ekfac_errors(int dtype);
 
 /* test_distributed.c (KFAC_EXPERIMENTAL_API): the fake-world distributed tests. */
 void test_distributed(void);
+/* test_tridiagonal.c (KFAC_EXPERIMENTAL_API): block-tridiagonal links against the dense Ξᵀ Λ Ξ
+ * and on twin handles. */
+void test_tridiagonal(void);
 
 #endif /* KFAC_CAPI_HARNESS_H */

@@ -149,6 +149,7 @@ int main(void) {
     test_ekfac_numerics();
     test_ekfac_errors(KFAC_FLOAT32);
     test_ekfac_errors(KFAC_FLOAT64);
+    test_tridiagonal();
 
     rmdir(tmpdir);
     printf("\n%d checks, %d failed\n", g_checks, g_failures);

@@ -307,6 +307,35 @@ static void test_distributed() {
     std::vector<double> short_buffer(3);
     expect_error([&] { r0.distributed_pack_statistics(short_buffer); }, KFAC_ERROR_INVALID_SIZE,
                  "kfac_distributed_pack_statistics_f64");
+static void test_tridiagonal() {
+    // Two scalar layers without bias, linked: A_{0,1} = mean(x0·x1), G_{0,1} = mean(g0·g1).
+    kfac::optimizer opt(KFAC_FLOAT64);
+    kfac_dense_desc desc = kfac::dense_desc();
+    desc.in_features = 1;
+    desc.out_features = 1;
+    opt.layer_add_dense(desc);
+    opt.layer_add_dense(desc);
+    opt.param_set_double(KFAC_PARAM_DAMPING, 0.1);
+    expect_error([&] { opt.layer_link(0, 2); }, KFAC_ERROR_UNKNOWN_LAYER, "kfac_layer_link");
+    opt.layer_link(0, 1);
+    const double x0[2] = {1, 2}, x1[2] = {3, -1}, g0[2] = {0.5, 1}, g1[2] = {2, 1};
+    opt.layer_record_inputs(0, x0, 2);
+    opt.layer_record_inputs(1, x1, 2);
+    opt.layer_record_output_grads(1, g1, 2);
+    opt.layer_record_output_grads(0, g0, 2);
+    opt.update_factors();
+    double a = 0, g = 0;
+    opt.layer_get_cross_factors(0, &a, &g);
+    CHECK(a == 0.5 && g == 1.0);
+    opt.update_inverses();
+    double w0 = 1, w1 = 2;
+    expect_error([&] { opt.layer_precondition<double>(0, &w0, nullptr); }, KFAC_ERROR_UNSUPPORTED,
+                 "kfac_layer_precondition_f64");
+    double *ws[2] = {&w0, &w1};
+    opt.curvature_multiply(1, ws);
+    opt.curvature_multiply(-1, ws);
+    CHECK(std::fabs(w0 - 1) < 1e-12 && std::fabs(w1 - 2) < 1e-12);
+    std::printf("tridiagonal: cross factors %.2f %.2f, F̂ then F̂⁻¹ round trip\n", a, g);
 }
 
 int main() {
@@ -318,6 +347,7 @@ int main() {
     test_training_steps();
     test_gauss_newton();
     test_distributed();
+    test_tridiagonal();
     std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -3,7 +3,8 @@
 // step against the plain SGD step of the same model. Times are medians of repeated runs.
 //
 //     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
-//                        --ekfac-only | --no-ekfac | --cg-only | --no-cg])
+//                        --ekfac-only | --no-ekfac | --cg-only | --no-cg | --tridiagonal-only |
+//                        --no-tridiagonal])
 
 import AllocationCounter
 import CBLAS
@@ -74,10 +75,11 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 // MARK: 1. Reference rate
 
 let cgOnly = CommandLine.arguments.contains("--cg-only")  // section 7 alone
+let tridiagonalOnly = CommandLine.arguments.contains("--tridiagonal-only")  // section 8 alone
 let ekfacOnly = CommandLine.arguments.contains("--ekfac-only")
-let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !cgOnly
-let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly && !cgOnly
-let runCG = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !CommandLine.arguments.contains("--no-cg")
+let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !cgOnly && !tridiagonalOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly && !cgOnly && !tridiagonalOnly
+let runCG = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !tridiagonalOnly && !CommandLine.arguments.contains("--no-cg")
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
@@ -417,7 +419,7 @@ if runConv {
 
 // MARK: 5. Gauss-Newton products (experimental)
 
-if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly)) && !cgOnly {
+if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly)) && !cgOnly && !tridiagonalOnly {
     print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
     print("gradient (forward + backward) of the same batch")
     print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
@@ -483,7 +485,7 @@ if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.
 
 // MARK: 6. EKFAC's extra cost per step
 
-if !CommandLine.arguments.contains("--no-ekfac") && !cgOnly {
+if !CommandLine.arguments.contains("--no-ekfac") && !cgOnly && !tridiagonalOnly {
     print("""
 
     EKFAC against the eigen strategy, same layers and data, float32: time of one training step's
@@ -687,3 +689,61 @@ if !cgCases.isEmpty { print("""
   layer, which is its point). allocations/iter counts heap allocations during the library's calls
   (OpenBLAS's threaded dispatch included).
 """) }
+
+// MARK: 8. Block-tridiagonal K-FAC against block-diagonal (experimental)
+
+if !CommandLine.arguments.contains("--no-tridiagonal") && !cgOnly && !ekfacOnly {
+    print("""
+
+    Block-tridiagonal K-FAC (both pairs of a 3-layer W-W-W-W chain linked, eq. 8 by sygvd) against the
+    block-diagonal Cholesky strategy (the same factored π damping), same factors, float32, batch \(batch):
+    medians of kfac_optimizer_update_inverses and of kfac_curvature_multiply(−1) over all layers
+    """)
+    print(pad("width", 8) + pad("invert: diag", 15) + pad("tridiagonal", 14) + pad("ratio", 9)
+          + pad("apply: diag", 14) + pad("tridiagonal", 14) + "ratio")
+    for w in widths {
+        let layers = 3
+        let x = (0..<layers).map { randomBuffer(batch * w, seed: UInt64(70 + $0)) }
+        let g = (0..<layers).map { randomBuffer(Swift.max(batch, w) * w, seed: UInt64(80 + $0)) }
+        let weights = (0..<layers).map { _ in randomBuffer(w * w, seed: 1) }
+        let biases = (0..<layers).map { _ in randomBuffer(w, seed: 2) }
+        defer { for p in x + g + weights + biases { p.deallocate() } }
+        var optimizers: [KFACOptimizer<Float>] = []
+        for linked in [false, true] {
+            let opt = try KFACOptimizer<Float>()
+            for _ in 0..<layers { try opt.addDense(inFeatures: w, outFeatures: w, hasBias: true) }
+            if linked { for l in 0..<(layers - 1) { try opt.linkLayers(lower: l, upper: l + 1) } }
+            var p = opt.parameters
+            p.inverseStrategy = .cholesky; p.piDamping = true; p.damping = 0.01
+            try opt.setParameters(p)
+            for l in 0..<layers { try opt.recordInputs(layer: l, x[l], rows: batch) }
+            for l in stride(from: layers - 1, through: 0, by: -1) {
+                for i in 0..<(batch * w) { g[l][i] *= 0.01 }  // output-gradient scale of a real net
+                try opt.recordOutputGradients(layer: l, g[l], rows: batch)
+                for i in 0..<(batch * w) { g[l][i] *= 100 }
+            }
+            try opt.updateFactors()
+            optimizers.append(opt)
+        }
+        let repeats = w >= 2048 ? 3 : 5
+        let invert = try optimizers.map { opt in try median(repeats: repeats) { try opt.updateInverses() } }
+        let apply = try optimizers.map { opt in
+            // Fresh inputs every time (the product is in place); the copy is timed on both sides.
+            try median(repeats: repeats * 4) {
+                for l in 0..<layers {
+                    weights[l].update(from: g[l], count: w * w)
+                    biases[l].update(from: x[l], count: w)
+                }
+                try opt.multiply(power: .inverse) { ParameterGradient(weight: weights[$0], bias: biases[$0]) }
+            }
+        }
+        print(pad("\(w)", 8) + pad("\(f(invert[0] * 1e3)) ms", 15) + pad("\(f(invert[1] * 1e3)) ms", 14)
+              + pad("\(f(invert[1] / invert[0]))×", 9) + pad("\(f(apply[0] * 1e3)) ms", 14)
+              + pad("\(f(apply[1] * 1e3)) ms", 14) + "\(f(apply[1] / apply[0]))×")
+    }
+    print("""
+      Per linked layer with a link up the inversion adds Ψ and C (or D) (2 gemms per side) and two
+      sygvd (a Cholesky, two congruences and a syevd each) to the two Cholesky inversions; applying
+      F̂⁻¹ costs 8–10 gemms per layer against 2 for the Cholesky strategy.
+    """)
+}

@@ -141,10 +141,14 @@ extension KFACOptimizer {
         return s
     }
 
-    /// EKFAC's scaling S comes from per-example statistics that the exchange does not carry yet.
+    /// EKFAC's scaling S comes from per-example statistics that the exchange does not carry yet;
+    /// block-tridiagonal links keep cross factors and inverses the exchange does not carry either.
     private func checkStrategySupported() throws(KFACError) {
         guard parameters.inverseStrategy != .ekfac else {
             throw KFACError(.unsupported, "distributed runs do not support the EKFAC strategy yet (its scaling is not exchanged)")
+        }
+        guard tridiagonal == nil else {
+            throw KFACError(.unsupported, "distributed runs do not support block-tridiagonal links yet (cross factors are not exchanged)")
         }
     }
 

@@ -53,7 +53,12 @@ extension KFACOptimizer {
         case (_, true):
             throw KFACError(.invalidArgument, "diagonal buffers are given but the preconditioner is not the diagonal one")
         case (.kfac, false):
-            for l in layers.indices { try estimator.checkReady(layer: l, for: .inverse, strategy: parameters.inverseStrategy) }
+            for l in layers.indices where !isLinked(layer: l) {
+                try estimator.checkReady(layer: l, for: .inverse, strategy: parameters.inverseStrategy)
+            }
+            if let links = tridiagonal, !links.hasInverses {  // block-tridiagonal links (Tridiagonal/)
+                throw KFACError(.noInverses, "the linked layers have no inverses yet")
+            }
         case (.none, false):
             break
         }
@@ -346,10 +351,10 @@ extension KFACOptimizer {
         case .kfac:
             y.base.update(from: r.base, count: n)
             let base = y.base
-            try estimator.multiplyAll({ l in
+            try multiplyCurvature({ l in
                 let s = layout[l]
                 return ParameterGradient(weight: base + s.offset, bias: s.biases > 0 ? base + s.offset + s.weights : nil)
-            }, power: .inverse, parameters.curvatureSettings)
+            }, power: .inverse)
         }
     }
 

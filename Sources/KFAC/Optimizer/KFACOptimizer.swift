@@ -32,6 +32,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     let spread = InversionSpread()
     /// A distributed run's rank, size and exchanged inverses (Distributed/).
     var distributed = DistributedState<Scalar>()
+    /// Block-tridiagonal links between consecutive dense layers (Tridiagonal/), nil when none.
+    var tridiagonal: TridiagonalLinks<Scalar>?
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
@@ -101,6 +103,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     public func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo {
         let b = try self.layer(layer)
+        if let links = tridiagonal, links.isLinked(layer) {
+            return LayerInfo(layer: b.layer, hasFactors: b.blocks.allSatisfy(\.hasFactors), hasInverses: links.hasInverses)
+        }
         return LayerInfo(layer: b.layer, hasFactors: b.blocks.allSatisfy(\.hasFactors),
                          hasInverses: b.blocks.allSatisfy { $0.hasInverse(for: parameters.inverseStrategy) })
     }
@@ -116,7 +121,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Adds the inputs of `rows` examples to the layer's input statistics: dense [rows][inFeatures];
     /// convolution [rows][C][H][W] or [rows][H][W][C], as its layout says.
     public func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
+        guard let links = tridiagonal, links.isLinked(layer) else {
+            return try estimator.recordInputs(layer: layer, inputs, rows: rows)
+        }
+        if rows >= 1 && inputs != nil { try links.prepareRecord(layer: layer, outputSide: false, rows: rows) }
         try estimator.recordInputs(layer: layer, inputs, rows: rows)
+        links.record(layer: layer, inputs!, rows: rows, outputSide: false, scale: 1)
     }
 
     /// Adds the output gradients of `rows` examples to the layer's gradient statistics (dense
@@ -125,20 +135,28 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let reduction = parameters.lossReduction == .mean ? Double(rows) : 1
         let scale = reduction / parameters.outputGradScale
+        guard let links = tridiagonal, links.isLinked(layer) else {
+            return try estimator.recordOutputGradients(layer: layer, gradients, rows: rows, scale: scale)
+        }
+        if rows >= 1 && gradients != nil { try links.prepareRecord(layer: layer, outputSide: true, rows: rows) }
         try estimator.recordOutputGradients(layer: layer, gradients, rows: rows, scale: scale)
+        links.record(layer: layer, gradients!, rows: rows, outputSide: true, scale: Scalar(scale))
     }
 
     /// Folds every layer's pending statistics into its running factors now.
     public func updateFactors() throws(KFACError) {
         try estimator.validatePendingStatistics()
+        if let links = tridiagonal { try links.checkPaired(estimator: estimator) }
         try estimator.stageScalingFolds(settings: parameters.curvatureSettings)  // EKFAC's S
         try estimator.foldFactors(decay: parameters.factorDecay)
         estimator.commitScalingFolds(clearingAll: parameters.inverseStrategy != .ekfac)
+        tridiagonal?.fold(decay: parameters.factorDecay)
     }
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
-        try estimator.invert(parameters.curvatureSettings)
+        guard let links = tridiagonal else { return try estimator.invert(parameters.curvatureSettings) }
+        try updateInverses(links)
     }
 
     /// Copies the running factors of group `group` of a layer (0 for dense layers) as full
@@ -184,18 +202,23 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
         let anyInversion = try planStepInversions(p, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
         if folding { try estimator.validatePendingStatistics() }
+        if folding, let links = tridiagonal { try links.checkPaired(estimator: estimator) }
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
         try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
+        if linksInverting { try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings) }
 
-        let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
+        var inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
+        if let links = tridiagonal { inner += try preconditionLinked(links, staged: linksInverting) }
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
         if dampingStep { parameters.factorDamping = p.factorDamping }
         estimator.commitPairedStatistics(folding: folding)
+        if let links = tridiagonal { commitTridiagonalStep(links, folding: folding, inverted: linksInverting) }
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)
@@ -236,6 +259,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         var inner = 0.0
         for l in 0..<estimator.layerCount {
             estimator.gather(layer: l, gradient(l))
+            if estimator.isExcluded(l) { continue }
             for k in estimator.layerBlocks[l] {
                 try estimator.precondition(block: k, staged: estimator.invertBlock[k], strategy: strategy, damping: damping)
                 let c = estimator.blocks[k]
@@ -288,6 +312,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let b = try self.layer(layer)
         let v = ParameterGradient(weight: weight, bias: bias)
         try checkGradient(v, layer: b, index: layer)
+        if let links = tridiagonal, links.isLinked(layer) {
+            throw KFACError(.unsupported, "layer \(layer) is block-tridiagonally linked: its product needs its neighbours (use the all-layer product or the step)")
+        }
         try estimator.multiply(layer: layer, v, power: power, parameters.curvatureSettings)
     }
 
@@ -299,6 +326,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         for l in 0..<estimator.layerCount {
             try checkGradient(vectors(l), layer: estimator.layers[l], index: l)
         }
-        try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
+        guard let links = tridiagonal else {
+            return try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
+        }
+        try multiplyLinked(links, power: power, vectors)
     }
 }

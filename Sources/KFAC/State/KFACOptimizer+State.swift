@@ -15,6 +15,7 @@ extension KFACOptimizer {
         estimator.write(to: &w)
         adaptive.write(to: &w)
         if p.inverseStrategy == .ekfac { estimator.writePaired(to: &w) }
+        tridiagonal?.write(to: &w)
     }
 
     /// The parameters section: the number of rows, then per row of `ParameterSpec.table` its id
@@ -118,6 +119,16 @@ extension KFACOptimizer {
         let restored = try estimator.read(from: &r)
         let adaptiveState = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
         if p.inverseStrategy == .ekfac { try estimator.readPaired(from: &r, into: restored.layers) }
+        var installLinks: (() -> Void)?
+        if let links = tridiagonal {
+            guard r.offset < image.count - 8 else {
+                throw KFACError(.stateMismatch, "state image has no block-tridiagonal links, the optimizer has \(links.links.count)")
+            }
+            installLinks = try links.read(from: &r, estimator: estimator)
+        } else if r.offset < image.count - 8, let count = try? r.u64(), count > 0, count < UInt64(estimator.layerCount) {
+            // A links section (the checksum held): an image of a handle with links.
+            throw KFACError(.stateMismatch, "state image has \(count) block-tridiagonal links, the optimizer none")
+        }
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")
         }
@@ -127,6 +138,7 @@ extension KFACOptimizer {
         lastKLScale = klScale
         adaptive = adaptiveState
         candidates = DampingCandidates()
+        installLinks?()
     }
 
     /// Writes the state image to `path` atomically: a temporary file in the same directory,

@@ -61,6 +61,7 @@ class Handle:
                 "layer_record_examples", "layer_get_ekfac_scaling",
                 "distributed_pack_statistics", "distributed_unpack_statistics",
                 "distributed_pack_inverses", "distributed_unpack_inverses", "distributed_pack_model_sums",
+                "layer_get_cross_factors",
             )
         }
         self.lock = threading.RLock()
@@ -225,6 +226,14 @@ class Handle:
 
     def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
         self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
+
+    def link(self, lower: int, upper: int) -> None:
+        """Experimental: kfac_layer_link."""
+        self.call(_lib.kfac_layer_link, lower, upper)
+
+    def get_cross_factors(self, lower: int, a_address: int, g_address: int) -> None:
+        """Experimental: kfac_layer_get_cross_factors_*."""
+        self.call(self._fn["layer_get_cross_factors"], lower, self.cast(a_address), self.cast(g_address))
 
     # -----------------------------------------------------------------------------------------
     # Preconditioning

@@ -650,6 +650,10 @@ _PROTOTYPES = [
      [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
     ("kfac_distributed_solve_model_sums", c_int,
      [_P, c_double_p, c_int64, POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    # Experimental: block-tridiagonal links
+    ("kfac_layer_link", c_int, [_P, c_int32, c_int32]),
+    ("kfac_layer_get_cross_factors_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
+    ("kfac_layer_get_cross_factors_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
@@ -657,7 +661,8 @@ EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
                                                         "kfac_layer_record_output_grad_columns_",
                                                         "kfac_layer_record_examples_",
-                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_", "kfac_distributed_")))
+                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_", "kfac_distributed_",
+                                                        "kfac_layer_link", "kfac_layer_get_cross_factors_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

@@ -637,6 +637,41 @@ class Optimizer(AdaptiveMethods):
         return a, g
 
     # -----------------------------------------------------------------------------------------
+    # Block-tridiagonal links (experimental)
+    # -----------------------------------------------------------------------------------------
+
+    def link_layers(self, lower: int, upper: int) -> None:
+        """EXPERIMENTAL (``kfac_layer_link``; may change in any minor release). Links dense
+        layer ``lower`` with ``upper = lower + 1`` (which consumes its activation) for
+        block-tridiagonal K-FAC (Martens & Grosse 2015, §4.3): the step and
+        :meth:`curvature_multiply` then use the chain's F̂⁻¹ = Ξᵀ Λ Ξ for linked layers, with
+        factored (π) damping of their diagonal factors whatever the inverse strategy. Link
+        before recording statistics; record the same examples, in the same order, for both
+        layers of a link. :meth:`precondition` on a linked layer raises ``KFAC_ERROR_UNSUPPORTED``."""
+        for name, value in (("lower", lower), ("upper", upper)):
+            if _convert.is_bool(value):
+                raise TypeError(f"libkfac: {name} must be an integer, not bool")
+        lower = _convert.int32(lower, "lower", _lib.KFAC_ERROR_UNKNOWN_LAYER)
+        upper = _convert.int32(upper, "upper", _lib.KFAC_ERROR_UNKNOWN_LAYER)
+        self._handle.link(lower, upper)
+
+    def cross_factors(self, lower: int) -> Tuple[np.ndarray, np.ndarray]:
+        """EXPERIMENTAL (``kfac_layer_get_cross_factors_*``). Copies of the running cross
+        factors of the link from ``lower`` to ``lower + 1``: ``A_{l,l+1} = E[ā_l ā_{l+1}ᵀ]`` of
+        shape ``[a_dim(lower)][a_dim(lower + 1)]`` and ``G_{l,l+1} = E[g_l g_{l+1}ᵀ]`` of shape
+        ``[out(lower)][out(lower + 1)]``."""
+        lower = self._checked_layer_id(lower)
+        if lower < 0 or lower + 1 >= self.num_layers:
+            # Let the library report the unknown layer or the missing link.
+            self._handle.get_cross_factors(lower, 0, 0)
+            raise AssertionError("unreachable")  # pragma: no cover
+        lo, up = self.layer_info(lower), self.layer_info(lower + 1)
+        a = np.empty((lo.a_dim, up.a_dim), dtype=self.dtype)
+        g = np.empty((lo.g_dim, up.g_dim), dtype=self.dtype)
+        self._handle.get_cross_factors(lower, a.ctypes.data, g.ctypes.data)
+        return a, g
+
+    # -----------------------------------------------------------------------------------------
     # Preconditioning
     # -----------------------------------------------------------------------------------------
 

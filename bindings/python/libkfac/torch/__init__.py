@@ -198,6 +198,14 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             uncorrelated activations) for the convolutions (unnamed convolutions use ``'kfc'``).
         input_group_size, output_group_size: channel grouping (channels, or features of a
             Linear, per block of the input-/output-side factor; 0 = none; unnamed layers: 0).
+
+    Block-tridiagonal K-FAC (EXPERIMENTAL, ``kfac_layer_link``; Martens & Grosse 2015, §4.3):
+        tridiagonal: link every pair of consecutive preconditioned ``nn.Linear`` layers (module
+            order) whose sizes chain (``upper.in_features == lower.out_features``, no channel
+            grouping), as in an ``nn.Sequential`` of Linear layers and activations: the step then
+            uses the chains' block-tridiagonal inverse with factored (π) damping of the diagonal
+            factors. Meant for plain chains; do not use it when a Linear does not consume the
+            previous Linear's output. Not combinable with ``factor_damping_period > 0``.
     """
 
     def __init__(
@@ -239,6 +247,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         conv_approximation: Union[str, Dict] = "kfc",
         input_group_size: Union[int, Dict] = 0,
         output_group_size: Union[int, Dict] = 0,
+        # block-tridiagonal
+        tridiagonal: bool = False,
     ):
         library_params = dict(
             damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
@@ -252,6 +262,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             distributed_reduce=distributed_reduce,
         )
         self.model = model
+        self._tridiagonal = bool(tridiagonal)
         self._layers = discover_layers(model, skip_layers)
         configure_layers(self._layers, conv_approximation, input_group_size, output_group_size, input_shapes)
         self._dtype = layer_dtype(self._layers, dtype)
