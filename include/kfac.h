@@ -190,8 +190,8 @@
  * kfac_param_* (the parameter table), kfac_layer_* (registration, statistics, per-layer
  * preconditioning), kfac_adaptive_* (the adaptive mode), kfac_sample_* (samplers), kfac_state_*
  * (checkpoints), and in the experimental section kfac_candidates_*, kfac_curvature_*, kfac_gn_*
- * (Gauss-Newton products) and EKFAC's per-layer kfac_layer_record_examples_* and
- * kfac_layer_get_ekfac_scaling_*. A
+ * (Gauss-Newton products), kfac_cg_* (conjugate gradient and Newton-CG) and EKFAC's per-layer
+ * kfac_layer_record_examples_* and kfac_layer_get_ekfac_scaling_*, and kfac_distributed_* (distributed runs). A
  * family of methods adds one section (and one object name) to this header. Enum-typed arguments
  * are int32_t; sizes and row counts int64_t; byte sizes size_t.
  */
@@ -280,6 +280,7 @@ typedef enum kfac_status {
     KFAC_ERROR_NO_INVERSES = -21,           /* preconditioning before the inverses were computed */
     KFAC_ERROR_LAYERS_FROZEN = -22,         /* layers cannot be added after statistics were recorded */
     KFAC_ERROR_NO_STEP = -23,               /* adaptive mode: solve after a step, report after a solve */
+    KFAC_ERROR_NO_SOLVE = -24,              /* conjugate gradient: no solve in the state the call needs */
     KFAC_ERROR_NO_COLUMNS = -25,            /* Gauss-Newton product without kept columns or chain forward pass */
 
     /* -30 … -39: numerical */
@@ -299,6 +300,9 @@ typedef enum kfac_status {
     KFAC_ERROR_CORRUPT_STATE = -62,         /* bad magic, truncated image or checksum mismatch */
     KFAC_ERROR_STATE_VERSION = -63,         /* image written by an incompatible format version */
     KFAC_ERROR_STATE_MISMATCH = -64,        /* image's precision or layers differ from the handle's */
+
+    /* -70 … -79: caller code */
+    KFAC_ERROR_CALLBACK = -70,              /* a caller-supplied function returned non-zero */
 
     KFAC_ERROR_INTERNAL = -99               /* a bug in the library; please report it */
 } kfac_status;
@@ -444,7 +448,12 @@ typedef enum kfac_param {
     KFAC_PARAM_EKFAC_DECAY = 400,
     /* int, kfac_ekfac_mode, default KFAC_EKFAC_PER_EXAMPLE (0). How kfac_layer_record_examples_*
      * forms per-example gradients: 0 exact (an example's rows or positions summed), 1 per row. */
-    KFAC_PARAM_EKFAC_MODE = 401
+    KFAC_PARAM_EKFAC_MODE = 401,
+
+    /* ---- distributed (500–599), see "Distributed (experimental)" ---- */
+    /* int, kfac_distributed_reduce, default KFAC_DISTRIBUTED_REDUCE_EAGER. Since 0.2. When a
+     * distributed run reduces its statistics; it has no effect in a single process. */
+    KFAC_PARAM_DISTRIBUTED_REDUCE = 500
 } kfac_param;
 
 typedef enum kfac_inverse_strategy {
@@ -712,7 +721,8 @@ KFAC_API int kfac_optimizer_step_f64(kfac_optimizer *opt, double *const *weight_
 /** Preconditions one layer's gradient in place with the current inverses: no schedule, no KL
  *  clip, no change to the handle. bias_grad must be NULL exactly when the layer has no bias.
  *  Errors: NULL_POINTER, UNKNOWN_LAYER, DTYPE_MISMATCH, NON_FINITE, NO_STATISTICS,
- *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias). */
+ *  NO_INVERSES, INVALID_ARGUMENT (bias_grad given for a layer without bias), UNSUPPORTED (a
+ *  block-tridiagonally linked layer, see "Block-tridiagonal" in the experimental section). */
 KFAC_API int kfac_layer_precondition_f32(kfac_optimizer *opt, int32_t layer, float *weight_grad, float *bias_grad);
 KFAC_API int kfac_layer_precondition_f64(kfac_optimizer *opt, int32_t layer, double *weight_grad,
                                          double *bias_grad);
@@ -897,8 +907,8 @@ KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
  *  device or directory is IO, without blocking); a file larger than any image of the handle's
  *  layers can be is refused after reading only its header and parameter section (CORRUPT_STATE
  *  if that is not an image header, STATE_VERSION for another format, else STATE_MISMATCH) —
- *  unless the image's strategy is EKFAC, whose pending per-example gradients the layers do not
- *  bound; the file is read in bounded pieces.
+ *  unless the image's strategy is EKFAC or the handle has block-tridiagonal links, whose pending
+ *  statistics the layers do not bound; the file is read in bounded pieces.
  *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 
@@ -966,7 +976,8 @@ KFAC_API int kfac_candidates_solve_step_size_f64(kfac_optimizer *opt, const doub
  *     KFAC_INVERSE_CHOLESKY: (A + π√λ I) ⊗ (G + √λ/π I)   (π as in "Inverse strategies")
  *     KFAC_INVERSE_EKFAC:    Ũ diag(vec S + λ) Ũᵀ, Ũ = Q_A ⊗ Q_G   (see "EKFAC"; both powers
  *                            use the current inverses, so +1 too gives NO_INVERSES without them)
- *  for every group of every layer (block-diagonal over groups and layers). Power +1 uses the
+ *  for every group of every layer (block-diagonal over groups and layers); linked layers use the
+ *  block-tridiagonal F̂ or F̂⁻¹ instead (see "Block-tridiagonal"). Power +1 uses the
  *  running factors, power −1 the current inverses (so after a change of λ with the Cholesky
  *  strategy, +1 and −1 disagree until the next inverse update). The buffers have the layout,
  *  bias rules and n_layers of kfac_optimizer_step_*. Changes nothing in the handle.
@@ -1169,6 +1180,206 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
                                         double *const *product_b, int32_t n_layers);
 
 /* ---------------------------------------------------------------------------------------------
+ * Conjugate gradient and Newton-CG (experimental; Martens 2010, simpleNN).
+ *
+ * Solves (G + (λ + η) I) s = −g for the step s of Newton-CG, G the caller's curvature (usually
+ * the Gauss-Newton matrix of a curvature batch), g its gradient, λ = KFAC_PARAM_DAMPING (the
+ * Levenberg–Marquardt damping) and η = kfac_cg_desc.l2. The solver works by reverse
+ * communication: it never calls the caller. It hands out a vector v (kfac_cg_get_vector_*), the
+ * caller computes G·v by any means (an R-op forward and backward pass, stored Jacobian columns,
+ * torch.func jvp/vjp) and passes it back (kfac_cg_supply_product_*), until the solve stops:
+ *
+ *     int32_t request;
+ *     kfac_cg_desc desc = {sizeof desc, .preconditioner = KFAC_CG_PRECONDITIONER_KFAC};
+ *     kfac_cg_begin_f32(opt, &desc, grad_w, grad_b, NULL, NULL, L, &request);
+ *     while (request == KFAC_CG_NEED_PRODUCT) {
+ *         kfac_cg_get_vector_f32(opt, v_w, v_b, L);
+ *         gauss_newton_product(v_w, v_b, gv_w, gv_b);          // the caller's G·v, no λ, no η
+ *         kfac_cg_supply_product_f32(opt, gv_w, gv_b, L, &request);
+ *     }
+ *     kfac_cg_result res = {sizeof res};
+ *     kfac_cg_finish_f32(opt, s_w, s_b, L, &res);
+ *     ... θ ← θ + α s (α = 1, or backtracked: halve while h(θ + αs) − h(θ) > 1e-4 · α · gᵀs) ...
+ *     kfac_cg_report_loss_change(opt, α, h_before, h_after, &rho);   // adjusts λ
+ *
+ * Vectors have the layout, bias rules and n_layers of kfac_optimizer_step_* (weights [out][in] or
+ * the convolution's weight shape, biases [out]; bias arrays NULL exactly for layers without a
+ * bias). Subsampling is the caller's choice: the gradient on the whole batch, G on a fraction of
+ * it (simpleNN: 5%), G being the mean of J_iᵀ B_i J_i over that fraction.
+ *
+ * The iteration (A = G + (λ + η) I, M the preconditioner, r = −g − A x):
+ *     x₀ = 0, or decay · (the last finished solution) with warm_start; r₀ = −g − A x₀ (a warm
+ *     start first asks for the product of x₀); y₀ = M⁻¹ r₀; p₀ = y₀; then per iteration i:
+ *     α = rᵀy / pᵀAp, x += α p, r −= α A p, y = M⁻¹ r, β = r_newᵀ y_new / r_oldᵀ y_old, p = y + β p.
+ *     φ(x) = ½ xᵀ A x + gᵀ x = ½ gᵀ x − ½ xᵀ r.
+ * Preconditioners: NONE (M = I); KFAC (M⁻¹ = the current K-FAC inverses, as
+ * kfac_curvature_multiply_* at power −1, any strategy — the layers need factors and inverses);
+ * DIAGONAL (M = diag(d + λ + η)^exponent with d ≥ 0 given to begin, Martens 2010: d the sum of
+ * the squared per-example gradients, exponent 0.75).
+ * Stopping, checked at the start (i = 0) and after every iteration i, in this order:
+ *     ‖r_i‖ = 0 → KFAC_CG_REASON_RESIDUAL;
+ *     RESIDUAL rule (simpleNN): ‖r_i‖ ≤ ξ‖g‖, ξ = tolerance (default 0.1) → REASON_RESIDUAL;
+ *     RELATIVE_PROGRESS rule (Martens 2010, §4.4): with k = max(10, ⌊i/10⌋), i > k, φ_i < 0 and
+ *       (φ_i − φ_{i−k}) / φ_i < k·ε, ε = tolerance (default 5e-4) → REASON_RELATIVE_PROGRESS;
+ *     i = max_iterations (default 250) → REASON_MAX_ITERATIONS.
+ * A pᵀAp that is not positive stops before the update (REASON_NON_POSITIVE_CURVATURE; s is the
+ * last iterate). Inner products are accumulated in double precision (also on float32 handles),
+ * left to right over the layer layout, so a solve is reproducible bit for bit.
+ *
+ * Newton-CG and Levenberg–Marquardt. The model of the step α·s excludes λ (Martens 2010,
+ * simpleNN): m(α) = α gᵀs + ½ α² sᵀ(G + ηI)s, with sᵀ(G + ηI)s = sᵀ(−g − r) − λ‖s‖² from the
+ * residual (no extra product). kfac_cg_report_loss_change computes ρ = (h_after − h_before) /
+ * m(α) and applies the library's Levenberg–Marquardt rule to λ (KFAC_PARAM_LM_INTERVAL,
+ * KFAC_PARAM_LM_DECAY, the floor KFAC_PARAM_DAMPING_MIN):
+ * with KFAC_PARAM_LM_DECAY = 2/3 and KFAC_PARAM_LM_INTERVAL = 1, λ·3/2 if ρ < 1/4 and λ·2/3 if
+ * ρ > 3/4 (simpleNN's schedule; simpleNN drops λ at ρ = 3/4 exactly too). Its reports are
+ * counted apart from kfac_adaptive_report_loss_change's, and the two modes' models do not mix.
+ * The caller's loss and gradient include η's term ½η‖θ‖² (the library adds nothing to g).
+ *
+ * State and errors. One solve per handle; a begin replaces an open solve. The solver keeps
+ * nine parameter-sized vectors (eleven with DIAGONAL, one more once kfac_cg_solve_* was used),
+ * allocated at begin; after a first solve of the same size, get_vector / supply_product / finish
+ * allocate nothing. Every call is atomic:
+ * on error the solve and the handle are as before. A product with NaN or Inf is refused with
+ * KFAC_ERROR_NON_FINITE and may be supplied again. Calls out of order give KFAC_ERROR_NO_SOLVE.
+ * Adding a layer during a solve makes the next solver call fail with INVALID_SIZE (begin
+ * again). Solves are independent of kfac_optimizer_step_* and the adaptive mode, and are not
+ * part of state images.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_cg_preconditioner {
+    KFAC_CG_PRECONDITIONER_NONE = 0,
+    KFAC_CG_PRECONDITIONER_KFAC = 1,
+    KFAC_CG_PRECONDITIONER_DIAGONAL = 2
+} kfac_cg_preconditioner;
+
+typedef enum kfac_cg_stop_rule {
+    KFAC_CG_STOP_RESIDUAL = 0,
+    KFAC_CG_STOP_RELATIVE_PROGRESS = 1
+} kfac_cg_stop_rule;
+
+typedef enum kfac_cg_request {
+    KFAC_CG_NEED_PRODUCT = 1,   /* read the vector, supply G times it */
+    KFAC_CG_DONE = 2            /* the solve has stopped: finish it */
+} kfac_cg_request;
+
+typedef enum kfac_cg_reason {
+    KFAC_CG_REASON_RUNNING = 0,
+    KFAC_CG_REASON_RESIDUAL = 1,
+    KFAC_CG_REASON_RELATIVE_PROGRESS = 2,
+    KFAC_CG_REASON_MAX_ITERATIONS = 3,
+    KFAC_CG_REASON_NON_POSITIVE_CURVATURE = 4,
+    KFAC_CG_REASON_CALLER = 5   /* finished by the caller before the solver stopped */
+} kfac_cg_reason;
+
+/** Since 0.2. The options of a solve. Growable: set struct_size = sizeof(kfac_cg_desc) (at least
+ *  the first three fields); fields past an older caller's struct_size read as 0. Zero means
+ *  the default everywhere. */
+typedef struct kfac_cg_desc {
+    size_t struct_size;
+    int32_t max_iterations;      /* [0, 10^6], 0 = 250 */
+    int32_t stop_rule;           /* kfac_cg_stop_rule */
+    double tolerance;            /* ξ (RESIDUAL, in (0, 1)) or ε (RELATIVE_PROGRESS, > 0); 0 = 0.1 / 5e-4 */
+    int32_t preconditioner;      /* kfac_cg_preconditioner */
+    int32_t warm_start;          /* 0 or 1: x₀ = warm_start_decay · the last finished solution */
+    double warm_start_decay;     /* (0, 1], 0 = 0.95 */
+    double diagonal_exponent;    /* (0, 1], 0 = 0.75 (DIAGONAL only) */
+    double l2;                   /* η >= 0, added to λ in the system and to G in the model */
+} kfac_cg_desc;
+
+/** Since 0.2. The outcome of a solve. Growable: set struct_size = sizeof(kfac_cg_result); the
+ *  library fills the whole fields that fit and sets struct_size to the bytes filled. */
+typedef struct kfac_cg_result {
+    size_t struct_size;
+    int32_t iterations;          /* CG iterations (a warm start's initial product not counted) */
+    int32_t products;            /* products supplied (iterations, + 1 with a warm start) */
+    int32_t reason;              /* kfac_cg_reason */
+    int32_t reserved;            /* 0 */
+    double grad_dot_step;        /* gᵀs */
+    double step_curvature;       /* sᵀ(G + ηI)s */
+    double damping_term;         /* λ‖s‖² */
+    double model_value;          /* m(1) = gᵀs + ½ sᵀ(G + ηI)s: the model without λ */
+    double quadratic_value;      /* φ(s) = m(1) + ½ λ‖s‖²: what CG minimised */
+    double residual_norm;        /* ‖r‖ at s */
+    double gradient_norm;        /* ‖g‖ */
+    double damping;              /* λ of the solve */
+} kfac_cg_result;
+
+/** Since 0.2. Begins a solve (replacing an open one). desc may be NULL (all defaults). grad_* is
+ *  g; diag_* is d, given exactly for KFAC_CG_PRECONDITIONER_DIAGONAL (else NULL). *request
+ *  receives KFAC_CG_NEED_PRODUCT, or KFAC_CG_DONE when g = 0. λ is read now.
+ *  Errors: NULL_POINTER, INVALID_SIZE (n_layers, desc->struct_size, no layers), INVALID_ARGUMENT
+ *  (a desc field out of range, diag given without DIAGONAL, a negative d, a bias buffer for a
+ *  layer without bias), DTYPE_MISMATCH, NON_FINITE (g or d), NO_STATISTICS / NO_INVERSES (KFAC
+ *  preconditioner, as kfac_curvature_multiply_*), OUT_OF_MEMORY. */
+KFAC_API int kfac_cg_begin_f32(kfac_optimizer *opt, const kfac_cg_desc *desc, const float *const *grad_w,
+                               const float *const *grad_b, const float *const *diag_w, const float *const *diag_b,
+                               int32_t n_layers, int32_t *request);
+KFAC_API int kfac_cg_begin_f64(kfac_optimizer *opt, const kfac_cg_desc *desc, const double *const *grad_w,
+                               const double *const *grad_b, const double *const *diag_w, const double *const *diag_b,
+                               int32_t n_layers, int32_t *request);
+
+/** Since 0.2. Writes the vector the solve asks G to multiply into vector_* (caller-owned, the
+ *  step's layout). Changes nothing. Errors: NULL_POINTER, INVALID_SIZE, INVALID_ARGUMENT,
+ *  DTYPE_MISMATCH, NO_SOLVE (no open solve, or it has stopped). */
+KFAC_API int kfac_cg_get_vector_f32(kfac_optimizer *opt, float *const *vector_w, float *const *vector_b, int32_t n_layers);
+KFAC_API int kfac_cg_get_vector_f64(kfac_optimizer *opt, double *const *vector_w, double *const *vector_b,
+                                    int32_t n_layers);
+
+/** Since 0.2. Supplies G·v for the vector of kfac_cg_get_vector_* (G without λ and η) and runs
+ *  the iteration; *request receives KFAC_CG_NEED_PRODUCT or KFAC_CG_DONE. Errors: NULL_POINTER,
+ *  INVALID_SIZE, INVALID_ARGUMENT, DTYPE_MISMATCH, NO_SOLVE, NON_FINITE (NaN or Inf in the
+ *  product — supply it again — or a K-FAC-preconditioned residual that is not finite). On error
+ *  the solve is unchanged. */
+KFAC_API int kfac_cg_supply_product_f32(kfac_optimizer *opt, const float *const *product_w,
+                                        const float *const *product_b, int32_t n_layers, int32_t *request);
+KFAC_API int kfac_cg_supply_product_f64(kfac_optimizer *opt, const double *const *product_w,
+                                        const double *const *product_b, int32_t n_layers, int32_t *request);
+
+/** Since 0.2. Ends the solve: writes s into step_* and, if result is not NULL, fills *result. A
+ *  solve that has not stopped ends with KFAC_CG_REASON_CALLER. s is kept for the next warm start
+ *  and its model for kfac_cg_report_loss_change. Errors: NULL_POINTER, INVALID_SIZE (n_layers,
+ *  result->struct_size), INVALID_ARGUMENT, DTYPE_MISMATCH, NO_SOLVE (no open solve, or a warm
+ *  start's first product not yet supplied). */
+KFAC_API int kfac_cg_finish_f32(kfac_optimizer *opt, float *const *step_w, float *const *step_b, int32_t n_layers,
+                                kfac_cg_result *result);
+KFAC_API int kfac_cg_finish_f64(kfac_optimizer *opt, double *const *step_w, double *const *step_b, int32_t n_layers,
+                                kfac_cg_result *result);
+
+/** Since 0.2. Reports the mean loss before and after θ ← θ + step_scale · s (s of the last
+ *  finished solve; step_scale < 1 after a line search): *rho (may be NULL) receives
+ *  ρ = (after − before) / m(step_scale) (NaN if the model is not negative), and λ is adjusted as
+ *  described above. One report per finished solve. loss_after may be +Inf (ρ = −Inf, λ grows).
+ *  Errors: NULL_POINTER (opt), INVALID_ARGUMENT (step_scale not finite and > 0), NON_FINITE (the
+ *  losses), NO_SOLVE (no finished solve since the last report). */
+KFAC_API int kfac_cg_report_loss_change(kfac_optimizer *opt, double step_scale, double loss_before, double loss_after,
+                                        double *rho);
+
+/** Since 0.2. A product function for kfac_cg_solve_*: writes G·vector into product (the step's
+ *  layout; both arrays hold n_layers pointers, bias entries NULL for layers without bias) and
+ *  returns 0, or non-zero to stop. */
+typedef int (*kfac_cg_product_fn_f32)(void *user, const float *const *vector_w, const float *const *vector_b,
+                                      float *const *product_w, float *const *product_b, int32_t n_layers);
+typedef int (*kfac_cg_product_fn_f64)(void *user, const double *const *vector_w, const double *const *vector_b,
+                                      double *const *product_w, double *const *product_b, int32_t n_layers);
+
+/** Since 0.2. C convenience over the calls above: begin, call `product` for every requested
+ *  vector, finish into step_* and *result (may be NULL). `product` runs on the calling thread,
+ *  with buffers the library owns (valid during the call), and must not call into `opt`. If it
+ *  returns non-zero, the solve stays open at its last iterate (kfac_cg_finish_* returns it) and
+ *  the call fails with KFAC_ERROR_CALLBACK; a product with NaN or Inf fails with NON_FINITE, also
+ *  leaving the solve open. Not for bindings that cannot guarantee both (Python uses the calls
+ *  above). Errors: those of the four calls, CALLBACK. */
+KFAC_API int kfac_cg_solve_f32(kfac_optimizer *opt, const kfac_cg_desc *desc, const float *const *grad_w,
+                               const float *const *grad_b, const float *const *diag_w, const float *const *diag_b,
+                               kfac_cg_product_fn_f32 product, void *user, float *const *step_w, float *const *step_b,
+                               int32_t n_layers, kfac_cg_result *result);
+KFAC_API int kfac_cg_solve_f64(kfac_optimizer *opt, const kfac_cg_desc *desc, const double *const *grad_w,
+                               const double *const *grad_b, const double *const *diag_w, const double *const *diag_b,
+                               kfac_cg_product_fn_f64 product, void *user, double *const *step_w,
+                               double *const *step_b, int32_t n_layers, kfac_cg_result *result);
+
+/* ---------------------------------------------------------------------------------------------
  * EKFAC (George, Laurent, Bouthillier, Ballas & Vincent 2018), Since 0.2.
  *
  * Strategy KFAC_INVERSE_EKFAC keeps, per group of every layer, the eigenbases Q_A, Q_G of the
@@ -1248,6 +1459,259 @@ KFAC_API int kfac_layer_record_examples_f64(kfac_optimizer *opt, int32_t layer, 
  *  one, or no inverse update happened yet). Changes nothing in the handle. */
 KFAC_API int kfac_layer_get_ekfac_scaling_f32(const kfac_optimizer *opt, int32_t layer, int32_t group, float *scaling);
 KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t layer, int32_t group, double *scaling);
+
+/* ---------------------------------------------------------------------------------------------
+ * Distributed (experimental). Since 0.2.
+ *
+ * Data-parallel K-FAC over several processes (ranks) on the caller's own communication engine —
+ * MPI, torch.distributed, anything with a SUM-allreduce. The library never communicates: it packs
+ * what must be combined into caller buffers of the handle's precision and unpacks the
+ * element-wise sum over all ranks. Every rank has a handle with the same layers and parameters,
+ * records the statistics of its own local batch (a disjoint slice of the union batch, any size,
+ * possibly empty), and passes the same gradient to kfac_optimizer_step_* — the gradient of the
+ * mean loss over the union batch, which the caller averages as it would without K-FAC (the
+ * library never reduces gradients). Per step, on every rank, in the same order:
+ *     record statistics (kfac_optimizer_wants_statistics as usual);
+ *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_STATISTICS, &due);
+ *     if (due) { kfac_distributed_pack_statistics_f64(opt, buf, n); allreduce_sum(buf, n);
+ *                kfac_distributed_unpack_statistics_f64(opt, buf, n); }
+ *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_INVERSES, &due);
+ *     if (due) { kfac_distributed_pack_inverses_f64(opt, ibuf, m); allreduce_sum(ibuf, m);
+ *                kfac_distributed_unpack_inverses_f64(opt, ibuf, m); }
+ *     kfac_optimizer_step_f64(opt, grads_w, grads_b, n_layers);
+ * n and m come from kfac_distributed_get_count; the due flags are the same on every rank.
+ *
+ * Statistics. KFAC_DISTRIBUTED_REDUCE_EAGER (the default) packs the pending statistics as sums
+ * Σ x xᵀ (each factor block's upper triangle, row-major) and a row count per factor: after the
+ * allreduce every rank folds the union batch's statistics — exactly a single process's factors
+ * on the union batch, for any local batch sizes (up to the order of floating-point sums). Due on
+ * every factor-update step (with KFAC_PARAM_FACTOR_UPDATE_PERIOD 0, exchange before
+ * kfac_optimizer_update_factors yourself). KFAC_DISTRIBUTED_REDUCE_LAZY (kfac-jax's lazy mode)
+ * folds local statistics into local moving averages and, only before an inverse update (or a γ
+ * step that inverts), packs each rank's moving average and sets every rank's factors to their
+ * mean: the union batch's factors when every rank records the same number of rows per fold, an
+ * approximation otherwise; between those steps the ranks' factors differ (so do factor-based
+ * queries: kfac_layer_get_factors_*, kfac_curvature_multiply_* with power 1), not their
+ * inverses or directions. Row counts travel as values of the handle's precision: exact up to 2^24
+ * rows per fold in float32, 2^53 in float64.
+ *
+ * Inverses. The inversion units — one block of one factor of one group (convolution groups and
+ * channel groups are separate units, the bias coordinate its own) — are assigned to ranks by
+ * longest processing time first: cost n³, largest first, ties in the fixed order (layer, group,
+ * input before output factor, block), each to the least-loaded rank (the lowest on a tie).
+ * kfac_distributed_pack_inverses_* computes the inverses the next step would compute, for the units
+ * this rank owns, and writes every group's inverse with zeros in the units it does not own; after
+ * the SUM-allreduce each value is its owner's exactly (x + 0 + … = x), so
+ * kfac_distributed_unpack_inverses_* gives every rank bit-identical inverses, which the next step
+ * commits instead of computing them. Every rank then ends the step with identical directions.
+ * Without the exchange (a single process, or a step whose prepared inverses were invalidated by
+ * a parameter, state or inverse change in between) the step computes every inverse itself. The
+ * inverse buffer holds every group's whole inverse representation (zero-padded: the volume of a
+ * broadcast of all inverses, not of the owned share).
+ *
+ * Errors and rollback. A call that fails changes nothing in the handle. A failed
+ * kfac_distributed_pack_inverses_* (a factor not positive definite on its owner, say) fills the
+ * buffer with NaN: take part in the allreduce anyway, and kfac_distributed_unpack_inverses_* then
+ * fails with NON_FINITE on every rank alike, leaving every handle as before the step. Unpack
+ * checks that every value is finite and every count a whole number >= 0.
+ *
+ * The adaptive mode. kfac_adaptive_solve_step_size_* and kfac_candidates_solve_step_size_* form
+ * their quadratic model from the rows they are given. In a distributed run each rank instead
+ * packs the model's output-space sums over its own rows (kfac_distributed_pack_model_sums_*: per
+ * candidate Σ uᵀFu, Σ uᵀFv, Σ vᵀFv with u = J·D_k, v = J·δ₀; then the rows; then a flag), the
+ * caller SUM-allreduces the 3·n_candidates + 2 doubles, and kfac_distributed_solve_model_sums
+ * solves from them on every rank: the union batch's α, μ and M(δ), bit-identical everywhere (the
+ * directions' inner products are already identical). Report the union batch's mean losses to
+ * kfac_adaptive_report_loss_change on every rank.
+ *
+ * Gauss-Newton products (kfac_gn_*) are means over the examples a rank recorded: weight each
+ * rank's product by its rows over the union's and SUM-allreduce the product buffers. Newton-CG
+ * (kfac_cg_*) needs nothing more: begin every rank's solve with the union gradient, and before
+ * each kfac_cg_supply_product_* SUM-allreduce the ranks' weighted shares of G·v; the solve's
+ * state then stays identical on every rank (its K-FAC preconditioner uses the exchanged
+ * inverses), and so does its step. Report the union batch's losses to kfac_cg_report_loss_change.
+ *
+ * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
+ * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet),
+ * as they do when block-tridiagonal links exist (cross factors are not exchanged yet).
+ *
+ * Ownership: every buffer is the caller's, read or written only during the call; counts are
+ * int64_t values of the handle's precision (model sums: doubles), and an MPI-style engine whose
+ * counts are int must send them in chunks (libkfac_mpi does, at 2^31 − 1).
+ *
+ * Threading: as every call on a handle, one thread at a time; pack and unpack do not
+ * communicate, so the allreduce may run on any thread the engine needs (MPI_THREAD_FUNNELED
+ * suffices when the caller communicates on its calling thread).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum kfac_distributed_reduce {
+    KFAC_DISTRIBUTED_REDUCE_EAGER = 0,  /* pending sums and row counts at every factor update */
+    KFAC_DISTRIBUTED_REDUCE_LAZY = 1    /* moving averages, only before an inverse update */
+} kfac_distributed_reduce;
+
+typedef enum kfac_distributed_exchange {
+    KFAC_DISTRIBUTED_STATISTICS = 0,
+    KFAC_DISTRIBUTED_INVERSES = 1
+} kfac_distributed_exchange;
+
+/** Since 0.2. Makes the handle rank `rank` of `size` processes (0 ≤ rank < size ≤ 2^24; 0 of 1,
+ *  a single process, is the default). Neither saved in nor restored from states: set it again
+ *  after kfac_state_load. Errors: NULL_POINTER, INVALID_ARGUMENT. */
+KFAC_API int kfac_distributed_set_world(kfac_optimizer *opt, int32_t rank, int32_t size);
+
+/** Since 0.2. The handle's rank and world size (either pointer may be NULL). Errors: NULL_POINTER (opt). */
+KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank, int32_t *size);
+
+/** Since 0.2. The number of values (of the handle's precision) of a pack of `what`
+ *  (kfac_distributed_exchange), in *count. Statistics: per group of each layer in order, the input
+ *  then the output factor, each factor's blocks' upper triangles (b(b+1)/2 values each) then one
+ *  count. Inverses: per group, the inverse strategy's representation. Fixed once layers are
+ *  registered (inverses: for the current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what),
+ *  UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
+KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
+
+/** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
+ *  every rank of a consistent run), else 0. Statistics already unpacked for this step are not
+ *  due again (a retry after a failed inverse exchange must not count them twice): record every
+ *  statistic of a step before its exchange. Errors: NULL_POINTER, INVALID_ARGUMENT (what). */
+KFAC_API int kfac_distributed_get_due(const kfac_optimizer *opt, int32_t what, int32_t *due);
+
+/** Since 0.2. The rank that computes block `block` of the input (side 0) or output (side 1) factor
+ *  of group `group` of layer `layer`, in *rank. Errors: NULL_POINTER, UNKNOWN_LAYER,
+ *  INVALID_ARGUMENT (group, side, block). */
+KFAC_API int kfac_distributed_get_owner(const kfac_optimizer *opt, int32_t layer, int32_t group, int32_t side,
+                                        int32_t block, int32_t *rank);
+
+/** Since 0.2. Writes this rank's statistics (see "Statistics") into buffer[count], count from
+ *  kfac_distributed_get_count. Changes nothing in the handle. Errors: NULL_POINTER, INVALID_SIZE
+ *  (count), DTYPE_MISMATCH, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
+KFAC_API int kfac_distributed_pack_statistics_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_statistics_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. Replaces the statistics by the SUM-allreduced pack (eager: the pending statistics
+ *  become the union's; lazy: each factor becomes the mean of the ranks' moving averages, nothing
+ *  pending). Use the reduce mode the pack used. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH,
+ *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), UNSUPPORTED (EKFAC),
+ *  OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_unpack_statistics_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_statistics_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
+/** Since 0.2. Computes the inverses the next step needs for the units this rank owns and writes
+ *  every group's inverse, zeros elsewhere (all zeros when no inverse is due). Nothing committed
+ *  changes. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NO_STATISTICS, NO_INVERSES,
+ *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, UNSUPPORTED (EKFAC), OUT_OF_MEMORY; on an error after the size
+ *  checks the buffer is filled with NaN (see "Errors and rollback"). */
+KFAC_API int kfac_distributed_pack_inverses_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_inverses_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. Takes the SUM-allreduced inverse pack as the inverses the next step commits.
+ *  Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NON_FINITE (some rank's pack failed),
+ *  NO_STATISTICS, NO_INVERSES, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_unpack_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
+/** Since 0.2. The adaptive mode's model sums over this rank's rows, for a SUM-allreduce:
+ *  sums[3k], sums[3k+1], sums[3k+2] = Σ_n u_nᵀF_n u_n, u_nᵀF_n v_n, v_nᵀF_n v_n for candidate k
+ *  (u = direction_products[k], v = previous_products, F_n the output Fisher at outputs[n]), then
+ *  sums[3·n_candidates] = rows and sums[3·n_candidates + 1] = 1 if the previous update takes part
+ *  (previous_products given and a previous solve), else 0; n_sums must be 3·n_candidates + 2.
+ *  n_candidates 1 solves for candidate 0 (as kfac_adaptive_solve_step_size_*), else it must be
+ *  kfac_candidates_get_count. Arguments as kfac_candidates_solve_step_size_*, except that rows may
+ *  be 0 (a rank without examples: zeros; outputs and products are not read). Changes nothing.
+ *  Errors: those of kfac_candidates_solve_step_size_*, INVALID_SIZE (n_sums). */
+KFAC_API int kfac_distributed_pack_model_sums_f32(kfac_optimizer *opt, const float *outputs,
+                                                  const float *const *direction_products, int32_t n_candidates,
+                                                  const float *previous_products, int64_t rows, int64_t output_dim,
+                                                  int32_t distribution, double *sums, int64_t n_sums);
+KFAC_API int kfac_distributed_pack_model_sums_f64(kfac_optimizer *opt, const double *outputs,
+                                                  const double *const *direction_products, int32_t n_candidates,
+                                                  const double *previous_products, int64_t rows, int64_t output_dim,
+                                                  int32_t distribution, double *sums, int64_t n_sums);
+
+/** Since 0.2. Solves the step size from SUM-allreduced model sums (the layout of
+ *  kfac_distributed_pack_model_sums_*; n_sums = 3·n_candidates + 2) exactly as
+ *  kfac_adaptive_solve_step_size_* (one candidate) or kfac_candidates_solve_step_size_* would on
+ *  the union batch: *chosen (may be NULL), *alpha, *mu, *predicted_change (may be NULL); the
+ *  update and the kept γ as there. Errors: NULL_POINTER, INVALID_SIZE (n_sums), INVALID_ARGUMENT
+ *  (candidate count, a row count that is not a whole number >= 1), NON_FINITE, NO_STEP,
+ *  OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double *sums, int64_t n_sums, int32_t *chosen,
+                                               double *alpha, double *mu, double *predicted_change);
+
+/* ---------------------------------------------------------------------------------------------
+ * Block-tridiagonal (experimental). Since 0.2.
+ *
+ * Martens & Grosse 2015, §4.3 and §6.3 (seed 001, eq. 8). Linking consecutive dense layers l and
+ * l + 1 (layer l + 1 consumes layer l's activation) keeps, besides each layer's A_l ⊗ G_l, the
+ * cross blocks F̃_{l,l+1} = A_{l,l+1} ⊗ G_{l,l+1} with
+ *     A_{l,l+1} = E[ā_l ā_{l+1}ᵀ]  ((i_l + 1) × (i_{l+1} + 1) with biases, the bias coordinate last)
+ *     G_{l,l+1} = E[g_l g_{l+1}ᵀ]  (o_l × o_{l+1}; output gradients scaled as for G),
+ * averaged exactly like the diagonal factors (same moving average β, folded at the same times,
+ * kept in state images). kfac_layer_get_info's has_inverses reports a linked layer's
+ * block-tridiagonal inverse. Along a chain of linked layers l₀ … l_L the inverse of the curvature
+ * is approximated as the precision of a chain-structured Gaussian graphical model, the one that
+ * agrees with F̃ on the diagonal and first off-diagonal blocks:
+ *     F̂⁻¹ = Ξᵀ Λ Ξ,  Ξ = I except Ξ_{l,l+1} = −Ψ_l,  Ψ_l = Ψ^A_l ⊗ Ψ^G_l,
+ *     Ψ^A_l = A_{l,l+1} Ā_{l+1}⁻¹,  Ψ^G_l = G_{l,l+1} Ḡ_{l+1}⁻¹,
+ *     Λ = diag(Σ_{l₀|l₀+1}⁻¹, …, Σ_{l_L}⁻¹),  Σ_{l_L} = Ā ⊗ Ḡ of the chain's last layer,
+ *     Σ_{l|l+1} = Ā_l ⊗ Ḡ_l − C_l ⊗ D_l,  C_l = Ψ^A_l Ā_{l+1} Ψ^Aᵀ_l,  D_l = Ψ^G_l Ḡ_{l+1} Ψ^Gᵀ_l.
+ * F̂⁻¹ is zero beyond the first off-diagonal block; F̂'s diagonal blocks are Ā_l ⊗ Ḡ_l and its
+ * first off-diagonal ones A_{l,l+1} ⊗ G_{l,l+1}.
+ *
+ * Damping: factored Tikhonov on the diagonal factors only, wherever they appear (Ψ, C, D, Σ):
+ * Ā = A + π√λ I, Ḡ = G + √λ/π I, λ the inverse damping and π as in KFAC_INVERSE_CHOLESKY
+ * (1 unless KFAC_PARAM_PI_DAMPING); the cross factors are not damped. This holds for linked
+ * layers whatever KFAC_PARAM_INVERSE_STRATEGY says (exact damping would make Σ a sum of three
+ * Kronecker products, which eq. 8 cannot invert); unlinked layers keep their strategy. Damping
+ * is required: with biases the largest generalized eigenvalue s of C x = s Ā x tends to 1 as λ → 0,
+ * so Σ becomes singular.
+ *
+ * Σ_{l|l+1}⁻¹ by eq. 8: the generalized symmetric-definite eigenproblems C x = s Ā x and
+ * D y = t Ḡ y (LAPACK sygvd) give K_A, K_G with K_Aᵀ Ā K_A = I, K_Aᵀ C K_A = diag(s), so that
+ * Σ⁻¹ W = K_G [(K_Gᵀ W K_A) ⊘ (1 − t sᵀ)] K_Aᵀ. u = F̂⁻¹ v is applied per layer (V_l, U_l the
+ * [o_l][i_l + 1] gradient matrices): W_l = V_l − Ψ^G_l V_{l+1} Ψ^Aᵀ_l, Z_l = Σ_{l|l+1}⁻¹ W_l
+ * (Ḡ⁻¹ W Ā⁻¹ for the last layer), U_l = Z_l − Ψ^Gᵀ_{l−1} Z_{l−1} Ψ^A_{l−1}. The inversion costs,
+ * per linked layer with a link up, two Cholesky inversions, four gemms and two sygvd; different
+ * layers and sides run in parallel like the block-diagonal inversions.
+ *
+ * Call rules:
+ *  - Link with kfac_layer_link before any statistics are recorded; link every consecutive pair
+ *    of a chain to get the whole chain. Only ungrouped dense layers can be linked.
+ *  - Record the same examples, in the same order, for both layers of a link, inputs and output
+ *    gradients alike (kfac_layer_record_inputs_*, kfac_layer_record_output_grads_*; rows may be
+ *    split over calls). A fold (kfac_optimizer_update_factors or a folding step) whose rows do not
+ *    pair fails with KFAC_ERROR_INVALID_SIZE and changes nothing. Statistics recorded otherwise
+ *    (kfac_layer_record_output_grad_columns_*, kfac_gn_chain_record_columns) do not pair either.
+ *  - kfac_optimizer_step_* and kfac_optimizer_update_inverses handle the linked layers; a Σ that
+ *    is not positive definite (1 − max s·t below √ε of the precision, or a damped factor that
+ *    fails Cholesky) gives KFAC_ERROR_NOT_POSITIVE_DEFINITE and changes nothing.
+ *  - kfac_layer_precondition_* on a linked layer returns KFAC_ERROR_UNSUPPORTED (its direction
+ *    needs its neighbours'). kfac_curvature_multiply_* covers linked layers: power −1 is F̂⁻¹ of
+ *    the current inverses (what the step applies), power +1 is F̂ = (Ξᵀ Λ Ξ)⁻¹, also from the
+ *    current inverses (their damping and factors), so +1 then −1 is the identity; both return
+ *    KFAC_ERROR_NO_INVERSES before the first inversion. Conjugate gradient's K-FAC preconditioner
+ *    (kfac_cg_*) applies the same F̂⁻¹ to linked layers.
+ *  - Re-choosing γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD > 0) and the KFAC_INVERSE_EKFAC strategy are
+ *    not supported with links: the step and kfac_optimizer_update_inverses return
+ *    KFAC_ERROR_UNSUPPORTED (EKFAC's paired recording does not pair links either). The adaptive
+ *    mode works as usual.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Since 0.2. Links dense layer `lower` with layer `upper` = lower + 1 (see "Block-tridiagonal").
+ *  Errors: NULL_POINTER, UNKNOWN_LAYER, INVALID_ARGUMENT (upper ≠ lower + 1, a layer that is not an
+ *  ungrouped dense layer, a pair already linked), INVALID_SIZE (upper's in_features ≠ lower's
+ *  out_features), LAYERS_FROZEN (statistics were recorded), OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_layer_link(kfac_optimizer *opt, int32_t lower, int32_t upper);
+
+/** Since 0.2. Copies the running cross factors of the link from `lower` to lower + 1:
+ *  A_{l,l+1} into a_cross ([i_l + 1][i_{l+1} + 1] row-major, without the + 1 of a layer without
+ *  bias) and G_{l,l+1} into g_cross ([o_l][o_{l+1}]). Either pointer may be NULL to skip it.
+ *  Errors: NULL_POINTER (opt), UNKNOWN_LAYER, INVALID_ARGUMENT (no link from `lower`),
+ *  DTYPE_MISMATCH, NO_STATISTICS. */
+KFAC_API int kfac_layer_get_cross_factors_f32(const kfac_optimizer *opt, int32_t lower, float *a_cross,
+                                              float *g_cross);
+KFAC_API int kfac_layer_get_cross_factors_f64(const kfac_optimizer *opt, int32_t lower, double *a_cross,
+                                              double *g_cross);
 
 #endif /* KFAC_EXPERIMENTAL_API */
 

@@ -6,8 +6,10 @@
  * What the wrapper changes is only the form:
  *   - kfac::optimizer owns a kfac_optimizer handle (RAII, move-only) and has one method per
  *     kfac_optimizer_* / kfac_param_* / kfac_layer_* / kfac_adaptive_* / kfac_state_* (and, with
- *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_*) function, named
- *     after it without
+ *     KFAC_EXPERIMENTAL_API, kfac_candidates_* / kfac_curvature_* / kfac_gn_* / kfac_cg_* /
+ *     kfac_distributed_*) function,
+ *     named after it without
+ *     kfac_layer_link / kfac_layer_get_cross_factors_*) function, named after it without
  *     "kfac_" and without "optimizer_": kfac_layer_add_dense(opt, …) is opt.layer_add_dense(…),
  *     kfac_optimizer_step_f32(opt, …) is opt.step(…);
  *   - the _f32 / _f64 pairs are one overloaded name, chosen by the buffer's element type;
@@ -548,6 +550,21 @@ public:
               "kfac_curvature_multiply_f64");
     }
 
+    /* ---- Experimental: block-tridiagonal links ---- */
+
+    /** kfac_layer_link (upper = lower + 1; before any statistics). */
+    void layer_link(int32_t lower, int32_t upper) { check(kfac_layer_link(handle_, lower, upper), "kfac_layer_link"); }
+    /** kfac_layer_get_cross_factors_f32 / _f64: A_{l,l+1} [a_dim(l)][a_dim(l+1)] and G_{l,l+1}
+     *  [out(l)][out(l+1)] of the link from `lower` (either output may be nullptr). */
+    template <class T>
+    void layer_get_cross_factors(int32_t lower, T *a_cross, T *g_cross) const {
+        detail::require_real<T>();
+        if constexpr (std::is_same_v<T, float>)
+            check(kfac_layer_get_cross_factors_f32(handle_, lower, a_cross, g_cross), "kfac_layer_get_cross_factors_f32");
+        else
+            check(kfac_layer_get_cross_factors_f64(handle_, lower, a_cross, g_cross), "kfac_layer_get_cross_factors_f64");
+    }
+
     /* ---- Experimental: Gauss-Newton products ---- */
 
     /** kfac_layer_record_output_grad_columns_f32 / _f64 (uses: KFAC_COLUMNS_* bits). */
@@ -623,6 +640,93 @@ public:
               "kfac_gn_chain_multiply_f64");
     }
 
+    /* ---- Experimental: conjugate gradient and Newton-CG (kfac.h's "Conjugate gradient") ---- */
+
+    /** kfac_cg_begin_f32 (desc may be nullptr; the diag spans only for DIAGONAL): the request. */
+    int32_t cg_begin(const kfac_cg_desc *desc, span<const float *const> grad_w, span<const float *const> grad_b = {},
+                     span<const float *const> diag_w = {}, span<const float *const> diag_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_begin_f32");
+        int32_t request = 0;
+        check(kfac_cg_begin_f32(handle_, desc, grad_w.data(), detail::or_null(grad_b), detail::or_null(diag_w),
+                                detail::or_null(diag_b), n, &request), "kfac_cg_begin_f32");
+        return request;
+    }
+    /** kfac_cg_begin_f64. */
+    int32_t cg_begin(const kfac_cg_desc *desc, span<const double *const> grad_w, span<const double *const> grad_b = {},
+                     span<const double *const> diag_w = {}, span<const double *const> diag_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_begin_f64");
+        int32_t request = 0;
+        check(kfac_cg_begin_f64(handle_, desc, grad_w.data(), detail::or_null(grad_b), detail::or_null(diag_w),
+                                detail::or_null(diag_b), n, &request), "kfac_cg_begin_f64");
+        return request;
+    }
+    /** kfac_cg_get_vector_f32. */
+    void cg_get_vector(span<float *const> vector_w, span<float *const> vector_b = {}) {
+        const int32_t n = detail::layer_count(vector_w, vector_b, "kfac_cg_get_vector_f32");
+        check(kfac_cg_get_vector_f32(handle_, vector_w.data(), detail::or_null(vector_b), n), "kfac_cg_get_vector_f32");
+    }
+    /** kfac_cg_get_vector_f64. */
+    void cg_get_vector(span<double *const> vector_w, span<double *const> vector_b = {}) {
+        const int32_t n = detail::layer_count(vector_w, vector_b, "kfac_cg_get_vector_f64");
+        check(kfac_cg_get_vector_f64(handle_, vector_w.data(), detail::or_null(vector_b), n), "kfac_cg_get_vector_f64");
+    }
+    /** kfac_cg_supply_product_f32: the request. */
+    int32_t cg_supply_product(span<const float *const> product_w, span<const float *const> product_b = {}) {
+        const int32_t n = detail::layer_count(product_w, product_b, "kfac_cg_supply_product_f32");
+        int32_t request = 0;
+        check(kfac_cg_supply_product_f32(handle_, product_w.data(), detail::or_null(product_b), n, &request),
+              "kfac_cg_supply_product_f32");
+        return request;
+    }
+    /** kfac_cg_supply_product_f64: the request. */
+    int32_t cg_supply_product(span<const double *const> product_w, span<const double *const> product_b = {}) {
+        const int32_t n = detail::layer_count(product_w, product_b, "kfac_cg_supply_product_f64");
+        int32_t request = 0;
+        check(kfac_cg_supply_product_f64(handle_, product_w.data(), detail::or_null(product_b), n, &request),
+              "kfac_cg_supply_product_f64");
+        return request;
+    }
+    /** kfac_cg_finish_f32: the result. */
+    kfac_cg_result cg_finish(span<float *const> step_w, span<float *const> step_b = {}) {
+        const int32_t n = detail::layer_count(step_w, step_b, "kfac_cg_finish_f32");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_finish_f32(handle_, step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_finish_f32");
+        return r;
+    }
+    /** kfac_cg_finish_f64: the result. */
+    kfac_cg_result cg_finish(span<double *const> step_w, span<double *const> step_b = {}) {
+        const int32_t n = detail::layer_count(step_w, step_b, "kfac_cg_finish_f64");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_finish_f64(handle_, step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_finish_f64");
+        return r;
+    }
+    /** kfac_cg_report_loss_change: ρ. */
+    double cg_report_loss_change(double step_scale, double loss_before, double loss_after) {
+        double rho = 0;
+        check(kfac_cg_report_loss_change(handle_, step_scale, loss_before, loss_after, &rho), "kfac_cg_report_loss_change");
+        return rho;
+    }
+    /** kfac_cg_solve_f32 (product must not throw: it is called from C). */
+    kfac_cg_result cg_solve(const kfac_cg_desc *desc, span<const float *const> grad_w, span<const float *const> grad_b,
+                            kfac_cg_product_fn_f32 product, void *user, span<float *const> step_w,
+                            span<float *const> step_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_solve_f32");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_solve_f32(handle_, desc, grad_w.data(), detail::or_null(grad_b), nullptr, nullptr, product, user,
+                                step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_solve_f32");
+        return r;
+    }
+    /** kfac_cg_solve_f64 (product must not throw: it is called from C). */
+    kfac_cg_result cg_solve(const kfac_cg_desc *desc, span<const double *const> grad_w, span<const double *const> grad_b,
+                            kfac_cg_product_fn_f64 product, void *user, span<double *const> step_w,
+                            span<double *const> step_b = {}) {
+        const int32_t n = detail::layer_count(grad_w, grad_b, "kfac_cg_solve_f64");
+        kfac_cg_result r = zeroed_with_size<kfac_cg_result>();
+        check(kfac_cg_solve_f64(handle_, desc, grad_w.data(), detail::or_null(grad_b), nullptr, nullptr, product, user,
+                                step_w.data(), detail::or_null(step_b), n, &r), "kfac_cg_solve_f64");
+        return r;
+    }
+
     /* ---- Experimental: EKFAC ---- */
 
     /** kfac_layer_record_examples_f32 / _f64: paired inputs and output gradients of the same rows. */
@@ -645,6 +749,101 @@ public:
             check(kfac_layer_get_ekfac_scaling_f32(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f32");
         else
             check(kfac_layer_get_ekfac_scaling_f64(handle_, layer, group, scaling), "kfac_layer_get_ekfac_scaling_f64");
+    }
+
+    /* ---- Experimental: distributed runs (the caller's engine does the SUM-allreduce) ---- */
+
+    /** kfac_distributed_set_world. */
+    void distributed_set_world(int32_t rank, int32_t size) {
+        check(kfac_distributed_set_world(handle_, rank, size), "kfac_distributed_set_world");
+    }
+    /** kfac_distributed_get_world: {rank, size}. */
+    std::pair<int32_t, int32_t> distributed_get_world() const {
+        int32_t rank = 0, size = 1;
+        check(kfac_distributed_get_world(handle_, &rank, &size), "kfac_distributed_get_world");
+        return {rank, size};
+    }
+    /** kfac_distributed_get_count (what: KFAC_DISTRIBUTED_STATISTICS or _INVERSES). */
+    int64_t distributed_get_count(int32_t what) {
+        int64_t count = 0;
+        check(kfac_distributed_get_count(handle_, what, &count), "kfac_distributed_get_count");
+        return count;
+    }
+    /** kfac_distributed_get_due. */
+    bool distributed_get_due(int32_t what) const {
+        int32_t due = 0;
+        check(kfac_distributed_get_due(handle_, what, &due), "kfac_distributed_get_due");
+        return due != 0;
+    }
+    /** kfac_distributed_get_owner (side 0 = input factor, 1 = output factor). */
+    int32_t distributed_get_owner(int32_t layer, int32_t group, int32_t side, int32_t block) const {
+        int32_t rank = 0;
+        check(kfac_distributed_get_owner(handle_, layer, group, side, block, &rank), "kfac_distributed_get_owner");
+        return rank;
+    }
+    /** kfac_distributed_pack_statistics_f32 / _f64 (count = buffer.size()). */
+    void distributed_pack_statistics(span<float> buffer) {
+        check(kfac_distributed_pack_statistics_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_statistics_f32");
+    }
+    void distributed_pack_statistics(span<double> buffer) {
+        check(kfac_distributed_pack_statistics_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_statistics_f64");
+    }
+    /** kfac_distributed_unpack_statistics_f32 / _f64. */
+    void distributed_unpack_statistics(span<const float> buffer) {
+        check(kfac_distributed_unpack_statistics_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_statistics_f32");
+    }
+    void distributed_unpack_statistics(span<const double> buffer) {
+        check(kfac_distributed_unpack_statistics_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_statistics_f64");
+    }
+    /** kfac_distributed_pack_inverses_f32 / _f64 (on error the buffer holds NaN). */
+    void distributed_pack_inverses(span<float> buffer) {
+        check(kfac_distributed_pack_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_inverses_f32");
+    }
+    void distributed_pack_inverses(span<double> buffer) {
+        check(kfac_distributed_pack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_inverses_f64");
+    }
+    /** kfac_distributed_unpack_inverses_f32 / _f64. */
+    void distributed_unpack_inverses(span<const float> buffer) {
+        check(kfac_distributed_unpack_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_inverses_f32");
+    }
+    void distributed_unpack_inverses(span<const double> buffer) {
+        check(kfac_distributed_unpack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_inverses_f64");
+    }
+    /** kfac_distributed_pack_model_sums_f32 / _f64 (n_candidates = direction_products.size(),
+     *  n_sums = sums.size() = 3·n_candidates + 2). */
+    void distributed_pack_model_sums(const float *outputs, span<const float *const> direction_products,
+                                     const float *previous_products, int64_t rows, int64_t output_dim,
+                                     int32_t distribution, span<double> sums) {
+        check(kfac_distributed_pack_model_sums_f32(handle_, outputs, direction_products.data(),
+                                                   static_cast<int32_t>(direction_products.size()), previous_products,
+                                                   rows, output_dim, distribution, sums.data(),
+                                                   static_cast<int64_t>(sums.size())),
+              "kfac_distributed_pack_model_sums_f32");
+    }
+    void distributed_pack_model_sums(const double *outputs, span<const double *const> direction_products,
+                                     const double *previous_products, int64_t rows, int64_t output_dim,
+                                     int32_t distribution, span<double> sums) {
+        check(kfac_distributed_pack_model_sums_f64(handle_, outputs, direction_products.data(),
+                                                   static_cast<int32_t>(direction_products.size()), previous_products,
+                                                   rows, output_dim, distribution, sums.data(),
+                                                   static_cast<int64_t>(sums.size())),
+              "kfac_distributed_pack_model_sums_f64");
+    }
+    /** kfac_distributed_solve_model_sums. */
+    step_size distributed_solve_model_sums(span<const double> sums) {
+        step_size r;
+        check(kfac_distributed_solve_model_sums(handle_, sums.data(), static_cast<int64_t>(sums.size()), &r.chosen,
+                                                &r.alpha, &r.mu, &r.predicted_change),
+              "kfac_distributed_solve_model_sums");
+        return r;
     }
 #endif /* KFAC_EXPERIMENTAL_API */
 

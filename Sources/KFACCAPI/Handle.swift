@@ -116,6 +116,7 @@ protocol OptimizerOperations: AnyObject {
     func updateFactors() throws(KFACError)
     func updateInverses() throws(KFACError)
     func discardStatistics()
+    func linkLayers(lower: Int, upper: Int) throws(KFACError)
     func saveState(into buffer: UnsafeMutableRawBufferPointer) throws(KFACError) -> Int
     func loadState(from image: UnsafeRawBufferPointer) throws(KFACError)
     func saveState(toFilePath path: UnsafePointer<CChar>) throws(KFACError)

@@ -46,6 +46,7 @@ const char *status_name(int s) {
     case KFAC_ERROR_LAYERS_FROZEN: return "LAYERS_FROZEN";
     case KFAC_ERROR_NO_STEP: return "NO_STEP";
     case KFAC_ERROR_NO_COLUMNS: return "NO_COLUMNS";
+    case KFAC_ERROR_NO_SOLVE: return "NO_SOLVE";
     case KFAC_ERROR_NON_FINITE: return "NON_FINITE";
     case KFAC_ERROR_NOT_POSITIVE_DEFINITE: return "NOT_POSITIVE_DEFINITE";
     case KFAC_ERROR_EIGEN_FAILED: return "EIGEN_FAILED";
@@ -56,6 +57,7 @@ const char *status_name(int s) {
     case KFAC_ERROR_CORRUPT_STATE: return "CORRUPT_STATE";
     case KFAC_ERROR_STATE_VERSION: return "STATE_VERSION";
     case KFAC_ERROR_STATE_MISMATCH: return "STATE_MISMATCH";
+    case KFAC_ERROR_CALLBACK: return "CALLBACK";
     case KFAC_ERROR_INTERNAL: return "INTERNAL";
     default: return "(unknown status)";
     }

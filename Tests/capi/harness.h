@@ -357,11 +357,19 @@ void test_curvature_multiply(void);
 
 /* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
 void test_gauss_newton(void);
+/* test_cg.c: conjugate gradient and Newton-CG (experimental kfac_cg_*). */
+void test_cg(void);
 /* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */
 void test_ekfac_numerics(void);
 void test_ekfac_errors(int dtype);
 /* test_reliability.c: issue 15's regressions (crafted images, the pending bound, worker threads,
  * state files, allocation failures, exhaustive bit flips and truncations, killed saves). */
 void test_reliability(const char *tmpdir);
+
+/* test_distributed.c (KFAC_EXPERIMENTAL_API): the fake-world distributed tests. */
+void test_distributed(void);
+/* test_tridiagonal.c (KFAC_EXPERIMENTAL_API): block-tridiagonal links against the dense Ξᵀ Λ Ξ
+ * and on twin handles. */
+void test_tridiagonal(void);
 
 #endif /* KFAC_CAPI_HARNESS_H */

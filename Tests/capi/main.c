@@ -93,7 +93,11 @@
  *    only (no layer's buffer written); valid calls leave the state image and the pending adaptive
  *    solve unchanged.
  *
- * 11. Issue 15 (test_reliability.c): crafted state images with a valid checksum (counters, row
+ * 11. The experimental kfac_cg_* (test_cg.c): CG on an SPD matrix of known spectrum against the
+ *    dense solve, the result's model values, ρ and the LM rule, the product-function wrapper
+ *    bitwise equal to the reverse-communication loop and its CALLBACK path, K-FAC preconditioning
+ *    exact in one iteration; every misuse on twins, whose solves must then go on identically.
+ * 12. Issue 15 (test_reliability.c): crafted state images with a valid checksum (counters, row
  *    counts, flags, NaN/Inf and impossible factors or inverses) refused with the handle unchanged;
  *    the checksum before the version; pending sums that overflow only together refused, and
  *    kfac_optimizer_discard_statistics as the way out; kfac_optimizer_free joins the worker
@@ -148,10 +152,13 @@ int main(void) {
     test_candidate_numerics();
     test_adaptive_pending_solve();
     test_curvature_multiply();
+    test_distributed();
     test_gauss_newton();
+    test_cg();
     test_ekfac_numerics();
     test_ekfac_errors(KFAC_FLOAT32);
     test_ekfac_errors(KFAC_FLOAT64);
+    test_tridiagonal();
     test_reliability(tmpdir);
 
     rmdir(tmpdir);

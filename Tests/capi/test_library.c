@@ -324,6 +324,8 @@ static const param_row_t PARAM_TABLE[] = {
      0, 0.95},
     {KFAC_PARAM_EKFAC_MODE, "ekfac_mode", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_EKFAC, 0.0, 1.0, 1, 1,
      0.0},
+    {KFAC_PARAM_DISTRIBUTED_REDUCE, "distributed_reduce", KFAC_PARAM_TYPE_INT,
+     KFAC_FAMILY_DISTRIBUTED, 0.0, 1.0, 1, 1, 0.0},
 };
 enum { N_PARAMS = sizeof PARAM_TABLE / sizeof PARAM_TABLE[0] };
 
@@ -451,7 +453,7 @@ void test_param_table(void) {
           status_name(st));
 
     /* Unknown ids, NULL. */
-    const int32_t unknown[] = {0, 13, 99, 100, 199, 207, 299, 300, 402, 500, 600, 1000, -1,
+    const int32_t unknown[] = {0, 13, 99, 100, 199, 207, 299, 300, 402, 501, 600, 1000, -1,
                                INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         kfac_param_info info;
@@ -649,7 +651,8 @@ void test_params_and_info(void) {
                 {KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN}, {KFAC_PARAM_PI_DAMPING, 1},
                 {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_SUM}, {KFAC_PARAM_NUM_THREADS, 0},
                 {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0},
-                {KFAC_PARAM_INVERSE_SPREAD, 0}};
+                {KFAC_PARAM_INVERSE_SPREAD, 0},
+                {KFAC_PARAM_DISTRIBUTED_REDUCE, 0}};
     for (size_t i = 0; i < sizeof idef / sizeof idef[0]; i++) {
         int64_t v = -1;
         int st = kfac_param_get_int(h, idef[i].param, &v);
@@ -720,10 +723,10 @@ void errors_params(twins_t *tp) {
     int64_t iv = -123;
     section(dt == KFAC_FLOAT32 ? "float32 handle: parameters" : "float64 handle: parameters");
 
-    /* 13, 207 and 402: the first undefined ids after the core, the adaptive and the EKFAC band;
-     * 100, 300, 500, 600: reserved bands without parameters yet; 1000: the experimental band. 9
+    /* 13, 207, 402 and 501: the first undefined ids after the core, the adaptive, the EKFAC
+     * and the distributed band; 100, 300, 600: reserved bands without parameters yet; 1000: the experimental band. 9
      * and 108 were the 0.1 table's first undefined ids (9 is now KFAC_PARAM_PI_DAMPING: not here). */
-    const int unknown[] = {0, 13, 99, 100, 108, 199, 207, 299, 300, 402, 499, 500, 600, -1, 1000,
+    const int unknown[] = {0, 13, 99, 100, 108, 199, 207, 299, 300, 402, 499, 501, 600, -1, 1000,
                            INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_double(param %d)", unknown[i]);
@@ -746,7 +749,8 @@ void errors_params(twins_t *tp) {
                            KFAC_PARAM_INVERSE_STRATEGY, KFAC_PARAM_PI_DAMPING,
                            KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS,
                            KFAC_PARAM_LM_INTERVAL, KFAC_PARAM_FACTOR_DAMPING_PERIOD,
-                           KFAC_PARAM_INVERSE_SPREAD, KFAC_PARAM_EKFAC_MODE};
+                           KFAC_PARAM_INVERSE_SPREAD, KFAC_PARAM_EKFAC_MODE,
+                           KFAC_PARAM_DISTRIBUTED_REDUCE};
     for (size_t i = 0; i < sizeof dparams / sizeof dparams[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_int(double param %d)", dparams[i]);
         BAD_NO_ROUND(kfac_param_set_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);

@@ -6,6 +6,7 @@
 #define KFAC_EXPERIMENTAL_API
 #include <kfac.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -245,6 +246,98 @@ static void test_gauss_newton() {
     std::printf("gauss-newton: chain and column products %.2f %.2f\n", p1[0], p2[1]);
 }
 
+// The distributed wrappers: two handles, each recording half a batch, a sum of their packed
+// buffers as the allreduce; their directions are bit-identical and close to one handle's.
+static void test_distributed() {
+    auto desc = kfac::dense_desc();
+    desc.in_features = 4;
+    desc.out_features = 3;
+    desc.has_bias = 1;
+    kfac::optimizer ref(KFAC_FLOAT64), r0(KFAC_FLOAT64), r1(KFAC_FLOAT64);
+    kfac::optimizer *all[] = {&ref, &r0, &r1};
+    for (auto *o : all) o->layer_add_dense(desc);
+    r0.distributed_set_world(0, 2);
+    r1.distributed_set_world(1, 2);
+    CHECK(r1.distributed_get_world() == std::make_pair(int32_t(1), int32_t(2)));
+    CHECK(r0.distributed_get_owner(0, 0, 0, 0) == r1.distributed_get_owner(0, 0, 0, 0));
+    std::vector<double> x(5 * 4), g(5 * 3);
+    for (std::size_t i = 0; i < x.size(); i++) x[i] = std::sin(1.0 + double(i));
+    for (std::size_t i = 0; i < g.size(); i++) g[i] = std::cos(2.0 + double(i));
+    ref.layer_record_inputs(0, x.data(), 5);
+    ref.layer_record_output_grads(0, g.data(), 5);
+    r0.layer_record_inputs(0, x.data(), 2);
+    r0.layer_record_output_grads(0, g.data(), 2);
+    r1.layer_record_inputs(0, x.data() + 8, 3);
+    r1.layer_record_output_grads(0, g.data() + 6, 3);
+    kfac::optimizer *ranks[] = {&r0, &r1};
+    for (int32_t what : {int32_t(KFAC_DISTRIBUTED_STATISTICS), int32_t(KFAC_DISTRIBUTED_INVERSES)}) {
+        CHECK(r0.distributed_get_due(what));
+        const auto n = static_cast<std::size_t>(r0.distributed_get_count(what));
+        std::vector<double> a(n), b(n), sum(n);
+        if (what == KFAC_DISTRIBUTED_STATISTICS) { r0.distributed_pack_statistics(a); r1.distributed_pack_statistics(b); }
+        else { r0.distributed_pack_inverses(a); r1.distributed_pack_inverses(b); }
+        for (std::size_t i = 0; i < n; i++) sum[i] = a[i] + b[i];
+        for (auto *o : ranks) {
+            if (what == KFAC_DISTRIBUTED_STATISTICS) o->distributed_unpack_statistics(sum);
+            else o->distributed_unpack_inverses(sum);
+        }
+    }
+    std::vector<double> w[3], bias[3];
+    for (int k = 0; k < 3; k++) {
+        w[k].assign(12, 0.25);
+        bias[k].assign(3, -0.5);
+        double *wp[] = {w[k].data()}, *bp[] = {bias[k].data()};
+        all[k]->step(wp, bp);
+    }
+    CHECK(w[1] == w[2] && bias[1] == bias[2]);
+    double worst = 0;
+    for (std::size_t i = 0; i < 12; i++) worst = std::max(worst, std::fabs(w[1][i] - w[0][i]) / std::fabs(w[0][i]));
+    CHECK(worst < 1e-12);
+    // The adaptive mode's model sums: a one-example solve on both ranks gives the same α.
+    std::vector<double> z = {0.1, -0.2, 0.3}, jd = {0.5, 0.25, -0.5}, sums0(5), sums1(5), total(5);
+    const double *products[] = {jd.data()};
+    r0.distributed_pack_model_sums(z.data(), products, nullptr, 1, 3, KFAC_DIST_CATEGORICAL, sums0);
+    const double *none[] = {nullptr};  // rank 1 has no examples this step: zeros
+    r1.distributed_pack_model_sums(nullptr, none, nullptr, 0, 3, KFAC_DIST_CATEGORICAL, sums1);
+    for (std::size_t i = 0; i < 5; i++) total[i] = sums0[i] + sums1[i];
+    CHECK(total[3] == 1.0);
+    const auto s0 = r0.distributed_solve_model_sums(total), s1 = r1.distributed_solve_model_sums(total);
+    CHECK(s0.alpha == s1.alpha && s0.mu == 0.0);
+    expect_error([&] { r0.distributed_solve_model_sums(total); }, KFAC_ERROR_NO_STEP, "kfac_distributed_solve_model_sums");
+    std::vector<double> short_buffer(3);
+    expect_error([&] { r0.distributed_pack_statistics(short_buffer); }, KFAC_ERROR_INVALID_SIZE,
+                 "kfac_distributed_pack_statistics_f64");
+static void test_tridiagonal() {
+    // Two scalar layers without bias, linked: A_{0,1} = mean(x0·x1), G_{0,1} = mean(g0·g1).
+    kfac::optimizer opt(KFAC_FLOAT64);
+    kfac_dense_desc desc = kfac::dense_desc();
+    desc.in_features = 1;
+    desc.out_features = 1;
+    opt.layer_add_dense(desc);
+    opt.layer_add_dense(desc);
+    opt.param_set_double(KFAC_PARAM_DAMPING, 0.1);
+    expect_error([&] { opt.layer_link(0, 2); }, KFAC_ERROR_UNKNOWN_LAYER, "kfac_layer_link");
+    opt.layer_link(0, 1);
+    const double x0[2] = {1, 2}, x1[2] = {3, -1}, g0[2] = {0.5, 1}, g1[2] = {2, 1};
+    opt.layer_record_inputs(0, x0, 2);
+    opt.layer_record_inputs(1, x1, 2);
+    opt.layer_record_output_grads(1, g1, 2);
+    opt.layer_record_output_grads(0, g0, 2);
+    opt.update_factors();
+    double a = 0, g = 0;
+    opt.layer_get_cross_factors(0, &a, &g);
+    CHECK(a == 0.5 && g == 1.0);
+    opt.update_inverses();
+    double w0 = 1, w1 = 2;
+    expect_error([&] { opt.layer_precondition<double>(0, &w0, nullptr); }, KFAC_ERROR_UNSUPPORTED,
+                 "kfac_layer_precondition_f64");
+    double *ws[2] = {&w0, &w1};
+    opt.curvature_multiply(1, ws);
+    opt.curvature_multiply(-1, ws);
+    CHECK(std::fabs(w0 - 1) < 1e-12 && std::fabs(w1 - 2) < 1e-12);
+    std::printf("tridiagonal: cross factors %.2f %.2f, F̂ then F̂⁻¹ round trip\n", a, g);
+}
+
 int main() {
     CHECK(kfac::version_number() == KFAC_VERSION_NUMBER);
     CHECK(std::strcmp(kfac::version_string(), KFAC_VERSION_STRING) == 0);
@@ -253,6 +346,8 @@ int main() {
     test_parameter_table();
     test_training_steps();
     test_gauss_newton();
+    test_distributed();
+    test_tridiagonal();
     std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -50,6 +50,17 @@ route_cpp() {
         '  return kfac_version_number() != KFAC_VERSION_NUMBER; }' > "$tmp/version.c"
     cc -std=c11 -Wall -Werror -o "$tmp/version" "$tmp/version.c" $(pkg-config --cflags --libs kfac) "$rpath"
     "$tmp/version"
+    # libkfac_mpi, when `make mpi` built it (make test does): header, library and kfac_mpi.pc.
+    if [ -e "$prefix/lib/libkfac_mpi.so" ]; then
+        printf '%s\n' '#include <kfac_mpi.h>' '#include <stdio.h>' \
+            'int main(int argc, char **argv) { MPI_Init(&argc, &argv); kfac_optimizer *o; int32_t r = -1, n = -1;' \
+            '  int s = kfac_optimizer_create(KFAC_FLOAT64, &o) || kfac_mpi_attach(o, MPI_Comm_c2f(MPI_COMM_WORLD))' \
+            '          || kfac_distributed_get_world(o, &r, &n);' \
+            '  printf("C via pkg-config kfac_mpi: rank %d of %d\n", (int)r, (int)n); kfac_optimizer_free(o);' \
+            '  MPI_Finalize(); return s || n != 1; }' > "$tmp/mpi_attach.c"
+        cc -std=c11 -Wall -Werror -o "$tmp/mpi_attach" "$tmp/mpi_attach.c" $(pkg-config --cflags --libs kfac_mpi) "$rpath"
+        mpirun --allow-run-as-root --oversubscribe -np 1 "$tmp/mpi_attach"
+    fi
 }
 
 route_swift() {

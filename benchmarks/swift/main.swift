@@ -3,7 +3,8 @@
 // step against the plain SGD step of the same model. Times are medians of repeated runs.
 //
 //     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
-//                        --ekfac-only | --no-ekfac])
+//                        --ekfac-only | --no-ekfac | --cg-only | --no-cg | --tridiagonal-only |
+//                        --no-tridiagonal])
 
 import AllocationCounter
 import CBLAS
@@ -73,9 +74,12 @@ func sgemmRate(m: Int, n: Int, k: Int, transA: Bool = false) -> Double {
 
 // MARK: 1. Reference rate
 
+let cgOnly = CommandLine.arguments.contains("--cg-only")  // section 7 alone
+let tridiagonalOnly = CommandLine.arguments.contains("--tridiagonal-only")  // section 8 alone
 let ekfacOnly = CommandLine.arguments.contains("--ekfac-only")
-let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly
-let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly
+let runDense = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !cgOnly && !tridiagonalOnly
+let runConv = !CommandLine.arguments.contains("--dense-only") && !ekfacOnly && !cgOnly && !tridiagonalOnly
+let runCG = !CommandLine.arguments.contains("--conv-only") && !ekfacOnly && !tridiagonalOnly && !CommandLine.arguments.contains("--no-cg")
 print("libkfac benchmarks — \(openblas_get_num_threads()) OpenBLAS threads, float32, batch \(batch)")
 print("reference: sgemm 2048³, measured again before every row (each row's fractions use its own)\n")
 
@@ -415,7 +419,7 @@ if runConv {
 
 // MARK: 5. Gauss-Newton products (experimental)
 
-if CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly) {
+if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.contains("--no-gauss-newton") || ekfacOnly)) && !cgOnly && !tridiagonalOnly {
     print("\nGauss-Newton products G·v of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
     print("gradient (forward + backward) of the same batch")
     print(pad("W", 6) + pad("gradient", 11) + pad("R-op G·v", 16) + pad("columns G·v (K=10)", 22)
@@ -481,7 +485,7 @@ if CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.c
 
 // MARK: 6. EKFAC's extra cost per step
 
-if !CommandLine.arguments.contains("--no-ekfac") {
+if !CommandLine.arguments.contains("--no-ekfac") && !cgOnly && !tridiagonalOnly {
     print("""
 
     EKFAC against the eigen strategy, same layers and data, float32: time of one training step's
@@ -555,5 +559,191 @@ if !CommandLine.arguments.contains("--no-ekfac") {
       EKFAC records the rows paired (kept until the step) and re-estimates S at every factor update
       in the current bases: rotations of all rows (dense, per-row) or of every per-example gradient
       (sequences, convolutions: one o×|T|×a gemm to form it, two block products to rotate it).
+    """)
+}
+
+// MARK: 7. Conjugate gradient: the solver's own work per iteration against one product
+
+/// G·v = (1/rows) Σ Jᵀ (diag(p) − ppᵀ) J v of a 784-W-W-10 tanh MLP at the activations of its
+/// last forward pass: R-op forward, the softmax Hessian, backward (the product a Newton-CG
+/// trainer supplies for every CG iteration).
+final class GaussNewtonProduct {
+    let mlp: MLP
+    var r: [UnsafeMutablePointer<Float>] = []
+    let probs: UnsafeMutablePointer<Float>
+
+    init(_ mlp: MLP) {
+        self.mlp = mlp
+        for l in 0..<mlp.layerCount { r.append(randomBuffer(mlp.rows * mlp.sizes[l + 1], seed: 0)) }
+        probs = randomBuffer(mlp.rows * mlp.sizes.last!, seed: 0)
+    }
+
+    /// After mlp.forwardBackward(): the softmax of the logits.
+    func prepare() {
+        let c = mlp.sizes.last!, z = mlp.activations[mlp.layerCount]
+        for row in 0..<mlp.rows {
+            var m = -Float.infinity
+            for k in 0..<c { m = max(m, z[row * c + k]) }
+            var s: Float = 0
+            for k in 0..<c { probs[row * c + k] = expf(z[row * c + k] - m); s += probs[row * c + k] }
+            for k in 0..<c { probs[row * c + k] /= s }
+        }
+    }
+
+    func multiply(vW: [UnsafeMutablePointer<Float>], vb: [UnsafeMutablePointer<Float>],
+                  outW: [UnsafeMutablePointer<Float>], outb: [UnsafeMutablePointer<Float>]) {
+        let rows = mlp.rows, n = Int32(rows), L = mlp.layerCount
+        for l in 0..<L {
+            let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+            for row in 0..<rows { (r[l] + row * Int(o)).update(from: vb[l], count: Int(o)) }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, mlp.activations[l], i, vW[l], i, 1, r[l], o)
+            if l > 0 { cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, r[l - 1], i, mlp.weights[l], i, 1, r[l], o) }
+            if l < L - 1 { let a = mlp.activations[l + 1]; for k in 0..<(rows * Int(o)) { r[l][k] *= 1 - a[k] * a[k] } }
+        }
+        let c = mlp.sizes.last!, q = r[L - 1], dz = mlp.deltas[L - 1]
+        for row in 0..<rows {
+            var s: Float = 0
+            for k in 0..<c { s += probs[row * c + k] * q[row * c + k] }
+            for k in 0..<c { dz[row * c + k] = probs[row * c + k] * (q[row * c + k] - s) }
+        }
+        for l in stride(from: L - 1, through: 0, by: -1) {
+            let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, n, 1 / Float(rows), mlp.deltas[l], o,
+                        mlp.activations[l], i, 0, outW[l], i)
+            for k in 0..<Int(o) { outb[l][k] = 0 }
+            for row in 0..<rows { for k in 0..<Int(o) { outb[l][k] += mlp.deltas[l][row * Int(o) + k] / Float(rows) } }
+            if l > 0 {
+                let d = mlp.deltas[l - 1], a = mlp.activations[l]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, i, o, 1, mlp.deltas[l], o, mlp.weights[l], i, 0, d, i)
+                for k in 0..<(rows * Int(i)) { d[k] *= 1 - a[k] * a[k] }
+            }
+        }
+    }
+}
+
+let cgCases: [(width: Int, rows: Int)] = !runCG ? [] : quick ? [(512, 256), (512, 1024)] : [(512, 256), (512, 1024), (1024, 256), (1024, 1024)]
+if !cgCases.isEmpty {
+    print("\nConjugate gradient on a 784-W-W-10 tanh MLP: the library's work per CG iteration")
+    print("(kfac_cg_get_vector + kfac_cg_supply_product) against one Gauss-Newton product (R-op, softmax Hessian, backward)")
+    print(pad("W", 6) + pad("rows", 6) + pad("preconditioner", 16) + pad("product", 11) + pad("solver/iter", 13) + pad("solver/product", 16) + "allocations/iter")
+}
+for (w, rows) in cgCases {
+    let mlp = MLP(sizes: [784, w, w, 10], rows: rows)
+    let gn = GaussNewtonProduct(mlp)
+    let opt = try KFACOptimizer<Float>()
+    for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+    try opt.set(.damping, 1.0)
+    mlp.forwardBackward()
+    for l in 0..<mlp.layerCount {
+        try opt.recordInputs(layer: l, mlp.activations[l], rows: rows)
+        try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: rows)
+    }
+    try opt.updateFactors()
+    try opt.updateInverses()
+    mlp.forwardBackward()
+    gn.prepare()
+    let shapes = (0..<mlp.layerCount).map { (mlp.sizes[$0 + 1] * mlp.sizes[$0], mlp.sizes[$0 + 1]) }
+    func buffers(_ seed: UInt64) -> ([UnsafeMutablePointer<Float>], [UnsafeMutablePointer<Float>]) {
+        (shapes.map { randomBuffer($0.0, seed: seed) }, shapes.map { randomBuffer($0.1, seed: seed + 1) })
+    }
+    let (vW, vb) = buffers(3), (pW, pb) = buffers(5), (sW, sb) = buffers(7), (dW, db) = buffers(9)
+    for l in 0..<shapes.count { for k in 0..<shapes[l].0 { dW[l][k] = abs(dW[l][k]) }; for k in 0..<shapes[l].1 { db[l][k] = abs(db[l][k]) } }
+    let grads = { (l: Int) in ParameterGradient(weight: mlp.weightGrads[l], bias: mlp.biasGrads[l]) }
+    let vector = { (l: Int) in ParameterGradient(weight: vW[l], bias: vb[l]) }
+    let product = { (l: Int) in ParameterGradient(weight: pW[l], bias: pb[l]) }
+    let step = { (l: Int) in ParameterGradient(weight: sW[l], bias: sb[l]) }
+    let diagonal = { (l: Int) in ParameterGradient(weight: dW[l], bias: db[l]) }
+    for precond in CGPreconditioner.allCases {
+        let options = CGOptions(maxIterations: 20, tolerance: 1e-9, preconditioner: precond)
+        var solver = 0.0, products = 0.0, iterations = 0
+        var allocations: Int64 = 0
+        for round in 0..<4 {  // round 0 warms up
+            var request = try opt.beginConjugateGradient(options, gradient: grads, diagonal: precond == .diagonal ? diagonal : nil)
+            while request == .needProduct {
+                var t = now()
+                if round > 0 { allocation_counter_start() }
+                try opt.conjugateGradientVector(into: vector)
+                if round > 0 { allocations += allocation_counter_stop() }
+                if round > 0 { solver += now() - t }
+                t = now()
+                gn.multiply(vW: vW, vb: vb, outW: pW, outb: pb)
+                if round > 0 { products += now() - t }
+                t = now()
+                if round > 0 { allocation_counter_start() }
+                request = try opt.supplyConjugateGradientProduct(product)
+                if round > 0 { allocations += allocation_counter_stop(); solver += now() - t; iterations += 1 }
+            }
+            _ = try opt.finishConjugateGradient(into: step)
+        }
+        let perIteration = solver / Double(iterations), perProduct = products / Double(iterations)
+        print(pad("\(w)", 6) + pad("\(rows)", 6) + pad("\(precond)", 16) + pad("\(f(perProduct * 1e3)) ms", 11) + pad("\(f(perIteration * 1e3, 3)) ms", 13)
+              + pad("\(f(100 * perIteration / perProduct, 1))%", 16) + "\(f(Double(allocations) / Double(iterations), 1))")
+    }
+}
+if !cgCases.isEmpty { print("""
+  solver/iter = the library's time per CG iteration (copying the vector out, reading the product,
+  the CG recurrences, the preconditioner: none, the diagonal, or the K-FAC inverses of all three
+  layers); product = the caller's Gauss-Newton product on a curvature batch of `rows` (its cost grows
+  with the rows, the solver's does not: simpleNN's 5% of CIFAR-10 is 2500 rows). Goal: ≤ 5% without
+  a preconditioner (the K-FAC preconditioner adds two products with the Kronecker inverses per
+  layer, which is its point). allocations/iter counts heap allocations during the library's calls
+  (OpenBLAS's threaded dispatch included).
+""") }
+
+// MARK: 8. Block-tridiagonal K-FAC against block-diagonal (experimental)
+
+if !CommandLine.arguments.contains("--no-tridiagonal") && !cgOnly && !ekfacOnly {
+    print("""
+
+    Block-tridiagonal K-FAC (both pairs of a 3-layer W-W-W-W chain linked, eq. 8 by sygvd) against the
+    block-diagonal Cholesky strategy (the same factored π damping), same factors, float32, batch \(batch):
+    medians of kfac_optimizer_update_inverses and of kfac_curvature_multiply(−1) over all layers
+    """)
+    print(pad("width", 8) + pad("invert: diag", 15) + pad("tridiagonal", 14) + pad("ratio", 9)
+          + pad("apply: diag", 14) + pad("tridiagonal", 14) + "ratio")
+    for w in widths {
+        let layers = 3
+        let x = (0..<layers).map { randomBuffer(batch * w, seed: UInt64(70 + $0)) }
+        let g = (0..<layers).map { randomBuffer(Swift.max(batch, w) * w, seed: UInt64(80 + $0)) }
+        let weights = (0..<layers).map { _ in randomBuffer(w * w, seed: 1) }
+        let biases = (0..<layers).map { _ in randomBuffer(w, seed: 2) }
+        defer { for p in x + g + weights + biases { p.deallocate() } }
+        var optimizers: [KFACOptimizer<Float>] = []
+        for linked in [false, true] {
+            let opt = try KFACOptimizer<Float>()
+            for _ in 0..<layers { try opt.addDense(inFeatures: w, outFeatures: w, hasBias: true) }
+            if linked { for l in 0..<(layers - 1) { try opt.linkLayers(lower: l, upper: l + 1) } }
+            var p = opt.parameters
+            p.inverseStrategy = .cholesky; p.piDamping = true; p.damping = 0.01
+            try opt.setParameters(p)
+            for l in 0..<layers { try opt.recordInputs(layer: l, x[l], rows: batch) }
+            for l in stride(from: layers - 1, through: 0, by: -1) {
+                for i in 0..<(batch * w) { g[l][i] *= 0.01 }  // output-gradient scale of a real net
+                try opt.recordOutputGradients(layer: l, g[l], rows: batch)
+                for i in 0..<(batch * w) { g[l][i] *= 100 }
+            }
+            try opt.updateFactors()
+            optimizers.append(opt)
+        }
+        let repeats = w >= 2048 ? 3 : 5
+        let invert = try optimizers.map { opt in try median(repeats: repeats) { try opt.updateInverses() } }
+        let apply = try optimizers.map { opt in
+            // Fresh inputs every time (the product is in place); the copy is timed on both sides.
+            try median(repeats: repeats * 4) {
+                for l in 0..<layers {
+                    weights[l].update(from: g[l], count: w * w)
+                    biases[l].update(from: x[l], count: w)
+                }
+                try opt.multiply(power: .inverse) { ParameterGradient(weight: weights[$0], bias: biases[$0]) }
+            }
+        }
+        print(pad("\(w)", 8) + pad("\(f(invert[0] * 1e3)) ms", 15) + pad("\(f(invert[1] * 1e3)) ms", 14)
+              + pad("\(f(invert[1] / invert[0]))×", 9) + pad("\(f(apply[0] * 1e3)) ms", 14)
+              + pad("\(f(apply[1] * 1e3)) ms", 14) + "\(f(apply[1] / apply[0]))×")
+    }
+    print("""
+      Per linked layer with a link up the inversion adds Ψ and C (or D) (2 gemms per side) and two
+      sygvd (a Cholesky, two congruences and a syevd each) to the two Cholesky inversions; applying
+      F̂⁻¹ costs 8–10 gemms per layer against 2 for the Cholesky strategy.
     """)
 }

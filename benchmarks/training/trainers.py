@@ -181,6 +181,7 @@ class _KFACStep:
             pi_damping=options["pi_damping"],
             loss_reduction="mean",
             num_threads=1,
+            tridiagonal=options.get("tridiagonal", False),  # block-tridiagonal (tridiagonal_compare.py)
         )
         self.kl_scales: List[float] = []
 

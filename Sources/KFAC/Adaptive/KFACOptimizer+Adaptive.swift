@@ -127,6 +127,18 @@ extension KFACOptimizer {
     private func solve(outputs: UnsafePointer<Scalar>?, products: (Int) -> UnsafePointer<Scalar>?, count: Int, firstOnly: Bool,
                        previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int,
                        distribution: OutputDistribution) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
+        let usePrevious = try checkModelInputs(outputs: outputs, products: products, count: count, firstOnly: firstOnly,
+                                               previousProducts: previousProducts, rows: rows, dim: dim)
+        return try solve(count: count, firstOnly: firstOnly, usePrevious: usePrevious, rows: Double(rows)) { k in
+            OutputFisher.quadraticForms(distribution: distribution, outputs: outputs!, rows: rows, dim: dim,
+                                        u: products(k)!, v: usePrevious ? previousProducts : nil)
+        }
+    }
+
+    /// Checks the arguments of a solve (or of packing its model sums); returns whether the
+    /// previous update takes part (μ).
+    func checkModelInputs(outputs: UnsafePointer<Scalar>?, products: (Int) -> UnsafePointer<Scalar>?, count: Int, firstOnly: Bool,
+                          previousProducts: UnsafePointer<Scalar>?, rows: Int, dim: Int) throws(KFACError) -> Bool {
         guard adaptive.directionsAvailable else {
             throw KFACError(.noStep, "solve the step size after a successful step (and only once per step)")
         }
@@ -147,13 +159,20 @@ extension KFACOptimizer {
         for k in 0..<count where !Scalar.allFinite(products(k)!, count: size) {
             throw KFACError(.nonFinite, "outputs or Jacobian products contain NaN or Inf")
         }
-        let lambda = parameters.damping, n = Double(rows)
+        return usePrevious
+    }
+
+    /// The solve from the model's output-space sums over `rows` examples: `forms(k)` is
+    /// (Σ uᵀFu, Σ uᵀFv, Σ vᵀFv) of candidate k (u = J·D_k, v = J·δ₀). Distributed runs pass
+    /// sums reduced over the ranks (Distributed/).
+    func solve(count: Int, firstOnly: Bool, usePrevious: Bool, rows n: Double,
+               forms: (Int) -> (uu: Double, uv: Double, vv: Double)) throws(KFACError) -> (chosen: Int, alpha: Double, mu: Double, predictedChange: Double) {
+        let lambda = parameters.damping
         var best: (index: Int, alpha: Double, mu: Double, predicted: Double)?
         var smallest = Double.infinity
         for k in 0..<count {
             let c = candidates.list[k]
-            let forms = OutputFisher.quadraticForms(distribution: distribution, outputs: outputs, rows: rows, dim: dim,
-                                                    u: products(k)!, v: usePrevious ? previousProducts : nil)
+            let forms = forms(k)
             // Coefficients of Δ = −D = −ν U and δ₀.
             let nu = c.klScale, (vp, pp) = adaptive.previousProducts
             let (vd, dd, dp) = (nu * c.vu, nu * nu * c.uu, nu * c.up)
@@ -257,15 +276,21 @@ extension KFACOptimizer {
         adaptive.predictedChange = nil
         adaptive.lastReductionRatio = rho
         adaptive.lossReports += 1
-        let t = parameters.lmInterval
-        if t > 0 && adaptive.lossReports % t == 0 && !rho.isNaN {
-            let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
-            var p = parameters
-            // Never below λ_min (`dampingMin`), nor from below it further down.
-            let lambda = p.damping, floor = Swift.min(lambda, p.dampingMin)
-            if rho > 0.75 { p.damping = Swift.max(lambda * omega, floor) } else if rho < 0.25 { p.damping /= omega }
-            if p.damping > 0 && p.damping.isFinite { parameters = p }
-        }
+        applyLevenbergMarquardt(rho: rho, reports: adaptive.lossReports)
         return rho
+    }
+
+    /// The Levenberg–Marquardt rule, shared by the adaptive mode and Newton-CG: on every
+    /// `lmInterval`-th report (`reports` counts them), λ·ω if ρ > 3/4 and λ/ω if ρ < 1/4,
+    /// ω = lmDecay^lmInterval; a NaN ρ, or a λ that would leave (0, ∞), changes nothing.
+    func applyLevenbergMarquardt(rho: Double, reports: Int) {
+        let t = parameters.lmInterval
+        guard t > 0 && reports % t == 0 && !rho.isNaN else { return }
+        let omega = LibM.exp(Double(t) * LibM.log(parameters.lmDecay))
+        var p = parameters
+        // Never below λ_min (`dampingMin`), nor from below it further down.
+        let lambda = p.damping, floor = Swift.min(lambda, p.dampingMin)
+        if rho > 0.75 { p.damping = Swift.max(lambda * omega, floor) } else if rho < 0.25 { p.damping /= omega }
+        if p.damping > 0 && p.damping.isFinite { parameters = p }
     }
 }

@@ -18,6 +18,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
     case noInverses = -21
     case layersFrozen = -22
     case noStep = -23
+    case noSolve = -24
     case noColumns = -25
 
     case nonFinite = -30
@@ -33,6 +34,8 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
     case corruptState = -62
     case stateVersion = -63
     case stateMismatch = -64
+
+    case callback = -70
 
     case `internal` = -99
 
@@ -57,6 +60,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
         case .layersFrozen: return "layers cannot be added after statistics were recorded"
         case .noStep: return "no step to act on (solve the step size after a step, report the loss after a solve)"
         case .noColumns: return "no Jacobian columns or chain forward pass to multiply with"
+        case .noSolve: return "no conjugate-gradient solve in the state this call needs (begin, supply the products, finish)"
         case .nonFinite: return "NaN or Inf in input or result"
         case .notPositiveDefinite: return "damped factor is not positive definite"
         case .eigenFailed: return "eigendecomposition did not converge"
@@ -67,6 +71,7 @@ public enum KFACStatus: Int32, Sendable, CaseIterable {
         case .corruptState: return "corrupt or truncated state image"
         case .stateVersion: return "state image has an incompatible format version"
         case .stateMismatch: return "state image does not match this optimizer's layers or precision"
+        case .callback: return "a caller-supplied function returned an error"
         case .internal: return "internal error"
         }
     }

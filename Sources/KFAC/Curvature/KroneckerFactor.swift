@@ -342,3 +342,92 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         return 24 + (2 * structure.storageCount + rowBufferLimit * structure.recordedWidth) * s
     }
 }
+
+// MARK: Distributed runs (Distributed/): packing statistics for a caller's sum-allreduce
+
+extension KroneckerFactor {
+    /// Values one factor contributes to a statistics pack: each unique block's upper triangle
+    /// (row-major), then one count.
+    var packCount: Int { structure.uniqueSizes.reduce(1) { $0 + $1 * ($1 + 1) / 2 } }
+
+    /// Writes the upper triangles of `blocks` (block storage) into `out`, returning the values written.
+    private func packUpper(_ blocks: UnsafePointer<Scalar>, into out: UnsafeMutablePointer<Scalar>) -> Int {
+        var w = 0
+        for q in structure.uniqueSizes.indices {
+            let b = structure.uniqueSizes[q], block = blocks + structure.storageOffsets[q]
+            for i in 0..<b {
+                (out + w).update(from: block + i * b + i, count: b - i)
+                w += b - i
+            }
+        }
+        return w
+    }
+
+    /// Reads upper triangles written by `packUpper` into block storage `blocks`, times `scale`.
+    private func unpackUpper(_ p: UnsafePointer<Scalar>, scale: Scalar, into blocks: UnsafeMutablePointer<Scalar>) {
+        var r = 0
+        for q in structure.uniqueSizes.indices {
+            let b = structure.uniqueSizes[q], block = blocks + structure.storageOffsets[q]
+            for i in 0..<b {
+                for j in i..<b { block[i * b + j] = scale * p[r + j - i] }
+                r += b - i
+            }
+        }
+    }
+
+    /// Eager reduce: the pending statistics as Σ x xᵀ (upper triangles of each unique block) and
+    /// the pending row count, in `packCount` values. `scratch` holds at least `storageCount`
+    /// values. Changes nothing.
+    func packPending(into out: UnsafeMutablePointer<Scalar>, scratch: UnsafeMutablePointer<Scalar>) {
+        let count = structure.storageCount
+        if summedRows > 0, let sum = pendingSum {
+            scratch.update(from: sum.base, count: count)
+        } else {
+            scratch.initialize(repeating: 0, count: count)
+        }
+        if bufferedRows > 0, let buffer = rowBuffer {
+            blockUpdates(from: buffer, alpha: 1, beta: summedRows > 0 ? 1 : 0, into: scratch)
+        }
+        let w = packUpper(scratch, into: out)
+        out[w] = Scalar(pendingRows)
+    }
+
+    /// Allocates what `replacePending` needs, so that it cannot fail.
+    func preparePendingReplacement() throws(KFACError) {
+        _ = try pendingSumMatrix()
+    }
+
+    /// Eager reduce: makes the (sum-allreduced) sums and row count of `packPending` this
+    /// factor's pending statistics. `rows` is the count read from the pack (a whole number >= 0).
+    func replacePending(from p: UnsafePointer<Scalar>, rows: Int) {
+        clearPending()
+        guard rows > 0, let sum = pendingSum else { return }
+        unpackUpper(p, scale: 1, into: sum.base)
+        summedRows = rows
+    }
+
+    /// Lazy reduce: the moving average this factor would have after folding its pending
+    /// statistics (upper triangles), then 1 if it has one, else zeros and 0. `scratch` holds at
+    /// least `storageCount` values. Changes nothing.
+    func packAverage(into out: UnsafeMutablePointer<Scalar>, scratch: AlignedBuffer<Scalar>, decay: Scalar) {
+        if hasPending {
+            average(into: scratch, decay: decay)
+        } else if hasRunning {
+            scratch.base.update(from: running.base, count: structure.storageCount)
+        } else {
+            scratch.base.initialize(repeating: 0, count: structure.storageCount)
+        }
+        let w = packUpper(scratch.base, into: out)
+        out[w] = hasPending || hasRunning ? 1 : 0
+    }
+
+    /// Lazy reduce: the running factor becomes the mean of the ranks' averages (the allreduced
+    /// sum from `packAverage` divided by `weight`, the ranks that had one), pending cleared.
+    /// With weight 0 nothing changes.
+    func replaceRunning(from p: UnsafePointer<Scalar>, weight: Int) {
+        guard weight > 0 else { return }
+        unpackUpper(p, scale: 1 / Scalar(weight), into: running.base)
+        hasRunning = true
+        clearPending()
+    }
+}

@@ -15,6 +15,11 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     private(set) var layerBlocks: [Range<Int>] = []
     /// Layers can no longer be added once statistics were recorded.
     var statisticsStarted = false
+    /// Layers whose curvature another estimator inverts and multiplies (block-tridiagonal
+    /// links, `TridiagonalLinks`): never inverted here, skipped by `multiplyAll`. Empty when none.
+    var excludedLayers: [Bool] = []
+
+    func isExcluded(_ l: Int) -> Bool { l < excludedLayers.count && excludedLayers[l] }
 
     let ones: AlignedBuffer<Scalar>
     private var workspaces: [EigenWorkspace<Scalar>] = []
@@ -30,6 +35,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     private var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
     private var inversionStrategy = InverseStrategy.eigen
     private var inversionTarget = InversionTarget.staging
+    /// Distributed runs (Distributed/): which units `stageInverses` computes, and a counter of
+    /// its calls (so that inverses exchanged into staging are known to be still there).
+    var unitFilter = InversionUnitFilter.all
+    private(set) var stagingGeneration = 0
 
     struct InversionJob {
         var block: Int
@@ -263,10 +272,13 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     func invert(_ settings: CurvatureSettings) throws(KFACError) {
         var any = false
         for k in blocks.indices {
-            invertBlock[k] = blocks[k].hasFactors
+            invertBlock[k] = blocks[k].hasFactors && !isExcluded(blockLayer[k])
             any = any || invertBlock[k]
         }
-        guard any else { throw KFACError(.noStatistics, "no layer has factors yet") }
+        guard any else {
+            if excludedLayers.contains(true) { return }
+            throw KFACError(.noStatistics, "no layer has factors yet")
+        }
         try stageInverses(foldingPending: false, settings: settings, damping: settings.damping)
         try stageScalings(folding: false, settings: settings)  // EKFAC: S in the new bases
         commitStagedInverses()
@@ -285,6 +297,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
             let outputReady = c.output.hasRunning || (foldingPending && c.output.hasPending)
             guard inputReady && outputReady else {
                 throw KFACError(.noStatistics, "layer \(blockLayer[k]) has no \(inputReady ? "output-gradient" : "input") statistics; record them before the step")
+            }
+            if isExcluded(blockLayer[k]) {
+                invertBlock[k] = false
+                continue
             }
             let hasInverse = c.hasInverse(for: strategy)
             invertBlock[k] = invert(k, hasInverse)
@@ -309,6 +325,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                        damping: Double) throws(KFACError) {
         let strategy = settings.strategy
         let decay = Scalar(settings.factorDecay)
+        stagingGeneration &+= 1
         inversionJobs.removeAll(keepingCapacity: true)
         for k in blocks.indices where invertBlock[k] {
             let c = blocks[k]
@@ -323,10 +340,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
             case .exact:
                 (jobSources[k].inputShift, jobSources[k].outputShift) = (0, 0)
             }
-            for q in c.input.structure.uniqueSizes.indices {
+            for q in c.input.structure.uniqueSizes.indices where unitFilter.includes(block: k, side: .input, unique: q) {
                 inversionJobs.append(InversionJob(block: k, side: .input, unique: q, size: c.input.structure.uniqueSizes[q]))
             }
-            for q in c.output.structure.uniqueSizes.indices {
+            for q in c.output.structure.uniqueSizes.indices where unitFilter.includes(block: k, side: .output, unique: q) {
                 inversionJobs.append(InversionJob(block: k, side: .output, unique: q, size: c.output.structure.uniqueSizes[q]))
             }
         }
@@ -458,9 +475,9 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// a failure leaves the caller's buffers untouched.
     func multiplyAll(_ vectors: (Int) -> ParameterGradient<Scalar>, power: CurvaturePower,
                      _ settings: CurvatureSettings) throws(KFACError) {
-        for l in layers.indices { try checkReady(layer: l, for: power, strategy: settings.strategy) }
-        for l in layers.indices { try multiplyGathered(layer: l, vectors(l), power: power, settings) }
-        for l in layers.indices { scatter(layer: l, scale: 1, into: vectors(l)) }
+        for l in layers.indices where !isExcluded(l) { try checkReady(layer: l, for: power, strategy: settings.strategy) }
+        for l in layers.indices where !isExcluded(l) { try multiplyGathered(layer: l, vectors(l), power: power, settings) }
+        for l in layers.indices where !isExcluded(l) { scatter(layer: l, scale: 1, into: vectors(l)) }
     }
 
     /// Gathers layer l's vector into its blocks and forms each block's product in its
@@ -545,6 +562,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                     }
                     let inv = try c.makeInverse(s)
                     try inv.read(from: &r)
+                    try inv.validateLoaded()
                     c.restoreInverse(inv)
                 }
                 guard started || !(c.input.hasRunning || c.input.hasPending || c.output.hasRunning || c.output.hasPending) else {

@@ -61,7 +61,11 @@ final class CholeskyInverse<Scalar: KFACScalar>: KroneckerInverse {
     func read(from r: inout StateReader) throws(KFACError) {
         try r.scalars(into: inputBlocks.base, count: inputBlocks.count)
         try r.scalars(into: outputBlocks.base, count: outputBlocks.count)
-        // potri of a positive definite block, symmetrised: finite, symmetric, positive diagonal.
+        finish()
+    }
+
+    /// potri of a positive definite block, symmetrised: finite, symmetric, positive diagonal.
+    func validateLoaded() throws(KFACError) {
         for (blocks, structure) in [(inputBlocks, inputStructure), (outputBlocks, outputStructure)] {
             guard Scalar.allFinite(blocks.base, count: blocks.count) else {
                 throw KFACError(.corruptState, "state image has a Cholesky inverse that is not finite")
@@ -77,7 +81,6 @@ final class CholeskyInverse<Scalar: KFACScalar>: KroneckerInverse {
                 }
             }
         }
-        finish()
     }
 
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {

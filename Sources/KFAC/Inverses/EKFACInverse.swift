@@ -105,7 +105,12 @@ final class EKFACInverse<Scalar: KFACScalar>: KroneckerInverse {
     func read(from r: inout StateReader) throws(KFACError) {
         try bases.read(from: &r)
         try r.scalars(into: scaling.base, count: scaling.count)
-        // S is a second moment (or d_G d_Aᵀ): finite and non-negative (issue 15).
+    }
+
+    /// The bases as the eigen strategy's, and S a second moment (or d_G d_Aᵀ): finite and
+    /// non-negative.
+    func validateLoaded() throws(KFACError) {
+        try bases.validateLoaded()
         guard Scalar.allFinite(scaling.base, count: scaling.count),
               (0..<scaling.count).allSatisfy({ scaling.base[$0] >= 0 }) else {
             throw KFACError(.corruptState, "state image has an EKFAC scaling that is not finite or is negative")

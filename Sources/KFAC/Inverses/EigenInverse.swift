@@ -106,8 +106,14 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
         for side in [input, output] {
             try r.scalars(into: side.vectors.base, count: side.vectors.count)
             try r.scalars(into: side.values.base, count: side.values.count)
-            // Orthonormal eigenvectors (every entry at most 1 in magnitude) and eigenvalues
-            // clamped to be non-negative, all finite.
+        }
+        finish()
+    }
+
+    /// Orthonormal eigenvectors (every entry at most 1 in magnitude) and eigenvalues clamped to
+    /// be non-negative, all finite.
+    func validateLoaded() throws(KFACError) {
+        for side in [input, output] {
             guard Scalar.allFinite(side.vectors.base, count: side.vectors.count),
                   Double(Scalar.largestMagnitude(side.vectors.base, count: side.vectors.count)) <= 1.001,
                   Scalar.allFinite(side.values.base, count: side.values.count),
@@ -115,7 +121,6 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
                 throw KFACError(.corruptState, "state image has an eigendecomposition that is not finite, not orthonormal or has negative eigenvalues")
             }
         }
-        finish()
     }
 
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {

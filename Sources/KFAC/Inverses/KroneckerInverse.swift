@@ -58,9 +58,12 @@ protocol KroneckerInverse<Scalar>: AnyObject {
 
     /// Writes the representation's state-image section.
     func write(to w: inout StateWriter)
-    /// Reads what `write` wrote into this (fresh) inverse, checks that it is one the
-    /// representation can compute (`.corruptState` if not), then finishes it.
+    /// Reads what `write` wrote into this (fresh) inverse, then finishes it.
     func read(from r: inout StateReader) throws(KFACError)
+    /// After `read` from a state image: throws `.corruptState` unless the contents are an
+    /// inverse the representation can compute (issue 15). (The distributed exchange reads packs
+    /// of zeros and sums through `read` alone.)
+    func validateLoaded() throws(KFACError)
 
     /// Whether the damped curvature this representation inverts is not A ⊗ G itself (EKFAC's
     /// re-scaled eigenbasis), so that the forward product (`multiplyCurvature`) needs the

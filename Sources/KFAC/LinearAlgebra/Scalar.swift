@@ -62,6 +62,17 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
         work: UnsafeMutablePointer<Self>, workCount: Int,
         iwork: UnsafeMutablePointer<Int32>, iworkCount: Int) -> Int32
 
+    /// The generalized symmetric-definite eigenproblem a x = λ b x (LAPACK sygvd, itype 1,
+    /// jobz = V), a and b n×n symmetric (one triangle read). On return `values` holds the
+    /// ascending λ and `a`, read row-major, holds Xᵀ (row i is the i-th eigenvector), with
+    /// Xᵀ b X = I and Xᵀ a X = diag(λ); `b` holds its Cholesky factor. Returns the LAPACK info:
+    /// 0 on success, n + i if b is not positive definite, 1…n if the eigensolver failed. The
+    /// workspace of `symmetricEigenWorkspace` suffices.
+    static func generalizedSymmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Self>, b: UnsafeMutablePointer<Self>, values: UnsafeMutablePointer<Self>,
+        work: UnsafeMutablePointer<Self>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int) -> Int32
+
     /// True when none of the `count` values is NaN or ±Inf.
     static func allFinite(_ x: UnsafePointer<Self>, count: Int) -> Bool
 
@@ -191,6 +202,15 @@ extension Float: KFACScalar {
                             Int32(n), a, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
     }
 
+    public static func generalizedSymmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>,
+        work: UnsafeMutablePointer<Float>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int
+    ) -> Int32 {
+        LAPACKE_ssygvd_work(LAPACK_COL_MAJOR, 1, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                            Int32(n), a, Int32(n), b, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
+    }
+
     public static func allFinite(_ x: UnsafePointer<Float>, count: Int) -> Bool {
         largestMagnitude(x, count: count).isFinite
     }
@@ -278,6 +298,15 @@ extension Double: KFACScalar {
     ) -> Int32 {
         LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), lowerColumnMajor,
                             Int32(n), a, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
+    }
+
+    public static func generalizedSymmetricEigen(
+        n: Int, a: UnsafeMutablePointer<Double>, b: UnsafeMutablePointer<Double>, values: UnsafeMutablePointer<Double>,
+        work: UnsafeMutablePointer<Double>, workCount: Int,
+        iwork: UnsafeMutablePointer<Int32>, iworkCount: Int
+    ) -> Int32 {
+        LAPACKE_dsygvd_work(LAPACK_COL_MAJOR, 1, CChar(UInt8(ascii: "V")), lowerColumnMajor,
+                            Int32(n), a, Int32(n), b, Int32(n), values, work, Int32(workCount), iwork, Int32(iworkCount))
     }
 
     public static func allFinite(_ x: UnsafePointer<Double>, count: Int) -> Bool {

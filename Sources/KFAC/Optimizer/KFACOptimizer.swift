@@ -26,8 +26,14 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Gauss-Newton products: the kept Jacobian columns and the dense chain (GaussNewton/).
     var gaussNewtonColumns = CurvatureColumns<Scalar>()
     var denseChain: DenseChain<Scalar>?
+    /// The conjugate-gradient solver's state (Gauss-Newton family, `GaussNewton/`).
+    let conjugateGradient = ConjugateGradientState<Scalar>()
     /// The blocks' phases when the inversions of a period are spread over its steps.
     let spread = InversionSpread()
+    /// A distributed run's rank, size and exchanged inverses (Distributed/).
+    var distributed = DistributedState<Scalar>()
+    /// Block-tridiagonal links between consecutive dense layers (Tridiagonal/), nil when none.
+    var tridiagonal: TridiagonalLinks<Scalar>?
 
     public init() throws(KFACError) {
         estimator = try BlockDiagonalEstimator()
@@ -97,6 +103,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     public func layerInfo(_ layer: Int) throws(KFACError) -> LayerInfo {
         let b = try self.layer(layer)
+        if let links = tridiagonal, links.isLinked(layer) {
+            return LayerInfo(layer: b.layer, hasFactors: b.blocks.allSatisfy(\.hasFactors), hasInverses: links.hasInverses)
+        }
         return LayerInfo(layer: b.layer, hasFactors: b.blocks.allSatisfy(\.hasFactors),
                          hasInverses: b.blocks.allSatisfy { $0.hasInverse(for: parameters.inverseStrategy) })
     }
@@ -112,7 +121,12 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Adds the inputs of `rows` examples to the layer's input statistics: dense [rows][inFeatures];
     /// convolution [rows][C][H][W] or [rows][H][W][C], as its layout says.
     public func recordInputs(layer: Int, _ inputs: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
+        guard let links = tridiagonal, links.isLinked(layer) else {
+            return try estimator.recordInputs(layer: layer, inputs, rows: rows)
+        }
+        if rows >= 1 && inputs != nil { try links.prepareRecord(layer: layer, outputSide: false, rows: rows) }
         try estimator.recordInputs(layer: layer, inputs, rows: rows)
+        links.record(layer: layer, inputs!, rows: rows, outputSide: false, scale: 1)
     }
 
     /// Adds the output gradients of `rows` examples to the layer's gradient statistics (dense
@@ -121,15 +135,22 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     public func recordOutputGradients(layer: Int, _ gradients: UnsafePointer<Scalar>?, rows: Int) throws(KFACError) {
         let reduction = parameters.lossReduction == .mean ? Double(rows) : 1
         let scale = reduction / parameters.outputGradScale
+        guard let links = tridiagonal, links.isLinked(layer) else {
+            return try estimator.recordOutputGradients(layer: layer, gradients, rows: rows, scale: scale)
+        }
+        if rows >= 1 && gradients != nil { try links.prepareRecord(layer: layer, outputSide: true, rows: rows) }
         try estimator.recordOutputGradients(layer: layer, gradients, rows: rows, scale: scale)
+        links.record(layer: layer, gradients!, rows: rows, outputSide: true, scale: Scalar(scale))
     }
 
     /// Folds every layer's pending statistics into its running factors now.
     public func updateFactors() throws(KFACError) {
         try estimator.validatePendingStatistics()
+        if let links = tridiagonal { try links.checkPaired(estimator: estimator) }
         try estimator.stageScalingFolds(settings: parameters.curvatureSettings)  // EKFAC's S
         try estimator.foldFactors(decay: parameters.factorDecay)
         estimator.commitScalingFolds(clearingAll: parameters.inverseStrategy != .ekfac)
+        tridiagonal?.fold(decay: parameters.factorDecay)
     }
 
     /// Drops every layer's statistics recorded since the last fold (`kfac_optimizer_discard_statistics`):
@@ -141,7 +162,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
-        try estimator.invert(parameters.curvatureSettings)
+        guard let links = tridiagonal else { return try estimator.invert(parameters.curvatureSettings) }
+        try updateInverses(links)
     }
 
     /// Copies the running factors of group `group` of a layer (0 for dense layers) as full
@@ -183,33 +205,27 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             try checkGradient(gradient(l), layer: estimator.layers[l], index: l)
         }
         let dampingStep = isDampingCandidateStep(at: stepCount)
-        var p = parameters
-        // A γ step starts from γ brought into [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
-        if dampingStep && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        let p = stepParameters()
         let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
-        let inverting = shouldInvert(at: stepCount)
-        // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
-        let invertForCandidates = dampingStep && p.inverseStrategy.dampingIsBakedIn
-        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
-        let phase = spreadPhase(at: stepCount)
-        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
-        let anyInversion = try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
-            let due = phase.map { spread.phase[k] == $0 } ?? inverting
-            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
-        }
+        let anyInversion = try planStepInversions(p, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
         if folding { try estimator.validatePendingStatistics() }
+        if folding, let links = tridiagonal { try links.checkPaired(estimator: estimator) }
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
-        if anyInversion { try estimator.stageInverses(foldingPending: folding, settings: settings, damping: p.inverseDamping) }
+        if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
         try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
+        if linksInverting { try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings) }
 
-        let inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
+        var inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
+        if let links = tridiagonal { inner += try preconditionLinked(links, staged: linksInverting) }
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
         if dampingStep { parameters.factorDamping = p.factorDamping }
         estimator.commitPairedStatistics(folding: folding)
+        if let links = tridiagonal { commitTridiagonalStep(links, folding: folding, inverted: linksInverting) }
         let nu = klScale(inner: inner)
         for l in 0..<estimator.layerCount { estimator.scatter(layer: l, scale: Scalar(nu), into: gradient(l)) }
         keepStepForModel(klScale: nu, damping: p.inverseDamping)
@@ -217,6 +233,29 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         lastKLScale = nu
         stepCount += 1
         adaptive.directionsAvailable = true
+    }
+
+    /// The parameters the step at the current counter uses: on a γ step, γ brought into
+    /// [λ/r, λ·r] (`factorDampingRatio`), kept at the commit.
+    func stepParameters() -> KFACParameters {
+        var p = parameters
+        if isDampingCandidateStep(at: stepCount) && p.factorDamping > 0 { p.factorDamping = p.bandedFactorDamping }
+        return p
+    }
+
+    /// Marks the blocks the step at the current counter inverts (`estimator.invertBlock`);
+    /// returns whether there is any. Also used by the distributed inverse exchange.
+    func planStepInversions(_ p: KFACParameters, folding: Bool) throws(KFACError) -> Bool {
+        let inverting = shouldInvert(at: stepCount)
+        // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
+        let invertForCandidates = isDampingCandidateStep(at: stepCount) && p.inverseStrategy.dampingIsBakedIn
+        // Spread inversions: a block is due at the steps of its phase instead of at k ≡ 0.
+        let phase = spreadPhase(at: stepCount)
+        if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
+        return try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
+            let due = phase.map { spread.phase[k] == $0 } ?? inverting
+            return (p.inverseUpdatePeriod > 0 && (due || !hasInverse)) || invertForCandidates
+        }
     }
 
     /// Preconditions every layer's gradient into its blocks' directions with the inverses the
@@ -227,6 +266,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         var inner = 0.0
         for l in 0..<estimator.layerCount {
             estimator.gather(layer: l, gradient(l))
+            if estimator.isExcluded(l) { continue }
             for k in estimator.layerBlocks[l] {
                 try estimator.precondition(block: k, staged: estimator.invertBlock[k], strategy: strategy, damping: damping)
                 let c = estimator.blocks[k]
@@ -279,6 +319,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let b = try self.layer(layer)
         let v = ParameterGradient(weight: weight, bias: bias)
         try checkGradient(v, layer: b, index: layer)
+        if let links = tridiagonal, links.isLinked(layer) {
+            throw KFACError(.unsupported, "layer \(layer) is block-tridiagonally linked: its product needs its neighbours (use the all-layer product or the step)")
+        }
         try estimator.multiply(layer: layer, v, power: power, parameters.curvatureSettings)
     }
 
@@ -290,6 +333,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         for l in 0..<estimator.layerCount {
             try checkGradient(vectors(l), layer: estimator.layers[l], index: l)
         }
-        try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
+        guard let links = tridiagonal else {
+            return try estimator.multiplyAll(vectors, power: power, parameters.curvatureSettings)
+        }
+        try multiplyLinked(links, power: power, vectors)
     }
 }

@@ -27,6 +27,8 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     // EKFAC (Parameters+EKFAC.swift).
     case ekfacDecay = 400
     case ekfacMode = 401
+    // Distributed runs (Parameters+Distributed.swift).
+    case distributedReduce = 500
 
     /// This parameter's row of the table.
     public var spec: ParameterSpec { ParameterSpec.table[ParameterSpec.rowIndex(self)] }

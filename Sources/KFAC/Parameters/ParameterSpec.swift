@@ -40,7 +40,7 @@ public struct ParameterSpec: Sendable {
     }
 
     /// The whole table, in ascending id order: one array per family.
-    public static let table: [ParameterSpec] = (coreParameters + adaptiveParameters + ekfacParameters).sorted { $0.id.rawValue < $1.id.rawValue }
+    public static let table: [ParameterSpec] = (coreParameters + adaptiveParameters + ekfacParameters + distributedParameters).sorted { $0.id.rawValue < $1.id.rawValue }
 
     /// The position of `id`'s row in `table` (every case has exactly one row; a test checks it).
     static func rowIndex(_ id: ParameterID) -> Int {

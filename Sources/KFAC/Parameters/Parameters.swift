@@ -81,6 +81,9 @@ public struct KFACParameters: Equatable, Sendable {
     public var ekfacDecay: Double = 0
     /// How paired recording forms EKFAC's per-example gradients.
     public var ekfacMode: EKFACMode = .perExample
+    /// When a distributed run reduces statistics (Distributed/): every factor update (exact) or
+    /// lazily, only before an inverse update.
+    public var distributedReduce: DistributedReduce = .eager
 
     /// The defaults of the parameter table.
     public init() {

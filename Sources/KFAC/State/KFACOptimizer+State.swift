@@ -15,6 +15,7 @@ extension KFACOptimizer {
         estimator.write(to: &w)
         adaptive.write(to: &w)
         if p.inverseStrategy == .ekfac { estimator.writePaired(to: &w) }
+        tridiagonal?.write(to: &w)
     }
 
     /// The parameters section: the number of rows, then per row of `ParameterSpec.table` its id
@@ -149,6 +150,16 @@ extension KFACOptimizer {
         let restored = try estimator.read(from: &r)
         let adaptiveState = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
         if p.inverseStrategy == .ekfac { try estimator.readPaired(from: &r, into: restored.layers) }
+        var installLinks: (() -> Void)?
+        if let links = tridiagonal {
+            guard r.offset < image.count - 8 else {
+                throw KFACError(.stateMismatch, "state image has no block-tridiagonal links, the optimizer has \(links.links.count)")
+            }
+            installLinks = try links.read(from: &r, estimator: estimator)
+        } else if r.offset < image.count - 8, let count = try? r.u64(), count > 0, count < UInt64(estimator.layerCount) {
+            // A links section (the checksum held): an image of a handle with links.
+            throw KFACError(.stateMismatch, "state image has \(count) block-tridiagonal links, the optimizer none")
+        }
         guard r.offset == image.count - 8 else {
             throw KFACError(.corruptState, "state image has \(image.count - 8 - r.offset) unexpected trailing bytes")
         }
@@ -161,6 +172,7 @@ extension KFACOptimizer {
         lastKLScale = klScale
         adaptive = adaptiveState
         candidates = DampingCandidates()
+        installLinks?()
     }
 
     /// Writes the state image to `path` atomically (see `saveState(toFilePath:)`).
@@ -256,9 +268,10 @@ extension KFACOptimizer {
         try loadState(from: UnsafeRawBufferPointer(start: raw, count: done))
     }
 
-    /// For a file larger than any image without EKFAC's per-example gradients could be: reads
-    /// its header and parameter section only (at most 64 KiB) and throws unless it is a
-    /// well-formed image header of this format whose inverse strategy is EKFAC.
+    /// For a file larger than any image without EKFAC's per-example gradients or block-tridiagonal
+    /// links could be: reads its header and parameter section only (at most 64 KiB) and throws
+    /// unless it is a well-formed image header of this format and precision whose inverse
+    /// strategy is EKFAC (or the handle has links).
     private func checkLargeImage(fd: Int32, size: Int, path: String) throws(KFACError) {
         let what = "\(path) has \(size) bytes, more than any state image of this optimizer's layers (\(maximumStateSize))"
         let prefix = Swift.min(size, StateImage.headerSize + 8 + 16 * 4096)
@@ -277,6 +290,9 @@ extension KFACOptimizer {
         guard field(16) == UInt64(Scalar.dtypeCode) else {
             throw KFACError(.stateMismatch, "\(what); its precision differs from the optimizer's")
         }
+        // Block-tridiagonal links add a section whose pending cross statistics the layers do not
+        // bound either.
+        if tridiagonal != nil { return }
         let rows = field(StateImage.headerSize)
         var strategy = UInt64.max
         if rows <= 4096 {

@@ -25,6 +25,11 @@
 ///                 then (`PairedStatistics`): u64 divisor, u64 rows [rows·in, rows·out scalars],
 ///                 u64 segments [u64 rows, u64 rows per example each], u64 matrices
 ///                 [matrices·out·in scalars]
+///     links       only when the optimizer has block-tridiagonal links (so an image without
+///                 links is unchanged): u64 link count, per link u64 lower layer and its cross
+///                 factors A then G (u64 has running [factor], u64 paired rows [pending sum],
+///                 u64 unpaired lower rows [rows], u64 unpaired upper rows [rows]), u64 has
+///                 inverses, then per linked layer its tridiagonal inverse (`TridiagonalLinks`)
 ///     u64 checksum of all preceding bytes
 ///
 /// Factors are stored as their diagonal blocks (`FactorStructure`), each whole and row-major.

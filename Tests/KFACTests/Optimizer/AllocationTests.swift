@@ -206,3 +206,46 @@ extension AllocationTests {
         XCTAssertEqual(count - openblas, 0, "\(S.self) \(strategy): \(count - openblas) allocations outside OpenBLAS in 6 adaptive steps")
     }
 }
+
+extension AllocationTests {
+    /// The same with block-tridiagonal links (a 3-layer chain, both pairs linked): recording
+    /// (cross rows paired), folding, the two inversion rounds and the chain application.
+    func testSteadyStateLinkedStepDoesNotAllocate() throws {
+        let blasThreads = openblas_get_num_threads()
+        defer { openblas_set_num_threads(blasThreads) }
+        for threads in [blasThreads, 1] {
+            openblas_set_num_threads(threads)
+            try linkedSteadyState(Float.self)
+            try linkedSteadyState(Double.self)
+        }
+    }
+
+    private func linkedSteadyState<S: KFACScalar>(_: S.Type) throws {
+        var net = ChainNet<S>(layers: 3, seed: 17)
+        let opt = try net.makeOptimizer { $0.inverseUpdatePeriod = 2; $0.factorUpdatePeriod = 1; $0.threadCount = 2 }
+        let batch = net.batch(rows: 8)
+        let weights = net.shapes.map { s in UnsafeMutablePointer<S>.allocate(capacity: s.inF * s.outF) }
+        let biases = net.shapes.map { s in s.bias ? UnsafeMutablePointer<S>.allocate(capacity: s.outF) : nil }
+        let counts = net.shapes.map { (weights: $0.inF * $0.outF, outputs: $0.outF) }
+        defer { weights.forEach { $0.deallocate() }; biases.forEach { $0?.deallocate() } }
+        func oneStep() throws {
+            for l in batch.indices {
+                try batch[l].x.withUnsafeBufferPointer { try opt.recordInputs(layer: l, $0.baseAddress, rows: 8) }
+            }
+            // Index loops: a debug build's generic iterators (reversed, enumerated) allocate.
+            for l in stride(from: batch.count - 1, through: 0, by: -1) {
+                try batch[l].g.withUnsafeBufferPointer { try opt.recordOutputGradients(layer: l, $0.baseAddress, rows: 8) }
+            }
+            for l in 0..<counts.count {
+                weights[l].initialize(repeating: 1, count: counts[l].weights)
+                biases[l]?.initialize(repeating: 1, count: counts[l].outputs)
+            }
+            try opt.step { ParameterGradient(weight: weights[$0], bias: biases[$0]) }
+        }
+        for _ in 0..<4 { try oneStep() }
+        allocation_counter_start()
+        for _ in 0..<6 { try oneStep() }
+        let count = allocation_counter_stop(), openblas = allocation_counter_openblas()
+        XCTAssertEqual(count - openblas, 0, "\(S.self) linked: \(count - openblas) allocations outside OpenBLAS in 6 steady-state steps")
+    }
+}

@@ -27,6 +27,7 @@ final class ParameterTableTests: XCTestCase {
         (206, "factor_damping_ratio", .double, 10, 1, true, .infinity, false, .adaptive),
         (400, "ekfac_decay", .double, 0.95, 0, true, 1, false, .ekfac),
         (401, "ekfac_mode", .int, 0, 0, true, 1, true, .ekfac),
+        (500, "distributed_reduce", .int, 0, 0, true, 1, true, .distributed),
     ]
 
     func testTableMatchesTheHeader() {

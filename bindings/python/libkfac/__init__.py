@@ -40,6 +40,7 @@ Modules:
     :mod:`libkfac.sampling`: the target samplers;
     :mod:`libkfac.gauss_newton`: experimental exact Gauss-Newton products (stored Jacobian
     columns, KFLR's output factor, the dense chain's R operator);
+    :mod:`libkfac.newton_cg`: conjugate gradient and Newton-CG (experimental ``kfac_cg_*``);
     :mod:`libkfac.torch`: the PyTorch integration (imported on demand, needs torch);
     :mod:`libkfac._lib`: the raw ctypes mirror of ``kfac.h`` (all functions and constants);
     :mod:`libkfac._handle`: the address-level calls both front-ends use.

@@ -57,7 +57,11 @@ class Handle:
                 "layer_record_inputs", "layer_record_output_grads", "layer_get_factors", "optimizer_step",
                 "layer_precondition", "adaptive_solve_step_size", "adaptive_get_update",
                 "candidates_get_directions", "candidates_solve_step_size", "curvature_multiply",
+                "cg_begin", "cg_get_vector", "cg_supply_product", "cg_finish",
                 "layer_record_examples", "layer_get_ekfac_scaling",
+                "distributed_pack_statistics", "distributed_unpack_statistics",
+                "distributed_pack_inverses", "distributed_unpack_inverses", "distributed_pack_model_sums",
+                "layer_get_cross_factors",
             )
         }
         self.lock = threading.RLock()
@@ -226,6 +230,14 @@ class Handle:
     def get_factors(self, layer: int, group: int, a_address: int, g_address: int) -> None:
         self.call(self._fn["layer_get_factors"], layer, group, self.cast(a_address), self.cast(g_address))
 
+    def link(self, lower: int, upper: int) -> None:
+        """Experimental: kfac_layer_link."""
+        self.call(_lib.kfac_layer_link, lower, upper)
+
+    def get_cross_factors(self, lower: int, a_address: int, g_address: int) -> None:
+        """Experimental: kfac_layer_get_cross_factors_*."""
+        self.call(self._fn["layer_get_cross_factors"], lower, self.cast(a_address), self.cast(g_address))
+
     # -----------------------------------------------------------------------------------------
     # Preconditioning
     # -----------------------------------------------------------------------------------------
@@ -241,6 +253,36 @@ class Handle:
         self.call(self._fn["curvature_multiply"], power, *pointers)
 
     # -----------------------------------------------------------------------------------------
+    # Experimental: conjugate gradient and Newton-CG (reverse communication)
+    # -----------------------------------------------------------------------------------------
+
+    def cg_begin(self, desc, grads: LayerPointers, diagonal: Optional[LayerPointers]) -> int:
+        """Begins a solve; returns the request (KFAC_CG_NEED_PRODUCT or KFAC_CG_DONE)."""
+        request = ctypes.c_int32()
+        dw, db = (diagonal.weights, diagonal.biases) if diagonal is not None else (None, None)
+        self.call(self._fn["cg_begin"], ctypes.byref(desc), grads.weights, grads.biases, dw, db, grads.count,
+                  ctypes.byref(request))
+        return int(request.value)
+
+    def cg_get_vector(self, pointers: LayerPointers) -> None:
+        self.call(self._fn["cg_get_vector"], *pointers)
+
+    def cg_supply_product(self, pointers: LayerPointers) -> int:
+        request = ctypes.c_int32()
+        self.call(self._fn["cg_supply_product"], *pointers, ctypes.byref(request))
+        return int(request.value)
+
+    def cg_finish(self, pointers: LayerPointers):
+        result = _lib.kfac_cg_result.new()
+        self.call(self._fn["cg_finish"], *pointers, ctypes.byref(result))
+        return result
+
+    def cg_report_loss_change(self, step_scale: float, before: float, after: float) -> float:
+        rho = ctypes.c_double()
+        self.call(_lib.kfac_cg_report_loss_change, float(step_scale), float(before), float(after), ctypes.byref(rho))
+        return float(rho.value)
+
+    # -----------------------------------------------------------------------------------------
     # Adaptive mode
     # -----------------------------------------------------------------------------------------
 
@@ -251,6 +293,53 @@ class Handle:
                   self.cast(previous_products), rows, dim, distribution,
                   ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
         return float(alpha.value), float(mu.value), float(predicted.value)
+
+    # -----------------------------------------------------------------------------------------
+    # Distributed runs (experimental)
+    # -----------------------------------------------------------------------------------------
+
+    def set_world(self, rank: int, size: int) -> None:
+        self.call(_lib.kfac_distributed_set_world, rank, size)
+
+    def get_world(self) -> Tuple[int, int]:
+        rank, size = ctypes.c_int32(), ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_world, ctypes.byref(rank), ctypes.byref(size))
+        return int(rank.value), int(size.value)
+
+    def exchange_count(self, what: int) -> int:
+        count = ctypes.c_int64()
+        self.call(_lib.kfac_distributed_get_count, what, ctypes.byref(count))
+        return int(count.value)
+
+    def exchange_due(self, what: int) -> bool:
+        due = ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_due, what, ctypes.byref(due))
+        return bool(due.value)
+
+    def inverse_owner(self, layer: int, group: int, side: int, block: int) -> int:
+        rank = ctypes.c_int32()
+        self.call(_lib.kfac_distributed_get_owner, layer, group, side, block, ctypes.byref(rank))
+        return int(rank.value)
+
+    def exchange(self, name: str, address: int, count: int) -> None:
+        """kfac_distributed_<name>_* (pack_statistics, unpack_statistics, pack_inverses,
+        unpack_inverses) on the buffer at ``address`` of ``count`` values."""
+        self.call(self._fn["distributed_" + name], self.cast(address), count)
+
+    def pack_model_sums(self, outputs: int, direction_products: Sequence[int], previous_products: int,
+                        rows: int, dim: int, distribution: int, sums: int, n_sums: int) -> None:
+        n = len(direction_products)
+        products = (self.ptr_type * max(n, 1))(*[self.cast(a) for a in direction_products])
+        self.call(self._fn["distributed_pack_model_sums"], self.cast(outputs), products, n,
+                  self.cast(previous_products), rows, dim, distribution,
+                  ctypes.cast(sums, ctypes.POINTER(ctypes.c_double)), n_sums)
+
+    def solve_model_sums(self, sums: int, n_sums: int) -> Tuple[int, float, float, float]:
+        chosen = ctypes.c_int32()
+        alpha, mu, predicted = ctypes.c_double(), ctypes.c_double(), ctypes.c_double()
+        self.call(_lib.kfac_distributed_solve_model_sums, ctypes.cast(sums, ctypes.POINTER(ctypes.c_double)), n_sums,
+                  ctypes.byref(chosen), ctypes.byref(alpha), ctypes.byref(mu), ctypes.byref(predicted))
+        return int(chosen.value), float(alpha.value), float(mu.value), float(predicted.value)
 
     def candidate_count(self) -> int:
         return int(self._get(_lib.kfac_candidates_get_count, ctypes.c_int32))

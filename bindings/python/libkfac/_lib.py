@@ -80,6 +80,7 @@ KFAC_ERROR_NO_STATISTICS = -20
 KFAC_ERROR_NO_INVERSES = -21
 KFAC_ERROR_LAYERS_FROZEN = -22
 KFAC_ERROR_NO_STEP = -23
+KFAC_ERROR_NO_SOLVE = -24
 KFAC_ERROR_NO_COLUMNS = -25
 KFAC_ERROR_NON_FINITE = -30
 KFAC_ERROR_NOT_POSITIVE_DEFINITE = -31
@@ -91,6 +92,7 @@ KFAC_ERROR_BUFFER_TOO_SMALL = -61
 KFAC_ERROR_CORRUPT_STATE = -62
 KFAC_ERROR_STATE_VERSION = -63
 KFAC_ERROR_STATE_MISMATCH = -64
+KFAC_ERROR_CALLBACK = -70
 KFAC_ERROR_INTERNAL = -99
 
 #: Status value -> constant name, e.g. ``STATUS_NAMES[-12] == "KFAC_ERROR_UNKNOWN_LAYER"``.
@@ -108,7 +110,8 @@ KFAC_FLOAT32 = 1
 KFAC_FLOAT64 = 2
 
 # ---------------------------------------------------------------------------------------------
-# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC), enum kfac_inverse_strategy,
+# enum kfac_param (banded by family: 1–99 core, 200–299 adaptive, 400–499 EKFAC, 500–599
+# distributed), enum kfac_inverse_strategy,
 # enum kfac_reduction, enum kfac_param_type, enum kfac_family, enum kfac_param_effect
 # ---------------------------------------------------------------------------------------------
 
@@ -133,6 +136,7 @@ KFAC_PARAM_DAMPING_MIN = 205
 KFAC_PARAM_FACTOR_DAMPING_RATIO = 206
 KFAC_PARAM_EKFAC_DECAY = 400
 KFAC_PARAM_EKFAC_MODE = 401
+KFAC_PARAM_DISTRIBUTED_REDUCE = 500
 
 KFAC_INVERSE_CHOLESKY = 0
 KFAC_INVERSE_EIGEN = 1
@@ -189,11 +193,42 @@ KFAC_ACTIVATION_LOGISTIC = 3
 KFAC_ACTIVATION_CUSTOM = 4
 
 # ---------------------------------------------------------------------------------------------
+# Experimental: conjugate gradient and Newton-CG (enum kfac_cg_preconditioner, kfac_cg_stop_rule,
+# kfac_cg_request, kfac_cg_reason)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_CG_PRECONDITIONER_NONE = 0
+KFAC_CG_PRECONDITIONER_KFAC = 1
+KFAC_CG_PRECONDITIONER_DIAGONAL = 2
+
+KFAC_CG_STOP_RESIDUAL = 0
+KFAC_CG_STOP_RELATIVE_PROGRESS = 1
+
+KFAC_CG_NEED_PRODUCT = 1
+KFAC_CG_DONE = 2
+
+KFAC_CG_REASON_RUNNING = 0
+KFAC_CG_REASON_RESIDUAL = 1
+KFAC_CG_REASON_RELATIVE_PROGRESS = 2
+KFAC_CG_REASON_MAX_ITERATIONS = 3
+KFAC_CG_REASON_NON_POSITIVE_CURVATURE = 4
+KFAC_CG_REASON_CALLER = 5
+
+# ---------------------------------------------------------------------------------------------
 # enum kfac_ekfac_mode (experimental: the header's "EKFAC" section)
 # ---------------------------------------------------------------------------------------------
 
 KFAC_EKFAC_PER_EXAMPLE = 0
 KFAC_EKFAC_PER_ROW = 1
+
+# ---------------------------------------------------------------------------------------------
+# enum kfac_distributed_reduce, enum kfac_distributed_exchange (experimental: distributed runs)
+# ---------------------------------------------------------------------------------------------
+
+KFAC_DISTRIBUTED_REDUCE_EAGER = 0
+KFAC_DISTRIBUTED_REDUCE_LAZY = 1
+KFAC_DISTRIBUTED_STATISTICS = 0
+KFAC_DISTRIBUTED_INVERSES = 1
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -304,6 +339,50 @@ class kfac_layer_info(_Growable):
 
 c_float_p = POINTER(c_float)
 c_double_p = POINTER(c_double)
+
+
+class kfac_cg_desc(_Growable):
+    """``struct kfac_cg_desc`` (experimental): the options of a conjugate-gradient solve."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("max_iterations", c_int32),
+        ("stop_rule", c_int32),
+        ("tolerance", c_double),
+        ("preconditioner", c_int32),
+        ("warm_start", c_int32),
+        ("warm_start_decay", c_double),
+        ("diagonal_exponent", c_double),
+        ("l2", c_double),
+    ]
+
+
+class kfac_cg_result(_Growable):
+    """``struct kfac_cg_result`` (experimental): the outcome of a conjugate-gradient solve."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("iterations", c_int32),
+        ("products", c_int32),
+        ("reason", c_int32),
+        ("reserved", c_int32),
+        ("grad_dot_step", c_double),
+        ("step_curvature", c_double),
+        ("damping_term", c_double),
+        ("model_value", c_double),
+        ("quadratic_value", c_double),
+        ("residual_norm", c_double),
+        ("gradient_norm", c_double),
+        ("damping", c_double),
+    ]
+
+
+#: ``kfac_cg_product_fn_f32`` / ``_f64`` (experimental; for C users: the Python front-ends use
+#: the reverse-communication calls, since an exception cannot cross a ctypes callback).
+kfac_cg_product_fn_f32 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_float_p), POINTER(c_float_p),
+                                          POINTER(c_float_p), POINTER(c_float_p), c_int32)
+kfac_cg_product_fn_f64 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_double_p), POINTER(c_double_p),
+                                          POINTER(c_double_p), POINTER(c_double_p), c_int32)
 
 # ---------------------------------------------------------------------------------------------
 # Locating and loading the shared library
@@ -529,11 +608,53 @@ _PROTOTYPES = [
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_gn_chain_multiply_f64", c_int,
      [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    # Experimental: conjugate gradient and Newton-CG
+    ("kfac_cg_begin_f32", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_float_p), POINTER(c_float_p),
+                                  POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_begin_f64", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_double_p), POINTER(c_double_p),
+                                  POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_get_vector_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32]),
+    ("kfac_cg_get_vector_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32]),
+    ("kfac_cg_supply_product_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_supply_product_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(c_int32)]),
+    ("kfac_cg_finish_f32", c_int, [_P, POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_finish_f64", c_int, [_P, POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_report_loss_change", c_int, [_P, c_double, c_double, c_double, c_double_p]),
+    ("kfac_cg_solve_f32", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_float_p), POINTER(c_float_p),
+                                  POINTER(c_float_p), POINTER(c_float_p), kfac_cg_product_fn_f32, c_void_p,
+                                  POINTER(c_float_p), POINTER(c_float_p), c_int32, POINTER(kfac_cg_result)]),
+    ("kfac_cg_solve_f64", c_int, [_P, POINTER(kfac_cg_desc), POINTER(c_double_p), POINTER(c_double_p),
+                                  POINTER(c_double_p), POINTER(c_double_p), kfac_cg_product_fn_f64, c_void_p,
+                                  POINTER(c_double_p), POINTER(c_double_p), c_int32, POINTER(kfac_cg_result)]),
     # Experimental: EKFAC
     ("kfac_layer_record_examples_f32", c_int, [_P, c_int32, c_float_p, c_float_p, c_int64, c_int64]),
     ("kfac_layer_record_examples_f64", c_int, [_P, c_int32, c_double_p, c_double_p, c_int64, c_int64]),
     ("kfac_layer_get_ekfac_scaling_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
     ("kfac_layer_get_ekfac_scaling_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
+    # Experimental (KFAC_EXPERIMENTAL_API): distributed runs
+    ("kfac_distributed_set_world", c_int, [_P, c_int32, c_int32]),
+    ("kfac_distributed_get_world", c_int, [_P, POINTER(c_int32), POINTER(c_int32)]),
+    ("kfac_distributed_get_count", c_int, [_P, c_int32, POINTER(c_int64)]),
+    ("kfac_distributed_get_due", c_int, [_P, c_int32, POINTER(c_int32)]),
+    ("kfac_distributed_get_owner", c_int, [_P, c_int32, c_int32, c_int32, c_int32, POINTER(c_int32)]),
+    ("kfac_distributed_pack_statistics_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_statistics_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_statistics_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_statistics_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_pack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_pack_model_sums_f32", c_int,
+     [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
+    ("kfac_distributed_pack_model_sums_f64", c_int,
+     [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
+    ("kfac_distributed_solve_model_sums", c_int,
+     [_P, c_double_p, c_int64, POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    # Experimental: block-tridiagonal links
+    ("kfac_layer_link", c_int, [_P, c_int32, c_int32]),
+    ("kfac_layer_get_cross_factors_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),
+    ("kfac_layer_get_cross_factors_f64", c_int, [_P, c_int32, c_double_p, c_double_p]),
 ]
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
@@ -541,7 +662,8 @@ EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
                                     if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
                                                         "kfac_layer_record_output_grad_columns_",
                                                         "kfac_layer_record_examples_",
-                                                        "kfac_layer_get_ekfac_scaling_")))
+                                                        "kfac_layer_get_ekfac_scaling_", "kfac_cg_", "kfac_distributed_",
+                                                        "kfac_layer_link", "kfac_layer_get_cross_factors_")))
 
 #: Names of all bound functions, in header order.
 FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES)

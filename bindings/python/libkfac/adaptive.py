@@ -163,6 +163,37 @@ class AdaptiveMethods:
             z.ctypes.data, [jd.ctypes.data for jd in products], 0 if jp is None else jp.ctypes.data,
             rows, dim, code)
 
+    def pack_model_sums(self, outputs, direction_products, previous_products=None,
+                        distribution="categorical") -> np.ndarray:
+        """EXPERIMENTAL (``kfac_distributed_pack_model_sums_*``). The quadratic model's
+        output-space sums over this rank's rows, as a float64 array for a SUM-allreduce across the
+        ranks of a distributed run; then :meth:`solve_model_sums`. ``direction_products``: one
+        ``J·D_k`` per candidate (one array for candidate 0 alone); ``outputs`` may have 0 rows."""
+        code = _convert.distribution_code(distribution)
+        z = self._output_rows(outputs, None, "outputs")
+        rows, dim = z.shape
+        if isinstance(direction_products, np.ndarray) and direction_products.ndim < 3:
+            direction_products = [direction_products]
+        products = [self._output_rows(p, dim, f"direction_products[{k}]") for k, p in enumerate(direction_products)]
+        for k, jd in enumerate(products):
+            if jd.shape != z.shape:
+                raise ValueError(f"libkfac: direction_products[{k}] have {jd.shape[0]} rows, the outputs {rows}")
+        jp = None if previous_products is None else self._output_rows(previous_products, dim, "previous_products")
+        if jp is not None and jp.shape != z.shape:
+            raise ValueError(f"libkfac: previous_products have {jp.shape[0]} rows, the outputs {rows}")
+        sums = np.zeros(3 * len(products) + 2, dtype=np.float64)
+        self._handle.pack_model_sums(z.ctypes.data if rows else 0, [jd.ctypes.data if rows else 0 for jd in products],
+                                     0 if jp is None or not rows else jp.ctypes.data, rows, dim, code,
+                                     sums.ctypes.data, sums.size)
+        return sums
+
+    def solve_model_sums(self, sums) -> Tuple[int, float, float, float]:
+        """EXPERIMENTAL (``kfac_distributed_solve_model_sums``). Solves from SUM-allreduced
+        :meth:`pack_model_sums` arrays: ``(chosen, alpha, mu, predicted_change)`` of the union
+        batch, as :meth:`solve_step_size_candidates` returns them."""
+        sums = np.ascontiguousarray(sums, dtype=np.float64)
+        return self._handle.solve_model_sums(sums.ctypes.data, sums.size)
+
     def get_update(
         self,
         weight_updates: Sequence[np.ndarray],

@@ -642,6 +642,41 @@ class Optimizer(AdaptiveMethods):
         return a, g
 
     # -----------------------------------------------------------------------------------------
+    # Block-tridiagonal links (experimental)
+    # -----------------------------------------------------------------------------------------
+
+    def link_layers(self, lower: int, upper: int) -> None:
+        """EXPERIMENTAL (``kfac_layer_link``; may change in any minor release). Links dense
+        layer ``lower`` with ``upper = lower + 1`` (which consumes its activation) for
+        block-tridiagonal K-FAC (Martens & Grosse 2015, §4.3): the step and
+        :meth:`curvature_multiply` then use the chain's F̂⁻¹ = Ξᵀ Λ Ξ for linked layers, with
+        factored (π) damping of their diagonal factors whatever the inverse strategy. Link
+        before recording statistics; record the same examples, in the same order, for both
+        layers of a link. :meth:`precondition` on a linked layer raises ``KFAC_ERROR_UNSUPPORTED``."""
+        for name, value in (("lower", lower), ("upper", upper)):
+            if _convert.is_bool(value):
+                raise TypeError(f"libkfac: {name} must be an integer, not bool")
+        lower = _convert.int32(lower, "lower", _lib.KFAC_ERROR_UNKNOWN_LAYER)
+        upper = _convert.int32(upper, "upper", _lib.KFAC_ERROR_UNKNOWN_LAYER)
+        self._handle.link(lower, upper)
+
+    def cross_factors(self, lower: int) -> Tuple[np.ndarray, np.ndarray]:
+        """EXPERIMENTAL (``kfac_layer_get_cross_factors_*``). Copies of the running cross
+        factors of the link from ``lower`` to ``lower + 1``: ``A_{l,l+1} = E[ā_l ā_{l+1}ᵀ]`` of
+        shape ``[a_dim(lower)][a_dim(lower + 1)]`` and ``G_{l,l+1} = E[g_l g_{l+1}ᵀ]`` of shape
+        ``[out(lower)][out(lower + 1)]``."""
+        lower = self._checked_layer_id(lower)
+        if lower < 0 or lower + 1 >= self.num_layers:
+            # Let the library report the unknown layer or the missing link.
+            self._handle.get_cross_factors(lower, 0, 0)
+            raise AssertionError("unreachable")  # pragma: no cover
+        lo, up = self.layer_info(lower), self.layer_info(lower + 1)
+        a = np.empty((lo.a_dim, up.a_dim), dtype=self.dtype)
+        g = np.empty((lo.g_dim, up.g_dim), dtype=self.dtype)
+        self._handle.get_cross_factors(lower, a.ctypes.data, g.ctypes.data)
+        return a, g
+
+    # -----------------------------------------------------------------------------------------
     # Preconditioning
     # -----------------------------------------------------------------------------------------
 
@@ -705,6 +740,102 @@ class Optimizer(AdaptiveMethods):
             self._handle.curvature_multiply(power, self._layer_buffers(weights, biases, "weights", "biases"))
 
     # -----------------------------------------------------------------------------------------
+    # Distributed runs (experimental: kfac_distributed_*)
+    # -----------------------------------------------------------------------------------------
+
+    _EXCHANGES = {"statistics": _lib.KFAC_DISTRIBUTED_STATISTICS, "inverses": _lib.KFAC_DISTRIBUTED_INVERSES}
+
+    def _exchange_code(self, what) -> int:
+        if isinstance(what, str):
+            if what not in self._EXCHANGES:
+                raise ValueError(f"libkfac: what must be 'statistics' or 'inverses', not {what!r}")
+            return self._EXCHANGES[what]
+        return _convert.int32(what, "what", _lib.KFAC_ERROR_INVALID_ARGUMENT)
+
+    def set_world(self, rank: int, size: int) -> None:
+        """EXPERIMENTAL (``kfac_distributed_set_world``). Makes this handle rank ``rank`` of
+        ``size`` processes of a data-parallel run (not saved in states: set it after a load)."""
+        self._handle.set_world(_convert.int32(rank, "rank", _lib.KFAC_ERROR_INVALID_ARGUMENT),
+                               _convert.int32(size, "size", _lib.KFAC_ERROR_INVALID_ARGUMENT))
+
+    @property
+    def world(self) -> Tuple[int, int]:
+        """EXPERIMENTAL. ``(rank, size)`` (``kfac_distributed_get_world``)."""
+        return self._handle.get_world()
+
+    def exchange_size(self, what) -> int:
+        """EXPERIMENTAL. Values of a pack of ``what`` (``"statistics"`` or ``"inverses"``)."""
+        return self._handle.exchange_count(self._exchange_code(what))
+
+    def exchange_due(self, what) -> bool:
+        """EXPERIMENTAL. Whether the next :meth:`step` needs the exchange ``what`` (the same
+        answer on every rank)."""
+        return self._handle.exchange_due(self._exchange_code(what))
+
+    def inverse_owner(self, layer: int, group: int = 0, side: int = 0, block: int = 0) -> int:
+        """EXPERIMENTAL. The rank that inverts block ``block`` of the input (side 0) or output
+        (side 1) factor of group ``group`` of ``layer``."""
+        return self._handle.inverse_owner(layer, group, side, block)
+
+    def _pack(self, name: str, what: str) -> np.ndarray:
+        with self._handle.lock:
+            out = np.zeros(self.exchange_size(what), dtype=self.dtype)
+            self._handle.exchange(name, out.ctypes.data, out.size)
+            return out
+
+    def _unpack(self, name: str, what: str, buffer: np.ndarray) -> None:
+        buffer = np.ascontiguousarray(buffer)
+        if buffer.dtype != self.dtype or buffer.ndim != 1:
+            raise TypeError(f"libkfac: the {what} buffer must be a 1-D {self.dtype} array")
+        self._handle.exchange(name, buffer.ctypes.data, buffer.size)
+
+    def pack_statistics(self) -> np.ndarray:
+        """EXPERIMENTAL. This rank's statistics for a SUM-allreduce (see include/kfac.h,
+        "Distributed"). Changes nothing."""
+        return self._pack("pack_statistics", "statistics")
+
+    def unpack_statistics(self, buffer: np.ndarray) -> None:
+        """EXPERIMENTAL. Takes the SUM-allreduced statistics pack."""
+        self._unpack("unpack_statistics", "statistics", buffer)
+
+    def pack_inverses(self) -> np.ndarray:
+        """EXPERIMENTAL. The inverses the next step needs, for the blocks this rank owns (zeros
+        elsewhere; NaN everywhere if an inversion failed, after which the error is raised)."""
+        with self._handle.lock:
+            out = np.zeros(self.exchange_size("inverses"), dtype=self.dtype)
+            try:
+                self._handle.exchange("pack_inverses", out.ctypes.data, out.size)
+            except KFACError:
+                out[:] = np.nan
+                raise
+            return out
+
+    def unpack_inverses(self, buffer: np.ndarray) -> None:
+        """EXPERIMENTAL. Takes the SUM-allreduced inverse pack: the next step uses it."""
+        self._unpack("unpack_inverses", "inverses", buffer)
+
+    def synchronize(self, allreduce_sum) -> None:
+        """EXPERIMENTAL. The exchanges the next :meth:`step` needs, each through
+        ``allreduce_sum(array)``, which must return the element-wise sum over all ranks (or
+        ``None`` after summing in place) (every rank calls it for the same exchanges, in the same order). An inverse pack
+        that fails still takes part in the allreduce (as NaN), so that every rank raises alike."""
+        if self.exchange_due("statistics"):
+            buffer = self.pack_statistics()
+            reduced = allreduce_sum(buffer)
+            self.unpack_statistics(buffer if reduced is None else reduced)
+        if self.exchange_due("inverses"):
+            error = None
+            try:
+                buffer = self.pack_inverses()
+            except KFACError as e:
+                error = e
+                buffer = np.full(self.exchange_size("inverses"), np.nan, dtype=self.dtype)
+            reduced = allreduce_sum(buffer)
+            if error is not None:
+                raise error
+            self.unpack_inverses(buffer if reduced is None else reduced)
+
+    # -----------------------------------------------------------------------------------------
     # State
     # -----------------------------------------------------------------------------------------
 
@@ -766,6 +897,10 @@ _MEANINGS = {
     "factor_damping_ratio": (
         "r: the re-choice of γ keeps γ within [λ/r, λ·r] (a γ step clamps γ into it and drops "
         "candidates outside it; 1e300 = no band)."
+    ),
+    "distributed_reduce": (
+        "'eager' (union-batch statistics at every factor update) or 'lazy' (moving averages "
+        "averaged only before an inverse update; exact for equal local batches)."
     ),
 }
 

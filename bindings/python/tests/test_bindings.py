@@ -103,6 +103,11 @@ _C_TYPES = {
     "double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
     "const float*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
     "const double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
+    # conjugate gradient (experimental)
+    "const kfac_cg_desc*": ctypes.POINTER(_lib.kfac_cg_desc),
+    "kfac_cg_result*": ctypes.POINTER(_lib.kfac_cg_result),
+    "kfac_cg_product_fn_f32": _lib.kfac_cg_product_fn_f32,
+    "kfac_cg_product_fn_f64": _lib.kfac_cg_product_fn_f64,
 }
 
 
@@ -202,7 +207,7 @@ def _header_struct_fields(name):
 _STRUCT_CTYPES = {"size_t": ctypes.c_size_t, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
                   "double": ctypes.c_double, "const char*": ctypes.c_char_p}
 _STRUCTS = [("kfac_param_info", 64), ("kfac_dense_desc", 48), ("kfac_conv2d_desc", 144),
-            ("kfac_layer_info", 64)]
+            ("kfac_layer_info", 64), ("kfac_cg_desc", 56), ("kfac_cg_result", 88)]
 
 
 @needs_header
@@ -230,7 +235,7 @@ def test_struct_layouts_match_the_c_compiler(tmp_path):
             expected.append(getattr(struct, field).offset)
     source = tmp_path / "layout.c"
     source.write_text(
-        "#include <stddef.h>\n#include <stdio.h>\n#include <kfac.h>\nint main(void) {\n"
+        "#define KFAC_EXPERIMENTAL_API\n#include <stddef.h>\n#include <stdio.h>\n#include <kfac.h>\nint main(void) {\n"
         + "\n".join(lines) + "\nreturn 0;\n}\n"
     )
     binary = tmp_path / "layout"

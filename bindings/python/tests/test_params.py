@@ -85,7 +85,7 @@ def test_the_table_read_from_the_library_is_the_header_s():
 def test_families_follow_the_bands_and_effects_are_known():
     for p in _params.PARAMETERS.values():
         assert p.family == ("core" if 1 <= p.id <= 99 else "adaptive" if 200 <= p.id <= 299
-                            else "ekfac" if 400 <= p.id <= 499 else "?"), p
+                            else "ekfac" if 400 <= p.id <= 499 else "distributed" if 500 <= p.id <= 599 else "?"), p
         assert p.effect in ("immediate", "next_step", "next_inversion", "next_record"), p
     assert _params.PARAMETERS["output_grad_scale"].effect == "next_record"
     assert _params.BY_ID[_lib.KFAC_PARAM_DAMPING] is _params.PARAMETERS["damping"]

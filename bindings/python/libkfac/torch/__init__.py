@@ -66,6 +66,11 @@ pass and ``loss.backward()``); :meth:`KFACPreconditioner.adaptive_step` replaces
 Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt damping, and with
 ``factor_damping_period`` the periodic re-choice of the factor damping γ).
 
+Newton-CG. :class:`NewtonCG` (``_newton_cg``) trains any ``nn.Module`` by subsampled Newton-CG with
+Levenberg–Marquardt damping on the library's conjugate gradient (experimental ``kfac_cg_*``),
+G·v by ``torch.func`` (or a ``curvature_product=`` callable), with no, diagonal or this
+preconditioner's K-FAC preconditioning.
+
 Modules: ``_registration`` (which modules, their options, padding and input sizes),
 ``_hooks`` (the statistics hooks), ``_sampled_fisher``, ``_adaptive`` (``adaptive_step``),
 ``_state`` (``state_dict``); :class:`KFACPreconditioner` combines them. Experimental:
@@ -87,6 +92,7 @@ from ..optimizer import Optimizer
 from ._adaptive import AdaptiveMixin, AdaptiveStepResult
 from ._columns import ColumnRecorder  # experimental: stored-column Gauss-Newton products
 from ._hooks import HooksMixin
+from ._newton_cg import NewtonCG, NewtonCGStepResult
 from ._registration import (
     SUPPORTED_MODULES,
     TORCH_TO_NUMPY,
@@ -98,7 +104,8 @@ from ._registration import (
 from ._sampled_fisher import SampledFisherMixin
 from ._state import StateMixin
 
-__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "SUPPORTED_MODULES"]
+__all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "NewtonCG", "NewtonCGStepResult",
+           "SUPPORTED_MODULES"]
 
 
 class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, AdaptiveMixin, StateMixin):
@@ -162,6 +169,19 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             (every token or position its own example: one gemm per step, cross terms dropped).
             For plain ``[N, in]`` batches the two are identical.
 
+    Distributed runs (experimental; library family ``distributed``):
+        process_group: a ``torch.distributed`` process group (``True``: the default group) whose
+            ranks train one model data-parallel. Each rank records the statistics of its own
+            local batch; :meth:`step` then SUM-allreduces the packed statistics and inverses
+            (``all_reduce``; gloo on CPU shares the buffers, NCCL copies them to the device and
+            back), each rank inverting only the blocks it owns, so that every rank gets the same
+            directions as one process on the union batch. The gradients must already be those
+            of the union batch's mean loss (DDP's average is, for equal local batches); the
+            library never reduces gradients.
+        distributed_reduce: ``'eager'`` (the default: union statistics at every factor update,
+            exact for any local batch sizes) or ``'lazy'`` (moving averages averaged only before
+            an inverse update: less traffic, exact only for equal local batches).
+
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
             preconditioned layers must then share one dtype). A different dtype works through
@@ -178,6 +198,14 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             uncorrelated activations) for the convolutions (unnamed convolutions use ``'kfc'``).
         input_group_size, output_group_size: channel grouping (channels, or features of a
             Linear, per block of the input-/output-side factor; 0 = none; unnamed layers: 0).
+
+    Block-tridiagonal K-FAC (EXPERIMENTAL, ``kfac_layer_link``; Martens & Grosse 2015, §4.3):
+        tridiagonal: link every pair of consecutive preconditioned ``nn.Linear`` layers (module
+            order) whose sizes chain (``upper.in_features == lower.out_features``, no channel
+            grouping), as in an ``nn.Sequential`` of Linear layers and activations: the step then
+            uses the chains' block-tridiagonal inverse with factored (π) damping of the diagonal
+            factors. Meant for plain chains; do not use it when a Linear does not consume the
+            previous Linear's output. Not combinable with ``factor_damping_period > 0``.
     """
 
     def __init__(
@@ -208,6 +236,9 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         # EKFAC
         ekfac_decay: Optional[float] = None,
         ekfac_mode: Union[None, str, int] = None,
+        # distributed (experimental)
+        process_group=None,
+        distributed_reduce: Union[None, str, int] = None,
         # layers
         dtype=None,
         skip_layers: Iterable = (),
@@ -216,6 +247,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         conv_approximation: Union[str, Dict] = "kfc",
         input_group_size: Union[int, Dict] = 0,
         output_group_size: Union[int, Dict] = 0,
+        # block-tridiagonal
+        tridiagonal: bool = False,
     ):
         library_params = dict(
             damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
@@ -226,8 +259,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
             damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
             ekfac_decay=ekfac_decay, ekfac_mode=ekfac_mode,
+            distributed_reduce=distributed_reduce,
         )
         self.model = model
+        self._tridiagonal = bool(tridiagonal)
         self._layers = discover_layers(model, skip_layers)
         configure_layers(self._layers, conv_approximation, input_group_size, output_group_size, input_shapes)
         self._dtype = layer_dtype(self._layers, dtype)
@@ -239,6 +274,13 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         )
         if lr is not None:
             self.lr = lr
+        # Distributed runs: the process group whose ranks share the statistics and inverses.
+        self._process_group = None
+        if process_group is not None:
+            import torch.distributed as dist
+
+            self._process_group = None if process_group is True else process_group
+            self.optimizer.set_world(dist.get_rank(self._process_group), dist.get_world_size(self._process_group))
         # Statistics hooks: paused during the adaptive step's own forward passes; once
         # sampled_fisher_backward was used, ordinary backward passes record nothing.
         self._paused = False
@@ -295,6 +337,8 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
                 self._grad_buffer(module.bias, keep, write_back) if module.bias is not None else 0
             )
         try:
+            if self.optimizer.world[1] > 1:
+                self.optimizer.synchronize(self._allreduce_sum)
             self.optimizer.handle.step(self.optimizer.handle.pointer_arrays(weight_addresses, bias_addresses))
         finally:
             for layer in self._layers:
@@ -304,6 +348,21 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         for grad, buffer in write_back:
             grad.copy_(buffer)
         self._directions_ready = True
+
+    def _allreduce_sum(self, array):
+        """SUM-allreduces a packed buffer over the process group, in place: the tensor shares the
+        array's memory (gloo). NCCL needs device tensors: the buffer goes through a host→device
+        copy and back (2 copies of the pack per exchange)."""
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(array)
+        if dist.get_backend(self._process_group) == "nccl":
+            device_tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(device_tensor, op=dist.ReduceOp.SUM, group=self._process_group)
+            tensor.copy_(device_tensor.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._process_group)
+        return array
 
     def _grad_buffer(self, parameter: torch.Tensor, keep: list, write_back: list) -> int:
         """The address of a buffer holding ``parameter.grad`` that the library may overwrite:

@@ -186,6 +186,21 @@ def discover_layers(model: nn.Module, skip_layers) -> List[_Layer]:
     return layers
 
 
+def tridiagonal_links(layers: List[_Layer]) -> List[Tuple[_Layer, _Layer]]:
+    """The pairs ``tridiagonal=True`` links: consecutive preconditioned layers (module order)
+    that are both ungrouped ``nn.Linear`` with ``upper.in_features == lower.out_features`` —
+    the consecutive Linear layers of an ``nn.Sequential``-style chain (activations between them
+    are fine; the caller asserts that the upper layer consumes the lower one's output)."""
+    links = []
+    for lower, upper in zip(layers, layers[1:]):
+        if (lower.kind == "linear" and upper.kind == "linear"
+                and upper.module.in_features == lower.module.out_features
+                and not (lower.input_group_size or lower.output_group_size
+                         or upper.input_group_size or upper.output_group_size)):
+            links.append((lower, upper))
+    return links
+
+
 def configure_layers(layers: List[_Layer], conv_approximation, input_group_size, output_group_size,
                      input_shapes) -> None:
     """Applies the per-layer options (one value for all layers, or a dict by name or module)."""
@@ -303,6 +318,9 @@ class RegistrationMixin:
                 )
                 layer.input_values, layer.grad_values = conv_values(layer)
             assert index == layer.index
+        if getattr(self, "_tridiagonal", False):
+            for lower, upper in tridiagonal_links(self._layers):
+                opt.link_layers(lower.index, upper.index)
 
     def _ensure_registered(self) -> None:
         if not self._registered:

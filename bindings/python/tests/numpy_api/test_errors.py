@@ -59,6 +59,7 @@ def test_parameter_defaults():
             "factor_damping_ratio": 10.0,
             "ekfac_decay": 0.95,
             "ekfac_mode": "per_example",
+            "distributed_reduce": "eager",
         }
 
 

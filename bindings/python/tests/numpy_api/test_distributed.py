@@ -1,0 +1,115 @@
+"""The experimental distributed calls of libkfac.Optimizer in an in-process fake world: P
+handles, a SUM over their packed buffers as the allreduce, uneven slices of a union batch;
+directions bit-identical across ranks and equal to one handle's on the union batch."""
+
+import numpy as np
+import pytest
+
+import libkfac as kfac
+
+ROWS = 11
+
+
+def _optimizer(rank, size, strategy):
+    opt = kfac.Optimizer(np.float64, inverse_strategy=strategy, inverse_update_period=2, kl_clip=1e-2)
+    opt.add_dense(6, 4, bias=True)
+    opt.add_dense(4, 3, bias=False)
+    opt.set_world(rank, size)
+    return opt
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+def test_fake_world_matches_the_union_batch(size, strategy):
+    rng = np.random.default_rng(3)
+    ref = _optimizer(0, 1, strategy)
+    ranks = [_optimizer(r, size, strategy) for r in range(size)]
+    assert ranks[-1].world == (size - 1, size)
+    total = size * (size + 1) // 2
+    bounds = [ROWS * (r * (r + 1) // 2) // total for r in range(size + 1)]
+
+    class World:
+        def __init__(self):
+            self.buffers = []
+
+    for _ in range(5):
+        x0, g0 = rng.standard_normal((ROWS, 6)), rng.standard_normal((ROWS, 4))
+        x1, g1 = rng.standard_normal((ROWS, 4)), rng.standard_normal((ROWS, 3))
+        grads = [rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((3, 4))]
+        for opt, (lo, hi) in [(ref, (0, ROWS))] + list(zip(ranks, zip(bounds[:-1], bounds[1:]))):
+            if hi > lo:
+                opt.record_inputs(0, x0[lo:hi]); opt.record_output_grads(0, g0[lo:hi])
+                opt.record_inputs(1, x1[lo:hi]); opt.record_output_grads(1, g1[lo:hi])
+        # The fake allreduce: every rank packs, then every rank receives the sum.
+        for what in ("statistics", "inverses"):
+            if not ranks[0].exchange_due(what):
+                continue
+            packs = [getattr(o, "pack_" + what)() for o in ranks]
+            total_pack = np.sum(packs, axis=0)
+            for o in ranks:
+                getattr(o, "unpack_" + what)(total_pack.copy())
+        expected = [g.copy() for g in grads]
+        ref.step([expected[0], expected[2]], [expected[1], None])
+        directions = []
+        for o in ranks:
+            d = [g.copy() for g in grads]
+            o.step([d[0], d[2]], [d[1], None])
+            directions.append(np.concatenate([a.ravel() for a in d]))
+        for d in directions[1:]:
+            assert np.array_equal(d, directions[0])
+        want = np.concatenate([a.ravel() for a in expected])
+        assert np.max(np.abs(directions[0] - want)) <= 1e-12 * np.max(np.abs(want))
+
+
+def test_synchronize_and_errors():
+    opt = _optimizer(0, 1, "eigen")
+    opt.record_inputs(0, np.ones((2, 6))); opt.record_output_grads(0, np.ones((2, 4)))
+    opt.record_inputs(1, np.ones((2, 4))); opt.record_output_grads(1, np.ones((2, 3)))
+    calls = []
+    opt.synchronize(lambda a: calls.append(a.size))
+    assert len(calls) == 2 and calls[0] == opt.exchange_size("statistics")
+    with pytest.raises(kfac.KFACError) as info:
+        opt.set_world(2, 2)
+    assert info.value.status == kfac.KFAC_ERROR_INVALID_ARGUMENT
+    with pytest.raises(ValueError):
+        opt.exchange_size("gradients")
+    assert opt.distributed_reduce == "eager"
+    opt.distributed_reduce = "lazy"
+    assert opt.get_param("distributed_reduce") == "lazy"
+
+
+def test_model_sums_match_the_union_solve():
+    """Two ranks' model sums (uneven rows, one rank empty at the second step) solve to the union
+    batch's α and μ on both ranks."""
+    rng = np.random.default_rng(8)
+    ref = _optimizer(0, 1, "eigen")
+    ranks = [_optimizer(r, 2, "eigen") for r in range(2)]
+    for opt in [ref] + ranks:
+        opt.kl_clip = 0.0
+    rows = 7
+    for cut in (3, 0, 5):
+        x0, g0 = rng.standard_normal((rows, 6)), rng.standard_normal((rows, 4))
+        x1, g1 = rng.standard_normal((rows, 4)), rng.standard_normal((rows, 3))
+        grads = [rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((3, 4))]
+        z, jd, jp = (rng.standard_normal((rows, 3)) for _ in range(3))
+        for opt, (lo, hi) in [(ref, (0, rows)), (ranks[0], (0, cut)), (ranks[1], (cut, rows))]:
+            if hi > lo:
+                opt.record_inputs(0, x0[lo:hi]); opt.record_output_grads(0, g0[lo:hi])
+                opt.record_inputs(1, x1[lo:hi]); opt.record_output_grads(1, g1[lo:hi])
+        for what in ("statistics", "inverses"):
+            if ranks[0].exchange_due(what):
+                total = sum(getattr(o, "pack_" + what)() for o in ranks)
+                for o in ranks:
+                    getattr(o, "unpack_" + what)(total.copy())
+        for opt in [ref] + ranks:
+            d = [g.copy() for g in grads]
+            opt.step([d[0], d[2]], [d[1], None])
+        first = ref.step_count == 1
+        want = ref.solve_step_size(z, jd, None if first else jp)
+        sums = [o.pack_model_sums(z[lo:hi], jd[lo:hi], None if first else jp[lo:hi])
+                for o, (lo, hi) in zip(ranks, [(0, cut), (cut, rows)])]
+        total = sums[0] + sums[1]
+        got = [o.solve_model_sums(total) for o in ranks]
+        assert got[0] == got[1]
+        assert got[0][1] == pytest.approx(want[0], rel=1e-12)
+        assert got[0][2] == pytest.approx(want[1], rel=1e-12, abs=1e-300)
