@@ -307,6 +307,8 @@ static void test_distributed() {
     std::vector<double> short_buffer(3);
     expect_error([&] { r0.distributed_pack_statistics(short_buffer); }, KFAC_ERROR_INVALID_SIZE,
                  "kfac_distributed_pack_statistics_f64");
+}
+
 static void test_tridiagonal() {
     // Two scalar layers without bias, linked: A_{0,1} = mean(x0·x1), G_{0,1} = mean(g0·g1).
     kfac::optimizer opt(KFAC_FLOAT64);
