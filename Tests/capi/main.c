@@ -145,6 +145,7 @@ int main(void) {
     test_curvature_multiply();
     test_distributed();
     test_gauss_newton();
+    test_kfra();
     test_cg();
     test_ekfac_numerics();
     test_ekfac_errors(KFAC_FLOAT32);
