@@ -1154,8 +1154,9 @@ typedef enum kfac_kfra_variant {
  *  dense [C·H·W]² pre-activation matrix of every convolution (BackPACK's conv KFRA does this,
  *  and sums the spatial blocks afterwards); convolutions get KFLR through columns. CUSTOM
  *  activations work with GGN (φ′ given) but not HESSIAN (φ″ unknown: UNSUPPORTED).
- *  Cost: two o·o·i gemms and one N·i² gemm per layer (independent of N but for the last), plus
- *  N·K·output_dim² for Ḡ_{n−1}; it allocates O(output_dim·N·K + widest²) scratch per call.
+ *  Cost: per layer two o·o·i gemms (independent of N) and one N·i² gemm, plus N·K·output_dim²
+ *  for Ḡ_{n−1}; it allocates O(output_dim·N·K + widest²) scratch per call. Wide layers make it
+ *  dearer than KFLR at small N (make bench: 784-1024-1024-10, N = 256).
  *  Pending statistics, KFRA's included, are part of state images. All chain layers or none: on
  *  error nothing is recorded. Errors: NULL_POINTER (output_grads for HESSIAN), INVALID_ARGUMENT
  *  (variant, record_inputs not 0/1), UNSUPPORTED (a convolution; HESSIAN with CUSTOM),

@@ -30,6 +30,13 @@ final class KFRATests: XCTestCase {
         }
     }
 
+    /// At N = 1 the Hessian variant's A ⊗ Ḡ_l is the exact Hessian block of the loss in layer l's
+    /// parameters (the D̄ term included), against central differences of the cross-entropy.
+    func testHessianVariantAtOneExampleIsExactHessianBlock() throws {
+        try Float.checkKFRAHessianBlock()
+        try Double.checkKFRAHessianBlock()
+    }
+
     func testResumeWithPendingKFRAIsBitIdentical() throws {
         try Float.checkKFRAResume()
         try Double.checkKFRAResume()
@@ -231,6 +238,57 @@ extension KFACScalar {
         try kflr.updateFactors()
         let first = net.explicitKFRA(xs)[0].flatMap { $0 }.map { Self($0) }
         XCTAssertGreaterThan(maxDifference(try kflr.factors(layer: 0).g, first), 1e-3, "KFRA ≠ KFLR at N = 50 (\(d))")
+    }
+
+    static func checkKFRAHessianBlock() throws {
+        let net = TinyNet.chainNet(.categorical, activations: [.tanh, .logistic, .identity], bias: true)
+        let xs = net.inputs(1, seed: 41), y = 1
+        func loss(_ p: [[Double]]) -> Double {
+            let z = net.output(xs[0], parameters: p), m = z.max()!
+            return m + Foundation_log(z.reduce(0.0) { $0 + Foundation_exp($1 - m) }) - z[y]
+        }
+        let z = net.output(xs[0], parameters: net.parameters), m = z.max()!
+        let e = z.map { Foundation_exp($0 - m) }, total = e.reduce(0, +)
+        let grads = e.enumerated().map { i, v in Self(v / total - (i == y ? 1 : 0)) }
+        let opt = try register(net, channelsLast: false), ggn = try register(net, channelsLast: false)
+        try chainForward(opt, net, xs)
+        try grads.withUnsafeBufferPointer { g in
+            try opt.denseChainRecordKFRA(variant: .hessian, recordInputs: true, outputGradients: g.baseAddress)
+        }
+        try opt.updateFactors()
+        try chainForward(ggn, net, xs)
+        try ggn.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: true, outputGradients: nil)
+        try ggn.updateFactors()
+        let h = 1e-4
+        for l in net.layers.indices {
+            guard case .dense(let i, let o) = net.layers[l].kind else { continue }
+            let ia = i + 1, p = net.layers[l].parameterCount
+            func rc(_ q: Int) -> (Int, Int) { q < o * i ? (q / i, q % i) : (q - o * i, i) }
+            func errors(_ factors: (a: [Self], g: [Self])) -> Double {
+                var worst = 0.0, largest = 0.0
+                for x in 0..<p {
+                    for y in x..<p {
+                        func shifted(_ dx: Double, _ dy: Double) -> Double {
+                            var q = net.parameters
+                            q[l][x] += dx
+                            q[l][y] += dy
+                            return loss(q)
+                        }
+                        let exact = (shifted(h, h) - shifted(h, -h) - shifted(-h, h) + shifted(-h, -h)) / (4 * h * h)
+                        let (r1, c1) = rc(x), (r2, c2) = rc(y)
+                        let kron = Double(factors.a[c1 * ia + c2]) * Double(factors.g[r1 * o + r2])
+                        worst = max(worst, abs(kron - exact))
+                        largest = max(largest, abs(exact))
+                    }
+                }
+                return worst / largest
+            }
+            let err = errors(try opt.factors(layer: l))
+            XCTAssertLessThan(err, Self.self == Float.self ? 1e-4 : 1e-6, "A ⊗ Ḡ_Hessian = exact Hessian block, layer \(l) \(Self.self)")
+            if l < net.layers.count - 1 {
+                XCTAssertGreaterThan(errors(try ggn.factors(layer: l)), 1e-3, "the GGN misses D̄ at layer \(l) (\(Self.self))")
+            }
+        }
     }
 
     static func checkKFRAResume() throws {
