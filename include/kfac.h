@@ -1153,13 +1153,16 @@ typedef enum kfac_kfra_variant {
  *  Dense only: a convolution in the chain gives UNSUPPORTED, because its recursion needs the
  *  dense [C·H·W]² pre-activation matrix of every convolution (BackPACK's conv KFRA does this,
  *  and sums the spatial blocks afterwards); convolutions get KFLR through columns. CUSTOM
- *  activations work with GGN (φ′ given) but not HESSIAN (φ″ unknown: UNSUPPORTED).
+ *  activations work with GGN (φ′ given) but not HESSIAN (φ″ unknown: UNSUPPORTED). A chain layer
+ *  with a block-tridiagonal link gives UNSUPPORTED (KFRA has no cross statistics).
+ *  In distributed runs each rank's Ḡ comes from its own examples; reducing the pending statistics
+ *  averages the ranks' Ḡ by rows, which is not KFRA of the union batch (a mean of products).
  *  Cost: per layer two o·o·i gemms (independent of N) and one N·i² gemm, plus N·K·output_dim²
  *  for Ḡ_{n−1}; it allocates O(output_dim·N·K + widest²) scratch per call. Wide layers make it
  *  dearer than KFLR at small N (make bench: 784-1024-1024-10, N = 256).
  *  Pending statistics, KFRA's included, are part of state images. All chain layers or none: on
  *  error nothing is recorded. Errors: NULL_POINTER (output_grads for HESSIAN), INVALID_ARGUMENT
- *  (variant, record_inputs not 0/1), UNSUPPORTED (a convolution; HESSIAN with CUSTOM),
+ *  (variant, record_inputs not 0/1), UNSUPPORTED (a convolution; HESSIAN with CUSTOM; a link),
  *  DTYPE_MISMATCH, NON_FINITE (output_grads; a factor or the inputs too large), NO_COLUMNS (no
  *  chain forward pass), OUT_OF_MEMORY. */
 KFAC_API int kfac_gn_chain_record_kfra_f32(kfac_optimizer *opt, int32_t variant, int32_t record_inputs,

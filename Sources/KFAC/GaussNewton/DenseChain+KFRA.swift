@@ -104,6 +104,9 @@ extension KFACOptimizer {
         guard let chain = denseChain, chain.hasForward else {
             throw KFACError(.noColumns, "no chain forward pass: define the chain and run its forward first")
         }
+        for l in chain.layers where isLinked(layer: l) {
+            throw KFACError(.unsupported, "KFRA records no cross statistics: layer \(l) has a block-tridiagonal link")
+        }
         let factors = try chain.kfraFactors(variant: variant, outputGradients: outputGradients)
         let n = chain.rows, s = parameters.outputGradScale
         let weight = Double(n) / (s * s)

@@ -354,6 +354,11 @@ extension KFACScalar {
         let convOpt = try register(conv, channelsLast: false)
         try chainForward(convOpt, conv, conv.inputs(2, seed: 38))
         expect(.unsupported) { try convOpt.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: true, outputGradients: nil) }
+        // Block-tridiagonal links: UNSUPPORTED (no cross statistics).
+        let linked = try register(TinyNet.chainNet(.bernoulli, activations: [.tanh, .tanh, .identity], bias: true), channelsLast: false)
+        try linked.linkLayers(lower: 0, upper: 1)
+        try chainForward(linked, TinyNet.chainNet(.bernoulli, activations: [.tanh, .tanh, .identity], bias: true), xs)
+        expect(.unsupported) { try linked.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: true, outputGradients: nil) }
         // A GGN KFRA with CUSTOM works (φ′ given), and the failed calls left `opt` as its twin.
         try opt.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: true, outputGradients: nil)
         try twin.defineDenseChain(layers: [0, 1, 2], activations: net.layers.map(\.activation), distribution: .bernoulli)
