@@ -220,4 +220,13 @@ class CurvatureMixin:
             raise ValueError(f"KFACPreconditioner: curvature='kfra' needs [N, in] inputs, got {x.shape}")
         gn.chain_forward([arr(m.weight) for m in modules], [arr(m.bias) for m in modules],
                          [x] + [arr(layer.saved_inputs[0]) for layer in self._layers[1:]])
-        gn.chain_record_kfra("ggn", record_inputs=True)
+        # The library divides Ḡ by output_grad_scale² (as it does the chain's own columns); the
+        # chain's Ḡ involves no loss scaler here, so record it with the scale at 1.
+        scale = self.optimizer.output_grad_scale
+        if scale != 1.0:
+            self.optimizer.output_grad_scale = 1.0
+        try:
+            gn.chain_record_kfra("ggn", record_inputs=True)
+        finally:
+            if scale != 1.0:
+                self.optimizer.output_grad_scale = scale

@@ -194,3 +194,18 @@ def test_default_curvature_is_the_fisher_path_bit_for_bit():
         out.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("curvature", ["kflr", "mc", "kfra"])
+def test_output_grad_scale_does_not_change_the_factors(curvature):
+    """A loss scaler (output_grad_scale) leaves the KFLR, MC and KFRA factors as they are."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    out = []
+    for scale in (1.0, 8.0):
+        model = _mlp(15)
+        pre = KFACPreconditioner(model, curvature=curvature, mc_samples=3, output_grad_scale=scale)
+        assert pre.curvature_backward(model(x), "categorical", seed=5)
+        out.append(_factors(pre, None))
+    for (a1, g1), (a2, g2) in zip(*out):
+        np.testing.assert_allclose(g2, g1, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(a2, a1)
