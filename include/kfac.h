@@ -1138,13 +1138,15 @@ typedef enum kfac_kfra_variant {
  *      D̄_{i−1} = diag((1/N) Σ_e φ″_{i−1,e} ⊙ ∂ℓ_e/∂a_{i,e})         (KFAC_KFRA_HESSIAN only)
  *  (W_i without the bias column; ∂ℓ_e/∂a_i = W_iᵀ g_i with g back-propagated from output_grads
  *  through the chain, g_{i−1} = φ′_{i−1} ⊙ W_iᵀ g_i; φ″ from φ′ and the kept next inputs a_i:
- *  tanh −2 a φ′, logistic φ′ (1 − 2a), ReLU and identity 0). Every chain layer's pending output
+ *  tanh −2 a φ′, logistic φ′ (1 − 2a), ReLU and identity 0, a_i being the caller's inputs[i] when
+ *  given to the forward pass). Every chain layer's pending output
  *  factor gains Ḡ_i / s² weighted by N rows (s = KFAC_PARAM_OUTPUT_GRAD_SCALE, as for the
  *  chain's columns), so that a factor update with nothing else pending gives G = Ḡ / s²; mixing
  *  it with other output-side records of the same layer between two updates averages them by
  *  rows. KFAC_PARAM_LOSS_REDUCTION does not apply (B is that of the summed loss, Ḡ its mean).
  *  KFRA equals KFLR (kfac_gn_chain_record_columns with FACTOR) at N = 1, and at any N for a
- *  chain of identity activations with the gaussian distribution (constant B); otherwise the
+ *  chain of identity activations with the gaussian distribution (constant B; there A ⊗ G is
+ *  also the exact Hessian block of the mean loss in each layer's parameters); otherwise the
  *  mean of products is replaced by a product of means. record_inputs = 1 also adds the chain's
  *  kept inputs to every chain layer's input factor, as kfac_layer_record_inputs_* would (0: the
  *  caller records A as usual). output_grads [rows][output_dim] = ∂ℓ_e/∂z_e of the summed loss
