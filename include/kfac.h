@@ -1008,7 +1008,8 @@ KFAC_API int kfac_curvature_multiply_f64(kfac_optimizer *opt, int32_t power, dou
  *     transpose, col2im) from copies of the weights, inputs and φ′ taken at
  *     kfac_gn_chain_forward_*.
  *     kfac_gn_chain_record_columns has the chain back-propagate S's columns itself and record
- *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed.
+ *     them as the caller would (KFLR output factors, kept columns) — no autodiff needed;
+ *     kfac_gn_chain_record_kfra_* gives KFRA's output factors of a dense chain instead.
  * Pooling, normalisation and residual connections are not chain layers: such networks use columns.
  * B is the output Hessian of the distribution (see "Adaptive mode", Output distributions):
  *     categorical  B = diag(p) − p pᵀ (p = softmax(z)),   S = diag(√p) − p √pᵀ  (rank dim − 1)
@@ -1166,6 +1167,54 @@ KFAC_API int kfac_gn_chain_forward_f64(kfac_optimizer *opt, const double *const 
  *  INVALID_ARGUMENT (uses), INVALID_SIZE (K differing from kept columns'), NON_FINITE,
  *  NO_COLUMNS (no chain forward pass), OUT_OF_MEMORY. */
 KFAC_API int kfac_gn_chain_record_columns(kfac_optimizer *opt, int32_t uses);
+
+/** KFRA's recursion (kfac_gn_chain_record_kfra_*). */
+typedef enum kfac_kfra_variant {
+    KFAC_KFRA_GGN = 0,       /* the Gauss-Newton recursion (default; Ḡ is PSD) */
+    KFAC_KFRA_HESSIAN = 1    /* adds the D̄ term of the Hessian (needs output gradients; may be indefinite) */
+} kfac_kfra_variant;
+
+/** Since 0.2. KFRA (Botev, Ritter & Barber 2017) for a dense chain: from the last forward pass
+ *  (its N = rows examples, copied weights W_i, φ′ and inputs), the batch-averaged pre-activation
+ *  curvature of every chain layer, propagated backwards without per-example columns:
+ *      Ḡ_{n−1} = (1/N) Σ_e B_e                                   (B the output Hessian, table above)
+ *      Ḡ_{i−1} = (W_iᵀ Ḡ_i W_i) ⊙ (1/N) Σ_e φ′_{i−1,e} φ′_{i−1,e}ᵀ  [+ D̄_{i−1}]
+ *      D̄_{i−1} = diag((1/N) Σ_e φ″_{i−1,e} ⊙ ∂ℓ_e/∂a_{i,e})         (KFAC_KFRA_HESSIAN only)
+ *  (W_i without the bias column; ∂ℓ_e/∂a_i = W_iᵀ g_i with g back-propagated from output_grads
+ *  through the chain, g_{i−1} = φ′_{i−1} ⊙ W_iᵀ g_i; φ″ from φ′ and the kept next inputs a_i:
+ *  tanh −2 a φ′, logistic φ′ (1 − 2a), ReLU and identity 0, a_i being the caller's inputs[i] when
+ *  given to the forward pass). Every chain layer's pending output
+ *  factor gains Ḡ_i / s² weighted by N rows (s = KFAC_PARAM_OUTPUT_GRAD_SCALE, as for the
+ *  chain's columns), so that a factor update with nothing else pending gives G = Ḡ / s²; mixing
+ *  it with other output-side records of the same layer between two updates averages them by
+ *  rows. KFAC_PARAM_LOSS_REDUCTION does not apply (B is that of the summed loss, Ḡ its mean).
+ *  KFRA equals KFLR (kfac_gn_chain_record_columns with FACTOR) at N = 1, and at any N for a
+ *  chain of identity activations with the gaussian distribution (constant B; there A ⊗ G is
+ *  also the exact Hessian block of the mean loss in each layer's parameters); otherwise the
+ *  mean of products is replaced by a product of means. record_inputs = 1 also adds the chain's
+ *  kept inputs to every chain layer's input factor, as kfac_layer_record_inputs_* would (0: the
+ *  caller records A as usual). output_grads [rows][output_dim] = ∂ℓ_e/∂z_e of the summed loss
+ *  at the forward pass's outputs (without loss scale), required for HESSIAN, ignored for GGN
+ *  (may be NULL). The HESSIAN factors may be indefinite: use them with enough damping.
+ *  Dense only: a convolution in the chain gives UNSUPPORTED, because its recursion needs the
+ *  dense [C·H·W]² pre-activation matrix of every convolution (BackPACK's conv KFRA does this,
+ *  and sums the spatial blocks afterwards); convolutions get KFLR through columns. CUSTOM
+ *  activations work with GGN (φ′ given) but not HESSIAN (φ″ unknown: UNSUPPORTED). A chain layer
+ *  with a block-tridiagonal link gives UNSUPPORTED (KFRA has no cross statistics).
+ *  In distributed runs each rank's Ḡ comes from its own examples; reducing the pending statistics
+ *  averages the ranks' Ḡ by rows, which is not KFRA of the union batch (a mean of products).
+ *  Cost: per layer two o·o·i gemms (independent of N) and one N·i² gemm, plus N·K·output_dim²
+ *  for Ḡ_{n−1}; it allocates O(output_dim·N·K + widest²) scratch per call. Wide layers make it
+ *  dearer than KFLR at small N (make bench: 784-1024-1024-10, N = 256).
+ *  Pending statistics, KFRA's included, are part of state images. All chain layers or none: on
+ *  error nothing is recorded. Errors: NULL_POINTER (output_grads for HESSIAN), INVALID_ARGUMENT
+ *  (variant, record_inputs not 0/1), UNSUPPORTED (a convolution; HESSIAN with CUSTOM; a link),
+ *  DTYPE_MISMATCH, NON_FINITE (output_grads; a factor or the inputs too large), NO_COLUMNS (no
+ *  chain forward pass), OUT_OF_MEMORY. */
+KFAC_API int kfac_gn_chain_record_kfra_f32(kfac_optimizer *opt, int32_t variant, int32_t record_inputs,
+                                           const float *output_grads);
+KFAC_API int kfac_gn_chain_record_kfra_f64(kfac_optimizer *opt, int32_t variant, int32_t record_inputs,
+                                           const double *output_grads);
 
 /** Since 0.2. product = G·vector over the chain's layers by the R operator, from the last
  *  forward pass:  ṙ_0 = 0, ṡ_i = W_i ṙ_i + V_i ā_i, ṙ_{i+1} = φ′_i ⊙ ṡ_i;  u_n = B_n ṡ_{n−1,n};

@@ -626,6 +626,16 @@ public:
     void gn_chain_record_columns(int32_t uses) {
         check(kfac_gn_chain_record_columns(handle_, uses), "kfac_gn_chain_record_columns");
     }
+    /** kfac_gn_chain_record_kfra_f32 / _f64 (variant: KFAC_KFRA_*; output_grads [rows][output_dim] for
+     *  KFAC_KFRA_HESSIAN, a typed nullptr for KFAC_KFRA_GGN picks the precision). */
+    void gn_chain_record_kfra(int32_t variant, bool record_inputs, const float *output_grads) {
+        check(kfac_gn_chain_record_kfra_f32(handle_, variant, record_inputs ? 1 : 0, output_grads),
+              "kfac_gn_chain_record_kfra_f32");
+    }
+    void gn_chain_record_kfra(int32_t variant, bool record_inputs, const double *output_grads) {
+        check(kfac_gn_chain_record_kfra_f64(handle_, variant, record_inputs ? 1 : 0, output_grads),
+              "kfac_gn_chain_record_kfra_f64");
+    }
     /** kfac_gn_chain_multiply_f32 / _f64 (n_layers = vector_w.size()). */
     void gn_chain_multiply(span<const float *const> vector_w, span<const float *const> vector_b,
                            span<float *const> product_w, span<float *const> product_b) {

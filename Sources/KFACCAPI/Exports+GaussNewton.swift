@@ -218,3 +218,28 @@ public func kfac_gn_chain_multiply_f64(_ opt: OpaquePointer?, _ vw: UnsafePointe
         try withProductBuffers(o, vw, vb, pw, pb, count) { (v, p) throws(KFACError) in try o.denseChainProduct(v, into: p) }
     }
 }
+
+// MARK: KFRA on the dense chain
+
+private func chainRecordKFRA<S: KFACScalar>(_ o: KFACOptimizer<S>, _ variant: Int32, _ recordInputs: Int32,
+                                            _ grads: UnsafePointer<S>?) throws(KFACError) {
+    guard let v = KFRAVariant(rawValue: variant) else {
+        throw KFACError(.invalidArgument, "variant must be KFAC_KFRA_GGN (0) or KFAC_KFRA_HESSIAN (1), got \(variant)")
+    }
+    guard recordInputs == 0 || recordInputs == 1 else {
+        throw KFACError(.invalidArgument, "record_inputs must be 0 or 1, got \(recordInputs)")
+    }
+    try o.denseChainRecordKFRA(variant: v, recordInputs: recordInputs == 1, outputGradients: grads)
+}
+
+@c @implementation
+public func kfac_gn_chain_record_kfra_f32(_ opt: OpaquePointer?, _ variant: Int32, _ recordInputs: Int32,
+                                          _ grads: UnsafePointer<Float>?) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try chainRecordKFRA(o, variant, recordInputs, grads) }
+}
+
+@c @implementation
+public func kfac_gn_chain_record_kfra_f64(_ opt: OpaquePointer?, _ variant: Int32, _ recordInputs: Int32,
+                                          _ grads: UnsafePointer<Double>?) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try chainRecordKFRA(o, variant, recordInputs, grads) }
+}

@@ -357,6 +357,9 @@ void test_curvature_multiply(void);
 
 /* test_gauss_newton.c (KFAC_EXPERIMENTAL_API): kfac_gn_* and the column recording. */
 void test_gauss_newton(void);
+
+/* test_kfra.c (KFAC_EXPERIMENTAL_API): KFRA on the dense chain. */
+void test_kfra(void);
 /* test_cg.c: conjugate gradient and Newton-CG (experimental kfac_cg_*). */
 void test_cg(void);
 /* test_ekfac.c (KFAC_EXPERIMENTAL_API): the EKFAC strategy, paired recording, the scaling readout. */

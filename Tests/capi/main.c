@@ -114,6 +114,8 @@
  *     R operator against the analytic (1/N) Σ JᵀBJ v of a tanh MLP, three distributions, both
  *     precisions; K = 1 FACTOR columns bitwise record_output_grads; every misuse on twins with the
  *     kept columns and chain compared bitwise after each bad call.
+ *     KFRA (test_kfra.c, experimental): = KFLR at N = 1 and = the recursion written out at N = 6
+ *     (GGN and Hessian), three distributions, both precisions; misuse on twins.
  */
 #include "harness.h"
 
@@ -154,6 +156,7 @@ int main(void) {
     test_curvature_multiply();
     test_distributed();
     test_gauss_newton();
+    test_kfra();
     test_cg();
     test_ekfac_numerics();
     test_ekfac_errors(KFAC_FLOAT32);

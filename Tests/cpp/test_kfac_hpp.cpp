@@ -243,6 +243,13 @@ static void test_gauss_newton() {
     opt.layer_record_output_grad_columns(0, x, s, 2, 1, KFAC_COLUMNS_FACTOR);
     opt.gn_columns_clear();
     expect_error([&] { opt.gn_columns_multiply(vs, {}, p2s, {}); }, KFAC_ERROR_NO_COLUMNS, "kfac_gn_columns_multiply_f64");
+    // KFRA of the linear Gaussian chain: Ḡ = I (1×1), A from the chain's inputs.
+    opt.gn_chain_record_kfra(KFAC_KFRA_GGN, true, static_cast<const double *>(nullptr));
+    expect_error([&] { opt.gn_chain_record_kfra(KFAC_KFRA_HESSIAN, false, static_cast<const double *>(nullptr)); },
+                 KFAC_ERROR_NULL_POINTER, "kfac_gn_chain_record_kfra_f64");
+    const float gf[2] = {0.5f, 1.0f};
+    expect_error([&] { opt.gn_chain_record_kfra(KFAC_KFRA_HESSIAN, false, gf); }, KFAC_ERROR_DTYPE_MISMATCH,
+                 "kfac_gn_chain_record_kfra_f32");
     std::printf("gauss-newton: chain and column products %.2f %.2f\n", p1[0], p2[1]);
 }
 
@@ -307,6 +314,8 @@ static void test_distributed() {
     std::vector<double> short_buffer(3);
     expect_error([&] { r0.distributed_pack_statistics(short_buffer); }, KFAC_ERROR_INVALID_SIZE,
                  "kfac_distributed_pack_statistics_f64");
+}
+
 static void test_tridiagonal() {
     // Two scalar layers without bias, linked: A_{0,1} = mean(x0·x1), G_{0,1} = mean(g0·g1).
     kfac::optimizer opt(KFAC_FLOAT64);

@@ -4,7 +4,7 @@
 //
 //     make bench        (or: swift run -c release kfac-bench [--quick] [--dense-only | --conv-only |
 //                        --ekfac-only | --no-ekfac | --cg-only | --no-cg | --tridiagonal-only |
-//                        --no-tridiagonal])
+//                        --no-tridiagonal | --curvature | --no-curvature])
 
 import AllocationCounter
 import CBLAS
@@ -480,6 +480,71 @@ if (CommandLine.arguments.contains("--gauss-newton") || !(CommandLine.arguments.
       and not counted. The recording is S, K = 10 backward passes through the MLP and the record calls.
       Stored columns cost two gemms per layer (V ā and its transpose) whatever K is; the gradient
       costs two for the first layer and three for the others: the last column is that FLOP ratio.
+    """)
+}
+
+// MARK: 5b. Curvature sources of the output factors (experimental): KFLR, MC, KFRA
+
+if (CommandLine.arguments.contains("--curvature") || !(CommandLine.arguments.contains("--no-curvature") || ekfacOnly))
+    && !cgOnly && !tridiagonalOnly {
+    print("\nRecording the output factors of a 784-W-W-10 tanh MLP, softmax outputs, batch \(batch), against one")
+    print("gradient (forward + backward) of the same batch; all three record G of every layer")
+    print(pad("W", 6) + pad("gradient", 11) + pad("Fisher record", 15) + pad("MC S=1", 10) + pad("KFLR (K=10)", 13)
+          + pad("KFRA", 10) + "chain forward")
+    for w in quick ? [512] : [512, 1024] {
+        let mlp = MLP(sizes: [784, w, w, 10], rows: batch)
+        let tGrad = median(repeats: 7) { mlp.forwardBackward() }
+        let opt = try KFACOptimizer<Float>()
+        for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
+        try opt.defineDenseChain(layers: [0, 1, 2], activations: [.tanh, .tanh, .identity], distribution: .categorical)
+        mlp.forwardBackward()
+        func chainForward() throws {
+            try opt.denseChainForward(rows: batch, weights: mlp.weights.map { UnsafePointer($0) },
+                                      biases: mlp.biases.map { UnsafePointer($0) },
+                                      inputs: [UnsafePointer(mlp.input), nil, nil], derivatives: [nil, nil, nil], outputs: nil)
+        }
+        // The default Fisher: the gradients the backward pass already has, recorded per layer.
+        let tFisher = try median(repeats: 7) {
+            for l in 0..<mlp.layerCount { try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: batch) }
+        }
+        try opt.updateFactors()
+        // MC with one sample: sampled output gradients, one backward pass, FACTOR columns (k = 1).
+        let c = mlp.sizes.last!
+        let columns = (0..<mlp.layerCount).map { l in UnsafeMutablePointer<Float>.allocate(capacity: batch * mlp.sizes[l + 1]) }
+        var seed: UInt64 = 0
+        let tMC = try median(repeats: 7) {
+            seed += 1
+            TargetSampler.sampledOutputGradients(distribution: .categorical, outputs: mlp.activations[mlp.layerCount], rows: batch,
+                                                 dim: c, seed: seed, into: columns[mlp.layerCount - 1])
+            for l in stride(from: mlp.layerCount - 1, to: 0, by: -1) {
+                let (i, o) = (Int32(mlp.sizes[l]), Int32(mlp.sizes[l + 1]))
+                let d = columns[l - 1], a = mlp.activations[l]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(batch), i, o, 1, columns[l], o, mlp.weights[l], i, 0, d, i)
+                for q in 0..<(batch * Int(i)) { d[q] *= 1 - a[q] * a[q] }
+            }
+            for l in 0..<mlp.layerCount {
+                try opt.recordOutputGradientColumns(layer: l, inputs: nil, columns: columns[l], rows: batch, k: 1, uses: .factor)
+            }
+        }
+        try opt.updateFactors()
+        let tForward = try median(repeats: 7) { try chainForward() }
+        let tKFLR = try median(repeats: 5) { try chainForward(); try opt.denseChainRecordColumns(uses: .factor) }
+        try opt.updateFactors()
+        let tKFRA = try median(repeats: 7) {
+            try chainForward(); try opt.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: false, outputGradients: nil)
+        }
+        try opt.updateFactors()
+        print(pad("\(w)", 6) + pad("\(f(tGrad * 1e3)) ms", 11) + pad("\(f(tFisher / tGrad))×", 15) + pad("\(f(tMC / tGrad))×", 10)
+              + pad("\(f(tKFLR / tGrad))×", 13) + pad("\(f(tKFRA / tGrad))×", 10) + "\(f(tForward / tGrad))×")
+        columns.forEach { $0.deallocate() }
+    }
+    print("""
+      Ratios to the gradient of the same batch, measured in this run. Fisher: the default record of
+      the gradients a backward pass already computed. MC S=1: sampling, one extra backward pass
+      (the caller's, here BLAS) and the FACTOR record. KFLR and KFRA include the chain's forward pass
+      (copies of θ and the inputs, s and φ′: last column): KFLR back-propagates K = 10 columns (one
+      gemm of K·N rows per layer) and records K·N rows per layer; KFRA's recursion is two o×o×i
+      gemms and one N×i² gemm per layer, independent of K.
     """)
 }
 

@@ -182,13 +182,18 @@ class _KFACStep:
             loss_reduction="mean",
             num_threads=1,
             tridiagonal=options.get("tridiagonal", False),  # block-tridiagonal (tridiagonal_compare.py)
+            curvature=options.get("curvature", "fisher"),   # KFLR / MC / KFRA (curvature_compare.py)
+            mc_samples=options.get("mc_samples", 1),
         )
+        self.curvature = options.get("curvature", "fisher")
         self.kl_scales: List[float] = []
 
     def __call__(self, x, y) -> float:
         self.optimizer.zero_grad(set_to_none=False)
         output = self.model(x)
-        if self.sampled and self.preconditioner.optimizer.wants_statistics:
+        if self.curvature != "fisher":
+            self.preconditioner.curvature_backward(output, self.distribution)
+        elif self.sampled and self.preconditioner.optimizer.wants_statistics:
             # True-Fisher statistics: the hooks record this pass's output gradients (and the
             # saved inputs are consumed by it); the parameter gradients are left alone.
             self.preconditioner.sampled_fisher_backward(output, self.distribution)

@@ -32,11 +32,11 @@ final class DenseChain<Scalar: KFACScalar> {
 
     /// After `forward`: N, the copied W (and b), the inputs a_i, φ′_i (i < L−1) and z.
     private(set) var rows = 0
-    private var weights: [AlignedBuffer<Scalar>] = []
+    private(set) var weights: [AlignedBuffer<Scalar>] = []
     private var biases: [AlignedBuffer<Scalar>?] = []
-    private var inputs: [AlignedBuffer<Scalar>] = []
-    private var derivatives: [AlignedBuffer<Scalar>] = []
-    private var outputs: AlignedBuffer<Scalar>?
+    private(set) var inputs: [AlignedBuffer<Scalar>] = []
+    private(set) var derivatives: [AlignedBuffer<Scalar>] = []
+    private(set) var outputs: AlignedBuffer<Scalar>?
     /// Scratch for products: ṡ/δ (two N × widest), per-layer results.
     private var scratch: [AlignedBuffer<Scalar>] = []
     private var results: [AlignedBuffer<Scalar>] = []

@@ -191,6 +191,8 @@ KFAC_ACTIVATION_RELU = 1
 KFAC_ACTIVATION_TANH = 2
 KFAC_ACTIVATION_LOGISTIC = 3
 KFAC_ACTIVATION_CUSTOM = 4
+KFAC_KFRA_GGN = 0
+KFAC_KFRA_HESSIAN = 1
 
 # ---------------------------------------------------------------------------------------------
 # Experimental: conjugate gradient and Newton-CG (enum kfac_cg_preconditioner, kfac_cg_stop_rule,
@@ -604,6 +606,8 @@ _PROTOTYPES = [
     ("kfac_gn_chain_forward_f64", c_int,
      [_P, POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), POINTER(c_double_p), c_int64, c_double_p]),
     ("kfac_gn_chain_record_columns", c_int, [_P, c_int32]),
+    ("kfac_gn_chain_record_kfra_f32", c_int, [_P, c_int32, c_int32, c_float_p]),
+    ("kfac_gn_chain_record_kfra_f64", c_int, [_P, c_int32, c_int32, c_double_p]),
     ("kfac_gn_chain_multiply_f32", c_int,
      [_P, POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), POINTER(c_float_p), c_int32]),
     ("kfac_gn_chain_multiply_f64", c_int,

@@ -29,7 +29,7 @@ from . import _lib
 from ._convert import CTYPES, distribution_code
 from ._errors import check
 
-__all__ = ["ACTIVATIONS", "GaussNewton", "output_hessian_multiply", "output_hessian_sqrt"]
+__all__ = ["ACTIVATIONS", "KFRA_VARIANTS", "GaussNewton", "output_hessian_multiply", "output_hessian_sqrt"]
 
 #: Activation name -> ``kfac_activation`` value.
 ACTIVATIONS = {
@@ -40,6 +40,9 @@ ACTIVATIONS = {
     "sigmoid": _lib.KFAC_ACTIVATION_LOGISTIC,
     "custom": _lib.KFAC_ACTIVATION_CUSTOM,
 }
+
+#: KFRA variant name -> ``kfac_kfra_variant`` value.
+KFRA_VARIANTS = {"ggn": _lib.KFAC_KFRA_GGN, "hessian": _lib.KFAC_KFRA_HESSIAN}
 
 _USES = {"factor": _lib.KFAC_COLUMNS_FACTOR, "product": _lib.KFAC_COLUMNS_PRODUCT}
 
@@ -223,6 +226,18 @@ class GaussNewton:
         them for every chain layer (``kfac_gn_chain_record_columns``): ``'factor'`` gives the
         chain layers' KFLR output factors, ``'product'`` keeps them for :meth:`columns_multiply`."""
         self._handle.call(_lib.kfac_gn_chain_record_columns, _uses_code(uses))
+
+    def chain_record_kfra(self, variant="ggn", record_inputs: bool = False, output_grads=None) -> None:
+        """KFRA from the chain's last forward pass (``kfac_gn_chain_record_kfra_*``; dense chains
+        only): every chain layer's pending output factor gains Ḡ_l (batch-averaged recursion)
+        weighted by the forward pass's rows; ``record_inputs`` also records the chain's inputs
+        into the input factors. ``variant`` ``'ggn'`` (default) or ``'hessian'`` (adds the D̄
+        term; needs ``output_grads`` ``[rows, output_dim]``, ∂ℓ_n/∂z_n of the summed loss)."""
+        code = KFRA_VARIANTS[variant.lower()] if isinstance(variant, str) else int(variant)
+        g = self._array(output_grads, "output_grads")
+        h = self._handle
+        h.call(self._fn("kfac_gn_chain_record_kfra"), code, 1 if record_inputs else 0,
+               h.cast(g.ctypes.data if g is not None else 0))
 
     def chain_multiply(self, weights: Sequence, biases: Optional[Sequence] = None):
         """G·v over the chain's layers by the R operator (``kfac_gn_chain_multiply_*``), layouts

@@ -91,6 +91,7 @@ from .._params import PARAMETERS
 from ..optimizer import Optimizer
 from ._adaptive import AdaptiveMixin, AdaptiveStepResult
 from ._columns import ColumnRecorder  # experimental: stored-column Gauss-Newton products
+from ._curvature import CURVATURES, CurvatureMixin  # experimental: KFLR, MC, KFRA factors
 from ._hooks import HooksMixin
 from ._newton_cg import NewtonCG, NewtonCGStepResult
 from ._registration import (
@@ -108,7 +109,7 @@ __all__ = ["AdaptiveStepResult", "ColumnRecorder", "KFACPreconditioner", "Newton
            "SUPPORTED_MODULES"]
 
 
-class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, AdaptiveMixin, StateMixin):
+class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, CurvatureMixin, AdaptiveMixin, StateMixin):
     """K-FAC preconditioning of the ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` layers of a
     PyTorch model.
 
@@ -182,6 +183,18 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
             exact for any local batch sizes) or ``'lazy'`` (moving averages averaged only before
             an inverse update: less traffic, exact only for equal local batches).
 
+    Curvature of the output-side factors (experimental; see ``_curvature``):
+        curvature: ``'fisher'`` (the default: the gradients the hooks see in ``loss.backward()``,
+            or :meth:`sampled_fisher_backward`'s), ``'kflr'`` (the exact expectation of the
+            per-example Gauss-Newton blocks, from the K = output_dim columns of the output
+            Hessian's square root, back-propagated by vmapped backward passes), ``'mc'`` (the
+            Monte-Carlo Fisher with ``mc_samples`` sampled output gradients per example) or
+            ``'kfra'`` (KFRA's batch-averaged recursion, for an ``nn.Sequential`` of Linear
+            layers and elementwise activations, by the library's dense chain). With any but
+            ``'fisher'``, call :meth:`curvature_backward` between the forward pass and
+            ``loss.backward()``.
+        mc_samples: samples per example of ``curvature='mc'``.
+
     Layers (which modules, in which precision):
         dtype: precision of the library's state; ``None`` follows the layers' parameters (all
             preconditioned layers must then share one dtype). A different dtype works through
@@ -249,6 +262,9 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         output_group_size: Union[int, Dict] = 0,
         # block-tridiagonal
         tridiagonal: bool = False,
+        # curvature (experimental)
+        curvature: str = "fisher",
+        mc_samples: int = 1,
     ):
         library_params = dict(
             damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
@@ -300,6 +316,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Adap
         if not self._missing_sizes():
             self._register()
         self._install_hooks()
+        self._init_curvature(curvature, mc_samples)
 
     # -----------------------------------------------------------------------------------------
     # Step

@@ -285,3 +285,72 @@ def test_chain_records_the_same_columns(rng, dtype, dist):
     for a, b in zip(*factors):
         np.testing.assert_allclose(a, b, atol=10 * _tol(dtype) * max(1, np.abs(b).max()))
     np.testing.assert_allclose(products[1], products[0], atol=10 * _tol(dtype) * np.abs(products[0]).max())
+
+
+def _kfra_numpy(dist, weights, biases, x, grads=None):
+    """The KFRA recursion in numpy for a tanh chain (every hidden activation tanh)."""
+    a, pre = x, []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        s = a @ w.T + (b if b is not None else 0)
+        pre.append(s)
+        a = np.tanh(s) if i < len(weights) - 1 else s
+    n = x.shape[0]
+    G = _hessian(dist, pre[-1]).mean(0)
+    out = [G]
+    g = grads
+    for i in range(len(weights) - 1, 0, -1):
+        w, t = weights[i], np.tanh(pre[i - 1])
+        d1, d2 = 1 - t * t, -2 * t * (1 - t * t)
+        G = (w.T @ G @ w) * (d1.T @ d1 / n)
+        if g is not None:
+            da = g @ w
+            G = G + np.diag((d2 * da).mean(0))
+            g = d1 * da
+        out.insert(0, G)
+    return out
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("variant", ["ggn", "hessian"])
+def test_chain_kfra_matches_numpy_recursion(rng, dtype, dist, variant):
+    """kfac_gn_chain_record_kfra_*: Ḡ of every layer of a 3 →tanh 5 →tanh 4 → 3 chain at N = 50
+    against the recursion in numpy (the Hessian variant's D̄ from given output gradients), A from
+    the chain's inputs; KFRA differs from KFLR there but equals it at N = 1."""
+    sizes = [3, 5, 4, 3]
+    ws = [rng.standard_normal((sizes[i + 1], sizes[i])) for i in range(3)]
+    bs = [rng.standard_normal(sizes[i + 1]) for i in range(3)]
+    x = rng.standard_normal((50, 3))
+    grads = rng.standard_normal((50, 3)) if variant == "hessian" else None
+    ws_, bs_, x_ = [w.astype(dtype) for w in ws], [b.astype(dtype) for b in bs], x.astype(dtype)
+    expected = _kfra_numpy(dist, [w.astype(np.float64) for w in ws_], [b.astype(np.float64) for b in bs_],
+                           x_.astype(np.float64), None if grads is None else grads.astype(dtype).astype(np.float64))
+
+    def run(rows, kfra):
+        opt = kfac.Optimizer(dtype)
+        for i in range(3):
+            opt.add_dense(sizes[i], sizes[i + 1], bias=True)
+        g = gn.GaussNewton(opt)
+        g.define_chain([0, 1, 2], ["tanh", "tanh", "identity"], dist)
+        g.chain_forward(ws_, bs_, [x_[:rows], None, None])
+        if kfra:
+            g.chain_record_kfra(variant, record_inputs=True,
+                                output_grads=None if grads is None else grads[:rows].astype(dtype))
+        else:
+            g.chain_record_columns(("factor",))
+            a = x_[:rows].astype(np.float64)
+            for i in range(3):
+                opt.record_inputs(i, a.astype(dtype))
+                a = np.tanh(a @ ws_[i].T.astype(np.float64) + bs_[i])
+        opt.update_factors()
+        return [opt.factors(i) for i in range(3)]
+
+    got = run(50, True)
+    for (a, G), E in zip(got, expected):
+        np.testing.assert_allclose(G.astype(np.float64), E, atol=10 * _tol(dtype) * np.abs(E).max())
+    if variant == "ggn":
+        kflr = run(50, False)
+        assert np.abs(kflr[0][1] - got[0][1]).max() > 1e-3 * np.abs(got[0][1]).max()
+        one, kflr_one = run(1, True), run(1, False)
+        for (a1, g1), (a2, g2) in zip(one, kflr_one):
+            np.testing.assert_allclose(g1, g2, atol=10 * _tol(dtype) * np.abs(g2).max())
+            np.testing.assert_allclose(a1, a2, atol=10 * _tol(dtype) * np.abs(a2).max())
