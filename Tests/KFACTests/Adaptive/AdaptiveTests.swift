@@ -7,63 +7,6 @@ final class AdaptiveTests: XCTestCase {
 
     private func softmax(_ z: [Double]) -> [Double] { oracleSoftmax(z) }
 
-    /// A linear softmax classifier z = W x + b on a fixed batch: its mean cross-entropy, its
-    /// gradient [W | b], and its exact Fisher (1/N) Σ J_nᵀ B_n J_n with J_n = ā_nᵀ ⊗ I (column-major
-    /// vec of [W | b]).
-    private struct LinearSoftmax {
-        let inputs: [[Double]]   // N rows of in
-        let labels: [Int]
-        let out: Int
-        var inF: Int { inputs[0].count }
-
-        func logits(_ theta: Dense, _ n: Int) -> [Double] {
-            var z = [Double](repeating: 0, count: out)
-            for o in 0..<out {
-                var s = theta[o, inF]
-                for i in 0..<inF { s += theta[o, i] * inputs[n][i] }
-                z[o] = s
-            }
-            return z
-        }
-        func loss(_ theta: Dense) -> Double {
-            var total = 0.0
-            for n in inputs.indices {
-                let p = oracleSoftmax(logits(theta, n))
-                total -= LibM.log(p[labels[n]])
-            }
-            return total / Double(inputs.count)
-        }
-        func gradient(_ theta: Dense) -> Dense {
-            var g = Dense(rows: out, columns: inF + 1)
-            for n in inputs.indices {
-                var p = oracleSoftmax(logits(theta, n))
-                p[labels[n]] -= 1
-                for o in 0..<out {
-                    for i in 0..<inF { g[o, i] += p[o] * inputs[n][i] / Double(inputs.count) }
-                    g[o, inF] += p[o] / Double(inputs.count)
-                }
-            }
-            return g
-        }
-        /// uᵀ F v for parameter matrices u, v.
-        func fisher(_ theta: Dense, _ u: Dense, _ v: Dense) -> Double {
-            var total = 0.0
-            for n in inputs.indices {
-                let p = oracleSoftmax(logits(theta, n))
-                let ju = product(u, n), jv = product(v, n)
-                var pu = 0.0, pv = 0.0, puv = 0.0
-                for o in 0..<out {
-                    pu += p[o] * ju[o]; pv += p[o] * jv[o]; puv += p[o] * ju[o] * jv[o]
-                }
-                total += puv - pu * pv
-            }
-            return total / Double(inputs.count)
-        }
-        /// J_n·u = u ā_n for one example.
-        func product(_ u: Dense, _ n: Int) -> [Double] { logits(u, n) }
-        /// J·u per example, row-major [N][out].
-        func products(_ u: Dense) -> [Double] { inputs.indices.flatMap { product(u, $0) } }
-    }
 
     private func dot(_ a: Dense, _ b: Dense) -> Double { zip(a.values, b.values).map(*).reduce(0, +) }
 
@@ -75,7 +18,7 @@ final class AdaptiveTests: XCTestCase {
     private func quadraticModel<S: KFACScalar>(_: S.Type, tolerance: Double) throws {
         var random = SeededRandom(51)
         let (n, inF, out) = (12, 3, 4)
-        let net = LinearSoftmax(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
+        let net = LinearSoftmaxOracle(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
                                 labels: (0..<n).map { $0 % out }, out: out)
         var theta = Dense(rows: out, columns: inF + 1)
         for i in theta.values.indices { theta.values[i] = 0.5 * random.uniform() }
@@ -242,14 +185,6 @@ final class AdaptiveTests: XCTestCase {
             }
         }
     }
-}
-
-/// Softmax of a row, the slow and obvious way.
-func oracleSoftmax(_ z: [Double]) -> [Double] {
-    let m = z.max()!
-    let e = z.map { LibM.exp($0 - m) }
-    let s = e.reduce(0, +)
-    return e.map { $0 / s }
 }
 
 extension AdaptiveTests {

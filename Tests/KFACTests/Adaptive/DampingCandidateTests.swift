@@ -5,49 +5,6 @@ import XCTest
 /// each candidate's directions against an explicit damped Kronecker solve, the kept candidate
 /// against the quadratic model computed with the explicit Fisher of a linear softmax layer.
 final class DampingCandidateTests: XCTestCase {
-    /// z = W x + b on a fixed batch; the same model as AdaptiveTests, written here for γ.
-    private struct Softmax {
-        let inputs: [[Double]]
-        let labels: [Int]
-        let out: Int
-        var inF: Int { inputs[0].count }
-
-        func logits(_ theta: Dense, _ n: Int) -> [Double] {
-            (0..<out).map { o in (0..<inF).reduce(theta[o, inF]) { $0 + theta[o, $1] * inputs[n][$1] } }
-        }
-        func loss(_ theta: Dense) -> Double {
-            inputs.indices.reduce(0.0) { $0 - LibM.log(oracleSoftmax(logits(theta, $1))[labels[$1]]) } / Double(inputs.count)
-        }
-        /// Output gradients of the summed loss, [N][out].
-        func outputGradients(_ theta: Dense) -> [Double] {
-            inputs.indices.flatMap { n in
-                var p = oracleSoftmax(logits(theta, n))
-                p[labels[n]] -= 1
-                return p
-            }
-        }
-        func gradient(_ theta: Dense) -> Dense {
-            var g = Dense(rows: out, columns: inF + 1)
-            let d = outputGradients(theta), scale = 1 / Double(inputs.count)
-            for n in inputs.indices {
-                for o in 0..<out {
-                    for i in 0..<inF { g[o, i] += d[n * out + o] * inputs[n][i] * scale }
-                    g[o, inF] += d[n * out + o] * scale
-                }
-            }
-            return g
-        }
-        /// uᵀ F v, F the exact Fisher of the mean loss.
-        func fisher(_ theta: Dense, _ u: Dense, _ v: Dense) -> Double {
-            inputs.indices.reduce(0.0) { total, n in
-                let p = oracleSoftmax(logits(theta, n)), ju = logits(u, n), jv = logits(v, n)
-                var pu = 0.0, pv = 0.0, puv = 0.0
-                for o in 0..<out { pu += p[o] * ju[o]; pv += p[o] * jv[o]; puv += p[o] * ju[o] * jv[o] }
-                return total + puv - pu * pv
-            } / Double(inputs.count)
-        }
-        func products(_ u: Dense) -> [Double] { inputs.indices.flatMap { logits(u, $0) } }
-    }
 
     private func dot(_ a: Dense, _ b: Dense) -> Double { zip(a.values, b.values).map(*).reduce(0, +) }
 
@@ -66,7 +23,7 @@ final class DampingCandidateTests: XCTestCase {
         let label = "\(S.self) \(strategy)"
         var random = SeededRandom(77)
         let (n, inF, out) = (16, 3, 4)
-        let net = Softmax(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
+        let net = LinearSoftmaxOracle(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
                           labels: (0..<n).map { ($0 * 7) % out }, out: out)
         var theta = Dense(rows: out, columns: inF + 1)
         for i in theta.values.indices { theta.values[i] = 0.5 * random.uniform() }

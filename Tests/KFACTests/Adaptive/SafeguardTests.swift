@@ -42,38 +42,6 @@ final class SafeguardTests: XCTestCase {
         XCTAssertEqual(below, [1e-9, 2e-9], "a λ set below the floor is not raised by a good ρ")
     }
 
-    /// z = W x + b, mean cross-entropy over a fixed batch.
-    private struct Softmax {
-        let inputs: [[Double]]
-        let labels: [Int]
-        let out: Int
-        var inF: Int { inputs[0].count }
-        func logits(_ theta: Dense, _ n: Int) -> [Double] {
-            (0..<out).map { o in (0..<inF).reduce(theta[o, inF]) { $0 + theta[o, $1] * inputs[n][$1] } }
-        }
-        func loss(_ theta: Dense) -> Double {
-            inputs.indices.reduce(0.0) { $0 - LibM.log(oracleSoftmax(logits(theta, $1))[labels[$1]]) } / Double(inputs.count)
-        }
-        func outputGradients(_ theta: Dense) -> [Double] {
-            inputs.indices.flatMap { n in
-                var p = oracleSoftmax(logits(theta, n))
-                p[labels[n]] -= 1
-                return p
-            }
-        }
-        func gradient(_ theta: Dense) -> Dense {
-            var g = Dense(rows: out, columns: inF + 1)
-            let d = outputGradients(theta), scale = 1 / Double(inputs.count)
-            for n in inputs.indices {
-                for o in 0..<out {
-                    for i in 0..<inF { g[o, i] += d[n * out + o] * inputs[n][i] * scale }
-                    g[o, inF] += d[n * out + o] * scale
-                }
-            }
-            return g
-        }
-        func products(_ u: Dense) -> [Double] { inputs.indices.flatMap { logits(u, $0) } }
-    }
 
     /// A deterministic adaptive run with λ = γ0 = 100 fixed and a γ step every step (ω₂ = 0.5),
     /// whose recorded statistics do not match the batch's Fisher (as a curvature estimate gone
@@ -83,7 +51,7 @@ final class SafeguardTests: XCTestCase {
     private func gammaTrace(ratio: Double, steps: Int = 12) throws -> [Double] {
         var random = SeededRandom(91)
         let (n, inF, out) = (16, 3, 4)
-        let net = Softmax(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
+        let net = LinearSoftmaxOracle(inputs: (0..<n).map { _ in (0..<inF).map { _ in random.uniform() } },
                           labels: (0..<n).map { ($0 * 7) % out }, out: out)
         let opt = try KFACOptimizer<Double>()
         try opt.addDense(inFeatures: inF, outFeatures: out, hasBias: true)
