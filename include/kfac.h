@@ -1538,7 +1538,9 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * kfac_optimizer_update_factors yourself). KFAC_DISTRIBUTED_REDUCE_LAZY (kfac-jax's lazy mode)
  * folds local statistics into local moving averages and, only before an inverse update (or a γ
  * step that inverts), packs each rank's moving average and sets every rank's factors to their
- * mean: the union batch's factors when every rank records the same number of rows per fold, an
+ * mean (statistics recorded since the last fold are in the pack only when that step folds;
+ * otherwise they stay pending on their rank until their fold, weighted as in one process):
+ * the union batch's factors when every rank records the same number of rows per fold, an
  * approximation otherwise; between those steps the ranks' factors differ (so do factor-based
  * queries: kfac_layer_get_factors_*, kfac_curvature_multiply_* with power 1), not their
  * inverses or directions. Row counts travel as values of the handle's precision: exact up to 2^24

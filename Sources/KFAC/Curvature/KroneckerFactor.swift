@@ -406,11 +406,14 @@ extension KroneckerFactor {
         summedRows = rows
     }
 
-    /// Lazy reduce: the moving average this factor would have after folding its pending
-    /// statistics (upper triangles), then 1 if it has one, else zeros and 0. `scratch` holds at
-    /// least `storageCount` values. Changes nothing.
-    func packAverage(into out: UnsafeMutablePointer<Scalar>, scratch: AlignedBuffer<Scalar>, decay: Scalar) {
-        if hasPending {
+    /// Lazy reduce: the moving average this factor has for the next step's inversion — with its
+    /// pending statistics folded in when that step folds (`folding`), else the running factor
+    /// alone (the pending statistics wait for their fold, as in a single process) — as upper
+    /// triangles, then 1 if it has one, else zeros and 0. `scratch` holds at least
+    /// `storageCount` values. Changes nothing.
+    func packAverage(into out: UnsafeMutablePointer<Scalar>, scratch: AlignedBuffer<Scalar>, decay: Scalar, folding: Bool) {
+        let folds = folding && hasPending
+        if folds {
             average(into: scratch, decay: decay)
         } else if hasRunning {
             scratch.base.update(from: running.base, count: structure.storageCount)
@@ -418,16 +421,17 @@ extension KroneckerFactor {
             scratch.base.initialize(repeating: 0, count: structure.storageCount)
         }
         let w = packUpper(scratch.base, into: out)
-        out[w] = hasPending || hasRunning ? 1 : 0
+        out[w] = folds || hasRunning ? 1 : 0
     }
 
     /// Lazy reduce: the running factor becomes the mean of the ranks' averages (the allreduced
-    /// sum from `packAverage` divided by `weight`, the ranks that had one), pending cleared.
-    /// With weight 0 nothing changes.
-    func replaceRunning(from p: UnsafePointer<Scalar>, weight: Int) {
+    /// sum from `packAverage` divided by `weight`, the ranks that had one). The pending
+    /// statistics were folded into the pack when `folding` (cleared here), else they stay
+    /// pending for the next fold. With weight 0 nothing changes.
+    func replaceRunning(from p: UnsafePointer<Scalar>, weight: Int, folding: Bool) {
         guard weight > 0 else { return }
         unpackUpper(p, scale: 1 / Scalar(weight), into: running.base)
         hasRunning = true
-        clearPending()
+        if folding { clearPending() }
     }
 }

@@ -6,7 +6,8 @@
 /// 1. statistics, when `reduceDue(.statistics)`: `packStatistics`, SUM-allreduce, `unpackStatistics`.
 ///    Eager mode packs the pending sums Σ x xᵀ (upper triangles) and row counts, so the folded
 ///    factor is the union batch's whatever the local batch sizes. Lazy mode packs each rank's
-///    moving average (with its pending statistics folded in) and averages them: the union
+///    moving average (with its pending statistics folded in when the step folds; on a step that
+///    does not fold they stay pending for their fold, as in one process) and averages them: the union
 ///    batch's factors only when every rank records the same number of rows per fold.
 /// 2. inverses, when `reduceDue(.inverses)`: `packInverses` computes the units this rank owns
 ///    (`InverseAssignment`) and writes every Kronecker block's inverse image with zeros for the
@@ -167,10 +168,11 @@ extension KFACOptimizer {
         let scratch = try packScratch()
         let lazy = parameters.distributedReduce == .lazy
         let decay = Scalar(parameters.factorDecay)
+        let folding = shouldFoldFactors(at: stepCount)
         var w = 0
         for c in estimator.blocks {
             for f in [c.input, c.output] {
-                if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay) }
+                if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay, folding: folding) }
                 else { f.packPending(into: out + w, scratch: scratch.base) }
                 w += f.packCount
             }
@@ -202,10 +204,11 @@ extension KFACOptimizer {
             }
         }
         w = 0
+        let folding = shouldFoldFactors(at: stepCount)
         for c in estimator.blocks {
             for f in [c.input, c.output] {
                 let n = Int(Double(p[w + f.packCount - 1]))
-                if lazy { f.replaceRunning(from: p + w, weight: n) } else { f.replacePending(from: p + w, rows: n) }
+                if lazy { f.replaceRunning(from: p + w, weight: n, folding: folding) } else { f.replacePending(from: p + w, rows: n) }
                 w += f.packCount
             }
         }

@@ -103,7 +103,8 @@ final class FakeWorldTests: XCTestCase {
     /// Runs `steps` steps on P ranks and on one reference handle; optionally saves every rank
     /// after step `checkpoint` and continues on fresh handles loaded from the images.
     func run(ranks p: Int, strategy: InverseStrategy, reduce: DistributedReduce, steps: Int = 7, rows: Int = 12,
-             checkpoint: Int? = nil, seed: UInt64 = 5, configure: @escaping (inout KFACParameters) -> Void = { _ in }) throws -> Double {
+             checkpoint: Int? = nil, seed: UInt64 = 5, recordEveryStep: Bool = false,
+             configure: @escaping (inout KFACParameters) -> Void = { _ in }) throws -> Double {
         let setup: (inout KFACParameters) -> Void = {
             $0.inverseStrategy = strategy; $0.factorUpdatePeriod = 1; $0.inverseUpdatePeriod = 3
             $0.distributedReduce = reduce; configure(&$0)
@@ -120,8 +121,8 @@ final class FakeWorldTests: XCTestCase {
         for k in 0..<steps {
             let batch = Model.batch(&random, rows: rows)
             let grads = Model.gradients(&random)
-            if reference.wantsStatistics { try record(reference, batch, rows: rows, 0, rows) }
-            if ranks[0].wantsStatistics { for (r, o) in ranks.enumerated() { try record(o, batch, rows: rows, cut[r].0, cut[r].1) } }
+            if recordEveryStep || reference.wantsStatistics { try record(reference, batch, rows: rows, 0, rows) }
+            if recordEveryStep || ranks[0].wantsStatistics { for (r, o) in ranks.enumerated() { try record(o, batch, rows: rows, cut[r].0, cut[r].1) } }
             try exchange(ranks)
             var expected = grads
             try reference.step(&expected)
@@ -171,6 +172,20 @@ final class FakeWorldTests: XCTestCase {
                     $0.factorUpdatePeriod = 2; $0.factorDampingPeriod = 2; $0.factorDamping = 1e-2
                 }
                 XCTAssertLessThan(d, 1e-12, "\(strategy) \(reduce) with Tf = 2, T₂ = 2")
+            }
+        }
+    }
+
+    /// Statistics recorded on steps that do not fold (Tf = 2) stay pending until the next fold,
+    /// also when an inverse step (Ti = 3) that does not fold exchanges the lazy averages in between:
+    /// nothing recorded is lost or folded early, so the directions are the union handle's.
+    func testLazyReduceKeepsStatisticsOfNonFoldSteps() throws {
+        for strategy in Self.strategies {
+            for p in [2, 4] {
+                let d = try run(ranks: p, strategy: strategy, reduce: .lazy, steps: 10, rows: 8, recordEveryStep: true) {
+                    $0.factorUpdatePeriod = 2
+                }
+                XCTAssertLessThan(d, 1e-12, "lazy, \(strategy), P = \(p), Tf = 2, Ti = 3, recording every step")
             }
         }
     }
