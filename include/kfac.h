@@ -1529,6 +1529,9 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  *                kfac_distributed_unpack_inverses_f64(opt, ibuf, m); }
  *     kfac_optimizer_step_f64(opt, grads_w, grads_b, n_layers);
  * n and m come from kfac_distributed_get_count; the due flags are the same on every rank.
+ * kfac_distributed_synchronize does the two exchanges in one call through a caller-supplied
+ * SUM-allreduce (kfac_collectives), with buffers the handle keeps, for engines without a
+ * companion library (NCCL, custom).
  *
  * Statistics. KFAC_DISTRIBUTED_REDUCE_EAGER (the default) packs the pending statistics as sums
  * Σ x xᵀ (each factor block's upper triangle, row-major) and a row count per factor: after the
@@ -1688,6 +1691,39 @@ KFAC_API int kfac_distributed_pack_model_sums_f64(kfac_optimizer *opt, const dou
  *  OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double *sums, int64_t n_sums, int32_t *chosen,
                                                double *alpha, double *mu, double *predicted_change);
+
+/** Since 0.2. A caller's collective engine for kfac_distributed_synchronize (NCCL, a custom
+ *  transport, anything with a SUM-allreduce; libkfac_mpi and the torch route use the pack calls
+ *  directly). Growable: set struct_size = sizeof(kfac_collectives); fields past an older caller's
+ *  struct_size read as NULL. allreduce_sum_f32/_f64 replaces buffer[0..count) by its element-wise
+ *  sum over every rank (the same bits on every rank: sum in a fixed order) and returns 0, or
+ *  non-zero on failure — which the engine must report on every rank, since ranks that go on would
+ *  wait in the next collective. Only the function of the handle's precision is needed (the other
+ *  may be NULL). It is called on the thread that called kfac_distributed_synchronize, only during
+ *  that call, with buffers the handle owns (valid only during the callback; an engine with int
+ *  counts sends count in chunks); it must not call into the same handle. */
+typedef struct kfac_collectives {
+    size_t struct_size;
+    void *user;                                                          /* passed back unchanged */
+    int (*allreduce_sum_f32)(float *buffer, int64_t count, void *user);  /* float32 handles */
+    int (*allreduce_sum_f64)(double *buffer, int64_t count, void *user); /* float64 handles */
+} kfac_collectives;
+
+/** Since 0.2. A step's whole exchange through the caller's collective: when due (see
+ *  kfac_distributed_get_due) the statistics, then the inverses, each packed into a buffer the
+ *  handle owns (allocated on first use and kept: after warm-up nothing is allocated),
+ *  SUM-allreduced by collectives->allreduce_sum_*, and unpacked — the sequence of "Distributed"
+ *  above in one call; call it where that sequence goes (after recording, before the step), on
+ *  every rank. The collective is called 0, 1 or 2 times, the same on every rank with the same
+ *  counts, also when a pack fails on some rank (its buffer then carries NaN, so every rank's
+ *  unpack fails alike; that rank returns its pack's error, the others NON_FINITE). Errors:
+ *  NULL_POINTER (opt, collectives, the function of the handle's precision), INVALID_SIZE
+ *  (struct_size smaller than the f32 function's end), CALLBACK (the collective returned non-zero),
+ *  OUT_OF_MEMORY (before any collective), and those of the pack and unpack calls. On any error the
+ *  handle is as before the call — also after a failure in the inverse exchange, when the
+ *  statistics were already unpacked (they are put back from a copy taken before): retry the call,
+ *  or step without it (the step then computes every inverse itself). */
+KFAC_API int kfac_distributed_synchronize(kfac_optimizer *opt, const kfac_collectives *collectives);
 
 /* ---------------------------------------------------------------------------------------------
  * Block-tridiagonal (experimental). Since 0.2.

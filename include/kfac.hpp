@@ -855,6 +855,11 @@ public:
               "kfac_distributed_solve_model_sums");
         return r;
     }
+    /** kfac_distributed_synchronize: the step's exchanges through the caller's collectives (a
+     *  non-zero return from the collective throws kfac::error with KFAC_ERROR_CALLBACK). */
+    void distributed_synchronize(const kfac_collectives &collectives) {
+        check(kfac_distributed_synchronize(handle_, &collectives), "kfac_distributed_synchronize");
+    }
 #endif /* KFAC_EXPERIMENTAL_API */
 
 private:

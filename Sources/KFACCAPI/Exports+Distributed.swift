@@ -179,3 +179,22 @@ public func kfac_distributed_solve_model_sums(
         predicted?.pointee = r.predictedChange
     }
 }
+
+// MARK: Caller-supplied collectives
+
+@c @implementation
+public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: UnsafePointer<kfac_collectives>?) -> Int32 {
+    withHandle(opt) { (handle) throws(KFACError) in
+        let c = try readGrowable(collectives, "collectives", minimum: MemoryLayout<kfac_collectives>.offset(of: \.allreduce_sum_f64)!,
+                                 empty: kfac_collectives())
+        let user = c.user
+        switch handle.engine {
+        case .float32(let o):
+            let fn = try required(c.allreduce_sum_f32, "collectives->allreduce_sum_f32")
+            try o.exchange { fn($0, Int64($1), user) }
+        case .float64(let o):
+            let fn = try required(c.allreduce_sum_f64, "collectives->allreduce_sum_f64")
+            try o.exchange { fn($0, Int64($1), user) }
+        }
+    }
+}

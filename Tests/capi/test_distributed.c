@@ -7,11 +7,13 @@
  * Cholesky and eigen strategies and both reduce modes. Also: error paths change nothing, a
  * failed inverse pack poisons the exchange on every rank alike.
  */
+#define _POSIX_C_SOURCE 200809L /* pthread barriers under -std=c11 */
 #define KFAC_EXPERIMENTAL_API
 #include "harness.h"
 #include "../distributed/dist_model.h"
 
 #include <math.h>
+#include <pthread.h>
 
 #define MAXP 4
 
@@ -141,6 +143,176 @@ static void distributed_errors(void) {
     kfac_optimizer_free(a); kfac_optimizer_free(b); kfac_optimizer_free(f);
 }
 
+
+/* ---- kfac_distributed_synchronize through a collective on threads ----
+ * P ranks on P threads; the collective is a SUM-allreduce over a barrier: every rank publishes
+ * its buffer, sums all of them in rank order (the same bits everywhere), and waits until all
+ * have read before overwriting its own. It fails on every rank at call `failing_call`, as an
+ * engine reporting an error to the whole group. */
+#define SYNC_STEPS 7
+typedef struct {
+    int p, failing_call;
+    pthread_barrier_t barrier;
+    double *published[MAXP];
+    int calls[MAXP];
+    int64_t counts[MAXP][2 * SYNC_STEPS];
+} thread_world;
+
+typedef struct {
+    thread_world *world;
+    kfac_optimizer *opt;
+    int rank, lo, hi, steps, status;
+    const dm_step_data *data;
+    double (*w)[DM_LAYERS][64], (*b)[DM_LAYERS][8];
+} rank_thread;
+
+static int thread_allreduce(double *buffer, int64_t count, void *user) {
+    rank_thread *t = user;
+    thread_world *w = t->world;
+    int call = w->calls[t->rank]++;
+    if (call < 2 * SYNC_STEPS) w->counts[t->rank][call] = count;
+    if (call == w->failing_call) return 5;
+    w->published[t->rank] = buffer;
+    pthread_barrier_wait(&w->barrier);
+    double *sum = calloc((size_t)count + 1, sizeof(double));
+    for (int r = 0; r < w->p; r++)
+        for (int64_t i = 0; i < count; i++) sum[i] += w->published[r][i];
+    pthread_barrier_wait(&w->barrier);
+    memcpy(buffer, sum, (size_t)count * sizeof(double));
+    free(sum);
+    return 0;
+}
+
+/* One rank's run: per step, record its slice, synchronize, step (directions into w[k], b[k]). */
+static void *rank_main(void *arg) {
+    rank_thread *t = arg;
+    kfac_collectives c = {sizeof(kfac_collectives), t, NULL, thread_allreduce};
+    for (int k = 0; k < t->steps && !t->status; k++) {
+        if ((t->status = dm_record(t->opt, &t->data[k], t->lo, t->hi))) break;
+        if ((t->status = kfac_distributed_synchronize(t->opt, &c))) break;
+        if (t->w && (t->status = dm_step(t->opt, &t->data[k], t->w[k], t->b[k]))) break;
+    }
+    return NULL;
+}
+
+static void run_threads(rank_thread *t, int p) {
+    pthread_t id[MAXP];
+    for (int r = 0; r < p; r++) pthread_create(&id[r], NULL, rank_main, &t[r]);
+    for (int r = 0; r < p; r++) pthread_join(id[r], NULL);
+}
+
+static void synchronize_world(int p, int32_t strategy) {
+    static dm_step_data d[SYNC_STEPS];
+    static double rw[SYNC_STEPS][DM_LAYERS][64], rb[SYNC_STEPS][DM_LAYERS][8];
+    static double w[MAXP][SYNC_STEPS][DM_LAYERS][64], b[MAXP][SYNC_STEPS][DM_LAYERS][8];
+    uint64_t seed = 99;
+    for (int k = 0; k < SYNC_STEPS; k++) dm_make(&d[k], &seed);
+    kfac_optimizer *ref = NULL;
+    REQUIRE_OK(ref, dm_create(&ref, 0, 1, strategy, KFAC_DISTRIBUTED_REDUCE_EAGER));
+    int ok = 1;
+    for (int k = 0; k < SYNC_STEPS; k++) ok = ok && !dm_record(ref, &d[k], 0, DM_ROWS) && !dm_step(ref, &d[k], rw[k], rb[k]);
+    static thread_world world;
+    memset(&world, 0, sizeof world);
+    world.p = p;
+    world.failing_call = -1;
+    pthread_barrier_init(&world.barrier, NULL, (unsigned)p);
+    rank_thread t[MAXP];
+    for (int r = 0; r < p; r++) {
+        t[r] = (rank_thread){&world, NULL, r, 0, 0, SYNC_STEPS, 0, d, w[r], b[r]};
+        dm_slice(r, p, DM_ROWS, 0, &t[r].lo, &t[r].hi);
+        REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, p, strategy, KFAC_DISTRIBUTED_REDUCE_EAGER));
+    }
+    run_threads(t, p);
+    double worst = 0;
+    int identical = 1, counts_agree = 1;
+    for (int r = 0; r < p; r++) {
+        ok = ok && t[r].status == 0;
+        if (t[r].status) printf("  rank %d: %s\n", r, kfac_optimizer_last_error(t[r].opt));
+        counts_agree = counts_agree && world.calls[r] == world.calls[0] &&
+                       !memcmp(world.counts[r], world.counts[0], sizeof world.counts[0]);
+    }
+    for (int k = 0; k < SYNC_STEPS && ok; k++) {
+        for (int r = 1; r < p; r++)
+            if (memcmp(w[r][k], w[0][k], sizeof w[0][k]) || memcmp(b[r][k], b[0][k], sizeof b[0][k])) identical = 0;
+        double e = dm_relative_difference(w[0][k], b[0][k], rw[k], rb[k]);
+        if (e > worst) worst = e;
+    }
+    const char *name = strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky";
+    check(ok, "synchronize, P = %d, %s: every call succeeds on every thread", p, name);
+    check(counts_agree && world.calls[0] >= SYNC_STEPS + 3,
+          "P = %d: every rank called the collective as often (%d times), with the same counts", p, world.calls[0]);
+    check(identical, "P = %d: every rank's directions are bit-identical", p);
+    check(worst <= 1e-12, "P = %d: directions equal the union batch's (max rel. difference %.2e <= 1e-12)", p, worst);
+    pthread_barrier_destroy(&world.barrier);
+    kfac_optimizer_free(ref);
+    for (int r = 0; r < p; r++) kfac_optimizer_free(t[r].opt);
+}
+
+/* A collective failing on every rank at its first (statistics) or second (inverse) call: every
+ * rank gets CALLBACK and its state equals an untouched twin's; the retry and step then agree
+ * with one handle on the union batch. Also the argument checks. */
+static void synchronize_failures(void) {
+    section("distributed: kfac_distributed_synchronize with a failing collective");
+    enum { P = 3 };
+    static dm_step_data d[2];
+    uint64_t seed = 123;
+    dm_make(&d[0], &seed);
+    dm_make(&d[1], &seed);
+    for (int failing = 0; failing < 2; failing++) {
+        kfac_optimizer *ref = NULL, *twin[P];
+        REQUIRE_OK(ref, dm_create(&ref, 0, 1, KFAC_INVERSE_EIGEN, 0));
+        static thread_world world;
+        memset(&world, 0, sizeof world);
+        world.p = P;
+        world.failing_call = failing;
+        pthread_barrier_init(&world.barrier, NULL, P);
+        rank_thread t[P];
+        for (int r = 0; r < P; r++) {
+            t[r] = (rank_thread){&world, NULL, r, 0, 0, 1, 0, d, NULL, NULL};
+            dm_slice(r, P, DM_ROWS, 0, &t[r].lo, &t[r].hi);
+            REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, P, KFAC_INVERSE_EIGEN, 0));
+            REQUIRE_OK(twin[r], dm_create(&twin[r], r, P, KFAC_INVERSE_EIGEN, 0));
+            REQUIRE_OK(twin[r], dm_record(twin[r], &d[0], t[r].lo, t[r].hi));
+        }
+        run_threads(t, P);
+        int all_callback = 1, unchanged = 1;
+        for (int r = 0; r < P; r++) {
+            all_callback = all_callback && t[r].status == KFAC_ERROR_CALLBACK;
+            unchanged = unchanged && same_state(t[r].opt, twin[r]);
+        }
+        check(all_callback, "collective failing at call %d: CALLBACK on every rank", failing);
+        check(unchanged, "collective failing at call %d: every handle equals its untouched twin", failing);
+        /* The retry (nothing recorded again) and the step. */
+        static double rw[1][DM_LAYERS][64], rb[1][DM_LAYERS][8], w[P][1][DM_LAYERS][64], b[P][1][DM_LAYERS][8];
+        int ok = !dm_record(ref, &d[0], 0, DM_ROWS) && !dm_step(ref, &d[0], rw[0], rb[0]);
+        world.failing_call = -1;
+        for (int r = 0; r < P; r++) { t[r].lo = t[r].hi = 0; t[r].status = 0; t[r].w = w[r]; t[r].b = b[r]; }
+        run_threads(t, P);
+        double worst = 0;
+        for (int r = 0; r < P; r++) {
+            ok = ok && t[r].status == 0;
+            if (t[r].status) printf("  rank %d: %s\n", r, kfac_optimizer_last_error(t[r].opt));
+            double e = dm_relative_difference(w[r][0], b[r][0], rw[0], rb[0]);
+            if (e > worst) worst = e;
+        }
+        check(ok && worst <= 1e-12, "retry after failing call %d: the union batch's directions (%.2e)", failing, worst);
+        pthread_barrier_destroy(&world.barrier);
+        kfac_optimizer_free(ref);
+        for (int r = 0; r < P; r++) { kfac_optimizer_free(t[r].opt); kfac_optimizer_free(twin[r]); }
+    }
+    kfac_optimizer *o = NULL;
+    REQUIRE_OK(o, dm_create(&o, 0, 2, KFAC_INVERSE_CHOLESKY, 0));
+    kfac_collectives none = {sizeof(kfac_collectives), NULL, NULL, NULL};
+    kfac_collectives small = {sizeof(size_t), NULL, NULL, thread_allreduce};
+    check(kfac_distributed_synchronize(o, NULL) == KFAC_ERROR_NULL_POINTER, "synchronize: NULL collectives");
+    check(kfac_distributed_synchronize(NULL, &none) == KFAC_ERROR_NULL_POINTER, "synchronize: NULL handle");
+    check(kfac_distributed_synchronize(o, &none) == KFAC_ERROR_NULL_POINTER &&
+          strstr(kfac_optimizer_last_error(o), "allreduce_sum_f64") != NULL,
+          "synchronize: a float64 handle without allreduce_sum_f64: NULL_POINTER naming it");
+    check(kfac_distributed_synchronize(o, &small) == KFAC_ERROR_INVALID_SIZE, "synchronize: struct_size too small");
+    kfac_optimizer_free(o);
+}
+
 void test_distributed(void) {
     section("distributed: fake world of 1-4 handles against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
@@ -150,4 +322,10 @@ void test_distributed(void) {
         fake_world(p, KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_LAZY);
     }
     distributed_errors();
+    section("distributed: kfac_distributed_synchronize on threads against one handle on the union batch");
+    for (int p = 1; p <= MAXP; p++) {
+        synchronize_world(p, KFAC_INVERSE_EIGEN);
+        synchronize_world(p, KFAC_INVERSE_CHOLESKY);
+    }
+    synchronize_failures();
 }

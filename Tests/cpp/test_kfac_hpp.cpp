@@ -255,6 +255,47 @@ static void test_gauss_newton() {
 
 // The distributed wrappers: two handles, each recording half a batch, a sum of their packed
 // buffers as the allreduce; their directions are bit-identical and close to one handle's.
+// distributed_synchronize in a world of one: the collective (the identity, counting its calls)
+// runs for the statistics and the inverses, and the directions equal a handle's without any
+// exchange bitwise; a collective returning non-zero throws CALLBACK.
+static int identity_allreduce(double *, int64_t, void *user) {
+    ++*static_cast<int *>(user);
+    return 0;
+}
+static int failing_allreduce(double *, int64_t, void *) { return 3; }
+
+static void test_distributed_synchronize() {
+    auto desc = kfac::dense_desc();
+    desc.in_features = 4;
+    desc.out_features = 3;
+    desc.has_bias = 1;
+    kfac::optimizer alone(KFAC_FLOAT64), synced(KFAC_FLOAT64);
+    std::vector<double> x(5 * 4), g(5 * 3);
+    for (std::size_t i = 0; i < x.size(); i++) x[i] = std::sin(3.0 + double(i));
+    for (std::size_t i = 0; i < g.size(); i++) g[i] = std::cos(1.0 + double(i));
+    for (auto *o : {&alone, &synced}) {
+        o->layer_add_dense(desc);
+        o->layer_record_inputs(0, x.data(), 5);
+        o->layer_record_output_grads(0, g.data(), 5);
+    }
+    int calls = 0;
+    kfac_collectives failing = {sizeof(kfac_collectives), nullptr, nullptr, failing_allreduce};
+    expect_error([&] { synced.distributed_synchronize(failing); }, KFAC_ERROR_CALLBACK, "kfac_distributed_synchronize");
+    kfac_collectives identity = {sizeof(kfac_collectives), &calls, nullptr, identity_allreduce};
+    synced.distributed_synchronize(identity);
+    CHECK(calls == 2);
+    std::vector<double> w[2], bias[2];
+    kfac::optimizer *both[] = {&alone, &synced};
+    for (int k = 0; k < 2; k++) {
+        w[k].assign(12, 0.25);
+        bias[k].assign(3, -0.5);
+        double *wp[] = {w[k].data()}, *bp[] = {bias[k].data()};
+        both[k]->step(wp, bp);
+    }
+    CHECK(w[0] == w[1] && bias[0] == bias[1]);
+    CHECK(w[0][0] != 0.25);
+}
+
 static void test_distributed() {
     auto desc = kfac::dense_desc();
     desc.in_features = 4;
@@ -356,6 +397,7 @@ int main() {
     test_training_steps();
     test_gauss_newton();
     test_distributed();
+    test_distributed_synchronize();
     test_tridiagonal();
     std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;

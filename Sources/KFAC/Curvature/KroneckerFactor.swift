@@ -435,3 +435,22 @@ extension KroneckerFactor {
         if folding { clearPending() }
     }
 }
+
+extension KroneckerFactor {
+    /// Bytes `saveStatistics` can write at most.
+    var maximumSnapshotBytes: Int { maximumImageBytes + 8 }
+
+    /// Writes everything an exchange may change (the running factor and the pending
+    /// statistics, as the state image has them, and the pending magnitude), so that
+    /// `restoreStatistics` can undo an exchange that failed after it unpacked.
+    func saveStatistics(to w: inout StateWriter) {
+        write(to: &w)
+        w.f64(pendingMagnitude)
+    }
+
+    /// Undoes an exchange: reads what `saveStatistics` wrote.
+    func restoreStatistics(from r: inout StateReader) throws(KFACError) {
+        try read(from: &r)
+        pendingMagnitude = try r.f64()
+    }
+}

@@ -28,6 +28,8 @@ struct DistributedState<Scalar: KFACScalar> {
     /// The step (and layers) whose statistics `unpackStatistics` already replaced by the union's,
     /// so that a retried exchange does not count them again.
     var statisticsReduced: (step: Int, blocks: ObjectIdentifier?)?
+    /// The buffers of `exchange(through:)`.
+    var collectives = CollectiveBuffers<Scalar>()
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {

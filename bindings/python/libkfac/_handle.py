@@ -326,6 +326,17 @@ class Handle:
         unpack_inverses) on the buffer at ``address`` of ``count`` values."""
         self.call(self._fn["distributed_" + name], self.cast(address), count)
 
+    def synchronize(self, allreduce_sum) -> None:
+        """kfac_distributed_synchronize with ``allreduce_sum(pointer, count)`` (returning 0 on
+        success) as the collective of the handle's precision."""
+        if self.ptr_type is _lib.c_float_p:
+            fn = _lib.kfac_allreduce_sum_fn_f32(lambda p, n, _user: allreduce_sum(p, n))
+            collectives = _lib.kfac_collectives.new(allreduce_sum_f32=fn)
+        else:
+            fn = _lib.kfac_allreduce_sum_fn_f64(lambda p, n, _user: allreduce_sum(p, n))
+            collectives = _lib.kfac_collectives.new(allreduce_sum_f64=fn)
+        self.call(_lib.kfac_distributed_synchronize, ctypes.byref(collectives))
+
     def pack_model_sums(self, outputs: int, direction_products: Sequence[int], previous_products: int,
                         rows: int, dim: int, distribution: int, sums: int, n_sums: int) -> None:
         n = len(direction_products)

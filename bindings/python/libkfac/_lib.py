@@ -386,6 +386,23 @@ kfac_cg_product_fn_f32 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_float_p), P
 kfac_cg_product_fn_f64 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_double_p), POINTER(c_double_p),
                                           POINTER(c_double_p), POINTER(c_double_p), c_int32)
 
+#: ``allreduce_sum_f32`` / ``_f64`` of ``struct kfac_collectives`` (experimental).
+kfac_allreduce_sum_fn_f32 = ctypes.CFUNCTYPE(c_int, c_float_p, c_int64, c_void_p)
+kfac_allreduce_sum_fn_f64 = ctypes.CFUNCTYPE(c_int, c_double_p, c_int64, c_void_p)
+
+
+class kfac_collectives(_Growable):
+    """``struct kfac_collectives`` (experimental): a caller's SUM-allreduce for
+    :func:`kfac_distributed_synchronize`."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("user", c_void_p),
+        ("allreduce_sum_f32", kfac_allreduce_sum_fn_f32),
+        ("allreduce_sum_f64", kfac_allreduce_sum_fn_f64),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Locating and loading the shared library
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +672,7 @@ _PROTOTYPES = [
      [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
     ("kfac_distributed_solve_model_sums", c_int,
      [_P, c_double_p, c_int64, POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    ("kfac_distributed_synchronize", c_int, [_P, POINTER(kfac_collectives)]),
     # Experimental: block-tridiagonal links
     ("kfac_layer_link", c_int, [_P, c_int32, c_int32]),
     ("kfac_layer_get_cross_factors_f32", c_int, [_P, c_int32, c_float_p, c_float_p]),

@@ -817,23 +817,31 @@ class Optimizer(AdaptiveMethods):
     def synchronize(self, allreduce_sum) -> None:
         """EXPERIMENTAL. The exchanges the next :meth:`step` needs, each through
         ``allreduce_sum(array)``, which must return the element-wise sum over all ranks (or
-        ``None`` after summing in place) (every rank calls it for the same exchanges, in the same order). An inverse pack
-        that fails still takes part in the allreduce (as NaN), so that every rank raises alike."""
-        if self.exchange_due("statistics"):
-            buffer = self.pack_statistics()
-            reduced = allreduce_sum(buffer)
-            self.unpack_statistics(buffer if reduced is None else reduced)
-        if self.exchange_due("inverses"):
-            error = None
+        ``None`` after summing in place); every rank calls it for the same exchanges, in the
+        same order. Runs ``kfac_distributed_synchronize``: the array wraps a buffer the library
+        owns, valid only during the call. An inverse pack that fails still takes part in the
+        allreduce (as NaN), so that every rank raises alike. If ``allreduce_sum`` raises, that
+        exception propagates and the handle is as before the call (also when the statistics
+        were already unpacked: the library puts them back)."""
+        failures = []
+
+        def reduce(pointer, count):
             try:
-                buffer = self.pack_inverses()
-            except KFACError as e:
-                error = e
-                buffer = np.full(self.exchange_size("inverses"), np.nan, dtype=self.dtype)
-            reduced = allreduce_sum(buffer)
-            if error is not None:
-                raise error
-            self.unpack_inverses(buffer if reduced is None else reduced)
+                buffer = np.ctypeslib.as_array(pointer, shape=(count,))
+                reduced = allreduce_sum(buffer)
+                if reduced is not None and reduced is not buffer:
+                    buffer[...] = np.asarray(reduced, dtype=self.dtype).reshape(-1)
+                return 0
+            except BaseException as error:  # an exception cannot cross the C frames
+                failures.append(error)
+                return 1
+
+        try:
+            self._handle.synchronize(reduce)
+        except KFACError as error:
+            if failures:
+                raise failures[0] from error
+            raise
 
     # -----------------------------------------------------------------------------------------
     # State

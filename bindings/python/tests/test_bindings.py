@@ -105,6 +105,7 @@ _C_TYPES = {
     "const double*const*": ctypes.POINTER(ctypes.POINTER(ctypes.c_double)),
     # conjugate gradient (experimental)
     "const kfac_cg_desc*": ctypes.POINTER(_lib.kfac_cg_desc),
+    "const kfac_collectives*": ctypes.POINTER(_lib.kfac_collectives),
     "kfac_cg_result*": ctypes.POINTER(_lib.kfac_cg_result),
     "kfac_cg_product_fn_f32": _lib.kfac_cg_product_fn_f32,
     "kfac_cg_product_fn_f64": _lib.kfac_cg_product_fn_f64,

@@ -2,6 +2,8 @@
 handles, a SUM over their packed buffers as the allreduce, uneven slices of a union batch;
 directions bit-identical across ranks and equal to one handle's on the union batch."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,127 @@ def test_model_sums_match_the_union_solve():
         assert got[0] == got[1]
         assert got[0][1] == pytest.approx(want[0], rel=1e-12)
         assert got[0][2] == pytest.approx(want[1], rel=1e-12, abs=1e-300)
+
+
+class _ThreadWorld:
+    """P ranks on P threads; ``allreduce(rank)`` returns a SUM-allreduce over a barrier that sums
+    the ranks' buffers in rank order (the same bits on every rank), failing on every rank at
+    call ``failing_call`` by raising."""
+
+    def __init__(self, size, failing_call=None):
+        self.size, self.failing_call = size, failing_call
+        self.barrier = threading.Barrier(size)
+        self.published = [None] * size
+        self.calls = [0] * size
+
+    def allreduce(self, rank):
+        def reduce(array):
+            call = self.calls[rank]
+            self.calls[rank] += 1
+            if call == self.failing_call:
+                raise ConnectionError(f"collective {call} failed")
+            self.published[rank] = array
+            self.barrier.wait()
+            total = np.zeros_like(array)
+            for r in range(self.size):
+                total += self.published[r]
+            self.barrier.wait()
+            return total
+        return reduce
+
+    def run(self, body):
+        errors = [None] * self.size
+
+        def target(r):
+            try:
+                body(r)
+            except BaseException as error:  # reported to the main thread
+                errors[r] = error
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        return errors
+
+
+def _record(opt, data, lo, hi):
+    if hi > lo:
+        x0, g0, x1, g1 = data
+        opt.record_inputs(0, x0[lo:hi]); opt.record_output_grads(0, g0[lo:hi])
+        opt.record_inputs(1, x1[lo:hi]); opt.record_output_grads(1, g1[lo:hi])
+
+
+def _step_data(rng):
+    return ((rng.standard_normal((ROWS, 6)), rng.standard_normal((ROWS, 4)),
+             rng.standard_normal((ROWS, 4)), rng.standard_normal((ROWS, 3))),
+            [rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((3, 4))])
+
+
+def _directions(opt, grads):
+    d = [g.copy() for g in grads]
+    opt.step([d[0], d[2]], [d[1], None])
+    return np.concatenate([a.ravel() for a in d])
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_synchronize_on_threads_matches_the_union_batch(size):
+    """Optimizer.synchronize (kfac_distributed_synchronize) with a collective on threads."""
+    rng = np.random.default_rng(8)
+    steps = [_step_data(rng) for _ in range(5)]
+    ref = _optimizer(0, 1, "eigen")
+    expected = []
+    for data, grads in steps:
+        _record(ref, data, 0, ROWS)
+        expected.append(_directions(ref, grads))
+    ranks = [_optimizer(r, size, "eigen") for r in range(size)]
+    total = size * (size + 1) // 2
+    bounds = [ROWS * (r * (r + 1) // 2) // total for r in range(size + 1)]
+    world = _ThreadWorld(size)
+    got = [[] for _ in range(size)]
+
+    def body(r):
+        for data, grads in steps:
+            _record(ranks[r], data, bounds[r], bounds[r + 1])
+            ranks[r].synchronize(world.allreduce(r))
+            got[r].append(_directions(ranks[r], grads))
+
+    assert world.run(body) == [None] * size
+    for k, want in enumerate(expected):
+        for r in range(1, size):
+            assert np.array_equal(got[r][k], got[0][k])
+        assert np.max(np.abs(got[0][k] - want)) <= 1e-12 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("failing_call", [0, 1])
+def test_synchronize_failure_leaves_every_handle_unchanged(failing_call):
+    """An allreduce raising at the statistics (0) or inverse (1) exchange: the exception reaches
+    every rank, each handle's state equals an untouched twin's, and the retry gives the union
+    batch's directions."""
+    size = 3
+    rng = np.random.default_rng(9)
+    (data, grads), = [_step_data(rng)]
+    ranks = [_optimizer(r, size, "cholesky") for r in range(size)]
+    twins = [_optimizer(r, size, "cholesky") for r in range(size)]
+    bounds = [0, 2, 6, ROWS]
+    for r in range(size):
+        _record(ranks[r], data, bounds[r], bounds[r + 1])
+        _record(twins[r], data, bounds[r], bounds[r + 1])
+    world = _ThreadWorld(size, failing_call)
+    errors = world.run(lambda r: ranks[r].synchronize(world.allreduce(r)))
+    assert all(isinstance(e, ConnectionError) for e in errors), errors
+    assert all(isinstance(e.__cause__, kfac.KFACError) and e.__cause__.status == kfac.KFAC_ERROR_CALLBACK
+               for e in errors)
+    for r in range(size):
+        assert ranks[r].state_bytes() == twins[r].state_bytes()
+    world.failing_call = None
+    got = [None] * size
+    assert world.run(lambda r: (ranks[r].synchronize(world.allreduce(r)),
+                                got.__setitem__(r, _directions(ranks[r], grads)))) == [None] * size
+    ref = _optimizer(0, 1, "cholesky")
+    _record(ref, data, 0, ROWS)
+    want = _directions(ref, grads)
+    for r in range(size):
+        assert np.array_equal(got[r], got[0])
+    assert np.max(np.abs(got[0] - want)) <= 1e-12 * np.max(np.abs(want))

@@ -1,0 +1,94 @@
+/// A step's whole exchange through a caller-supplied collective (`kfac_distributed_exchange`):
+/// pack → SUM-allreduce → unpack for the statistics and then the inverses, with buffers the
+/// handle owns, and every handle left as it was when any part fails.
+///
+/// Why a snapshot: the inverses are computed from the union statistics, so the statistics must
+/// be unpacked before the inverse pack; when the inverse collective (or some rank's inversion)
+/// then fails, the factors are put back from a copy taken before the unpack. The copy and both
+/// pack buffers are allocated before the first collective, so that an allocation failure never
+/// leaves a rank out of a collective the others entered (it fails before any, on that rank).
+struct CollectiveBuffers<Scalar: KFACScalar> {
+    var statistics: AlignedBuffer<Scalar>?
+    var inverses: AlignedBuffer<Scalar>?
+    var snapshot: AlignedBuffer<Scalar>?
+
+    /// `buffer` if it holds `count` values, else a new one (kept for the next exchange).
+    static func reserve(_ buffer: inout AlignedBuffer<Scalar>?, _ count: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
+        if let b = buffer, b.count >= count { return b }
+        let b = try AlignedBuffer<Scalar>(rows: 1, columns: Swift.max(count, 1))
+        buffer = b
+        return b
+    }
+}
+
+extension KFACOptimizer {
+    /// Does the exchanges the next `step` needs (`exchangeDue`: statistics, then inverses) through
+    /// `allreduceSum(buffer, count)`, a SUM-allreduce in place over every rank that returns 0 on
+    /// success. Every rank calls this at the same point and the collective is called the same
+    /// number of times with the same counts on every rank, also when a pack fails on some rank
+    /// (its buffer then holds NaN, so the unpack fails on every rank alike).
+    /// Errors: `.callback` when the collective returns non-zero, the pack's and unpack's errors;
+    /// on any error the handle is as it was before the call, and a retry (or a step without
+    /// the exchange, which computes every inverse itself) works.
+    public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32) throws(KFACError) {
+        let statisticsDue = exchangeDue(.statistics), inversesDue = exchangeDue(.inverses)
+        guard statisticsDue || inversesDue else { return }
+        // Every allocation and count first (the same outcome on every rank of a consistent run).
+        let statisticsCount = statisticsDue ? statisticsPackCount : 0
+        let inverseCount = inversesDue ? try inversePackCount() : 0
+        let statistics = try CollectiveBuffers.reserve(&distributed.collectives.statistics, statisticsCount)
+        let inverses = try CollectiveBuffers.reserve(&distributed.collectives.inverses, inverseCount)
+        let snapshotBytes = statisticsDue && inversesDue
+            ? estimator.blocks.reduce(0) { $0 + $1.input.maximumSnapshotBytes + $1.output.maximumSnapshotBytes } : 0
+        let snapshot = try CollectiveBuffers.reserve(&distributed.collectives.snapshot,
+                                                     (snapshotBytes + MemoryLayout<Scalar>.stride - 1) / MemoryLayout<Scalar>.stride)
+        let before = (prepared: distributed.prepared, reduced: distributed.statisticsReduced,
+                      started: estimator.statisticsStarted)
+
+        if statisticsDue {
+            var packError: KFACError?
+            do throws(KFACError) { try packStatistics(into: statistics.base, count: statisticsCount) } catch {
+                packError = error
+                statistics.base.initialize(repeating: .nan, count: statisticsCount)
+            }
+            let status = allreduceSum(statistics.base, statisticsCount)
+            guard status == 0 else {
+                throw KFACError(.callback, "the statistics allreduce returned \(status); the handle is unchanged")
+            }
+            if let packError { throw packError }
+            if inversesDue {
+                var w = StateWriter(UnsafeMutableRawBufferPointer(start: snapshot.base, count: snapshotBytes))
+                for c in estimator.blocks {
+                    c.input.saveStatistics(to: &w)
+                    c.output.saveStatistics(to: &w)
+                }
+            }
+            try unpackStatistics(from: statistics.base, count: statisticsCount)
+        }
+        guard inversesDue else { return }
+        do throws(KFACError) {
+            var packError: KFACError?
+            // A failed pack after its size checks fills the buffer with NaN itself.
+            do throws(KFACError) { try packInverses(into: inverses.base, count: inverseCount) } catch { packError = error }
+            let status = allreduceSum(inverses.base, inverseCount)
+            guard status == 0 else {
+                throw KFACError(.callback, "the inverse allreduce returned \(status); the handle is unchanged")
+            }
+            if let packError { throw packError }
+            try unpackInverses(from: inverses.base, count: inverseCount)
+        } catch {
+            if statisticsDue {
+                var r = StateReader(UnsafeRawBufferPointer(start: snapshot.base, count: snapshotBytes))
+                for c in estimator.blocks {
+                    // Reads back what this call wrote; it cannot fail validation.
+                    try? c.input.restoreStatistics(from: &r)
+                    try? c.output.restoreStatistics(from: &r)
+                }
+            }
+            distributed.prepared = before.prepared
+            distributed.statisticsReduced = before.reduced
+            estimator.statisticsStarted = before.started
+            throw error
+        }
+    }
+}
