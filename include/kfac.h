@@ -1560,8 +1560,11 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * commits instead of computing them. Every rank then ends the step with identical directions.
  * Without the exchange (a single process, or a step whose prepared inverses were invalidated by
  * a parameter, state or inverse change in between) the step computes every inverse itself. The
- * inverse buffer holds every group's whole inverse representation (zero-padded: the volume of a
- * broadcast of all inverses, not of the owned share).
+ * SUM route's inverse buffer holds every group's whole inverse representation (zero-padded: the
+ * volume of a broadcast of all inverses on every rank). The allgatherv route
+ * (kfac_distributed_get_inverse_layout, kfac_distributed_pack_owned_inverses_*,
+ * kfac_distributed_unpack_gathered_inverses_*) sends each rank's own units only and gives the
+ * same bits.
  *
  * Errors and rollback. A call that fails changes nothing in the handle. A failed
  * kfac_distributed_pack_inverses_* (a factor not positive definite on its owner, say) fills the
@@ -1692,6 +1695,33 @@ KFAC_API int kfac_distributed_pack_model_sums_f64(kfac_optimizer *opt, const dou
 KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double *sums, int64_t n_sums, int32_t *chosen,
                                                double *alpha, double *mu, double *predicted_change);
 
+/** Since 0.2. The inverse exchange as an allgatherv, without zero padding: the sizes of each
+ *  rank's segment for the next step, in counts[n_ranks] (n_ranks must be the world size) and, if
+ *  not NULL, displacements[n_ranks] (their prefix sums: rank r's segment starts at
+ *  displacements[r] of the gathered buffer, as MPI_Allgatherv's displs). A segment holds the
+ *  units (see "Inverses") its rank owns among those the step inverts, in the fixed order
+ *  (layer, group, input before output factor, block), each as the slices of the strategy's
+ *  representation that belong to it (Cholesky: the block's inverse, b² values; eigen: its
+ *  eigenvectors, b², then its eigenvalues, b). All zero when the step inverts nothing. The same
+ *  on every rank; valid until the next step or parameter change. In all, one full inverse pack
+ *  at most (when every block is inverted) instead of the SUM route's one per rank. Errors:
+ *  NULL_POINTER (opt, counts), INVALID_SIZE (n_ranks), UNSUPPORTED (EKFAC, links), OUT_OF_MEMORY. */
+KFAC_API int kfac_distributed_get_inverse_layout(kfac_optimizer *opt, int64_t *counts, int64_t *displacements,
+                                                 int32_t n_ranks);
+
+/** Since 0.2. Computes the units this rank owns (as kfac_distributed_pack_inverses_*) and writes
+ *  only them: count must be counts[rank] of kfac_distributed_get_inverse_layout. Nothing committed
+ *  changes; on an error after the size checks the buffer is filled with NaN (take part in the
+ *  allgatherv anyway). Errors: those of kfac_distributed_pack_inverses_*. */
+KFAC_API int kfac_distributed_pack_owned_inverses_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_owned_inverses_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. Takes the allgathered segments of every rank (rank order, count = the sum of the
+ *  counts) as the inverses the next step commits: the same bits as the SUM route. Errors: those
+ *  of kfac_distributed_unpack_inverses_*. On error nothing changes. */
+KFAC_API int kfac_distributed_unpack_gathered_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_gathered_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
 /** Since 0.2. A caller's collective engine for kfac_distributed_synchronize (NCCL, a custom
  *  transport, anything with a SUM-allreduce; libkfac_mpi and the torch route use the pack calls
  *  directly). Growable: set struct_size = sizeof(kfac_collectives); fields past an older caller's
@@ -1707,12 +1737,20 @@ typedef struct kfac_collectives {
     void *user;                                                          /* passed back unchanged */
     int (*allreduce_sum_f32)(float *buffer, int64_t count, void *user);  /* float32 handles */
     int (*allreduce_sum_f64)(double *buffer, int64_t count, void *user); /* float64 handles */
+    /* Optional (NULL: the inverses go through allreduce_sum, zero-padded): gathers every rank's
+     * send[0..counts[rank]) into receive at displacements[r], on every rank (MPI_Allgatherv with
+     * int64_t counts, kfac_distributed_get_inverse_layout's). Returns 0 or non-zero as above. */
+    int (*allgatherv_f32)(const float *send, float *receive, const int64_t *counts, const int64_t *displacements,
+                          void *user);
+    int (*allgatherv_f64)(const double *send, double *receive, const int64_t *counts, const int64_t *displacements,
+                          void *user);
 } kfac_collectives;
 
 /** Since 0.2. A step's whole exchange through the caller's collective: when due (see
  *  kfac_distributed_get_due) the statistics, then the inverses, each packed into a buffer the
  *  handle owns (allocated on first use and kept: after warm-up nothing is allocated),
- *  SUM-allreduced by collectives->allreduce_sum_*, and unpacked — the sequence of "Distributed"
+ *  SUM-allreduced by collectives->allreduce_sum_* (the inverses allgathered by allgatherv_*
+ *  when given: kfac_distributed_get_inverse_layout), and unpacked — the sequence of "Distributed"
  *  above in one call; call it where that sequence goes (after recording, before the step), on
  *  every rank. The collective is called 0, 1 or 2 times, the same on every rank with the same
  *  counts, also when a pack fails on some rank (its buffer then carries NaN, so every rank's

@@ -855,6 +855,35 @@ public:
               "kfac_distributed_solve_model_sums");
         return r;
     }
+    /** kfac_distributed_get_inverse_layout: per rank counts (and displacements, their prefix
+     *  sums) of the gathered inverse exchange, for the world size. */
+    void distributed_get_inverse_layout(span<int64_t> counts, span<int64_t> displacements) {
+        if (!displacements.empty() && displacements.size() != counts.size())
+            throw error(KFAC_ERROR_INVALID_SIZE, "kfac_distributed_get_inverse_layout",
+                        "displacements must be empty or as long as counts");
+        check(kfac_distributed_get_inverse_layout(handle_, counts.data(),
+                                                  displacements.empty() ? nullptr : displacements.data(),
+                                                  static_cast<int32_t>(counts.size())),
+              "kfac_distributed_get_inverse_layout");
+    }
+    /** kfac_distributed_pack_owned_inverses_f32 / _f64 (count = buffer.size() = counts[rank]). */
+    void distributed_pack_owned_inverses(span<float> buffer) {
+        check(kfac_distributed_pack_owned_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_owned_inverses_f32");
+    }
+    void distributed_pack_owned_inverses(span<double> buffer) {
+        check(kfac_distributed_pack_owned_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_owned_inverses_f64");
+    }
+    /** kfac_distributed_unpack_gathered_inverses_f32 / _f64 (every rank's segment, rank order). */
+    void distributed_unpack_gathered_inverses(span<const float> buffer) {
+        check(kfac_distributed_unpack_gathered_inverses_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_gathered_inverses_f32");
+    }
+    void distributed_unpack_gathered_inverses(span<const double> buffer) {
+        check(kfac_distributed_unpack_gathered_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_gathered_inverses_f64");
+    }
     /** kfac_distributed_synchronize: the step's exchanges through the caller's collectives (a
      *  non-zero return from the collective throws kfac::error with KFAC_ERROR_CALLBACK). */
     void distributed_synchronize(const kfac_collectives &collectives) {

@@ -191,10 +191,67 @@ public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: U
         switch handle.engine {
         case .float32(let o):
             let fn = try required(c.allreduce_sum_f32, "collectives->allreduce_sum_f32")
-            try o.exchange { fn($0, Int64($1), user) }
+            let gather = c.allgatherv_f32
+            try o.exchange(through: { fn($0, Int64($1), user) },
+                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
         case .float64(let o):
             let fn = try required(c.allreduce_sum_f64, "collectives->allreduce_sum_f64")
-            try o.exchange { fn($0, Int64($1), user) }
+            let gather = c.allgatherv_f64
+            try o.exchange(through: { fn($0, Int64($1), user) },
+                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
         }
     }
+}
+
+// MARK: The inverse exchange as an allgatherv
+
+/// The precision-independent layout query.
+private protocol GatheredLayout: AnyObject {
+    var worldSize: Int { get }
+    func gatheredInverseCounts() throws(KFACError) -> [Int]
+}
+
+extension KFACOptimizer: GatheredLayout {}
+
+@c @implementation
+public func kfac_distributed_get_inverse_layout(_ opt: OpaquePointer?, _ counts: UnsafeMutablePointer<Int64>?,
+                                                _ displacements: UnsafeMutablePointer<Int64>?, _ n: Int32) -> Int32 {
+    withHandle(opt) { (handle) throws(KFACError) in
+        let out = try required(counts, "counts")
+        let o: any GatheredLayout
+        switch handle.engine {
+        case .float32(let x): o = x
+        case .float64(let x): o = x
+        }
+        guard Int(n) == o.worldSize else {
+            throw KFACError(.invalidSize, "n_ranks must be the world size \(o.worldSize), got \(n)")
+        }
+        let c = try o.gatheredInverseCounts()
+        var displacement: Int64 = 0
+        for (r, v) in c.enumerated() {
+            out[r] = Int64(v)
+            displacements?[r] = displacement
+            displacement += Int64(v)
+        }
+    }
+}
+
+@c @implementation
+public func kfac_distributed_pack_owned_inverses_f32(_ opt: OpaquePointer?, _ buffer: UnsafeMutablePointer<Float>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.packOwnedInverses(into: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_pack_owned_inverses_f64(_ opt: OpaquePointer?, _ buffer: UnsafeMutablePointer<Double>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.packOwnedInverses(into: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_unpack_gathered_inverses_f32(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Float>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.unpackGatheredInverses(from: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_unpack_gathered_inverses_f64(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Double>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.unpackGatheredInverses(from: buffer, count: try count(n)) }
 }

@@ -161,7 +161,7 @@ typedef struct {
 typedef struct {
     thread_world *world;
     kfac_optimizer *opt;
-    int rank, lo, hi, steps, status;
+    int rank, lo, hi, steps, status, gather;
     const dm_step_data *data;
     double (*w)[DM_LAYERS][64], (*b)[DM_LAYERS][8];
 } rank_thread;
@@ -183,10 +183,24 @@ static int thread_allreduce(double *buffer, int64_t count, void *user) {
     return 0;
 }
 
+static int thread_allgatherv(const double *send, double *receive, const int64_t *counts, const int64_t *displacements,
+                             void *user) {
+    rank_thread *t = user;
+    thread_world *w = t->world;
+    int call = w->calls[t->rank]++;
+    if (call < 2 * SYNC_STEPS) w->counts[t->rank][call] = displacements[w->p - 1] + counts[w->p - 1];  /* the total */
+    if (call == w->failing_call) return 5;
+    w->published[t->rank] = (double *)send;
+    pthread_barrier_wait(&w->barrier);
+    for (int r = 0; r < w->p; r++) memcpy(receive + displacements[r], w->published[r], (size_t)counts[r] * sizeof(double));
+    pthread_barrier_wait(&w->barrier);
+    return 0;
+}
+
 /* One rank's run: per step, record its slice, synchronize, step (directions into w[k], b[k]). */
 static void *rank_main(void *arg) {
     rank_thread *t = arg;
-    kfac_collectives c = {sizeof(kfac_collectives), t, NULL, thread_allreduce};
+    kfac_collectives c = {sizeof(kfac_collectives), t, NULL, thread_allreduce, NULL, t->gather ? thread_allgatherv : NULL};
     for (int k = 0; k < t->steps && !t->status; k++) {
         if ((t->status = dm_record(t->opt, &t->data[k], t->lo, t->hi))) break;
         if ((t->status = kfac_distributed_synchronize(t->opt, &c))) break;
@@ -201,7 +215,7 @@ static void run_threads(rank_thread *t, int p) {
     for (int r = 0; r < p; r++) pthread_join(id[r], NULL);
 }
 
-static void synchronize_world(int p, int32_t strategy) {
+static void synchronize_world(int p, int32_t strategy, int gather) {
     static dm_step_data d[SYNC_STEPS];
     static double rw[SYNC_STEPS][DM_LAYERS][64], rb[SYNC_STEPS][DM_LAYERS][8];
     static double w[MAXP][SYNC_STEPS][DM_LAYERS][64], b[MAXP][SYNC_STEPS][DM_LAYERS][8];
@@ -218,7 +232,7 @@ static void synchronize_world(int p, int32_t strategy) {
     pthread_barrier_init(&world.barrier, NULL, (unsigned)p);
     rank_thread t[MAXP];
     for (int r = 0; r < p; r++) {
-        t[r] = (rank_thread){&world, NULL, r, 0, 0, SYNC_STEPS, 0, d, w[r], b[r]};
+        t[r] = (rank_thread){&world, NULL, r, 0, 0, SYNC_STEPS, 0, gather, d, w[r], b[r]};
         dm_slice(r, p, DM_ROWS, 0, &t[r].lo, &t[r].hi);
         REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, p, strategy, KFAC_DISTRIBUTED_REDUCE_EAGER));
     }
@@ -238,7 +252,7 @@ static void synchronize_world(int p, int32_t strategy) {
         if (e > worst) worst = e;
     }
     const char *name = strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky";
-    check(ok, "synchronize, P = %d, %s: every call succeeds on every thread", p, name);
+    check(ok, "synchronize%s, P = %d, %s: every call succeeds on every thread", gather ? " with allgatherv" : "", p, name);
     check(counts_agree && world.calls[0] >= SYNC_STEPS + 3,
           "P = %d: every rank called the collective as often (%d times), with the same counts", p, world.calls[0]);
     check(identical, "P = %d: every rank's directions are bit-identical", p);
@@ -258,17 +272,17 @@ static void synchronize_failures(void) {
     uint64_t seed = 123;
     dm_make(&d[0], &seed);
     dm_make(&d[1], &seed);
-    for (int failing = 0; failing < 2; failing++) {
+    for (int failing = 0; failing < 3; failing++) {  /* 2: the inverse allgatherv */
         kfac_optimizer *ref = NULL, *twin[P];
         REQUIRE_OK(ref, dm_create(&ref, 0, 1, KFAC_INVERSE_EIGEN, 0));
         static thread_world world;
         memset(&world, 0, sizeof world);
         world.p = P;
-        world.failing_call = failing;
+        world.failing_call = failing == 2 ? 1 : failing;
         pthread_barrier_init(&world.barrier, NULL, P);
         rank_thread t[P];
         for (int r = 0; r < P; r++) {
-            t[r] = (rank_thread){&world, NULL, r, 0, 0, 1, 0, d, NULL, NULL};
+            t[r] = (rank_thread){&world, NULL, r, 0, 0, 1, 0, failing == 2, d, NULL, NULL};
             dm_slice(r, P, DM_ROWS, 0, &t[r].lo, &t[r].hi);
             REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, P, KFAC_INVERSE_EIGEN, 0));
             REQUIRE_OK(twin[r], dm_create(&twin[r], r, P, KFAC_INVERSE_EIGEN, 0));
@@ -302,8 +316,31 @@ static void synchronize_failures(void) {
     }
     kfac_optimizer *o = NULL;
     REQUIRE_OK(o, dm_create(&o, 0, 2, KFAC_INVERSE_CHOLESKY, 0));
-    kfac_collectives none = {sizeof(kfac_collectives), NULL, NULL, NULL};
-    kfac_collectives small = {sizeof(size_t), NULL, NULL, thread_allreduce};
+    kfac_collectives none = {sizeof(kfac_collectives), NULL, NULL, NULL, NULL, NULL};
+    kfac_collectives small = {sizeof(size_t), NULL, NULL, thread_allreduce, NULL, NULL};
+    /* The gathered layout: per rank counts and their prefix sums; together one full inverse pack
+     * on the first step (every block inverted), split between the ranks. */
+    int64_t counts[2] = {-1, -1}, displacements[2] = {-1, -1}, full = 0;
+    static dm_step_data e;
+    uint64_t s2 = 4;
+    dm_make(&e, &s2);
+    REQUIRE_OK(o, dm_record(o, &e, 0, DM_ROWS));
+    REQUIRE_OK(o, kfac_distributed_get_count(o, KFAC_DISTRIBUTED_INVERSES, &full));
+    int layout_status = kfac_distributed_get_inverse_layout(o, counts, displacements, 2);
+    check(layout_status == 0 && counts[0] > 0 && counts[1] > 0 &&
+          counts[0] + counts[1] == full && displacements[0] == 0 && displacements[1] == counts[0],
+          "inverse layout: counts %lld + %lld = one full pack %lld, displacements their prefix sums",
+          (long long)counts[0], (long long)counts[1], (long long)full);
+    check(kfac_distributed_get_inverse_layout(o, counts, NULL, 3) == KFAC_ERROR_INVALID_SIZE, "inverse layout: n_ranks != world size");
+    check(kfac_distributed_get_inverse_layout(o, NULL, NULL, 2) == KFAC_ERROR_NULL_POINTER, "inverse layout: NULL counts");
+    double *mine = calloc((size_t)full, sizeof(double)), *all = calloc((size_t)full, sizeof(double));
+    check(kfac_distributed_pack_owned_inverses_f64(o, mine, counts[0] + 1) == KFAC_ERROR_INVALID_SIZE, "pack owned: wrong count");
+    check(kfac_distributed_pack_owned_inverses_f32(o, (float *)mine, counts[0]) == KFAC_ERROR_DTYPE_MISMATCH, "pack owned: dtype");
+    REQUIRE_OK(o, kfac_distributed_pack_owned_inverses_f64(o, mine, counts[0]));
+    all[0] = NAN;
+    check(kfac_distributed_unpack_gathered_inverses_f64(o, all, full) == KFAC_ERROR_NON_FINITE, "unpack gathered: NaN");
+    check(kfac_distributed_unpack_gathered_inverses_f64(o, all, full - 1) == KFAC_ERROR_INVALID_SIZE, "unpack gathered: wrong count");
+    free(mine); free(all);
     check(kfac_distributed_synchronize(o, NULL) == KFAC_ERROR_NULL_POINTER, "synchronize: NULL collectives");
     check(kfac_distributed_synchronize(NULL, &none) == KFAC_ERROR_NULL_POINTER, "synchronize: NULL handle");
     check(kfac_distributed_synchronize(o, &none) == KFAC_ERROR_NULL_POINTER &&
@@ -324,8 +361,10 @@ void test_distributed(void) {
     distributed_errors();
     section("distributed: kfac_distributed_synchronize on threads against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
-        synchronize_world(p, KFAC_INVERSE_EIGEN);
-        synchronize_world(p, KFAC_INVERSE_CHOLESKY);
+        synchronize_world(p, KFAC_INVERSE_EIGEN, 0);
+        synchronize_world(p, KFAC_INVERSE_CHOLESKY, 0);
+        synchronize_world(p, KFAC_INVERSE_EIGEN, 1);
+        synchronize_world(p, KFAC_INVERSE_CHOLESKY, 1);
     }
     synchronize_failures();
 }

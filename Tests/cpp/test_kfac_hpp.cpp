@@ -279,9 +279,9 @@ static void test_distributed_synchronize() {
         o->layer_record_output_grads(0, g.data(), 5);
     }
     int calls = 0;
-    kfac_collectives failing = {sizeof(kfac_collectives), nullptr, nullptr, failing_allreduce};
+    kfac_collectives failing = {sizeof(kfac_collectives), nullptr, nullptr, failing_allreduce, nullptr, nullptr};
     expect_error([&] { synced.distributed_synchronize(failing); }, KFAC_ERROR_CALLBACK, "kfac_distributed_synchronize");
-    kfac_collectives identity = {sizeof(kfac_collectives), &calls, nullptr, identity_allreduce};
+    kfac_collectives identity = {sizeof(kfac_collectives), &calls, nullptr, identity_allreduce, nullptr, nullptr};
     synced.distributed_synchronize(identity);
     CHECK(calls == 2);
     std::vector<double> w[2], bias[2];
@@ -294,6 +294,55 @@ static void test_distributed_synchronize() {
     }
     CHECK(w[0] == w[1] && bias[0] == bias[1]);
     CHECK(w[0][0] != 0.25);
+}
+
+// The gathered inverse exchange: two ranks, statistics summed, inverses as the concatenation of
+// each rank's own segment; directions bit-identical and equal to one handle's on the union batch.
+static void test_distributed_gathered() {
+    auto desc = kfac::dense_desc();
+    desc.in_features = 4;
+    desc.out_features = 3;
+    desc.has_bias = 1;
+    kfac::optimizer ref(KFAC_FLOAT64), r0(KFAC_FLOAT64), r1(KFAC_FLOAT64);
+    kfac::optimizer *all[] = {&ref, &r0, &r1};
+    for (auto *o : all) o->layer_add_dense(desc);
+    r0.distributed_set_world(0, 2);
+    r1.distributed_set_world(1, 2);
+    std::vector<double> x(6 * 4), g(6 * 3);
+    for (std::size_t i = 0; i < x.size(); i++) x[i] = std::sin(0.5 + double(i));
+    for (std::size_t i = 0; i < g.size(); i++) g[i] = std::cos(0.7 + double(i));
+    ref.layer_record_inputs(0, x.data(), 6);
+    ref.layer_record_output_grads(0, g.data(), 6);
+    r0.layer_record_inputs(0, x.data(), 1);
+    r0.layer_record_output_grads(0, g.data(), 1);
+    r1.layer_record_inputs(0, x.data() + 4, 5);
+    r1.layer_record_output_grads(0, g.data() + 3, 5);
+    const auto n = static_cast<std::size_t>(r0.distributed_get_count(KFAC_DISTRIBUTED_STATISTICS));
+    std::vector<double> a(n), b(n), sum(n);
+    r0.distributed_pack_statistics(a);
+    r1.distributed_pack_statistics(b);
+    for (std::size_t i = 0; i < n; i++) sum[i] = a[i] + b[i];
+    r0.distributed_unpack_statistics(sum);
+    r1.distributed_unpack_statistics(sum);
+    std::vector<int64_t> counts(2), displacements(2);
+    r0.distributed_get_inverse_layout(counts, displacements);
+    CHECK(displacements[0] == 0 && displacements[1] == counts[0]);
+    std::vector<double> gathered(static_cast<std::size_t>(counts[0] + counts[1]));
+    r0.distributed_pack_owned_inverses(kfac::span<double>(gathered.data(), static_cast<std::size_t>(counts[0])));
+    r1.distributed_pack_owned_inverses(kfac::span<double>(gathered.data() + counts[0], static_cast<std::size_t>(counts[1])));
+    r0.distributed_unpack_gathered_inverses(gathered);
+    r1.distributed_unpack_gathered_inverses(gathered);
+    std::vector<double> w[3], bias[3];
+    for (int k = 0; k < 3; k++) {
+        w[k].assign(12, 0.25);
+        bias[k].assign(3, -0.5);
+        double *wp[] = {w[k].data()}, *bp[] = {bias[k].data()};
+        all[k]->step(wp, bp);
+    }
+    CHECK(w[1] == w[2] && bias[1] == bias[2]);
+    double worst = 0;
+    for (std::size_t i = 0; i < 12; i++) worst = std::max(worst, std::fabs(w[1][i] - w[0][i]) / std::fabs(w[0][i]));
+    CHECK(worst < 1e-12);
 }
 
 static void test_distributed() {
@@ -398,6 +447,7 @@ int main() {
     test_gauss_newton();
     test_distributed();
     test_distributed_synchronize();
+    test_distributed_gathered();
     test_tridiagonal();
     std::printf("kfac.hpp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;

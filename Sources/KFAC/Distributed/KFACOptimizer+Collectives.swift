@@ -11,6 +11,10 @@ struct CollectiveBuffers<Scalar: KFACScalar> {
     var statistics: AlignedBuffer<Scalar>?
     var inverses: AlignedBuffer<Scalar>?
     var snapshot: AlignedBuffer<Scalar>?
+    /// A full inverse pack for the gathered exchange's pack and unpack.
+    var fullInverses: AlignedBuffer<Scalar>?
+    /// The gathered exchange's counts and displacements (world size each).
+    var layout: [Int64] = []
 
     /// `buffer` if it holds `count` values, else a new one (kept for the next exchange).
     static func reserve(_ buffer: inout AlignedBuffer<Scalar>?, _ count: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
@@ -30,12 +34,26 @@ extension KFACOptimizer {
     /// Errors: `.callback` when the collective returns non-zero, the pack's and unpack's errors;
     /// on any error the handle is as it was before the call, and a retry (or a step without
     /// the exchange, which computes every inverse itself) works.
-    public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32) throws(KFACError) {
+    /// `allgatherv(send, receive, counts, displacements)`, when given, exchanges the inverses as
+    /// an allgatherv of each rank's own units (`gatheredInverseCounts`) instead of a zero-padded
+    /// SUM-allreduce.
+    public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32,
+                         allgatherv: ((UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
+                                       UnsafePointer<Int64>) -> Int32)? = nil) throws(KFACError) {
         let statisticsDue = exchangeDue(.statistics), inversesDue = exchangeDue(.inverses)
         guard statisticsDue || inversesDue else { return }
         // Every allocation and count first (the same outcome on every rank of a consistent run).
         let statisticsCount = statisticsDue ? statisticsPackCount : 0
-        let inverseCount = inversesDue ? try inversePackCount() : 0
+        let gathered = inversesDue && allgatherv != nil
+        var inverseCount = inversesDue ? try inversePackCount() : 0
+        if gathered {
+            // The segments are known only after the statistics unpack (a rank may have recorded
+            // nothing yet); the gathered buffer and this rank's segment take a full pack each at most.
+            inverseCount *= 2
+            if distributed.collectives.layout.count != 2 * distributed.size {
+                distributed.collectives.layout = [Int64](repeating: 0, count: 2 * distributed.size)
+            }
+        }
         let statistics = try CollectiveBuffers.reserve(&distributed.collectives.statistics, statisticsCount)
         let inverses = try CollectiveBuffers.reserve(&distributed.collectives.inverses, inverseCount)
         let snapshotBytes = statisticsDue && inversesDue
@@ -69,13 +87,32 @@ extension KFACOptimizer {
         do throws(KFACError) {
             var packError: KFACError?
             // A failed pack after its size checks fills the buffer with NaN itself.
-            do throws(KFACError) { try packInverses(into: inverses.base, count: inverseCount) } catch { packError = error }
-            let status = allreduceSum(inverses.base, inverseCount)
-            guard status == 0 else {
-                throw KFACError(.callback, "the inverse allreduce returned \(status); the handle is unchanged")
+            if let allgatherv {
+                let counts = try gatheredInverseCounts(), size = distributed.size
+                var total = 0
+                for (r, n) in counts.enumerated() {
+                    distributed.collectives.layout[r] = Int64(n)
+                    distributed.collectives.layout[size + r] = Int64(total)
+                    total += n
+                }
+                let layout = distributed.collectives.layout  // a copy: the calls below modify `distributed`
+                let send = inverses.base + total, mine = Int(layout[distributed.rank])
+                do throws(KFACError) { try packOwnedInverses(into: send, count: mine) } catch { packError = error }
+                let status = layout.withUnsafeBufferPointer { allgatherv(send, inverses.base, $0.baseAddress!, $0.baseAddress! + size) }
+                guard status == 0 else {
+                    throw KFACError(.callback, "the inverse allgatherv returned \(status); the handle is unchanged")
+                }
+                if let packError { throw packError }
+                try unpackGatheredInverses(from: inverses.base, count: total)
+            } else {
+                do throws(KFACError) { try packInverses(into: inverses.base, count: inverseCount) } catch { packError = error }
+                let status = allreduceSum(inverses.base, inverseCount)
+                guard status == 0 else {
+                    throw KFACError(.callback, "the inverse allreduce returned \(status); the handle is unchanged")
+                }
+                if let packError { throw packError }
+                try unpackInverses(from: inverses.base, count: inverseCount)
             }
-            if let packError { throw packError }
-            try unpackInverses(from: inverses.base, count: inverseCount)
         } catch {
             if statisticsDue {
                 var r = StateReader(UnsafeRawBufferPointer(start: snapshot.base, count: snapshotBytes))

@@ -235,7 +235,7 @@ extension KFACOptimizer {
         return total
     }
 
-    private func imageCount(_ inverse: any KroneckerInverse<Scalar>) -> Int {
+    func imageCount(_ inverse: any KroneckerInverse<Scalar>) -> Int {
         var w = StateWriter(nil)
         inverse.write(to: &w)
         return w.offset / MemoryLayout<Scalar>.stride

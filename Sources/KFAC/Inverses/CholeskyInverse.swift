@@ -86,4 +86,12 @@ final class CholeskyInverse<Scalar: KFACScalar>: KroneckerInverse {
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {
         input.storageCount + output.storageCount
     }
+
+    /// Input blocks, then output blocks, each unique block b×b at its storage offset.
+    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? {
+        let structure = side == .input ? inputStructure : outputStructure
+        let base = side == .input ? 0 : inputStructure.storageCount
+        let o = base + structure.storageOffsets[q], b = structure.uniqueSizes[q]
+        return [o..<o + b * b]
+    }
 }

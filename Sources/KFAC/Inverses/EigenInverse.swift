@@ -126,4 +126,14 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {
         input.storageCount + input.recordedWidth + output.storageCount + output.recordedWidth
     }
+
+    /// Per side its eigenvector blocks (b×b at the storage offset), then its eigenvalues (b at
+    /// the unique offset).
+    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? {
+        let structure = side == .input ? input.structure : output.structure
+        let base = side == .input ? 0 : input.structure.storageCount + input.structure.recordedWidth
+        let b = structure.uniqueSizes[q]
+        let vectors = base + structure.storageOffsets[q], values = base + structure.storageCount + structure.uniqueOffsets[q]
+        return [vectors..<vectors + b * b, values..<values + b]
+    }
 }

@@ -75,6 +75,14 @@ protocol KroneckerInverse<Scalar>: AnyObject {
                            damping: Scalar)
     /// The number of scalars `write` writes for factors of these structures.
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int
+    /// Where unique block `q` of side `side` lies in `write`'s section (scalar ranges, in
+    /// order), so that a distributed exchange can carry the units a rank computed alone; nil
+    /// when the representation cannot be split by unit (EKFAC). Default nil.
+    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]?
+}
+
+extension KroneckerInverse {
+    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? { nil }
 }
 
 extension KroneckerInverse {

@@ -46,6 +46,18 @@ final class ThreadWorld: @unchecked Sendable {
         return 0
     }
 
+    /// The allgatherv: every rank copies each rank's segment to its displacement.
+    func allgatherv(rank: Int, _ send: UnsafePointer<Double>, _ receive: UnsafeMutablePointer<Double>,
+                    _ counts: UnsafePointer<Int64>, _ displacements: UnsafePointer<Int64>) -> Int32 {
+        defer { calls[rank] += 1 }
+        if calls[rank] == failingCall { return 7 }
+        published[rank] = UnsafeMutablePointer(mutating: send)
+        barrier()
+        for r in 0..<size { (receive + Int(displacements[r])).update(from: published[r]!, count: Int(counts[r])) }
+        barrier()
+        return 0
+    }
+
     /// Runs `body(rank)` on `size` threads and waits for all.
     func run(_ body: @escaping @Sendable (Int) -> Void) {
         let group = DispatchGroup()
@@ -66,7 +78,7 @@ extension FakeWorldTests {
     func testExchangeThroughACollectiveOnThreads() throws {
         let (steps, rows) = (7, 12)
         for strategy in Self.strategies {
-            for reduce in DistributedReduce.allCases {
+            for (reduce, gather) in [(DistributedReduce.eager, false), (.lazy, false), (.eager, true)] {
                 for p in 1...4 {
                     let setup: (inout KFACParameters) -> Void = {
                         $0.inverseStrategy = strategy; $0.factorUpdatePeriod = 1; $0.inverseUpdatePeriod = 3
@@ -96,21 +108,26 @@ extension FakeWorldTests {
                             let o = shared.0[r]
                             for (batch, grads) in shared.1 {
                                 try self.record(o, batch, rows: rows, cut[r].0, cut[r].1)
-                                try o.exchange { world.allreduceSum(rank: r, $0, $1) }
+                                if gather {
+                                    try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) },
+                                                   allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
+                                } else {
+                                    try o.exchange { world.allreduceSum(rank: r, $0, $1) }
+                                }
                                 var g = grads
                                 try o.step(&g)
                                 results.append(r, g)
                             }
                         } catch { results.fail(r, error) }
                     }
-                    XCTAssertNil(results.error, "\(strategy) \(reduce) P = \(p)")
+                    XCTAssertNil(results.error, "\(strategy) \(reduce) gather \(gather) P = \(p)")
                     guard results.error == nil else { continue }
                     var worst = 0.0
                     for k in 0..<steps {
                         for r in 1..<p { XCTAssertEqual(results.steps[r][k], results.steps[0][k], "rank \(r), step \(k)") }
                         worst = max(worst, maxRelativeDifference(results.steps[0][k], expected[k]))
                     }
-                    XCTAssertLessThan(worst, 1e-12, "\(strategy) \(reduce) P = \(p)")
+                    XCTAssertLessThan(worst, 1e-12, "\(strategy) \(reduce) gather \(gather) P = \(p)")
                 }
             }
         }
@@ -121,7 +138,7 @@ extension FakeWorldTests {
     /// the retry and the step then agree with one handle on the union batch.
     func testFailedCollectiveLeavesEveryHandleUnchanged() throws {
         let (p, rows) = (3, 9)
-        for failing in [0, 1] {
+        for (failing, gather) in [(0, false), (1, false), (1, true)] {
             let reference = try Model.make { $0.inverseStrategy = .eigen }
             let make = { (r: Int) throws -> KFACOptimizer<S> in
                 let o = try Model.make { $0.inverseStrategy = .eigen }
@@ -141,8 +158,16 @@ extension FakeWorldTests {
             world.failingCall = failing
             let results = Results(p)
             nonisolated(unsafe) let shared = ranks
+            let exchange = { (r: Int) throws(KFACError) in
+                if gather {
+                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
+                                           allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
+                } else {
+                    try shared[r].exchange { world.allreduceSum(rank: r, $0, $1) }
+                }
+            }
             world.run { r in
-                do { try shared[r].exchange { world.allreduceSum(rank: r, $0, $1) } } catch { results.fail(r, error) }
+                do { try exchange(r) } catch { results.fail(r, error) }
             }
             for r in 0..<p {
                 XCTAssertEqual((results.errors[r] as? KFACError)?.status, .callback, "call \(failing): rank \(r)")
@@ -155,7 +180,7 @@ extension FakeWorldTests {
             let grads = Model.gradients(&random)
             world.run { r in
                 do {
-                    try shared[r].exchange { world.allreduceSum(rank: r, $0, $1) }
+                    try exchange(r)
                     var g = grads
                     try shared[r].step(&g)
                     retry.append(r, g)

@@ -63,6 +63,32 @@ final class FakeWorldTests: XCTestCase {
         for r in buffers.indices { buffers[r] = sum }
     }
 
+    /// Both exchanges, when the step needs them (`gathered`: the inverses as an allgatherv of
+    /// each rank's own units, whose volume is added to `gatheredVolume`).
+    func exchange(_ ranks: [KFACOptimizer<S>], gathered: Bool = false, gatheredVolume: inout Int) throws {
+        if gathered && ranks[0].exchangeDue(.inverses) {
+            if ranks[0].exchangeDue(.statistics) {
+                let n = ranks[0].statisticsPackCount
+                var bufs = [[S]](repeating: [S](repeating: 0, count: n), count: ranks.count)
+                for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeMutableBufferPointer { try o.packStatistics(into: $0.baseAddress, count: n) } }
+                allreduce(&bufs)
+                for (r, o) in ranks.enumerated() { try bufs[r].withUnsafeBufferPointer { try o.unpackStatistics(from: $0.baseAddress, count: n) } }
+            }
+            let counts = try ranks[0].gatheredInverseCounts()
+            for o in ranks { XCTAssertEqual(try o.gatheredInverseCounts(), counts) }
+            var all: [S] = []
+            for (r, o) in ranks.enumerated() {
+                var mine = [S](repeating: 0, count: counts[r])
+                try mine.withUnsafeMutableBufferPointer { try o.packOwnedInverses(into: $0.baseAddress, count: counts[r]) }
+                all += mine
+            }
+            gatheredVolume += all.count
+            for o in ranks { try all.withUnsafeBufferPointer { try o.unpackGatheredInverses(from: $0.baseAddress, count: $0.count) } }
+            return
+        }
+        try exchange(ranks)
+    }
+
     /// Both exchanges, when the step needs them.
     func exchange(_ ranks: [KFACOptimizer<S>]) throws {
         if ranks[0].exchangeDue(.statistics) {
@@ -103,7 +129,8 @@ final class FakeWorldTests: XCTestCase {
     /// Runs `steps` steps on P ranks and on one reference handle; optionally saves every rank
     /// after step `checkpoint` and continues on fresh handles loaded from the images.
     func run(ranks p: Int, strategy: InverseStrategy, reduce: DistributedReduce, steps: Int = 7, rows: Int = 12,
-             checkpoint: Int? = nil, seed: UInt64 = 5, recordEveryStep: Bool = false,
+             checkpoint: Int? = nil, seed: UInt64 = 5, recordEveryStep: Bool = false, gathered: Bool = false,
+             gatheredVolume: UnsafeMutablePointer<Int>? = nil,
              configure: @escaping (inout KFACParameters) -> Void = { _ in }) throws -> Double {
         let setup: (inout KFACParameters) -> Void = {
             $0.inverseStrategy = strategy; $0.factorUpdatePeriod = 1; $0.inverseUpdatePeriod = 3
@@ -123,7 +150,9 @@ final class FakeWorldTests: XCTestCase {
             let grads = Model.gradients(&random)
             if recordEveryStep || reference.wantsStatistics { try record(reference, batch, rows: rows, 0, rows) }
             if recordEveryStep || ranks[0].wantsStatistics { for (r, o) in ranks.enumerated() { try record(o, batch, rows: rows, cut[r].0, cut[r].1) } }
-            try exchange(ranks)
+            var volume = 0
+            try exchange(ranks, gathered: gathered, gatheredVolume: &volume)
+            gatheredVolume?.pointee += volume
             var expected = grads
             try reference.step(&expected)
             var first: [LayerGradient<S>]?
@@ -187,6 +216,39 @@ final class FakeWorldTests: XCTestCase {
                 }
                 XCTAssertLessThan(d, 1e-12, "lazy, \(strategy), P = \(p), Tf = 2, Ti = 3, recording every step")
             }
+        }
+    }
+
+    /// The allgatherv-style inverse exchange: each rank packs only its units; every rank's
+    /// directions are bit-identical and the union batch's, and P > 1 ranks send less than the
+    /// zero-padded SUM route's P full packs would (one full pack in all, split between them).
+    func testGatheredInverseExchange() throws {
+        for strategy in Self.strategies {
+            for reduce in DistributedReduce.allCases {
+                for p in 1...4 {
+                    var volume = 0
+                    let d = try run(ranks: p, strategy: strategy, reduce: reduce, gathered: true, gatheredVolume: &volume)
+                    XCTAssertLessThan(d, 1e-12, "gathered, \(strategy), \(reduce), P = \(p)")
+                    XCTAssertGreaterThan(volume, 0)
+                }
+                // Spread inversions: each step gathers only its phase's units.
+                let d = try run(ranks: 3, strategy: strategy, reduce: reduce, steps: 8, gathered: true) { $0.inverseSpread = true }
+                XCTAssertLessThan(d, 1e-12, "gathered, spread, \(strategy), \(reduce)")
+            }
+        }
+        // The gathered volume of a step that inverts every block is one full inverse pack.
+        let opt = try Model.make { $0.inverseStrategy = .eigen }
+        try opt.setWorld(rank: 1, size: 3)
+        var random = SeededRandom(2)
+        try record(opt, Model.batch(&random, rows: 4), rows: 4, 0, 4)
+        let counts = try opt.gatheredInverseCounts()
+        XCTAssertEqual(counts.reduce(0, +), try opt.inversePackCount())
+        XCTAssertTrue(counts.allSatisfy { $0 > 0 })
+        var short = [S](repeating: 0, count: counts[1] + 1)
+        XCTAssertThrowsError(try short.withUnsafeMutableBufferPointer { try opt.packOwnedInverses(into: $0.baseAddress, count: $0.count) })
+        var bad = [S](repeating: .nan, count: counts.reduce(0, +))
+        XCTAssertThrowsError(try bad.withUnsafeMutableBufferPointer { try opt.unpackGatheredInverses(from: $0.baseAddress, count: $0.count) }) {
+            XCTAssertEqual(($0 as? KFACError)?.status, .nonFinite)
         }
     }
 

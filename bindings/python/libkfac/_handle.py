@@ -61,6 +61,7 @@ class Handle:
                 "layer_record_examples", "layer_get_ekfac_scaling",
                 "distributed_pack_statistics", "distributed_unpack_statistics",
                 "distributed_pack_inverses", "distributed_unpack_inverses", "distributed_pack_model_sums",
+                "distributed_pack_owned_inverses", "distributed_unpack_gathered_inverses",
                 "layer_get_cross_factors",
             )
         }
@@ -326,16 +327,26 @@ class Handle:
         unpack_inverses) on the buffer at ``address`` of ``count`` values."""
         self.call(self._fn["distributed_" + name], self.cast(address), count)
 
-    def synchronize(self, allreduce_sum) -> None:
+    def synchronize(self, allreduce_sum, allgatherv=None) -> None:
         """kfac_distributed_synchronize with ``allreduce_sum(pointer, count)`` (returning 0 on
-        success) as the collective of the handle's precision."""
-        if self.ptr_type is _lib.c_float_p:
-            fn = _lib.kfac_allreduce_sum_fn_f32(lambda p, n, _user: allreduce_sum(p, n))
-            collectives = _lib.kfac_collectives.new(allreduce_sum_f32=fn)
-        else:
-            fn = _lib.kfac_allreduce_sum_fn_f64(lambda p, n, _user: allreduce_sum(p, n))
-            collectives = _lib.kfac_collectives.new(allreduce_sum_f64=fn)
+        success) as the collective of the handle's precision, and optionally
+        ``allgatherv(send, receive, counts, displacements)``."""
+        f32 = self.ptr_type is _lib.c_float_p
+        reduce_type = _lib.kfac_allreduce_sum_fn_f32 if f32 else _lib.kfac_allreduce_sum_fn_f64
+        gather_type = _lib.kfac_allgatherv_fn_f32 if f32 else _lib.kfac_allgatherv_fn_f64
+        fields = {("allreduce_sum_f32" if f32 else "allreduce_sum_f64"):
+                  reduce_type(lambda p, n, _user: allreduce_sum(p, n))}
+        if allgatherv is not None:
+            fields["allgatherv_f32" if f32 else "allgatherv_f64"] = gather_type(
+                lambda s, r, c, d, _user: allgatherv(s, r, c, d))
+        collectives = _lib.kfac_collectives.new(**fields)
         self.call(_lib.kfac_distributed_synchronize, ctypes.byref(collectives))
+
+    def inverse_layout(self, size: int):
+        counts = (ctypes.c_int64 * max(size, 1))()
+        displacements = (ctypes.c_int64 * max(size, 1))()
+        self.call(_lib.kfac_distributed_get_inverse_layout, counts, displacements, size)
+        return list(counts)[:size], list(displacements)[:size]
 
     def pack_model_sums(self, outputs: int, direction_products: Sequence[int], previous_products: int,
                         rows: int, dim: int, distribution: int, sums: int, n_sums: int) -> None:

@@ -389,6 +389,9 @@ kfac_cg_product_fn_f64 = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_double_p), 
 #: ``allreduce_sum_f32`` / ``_f64`` of ``struct kfac_collectives`` (experimental).
 kfac_allreduce_sum_fn_f32 = ctypes.CFUNCTYPE(c_int, c_float_p, c_int64, c_void_p)
 kfac_allreduce_sum_fn_f64 = ctypes.CFUNCTYPE(c_int, c_double_p, c_int64, c_void_p)
+#: ``allgatherv_f32`` / ``_f64`` of ``struct kfac_collectives`` (experimental).
+kfac_allgatherv_fn_f32 = ctypes.CFUNCTYPE(c_int, c_float_p, c_float_p, POINTER(c_int64), POINTER(c_int64), c_void_p)
+kfac_allgatherv_fn_f64 = ctypes.CFUNCTYPE(c_int, c_double_p, c_double_p, POINTER(c_int64), POINTER(c_int64), c_void_p)
 
 
 class kfac_collectives(_Growable):
@@ -400,6 +403,8 @@ class kfac_collectives(_Growable):
         ("user", c_void_p),
         ("allreduce_sum_f32", kfac_allreduce_sum_fn_f32),
         ("allreduce_sum_f64", kfac_allreduce_sum_fn_f64),
+        ("allgatherv_f32", kfac_allgatherv_fn_f32),
+        ("allgatherv_f64", kfac_allgatherv_fn_f64),
     ]
 
 
@@ -672,6 +677,11 @@ _PROTOTYPES = [
      [_P, c_double_p, POINTER(c_double_p), c_int32, c_double_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
     ("kfac_distributed_solve_model_sums", c_int,
      [_P, c_double_p, c_int64, POINTER(c_int32), c_double_p, c_double_p, c_double_p]),
+    ("kfac_distributed_get_inverse_layout", c_int, [_P, POINTER(c_int64), POINTER(c_int64), c_int32]),
+    ("kfac_distributed_pack_owned_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_owned_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_gathered_inverses_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_gathered_inverses_f64", c_int, [_P, c_double_p, c_int64]),
     ("kfac_distributed_synchronize", c_int, [_P, POINTER(kfac_collectives)]),
     # Experimental: block-tridiagonal links
     ("kfac_layer_link", c_int, [_P, c_int32, c_int32]),

@@ -814,11 +814,31 @@ class Optimizer(AdaptiveMethods):
         """EXPERIMENTAL. Takes the SUM-allreduced inverse pack: the next step uses it."""
         self._unpack("unpack_inverses", "inverses", buffer)
 
-    def synchronize(self, allreduce_sum) -> None:
+    def inverse_layout(self) -> Tuple[list, list]:
+        """EXPERIMENTAL. (counts, displacements) per rank of the gathered inverse exchange the
+        next step needs (``kfac_distributed_get_inverse_layout``)."""
+        return self._handle.inverse_layout(self.world[1])
+
+    def pack_owned_inverses(self) -> np.ndarray:
+        """EXPERIMENTAL. Only the inverse units this rank owns, for an allgatherv (NaN if an
+        inversion failed, after which the error is raised)."""
+        with self._handle.lock:
+            counts, _ = self.inverse_layout()
+            out = np.zeros(counts[self.world[0]], dtype=self.dtype)
+            self._handle.exchange("pack_owned_inverses", out.ctypes.data, out.size)
+            return out
+
+    def unpack_gathered_inverses(self, buffer: np.ndarray) -> None:
+        """EXPERIMENTAL. Takes every rank's segment (rank order) as the next step's inverses."""
+        self._unpack("unpack_gathered_inverses", "gathered inverse", buffer)
+
+    def synchronize(self, allreduce_sum, allgatherv=None) -> None:
         """EXPERIMENTAL. The exchanges the next :meth:`step` needs, each through
         ``allreduce_sum(array)``, which must return the element-wise sum over all ranks (or
         ``None`` after summing in place); every rank calls it for the same exchanges, in the
-        same order. Runs ``kfac_distributed_synchronize``: the array wraps a buffer the library
+        same order. ``allgatherv(mine, counts, displacements)``, if given, exchanges the
+        inverses instead: it must return the concatenation of every rank's ``mine`` (rank r's
+        ``counts[r]`` values at ``displacements[r]``), without zero padding. Runs ``kfac_distributed_synchronize``: the array wraps a buffer the library
         owns, valid only during the call. An inverse pack that fails still takes part in the
         allreduce (as NaN), so that every rank raises alike. If ``allreduce_sum`` raises, that
         exception propagates and the handle is as before the call (also when the statistics
@@ -836,8 +856,24 @@ class Optimizer(AdaptiveMethods):
                 failures.append(error)
                 return 1
 
+        def gather(send, receive, counts, displacements):
+            try:
+                size = self.world[1]
+                c = [int(counts[r]) for r in range(size)]
+                d = [int(displacements[r]) for r in range(size)]
+                rank = self.world[0]
+                mine = np.ctypeslib.as_array(send, shape=(max(c[rank], 1),))[:c[rank]]
+                out = np.ctypeslib.as_array(receive, shape=(max(d[-1] + c[-1], 1),))[:d[-1] + c[-1]]
+                result = allgatherv(mine, c, d)
+                if result is not None:
+                    out[...] = np.asarray(result, dtype=self.dtype).reshape(-1)
+                return 0
+            except BaseException as error:
+                failures.append(error)
+                return 1
+
         try:
-            self._handle.synchronize(reduce)
+            self._handle.synchronize(reduce, gather if allgatherv is not None else None)
         except KFACError as error:
             if failures:
                 raise failures[0] from error

@@ -128,6 +128,20 @@ class _ThreadWorld:
         self.published = [None] * size
         self.calls = [0] * size
 
+    def allgatherv(self, rank):
+        def gather(mine, counts, displacements):
+            call = self.calls[rank]
+            self.calls[rank] += 1
+            if call == self.failing_call:
+                raise ConnectionError(f"collective {call} failed")
+            self.published[rank] = mine
+            self.barrier.wait()
+            out = np.concatenate([self.published[r] for r in range(self.size)])
+            self.barrier.wait()
+            assert out.size == displacements[-1] + counts[-1]
+            return out
+        return gather
+
     def allreduce(self, rank):
         def reduce(array):
             call = self.calls[rank]
@@ -179,8 +193,9 @@ def _directions(opt, grads):
     return np.concatenate([a.ravel() for a in d])
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("size", [2, 4])
-def test_synchronize_on_threads_matches_the_union_batch(size):
+def test_synchronize_on_threads_matches_the_union_batch(size, gather):
     """Optimizer.synchronize (kfac_distributed_synchronize) with a collective on threads."""
     rng = np.random.default_rng(8)
     steps = [_step_data(rng) for _ in range(5)]
@@ -198,7 +213,7 @@ def test_synchronize_on_threads_matches_the_union_batch(size):
     def body(r):
         for data, grads in steps:
             _record(ranks[r], data, bounds[r], bounds[r + 1])
-            ranks[r].synchronize(world.allreduce(r))
+            ranks[r].synchronize(world.allreduce(r), world.allgatherv(r) if gather else None)
             got[r].append(_directions(ranks[r], grads))
 
     assert world.run(body) == [None] * size
@@ -239,3 +254,35 @@ def test_synchronize_failure_leaves_every_handle_unchanged(failing_call):
     for r in range(size):
         assert np.array_equal(got[r], got[0])
     assert np.max(np.abs(got[0] - want)) <= 1e-12 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_gathered_inverses_match_the_union_batch(size):
+    """pack_owned_inverses / unpack_gathered_inverses by hand: the segments (one full inverse
+    pack in all on the first step) give every rank the union batch's directions, bitwise alike."""
+    rng = np.random.default_rng(12)
+    ref = _optimizer(0, 1, "eigen")
+    ranks = [_optimizer(r, size, "eigen") for r in range(size)]
+    bounds = [ROWS * r // size for r in range(size + 1)]
+    for step in range(4):
+        data, grads = _step_data(rng)
+        _record(ref, data, 0, ROWS)
+        for r in range(size):
+            _record(ranks[r], data, bounds[r], bounds[r + 1])
+        if ranks[0].exchange_due("statistics"):
+            total = np.sum([o.pack_statistics() for o in ranks], axis=0)
+            for o in ranks:
+                o.unpack_statistics(total.copy())
+        if ranks[0].exchange_due("inverses"):
+            counts, displacements = ranks[0].inverse_layout()
+            assert displacements == [sum(counts[:r]) for r in range(size)]
+            if step == 0:
+                assert sum(counts) == ranks[0].exchange_size("inverses")
+            gathered = np.concatenate([o.pack_owned_inverses() for o in ranks])
+            for o in ranks:
+                o.unpack_gathered_inverses(gathered)
+        want = _directions(ref, grads)
+        got = [_directions(o, grads) for o in ranks]
+        for d in got[1:]:
+            assert np.array_equal(d, got[0])
+        assert np.max(np.abs(got[0] - want)) <= 1e-12 * np.max(np.abs(want))
