@@ -51,14 +51,16 @@ int kfac_mpi_attach(kfac_optimizer *opt, MPI_Fint comm);
  *  count > 0), INVALID_ARGUMENT (dtype), INVALID_SIZE (count < 0), KFAC_MPI_ERROR_COMMUNICATION. */
 int kfac_mpi_allreduce_sum(void *buffer, int64_t count, int32_t dtype, MPI_Fint comm);
 
-/** Since 0.2. The exchanges the handle's next step needs (kfac_distributed_get_due), each as
- *  pack → kfac_mpi_allreduce_sum → unpack: the statistics, then the inverses (each rank computes
- *  the blocks it owns). A rank whose inverse pack fails still takes part in the allreduce, its
- *  buffer NaN, so that the unpack fails with NON_FINITE on every rank and every handle stays as
- *  before: the call then returns the failing rank's own error there and NON_FINITE elsewhere.
- *  Buffers are allocated per call (OUT_OF_MEMORY). An MPI failure leaves the handle unchanged
- *  on every rank that saw it. Errors: those of the kfac_distributed_* calls,
- *  KFAC_MPI_ERROR_COMMUNICATION. */
+/** Since 0.2. The exchanges the handle's next step needs (kfac_distributed_get_due), through
+ *  kfac_distributed_synchronize: the statistics by kfac_mpi_allreduce_sum, then the inverses by
+ *  MPI_Allgatherv of each rank's own units (no zero padding; kfac_distributed_get_inverse_layout;
+ *  when a count or displacement exceeds INT_MAX, one chunked MPI_Bcast per rank instead). A rank
+ *  whose inverse pack fails still takes part, its segment NaN, so that the unpack fails with
+ *  NON_FINITE on every rank: the call then returns the failing rank's own error there and
+ *  NON_FINITE elsewhere. Buffers are kept by the handle (OUT_OF_MEMORY on first use). Any
+ *  failure, an MPI one included, leaves the handle as before the call on every rank that saw it.
+ *  Errors: those of kfac_distributed_synchronize (CALLBACK never: an MPI failure is
+ *  KFAC_MPI_ERROR_COMMUNICATION). */
 int kfac_mpi_synchronize(kfac_optimizer *opt, MPI_Fint comm);
 
 /** A statistics exchange in flight (kfac_mpi_statistics_start). Opaque. */

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 int kfac_mpi_attach(kfac_optimizer *opt, MPI_Fint comm) {
     if (!opt) return KFAC_ERROR_NULL_POINTER;
@@ -34,50 +35,71 @@ int kfac_mpi_allreduce_sum(void *buffer, int64_t count, int32_t dtype, MPI_Fint 
     return KFAC_OK;
 }
 
-/* pack → allreduce → unpack of one exchange. */
-static int exchange(kfac_optimizer *opt, int32_t dtype, int32_t what, MPI_Fint comm) {
-    int32_t due = 0;
-    int s = kfac_distributed_get_due(opt, what, &due);
-    if (s || !due) return s;
-    int64_t n = 0;
-    if ((s = kfac_distributed_get_count(opt, what, &n))) return s;
-    size_t width = dtype == KFAC_FLOAT32 ? sizeof(float) : sizeof(double);
-    void *buffer = malloc((size_t)(n > 0 ? n : 1) * width);
-    if (!buffer) return KFAC_ERROR_OUT_OF_MEMORY;
-    int pack;
-    if (what == KFAC_DISTRIBUTED_STATISTICS)
-        pack = dtype == KFAC_FLOAT32 ? kfac_distributed_pack_statistics_f32(opt, buffer, n)
-                                     : kfac_distributed_pack_statistics_f64(opt, buffer, n);
-    else
-        pack = dtype == KFAC_FLOAT32 ? kfac_distributed_pack_inverses_f32(opt, buffer, n)
-                                     : kfac_distributed_pack_inverses_f64(opt, buffer, n);
-    if (pack) {
-        /* Take part anyway, with NaN, so that every rank's unpack fails alike. */
-        for (int64_t i = 0; i < n; i++) {
-            if (dtype == KFAC_FLOAT32) ((float *)buffer)[i] = NAN;
-            else ((double *)buffer)[i] = NAN;
-        }
+/* kfac_distributed_synchronize's collectives over one communicator; `failed` tells an MPI
+ * failure (returned as KFAC_MPI_ERROR_COMMUNICATION) from the library's own errors. */
+typedef struct {
+    MPI_Fint comm;
+    int failed;
+} mpi_collectives;
+
+static int allreduce_f32(float *buffer, int64_t count, void *user) {
+    mpi_collectives *m = user;
+    m->failed = kfac_mpi_allreduce_sum(buffer, count, KFAC_FLOAT32, m->comm) != KFAC_OK;
+    return m->failed;
+}
+
+static int allreduce_f64(double *buffer, int64_t count, void *user) {
+    mpi_collectives *m = user;
+    m->failed = kfac_mpi_allreduce_sum(buffer, count, KFAC_FLOAT64, m->comm) != KFAC_OK;
+    return m->failed;
+}
+
+/* MPI_Allgatherv when every count and displacement fits an int; else each rank's segment is
+ * broadcast from its owner in chunks of at most 2^31 − 1 values. */
+static int allgatherv(const void *send, void *receive, const int64_t *counts, const int64_t *displacements,
+                      MPI_Datatype type, size_t width, mpi_collectives *m) {
+    MPI_Comm c = MPI_Comm_f2c(m->comm);
+    int rank = 0, size = 1;
+    if (MPI_Comm_rank(c, &rank) != MPI_SUCCESS || MPI_Comm_size(c, &size) != MPI_SUCCESS) return m->failed = 1;
+    int fits = displacements[size - 1] + counts[size - 1] <= INT_MAX;
+    int *ic = fits ? malloc((size_t)size * sizeof(int)) : NULL, *id = fits ? malloc((size_t)size * sizeof(int)) : NULL;
+    if (fits && ic && id) {
+        for (int r = 0; r < size; r++) { ic[r] = (int)counts[r]; id[r] = (int)displacements[r]; }
+        /* The own segment is already in place in a copy made by MPI (not MPI_IN_PLACE: send is
+         * a separate buffer). */
+        m->failed = MPI_Allgatherv(send, ic[rank], type, receive, ic, id, type, c) != MPI_SUCCESS;
+    } else {
+        memcpy((char *)receive + (size_t)displacements[rank] * width, send, (size_t)counts[rank] * width);
+        m->failed = 0;
+        for (int r = 0; r < size && !m->failed; r++)
+            for (int64_t done = 0; done < counts[r] && !m->failed;) {
+                int64_t n = counts[r] - done > INT_MAX ? INT_MAX : counts[r] - done;
+                m->failed = MPI_Bcast((char *)receive + (size_t)(displacements[r] + done) * width, (int)n, type, r, c) !=
+                            MPI_SUCCESS;
+                done += n;
+            }
     }
-    s = kfac_mpi_allreduce_sum(buffer, n, dtype, comm);
-    if (!s) {
-        if (what == KFAC_DISTRIBUTED_STATISTICS)
-            s = dtype == KFAC_FLOAT32 ? kfac_distributed_unpack_statistics_f32(opt, buffer, n)
-                                      : kfac_distributed_unpack_statistics_f64(opt, buffer, n);
-        else
-            s = dtype == KFAC_FLOAT32 ? kfac_distributed_unpack_inverses_f32(opt, buffer, n)
-                                      : kfac_distributed_unpack_inverses_f64(opt, buffer, n);
-    }
-    free(buffer);
-    return pack ? pack : s;
+    free(ic);
+    free(id);
+    return m->failed;
+}
+
+static int allgatherv_f32(const float *send, float *receive, const int64_t *counts, const int64_t *displacements,
+                          void *user) {
+    return allgatherv(send, receive, counts, displacements, MPI_FLOAT, sizeof(float), user);
+}
+
+static int allgatherv_f64(const double *send, double *receive, const int64_t *counts, const int64_t *displacements,
+                          void *user) {
+    return allgatherv(send, receive, counts, displacements, MPI_DOUBLE, sizeof(double), user);
 }
 
 int kfac_mpi_synchronize(kfac_optimizer *opt, MPI_Fint comm) {
     if (!opt) return KFAC_ERROR_NULL_POINTER;
-    int32_t dtype = 0;
-    int s = kfac_optimizer_get_dtype(opt, &dtype);
-    if (s) return s;
-    if ((s = exchange(opt, dtype, KFAC_DISTRIBUTED_STATISTICS, comm))) return s;
-    return exchange(opt, dtype, KFAC_DISTRIBUTED_INVERSES, comm);
+    mpi_collectives m = {comm, 0};
+    kfac_collectives c = {sizeof(kfac_collectives), &m, allreduce_f32, allreduce_f64, allgatherv_f32, allgatherv_f64};
+    int s = kfac_distributed_synchronize(opt, &c);
+    return s == KFAC_ERROR_CALLBACK && m.failed ? KFAC_MPI_ERROR_COMMUNICATION : s;
 }
 
 struct kfac_mpi_request {
