@@ -173,9 +173,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
     Distributed runs (experimental; library family ``distributed``):
         process_group: a ``torch.distributed`` process group (``True``: the default group) whose
             ranks train one model data-parallel. Each rank records the statistics of its own
-            local batch; :meth:`step` then SUM-allreduces the packed statistics and inverses
-            (``all_reduce``; gloo on CPU shares the buffers, NCCL copies them to the device and
-            back), each rank inverting only the blocks it owns, so that every rank gets the same
+            local batch; :meth:`step` then SUM-allreduces the packed statistics (``all_reduce``;
+            gloo on CPU shares the buffers, NCCL copies them to the device and back) and gathers
+            the inverses (``all_gather`` of each rank's own blocks, padded to the largest rank's
+            share), each rank inverting only the blocks it owns, so that every rank gets the same
             directions as one process on the union batch. The gradients must already be those
             of the union batch's mean loss (DDP's average is, for equal local batches); the
             library never reduces gradients.
@@ -355,7 +356,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
             )
         try:
             if self.optimizer.world[1] > 1:
-                self.optimizer.synchronize(self._allreduce_sum)
+                self.optimizer.synchronize(self._allreduce_sum, self._allgatherv)
             self.optimizer.handle.step(self.optimizer.handle.pointer_arrays(weight_addresses, bias_addresses))
         finally:
             for layer in self._layers:
@@ -380,6 +381,25 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
         else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._process_group)
         return array
+
+    def _allgatherv(self, mine, counts, displacements):
+        """The inverse exchange: every rank's own units (``counts[r]`` values each) gathered
+        in rank order. torch's ``all_gather`` needs equal sizes, so each segment is padded to the
+        largest count (the only padding: world · max(counts) values instead of the SUM route's
+        world · Σ counts); NCCL goes through the device as in :meth:`_allreduce_sum`."""
+        import torch.distributed as dist
+
+        width = max(counts)
+        padded = torch.zeros(width, dtype=torch.from_numpy(mine).dtype)
+        padded[: mine.size] = torch.from_numpy(mine)
+        nccl = dist.get_backend(self._process_group) == "nccl"
+        if nccl:
+            padded = padded.to(torch.device("cuda", torch.cuda.current_device()))
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=self._process_group)
+        if nccl:
+            parts = [p.cpu() for p in parts]
+        return torch.cat([p[:n] for p, n in zip(parts, counts)]).numpy()
 
     def _grad_buffer(self, parameter: torch.Tensor, keep: list, write_back: list) -> int:
         """The address of a buffer holding ``parameter.grad`` that the library may overwrite:
