@@ -566,6 +566,39 @@ def machine_description(trainers) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+PILOT_STEPS = 30
+PILOT_SETTINGS = [("ae-digits", 256), ("ae-digits", 0), ("ae-mnist", 256), ("mlp-digits", 256), ("mlp-digits", 0),
+                  ("cnn-digits", 256), ("cnn-digits", 0), ("mlp-mnist1d", 256), ("cnn-mnist1d", 256)]
+
+
+def pilot(workers: int) -> None:
+    """The timing pilot of Protocol 2 (README.md): median CPU milliseconds per step of every
+    method on every setting, over PILOT_STEPS steps of one seed at a fixed configuration, in
+    ``workers`` single-thread processes as the benchmark runs. Prints times only — no loss is
+    printed or looked at; the budgets are sized from these figures."""
+    import trainers
+
+    tasks = []
+    for problem, batch in PILOT_SETTINGS:
+        methods = ["sgd", "adam", "kfac", "adaptive"]
+        if problem == "cnn-mnist1d":
+            methods += list(trainers.KFAC_VARIANTS)
+        for method in methods:
+            options = dict(momentum=0.9, beta1=0.9, damping=1e-1) if method != "adaptive" else {}
+            tasks.append(trainers.make_task(problem, method, batch, PILOT_STEPS, PILOT_STEPS, 0,
+                                            1e-3 if method != "adaptive" else 0.0, **options))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = list(pool.map(execute, tasks))
+    print("| problem | batch | method | CPU ms per step (median) | wall ms per step (median) |")
+    print("|---|---|---|---|---|")
+    for task, result in zip(tasks, results):
+        batch = "full" if task["batch"] <= 0 else task["batch"]
+        print(f"| {task['problem']} | {batch} | {task['method']} | {result['step_ms_median']:.2f} "
+              f"| {result['wall_step_ms_median']:.2f} |")
+    print(f"load average at the end: {os.getloadavg()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
@@ -575,7 +608,12 @@ def main():
                              "directory, so that a smoke run never overwrites the committed results)")
     parser.add_argument("--no-install", action="store_true", help="do not pip-install missing packages")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from training_raw.json")
+    parser.add_argument("--pilot", action="store_true",
+                        help="only the timing pilot: per-step times of every method and setting (no losses)")
     args = parser.parse_args()
+    if args.pilot:
+        pilot(args.workers)
+        return
     if args.out is None:
         args.out = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if args.profile == "smoke" else RESULTS
     os.makedirs(args.out, exist_ok=True)

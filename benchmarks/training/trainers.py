@@ -29,7 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from problems import REPO_ROOT, get_problem  # noqa: E402
+from problems import MNIST1D_CNN_GROUPING, REPO_ROOT, get_problem  # noqa: E402
 
 try:
     import libkfac  # noqa: E402
@@ -54,6 +54,11 @@ KFAC_DEFAULTS = dict(
     inverse_strategy="cholesky",
     pi_damping=True,
     fisher="sampled",
+    # Convolutions (Protocol 2): KFC (Grosse & Martens 2016) or SUA, and channel grouping —
+    # KFACPreconditioner's per-layer options, passed through unchanged.
+    conv_approximation="kfc",
+    input_group_size=0,
+    output_group_size=0,
 )
 
 
@@ -77,14 +82,24 @@ ADAPTIVE_DEFAULTS = dict(
 )
 
 
+#: K-FAC variants for convolutions (Protocol 2, MNIST-1D CNN): method name -> the options that
+#: differ from :data:`KFAC_DEFAULTS` (which uses KFC). Tuned on K-FAC's grid like "kfac".
+KFAC_VARIANTS = {
+    "kfac-sua": dict(conv_approximation="sua"),
+    "kfac-grouped": dict(MNIST1D_CNN_GROUPING),
+}
+
+
 def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dict:
     """A run description. ``batch`` 0 means full batch. ``options``: ``momentum`` (sgd),
-    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, peer), any key of
-    :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is unused: pass 0)."""
+    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, its variants of
+    :data:`KFAC_VARIANTS`, peer), any key of :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is
+    unused: pass 0)."""
     task = dict(problem=problem, method=method, batch=int(batch), T=int(T),
                 eval_every=int(eval_every), seed=int(seed), lr=float(lr))
-    if method in ("kfac", "peer", "adaptive"):
+    if method in ("kfac", "peer", "adaptive") or method in KFAC_VARIANTS:
         merged = dict(ADAPTIVE_DEFAULTS if method == "adaptive" else KFAC_DEFAULTS)
+        merged.update(KFAC_VARIANTS.get(method, {}))
         merged.update(options)
         options = merged
     task["options"] = options
@@ -184,6 +199,9 @@ class _KFACStep:
             tridiagonal=options.get("tridiagonal", False),  # block-tridiagonal (tridiagonal_compare.py)
             curvature=options.get("curvature", "fisher"),   # KFLR / MC / KFRA (curvature_compare.py)
             mc_samples=options.get("mc_samples", 1),
+            conv_approximation=options.get("conv_approximation", "kfc"),
+            input_group_size=options.get("input_group_size", 0),
+            output_group_size=options.get("output_group_size", 0),
         )
         self.curvature = options.get("curvature", "fisher")
         self.kl_scales: List[float] = []
@@ -368,7 +386,7 @@ def _build(task, problem, model):
     if method == "adaptive":
         return _AdaptiveStep(model, problem, options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=options["momentum"])
-    if method == "kfac":
+    if method == "kfac" or method in KFAC_VARIANTS:
         return _KFACStep(model, optimizer, problem, options)
     if method == "peer":
         return _PeerStep(model, optimizer, problem, options, task["seed"])
