@@ -29,7 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from problems import MNIST1D_CNN_GROUPING, REPO_ROOT, get_problem  # noqa: E402
+from problems import MNIST1D_CNN_GROUPING, MNIST1D_PAPER_ACCURACY, REPO_ROOT, get_problem  # noqa: E402,F401
 
 try:
     import libkfac  # noqa: E402
@@ -90,13 +90,15 @@ KFAC_VARIANTS = {
 }
 
 
-def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dict:
+def make_task(problem, method, batch, T, eval_every, seed, lr, sparse_after=0, **options) -> Dict:
     """A run description. ``batch`` 0 means full batch. ``options``: ``momentum`` (sgd),
     ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, its variants of
     :data:`KFAC_VARIANTS`, peer), any key of :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is
-    unused: pass 0)."""
+    unused: pass 0). Mini-batch runs evaluate the whole-training-set loss every ``eval_every``
+    iterations, after iteration ``sparse_after`` (0 = never) every ``5 * eval_every`` only, and
+    after the last (:func:`evaluates_at`)."""
     task = dict(problem=problem, method=method, batch=int(batch), T=int(T),
-                eval_every=int(eval_every), seed=int(seed), lr=float(lr))
+                eval_every=int(eval_every), seed=int(seed), lr=float(lr), sparse_after=int(sparse_after))
     if method in ("kfac", "peer", "adaptive") or method in KFAC_VARIANTS:
         merged = dict(ADAPTIVE_DEFAULTS if method == "adaptive" else KFAC_DEFAULTS)
         merged.update(KFAC_VARIANTS.get(method, {}))
@@ -104,6 +106,16 @@ def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dic
         options = merged
     task["options"] = options
     return task
+
+
+def evaluates_at(k: int, task: Dict) -> bool:
+    """Whether a mini-batch run evaluates the whole-training-set loss after iteration ``k``."""
+    every, sparse = max(1, task["eval_every"]), task.get("sparse_after", 0)
+    if k == task["T"]:
+        return True
+    if sparse and k > sparse:
+        return k % (5 * every) == 0
+    return k % every == 0
 
 
 def _set_single_thread() -> None:
@@ -453,7 +465,7 @@ def run_task(task: Dict) -> Dict:
             if _bad(batch_loss):
                 diverged = True
                 break
-            if not batches.full and (k % eval_every == 0 or k == T):
+            if not batches.full and evaluates_at(k, task):
                 value = _full_loss(model, problem)
                 curve.append((k, value, cpu, wall))
                 if _bad(value):
