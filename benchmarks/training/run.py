@@ -1,15 +1,42 @@
 #!/usr/bin/env python3
-"""Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issue 4).
+"""Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issues 4 and 14).
 
     python3 benchmarks/training/run.py [--profile default|full|smoke] [--workers 2]
+    python3 benchmarks/training/run.py --pilot        # the timing pilot: step times only
 
-Runs the protocol of benchmarks/training/README.md — tuning on pre-declared equal grids, five
-seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds per setting), the
-batch-size sweep, the K-FAC ablations (fixed-damping and adaptive) and the curvlinops peer — in
-worker processes of one thread each, showing progress on stderr, and writes
-benchmarks/results/training.md, training_*.png and training_raw.json (the smoke profile writes
-into a temporary directory instead, see --out).
+Runs the protocol of benchmarks/training/README.md (Protocol 2) — tuning on pre-declared equal
+grids (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the
+budget T_K), five seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds
+per setting) and, in ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping
+and adaptive), the curvlinops peer and the threads table — in worker processes of one thread
+each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
+training_raw.json (the smoke profile writes into a temporary directory instead, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
+
+training_raw.json (read by report.py and by families.py; keys kept stable):
+
+- ``profile``, ``profile_settings`` (the profile dict; ``settings`` are tuples
+  ``(problem, batch, T, T_K, eval_every, sparse_after)``, batch 0 = full), ``workers``,
+  ``machine``, ``threads``, ``grids``, ``refine``, ``runtime_seconds``.
+- ``settings``: one entry per (problem, batch, tuned method) — ``problem``, ``batch``, ``method``
+  (``sgd``, ``adam``, ``kfac``, ``kfac-sua``, ``kfac-grouped``), ``T`` (the method's own budget:
+  T for sgd/adam, T_K for the K-FAC methods), ``eval_every``, ``sparse_after``, ``best`` (the
+  tuned configuration: ``lr`` and the ``second`` hyperparameter's name as key), ``second``,
+  ``edge``, ``second_from``, ``grid`` (every tuning point: lr, second value, ``final_loss``,
+  ``diverged``) and ``runs`` (the five seeds, seed 0 first).
+- ``adaptive``: one entry per (problem, batch) with ``method`` "adaptive", ``T`` (= T_K),
+  ``options`` and ``runs``.
+- A run (trainers.run_task): ``task`` (problem, method, batch, T, eval_every, sparse_after, seed,
+  lr, options), ``curve`` = [(iterations, whole-training-set loss or null, CPU seconds, wall
+  seconds)], ``final_loss``, ``diverged``, ``error``, ``steps``, ``examples``, ``step_ms_median``,
+  ``step_ms_mean``, ``wall_step_ms_median``, ``wall_step_ms_mean``, ``train_seconds`` (CPU),
+  ``train_wall_seconds``, ``wall_seconds``, ``test`` ({loss, accuracy} for classifiers) and, for
+  adaptive runs, ``adaptive`` (λ, γ, α, μ, ρ statistics).
+- ``L_star``: [{problem, batch, T, value}] — L* of each setting, the median over the five seeds
+  of tuned SGD-momentum's ``final_loss`` after T (null if the median seed diverged).
+- ``sweep``, ``ablation``, ``ablation_names``, ``peer``, ``adaptive_ablation``,
+  ``adaptive_ablation_names`` (empty or null in the default profile), ``adaptive_mode``,
+  ``kfac_variants`` (method -> options over KFAC_DEFAULTS), ``mnist1d_paper_accuracy``.
 """
 
 from __future__ import annotations
@@ -748,6 +775,10 @@ def main():
         kfac_variants=dict(trainers.KFAC_VARIANTS),
         mnist1d_paper_accuracy=dict(trainers.MNIST1D_PAPER_ACCURACY),
     )
+    # L* per setting, stored for readers of the JSON (report.py recomputes it the same way).
+    raw["L_star"] = [dict(problem=e["problem"], batch=e["batch"], T=e["T"],
+                          value=report.median([report._loss(r["final_loss"]) for r in e["runs"]]))
+                     for e in raw["settings"] if e["method"] == "sgd"]
     raw = _finite(raw)  # JSON-safe: a diverged run's loss is null
     # Written twice so that the recorded runtime includes writing the report and plots.
     for _ in range(2):
