@@ -57,6 +57,25 @@ def load_mnist_5k():
     return torch.from_numpy((x / 255.0).astype(np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
+def load_mnist1d():
+    """MNIST-1D (Greydanus 2020, "Scaling down deep learning"), generated locally by the
+    ``mnist1d`` package from its digit templates with the published default arguments
+    (``get_dataset_args()``: 5000 examples, seed 42, 80/20 split, length 40). Returns float32
+    (x, y, x_test, y_test): 4000 training and 1000 test sequences, standardised by the package.
+    Nothing is downloaded or written (the package's ``make_dataset`` builds the data in memory;
+    its ``get_dataset`` would download a pickle, which is not used)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    x_test, y_test = np.asarray(data["x_test"]), np.asarray(data["y_test"])
+    if x.shape != (4000, 40) or x_test.shape != (1000, 40) or set(np.unique(y)) != set(range(10)):
+        raise SystemExit(f"mnist1d: unexpected data {x.shape}, {x_test.shape}")
+    as_float = lambda a: torch.from_numpy(a.astype(np.float32))
+    as_long = lambda a: torch.from_numpy(a.astype(np.int64))
+    return as_float(x), as_long(y), as_float(x_test), as_long(y_test)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +125,51 @@ def cnn_classifier() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(16 * 4 * 4, 10),
     )
+
+
+class ResidualMLP(nn.Module):
+    """The MNIST-1D paper's MLP: 40-100-100-10, ReLU, the second hidden layer added to the
+    first (h = h1 + relu(W2 h1)), PyTorch's default initialisation."""
+
+    def __init__(self, inputs: int = 40, hidden: int = 100, classes: int = 10):
+        super().__init__()
+        self.first = nn.Linear(inputs, hidden)
+        self.second = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        h = h + torch.relu(self.second(h))
+        return self.out(h)
+
+
+MNIST1D_CHANNELS = 25
+
+
+def mnist1d_cnn(channels: int = MNIST1D_CHANNELS) -> nn.Sequential:
+    """The MNIST-1D paper's CNN on the flat [N, 40] sequences: Conv1d 1→25 (kernel 5, stride 2,
+    padding 1) → length 19, Conv1d 25→25 (3, 2, 1) → 10, Conv1d 25→25 (3, 2, 1) → 5, ReLU after
+    each, Linear 125→10."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 40)),
+        nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU(),         # [N, 25, 19]
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),  # [N, 25, 10]
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),  # [N, 25, 5]
+        nn.Flatten(),
+        nn.Linear(channels * 5, 10),
+    )
+
+
+#: Channel grouping of :func:`mnist1d_cnn` for K-FAC (the "grouped" variant): blocks of 5 of
+#: the 25 channels on both sides of the convolutions' factors (the first convolution's single
+#: input channel is not grouped; the Linear layer is not grouped). Keys are module names.
+MNIST1D_CNN_GROUPING = dict(input_group_size={"3": 5, "5": 5}, output_group_size={"1": 5, "3": 5, "5": 5})
+
+
+#: Test accuracies the MNIST-1D paper reports for its models (Greydanus 2020, "Scaling down
+#: deep learning", arXiv:2011.14439; the same table is in the README of
+#: github.com/greydanus/mnist1d): the anchor the benchmark's test accuracies are read against.
+MNIST1D_PAPER_ACCURACY = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +234,14 @@ def get_problem(name: str) -> Problem:
         factory = mlp_classifier if name == "mlp-digits" else cnn_classifier
         problem = Problem(name, x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], factory, softmax_loss,
                           categorical_sample, "classifier", x[DIGITS_TRAIN:], y[DIGITS_TRAIN:])
+    elif name in ("mlp-mnist1d", "cnn-mnist1d"):
+        x, y, x_test, y_test = load_mnist1d()
+        factory = ResidualMLP if name == "mlp-mnist1d" else mnist1d_cnn
+        problem = Problem(name, x, y, factory, softmax_loss, categorical_sample, "classifier", x_test, y_test)
     else:
         raise KeyError(f"unknown problem {name!r}")
     _CACHE[name] = problem
     return problem
 
 
-PROBLEMS = ("ae-digits", "ae-mnist", "mlp-digits", "cnn-digits")
+PROBLEMS = ("ae-digits", "ae-mnist", "mlp-digits", "cnn-digits", "mlp-mnist1d", "cnn-mnist1d")

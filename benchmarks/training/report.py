@@ -11,10 +11,14 @@ import numpy as np
 
 INF = math.inf
 NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)",
-         "adaptive": "K-FAC adaptive (untuned)"}
-COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "kfac": "tab:green", "peer": "tab:red", "adaptive": "tab:purple"}
-#: The methods of the main tables and plots, in order (adaptive only where the raw results have it).
-MAIN_METHODS = ("sgd", "adam", "kfac", "adaptive")
+         "adaptive": "K-FAC adaptive (untuned)", "kfac-sua": "K-FAC SUA (libkfac)",
+         "kfac-grouped": "K-FAC grouped (libkfac)"}
+COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "kfac": "tab:green", "peer": "tab:red", "adaptive": "tab:purple",
+           "kfac-sua": "tab:olive", "kfac-grouped": "tab:cyan"}
+#: The methods of the main tables and plots, in order (each only where the raw results have it).
+MAIN_METHODS = ("sgd", "adam", "kfac", "kfac-sua", "kfac-grouped", "adaptive")
+#: The K-FAC methods of the headline table, each compared with SGD-momentum and Adam.
+KFAC_METHODS = ("kfac", "kfac-sua", "kfac-grouped", "adaptive")
 SECOND_NAMES = {"momentum": "momentum", "beta1": "β1", "damping": "λ"}
 GOAL_ITERATIONS, GOAL_SECONDS = 10.0, 3.0
 
@@ -130,41 +134,81 @@ def summarise_settings(raw) -> List[Dict]:
             entry["iterations_median"] = median(entry["iterations"])
             entry["seconds_median"] = median(entry["seconds"])
             entry["step_ms"] = median([r["step_ms_mean"] for r in entry["runs"] if r["step_ms_mean"] is not None])
+        # Protocol 2: K-FAC's budget T_K may be below SGD-momentum's and Adam's T.
+        group["T_K"] = max((e["T"] for m, e in group["methods"].items() if m in KFAC_METHODS), default=group["T"])
+        group["T"] = group["methods"]["sgd"]["T"]
         summaries.append(group)
     return summaries
 
 
+def _gain(numerator: float, denominator: float) -> float:
+    if denominator == 0:
+        return INF
+    return numerator / denominator if denominator != INF else 0.0
+
+
+def budget_text(group) -> str:
+    return f"{group['T']}" if group["T_K"] == group["T"] else f"{group['T']} / {group['T_K']}"
+
+
 def goals_table(summaries) -> str:
+    """The headline (Protocol 2): per setting and K-FAC method, iterations and CPU seconds to L*
+    of SGD-momentum, Adam and the method, and the method's ratios against both, met or missed."""
     lines = [
-        "| problem, batch | T | L* | iterations to L*: SGD-m / Adam / K-FAC | CPU seconds to L*: SGD-m / Adam / K-FAC "
-        "| K-FAC vs SGD-m: iterations (goal ≥ 10×) | K-FAC vs SGD-m: seconds (goal ≥ 3×) | Adam / K-FAC seconds (goal > 1×) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| problem, batch | K-FAC method | T / T_K | L* | iterations to L*: SGD-m / Adam / K-FAC "
+        "| CPU seconds to L*: SGD-m / Adam / K-FAC | SGD-m / K-FAC iterations (goal ≥ 10×) "
+        "| SGD-m / K-FAC seconds (goal ≥ 3×) | Adam / K-FAC iterations | Adam / K-FAC seconds (goal > 1×) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mark = lambda ok: "met" if ok else "missed"
     for group in summaries:
         m = group["methods"]
-        if not all(k in m for k in ("sgd", "adam", "kfac")):
+        if not all(k in m for k in ("sgd", "adam")):
             continue
-        it = [m[k]["iterations_median"] for k in ("sgd", "adam", "kfac")]
-        sec = [m[k]["seconds_median"] for k in ("sgd", "adam", "kfac")]
-        iteration_gain = it[0] / it[2] if it[2] not in (0, INF) else (INF if it[2] == 0 else 0.0)
-        second_gain = sec[0] / sec[2] if sec[2] not in (0, INF) else (INF if sec[2] == 0 else 0.0)
-        adam_gain = (sec[1] / sec[2]) if sec[2] not in (0, INF) else 0.0
-        mark = lambda ok: "met" if ok else "missed"
-        lines.append(
-            f"| {setting_label(group['problem'], group['batch'])} | {group['T']} | {fmt(group['L*'])} "
-            f"| {' / '.join(fmt(v) for v in it)} | {' / '.join(fmt(v, 3) for v in sec)} "
-            f"| {ratio(it[0], it[2])} ({mark(iteration_gain >= GOAL_ITERATIONS)}) "
-            f"| {ratio(sec[0], sec[2])} ({mark(second_gain >= GOAL_SECONDS)}) "
-            f"| {ratio(sec[1], sec[2])} ({mark(adam_gain > 1.0)}) |"
-        )
+        for method in KFAC_METHODS:
+            if method not in m:
+                continue
+            it = [m[k]["iterations_median"] for k in ("sgd", "adam", method)]
+            sec = [m[k]["seconds_median"] for k in ("sgd", "adam", method)]
+            lines.append(
+                f"| {setting_label(group['problem'], group['batch'])} | {NAMES[method]} | {budget_text(group)} "
+                f"| {fmt(group['L*'])} | {' / '.join(fmt(v) for v in it)} | {' / '.join(fmt(v, 3) for v in sec)} "
+                f"| {ratio(it[0], it[2])} ({mark(_gain(it[0], it[2]) >= GOAL_ITERATIONS)}) "
+                f"| {ratio(sec[0], sec[2])} ({mark(_gain(sec[0], sec[2]) >= GOAL_SECONDS)}) "
+                f"| {ratio(it[1], it[2])} "
+                f"| {ratio(sec[1], sec[2])} ({mark(_gain(sec[1], sec[2]) > 1.0)}) |"
+            )
     return "\n".join(lines)
+
+
+def mnist1d_anchor_text(raw, summaries) -> str:
+    """The MNIST-1D paper's test accuracies beside this benchmark's (median over seeds)."""
+    paper = raw.get("mnist1d_paper_accuracy")
+    groups = [g for g in summaries if g["problem"].endswith("mnist1d")]
+    if not paper or not groups:
+        return ""
+    lines = ["| problem, batch | " + " | ".join(NAMES[m] for m in MAIN_METHODS) + " |",
+             "|---|" + "---|" * len(MAIN_METHODS)]
+    for group in groups:
+        cells = []
+        for method in MAIN_METHODS:
+            entry = group["methods"].get(method)
+            accuracy = [r["test"]["accuracy"] for r in entry["runs"] if r.get("test")] if entry else []
+            cells.append(spread([100 * a for a in accuracy], 3) + " %" if accuracy else "–")
+        lines.append(f"| {setting_label(group['problem'], group['batch'])} | " + " | ".join(cells) + " |")
+    anchor = ", ".join(f"{name} {100 * value:.0f} %" for name, value in paper.items())
+    return ("Test accuracy on MNIST-1D's 1000 test sequences (median [min–max] over seeds) after each "
+            "method's budget. Anchor — the test accuracies the MNIST-1D paper reports for its models "
+            f"(Greydanus 2020, \"Scaling down deep learning\", arXiv:2011.14439): {anchor}. The paper "
+            "trained longer and with its own settings; these runs stop at T (SGD-m, Adam) or T_K (K-FAC) "
+            "and are tuned for the training loss, not for test accuracy.\n\n" + "\n".join(lines))
 
 
 def adaptive_goals_table(summaries) -> str:
     """The goals of issue 4 for K-FAC's adaptive mode (untuned) against the tuned SGD-momentum
     and Adam of the same settings, and against the tuned fixed-damping K-FAC."""
     lines = [
-        "| problem, batch | T | L* | iterations to L*: adaptive | CPU seconds to L*: adaptive "
+        "| problem, batch | T / T_K | L* | iterations to L*: adaptive | CPU seconds to L*: adaptive "
         "| vs SGD-m: iterations (goal ≥ 10×) | vs SGD-m: seconds (goal ≥ 3×) | Adam / adaptive seconds (goal > 1×) "
         "| tuned K-FAC / adaptive: iterations, seconds |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -185,7 +229,7 @@ def adaptive_goals_table(summaries) -> str:
             kfac = (f"{ratio(m['kfac']['iterations_median'], a_it, 'adaptive')}, "
                     f"{ratio(m['kfac']['seconds_median'], a_sec, 'adaptive')}")
         lines.append(
-            f"| {setting_label(group['problem'], group['batch'])} | {group['T']} | {fmt(group['L*'])} "
+            f"| {setting_label(group['problem'], group['batch'])} | {budget_text(group)} | {fmt(group['L*'])} "
             f"| {fmt(a_it)} | {fmt(a_sec, 3)} "
             f"| {ratio(s_it, a_it, 'adaptive')} ({mark(gain(s_it, a_it) >= GOAL_ITERATIONS)}) "
             f"| {ratio(s_sec, a_sec, 'adaptive')} ({mark(gain(s_sec, a_sec) >= GOAL_SECONDS)}) "
@@ -596,6 +640,37 @@ def write_report(raw, out: str) -> str:
                    "ρ = actual / predicted loss change):\n\n" + choices + "\n\n")
     protocol_link = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
                                     os.path.abspath(out))
+    issue4 = ""
+    if profile.get("sweep"):
+        issue4 += f"""## Batch-size sweep ({profile['sweep']['problem']})
+
+{sweep_text}{" K-FAC adaptive is not part of the sweep (budget, see the protocol)." if raw.get("adaptive") else ""}
+
+![batch-size sweep](training_batch_sweep.png)
+
+"""
+    if profile.get("ablation"):
+        issue4 += f"""## K-FAC ablations
+
+{ablation_table(raw, summaries)}
+
+### Adaptive mode
+
+{adaptive_ablation_table(raw, summaries)}
+
+"""
+    if profile.get("peer"):
+        issue4 += f"""## Peer: curvlinops-for-pytorch {machine['curvlinops']}
+
+Same model, batches, seeds, lr, λ, momentum 0.9 and κ for both; overhead = K-FAC step − the
+SGD-momentum step of the same problem and batch (from the tuned SGD-momentum runs).
+
+{peer_table(raw, summaries)}
+
+"""
+    anchor = mnist1d_anchor_text(raw, summaries)
+    if anchor:
+        anchor = "## MNIST-1D: test accuracy\n\n" + anchor + "\n\n"
     text = f"""# Convergence benchmark results
 
 Generated by `python3 benchmarks/training/run.py --profile {raw['profile']}` (protocol:
@@ -603,9 +678,11 @@ Generated by `python3 benchmarks/training/run.py --profile {raw['profile']}` (pr
 {int(runtime % 60)} s with {raw['workers']} worker processes of one thread each.
 {"Omitted in this profile: " + "; ".join(omitted) + "." if omitted else ""}
 
-## Goals (issue 4)
+## Goals (issues 4 and 14)
 
-L* = median over the seeds of SGD-momentum's final training loss (tuned). Iterations and seconds
+L* = median over the seeds of SGD-momentum's final training loss after T iterations (tuned for
+T). SGD-momentum and Adam run T iterations, every K-FAC method T_K (Protocol 2: K-FAC's budget
+capped, tuned for T_K; not reaching L* by T_K counts as ∞). Iterations and seconds
 are medians over {profile['seeds']} seeds (∞ = not reached by the median seed). Seconds are the
 CPU time of the training steps, all K-FAC work included; every run is single-threaded, so this
 is the wall-clock on a core of its own. The measured wall-clock (which also counts time other
@@ -625,39 +702,14 @@ Final training loss, iterations and seconds to L*: median [min–max] over seeds
 
 ![loss vs seconds](training_loss_vs_seconds.png)
 
-## Batch-size sweep ({profile['sweep']['problem']})
-
-{sweep_text}{" K-FAC adaptive is not part of the sweep (budget, see the protocol)." if raw.get("adaptive") else ""}
-
-![batch-size sweep](training_batch_sweep.png)
-
-## K-FAC ablations
-
-{ablation_table(raw, summaries)}
-
-### Adaptive mode
-
-{adaptive_ablation_table(raw, summaries)}
-
-## Peer: curvlinops-for-pytorch {machine['curvlinops']}
-
-Same model, batches, seeds, lr, λ, momentum 0.9 and κ for both; overhead = K-FAC step − the
-SGD-momentum step of the same problem and batch (from the tuned SGD-momentum runs).
-
-{peer_table(raw, summaries)}
-
-## Tuning grids (seed 0)
+{anchor}{issue4}## Tuning grids (seed 0)
 
 {tuning_table(raw)}
 
-## Threads
-
-{threads_table(raw)}
-
-## Machine and versions
+{"## Threads" + chr(10) + chr(10) + threads_table(raw) + chr(10) + chr(10) if raw.get("threads") else ""}## Machine and versions
 
 - CPU: {machine['cpu']}, {machine['cores']} cores; load average at start {', '.join(f'{v:.2f}' for v in machine['load_average_start'])}, at end {', '.join(f'{v:.2f}' for v in machine.get('load_average_end') or [])}
-- Python {machine['python']}, PyTorch {machine['torch']}, NumPy {machine['numpy']}, matplotlib {machine['matplotlib']}, mlxtend {machine['mlxtend']}, curvlinops-for-pytorch {machine['curvlinops']}
+- Python {machine['python']}, PyTorch {machine['torch']}, NumPy {machine['numpy']}, matplotlib {machine['matplotlib']}, mlxtend {machine['mlxtend']}, mnist1d {machine.get('mnist1d', 'not recorded')}, curvlinops-for-pytorch {machine['curvlinops']}
 - libkfac {machine['libkfac']} from `{machine['libkfac_path']}`, bindings `{machine['bindings_path']}`, commit {machine['libkfac_commit']}{' (work tree with local changes)' if machine['libkfac_dirty'] else ''}; OpenBLAS `{machine['openblas']}`
 - Date {machine['date']}
 - {contention_text(raw)}

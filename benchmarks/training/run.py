@@ -1,15 +1,42 @@
 #!/usr/bin/env python3
-"""Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issue 4).
+"""Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issues 4 and 14).
 
     python3 benchmarks/training/run.py [--profile default|full|smoke] [--workers 2]
+    python3 benchmarks/training/run.py --pilot        # the timing pilot: step times only
 
-Runs the protocol of benchmarks/training/README.md — tuning on pre-declared equal grids, five
-seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds per setting), the
-batch-size sweep, the K-FAC ablations (fixed-damping and adaptive) and the curvlinops peer — in
-worker processes of one thread each, showing progress on stderr, and writes
-benchmarks/results/training.md, training_*.png and training_raw.json (the smoke profile writes
-into a temporary directory instead, see --out).
+Runs the protocol of benchmarks/training/README.md (Protocol 2) — tuning on pre-declared equal
+grids (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the
+budget T_K), five seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds
+per setting) and, in ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping
+and adaptive), the curvlinops peer and the threads table — in worker processes of one thread
+each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
+training_raw.json (the smoke profile writes into a temporary directory instead, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
+
+training_raw.json (read by report.py and by families.py; keys kept stable):
+
+- ``profile``, ``profile_settings`` (the profile dict; ``settings`` are tuples
+  ``(problem, batch, T, T_K, eval_every, sparse_after)``, batch 0 = full), ``workers``,
+  ``machine``, ``threads``, ``grids``, ``refine``, ``runtime_seconds``.
+- ``settings``: one entry per (problem, batch, tuned method) — ``problem``, ``batch``, ``method``
+  (``sgd``, ``adam``, ``kfac``, ``kfac-sua``, ``kfac-grouped``), ``T`` (the method's own budget:
+  T for sgd/adam, T_K for the K-FAC methods), ``eval_every``, ``sparse_after``, ``best`` (the
+  tuned configuration: ``lr`` and the ``second`` hyperparameter's name as key), ``second``,
+  ``edge``, ``second_from``, ``grid`` (every tuning point: lr, second value, ``final_loss``,
+  ``diverged``) and ``runs`` (the five seeds, seed 0 first).
+- ``adaptive``: one entry per (problem, batch) with ``method`` "adaptive", ``T`` (= T_K),
+  ``options`` and ``runs``.
+- A run (trainers.run_task): ``task`` (problem, method, batch, T, eval_every, sparse_after, seed,
+  lr, options), ``curve`` = [(iterations, whole-training-set loss or null, CPU seconds, wall
+  seconds)], ``final_loss``, ``diverged``, ``error``, ``steps``, ``examples``, ``step_ms_median``,
+  ``step_ms_mean``, ``wall_step_ms_median``, ``wall_step_ms_mean``, ``train_seconds`` (CPU),
+  ``train_wall_seconds``, ``wall_seconds``, ``test`` ({loss, accuracy} for classifiers) and, for
+  adaptive runs, ``adaptive`` (λ, γ, α, μ, ρ statistics).
+- ``L_star``: [{problem, batch, T, value}] — L* of each setting, the median over the five seeds
+  of tuned SGD-momentum's ``final_loss`` after T (null if the median seed diverged).
+- ``sweep``, ``ablation``, ``ablation_names``, ``peer``, ``adaptive_ablation``,
+  ``adaptive_ablation_names`` (empty or null in the default profile), ``adaptive_mode``,
+  ``kfac_variants`` (method -> options over KFAC_DEFAULTS), ``mnist1d_paper_accuracy``.
 """
 
 from __future__ import annotations
@@ -39,7 +66,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
 sys.path.insert(0, HERE)
 
-REQUIREMENTS = {"mlxtend": "mlxtend", "matplotlib": "matplotlib", "curvlinops": "curvlinops-for-pytorch"}
+REQUIREMENTS = {"mlxtend": "mlxtend", "matplotlib": "matplotlib", "curvlinops": "curvlinops-for-pytorch",
+                "mnist1d": "mnist1d"}
 
 # ---------------------------------------------------------------------------------------------
 # Protocol constants (README.md)
@@ -51,11 +79,34 @@ GRIDS = {
     "kfac": dict(lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0], second="damping", values=[1e-3, 1e-1]),
 }
 METHODS = ("sgd", "adam", "kfac")
+#: K-FAC variants tuned on the CNN problems with Conv1d layers (Protocol 2): KFC is "kfac".
+CONV1D_PROBLEMS = ("cnn-mnist1d",)
 METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)", "peer": "K-FAC (curvlinops)",
-                "adaptive": "K-FAC adaptive (untuned)"}
+                "adaptive": "K-FAC adaptive (untuned)", "kfac-sua": "K-FAC SUA (libkfac)",
+                "kfac-grouped": "K-FAC grouped (libkfac)"}
 REFINE = (10 ** -0.5, 10 ** 0.5)
 # Problems whose second hyperparameter is taken from another problem at the same batch setting.
 TRANSFER_SECOND = {"ae-mnist": "ae-digits"}
+
+
+def setting_methods(problem, trainers) -> list:
+    """The tuned methods of a setting: SGD-momentum, Adam, K-FAC, and on the Conv1d CNN the
+    K-FAC variants (SUA, channel grouping)."""
+    return list(METHODS) + (list(trainers.KFAC_VARIANTS) if problem in CONV1D_PROBLEMS else [])
+
+
+def is_kfac(method) -> bool:
+    return method == "kfac" or method.startswith("kfac-") or method == "adaptive"
+
+
+def transfer_source(problem, method):
+    """(problem, method) whose tuned second hyperparameter this tuning reuses, or None: ae-mnist
+    takes ae-digits' (same method), K-FAC's variants take K-FAC's λ of the same problem."""
+    if method.startswith("kfac-"):
+        return problem, "kfac"
+    if problem in TRANSFER_SECOND:
+        return TRANSFER_SECOND[problem], method
+    return None
 
 # K-FAC ablations on (ae-digits, batch 256): name -> option overrides of the tuned K-FAC.
 ABLATIONS = [
@@ -80,22 +131,30 @@ ADAPTIVE_ABLATIONS = [
     ("γ re-choice off (γ fixed at γ0)", dict(factor_damping_period=0)),
 ]
 
+# A setting: (problem, batch (0 = full), T (SGD-momentum, Adam), T_K (K-FAC, its variants, the
+# adaptive mode), eval_every, sparse_after): the whole-training-set loss is evaluated every
+# eval_every iterations, and after iteration sparse_after (0 = never) every 5 * eval_every only.
+# README.md, "Protocol 2 (issue 14)".
+_DEFAULT_SETTINGS = [("ae-digits", 256, 2000, 1000, 10, 0), ("ae-mnist", 256, 1000, 250, 10, 250),
+                     ("mlp-mnist1d", 256, 1000, 500, 10, 0), ("cnn-mnist1d", 256, 1000, 500, 10, 0)]
+_ISSUE4_EXTRAS = dict(
+    sweep=dict(problem="ae-digits", tuned_at=256, batches=[32, 64, 128, 256, 512, 1024, 0], T=300, seeds=5),
+    ablation=dict(problem="ae-digits", batch=256, seeds=5),
+    peer=[("ae-digits", 256, 100), ("ae-mnist", 256, 50)],
+    peer_seeds=3,
+    threads=("ae-mnist", 256, 30),
+)
 PROFILES = {
-    # (problem, batch (0 = full), T, eval_every)
     "default": dict(
-        settings=[("ae-digits", 256, 600, 10), ("ae-digits", 0, 300, 1), ("ae-mnist", 256, 150, 10),
-                  ("mlp-digits", 256, 300, 10), ("mlp-digits", 0, 300, 1),
-                  ("cnn-digits", 256, 300, 10), ("cnn-digits", 0, 100, 1)],
-        omitted=["ae-mnist at full batch (5000 examples): `--profile full`"],
+        settings=_DEFAULT_SETTINGS,
+        omitted=["full-batch settings, mlp-digits and cnn-digits, the batch-size sweep, the K-FAC and adaptive "
+                 "ablations, the curvlinops peer and the threads table: `--profile full` (Protocol 2, README.md)"],
         seeds=5,
-        sweep=dict(problem="ae-digits", tuned_at=256, batches=[32, 64, 128, 256, 512, 1024, 0], T=300, seeds=5),
-        ablation=dict(problem="ae-digits", batch=256, seeds=5),
-        peer=[("ae-digits", 256, 100), ("ae-mnist", 256, 50)],
-        peer_seeds=3,
-        threads=("ae-mnist", 256, 30),
+        sweep=None, ablation=None, peer=[], peer_seeds=0, threads=None,
     ),
     "smoke": dict(
-        settings=[("ae-digits", 256, 40, 10), ("mlp-digits", 0, 20, 1)],
+        settings=[("ae-digits", 256, 40, 20, 10, 0), ("mlp-digits", 0, 10, 5, 1, 0),
+                  ("cnn-mnist1d", 256, 10, 5, 5, 0)],
         omitted=["everything else (smoke profile)"],
         seeds=3,
         sweep=dict(problem="ae-digits", tuned_at=256, batches=[64, 0], T=20, seeds=3),
@@ -105,19 +164,29 @@ PROFILES = {
         threads=("ae-digits", 256, 10),
     ),
 }
-PROFILES["full"] = dict(PROFILES["default"], omitted=[],
-                        settings=PROFILES["default"]["settings"] + [("ae-mnist", 0, 80, 1)])
+PROFILES["full"] = dict(
+    _ISSUE4_EXTRAS, omitted=[], seeds=5,
+    settings=[("ae-digits", 256, 2000, 1000, 10, 0), ("ae-mnist", 256, 1000, 250, 10, 250),
+              ("mlp-mnist1d", 256, 3000, 1500, 10, 1500), ("cnn-mnist1d", 256, 3000, 1500, 10, 1500),
+              ("ae-digits", 0, 2000, 1000, 1, 0), ("ae-mnist", 0, 1000, 250, 1, 0),
+              ("mlp-digits", 256, 2000, 1000, 10, 0), ("mlp-digits", 0, 2000, 1000, 1, 0),
+              ("cnn-digits", 256, 2000, 1000, 10, 0), ("cnn-digits", 0, 2000, 1000, 1, 0)],
+)
 
 # ---------------------------------------------------------------------------------------------
 # Cost model (per-step milliseconds on one core, from the timing pilot), for ordering and ETA
 # ---------------------------------------------------------------------------------------------
 
-_SIZES = {"ae-digits": 1797, "ae-mnist": 5000, "mlp-digits": 1500, "cnn-digits": 1500}
+_SIZES = {"ae-digits": 1797, "ae-mnist": 5000, "mlp-digits": 1500, "cnn-digits": 1500, "mlp-mnist1d": 4000,
+          "cnn-mnist1d": 4000}
 _COST = {  # problem: (fixed ms, ms per example) of an SGD step; what K-FAC adds: (fixed, per example)
     "ae-digits": ((0.57, 0.0032), (2.3, 0.0051)),
     "ae-mnist": ((0.9, 0.055), (28.0, 0.045)),
     "mlp-digits": ((0.32, 0.0019), (0.8, 0.0027)),
     "cnn-digits": ((0.11, 0.0104), (1.0, 0.0153)),
+    # MNIST-1D: from the Protocol-2 pilot at batch 256 only (README.md), split like the digits.
+    "mlp-mnist1d": ((0.1, 0.0017), (1.0, 0.0018)),
+    "cnn-mnist1d": ((0.2, 0.0101), (1.5, 0.0110)),
 }
 # What the adaptive step adds to the K-FAC step (the two forward-mode products, the loss after
 # the update, the solve): (fixed ms, ms per example), from the adaptive-mode timing pilot (README,
@@ -129,6 +198,8 @@ _ADAPTIVE_EXTRA = {
     "ae-mnist": (2.6, 0.236),
     "mlp-digits": (1.5, 0.0086),
     "cnn-digits": (1.4, 0.0219),
+    "mlp-mnist1d": (1.0, 0.0025),
+    "cnn-mnist1d": (1.5, 0.0165),
 }
 # γ re-choice (every T2 = 20 steps: two more products and, with Cholesky, two more inversions of
 # every factor), not measurable before the library had it: +10 % of the adaptive step, a guess.
@@ -144,7 +215,7 @@ def estimated_seconds(task) -> float:
     (a, b), (c, d) = _COST[problem]
     sgd = a + b * batch
     kfac_step = sgd + c + d * batch
-    step = {"sgd": sgd, "adam": 1.1 * sgd, "kfac": kfac_step}.get(method, 3 * kfac_step)
+    step = {"sgd": sgd, "adam": 1.1 * sgd}.get(method, kfac_step if method.startswith("kfac") else 3 * kfac_step)
     if method == "adaptive":
         e, f = _ADAPTIVE_EXTRA[problem]
         step = kfac_step + e + f * batch
@@ -152,7 +223,9 @@ def estimated_seconds(task) -> float:
             step *= _GAMMA_STEP_OVERHEAD
     if method == "kfac" and task["options"].get("inverse_update_period") == 1:
         step *= 2.5
-    evals = 0 if batch == n else task["T"] / max(1, task["eval_every"])
+    import trainers  # the evaluation rule of the runs themselves
+
+    evals = 0 if batch == n else sum(trainers.evaluates_at(k, task) for k in range(1, task["T"] + 1))
     return (task["T"] * step + evals * (a + b * n) / 3) / 1e3 + 0.05
 
 
@@ -172,17 +245,20 @@ def _score(result) -> float:
     return loss if (loss is not None and math.isfinite(loss)) else math.inf
 
 
-def tuning_experiment(trainers, problem, batch, T, eval_every, method, seeds):
-    grid = GRIDS[method]
+def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, method, seeds):
+    """Tunes ``method`` on its grid (seed 0, criterion: final loss after ``T``), then runs the
+    best configuration on the other seeds. K-FAC's variants use K-FAC's grid."""
+    grid = GRIDS["kfac" if method.startswith("kfac") else method]
     second, values = grid["second"], grid["values"]
-    transferred_from = TRANSFER_SECOND.get(problem)
-    if transferred_from is not None:
-        source = yield Need(("tune", transferred_from, batch, method))
-        if source is None:  # the source setting is not part of this profile: use both values
-            transferred_from = None
-        else:
+    source_key = transfer_source(problem, method)
+    transferred_from = None
+    if source_key is not None:
+        source = yield Need(("tune", source_key[0], batch, source_key[1]))
+        if source is not None:  # None: the source setting is not part of this profile: use both values
             values = [source["best"][second]]
-    make = lambda lr, value, seed: trainers.make_task(problem, method, batch, T, eval_every, seed, lr, **{second: value})
+            transferred_from = source_key[0] if source_key[1] == method else f"{METHOD_NAMES[source_key[1]]}"
+    make = lambda lr, value, seed: trainers.make_task(problem, method, batch, T, eval_every, seed, lr,
+                                                      sparse_after=sparse_after, **{second: value})
     stage1 = [make(lr, value, 0) for value in values for lr in grid["lrs"]]
     results1 = yield stage1
     best1 = min(range(len(stage1)), key=lambda i: (_score(results1[i]), i))
@@ -198,7 +274,7 @@ def tuning_experiment(trainers, problem, batch, T, eval_every, method, seeds):
     edge = lr in (min(tested), max(tested))
     others = yield [make(lr, value, seed) for seed in range(1, seeds)]
     return dict(
-        problem=problem, batch=batch, T=T, eval_every=eval_every, method=method,
+        problem=problem, batch=batch, T=T, eval_every=eval_every, sparse_after=sparse_after, method=method,
         best={"lr": lr, second: value}, second=second, edge=edge,
         second_from=transferred_from,
         grid=[dict(lr=t["lr"], **{second: t["options"][second]}, final_loss=_score(r), diverged=r["diverged"])
@@ -227,7 +303,8 @@ def ablation_experiment(trainers, ablation):
     for name, overrides in ABLATIONS[1:]:
         for seed in range(ablation["seeds"]):
             tasks.append(trainers.make_task(ablation["problem"], "kfac", ablation["batch"], tuned["T"],
-                                            tuned["eval_every"], seed, tuned["best"]["lr"], **dict(options, **overrides)))
+                                            tuned["eval_every"], seed, tuned["best"]["lr"],
+                                            sparse_after=tuned.get("sparse_after", 0), **dict(options, **overrides)))
             names.append(name)
     results = yield tasks
     rows = {ABLATIONS[0][0]: tuned["runs"]}
@@ -236,21 +313,23 @@ def ablation_experiment(trainers, ablation):
     return dict(best=tuned["best"], rows=rows, adaptive_available=True)
 
 
-def adaptive_experiment(trainers, problem, batch, T, eval_every, seeds):
+def adaptive_experiment(trainers, problem, batch, T, eval_every, sparse_after, seeds):
     """K-FAC's adaptive mode, untuned: the same fixed settings for every problem, no grid; the
     five seeds of the other methods (same initial weights, batches and sampled-Fisher draws)."""
-    tasks = [trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0) for seed in range(seeds)]
+    tasks = [trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0, sparse_after=sparse_after)
+             for seed in range(seeds)]
     results = yield tasks
-    return dict(problem=problem, batch=batch, T=T, eval_every=eval_every, method="adaptive",
+    return dict(problem=problem, batch=batch, T=T, eval_every=eval_every, sparse_after=sparse_after, method="adaptive",
                 options=tasks[0]["options"], runs=results)
 
 
-def adaptive_ablation_experiment(trainers, problem, batch, T, eval_every, seeds):
+def adaptive_ablation_experiment(trainers, problem, batch, T, eval_every, sparse_after, seeds):
     """The adaptive-mode ablations (ADAPTIVE_ABLATIONS) at ``problem``/``batch``."""
     tasks, names, notes = [], [], {}
     for name, overrides in ADAPTIVE_ABLATIONS:
         for seed in range(seeds):
-            tasks.append(trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0, **overrides))
+            tasks.append(trainers.make_task(problem, "adaptive", batch, T, eval_every, seed, 0.0,
+                                            sparse_after=sparse_after, **overrides))
             names.append(name)
     results = yield tasks
     rows = {}
@@ -433,40 +512,40 @@ def run_experiments(experiments, workers, progress):
 def planned_seconds(profile, trainers) -> float:
     """Estimated single-core seconds of everything the profile runs (for the ETA)."""
     total = 0.0
-    settings = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
-    for problem, batch, T, eval_every in profile["settings"]:
-        for method in METHODS:
-            grid = GRIDS[method]
-            per_value = len(grid["lrs"])
-            stage1 = per_value * (1 if problem in TRANSFER_SECOND and (TRANSFER_SECOND[problem], batch) in settings
-                                  else len(grid["values"]))
-            runs = stage1 + len(REFINE) + profile["seeds"] - 1
-            task = trainers.make_task(problem, method, batch, T, eval_every, 0, 1.0, damping=1.0)
+    settings = {(p, b): (T, TK, e, sparse) for p, b, T, TK, e, sparse in profile["settings"]}
+    for problem, batch, T, TK, eval_every, sparse in profile["settings"]:
+        for method in setting_methods(problem, trainers):
+            grid = GRIDS["kfac" if method.startswith("kfac") else method]
+            source = transfer_source(problem, method)
+            transferred = source is not None and (source[0], batch) in settings
+            runs = len(grid["lrs"]) * (1 if transferred else len(grid["values"])) + len(REFINE) + profile["seeds"] - 1
+            task = trainers.make_task(problem, method, batch, TK if is_kfac(method) else T, eval_every, 0, 1.0,
+                                      sparse_after=sparse, damping=1.0)
             total += runs * estimated_seconds(task)
-    sweep = profile["sweep"]
-    for batch in sweep["batches"]:
-        for method in METHODS:
-            task = trainers.make_task(sweep["problem"], method, batch, sweep["T"], sweep["T"], 0, 1.0, damping=1.0)
-            total += sweep["seeds"] * estimated_seconds(task)
-    ablation = profile["ablation"]
-    if (ablation["problem"], ablation["batch"]) in settings:
-        T, e = settings[(ablation["problem"], ablation["batch"])]
+        task = trainers.make_task(problem, "adaptive", batch, TK, eval_every, 0, 0.0, sparse_after=sparse)
+        total += profile["seeds"] * estimated_seconds(task)
+    sweep = profile.get("sweep")
+    if sweep:
+        for batch in sweep["batches"]:
+            for method in METHODS:
+                task = trainers.make_task(sweep["problem"], method, batch, sweep["T"], sweep["T"], 0, 1.0, damping=1.0)
+                total += sweep["seeds"] * estimated_seconds(task)
+    ablation = profile.get("ablation")
+    if ablation and (ablation["problem"], ablation["batch"]) in settings:
+        _, TK, e, sparse = settings[(ablation["problem"], ablation["batch"])]
         for _, overrides in ABLATIONS[1:]:
-            task = trainers.make_task(ablation["problem"], "kfac", ablation["batch"], T, e, 0, 1.0, **overrides)
+            task = trainers.make_task(ablation["problem"], "kfac", ablation["batch"], TK, e, 0, 1.0,
+                                      sparse_after=sparse, **overrides)
             total += ablation["seeds"] * estimated_seconds(task)
-    for problem, batch, T in profile["peer"]:
+        for _, overrides in ADAPTIVE_ABLATIONS:
+            task = trainers.make_task(ablation["problem"], "adaptive", ablation["batch"], TK, e, 0, 0.0,
+                                      sparse_after=sparse, **overrides)
+            total += ablation["seeds"] * estimated_seconds(task)
+    for problem, batch, T in profile.get("peer") or []:
         for method in ("kfac", "peer"):
             task = trainers.make_task(problem, method, batch, T, T, 0, 1.0, inverse_update_period=1)
             total += profile["peer_seeds"] * estimated_seconds(task)
         total += 3.0
-    for problem, batch, T, eval_every in profile["settings"]:
-        task = trainers.make_task(problem, "adaptive", batch, T, eval_every, 0, 0.0)
-        total += profile["seeds"] * estimated_seconds(task)
-    if (ablation["problem"], ablation["batch"]) in settings:
-        T, e = settings[(ablation["problem"], ablation["batch"])]
-        for _, overrides in ADAPTIVE_ABLATIONS:
-            task = trainers.make_task(ablation["problem"], "adaptive", ablation["batch"], T, e, 0, 0.0, **overrides)
-            total += ablation["seeds"] * estimated_seconds(task)
     return total
 
 
@@ -557,6 +636,7 @@ def machine_description(trainers) -> dict:
         libkfac=kfac.library_version, libkfac_path=kfac.library_path, bindings_path=os.path.dirname(kfac.__file__),
         libkfac_commit=commit, libkfac_dirty=dirty, openblas=openblas,
         curvlinops=version("curvlinops-for-pytorch"), mlxtend=version("mlxtend"), matplotlib=version("matplotlib"),
+        mnist1d=version("mnist1d"),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
 
@@ -564,6 +644,39 @@ def machine_description(trainers) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+
+PILOT_STEPS = 30
+PILOT_SETTINGS = [("ae-digits", 256), ("ae-digits", 0), ("ae-mnist", 256), ("mlp-digits", 256), ("mlp-digits", 0),
+                  ("cnn-digits", 256), ("cnn-digits", 0), ("mlp-mnist1d", 256), ("cnn-mnist1d", 256)]
+
+
+def pilot(workers: int) -> None:
+    """The timing pilot of Protocol 2 (README.md): median CPU milliseconds per step of every
+    method on every setting, over PILOT_STEPS steps of one seed at a fixed configuration, in
+    ``workers`` single-thread processes as the benchmark runs. Prints times only — no loss is
+    printed or looked at; the budgets are sized from these figures."""
+    import trainers
+
+    tasks = []
+    for problem, batch in PILOT_SETTINGS:
+        methods = ["sgd", "adam", "kfac", "adaptive"]
+        if problem == "cnn-mnist1d":
+            methods += list(trainers.KFAC_VARIANTS)
+        for method in methods:
+            options = dict(momentum=0.9, beta1=0.9, damping=1e-1) if method != "adaptive" else {}
+            tasks.append(trainers.make_task(problem, method, batch, PILOT_STEPS, PILOT_STEPS, 0,
+                                            1e-3 if method != "adaptive" else 0.0, **options))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = list(pool.map(execute, tasks))
+    print("| problem | batch | method | CPU ms per step (median) | wall ms per step (median) |")
+    print("|---|---|---|---|---|")
+    for task, result in zip(tasks, results):
+        batch = "full" if task["batch"] <= 0 else task["batch"]
+        print(f"| {task['problem']} | {batch} | {task['method']} | {result['step_ms_median']:.2f} "
+              f"| {result['wall_step_ms_median']:.2f} |")
+    print(f"load average at the end: {os.getloadavg()}")
 
 
 def main():
@@ -575,7 +688,12 @@ def main():
                              "directory, so that a smoke run never overwrites the committed results)")
     parser.add_argument("--no-install", action="store_true", help="do not pip-install missing packages")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from training_raw.json")
+    parser.add_argument("--pilot", action="store_true",
+                        help="only the timing pilot: per-step times of every method and setting (no losses)")
     args = parser.parse_args()
+    if args.pilot:
+        pilot(args.workers)
+        return
     if args.out is None:
         args.out = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if args.profile == "smoke" else RESULTS
     os.makedirs(args.out, exist_ok=True)
@@ -604,27 +722,30 @@ def main():
     print(f"K-FAC adaptive mode (untuned): γ re-chosen every T2 = "
           f"{trainers.ADAPTIVE_DEFAULTS['factor_damping_period']} steps", file=sys.stderr)
 
-    print("measuring step times with 1 and 2 threads (alone)...", file=sys.stderr)
-    threads = measure_threads(profile)
+    threads = []
+    if profile.get("threads"):
+        print("measuring step times with 1 and 2 threads (alone)...", file=sys.stderr)
+        threads = measure_threads(profile)
 
     experiments = {}
-    for problem, batch, T, eval_every in profile["settings"]:
-        for method in METHODS:
+    settings_by_key = {(p, b): (T, TK, e, sparse) for p, b, T, TK, e, sparse in profile["settings"]}
+    for problem, batch, T, TK, eval_every, sparse in profile["settings"]:
+        for method in setting_methods(problem, trainers):
             experiments[("tune", problem, batch, method)] = tuning_experiment(
-                trainers, problem, batch, T, eval_every, method, profile["seeds"])
-    for method in METHODS:
-        experiments[("sweep", method)] = sweep_experiment(trainers, profile["sweep"], method)
-    experiments[("ablation",)] = ablation_experiment(trainers, profile["ablation"])
-    settings_by_key = {(p, b): (T, e) for p, b, T, e in profile["settings"]}
-    for problem, batch, T, eval_every in profile["settings"]:
+                trainers, problem, batch, TK if is_kfac(method) else T, eval_every, sparse, method, profile["seeds"])
         experiments[("adaptive", problem, batch)] = adaptive_experiment(
-            trainers, problem, batch, T, eval_every, profile["seeds"])
-    ablation = profile["ablation"]
-    if (ablation["problem"], ablation["batch"]) in settings_by_key:
-        T, eval_every = settings_by_key[(ablation["problem"], ablation["batch"])]
-        experiments[("adaptive-ablation",)] = adaptive_ablation_experiment(
-            trainers, ablation["problem"], ablation["batch"], T, eval_every, ablation["seeds"])
-    for problem, batch, T in profile["peer"]:
+            trainers, problem, batch, TK, eval_every, sparse, profile["seeds"])
+    if profile.get("sweep"):
+        for method in METHODS:
+            experiments[("sweep", method)] = sweep_experiment(trainers, profile["sweep"], method)
+    ablation = profile.get("ablation")
+    if ablation:
+        experiments[("ablation",)] = ablation_experiment(trainers, ablation)
+        if (ablation["problem"], ablation["batch"]) in settings_by_key:
+            _, TK, eval_every, sparse = settings_by_key[(ablation["problem"], ablation["batch"])]
+            experiments[("adaptive-ablation",)] = adaptive_ablation_experiment(
+                trainers, ablation["problem"], ablation["batch"], TK, eval_every, sparse, ablation["seeds"])
+    for problem, batch, T in profile.get("peer") or []:
         experiments[("peer", problem, batch)] = peer_experiment(trainers, problem, batch, T, profile["peer_seeds"])
 
     progress = Progress(planned_seconds(profile, trainers), args.workers)
@@ -635,10 +756,11 @@ def main():
     raw = dict(
         profile=args.profile, profile_settings=profile, workers=args.workers, machine=machine, threads=threads,
         grids=GRIDS, refine=REFINE,
-        settings=[finished[("tune", p, b, m)] for p, b, _, _ in profile["settings"] for m in METHODS],
-        sweep=[finished[("sweep", m)] for m in METHODS],
-        ablation=finished[("ablation",)], ablation_names=[name for name, _ in ABLATIONS],
-        peer=[finished[("peer", p, b)] for p, b, _ in profile["peer"]],
+        settings=[finished[("tune", p, b, m)] for p, b, *_ in profile["settings"]
+                  for m in setting_methods(p, trainers)],
+        sweep=[finished[("sweep", m)] for m in METHODS if ("sweep", m) in finished],
+        ablation=finished.get(("ablation",)), ablation_names=[name for name, _ in ABLATIONS],
+        peer=[finished[("peer", p, b)] for p, b, _ in profile.get("peer") or []],
         adaptive_mode=dict(
             available=True,
             gamma_rechoice=True,
@@ -646,11 +768,17 @@ def main():
             defaults=trainers.ADAPTIVE_DEFAULTS,
             options=dict(trainers.ADAPTIVE_DEFAULTS),
         ),
-        adaptive=[finished[("adaptive", p, b)] for p, b, _, _ in profile["settings"]
+        adaptive=[finished[("adaptive", p, b)] for p, b, *_ in profile["settings"]
                   if ("adaptive", p, b) in finished],
         adaptive_ablation=finished.get(("adaptive-ablation",)),
         adaptive_ablation_names=[ADAPTIVE_BASELINE] + [name for name, _ in ADAPTIVE_ABLATIONS],
+        kfac_variants=dict(trainers.KFAC_VARIANTS),
+        mnist1d_paper_accuracy=dict(trainers.MNIST1D_PAPER_ACCURACY),
     )
+    # L* per setting, stored for readers of the JSON (report.py recomputes it the same way).
+    raw["L_star"] = [dict(problem=e["problem"], batch=e["batch"], T=e["T"],
+                          value=report.median([report._loss(r["final_loss"]) for r in e["runs"]]))
+                     for e in raw["settings"] if e["method"] == "sgd"]
     raw = _finite(raw)  # JSON-safe: a diverged run's loss is null
     # Written twice so that the recorded runtime includes writing the report and plots.
     for _ in range(2):

@@ -29,7 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from problems import REPO_ROOT, get_problem  # noqa: E402
+from problems import MNIST1D_CNN_GROUPING, MNIST1D_PAPER_ACCURACY, REPO_ROOT, get_problem  # noqa: E402,F401
 
 try:
     import libkfac  # noqa: E402
@@ -54,6 +54,11 @@ KFAC_DEFAULTS = dict(
     inverse_strategy="cholesky",
     pi_damping=True,
     fisher="sampled",
+    # Convolutions (Protocol 2): KFC (Grosse & Martens 2016) or SUA, and channel grouping —
+    # KFACPreconditioner's per-layer options, passed through unchanged.
+    conv_approximation="kfc",
+    input_group_size=0,
+    output_group_size=0,
 )
 
 
@@ -77,18 +82,40 @@ ADAPTIVE_DEFAULTS = dict(
 )
 
 
-def make_task(problem, method, batch, T, eval_every, seed, lr, **options) -> Dict:
+#: K-FAC variants for convolutions (Protocol 2, MNIST-1D CNN): method name -> the options that
+#: differ from :data:`KFAC_DEFAULTS` (which uses KFC). Tuned on K-FAC's grid like "kfac".
+KFAC_VARIANTS = {
+    "kfac-sua": dict(conv_approximation="sua"),
+    "kfac-grouped": dict(MNIST1D_CNN_GROUPING),
+}
+
+
+def make_task(problem, method, batch, T, eval_every, seed, lr, sparse_after=0, **options) -> Dict:
     """A run description. ``batch`` 0 means full batch. ``options``: ``momentum`` (sgd),
-    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, peer), any key of
-    :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is unused: pass 0)."""
+    ``beta1`` (adam), ``damping`` and any key of :data:`KFAC_DEFAULTS` (kfac, its variants of
+    :data:`KFAC_VARIANTS`, peer), any key of :data:`ADAPTIVE_DEFAULTS` (adaptive, whose ``lr`` is
+    unused: pass 0). Mini-batch runs evaluate the whole-training-set loss every ``eval_every``
+    iterations, after iteration ``sparse_after`` (0 = never) every ``5 * eval_every`` only, and
+    after the last (:func:`evaluates_at`)."""
     task = dict(problem=problem, method=method, batch=int(batch), T=int(T),
-                eval_every=int(eval_every), seed=int(seed), lr=float(lr))
-    if method in ("kfac", "peer", "adaptive"):
+                eval_every=int(eval_every), seed=int(seed), lr=float(lr), sparse_after=int(sparse_after))
+    if method in ("kfac", "peer", "adaptive") or method in KFAC_VARIANTS:
         merged = dict(ADAPTIVE_DEFAULTS if method == "adaptive" else KFAC_DEFAULTS)
+        merged.update(KFAC_VARIANTS.get(method, {}))
         merged.update(options)
         options = merged
     task["options"] = options
     return task
+
+
+def evaluates_at(k: int, task: Dict) -> bool:
+    """Whether a mini-batch run evaluates the whole-training-set loss after iteration ``k``."""
+    every, sparse = max(1, task["eval_every"]), task.get("sparse_after", 0)
+    if k == task["T"]:
+        return True
+    if sparse and k > sparse:
+        return k % (5 * every) == 0
+    return k % every == 0
 
 
 def _set_single_thread() -> None:
@@ -184,6 +211,9 @@ class _KFACStep:
             tridiagonal=options.get("tridiagonal", False),  # block-tridiagonal (tridiagonal_compare.py)
             curvature=options.get("curvature", "fisher"),   # KFLR / MC / KFRA (curvature_compare.py)
             mc_samples=options.get("mc_samples", 1),
+            conv_approximation=options.get("conv_approximation", "kfc"),
+            input_group_size=options.get("input_group_size", 0),
+            output_group_size=options.get("output_group_size", 0),
         )
         self.curvature = options.get("curvature", "fisher")
         self.kl_scales: List[float] = []
@@ -368,7 +398,7 @@ def _build(task, problem, model):
     if method == "adaptive":
         return _AdaptiveStep(model, problem, options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=options["momentum"])
-    if method == "kfac":
+    if method == "kfac" or method in KFAC_VARIANTS:
         return _KFACStep(model, optimizer, problem, options)
     if method == "peer":
         return _PeerStep(model, optimizer, problem, options, task["seed"])
@@ -435,7 +465,7 @@ def run_task(task: Dict) -> Dict:
             if _bad(batch_loss):
                 diverged = True
                 break
-            if not batches.full and (k % eval_every == 0 or k == T):
+            if not batches.full and evaluates_at(k, task):
                 value = _full_loss(model, problem)
                 curve.append((k, value, cpu, wall))
                 if _bad(value):
