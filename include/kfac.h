@@ -428,12 +428,12 @@ typedef enum kfac_param {
      * image holds the committed inverses only (pending work is not saved, so an image does not
      * depend on timing, and a run resumed from it has no work pending: its next due step
      * launches and the one after commits). kfac_optimizer_free waits for the work and joins the
-     * thread. Unsupported (KFAC_STATUS_UNSUPPORTED at the step, nothing changed) together with
+     * thread. Unsupported (KFAC_ERROR_UNSUPPORTED at the step, nothing changed) together with
      * KFAC_INVERSE_EKFAC (its scaling is re-estimated in the step, in the bases it inverts),
      * KFAC_PARAM_INVERSE_SPREAD (both move inversions off the due step: choose one),
      * KFAC_PARAM_FACTOR_DAMPING_PERIOD > 0 (a γ step inverts every block for each candidate),
      * block-tridiagonal links and distributed runs (world size > 1; their inverse exchange
-     * returns KFAC_STATUS_UNSUPPORTED). After warm-up (the first launch allocates the snapshots
+     * returns KFAC_ERROR_UNSUPPORTED). After warm-up (the first launch allocates the snapshots
      * and starts the thread) a step still allocates nothing. */
     KFAC_PARAM_ASYNC_INVERSION = 13,
 
