@@ -15,8 +15,8 @@ final class AsyncInversionTests: XCTestCase {
     /// step (6, which would commit and launch) changes nothing: the retry gives the oracle.
     func testDeterministicModeUsesTheFactorsOfThePreviousDueStep() throws {
         for strategy in [InverseStrategy.cholesky, .eigen] {
-            try run(Float.self, strategy, mode: .deterministic, failAt: [4, 6]) { k in k < 6 ? 0 : 3 * (k / 3 - 1) }
-            try run(Double.self, strategy, mode: .deterministic, failAt: [4, 6]) { k in k < 6 ? 0 : 3 * (k / 3 - 1) }
+            try run(Float.self, strategy, mode: .deterministic, failAt: [4, 6], source: { k in k < 6 ? 0 : 3 * (k / 3 - 1) })
+            try run(Double.self, strategy, mode: .deterministic, failAt: [4, 6], source: { k in k < 6 ? 0 : 3 * (k / 3 - 1) })
         }
     }
 
@@ -64,6 +64,17 @@ final class AsyncInversionTests: XCTestCase {
         try run(Float.self, .cholesky, mode: .deterministic, steps: 9,
                 change: (3, { $0.asyncInversion = .off }),
                 source: { k in k < 4 ? 0 : k < 6 ? 3 : 6 })
+    }
+
+    /// A background inversion that failed is not reported by itself: the step that would commit
+    /// it (the next due step, 6) inverts its blocks in the step from its own factors instead,
+    /// and launches nothing for them; the next due step (9) launches again, 12 commits.
+    func testFailedBackgroundInversionFallsBackToTheStep() throws {
+        try run(Double.self, .cholesky, mode: .deterministic, steps: 14, afterStep: { k, opt in
+            guard k == 3 else { return }
+            opt.waitForBackgroundInversion()
+            opt.estimator.backgroundError = KFACError(.notPositiveDefinite, "injected")
+        }, source: { k in k < 6 ? 0 : k < 12 ? 6 : 9 })
     }
 
     /// update_inverses discards pending work (every block gets newer inverses) and a loaded
@@ -140,6 +151,7 @@ final class AsyncInversionTests: XCTestCase {
     private func run<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, mode: AsyncInversion, steps: Int = 12,
                                     failAt: Set<Int> = [], waitAfterEachStep: Bool = false,
                                     change: (after: Int, (inout KFACParameters) -> Void)? = nil,
+                                    afterStep: ((Int, KFACOptimizer<S>) -> Void)? = nil,
                                     source: ((Int) -> Int)? = nil, strategyAt: ((Int) -> InverseStrategy)? = nil,
                                     allowed: ((Int) -> [Int])? = nil,
                                     check: ((Int, Int, Int) -> Void)? = nil) throws {
@@ -168,6 +180,7 @@ final class AsyncInversionTests: XCTestCase {
             var out = grads
             try opt.step(&out)
             if waitAfterEachStep { opt.waitForBackgroundInversion() }
+            afterStep?(k, opt)
             factors.append(try Self.shapes.indices.map { l in
                 let f = try opt.factors(layer: l)
                 let (da, dg) = (Self.shapes[l].inF + (Self.shapes[l].bias ? 1 : 0), Self.shapes[l].outF)
