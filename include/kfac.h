@@ -101,7 +101,9 @@
  *      since the previous factor update are folded into the running factors;
  *   2. if KFAC_PARAM_INVERSE_UPDATE_PERIOD = Ti > 0 and k mod Ti = 0, the inverses of all
  *      layers are recomputed from the factors just folded (in parallel across layers); with
- *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step;
+ *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step
+ *      (KFAC_PARAM_INVERSE_SPREAD spreads these inversions over the period's steps;
+ *      KFAC_PARAM_ASYNC_INVERSION hands them to a background thread and commits them later);
  *   3. every layer's gradient is preconditioned, then KL-clipped, and written back.
  * A period of 0 means "only when asked": kfac_optimizer_update_factors and
  * kfac_optimizer_update_inverses do steps 1 and 2 on demand. Statistics recorded on steps that are
