@@ -177,7 +177,8 @@ test-install: deps deps-cxx deps-install lib
 #   make fuzz-smoke     the seed corpus replayed, then FUZZ_SMOKE_RUNS fuzzed inputs (in `make test`)
 #   make fuzz           FUZZ_TIME seconds (default 1 h) into build/fuzz-corpus, from the seeds
 #   make test-asan      the C ABI tests against the ASan library, with ASan + UBSan in the tests
-#   make test-tsan      threads each driving its own handle with parallel inversions, under TSan
+#   make test-tsan      threads each driving its own handle with parallel inversions, and handles
+#                       inverting in the background (async_inversion), under TSan
 #   make test-valgrind  memcheck on the C ABI tests (0 bytes definitely or indirectly lost)
 #   make soak           10^4 steps with periodic save/load (C, then Python), memory at start and end
 SAN_CLANG ?= clang
@@ -236,8 +237,15 @@ build/threads_tsan: Tests/sanitizers/threads.c include/kfac.h $(TSAN_LIB)
 	    -Wl,-rpath,$(CURDIR)/.build-tsan/release -L $(SWIFT_RUNTIME_DIR) -ldispatch -lBlocksRuntime \
 	    -Wl,-rpath,$(SWIFT_RUNTIME_DIR) -ldl -lpthread
 
-test-tsan: build/threads_tsan
+build/async_tsan: Tests/sanitizers/async.c include/kfac.h $(TSAN_LIB)
+	@mkdir -p build
+	$(SAN_CLANG) -g -O1 -fsanitize=thread -Wall -Wextra -I include -o $@ $< -L .build-tsan/release -lkfac \
+	    -Wl,-rpath,$(CURDIR)/.build-tsan/release -L $(SWIFT_RUNTIME_DIR) -ldispatch -lBlocksRuntime \
+	    -Wl,-rpath,$(SWIFT_RUNTIME_DIR) -ldl -lpthread
+
+test-tsan: build/threads_tsan build/async_tsan
 	TSAN_OPTIONS=halt_on_error=1:exitcode=66 ./build/threads_tsan
+	TSAN_OPTIONS=halt_on_error=1:exitcode=66 ./build/async_tsan
 
 test-valgrind: build/test_capi deps-reliability
 	KFAC_TEST_LIGHT=1 valgrind --quiet --leak-check=full --errors-for-leak-kinds=definite,indirect \

@@ -101,7 +101,9 @@
  *      since the previous factor update are folded into the running factors;
  *   2. if KFAC_PARAM_INVERSE_UPDATE_PERIOD = Ti > 0 and k mod Ti = 0, the inverses of all
  *      layers are recomputed from the factors just folded (in parallel across layers); with
- *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step;
+ *      Ti > 0, a layer that has no inverses for the current strategy is inverted at any step
+ *      (KFAC_PARAM_INVERSE_SPREAD spreads these inversions over the period's steps;
+ *      KFAC_PARAM_ASYNC_INVERSION hands them to a background thread and commits them later);
  *   3. every layer's gradient is preconditioned, then KL-clipped, and written back.
  * A period of 0 means "only when asked": kfac_optimizer_update_factors and
  * kfac_optimizer_update_inverses do steps 1 and 2 on demand. Statistics recorded on steps that are
@@ -179,6 +181,8 @@
  * are independent and may be used concurrently from different threads. To invert the factors of
  * different layers in parallel, a handle starts up to KFAC_PARAM_NUM_THREADS − 1 worker threads
  * the first time it needs them; they sleep between calls and are joined by kfac_optimizer_free.
+ * With KFAC_PARAM_ASYNC_INVERSION a handle also has one background thread that inverts between
+ * calls (on library-owned snapshots only); it too is joined by kfac_optimizer_free.
  * They are used only while OpenBLAS is single-threaded (see KFAC_PARAM_NUM_THREADS); the library
  * never changes OpenBLAS's process-wide thread setting.
  *
@@ -398,6 +402,42 @@ typedef enum kfac_param {
      * and a γ step (KFAC_PARAM_FACTOR_DAMPING_PERIOD) inverts every block as before. A step
      * that fails changes no inverse; kfac_optimizer_update_inverses inverts every block. */
     KFAC_PARAM_INVERSE_SPREAD = 12,
+    /* int, kfac_async_inversion, default KFAC_ASYNC_INVERSION_OFF. Invert in the background:
+     * with Ti = KFAC_PARAM_INVERSE_UPDATE_PERIOD > 0, a due step (k mod Ti = 0) preconditions
+     * with the inverses it already has, copies the factors it just folded into snapshot buffers
+     * the handle owns, and hands their inversion to one library thread (using up to
+     * KFAC_PARAM_NUM_THREADS threads, as a synchronous inversion would), which runs while the
+     * caller does its forward and backward passes. A later step commits the result:
+     *   KFAC_ASYNC_INVERSION_DETERMINISTIC: exactly the next due step, which first waits for it.
+     *     Step k then uses the inverses of the factors of step Ti·(⌊k/Ti⌋ − 1) for k >= 2·Ti and
+     *     of step 0 before (step 0 inverts in the step: no block has an inverse yet), i.e. a
+     *     synchronous run lagging one period; directions are a pure function of the inputs.
+     *   KFAC_ASYNC_INVERSION_NEWEST: the first step that finds the work finished (without
+     *     waiting), at the latest the next due step, which waits for it: a step uses the newest
+     *     inverses that are complete, which depends on timing.
+     * Staleness: a step's inverses come from factors at most one period older than those the
+     * synchronous schedule would use (at most 2·Ti − 1 steps old). A block without an inverse for
+     * the strategy, and a block whose background inversion failed, is inverted in the step (from
+     * that step's factors) as without this parameter; a failed background inversion is not
+     * reported otherwise. With the Cholesky strategy the inverses bake in the λ (or γ) and π of
+     * their launch step. Threads: the background work touches only its snapshots and the staging
+     * inverses of its blocks, never the caller's buffers or what the step records and folds; the
+     * caller must still not call into the same handle concurrently. Parameter changes while work
+     * is pending: a new inverse strategy discards it at the next step (which inverts every block
+     * itself); setting this parameter to OFF or Ti to 0 makes the next step wait for it and commit
+     * it; other parameters apply from the next launch. kfac_optimizer_update_inverses waits for and
+     * discards pending work (even when it fails), and so does a successful state load; a state
+     * image holds the committed inverses only (pending work is not saved, so an image does not
+     * depend on timing, and a run resumed from it has no work pending: its next due step
+     * launches and the one after commits). kfac_optimizer_free waits for the work and joins the
+     * thread. Unsupported (KFAC_ERROR_UNSUPPORTED at the step, nothing changed) together with
+     * KFAC_INVERSE_EKFAC (its scaling is re-estimated in the step, in the bases it inverts),
+     * KFAC_PARAM_INVERSE_SPREAD (both move inversions off the due step: choose one),
+     * KFAC_PARAM_FACTOR_DAMPING_PERIOD > 0 (a γ step inverts every block for each candidate),
+     * block-tridiagonal links and distributed runs (world size > 1; their inverse exchange
+     * returns KFAC_ERROR_UNSUPPORTED). After warm-up (the first launch allocates the snapshots
+     * and starts the thread) a step still allocates nothing. */
+    KFAC_PARAM_ASYNC_INVERSION = 13,
 
     /* ---- adaptive mode (200–299), see "Adaptive mode" ---- */
     /* int, [0, 2^31 − 1], default 0 = off. T₁ of the Levenberg–Marquardt adjustment: every T₁
@@ -461,6 +501,13 @@ typedef enum kfac_inverse_strategy {
     KFAC_INVERSE_EIGEN = 1,
     KFAC_INVERSE_EKFAC = 2    /* experimental, see "EKFAC" */
 } kfac_inverse_strategy;
+
+/* Values of KFAC_PARAM_ASYNC_INVERSION. */
+typedef enum kfac_async_inversion {
+    KFAC_ASYNC_INVERSION_OFF = 0,            /* every inversion runs in its due step */
+    KFAC_ASYNC_INVERSION_NEWEST = 1,         /* commit background work as soon as it is complete */
+    KFAC_ASYNC_INVERSION_DETERMINISTIC = 2   /* commit it at the next due step (reproducible) */
+} kfac_async_inversion;
 
 typedef enum kfac_reduction {
     KFAC_REDUCTION_SUM = 0,   /* output gradients are those of Σ_n ℓ_n */

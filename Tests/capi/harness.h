@@ -308,6 +308,7 @@ void after_bad_adaptive(twins_t *t, int got, int want, const char *what, int ext
 /* test_library.c: versions, status strings, symbols, creation, NULL handles, the parameter
  * table (kfac_param_get_info, kfac_param_list), defaults and bounds, the out-parameter getters. */
 void test_globals(void);
+void test_async_inversion(void);
 void test_exports(void);
 void test_param_table(void);
 void test_params_and_info(void);

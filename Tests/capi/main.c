@@ -144,6 +144,7 @@ int main(void) {
     test_params_and_info();
     test_layer_info();
     test_concurrency();
+    test_async_inversion();
     test_numerics();
     test_conv_numerics();
     test_adaptive_call_order();

@@ -306,6 +306,8 @@ static const param_row_t PARAM_TABLE[] = {
      1, 0.0},
     {KFAC_PARAM_INVERSE_SPREAD, "inverse_spread", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 1.0, 1,
      1, 0.0},
+    {KFAC_PARAM_ASYNC_INVERSION, "async_inversion", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_CORE, 0.0, 2.0,
+     1, 1, KFAC_ASYNC_INVERSION_OFF},
     {KFAC_PARAM_LM_INTERVAL, "lm_interval", KFAC_PARAM_TYPE_INT, KFAC_FAMILY_ADAPTIVE, 0.0,
      INT31_MAX, 1, 1, 0.0},
     {KFAC_PARAM_LM_DECAY, "lm_decay", KFAC_PARAM_TYPE_DOUBLE, KFAC_FAMILY_ADAPTIVE, 0.0, 1.0, 0, 0,
@@ -453,7 +455,7 @@ void test_param_table(void) {
           status_name(st));
 
     /* Unknown ids, NULL. */
-    const int32_t unknown[] = {0, 13, 99, 100, 199, 207, 299, 300, 402, 501, 600, 1000, -1,
+    const int32_t unknown[] = {0, 14, 99, 100, 199, 207, 299, 300, 402, 501, 600, 1000, -1,
                                INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         kfac_param_info info;
@@ -651,7 +653,7 @@ void test_params_and_info(void) {
                 {KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EIGEN}, {KFAC_PARAM_PI_DAMPING, 1},
                 {KFAC_PARAM_LOSS_REDUCTION, KFAC_REDUCTION_SUM}, {KFAC_PARAM_NUM_THREADS, 0},
                 {KFAC_PARAM_LM_INTERVAL, 0}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0},
-                {KFAC_PARAM_INVERSE_SPREAD, 0},
+                {KFAC_PARAM_INVERSE_SPREAD, 0}, {KFAC_PARAM_ASYNC_INVERSION, 0},
                 {KFAC_PARAM_DISTRIBUTED_REDUCE, 0}};
     for (size_t i = 0; i < sizeof idef / sizeof idef[0]; i++) {
         int64_t v = -1;
@@ -693,7 +695,10 @@ void test_params_and_info(void) {
                {KFAC_PARAM_LM_INTERVAL, INT32_MAX}, {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 1},
                {KFAC_PARAM_FACTOR_DAMPING_PERIOD, INT32_MAX},
                {KFAC_PARAM_FACTOR_DAMPING_PERIOD, 0}, {KFAC_PARAM_INVERSE_SPREAD, 1},
-               {KFAC_PARAM_INVERSE_SPREAD, 0}};
+               {KFAC_PARAM_INVERSE_SPREAD, 0},
+               {KFAC_PARAM_ASYNC_INVERSION, KFAC_ASYNC_INVERSION_DETERMINISTIC},
+               {KFAC_PARAM_ASYNC_INVERSION, KFAC_ASYNC_INVERSION_NEWEST},
+               {KFAC_PARAM_ASYNC_INVERSION, KFAC_ASYNC_INVERSION_OFF}};
     for (size_t i = 0; i < sizeof iok / sizeof iok[0]; i++) {
         int64_t v = -1;
         int st = bad_call(h, kfac_param_set_int(h, iok[i].param, iok[i].value));
@@ -723,10 +728,10 @@ void errors_params(twins_t *tp) {
     int64_t iv = -123;
     section(dt == KFAC_FLOAT32 ? "float32 handle: parameters" : "float64 handle: parameters");
 
-    /* 13, 207, 402 and 501: the first undefined ids after the core, the adaptive, the EKFAC
+    /* 14, 207, 402 and 501: the first undefined ids after the core, the adaptive, the EKFAC
      * and the distributed band; 100, 300, 600: reserved bands without parameters yet; 1000: the experimental band. 9
      * and 108 were the 0.1 table's first undefined ids (9 is now KFAC_PARAM_PI_DAMPING: not here). */
-    const int unknown[] = {0, 13, 99, 100, 108, 199, 207, 299, 300, 402, 499, 501, 600, -1, 1000,
+    const int unknown[] = {0, 14, 99, 100, 108, 199, 207, 299, 300, 402, 499, 501, 600, -1, 1000,
                            INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_double(param %d)", unknown[i]);
@@ -750,7 +755,7 @@ void errors_params(twins_t *tp) {
                            KFAC_PARAM_LOSS_REDUCTION, KFAC_PARAM_NUM_THREADS,
                            KFAC_PARAM_LM_INTERVAL, KFAC_PARAM_FACTOR_DAMPING_PERIOD,
                            KFAC_PARAM_INVERSE_SPREAD, KFAC_PARAM_EKFAC_MODE,
-                           KFAC_PARAM_DISTRIBUTED_REDUCE};
+                           KFAC_PARAM_DISTRIBUTED_REDUCE, KFAC_PARAM_ASYNC_INVERSION};
     for (size_t i = 0; i < sizeof dparams / sizeof dparams[0]; i++) {
         snprintf(what, sizeof what, "kfac_param_set_int(double param %d)", dparams[i]);
         BAD_NO_ROUND(kfac_param_set_int(B, dparams[i], 1), KFAC_ERROR_PARAMETER_TYPE, what);
@@ -834,6 +839,8 @@ void errors_params(twins_t *tp) {
         {KFAC_PARAM_INVERSE_STRATEGY, -1, "inverse strategy -1"},
         {KFAC_PARAM_PI_DAMPING, 2, "pi damping 2"},
         {KFAC_PARAM_PI_DAMPING, -1, "pi damping -1"},
+        {KFAC_PARAM_ASYNC_INVERSION, 3, "async inversion 3"},
+        {KFAC_PARAM_ASYNC_INVERSION, -1, "async inversion -1"},
         {KFAC_PARAM_LOSS_REDUCTION, 2, "loss reduction 2"},
         {KFAC_PARAM_LOSS_REDUCTION, -1, "loss reduction -1"},
         {KFAC_PARAM_NUM_THREADS, -1, "num threads -1"},

@@ -153,6 +153,9 @@ extension KFACOptimizer {
         guard tridiagonal == nil else {
             throw KFACError(.unsupported, "distributed runs do not support block-tridiagonal links yet (cross factors are not exchanged)")
         }
+        guard parameters.asyncInversion == .off else {
+            throw KFACError(.unsupported, "distributed runs do not support async_inversion (the inverse exchange happens within the due step)")
+        }
     }
 
     private func checkCount(_ count: Int, _ expected: Int, _ what: String) throws(KFACError) {

@@ -28,17 +28,34 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// The blocks the next `stageInverses` inverts.
     var invertBlock: [Bool] = []
     /// One per unique block of each side of each block to invert.
-    private var inversionJobs: [InversionJob] = []
+    var inversionJobs: [InversionJob] = []
     /// Per block: the factors the running inversion inverts, and their shifts.
-    private var jobSources: [InversionSource] = []
+    var jobSources: [InversionSource] = []
     /// One slot per job, written by the worker threads (distinct slots), read after they finish.
     private var jobErrors = UnsafeMutableBufferPointer<KFACError?>(start: nil, count: 0)
-    private var inversionStrategy = InverseStrategy.eigen
-    private var inversionTarget = InversionTarget.staging
+    var inversionStrategy = InverseStrategy.eigen
+    var inversionTarget = InversionTarget.staging
     /// Distributed runs (Distributed/): which units `stageInverses` computes, and a counter of
     /// its calls (so that inverses exchanged into staging are known to be still there).
     var unitFilter = InversionUnitFilter.all
     private(set) var stagingGeneration = 0
+    /// Background inversion (`BlockDiagonalEstimator+Background.swift`): the thread, the blocks
+    /// of the work launched last, per block what the current step does with it, and the
+    /// snapshots of the factors it inverts.
+    let background = BackgroundThread { context in
+        // Borrowed, never retained: a release on the thread could be the estimator's last.
+        Unmanaged<BlockDiagonalEstimator<Scalar>>.fromOpaque(context)._withUnsafeGuaranteedRef { $0.runBackgroundWork() }
+    }
+    var backgroundBlock: [Bool] = []
+    var consumeBlock: [Bool] = []
+    var launchBlock: [Bool] = []
+    var snapshots: [(a: AlignedBuffer<Scalar>, g: AlignedBuffer<Scalar>)?] = []
+    /// Whether launched work has not been committed or discarded yet (it may have finished).
+    var backgroundPending = false
+    var backgroundStrategy = InverseStrategy.eigen
+    var backgroundThreadCount = 1
+    /// Written by the background thread before it reports that it finished.
+    var backgroundError: KFACError?
 
     struct InversionJob {
         var block: Int
@@ -47,7 +64,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         var size: Int
     }
 
-    private struct InversionSource {
+    struct InversionSource {
         var a: AlignedBuffer<Scalar>?
         var g: AlignedBuffer<Scalar>?
         var inputShift: Scalar = 0
@@ -67,7 +84,10 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         for i in 0..<ones.count { ones.base[i] = 1 }
     }
 
-    deinit { releaseJobErrors() }
+    deinit {
+        background.wait()  // it uses the job bookkeeping released below
+        releaseJobErrors()
+    }
 
     var layerCount: Int { layers.count }
     var blockCount: Int { blocks.count }
@@ -149,6 +169,11 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
         }
         let n = blocks.count
         invertBlock = Array(repeating: false, count: n)
+        backgroundBlock = Array(repeating: false, count: n)
+        consumeBlock = Array(repeating: false, count: n)
+        launchBlock = Array(repeating: false, count: n)
+        snapshots = Array(repeating: nil, count: n)
+        backgroundPending = false
         inversionJobs = []
         inversionJobs.reserveCapacity(jobs)
         jobSources = Array(repeating: InversionSource(), count: n)
@@ -323,6 +348,7 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
     /// in layer order.
     func stageInverses(foldingPending: Bool, into target: InversionTarget = .staging, settings: CurvatureSettings,
                        damping: Double) throws(KFACError) {
+        background.wait()  // the worker pool and the job bookkeeping are shared with it
         let strategy = settings.strategy
         let decay = Scalar(settings.factorDecay)
         stagingGeneration &+= 1
@@ -347,6 +373,20 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                 inversionJobs.append(InversionJob(block: k, side: .output, unique: q, size: c.output.structure.uniqueSizes[q]))
             }
         }
+        try reserveWorkspaces(threadCount: settings.threadCount, jobCount: inversionJobs.count)
+        try runInversionJobs(strategy: strategy, target: target, threadCount: settings.threadCount, selected: invertBlock)
+    }
+
+    /// Makes sure there is an eigen workspace for every worker `runInversionJobs` may use.
+    func reserveWorkspaces(threadCount: Int, jobCount: Int) throws(KFACError) {
+        let threads = threadCount == 0 ? onlineProcessorCount() : threadCount
+        while workspaces.count < Swift.max(1, Swift.min(threads, jobCount)) { workspaces.append(try EigenWorkspace()) }
+    }
+
+    /// Runs `inversionJobs` (from `jobSources`) on the worker pool into `target`, then finishes
+    /// the inverses of the `selected` blocks; throws the first error in layer order.
+    func runInversionJobs(strategy: InverseStrategy, target: InversionTarget, threadCount: Int,
+                          selected: [Bool]) throws(KFACError) {
         // Largest blocks first, so that striding the jobs over workers balances their cost.
         for i in 1..<Swift.max(inversionJobs.count, 1) {
             var j = i
@@ -357,9 +397,8 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
             }
             inversionJobs[j] = job
         }
-        let threads = settings.threadCount == 0 ? onlineProcessorCount() : settings.threadCount
-        let workerCount = Swift.max(1, Swift.min(threads, inversionJobs.count))
-        while workspaces.count < workerCount { workspaces.append(try EigenWorkspace()) }
+        let threads = threadCount == 0 ? onlineProcessorCount() : threadCount
+        let workerCount = Swift.max(1, Swift.min(threads, inversionJobs.count, workspaces.count))
 
         inversionStrategy = strategy
         inversionTarget = target
@@ -374,14 +413,14 @@ final class BlockDiagonalEstimator<Scalar: KFACScalar>: CurvatureEstimator {
                 if firstError == nil || layer < firstError!.layer { firstError = (layer, e, job.side) }
             }
         }
-        for k in blocks.indices where invertBlock[k] {
+        for k in blocks.indices where selected[k] {
             jobSources[k].a = nil
             jobSources[k].g = nil
         }
         if let f = firstError {
             throw KFACError(f.error.status, "layer \(f.layer), \(f.side == .input ? "input" : "output") factor: \(f.error.message)")
         }
-        for k in blocks.indices where invertBlock[k] {
+        for k in blocks.indices where selected[k] {
             try inverse(of: k, in: target, strategy: strategy).finish()
         }
     }

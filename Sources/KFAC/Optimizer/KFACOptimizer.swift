@@ -39,6 +39,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         estimator = try BlockDiagonalEstimator()
     }
 
+    /// Joins background work first, so that the estimator is released here, never on its thread.
+    deinit { estimator.waitForBackground() }
+
     // MARK: Parameters
 
     /// Replaces all parameters after validating them (`.parameterRange` names the bad one).
@@ -162,6 +165,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
+        estimator.discardBackground()  // every block is re-inverted from newer factors
         guard let links = tridiagonal else { return try estimator.invert(parameters.curvatureSettings) }
         try updateInverses(links)
     }
@@ -208,7 +212,17 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         let p = stepParameters()
         let settings = p.curvatureSettings
         let folding = shouldFoldFactors(at: stepCount)
-        let anyInversion = try planStepInversions(p, folding: folding)
+        let asyncOn = try asyncInversionApplies(p)
+        var joined = settleBackground(p, asyncOn: asyncOn)
+        var anyInversion = try planStepInversions(p, folding: folding, asyncOn: asyncOn, joined: joined)
+        if anyInversion && estimator.backgroundPending && !joined {  // the pool is busy: wait, then re-plan
+            estimator.waitForBackground()
+            joined = true
+            anyInversion = try planStepInversions(p, folding: folding, asyncOn: asyncOn, joined: joined)
+        }
+        let launching = estimator.planBackground(joined: joined, launching: asyncOn && shouldInvert(at: stepCount),
+                                                 strategy: p.inverseStrategy)
+        if launching { try estimator.reserveBackground(strategy: p.inverseStrategy, threadCount: p.threadCount) }
         let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
         if folding { try estimator.validatePendingStatistics() }
         if folding, let links = tridiagonal { try links.checkPaired(estimator: estimator) }
@@ -223,6 +237,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
         // Commit: nothing below can fail.
         estimator.commitStep(folding: folding, decay: p.factorDecay)
+        estimator.commitBackground(joined: joined)
+        if launching { estimator.launchBackground(settings: settings, damping: p.inverseDamping) }
         if dampingStep { parameters.factorDamping = p.factorDamping }
         estimator.commitPairedStatistics(folding: folding)
         if let links = tridiagonal { commitTridiagonalStep(links, folding: folding, inverted: linksInverting) }
@@ -245,7 +261,16 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
 
     /// Marks the blocks the step at the current counter inverts (`estimator.invertBlock`);
     /// returns whether there is any. Also used by the distributed inverse exchange.
-    func planStepInversions(_ p: KFACParameters, folding: Bool) throws(KFACError) -> Bool {
+    /// With `asyncOn` a block is inverted in the step only when it has no inverse for the
+    /// strategy or its background inversion failed (`joined`: the caller waited for it); the
+    /// due blocks go to the background (`BlockDiagonalEstimator.planBackground`).
+    func planStepInversions(_ p: KFACParameters, folding: Bool, asyncOn: Bool = false,
+                            joined: Bool = false) throws(KFACError) -> Bool {
+        if asyncOn {
+            return try estimator.planInversions(foldingPending: folding, strategy: p.inverseStrategy) { k, hasInverse in
+                !hasInverse || (joined && estimator.backgroundFailed(block: k))
+            }
+        }
         let inverting = shouldInvert(at: stepCount)
         // A γ step whose inverses hold their damping inverts every factor for each candidate γ.
         let invertForCandidates = isDampingCandidateStep(at: stepCount) && p.inverseStrategy.dampingIsBakedIn
@@ -268,7 +293,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
             estimator.gather(layer: l, gradient(l))
             if estimator.isExcluded(l) { continue }
             for k in estimator.layerBlocks[l] {
-                try estimator.precondition(block: k, staged: estimator.invertBlock[k], strategy: strategy, damping: damping)
+                try estimator.precondition(block: k, staged: estimator.usesStagedInverse(k), strategy: strategy, damping: damping)
                 let c = estimator.blocks[k]
                 inner += Double(Scalar.dot(count: c.direction.count, x: c.direction.base, y: c.gradient.base)).magnitude
             }

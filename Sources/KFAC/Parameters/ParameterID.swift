@@ -16,6 +16,7 @@ public enum ParameterID: Int32, Sendable, CaseIterable {
     case lossReduction = 10
     case threadCount = 11
     case inverseSpread = 12
+    case asyncInversion = 13
     // Adaptive mode (Parameters+Adaptive.swift).
     case lmInterval = 200
     case lmDecay = 201

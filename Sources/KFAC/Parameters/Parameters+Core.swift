@@ -39,5 +39,9 @@ extension ParameterSpec {
         ParameterSpec(.inverseSpread, "inverse_spread", .int, .core, lower: 0, upper: 1,
                       default: 0, effect: .nextStep,
                       read: { $0.inverseSpread ? 1 : 0 }, write: { $0.inverseSpread = $1 == 1 }),
+        ParameterSpec(.asyncInversion, "async_inversion", .int, .core, lower: 0, upper: 2,
+                      default: Double(AsyncInversion.off.rawValue), effect: .nextStep,
+                      read: { Double($0.asyncInversion.rawValue) },
+                      write: { $0.asyncInversion = AsyncInversion(rawValue: Int32($1)) ?? .off }),
     ]
 }

@@ -9,6 +9,20 @@ public enum InverseStrategy: Int32, Sendable, CaseIterable {
     case ekfac = 2
 }
 
+/// Whether inversions run in the background between steps (`kfac_async_inversion`): a due
+/// step snapshots the factors and hands their inversion to a library thread; a later step
+/// commits the result (see `include/kfac.h`).
+public enum AsyncInversion: Int32, Sendable, CaseIterable {
+    /// Every inversion runs inside the step that is due.
+    case off = 0
+    /// A step commits the background result as soon as it is complete (timing-dependent), at
+    /// the latest at the next due step, which waits for it.
+    case newest = 1
+    /// The background result is committed exactly at the next due step, which waits for it:
+    /// directions are a pure function of the inputs (tests, reproducible runs).
+    case deterministic = 2
+}
+
 /// How the caller's loss was reduced over rows (`kfac_reduction`).
 public enum LossReduction: Int32, Sendable, CaseIterable {
     /// Output gradients are those of Σ_n ℓ_n: used as given.
@@ -71,6 +85,8 @@ public struct KFACParameters: Equatable, Sendable {
     public var threadCount: Int = 0
     /// Spread the inversions of a period over its steps, block by block (`InversionSpread`).
     public var inverseSpread: Bool = false
+    /// Invert in the background between steps (`AsyncInversion`, `BackgroundInversion`).
+    public var asyncInversion: AsyncInversion = .off
     /// Levenberg–Marquardt adjustment of λ (Martens & Grosse 2015, §6.5): every `lmInterval`
     /// reported loss changes, λ is multiplied by lmDecay^lmInterval if ρ > 3/4 and divided by it
     /// if ρ < 1/4. 0 turns the adjustment off.

@@ -166,6 +166,7 @@ extension KFACOptimizer {
         guard !adaptiveState.hasPreviousUpdate || steps > 0 else {
             throw KFACError(.corruptState, "state image has a previous update but no step")
         }
+        estimator.discardBackground()  // its blocks are replaced; the image has committed inverses only
         estimator.install(layers: restored.layers, statisticsStarted: restored.statisticsStarted)
         parameters = p
         stepCount = steps

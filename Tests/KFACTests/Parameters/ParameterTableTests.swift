@@ -18,6 +18,7 @@ final class ParameterTableTests: XCTestCase {
         (10, "loss_reduction", .int, 0, 0, true, 1, true, .core),
         (11, "num_threads", .int, 0, 0, true, 256, true, .core),
         (12, "inverse_spread", .int, 0, 0, true, 1, true, .core),
+        (13, "async_inversion", .int, 0, 0, true, 2, true, .core),
         (200, "lm_interval", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (201, "lm_decay", .double, 0.95, 0, false, 1, false, .adaptive),
         (202, "factor_damping", .double, 0, 0, true, .infinity, false, .adaptive),

@@ -38,6 +38,8 @@ ENUM_PARAMETERS = {
     "ekfac_mode": {"per_example": _lib.KFAC_EKFAC_PER_EXAMPLE, "per_row": _lib.KFAC_EKFAC_PER_ROW},
     "loss_reduction": {"sum": _lib.KFAC_REDUCTION_SUM, "mean": _lib.KFAC_REDUCTION_MEAN},
     "distributed_reduce": {"eager": _lib.KFAC_DISTRIBUTED_REDUCE_EAGER, "lazy": _lib.KFAC_DISTRIBUTED_REDUCE_LAZY},
+    "async_inversion": {"off": _lib.KFAC_ASYNC_INVERSION_OFF, "newest": _lib.KFAC_ASYNC_INVERSION_NEWEST,
+                        "deterministic": _lib.KFAC_ASYNC_INVERSION_DETERMINISTIC},
 }
 #: Integer parameters read back as bool.
 BOOL_PARAMETERS = frozenset({"pi_damping", "inverse_spread"})

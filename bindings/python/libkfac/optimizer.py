@@ -921,6 +921,13 @@ _MEANINGS = {
         "re-inverted once per inverse_update_period, at the step of its phase, from that step's "
         "factors; an inverse is at most one period old."
     ),
+    "async_inversion": (
+        "'off', 'newest' (or True) or 'deterministic': invert in the background. A due step hands "
+        "the inversion of its factors to a library thread and a later step commits it: 'newest' "
+        "the first step that finds it finished, 'deterministic' exactly the next due step (a "
+        "synchronous run lagging one inverse_update_period). Inverses are at most one period "
+        "staler than without it; not with 'ekfac', inverse_spread or factor_damping_period."
+    ),
     "lm_interval": "T₁: adjust λ every T₁ report_loss_change() calls (0 = off).",
     "lm_decay": "ω₁ of the Levenberg–Marquardt adjustment of λ.",
     "factor_damping": "γ: damping of the factor inverses instead of λ when > 0.",

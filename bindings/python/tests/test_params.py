@@ -124,7 +124,7 @@ def test_properties_document_the_table():
 
 def test_param_get_info_errors():
     info = _lib.kfac_param_info.new()
-    for unknown in (0, 13, 99, 100, 199, 207, 1000, -1, 2**31 - 1):
+    for unknown in (0, 14, 99, 100, 199, 207, 1000, -1, 2**31 - 1):
         assert _lib.kfac_param_get_info(unknown, ctypes.byref(info)) == libkfac.KFAC_ERROR_UNKNOWN_PARAMETER
     assert _lib.kfac_param_get_info(_lib.KFAC_PARAM_DAMPING, None) == libkfac.KFAC_ERROR_NULL_POINTER
     small = _lib.kfac_param_info()

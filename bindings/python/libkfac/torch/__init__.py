@@ -146,6 +146,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
         num_threads: threads the library uses for inversions (0 = all CPUs).
         inverse_spread: spread the inversions of a period over its steps, block by block (each
             block re-inverted once per period at its own step; inverses at most one period old).
+        async_inversion: ``True``/``'newest'``, ``'deterministic'`` or ``False``/``'off'``:
+            the library's thread inverts in the background while the model runs its forward and
+            backward passes; a step uses the newest finished inverses (``'deterministic'``:
+            exactly those of the previous due step), at most one period staler than without it.
 
     Adaptive mode (library family ``adaptive``; see :meth:`adaptive_step`):
         lm_interval, lm_decay: T₁ and ω₁ of the Levenberg–Marquardt adjustment of λ;
@@ -239,6 +243,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
         output_grad_scale: Optional[float] = None,
         num_threads: Optional[int] = None,
         inverse_spread: Optional[bool] = None,
+        async_inversion: Union[None, bool, str, int] = None,
         # adaptive
         lm_interval: Optional[int] = None,
         lm_decay: Optional[float] = None,
@@ -274,6 +279,7 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
             output_grad_scale=output_grad_scale, num_threads=num_threads, lm_interval=lm_interval,
             lm_decay=lm_decay, factor_damping=factor_damping, factor_damping_period=factor_damping_period,
             factor_damping_decay=factor_damping_decay, inverse_spread=inverse_spread,
+            async_inversion=async_inversion,
             damping_min=damping_min, factor_damping_ratio=factor_damping_ratio,
             ekfac_decay=ekfac_decay, ekfac_mode=ekfac_mode,
             distributed_reduce=distributed_reduce,

@@ -50,6 +50,7 @@ def test_parameter_defaults():
             "loss_reduction": "sum",
             "num_threads": 0,
             "inverse_spread": False,
+            "async_inversion": "off",
             "lm_decay": 0.95,
             "factor_damping": 0.0,
             "factor_damping_decay": 0.95,
