@@ -1204,7 +1204,10 @@ typedef enum kfac_kfra_variant {
  *  In distributed runs each rank's Ḡ comes from its own examples; reducing the pending statistics
  *  averages the ranks' Ḡ by rows, which is not KFRA of the union batch (a mean of products).
  *  Cost: per layer two o·o·i gemms (independent of N) and one N·i² gemm, plus N·K·output_dim²
- *  for Ḡ_{n−1}; it allocates O(output_dim·N·K + widest²) scratch per call. Wide layers make it
+ *  for Ḡ_{n−1}; its O(output_dim·N·K + widest²) scratch is allocated by the first call on a
+ *  chain (again only when N exceeds every earlier N, or at the first HESSIAN call) and kept with
+ *  the chain, so later calls allocate nothing (the chain's forward pass still copies θ and the
+ *  inputs into new buffers at every batch). Wide layers make it
  *  dearer than KFLR at small N (make bench: 784-1024-1024-10, N = 256).
  *  Pending statistics, KFRA's included, are part of state images. All chain layers or none: on
  *  error nothing is recorded. Errors: NULL_POINTER (output_grads for HESSIAN), INVALID_ARGUMENT
