@@ -1265,7 +1265,9 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
  *     α = rᵀy / pᵀAp, x += α p, r −= α A p, y = M⁻¹ r, β = r_newᵀ y_new / r_oldᵀ y_old, p = y + β p.
  *     φ(x) = ½ xᵀ A x + gᵀ x = ½ gᵀ x − ½ xᵀ r.
  * Preconditioners: NONE (M = I); KFAC (M⁻¹ = the current K-FAC inverses, as
- * kfac_curvature_multiply_* at power −1, any strategy — the layers need factors and inverses);
+ * kfac_curvature_multiply_* at power −1, any strategy — the layers need factors and inverses;
+ * with KFAC_INVERSE_EKFAC this is EKFAC's M⁻¹ = (U_A⊗U_G) diag(S + λ)⁻¹ (U_A⊗U_G)ᵀ with its
+ * current S, λ = KFAC_PARAM_FACTOR_DAMPING if set, else KFAC_PARAM_DAMPING; no other setting);
  * DIAGONAL (M = diag(d + λ + η)^exponent with d ≥ 0 given to begin, Martens 2010: d the sum of
  * the squared per-example gradients, exponent 0.75).
  * Stopping, checked at the start (i = 0) and after every iteration i, in this order:

@@ -227,6 +227,62 @@ final class ConjugateGradientTests: XCTestCase {
         XCTAssertLessThan(Self.relativeError(kg, zip(Self.times(G, g), g).map { $0 + 0.05 * $1 }), tolerance(S.self))
     }
 
+    /// The K-FAC preconditioner under `KFAC_INVERSE_EKFAC` is EKFAC's inverse, M⁻¹ =
+    /// Ũ diag(S + λ)⁻¹ Ũᵀ with Ũ = U_A ⊗ U_G, built densely here with S from the explicit
+    /// per-example gradients: the first direction handed out is −M⁻¹g, and with the product
+    /// G = M − λI the solve ends after one iteration at −M⁻¹g. The eigen strategy's divisor
+    /// d_G d_Aᵀ + λ in the same bases is far from it (the test would catch that formula).
+    func testEKFACPreconditionerIsTheDenseEKFACInverse() throws {
+        try ekfacPreconditioner(Float.self)
+        try ekfacPreconditioner(Double.self)
+    }
+
+    private func ekfacPreconditioner<S: KFACScalar>(_: S.Type) throws {
+        for c in [EKFACTests.denseCases[0], EKFACTests.denseCases[1], EKFACTests.denseCases[3]] {
+            let (opt, x, gOut) = try EKFACTests.denseProblem(S.self, c, seed: 611)
+            let lambda = opt.parameters.damping
+            XCTAssertEqual(opt.parameters.inverseDamping, lambda)
+            let (qa, qg, libraryScaling) = try ekfacState(opt, layer: 0)
+            let gradients = densePerExampleGradients(x: x, g: gOut, rows: c.rows, inFeatures: c.inFeatures, outFeatures: c.outFeatures,
+                                                     bias: c.bias, rowsPerExample: c.rowsPerExample, perRow: c.mode == .perRow,
+                                                     scale: c.recordScale)
+            let scaling = rotatedSecondMoment(gradients, divisor: c.divisor, qa: qa, qg: qg)
+            assertClose(libraryScaling, scaling, EKFACTests.tol(S.self), "\(S.self) \(c): the library's S is the oracle's")
+            let dim = qa.rows * qg.rows
+            let m = ekfacMatrix(qa: qa, qg: qg, s: scaling) + lambda * Dense.identity(dim)
+            // Eigen strategy's matrix in the same bases: d_G d_Aᵀ instead of S.
+            let (a, gFactor) = try libraryFactors(opt, layer: 0, group: 0, aDimension: qa.rows, gDimension: qg.rows)
+            let eigen = kronecker(a, gFactor) + lambda * Dense.identity(dim)
+
+            var random = SeededRandom(612)
+            let w: [S] = random.array(c.inFeatures * c.outFeatures), b: [S]? = c.bias ? random.array(c.outFeatures) : nil
+            let g = vec(parameterMatrix(weight: w, bias: b, out: c.outFeatures, inFeatures: c.inFeatures))
+            let expected = denseSolve(m, g.map { -$0 }), wrong = denseSolve(eigen, g.map { -$0 })
+            func flat(_ v: LayerGradient<S>) -> [Double] {
+                vec(parameterMatrix(weight: v.weight, bias: v.bias, out: c.outFeatures, inFeatures: c.inFeatures))
+            }
+            func layer(_ v: [Double]) -> LayerGradient<S> {  // vec(Θ) (column-major) → W row-major, b
+                let t = unvec(v, rows: c.outFeatures, columns: c.inFeatures + (c.bias ? 1 : 0))
+                return LayerGradient(weight: (0..<(c.outFeatures * c.inFeatures)).map { S(t[$0 / c.inFeatures, $0 % c.inFeatures]) },
+                                     bias: c.bias ? (0..<c.outFeatures).map { S(t[$0, c.inFeatures]) } : nil)
+            }
+            let tol = S.self == Float.self ? 1e-4 : 1e-10
+            XCTAssertGreaterThan(Self.relativeError(wrong, expected), 0.01, "\(S.self) \(c): EKFAC differs from the eigen strategy here")
+            let options = CGOptions(tolerance: S.self == Float.self ? 1e-3 : 1e-8, preconditioner: .kfac)
+            var request = try opt.beginConjugateGradient(options, gradient: [layer(g)])
+            XCTAssertEqual(request, .needProduct)
+            let p0 = flat(try opt.conjugateGradientVector()[0])
+            XCTAssertLessThan(Self.relativeError(p0, expected), tol, "\(S.self) \(c): first direction = −(Ũ diag(S + λ) Ũᵀ)⁻¹ g")
+            // G = M − λI: the preconditioner is exact, one iteration.
+            let product = zip(Self.times(m, p0), p0).map { $0 - lambda * $1 }
+            request = try opt.supplyConjugateGradientProduct([layer(product)])
+            XCTAssertEqual(request, .done, "\(S.self) \(c)")
+            let (step, result) = try opt.finishConjugateGradient()
+            XCTAssertEqual(result.iterations, 1, "\(S.self) \(c)")
+            XCTAssertLessThan(Self.relativeError(flat(step[0]), expected), tol, "\(S.self) \(c): the solution −M⁻¹g")
+        }
+    }
+
     // MARK: Stopping rules
 
     /// Both rules stop at exactly the iteration an independent PCG with the header's rules stops
