@@ -1278,7 +1278,10 @@ KFAC_API int kfac_gn_chain_multiply_f64(kfac_optimizer *opt, const double *const
  *     i = max_iterations (default 250) → REASON_MAX_ITERATIONS.
  * A pᵀAp that is not positive stops before the update (REASON_NON_POSITIVE_CURVATURE; s is the
  * last iterate). Inner products are accumulated in double precision (also on float32 handles),
- * left to right over the layer layout, so a solve is reproducible bit for bit.
+ * in a fixed order (RESIDUAL rule: per layer segment four interleaved partial sums, combined in
+ * order; RELATIVE_PROGRESS: left to right over the layer layout), so a solve is reproducible bit
+ * for bit. With the RESIDUAL rule φ is not evaluated per iteration (the rule does not need it;
+ * the result's model values are computed from s at finish).
  *
  * Newton-CG and Levenberg–Marquardt. The model of the step α·s excludes λ (Martens 2010,
  * simpleNN): m(α) = α gᵀs + ½ α² sᵀ(G + ηI)s, with sᵀ(G + ηI)s = sᵀ(−g − r) − λ‖s‖² from the
