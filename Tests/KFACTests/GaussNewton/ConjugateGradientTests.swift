@@ -283,6 +283,66 @@ final class ConjugateGradientTests: XCTestCase {
         }
     }
 
+    /// float32 residual drift (issue 9, item 4): on SPD problems with κ = 10², 10⁴, 10⁶ (n = 200)
+    /// the residual the solver updates recursively, r −= αAp, is compared at the stop with the
+    /// true residual −g − (G + λI)x of the returned x, computed here in float64. The header's
+    /// claims, which this test pins: at ξ ≥ 1e-2 the float32 recursive residual is within 1% of
+    /// the true one (so a RESIDUAL stop is genuine and no refresh is needed there); at κ = 10⁴,
+    /// ξ = 1e-4 it understates the true residual by more than 10% (use float64 for such
+    /// tolerances); float64 stays within 1e-6. What float32 loses at κ = 10⁶ is convergence
+    /// (loss of conjugacy), which a residual refresh would not restore: measured counts printed.
+    func testFloat32RecursiveResidualDrift() throws {
+        let n = 200
+        let lambda = 1e-6
+        func layer<S: KFACScalar>(_ x: [Double], _: S.Type) -> [LayerGradient<S>] {
+            [LayerGradient(weight: x[0..<192].map { S($0) }, bias: x[192..<200].map { S($0) })]
+        }
+        var random = SeededRandom(71)
+        let g = (0..<n).map { _ in random.uniform() }
+        let gNorm = Self.dot(g, g).squareRoot()
+        for (kappa, tolerances) in [(1e2, [1e-1, 1e-2]), (1e4, [1e-1, 1e-2, 1e-4]), (1e6, [1e-1, 1e-2])] {
+            let dense = Self.spd((0..<n).map { pow(kappa, Double($0) / Double(n - 1)) / kappa }, seed: 72)
+            let G = (0..<(n * n)).map { dense[$0 / n, $0 % n] }
+            func times(_ v: [Double]) -> [Double] {
+                var out = [Double](repeating: 0, count: n)
+                G.withUnsafeBufferPointer { m in
+                    for i in 0..<n { var t = 0.0; for j in 0..<n { t += m[i * n + j] * v[j] }; out[i] = t }
+                }
+                return out
+            }
+            for tol in tolerances {
+                func run<S: KFACScalar>(_: S.Type) throws -> (reported: Double, trueResidual: Double, result: CGResult) {
+                    let opt = try KFACOptimizer<S>()
+                    try opt.addDense(inFeatures: 24, outFeatures: 8, hasBias: true)
+                    try opt.set(.damping, lambda)
+                    var request = try opt.beginConjugateGradient(CGOptions(maxIterations: 600, tolerance: tol), gradient: layer(g, S.self))
+                    while request == .needProduct {
+                        let v = try opt.conjugateGradientVector()
+                        request = try opt.supplyConjugateGradientProduct(layer(times((v[0].weight + v[0].bias!).map(Double.init)), S.self))
+                    }
+                    let (s, r) = try opt.finishConjugateGradient()
+                    let x = (s[0].weight + s[0].bias!).map(Double.init)
+                    let gx = times(x)
+                    let truth = (0..<n).map { -g[$0] - gx[$0] - lambda * x[$0] }
+                    return (r.residualNorm / gNorm, Self.dot(truth, truth).squareRoot() / gNorm, r)
+                }
+                let f = try run(Float.self), d = try run(Double.self)
+                let gap32 = abs(f.reported - f.trueResidual) / f.trueResidual, gap64 = abs(d.reported - d.trueResidual) / d.trueResidual
+                print("CG drift κ=\(kappa) ξ=\(tol): float32 \(f.result.iterations) it (\(f.result.reason)), reported \(f.reported), "
+                      + "true \(f.trueResidual), gap \(gap32); float64 \(d.result.iterations) it (\(d.result.reason)), gap \(gap64)")
+                XCTAssertLessThan(gap64, 1e-6, "float64 κ=\(kappa) ξ=\(tol)")
+                if tol >= 1e-2 {
+                    XCTAssertLessThan(gap32, 1e-2, "float32 κ=\(kappa) ξ=\(tol): the recursive residual is the true one")
+                    if f.result.reason == .residual {
+                        XCTAssertLessThanOrEqual(f.trueResidual, tol * 1.01, "float32 κ=\(kappa) ξ=\(tol): the stop is genuine")
+                    }
+                } else {
+                    XCTAssertGreaterThan(gap32, 0.1, "float32 κ=\(kappa) ξ=\(tol): the documented limit (the recursive residual understates)")
+                }
+            }
+        }
+    }
+
     // MARK: Stopping rules
 
     /// Both rules stop at exactly the iteration an independent PCG with the header's rules stops
