@@ -836,7 +836,8 @@ if !cgCases.isEmpty { print("""
   with the rows, the solver's does not: simpleNN's 5% of CIFAR-10 is 2500 rows). Goal: ≤ 5% without
   a preconditioner (the K-FAC preconditioner adds two products with the Kronecker inverses per
   layer, which is its point). allocations/iter counts heap allocations during the library's calls
-  (OpenBLAS's threaded dispatch included).
+  (OpenBLAS's threaded dispatch included). float64 rows: a float64 handle and the same product
+  with dgemm on double copies of the network (so both sides of the ratio are float64).
 """) }
 
 // MARK: 8. Block-tridiagonal K-FAC against block-diagonal (experimental)
