@@ -343,6 +343,44 @@ final class ConjugateGradientTests: XCTestCase {
         }
     }
 
+    /// A NaN or ±Inf anywhere in a product (in the four-lane part of a segment or in its tail)
+    /// is refused under either rule and precision, and the same solve then accepts the finite
+    /// product: its vector and result equal a twin's that never saw the bad one.
+    func testNonFiniteProductRefusedInLanesAndTail() throws {
+        try nonFiniteProducts(Float.self)
+        try nonFiniteProducts(Double.self)
+    }
+
+    private func nonFiniteProducts<S: KFACScalar>(_: S.Type) throws {
+        // 3→2 with bias: weights 6 = four lanes + a tail of 2, bias 2 = tail only.
+        let G = Self.spd([1, 2, 3, 4, 5, 6, 7, 8], seed: 21)
+        var random = SeededRandom(22)
+        let g = (0..<8).map { _ in random.uniform() }
+        func layer(_ x: [Double]) -> [LayerGradient<S>] { [LayerGradient(weight: x[0..<6].map { S($0) }, bias: x[6..<8].map { S($0) })] }
+        for rule in CGStopRule.allCases {
+            for (position, value) in [(1, S.nan), (5, S.infinity), (7, -S.infinity)] {
+                let (opt, twin) = (try KFACOptimizer<S>(), try KFACOptimizer<S>())
+                for o in [opt, twin] {
+                    try o.addDense(inFeatures: 3, outFeatures: 2, hasBias: true)
+                    try o.set(.damping, 0.1)
+                    _ = try o.beginConjugateGradient(CGOptions(maxIterations: 3, stopRule: rule, tolerance: 1e-9), gradient: layer(g))
+                }
+                for _ in 0..<2 {
+                    let v = try opt.conjugateGradientVector(), w = try twin.conjugateGradientVector()
+                    XCTAssertEqual(Self.flatten(v), Self.flatten(w))
+                    let product = layer(Self.times(G, Self.flatten(v)))
+                    var bad = product
+                    if position < 6 { bad[0].weight[position] = value } else { bad[0].bias![position - 6] = value }
+                    XCTAssertThrowsError(try opt.supplyConjugateGradientProduct(bad), "\(S.self) \(rule) position \(position)") { e in
+                        XCTAssertEqual((e as? KFACError)?.status, .nonFinite)
+                    }
+                    XCTAssertEqual(try opt.supplyConjugateGradientProduct(product), try twin.supplyConjugateGradientProduct(product))
+                }
+                XCTAssertEqual(try opt.finishConjugateGradient().result, try twin.finishConjugateGradient().result, "\(S.self) \(rule)")
+            }
+        }
+    }
+
     // MARK: Stopping rules
 
     /// Both rules stop at exactly the iteration an independent PCG with the header's rules stops
