@@ -686,63 +686,147 @@ final class GaussNewtonProduct {
     }
 }
 
+/// The same product in float64: double copies of the MLP's weights, activations and softmax
+/// outputs, dgemm instead of sgemm (what a float64 Newton-CG trainer supplies).
+final class DoubleGaussNewtonProduct {
+    let sizes: [Int], rows: Int
+    let weights: [UnsafeMutablePointer<Double>], activations: [UnsafeMutablePointer<Double>]
+    let r: [UnsafeMutablePointer<Double>], deltas: [UnsafeMutablePointer<Double>]
+    let probs: UnsafeMutablePointer<Double>
+
+    static func copy(_ p: UnsafeMutablePointer<Float>, _ n: Int) -> UnsafeMutablePointer<Double> {
+        let d = UnsafeMutablePointer<Double>.allocate(capacity: n)
+        for i in 0..<n { d[i] = Double(p[i]) }
+        return d
+    }
+
+    init(_ gn: GaussNewtonProduct) {
+        let mlp = gn.mlp
+        (sizes, rows) = (mlp.sizes, mlp.rows)
+        weights = (0..<mlp.layerCount).map { Self.copy(mlp.weights[$0], mlp.sizes[$0] * mlp.sizes[$0 + 1]) }
+        activations = (0...mlp.layerCount).map { Self.copy(mlp.activations[$0], mlp.rows * mlp.sizes[$0]) }
+        r = (0..<mlp.layerCount).map { Self.copy(gn.r[$0], mlp.rows * mlp.sizes[$0 + 1]) }
+        deltas = (0..<mlp.layerCount).map { Self.copy(mlp.deltas[$0], mlp.rows * mlp.sizes[$0 + 1]) }
+        probs = Self.copy(gn.probs, mlp.rows * mlp.sizes.last!)
+    }
+
+    func multiply(vW: [UnsafeMutablePointer<Double>], vb: [UnsafeMutablePointer<Double>],
+                  outW: [UnsafeMutablePointer<Double>], outb: [UnsafeMutablePointer<Double>]) {
+        let n = Int32(rows), L = sizes.count - 1
+        for l in 0..<L {
+            let (i, o) = (Int32(sizes[l]), Int32(sizes[l + 1]))
+            for row in 0..<rows { (r[l] + row * Int(o)).update(from: vb[l], count: Int(o)) }
+            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, activations[l], i, vW[l], i, 1, r[l], o)
+            if l > 0 { cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1, r[l - 1], i, weights[l], i, 1, r[l], o) }
+            if l < L - 1 { let a = activations[l + 1]; for k in 0..<(rows * Int(o)) { r[l][k] *= 1 - a[k] * a[k] } }
+        }
+        let c = sizes.last!, q = r[L - 1], dz = deltas[L - 1]
+        for row in 0..<rows {
+            var s = 0.0
+            for k in 0..<c { s += probs[row * c + k] * q[row * c + k] }
+            for k in 0..<c { dz[row * c + k] = probs[row * c + k] * (q[row * c + k] - s) }
+        }
+        for l in stride(from: L - 1, through: 0, by: -1) {
+            let (i, o) = (Int32(sizes[l]), Int32(sizes[l + 1]))
+            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o, i, n, 1 / Double(rows), deltas[l], o, activations[l], i, 0, outW[l], i)
+            for k in 0..<Int(o) { outb[l][k] = 0 }
+            for row in 0..<rows { for k in 0..<Int(o) { outb[l][k] += deltas[l][row * Int(o) + k] / Double(rows) } }
+            if l > 0 {
+                let d = deltas[l - 1], a = activations[l]
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, i, o, 1, deltas[l], o, weights[l], i, 0, d, i)
+                for k in 0..<(rows * Int(i)) { d[k] *= 1 - a[k] * a[k] }
+            }
+        }
+    }
+}
+
+/// Times the library's calls per CG iteration (vector out, product in) and the caller's product
+/// `multiply` (which reads `vW, vb` and writes `pW, pb`), rounds 1–3 after a warm-up round.
+func measureCG<S: KFACScalar>(_ opt: KFACOptimizer<S>, layers: Int, preconditioner: CGPreconditioner,
+                              grads: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)],
+                              vectors: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)],
+                              products: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)],
+                              steps: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)],
+                              diagonals: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)],
+                              multiply: () -> Void) throws -> (solver: Double, product: Double, allocations: Double) {
+    func view(_ b: [(UnsafeMutablePointer<S>, UnsafeMutablePointer<S>)]) -> (Int) -> ParameterGradient<S> {
+        { l in ParameterGradient(weight: b[l].0, bias: b[l].1) }
+    }
+    let options = CGOptions(maxIterations: 20, tolerance: 1e-9, preconditioner: preconditioner)
+    var solver = 0.0, product = 0.0, iterations = 0
+    var allocations: Int64 = 0
+    for round in 0..<4 {  // round 0 warms up
+        var request = try opt.beginConjugateGradient(options, gradient: view(grads),
+                                                     diagonal: preconditioner == .diagonal ? view(diagonals) : nil)
+        while request == .needProduct {
+            var t = now()
+            if round > 0 { allocation_counter_start() }
+            try opt.conjugateGradientVector(into: view(vectors))
+            if round > 0 { allocations += allocation_counter_stop(); solver += now() - t }
+            t = now()
+            multiply()
+            if round > 0 { product += now() - t }
+            t = now()
+            if round > 0 { allocation_counter_start() }
+            request = try opt.supplyConjugateGradientProduct(view(products))
+            if round > 0 { allocations += allocation_counter_stop(); solver += now() - t; iterations += 1 }
+        }
+        _ = try opt.finishConjugateGradient(into: view(steps))
+    }
+    _ = layers
+    let count = Double(iterations)
+    return (solver / count, product / count, Double(allocations) / count)
+}
+
 let cgCases: [(width: Int, rows: Int)] = !runCG ? [] : quick ? [(512, 256), (512, 1024)] : [(512, 256), (512, 1024), (1024, 256), (1024, 1024)]
 if !cgCases.isEmpty {
     print("\nConjugate gradient on a 784-W-W-10 tanh MLP: the library's work per CG iteration")
     print("(kfac_cg_get_vector + kfac_cg_supply_product) against one Gauss-Newton product (R-op, softmax Hessian, backward)")
-    print(pad("W", 6) + pad("rows", 6) + pad("preconditioner", 16) + pad("product", 11) + pad("solver/iter", 13) + pad("solver/product", 16) + "allocations/iter")
+    print(pad("W", 6) + pad("rows", 6) + pad("dtype", 9) + pad("preconditioner", 16) + pad("product", 11) + pad("solver/iter", 13)
+          + pad("solver/product", 16) + "allocations/iter")
 }
 for (w, rows) in cgCases {
     let mlp = MLP(sizes: [784, w, w, 10], rows: rows)
     let gn = GaussNewtonProduct(mlp)
-    let opt = try KFACOptimizer<Float>()
-    for l in 0..<mlp.layerCount { try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true) }
-    try opt.set(.damping, 1.0)
     mlp.forwardBackward()
+    gn.prepare()
+    let gn64 = DoubleGaussNewtonProduct(gn)
+    let shapes = (0..<mlp.layerCount).map { (mlp.sizes[$0 + 1] * mlp.sizes[$0], mlp.sizes[$0 + 1]) }
+    func buffers(_ seed: UInt64) -> [(UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>)] {
+        shapes.map { (randomBuffer($0.0, seed: seed), randomBuffer($0.1, seed: seed + 1)) }
+    }
+    func double(_ b: [(UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>)]) -> [(UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>)] {
+        b.indices.map { (DoubleGaussNewtonProduct.copy(b[$0].0, shapes[$0].0), DoubleGaussNewtonProduct.copy(b[$0].1, shapes[$0].1)) }
+    }
+    let v = buffers(3), p = buffers(5), st = buffers(7), d = buffers(9)
+    for l in 0..<shapes.count { for k in 0..<shapes[l].0 { d[l].0[k] = abs(d[l].0[k]) }; for k in 0..<shapes[l].1 { d[l].1[k] = abs(d[l].1[k]) } }
+    let grads = (0..<mlp.layerCount).map { (mlp.weightGrads[$0], mlp.biasGrads[$0]) }
+    let (v64, p64, st64, d64, grads64) = (double(v), double(p), double(st), double(d), double(grads))
+    // Factors and inverses from one batch (the K-FAC preconditioner), in each precision.
+    let opt = try KFACOptimizer<Float>(), opt64 = try KFACOptimizer<Double>()
+    for l in 0..<mlp.layerCount {
+        try opt.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true)
+        try opt64.addDense(inFeatures: mlp.sizes[l], outFeatures: mlp.sizes[l + 1], hasBias: true)
+    }
     for l in 0..<mlp.layerCount {
         try opt.recordInputs(layer: l, mlp.activations[l], rows: rows)
         try opt.recordOutputGradients(layer: l, mlp.deltas[l], rows: rows)
+        try opt64.recordInputs(layer: l, gn64.activations[l], rows: rows)
+        try opt64.recordOutputGradients(layer: l, DoubleGaussNewtonProduct.copy(mlp.deltas[l], rows * mlp.sizes[l + 1]), rows: rows)
     }
-    try opt.updateFactors()
-    try opt.updateInverses()
-    mlp.forwardBackward()
-    gn.prepare()
-    let shapes = (0..<mlp.layerCount).map { (mlp.sizes[$0 + 1] * mlp.sizes[$0], mlp.sizes[$0 + 1]) }
-    func buffers(_ seed: UInt64) -> ([UnsafeMutablePointer<Float>], [UnsafeMutablePointer<Float>]) {
-        (shapes.map { randomBuffer($0.0, seed: seed) }, shapes.map { randomBuffer($0.1, seed: seed + 1) })
-    }
-    let (vW, vb) = buffers(3), (pW, pb) = buffers(5), (sW, sb) = buffers(7), (dW, db) = buffers(9)
-    for l in 0..<shapes.count { for k in 0..<shapes[l].0 { dW[l][k] = abs(dW[l][k]) }; for k in 0..<shapes[l].1 { db[l][k] = abs(db[l][k]) } }
-    let grads = { (l: Int) in ParameterGradient(weight: mlp.weightGrads[l], bias: mlp.biasGrads[l]) }
-    let vector = { (l: Int) in ParameterGradient(weight: vW[l], bias: vb[l]) }
-    let product = { (l: Int) in ParameterGradient(weight: pW[l], bias: pb[l]) }
-    let step = { (l: Int) in ParameterGradient(weight: sW[l], bias: sb[l]) }
-    let diagonal = { (l: Int) in ParameterGradient(weight: dW[l], bias: db[l]) }
+    try opt.set(.damping, 1.0); try opt.updateFactors(); try opt.updateInverses()
+    try opt64.set(.damping, 1.0); try opt64.updateFactors(); try opt64.updateInverses()
     for precond in CGPreconditioner.allCases {
-        let options = CGOptions(maxIterations: 20, tolerance: 1e-9, preconditioner: precond)
-        var solver = 0.0, products = 0.0, iterations = 0
-        var allocations: Int64 = 0
-        for round in 0..<4 {  // round 0 warms up
-            var request = try opt.beginConjugateGradient(options, gradient: grads, diagonal: precond == .diagonal ? diagonal : nil)
-            while request == .needProduct {
-                var t = now()
-                if round > 0 { allocation_counter_start() }
-                try opt.conjugateGradientVector(into: vector)
-                if round > 0 { allocations += allocation_counter_stop() }
-                if round > 0 { solver += now() - t }
-                t = now()
-                gn.multiply(vW: vW, vb: vb, outW: pW, outb: pb)
-                if round > 0 { products += now() - t }
-                t = now()
-                if round > 0 { allocation_counter_start() }
-                request = try opt.supplyConjugateGradientProduct(product)
-                if round > 0 { allocations += allocation_counter_stop(); solver += now() - t; iterations += 1 }
-            }
-            _ = try opt.finishConjugateGradient(into: step)
+        let r32 = try measureCG(opt, layers: mlp.layerCount, preconditioner: precond, grads: grads, vectors: v, products: p, steps: st,
+                                diagonals: d) { gn.multiply(vW: v.map(\.0), vb: v.map(\.1), outW: p.map(\.0), outb: p.map(\.1)) }
+        let r64 = try measureCG(opt64, layers: mlp.layerCount, preconditioner: precond, grads: grads64, vectors: v64, products: p64,
+                                steps: st64, diagonals: d64) {
+            gn64.multiply(vW: v64.map(\.0), vb: v64.map(\.1), outW: p64.map(\.0), outb: p64.map(\.1))
         }
-        let perIteration = solver / Double(iterations), perProduct = products / Double(iterations)
-        print(pad("\(w)", 6) + pad("\(rows)", 6) + pad("\(precond)", 16) + pad("\(f(perProduct * 1e3)) ms", 11) + pad("\(f(perIteration * 1e3, 3)) ms", 13)
-              + pad("\(f(100 * perIteration / perProduct, 1))%", 16) + "\(f(Double(allocations) / Double(iterations), 1))")
+        for (dtype, r) in [("float32", r32), ("float64", r64)] {
+            print(pad("\(w)", 6) + pad("\(rows)", 6) + pad(dtype, 9) + pad("\(precond)", 16) + pad("\(f(r.product * 1e3)) ms", 11)
+                  + pad("\(f(r.solver * 1e3, 3)) ms", 13) + pad("\(f(100 * r.solver / r.product, 1))%", 16) + "\(f(r.allocations, 1))")
+        }
     }
 }
 if !cgCases.isEmpty { print("""
@@ -752,7 +836,8 @@ if !cgCases.isEmpty { print("""
   with the rows, the solver's does not: simpleNN's 5% of CIFAR-10 is 2500 rows). Goal: ≤ 5% without
   a preconditioner (the K-FAC preconditioner adds two products with the Kronecker inverses per
   layer, which is its point). allocations/iter counts heap allocations during the library's calls
-  (OpenBLAS's threaded dispatch included).
+  (OpenBLAS's threaded dispatch included). float64 rows: a float64 handle and the same product
+  with dgemm on double copies of the network (so both sides of the ratio are float64).
 """) }
 
 // MARK: 8. Block-tridiagonal K-FAC against block-diagonal (experimental)

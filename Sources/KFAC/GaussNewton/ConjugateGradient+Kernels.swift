@@ -90,38 +90,114 @@ enum ConjugateGradientKernels<Scalar: KFACScalar> {
 }
 
 // MARK: Fused passes of one iteration (sums in Double in both precisions)
+//
+// Under the residual rule (the default, and what a Newton-CG trainer runs) every sum of an
+// iteration runs in four interleaved partial sums (element i into lane i mod 4, lanes combined
+// as ((l0 + l1) + l2) + l3, a tail of < 4 elements added after in order): one sequential chain
+// of additions is latency-bound (about 4 cycles an element), and those chains were most of the
+// solver's time per iteration. The order is fixed, so a solve stays reproducible bit for bit.
+// The relative-progress rule keeps left-to-right sums: its stop (a difference of φ values
+// relative to φ) can hinge on the last bits, and its tests pin the iteration it stops at.
 
 extension ConjugateGradientKernels {
-    /// q[o..<o+n] = src + s·p[o..<o+n]; returns `sum` + Σ p·q over the segment (continuing one
-    /// left-to-right sum across segments) and whether src is finite.
+    /// q[o..<o+n] = src + s·p[o..<o+n]; returns `sum` + Σ p·q over the segment and whether src is
+    /// finite (a non-finite value makes v·0 NaN, which a lane sum keeps). `interleaved` false:
+    /// one left-to-right sum continuing `sum` (the relative-progress rule's order).
     static func productSegment(_ q: UnsafeMutablePointer<Scalar>, _ src: UnsafePointer<Scalar>, _ p: UnsafeMutablePointer<Scalar>,
-                               shift s: Double, count n: Int, sum: Double) -> (pq: Double, finite: Bool) {
-        var pq = sum
-        var finite = true
+                               shift s: Double, count n: Int, sum: Double, interleaved: Bool) -> (pq: Double, finite: Bool) {
+        var l = SIMD4<Double>(), bad = SIMD4<Double>()
+        var tail = interleaved ? 0.0 : sum, tailBad = 0.0
+        let m = interleaved ? n & ~3 : 0
         let src = UnsafeMutablePointer(mutating: src)
         if Scalar.self == Float.self {
             let (q, v, p, s) = (float(q), float(src), float(p), Float(s))
-            for i in 0..<n {
-                let value = v[i]
-                finite = finite && value.isFinite
-                let qi = value + s * p[i]
-                q[i] = qi
-                pq += Double(p[i] * qi)
+            var i = 0
+            while i < m {
+                let vi = SIMD4<Float>(v[i], v[i + 1], v[i + 2], v[i + 3]), pi = SIMD4<Float>(p[i], p[i + 1], p[i + 2], p[i + 3])
+                let qi = vi + s * pi
+                q[i] = qi[0]; q[i + 1] = qi[1]; q[i + 2] = qi[2]; q[i + 3] = qi[3]
+                l += SIMD4<Double>(pi * qi)
+                bad += SIMD4<Double>(vi * 0)
+                i += 4
             }
+            for j in m..<n { let qj = v[j] + s * p[j]; q[j] = qj; tail += Double(p[j] * qj); tailBad += Double(v[j] * 0) }
         } else {
             let (q, v, p) = (double(q), double(src), double(p))
-            for i in 0..<n {
-                let value = v[i]
-                finite = finite && value.isFinite
-                let qi = value + s * p[i]
-                q[i] = qi
-                pq += p[i] * qi
+            var i = 0
+            while i < m {
+                let vi = SIMD4<Double>(v[i], v[i + 1], v[i + 2], v[i + 3]), pi = SIMD4<Double>(p[i], p[i + 1], p[i + 2], p[i + 3])
+                let qi = vi + s * pi
+                q[i] = qi[0]; q[i + 1] = qi[1]; q[i + 2] = qi[2]; q[i + 3] = qi[3]
+                l += pi * qi
+                bad += vi * 0
+                i += 4
             }
+            for j in m..<n { let qj = v[j] + s * p[j]; q[j] = qj; tail += p[j] * qj; tailBad += v[j] * 0 }
         }
-        return (pq, finite)
+        let pq = interleaved ? sum + (((l[0] + l[1]) + l[2]) + l[3]) + tail : tail
+        let b = (((bad[0] + bad[1]) + bad[2]) + bad[3]) + tailBad
+        return (pq, b == 0)
     }
 
-    /// rNext = r − α q, and gᵀx, gᵀp, xᵀrNext, pᵀrNext, rNextᵀrNext in the same pass.
+    /// The residual rule's pass: rNext = r − α q, and ‖rNext‖² (φ is not needed: the rule does
+    /// not read it). With `m`, also y = m ⊙ rNext and rNextᵀy (the diagonal preconditioner).
+    static func residualNormPass(_ rNext: UnsafeMutablePointer<Scalar>, r: UnsafeMutablePointer<Scalar>, q: UnsafeMutablePointer<Scalar>,
+                                 alpha a: Double, diagonal m: UnsafeMutablePointer<Scalar>?, into y: UnsafeMutablePointer<Scalar>,
+                                 count n: Int) -> (rr: Double, ry: Double) {
+        var lr = SIMD4<Double>(), ly = SIMD4<Double>()
+        var tr = 0.0, ty = 0.0
+        let c = n & ~3
+        if Scalar.self == Float.self {
+            let (rn, r, q, y, a) = (float(rNext), float(r), float(q), float(y), Float(a))
+            var i = 0
+            if let m = m.map(float) {
+                while i < c {
+                    let v = SIMD4<Float>(r[i], r[i + 1], r[i + 2], r[i + 3]) - a * SIMD4<Float>(q[i], q[i + 1], q[i + 2], q[i + 3])
+                    let w = SIMD4<Float>(m[i], m[i + 1], m[i + 2], m[i + 3]) * v
+                    rn[i] = v[0]; rn[i + 1] = v[1]; rn[i + 2] = v[2]; rn[i + 3] = v[3]
+                    y[i] = w[0]; y[i + 1] = w[1]; y[i + 2] = w[2]; y[i + 3] = w[3]
+                    lr += SIMD4<Double>(v * v); ly += SIMD4<Double>(v * w)
+                    i += 4
+                }
+                for j in c..<n { let v = r[j] - a * q[j], w = m[j] * v; rn[j] = v; y[j] = w; tr += Double(v * v); ty += Double(v * w) }
+            } else {
+                while i < c {
+                    let v = SIMD4<Float>(r[i], r[i + 1], r[i + 2], r[i + 3]) - a * SIMD4<Float>(q[i], q[i + 1], q[i + 2], q[i + 3])
+                    rn[i] = v[0]; rn[i + 1] = v[1]; rn[i + 2] = v[2]; rn[i + 3] = v[3]
+                    lr += SIMD4<Double>(v * v)
+                    i += 4
+                }
+                for j in c..<n { let v = r[j] - a * q[j]; rn[j] = v; tr += Double(v * v) }
+            }
+        } else {
+            let (rn, r, q, y) = (double(rNext), double(r), double(q), double(y))
+            var i = 0
+            if let m = m.map(double) {
+                while i < c {
+                    let v = SIMD4<Double>(r[i], r[i + 1], r[i + 2], r[i + 3]) - a * SIMD4<Double>(q[i], q[i + 1], q[i + 2], q[i + 3])
+                    let w = SIMD4<Double>(m[i], m[i + 1], m[i + 2], m[i + 3]) * v
+                    rn[i] = v[0]; rn[i + 1] = v[1]; rn[i + 2] = v[2]; rn[i + 3] = v[3]
+                    y[i] = w[0]; y[i + 1] = w[1]; y[i + 2] = w[2]; y[i + 3] = w[3]
+                    lr += v * v; ly += v * w
+                    i += 4
+                }
+                for j in c..<n { let v = r[j] - a * q[j], w = m[j] * v; rn[j] = v; y[j] = w; tr += v * v; ty += v * w }
+            } else {
+                while i < c {
+                    let v = SIMD4<Double>(r[i], r[i + 1], r[i + 2], r[i + 3]) - a * SIMD4<Double>(q[i], q[i + 1], q[i + 2], q[i + 3])
+                    rn[i] = v[0]; rn[i + 1] = v[1]; rn[i + 2] = v[2]; rn[i + 3] = v[3]
+                    lr += v * v
+                    i += 4
+                }
+                for j in c..<n { let v = r[j] - a * q[j]; rn[j] = v; tr += v * v }
+            }
+        }
+        return ((((lr[0] + lr[1]) + lr[2]) + lr[3]) + tr, (((ly[0] + ly[1]) + ly[2]) + ly[3]) + ty)
+    }
+
+    /// rNext = r − α q, and gᵀx, gᵀp, xᵀrNext, pᵀrNext, rNextᵀrNext in the same pass (the
+    /// relative-progress rule, which needs φ; sequential sums, as the reference it is tested
+    /// against: its stopping iteration can hinge on the last bits).
     static func residualPass(_ rNext: UnsafeMutablePointer<Scalar>, r: UnsafeMutablePointer<Scalar>, q: UnsafeMutablePointer<Scalar>,
                              g: UnsafeMutablePointer<Scalar>, x: UnsafeMutablePointer<Scalar>, p: UnsafeMutablePointer<Scalar>,
                              alpha a: Double, count n: Int) -> (gx: Double, gp: Double, xr: Double, pr: Double, rr: Double) {
@@ -160,7 +236,7 @@ extension ConjugateGradientKernels {
         return ry
     }
 
-    /// Σ x·y.
+    /// Σ x·y, left to right.
     static func dot(_ x: UnsafeMutablePointer<Scalar>, _ y: UnsafeMutablePointer<Scalar>, count n: Int) -> Double {
         var s = 0.0
         if Scalar.self == Float.self {

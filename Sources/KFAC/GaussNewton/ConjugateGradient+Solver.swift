@@ -170,15 +170,18 @@ extension KFACOptimizer {
         // One pass per layer: q = G·v (+ (λ + η) p when iterating), pᵀq, and the product's
         // finiteness (q is scratch: a refused product changes nothing).
         var pAp = 0.0
+        let interleaved = cg.options.stopRule == .residual
         for l in cg.layout.indices {
             let v = product(l), s = cg.layout[l]
             let w = K.productSegment(q.base + s.offset, v.weight, p.base + s.offset, shift: initial ? 0 : shift,
-                                     count: s.weights, sum: pAp)
+                                     count: s.weights, sum: pAp,
+                                     interleaved: interleaved)
             var finite = w.finite
             pAp = w.pq
             if s.biases > 0, let bias = v.bias {
                 let o = s.offset + s.weights
-                let b = K.productSegment(q.base + o, bias, p.base + o, shift: initial ? 0 : shift, count: s.biases, sum: pAp)
+                let b = K.productSegment(q.base + o, bias, p.base + o, shift: initial ? 0 : shift, count: s.biases, sum: pAp,
+                                         interleaved: interleaved)
                 finite = finite && b.finite
                 pAp = b.pq
             }
@@ -225,24 +228,32 @@ extension KFACOptimizer {
         guard alpha.isFinite else {
             throw KFACError(.nonFinite, "the CG step length is not finite (rᵀy = \(cg.ry), pᵀAp = \(pAp)); the solve is unchanged")
         }
-        // r_new = r − α q, with φ(x + αp) = ½ gᵀ(x + αp) − ½ (x + αp)ᵀ r_new and ‖r_new‖ in the same pass.
-        let d = K.residualPass(rNext.base, r: r.base, q: q.base, g: g.base, x: x.base, p: p.base, alpha: alpha, count: n)
-        let phi = 0.5 * (d.gx + alpha * d.gp) - 0.5 * (d.xr + alpha * d.pr)
-        let residualNorm = d.rr.squareRoot()
+        let kind = cg.options.preconditioner
+        let residualNorm: Double, phi: Double
+        var ryNext = 0.0
+        if cg.options.stopRule == .residual {
+            // r_new = r − α q and ‖r_new‖ (and the diagonal's y = M⁻¹ r_new, r_newᵀy) in one pass;
+            // φ is not computed (the rule does not read it; the result's values come from x).
+            let e = K.residualNormPass(rNext.base, r: r.base, q: q.base, alpha: alpha, diagonal: kind == .diagonal ? cg.minv!.base : nil,
+                                       into: yNext.base, count: n)
+            (residualNorm, phi) = (e.rr.squareRoot(), .nan)
+            ryNext = kind == .none ? e.rr : e.ry
+        } else {
+            // r_new = r − α q, with φ(x + αp) = ½ gᵀ(x + αp) − ½ (x + αp)ᵀ r_new and ‖r_new‖ in the same pass.
+            let d = K.residualPass(rNext.base, r: r.base, q: q.base, g: g.base, x: x.base, p: p.base, alpha: alpha, count: n)
+            phi = 0.5 * (d.gx + alpha * d.gp) - 0.5 * (d.xr + alpha * d.pr)
+            residualNorm = d.rr.squareRoot()
+            switch kind {
+            case .none: ryNext = d.rr  // y = r: no copy
+            case .diagonal: ryNext = K.diagonalPass(yNext.base, cg.minv!.base, rNext.base, count: n)
+            case .kfac: break
+            }
+        }
         let iteration = cg.iterations + 1
         let reason = stopReason(iteration: iteration, phi: phi, residualNorm: residualNorm)
-        let kind = cg.options.preconditioner
-        var ryNext = 0.0
-        if reason == .running {
-            switch kind {
-            case .none:
-                ryNext = d.rr  // y = r: no copy
-            case .diagonal:
-                ryNext = K.diagonalPass(yNext.base, cg.minv!.base, rNext.base, count: n)
-            case .kfac:
-                try applyPreconditioner(kind, cg.layout, from: rNext, into: yNext, minv: cg.minv)
-                ryNext = K.dot(rNext.base, yNext.base, count: n)
-            }
+        if reason == .running && kind == .kfac {
+            try applyPreconditioner(kind, cg.layout, from: rNext, into: yNext, minv: cg.minv)
+            ryNext = K.dot(rNext.base, yNext.base, count: n)
         }
         // Commit.
         swap(&cg.r, &cg.rNext)

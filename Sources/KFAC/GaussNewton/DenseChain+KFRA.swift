@@ -34,21 +34,18 @@ extension DenseChain {
             guard let g = outputGradients else { throw KFACError(.nullPointer, "the Hessian variant of KFRA needs the output gradients") }
             guard Scalar.allFinite(g, count: n * dim) else { throw KFACError(.nonFinite, "the output gradients contain NaN or Inf") }
         }
-        var factors: [AlignedBuffer<Scalar>] = []
-        for i in 0..<count { factors.append(try AlignedBuffer(rows: outFeatures[i], columns: outFeatures[i])) }
+        let scratch = try kfraScratch(rows: n, hessian: variant == .hessian)
+        let factors = scratch.factors
         // Ḡ_{L−1} = (1/N) Σ_n Σ_k c cᵀ over the K columns of S (S Sᵀ = B).
-        let columns = try AlignedBuffer<Scalar>(rows: dim * n, columns: dim)
+        let columns = scratch.columns!
         OutputHessian.squareRoot(distribution: distribution, outputs: z.base, rows: n, dim: dim, into: columns.base)
         let inv = 1 / Scalar(n)
         Scalar.gemm(transA: true, transB: false, m: dim, n: dim, k: dim * n, alpha: inv, a: columns.base, lda: dim,
                     b: columns.base, ldb: dim, beta: 0, c: factors[count - 1].base, ldc: dim)
-        let widest = (inFeatures + outFeatures).max()!
-        let t = try AlignedBuffer<Scalar>(rows: widest, columns: widest)
-        let e = try AlignedBuffer<Scalar>(rows: widest, columns: widest)
+        let t = scratch.product, e = scratch.derivativeMoment
         var gradient: AlignedBuffer<Scalar>?, below: AlignedBuffer<Scalar>?
         if variant == .hessian {
-            gradient = try AlignedBuffer(rows: n, columns: widest)
-            below = try AlignedBuffer(rows: n, columns: widest)
+            (gradient, below) = (scratch.gradient, scratch.below)
             gradient!.base.update(from: outputGradients!, count: n * dim)
         }
         for back in 0..<(count - 1) {
@@ -91,6 +88,59 @@ extension DenseChain {
     }
 }
 
+/// KFRA's working memory, kept by the chain so that a KFRA recording allocates only the first
+/// time (and again only when a forward pass has more rows than any before, or the Hessian variant
+/// is first used): Ḡ_i per chain position, the columns of S, the two widest × widest products,
+/// the Hessian variant's two gradient blocks, and per layer the pack and scratch of the output
+/// factor's pending replacement (`denseChainRecordKFRA`).
+final class KFRAScratch<Scalar: KFACScalar> {
+    var factors: [AlignedBuffer<Scalar>] = []
+    /// S's columns, `dim · rowCapacity` × dim.
+    var columns: AlignedBuffer<Scalar>?
+    /// T = Ḡ_i W_i and E = mean φ′φ′ᵀ, widest × widest each.
+    let product: AlignedBuffer<Scalar>, derivativeMoment: AlignedBuffer<Scalar>
+    /// The Hessian variant's g_i and ∂ℓ/∂a_i, `rowCapacity` × widest each.
+    var gradient: AlignedBuffer<Scalar>?, below: AlignedBuffer<Scalar>?
+    var rowCapacity = 0
+    /// Per chain position: the output factor's statistics pack, its storage-sized scratch, and
+    /// the factor structure they were sized for.
+    var packs: [(pack: AlignedBuffer<Scalar>, scratch: AlignedBuffer<Scalar>, structure: FactorStructure)] = []
+
+    init(widest: Int) throws(KFACError) {
+        product = try AlignedBuffer(rows: widest, columns: widest)
+        derivativeMoment = try AlignedBuffer(rows: widest, columns: widest)
+    }
+}
+
+extension DenseChain {
+    /// The chain's KFRA scratch for `rows` examples, allocated or grown here (before anything is
+    /// written, so a failed allocation changes nothing the caller sees).
+    func kfraScratch(rows n: Int, hessian: Bool) throws(KFACError) -> KFRAScratch<Scalar> {
+        let widest = widestFeatures, dim = outputDim
+        let s: KFRAScratch<Scalar>
+        if let kept = kfraBuffers { s = kept } else { s = try KFRAScratch(widest: widest); kfraBuffers = s }
+        if s.factors.isEmpty {
+            var factors: [AlignedBuffer<Scalar>] = []
+            for i in layers.indices { factors.append(try AlignedBuffer(rows: outFeatures[i], columns: outFeatures[i])) }
+            s.factors = factors
+        }
+        if n > s.rowCapacity || s.columns == nil {
+            let capacity = Swift.max(n, s.rowCapacity)
+            s.columns = try AlignedBuffer(rows: dim * capacity, columns: dim)
+            if s.gradient != nil {
+                s.gradient = try AlignedBuffer(rows: capacity, columns: widest)
+                s.below = try AlignedBuffer(rows: capacity, columns: widest)
+            }
+            s.rowCapacity = capacity
+        }
+        if hessian && s.gradient == nil {
+            s.gradient = try AlignedBuffer(rows: s.rowCapacity, columns: widest)
+            s.below = try AlignedBuffer(rows: s.rowCapacity, columns: widest)
+        }
+        return s
+    }
+}
+
 extension KFACOptimizer {
     /// KFRA from the chain's last forward pass (`kfac_gn_chain_record_kfra_*`): adds Ḡ_i / s²
     /// (s = `outputGradScale`) to the pending output factor of every chain layer with weight N =
@@ -104,32 +154,53 @@ extension KFACOptimizer {
         guard let chain = denseChain, chain.hasForward else {
             throw KFACError(.noColumns, "no chain forward pass: define the chain and run its forward first")
         }
-        for l in chain.layers where isLinked(layer: l) {
+        // (Index loops: iterating the array itself allocates an iterator box per element in
+        // unspecialised debug builds, and the allocation test runs those.)
+        for i in chain.layers.indices where isLinked(layer: chain.layers[i]) {
+            let l = chain.layers[i]
             throw KFACError(.unsupported, "KFRA records no cross statistics: layer \(l) has a block-tridiagonal link")
         }
         let factors = try chain.kfraFactors(variant: variant, outputGradients: outputGradients)
         let n = chain.rows, s = parameters.outputGradScale
         let weight = Double(n) / (s * s)
         // Everything that can fail, before anything is recorded.
-        var packs: [(KroneckerFactor<Scalar>, AlignedBuffer<Scalar>, AlignedBuffer<Scalar>)] = []
-        for (i, l) in chain.layers.enumerated() {
-            let b = estimator.layers[l], o = chain.outFeatures[i]
+        let scratch = try chain.kfraScratch(rows: n, hessian: variant == .hessian)
+        // (Sized by each output factor's structure, checked every call: cheap, and a structure
+        // change after the first recording cannot write past a pack.)
+        var packsFit = scratch.packs.count == chain.layers.count
+        for i in chain.layers.indices where packsFit {
+            let f = estimator.layers[chain.layers[i]].blocks[0].output
+            packsFit = scratch.packs[i].structure == f.structure  // (not packCount: its reduce allocates in debug builds)
+        }
+        if !packsFit {
+            var packs: [(pack: AlignedBuffer<Scalar>, scratch: AlignedBuffer<Scalar>, structure: FactorStructure)] = []
+            for l in chain.layers {
+                let f = estimator.layers[l].blocks[0].output
+                packs.append((try AlignedBuffer(rows: 1, columns: f.packCount), try AlignedBuffer(rows: 1, columns: f.structure.storageCount),
+                              f.structure))
+            }
+            scratch.packs = packs
+        }
+        for i in chain.layers.indices {
+            let l = chain.layers[i], b = estimator.layers[l], o = chain.outFeatures[i]
             let largest = Double(Scalar.largestMagnitude(factors[i].base, count: o * o))
             let f = b.blocks[0].output
             guard largest.isFinite, largest * weight * Double(f.pendingRows + n + 1) <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
                 throw KFACError(.nonFinite, "the KFRA factor of layer \(l) is not finite or too large")
             }
             try f.preparePendingReplacement()
-            packs.append((f, try AlignedBuffer(rows: 1, columns: f.packCount), try AlignedBuffer(rows: 1, columns: f.structure.storageCount)))
             if recordInputs {
                 _ = try estimator.checkedRecord(chain.inputs[i].base, layer: l, rows: n, outputSide: false, scale: 1)
-                for block in b.blocks { _ = try block.input.prepareRecord(rows: n) }
+                let blocks = b.blocks
+                for k in blocks.indices { _ = try blocks[k].input.prepareRecord(rows: n) }
             }
         }
-        for (i, l) in chain.layers.enumerated() {
-            let (f, pack, scratch) = packs[i], o = chain.outFeatures[i], g = factors[i].base
+        for i in chain.layers.indices {
+            let l = chain.layers[i]
+            let f = estimator.layers[l].blocks[0].output, (pack, packScratch, _) = scratch.packs[i]
+            let o = chain.outFeatures[i], g = factors[i].base
             let rows = f.pendingRows + n
-            f.packPending(into: pack.base, scratch: scratch.base)
+            f.packPending(into: pack.base, scratch: packScratch.base)
             // Add N Ḡ / s² to the upper triangle of each unique block (the layout of packPending).
             var w = 0
             let st = f.structure

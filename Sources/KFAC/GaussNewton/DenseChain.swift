@@ -45,6 +45,11 @@ final class DenseChain<Scalar: KFACScalar> {
     /// The patch scratch (allocated by `forward` when the chain has convolutions).
     var patchBuffer: UnsafeMutablePointer<Scalar> { patchScratch!.base }  // (used for convolutions only)
 
+    /// KFRA's working memory (`DenseChain+KFRA.swift`), allocated by its first use.
+    var kfraBuffers: KFRAScratch<Scalar>?
+    /// The largest per-example width in or out of any chain layer.
+    let widestFeatures: Int
+
     var hasForward: Bool { outputs != nil }
 
     init(layers: [Int], activations: [ChainActivation], distribution: OutputDistribution,
@@ -74,6 +79,7 @@ final class DenseChain<Scalar: KFACScalar> {
         }
         (self.layers, self.activations, self.distribution) = (layers, activations, distribution)
         (inFeatures, outFeatures, hasBias, geometries, weightCounts, biasCounts) = (ins, outs, bias, geos, wc, bc)
+        widestFeatures = (ins + outs).max()!
     }
 
     /// The network's output dimension (out of the last layer).

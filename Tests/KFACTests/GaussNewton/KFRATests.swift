@@ -1,5 +1,6 @@
 import XCTest
 @testable import KFAC
+import AllocationCounter
 
 /// KFRA on the dense chain (kfac_gn_chain_record_kfra_*) against KFLR, an exact Hessian block,
 /// an explicit re-computation of the recursion, and its misuse and resume paths; the
@@ -45,6 +46,14 @@ final class KFRATests: XCTestCase {
     func testKFRAMisuseChangesNothing() throws {
         try Float.checkKFRAMisuse()
         try Double.checkKFRAMisuse()
+    }
+
+    /// After the first recording (and the first Hessian-variant one), a KFRA recording allocates
+    /// nothing, for any batch up to the largest seen; the reused scratch gives the Ḡ_i of a
+    /// fresh chain bit for bit.
+    func testKFRARecordingDoesNotAllocateAfterWarmUp() throws {
+        try Float.checkKFRADoesNotAllocate()
+        try Double.checkKFRADoesNotAllocate()
     }
 
     /// S sampled output gradients / √S per example as columns (FACTOR) → KFLR as S grows.
@@ -287,6 +296,59 @@ extension KFACScalar {
             XCTAssertLessThan(err, Self.self == Float.self ? 1e-4 : 1e-6, "A ⊗ Ḡ_Hessian = exact Hessian block, layer \(l) \(Self.self)")
             if l < net.layers.count - 1 {
                 XCTAssertGreaterThan(errors(try ggn.factors(layer: l)), 1e-3, "the GGN misses D̄ at layer \(l) (\(Self.self))")
+            }
+        }
+    }
+
+    static func checkKFRADoesNotAllocate() throws {
+        let net = TinyNet.chainNet(.categorical, activations: [.tanh, .logistic, .identity], bias: true)
+        let opt = try register(net, channelsLast: false)
+        try opt.defineDenseChain(layers: Array(net.layers.indices), activations: net.layers.map(\.activation),
+                                 distribution: net.distribution)
+        let w = net.parameters.enumerated().map { l, p in p[..<net.layers[l].weightCount].map { Self($0) } }
+        let b = net.parameters.enumerated().map { l, p in net.layers[l].hasBias ? p[net.layers[l].weightCount...].map { Self($0) } : nil }
+        let count = net.layers.count, dim = net.layers[count - 1].outFeatures
+        // The chain's forward pass (not counted: it copies θ and the inputs of each batch).
+        func forward(_ xs: [[Double]]) throws {
+            let x = [xs.flatMap { $0 }.map { Self($0) }]
+            try withPointers(w) { wp in try withPointers(b) { bp in try withPointers(x) { xp in
+                try opt.denseChainForward(rows: xs.count, weights: wp, biases: bp, inputs: [xp[0]] + Array(repeating: nil, count: count - 1),
+                                          derivatives: Array(repeating: nil, count: count), outputs: nil)
+            } } }
+        }
+        var r = SeededRandom(47)
+        let gradients: [Self] = r.array(9 * dim)
+        try gradients.withUnsafeBufferPointer { g in
+            // Warm-up at both batch sizes (the input factors choose row buffers or sums by the rows).
+            for rows in [9, 5] {
+                try forward(net.inputs(rows, seed: 45))
+                try opt.denseChainRecordKFRA(variant: .gaussNewton, recordInputs: true, outputGradients: nil)
+                try opt.updateFactors()
+                try opt.denseChainRecordKFRA(variant: .hessian, recordInputs: true, outputGradients: g.baseAddress)
+                try opt.updateFactors()
+            }
+            for (seed, rows) in [(UInt64(46), 9), (48, 5)] {
+                try forward(net.inputs(rows, seed: seed))
+                for variant in KFRAVariant.allCases {
+                    allocation_counter_start()
+                    try opt.denseChainRecordKFRA(variant: variant, recordInputs: true, outputGradients: g.baseAddress)
+                    let allocations = allocation_counter_stop() - allocation_counter_openblas()
+                    XCTAssertEqual(allocations, 0, "\(Self.self): \(allocations) allocations in a KFRA recording (\(variant), \(rows) rows)")
+                    try opt.updateFactors()
+                }
+            }
+            // The reused scratch against a fresh chain on the same (5-row) forward pass.
+            let fresh = try register(net, channelsLast: false)
+            try chainForward(fresh, net, net.inputs(5, seed: 48))
+            for variant in KFRAVariant.allCases {
+                let reused = try opt.denseChain!.kfraFactors(variant: variant, outputGradients: g.baseAddress)
+                let first = try fresh.denseChain!.kfraFactors(variant: variant, outputGradients: g.baseAddress)
+                for i in 0..<count {
+                    let o = net.layers[i].outFeatures
+                    XCTAssertEqual(Array(UnsafeBufferPointer(start: reused[i].base, count: o * o)),
+                                   Array(UnsafeBufferPointer(start: first[i].base, count: o * o)),
+                                   "\(Self.self): reused KFRA scratch, \(variant), chain layer \(i)")
+                }
             }
         }
     }
