@@ -155,9 +155,9 @@ class AdaptiveMixin:
         inverted for each candidate γ on that step; make ``factor_damping_period`` a multiple of
         ``inverse_update_period`` to share the work). Measured on the convergence benchmark's
         ``ae-digits`` at batch 256 (benchmarks/probes/adaptive_cost.py, one thread, a loaded
-        machine): an adaptive step costs 1.44× a fixed-damping K-FAC step with the chain's
-        products (1.77× with ``torch.func``'s vmapped jvp, measured the same way before the
-        chain path; one jvp per tangent: 1.87×).
+        machine, load average 17–20, medians of 190 steps): in one run an adaptive step cost
+        1.46× a fixed-damping K-FAC step with the chain's products, 1.82× with ``torch.func``'s
+        vmapped jvp and 1.9× with one jvp per tangent.
 
         Args:
             inputs: the batch, as the model takes it: a tensor, or a tuple of positional
