@@ -260,7 +260,7 @@ bench-train: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py
 
 # Same-loop per-step overhead against ASDL and curvlinops (benchmarks/peers/same_loop.py; installs
-# the two peers from PyPI if missing). Bounded: about 8 minutes of timing.
+# the two peers from PyPI if missing). Bounded by its --budget (480 s of timing by default).
 .PHONY: bench-peers
 bench-peers: deps lib
 	@$(PYTHON) -c "import asdl, curvlinops" 2>/dev/null || \
