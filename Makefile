@@ -267,6 +267,14 @@ bench: deps lib
 bench-train: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py
 
+# Same-loop per-step overhead against ASDL and curvlinops (benchmarks/peers/same_loop.py; installs
+# the two peers from PyPI if missing). Bounded by its --budget (480 s of timing by default).
+.PHONY: bench-peers
+bench-peers: deps lib
+	@$(PYTHON) -c "import asdl, curvlinops" 2>/dev/null || \
+	    $(PYTHON) -m pip install -q asdfghjkl curvlinops-for-pytorch
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/peers/same_loop.py
+
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/kfac
 	install -m 755 $(LIB) $(DESTDIR)$(PREFIX)/lib/libkfac.so.$(VERSION)

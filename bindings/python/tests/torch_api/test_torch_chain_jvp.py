@@ -1,0 +1,140 @@
+"""The adaptive step's hand-written forward-mode products of plain chains (``_chain_jvp``)
+against ``torch.func.jvp``, one tangent at a time, and the adaptive step with them against the
+same step with ``torch.func``'s vmapped products."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from libkfac.torch import KFACPreconditioner
+from libkfac.torch import _adaptive
+from libkfac.torch._chain_jvp import chain_products
+
+ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "identity": nn.Identity}
+
+
+def _chain(activation, bias, dtype, seed=3, sizes=(6, 9, 5, 4)):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _reference(model, x, params, tangents):
+    """J·t_k by torch.func.jvp, one tangent per call, with every other parameter held fixed."""
+    from torch.func import functional_call, jvp
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    primals = tuple(p.detach() for p in params)
+    outputs, products = None, []
+    for k in range(tangents[0].shape[0]):
+        out, product = jvp(lambda *v: functional_call(model, dict(zip(keys, v)), (x,)), primals,
+                           tuple(t[k] for t in tangents))
+        outputs = out
+        products.append(product)
+    return outputs, torch.stack(products)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("skip_first", [False, True], ids=["all", "first-fixed"])
+def test_chain_products_equal_one_jvp_per_tangent(activation, bias, dtype, skip_first):
+    model = _chain(activation, bias, dtype)
+    x = torch.randn(11, 6, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    params = list(model.parameters())
+    if skip_first:  # the first layer's parameters not preconditioned: tangent zero
+        first = list(model[0].parameters())
+        params = [p for p in params if all(p is not q for q in first)]
+    g = torch.Generator().manual_seed(7)
+    tangents = [torch.randn((3,) + tuple(p.shape), dtype=dtype, generator=g) for p in params]
+    with torch.no_grad():
+        result = chain_products(model, (x,), params, tangents, set())
+    assert result is not None
+    outputs, products = result
+    expected_outputs, expected = _reference(model, x, params, tangents)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert products.shape == expected.shape
+    assert torch.allclose(outputs, expected_outputs, rtol=tol, atol=tol)
+    scale = expected.abs().max()
+    assert scale > 0.1  # the products are not trivially zero
+    assert (products - expected).abs().max() <= tol * scale
+    # A wrong derivative (e.g. of the pre-activation instead of the output) is far off.
+    assert not torch.allclose(products, torch.zeros_like(products))
+
+
+def test_chain_products_declines_what_it_does_not_handle():
+    x = torch.randn(4, 6)
+    model = _chain("tanh", True, torch.float32)
+    params = list(model.parameters())
+    tangents = [torch.zeros((1,) + tuple(p.shape)) for p in params]
+
+    class MySequential(nn.Sequential):  # a subclass may override forward
+        pass
+
+    sub = MySequential(*model.children())
+    assert chain_products(sub, (x,), params, tangents, set()) is None
+    assert chain_products(model, (x.unsqueeze(0),), params, tangents, set()) is None  # [1, N, in]
+    assert chain_products(model, (x, x), params, tangents, set()) is None
+    with_norm = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
+    norm_params = list(with_norm[0].parameters())
+    assert chain_products(with_norm, (x,), norm_params,
+                          [torch.zeros((1,) + tuple(p.shape)) for p in norm_params], set()) is None
+    # A user hook may change what a module computes.
+    handle = model[1].register_forward_hook(lambda m, i, o: o * 2)
+    assert chain_products(model, (x,), params, tangents, set()) is None
+    # ...but hooks the caller names as its own do not.
+    assert chain_products(model, (x,), params, tangents, {handle.id}) is not None
+    handle.remove()
+    # A parameter outside the chain's Linear layers.
+    stray = nn.Parameter(torch.zeros(3))
+    assert chain_products(model, (x,), params + [stray], tangents + [torch.zeros(1, 3)], set()) is None
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_adaptive_step_with_chain_products_equals_torch_func(activation, dtype, monkeypatch):
+    """Twin models, the same six adaptive steps with γ steps every 2 (three candidates and δ₀):
+    one with the chain's products, one with torch.func's vmapped jvp. The same choices, and α,
+    μ, M(δ), the losses, ρ, λ, γ and the parameters to rounding."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (40,), generator=g)
+    twins = [_chain(activation, True, dtype), _chain(activation, True, dtype)]
+    settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, lm_interval=1, factor_damping=1e-2,
+                    factor_damping_period=2, factor_damping_decay=0.5, factor_damping_ratio=1e300)
+    pres = [KFACPreconditioner(m, **settings) for m in twins]
+    pres[1]._use_chain_products = False
+    used = []
+
+    def counting(*args):
+        result = chain_products(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_adaptive, "chain_products", counting)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for k in range(6):
+        results = []
+        for model, pre in zip(twins, pres):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+            results.append(pre.adaptive_step(x, lambda out: F.cross_entropy(out, y)))
+        a, b = results
+        assert (a.chosen, a.candidates) == (b.chosen, b.candidates), k
+        assert a.candidates == (3 if k % 2 == 0 else 1), k
+        for field in ("alpha", "mu", "predicted_change", "loss_before", "loss_after", "rho", "damping",
+                      "factor_damping"):
+            u, v = getattr(a, field), getattr(b, field)
+            assert abs(u - v) <= tol * max(1.0, abs(v)), (k, field, u, v)
+    assert used == [True] * 6  # the first twin's products came from the chain, every step
+    for p, q in zip(twins[0].parameters(), twins[1].parameters()):
+        assert torch.allclose(p, q, rtol=tol, atol=tol)
+    for pre in pres:
+        pre.close()
