@@ -10,7 +10,11 @@
  * factor and inverse updates,
  * discarding statistics, steps, preconditioning, factors, the adaptive mode, the experimental
  * candidate and curvature calls, the EKFAC scaling readout, the Gauss-Newton output-Hessian
- * products and kept-column info (the chain and column products are not driven), samplers, state images (saved, then edited byte by byte and
+ * products, kept columns and their products, the Gauss-Newton chain (define, forward, columns,
+ * KFRA, products), conjugate gradient (begin/get_vector/supply_product/finish/report and the
+ * callback solve, whose product may stop or return NaN), distributed pack/unpack (statistics,
+ * inverses, model sums), block-tridiagonal links and cross factors (op 15 and its second byte),
+ * samplers, state images (saved, then edited byte by byte and
  * optionally resealed with the image's public checksum rule, then loaded) and state files
  * (save/load, hostile paths).
  *
