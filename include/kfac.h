@@ -908,7 +908,9 @@ KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
  *  layers can be is refused after reading only its header and parameter section (CORRUPT_STATE
  *  if that is not an image header, STATE_VERSION for another format, else STATE_MISMATCH) —
  *  unless the image's strategy is EKFAC or the handle has block-tridiagonal links, whose pending
- *  statistics the layers do not bound; the file is read in bounded pieces.
+ *  rows the layers do not bound: then the image's own row counts are read (the sections before
+ *  them, at most the layers' bound, and the counts alone) and a file of another size is
+ *  CORRUPT_STATE without being read whole; the file is read in bounded pieces.
  *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 
