@@ -33,7 +33,8 @@ extension BlockDiagonalEstimator {
             let m = Swift.max(mx * mg * scale * Double(positions), 1)
             let bound = m * m * Double(b.layer.inputFactorDimension) * Double(b.layer.outputFactorDimension) * Double(rows)
             var pending = 0.0
-            for c in b.blocks { pending = Swift.max(pending, c.paired?.pendingMagnitude ?? 0) }
+            let blocks = b.blocks  // (indices, not for-in: iterating allocates in debug builds)
+            for k in blocks.indices { pending = Swift.max(pending, blocks[k].paired?.pendingMagnitude ?? 0) }
             guard bound + pending <= KroneckerFactor<Scalar>.pendingLimit else {
                 throw KFACError(.nonFinite, pending > 0
                                 ? "inputs and output gradients of layer \(l) are too large for the paired statistics already pending: the second moments of their per-example gradients would overflow \(Scalar.self); fold or discard the pending statistics"
