@@ -6,8 +6,9 @@ edited, resealed and loaded, files, the adaptive mode, two handles, and the expe
 (links with cross factors and curvature products, the Gauss-Newton chain with columns and KFRA,
 conjugate gradient, distributed pack/unpack). The rest of the corpus is
 a set cover of what the long runs of issue 15 kept (libFuzzer's -set_cover_merge: 1,534
-inputs, 200 KB, named by their SHA-1); `make fuzz` adds new inputs to build/fuzz-corpus, not to
-the repository."""
+inputs, 200 KB, named by their SHA-1), plus the 1,452 inputs that libFuzzer's -merge=1 kept from
+the runs that first drove the experimental families (new edges and features over that cover);
+`make fuzz` adds new inputs to build/fuzz-corpus, not to the repository."""
 import os
 import sys
 
