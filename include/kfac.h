@@ -669,9 +669,10 @@ KFAC_API int kfac_layer_record_output_grads_f64(kfac_optimizer *opt, int32_t lay
 KFAC_API int kfac_optimizer_update_factors(kfac_optimizer *opt);
 
 /** Since 0.2 (issue 15). Drops every layer's pending statistics (recorded since the last factor
- *  update); running factors, inverses, counters and parameters are kept. The way out of pending
+ *  update; EKFAC's kept per-example gradients and the block-tridiagonal links' pending cross rows
+ *  included); running factors, inverses, counters and parameters are kept. The way out of pending
  *  statistics that make every step, kfac_optimizer_update_factors or kfac_optimizer_update_inverses
- *  fail. Errors: NULL_POINTER. */
+ *  fail (e.g. link rows that do not pair). Errors: NULL_POINTER. */
 KFAC_API int kfac_optimizer_discard_statistics(kfac_optimizer *opt);
 
 /** Recomputes the inverses of every layer that has factors now, in parallel across layers.
