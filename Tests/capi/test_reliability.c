@@ -1237,6 +1237,34 @@ static void large_section_files(void) {
     }
 }
 
+/* Found by the fuzzer (Tests/fuzz/corpus/seed-link-rows-overflow): a linked layer reserved room
+ * for its unpaired cross rows before the row count was checked, so recording INT64_MAX rows
+ * after a few unpaired ones trapped (Swift overflow in CrossFactor.prepare). In a child: before
+ * the fix it dies of a signal. Returns the status, or -199 if the refused call changed the image. */
+static int link_rows_overflow_child(void *arg) {
+    const int upper = *(const int *)arg;
+    kfac_optimizer *h = linked_handle(KFAC_FLOAT64);
+    rng_t r = {0x4515};
+    linked_record(h, KFAC_FLOAT64, &r, upper ? 0 : 4, upper ? 2 : 0, 0, 0);
+    size_t n1 = 0, n2 = 0;
+    unsigned char *before = save_image(h, &n1);
+    buf_t x = buf_new(KFAC_FLOAT64, 8 * 3);
+    buf_random(&x, &r);
+    int s = record_inputs(h, upper, &x, INT64_MAX);
+    unsigned char *after = save_image(h, &n2);
+    int same = n1 == n2 && !memcmp(before, after, n1);
+    return same ? s : -199;
+}
+
+static void link_rows_overflow(void) {
+    for (int upper = 0; upper <= 1; upper++) {
+        int rc = in_child(link_rows_overflow_child, &upper, 30);
+        check(rc == KFAC_ERROR_SIZE_OVERFLOW,
+              "links: INT64_MAX rows recorded for the %s layer of a link with unpaired rows -> %s (want SIZE_OVERFLOW, "
+              "the handle unchanged)", upper ? "upper" : "lower", rc == -199 ? "changed the handle" : child_result(rc));
+    }
+}
+
 void test_reliability(const char *tmpdir) {
     section("issue 15: reliability (crafted images, pending bound, threads, files, memory)");
     snprintf(g_dir, sizeof g_dir, "%s", tmpdir);
@@ -1261,6 +1289,7 @@ void test_reliability(const char *tmpdir) {
     free_joins_threads();
     files();
     large_section_files();
+    link_rows_overflow();
     out_of_memory();
     long_conv();
     exhaustive_image_edits(KFAC_FLOAT32);

@@ -38,10 +38,15 @@ final class CrossFactor<Scalar: KFACScalar> {
 
     /// Reserves room for `rows` more unpaired rows on one side, so that `add` cannot fail.
     /// Grows geometrically: a steady recording pattern stops allocating. On error nothing changed.
+    /// Runs before the estimator checks `rows` (issue 15: a huge count overflowed here), so it
+    /// bounds the unpaired rows as the factors bound their pending rows (`.sizeOverflow`).
     func prepare(upper: Bool, rows: Int) throws(KFACError) {
         let width = upper ? upperWidth : lowerWidth
         let (buffer, used) = upper ? (upperRows, upperCount) : (lowerRows, lowerCount)
-        let needed = used + rows
+        let (needed, overflow) = used.addingReportingOverflow(rows)
+        guard !overflow, needed <= KroneckerFactor<Scalar>.maximumPendingRows else {
+            throw KFACError(.sizeOverflow, "\(rows) rows with \(used) unpaired rows of the link: more than 2^53 rows pending; fold or discard the statistics")
+        }
         if let b = buffer, b.rows >= needed { return }
         let bigger = try AlignedBuffer<Scalar>(rows: Swift.max(needed, 2 * (buffer?.rows ?? 0)), columns: width)
         if let b = buffer { bigger.base.update(from: b.base, count: used * width) }
