@@ -533,7 +533,8 @@ static void op_paired(input_t *in, handle_t *t) {
         if (rows <= 0 || dim <= 0) count = 4;
         int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
         void *z = values(in, dtype, count), *q = values(in, dtype, count);
-        void *out = calloc((size_t)(count * (dim > 0 ? dim : 1)), 8);
+        /* count·dim ≤ MAX_VALUES when both are valid; otherwise the call is refused before writing. */
+        void *out = calloc(rows > 0 && dim > 0 ? (size_t)(count * dim) : 4, 8);
         int st = u8(in) & 1
             ? (dtype == KFAC_FLOAT32 ? kfac_gn_output_hessian_multiply_f32(z, q, rows, dim, dist, out)
                                      : kfac_gn_output_hessian_multiply_f64(z, q, rows, dim, dist, out))
