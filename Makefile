@@ -184,7 +184,7 @@ test-install: deps deps-cxx deps-install lib
 SAN_CLANG ?= clang
 FUZZ_LIB := .build-fuzz/release/libkfac.so
 TSAN_LIB := .build-tsan/release/libkfac.so
-FUZZ_SMOKE_RUNS ?= 20000
+FUZZ_SMOKE_RUNS ?= 12000
 FUZZ_TIME ?= 3600
 FUZZ_FLAGS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1
 FUZZ_ENV := ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1

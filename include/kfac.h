@@ -716,9 +716,10 @@ KFAC_API int kfac_layer_record_output_grads_f64(kfac_optimizer *opt, int32_t lay
 KFAC_API int kfac_optimizer_update_factors(kfac_optimizer *opt);
 
 /** Since 0.2 (issue 15). Drops every layer's pending statistics (recorded since the last factor
- *  update); running factors, inverses, counters and parameters are kept. The way out of pending
+ *  update; EKFAC's kept per-example gradients and the block-tridiagonal links' pending cross rows
+ *  included); running factors, inverses, counters and parameters are kept. The way out of pending
  *  statistics that make every step, kfac_optimizer_update_factors or kfac_optimizer_update_inverses
- *  fail. Errors: NULL_POINTER. */
+ *  fail (e.g. link rows that do not pair). Errors: NULL_POINTER. */
 KFAC_API int kfac_optimizer_discard_statistics(kfac_optimizer *opt);
 
 /** Recomputes the inverses of every layer that has factors now, in parallel across layers.
@@ -955,7 +956,9 @@ KFAC_API int kfac_state_save_file(const kfac_optimizer *opt, const char *path);
  *  layers can be is refused after reading only its header and parameter section (CORRUPT_STATE
  *  if that is not an image header, STATE_VERSION for another format, else STATE_MISMATCH) —
  *  unless the image's strategy is EKFAC or the handle has block-tridiagonal links, whose pending
- *  statistics the layers do not bound; the file is read in bounded pieces.
+ *  rows the layers do not bound: then the image's own row counts are read (the sections before
+ *  them, at most the layers' bound, and the counts alone) and a file of another size is
+ *  CORRUPT_STATE without being read whole; the file is read in bounded pieces.
  *  Errors: NULL_POINTER, IO, OUT_OF_MEMORY, and those of kfac_state_load. */
 KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 

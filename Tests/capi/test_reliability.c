@@ -15,6 +15,7 @@
  * registration time of long 1-D convolutions; then every single-bit flip and truncation of a
  * multi-layer image (dense + convolution + adaptive state) on twins, and saves killed mid-write.
  */
+#define KFAC_EXPERIMENTAL_API /* EKFAC's paired recording and block-tridiagonal links (gaps of the last note) */
 #include "harness.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -413,6 +414,261 @@ static void pending_bound(void) {
           "and a normal batch the step -> %s", status_name(rec), status_name(first), status_name(second),
           status_name(after_discard));
     kfac_optimizer_free(h);
+}
+
+/* Gap (a) of the issue's last note: EKFAC's paired recording bounds the second moments of the
+ * per-example gradients it keeps across calls, not only per call. Float32, dense 2→2 without
+ * bias, one row x = g = (v, v) per call: each call's bound 4·v⁴ (v = 1.4e9: 1.5e37) is within
+ * FLT_MAX/16, two are not; the rotated per-example gradient of that row has the entry 2v², whose
+ * square (1.5e37) S_batch sums over the rows before dividing, so 23 such rows overflow. */
+static void ekfac_pending_bound(void) {
+    const model_t m = {1, {{2, 2, 0, NULL}}};
+    kfac_optimizer *h = make_handle(KFAC_FLOAT32, &m);
+    REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EKFAC));
+    /* Bases first: a small batch and a step. */
+    float x0[8] = {1, 0.5f, -0.25f, 1, 0.75f, -1, 0.5f, 0.25f}, g0[8] = {0.5f, -1, 1, 0.25f, -0.5f, 0.75f, 1, 1};
+    float w[4] = {0.1f, 0.2f, 0.3f, 0.4f};
+    float *ws[1] = {w};
+    REQUIRE_OK(h, kfac_layer_record_examples_f32(h, 0, x0, g0, 4, 1));
+    REQUIRE_OK(h, kfac_optimizer_step_f32(h, ws, NULL, 1));
+    const float v = 1.4e9f;
+    const float big[2] = {v, v};
+    int accepted = 0, refused_status = KFAC_OK, unchanged = 1;
+    char message[256] = "";
+    for (int k = 0; k < 30; k++) {
+        size_t n1 = 0, n2 = 0;
+        unsigned char *before = save_image(h, &n1);
+        int s = kfac_layer_record_examples_f32(h, 0, big, big, 1, 1);
+        if (s == KFAC_OK) {
+            accepted++;
+        } else {
+            refused_status = s;
+            snprintf(message, sizeof message, "%s", kfac_optimizer_last_error(h));
+            unsigned char *after = save_image(h, &n2);
+            unchanged = n1 == n2 && !memcmp(before, after, n1);
+            free(after);
+            free(before);
+            break;
+        }
+        free(before);
+    }
+    check(accepted == 1 && refused_status == KFAC_ERROR_NON_FINITE && unchanged && message[0],
+          "EKFAC [f32] paired rows whose per-example second moments overflow only together: %d of 30 calls "
+          "accepted (want 1), then %s (want NON_FINITE) with the handle unchanged (last_error: \"%s\")", accepted,
+          status_name(refused_status), message);
+    /* The step folds S from what was accepted: finite, and the step succeeds. */
+    int s = kfac_optimizer_step_f32(h, ws, NULL, 1);
+    float scaling[4] = {0};
+    int g = kfac_layer_get_ekfac_scaling_f32(h, 0, 0, scaling);
+    int finite = 1;
+    for (int i = 0; i < 4; i++) finite &= isfinite(scaling[i]) && scaling[i] >= 0;
+    check(s == KFAC_OK && g == KFAC_OK && finite,
+          "EKFAC [f32] the step after the refused paired call -> %s, S finite and >= 0 (%g %g %g %g)", status_name(s),
+          scaling[0], scaling[1], scaling[2], scaling[3]);
+    /* Discarding the statistics makes room again (the bound is of what is pending). */
+    REQUIRE_OK(h, kfac_layer_record_examples_f32(h, 0, big, big, 1, 1));
+    REQUIRE_OK(h, kfac_optimizer_discard_statistics(h));
+    s = kfac_layer_record_examples_f32(h, 0, big, big, 1, 1);
+    check(s == KFAC_OK, "EKFAC [f32] after kfac_optimizer_discard_statistics a paired call at the bound -> %s",
+          status_name(s));
+    /* An image keeps the bound: a twin loaded from it refuses the next such call too. */
+    size_t n = 0;
+    unsigned char *img = save_image(h, &n);
+    kfac_optimizer *t = make_handle(KFAC_FLOAT32, &m);
+    REQUIRE_OK(t, kfac_param_set_int(t, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EKFAC));
+    REQUIRE_OK(t, kfac_state_load(t, img, n));
+    s = kfac_layer_record_examples_f32(t, 0, big, big, 1, 1);
+    check(s == KFAC_ERROR_NON_FINITE,
+          "EKFAC [f32] a handle loaded from an image with such a row pending refuses another -> %s", status_name(s));
+    free(img);
+    kfac_optimizer_free(t);
+    kfac_optimizer_free(h);
+}
+
+/* Gap (b): the block-tridiagonal links section of an image (Sources/KFAC/Tridiagonal/
+ * TridiagonalLinks.swift, CrossFactor.swift) is validated on load like the rest: crafted,
+ * resealed images with non-finite cross factors or inverses, impossible row counts, flags,
+ * asymmetric or non-positive inverses give CORRUPT_STATE with the handle unchanged. And
+ * kfac_optimizer_discard_statistics drops the links' pending cross rows too, so that a link whose
+ * rows did not pair can be recorded again. Two linked dense layers 3→2 and 2→2 with biases. */
+static const model_t LINKED = {2, {{3, 2, 1, NULL}, {2, 2, 1, NULL}}};
+
+static kfac_optimizer *linked_handle(int dtype) {
+    kfac_optimizer *h = make_handle(dtype, &LINKED);
+    REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, 0.1));
+    REQUIRE_OK(h, kfac_layer_link(h, 0, 1));
+    return h;
+}
+
+/* Records `rows` rows of inputs (lower: 3 values, upper: 2) and gradients (2 and 2) per layer. */
+static void linked_record(kfac_optimizer *h, int dtype, rng_t *r, int64_t in0, int64_t in1, int64_t g0, int64_t g1) {
+    buf_t x0 = buf_new(dtype, (size_t)(8 * 3)), x1 = buf_new(dtype, 8 * 2), d0 = buf_new(dtype, 8 * 2),
+          d1 = buf_new(dtype, 8 * 2);
+    buf_random(&x0, r);
+    buf_random(&x1, r);
+    buf_random(&d0, r);
+    buf_random(&d1, r);
+    if (in0) REQUIRE_OK(h, record_inputs(h, 0, &x0, in0));
+    if (in1) REQUIRE_OK(h, record_inputs(h, 1, &x1, in1));
+    if (g0) REQUIRE_OK(h, record_grads(h, 0, &d0, g0));
+    if (g1) REQUIRE_OK(h, record_grads(h, 1, &d1, g1));
+    buf_free(&x0);
+    buf_free(&x1);
+    buf_free(&d0);
+    buf_free(&d1);
+}
+
+typedef struct {
+    size_t flag, running, paired, sum, lower_rows, lower_data, upper_rows, upper_data;
+} cross_offsets_t;
+
+static size_t walk_cross(const unsigned char *img, size_t o, size_t lw, size_t uw, size_t scalar, cross_offsets_t *c) {
+    c->flag = o;
+    uint64_t running = rd64(img + o);
+    o += 8;
+    c->running = o;
+    if (running) o += lw * uw * scalar;
+    c->paired = o;
+    uint64_t paired = rd64(img + o);
+    o += 8;
+    c->sum = o;
+    if (paired) o += lw * uw * scalar;
+    c->lower_rows = o;
+    uint64_t lr = rd64(img + o);
+    o += 8;
+    c->lower_data = o;
+    o += lr * lw * scalar;
+    c->upper_rows = o;
+    uint64_t ur = rd64(img + o);
+    o += 8;
+    c->upper_data = o;
+    o += ur * uw * scalar;
+    return o;
+}
+
+static void crafted_link_images(int dtype) {
+    const size_t scalar = dtype_size(dtype);
+    const char *tag = dtype_tag(dtype);
+    kfac_optimizer *h = linked_handle(dtype);
+    rng_t r = {0x1515 + (uint64_t)dtype};
+    grads_t gr = grads_new(dtype, &LINKED, &r);
+    for (int k = 0; k < 3; k++) {
+        linked_record(h, dtype, &r, 4, 4, 4, 4);
+        REQUIRE_OK(h, step(h, &gr));
+    }
+    /* Pending: 2 input rows of the lower layer paired with 2 of the upper, 2 more unpaired. */
+    linked_record(h, dtype, &r, 4, 2, 0, 0);
+    size_t size = 0;
+    unsigned char *img = save_image(h, &size);
+    layout_t L = dense_layout(img, &LINKED, scalar);
+    size_t o = L.adaptive + 40;
+    int count_ok = rd64(img + o) == 1 && rd64(img + o + 8) == 0;
+    o += 16;
+    cross_offsets_t A, G;
+    o = walk_cross(img, o, 4, 3, scalar, &A);
+    o = walk_cross(img, o, 2, 2, scalar, &G);
+    size_t has_inverses = o, inv = o + 8;
+    /* Layer 0 (linked up): Ā 4², Ḡ 2², Ā⁻¹ 4², Ḡ⁻¹ 2², Ψ^A 4×3, Ψ^G 2×2, C 4², D 2², Σ's sides (4², 4,
+     * 2², 2) and scale 2×4; layer 1: Ā 3², Ḡ 2² and their inverses. */
+    const size_t inverse_scalars = 16 + 4 + 16 + 4 + 12 + 4 + 16 + 4 + 16 + 4 + 4 + 2 + 8 + 9 + 4 + 9 + 4;
+    char what[160];
+    if (!check(count_ok && rd64(img + has_inverses) == 1 && inv + inverse_scalars * scalar + 8 == size &&
+                   rd64(img + A.paired) == 2 && rd64(img + A.lower_rows) == 2 && rd64(img + A.upper_rows) == 0 &&
+                   rd64(img + A.flag) == 1,
+               "[%s] the test's walker of the links section matches the image (%zu + %zu scalars + 8 = %zu; A: 2 paired "
+               "rows, 2 unpaired lower rows)", tag, inv, inverse_scalars, size)) {
+        free(img);
+        grads_free(&gr);
+        kfac_optimizer_free(h);
+        return;
+    }
+    unsigned char *same = edited(img, size, A.flag, 1);
+    check(kfac_state_load(h, same, size) == KFAC_OK, "[%s] an unedited resealed image with links loads", tag);
+    free(same);
+
+    const struct {
+        size_t at;
+        uint64_t v;
+        const char *name;
+    } fields[] = {
+        {A.flag, 2, "cross A has-running flag 2"},
+        {A.paired, (uint64_t)INT64_MAX, "paired cross rows INT64_MAX"},
+        {A.paired, (uint64_t)-1, "paired cross rows -1"},
+        {A.paired, 5, "5 paired cross rows, more than the 4 / 2 rows the layers have pending"},
+        {A.lower_rows, 3, "3 unpaired lower rows (the lower layer has 4 pending, 2 paired)"},
+        {A.lower_rows, (uint64_t)1 << 32, "2^32 unpaired lower rows"},
+        {A.lower_rows, (uint64_t)INT64_MIN, "unpaired lower rows INT64_MIN"},
+        {G.paired, 1, "a paired gradient row where no gradient is pending"},
+        {has_inverses, 7, "has-inverses flag 7"},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        unsigned char *c = edited(img, size, fields[i].at, fields[i].v);
+        snprintf(what, sizeof what, "[%s links] resealed image with %s", tag, fields[i].name);
+        expect_refused(h, c, size, KFAC_ERROR_CORRUPT_STATE, what);
+        free(c);
+    }
+    const double nan = NAN, inf = INFINITY;
+    const size_t psi_a = 16 + 4 + 16 + 4, c_a = psi_a + 12 + 4, scale0 = c_a + 16 + 4 + 16 + 4 + 4 + 2;
+    const struct {
+        size_t at;
+        double v;
+        const char *name;
+    } numbers[] = {
+        {A.running + 5 * scalar, nan, "NaN in the running cross A"},
+        {G.running + 3 * scalar, inf, "+Inf in the running cross G"},
+        {A.sum + 1 * scalar, -inf, "-Inf in the pending cross sum"},
+        {A.sum, dtype == KFAC_FLOAT64 ? 1e308 : 3e38, "a pending cross sum beyond the record limit"},
+        {A.lower_data + 2 * scalar, nan, "NaN in an unpaired lower row"},
+        {inv, nan, "NaN in the damped Ā"},
+        {inv + 1 * scalar, 12345, "an asymmetric damped Ā"},
+        {inv + (16 + 4) * scalar, -1, "a negative diagonal in Ā⁻¹"},
+        {inv + psi_a * scalar, inf, "+Inf in Ψ^A"},
+        {inv + (c_a + 1) * scalar, 12345, "an asymmetric C"},
+        {inv + scale0 * scalar, -0.5, "a negative entry in Σ's scale grid"},
+        {inv + (inverse_scalars - 1) * scalar, nan, "NaN in the upper layer's Ḡ⁻¹"},
+    };
+    for (size_t i = 0; i < sizeof numbers / sizeof numbers[0]; i++) {
+        unsigned char *c = malloc(size);
+        memcpy(c, img, size);
+        put_scalar(c + numbers[i].at, dtype, numbers[i].v);
+        reseal(c, size);
+        snprintf(what, sizeof what, "[%s links] resealed image with %s", tag, numbers[i].name);
+        expect_refused(h, c, size, KFAC_ERROR_CORRUPT_STATE, what);
+        free(c);
+    }
+    /* The handle still pairs, folds and steps after all that. */
+    linked_record(h, dtype, &r, 0, 2, 4, 4);
+    int s = step(h, &gr);
+    check(s == KFAC_OK, "[%s links] the handle steps after the refused images -> %s", tag, status_name(s));
+    free(img);
+    grads_free(&gr);
+    kfac_optimizer_free(h);
+}
+
+static void discard_links(int dtype) {
+    const char *tag = dtype_tag(dtype);
+    kfac_optimizer *h = linked_handle(dtype), *twin = linked_handle(dtype);
+    rng_t r = {0x2515 + (uint64_t)dtype}, r2 = r;
+    grads_t gr = grads_new(dtype, &LINKED, &r), gt = grads_clone(&gr);
+    r2 = r;
+    /* Rows that do not pair: every fold fails. */
+    linked_record(h, dtype, &r, 4, 3, 4, 4);
+    int first = step(h, &gr), second = step(h, &gr);
+    int d = kfac_optimizer_discard_statistics(h);
+    /* Then the same batch on the handle and on a twin that never saw the bad rows. */
+    linked_record(h, dtype, &r, 4, 4, 4, 4);
+    linked_record(twin, dtype, &r2, 0, 0, 0, 0);
+    rng_t r3 = r;
+    (void)r3;
+    int after = step(h, &gr);
+    check(first == KFAC_ERROR_INVALID_SIZE && second == KFAC_ERROR_INVALID_SIZE && d == KFAC_OK && after == KFAC_OK,
+          "[%s links] unpaired rows: steps -> %s, %s (want INVALID_SIZE); after kfac_optimizer_discard_statistics "
+          "and a paired batch the step -> %s (want OK)", tag, status_name(first), status_name(second),
+          status_name(after));
+    grads_free(&gr);
+    grads_free(&gt);
+    kfac_optimizer_free(h);
+    kfac_optimizer_free(twin);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -919,6 +1175,96 @@ static void numerical_faults(int dtype, int strategy) {
 
 /* KFAC_TEST_LIGHT=1 (the valgrind run of `make test-valgrind`): only the checks that do not fork,
  * limit memory, time calls or repeat a load 90,000 times — under valgrind those measure valgrind. */
+/* Gap (c): a state file larger than any image of the layers' fixed sections, for an EKFAC image
+ * (pending per-example gradients) or a handle with links (unpaired cross rows), is measured by
+ * the image's own row counts before it is read: legitimate large images load from files, a file
+ * whose size disagrees with its counts is refused without reading it whole (the child's address
+ * space leaves no room for reading 1 GiB). */
+typedef struct {
+    const char *path;
+    int links;
+} sized_file_t;
+
+static kfac_optimizer *sections_handle(int links) {
+    kfac_optimizer *h = links ? linked_handle(KFAC_FLOAT64) : make_handle(KFAC_FLOAT64, &LINKED);
+    if (!links) REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_INVERSE_STRATEGY, KFAC_INVERSE_EKFAC));
+    return h;
+}
+
+static int sized_file_child(void *arg) {
+    const sized_file_t *f = arg;
+    kfac_optimizer *h = sections_handle(f->links);
+    limit_memory((size_t)256 << 20);
+    return kfac_state_load_file(h, f->path);
+}
+
+static void large_section_files(void) {
+    for (int links = 0; links <= 1; links++) {
+        const char *what = links ? "links with 3000 unpaired rows" : "EKFAC with 3000 pending per-example rows";
+        kfac_optimizer *h = sections_handle(links), *t = sections_handle(links);
+        rng_t r = {0x3515 + (uint64_t)links};
+        grads_t gr = grads_new(KFAC_FLOAT64, &LINKED, &r);
+        linked_record(h, KFAC_FLOAT64, &r, 4, 4, 4, 4);
+        REQUIRE_OK(h, step(h, &gr));
+        /* Many pending rows: the image outgrows the layers' fixed sections. */
+        buf_t x = buf_new(KFAC_FLOAT64, 3000 * 3), g = buf_new(KFAC_FLOAT64, 3000 * 2);
+        buf_random(&x, &r);
+        buf_random(&g, &r);
+        if (links) REQUIRE_OK(h, record_inputs(h, 0, &x, 3000));
+        else REQUIRE_OK(h, kfac_layer_record_examples_f64(h, 0, x.p, g.p, 3000, 1));
+        char path[512];
+        snprintf(path, sizeof path, "%s/sections-%d", g_dir, links);
+        REQUIRE_OK(h, kfac_state_save_file(h, path));
+        int s = kfac_state_load_file(t, path);
+        check(s == KFAC_OK && same_state(h, t), "gap (c) [%s] the image (larger than the fixed sections) loads from "
+              "its file -> %s, state equal to the saved handle's", what, status_name(s));
+        /* The same file grown to 1 GiB (sparse), its size field patched: refused before reading. */
+        int fd = open(path, O_WRONLY);
+        unsigned char field[8];
+        wr64(field, (uint64_t)1 << 30);
+        int ok = fd >= 0 && ftruncate(fd, (off_t)1 << 30) == 0 && pwrite(fd, field, 8, 24) == 8;
+        if (fd >= 0) close(fd);
+        sized_file_t f = {path, links};
+        int rc = ok ? in_child(sized_file_child, &f, 60) : CHILD_TIMEOUT;
+        check(rc == KFAC_ERROR_CORRUPT_STATE, "gap (c) [%s] the file grown to 1 GiB -> %s (want CORRUPT_STATE from "
+              "the row counts, without reading it into a 256 MiB address-space margin)", what, child_result(rc));
+        unlink(path);
+        buf_free(&x);
+        buf_free(&g);
+        grads_free(&gr);
+        kfac_optimizer_free(h);
+        kfac_optimizer_free(t);
+    }
+}
+
+/* Found by the fuzzer (Tests/fuzz/corpus/seed-link-rows-overflow): a linked layer reserved room
+ * for its unpaired cross rows before the row count was checked, so recording INT64_MAX rows
+ * after a few unpaired ones trapped (Swift overflow in CrossFactor.prepare). In a child: before
+ * the fix it dies of a signal. Returns the status, or -199 if the refused call changed the image. */
+static int link_rows_overflow_child(void *arg) {
+    const int upper = *(const int *)arg;
+    kfac_optimizer *h = linked_handle(KFAC_FLOAT64);
+    rng_t r = {0x4515};
+    linked_record(h, KFAC_FLOAT64, &r, upper ? 0 : 4, upper ? 2 : 0, 0, 0);
+    size_t n1 = 0, n2 = 0;
+    unsigned char *before = save_image(h, &n1);
+    buf_t x = buf_new(KFAC_FLOAT64, 8 * 3);
+    buf_random(&x, &r);
+    int s = record_inputs(h, upper, &x, INT64_MAX);
+    unsigned char *after = save_image(h, &n2);
+    int same = n1 == n2 && !memcmp(before, after, n1);
+    return same ? s : -199;
+}
+
+static void link_rows_overflow(void) {
+    for (int upper = 0; upper <= 1; upper++) {
+        int rc = in_child(link_rows_overflow_child, &upper, 30);
+        check(rc == KFAC_ERROR_SIZE_OVERFLOW,
+              "links: INT64_MAX rows recorded for the %s layer of a link with unpaired rows -> %s (want SIZE_OVERFLOW, "
+              "the handle unchanged)", upper ? "upper" : "lower", rc == -199 ? "changed the handle" : child_result(rc));
+    }
+}
+
 void test_reliability(const char *tmpdir) {
     section("issue 15: reliability (crafted images, pending bound, threads, files, memory)");
     snprintf(g_dir, sizeof g_dir, "%s", tmpdir);
@@ -927,6 +1273,11 @@ void test_reliability(const char *tmpdir) {
     crafted_images(KFAC_FLOAT32, KFAC_INVERSE_CHOLESKY);
     crafted_images(KFAC_FLOAT64, KFAC_INVERSE_CHOLESKY);
     pending_bound();
+    ekfac_pending_bound();
+    for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
+        crafted_link_images(dtype);
+        discard_links(dtype);
+    }
     for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
         numerical_faults(dtype, KFAC_INVERSE_EIGEN);
         numerical_faults(dtype, KFAC_INVERSE_CHOLESKY);
@@ -937,6 +1288,8 @@ void test_reliability(const char *tmpdir) {
     }
     free_joins_threads();
     files();
+    large_section_files();
+    link_rows_overflow();
     out_of_memory();
     long_conv();
     exhaustive_image_edits(KFAC_FLOAT32);

@@ -10,7 +10,11 @@
  * factor and inverse updates,
  * discarding statistics, steps, preconditioning, factors, the adaptive mode, the experimental
  * candidate and curvature calls, the EKFAC scaling readout, the Gauss-Newton output-Hessian
- * products and kept-column info (the chain and column products are not driven), samplers, state images (saved, then edited byte by byte and
+ * products, kept columns and their products, the Gauss-Newton chain (define, forward, columns,
+ * KFRA, products), conjugate gradient (begin/get_vector/supply_product/finish/report and the
+ * callback solve, whose product may stop or return NaN), distributed pack/unpack (statistics,
+ * inverses, model sums), block-tridiagonal links and cross factors (op 15 and its second byte),
+ * samplers, state images (saved, then edited byte by byte and
  * optionally resealed with the image's public checksum rule, then loaded) and state files
  * (save/load, hostile paths).
  *
@@ -121,38 +125,46 @@ static void fail(const char *what) {
 
 static void check_status(int s) {
     if (s == 0) return;
-    if (!((s <= -1 && s >= -5) || (s <= -10 && s >= -13) || (s <= -20 && s >= -23) || (s <= -30 && s >= -32) ||
-          s == -40 || s == -50 || (s <= -60 && s >= -64) || s == -99))
+    if (!((s <= -1 && s >= -5) || (s <= -10 && s >= -13) || (s <= -20 && s >= -25) || (s <= -30 && s >= -32) ||
+          s == -40 || s == -50 || (s <= -60 && s >= -64) || s == -70 || s == -99))
         fail("a status that the header does not define");
     if (s == -99) fail("KFAC_ERROR_INTERNAL");
 }
 
-/* The handle's image, to compare before and after a call that fails. */
-static unsigned char *snapshot(handle_t *t, size_t *size) {
+/* The handle's image, to compare before (slot 0) and after (slot 1) a call that fails. The two
+ * buffers are kept across calls and grown as needed: a malloc per call was a large part of an
+ * execution's cost under ASan. */
+static unsigned char *g_snap[2];
+static size_t g_snap_capacity[2];
+
+static unsigned char *snapshot(handle_t *t, size_t *size, int slot) {
     *size = 0;
     if (!t->h || kfac_state_get_size(t->h, size) != KFAC_OK) return NULL;
-    unsigned char *b = malloc(*size ? *size : 1);
+    if (*size > g_snap_capacity[slot]) {
+        free(g_snap[slot]);
+        g_snap_capacity[slot] = *size * 2;
+        g_snap[slot] = malloc(g_snap_capacity[slot]);
+        if (!g_snap[slot]) fail("out of memory for a snapshot");
+    }
     size_t written = 0;
-    if (kfac_state_save(t->h, b, *size, &written) != KFAC_OK || written != *size) fail("kfac_state_save failed");
-    return b;
+    if (kfac_state_save(t->h, g_snap[slot], *size, &written) != KFAC_OK || written != *size) fail("kfac_state_save failed");
+    return g_snap[slot];
 }
 
 /* Calls made on a handle: a failure must leave its image unchanged. */
 #define ON_HANDLE(t, call)                                                                       \
     do {                                                                                         \
         size_t before_size_, after_size_;                                                        \
-        unsigned char *before_ = snapshot((t), &before_size_);                                   \
+        unsigned char *before_ = snapshot((t), &before_size_, 0);                                \
         int status_ = (call);                                                                    \
         if (g_trace) fprintf(stderr, "%-60.60s -> %d\n", #call, status_);                       \
         check_status(status_);                                                                   \
         if (status_ != KFAC_OK && (t)->h) {                                                      \
             if (!kfac_optimizer_last_error((t)->h)[0]) fail("a failed call left no message");   \
-            unsigned char *after_ = snapshot((t), &after_size_);                                 \
-            if (before_size_ != after_size_ || memcmp(before_, after_, before_size_))           \
+            unsigned char *after_ = snapshot((t), &after_size_, 1);                              \
+            if (before_size_ != after_size_ || (before_size_ && memcmp(before_, after_, before_size_))) \
                 fail("a failed call changed the handle: " #call);                               \
-            free(after_);                                                                        \
         }                                                                                        \
-        free(before_);                                                                           \
     } while (0)
 
 static void forget(handle_t *t) {
@@ -189,7 +201,8 @@ static void op_create(input_t *in, handle_t *t) {
 }
 
 static void op_param(input_t *in, handle_t *t) {
-    static const int32_t P[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 200, 201, 202, 203, 204, 0, -1, 12, 300, 1000};
+    static const int32_t P[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 200, 201, 202, 203, 204, 0, -1, 12, 300, 1000,
+                               205, 206, 400, 401, 500, 8, 8};
     int32_t p = P[u8(in) % (sizeof P / sizeof P[0])];
     uint8_t kind = u8(in) % 5;
     if (kind == 0) {
@@ -520,7 +533,8 @@ static void op_paired(input_t *in, handle_t *t) {
         if (rows <= 0 || dim <= 0) count = 4;
         int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
         void *z = values(in, dtype, count), *q = values(in, dtype, count);
-        void *out = calloc((size_t)(count * (dim > 0 ? dim : 1)), 8);
+        /* count·dim ≤ MAX_VALUES when both are valid; otherwise the call is refused before writing. */
+        void *out = calloc(rows > 0 && dim > 0 ? (size_t)(count * dim) : 4, 8);
         int st = u8(in) & 1
             ? (dtype == KFAC_FLOAT32 ? kfac_gn_output_hessian_multiply_f32(z, q, rows, dim, dist, out)
                                      : kfac_gn_output_hessian_multiply_f64(z, q, rows, dim, dist, out))
@@ -535,6 +549,389 @@ static void op_paired(input_t *in, handle_t *t) {
         int32_t k;
         ON_HANDLE(t, kfac_gn_columns_get_info(t->h, u8(in) & 1 ? &examples : NULL, &k, &values_kept));
         if (u8(in) % 4 == 0) ON_HANDLE(t, kfac_gn_columns_clear(t->h));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The experimental families added in 0.2 (reached through op 15's second byte): the           */
+/* Gauss-Newton chain and KFRA, stored columns and their products, conjugate gradient (reverse  */
+/* communication and the callback solve), distributed pack/unpack, block-tridiagonal links.     */
+/* Buffers are sized for the widest registered layer, so a chain or link the harness does not  */
+/* model exactly (the library decides which definitions it accepts) can never be under-backed.  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The largest per-example value count any registered layer reads or writes. */
+static int64_t widest(const handle_t *t) {
+    int64_t w = 1, sq;
+    for (int l = 0; l < t->n; l++) {
+        if (t->l[l].x_values > w) w = t->l[l].x_values;
+        if (t->l[l].g_values > w) w = t->l[l].g_values;
+        if (t->l[l].w_values > w) w = t->l[l].w_values;
+        if (__builtin_mul_overflow(t->l[l].a_dim, t->l[l].a_dim, &sq)) return INT64_MAX; /* too wide to back */
+        if (sq > w) w = sq;
+        if (__builtin_mul_overflow(t->l[l].g_dim, t->l[l].g_dim, &sq)) return INT64_MAX;
+        if (sq > w) w = sq;
+    }
+    return w;
+}
+
+static int32_t layer_arg(input_t *in, const handle_t *t) {
+    return u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)(u8(in) % (t->n ? t->n : 1));
+}
+
+static void op_chain(input_t *in, handle_t *t) {
+    int dtype = wrong_dtype(in, t);
+    int64_t wide = widest(t);
+    if (wide > MAX_VALUES / 8) return; /* layers too wide to back a chain's buffers */
+    uint8_t which = u8(in) % 6;
+    if (which == 0) {
+        int32_t layers[MAX_LAYERS + 1], acts[MAX_LAYERS + 1];
+        int32_t n = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % MAX_LAYERS;
+        uint8_t order = u8(in);
+        for (int i = 0; i < MAX_LAYERS + 1; i++) {
+            layers[i] = order & 1 ? (int32_t)((i + (order >> 1)) % (t->n ? t->n : 1)) : i;
+            acts[i] = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 5;
+        }
+        if (n >= 1 && n <= MAX_LAYERS && u8(in) % 2) acts[n - 1] = KFAC_ACTIVATION_IDENTITY;
+        if (n > MAX_LAYERS + 1) n = MAX_LAYERS + 1; /* the arrays hold MAX_LAYERS + 1 entries */
+        int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+        int nulls = u8(in) % 32;
+        ON_HANDLE(t, kfac_gn_chain_define(t->h, nulls == 1 ? NULL : layers, nulls == 2 ? NULL : acts, n, dist));
+    } else if (which == 1) {
+        int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 4);
+        if (rows > 8) return; /* a claim the harness does not back (KFRA's buffer holds 8 rows) */
+        int64_t per = rows > 0 ? rows * wide : 4; /* rows < 1 is refused before reading */
+        void *w[MAX_LAYERS], *b[MAX_LAYERS], *x[MAX_LAYERS], *d[MAX_LAYERS];
+        for (int i = 0; i < MAX_LAYERS; i++) {
+            w[i] = values(in, dtype, wide);
+            b[i] = u8(in) % 4 ? values(in, dtype, wide) : NULL;
+            x[i] = i == 0 || u8(in) % 4 == 0 ? values(in, dtype, per) : NULL;
+            d[i] = values(in, dtype, per);
+        }
+        void *out = u8(in) % 2 ? calloc((size_t)per, 8) : NULL;
+        uint8_t nulls = u8(in) % 16;
+        const void *const *W = nulls == 1 ? NULL : (const void *const *)w;
+        const void *const *B = nulls == 2 ? NULL : (const void *const *)b;
+        const void *const *X = nulls == 3 ? NULL : (const void *const *)x;
+        const void *const *D = nulls == 4 ? NULL : (const void *const *)d;
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_gn_chain_forward_f32(t->h, (const float *const *)W, (const float *const *)B,
+                                                   (const float *const *)X, (const float *const *)D, rows, out));
+        else
+            ON_HANDLE(t, kfac_gn_chain_forward_f64(t->h, (const double *const *)W, (const double *const *)B,
+                                                   (const double *const *)X, (const double *const *)D, rows, out));
+        for (int i = 0; i < MAX_LAYERS; i++) {
+            free(w[i]);
+            free(b[i]);
+            free(x[i]);
+            free(d[i]);
+        }
+        free(out);
+    } else if (which == 2) {
+        int32_t uses = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % 3;
+        ON_HANDLE(t, kfac_gn_chain_record_columns(t->h, uses));
+    } else if (which == 3) {
+        int32_t variant = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 2;
+        int32_t rec = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 2;
+        void *grads = u8(in) % 8 ? values(in, dtype, 8 * wide <= MAX_VALUES ? 8 * wide : 4) : NULL;
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_gn_chain_record_kfra_f32(t->h, variant, rec, grads));
+        else ON_HANDLE(t, kfac_gn_chain_record_kfra_f64(t->h, variant, rec, grads));
+        free(grads);
+    } else {
+        /* G·v from the chain (4) or from the kept columns (5). */
+        layer_buffers_t v, p;
+        buffers_new(in, t, dtype, &v);
+        buffers_new(in, t, dtype, &p);
+        p.n = v.n;
+        int chain = which == 4;
+        if (dtype == KFAC_FLOAT32) {
+            if (chain) ON_HANDLE(t, kfac_gn_chain_multiply_f32(t->h, (const float *const *)W32(&v), (const float *const *)B32(&v), W32(&p), B32(&p), v.n));
+            else ON_HANDLE(t, kfac_gn_columns_multiply_f32(t->h, (const float *const *)W32(&v), (const float *const *)B32(&v), W32(&p), B32(&p), v.n));
+        } else {
+            if (chain) ON_HANDLE(t, kfac_gn_chain_multiply_f64(t->h, (const double *const *)W64(&v), (const double *const *)B64(&v), W64(&p), B64(&p), v.n));
+            else ON_HANDLE(t, kfac_gn_columns_multiply_f64(t->h, (const double *const *)W64(&v), (const double *const *)B64(&v), W64(&p), B64(&p), v.n));
+        }
+        buffers_free(&v);
+        buffers_free(&p);
+    }
+}
+
+static void op_columns(input_t *in, handle_t *t) {
+    int32_t layer = layer_arg(in, t);
+    int dtype = wrong_dtype(in, t);
+    int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : small(in, 4);
+    int32_t k = u8(in) % 8 == 0 ? (int32_t)enum_arg(in) : 1 + u8(in) % 3;
+    int32_t uses = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % 3;
+    int64_t xs = 1, gs = 1;
+    if (layer >= 0 && layer < t->n) {
+        xs = t->l[layer].x_values;
+        gs = t->l[layer].g_values;
+        if (rows > 0 && rows <= 64 && t->l[layer].work * rows > ((int64_t)1 << 22)) return;
+    }
+    int64_t cx = 4, cg = 4;
+    if (rows > 0 && k > 0) {
+        if (rows > 64 || __builtin_mul_overflow(rows, xs, &cx) || __builtin_mul_overflow(rows * k, gs, &cg)) return;
+        if (cx > MAX_VALUES || cg > MAX_VALUES) return;
+    }
+    void *x = u8(in) % 8 ? values(in, dtype, cx) : NULL, *c = u8(in) % 32 ? values(in, dtype, cg) : NULL;
+    if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_layer_record_output_grad_columns_f32(t->h, layer, x, c, rows, k, uses));
+    else ON_HANDLE(t, kfac_layer_record_output_grad_columns_f64(t->h, layer, x, c, rows, k, uses));
+    free(x);
+    free(c);
+}
+
+/* The product callback of kfac_cg_solve_*: product = scale · vector (+ a hostile twist). */
+typedef struct {
+    const handle_t *t;
+    double scale;
+    int mode; /* 0 plain, 1 stop after `after` calls, 2 NaN in the product after `after` calls */
+    int after, calls;
+} cg_user_t;
+
+static int cg_product(cg_user_t *u, const void *const *vw, const void *const *vb, void *const *pw, void *const *pb,
+                      int32_t n, int f32) {
+    if (u->mode == 1 && u->calls >= u->after) return 1;
+    int poison = u->mode == 2 && u->calls >= u->after;
+    u->calls++;
+    for (int32_t l = 0; l < n && l < u->t->n; l++) {
+        for (int side = 0; side < 2; side++) {
+            const void *v = side ? vb[l] : vw[l];
+            void *p = side ? pb[l] : pw[l];
+            int64_t count = side ? u->t->l[l].out : u->t->l[l].w_values;
+            if (!v || !p) continue;
+            for (int64_t i = 0; i < count; i++) {
+                double x = f32 ? ((const float *)v)[i] : ((const double *)v)[i];
+                double y = poison && i == 0 ? NAN : u->scale * x;
+                if (f32) ((float *)p)[i] = (float)y;
+                else ((double *)p)[i] = y;
+            }
+        }
+    }
+    return 0;
+}
+
+static int cg_product_f32(void *user, const float *const *vw, const float *const *vb, float *const *pw,
+                          float *const *pb, int32_t n) {
+    return cg_product(user, (const void *const *)vw, (const void *const *)vb, (void *const *)pw, (void *const *)pb, n, 1);
+}
+
+static int cg_product_f64(void *user, const double *const *vw, const double *const *vb, double *const *pw,
+                          double *const *pb, int32_t n) {
+    return cg_product(user, (const void *const *)vw, (const void *const *)vb, (void *const *)pw, (void *const *)pb, n, 0);
+}
+
+static void cg_desc(input_t *in, kfac_cg_desc *d) {
+    memset(d, 0, sizeof *d);
+    static const size_t S[] = {sizeof(kfac_cg_desc), 0, 8, 16, 24, 4096};
+    d->struct_size = u8(in) % 8 ? sizeof *d : S[u8(in) % 6];
+    int hostile = u8(in) % 4 == 0;
+    static const int32_t IT[] = {0, 1, 2, 5, 20, 1000000, 1000001};
+    d->max_iterations = hostile ? enum_arg(in) : IT[u8(in) % 5];
+    d->stop_rule = hostile ? enum_arg(in) : u8(in) % 2;
+    d->tolerance = hostile ? value_arg(in) : (u8(in) % 2 ? 0.0 : 1e-3);
+    d->preconditioner = hostile ? enum_arg(in) : u8(in) % 3;
+    d->warm_start = hostile ? enum_arg(in) : u8(in) % 2;
+    d->warm_start_decay = hostile ? value_arg(in) : 0.0;
+    d->diagonal_exponent = hostile ? value_arg(in) : 0.0;
+    d->l2 = hostile ? value_arg(in) : (u8(in) % 2 ? 0.0 : 0.1);
+}
+
+static void op_cg(input_t *in, handle_t *t) {
+    int dtype = wrong_dtype(in, t);
+    uint8_t which = u8(in) % 6;
+    int32_t request = 0;
+    if (which == 0 || which == 5) {
+        kfac_cg_desc d;
+        cg_desc(in, &d);
+        layer_buffers_t g, dg;
+        buffers_new(in, t, dtype, &g);
+        int diag = u8(in) % 4 == 0 || d.preconditioner == KFAC_CG_PRECONDITIONER_DIAGONAL;
+        buffers_new(in, t, dtype, &dg);
+        /* A diagonal must be non-negative to be valid: make most of them so. */
+        if (u8(in) % 4)
+            for (int l = 0; l < t->n; l++) {
+                for (int64_t i = 0; dg.w[l] && i < t->l[l].w_values; i++)
+                    if (dtype == KFAC_FLOAT32) ((float *)dg.w[l])[i] = fabsf(((float *)dg.w[l])[i]);
+                    else ((double *)dg.w[l])[i] = fabs(((double *)dg.w[l])[i]);
+                for (int64_t i = 0; dg.b[l] && i < t->l[l].out; i++)
+                    if (dtype == KFAC_FLOAT32) ((float *)dg.b[l])[i] = fabsf(((float *)dg.b[l])[i]);
+                    else ((double *)dg.b[l])[i] = fabs(((double *)dg.b[l])[i]);
+            }
+        const kfac_cg_desc *dp = u8(in) % 8 ? &d : NULL;
+        if (which == 0) {
+            if (dtype == KFAC_FLOAT32)
+                ON_HANDLE(t, kfac_cg_begin_f32(t->h, dp, (const float *const *)W32(&g), (const float *const *)B32(&g),
+                                               diag ? (const float *const *)W32(&dg) : NULL,
+                                               diag ? (const float *const *)B32(&dg) : NULL, g.n, u8(in) % 16 ? &request : NULL));
+            else
+                ON_HANDLE(t, kfac_cg_begin_f64(t->h, dp, (const double *const *)W64(&g), (const double *const *)B64(&g),
+                                               diag ? (const double *const *)W64(&dg) : NULL,
+                                               diag ? (const double *const *)B64(&dg) : NULL, g.n, u8(in) % 16 ? &request : NULL));
+        } else {
+            cg_user_t user = {t, 0.25 + u8(in) % 8, u8(in) % 3, u8(in) % 4, 0};
+            layer_buffers_t s;
+            buffers_new(in, t, dtype, &s);
+            kfac_cg_result r;
+            memset(&r, 0, sizeof r);
+            r.struct_size = u8(in) % 8 ? sizeof r : (size_t)(u8(in) % 3) * 8;
+            int with_fn = u8(in) % 16 != 0;
+            if (dtype == KFAC_FLOAT32)
+                ON_HANDLE(t, kfac_cg_solve_f32(t->h, dp, (const float *const *)W32(&g), (const float *const *)B32(&g),
+                                               diag ? (const float *const *)W32(&dg) : NULL,
+                                               diag ? (const float *const *)B32(&dg) : NULL, with_fn ? cg_product_f32 : NULL,
+                                               &user, W32(&s), B32(&s), g.n, u8(in) % 4 ? &r : NULL));
+            else
+                ON_HANDLE(t, kfac_cg_solve_f64(t->h, dp, (const double *const *)W64(&g), (const double *const *)B64(&g),
+                                               diag ? (const double *const *)W64(&dg) : NULL,
+                                               diag ? (const double *const *)B64(&dg) : NULL, with_fn ? cg_product_f64 : NULL,
+                                               &user, W64(&s), B64(&s), g.n, u8(in) % 4 ? &r : NULL));
+            buffers_free(&s);
+        }
+        buffers_free(&g);
+        buffers_free(&dg);
+    } else if (which == 1) {
+        layer_buffers_t v;
+        buffers_new(in, t, dtype, &v);
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_cg_get_vector_f32(t->h, W32(&v), B32(&v), v.n));
+        else ON_HANDLE(t, kfac_cg_get_vector_f64(t->h, W64(&v), B64(&v), v.n));
+        buffers_free(&v);
+    } else if (which == 2) {
+        layer_buffers_t p;
+        buffers_new(in, t, dtype, &p);
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, kfac_cg_supply_product_f32(t->h, (const float *const *)W32(&p), (const float *const *)B32(&p), p.n, u8(in) % 16 ? &request : NULL));
+        else
+            ON_HANDLE(t, kfac_cg_supply_product_f64(t->h, (const double *const *)W64(&p), (const double *const *)B64(&p), p.n, u8(in) % 16 ? &request : NULL));
+        buffers_free(&p);
+    } else if (which == 3) {
+        layer_buffers_t s;
+        buffers_new(in, t, dtype, &s);
+        kfac_cg_result r;
+        memset(&r, 0, sizeof r);
+        r.struct_size = u8(in) % 8 ? sizeof r : (size_t)(u8(in) % 3) * 8;
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_cg_finish_f32(t->h, W32(&s), B32(&s), s.n, u8(in) % 4 ? &r : NULL));
+        else ON_HANDLE(t, kfac_cg_finish_f64(t->h, W64(&s), B64(&s), s.n, u8(in) % 4 ? &r : NULL));
+        buffers_free(&s);
+    } else {
+        double scale = u8(in) % 4 ? 1.0 : value_arg(in), before = value_arg(in), after = value_arg(in), rho;
+        ON_HANDLE(t, kfac_cg_report_loss_change(t->h, scale, before, after, u8(in) & 1 ? &rho : NULL));
+    }
+}
+
+static void op_distributed(input_t *in, handle_t *t) {
+    int dtype = wrong_dtype(in, t);
+    uint8_t which = u8(in) % 8;
+    int32_t what = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 2;
+    if (which == 0) {
+        int32_t rank = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3, size = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % 3;
+        ON_HANDLE(t, kfac_distributed_set_world(t->h, rank, size));
+        int32_t r, s;
+        ON_HANDLE(t, kfac_distributed_get_world(t->h, u8(in) % 4 ? &r : NULL, u8(in) % 4 ? &s : NULL));
+    } else if (which == 1) {
+        int32_t due, rank;
+        ON_HANDLE(t, kfac_distributed_get_due(t->h, what, u8(in) % 16 ? &due : NULL));
+        int32_t layer = layer_arg(in, t), group = u8(in) % 8 == 0 ? enum_arg(in) : 0;
+        int32_t side = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 2, block = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+        ON_HANDLE(t, kfac_distributed_get_owner(t->h, layer, group, side, block, u8(in) % 16 ? &rank : NULL));
+    } else if (which <= 5) {
+        /* Pack then unpack (an allreduce over the world: the pack times a factor, or edited). */
+        int64_t count = 0;
+        ON_HANDLE(t, kfac_distributed_get_count(t->h, what, u8(in) % 32 ? &count : NULL));
+        if (count < 0 || count > MAX_VALUES) return;
+        static const int64_t slack[] = {0, 0, 0, -1, 1, INT64_MIN};
+        int64_t claim = count + (slack[u8(in) % 6] == INT64_MIN ? -count - 1 : slack[u8(in) % 6]);
+        void *buf = calloc((size_t)count + 2, 8);
+        int stats = what == KFAC_DISTRIBUTED_STATISTICS;
+        if (which != 5) {
+            if (dtype == KFAC_FLOAT32)
+                ON_HANDLE(t, stats ? kfac_distributed_pack_statistics_f32(t->h, buf, claim) : kfac_distributed_pack_inverses_f32(t->h, buf, claim));
+            else
+                ON_HANDLE(t, stats ? kfac_distributed_pack_statistics_f64(t->h, buf, claim) : kfac_distributed_pack_inverses_f64(t->h, buf, claim));
+        }
+        double factor = which == 3 ? 1.0 : which == 4 ? (double)(1 + u8(in) % 3) : 0.0;
+        for (int64_t i = 0; i < count; i++) {
+            double v = dtype == KFAC_FLOAT32 ? ((float *)buf)[i] : ((double *)buf)[i];
+            v = which == 5 ? value_arg(in) : v * factor;
+            if (dtype == KFAC_FLOAT32) ((float *)buf)[i] = (float)v;
+            else ((double *)buf)[i] = v;
+        }
+        if (count && u8(in) % 4 == 0) {
+            int64_t at = u8(in) % count;
+            double v = value_arg(in);
+            if (dtype == KFAC_FLOAT32) ((float *)buf)[at] = (float)v;
+            else ((double *)buf)[at] = v;
+        }
+        const void *src = u8(in) % 32 ? buf : NULL;
+        if (dtype == KFAC_FLOAT32)
+            ON_HANDLE(t, stats ? kfac_distributed_unpack_statistics_f32(t->h, src, claim) : kfac_distributed_unpack_inverses_f32(t->h, src, claim));
+        else
+            ON_HANDLE(t, stats ? kfac_distributed_unpack_statistics_f64(t->h, src, claim) : kfac_distributed_unpack_inverses_f64(t->h, src, claim));
+        free(buf);
+    } else {
+        /* The adaptive model's sums: pack over this rank's rows, then solve from them. */
+        int64_t rows = u8(in) % 8 == 0 ? size_arg(in) : u8(in) % 4, dim = u8(in) % 8 == 0 ? size_arg(in) : small(in, 4);
+        int64_t count = 4;
+        if (rows > 0 && dim > 0 && (__builtin_mul_overflow(rows, dim, &count) || count > MAX_VALUES)) return;
+        if (rows <= 0 || dim <= 0) count = 4;
+        int32_t nc = u8(in) % 8 == 0 ? enum_arg(in) : 1 + u8(in) % 3;
+        if (nc > 3) nc = 3;
+        int32_t dist = u8(in) % 8 == 0 ? enum_arg(in) : u8(in) % 3;
+        void *z = values(in, dtype, count), *u[3], *prev = u8(in) & 1 ? values(in, dtype, count) : NULL;
+        for (int k = 0; k < 3; k++) u[k] = values(in, dtype, count);
+        double sums[16];
+        memset(sums, 0, sizeof sums);
+        int64_t n_sums = nc > 0 ? 3 * (int64_t)nc + 2 : 2;
+        if (u8(in) % 8 == 0) n_sums += 1;
+        if (which == 6) {
+            if (dtype == KFAC_FLOAT32)
+                ON_HANDLE(t, kfac_distributed_pack_model_sums_f32(t->h, z, (const float *const *)u, nc, prev, rows, dim, dist, sums, n_sums));
+            else
+                ON_HANDLE(t, kfac_distributed_pack_model_sums_f64(t->h, z, (const double *const *)u, nc, prev, rows, dim, dist, sums, n_sums));
+        } else {
+            for (int i = 0; i < 16; i++) sums[i] = u8(in) % 2 ? value_arg(in) : (double)(i % 4);
+        }
+        int32_t chosen;
+        double alpha, mu, m;
+        if (u8(in) % 2)
+            ON_HANDLE(t, kfac_distributed_solve_model_sums(t->h, sums, n_sums, u8(in) & 1 ? &chosen : NULL,
+                                                           u8(in) % 16 ? &alpha : NULL, &mu, u8(in) & 1 ? &m : NULL));
+        free(z);
+        free(prev);
+        for (int k = 0; k < 3; k++) free(u[k]);
+    }
+}
+
+static void op_link(input_t *in, handle_t *t) {
+    int32_t lower = layer_arg(in, t);
+    int32_t upper = u8(in) % 8 == 0 ? enum_arg(in) : (int32_t)((uint32_t)lower + 1); /* wraps at INT32_MAX */
+    if (u8(in) % 2) {
+        ON_HANDLE(t, kfac_layer_link(t->h, lower, upper));
+    } else {
+        int dtype = wrong_dtype(in, t);
+        int64_t wide = widest(t);
+        if (wide > MAX_VALUES) return;
+        /* A cross factor has at most (widest a_dim)² or (widest g_dim)² values. */
+        void *a = u8(in) % 8 ? calloc((size_t)wide, 8) : NULL, *g = u8(in) % 8 ? calloc((size_t)wide, 8) : NULL;
+        if (dtype == KFAC_FLOAT32) ON_HANDLE(t, kfac_layer_get_cross_factors_f32(t->h, lower, a, g));
+        else ON_HANDLE(t, kfac_layer_get_cross_factors_f64(t->h, lower, a, g));
+        free(a);
+        free(g);
+    }
+}
+
+static void op_experimental(input_t *in, handle_t *t) {
+    switch (u8(in) % 8) {
+    case 0: {
+        int32_t v;
+        check_status(kfac_optimizer_get_dtype(t->h, &v));
+        if (!kfac_version_string() || kfac_version_number() != KFAC_VERSION_NUMBER) fail("version");
+        break;
+    }
+    case 1: case 2: op_chain(in, t); break;
+    case 3: op_columns(in, t); break;
+    case 4: case 5: op_cg(in, t); break;
+    case 6: op_distributed(in, t); break;
+    default: op_link(in, t); break;
     }
 }
 
@@ -634,7 +1031,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     void (*set_threads)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
     if (set_threads) set_threads(1);
     g_trace = getenv("KFAC_FUZZ_TRACE") != NULL;
-    snprintf(g_dir, sizeof g_dir, "/tmp/kfac-fuzz-%d", (int)getpid());
+    /* Files in memory where possible: the save's fsyncs then cost nothing (the fuzzer's speed). */
+    struct stat shm;
+    const char *base = stat("/dev/shm", &shm) == 0 && S_ISDIR(shm.st_mode) ? "/dev/shm" : "/tmp";
+    snprintf(g_dir, sizeof g_dir, "%s/kfac-fuzz-%d", base, (int)getpid());
     mkdir(g_dir, 0700);
     return 0;
 }
@@ -667,12 +1067,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (u8(&in) % 8 == 0) forget(t);
             else op_paired(&in, t);
             break;
-        default: {
-            int32_t v;
-            check_status(kfac_optimizer_get_dtype(t->h, &v));
-            if (!kfac_version_string() || kfac_version_number() != KFAC_VERSION_NUMBER) fail("version");
-            break;
-        }
+        default: op_experimental(&in, t); break;
         }
     }
     for (int i = 0; i < MAX_HANDLES; i++) forget(&H[i]);

@@ -21,18 +21,26 @@ extension BlockDiagonalEstimator {
         guard let layer = b as? any PairedRecordingLayer<Scalar> else {
             throw KFACError(.invalidArgument, "layer \(l) does not support paired recording")
         }
+        var pairedBound = 0.0
         if keep {
             // S sums the squares of rotated per-example gradients, each entry at most ‖G_n‖_F:
-            // bound them as the factors' pending sums are bounded.
+            // bound them as the factors' pending sums are bounded — with what earlier calls
+            // left pending (issue 15: every call within the bound could overflow together).
             var positions = rowsPerExample
             if case .conv2d(let g, _, _) = b.layer { positions = g.outputPositions }
             let mx = Swift.max(Double(Scalar.largestMagnitude(inputs!, count: b.inputValueCount(rows: rows))), 1)
             let mg = Double(Scalar.largestMagnitude(outputGradients!, count: b.outputGradientValueCount(rows: rows)))
             let m = Swift.max(mx * mg * scale * Double(positions), 1)
             let bound = m * m * Double(b.layer.inputFactorDimension) * Double(b.layer.outputFactorDimension) * Double(rows)
-            guard bound <= Double(Scalar.greatestFiniteMagnitude) / 16 else {
-                throw KFACError(.nonFinite, "inputs and output gradients of layer \(l) are too large: the second moments of their per-example gradients would overflow \(Scalar.self)")
+            var pending = 0.0
+            let blocks = b.blocks  // (indices, not for-in: iterating allocates in debug builds)
+            for k in blocks.indices { pending = Swift.max(pending, blocks[k].paired?.pendingMagnitude ?? 0) }
+            guard bound + pending <= KroneckerFactor<Scalar>.pendingLimit else {
+                throw KFACError(.nonFinite, pending > 0
+                                ? "inputs and output gradients of layer \(l) are too large for the paired statistics already pending: the second moments of their per-example gradients would overflow \(Scalar.self); fold or discard the pending statistics"
+                                : "inputs and output gradients of layer \(l) are too large: the second moments of their per-example gradients would overflow \(Scalar.self)")
             }
+            pairedBound = bound
         }
         try layer.recordPaired(inputs!, outputGradients!, rows: rows, rowsPerExample: rowsPerExample, scale: Scalar(scale),
                                perExample: perExample, keep: keep, ones: ones)
@@ -40,6 +48,7 @@ extension BlockDiagonalEstimator {
         for k in blocks.indices {
             blocks[k].input.notePending(magnitude: inputBound)
             blocks[k].output.notePending(magnitude: gradientBound)
+            if keep { blocks[k].paired?.notePending(magnitude: pairedBound) }
         }
         statisticsStarted = true
     }
@@ -80,6 +89,12 @@ extension BlockDiagonalEstimator {
             guard let p = blocks[k].paired else { continue }
             if folding || p.consumed { p.clear() }
         }
+    }
+
+    /// kfac_optimizer_discard_statistics: drops the per-example gradients recorded since the
+    /// last fold, with the factors' pending rows they were recorded with.
+    func discardPairedStatistics() {
+        for k in blocks.indices { blocks[k].paired?.clear() }
     }
 
     /// update_factors with the EKFAC strategy, before the factors fold: S folded into each

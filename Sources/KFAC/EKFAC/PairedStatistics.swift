@@ -57,6 +57,18 @@ final class PairedStatistics<Scalar: KFACScalar> {
 
     var hasPending: Bool { divisor > 0 }
 
+    /// A bound on every entry of the unscaled sum Σ_n (Q_Gᵀ G_n Q_A)^∘2 that S_batch is formed
+    /// from (BLAS applies the 1/divisor after summing): the sum of the record calls' bounds
+    /// since the statistics were last cleared, or after a load Σ_n ‖G_n‖_F² of the kept
+    /// examples. Paired calls refuse data that would take it past `KroneckerFactor.pendingLimit`,
+    /// so the sum stays finite however many calls it spans (issue 15).
+    private(set) var pendingMagnitude = 0.0
+
+    /// Adds a paired call's bound to `pendingMagnitude` (after the call recorded its rows).
+    func notePending(magnitude: Double) {
+        pendingMagnitude += magnitude
+    }
+
     /// Whether examples of `unit` rows are cheaper kept as matrices than as rows.
     func prefersMatrices(unit: Int) -> Bool {
         let (a, o) = (Double(inputDimension), Double(outputDimension))
@@ -117,6 +129,7 @@ final class PairedStatistics<Scalar: KFACScalar> {
     }
 
     func clear() {
+        pendingMagnitude = 0
         rowCount = 0
         matrixCount = 0
         divisor = 0
@@ -194,6 +207,13 @@ final class PairedStatistics<Scalar: KFACScalar> {
         return s
     }
 
+    /// Σ x², in Double (finite for any finite Scalar data of the sizes a layer has).
+    private static func squaredNorm(_ x: UnsafePointer<Scalar>, count: Int) -> Double {
+        var sum = 0.0
+        for i in 0..<count { let v = Double(x[i]); sum += v * v }
+        return sum
+    }
+
     // MARK: State images
 
     /// Writes: u64 divisor, u64 rows [rows·a input scalars, rows·o gradient scalars], u64
@@ -246,6 +266,24 @@ final class PairedStatistics<Scalar: KFACScalar> {
               count == 0 || Scalar.allFinite(matrices!.base, count: count * inputDimension * outputDimension) else {
             throw KFACError(.corruptState, "state image has paired statistics that are not finite")
         }
+        // The kept examples' own bound (‖G_n‖_F ≤ Σ_t ‖g_t‖ ‖x_t‖; rotations keep the norm): at
+        // most what the record calls that kept them accepted, so an image the API wrote passes.
+        var magnitude = 0.0
+        for segment in read {
+            for first in stride(from: segment.start, to: segment.start + segment.count, by: segment.unit) {
+                var norm = 0.0
+                for t in first..<(first + segment.unit) {
+                    norm += (Self.squaredNorm(inputRows!.base + t * inputDimension, count: inputDimension)
+                             * Self.squaredNorm(gradientRows!.base + t * outputDimension, count: outputDimension)).squareRoot()
+                }
+                magnitude += norm * norm
+            }
+        }
+        for n in 0..<count { magnitude += Self.squaredNorm(matrices!.base + n * inputDimension * outputDimension, count: inputDimension * outputDimension) }
+        guard magnitude <= KroneckerFactor<Scalar>.pendingLimit else {
+            throw KFACError(.corruptState, "state image has paired statistics larger than the paired calls accept")
+        }
+        pendingMagnitude = magnitude
         segments = read
         segments.reserveCapacity(16)
         rowCount = rows

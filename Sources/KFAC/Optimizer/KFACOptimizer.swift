@@ -161,6 +161,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// factors, inverses, counters and parameters stay. Cannot fail.
     public func discardStatistics() {
         estimator.discardPendingStatistics()
+        estimator.discardPairedStatistics()  // EKFAC's per-example gradients are pending statistics too
+        tridiagonal?.discardPending()        // and so are the links' cross rows (else every fold stays unpaired)
     }
 
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.

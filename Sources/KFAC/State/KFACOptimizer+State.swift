@@ -155,7 +155,7 @@ extension KFACOptimizer {
             guard r.offset < image.count - 8 else {
                 throw KFACError(.stateMismatch, "state image has no block-tridiagonal links, the optimizer has \(links.links.count)")
             }
-            installLinks = try links.read(from: &r, estimator: estimator)
+            installLinks = try links.read(from: &r, estimator: estimator, restored: restored.layers)
         } else if r.offset < image.count - 8, let count = try? r.u64(), count > 0, count < UInt64(estimator.layerCount) {
             // A links section (the checksum held): an image of a handle with links.
             throw KFACError(.stateMismatch, "state image has \(count) block-tridiagonal links, the optimizer none")
@@ -255,7 +255,15 @@ extension KFACOptimizer {
             throw KFACError(.io, "\(String(cString: path)) is not a regular file")
         }
         let size = Int(st.st_size)
-        if size > maximumStateSize { try checkLargeImage(fd: fd, size: size, path: String(cString: path)) }
+        if size > maximumStateSize {
+            try checkLargeImage(fd: fd, size: size, path: String(cString: path))
+            // EKFAC's per-example gradients and the links' unpaired rows: the image's own counts
+            // say how large it is; a file of another size is refused before it is read whole.
+            let claimed = try claimedImageSize(fd: fd, size: size)
+            guard claimed == size else {
+                throw KFACError(.corruptState, "\(String(cString: path)) has \(size) bytes, but the image's row counts make \(claimed)")
+            }
+        }
         guard let raw = malloc(Swift.max(size, 1)) else { throw KFACError(.outOfMemory, "could not allocate \(size) bytes to read \(String(cString: path))") }
         defer { free(raw) }
         var done = 0
@@ -267,6 +275,88 @@ extension KFACOptimizer {
             done += n
         }
         try loadState(from: UnsafeRawBufferPointer(start: raw, count: done))
+    }
+
+    /// The size the image in `fd` claims through its row counts (issue 15): the sections before
+    /// EKFAC's and the links' fit in `maximumStateSize` bytes, so they are read (at most that
+    /// many bytes) and parsed as `loadState` parses them; the EKFAC and links sections are then
+    /// walked field by field from the file (their row counts times the layers' widths), without
+    /// reading their rows. Throws `.corruptState` for counts whose sizes overflow.
+    private func claimedImageSize(fd: Int32, size: Int) throws(KFACError) -> Int {
+        let prefixLength = Swift.min(size, maximumStateSize)
+        guard let prefix = malloc(prefixLength) else {
+            throw KFACError(.outOfMemory, "could not allocate \(prefixLength) bytes to read a state image's header")
+        }
+        defer { free(prefix) }
+        var done = 0
+        while done < prefixLength {
+            let n = pread(fd, prefix + done, prefixLength - done, off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw KFACError(.io, "cannot read a state image: \(String(cString: strerror(errno)))") }
+            done += n
+        }
+        var r = StateReader(UnsafeRawBufferPointer(start: prefix, count: prefixLength))
+        _ = try r.take(StateImage.headerSize)
+        let p = try readParameters(from: &r)
+        _ = try r.i64()
+        _ = try r.f64()
+        let restored = try estimator.read(from: &r)
+        _ = try AdaptiveState<Scalar>.read(from: &r, blocks: restored.layers.flatMap { $0.blocks })
+        var offset = r.offset
+        let field = { (at: Int) throws(KFACError) -> Int in
+            var v: UInt64 = 0
+            guard pread(fd, &v, 8, off_t(at)) == 8 else { throw KFACError(.corruptState, "state image is truncated at byte \(at)") }
+            let value = Int(truncatingIfNeeded: UInt64(littleEndian: v))
+            guard value >= 0 && value <= 1 << 53 else { throw KFACError(.corruptState, "state image has an impossible count \(value) at byte \(at)") }
+            return value
+        }
+        // offset += count · width scalars, refusing sizes that overflow.
+        let skip = { (count: Int, width: Int) throws(KFACError) in
+            let (values, o1) = count.multipliedReportingOverflow(by: width)
+            let (bytes, o2) = values.multipliedReportingOverflow(by: MemoryLayout<Scalar>.stride)
+            let (end, o3) = offset.addingReportingOverflow(bytes)
+            guard !o1, !o2, !o3 else { throw KFACError(.corruptState, "state image has an impossible size") }
+            offset = end
+        }
+        if p.inverseStrategy == .ekfac {
+            for c in restored.layers.flatMap({ $0.blocks }) {
+                let present = try field(offset)
+                offset += 8
+                guard present == 1 else { continue }
+                let (a, o) = (c.input.dimension, c.output.dimension)
+                let rows = try field(offset + 8)  // after the divisor
+                offset += 16
+                try skip(rows, a + o)
+                let segments = try field(offset)
+                offset += 8
+                try skip(segments, 16 / MemoryLayout<Scalar>.stride)
+                let matrices = try field(offset)
+                offset += 8
+                try skip(matrices, a * o)
+            }
+        }
+        if let links = tridiagonal {
+            offset += 8  // the link count (checked on load)
+            for k in links.links {
+                offset += 8  // lower
+                for cross in [k.inputs, k.gradients] {
+                    if try field(offset) == 1 { offset += 8; try skip(1, cross.count) } else { offset += 8 }
+                    if try field(offset) > 0 { offset += 8; try skip(1, cross.count) } else { offset += 8 }
+                    let lowerRows = try field(offset)
+                    offset += 8
+                    try skip(lowerRows, cross.lowerWidth)
+                    let upperRows = try field(offset)
+                    offset += 8
+                    try skip(upperRows, cross.upperWidth)
+                }
+            }
+            let hasInverses = try field(offset)
+            offset += 8
+            if hasInverses == 1 { try skip(1, links.inverseValueCount) }
+        }
+        let (total, overflow) = offset.addingReportingOverflow(8)  // the checksum
+        guard !overflow else { throw KFACError(.corruptState, "state image has an impossible size") }
+        return total
     }
 
     /// For a file larger than any image without EKFAC's per-example gradients or block-tridiagonal

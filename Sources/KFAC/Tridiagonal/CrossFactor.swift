@@ -38,10 +38,15 @@ final class CrossFactor<Scalar: KFACScalar> {
 
     /// Reserves room for `rows` more unpaired rows on one side, so that `add` cannot fail.
     /// Grows geometrically: a steady recording pattern stops allocating. On error nothing changed.
+    /// Runs before the estimator checks `rows` (issue 15: a huge count overflowed here), so it
+    /// bounds the unpaired rows as the factors bound their pending rows (`.sizeOverflow`).
     func prepare(upper: Bool, rows: Int) throws(KFACError) {
         let width = upper ? upperWidth : lowerWidth
         let (buffer, used) = upper ? (upperRows, upperCount) : (lowerRows, lowerCount)
-        let needed = used + rows
+        let (needed, overflow) = used.addingReportingOverflow(rows)
+        guard !overflow, needed <= KroneckerFactor<Scalar>.maximumPendingRows else {
+            throw KFACError(.sizeOverflow, "\(rows) rows with \(used) unpaired rows of the link: more than 2^53 rows pending; fold or discard the statistics")
+        }
         if let b = buffer, b.rows >= needed { return }
         let bigger = try AlignedBuffer<Scalar>(rows: Swift.max(needed, 2 * (buffer?.rows ?? 0)), columns: width)
         if let b = buffer { bigger.base.update(from: b.base, count: used * width) }
@@ -129,22 +134,59 @@ final class CrossFactor<Scalar: KFACScalar> {
         if upperCount > 0 { w.scalars(upperRows!.base, count: upperCount * upperWidth) }
     }
 
-    /// Reads what `write` wrote into this (fresh) factor.
-    func read(from r: inout StateReader) throws(KFACError) {
+    /// Drops the pending cross statistics (paired sums and unpaired rows); the running factor stays.
+    func discardPending() {
+        pairedRows = 0
+        lowerCount = 0
+        upperCount = 0
+    }
+
+    /// Reads what `write` wrote into this (fresh) factor, checked against what recording can
+    /// produce (issue 15): finite values, pending sums within the record limit, at most as many
+    /// paired and unpaired rows as the two layers' factors have pending (`lowerPending`,
+    /// `upperPending`), unpaired rows on one side only (rows of both sides pair at once).
+    func read(from r: inout StateReader, lowerPending: Int, upperPending: Int) throws(KFACError) {
         hasRunning = try r.flag()
-        if hasRunning { try r.scalars(into: running.base, count: count) }
+        if hasRunning {
+            try r.scalars(into: running.base, count: count)
+            guard Scalar.allFinite(running.base, count: count) else {
+                throw KFACError(.corruptState, "state image has a cross factor that is not finite")
+            }
+        }
         let paired = try r.i64()
-        guard paired >= 0 else { throw KFACError(.corruptState, "state image has a negative row count") }
-        if paired > 0 { try r.scalars(into: pendingSum.base, count: count) }
+        guard paired >= 0 && paired <= Swift.min(lowerPending, upperPending) else {
+            throw KFACError(.corruptState, "state image has \(paired) paired cross rows, more than the linked layers have pending")
+        }
+        if paired > 0 {
+            try r.scalars(into: pendingSum.base, count: count)
+            // |Σ x_l x_uᵀ| ≤ √(Σ x_l² · Σ x_u²): within what the layers' record bound allows.
+            guard Double(Scalar.largestMagnitude(pendingSum.base, count: count)) <= KroneckerFactor<Scalar>.pendingLimit else {
+                throw KFACError(.corruptState, "state image has pending cross sums that are not finite or larger than a record call accepts")
+            }
+        }
         pairedRows = paired
         for upper in [false, true] {
             let rows = try r.i64()
-            guard rows >= 0 && rows <= (1 << 32) else { throw KFACError(.corruptState, "state image has a bad unpaired row count") }
+            let width = upper ? upperWidth : lowerWidth
+            guard rows >= 0 && rows <= (upper ? upperPending : lowerPending) - paired else {
+                throw KFACError(.corruptState, "state image has a bad unpaired cross row count \(rows)")
+            }
+            // The rows must be in the image: check before allocating room for them.
+            guard rows <= (r.buffer.count - r.offset) / (width * MemoryLayout<Scalar>.stride) else {
+                throw KFACError(.corruptState, "state image is truncated in the unpaired cross rows")
+            }
             if rows > 0 {
                 try prepare(upper: upper, rows: rows)
-                try r.scalars(into: (upper ? upperRows : lowerRows)!.base, count: rows * (upper ? upperWidth : lowerWidth))
+                let b = (upper ? upperRows : lowerRows)!
+                try r.scalars(into: b.base, count: rows * width)
+                guard Scalar.allFinite(b.base, count: rows * width) else {
+                    throw KFACError(.corruptState, "state image has unpaired cross rows that are not finite")
+                }
             }
             if upper { upperCount = rows } else { lowerCount = rows }
+        }
+        guard lowerCount == 0 || upperCount == 0 else {
+            throw KFACError(.corruptState, "state image has unpaired cross rows on both sides of a link")
         }
     }
 }

@@ -46,6 +46,30 @@ final class TridiagonalLayerInverse<Scalar: KFACScalar> {
     var buffers: [AlignedBuffer<Scalar>] {
         [dampedA, dampedG, inverseA, inverseG] + [psiA, psiG, crossA, crossG].compactMap { $0 } + (sigma?.buffers ?? [])
     }
+
+    /// What an inversion leaves (checked on load, issue 15): every value finite; the damped
+    /// factors and their inverses symmetric (they are symmetrized) with positive diagonals
+    /// (positive definite); C and D symmetric; Σ's scale grid 1 / (1 − s·t) positive.
+    var isValid: Bool {
+        for b in buffers where !Scalar.allFinite(b.base, count: b.count) { return false }
+        for m in [dampedA, dampedG, inverseA, inverseG] {
+            let n = m.rows
+            for i in 0..<n {
+                guard m.base[i * n + i] > 0 else { return false }
+                for j in (i + 1)..<Swift.max(i + 1, n) where m.base[i * n + j] != m.base[j * n + i] { return false }
+            }
+        }
+        for m in [crossA, crossG].compactMap({ $0 }) {
+            let n = m.rows
+            for i in 0..<n {
+                for j in (i + 1)..<Swift.max(i + 1, n) where m.base[i * n + j] != m.base[j * n + i] { return false }
+            }
+        }
+        if let s = sigma {
+            for i in 0..<s.scale.count where !(s.scale.base[i] > 0) { return false }
+        }
+        return true
+    }
 }
 
 /// Block-tridiagonal K-FAC (Martens & Grosse 2015, §4.3; seed 001, eq. 8) for chains of linked
@@ -215,6 +239,15 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             } catch {
                 throw KFACError(error.status, "link \(k.lower)–\(k.upper): \(error.message)")
             }
+        }
+    }
+
+    /// Drops every link's pending cross statistics, paired or not (with the layers' own pending
+    /// statistics: kfac_optimizer_discard_statistics).
+    func discardPending() {
+        for i in 0..<links.count {
+            links[i].inputs.discardPending()
+            links[i].gradients.discardPending()
         }
     }
 
@@ -455,6 +488,13 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
 
     // MARK: State image
 
+    /// The values of every linked layer's inverse set in an image (fixed by the links).
+    var inverseValueCount: Int {
+        var n = 0
+        for l in linkedLayers { for b in committed[l]!.buffers { n += b.count } }
+        return n
+    }
+
     /// Writes the links section: u64 link count, per link u64 lower and the two cross factors
     /// (A then G), then u64 has inverses and, if so, every linked layer's current set.
     func write(to w: inout StateWriter) {
@@ -473,7 +513,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
 
     /// Reads what `write` wrote, checked against these links; returns an installer (nothing
     /// changes until it is called).
-    func read(from r: inout StateReader, estimator e: BlockDiagonalEstimator<Scalar>) throws(KFACError) -> () -> Void {
+    func read(from r: inout StateReader, estimator e: BlockDiagonalEstimator<Scalar>,
+              restored: [any CurvatureLayer<Scalar>]) throws(KFACError) -> () -> Void {
         let count = try r.u64()
         guard count == UInt64(links.count) else {
             throw KFACError(.stateMismatch, "state image has \(count) block-tridiagonal links, the optimizer \(links.count)")
@@ -484,8 +525,11 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                 throw KFACError(.stateMismatch, "state image links other layers than the optimizer")
             }
             let f = try TridiagonalLink<Scalar>(lower: k.lower, lowerLayer: e.layers[k.lower].layer, upperLayer: e.layers[k.upper].layer)
-            try f.inputs.read(from: &r)
-            try f.gradients.read(from: &r)
+            // A cross row is recorded with a row of each layer's own factor: no more can be
+            // pending than the restored layers have (an ungrouped dense layer: one block).
+            let lo = restored[k.lower].blocks[0], up = restored[k.upper].blocks[0]
+            try f.inputs.read(from: &r, lowerPending: lo.input.pendingRows, upperPending: up.input.pendingRows)
+            try f.gradients.read(from: &r, lowerPending: lo.output.pendingRows, upperPending: up.output.pendingRows)
             fresh.append(f)
         }
         let restoredHasInverses = try r.flag()
@@ -496,6 +540,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
                 let set = try TridiagonalLayerInverse<Scalar>(a: old.dampedA.rows, o: old.dampedG.rows,
                                                               upper: old.psiA.map { ($0.columns, old.psiG!.columns) })
                 for b in set.buffers { try r.scalars(into: b.base, count: b.count) }
+                guard set.isValid else {
+                    throw KFACError(.corruptState, "state image has a block-tridiagonal inverse of layer \(l) that no inversion produces (not finite, not symmetric, or not positive)")
+                }
                 sets[l] = set
             }
         }
