@@ -529,6 +529,21 @@ def write_report(raw, main, path):
              f"{machine['numpy']}, libkfac {machine['libkfac']} (commit {machine['commit']}"
              f"{', with local changes' if machine['dirty'] else ''}); {machine['date']}; runtime "
              f"{raw['runtime_seconds'] / 60:.1f} min.", ""]
+    cpu = wall = 0.0
+    for block in raw["newton"].values():
+        for entry in block.values():
+            for run in entry["runs"]:
+                cpu, wall = cpu + run["curve"][-1][2], wall + run["curve"][-1][3]
+    for group in (raw["curvatures"], raw["tridiagonal"]):
+        for rows in group.values():
+            for runs in rows["variants"].values():
+                for run in runs:
+                    if "unsupported" not in run:
+                        cpu, wall = cpu + run["train_seconds"], wall + run["train_wall_seconds"]
+    if cpu > 0:
+        lines += [f"Wall-clock / CPU time of the timed steps over all runs: {wall / cpu:.2f} (1.0 = each run had "
+                  "its core to itself; more = other processes took the cores, which the CPU seconds do not count).",
+                  ""]
     if raw["omitted"]:
         lines += ["Not in this profile: " + "; ".join(raw["omitted"]) + ".", ""]
     lines += ["Cells: median [min–max] over the seeds; a seed that never reaches L* counts as ∞ (the median "
