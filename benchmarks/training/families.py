@@ -518,7 +518,10 @@ def variants_section(title, intro, raw_rows, main, names) -> list:
 
 def write_report(raw, main, path):
     machine = raw["machine"]
-    lines = ["# Curvature families in the convergence benchmark (issues 9–11)", "",
+    lines = ["# Curvature families in the convergence benchmark (issues 9–11)", ""]
+    if raw.get("note"):
+        lines += [f"**{raw['note']}**", ""]
+    lines += [
              f"Profile `{raw['profile']}`, {raw['workers']} worker processes of one thread, seeds 0–{raw['seeds'] - 1}. "
              f"Protocol: `benchmarks/training/README.md`, \"Families (issues 9–11)\". L*, budgets and the tuned "
              f"configurations come from the main run `{os.path.relpath(main['_meta']['path'], REPO_ROOT)}` "
@@ -604,8 +607,11 @@ def main():
     parser.add_argument("--main-run", default=None,
                         help="the main run's training_raw.json (default benchmarks/results/training_raw.json; "
                              "for --profile smoke the smoke run's, $TMPDIR/kfac-training-smoke)")
+    parser.add_argument("--note", default=None, help="a line written under the title of families.md (e.g. the "
+                                                      "machine's state or why the run is not final)")
     parser.add_argument("--out", default=None,
                         help="output directory (default benchmarks/results; for --profile smoke a temporary one)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild families.md from families_raw.json")
     args = parser.parse_args()
     smoke = args.profile == "smoke"
     if args.out is None:
@@ -618,6 +624,13 @@ def main():
     needed += [(p, profile["families"]["batch"]) for p in profile["families"]["problems"]]
     needed += [(p, profile["tridiagonal"]["batch"]) for p in profile["tridiagonal"]["problems"]]
     main_run = read_main_run(args.main_run, list(dict.fromkeys(needed)))
+    if args.report_only:
+        with open(os.path.join(args.out, "families_raw.json")) as file:
+            raw = json.load(file)
+        if args.note is not None:
+            raw["note"] = args.note
+        write_report(raw, main_run, os.path.join(args.out, "families.md"))
+        return
 
     started = time.perf_counter()
     import trainers
@@ -669,7 +682,7 @@ def main():
           "(rough estimate; Newton-CG seeds 1+ come after their λ0 grid)", file=sys.stderr)
     results = run_all(tasks, follow_up, args.workers)
 
-    raw = dict(profile=args.profile, workers=args.workers, seeds=seeds, omitted=profile["omitted"],
+    raw = dict(profile=args.profile, workers=args.workers, seeds=seeds, omitted=profile["omitted"], note=args.note,
                main_run=args.main_run, newton_fixed=NEWTON_FIXED, newton_damping_grid=NEWTON_DAMPING_GRID,
                newton={}, curvatures={}, tridiagonal={})
     for problem in profile["newton"]["problems"]:
