@@ -611,6 +611,8 @@ def main():
                                                       "machine's state or why the run is not final)")
     parser.add_argument("--out", default=None,
                         help="output directory (default benchmarks/results; for --profile smoke a temporary one)")
+    parser.add_argument("--groups", default="newton,curvatures,tridiagonal",
+                        help="which row groups to run (comma-separated subset of newton, curvatures, tridiagonal)")
     parser.add_argument("--report-only", action="store_true", help="rebuild families.md from families_raw.json")
     args = parser.parse_args()
     smoke = args.profile == "smoke"
@@ -619,7 +621,14 @@ def main():
     if args.main_run is None:
         base = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if smoke else RESULTS
         args.main_run = os.path.join(base, "training_raw.json")
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile])
+    groups = set(args.groups.split(","))
+    if not groups <= {"newton", "curvatures", "tridiagonal"}:
+        raise SystemExit(f"families.py: --groups {args.groups!r}: choose among newton, curvatures, tridiagonal")
+    for group, key in (("newton", "newton"), ("curvatures", "families"), ("tridiagonal", "tridiagonal")):
+        if group not in groups:
+            profile[key] = dict(profile[key], problems=[])
+            profile["omitted"] = profile["omitted"] + [f"the {group} rows (--groups {args.groups})"]
     needed = [(p, FULL) for p in profile["newton"]["problems"]]
     needed += [(p, profile["families"]["batch"]) for p in profile["families"]["problems"]]
     needed += [(p, profile["tridiagonal"]["batch"]) for p in profile["tridiagonal"]["problems"]]
