@@ -9,6 +9,8 @@
 #   make test-install   each install route from a clean temporary directory: pip, CMake/pkg-config, SwiftPM
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
+#   make bench-families   Newton-CG, KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main
+#                      run's problems and L* (after bench-train; ≈ 10 min, 2 cores)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -274,6 +276,12 @@ bench-peers: deps lib
 	@$(PYTHON) -c "import asdl, curvlinops" 2>/dev/null || \
 	    $(PYTHON) -m pip install -q asdfghjkl curvlinops-for-pytorch
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/peers/same_loop.py
+
+# Curvature-family rows (Newton-CG, KFLR/KFRA/MC/EKFAC, block-tridiagonal; issues 9–11); reads
+# the main run's benchmarks/results/training_raw.json, so run bench-train first.
+.PHONY: bench-families
+bench-families: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/kfac
