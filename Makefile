@@ -278,7 +278,9 @@ bench-peers: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/peers/same_loop.py
 
 # Curvature-family rows (Newton-CG, KFLR/KFRA/MC/EKFAC, block-tridiagonal; issues 9–11); reads
-# the main run's benchmarks/results/training_raw.json, so run bench-train first.
+# the main run's benchmarks/results/training_raw.json. Its default profile uses the digits
+# classifiers and full-batch settings, which Protocol 2 moved to `run.py --profile full`: after the
+# default `make bench-train` it stops with a message naming the missing settings (to be adapted).
 .PHONY: bench-families
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
