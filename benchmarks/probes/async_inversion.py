@@ -4,6 +4,7 @@ data, batch 256, SGD-momentum after KFACPreconditioner.step(), inverses every 10
 and the library's default threads. One command, ratios printed:
 
     KFAC_LIBRARY=.build/release/libkfac.so python3 benchmarks/probes/async_inversion.py [W ...] [--steps N] [--strategy eigen|cholesky]
+        [--torch-threads N]    (e.g. OPENBLAS_NUM_THREADS=1 ... --torch-threads 1: one core left for the background)
 
 (default W = 1024 2048, 50 steps, eigen). Settings run one after the other, not interleaved: the
 background inversion of one setting would otherwise run during another setting's steps. Each
@@ -20,7 +21,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("widths", nargs="*", type=int, default=[1024, 2048])
 parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--strategy", default="eigen")
+parser.add_argument("--torch-threads", type=int, default=0,
+                    help="torch.set_num_threads(N) (0: torch's default). With 1, and OPENBLAS_NUM_THREADS=1 in the "
+                         "environment, the step leaves one of 2 cores idle for the background inversion: the case "
+                         "the mode is for (a GPU trainer's idle host cores)")
 args = parser.parse_args()
+if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
 PERIOD = 10
 torch.manual_seed(0)
 x = torch.randn(256, 784); y = torch.randint(0, 10, (256,))
