@@ -9,10 +9,11 @@ the problems, seeds (0–4), batches and budgets of the main run (run.py), whose
 ``training_raw.json`` gives L* and the tuned K-FAC / SGD-momentum / Adam configurations:
 
 - Newton-CG (``libkfac.torch.NewtonCG``) with no, diagonal and K-FAC preconditioning, full batch,
-  beside the main run's full-batch K-FAC, SGD-momentum and Adam runs;
+  beside the main run's full-batch K-FAC, SGD-momentum and Adam runs (``--profile full`` only:
+  Protocol 2's default run has no full-batch setting);
 - the output-factor curvatures (sampled Fisher, KFLR, KFRA, Monte-Carlo with one sample) and
   EKFAC against the eigen strategy, at the main run's mini-batch setting, with the tuned K-FAC lr
-  and λ of the problem;
+  and λ of the problem and its K-FAC budget T_K;
 - block-tridiagonal against block-diagonal (Cholesky + π) K-FAC, same setting and configuration.
 
 Runs execute in worker processes of one thread each (two by default, like run.py). Writes
@@ -74,16 +75,20 @@ CURVATURE_VARIANTS = [
 BASELINE = CURVATURE_VARIANTS[0][0]
 TRIDIAGONAL = ("block-tridiagonal (Cholesky + π on the diagonal factors)", dict(tridiagonal=True))
 
+#: Protocol 2's default profile (README.md, "Adapted to Protocol 2"): batch 256 only, so no
+#: Newton-CG (full batch); the K-FAC rows run for the main run's T_K of each problem.
 PROFILES = {
     "default": dict(
         seeds=5,
-        newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits"],
-                    iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40}),
-        families=dict(problems=["mlp-digits", "cnn-digits", "ae-digits"], batch=256),
-        tridiagonal=dict(problems=["mlp-digits", "ae-digits"], batch=256),
+        newton=dict(problems=[], iterations={}),
+        families=dict(problems=["ae-digits", "mlp-mnist1d", "cnn-mnist1d"], batch=256),
+        tridiagonal=dict(problems=["ae-digits", "ae-mnist", "mlp-mnist1d"], batch=256),
         T_cap=None,
-        omitted=["ae-mnist (Newton-CG at full batch needs the main run's `--profile full`; KFLR on 784 "
-                 "outputs costs 784 backward columns per example): `--profile full`"],
+        newton_note="Newton-CG rows: not in this profile — they are full-batch and Protocol 2's default run has "
+                    "no full-batch setting; `families.py --profile full` runs them on `run.py --profile full`'s "
+                    "results.",
+        omitted=["ae-mnist in the curvature rows (KFLR on 784 outputs costs 784 backward columns per example), "
+                 "mlp-digits and cnn-digits, Newton-CG: `--profile full`"],
     ),
     "smoke": dict(
         seeds=2,
@@ -98,8 +103,10 @@ PROFILES["full"] = dict(
     PROFILES["default"],
     newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits", "ae-mnist"],
                 iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40, "ae-mnist": 20}),
-    families=dict(problems=["mlp-digits", "cnn-digits", "ae-digits", "ae-mnist"], batch=256),
-    tridiagonal=dict(problems=["mlp-digits", "ae-digits", "ae-mnist"], batch=256),
+    families=dict(problems=["mlp-digits", "cnn-digits", "ae-digits", "ae-mnist", "mlp-mnist1d", "cnn-mnist1d"],
+                  batch=256),
+    tridiagonal=dict(problems=["mlp-digits", "ae-digits", "ae-mnist", "mlp-mnist1d"], batch=256),
+    newton_note=None,
     omitted=[],
 )
 
@@ -148,9 +155,11 @@ def read_main_run(path: str, needed) -> dict:
     out = {}
     for key in needed:
         methods = settings[key]
-        sgd = methods["sgd"]
+        sgd, kfac = methods["sgd"], methods["kfac"]
         out[key] = dict(
             problem=key[0], batch=key[1], T=int(sgd["T"]), eval_every=int(sgd["eval_every"]),
+            # K-FAC's own budget and evaluation points (Protocol 2's T_K; = T under Protocol 1)
+            T_K=int(kfac["T"]), eval_every_K=int(kfac["eval_every"]), sparse_after_K=int(kfac.get("sparse_after", 0)),
             L_star=median([_loss(r["final_loss"]) for r in sgd["runs"]]),
             tuned={m: dict(methods[m]["best"]) for m in ("sgd", "adam", "kfac")},
             runs={m: methods[m]["runs"] for m in ("sgd", "adam", "kfac")},
@@ -326,20 +335,25 @@ def newton_task(problem, kind, seed, damping, iterations):
 
 
 def kfac_task(trainers, setting, seed, overrides, T_cap):
-    """A K-FAC run of trainers.run_task at the main run's setting (batch, T, evaluation points)
-    with the tuned K-FAC lr and λ of that setting and ``overrides`` of the variant."""
+    """A K-FAC run of trainers.run_task at the main run's setting (batch, K-FAC budget T_K and its
+    evaluation points) with the tuned K-FAC lr and λ of that setting and ``overrides`` of the variant."""
     tuned = setting["tuned"]["kfac"]
-    T = setting["T"] if T_cap is None else min(T_cap, setting["T"])
-    eval_every = min(setting["eval_every"], T)
+    T = setting["T_K"] if T_cap is None else min(T_cap, setting["T_K"])
+    eval_every = min(setting["eval_every_K"], T)
     return trainers.make_task(setting["problem"], "kfac", setting["batch"], T, eval_every, seed, tuned["lr"],
-                              damping=tuned["damping"], **overrides)
+                              sparse_after=setting["sparse_after_K"], damping=tuned["damping"], **overrides)
 
 
 #: Rough single-core seconds per step (ordering and the ETA only): Newton-CG per Newton step,
-#: and a factor on the K-FAC step for the variants.
+#: and a factor on the K-FAC step for the variants. K-FAC CPU ms per step at batch 256: the
+#: quiet-machine Protocol-2 default run (ae-*, *-mnist1d) and Protocol 1's (*-digits); the factors
+#: are the step-cost ratios of the preliminary families.md, KFLR's per problem (one backward
+#: column per output: 64 for ae-digits, 10 for the classifiers).
 _NEWTON_SECONDS = {"ae-digits": 0.25, "mlp-digits": 0.12, "cnn-digits": 0.3, "ae-mnist": 2.0}
-_KFAC_STEP_MS = {"ae-digits": 3.5, "mlp-digits": 2.5, "cnn-digits": 8.0, "ae-mnist": 55.0}
-_VARIANT_FACTOR = {"kflr": 10.0, "kfra": 2.0, "mc": 1.5, "ekfac": 1.4, "eigen": 1.1, "tridiagonal": 1.5}
+_KFAC_STEP_MS = {"ae-digits": 2.8, "mlp-digits": 2.5, "cnn-digits": 8.0, "ae-mnist": 45.0, "mlp-mnist1d": 1.5,
+                 "cnn-mnist1d": 6.2}
+_VARIANT_FACTOR = {"kflr": 3.0, "kfra": 2.7, "mc": 1.05, "ekfac": 1.4, "eigen": 1.1, "tridiagonal": 1.5}
+_KFLR_FACTOR = {"ae-digits": 11.0, "ae-mnist": 100.0}
 
 
 def estimated_seconds(task) -> float:
@@ -349,7 +363,8 @@ def estimated_seconds(task) -> float:
     factor = 1.0
     for key in (options.get("curvature"), options.get("inverse_strategy"),
                 "tridiagonal" if options.get("tridiagonal") else None):
-        factor *= _VARIANT_FACTOR.get(key, 1.0)
+        factor *= _KFLR_FACTOR.get(task["problem"], _VARIANT_FACTOR["kflr"]) if key == "kflr" \
+            else _VARIANT_FACTOR.get(key, 1.0)
     return task["T"] * _KFAC_STEP_MS.get(task["problem"], 10.0) * factor / 1e3
 
 
@@ -493,8 +508,8 @@ def variants_section(title, intro, raw_rows, main, names) -> list:
         setting = main[(problem, rows["batch"])]
         target = setting["L_star"]
         tuned = setting["tuned"]["kfac"]
-        lines.append(f"| **{problem}, batch {rows['batch'] or 'full'}** (L* = {fmt(target)}; T = "
-                     f"{rows['T']}; K-FAC lr {fmt(tuned['lr'], 3)}, λ {fmt(tuned['damping'], 3)}) | | | | | | |")
+        lines.append(f"| **{problem}, batch {rows['batch'] or 'full'}** (L* = {fmt(target)}, SGD-momentum "
+                     f"after T = {setting['T']}; K-FAC budget T_K = {rows['T']}; K-FAC lr {fmt(tuned['lr'], 3)}, λ {fmt(tuned['damping'], 3)}) | | | | | | |")
         base = rows["variants"].get(BASELINE)
         base_ms = statistics.median([r["step_ms_mean"] for r in base]) if base else None
         for name in names:
@@ -552,6 +567,8 @@ def write_report(raw, main, path):
         lines += [f"Wall-clock / CPU time of the timed steps over all runs: {wall / cpu:.2f} (1.0 = each run had "
                   "its core to itself; more = other processes took the cores, which the CPU seconds do not count).",
                   ""]
+    if raw.get("newton_note"):
+        lines += [raw["newton_note"], ""]
     if raw["omitted"]:
         lines += ["Not in this profile: " + "; ".join(raw["omitted"]) + ".", ""]
     lines += ["Cells: median [min–max] over the seeds; a seed that never reaches L* counts as ∞ (the median "
@@ -697,6 +714,7 @@ def main():
     results = run_all(tasks, follow_up, args.workers)
 
     raw = dict(profile=args.profile, workers=args.workers, seeds=seeds, omitted=profile["omitted"], note=args.note,
+               newton_note=profile.get("newton_note"),
                main_run=args.main_run, newton_fixed=NEWTON_FIXED, newton_damping_grid=NEWTON_DAMPING_GRID,
                newton={}, curvatures={}, tridiagonal={})
     for problem in profile["newton"]["problems"]:
