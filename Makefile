@@ -9,8 +9,8 @@
 #   make test-install   each install route from a clean temporary directory: pip, CMake/pkg-config, SwiftPM
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
-#   make bench-families   Newton-CG, KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main
-#                      run's problems and L* (after bench-train; ≈ 10 min, 2 cores)
+#   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
+#                      and L* (after bench-train; ≈ 6 min, 2 cores; Newton-CG: its --profile full)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -278,9 +278,9 @@ bench-peers: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/peers/same_loop.py
 
 # Curvature-family rows (Newton-CG, KFLR/KFRA/MC/EKFAC, block-tridiagonal; issues 9–11); reads
-# the main run's benchmarks/results/training_raw.json. Its default profile uses the digits
-# classifiers and full-batch settings, which Protocol 2 moved to `run.py --profile full`: after the
-# default `make bench-train` it stops with a message naming the missing settings (to be adapted).
+# the main run's benchmarks/results/training_raw.json. Its default profile runs on the batch-256
+# settings of the default `make bench-train` (Protocol 2) at each problem's K-FAC budget T_K, without
+# Newton-CG (full batch: `families.py --profile full` after `run.py --profile full`).
 .PHONY: bench-families
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
