@@ -223,7 +223,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
             grouping), as in an ``nn.Sequential`` of Linear layers and activations: the step then
             uses the chains' block-tridiagonal inverse with factored (π) damping of the diagonal
             factors. Meant for plain chains; do not use it when a Linear does not consume the
-            previous Linear's output. Not combinable with ``factor_damping_period > 0``.
+            previous Linear's output. The pairing looks at module order and sizes only, so it
+            cannot see skip connections: a residual block (``h + f(W h)``) whose sizes chain is
+            linked without complaint although the chain model behind the approximation does not
+            hold there. Not combinable with ``factor_damping_period > 0``.
     """
 
     def __init__(
