@@ -406,8 +406,8 @@ typedef enum kfac_param {
      * with Ti = KFAC_PARAM_INVERSE_UPDATE_PERIOD > 0, a due step (k mod Ti = 0) preconditions
      * with the inverses it already has, copies the factors it just folded into snapshot buffers
      * the handle owns, and hands their inversion to one library thread (using up to
-     * KFAC_PARAM_NUM_THREADS threads, as a synchronous inversion would), which runs while the
-     * caller does its forward and backward passes. A later step commits the result:
+     * KFAC_PARAM_NUM_THREADS − 1 threads, at least one: one core is left to the caller's own
+     * step), which runs while the caller does its forward and backward passes. A later step commits the result:
      *   KFAC_ASYNC_INVERSION_DETERMINISTIC: exactly the next due step, which first waits for it.
      *     Step k then uses the inverses of the factors of step Ti·(⌊k/Ti⌋ − 1) for k >= 2·Ti and
      *     of step 0 before (step 0 inverts in the step: no block has an inverse yet), i.e. a

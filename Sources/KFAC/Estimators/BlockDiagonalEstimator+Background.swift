@@ -113,7 +113,11 @@ extension BlockDiagonalEstimator {
             }
         }
         backgroundStrategy = strategy
-        backgroundThreadCount = settings.threadCount
+        // One thread fewer than a synchronous inversion (at least one): the caller's step runs
+        // beside the background work, and on a machine whose cores the step already uses, a
+        // background on every core slowed the steps after the launch (probe: 1.5× the median).
+        let threads = settings.threadCount == 0 ? onlineProcessorCount() : settings.threadCount
+        backgroundThreadCount = max(1, threads - 1)
         backgroundError = nil
         backgroundPending = true
         inversionStrategy = strategy
