@@ -45,6 +45,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
 sys.path.insert(0, HERE)
 
+from report import median  # noqa: E402  (+∞ counts as a value, as in the main report)
+
 INF = math.inf
 FULL = 0  # the main run's batch key of a full-batch setting
 
@@ -120,16 +122,6 @@ def _loss(value) -> float:
     return INF if value is None else float(value)
 
 
-def median(values) -> float:
-    """Median where +∞ counts as a value (a seed that never got there), as report.py's."""
-    values = sorted(values)
-    if not values:
-        return INF
-    middle = len(values) // 2
-    if len(values) % 2:
-        return values[middle]
-    low, high = values[middle - 1], values[middle]
-    return INF if INF in (low, high) else 0.5 * (low + high)
 
 
 def read_main_run(path: str, needed) -> dict:
