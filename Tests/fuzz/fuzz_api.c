@@ -231,6 +231,22 @@ static void op_param(input_t *in, handle_t *t) {
     }
 }
 
+/* The fuzzer runs under -rss_limit_mb/-malloc_limit_mb = 2048, so a registration the library
+ * would accept and allocate for (a factor dimension up to 46340 is valid: 17 GB) must not be
+ * attempted here: it would be reported as an out-of-memory "crash" of a correct call. Layers
+ * whose factors alone take more than 16 MiB are skipped (staging copies and inverses add up to
+ * five times that, for up to 2 handles × 4 layers); sizes the library refuses (above 46340,
+ * overflowing, non-positive) still reach it. Large valid registrations are tested under an
+ * address-space limit in Tests/capi/test_reliability.c (OUT_OF_MEMORY, no abort). */
+static int too_large_to_allocate(int64_t input_dim, int64_t output_dim, int64_t groups) {
+    if (input_dim < 1 || output_dim < 1 || input_dim > 46340 || output_dim > 46340) return 0;
+    int64_t bytes;
+    if (__builtin_mul_overflow(input_dim * input_dim + output_dim * output_dim, 8, &bytes) ||
+        __builtin_mul_overflow(bytes, groups, &bytes))
+        return 1;
+    return bytes > ((int64_t)16 << 20);
+}
+
 static void op_add_dense(input_t *in, handle_t *t) {
     if (t->n >= MAX_LAYERS) return; /* every layer the library has must be one the harness sizes buffers for */
     kfac_dense_desc d;
@@ -246,6 +262,9 @@ static void op_add_dense(input_t *in, handle_t *t) {
     d.output_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
     int32_t id = -7;
     int null_desc = u8(in) % 32 == 0;
+    if (d.has_bias == 0 || d.has_bias == 1) {
+        if (d.in_features < INT64_MAX && too_large_to_allocate(d.in_features + d.has_bias, d.out_features, 1)) return;
+    }
     ON_HANDLE(t, kfac_layer_add_dense(t->h, null_desc ? NULL : &d, &id));
     if (t->h && id >= 0) {
         kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -281,6 +300,14 @@ static void op_add_conv(input_t *in, handle_t *t) {
     d.input_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
     d.output_group_size = u8(in) % 4 == 0 ? size_arg(in) : 0;
     int32_t id = -7;
+    {
+        int64_t g = d.groups ? d.groups : 1, taps = 0, din = 0;
+        if (g > 0 && d.in_channels > 0 && d.in_channels % g == 0 && (d.has_bias == 0 || d.has_bias == 1) &&
+            !__builtin_mul_overflow(d.in_channels / g, d.kernel_h, &taps) &&
+            !__builtin_mul_overflow(taps, d.kernel_w, &taps) && !__builtin_add_overflow(taps, d.has_bias, &din) &&
+            d.out_channels > 0 && d.out_channels % g == 0 && too_large_to_allocate(din, d.out_channels / g, g))
+            return;
+    }
     ON_HANDLE(t, kfac_layer_add_conv2d(t->h, u8(in) % 32 ? &d : NULL, &id));
     if (t->h && id >= 0) {
         kfac_layer_info info = {sizeof info, 0, 0, 0, 0, 0, 0, 0, 0, 0};
