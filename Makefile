@@ -10,7 +10,9 @@
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
 #   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
-#                      and L* (after bench-train; ≈ 6 min, 2 cores; Newton-CG: its --profile full)
+#                      and L* (after bench-train; ≈ 6 min, 2 cores)
+#   make bench-digits   the digits classifiers and full-batch digits problems, Newton-CG and the
+#                      curvature and tridiagonal rows there (≈ 40 min, 2 cores)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -284,6 +286,15 @@ bench-peers: deps lib
 .PHONY: bench-families
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
+
+# The rows the default profiles omit, on the digits problems (about 40 min on 2 cores): the digits
+# classifiers at batch 256 and every digits problem at full batch (run.py --profile digits), then
+# Newton-CG, the curvature rows on the classifiers and the tridiagonal row of the plain digits MLP
+# (families.py --profile digits). Writes benchmarks/results/digits/.
+.PHONY: bench-digits
+bench-digits: deps lib
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py --profile digits
+	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py --profile digits
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/kfac

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convergence rows of the curvature families (issues 9–11) inside the benchmark protocol.
 
-    python3 benchmarks/training/families.py [--profile smoke|default|full] [--workers 2]
+    python3 benchmarks/training/families.py [--profile smoke|default|digits|full] [--workers 2]
                                             [--main-run PATH] [--out DIR]
 
 Protocol: benchmarks/training/README.md, "Families (issues 9–11)". Three groups of rows, each on
@@ -101,6 +101,20 @@ PROFILES = {
         omitted=["everything else (smoke profile: plumbing only, nothing to read)"],
     ),
 }
+#: The digits profile: the rows the default profile omits, on ``run.py --profile digits``'s run
+#: (benchmarks/results/digits/training_raw.json; results written beside it): Newton-CG on every
+#: digits problem at full batch, the curvature rows on the digits classifiers and the
+#: block-tridiagonal row of the plain (non-residual) digits MLP.
+PROFILES["digits"] = dict(
+    PROFILES["default"],
+    newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits"],
+                iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40}),
+    families=dict(problems=["mlp-digits", "cnn-digits"], batch=256),
+    tridiagonal=dict(problems=["mlp-digits"], batch=256),
+    newton_note=None,
+    omitted=["the default profile's rows (`make bench-families`); ae-mnist at full batch (`--profile full`)"],
+    out="digits",
+)
 PROFILES["full"] = dict(
     PROFILES["default"],
     newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits", "ae-mnist"],
@@ -630,10 +644,11 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="rebuild families.md from families_raw.json")
     args = parser.parse_args()
     smoke = args.profile == "smoke"
+    results = os.path.join(RESULTS, PROFILES[args.profile].get("out", "")).rstrip(os.sep)
     if args.out is None:
-        args.out = os.path.join(tempfile.gettempdir(), "kfac-families-smoke") if smoke else RESULTS
+        args.out = os.path.join(tempfile.gettempdir(), "kfac-families-smoke") if smoke else results
     if args.main_run is None:
-        base = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if smoke else RESULTS
+        base = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if smoke else results
         args.main_run = os.path.join(base, "training_raw.json")
     profile = dict(PROFILES[args.profile])
     groups = set(args.groups.split(","))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issues 4 and 14).
 
-    python3 benchmarks/training/run.py [--profile default|full|smoke] [--workers 2]
+    python3 benchmarks/training/run.py [--profile default|digits|full|smoke] [--workers 2]
     python3 benchmarks/training/run.py --pilot        # the timing pilot: step times only
 
 Runs the protocol of benchmarks/training/README.md (Protocol 2) — tuning on pre-declared equal
@@ -10,7 +10,8 @@ budget T_K), five seeds of every best configuration, K-FAC's adaptive mode (untu
 per setting) and, in ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping
 and adaptive), the curvlinops peer and the threads table — in worker processes of one thread
 each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
-training_raw.json (the smoke profile writes into a temporary directory instead, see --out).
+training_raw.json (``--profile digits`` into benchmarks/results/digits/; the smoke profile into a
+temporary directory, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
 
 training_raw.json (read by report.py and by families.py; keys kept stable):
@@ -164,6 +165,22 @@ PROFILES = {
         threads=("ae-digits", 256, 10),
     ),
 }
+# The digits profile: the problems of issues 9–11's convergence rows that the default profile
+# omits — the digits classifiers (MLP and CNN) at batch 256 and every digits problem at full
+# batch, where Newton-CG runs (families.py --profile digits reads this run). Protocol 2's budgets
+# (T = 2000 for SGD-m and Adam, T_K = 1000), no sweep, ablations or peer. Written into
+# benchmarks/results/digits/ so that it never overwrites the default run.
+_DIGITS_SETTINGS = [("mlp-digits", 256, 2000, 1000, 10, 0), ("cnn-digits", 256, 2000, 1000, 10, 0),
+                    ("ae-digits", 0, 2000, 1000, 1, 0), ("mlp-digits", 0, 2000, 1000, 1, 0),
+                    ("cnn-digits", 0, 2000, 1000, 1, 0)]
+PROFILES["digits"] = dict(
+    settings=_DIGITS_SETTINGS,
+    omitted=["the default profile's problems (`make bench-train`), MNIST-5k at full batch, the sweep, ablations, "
+             "peer and threads table (`--profile full`)"],
+    seeds=5,
+    sweep=None, ablation=None, peer=[], peer_seeds=0, threads=None,
+    out="digits",
+)
 PROFILES["full"] = dict(
     _ISSUE4_EXTRAS, omitted=[], seeds=5,
     settings=[("ae-digits", 256, 2000, 1000, 10, 0), ("ae-mnist", 256, 1000, 250, 10, 250),
@@ -695,7 +712,8 @@ def main():
         pilot(args.workers)
         return
     if args.out is None:
-        args.out = os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if args.profile == "smoke" else RESULTS
+        args.out = (os.path.join(tempfile.gettempdir(), "kfac-training-smoke") if args.profile == "smoke"
+                    else os.path.join(RESULTS, PROFILES[args.profile].get("out", "")).rstrip(os.sep))
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "training_raw.json")
 
