@@ -11,8 +11,8 @@
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
 #   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
 #                      and L* (after bench-train; ≈ 6 min, 2 cores)
-#   make bench-digits   the digits classifiers and full-batch digits problems, Newton-CG and the
-#                      curvature and tridiagonal rows there (≈ 40 min, 2 cores)
+#   make bench-digits   the digits classifiers: the convergence run, then their Newton-CG,
+#                      curvature and tridiagonal rows (≈ 15 min, 2 cores)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -223,6 +223,29 @@ fuzz: build/fuzz_api
 	mkdir -p build/fuzz-corpus
 	$(FUZZ_ENV) ./build/fuzz_api $(FUZZ_FLAGS) -max_total_time=$(FUZZ_TIME) build/fuzz-corpus Tests/fuzz/corpus
 
+# Long runs: the same harness against a library built with libFuzzer's coverage only (no ASan,
+# about FUZZ_FAST_SPEEDUP× the executions per second; traps, aborts, the harness's own checks and
+# UBSan in the harness still stop it), FUZZ_JOBS processes for FUZZ_TIME seconds each into
+# build/fuzz-corpus; then that whole corpus is replayed under AddressSanitizer + UBSan.
+FUZZ_FAST_LIB := .build-fuzzfast/release/libkfac.so
+FUZZ_JOBS ?= 2
+$(FUZZ_FAST_LIB): $(SWIFT_SOURCES)
+	swift build -c release --product kfac --scratch-path .build-fuzzfast -Xswiftc -sanitize=fuzzer
+	ln -sf libkfac.so .build-fuzzfast/release/$(SONAME)
+
+build/fuzz_api_fast: Tests/fuzz/fuzz_api.c include/kfac.h $(FUZZ_FAST_LIB)
+	@mkdir -p build
+	$(SAN_CLANG) -g -O1 -fsanitize=fuzzer,undefined -fno-sanitize-recover=undefined -Wall -Wextra -I include \
+	    -o $@ $< -L .build-fuzzfast/release -lkfac -Wl,-rpath,$(CURDIR)/.build-fuzzfast/release -ldl
+
+.PHONY: fuzz-long
+fuzz-long: build/fuzz_api_fast build/fuzz_api
+	mkdir -p build/fuzz-corpus build/fuzz-long
+	cd build/fuzz-long && UBSAN_OPTIONS=halt_on_error=1 ../fuzz_api_fast $(FUZZ_FLAGS) -max_total_time=$(FUZZ_TIME) \
+	    -jobs=$(FUZZ_JOBS) -workers=$(FUZZ_JOBS) ../fuzz-corpus ../../Tests/fuzz/corpus
+	grep -h -E "stat::number_of_executed_units|Done [0-9]+ runs" build/fuzz-long/fuzz-*.log
+	$(FUZZ_ENV) ./build/fuzz_api -runs=0 build/fuzz-corpus
+
 build/test_capi_asan: $(CAPI_TEST_SOURCES) $(CAPI_TEST_HEADERS) $(FUZZ_LIB)
 	@mkdir -p build
 	$(SAN_CLANG) -std=c11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -I include \
@@ -287,10 +310,10 @@ bench-peers: deps lib
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
 
-# The rows the default profiles omit, on the digits problems (about 40 min on 2 cores): the digits
-# classifiers at batch 256 and every digits problem at full batch (run.py --profile digits), then
-# Newton-CG, the curvature rows on the classifiers and the tridiagonal row of the plain digits MLP
-# (families.py --profile digits). Writes benchmarks/results/digits/.
+# The rows the default profiles omit, on the digits classifiers (about 15 min on 2 cores): the
+# digits MLP and CNN at batch 256 (run.py --profile digits), then their Newton-CG and curvature rows
+# and the tridiagonal row of the plain digits MLP (families.py --profile digits). Writes
+# benchmarks/results/digits/.
 .PHONY: bench-digits
 bench-digits: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/run.py --profile digits

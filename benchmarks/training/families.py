@@ -82,19 +82,18 @@ TRIDIAGONAL = ("block-tridiagonal (Cholesky + π on the diagonal factors)", dict
 PROFILES = {
     "default": dict(
         seeds=5,
-        newton=dict(problems=[], iterations={}),
+        newton=dict(problems=["ae-digits"], iterations={"ae-digits": 50}, reference_batch=256),
         families=dict(problems=["ae-digits", "mlp-mnist1d", "cnn-mnist1d"], batch=256),
         tridiagonal=dict(problems=["ae-digits", "ae-mnist", "mlp-mnist1d"], batch=256),
         T_cap=None,
-        newton_note="Newton-CG rows: not in this profile — they are full-batch and Protocol 2's default run has "
-                    "no full-batch setting; `families.py --profile full` runs them on `run.py --profile full`'s "
-                    "results.",
-        omitted=["ae-mnist in the curvature rows (KFLR on 784 outputs costs 784 backward columns per example), "
-                 "mlp-digits and cnn-digits, Newton-CG: `--profile full`"],
+        newton_note=None,
+        omitted=["ae-mnist in the curvature rows (KFLR on 784 outputs costs 784 backward columns per example): "
+                 "`--profile full`; mlp-digits and cnn-digits (Newton-CG, curvature and tridiagonal rows): "
+                 "`--profile digits` (`make bench-digits`)"],
     ),
     "smoke": dict(
         seeds=2,
-        newton=dict(problems=["mlp-digits"], iterations={"mlp-digits": 3}),
+        newton=dict(problems=["mlp-digits"], iterations={"mlp-digits": 3}, reference_batch=FULL),
         families=dict(problems=["ae-digits"], batch=256),
         tridiagonal=dict(problems=["ae-digits"], batch=256),
         T_cap=20,
@@ -102,13 +101,14 @@ PROFILES = {
     ),
 }
 #: The digits profile: the rows the default profile omits, on ``run.py --profile digits``'s run
-#: (benchmarks/results/digits/training_raw.json; results written beside it): Newton-CG on every
-#: digits problem at full batch, the curvature rows on the digits classifiers and the
-#: block-tridiagonal row of the plain (non-residual) digits MLP.
+#: (benchmarks/results/digits/training_raw.json; results written beside it): Newton-CG on the
+#: digits classifiers (against their batch-256 setting, as the default profile's ae-digits row),
+#: the curvature rows on the classifiers and the block-tridiagonal row of the plain
+#: (non-residual) digits MLP.
 PROFILES["digits"] = dict(
     PROFILES["default"],
-    newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits"],
-                iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40}),
+    newton=dict(problems=["mlp-digits", "cnn-digits"], iterations={"mlp-digits": 40, "cnn-digits": 40},
+                reference_batch=256),
     families=dict(problems=["mlp-digits", "cnn-digits"], batch=256),
     tridiagonal=dict(problems=["mlp-digits"], batch=256),
     newton_note=None,
@@ -118,7 +118,8 @@ PROFILES["digits"] = dict(
 PROFILES["full"] = dict(
     PROFILES["default"],
     newton=dict(problems=["ae-digits", "mlp-digits", "cnn-digits", "ae-mnist"],
-                iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40, "ae-mnist": 20}),
+                iterations={"ae-digits": 50, "mlp-digits": 40, "cnn-digits": 40, "ae-mnist": 20},
+                reference_batch=FULL),
     families=dict(problems=["mlp-digits", "cnn-digits", "ae-digits", "ae-mnist", "mlp-mnist1d", "cnn-mnist1d"],
                   batch=256),
     tridiagonal=dict(problems=["mlp-digits", "ae-digits", "ae-mnist", "mlp-mnist1d"], batch=256),
@@ -458,8 +459,15 @@ def newton_section(raw, main) -> list:
              "| ms per iteration (CPU, median of seed means) | CG iterations per Newton step (mean, median, max) |",
              "|---|---|---|---|---|---|---|---|"]
     cg_rows = []
+    reference = raw.get("newton_reference_batch", FULL)
+    if reference != FULL:
+        lines[2] = lines[2].replace(
+            "SGD-momentum / Adam / K-FAC rows: the main run's tuned full-batch runs",
+            f"SGD-momentum / Adam / K-FAC rows and L*: the main run's tuned runs at batch {reference} — "
+            "a Newton iteration takes the whole training set, so its iterations do not compare with theirs; "
+            "the CPU seconds do")
     for problem, block in raw["newton"].items():
-        setting = main[(problem, FULL)]
+        setting = main[(problem, reference)]
         target = setting["L_star"]
         lines.append(f"| **{problem}** (L* = {fmt(target)}, main run T = {setting['T']}) | | | | | | | |")
         for method, name in (("sgd", "SGD-momentum"), ("adam", "Adam"), ("kfac", "K-FAC (libkfac)")):
@@ -658,7 +666,8 @@ def main():
         if group not in groups:
             profile[key] = dict(profile[key], problems=[])
             profile["omitted"] = profile["omitted"] + [f"the {group} rows (--groups {args.groups})"]
-    needed = [(p, FULL) for p in profile["newton"]["problems"]]
+    reference = profile["newton"].get("reference_batch", FULL)
+    needed = [(p, reference) for p in profile["newton"]["problems"]]
     needed += [(p, profile["families"]["batch"]) for p in profile["families"]["problems"]]
     needed += [(p, profile["tridiagonal"]["batch"]) for p in profile["tridiagonal"]["problems"]]
     main_run = read_main_run(args.main_run, list(dict.fromkeys(needed)))
@@ -721,7 +730,7 @@ def main():
     results = run_all(tasks, follow_up, args.workers)
 
     raw = dict(profile=args.profile, workers=args.workers, seeds=seeds, omitted=profile["omitted"], note=args.note,
-               newton_note=profile.get("newton_note"),
+               newton_note=profile.get("newton_note"), newton_reference_batch=reference,
                main_run=args.main_run, newton_fixed=NEWTON_FIXED, newton_damping_grid=NEWTON_DAMPING_GRID,
                newton={}, curvatures={}, tridiagonal={})
     for problem in profile["newton"]["problems"]:
