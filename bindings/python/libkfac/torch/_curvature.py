@@ -66,10 +66,20 @@ class CurvatureMixin:
         self._chain = None       # KFRA: (GaussNewton, activations) once defined
         if curvature == "fisher":
             return               # the default path: no extra hooks
-        if getattr(self, "_tridiagonal", False) or self.optimizer.inverse_strategy == "ekfac":
+        if getattr(self, "_tridiagonal", False):
             raise ValueError(f"KFACPreconditioner: curvature={curvature!r} records output factors only; it does "
-                             "not combine with tridiagonal=True or inverse_strategy='ekfac' (they need the "
-                             "hooks' paired gradients)")
+                             "not combine with tridiagonal=True (the links' cross factors need the hooks' paired "
+                             "gradients)")
+        if self.optimizer.inverse_strategy == "ekfac":
+            # EKFAC's scaling S needs the real per-example gradients, which the library takes only
+            # from kfac_layer_record_examples_*; that call also adds the same rows to G (exactly as
+            # kfac_layer_record_output_grads_* would), so G would mix the empirical Fisher's rows
+            # with the KFLR / MC columns. kfac.h has no paired recording for S alone.
+            raise ValueError(f"KFACPreconditioner: curvature={curvature!r} does not combine with "
+                             "inverse_strategy='ekfac': its scaling needs per-example gradients, which the "
+                             "library records only together with the output factor's statistics "
+                             "(kfac_layer_record_examples_* adds them to G as well), so G would no longer be "
+                             f"{curvature!r}'s")
         for layer in self._layers:
             if curvature == "kfra" and layer.kind != "linear":
                 raise ValueError(f"KFACPreconditioner: curvature={curvature!r} does not support "

@@ -283,3 +283,16 @@ def test_conv1d_curvature_needs_batched_inputs():
         pre.curvature_backward(model(x), "categorical")
     assert pre.optimizer.step_count == 0
     pre.close()
+
+
+@pytest.mark.parametrize("curvature", ["kflr", "mc"])
+def test_ekfac_and_tridiagonal_stay_refused(curvature):
+    """inverse_strategy='ekfac' with KFLR/MC stays refused: the library takes EKFAC's per-example
+    gradients only through kfac_layer_record_examples_*, which adds them to G as well (G would
+    mix the empirical rows with the columns); tridiagonal=True needs paired rows for its links."""
+    with pytest.raises(ValueError, match="per-example gradients"):
+        KFACPreconditioner(_net(), curvature=curvature, inverse_strategy="ekfac")
+    torch.manual_seed(14)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="tridiagonal"):
+        KFACPreconditioner(mlp, curvature=curvature, tridiagonal=True)
