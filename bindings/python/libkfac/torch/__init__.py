@@ -69,7 +69,8 @@ Fisher, forward-mode products by ``torch.func.jvp``, Levenberg–Marquardt dampi
 Newton-CG. :class:`NewtonCG` (``_newton_cg``) trains any ``nn.Module`` by subsampled Newton-CG with
 Levenberg–Marquardt damping on the library's conjugate gradient (experimental ``kfac_cg_*``),
 G·v by ``torch.func`` (or a ``curvature_product=`` callable), with no, diagonal or this
-preconditioner's K-FAC preconditioning.
+preconditioner's K-FAC preconditioning (the solver may be built before the first forward pass; it
+binds to the layers when they are registered).
 
 Modules: ``_registration`` (which modules, their options, padding and input sizes),
 ``_hooks`` (the statistics hooks), ``_sampled_fisher``, ``_adaptive`` (``adaptive_step``),
@@ -195,9 +196,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
             Hessian's square root, back-propagated by vmapped backward passes), ``'mc'`` (the
             Monte-Carlo Fisher with ``mc_samples`` sampled output gradients per example) or
             ``'kfra'`` (KFRA's batch-averaged recursion, for an ``nn.Sequential`` of Linear
-            layers and elementwise activations, by the library's dense chain). With any but
-            ``'fisher'``, call :meth:`curvature_backward` between the forward pass and
-            ``loss.backward()``.
+            layers and elementwise activations, by the library's dense chain). ``'kflr'`` and
+            ``'mc'`` take Linear, Conv2d and Conv1d layers (batched inputs), ``'kfra'`` Linear
+            only. With any but ``'fisher'``, call :meth:`curvature_backward` between the forward
+            pass and ``loss.backward()``.
         mc_samples: samples per example of ``curvature='mc'``.
 
     Layers (which modules, in which precision):

@@ -1,8 +1,8 @@
 """EXPERIMENTAL: exact Gauss-Newton products G·v of a PyTorch model from stored Jacobian columns
 (``kfac_gn_*`` of ``kfac.h``, "Gauss-Newton products"; may change in any minor release).
 
-:class:`ColumnRecorder` runs the model once on a curvature batch with hooks on its ``nn.Linear``
-and ``nn.Conv2d`` layers (``named_modules()`` order, the order of
+:class:`ColumnRecorder` runs the model once on a curvature batch with hooks on its ``nn.Linear``,
+``nn.Conv2d`` and ``nn.Conv1d`` layers (``named_modules()`` order, the order of
 :class:`~libkfac.torch.KFACPreconditioner`), takes the output Hessian's square root S
 (``kfac_gn_output_hessian_sqrt``, K = output_dim columns) at the outputs, back-propagates its K
 columns to every layer's output in one vmapped backward pass (``autograd.grad`` with
@@ -24,7 +24,8 @@ Loss conventions: PyTorch's ``cross_entropy`` and ``binary_cross_entropy_with_lo
 ``reduction='mean'`` (over examples) match ``loss_scale=1``; ``reduction='sum'`` is ``N`` times
 it; ``MSELoss(reduction='mean')`` over ``N·d`` values is ``distribution='gaussian'`` with
 ``loss_scale = 2/d``. Memory: N·(K·Σ_l (output values of l) + Σ_l (input values of l)) numbers.
-Linear layers must see 2-D ``[N, in]`` inputs (one row per example); convolutions NCHW inputs.
+Linear layers must see 2-D ``[N, in]`` inputs (one row per example); convolutions batched NCHW
+(Conv2d) or NCL (Conv1d, registered as the library's 1×L convolution) inputs.
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ from ..optimizer import Optimizer
 __all__ = ["ColumnRecorder"]
 
 
+def _is_conv(module) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.Conv1d))
+
+
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 class ColumnRecorder:
-    """Stored-column Gauss-Newton products of ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers.
+    """Stored-column Gauss-Newton products of ``model``'s ``nn.Linear``, ``nn.Conv2d`` and
+    ``nn.Conv1d`` layers.
 
     Args:
         model: the network; its output for a batch must be ``[N, output_dim]``.
@@ -63,12 +69,12 @@ class ColumnRecorder:
         self.loss_scale = float(loss_scale)
         skip = {id(m) for m in skip_layers}
         self.modules: List[nn.Module] = [m for _, m in model.named_modules()
-                                         if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in skip
+                                         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)) and id(m) not in skip
                                          and m.weight.requires_grad]
         if not self.modules:
-            raise ValueError("libkfac: the model has no nn.Linear or nn.Conv2d layer")
+            raise ValueError("libkfac: the model has no nn.Linear, nn.Conv2d or nn.Conv1d layer")
         for m in self.modules:
-            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            if _is_conv(m) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise ValueError(f"libkfac: {m}: only numeric zero padding is supported")
         self._optimizer: Optional[Optimizer] = None
         self._gn: Optional[GaussNewton] = None
@@ -81,20 +87,24 @@ class ColumnRecorder:
     def _ensure_registered(self, inputs: dict) -> None:
         """Registers the layers with a handle of their own at the first record (a convolution's
         input size is known only then)."""
-        sizes = [tuple(inputs[id(m)].shape[2:]) if isinstance(m, nn.Conv2d) and id(m) in inputs else None
+        sizes = [tuple(inputs[id(m)].shape[2:]) if _is_conv(m) and id(m) in inputs else None
                  for m in self.modules]
         if self._optimizer is not None:
             for m, old, new in zip(self.modules, self._input_sizes, sizes):
                 if new is not None and new != old:
                     raise ValueError(f"libkfac: {m}: input size {new} differs from the first record's {old}")
             return
-        missing = [m for m, size in zip(self.modules, sizes) if isinstance(m, nn.Conv2d) and size is None]
+        missing = [m for m, size in zip(self.modules, sizes) if _is_conv(m) and size is None]
         if missing:
             raise ValueError(f"libkfac: the first record must reach every convolution (or skip it): {missing}")
         opt = Optimizer(np.float64 if self.dtype == torch.float64 else np.float32)
         for m, size in zip(self.modules, sizes):
             if isinstance(m, nn.Linear):
                 opt.add_dense(m.in_features, m.out_features, bias=m.bias is not None)
+            elif isinstance(m, nn.Conv1d):
+                opt.add_conv1d(m.in_channels, m.out_channels, m.kernel_size[0], stride=m.stride[0],
+                               padding=m.padding[0], dilation=m.dilation[0], groups=m.groups,
+                               bias=m.bias is not None, input_size=size[0])
             else:
                 opt.add_conv2d(m.in_channels, m.out_channels, _pair(m.kernel_size), stride=_pair(m.stride),
                                padding=_pair(m.padding), dilation=_pair(m.dilation), groups=m.groups,
@@ -128,6 +138,14 @@ class ColumnRecorder:
         for m in present:
             if isinstance(m, nn.Linear) and inputs[id(m)].dim() != 2:
                 raise ValueError(f"libkfac: {m} saw inputs of shape {tuple(inputs[id(m)].shape)}: one row per example")
+            if _is_conv(m):
+                # Columns are recorded as [K, N, C_out, *out]: a batched input with the outputs' N.
+                dims = 3 if isinstance(m, nn.Conv1d) else 4
+                shape = tuple(inputs[id(m)].shape)
+                if len(shape) != dims or shape[0] != z.shape[0]:
+                    raise ValueError(f"libkfac: {m} saw inputs of shape {shape}: it needs batched "
+                                     f"{'[N, C, L]' if dims == 3 else '[N, C, H, W]'} inputs with the outputs' "
+                                     f"N = {z.shape[0]}")
         self._ensure_registered(inputs)
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
         s = torch.from_numpy(output_hessian_sqrt(z.detach().cpu().numpy().astype(np_dtype), self.distribution))

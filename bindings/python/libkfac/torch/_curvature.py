@@ -28,7 +28,11 @@ loss's own square roots would be S/√N, not S/N; they are not used here. ``F.cr
 default Fisher does; ``MSELoss`` (no ½, mean over N·d values) has 2/d times these curvatures,
 which only rescales the damping. ``output_grad_scale`` is applied to the columns (the library
 divides them by it), so a loss scaler needs no other change. Linear layers must see 2-D
-``[N, in]`` inputs (one row per example) for ``'kflr'`` and ``'mc'``; convolutions take NCHW.
+``[N, in]`` inputs (one row per example) for ``'kflr'`` and ``'mc'``; convolutions batched NCHW
+(``nn.Conv2d``) or NCL (``nn.Conv1d``, which the library registers as a 1×L convolution, so its
+columns ``[K, N, C_out, L_out]`` are those of a ``[K, N, C_out, 1, L_out]`` conv2d) inputs; their
+output factor is KFC's Γ = (1/(N|T|)) Σ_n Σ_t Σ_k c cᵀ over the |T| output positions. KFRA takes
+``nn.Linear`` layers only.
 """
 
 from __future__ import annotations
@@ -62,15 +66,24 @@ class CurvatureMixin:
         self._chain = None       # KFRA: (GaussNewton, activations) once defined
         if curvature == "fisher":
             return               # the default path: no extra hooks
-        if getattr(self, "_tridiagonal", False) or self.optimizer.inverse_strategy == "ekfac":
+        if getattr(self, "_tridiagonal", False):
             raise ValueError(f"KFACPreconditioner: curvature={curvature!r} records output factors only; it does "
-                             "not combine with tridiagonal=True or inverse_strategy='ekfac' (they need the "
-                             "hooks' paired gradients)")
+                             "not combine with tridiagonal=True (the links' cross factors need the hooks' paired "
+                             "gradients)")
+        if self.optimizer.inverse_strategy == "ekfac":
+            # EKFAC's scaling S needs the real per-example gradients, which the library takes only
+            # from kfac_layer_record_examples_*; that call also adds the same rows to G (exactly as
+            # kfac_layer_record_output_grads_* would), so G would mix the empirical Fisher's rows
+            # with the KFLR / MC columns. kfac.h has no paired recording for S alone.
+            raise ValueError(f"KFACPreconditioner: curvature={curvature!r} does not combine with "
+                             "inverse_strategy='ekfac': its scaling needs per-example gradients, which the "
+                             "library records only together with the output factor's statistics "
+                             "(kfac_layer_record_examples_* adds them to G as well), so G would no longer be "
+                             f"{curvature!r}'s")
         for layer in self._layers:
-            if layer.kind == "conv1d" or (curvature == "kfra" and layer.kind != "linear"):
+            if curvature == "kfra" and layer.kind != "linear":
                 raise ValueError(f"KFACPreconditioner: curvature={curvature!r} does not support "
-                                 f"{layer.kind} layer {layer.name!r}" +
-                                 (" (KFRA is for dense chains only)" if curvature == "kfra" else ""))
+                                 f"{layer.kind} layer {layer.name!r} (KFRA is for dense chains only)")
         if curvature == "kfra":
             self._kfra_activations = self._sequential_chain()
         for layer in self._layers:
@@ -177,6 +190,17 @@ class CurvatureMixin:
             if layer.kind == "linear" and layer.saved_inputs[0].dim() != 2:
                 raise ValueError(f"KFACPreconditioner: layer {layer.name!r} saw inputs of shape "
                                  f"{tuple(layer.saved_inputs[0].shape)}: one row per example")
+            if layer.is_conv:
+                # The columns are recorded as [K, N, C_out, *out]: a batched input whose first
+                # dimension is the outputs' N (an unbatched [C, *size] input would make the
+                # library read C_out examples of a single one's values).
+                dims = 3 if layer.kind == "conv1d" else 4
+                shape = tuple(layer.saved_inputs[0].shape)
+                if len(shape) != dims or shape[0] != outputs.shape[0]:
+                    raise ValueError(f"KFACPreconditioner: {layer.kind} layer {layer.name!r} saw inputs of shape "
+                                     f"{shape}: curvature={self.curvature!r} needs batched "
+                                     f"{'[N, C, L]' if dims == 3 else '[N, C, H, W]'} inputs with the outputs' "
+                                     f"N = {outputs.shape[0]}")
         targets = [self._layer_outputs[layer.index][0] for layer in present]
         with torch.enable_grad():
             try:

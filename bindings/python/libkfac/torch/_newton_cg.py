@@ -19,8 +19,10 @@ Each :meth:`NewtonCG.step`:
 Preconditioners: ``None``, ``"diagonal"`` (Martens 2010: ``(d + λ + η)^0.75`` with d the mean
 of the squared per-example gradients of the curvature batch, by ``torch.func.vmap``), or a
 :class:`~libkfac.torch.KFACPreconditioner` of the same model (its current K-FAC inverses; it
-must cover every trainable parameter, since its layers are the solver's layout). Without K-FAC the
-solver runs on a private float64 handle holding one pseudo-layer over all parameters.
+must cover every trainable parameter, since its layers are the solver's layout; the solver may
+be built before any forward pass, and binds to the layers once the preconditioner registers
+them). Without K-FAC the solver runs on a private float64 handle holding one pseudo-layer over
+all parameters.
 
 The model must be a deterministic function of its parameters and inputs (no dropout; BatchNorm
 in eval mode) returning one tensor.
@@ -106,7 +108,12 @@ class NewtonCG:
         model: the module; every parameter with ``requires_grad`` is trained.
         preconditioner: ``None``, ``"diagonal"`` or a ``KFACPreconditioner`` of ``model`` (its
             statistics and inverses are the caller's to keep current: record them with its hooks
-            and call its ``step()`` or ``optimizer.update_inverses()``).
+            and call its ``step()`` or ``optimizer.update_inverses()``). It may be constructed
+            before any forward pass, with convolutions whose input size is not known yet: the
+            solver binds to its layers when they are registered (by the caller's first training
+            forward pass, or at the first :meth:`step`, which then takes the unknown sizes from
+            its batch). Every trainable parameter must belong to one of its layers
+            (``ValueError`` here, checked again at that binding).
         damping: λ₀ (simpleNN: 1). With a KFACPreconditioner, λ is its ``damping`` parameter.
         lm_decay, lm_interval: the Levenberg–Marquardt rule (2/3 and 1: simpleNN's schedule).
         stop_rule, tolerance, max_iterations, warm_start, warm_start_decay, diagonal_exponent:
@@ -126,6 +133,7 @@ class NewtonCG:
                  line_search: bool = True, curvature_product: Optional[Callable] = None):
         self.model = model
         self._hooked_modules = []
+        self._kfac = None
         self.l2 = float(l2)
         self.line_search = line_search
         self.curvature_product = curvature_product
@@ -152,19 +160,16 @@ class NewtonCG:
             kfac = preconditioner
             if not hasattr(kfac, "_adaptive_parameters"):
                 raise TypeError("NewtonCG: preconditioner must be None, 'diagonal' or a KFACPreconditioner")
-            if not kfac._registered:
-                kfac._register()
+            # The preconditioner's layers (and so the parameters and their order) are fixed at its
+            # construction; their library registration may come later (a convolution's input size
+            # is known only at the first training forward pass): the layout is bound then, lazily.
             params = kfac._adaptive_parameters()
-            covered = {id(p) for p in params}
-            missing = [name for name, p in named if id(p) not in covered]
-            if missing:
-                raise ValueError(
-                    "NewtonCG: with K-FAC preconditioning every trainable parameter must belong to a layer "
-                    f"of the KFACPreconditioner; not covered: {', '.join(missing)}")
+            self._check_covered(model, params)
             self._owner = kfac.optimizer
             self._owner.set_param("lm_decay", lm_decay)
             self._owner.set_param("lm_interval", lm_interval)
-            layout = _Layout(params, self._owner, kfac._layers)
+            self._kfac = kfac
+            layout = None
             kind = "kfac"
             self._hooked_modules = [layer.module for layer in kfac._layers]
         name_of = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
@@ -175,6 +180,52 @@ class NewtonCG:
         self._cg = _NumpyNewtonCG(self._owner, preconditioner=kind, stop_rule=stop_rule, tolerance=tolerance,
                                   max_iterations=max_iterations, warm_start=warm_start,
                                   warm_start_decay=warm_start_decay, diagonal_exponent=diagonal_exponent, l2=l2)
+        if self._kfac is not None and self._kfac._registered:
+            self._bind_kfac(())
+
+    @staticmethod
+    def _check_covered(model: torch.nn.Module, params: List[torch.Tensor]) -> None:
+        covered = {id(p) for p in params}
+        missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise ValueError(
+                "NewtonCG: with K-FAC preconditioning every trainable parameter must belong to a layer "
+                f"of the KFACPreconditioner; not covered: {', '.join(missing)}")
+
+    def _bind_kfac(self, args: tuple) -> None:
+        """With a KFACPreconditioner: registers its layers if nothing did yet — convolutions of
+        unknown input size take it from this step's batch (one forward pass without statistics)
+        — checks again that it covers every trainable parameter, and binds the solver's layout
+        to its (registered) layers. Nothing to do once bound, unless the preconditioner's handle
+        changed (a failed registration replaces it)."""
+        kfac = self._kfac
+        if not kfac._registered:
+            missing = [layer for layer in kfac._layers if layer.is_conv and layer.input_size is None]
+            if missing:
+                seen = {}
+
+                def hook_for(layer):
+                    def pre(module, inputs):
+                        if inputs and layer.index not in seen:
+                            seen[layer.index] = layer.spatial_size(inputs[0])
+                    return pre
+
+                handles = [layer.module.register_forward_pre_hook(hook_for(layer)) for layer in missing]
+                try:
+                    with torch.no_grad(), kfac._hooks_paused():
+                        self.model(*args)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for layer in missing:
+                    if layer.index in seen:
+                        layer.input_size = seen[layer.index]
+            kfac._register()   # ValueError naming any convolution still of unknown size
+        self._check_covered(self.model, self._params)
+        if self._layout is None or self._owner is not kfac.optimizer:
+            self._owner = kfac.optimizer
+            self._layout = _Layout(self._params, self._owner, kfac._layers)
+            self._cg.optimizer = self._owner
 
     @property
     def parameters(self) -> List[torch.Tensor]:
@@ -186,7 +237,8 @@ class NewtonCG:
     @property
     def damping(self) -> float:
         """λ (the library's ``damping`` parameter of the solver's handle)."""
-        return float(self._owner.get_param("damping"))
+        owner = self._kfac.optimizer if self._kfac is not None else self._owner
+        return float(owner.get_param("damping"))
 
     @contextlib.contextmanager
     def _hooks_suspended(self):
@@ -272,6 +324,8 @@ class NewtonCG:
         else:
             cargs = tuple(a[curvature_indices] for a in args)
             ctargets = targets[curvature_indices]
+        if self._kfac is not None:
+            self._bind_kfac(args)
         with self._hooks_suspended():
             return self._step(args, targets, loss_fn, cargs, ctargets)
 

@@ -1,6 +1,6 @@
 """EXPERIMENTAL libkfac.torch.ColumnRecorder: curvature_product against the explicit
 (1/N) Σ_n J_nᵀ B_n J_n v built here with torch.func.jacrev per example and B written out, for a
-grouped-conv net and an MLP, the three distributions, float64 and float32; the loss conventions
+grouped Conv2d net, an MLP and a Conv1d net (NCL), the three distributions, float64 and float32; the loss conventions
 (cross-entropy mean, MSELoss mean with loss_scale 2/d) against torch's own Hessian-vector product
 on a linear model (where GGN = Hessian)."""
 
@@ -49,7 +49,11 @@ def _models(dtype):
     conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Conv2d(4, 2, 2, stride=2, bias=False),
                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(dtype)
     mlp = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
-    return [(conv, torch.randn(4, 2, 4, 4, dtype=dtype)), (mlp, torch.randn(6, 5, dtype=dtype))]
+    conv1d = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1, groups=2), nn.Tanh(),
+                           nn.Conv1d(4, 3, 2, stride=2, dilation=2, bias=False), nn.Tanh(),
+                           nn.Flatten(), nn.Linear(3 * 3, 3)).to(dtype)        # [N, 2, 7] → [N, 4, 7] → [N, 3, 3]
+    return [(conv, torch.randn(4, 2, 4, 4, dtype=dtype)), (mlp, torch.randn(6, 5, dtype=dtype)),
+            (conv1d, torch.randn(5, 2, 7, dtype=dtype))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -59,6 +63,7 @@ def test_curvature_product_matches_explicit_ggn(dtype, dist):
         rec = ColumnRecorder(model, dist)
         rec.record(x)
         params = rec.parameters()
+        assert len(params) == len(list(model.parameters()))    # every layer recorded (Conv1d too)
         names = {id(p): n for n, p in model.named_parameters()}
         v = [torch.randn_like(p) for p in params]
         got = rec.curvature_product(v)
@@ -101,6 +106,13 @@ def test_errors():
         rec.curvature_product([torch.zeros(2, 3)])
     with pytest.raises(ValueError):
         ColumnRecorder(nn.Sequential(nn.ReLU()))
+    # A convolution fed one unbatched example (outputs [1, d]) is refused before anything is kept.
+    unbatched = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Flatten(0), nn.Unflatten(0, (1, 12)), nn.Linear(12, 3))
+    rec = ColumnRecorder(unbatched)
+    with pytest.raises(ValueError, match="batched"):
+        rec.record(torch.randn(2, 5))
+    with pytest.raises(RuntimeError):
+        rec.curvature_product([torch.zeros_like(p) for p in rec.parameters()])
 
 
 def test_model_parameter_order_with_an_extra_parameter():
