@@ -143,9 +143,38 @@ class GaussNewton:
             raise ValueError("libkfac: columns must be [K, rows, *out]")
         k, rows = c.shape[0], c.shape[1]
         x = self._array(inputs, "inputs")
+        self._check_column_shapes(layer, c, x)
         h = self._handle
         h.call(self._fn("kfac_layer_record_output_grad_columns"), int(layer),
                h.cast(x.ctypes.data if x is not None else 0), h.cast(c.ctypes.data), rows, k, _uses_code(uses))
+
+    def _check_column_shapes(self, layer, c: np.ndarray, x: Optional[np.ndarray]) -> None:
+        """The library reads rows·K·(values per row) from the buffers it is given: check them
+        against the registered layer here, where the arrays' sizes are known (an unknown layer id
+        is left to the library, which refuses it before reading)."""
+        opt = self.optimizer
+        shape = opt._shape_of(opt._checked_layer_id(layer))
+        if shape is None:
+            return
+        rows = c.shape[1]
+        if shape.is_dense:
+            column_values, input_values = shape.out_features, shape.in_features
+            if c.ndim != 3 or c.shape[2] != column_values:
+                raise ValueError(f"libkfac: columns of dense layer {layer} must be [K, rows, {column_values}], "
+                                 f"got shape {c.shape}")
+            if x is not None and (x.ndim != 2 or x.shape != (rows, input_values)):
+                raise ValueError(f"libkfac: inputs of dense layer {layer} must be [{rows}, {input_values}] "
+                                 f"(one row per column row), got shape {x.shape}")
+            return
+        per_example = int(np.prod(c.shape[2:], dtype=np.int64))
+        if per_example != shape.grad_values:
+            raise ValueError(f"libkfac: columns of convolution {layer} hold {per_example} values per example; the "
+                             f"layer's outputs have {shape.grad_values} ([K, N, {', '.join(map(str, shape.grad_shape))}])")
+        if x is not None:
+            inputs_per_example = int(np.prod(x.shape[1:], dtype=np.int64)) if x.ndim > 1 else 1
+            if x.ndim < 1 or x.shape[0] != rows or inputs_per_example != shape.input_values:
+                raise ValueError(f"libkfac: inputs of convolution {layer} must be [{rows}, "
+                                 f"{', '.join(map(str, shape.input_shape))}] (or channels-last), got shape {x.shape}")
 
     def columns_info(self) -> Tuple[int, int, int]:
         """(examples N, columns K, values stored) of the kept columns."""

@@ -354,3 +354,31 @@ def test_chain_kfra_matches_numpy_recursion(rng, dtype, dist, variant):
         for (a1, g1), (a2, g2) in zip(one, kflr_one):
             np.testing.assert_allclose(g1, g2, atol=10 * _tol(dtype) * np.abs(g2).max())
             np.testing.assert_allclose(a1, a2, atol=10 * _tol(dtype) * np.abs(a2).max())
+
+
+def test_record_columns_checks_buffer_shapes_against_the_layer(dtype):
+    """The library reads rows·K·(values per row) from the given pointers: arrays of another size
+    must be refused in Python (no read past their end) and leave the kept columns as they were."""
+    opt = kfac.Optimizer(dtype)
+    opt.add_dense(3, 2)
+    opt.add_conv2d(2, 4, 2, groups=2, input_size=(4, 2))
+    g = gn.GaussNewton(opt)
+    ones = lambda *shape: np.ones(shape, dtype)
+    g.record_columns(0, ones(2, 5, 2), inputs=ones(5, 3), uses="product")
+    before = g.columns_info()
+    assert before == (5, 2, before[2]) and before[2] > 0
+    bad = [
+        (0, ones(2, 5, 3), ones(5, 3)),              # a dense column of 3 values, the layer has 2 outputs
+        (0, ones(2, 5, 2, 1), ones(5, 3)),           # an extra dimension
+        (0, ones(2, 5, 2), ones(4, 3)),              # fewer input rows than column rows
+        (0, ones(2, 5, 2), ones(5, 2)),              # inputs of 2 features, the layer has 3
+        (1, ones(2, 5, 4, 2, 1), ones(5, 2, 4, 2)),  # 8 values per example; the outputs are 4 × 3 × 1
+        (1, ones(2, 5, 4, 3, 1), ones(4, 2, 4, 2)),  # 4 input examples for 5 column rows
+        (1, ones(2, 5, 4, 3, 1), ones(5, 2, 4, 1)),  # 8 input values per example, the layer reads 16
+    ]
+    for layer, columns, inputs in bad:
+        with pytest.raises(ValueError):
+            g.record_columns(layer, columns, inputs=inputs, uses="product")
+        assert g.columns_info() == before
+    g.record_columns(1, ones(2, 5, 4, 3, 1), inputs=ones(5, 2, 4, 2), uses="product")  # the right shapes
+    assert g.columns_info()[0] == 5
