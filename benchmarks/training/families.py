@@ -82,7 +82,8 @@ TRIDIAGONAL = ("block-tridiagonal (Cholesky + π on the diagonal factors)", dict
 PROFILES = {
     "default": dict(
         seeds=5,
-        newton=dict(problems=["ae-digits"], iterations={"ae-digits": 50}, reference_batch=256),
+        newton=dict(problems=["ae-digits", "ae-mnist"], iterations={"ae-digits": 50, "ae-mnist": 20},
+                    reference_batch=256),
         families=dict(problems=["ae-digits", "mlp-mnist1d", "cnn-mnist1d"], batch=256),
         tridiagonal=dict(problems=["ae-digits", "ae-mnist", "mlp-mnist1d"], batch=256),
         T_cap=None,
