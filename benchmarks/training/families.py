@@ -9,8 +9,9 @@ the problems, seeds (0–4), batches and budgets of the main run (run.py), whose
 ``training_raw.json`` gives L* and the tuned K-FAC / SGD-momentum / Adam configurations:
 
 - Newton-CG (``libkfac.torch.NewtonCG``) with no, diagonal and K-FAC preconditioning, full batch,
-  beside the main run's full-batch K-FAC, SGD-momentum and Adam runs (``--profile full`` only:
-  Protocol 2's default run has no full-batch setting);
+  beside the main run's K-FAC, SGD-momentum and Adam runs of the profile's reference setting
+  (batch 256 in the default and digits profiles, whose main runs have no full-batch setting:
+  compare CPU seconds, not iterations; full batch in ``--profile full``);
 - the output-factor curvatures (sampled Fisher, KFLR, KFRA, Monte-Carlo with one sample) and
   EKFAC against the eigen strategy, at the main run's mini-batch setting, with the tuned K-FAC lr
   and λ of the problem and its K-FAC budget T_K;
