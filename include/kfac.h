@@ -1671,6 +1671,9 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet),
  * as they do when block-tridiagonal links exist (cross factors are not exchanged yet).
  *
+ * Allocation: after warm-up (the first exchange of each kind) the count, due, layout, pack and
+ * unpack calls and kfac_distributed_synchronize allocate nothing, as a step does.
+ *
  * Ownership: every buffer is the caller's, read or written only during the call; counts are
  * int64_t values of the handle's precision (model sums: doubles), and an MPI-style engine whose
  * counts are int must send them in chunks (libkfac_mpi does, at 2^31 − 1).

@@ -191,14 +191,18 @@ public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: U
         switch handle.engine {
         case .float32(let o):
             let fn = try required(c.allreduce_sum_f32, "collectives->allreduce_sum_f32")
-            let gather = c.allgatherv_f32
-            try o.exchange(through: { fn($0, Int64($1), user) },
-                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
+            if let gather = c.allgatherv_f32 {
+                try o.exchange(through: { fn($0, Int64($1), user) }, allgatherv: { gather($0, $1, $2, $3, user) })
+            } else {
+                try o.exchange { fn($0, Int64($1), user) }
+            }
         case .float64(let o):
             let fn = try required(c.allreduce_sum_f64, "collectives->allreduce_sum_f64")
-            let gather = c.allgatherv_f64
-            try o.exchange(through: { fn($0, Int64($1), user) },
-                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
+            if let gather = c.allgatherv_f64 {
+                try o.exchange(through: { fn($0, Int64($1), user) }, allgatherv: { gather($0, $1, $2, $3, user) })
+            } else {
+                try o.exchange { fn($0, Int64($1), user) }
+            }
         }
     }
 }
@@ -208,7 +212,7 @@ public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: U
 /// The precision-independent layout query.
 private protocol GatheredLayout: AnyObject {
     var worldSize: Int { get }
-    func gatheredInverseCounts() throws(KFACError) -> [Int]
+    func gatheredInverseLayout(counts: UnsafeMutablePointer<Int64>, displacements: UnsafeMutablePointer<Int64>?) throws(KFACError)
 }
 
 extension KFACOptimizer: GatheredLayout {}
@@ -226,13 +230,7 @@ public func kfac_distributed_get_inverse_layout(_ opt: OpaquePointer?, _ counts:
         guard Int(n) == o.worldSize else {
             throw KFACError(.invalidSize, "n_ranks must be the world size \(o.worldSize), got \(n)")
         }
-        let c = try o.gatheredInverseCounts()
-        var displacement: Int64 = 0
-        for (r, v) in c.enumerated() {
-            out[r] = Int64(v)
-            displacements?[r] = displacement
-            displacement += Int64(v)
-        }
+        try o.gatheredInverseLayout(counts: out, displacements: displacements)
     }
 }
 

@@ -15,6 +15,8 @@ struct CollectiveBuffers<Scalar: KFACScalar> {
     var fullInverses: AlignedBuffer<Scalar>?
     /// The gathered exchange's counts and displacements (world size each).
     var layout: [Int64] = []
+    /// The gathered unpack's per-rank cursors (world size + 1).
+    var cursor: [Int] = []
 
     /// `buffer` if it holds `count` values, else a new one (kept for the next exchange).
     static func reserve(_ buffer: inout AlignedBuffer<Scalar>?, _ count: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
@@ -26,6 +28,14 @@ struct CollectiveBuffers<Scalar: KFACScalar> {
 }
 
 extension KFACOptimizer {
+    /// Bytes of a snapshot of every factor's statistics (`saveStatistics`).
+    func snapshotBytesNeeded() -> Int {
+        let blocks = estimator.blocks
+        var n = 0
+        for k in blocks.indices { n += blocks[k].input.maximumSnapshotBytes + blocks[k].output.maximumSnapshotBytes }
+        return n
+    }
+
     /// Does the exchanges the next `step` needs (`exchangeDue`: statistics, then inverses) through
     /// `allreduceSum(buffer, count)`, a SUM-allreduce in place over every rank that returns 0 on
     /// success. Every rank calls this at the same point and the collective is called the same
@@ -37,14 +47,26 @@ extension KFACOptimizer {
     /// `allgatherv(send, receive, counts, displacements)`, when given, exchanges the inverses as
     /// an allgatherv of each rank's own units (`gatheredInverseCounts`) instead of a zero-padded
     /// SUM-allreduce.
+    public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32) throws(KFACError) {
+        try exchange(allreduceSum, gathered: false) { _, _, _, _ in 0 }
+    }
+
+    /// `exchange(through:)` with the inverses as an allgatherv of each rank's own units.
+    /// (Non-optional, non-escaping closures: a call allocates nothing after warm-up.)
     public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32,
-                         allgatherv: ((UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
-                                       UnsafePointer<Int64>) -> Int32)? = nil) throws(KFACError) {
+                         allgatherv: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
+                                      UnsafePointer<Int64>) -> Int32) throws(KFACError) {
+        try exchange(allreduceSum, gathered: true, allgatherv)
+    }
+
+    private func exchange(_ allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32, gathered: Bool,
+                          _ allgatherv: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
+                                         UnsafePointer<Int64>) -> Int32) throws(KFACError) {
         let statisticsDue = exchangeDue(.statistics), inversesDue = exchangeDue(.inverses)
         guard statisticsDue || inversesDue else { return }
         // Every allocation and count first (the same outcome on every rank of a consistent run).
         let statisticsCount = statisticsDue ? statisticsPackCount : 0
-        let gathered = inversesDue && allgatherv != nil
+        let gathered = inversesDue && gathered
         var inverseCount = inversesDue ? try inversePackCount() : 0
         if gathered {
             // The segments are known only after the statistics unpack (a rank may have recorded
@@ -57,7 +79,7 @@ extension KFACOptimizer {
         let statistics = try CollectiveBuffers.reserve(&distributed.collectives.statistics, statisticsCount)
         let inverses = try CollectiveBuffers.reserve(&distributed.collectives.inverses, inverseCount)
         let snapshotBytes = statisticsDue && inversesDue
-            ? estimator.blocks.reduce(0) { $0 + $1.input.maximumSnapshotBytes + $1.output.maximumSnapshotBytes } : 0
+            ? snapshotBytesNeeded() : 0
         let snapshot = try CollectiveBuffers.reserve(&distributed.collectives.snapshot,
                                                      (snapshotBytes + MemoryLayout<Scalar>.stride - 1) / MemoryLayout<Scalar>.stride)
         let before = (prepared: distributed.prepared, reduced: distributed.statisticsReduced,
@@ -76,7 +98,8 @@ extension KFACOptimizer {
             if let packError { throw packError }
             if inversesDue {
                 var w = StateWriter(UnsafeMutableRawBufferPointer(start: snapshot.base, count: snapshotBytes))
-                for c in estimator.blocks {
+                for k in estimator.blocks.indices {
+                    let c = estimator.blocks[k]
                     c.input.saveStatistics(to: &w)
                     c.output.saveStatistics(to: &w)
                 }
@@ -87,15 +110,15 @@ extension KFACOptimizer {
         do throws(KFACError) {
             var packError: KFACError?
             // A failed pack after its size checks fills the buffer with NaN itself.
-            if let allgatherv {
-                let counts = try gatheredInverseCounts(), size = distributed.size
-                var total = 0
-                for (r, n) in counts.enumerated() {
-                    distributed.collectives.layout[r] = Int64(n)
-                    distributed.collectives.layout[size + r] = Int64(total)
-                    total += n
+            if gathered {
+                let size = distributed.size
+                var layout = distributed.collectives.layout  // moved out: the calls below modify `distributed`
+                distributed.collectives.layout = []
+                defer { distributed.collectives.layout = layout }
+                try layout.withUnsafeMutableBufferPointer { (l) throws(KFACError) in
+                    try gatheredInverseLayout(counts: l.baseAddress!, displacements: l.baseAddress! + size)
                 }
-                let layout = distributed.collectives.layout  // a copy: the calls below modify `distributed`
+                let total = Int(layout[size - 1] + layout[2 * size - 1])
                 let send = inverses.base + total, mine = Int(layout[distributed.rank])
                 do throws(KFACError) { try packOwnedInverses(into: send, count: mine) } catch { packError = error }
                 let status = layout.withUnsafeBufferPointer { allgatherv(send, inverses.base, $0.baseAddress!, $0.baseAddress! + size) }
@@ -116,7 +139,8 @@ extension KFACOptimizer {
         } catch {
             if statisticsDue {
                 var r = StateReader(UnsafeRawBufferPointer(start: snapshot.base, count: snapshotBytes))
-                for c in estimator.blocks {
+                for k in estimator.blocks.indices {
+                    let c = estimator.blocks[k]
                     // Reads back what this call wrote; it cannot fail validation.
                     try? c.input.restoreStatistics(from: &r)
                     try? c.output.restoreStatistics(from: &r)

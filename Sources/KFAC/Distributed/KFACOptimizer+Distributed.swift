@@ -30,6 +30,8 @@ struct DistributedState<Scalar: KFACScalar> {
     var statisticsReduced: (step: Int, blocks: ObjectIdentifier?)?
     /// The buffers of `exchange(through:)`.
     var collectives = CollectiveBuffers<Scalar>()
+    /// The units of the gathered inverse exchange (`planGatheredUnits`), kept with their capacity.
+    var gatheredUnits: [GatheredUnit] = []
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {
@@ -67,7 +69,7 @@ extension KFACOptimizer {
     /// The assignment of inversion units to ranks for the current layers.
     func inverseAssignment() -> InverseAssignment {
         let blocks = estimator.blocks
-        let key = blocks.first.map { ObjectIdentifier($0) }
+        let key = blocksKey
         if let a = distributed.assignment, a.size == distributed.size, distributed.assignmentKey == key,
            a.unitBase.count == blocks.count {
             return a
@@ -121,7 +123,7 @@ extension KFACOptimizer {
         case .inverses: return inverts
         case .statistics:
             if let done = distributed.statisticsReduced, done.step == stepCount,
-               done.blocks == estimator.blocks.first.map({ ObjectIdentifier($0) }) {
+               done.blocks == blocksKey {
                 return false
             }
             return parameters.distributedReduce == .eager ? shouldFoldFactors(at: stepCount) : inverts
@@ -133,11 +135,24 @@ extension KFACOptimizer {
     /// Values of a statistics pack: per Kronecker block, input then output factor, each unique
     /// block's upper triangle then one count.
     public var statisticsPackCount: Int {
-        estimator.blocks.reduce(0) { $0 + $1.input.packCount + $1.output.packCount }
+        // (Loops over indices rather than `reduce` or for-in, which allocate in debug builds.)
+        let blocks = estimator.blocks
+        var n = 0
+        for k in blocks.indices { n += blocks[k].input.packCount + blocks[k].output.packCount }
+        return n
+    }
+
+    /// Identifies the current layers (a new registration or a load makes new blocks).
+    var blocksKey: ObjectIdentifier? {
+        estimator.blocks.isEmpty ? nil : ObjectIdentifier(estimator.blocks[0])
     }
 
     private func packScratch() throws(KFACError) -> AlignedBuffer<Scalar> {
-        let largest = estimator.blocks.reduce(1) { Swift.max($0, $1.input.structure.storageCount, $1.output.structure.storageCount) }
+        let blocks = estimator.blocks
+        var largest = 1
+        for k in blocks.indices {
+            largest = Swift.max(largest, blocks[k].input.structure.storageCount, blocks[k].output.structure.storageCount)
+        }
         if let s = distributed.scratch, s.count >= largest { return s }
         let s = try AlignedBuffer<Scalar>(rows: 1, columns: largest)
         distributed.scratch = s
@@ -175,8 +190,10 @@ extension KFACOptimizer {
         let decay = Scalar(parameters.factorDecay)
         let folding = shouldFoldFactors(at: stepCount)
         var w = 0
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay, folding: folding) }
                 else { f.packPending(into: out + w, scratch: scratch.base) }
                 w += f.packCount
@@ -195,8 +212,10 @@ extension KFACOptimizer {
         let lazy = parameters.distributedReduce == .lazy
         // Read and check every count, allocate, then replace.
         var w = 0, anyRows = false
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 w += f.packCount
                 let v = Double(p[w - 1])
                 guard v >= 0, v <= 9.007_199_254_740_992e15, v.rounded() == v else {
@@ -210,8 +229,10 @@ extension KFACOptimizer {
         }
         w = 0
         let folding = shouldFoldFactors(at: stepCount)
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 let n = Int(Double(p[w + f.packCount - 1]))
                 if lazy { f.replaceRunning(from: p + w, weight: n, folding: folding) } else { f.replacePending(from: p + w, rows: n) }
                 w += f.packCount
@@ -219,7 +240,7 @@ extension KFACOptimizer {
         }
         if anyRows { estimator.statisticsStarted = true }
         distributed.prepared = nil
-        distributed.statisticsReduced = (stepCount, estimator.blocks.first.map { ObjectIdentifier($0) })
+        distributed.statisticsReduced = (stepCount, blocksKey)
     }
 
     // MARK: Inverses
@@ -230,7 +251,8 @@ extension KFACOptimizer {
         try checkStrategySupported()
         let strategy = parameters.inverseStrategy
         var total = 0
-        for c in estimator.blocks {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
             var w = StateWriter(nil)
             (c.inverse?.strategy == strategy ? c.inverse! : try c.stagingInverse(for: strategy)).write(to: &w)
             total += w.offset / MemoryLayout<Scalar>.stride
@@ -320,14 +342,14 @@ extension KFACOptimizer {
         }
         distributed.prepared = .init(step: stepCount, strategy: strategy, damping: params.inverseDamping,
                                      generation: estimator.stagingGeneration,
-                                     blocks: estimator.blocks.first.map { ObjectIdentifier($0) })
+                                     blocks: blocksKey)
     }
 
     /// The step's inversion: the exchanged inverses when `unpackInverses` prepared them for this
     /// step (only the staged folds are formed), else every unit here.
     func stageStepInverses(folding: Bool, settings: CurvatureSettings, damping: Double) throws(KFACError) {
         if let pr = distributed.prepared, pr.step == stepCount, pr.strategy == settings.strategy, pr.damping == damping,
-           pr.generation == estimator.stagingGeneration, pr.blocks == estimator.blocks.first.map({ ObjectIdentifier($0) }) {
+           pr.generation == estimator.stagingGeneration, pr.blocks == blocksKey {
             estimator.unitFilter = .none
         }
         defer {

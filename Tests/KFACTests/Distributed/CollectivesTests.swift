@@ -112,7 +112,7 @@ extension FakeWorldTests {
                                     try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) },
                                                    allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
                                 } else {
-                                    try o.exchange { world.allreduceSum(rank: r, $0, $1) }
+                                    try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) })
                                 }
                                 var g = grads
                                 try o.step(&g)
@@ -163,7 +163,7 @@ extension FakeWorldTests {
                     try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
                                            allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
                 } else {
-                    try shared[r].exchange { world.allreduceSum(rank: r, $0, $1) }
+                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) })
                 }
             }
             world.run { r in
