@@ -10,6 +10,8 @@
 struct CollectiveBuffers<Scalar: KFACScalar> {
     var statistics: AlignedBuffer<Scalar>?
     var inverses: AlignedBuffer<Scalar>?
+    /// EKFAC's scaling pack.
+    var scalings: AlignedBuffer<Scalar>?
     var snapshot: AlignedBuffer<Scalar>?
     /// A full inverse pack for the gathered exchange's pack and unpack.
     var fullInverses: AlignedBuffer<Scalar>?
@@ -63,7 +65,8 @@ extension KFACOptimizer {
                           _ allgatherv: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
                                          UnsafePointer<Int64>) -> Int32) throws(KFACError) {
         let statisticsDue = exchangeDue(.statistics), inversesDue = exchangeDue(.inverses)
-        guard statisticsDue || inversesDue else { return }
+        let scalingsDue = exchangeDue(.scalings)
+        guard statisticsDue || inversesDue || scalingsDue else { return }
         // Every allocation and count first (the same outcome on every rank of a consistent run).
         let statisticsCount = statisticsDue ? statisticsPackCount : 0
         let gathered = inversesDue && gathered
@@ -78,12 +81,15 @@ extension KFACOptimizer {
         }
         let statistics = try CollectiveBuffers.reserve(&distributed.collectives.statistics, statisticsCount)
         let inverses = try CollectiveBuffers.reserve(&distributed.collectives.inverses, inverseCount)
-        let snapshotBytes = statisticsDue && inversesDue
+        let scalingCount = scalingsDue ? scalingPackCount : 0
+        let scalings = try CollectiveBuffers.reserve(&distributed.collectives.scalings, scalingCount)
+        if scalingsDue { _ = try CollectiveBuffers.reserve(&distributed.scalingSums, scalingCount) }
+        let snapshotBytes = statisticsDue && (inversesDue || scalingsDue)
             ? snapshotBytesNeeded() : 0
         let snapshot = try CollectiveBuffers.reserve(&distributed.collectives.snapshot,
                                                      (snapshotBytes + MemoryLayout<Scalar>.stride - 1) / MemoryLayout<Scalar>.stride)
         let before = (prepared: distributed.prepared, reduced: distributed.statisticsReduced,
-                      started: estimator.statisticsStarted)
+                      started: estimator.statisticsStarted, scaling: distributed.preparedScaling)
 
         if statisticsDue {
             var packError: KFACError?
@@ -96,7 +102,7 @@ extension KFACOptimizer {
                 throw KFACError(.callback, "the statistics allreduce returned \(status); the handle is unchanged")
             }
             if let packError { throw packError }
-            if inversesDue {
+            if inversesDue || scalingsDue {
                 var w = StateWriter(UnsafeMutableRawBufferPointer(start: snapshot.base, count: snapshotBytes))
                 for k in estimator.blocks.indices {
                     let c = estimator.blocks[k]
@@ -106,9 +112,10 @@ extension KFACOptimizer {
             }
             try unpackStatistics(from: statistics.base, count: statisticsCount)
         }
-        guard inversesDue else { return }
+        guard inversesDue || scalingsDue else { return }
         do throws(KFACError) {
             var packError: KFACError?
+            if inversesDue {
             // A failed pack after its size checks fills the buffer with NaN itself.
             if gathered {
                 let size = distributed.size
@@ -136,6 +143,18 @@ extension KFACOptimizer {
                 if let packError { throw packError }
                 try unpackInverses(from: inverses.base, count: inverseCount)
             }
+            }
+            // EKFAC: S's per-example sums in the bases just exchanged (or the committed ones).
+            if scalingsDue {
+                packError = nil
+                do throws(KFACError) { try packScalings(into: scalings.base, count: scalingCount) } catch { packError = error }
+                let status = allreduceSum(scalings.base, scalingCount)
+                guard status == 0 else {
+                    throw KFACError(.callback, "the scaling allreduce returned \(status); the handle is unchanged")
+                }
+                if let packError { throw packError }
+                try unpackScalings(from: scalings.base, count: scalingCount)
+            }
         } catch {
             if statisticsDue {
                 var r = StateReader(UnsafeRawBufferPointer(start: snapshot.base, count: snapshotBytes))
@@ -147,6 +166,7 @@ extension KFACOptimizer {
                 }
             }
             distributed.prepared = before.prepared
+            distributed.preparedScaling = before.scaling
             distributed.statisticsReduced = before.reduced
             estimator.statisticsStarted = before.started
             throw error

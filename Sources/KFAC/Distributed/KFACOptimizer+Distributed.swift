@@ -32,6 +32,10 @@ struct DistributedState<Scalar: KFACScalar> {
     var collectives = CollectiveBuffers<Scalar>()
     /// The units of the gathered inverse exchange (`planGatheredUnits`), kept with their capacity.
     var gatheredUnits: [GatheredUnit] = []
+    /// EKFAC: the union's scaling sums and divisors that `unpackScalings` installed, and the step
+    /// (and layers) they are for.
+    var scalingSums: AlignedBuffer<Scalar>?
+    var preparedScaling: (step: Int, blocks: ObjectIdentifier?)?
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {
@@ -47,6 +51,8 @@ struct DistributedState<Scalar: KFACScalar> {
 public enum DistributedExchange: Int32, Sendable, CaseIterable {
     case statistics = 0
     case inverses = 1
+    /// EKFAC's scaling S: per-example second moments in the (exchanged) bases.
+    case scalings = 2
 }
 
 extension KFACOptimizer {
@@ -64,6 +70,7 @@ extension KFACOptimizer {
         distributed.assignment = nil
         distributed.prepared = nil
         distributed.statisticsReduced = nil
+        distributed.preparedScaling = nil
     }
 
     /// The assignment of inversion units to ranks for the current layers.
@@ -121,6 +128,16 @@ extension KFACOptimizer {
         let inverts = stepInvertsAny()
         switch what {
         case .inverses: return inverts
+        case .scalings:
+            // S changes at new bases and, between them, at every fold of a block with an EKFAC
+            // inverse; whether any rank recorded paired rows is only known after the exchange.
+            guard parameters.inverseStrategy == .ekfac, tridiagonal == nil else { return false }
+            if let done = distributed.preparedScaling, done.step == stepCount, done.blocks == blocksKey { return false }
+            if inverts { return true }
+            guard shouldFoldFactors(at: stepCount) else { return false }
+            let blocks = estimator.blocks
+            for k in blocks.indices where blocks[k].inverse is EKFACInverse<Scalar> { return true }
+            return false
         case .statistics:
             if let done = distributed.statisticsReduced, done.step == stepCount,
                done.blocks == blocksKey {
@@ -159,11 +176,11 @@ extension KFACOptimizer {
         return s
     }
 
-    /// EKFAC's scaling S comes from per-example statistics that the exchange does not carry yet;
-    /// block-tridiagonal links keep cross factors and inverses the exchange does not carry either.
+    /// Block-tridiagonal links keep cross factors and inverses the exchange does not carry yet;
+    /// distributed EKFAC needs folds at steps (its S folds through the scaling exchange).
     private func checkStrategySupported() throws(KFACError) {
-        guard parameters.inverseStrategy != .ekfac else {
-            throw KFACError(.unsupported, "distributed runs do not support the EKFAC strategy yet (its scaling is not exchanged)")
+        guard parameters.inverseStrategy != .ekfac || parameters.factorUpdatePeriod > 0 else {
+            throw KFACError(.unsupported, "distributed EKFAC needs KFAC_PARAM_FACTOR_UPDATE_PERIOD >= 1 (update_factors folds S from this rank's examples alone)")
         }
         guard tridiagonal == nil else {
             throw KFACError(.unsupported, "distributed runs do not support block-tridiagonal links yet (cross factors are not exchanged)")
@@ -240,6 +257,7 @@ extension KFACOptimizer {
         }
         if anyRows { estimator.statisticsStarted = true }
         distributed.prepared = nil
+        distributed.preparedScaling = nil
         distributed.statisticsReduced = (stepCount, blocksKey)
     }
 
@@ -273,6 +291,7 @@ extension KFACOptimizer {
         guard let out else { throw KFACError(.nullPointer, "inverse buffer is NULL") }
         try checkCount(count, try inversePackCount(), "inverse")
         distributed.prepared = nil
+        distributed.preparedScaling = nil
         do throws(KFACError) {
             try stageOwnedInverses(into: out, count: count)
         } catch {
@@ -312,6 +331,12 @@ extension KFACOptimizer {
             if estimator.invertBlock[k] {
                 var w = StateWriter(UnsafeMutableRawBufferPointer(start: out + offset, count: n * MemoryLayout<Scalar>.stride))
                 inverse.write(to: &w)
+                // EKFAC: the bases only; S has its own exchange (a sum of the ranks' partial
+                // resets would mean nothing).
+                if let e = inverse as? EKFACInverse<Scalar> {
+                    let r = e.scalingImageRange
+                    (out + offset + r.lowerBound).update(repeating: 0, count: r.count)
+                }
             }
             offset += n
         }
@@ -329,6 +354,7 @@ extension KFACOptimizer {
         let folding = shouldFoldFactors(at: stepCount)
         let any = try planStepInversions(params, folding: folding)
         distributed.prepared = nil
+        distributed.preparedScaling = nil
         guard any else { return }
         var offset = 0
         for k in estimator.blocks.indices {
@@ -357,6 +383,82 @@ extension KFACOptimizer {
             distributed.prepared = nil
         }
         try estimator.stageInverses(foldingPending: folding, settings: settings, damping: damping)
+    }
+}
+
+// MARK: EKFAC's scaling
+
+extension KFACOptimizer {
+    /// Values of a scaling pack: per Kronecker block, o × a sums then one divisor.
+    public var scalingPackCount: Int { estimator.scalingPackCount }
+
+    private func checkScalingExchange() throws(KFACError) {
+        guard parameters.inverseStrategy == .ekfac else {
+            throw KFACError(.invalidArgument, "the scaling exchange is EKFAC's: the inverse strategy is \(parameters.inverseStrategy)")
+        }
+        try checkStrategySupported()
+    }
+
+    /// EKFAC: writes this rank's share of S for a SUM-allreduce — per block whose S the next
+    /// step sets (new bases, or a fold between refreshes), Σ_n (Q_Gᵀ G_n Q_A)^∘2 over this
+    /// rank's pending paired examples in the bases the step will use, then their divisor; zeros
+    /// elsewhere. When the step inverts, the bases are the exchanged ones: unpack the inverses
+    /// first (else `.noInverses`). Changes nothing; on an error after the size checks the
+    /// buffer is filled with NaN.
+    public func packScalings(into out: UnsafeMutablePointer<Scalar>?, count: Int) throws(KFACError) {
+        guard let out else { throw KFACError(.nullPointer, "scaling buffer is NULL") }
+        try checkScalingExchange()
+        try checkCount(count, scalingPackCount, "scaling")
+        do throws(KFACError) {
+            let p = stepParameters()
+            let folding = shouldFoldFactors(at: stepCount)
+            let inverting = try planStepInversions(p, folding: folding)
+            if inverting {
+                guard let pr = distributed.prepared, pr.step == stepCount, pr.strategy == .ekfac,
+                      pr.generation == estimator.stagingGeneration, pr.blocks == blocksKey else {
+                    throw KFACError(.noInverses, "the next step computes new EKFAC bases: unpack its inverse exchange before packing the scalings")
+                }
+            }
+            try estimator.packScalings(into: out, folding: folding, inverting: inverting)
+        } catch {
+            out.initialize(repeating: .nan, count: count)
+            throw error
+        }
+    }
+
+    /// EKFAC: takes the SUM-allreduced scaling pack as the union's per-example statistics the
+    /// next step forms S from (S_batch = the summed sums / the summed divisor). On error nothing
+    /// changed.
+    public func unpackScalings(from p: UnsafePointer<Scalar>?, count: Int) throws(KFACError) {
+        guard let p else { throw KFACError(.nullPointer, "scaling buffer is NULL") }
+        try checkScalingExchange()
+        try checkCount(count, scalingPackCount, "scaling")
+        guard Scalar.allFinite(p, count: count) else {
+            throw KFACError(.nonFinite, "the reduced scalings contain NaN or Inf (a pack failed on some rank)")
+        }
+        let blocks = estimator.blocks
+        var w = 0
+        for k in blocks.indices {
+            let n = blocks[k].input.dimension * blocks[k].output.dimension
+            for i in 0..<n where p[w + i] < 0 {
+                throw KFACError(.invalidArgument, "a reduced scaling sum is \(p[w + i]): sums of squares are >= 0")
+            }
+            let d = Double(p[w + n])
+            guard d >= 0, d <= 9.007_199_254_740_992e15, d.rounded() == d else {
+                throw KFACError(.invalidArgument, "a reduced divisor is \(d), not a whole number >= 0")
+            }
+            w += n + 1
+        }
+        let buffer = try CollectiveBuffers.reserve(&distributed.scalingSums, count)
+        buffer.base.update(from: p, count: count)
+        distributed.preparedScaling = (stepCount, blocksKey)
+    }
+
+    /// The union's scaling sums for the step at hand, when `unpackScalings` installed them.
+    func reducedScalings() -> UnsafePointer<Scalar>? {
+        guard parameters.inverseStrategy == .ekfac, let done = distributed.preparedScaling, done.step == stepCount,
+              done.blocks == blocksKey, let b = distributed.scalingSums else { return nil }
+        return UnsafePointer(b.base)
     }
 }
 

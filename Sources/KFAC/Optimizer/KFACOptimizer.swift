@@ -231,7 +231,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
-        try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
+        // EKFAC's S (BlockDiagonalEstimator+EKFAC), from the union's sums in a distributed run.
+        try estimator.stageScalings(folding: folding, settings: settings, reduced: reducedScalings())
         if linksInverting { try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings) }
 
         var inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
@@ -251,6 +252,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         lastKLScale = nu
         stepCount += 1
         adaptive.directionsAvailable = true
+        distributed.preparedScaling = nil
     }
 
     /// The parameters the step at the current counter uses: on a γ step, γ brought into

@@ -11,7 +11,7 @@ final class ThreadWorld: @unchecked Sendable {
     private let condition = NSCondition()
     private var arrived = 0, generation = 0
     private var published: [UnsafeMutablePointer<Double>?]
-    private var calls: [Int]
+    private(set) var calls: [Int]
     var failingCall: Int?
 
     init(size: Int) {

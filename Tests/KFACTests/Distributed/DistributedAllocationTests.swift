@@ -5,7 +5,8 @@ import XCTest
 @testable import KFAC
 
 /// After warm-up, a distributed step allocates nothing: packing and unpacking the statistics,
-/// the inverses (the SUM route and the allgatherv route) and, with EKFAC, the scalings, and
+/// the inverses (the SUM route and the allgatherv route) and, with EKFAC (paired recording), the
+/// scalings, and
 /// `exchange(through:)` (kfac_distributed_synchronize) on two threads with non-allocating
 /// collectives. Allocations inside OpenBLAS are told apart as in `AllocationTests`.
 final class DistributedAllocationTests: XCTestCase {
@@ -135,6 +136,14 @@ final class DistributedAllocationTests: XCTestCase {
                 try o1.unpackInverses(from: buffers.b, count: n)
             }
         }
+        if o0.exchangeDue(.scalings) {
+            let n = o0.scalingPackCount
+            try o0.packScalings(into: buffers.a, count: n)
+            try o1.packScalings(into: buffers.b, count: n)
+            buffers.sum(n)
+            try o0.unpackScalings(from: buffers.a, count: n)
+            try o1.unpackScalings(from: buffers.b, count: n)
+        }
         for r in ranks.indices { try ranks[r].step() }
     }
 
@@ -146,7 +155,7 @@ final class DistributedAllocationTests: XCTestCase {
     }
 
     private func manual<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, gathered: Bool) throws {
-        let ranks = try (0..<2).map { try Rank<S>(rank: $0, size: 2, strategy: strategy) }
+        let ranks = try (0..<2).map { try Rank<S>(rank: $0, size: 2, strategy: strategy, paired: strategy == .ekfac) }
         let buffers = Buffers<S>(capacity: 1 << 16)
         for _ in 0..<4 { try manualStep(ranks, buffers, gathered: gathered) }
         let n = try counted { for _ in 0..<6 { try manualStep(ranks, buffers, gathered: gathered) } }  // three inverse steps
@@ -158,7 +167,7 @@ final class DistributedAllocationTests: XCTestCase {
         defer { openblas_set_num_threads(blasThreads) }
         for threads in [blasThreads, 1] {
             openblas_set_num_threads(threads)
-            for strategy in [InverseStrategy.cholesky, .eigen] {
+            for strategy in [InverseStrategy.cholesky, .eigen, .ekfac] {
                 for gathered in [false, true] {
                     try manual(Float.self, strategy, gathered: gathered)
                     try manual(Double.self, strategy, gathered: gathered)
@@ -277,10 +286,10 @@ extension DistributedAllocationTests {
         let blasThreads = openblas_get_num_threads()
         defer { openblas_set_num_threads(blasThreads) }
         openblas_set_num_threads(1)
-        for strategy in [InverseStrategy.cholesky, .eigen] {
+        for strategy in [InverseStrategy.cholesky, .eigen, .ekfac] {
             for gathered in [false, true] {
-                try synchronized(Float.self, strategy, gathered: gathered)
-                try synchronized(Double.self, strategy, gathered: gathered)
+                try synchronized(Float.self, strategy, gathered: gathered, paired: strategy == .ekfac)
+                try synchronized(Double.self, strategy, gathered: gathered, paired: strategy == .ekfac)
             }
         }
     }
