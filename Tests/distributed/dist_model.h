@@ -3,7 +3,8 @@
  * of Tests/capi/test_distributed.c and the mpirun test of Tests/mpi/test_mpi.c): a float64
  * handle with a channel-grouped dense layer, a plain dense layer and a grouped convolution, a
  * union batch made from a seed, each rank's uneven slice of it, and the exchange sequence of
- * include/kfac.h ("Distributed") over a caller-supplied SUM-allreduce.
+ * include/kfac.h ("Distributed") over a caller-supplied SUM-allreduce. With the EKFAC strategy the
+ * rows are recorded as paired examples (kfac_layer_record_examples_f64).
  */
 #ifndef KFAC_DIST_MODEL_H
 #define KFAC_DIST_MODEL_H
@@ -85,11 +86,21 @@ static int dm_record(kfac_optimizer *o, const dm_step_data *d, int lo, int hi) {
     int32_t wanted = 0;
     int s = kfac_optimizer_wants_statistics(o, &wanted);
     if (s || !wanted || hi <= lo) return s;
+    int64_t strategy = 0;
+    if ((s = kfac_param_get_int(o, KFAC_PARAM_INVERSE_STRATEGY, &strategy))) return s;
     for (int l = 0; l < DM_LAYERS; l++) {
+        if (strategy == KFAC_INVERSE_EKFAC) {  /* paired: EKFAC's scaling needs per-example gradients */
+            if ((s = kfac_layer_record_examples_f64(o, l, d->x[l] + lo * dm_in[l], d->g[l] + lo * dm_out[l], hi - lo, 1))) return s;
+            continue;
+        }
         if ((s = kfac_layer_record_inputs_f64(o, l, d->x[l] + lo * dm_in[l], hi - lo))) return s;
         if ((s = kfac_layer_record_output_grads_f64(o, l, d->g[l] + lo * dm_out[l], hi - lo))) return s;
     }
     return 0;
+}
+
+static const char *dm_strategy_name(int32_t strategy) {
+    return strategy == KFAC_INVERSE_EIGEN ? "eigen" : strategy == KFAC_INVERSE_EKFAC ? "EKFAC" : "Cholesky";
 }
 
 /* The step on a copy of the gradient, directions into w and b. */

@@ -5,7 +5,8 @@
  * kfac_mpi_synchronize and steps with the union gradient; it also runs one handle on the whole
  * union batch as the single-process reference. Passes when on every rank, for the Cholesky and
  * eigen strategies and both reduce modes, every step's directions are within rtol 1e-12 of the
- * reference's and bit-identical across ranks (the MIN- and MAX-allreduced values agree).
+ * reference's and bit-identical across ranks (the MIN- and MAX-allreduced values agree); and for
+ * EKFAC (paired recording, the scaling exchange) with the eager reduce.
  */
 #include "kfac_mpi.h"
 #include "../distributed/dist_model.h"
@@ -61,7 +62,7 @@ static int run(int32_t strategy, int32_t reduce, int rank, int size, MPI_Fint co
     if (rank == 0)
         printf("%s, %s reduce, %d ranks: max relative difference to one process on the union batch %.2e, "
                "directions bit-identical across ranks: %s\n",
-               strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky", lazy ? "lazy" : "eager", size, worst,
+               dm_strategy_name(strategy), lazy ? "lazy" : "eager", size, worst,
                failures ? "NO" : "yes");
     kfac_optimizer_free(ref);
     kfac_optimizer_free(opt);
@@ -79,6 +80,7 @@ int main(int argc, char **argv) {
     failures += run(KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_EAGER, rank, size, comm);
     failures += run(KFAC_INVERSE_EIGEN, KFAC_DISTRIBUTED_REDUCE_LAZY, rank, size, comm);
     failures += run(KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_LAZY, rank, size, comm);
+    failures += run(KFAC_INVERSE_EKFAC, KFAC_DISTRIBUTED_REDUCE_EAGER, rank, size, comm);
     int total = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     if (rank == 0) printf(total ? "test_mpi: FAILED (%d)\n" : "test_mpi: ALL PASSED\n", total);
