@@ -35,6 +35,9 @@ extension KFACOptimizer {
         let blocks = estimator.blocks
         var n = 0
         for k in blocks.indices { n += blocks[k].input.maximumSnapshotBytes + blocks[k].output.maximumSnapshotBytes }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { n += links.links[i].inputs.exchangedBytes + links.links[i].gradients.exchangedBytes }
+        }
         return n
     }
 
@@ -89,7 +92,7 @@ extension KFACOptimizer {
         let snapshot = try CollectiveBuffers.reserve(&distributed.collectives.snapshot,
                                                      (snapshotBytes + MemoryLayout<Scalar>.stride - 1) / MemoryLayout<Scalar>.stride)
         let before = (prepared: distributed.prepared, reduced: distributed.statisticsReduced,
-                      started: estimator.statisticsStarted, scaling: distributed.preparedScaling)
+                      started: estimator.statisticsStarted, scaling: distributed.preparedScaling, links: distributed.preparedLinks)
 
         if statisticsDue {
             var packError: KFACError?
@@ -108,6 +111,12 @@ extension KFACOptimizer {
                     let c = estimator.blocks[k]
                     c.input.saveStatistics(to: &w)
                     c.output.saveStatistics(to: &w)
+                }
+                if let links = tridiagonal {
+                    for i in 0..<links.links.count {
+                        links.links[i].inputs.saveExchanged(to: &w)
+                        links.links[i].gradients.saveExchanged(to: &w)
+                    }
                 }
             }
             try unpackStatistics(from: statistics.base, count: statisticsCount)
@@ -164,9 +173,16 @@ extension KFACOptimizer {
                     try? c.input.restoreStatistics(from: &r)
                     try? c.output.restoreStatistics(from: &r)
                 }
+                if let links = tridiagonal {
+                    for i in 0..<links.links.count {
+                        try? links.links[i].inputs.restoreExchanged(from: &r)
+                        try? links.links[i].gradients.restoreExchanged(from: &r)
+                    }
+                }
             }
             distributed.prepared = before.prepared
             distributed.preparedScaling = before.scaling
+            distributed.preparedLinks = before.links
             distributed.statisticsReduced = before.reduced
             estimator.statisticsStarted = before.started
             throw error

@@ -36,6 +36,9 @@ struct DistributedState<Scalar: KFACScalar> {
     /// (and layers) they are for.
     var scalingSums: AlignedBuffer<Scalar>?
     var preparedScaling: (step: Int, blocks: ObjectIdentifier?)?
+    /// Block-tridiagonal links: the step (layers, damping) whose link inverses `unpackInverses`
+    /// left in the links' staging set.
+    var preparedLinks: (step: Int, blocks: ObjectIdentifier?, damping: Double, pi: Bool)?
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {
@@ -71,6 +74,7 @@ extension KFACOptimizer {
         distributed.prepared = nil
         distributed.statisticsReduced = nil
         distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
     }
 
     /// The assignment of inversion units to ranks for the current layers.
@@ -116,11 +120,23 @@ extension KFACOptimizer {
         let phase = spreadPhase(at: stepCount)
         if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
         let inverting = shouldInvert(at: stepCount)
-        for k in estimator.blocks.indices {
+        for k in estimator.blocks.indices where !estimator.isExcluded(estimator.blockLayer[k]) {
             let due = phase.map { spread.phase[k] == $0 } ?? inverting
             if due || !estimator.blocks[k].hasInverse(for: p.inverseStrategy) { return true }
         }
-        return false
+        return linksInvert()
+    }
+
+    /// Whether the next `step` inverts the block-tridiagonal links (as `planTridiagonalStep`).
+    func linksInvert() -> Bool {
+        guard let links = tridiagonal, !links.links.isEmpty else { return false }
+        return parameters.inverseUpdatePeriod > 0 && (shouldInvert(at: stepCount) || !links.hasInverses)
+    }
+
+    /// The rank that computes linked layer `l`'s block-tridiagonal inverse (one unit: Ψ, C, D and
+    /// Σ⁻¹ of its link up, with its damped factors' inverses): the owner of its input factor's block.
+    func linkOwner(layer l: Int) -> Int {
+        inverseAssignment().owner(block: estimator.layerBlocks[l].lowerBound, side: .input, unique: 0)
     }
 
     /// Whether the next `step` needs the exchange `what` (the same answer on every rank).
@@ -156,6 +172,9 @@ extension KFACOptimizer {
         let blocks = estimator.blocks
         var n = 0
         for k in blocks.indices { n += blocks[k].input.packCount + blocks[k].output.packCount }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { n += links.links[i].inputs.packCount + links.links[i].gradients.packCount }
+        }
         return n
     }
 
@@ -170,20 +189,19 @@ extension KFACOptimizer {
         for k in blocks.indices {
             largest = Swift.max(largest, blocks[k].input.structure.storageCount, blocks[k].output.structure.storageCount)
         }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { largest = Swift.max(largest, links.links[i].inputs.count, links.links[i].gradients.count) }
+        }
         if let s = distributed.scratch, s.count >= largest { return s }
         let s = try AlignedBuffer<Scalar>(rows: 1, columns: largest)
         distributed.scratch = s
         return s
     }
 
-    /// Block-tridiagonal links keep cross factors and inverses the exchange does not carry yet;
-    /// distributed EKFAC needs folds at steps (its S folds through the scaling exchange).
+    /// Distributed EKFAC needs folds at steps (its S folds through the scaling exchange).
     private func checkStrategySupported() throws(KFACError) {
         guard parameters.inverseStrategy != .ekfac || parameters.factorUpdatePeriod > 0 else {
             throw KFACError(.unsupported, "distributed EKFAC needs KFAC_PARAM_FACTOR_UPDATE_PERIOD >= 1 (update_factors folds S from this rank's examples alone)")
-        }
-        guard tridiagonal == nil else {
-            throw KFACError(.unsupported, "distributed runs do not support block-tridiagonal links yet (cross factors are not exchanged)")
         }
         guard parameters.asyncInversion == .off else {
             throw KFACError(.unsupported, "distributed runs do not support async_inversion (the inverse exchange happens within the due step)")
@@ -216,6 +234,18 @@ extension KFACOptimizer {
                 w += f.packCount
             }
         }
+        // Block-tridiagonal links: each cross factor as a full matrix (rectangular), then its count.
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    let f = s == 0 ? links.links[i].inputs : links.links[i].gradients
+                    try f.checkAllPaired(s == 0 ? "input" : "output-gradient")
+                    if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay, folding: folding) }
+                    else { f.packPending(into: out + w) }
+                    w += f.packCount
+                }
+            }
+        }
     }
 
     /// Replaces the statistics by the SUM-allreduced pack (the mode must be the pack's): eager,
@@ -244,6 +274,17 @@ extension KFACOptimizer {
                 }
             }
         }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    w += (s == 0 ? links.links[i].inputs : links.links[i].gradients).packCount
+                    let v = Double(p[w - 1])
+                    guard v >= 0, v <= 9.007_199_254_740_992e15, v.rounded() == v else {
+                        throw KFACError(.invalidArgument, "a reduced cross \(lazy ? "weight" : "row count") is \(v), not a whole number >= 0")
+                    }
+                }
+            }
+        }
         w = 0
         let folding = shouldFoldFactors(at: stepCount)
         for k in estimator.blocks.indices {
@@ -255,9 +296,20 @@ extension KFACOptimizer {
                 w += f.packCount
             }
         }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    let f = s == 0 ? links.links[i].inputs : links.links[i].gradients
+                    let n = Int(Double(p[w + f.packCount - 1]))
+                    if lazy { f.replaceRunning(from: p + w, weight: n, folding: folding) } else { f.replacePending(from: p + w, rows: n) }
+                    w += f.packCount
+                }
+            }
+        }
         if anyRows { estimator.statisticsStarted = true }
         distributed.prepared = nil
         distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
         distributed.statisticsReduced = (stepCount, blocksKey)
     }
 
@@ -275,7 +327,12 @@ extension KFACOptimizer {
             (c.inverse?.strategy == strategy ? c.inverse! : try c.stagingInverse(for: strategy)).write(to: &w)
             total += w.offset / MemoryLayout<Scalar>.stride
         }
-        return total
+        return total + (tridiagonal?.inversePackCount ?? 0)
+    }
+
+    /// Where the link section of an inverse pack starts (after every block's image).
+    func blockInversePackCount() throws(KFACError) -> Int {
+        try inversePackCount() - (tridiagonal?.inversePackCount ?? 0)
     }
 
     func imageCount(_ inverse: any KroneckerInverse<Scalar>) -> Int {
@@ -292,6 +349,7 @@ extension KFACOptimizer {
         try checkCount(count, try inversePackCount(), "inverse")
         distributed.prepared = nil
         distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
         do throws(KFACError) {
             try stageOwnedInverses(into: out, count: count)
         } catch {
@@ -305,8 +363,13 @@ extension KFACOptimizer {
         let p = stepParameters(), strategy = p.inverseStrategy
         let folding = shouldFoldFactors(at: stepCount)
         let any = try planStepInversions(p, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
+        if folding && (any || linksInverting) { try estimator.validatePendingStatistics() }
+        if linksInverting {
+            if folding { try tridiagonal!.checkPaired(estimator: estimator) }
+            try stageOwnedLinkInverses(into: out + (try blockInversePackCount()), folding: folding, settings: p.curvatureSettings)
+        }
         guard any else { return }
-        if folding { try estimator.validatePendingStatistics() }
         // Zero the staging inverses of the blocks inverted, so that units not owned pack as 0.
         var largest = 1
         for k in estimator.blocks.indices where estimator.invertBlock[k] {
@@ -342,6 +405,33 @@ extension KFACOptimizer {
         }
     }
 
+    /// The link section of this rank's inverse pack: the linked layers it owns (`linkOwner`),
+    /// computed into the links' staging set and written in layer order; zeros elsewhere.
+    private func stageOwnedLinkInverses(into out: UnsafeMutablePointer<Scalar>, folding: Bool,
+                                        settings: CurvatureSettings) throws(KFACError) {
+        let links = tridiagonal!
+        let rank = distributed.rank
+        try links.stageInverses(estimator: estimator, foldingPending: folding, settings: settings,
+                                owned: distributed.size > 1 ? { self.linkOwner(layer: $0) == rank } : nil)
+        var offset = 0
+        for i in 0..<links.linkedLayers.count {
+            let l = links.linkedLayers[i]
+            if linkOwner(layer: l) == rank { links.transferStaged(layer: l, out + offset, toImage: true) }
+            offset += links.inverseImageCount(layer: l)
+        }
+    }
+
+    /// The step's link inversion: the exchanged link inverses when `unpackInverses` prepared
+    /// them for this step, else every linked layer here.
+    func stageStepLinkInverses(folding: Bool, settings: CurvatureSettings) throws(KFACError) {
+        defer { distributed.preparedLinks = nil }
+        if let pr = distributed.preparedLinks, pr.step == stepCount, pr.blocks == blocksKey, pr.damping == settings.damping,
+           pr.pi == settings.piDamping {
+            return
+        }
+        try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings)
+    }
+
     /// Installs the SUM-allreduced inverse pack as the inverses the next `step` commits (instead
     /// of computing them). On error nothing changed.
     public func unpackInverses(from p: UnsafePointer<Scalar>?, count: Int) throws(KFACError) {
@@ -353,8 +443,20 @@ extension KFACOptimizer {
         let params = stepParameters(), strategy = params.inverseStrategy
         let folding = shouldFoldFactors(at: stepCount)
         let any = try planStepInversions(params, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
         distributed.prepared = nil
         distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
+        if linksInverting, let links = tridiagonal {
+            var offset = try blockInversePackCount()
+            for i in 0..<links.linkedLayers.count {
+                let l = links.linkedLayers[i]
+                links.transferStaged(layer: l, UnsafeMutablePointer(mutating: p) + offset, toImage: false)
+                offset += links.inverseImageCount(layer: l)
+            }
+            let settings = params.curvatureSettings
+            distributed.preparedLinks = (stepCount, blocksKey, settings.damping, settings.piDamping)
+        }
         guard any else { return }
         var offset = 0
         for k in estimator.blocks.indices {

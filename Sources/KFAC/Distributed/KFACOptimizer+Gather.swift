@@ -44,6 +44,14 @@ extension KFACOptimizer {
             }
             offset += imageCount(inverse)
         }
+        // Block-tridiagonal links: one unit per linked layer, its whole image.
+        if let links = tridiagonal, try planTridiagonalStep(folding: shouldFoldFactors(at: stepCount), inverting: shouldInvert(at: stepCount)) {
+            for i in 0..<links.linkedLayers.count {
+                let l = links.linkedLayers[i], n = links.inverseImageCount(layer: l)
+                distributed.gatheredUnits.append(GatheredUnit(ranges: InverseUnitRanges(offset..<offset + n), owner: linkOwner(layer: l)))
+                offset += n
+            }
+        }
         return full
     }
 

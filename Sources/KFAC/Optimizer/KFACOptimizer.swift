@@ -233,7 +233,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
         // EKFAC's S (BlockDiagonalEstimator+EKFAC), from the union's sums in a distributed run.
         try estimator.stageScalings(folding: folding, settings: settings, reduced: reducedScalings())
-        if linksInverting { try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings) }
+        if linksInverting { try stageStepLinkInverses(folding: folding, settings: settings) }  // exchanged ones if prepared
 
         var inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
         if let links = tridiagonal { inner += try preconditionLinked(links, staged: linksInverting) }
@@ -253,6 +253,7 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         stepCount += 1
         adaptive.directionsAvailable = true
         distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
     }
 
     /// The parameters the step at the current counter uses: on a γ step, γ brought into

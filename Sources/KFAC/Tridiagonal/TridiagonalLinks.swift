@@ -271,7 +271,13 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// factors or, with `foldingPending`, from out-of-place folds of the pending statistics
     /// (diagonal and cross). Nothing committed changes; on failure throws the first error in
     /// layer order.
-    func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings) throws(KFACError) {
+    ///
+    /// `owned` (a distributed run): only the layers it selects are computed (with the Cholesky
+    /// inverses of the layers above them that their Ψ needs); the others' staged inverses are
+    /// left as they are, to be filled by the inverse exchange.
+    func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings,
+                       owned: ((Int) -> Bool)? = nil) throws(KFACError) {
+        func selected(_ l: Int) -> Bool { owned?(l) ?? true }
         let decay = Scalar(settings.factorDecay)
         for i in 0..<linkedLayers.count {
             let l = linkedLayers[i]
@@ -305,6 +311,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             for i in 0..<linkedLayers.count {
                 let l = linkedLayers[i]
                 guard !round || upLink[l] >= 0 else { continue }
+                // Round 1 also inverts the factors of the layer above an owned layer (its Ψ needs them).
+                let wanted = round ? selected(l) : selected(l) || (downLink[l] >= 0 && selected(l - 1))
+                guard wanted else { continue }
                 jobs.append(Job(layer: l, side: .input))
                 jobs.append(Job(layer: l, side: .output))
             }
@@ -321,7 +330,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         }
         for i in 0..<linkedLayers.count {
             let l = linkedLayers[i]
-            guard upLink[l] >= 0 else { continue }
+            guard upLink[l] >= 0, selected(l) else { continue }
             do {
                 try staged[l]!.sigma!.finish(sign: -1, minimumDenominator: Self.minimumDenominator)
             } catch {
@@ -362,6 +371,42 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             jobErrors[index] = nil
         } catch {
             jobErrors[index] = error
+        }
+    }
+
+    // MARK: Distributed exchange
+
+    /// Scalars of linked layer `l`'s inverse image (its buffers in state-image order).
+    func inverseImageCount(layer l: Int) -> Int {
+        let inv = staged[l]!
+        var n = inv.dampedA.count + inv.dampedG.count + inv.inverseA.count + inv.inverseG.count
+        if let psiA = inv.psiA, let psiG = inv.psiG, let crossA = inv.crossA, let crossG = inv.crossG, let sigma = inv.sigma {
+            n += psiA.count + psiG.count + crossA.count + crossG.count
+            n += sigma.inputVectors.count + sigma.inputValues.count + sigma.outputVectors.count + sigma.outputValues.count + sigma.scale.count
+        }
+        return n
+    }
+
+    /// Scalars of the link section of an inverse pack: every linked layer's image, ascending.
+    var inversePackCount: Int {
+        var n = 0
+        for i in 0..<linkedLayers.count { n += inverseImageCount(layer: linkedLayers[i]) }
+        return n
+    }
+
+    /// Copies linked layer `l`'s staged inverse to (`toImage`) or from an image at `p`.
+    func transferStaged(layer l: Int, _ p: UnsafeMutablePointer<Scalar>, toImage: Bool) {
+        let inv = staged[l]!
+        var w = 0
+        func move(_ b: AlignedBuffer<Scalar>?) {
+            guard let b else { return }
+            if toImage { (p + w).update(from: b.base, count: b.count) } else { b.base.update(from: p + w, count: b.count) }
+            w += b.count
+        }
+        move(inv.dampedA); move(inv.dampedG); move(inv.inverseA); move(inv.inverseG)
+        move(inv.psiA); move(inv.psiG); move(inv.crossA); move(inv.crossG)
+        if let sigma = inv.sigma {
+            move(sigma.inputVectors); move(sigma.inputValues); move(sigma.outputVectors); move(sigma.outputValues); move(sigma.scale)
         }
     }
 
