@@ -1681,9 +1681,19 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * hands the step the union's sums and count, and S becomes the union batch's (up to the order of
  * floating-point sums). KFAC_DISTRIBUTED_SCALINGS is due on EKFAC steps that invert or fold. The
  * factor update period must be ≥ 1 (kfac_optimizer_update_factors folds S from one rank's
- * examples: the pack, unpack and count calls return UNSUPPORTED with period 0). When
- * block-tridiagonal links exist the pack, unpack and count calls fail with UNSUPPORTED (cross
- * factors are not exchanged yet).
+ * examples: the pack, unpack and count calls return UNSUPPORTED with period 0).
+ *
+ * Block-tridiagonal links (kfac_layer_link). The cross factors A_{l,l+1}, G_{l,l+1} join the
+ * statistics pack after the groups' factors, as full rectangular matrices: eager, the pending
+ * sums Σ x_l x_{l+1}ᵀ of the paired rows and their count (every recorded row must be paired at the
+ * pack: a layer's rows waiting for its partner's give INVALID_SIZE); lazy, the moving averages
+ * and a 1/0 weight, as for the diagonal factors. Each linked layer's block-tridiagonal inverse
+ * (its damped factors' inverses and, with a link up, Ψ, C, D and Σ_{l|l+1}⁻¹ of eq. 8) is one
+ * inversion unit, computed by the rank that owns its input factor's block (see
+ * kfac_distributed_get_owner; that rank also inverts the factors of the layer above, which its Ψ
+ * needs) and shared through the inverse exchange, SUM or allgatherv route, after the groups'
+ * units: every rank holds bit-identical link inverses and directions, equal to one process's on
+ * the union batch.
  *
  * Allocation: after warm-up (the first exchange of each kind) the count, due, layout, pack and
  * unpack calls and kfac_distributed_synchronize allocate nothing, as a step does.
@@ -1721,9 +1731,12 @@ KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank
  *  then the output factor, each factor's blocks' upper triangles (b(b+1)/2 values each) then one
  *  count. Inverses: per group, the inverse strategy's representation. Scalings: per group,
  *  o·a sums (o, a the output and input factor dimensions, row-major as
- *  kfac_layer_get_ekfac_scaling_*) then one example count. Fixed once layers are registered
- *  (inverses: for the current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what),
- *  UNSUPPORTED (links; EKFAC with KFAC_PARAM_FACTOR_UPDATE_PERIOD 0), OUT_OF_MEMORY. */
+ *  kfac_layer_get_ekfac_scaling_*) then one example count. With block-tridiagonal links the
+ *  statistics end with each link's cross factors (in link order, A_{l,l+1} then G_{l,l+1}, each
+ *  the full row-major matrix then its row count) and the inverses with each linked layer's link
+ *  inverse (ascending layers). Fixed once layers are registered and linked (inverses: for the
+ *  current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what), UNSUPPORTED (EKFAC with
+ *  KFAC_PARAM_FACTOR_UPDATE_PERIOD 0), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
 
 /** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
@@ -1740,7 +1753,8 @@ KFAC_API int kfac_distributed_get_owner(const kfac_optimizer *opt, int32_t layer
 
 /** Since 0.2. Writes this rank's statistics (see "Statistics") into buffer[count], count from
  *  kfac_distributed_get_count. Changes nothing in the handle. Errors: NULL_POINTER, INVALID_SIZE
- *  (count), DTYPE_MISMATCH, UNSUPPORTED (see kfac_distributed_get_count), OUT_OF_MEMORY. */
+ *  (count; a link's rows that do not pair), DTYPE_MISMATCH, UNSUPPORTED (see
+ *  kfac_distributed_get_count), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_pack_statistics_f32(kfac_optimizer *opt, float *buffer, int64_t count);
 KFAC_API int kfac_distributed_pack_statistics_f64(kfac_optimizer *opt, double *buffer, int64_t count);
 
@@ -1827,9 +1841,10 @@ KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double
  *  representation that belong to it (Cholesky: the block's inverse, b² values; eigen: its
  *  eigenvectors, b², then its eigenvalues, b). All zero when the step inverts nothing. The same
  *  on every rank; valid until the next step or parameter change. In all, one full inverse pack
- *  at most (when every block is inverted) instead of the SUM route's one per rank. Errors:
- *  EKFAC: its bases' units as eigen's (S goes through the scaling exchange). Errors:
- *  NULL_POINTER (opt, counts), INVALID_SIZE (n_ranks), UNSUPPORTED (links), OUT_OF_MEMORY. */
+ *  at most (when every block is inverted) instead of the SUM route's one per rank. EKFAC: its
+ *  bases' units as eigen's (S goes through the scaling exchange). Block-tridiagonal links: after
+ *  the blocks' units, one unit per linked layer (its whole link inverse, see "Inverses"). Errors:
+ *  NULL_POINTER (opt, counts), INVALID_SIZE (n_ranks), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_get_inverse_layout(kfac_optimizer *opt, int64_t *counts, int64_t *displacements,
                                                  int32_t n_ranks);
 

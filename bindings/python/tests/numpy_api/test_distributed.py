@@ -13,15 +13,19 @@ ROWS = 11
 
 
 def _optimizer(rank, size, strategy):
-    opt = kfac.Optimizer(np.float64, inverse_strategy=strategy, inverse_update_period=2, kl_clip=1e-2)
+    linked = strategy == "tridiagonal"  # the two layers linked (block-tridiagonal), eigen otherwise
+    opt = kfac.Optimizer(np.float64, inverse_strategy="eigen" if linked else strategy, inverse_update_period=2,
+                         kl_clip=1e-2, **(dict(damping=5e-2, pi_damping=True) if linked else {}))
     opt.add_dense(6, 4, bias=True)
     opt.add_dense(4, 3, bias=False)
+    if linked:
+        opt.link_layers(0, 1)
     opt.set_world(rank, size)
     return opt
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", ["eigen", "cholesky", "ekfac"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky", "ekfac", "tridiagonal"])
 def test_fake_world_matches_the_union_batch(size, strategy):
     rng = np.random.default_rng(3)
     ref = _optimizer(0, 1, strategy)
@@ -64,6 +68,9 @@ def test_fake_world_matches_the_union_batch(size, strategy):
             assert np.array_equal(d, directions[0])
         want = np.concatenate([a.ravel() for a in expected])
         assert np.max(np.abs(directions[0] - want)) <= 1e-12 * np.max(np.abs(want))
+        if strategy == "tridiagonal":  # the cross factors are the union batch's
+            for got, want in zip(ranks[-1].cross_factors(0), ref.cross_factors(0)):
+                assert np.max(np.abs(got - want)) <= 1e-12 * np.max(np.abs(want))
         if strategy == "ekfac":  # S itself is the union batch's
             for layer in (0, 1):
                 s_ref = ref.ekfac_scaling(layer)

@@ -3,7 +3,8 @@ and 4 spawned with torch.multiprocessing, each rank training on an uneven slice 
 (equal slices for the lazy reduce), gradients averaged over the union batch by the test. Every
 rank's directions must equal each other bitwise and one process's on the union batch to rtol
 1e-12 (float64), for the eigen, Cholesky and EKFAC strategies (EKFAC: paired recording and the
-scaling exchange, with bases refreshed at steps 0, 2, 4 and S folded in between)."""
+scaling exchange, with bases refreshed at steps 0, 2, 4 and S folded in between), and
+block-tridiagonal K-FAC (tridiagonal=True: the two Linear layers linked)."""
 
 import os
 import socket
@@ -106,7 +107,8 @@ def _free_port():
 # World 4 (the issue's size) runs Cholesky and EKFAC on uneven slices of 1, 2, 4 and 5 rows; few
 # spawns keep the test's time bounded (each process imports torch).
 @pytest.mark.parametrize("world,strategy,reduce", [(2, "eigen", "eager"), (4, "cholesky", "eager"),
-                                                   (3, "eigen", "lazy"), (4, "ekfac", "eager")])
+                                                   (3, "eigen", "lazy"), (4, "ekfac", "eager"),
+                                                   (4, "tridiagonal", "eager")])
 def test_ranks_match_one_process_on_the_union_batch(world, strategy, reduce):
     model = _model(strategy)
     pre = KFACPreconditioner(model, **_kwargs(strategy, reduce))
