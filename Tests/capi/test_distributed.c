@@ -355,6 +355,91 @@ static void synchronize_failures(void) {
     kfac_optimizer_free(o);
 }
 
+/* Block-tridiagonal links: a chain 6 → 5 → 4 → 3 of linked dense layers (biases on the first
+ * two), P = 1..4 float64 handles with uneven slices against one handle on the union batch: every
+ * rank's directions bit-identical and within rtol 1e-12 of the union's (the cross factors travel
+ * with the statistics, each linked layer's inverse is one rank's unit). */
+enum { LK_LAYERS = 3, LK_ROWS = 11 };
+static const int64_t lk_in[LK_LAYERS] = {6, 5, 4}, lk_out[LK_LAYERS] = {5, 4, 3}, lk_bias[LK_LAYERS] = {1, 1, 0};
+
+static int lk_create(kfac_optimizer **out, int32_t rank, int32_t size) {
+    kfac_optimizer *o = NULL;
+    int s = kfac_optimizer_create(KFAC_FLOAT64, &o);
+    if (s) return s;
+    s = kfac_param_set_double(o, KFAC_PARAM_DAMPING, 5e-2);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_PI_DAMPING, 1);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_NUM_THREADS, 1);
+    for (int l = 0; l < LK_LAYERS && !s; l++) {
+        kfac_dense_desc d = {sizeof(kfac_dense_desc), lk_in[l], lk_out[l], (int32_t)lk_bias[l], 0, 0, 0};
+        int32_t got;
+        s = kfac_layer_add_dense(o, &d, &got);
+    }
+    if (!s) s = kfac_layer_link(o, 0, 1);
+    if (!s) s = kfac_layer_link(o, 1, 2);
+    if (!s) s = kfac_distributed_set_world(o, rank, size);
+    if (s) { kfac_optimizer_free(o); return s; }
+    *out = o;
+    return 0;
+}
+
+static void linked_world(int p) {
+    kfac_optimizer *ref = NULL, *ranks[MAXP] = {0};
+    REQUIRE_OK(ref, lk_create(&ref, 0, 1));
+    for (int r = 0; r < p; r++) REQUIRE_OK(ranks[r], lk_create(&ranks[r], r, p));
+    static double x[LK_LAYERS][LK_ROWS * 8], g[LK_LAYERS][LK_ROWS * 8], gw[LK_LAYERS][32], gb[LK_LAYERS][8];
+    static double w[MAXP + 1][LK_LAYERS][32], b[MAXP + 1][LK_LAYERS][8];
+    uint64_t seed = 31;
+    double worst = 0, scale = 0;
+    int ok = 1, identical = 1;
+    for (int k = 0; k < 7 && ok; k++) {
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < LK_ROWS * lk_in[l]; i++) x[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < LK_ROWS * lk_out[l]; i++) g[l][i] = 0.5 * dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) gw[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_out[l]; i++) gb[l][i] = dm_uniform(&seed);
+        }
+        for (int r = 0; r <= p; r++) {  /* r == p: the reference on every row */
+            kfac_optimizer *o = r == p ? ref : ranks[r];
+            int lo = 0, hi = LK_ROWS;
+            if (r < p) dm_slice(r, p, LK_ROWS, 0, &lo, &hi);
+            for (int l = 0; l < LK_LAYERS && hi > lo; l++) {
+                ok = ok && !kfac_layer_record_inputs_f64(o, l, x[l] + lo * lk_in[l], hi - lo);
+                ok = ok && !kfac_layer_record_output_grads_f64(o, l, g[l] + lo * lk_out[l], hi - lo);
+            }
+        }
+        ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_STATISTICS) == 0;
+        ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_INVERSES) == 0;
+        for (int r = 0; r <= p && ok; r++) {
+            double *wp[LK_LAYERS], *bp[LK_LAYERS];
+            for (int l = 0; l < LK_LAYERS; l++) {
+                memcpy(w[r][l], gw[l], sizeof gw[l]);
+                memcpy(b[r][l], gb[l], sizeof gb[l]);
+                wp[l] = w[r][l];
+                bp[l] = lk_bias[l] ? b[r][l] : NULL;
+            }
+            ok = ok && !kfac_optimizer_step_f64(r == p ? ref : ranks[r], wp, bp, LK_LAYERS);
+            if (r > 0 && r < p && (memcmp(w[r], w[0], sizeof w[0]) || memcmp(b[r], b[0], sizeof b[0]))) identical = 0;
+        }
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) {
+                double e = fabs(w[0][l][i] - w[p][l][i]); if (e > worst) worst = e;
+                if (fabs(w[p][l][i]) > scale) scale = fabs(w[p][l][i]);
+            }
+            for (int64_t i = 0; i < lk_out[l] * lk_bias[l]; i++) {
+                double e = fabs(b[0][l][i] - b[p][l][i]); if (e > worst) worst = e;
+                if (fabs(b[p][l][i]) > scale) scale = fabs(b[p][l][i]);
+            }
+        }
+    }
+    check(ok, "links, P = %d: every call succeeds", p);
+    check(identical, "links, P = %d: every rank's directions are bit-identical", p);
+    check(worst <= 1e-12 * scale, "links, P = %d: directions equal the union batch's (max rel. difference %.2e <= 1e-12)", p,
+          worst / (scale > 0 ? scale : 1));
+    kfac_optimizer_free(ref);
+    for (int r = 0; r < p; r++) kfac_optimizer_free(ranks[r]);
+}
+
 void test_distributed(void) {
     section("distributed: fake world of 1-4 handles against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
@@ -364,6 +449,8 @@ void test_distributed(void) {
         fake_world(p, KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_LAZY);
         fake_world(p, KFAC_INVERSE_EKFAC, KFAC_DISTRIBUTED_REDUCE_EAGER);
     }
+    section("distributed: block-tridiagonal links, fake world of 1-4 handles against one handle on the union batch");
+    for (int p = 1; p <= MAXP; p++) linked_world(p);
     distributed_errors();
     section("distributed: kfac_distributed_synchronize on threads against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
