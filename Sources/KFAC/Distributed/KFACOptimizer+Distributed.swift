@@ -411,8 +411,11 @@ extension KFACOptimizer {
                                         settings: CurvatureSettings) throws(KFACError) {
         let links = tridiagonal!
         let rank = distributed.rank
-        try links.stageInverses(estimator: estimator, foldingPending: folding, settings: settings,
-                                owned: distributed.size > 1 ? { self.linkOwner(layer: $0) == rank } : nil)
+        for i in 0..<links.linkedLayers.count {
+            let l = links.linkedLayers[i]
+            links.owned[l] = linkOwner(layer: l) == rank
+        }
+        try links.stageInverses(estimator: estimator, foldingPending: folding, settings: settings, ownedOnly: distributed.size > 1)
         var offset = 0
         for i in 0..<links.linkedLayers.count {
             let l = links.linkedLayers[i]

@@ -94,6 +94,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     private(set) var downLink: [Int] = []
     /// The linked layers, ascending.
     private(set) var linkedLayers: [Int] = []
+    /// Per layer: whether this rank computes its inverse (`stageInverses(ownedOnly:)`).
+    var owned: [Bool] = []
     private(set) var committed: [TridiagonalLayerInverse<Scalar>?] = []
     private var staged: [TridiagonalLayerInverse<Scalar>?] = []
     private(set) var hasInverses = false
@@ -192,6 +194,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         upLink = up
         downLink = down
         linkedLayers = layers
+        owned = [Bool](repeating: true, count: n)
         committed = newCommitted
         staged = newStaged
         (w, z, above, below) = (newW, newZ, newAbove, newBelow)
@@ -272,12 +275,13 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// (diagonal and cross). Nothing committed changes; on failure throws the first error in
     /// layer order.
     ///
-    /// `owned` (a distributed run): only the layers it selects are computed (with the Cholesky
-    /// inverses of the layers above them that their Ψ needs); the others' staged inverses are
-    /// left as they are, to be filled by the inverse exchange.
+    /// `ownedOnly` (a distributed run): only the layers `owned` marks are computed (with the
+    /// Cholesky inverses of the layers above them that their Ψ needs); the others' staged
+    /// inverses are left as they are, to be filled by the inverse exchange.
     func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings,
-                       owned: ((Int) -> Bool)? = nil) throws(KFACError) {
-        func selected(_ l: Int) -> Bool { owned?(l) ?? true }
+                       ownedOnly: Bool = false) throws(KFACError) {
+        let owned = self.owned
+        func selected(_ l: Int) -> Bool { !ownedOnly || owned[l] }
         let decay = Scalar(settings.factorDecay)
         for i in 0..<linkedLayers.count {
             let l = linkedLayers[i]
@@ -398,16 +402,22 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     func transferStaged(layer l: Int, _ p: UnsafeMutablePointer<Scalar>, toImage: Bool) {
         let inv = staged[l]!
         var w = 0
-        func move(_ b: AlignedBuffer<Scalar>?) {
-            guard let b else { return }
-            if toImage { (p + w).update(from: b.base, count: b.count) } else { b.base.update(from: p + w, count: b.count) }
-            w += b.count
-        }
-        move(inv.dampedA); move(inv.dampedG); move(inv.inverseA); move(inv.inverseG)
-        move(inv.psiA); move(inv.psiG); move(inv.crossA); move(inv.crossG)
+        // (A static helper, not a nested function: capturing `w` would allocate a context.)
+        Self.move(inv.dampedA, p, &w, toImage); Self.move(inv.dampedG, p, &w, toImage)
+        Self.move(inv.inverseA, p, &w, toImage); Self.move(inv.inverseG, p, &w, toImage)
+        Self.move(inv.psiA, p, &w, toImage); Self.move(inv.psiG, p, &w, toImage)
+        Self.move(inv.crossA, p, &w, toImage); Self.move(inv.crossG, p, &w, toImage)
         if let sigma = inv.sigma {
-            move(sigma.inputVectors); move(sigma.inputValues); move(sigma.outputVectors); move(sigma.outputValues); move(sigma.scale)
+            Self.move(sigma.inputVectors, p, &w, toImage); Self.move(sigma.inputValues, p, &w, toImage)
+            Self.move(sigma.outputVectors, p, &w, toImage); Self.move(sigma.outputValues, p, &w, toImage)
+            Self.move(sigma.scale, p, &w, toImage)
         }
+    }
+
+    private static func move(_ b: AlignedBuffer<Scalar>?, _ p: UnsafeMutablePointer<Scalar>, _ w: inout Int, _ toImage: Bool) {
+        guard let b else { return }
+        if toImage { (p + w).update(from: b.base, count: b.count) } else { b.base.update(from: p + w, count: b.count) }
+        w += b.count
     }
 
     /// Makes the staging set current.

@@ -23,17 +23,21 @@ final class DistributedAllocationTests: XCTestCase {
         let weightCounts: [Int], biasCounts: [Int]
         let paired: Bool
 
-        init(rank: Int, size: Int, strategy: InverseStrategy, paired: Bool = false) throws {
+        init(rank: Int, size: Int, strategy: InverseStrategy, paired: Bool = false, linked: Bool = false) throws {
             let opt = try KFACOptimizer<S>()
             var p = opt.parameters
             p.inverseStrategy = strategy
             p.inverseUpdatePeriod = 2
             p.threadCount = 2
             p.klClip = 1e-2
+            if linked { p.damping = 0.05 }
             try opt.setParameters(p)
-            try opt.addDense(inFeatures: 7, outFeatures: 5, hasBias: true, grouping: .init(inputGroupSize: 3, outputGroupSize: 2))
+            // Linked (block-tridiagonal): the two dense layers ungrouped and linked.
+            try opt.addDense(inFeatures: 7, outFeatures: 5, hasBias: true,
+                             grouping: linked ? .init() : .init(inputGroupSize: 3, outputGroupSize: 2))
             try opt.addDense(inFeatures: 5, outFeatures: 3, hasBias: false)
             try opt.addConv2d(Self.conv, grouping: .init(inputGroupSize: 1))
+            if linked { try opt.linkLayers(lower: 0, upper: 1) }
             try opt.setWorld(rank: rank, size: size)
             self.opt = opt
             self.paired = paired
@@ -154,12 +158,12 @@ final class DistributedAllocationTests: XCTestCase {
         return count - openblas
     }
 
-    private func manual<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, gathered: Bool) throws {
-        let ranks = try (0..<2).map { try Rank<S>(rank: $0, size: 2, strategy: strategy, paired: strategy == .ekfac) }
+    private func manual<S: KFACScalar>(_: S.Type, _ strategy: InverseStrategy, gathered: Bool, linked: Bool = false) throws {
+        let ranks = try (0..<2).map { try Rank<S>(rank: $0, size: 2, strategy: strategy, paired: strategy == .ekfac, linked: linked) }
         let buffers = Buffers<S>(capacity: 1 << 16)
         for _ in 0..<4 { try manualStep(ranks, buffers, gathered: gathered) }
         let n = try counted { for _ in 0..<6 { try manualStep(ranks, buffers, gathered: gathered) } }  // three inverse steps
-        XCTAssertEqual(n, 0, "\(S.self) \(strategy) gathered \(gathered): \(n) allocations outside OpenBLAS in 6 distributed steps")
+        XCTAssertEqual(n, 0, "\(S.self) \(strategy) gathered \(gathered) linked \(linked): \(n) allocations outside OpenBLAS in 6 distributed steps")
     }
 
     func testPackAndUnpackStepsDoNotAllocate() throws {
@@ -171,6 +175,10 @@ final class DistributedAllocationTests: XCTestCase {
                 for gathered in [false, true] {
                     try manual(Float.self, strategy, gathered: gathered)
                     try manual(Double.self, strategy, gathered: gathered)
+                    if strategy != .ekfac {  // block-tridiagonal links (not with EKFAC)
+                        try manual(Float.self, strategy, gathered: gathered, linked: true)
+                        try manual(Double.self, strategy, gathered: gathered, linked: true)
+                    }
                 }
             }
         }
@@ -294,5 +302,6 @@ extension DistributedAllocationTests {
         }
     }
 }
+
 
 
