@@ -168,6 +168,10 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
         estimator.discardBackground()  // every block is re-inverted from newer factors
+        // Exchanged link inverses and scaling sums were for the inverses this replaces (the
+        // blocks' exchanged inverses are invalidated by the staging generation).
+        distributed.preparedLinks = nil
+        distributed.preparedScaling = nil
         guard let links = tridiagonal else { return try estimator.invert(parameters.curvatureSettings) }
         try updateInverses(links)
     }

@@ -111,12 +111,12 @@ extension FakeWorldTests {
     /// spread over the ranks, and a rank given only rank 0's pack gets different directions.
     func testLinkInversesAreSplitAndExchanged() throws {
         let ranks = try (0..<3).map { r in
-            let o = try makeLinked { _ in }
+            let o = try makeLinked { $0.inverseUpdatePeriod = 1 }
             try o.setWorld(rank: r, size: 3)
             return o
         }
         XCTAssertGreaterThan(Set((0..<3).map { ranks[0].linkOwner(layer: $0) }).count, 1, "the linked layers go to different ranks")
-        let reference = try makeLinked { _ in }
+        let reference = try makeLinked { $0.inverseUpdatePeriod = 1 }
         var random = SeededRandom(3)
         let batch = linkedBatch(&random, rows: 6)
         try record(reference, batch, rows: 6, 0, 6)
@@ -136,6 +136,18 @@ extension FakeWorldTests {
         try ranks[1].step(&g)
         // The linked layers' directions (layers 0–2), not only the convolution's.
         XCTAssertGreaterThan(maxRelativeDifference(Array(g[0..<3]), Array(expected[0..<3])), 1e-3)
+        // update_inverses between an exchange and the step replaces the staged link inverses:
+        // the exchanged ones are dropped, and the step computes its own.
+        for r in [0, 2] { var h = grads; try ranks[r].step(&h) }  // every rank at the same step again
+        let batch2 = linkedBatch(&random, rows: 6)
+        for r in 0..<3 { try record(ranks[r], batch2, rows: 6, 2 * r, 2 * r + 2) }
+        try exchange(Array(ranks))
+        XCTAssertNotNil(ranks[2].distributed.preparedLinks)
+        try ranks[2].updateInverses()
+        XCTAssertNil(ranks[2].distributed.preparedLinks)
+        var g2 = grads
+        try ranks[2].step(&g2)  // its own inversion (Ti = 1), not the dropped exchanged one
+        XCTAssertTrue(g2.allSatisfy { $0.weight.allSatisfy(\.isFinite) })
     }
 
     /// A collective failing at the statistics or the inverse call (both routes) on 3 threads
