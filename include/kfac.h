@@ -1606,9 +1606,12 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_INVERSES, &due);
  *     if (due) { kfac_distributed_pack_inverses_f64(opt, ibuf, m); allreduce_sum(ibuf, m);
  *                kfac_distributed_unpack_inverses_f64(opt, ibuf, m); }
+ *     kfac_distributed_get_due(opt, KFAC_DISTRIBUTED_SCALINGS, &due);     (EKFAC only)
+ *     if (due) { kfac_distributed_pack_scalings_f64(opt, sbuf, s); allreduce_sum(sbuf, s);
+ *                kfac_distributed_unpack_scalings_f64(opt, sbuf, s); }
  *     kfac_optimizer_step_f64(opt, grads_w, grads_b, n_layers);
- * n and m come from kfac_distributed_get_count; the due flags are the same on every rank.
- * kfac_distributed_synchronize does the two exchanges in one call through a caller-supplied
+ * n, m and s come from kfac_distributed_get_count; the due flags are the same on every rank.
+ * kfac_distributed_synchronize does the exchanges in one call through a caller-supplied
  * SUM-allreduce (kfac_collectives), with buffers the handle keeps, for engines without a
  * companion library (NCCL, custom).
  *
@@ -1667,9 +1670,33 @@ KFAC_API int kfac_layer_get_ekfac_scaling_f64(const kfac_optimizer *opt, int32_t
  * state then stays identical on every rank (its K-FAC preconditioner uses the exchanged
  * inverses), and so does its step. Report the union batch's losses to kfac_cg_report_loss_change.
  *
- * Strategies: Cholesky and eigen. With KFAC_INVERSE_EKFAC the pack, unpack and count calls
- * fail with UNSUPPORTED (EKFAC's scaling S, from per-example statistics, is not exchanged yet),
- * as they do when block-tridiagonal links exist (cross factors are not exchanged yet).
+ * Strategies: Cholesky, eigen and EKFAC. EKFAC (KFAC_INVERSE_EKFAC, record with
+ * kfac_layer_record_examples_*) takes three exchanges, in this order: the statistics (the union's
+ * factors), the inverses (the eigenbases Q_A, Q_G, computed by their owners as for the eigen
+ * strategy; the pack carries S as zeros), then the scalings. S is a running mean of
+ * (Q_Gᵀ G_n Q_A)^∘2 over examples n, so kfac_distributed_pack_scalings_* writes, per group whose S
+ * the next step sets (new bases, or a fold between refreshes), this rank's sum over its own
+ * pending examples in the bases that step uses (the exchanged ones when it inverts: unpack the
+ * inverses first) and their count; after the SUM-allreduce kfac_distributed_unpack_scalings_*
+ * hands the step the union's sums and count, and S becomes the union batch's (up to the order of
+ * floating-point sums). KFAC_DISTRIBUTED_SCALINGS is due on EKFAC steps that invert or fold. The
+ * factor update period must be ≥ 1 (kfac_optimizer_update_factors folds S from one rank's
+ * examples: the pack, unpack and count calls return UNSUPPORTED with period 0).
+ *
+ * Block-tridiagonal links (kfac_layer_link). The cross factors A_{l,l+1}, G_{l,l+1} join the
+ * statistics pack after the groups' factors, as full rectangular matrices: eager, the pending
+ * sums Σ x_l x_{l+1}ᵀ of the paired rows and their count (every recorded row must be paired at the
+ * pack: a layer's rows waiting for its partner's give INVALID_SIZE); lazy, the moving averages
+ * and a 1/0 weight, as for the diagonal factors. Each linked layer's block-tridiagonal inverse
+ * (its damped factors' inverses and, with a link up, Ψ, C, D and Σ_{l|l+1}⁻¹ of eq. 8) is one
+ * inversion unit, computed by the rank that owns its input factor's block (see
+ * kfac_distributed_get_owner; that rank also inverts the factors of the layer above, which its Ψ
+ * needs) and shared through the inverse exchange, SUM or allgatherv route, after the groups'
+ * units: every rank holds bit-identical link inverses and directions, equal to one process's on
+ * the union batch.
+ *
+ * Allocation: after warm-up (the first exchange of each kind) the count, due, layout, pack and
+ * unpack calls and kfac_distributed_synchronize allocate nothing, as a step does.
  *
  * Ownership: every buffer is the caller's, read or written only during the call; counts are
  * int64_t values of the handle's precision (model sums: doubles), and an MPI-style engine whose
@@ -1687,7 +1714,8 @@ typedef enum kfac_distributed_reduce {
 
 typedef enum kfac_distributed_exchange {
     KFAC_DISTRIBUTED_STATISTICS = 0,
-    KFAC_DISTRIBUTED_INVERSES = 1
+    KFAC_DISTRIBUTED_INVERSES = 1,
+    KFAC_DISTRIBUTED_SCALINGS = 2     /* EKFAC's scaling S; since 0.2 */
 } kfac_distributed_exchange;
 
 /** Since 0.2. Makes the handle rank `rank` of `size` processes (0 ≤ rank < size ≤ 2^24; 0 of 1,
@@ -1701,9 +1729,14 @@ KFAC_API int kfac_distributed_get_world(const kfac_optimizer *opt, int32_t *rank
 /** Since 0.2. The number of values (of the handle's precision) of a pack of `what`
  *  (kfac_distributed_exchange), in *count. Statistics: per group of each layer in order, the input
  *  then the output factor, each factor's blocks' upper triangles (b(b+1)/2 values each) then one
- *  count. Inverses: per group, the inverse strategy's representation. Fixed once layers are
- *  registered (inverses: for the current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what),
- *  UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
+ *  count. Inverses: per group, the inverse strategy's representation. Scalings: per group,
+ *  o·a sums (o, a the output and input factor dimensions, row-major as
+ *  kfac_layer_get_ekfac_scaling_*) then one example count. With block-tridiagonal links the
+ *  statistics end with each link's cross factors (in link order, A_{l,l+1} then G_{l,l+1}, each
+ *  the full row-major matrix then its row count) and the inverses with each linked layer's link
+ *  inverse (ascending layers). Fixed once layers are registered and linked (inverses: for the
+ *  current strategy). Errors: NULL_POINTER, INVALID_ARGUMENT (what), UNSUPPORTED (EKFAC with
+ *  KFAC_PARAM_FACTOR_UPDATE_PERIOD 0), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_get_count(kfac_optimizer *opt, int32_t what, int64_t *count);
 
 /** Since 0.2. *due = 1 when the next kfac_optimizer_step_* needs the exchange `what` (the same on
@@ -1720,31 +1753,56 @@ KFAC_API int kfac_distributed_get_owner(const kfac_optimizer *opt, int32_t layer
 
 /** Since 0.2. Writes this rank's statistics (see "Statistics") into buffer[count], count from
  *  kfac_distributed_get_count. Changes nothing in the handle. Errors: NULL_POINTER, INVALID_SIZE
- *  (count), DTYPE_MISMATCH, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. */
+ *  (count; a link's rows that do not pair), DTYPE_MISMATCH, UNSUPPORTED (see
+ *  kfac_distributed_get_count), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_pack_statistics_f32(kfac_optimizer *opt, float *buffer, int64_t count);
 KFAC_API int kfac_distributed_pack_statistics_f64(kfac_optimizer *opt, double *buffer, int64_t count);
 
 /** Since 0.2. Replaces the statistics by the SUM-allreduced pack (eager: the pending statistics
  *  become the union's; lazy: each factor becomes the mean of the ranks' moving averages, nothing
  *  pending). Use the reduce mode the pack used. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH,
- *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), UNSUPPORTED (EKFAC),
- *  OUT_OF_MEMORY. On error nothing changes. */
+ *  NON_FINITE, INVALID_ARGUMENT (a count that is not a whole number >= 0), UNSUPPORTED (see
+ *  kfac_distributed_get_count), OUT_OF_MEMORY. On error nothing changes. */
 KFAC_API int kfac_distributed_unpack_statistics_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
 KFAC_API int kfac_distributed_unpack_statistics_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
 
 /** Since 0.2. Computes the inverses the next step needs for the units this rank owns and writes
  *  every group's inverse, zeros elsewhere (all zeros when no inverse is due). Nothing committed
  *  changes. Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NO_STATISTICS, NO_INVERSES,
- *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, UNSUPPORTED (EKFAC), OUT_OF_MEMORY; on an error after the size
- *  checks the buffer is filled with NaN (see "Errors and rollback"). */
+ *  NON_FINITE, NOT_POSITIVE_DEFINITE, EIGEN_FAILED, UNSUPPORTED (see kfac_distributed_get_count),
+ *  OUT_OF_MEMORY; on an error after the size checks the buffer is filled with NaN (see "Errors
+ *  and rollback"). EKFAC: the bases, with zeros in place of S. */
 KFAC_API int kfac_distributed_pack_inverses_f32(kfac_optimizer *opt, float *buffer, int64_t count);
 KFAC_API int kfac_distributed_pack_inverses_f64(kfac_optimizer *opt, double *buffer, int64_t count);
 
 /** Since 0.2. Takes the SUM-allreduced inverse pack as the inverses the next step commits.
  *  Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NON_FINITE (some rank's pack failed),
- *  NO_STATISTICS, NO_INVERSES, UNSUPPORTED (EKFAC), OUT_OF_MEMORY. On error nothing changes. */
+ *  NO_STATISTICS, NO_INVERSES, UNSUPPORTED (see kfac_distributed_get_count), OUT_OF_MEMORY. On
+ *  error nothing changes. */
 KFAC_API int kfac_distributed_unpack_inverses_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
 KFAC_API int kfac_distributed_unpack_inverses_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
+
+/** Since 0.2. EKFAC: writes this rank's share of the scaling S for the next step into
+ *  buffer[count] (count from kfac_distributed_get_count with KFAC_DISTRIBUTED_SCALINGS): per
+ *  group in layer order, for groups whose S that step sets (it inverts them: in the exchanged
+ *  bases; it folds and they have an EKFAC inverse: in the current bases), the o·a sums
+ *  Σ_n (Q_Gᵀ G_n Q_A)^∘2 over this rank's pending paired examples (rows for dense layers in per-row
+ *  mode) then their count; zeros elsewhere (all zeros when no S changes). Call it after the
+ *  inverse exchange of the same step. Nothing changes. Errors: NULL_POINTER, INVALID_SIZE,
+ *  DTYPE_MISMATCH, INVALID_ARGUMENT (the strategy is not EKFAC), NO_INVERSES (the step inverts and
+ *  its inverse exchange was not unpacked), UNSUPPORTED (see kfac_distributed_get_count); on an
+ *  error after the size checks the buffer is filled with NaN (take part in the allreduce anyway). */
+KFAC_API int kfac_distributed_pack_scalings_f32(kfac_optimizer *opt, float *buffer, int64_t count);
+KFAC_API int kfac_distributed_pack_scalings_f64(kfac_optimizer *opt, double *buffer, int64_t count);
+
+/** Since 0.2. EKFAC: takes the SUM-allreduced scaling pack for the next step, which then forms S
+ *  from the union's sums and count (S_batch = sums / count at new bases; β_S S + (1 − β_S) S_batch
+ *  at a fold) instead of this rank's examples. Valid for that step only (a later statistics or
+ *  inverse exchange drops it). Errors: NULL_POINTER, INVALID_SIZE, DTYPE_MISMATCH, NON_FINITE (some
+ *  rank's pack failed), INVALID_ARGUMENT (the strategy is not EKFAC; a negative sum; a count that is
+ *  not a whole number >= 0), UNSUPPORTED, OUT_OF_MEMORY. On error nothing changes. */
+KFAC_API int kfac_distributed_unpack_scalings_f32(kfac_optimizer *opt, const float *buffer, int64_t count);
+KFAC_API int kfac_distributed_unpack_scalings_f64(kfac_optimizer *opt, const double *buffer, int64_t count);
 
 /** Since 0.2. The adaptive mode's model sums over this rank's rows, for a SUM-allreduce:
  *  sums[3k], sums[3k+1], sums[3k+2] = Σ_n u_nᵀF_n u_n, u_nᵀF_n v_n, v_nᵀF_n v_n for candidate k
@@ -1783,8 +1841,10 @@ KFAC_API int kfac_distributed_solve_model_sums(kfac_optimizer *opt, const double
  *  representation that belong to it (Cholesky: the block's inverse, b² values; eigen: its
  *  eigenvectors, b², then its eigenvalues, b). All zero when the step inverts nothing. The same
  *  on every rank; valid until the next step or parameter change. In all, one full inverse pack
- *  at most (when every block is inverted) instead of the SUM route's one per rank. Errors:
- *  NULL_POINTER (opt, counts), INVALID_SIZE (n_ranks), UNSUPPORTED (EKFAC, links), OUT_OF_MEMORY. */
+ *  at most (when every block is inverted) instead of the SUM route's one per rank. EKFAC: its
+ *  bases' units as eigen's (S goes through the scaling exchange). Block-tridiagonal links: after
+ *  the blocks' units, one unit per linked layer (its whole link inverse, see "Inverses"). Errors:
+ *  NULL_POINTER (opt, counts), INVALID_SIZE (n_ranks), OUT_OF_MEMORY. */
 KFAC_API int kfac_distributed_get_inverse_layout(kfac_optimizer *opt, int64_t *counts, int64_t *displacements,
                                                  int32_t n_ranks);
 
@@ -1826,19 +1886,20 @@ typedef struct kfac_collectives {
 } kfac_collectives;
 
 /** Since 0.2. A step's whole exchange through the caller's collective: when due (see
- *  kfac_distributed_get_due) the statistics, then the inverses, each packed into a buffer the
+ *  kfac_distributed_get_due) the statistics, then the inverses, then (EKFAC) the scalings, each
+ *  packed into a buffer the
  *  handle owns (allocated on first use and kept: after warm-up nothing is allocated),
  *  SUM-allreduced by collectives->allreduce_sum_* (the inverses allgathered by allgatherv_*
  *  when given: kfac_distributed_get_inverse_layout), and unpacked — the sequence of "Distributed"
  *  above in one call; call it where that sequence goes (after recording, before the step), on
- *  every rank. The collective is called 0, 1 or 2 times, the same on every rank with the same
+ *  every rank. The collective is called 0 to 3 times, the same on every rank with the same
  *  counts, also when a pack fails on some rank (its buffer then carries NaN, so every rank's
  *  unpack fails alike; that rank returns its pack's error, the others NON_FINITE). Errors:
  *  NULL_POINTER (opt, collectives, the function of the handle's precision), INVALID_SIZE
  *  (struct_size smaller than the f32 function's end), CALLBACK (the collective returned non-zero),
  *  OUT_OF_MEMORY (before any collective), and those of the pack and unpack calls. On any error the
- *  handle is as before the call — also after a failure in the inverse exchange, when the
- *  statistics were already unpacked (they are put back from a copy taken before): retry the call,
+ *  handle is as before the call — also after a failure in the inverse or scaling exchange, when
+ *  the statistics were already unpacked (they are put back from a copy taken before): retry the call,
  *  or step without it (the step then computes every inverse itself). */
 KFAC_API int kfac_distributed_synchronize(kfac_optimizer *opt, const kfac_collectives *collectives);
 

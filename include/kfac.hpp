@@ -827,6 +827,24 @@ public:
         check(kfac_distributed_unpack_inverses_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
               "kfac_distributed_unpack_inverses_f64");
     }
+    /** kfac_distributed_pack_scalings_f32 / _f64 (EKFAC; on error the buffer holds NaN). */
+    void distributed_pack_scalings(span<float> buffer) {
+        check(kfac_distributed_pack_scalings_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_scalings_f32");
+    }
+    void distributed_pack_scalings(span<double> buffer) {
+        check(kfac_distributed_pack_scalings_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_pack_scalings_f64");
+    }
+    /** kfac_distributed_unpack_scalings_f32 / _f64 (EKFAC). */
+    void distributed_unpack_scalings(span<const float> buffer) {
+        check(kfac_distributed_unpack_scalings_f32(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_scalings_f32");
+    }
+    void distributed_unpack_scalings(span<const double> buffer) {
+        check(kfac_distributed_unpack_scalings_f64(handle_, buffer.data(), static_cast<int64_t>(buffer.size())),
+              "kfac_distributed_unpack_scalings_f64");
+    }
     /** kfac_distributed_pack_model_sums_f32 / _f64 (n_candidates = direction_products.size(),
      *  n_sums = sums.size() = 3·n_candidates + 2). */
     void distributed_pack_model_sums(const float *outputs, span<const float *const> direction_products,

@@ -10,6 +10,7 @@ protocol DistributedOperations: AnyObject {
     var worldSize: Int { get }
     func setWorld(rank: Int, size: Int) throws(KFACError)
     var statisticsPackCount: Int { get }
+    var scalingPackCount: Int { get }
     func inversePackCount() throws(KFACError) -> Int
     func exchangeDue(_ what: DistributedExchange) -> Bool
     func inverseOwner(layer: Int, group: Int, outputSide: Bool, unique: Int) throws(KFACError) -> Int
@@ -28,7 +29,7 @@ private func withDistributed(_ opt: OpaquePointer?, _ body: (any DistributedOper
 
 private func exchange(_ what: Int32) throws(KFACError) -> DistributedExchange {
     guard let w = DistributedExchange(rawValue: what) else {
-        throw KFACError(.invalidArgument, "what must be KFAC_DISTRIBUTED_STATISTICS (0) or KFAC_DISTRIBUTED_INVERSES (1), got \(what)")
+        throw KFACError(.invalidArgument, "what must be KFAC_DISTRIBUTED_STATISTICS (0), KFAC_DISTRIBUTED_INVERSES (1) or KFAC_DISTRIBUTED_SCALINGS (2), got \(what)")
     }
     return w
 }
@@ -54,6 +55,7 @@ public func kfac_distributed_get_count(_ opt: OpaquePointer?, _ what: Int32, _ c
         switch try exchange(what) {
         case .statistics: out.pointee = Int64(o.statisticsPackCount)
         case .inverses: out.pointee = Int64(try o.inversePackCount())
+        case .scalings: out.pointee = Int64(o.scalingPackCount)
         }
     }
 }
@@ -99,6 +101,26 @@ public func kfac_distributed_unpack_statistics_f32(_ opt: OpaquePointer?, _ buff
 @c @implementation
 public func kfac_distributed_unpack_statistics_f64(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Double>?, _ n: Int64) -> Int32 {
     withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.unpackStatistics(from: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_pack_scalings_f32(_ opt: OpaquePointer?, _ buffer: UnsafeMutablePointer<Float>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.packScalings(into: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_pack_scalings_f64(_ opt: OpaquePointer?, _ buffer: UnsafeMutablePointer<Double>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.packScalings(into: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_unpack_scalings_f32(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Float>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Float.self) { (o) throws(KFACError) in try o.unpackScalings(from: buffer, count: try count(n)) }
+}
+
+@c @implementation
+public func kfac_distributed_unpack_scalings_f64(_ opt: OpaquePointer?, _ buffer: UnsafePointer<Double>?, _ n: Int64) -> Int32 {
+    withOptimizer(opt, Double.self) { (o) throws(KFACError) in try o.unpackScalings(from: buffer, count: try count(n)) }
 }
 
 @c @implementation
@@ -191,14 +213,18 @@ public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: U
         switch handle.engine {
         case .float32(let o):
             let fn = try required(c.allreduce_sum_f32, "collectives->allreduce_sum_f32")
-            let gather = c.allgatherv_f32
-            try o.exchange(through: { fn($0, Int64($1), user) },
-                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
+            if let gather = c.allgatherv_f32 {
+                try o.exchange(through: { fn($0, Int64($1), user) }, allgatherv: { gather($0, $1, $2, $3, user) })
+            } else {
+                try o.exchange { fn($0, Int64($1), user) }
+            }
         case .float64(let o):
             let fn = try required(c.allreduce_sum_f64, "collectives->allreduce_sum_f64")
-            let gather = c.allgatherv_f64
-            try o.exchange(through: { fn($0, Int64($1), user) },
-                           allgatherv: gather.map { g in { g($0, $1, $2, $3, user) } })
+            if let gather = c.allgatherv_f64 {
+                try o.exchange(through: { fn($0, Int64($1), user) }, allgatherv: { gather($0, $1, $2, $3, user) })
+            } else {
+                try o.exchange { fn($0, Int64($1), user) }
+            }
         }
     }
 }
@@ -208,7 +234,7 @@ public func kfac_distributed_synchronize(_ opt: OpaquePointer?, _ collectives: U
 /// The precision-independent layout query.
 private protocol GatheredLayout: AnyObject {
     var worldSize: Int { get }
-    func gatheredInverseCounts() throws(KFACError) -> [Int]
+    func gatheredInverseLayout(counts: UnsafeMutablePointer<Int64>, displacements: UnsafeMutablePointer<Int64>?) throws(KFACError)
 }
 
 extension KFACOptimizer: GatheredLayout {}
@@ -226,13 +252,7 @@ public func kfac_distributed_get_inverse_layout(_ opt: OpaquePointer?, _ counts:
         guard Int(n) == o.worldSize else {
             throw KFACError(.invalidSize, "n_ranks must be the world size \(o.worldSize), got \(n)")
         }
-        let c = try o.gatheredInverseCounts()
-        var displacement: Int64 = 0
-        for (r, v) in c.enumerated() {
-            out[r] = Int64(v)
-            displacements?[r] = displacement
-            displacement += Int64(v)
-        }
+        try o.gatheredInverseLayout(counts: out, displacements: displacements)
     }
 }
 

@@ -4,7 +4,8 @@
  * each handle recording a disjoint uneven slice of a union batch (equal slices for the lazy
  * reduce), the same union gradient given to every rank. Every rank's directions must be
  * bit-identical (memcmp) and equal to one handle's on the union batch to rtol 1e-12, for the
- * Cholesky and eigen strategies and both reduce modes. Also: error paths change nothing, a
+ * Cholesky and eigen strategies and both reduce modes, and EKFAC (paired recording, the scaling
+ * exchange) with the eager reduce. Also: error paths change nothing, a
  * failed inverse pack poisons the exchange on every rank alike.
  */
 #define _POSIX_C_SOURCE 200809L /* pthread barriers under -std=c11 */
@@ -28,14 +29,16 @@ static int fake_exchange(kfac_optimizer **ranks, int p, int32_t what) {
     for (int r = 0; r < p; r++) {
         buf[r] = calloc((size_t)n + 1, sizeof(double));
         s = what == KFAC_DISTRIBUTED_STATISTICS ? kfac_distributed_pack_statistics_f64(ranks[r], buf[r], n)
-                                                : kfac_distributed_pack_inverses_f64(ranks[r], buf[r], n);
+            : what == KFAC_DISTRIBUTED_INVERSES ? kfac_distributed_pack_inverses_f64(ranks[r], buf[r], n)
+                                                : kfac_distributed_pack_scalings_f64(ranks[r], buf[r], n);
         if (s) printf("  pack failed on rank %d: %s\n", r, kfac_optimizer_last_error(ranks[r]));
         for (int64_t i = 0; i < n; i++) sum[i] += buf[r][i];
     }
     int first = 0;
     for (int r = 0; r < p; r++) {
         s = what == KFAC_DISTRIBUTED_STATISTICS ? kfac_distributed_unpack_statistics_f64(ranks[r], sum, n)
-                                                : kfac_distributed_unpack_inverses_f64(ranks[r], sum, n);
+            : what == KFAC_DISTRIBUTED_INVERSES ? kfac_distributed_unpack_inverses_f64(ranks[r], sum, n)
+                                                : kfac_distributed_unpack_scalings_f64(ranks[r], sum, n);
         if (s && !first) first = s;
         free(buf[r]);
     }
@@ -64,6 +67,7 @@ static void fake_world(int p, int32_t strategy, int32_t reduce) {
         }
         ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_STATISTICS) == 0;
         ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_INVERSES) == 0;
+        ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_SCALINGS) == 0;
         ok = ok && dm_step(ref, &d, rw, rb) == 0;
         for (int r = 0; r < p; r++) {
             ok = ok && dm_step(ranks[r], &d, w[r], b[r]) == 0;
@@ -72,7 +76,7 @@ static void fake_world(int p, int32_t strategy, int32_t reduce) {
         double e = dm_relative_difference(w[0], b[0], rw, rb);
         if (e > worst) worst = e;
     }
-    check(ok, "P = %d, %s, %s: every call succeeds", p, strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky",
+    check(ok, "P = %d, %s, %s: every call succeeds", p, dm_strategy_name(strategy),
           reduce ? "lazy" : "eager");
     check(identical, "P = %d: every rank's directions are bit-identical", p);
     check(worst <= 1e-12, "P = %d: directions equal the union batch's (max rel. difference %.2e <= 1e-12)", p, worst);
@@ -251,7 +255,7 @@ static void synchronize_world(int p, int32_t strategy, int gather) {
         double e = dm_relative_difference(w[0][k], b[0][k], rw[k], rb[k]);
         if (e > worst) worst = e;
     }
-    const char *name = strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky";
+    const char *name = dm_strategy_name(strategy);
     check(ok, "synchronize%s, P = %d, %s: every call succeeds on every thread", gather ? " with allgatherv" : "", p, name);
     check(counts_agree && world.calls[0] >= SYNC_STEPS + 3,
           "P = %d: every rank called the collective as often (%d times), with the same counts", p, world.calls[0]);
@@ -272,20 +276,21 @@ static void synchronize_failures(void) {
     uint64_t seed = 123;
     dm_make(&d[0], &seed);
     dm_make(&d[1], &seed);
-    for (int failing = 0; failing < 3; failing++) {  /* 2: the inverse allgatherv */
+    for (int failing = 0; failing < 5; failing++) {  /* 2: the inverse allgatherv; 3, 4: EKFAC's scalings */
+        const int32_t strategy = failing >= 3 ? KFAC_INVERSE_EKFAC : KFAC_INVERSE_EIGEN;
         kfac_optimizer *ref = NULL, *twin[P];
-        REQUIRE_OK(ref, dm_create(&ref, 0, 1, KFAC_INVERSE_EIGEN, 0));
+        REQUIRE_OK(ref, dm_create(&ref, 0, 1, strategy, 0));
         static thread_world world;
         memset(&world, 0, sizeof world);
         world.p = P;
-        world.failing_call = failing == 2 ? 1 : failing;
+        world.failing_call = failing == 2 ? 1 : failing >= 3 ? 2 : failing;
         pthread_barrier_init(&world.barrier, NULL, P);
         rank_thread t[P];
         for (int r = 0; r < P; r++) {
-            t[r] = (rank_thread){&world, NULL, r, 0, 0, 1, 0, failing == 2, d, NULL, NULL};
+            t[r] = (rank_thread){&world, NULL, r, 0, 0, 1, 0, failing == 2 || failing == 4, d, NULL, NULL};
             dm_slice(r, P, DM_ROWS, 0, &t[r].lo, &t[r].hi);
-            REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, P, KFAC_INVERSE_EIGEN, 0));
-            REQUIRE_OK(twin[r], dm_create(&twin[r], r, P, KFAC_INVERSE_EIGEN, 0));
+            REQUIRE_OK(t[r].opt, dm_create(&t[r].opt, r, P, strategy, 0));
+            REQUIRE_OK(twin[r], dm_create(&twin[r], r, P, strategy, 0));
             REQUIRE_OK(twin[r], dm_record(twin[r], &d[0], t[r].lo, t[r].hi));
         }
         run_threads(t, P);
@@ -350,6 +355,67 @@ static void synchronize_failures(void) {
     kfac_optimizer_free(o);
 }
 
+/* Block-tridiagonal links: a chain 6 → 5 → 4 → 3 of linked dense layers (biases on the first
+ * two), P = 1..4 float64 handles with uneven slices against one handle on the union batch: every
+ * rank's directions bit-identical and within rtol 1e-12 of the union's (the cross factors travel
+ * with the statistics, each linked layer's inverse is one rank's unit). */
+static void linked_world(int p) {
+    kfac_optimizer *ref = NULL, *ranks[MAXP] = {0};
+    REQUIRE_OK(ref, lk_create(&ref, 0, 1));
+    for (int r = 0; r < p; r++) REQUIRE_OK(ranks[r], lk_create(&ranks[r], r, p));
+    static double x[LK_LAYERS][LK_ROWS * 8], g[LK_LAYERS][LK_ROWS * 8], gw[LK_LAYERS][32], gb[LK_LAYERS][8];
+    static double w[MAXP + 1][LK_LAYERS][32], b[MAXP + 1][LK_LAYERS][8];
+    uint64_t seed = 31;
+    double worst = 0, scale = 0;
+    int ok = 1, identical = 1;
+    for (int k = 0; k < 7 && ok; k++) {
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < LK_ROWS * lk_in[l]; i++) x[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < LK_ROWS * lk_out[l]; i++) g[l][i] = 0.5 * dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) gw[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_out[l]; i++) gb[l][i] = dm_uniform(&seed);
+        }
+        for (int r = 0; r <= p; r++) {  /* r == p: the reference on every row */
+            kfac_optimizer *o = r == p ? ref : ranks[r];
+            int lo = 0, hi = LK_ROWS;
+            if (r < p) dm_slice(r, p, LK_ROWS, 0, &lo, &hi);
+            for (int l = 0; l < LK_LAYERS && hi > lo; l++) {
+                ok = ok && !kfac_layer_record_inputs_f64(o, l, x[l] + lo * lk_in[l], hi - lo);
+                ok = ok && !kfac_layer_record_output_grads_f64(o, l, g[l] + lo * lk_out[l], hi - lo);
+            }
+        }
+        ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_STATISTICS) == 0;
+        ok = ok && fake_exchange(ranks, p, KFAC_DISTRIBUTED_INVERSES) == 0;
+        for (int r = 0; r <= p && ok; r++) {
+            double *wp[LK_LAYERS], *bp[LK_LAYERS];
+            for (int l = 0; l < LK_LAYERS; l++) {
+                memcpy(w[r][l], gw[l], sizeof gw[l]);
+                memcpy(b[r][l], gb[l], sizeof gb[l]);
+                wp[l] = w[r][l];
+                bp[l] = lk_bias[l] ? b[r][l] : NULL;
+            }
+            ok = ok && !kfac_optimizer_step_f64(r == p ? ref : ranks[r], wp, bp, LK_LAYERS);
+            if (r > 0 && r < p && (memcmp(w[r], w[0], sizeof w[0]) || memcmp(b[r], b[0], sizeof b[0]))) identical = 0;
+        }
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) {
+                double e = fabs(w[0][l][i] - w[p][l][i]); if (e > worst) worst = e;
+                if (fabs(w[p][l][i]) > scale) scale = fabs(w[p][l][i]);
+            }
+            for (int64_t i = 0; i < lk_out[l] * lk_bias[l]; i++) {
+                double e = fabs(b[0][l][i] - b[p][l][i]); if (e > worst) worst = e;
+                if (fabs(b[p][l][i]) > scale) scale = fabs(b[p][l][i]);
+            }
+        }
+    }
+    check(ok, "links, P = %d: every call succeeds", p);
+    check(identical, "links, P = %d: every rank's directions are bit-identical", p);
+    check(worst <= 1e-12 * scale, "links, P = %d: directions equal the union batch's (max rel. difference %.2e <= 1e-12)", p,
+          worst / (scale > 0 ? scale : 1));
+    kfac_optimizer_free(ref);
+    for (int r = 0; r < p; r++) kfac_optimizer_free(ranks[r]);
+}
+
 void test_distributed(void) {
     section("distributed: fake world of 1-4 handles against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
@@ -357,7 +423,10 @@ void test_distributed(void) {
         fake_world(p, KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_EAGER);
         fake_world(p, KFAC_INVERSE_EIGEN, KFAC_DISTRIBUTED_REDUCE_LAZY);
         fake_world(p, KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_LAZY);
+        fake_world(p, KFAC_INVERSE_EKFAC, KFAC_DISTRIBUTED_REDUCE_EAGER);
     }
+    section("distributed: block-tridiagonal links, fake world of 1-4 handles against one handle on the union batch");
+    for (int p = 1; p <= MAXP; p++) linked_world(p);
     distributed_errors();
     section("distributed: kfac_distributed_synchronize on threads against one handle on the union batch");
     for (int p = 1; p <= MAXP; p++) {
@@ -365,6 +434,8 @@ void test_distributed(void) {
         synchronize_world(p, KFAC_INVERSE_CHOLESKY, 0);
         synchronize_world(p, KFAC_INVERSE_EIGEN, 1);
         synchronize_world(p, KFAC_INVERSE_CHOLESKY, 1);
+        synchronize_world(p, KFAC_INVERSE_EKFAC, 0);
+        synchronize_world(p, KFAC_INVERSE_EKFAC, 1);
     }
     synchronize_failures();
 }

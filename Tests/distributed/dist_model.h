@@ -3,13 +3,40 @@
  * of Tests/capi/test_distributed.c and the mpirun test of Tests/mpi/test_mpi.c): a float64
  * handle with a channel-grouped dense layer, a plain dense layer and a grouped convolution, a
  * union batch made from a seed, each rank's uneven slice of it, and the exchange sequence of
- * include/kfac.h ("Distributed") over a caller-supplied SUM-allreduce.
+ * include/kfac.h ("Distributed") over a caller-supplied SUM-allreduce. With the EKFAC strategy the
+ * rows are recorded as paired examples (kfac_layer_record_examples_f64).
  */
 #ifndef KFAC_DIST_MODEL_H
 #define KFAC_DIST_MODEL_H
 
 #ifndef KFAC_EXPERIMENTAL_API
 #define KFAC_EXPERIMENTAL_API
+enum { LK_LAYERS = 3, LK_ROWS = 11 };
+static const int64_t lk_in[LK_LAYERS] = {6, 5, 4}, lk_out[LK_LAYERS] = {5, 4, 3}, lk_bias[LK_LAYERS] = {1, 1, 0};
+
+/* The block-tridiagonal model: dense 6 → 5 → 4 → 3 (biases on the first two), layers 0–1 and
+ * 1–2 linked, damping 5e-2 with π; rank `rank` of `size`. */
+static int lk_create(kfac_optimizer **out, int32_t rank, int32_t size) {
+    kfac_optimizer *o = NULL;
+    int s = kfac_optimizer_create(KFAC_FLOAT64, &o);
+    if (s) return s;
+    s = kfac_param_set_double(o, KFAC_PARAM_DAMPING, 5e-2);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_PI_DAMPING, 1);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_NUM_THREADS, 1);
+    for (int l = 0; l < LK_LAYERS && !s; l++) {
+        kfac_dense_desc d = {sizeof(kfac_dense_desc), lk_in[l], lk_out[l], (int32_t)lk_bias[l], 0, 0, 0};
+        int32_t got;
+        s = kfac_layer_add_dense(o, &d, &got);
+    }
+    if (!s) s = kfac_layer_link(o, 0, 1);
+    if (!s) s = kfac_layer_link(o, 1, 2);
+    if (!s) s = kfac_distributed_set_world(o, rank, size);
+    if (s) { kfac_optimizer_free(o); return s; }
+    *out = o;
+    return 0;
+}
+
 #endif
 #include <kfac.h>
 
@@ -85,11 +112,21 @@ static int dm_record(kfac_optimizer *o, const dm_step_data *d, int lo, int hi) {
     int32_t wanted = 0;
     int s = kfac_optimizer_wants_statistics(o, &wanted);
     if (s || !wanted || hi <= lo) return s;
+    int64_t strategy = 0;
+    if ((s = kfac_param_get_int(o, KFAC_PARAM_INVERSE_STRATEGY, &strategy))) return s;
     for (int l = 0; l < DM_LAYERS; l++) {
+        if (strategy == KFAC_INVERSE_EKFAC) {  /* paired: EKFAC's scaling needs per-example gradients */
+            if ((s = kfac_layer_record_examples_f64(o, l, d->x[l] + lo * dm_in[l], d->g[l] + lo * dm_out[l], hi - lo, 1))) return s;
+            continue;
+        }
         if ((s = kfac_layer_record_inputs_f64(o, l, d->x[l] + lo * dm_in[l], hi - lo))) return s;
         if ((s = kfac_layer_record_output_grads_f64(o, l, d->g[l] + lo * dm_out[l], hi - lo))) return s;
     }
     return 0;
+}
+
+static const char *dm_strategy_name(int32_t strategy) {
+    return strategy == KFAC_INVERSE_EIGEN ? "eigen" : strategy == KFAC_INVERSE_EKFAC ? "EKFAC" : "Cholesky";
 }
 
 /* The step on a copy of the gradient, directions into w and b. */
@@ -119,6 +156,32 @@ static double dm_relative_difference(double a[DM_LAYERS][64], double ab[DM_LAYER
         }
     }
     return diff / scale;
+}
+
+enum { LK_LAYERS = 3, LK_ROWS = 11 };
+static const int64_t lk_in[LK_LAYERS] = {6, 5, 4}, lk_out[LK_LAYERS] = {5, 4, 3}, lk_bias[LK_LAYERS] = {1, 1, 0};
+
+/* The block-tridiagonal model: dense 6 → 5 → 4 → 3 (biases on the first two), layers 0–1 and
+ * 1–2 linked, damping 5e-2 with π; rank `rank` of `size`. */
+static int lk_create(kfac_optimizer **out, int32_t rank, int32_t size) {
+    kfac_optimizer *o = NULL;
+    int s = kfac_optimizer_create(KFAC_FLOAT64, &o);
+    if (s) return s;
+    s = kfac_param_set_double(o, KFAC_PARAM_DAMPING, 5e-2);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_PI_DAMPING, 1);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3);
+    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_NUM_THREADS, 1);
+    for (int l = 0; l < LK_LAYERS && !s; l++) {
+        kfac_dense_desc d = {sizeof(kfac_dense_desc), lk_in[l], lk_out[l], (int32_t)lk_bias[l], 0, 0, 0};
+        int32_t got;
+        s = kfac_layer_add_dense(o, &d, &got);
+    }
+    if (!s) s = kfac_layer_link(o, 0, 1);
+    if (!s) s = kfac_layer_link(o, 1, 2);
+    if (!s) s = kfac_distributed_set_world(o, rank, size);
+    if (s) { kfac_optimizer_free(o); return s; }
+    *out = o;
+    return 0;
 }
 
 #endif

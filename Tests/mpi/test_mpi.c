@@ -5,7 +5,9 @@
  * kfac_mpi_synchronize and steps with the union gradient; it also runs one handle on the whole
  * union batch as the single-process reference. Passes when on every rank, for the Cholesky and
  * eigen strategies and both reduce modes, every step's directions are within rtol 1e-12 of the
- * reference's and bit-identical across ranks (the MIN- and MAX-allreduced values agree).
+ * reference's and bit-identical across ranks (the MIN- and MAX-allreduced values agree); and for
+ * EKFAC (paired recording, the scaling exchange) and block-tridiagonal links with the eager
+ * reduce.
  */
 #include "kfac_mpi.h"
 #include "../distributed/dist_model.h"
@@ -61,8 +63,79 @@ static int run(int32_t strategy, int32_t reduce, int rank, int size, MPI_Fint co
     if (rank == 0)
         printf("%s, %s reduce, %d ranks: max relative difference to one process on the union batch %.2e, "
                "directions bit-identical across ranks: %s\n",
-               strategy == KFAC_INVERSE_EIGEN ? "eigen" : "Cholesky", lazy ? "lazy" : "eager", size, worst,
+               dm_strategy_name(strategy), lazy ? "lazy" : "eager", size, worst,
                failures ? "NO" : "yes");
+    kfac_optimizer_free(ref);
+    kfac_optimizer_free(opt);
+    return failures;
+}
+
+/* Block-tridiagonal links (dist_model.h's linked chain): the cross factors travel with the
+ * statistics and each linked layer's inverse is one rank's unit; the same checks as run(). */
+static int run_linked(int rank, int size, MPI_Fint comm) {
+    kfac_optimizer *ref = NULL, *opt = NULL;
+    if (lk_create(&ref, 0, 1) || lk_create(&opt, 0, 1) || kfac_mpi_attach(opt, comm)) return 1;
+    static double x[LK_LAYERS][LK_ROWS * 8], g[LK_LAYERS][LK_ROWS * 8], gw[LK_LAYERS][32], gb[LK_LAYERS][8];
+    static double w[2][LK_LAYERS][32], b[2][LK_LAYERS][8], lo_w[LK_LAYERS][32], hi_w[LK_LAYERS][32];
+    uint64_t seed = 41;
+    int failures = 0;
+    double worst = 0;
+    for (int k = 0; k < 7 && !failures; k++) {
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < LK_ROWS * lk_in[l]; i++) x[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < LK_ROWS * lk_out[l]; i++) g[l][i] = 0.5 * dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) gw[l][i] = dm_uniform(&seed);
+            for (int64_t i = 0; i < lk_out[l]; i++) gb[l][i] = dm_uniform(&seed);
+        }
+        int lo, hi, s = 0;
+        dm_slice(rank, size, LK_ROWS, 0, &lo, &hi);
+        for (int l = 0; l < LK_LAYERS && !s; l++) {
+            s = kfac_layer_record_inputs_f64(ref, l, x[l], LK_ROWS) || kfac_layer_record_output_grads_f64(ref, l, g[l], LK_ROWS);
+            if (!s && hi > lo)
+                s = kfac_layer_record_inputs_f64(opt, l, x[l] + lo * lk_in[l], hi - lo) ||
+                    kfac_layer_record_output_grads_f64(opt, l, g[l] + lo * lk_out[l], hi - lo);
+        }
+        if (!s) s = kfac_mpi_synchronize(opt, comm);
+        for (int h = 0; h < 2 && !s; h++) {
+            double *wp[LK_LAYERS], *bp[LK_LAYERS];
+            for (int l = 0; l < LK_LAYERS; l++) {
+                memcpy(w[h][l], gw[l], sizeof gw[l]);
+                memcpy(b[h][l], gb[l], sizeof gb[l]);
+                wp[l] = w[h][l];
+                bp[l] = lk_bias[l] ? b[h][l] : NULL;
+            }
+            s = kfac_optimizer_step_f64(h ? opt : ref, wp, bp, LK_LAYERS);
+        }
+        if (s) {
+            printf("rank %d step %d (links): status %d: %s\n", rank, k, s, kfac_optimizer_last_error(opt));
+            failures++;
+            break;
+        }
+        double diff = 0, scale = 0;
+        for (int l = 0; l < LK_LAYERS; l++) {
+            for (int64_t i = 0; i < lk_in[l] * lk_out[l]; i++) {
+                double e = w[1][l][i] - w[0][l][i], m = w[0][l][i];
+                if (e < 0) e = -e;
+                if (m < 0) m = -m;
+                if (e > diff) diff = e;
+                if (m > scale) scale = m;
+            }
+        }
+        if (diff / scale > worst) worst = diff / scale;
+        MPI_Allreduce(w[1], lo_w, LK_LAYERS * 32, MPI_DOUBLE, MPI_MIN, MPI_Comm_f2c(comm));
+        MPI_Allreduce(w[1], hi_w, LK_LAYERS * 32, MPI_DOUBLE, MPI_MAX, MPI_Comm_f2c(comm));
+        if (memcmp(lo_w, hi_w, sizeof lo_w)) {
+            printf("rank %d step %d (links): the ranks' directions differ\n", rank, k);
+            failures++;
+        }
+    }
+    if (worst > 1e-12) {
+        printf("rank %d (links): max relative difference to one process %.3e > 1e-12\n", rank, worst);
+        failures++;
+    }
+    if (rank == 0)
+        printf("block-tridiagonal links, eager reduce, %d ranks: max relative difference to one process on the union "
+               "batch %.2e, directions bit-identical across ranks: %s\n", size, worst, failures ? "NO" : "yes");
     kfac_optimizer_free(ref);
     kfac_optimizer_free(opt);
     return failures;
@@ -79,6 +152,8 @@ int main(int argc, char **argv) {
     failures += run(KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_EAGER, rank, size, comm);
     failures += run(KFAC_INVERSE_EIGEN, KFAC_DISTRIBUTED_REDUCE_LAZY, rank, size, comm);
     failures += run(KFAC_INVERSE_CHOLESKY, KFAC_DISTRIBUTED_REDUCE_LAZY, rank, size, comm);
+    failures += run(KFAC_INVERSE_EKFAC, KFAC_DISTRIBUTED_REDUCE_EAGER, rank, size, comm);
+    failures += run_linked(rank, size, comm);
     int total = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     if (rank == 0) printf(total ? "test_mpi: FAILED (%d)\n" : "test_mpi: ALL PASSED\n", total);

@@ -348,7 +348,13 @@ final class KroneckerFactor<Scalar: KFACScalar> {
 extension KroneckerFactor {
     /// Values one factor contributes to a statistics pack: each unique block's upper triangle
     /// (row-major), then one count.
-    var packCount: Int { structure.uniqueSizes.reduce(1) { $0 + $1 * ($1 + 1) / 2 } }
+    var packCount: Int {
+        // (A loop rather than `reduce`, which allocates in debug builds.)
+        let sizes = structure.uniqueSizes
+        var n = 1
+        for q in sizes.indices { n += sizes[q] * (sizes[q] + 1) / 2 }
+        return n
+    }
 
     /// Writes the upper triangles of `blocks` (block storage) into `out`, returning the values written.
     private func packUpper(_ blocks: UnsafePointer<Scalar>, into out: UnsafeMutablePointer<Scalar>) -> Int {

@@ -10,11 +10,15 @@
 struct CollectiveBuffers<Scalar: KFACScalar> {
     var statistics: AlignedBuffer<Scalar>?
     var inverses: AlignedBuffer<Scalar>?
+    /// EKFAC's scaling pack.
+    var scalings: AlignedBuffer<Scalar>?
     var snapshot: AlignedBuffer<Scalar>?
     /// A full inverse pack for the gathered exchange's pack and unpack.
     var fullInverses: AlignedBuffer<Scalar>?
     /// The gathered exchange's counts and displacements (world size each).
     var layout: [Int64] = []
+    /// The gathered unpack's per-rank cursors (world size + 1).
+    var cursor: [Int] = []
 
     /// `buffer` if it holds `count` values, else a new one (kept for the next exchange).
     static func reserve(_ buffer: inout AlignedBuffer<Scalar>?, _ count: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
@@ -26,6 +30,17 @@ struct CollectiveBuffers<Scalar: KFACScalar> {
 }
 
 extension KFACOptimizer {
+    /// Bytes of a snapshot of every factor's statistics (`saveStatistics`).
+    func snapshotBytesNeeded() -> Int {
+        let blocks = estimator.blocks
+        var n = 0
+        for k in blocks.indices { n += blocks[k].input.maximumSnapshotBytes + blocks[k].output.maximumSnapshotBytes }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { n += links.links[i].inputs.exchangedBytes + links.links[i].gradients.exchangedBytes }
+        }
+        return n
+    }
+
     /// Does the exchanges the next `step` needs (`exchangeDue`: statistics, then inverses) through
     /// `allreduceSum(buffer, count)`, a SUM-allreduce in place over every rank that returns 0 on
     /// success. Every rank calls this at the same point and the collective is called the same
@@ -37,14 +52,27 @@ extension KFACOptimizer {
     /// `allgatherv(send, receive, counts, displacements)`, when given, exchanges the inverses as
     /// an allgatherv of each rank's own units (`gatheredInverseCounts`) instead of a zero-padded
     /// SUM-allreduce.
+    public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32) throws(KFACError) {
+        try exchange(allreduceSum, gathered: false) { _, _, _, _ in 0 }
+    }
+
+    /// `exchange(through:)` with the inverses as an allgatherv of each rank's own units.
+    /// (Non-optional, non-escaping closures: a call allocates nothing after warm-up.)
     public func exchange(through allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32,
-                         allgatherv: ((UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
-                                       UnsafePointer<Int64>) -> Int32)? = nil) throws(KFACError) {
+                         allgatherv: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
+                                      UnsafePointer<Int64>) -> Int32) throws(KFACError) {
+        try exchange(allreduceSum, gathered: true, allgatherv)
+    }
+
+    private func exchange(_ allreduceSum: (UnsafeMutablePointer<Scalar>, Int) -> Int32, gathered: Bool,
+                          _ allgatherv: (UnsafePointer<Scalar>, UnsafeMutablePointer<Scalar>, UnsafePointer<Int64>,
+                                         UnsafePointer<Int64>) -> Int32) throws(KFACError) {
         let statisticsDue = exchangeDue(.statistics), inversesDue = exchangeDue(.inverses)
-        guard statisticsDue || inversesDue else { return }
+        let scalingsDue = exchangeDue(.scalings)
+        guard statisticsDue || inversesDue || scalingsDue else { return }
         // Every allocation and count first (the same outcome on every rank of a consistent run).
         let statisticsCount = statisticsDue ? statisticsPackCount : 0
-        let gathered = inversesDue && allgatherv != nil
+        let gathered = inversesDue && gathered
         var inverseCount = inversesDue ? try inversePackCount() : 0
         if gathered {
             // The segments are known only after the statistics unpack (a rank may have recorded
@@ -56,12 +84,15 @@ extension KFACOptimizer {
         }
         let statistics = try CollectiveBuffers.reserve(&distributed.collectives.statistics, statisticsCount)
         let inverses = try CollectiveBuffers.reserve(&distributed.collectives.inverses, inverseCount)
-        let snapshotBytes = statisticsDue && inversesDue
-            ? estimator.blocks.reduce(0) { $0 + $1.input.maximumSnapshotBytes + $1.output.maximumSnapshotBytes } : 0
+        let scalingCount = scalingsDue ? scalingPackCount : 0
+        let scalings = try CollectiveBuffers.reserve(&distributed.collectives.scalings, scalingCount)
+        if scalingsDue { _ = try CollectiveBuffers.reserve(&distributed.scalingSums, scalingCount) }
+        let snapshotBytes = statisticsDue && (inversesDue || scalingsDue)
+            ? snapshotBytesNeeded() : 0
         let snapshot = try CollectiveBuffers.reserve(&distributed.collectives.snapshot,
                                                      (snapshotBytes + MemoryLayout<Scalar>.stride - 1) / MemoryLayout<Scalar>.stride)
         let before = (prepared: distributed.prepared, reduced: distributed.statisticsReduced,
-                      started: estimator.statisticsStarted)
+                      started: estimator.statisticsStarted, scaling: distributed.preparedScaling, links: distributed.preparedLinks)
 
         if statisticsDue {
             var packError: KFACError?
@@ -74,28 +105,36 @@ extension KFACOptimizer {
                 throw KFACError(.callback, "the statistics allreduce returned \(status); the handle is unchanged")
             }
             if let packError { throw packError }
-            if inversesDue {
+            if inversesDue || scalingsDue {
                 var w = StateWriter(UnsafeMutableRawBufferPointer(start: snapshot.base, count: snapshotBytes))
-                for c in estimator.blocks {
+                for k in estimator.blocks.indices {
+                    let c = estimator.blocks[k]
                     c.input.saveStatistics(to: &w)
                     c.output.saveStatistics(to: &w)
+                }
+                if let links = tridiagonal {
+                    for i in 0..<links.links.count {
+                        links.links[i].inputs.saveExchanged(to: &w)
+                        links.links[i].gradients.saveExchanged(to: &w)
+                    }
                 }
             }
             try unpackStatistics(from: statistics.base, count: statisticsCount)
         }
-        guard inversesDue else { return }
+        guard inversesDue || scalingsDue else { return }
         do throws(KFACError) {
             var packError: KFACError?
+            if inversesDue {
             // A failed pack after its size checks fills the buffer with NaN itself.
-            if let allgatherv {
-                let counts = try gatheredInverseCounts(), size = distributed.size
-                var total = 0
-                for (r, n) in counts.enumerated() {
-                    distributed.collectives.layout[r] = Int64(n)
-                    distributed.collectives.layout[size + r] = Int64(total)
-                    total += n
+            if gathered {
+                let size = distributed.size
+                var layout = distributed.collectives.layout  // moved out: the calls below modify `distributed`
+                distributed.collectives.layout = []
+                defer { distributed.collectives.layout = layout }
+                try layout.withUnsafeMutableBufferPointer { (l) throws(KFACError) in
+                    try gatheredInverseLayout(counts: l.baseAddress!, displacements: l.baseAddress! + size)
                 }
-                let layout = distributed.collectives.layout  // a copy: the calls below modify `distributed`
+                let total = Int(layout[size - 1] + layout[2 * size - 1])
                 let send = inverses.base + total, mine = Int(layout[distributed.rank])
                 do throws(KFACError) { try packOwnedInverses(into: send, count: mine) } catch { packError = error }
                 let status = layout.withUnsafeBufferPointer { allgatherv(send, inverses.base, $0.baseAddress!, $0.baseAddress! + size) }
@@ -113,16 +152,37 @@ extension KFACOptimizer {
                 if let packError { throw packError }
                 try unpackInverses(from: inverses.base, count: inverseCount)
             }
+            }
+            // EKFAC: S's per-example sums in the bases just exchanged (or the committed ones).
+            if scalingsDue {
+                packError = nil
+                do throws(KFACError) { try packScalings(into: scalings.base, count: scalingCount) } catch { packError = error }
+                let status = allreduceSum(scalings.base, scalingCount)
+                guard status == 0 else {
+                    throw KFACError(.callback, "the scaling allreduce returned \(status); the handle is unchanged")
+                }
+                if let packError { throw packError }
+                try unpackScalings(from: scalings.base, count: scalingCount)
+            }
         } catch {
             if statisticsDue {
                 var r = StateReader(UnsafeRawBufferPointer(start: snapshot.base, count: snapshotBytes))
-                for c in estimator.blocks {
+                for k in estimator.blocks.indices {
+                    let c = estimator.blocks[k]
                     // Reads back what this call wrote; it cannot fail validation.
                     try? c.input.restoreStatistics(from: &r)
                     try? c.output.restoreStatistics(from: &r)
                 }
+                if let links = tridiagonal {
+                    for i in 0..<links.links.count {
+                        try? links.links[i].inputs.restoreExchanged(from: &r)
+                        try? links.links[i].gradients.restoreExchanged(from: &r)
+                    }
+                }
             }
             distributed.prepared = before.prepared
+            distributed.preparedScaling = before.scaling
+            distributed.preparedLinks = before.links
             distributed.statisticsReduced = before.reduced
             estimator.statisticsStarted = before.started
             throw error

@@ -30,6 +30,15 @@ struct DistributedState<Scalar: KFACScalar> {
     var statisticsReduced: (step: Int, blocks: ObjectIdentifier?)?
     /// The buffers of `exchange(through:)`.
     var collectives = CollectiveBuffers<Scalar>()
+    /// The units of the gathered inverse exchange (`planGatheredUnits`), kept with their capacity.
+    var gatheredUnits: [GatheredUnit] = []
+    /// EKFAC: the union's scaling sums and divisors that `unpackScalings` installed, and the step
+    /// (and layers) they are for.
+    var scalingSums: AlignedBuffer<Scalar>?
+    var preparedScaling: (step: Int, blocks: ObjectIdentifier?)?
+    /// Block-tridiagonal links: the step (layers, damping) whose link inverses `unpackInverses`
+    /// left in the links' staging set.
+    var preparedLinks: (step: Int, blocks: ObjectIdentifier?, damping: Double, pi: Bool)?
 
     /// Inverses an `unpackInverses` left in the staging inverses, for the step `step`.
     struct PreparedInverses {
@@ -45,6 +54,8 @@ struct DistributedState<Scalar: KFACScalar> {
 public enum DistributedExchange: Int32, Sendable, CaseIterable {
     case statistics = 0
     case inverses = 1
+    /// EKFAC's scaling S: per-example second moments in the (exchanged) bases.
+    case scalings = 2
 }
 
 extension KFACOptimizer {
@@ -62,12 +73,14 @@ extension KFACOptimizer {
         distributed.assignment = nil
         distributed.prepared = nil
         distributed.statisticsReduced = nil
+        distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
     }
 
     /// The assignment of inversion units to ranks for the current layers.
     func inverseAssignment() -> InverseAssignment {
         let blocks = estimator.blocks
-        let key = blocks.first.map { ObjectIdentifier($0) }
+        let key = blocksKey
         if let a = distributed.assignment, a.size == distributed.size, distributed.assignmentKey == key,
            a.unitBase.count == blocks.count {
             return a
@@ -107,11 +120,23 @@ extension KFACOptimizer {
         let phase = spreadPhase(at: stepCount)
         if phase != nil { spread.prepare(estimator.blocks, period: p.inverseUpdatePeriod) }
         let inverting = shouldInvert(at: stepCount)
-        for k in estimator.blocks.indices {
+        for k in estimator.blocks.indices where !estimator.isExcluded(estimator.blockLayer[k]) {
             let due = phase.map { spread.phase[k] == $0 } ?? inverting
             if due || !estimator.blocks[k].hasInverse(for: p.inverseStrategy) { return true }
         }
-        return false
+        return linksInvert()
+    }
+
+    /// Whether the next `step` inverts the block-tridiagonal links (as `planTridiagonalStep`).
+    func linksInvert() -> Bool {
+        guard let links = tridiagonal, !links.links.isEmpty else { return false }
+        return parameters.inverseUpdatePeriod > 0 && (shouldInvert(at: stepCount) || !links.hasInverses)
+    }
+
+    /// The rank that computes linked layer `l`'s block-tridiagonal inverse (one unit: Ψ, C, D and
+    /// Σ⁻¹ of its link up, with its damped factors' inverses): the owner of its input factor's block.
+    func linkOwner(layer l: Int) -> Int {
+        inverseAssignment().owner(block: estimator.layerBlocks[l].lowerBound, side: .input, unique: 0)
     }
 
     /// Whether the next `step` needs the exchange `what` (the same answer on every rank).
@@ -119,9 +144,19 @@ extension KFACOptimizer {
         let inverts = stepInvertsAny()
         switch what {
         case .inverses: return inverts
+        case .scalings:
+            // S changes at new bases and, between them, at every fold of a block with an EKFAC
+            // inverse; whether any rank recorded paired rows is only known after the exchange.
+            guard parameters.inverseStrategy == .ekfac, tridiagonal == nil else { return false }
+            if let done = distributed.preparedScaling, done.step == stepCount, done.blocks == blocksKey { return false }
+            if inverts { return true }
+            guard shouldFoldFactors(at: stepCount) else { return false }
+            let blocks = estimator.blocks
+            for k in blocks.indices where blocks[k].inverse is EKFACInverse<Scalar> { return true }
+            return false
         case .statistics:
             if let done = distributed.statisticsReduced, done.step == stepCount,
-               done.blocks == estimator.blocks.first.map({ ObjectIdentifier($0) }) {
+               done.blocks == blocksKey {
                 return false
             }
             return parameters.distributedReduce == .eager ? shouldFoldFactors(at: stepCount) : inverts
@@ -133,25 +168,40 @@ extension KFACOptimizer {
     /// Values of a statistics pack: per Kronecker block, input then output factor, each unique
     /// block's upper triangle then one count.
     public var statisticsPackCount: Int {
-        estimator.blocks.reduce(0) { $0 + $1.input.packCount + $1.output.packCount }
+        // (Loops over indices rather than `reduce` or for-in, which allocate in debug builds.)
+        let blocks = estimator.blocks
+        var n = 0
+        for k in blocks.indices { n += blocks[k].input.packCount + blocks[k].output.packCount }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { n += links.links[i].inputs.packCount + links.links[i].gradients.packCount }
+        }
+        return n
+    }
+
+    /// Identifies the current layers (a new registration or a load makes new blocks).
+    var blocksKey: ObjectIdentifier? {
+        estimator.blocks.isEmpty ? nil : ObjectIdentifier(estimator.blocks[0])
     }
 
     private func packScratch() throws(KFACError) -> AlignedBuffer<Scalar> {
-        let largest = estimator.blocks.reduce(1) { Swift.max($0, $1.input.structure.storageCount, $1.output.structure.storageCount) }
+        let blocks = estimator.blocks
+        var largest = 1
+        for k in blocks.indices {
+            largest = Swift.max(largest, blocks[k].input.structure.storageCount, blocks[k].output.structure.storageCount)
+        }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count { largest = Swift.max(largest, links.links[i].inputs.count, links.links[i].gradients.count) }
+        }
         if let s = distributed.scratch, s.count >= largest { return s }
         let s = try AlignedBuffer<Scalar>(rows: 1, columns: largest)
         distributed.scratch = s
         return s
     }
 
-    /// EKFAC's scaling S comes from per-example statistics that the exchange does not carry yet;
-    /// block-tridiagonal links keep cross factors and inverses the exchange does not carry either.
+    /// Distributed EKFAC needs folds at steps (its S folds through the scaling exchange).
     private func checkStrategySupported() throws(KFACError) {
-        guard parameters.inverseStrategy != .ekfac else {
-            throw KFACError(.unsupported, "distributed runs do not support the EKFAC strategy yet (its scaling is not exchanged)")
-        }
-        guard tridiagonal == nil else {
-            throw KFACError(.unsupported, "distributed runs do not support block-tridiagonal links yet (cross factors are not exchanged)")
+        guard parameters.inverseStrategy != .ekfac || parameters.factorUpdatePeriod > 0 else {
+            throw KFACError(.unsupported, "distributed EKFAC needs KFAC_PARAM_FACTOR_UPDATE_PERIOD >= 1 (update_factors folds S from this rank's examples alone)")
         }
         guard parameters.asyncInversion == .off else {
             throw KFACError(.unsupported, "distributed runs do not support async_inversion (the inverse exchange happens within the due step)")
@@ -175,11 +225,25 @@ extension KFACOptimizer {
         let decay = Scalar(parameters.factorDecay)
         let folding = shouldFoldFactors(at: stepCount)
         var w = 0
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay, folding: folding) }
                 else { f.packPending(into: out + w, scratch: scratch.base) }
                 w += f.packCount
+            }
+        }
+        // Block-tridiagonal links: each cross factor as a full matrix (rectangular), then its count.
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    let f = s == 0 ? links.links[i].inputs : links.links[i].gradients
+                    try f.checkAllPaired(s == 0 ? "input" : "output-gradient")
+                    if lazy { f.packAverage(into: out + w, scratch: scratch, decay: decay, folding: folding) }
+                    else { f.packPending(into: out + w) }
+                    w += f.packCount
+                }
             }
         }
     }
@@ -195,8 +259,10 @@ extension KFACOptimizer {
         let lazy = parameters.distributedReduce == .lazy
         // Read and check every count, allocate, then replace.
         var w = 0, anyRows = false
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 w += f.packCount
                 let v = Double(p[w - 1])
                 guard v >= 0, v <= 9.007_199_254_740_992e15, v.rounded() == v else {
@@ -208,18 +274,43 @@ extension KFACOptimizer {
                 }
             }
         }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    w += (s == 0 ? links.links[i].inputs : links.links[i].gradients).packCount
+                    let v = Double(p[w - 1])
+                    guard v >= 0, v <= 9.007_199_254_740_992e15, v.rounded() == v else {
+                        throw KFACError(.invalidArgument, "a reduced cross \(lazy ? "weight" : "row count") is \(v), not a whole number >= 0")
+                    }
+                }
+            }
+        }
         w = 0
         let folding = shouldFoldFactors(at: stepCount)
-        for c in estimator.blocks {
-            for f in [c.input, c.output] {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
+            for s in 0..<2 {
+                let f = s == 0 ? c.input : c.output
                 let n = Int(Double(p[w + f.packCount - 1]))
                 if lazy { f.replaceRunning(from: p + w, weight: n, folding: folding) } else { f.replacePending(from: p + w, rows: n) }
                 w += f.packCount
             }
         }
+        if let links = tridiagonal {
+            for i in 0..<links.links.count {
+                for s in 0..<2 {
+                    let f = s == 0 ? links.links[i].inputs : links.links[i].gradients
+                    let n = Int(Double(p[w + f.packCount - 1]))
+                    if lazy { f.replaceRunning(from: p + w, weight: n, folding: folding) } else { f.replacePending(from: p + w, rows: n) }
+                    w += f.packCount
+                }
+            }
+        }
         if anyRows { estimator.statisticsStarted = true }
         distributed.prepared = nil
-        distributed.statisticsReduced = (stepCount, estimator.blocks.first.map { ObjectIdentifier($0) })
+        distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
+        distributed.statisticsReduced = (stepCount, blocksKey)
     }
 
     // MARK: Inverses
@@ -230,12 +321,18 @@ extension KFACOptimizer {
         try checkStrategySupported()
         let strategy = parameters.inverseStrategy
         var total = 0
-        for c in estimator.blocks {
+        for k in estimator.blocks.indices {
+            let c = estimator.blocks[k]
             var w = StateWriter(nil)
             (c.inverse?.strategy == strategy ? c.inverse! : try c.stagingInverse(for: strategy)).write(to: &w)
             total += w.offset / MemoryLayout<Scalar>.stride
         }
-        return total
+        return total + (tridiagonal?.inversePackCount ?? 0)
+    }
+
+    /// Where the link section of an inverse pack starts (after every block's image).
+    func blockInversePackCount() throws(KFACError) -> Int {
+        try inversePackCount() - (tridiagonal?.inversePackCount ?? 0)
     }
 
     func imageCount(_ inverse: any KroneckerInverse<Scalar>) -> Int {
@@ -251,6 +348,8 @@ extension KFACOptimizer {
         guard let out else { throw KFACError(.nullPointer, "inverse buffer is NULL") }
         try checkCount(count, try inversePackCount(), "inverse")
         distributed.prepared = nil
+        distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
         do throws(KFACError) {
             try stageOwnedInverses(into: out, count: count)
         } catch {
@@ -264,8 +363,13 @@ extension KFACOptimizer {
         let p = stepParameters(), strategy = p.inverseStrategy
         let folding = shouldFoldFactors(at: stepCount)
         let any = try planStepInversions(p, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
+        if folding && (any || linksInverting) { try estimator.validatePendingStatistics() }
+        if linksInverting {
+            if folding { try tridiagonal!.checkPaired(estimator: estimator) }
+            try stageOwnedLinkInverses(into: out + (try blockInversePackCount()), folding: folding, settings: p.curvatureSettings)
+        }
         guard any else { return }
-        if folding { try estimator.validatePendingStatistics() }
         // Zero the staging inverses of the blocks inverted, so that units not owned pack as 0.
         var largest = 1
         for k in estimator.blocks.indices where estimator.invertBlock[k] {
@@ -290,9 +394,45 @@ extension KFACOptimizer {
             if estimator.invertBlock[k] {
                 var w = StateWriter(UnsafeMutableRawBufferPointer(start: out + offset, count: n * MemoryLayout<Scalar>.stride))
                 inverse.write(to: &w)
+                // EKFAC: the bases only; S has its own exchange (a sum of the ranks' partial
+                // resets would mean nothing).
+                if let e = inverse as? EKFACInverse<Scalar> {
+                    let r = e.scalingImageRange
+                    (out + offset + r.lowerBound).update(repeating: 0, count: r.count)
+                }
             }
             offset += n
         }
+    }
+
+    /// The link section of this rank's inverse pack: the linked layers it owns (`linkOwner`),
+    /// computed into the links' staging set and written in layer order; zeros elsewhere.
+    private func stageOwnedLinkInverses(into out: UnsafeMutablePointer<Scalar>, folding: Bool,
+                                        settings: CurvatureSettings) throws(KFACError) {
+        let links = tridiagonal!
+        let rank = distributed.rank
+        for i in 0..<links.linkedLayers.count {
+            let l = links.linkedLayers[i]
+            links.owned[l] = linkOwner(layer: l) == rank
+        }
+        try links.stageInverses(estimator: estimator, foldingPending: folding, settings: settings, ownedOnly: distributed.size > 1)
+        var offset = 0
+        for i in 0..<links.linkedLayers.count {
+            let l = links.linkedLayers[i]
+            if linkOwner(layer: l) == rank { links.transferStaged(layer: l, out + offset, toImage: true) }
+            offset += links.inverseImageCount(layer: l)
+        }
+    }
+
+    /// The step's link inversion: the exchanged link inverses when `unpackInverses` prepared
+    /// them for this step, else every linked layer here.
+    func stageStepLinkInverses(folding: Bool, settings: CurvatureSettings) throws(KFACError) {
+        defer { distributed.preparedLinks = nil }
+        if let pr = distributed.preparedLinks, pr.step == stepCount, pr.blocks == blocksKey, pr.damping == settings.damping,
+           pr.pi == settings.piDamping {
+            return
+        }
+        try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings)
     }
 
     /// Installs the SUM-allreduced inverse pack as the inverses the next `step` commits (instead
@@ -306,7 +446,20 @@ extension KFACOptimizer {
         let params = stepParameters(), strategy = params.inverseStrategy
         let folding = shouldFoldFactors(at: stepCount)
         let any = try planStepInversions(params, folding: folding)
+        let linksInverting = try planTridiagonalStep(folding: folding, inverting: shouldInvert(at: stepCount))
         distributed.prepared = nil
+        distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
+        if linksInverting, let links = tridiagonal {
+            var offset = try blockInversePackCount()
+            for i in 0..<links.linkedLayers.count {
+                let l = links.linkedLayers[i]
+                links.transferStaged(layer: l, UnsafeMutablePointer(mutating: p) + offset, toImage: false)
+                offset += links.inverseImageCount(layer: l)
+            }
+            let settings = params.curvatureSettings
+            distributed.preparedLinks = (stepCount, blocksKey, settings.damping, settings.piDamping)
+        }
         guard any else { return }
         var offset = 0
         for k in estimator.blocks.indices {
@@ -320,14 +473,14 @@ extension KFACOptimizer {
         }
         distributed.prepared = .init(step: stepCount, strategy: strategy, damping: params.inverseDamping,
                                      generation: estimator.stagingGeneration,
-                                     blocks: estimator.blocks.first.map { ObjectIdentifier($0) })
+                                     blocks: blocksKey)
     }
 
     /// The step's inversion: the exchanged inverses when `unpackInverses` prepared them for this
     /// step (only the staged folds are formed), else every unit here.
     func stageStepInverses(folding: Bool, settings: CurvatureSettings, damping: Double) throws(KFACError) {
         if let pr = distributed.prepared, pr.step == stepCount, pr.strategy == settings.strategy, pr.damping == damping,
-           pr.generation == estimator.stagingGeneration, pr.blocks == estimator.blocks.first.map({ ObjectIdentifier($0) }) {
+           pr.generation == estimator.stagingGeneration, pr.blocks == blocksKey {
             estimator.unitFilter = .none
         }
         defer {
@@ -335,6 +488,82 @@ extension KFACOptimizer {
             distributed.prepared = nil
         }
         try estimator.stageInverses(foldingPending: folding, settings: settings, damping: damping)
+    }
+}
+
+// MARK: EKFAC's scaling
+
+extension KFACOptimizer {
+    /// Values of a scaling pack: per Kronecker block, o × a sums then one divisor.
+    public var scalingPackCount: Int { estimator.scalingPackCount }
+
+    private func checkScalingExchange() throws(KFACError) {
+        guard parameters.inverseStrategy == .ekfac else {
+            throw KFACError(.invalidArgument, "the scaling exchange is EKFAC's: the inverse strategy is \(parameters.inverseStrategy)")
+        }
+        try checkStrategySupported()
+    }
+
+    /// EKFAC: writes this rank's share of S for a SUM-allreduce — per block whose S the next
+    /// step sets (new bases, or a fold between refreshes), Σ_n (Q_Gᵀ G_n Q_A)^∘2 over this
+    /// rank's pending paired examples in the bases the step will use, then their divisor; zeros
+    /// elsewhere. When the step inverts, the bases are the exchanged ones: unpack the inverses
+    /// first (else `.noInverses`). Changes nothing; on an error after the size checks the
+    /// buffer is filled with NaN.
+    public func packScalings(into out: UnsafeMutablePointer<Scalar>?, count: Int) throws(KFACError) {
+        guard let out else { throw KFACError(.nullPointer, "scaling buffer is NULL") }
+        try checkScalingExchange()
+        try checkCount(count, scalingPackCount, "scaling")
+        do throws(KFACError) {
+            let p = stepParameters()
+            let folding = shouldFoldFactors(at: stepCount)
+            let inverting = try planStepInversions(p, folding: folding)
+            if inverting {
+                guard let pr = distributed.prepared, pr.step == stepCount, pr.strategy == .ekfac,
+                      pr.generation == estimator.stagingGeneration, pr.blocks == blocksKey else {
+                    throw KFACError(.noInverses, "the next step computes new EKFAC bases: unpack its inverse exchange before packing the scalings")
+                }
+            }
+            try estimator.packScalings(into: out, folding: folding, inverting: inverting)
+        } catch {
+            out.initialize(repeating: .nan, count: count)
+            throw error
+        }
+    }
+
+    /// EKFAC: takes the SUM-allreduced scaling pack as the union's per-example statistics the
+    /// next step forms S from (S_batch = the summed sums / the summed divisor). On error nothing
+    /// changed.
+    public func unpackScalings(from p: UnsafePointer<Scalar>?, count: Int) throws(KFACError) {
+        guard let p else { throw KFACError(.nullPointer, "scaling buffer is NULL") }
+        try checkScalingExchange()
+        try checkCount(count, scalingPackCount, "scaling")
+        guard Scalar.allFinite(p, count: count) else {
+            throw KFACError(.nonFinite, "the reduced scalings contain NaN or Inf (a pack failed on some rank)")
+        }
+        let blocks = estimator.blocks
+        var w = 0
+        for k in blocks.indices {
+            let n = blocks[k].input.dimension * blocks[k].output.dimension
+            for i in 0..<n where p[w + i] < 0 {
+                throw KFACError(.invalidArgument, "a reduced scaling sum is \(p[w + i]): sums of squares are >= 0")
+            }
+            let d = Double(p[w + n])
+            guard d >= 0, d <= 9.007_199_254_740_992e15, d.rounded() == d else {
+                throw KFACError(.invalidArgument, "a reduced divisor is \(d), not a whole number >= 0")
+            }
+            w += n + 1
+        }
+        let buffer = try CollectiveBuffers.reserve(&distributed.scalingSums, count)
+        buffer.base.update(from: p, count: count)
+        distributed.preparedScaling = (stepCount, blocksKey)
+    }
+
+    /// The union's scaling sums for the step at hand, when `unpackScalings` installed them.
+    func reducedScalings() -> UnsafePointer<Scalar>? {
+        guard parameters.inverseStrategy == .ekfac, let done = distributed.preparedScaling, done.step == stepCount,
+              done.blocks == blocksKey, let b = distributed.scalingSums else { return nil }
+        return UnsafePointer(b.base)
     }
 }
 

@@ -7,53 +7,95 @@
 /// its own units in that order; the segments are concatenated in rank order, as MPI_Allgatherv
 /// with displacements = prefix sums of the counts. The unpack scatters every unit back into a
 /// full image pack and installs it as `unpackInverses` does: the same bits as the SUM route.
-extension KFACOptimizer {
-    /// One unit of the gathered exchange.
-    struct GatheredUnit {
-        var imageOffset: Int
-        var ranges: [Range<Int>]
-        var owner: Int
-        var count: Int { ranges.reduce(0) { $0 + $1.count } }
-    }
+/// One unit of the gathered exchange: its scalar ranges in the full image pack, its owner.
+struct GatheredUnit {
+    var ranges: InverseUnitRanges
+    var owner: Int
+    var count: Int { ranges.count }
+}
 
-    /// The units the next step inverts, in exchange order, and the full image pack's length.
-    private func gatheredUnits() throws(KFACError) -> (units: [GatheredUnit], fullCount: Int) {
+extension KFACOptimizer {
+    /// The units the next step inverts, in exchange order, into `distributed.gatheredUnits`
+    /// (kept with its capacity: after warm-up nothing is allocated); returns the full image
+    /// pack's length.
+    @discardableResult
+    private func planGatheredUnits() throws(KFACError) -> Int {
         let full = try inversePackCount()
         let params = stepParameters(), strategy = params.inverseStrategy
         let any = try planStepInversions(params, folding: shouldFoldFactors(at: stepCount))
         let assignment = inverseAssignment()
-        var units: [GatheredUnit] = []
+        distributed.gatheredUnits.removeAll(keepingCapacity: true)
         var offset = 0
         for k in estimator.blocks.indices {
             let c = estimator.blocks[k]
             let inverse = try c.stagingInverse(for: strategy)
             if any && estimator.invertBlock[k] {
-                for side in [FactorSide.input, .output] {
+                for s in 0..<2 {
+                    let side: FactorSide = s == 0 ? .input : .output
                     let count = (side == .input ? c.input : c.output).structure.uniqueSizes.count
                     for q in 0..<count {
                         guard let ranges = inverse.unitRanges(side, q) else {
                             throw KFACError(.unsupported, "the \(strategy) inverses cannot be exchanged by unit")
                         }
-                        units.append(GatheredUnit(imageOffset: offset, ranges: ranges,
-                                                  owner: assignment.owner(block: k, side: side, unique: q)))
+                        distributed.gatheredUnits.append(GatheredUnit(ranges: ranges.shifted(by: offset),
+                                                                      owner: assignment.owner(block: k, side: side, unique: q)))
                     }
                 }
             }
             offset += imageCount(inverse)
         }
-        return (units, full)
+        // Block-tridiagonal links: one unit per linked layer, its whole image.
+        if let links = tridiagonal, try planTridiagonalStep(folding: shouldFoldFactors(at: stepCount), inverting: shouldInvert(at: stepCount)) {
+            for i in 0..<links.linkedLayers.count {
+                let l = links.linkedLayers[i], n = links.inverseImageCount(layer: l)
+                distributed.gatheredUnits.append(GatheredUnit(ranges: InverseUnitRanges(offset..<offset + n), owner: linkOwner(layer: l)))
+                offset += n
+            }
+        }
+        return full
     }
 
     /// Values per rank of the gathered inverse exchange the next step needs (all zero when it
     /// inverts nothing); the displacements are their prefix sums.
     public func gatheredInverseCounts() throws(KFACError) -> [Int] {
+        try planGatheredUnits()
         var counts = [Int](repeating: 0, count: distributed.size)
-        for u in try gatheredUnits().units { counts[u.owner] += u.count }
+        let units = distributed.gatheredUnits
+        for i in units.indices { counts[units[i].owner] += units[i].count }
         return counts
+    }
+
+    /// `gatheredInverseCounts` into the caller's counts[size] and, when not nil,
+    /// displacements[size] (their prefix sums), without allocating after warm-up.
+    public func gatheredInverseLayout(counts: UnsafeMutablePointer<Int64>, displacements: UnsafeMutablePointer<Int64>?) throws(KFACError) {
+        try planGatheredUnits()
+        counts.initialize(repeating: 0, count: distributed.size)
+        let units = distributed.gatheredUnits
+        for i in units.indices { counts[units[i].owner] += Int64(units[i].count) }
+        if let displacements {
+            var total: Int64 = 0
+            for r in 0..<distributed.size {
+                displacements[r] = total
+                total += counts[r]
+            }
+        }
     }
 
     private func fullInverseScratch(_ count: Int) throws(KFACError) -> AlignedBuffer<Scalar> {
         try CollectiveBuffers.reserve(&distributed.collectives.fullInverses, count)
+    }
+
+    /// Copies unit `u`'s scalars between a full image pack and a segment cursor.
+    private static func copyUnit(_ u: GatheredUnit, full: UnsafeMutablePointer<Scalar>, segment: UnsafeMutablePointer<Scalar>,
+                                 toSegment: Bool) {
+        let (a, b) = (u.ranges.first, u.ranges.second)
+        if toSegment {
+            segment.update(from: full + a.lowerBound, count: a.count)
+            (segment + a.count).update(from: full + b.lowerBound, count: b.count)
+        } else {
+            (full + a.lowerBound).update(from: segment, count: a.count)
+            (full + b.lowerBound).update(from: segment + a.count, count: b.count)
+        }
     }
 
     /// Computes this rank's units (as `packInverses`) and writes only them, in exchange order:
@@ -61,20 +103,22 @@ extension KFACOptimizer {
     /// size checks the buffer is filled with NaN.
     public func packOwnedInverses(into out: UnsafeMutablePointer<Scalar>?, count: Int) throws(KFACError) {
         guard let out else { throw KFACError(.nullPointer, "inverse buffer is NULL") }
-        let (units, full) = try gatheredUnits()
-        let mine = units.reduce(0) { $0 + ($1.owner == distributed.rank ? $1.count : 0) }
+        let full = try planGatheredUnits()
+        var mine = 0
+        let planned = distributed.gatheredUnits
+        for i in planned.indices where planned[i].owner == distributed.rank { mine += planned[i].count }
         guard count == mine else {
             throw KFACError(.invalidSize, "this rank's gathered inverse buffer must hold exactly \(mine) values, got \(count)")
         }
         do throws(KFACError) {
             let scratch = try fullInverseScratch(full)
             try packInverses(into: scratch.base, count: full)
+            // packInverses re-plans the same units (the same step, layers and parameters).
             var w = 0
-            for u in units where u.owner == distributed.rank {
-                for r in u.ranges {
-                    (out + w).update(from: scratch.base + u.imageOffset + r.lowerBound, count: r.count)
-                    w += r.count
-                }
+            let units = distributed.gatheredUnits
+            for i in units.indices where units[i].owner == distributed.rank {
+                Self.copyUnit(units[i], full: scratch.base, segment: out + w, toSegment: true)
+                w += units[i].count
             }
         } catch {
             out.initialize(repeating: .nan, count: count)
@@ -86,24 +130,31 @@ extension KFACOptimizer {
     /// values each) as the inverses the next `step` commits. On error nothing changed.
     public func unpackGatheredInverses(from p: UnsafePointer<Scalar>?, count: Int) throws(KFACError) {
         guard let p else { throw KFACError(.nullPointer, "inverse buffer is NULL") }
-        let (units, full) = try gatheredUnits()
-        var cursor = [Int](repeating: 0, count: distributed.size + 1)
-        for u in units { cursor[u.owner + 1] += u.count }
-        for r in 0..<distributed.size { cursor[r + 1] += cursor[r] }
-        guard count == cursor[distributed.size] else {
-            throw KFACError(.invalidSize, "the gathered inverse buffer must hold exactly \(cursor[distributed.size]) values, got \(count)")
+        let full = try planGatheredUnits()
+        let size = distributed.size
+        if distributed.collectives.cursor.count != size + 1 {
+            distributed.collectives.cursor = [Int](repeating: 0, count: size + 1)
+        }
+        var cursor = distributed.collectives.cursor  // moved out while `distributed` changes below
+        distributed.collectives.cursor = []
+        defer { distributed.collectives.cursor = cursor }
+        let units = distributed.gatheredUnits
+        for r in 0...size { cursor[r] = 0 }
+        for i in units.indices { cursor[units[i].owner + 1] += units[i].count }
+        for r in 0..<size { cursor[r + 1] += cursor[r] }
+        guard count == cursor[size] else {
+            throw KFACError(.invalidSize, "the gathered inverse buffer must hold exactly \(cursor[size]) values, got \(count)")
         }
         guard Scalar.allFinite(p, count: count) else {
             throw KFACError(.nonFinite, "the gathered inverses contain NaN or Inf (an inversion failed on some rank)")
         }
         let scratch = try fullInverseScratch(full)
         scratch.base.initialize(repeating: 0, count: full)
-        for u in units {
-            for r in u.ranges {
-                (scratch.base + u.imageOffset + r.lowerBound).update(from: p + cursor[u.owner], count: r.count)
-                cursor[u.owner] += r.count
-            }
+        for i in units.indices {
+            let u = units[i]
+            Self.copyUnit(u, full: scratch.base, segment: UnsafeMutablePointer(mutating: p) + cursor[u.owner], toSegment: false)
+            cursor[u.owner] += u.count
         }
-        try unpackInverses(from: scratch.base, count: full)
+        try unpackInverses(from: try fullInverseScratch(full).base, count: full)
     }
 }

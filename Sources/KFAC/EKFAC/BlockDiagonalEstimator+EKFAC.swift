@@ -57,8 +57,13 @@ extension BlockDiagonalEstimator {
     /// every block inverted now (into its staging inverse), and, when `folding`, S folded for
     /// blocks with paired statistics that are not inverted (marking them inverted: their
     /// factors' folds and a staging inverse with copied bases are staged).
-    func stageScalings(folding: Bool, settings: CurvatureSettings) throws(KFACError) {
+    ///
+    /// `reduced` (a distributed run, after `kfac_distributed_unpack_scalings_*`): per block, the
+    /// union's Σ_n (Q_Gᵀ G_n Q_A)^∘2 (o × a) and its divisor, used instead of this rank's paired
+    /// statistics (`scalingPackOffsets` order).
+    func stageScalings(folding: Bool, settings: CurvatureSettings, reduced: UnsafePointer<Scalar>? = nil) throws(KFACError) {
         guard settings.strategy == .ekfac else { return }
+        if let reduced { return try stageReducedScalings(reduced, folding: folding, settings: settings) }
         let decay = Scalar(settings.ekfacDecay)
         for k in blocks.indices {
             let c = blocks[k]
@@ -80,6 +85,72 @@ extension BlockDiagonalEstimator {
                 invertBlock[k] = true
             }
         }
+    }
+
+    /// `stageScalings` from the union's sums and divisors (see there).
+    private func stageReducedScalings(_ reduced: UnsafePointer<Scalar>, folding: Bool, settings: CurvatureSettings) throws(KFACError) {
+        let decay = Scalar(settings.ekfacDecay)
+        var w = 0
+        for k in blocks.indices {
+            let c = blocks[k]
+            let n = c.input.dimension * c.output.dimension
+            let sums = reduced + w, divisor = reduced[w + n]
+            w += n + 1
+            if let p = c.paired { p.consumed = false }
+            guard divisor > 0 else { continue }
+            let scale = 1 / divisor
+            if invertBlock[k] {
+                // New bases: S = the union's S_batch in them.
+                let staged = try c.stagingInverse(for: .ekfac) as! EKFACInverse<Scalar>
+                for i in 0..<n { staged.scaling.base[i] = scale * sums[i] }
+            } else if folding, let committed = c.inverse as? EKFACInverse<Scalar> {
+                // S ← β S + (1 − β) S_batch in the committed bases (staged like an inversion).
+                let factorDecay = Scalar(settings.factorDecay)
+                _ = try c.input.stageFold(decay: factorDecay)
+                _ = try c.output.stageFold(decay: factorDecay)
+                let staged = try c.stagingInverse(for: .ekfac) as! EKFACInverse<Scalar>
+                staged.copyBases(from: committed)
+                let s = committed.scaling.base, out = staged.scaling.base
+                for i in 0..<n { out[i] = (1 - decay) * (scale * sums[i]) + decay * s[i] }
+                invertBlock[k] = true
+            } else {
+                continue
+            }
+            c.paired?.consumed = true
+        }
+    }
+
+    /// This rank's share of the scaling exchange, into `out` (`scalingPackCount` values, block by
+    /// block: o × a sums Σ_n (Q_Gᵀ G_n Q_A)^∘2 over this rank's pending examples, then their
+    /// divisor), for the blocks whose S the step at hand sets: those it inverts (in the staged
+    /// bases, `staged`) and, when `folding`, those with an EKFAC inverse (in the committed
+    /// bases). Zeros elsewhere. Changes nothing but scratch.
+    func packScalings(into out: UnsafeMutablePointer<Scalar>, folding: Bool, inverting: Bool) throws(KFACError) {
+        var w = 0
+        for k in blocks.indices {
+            let c = blocks[k]
+            let n = c.input.dimension * c.output.dimension
+            (out + w).initialize(repeating: 0, count: n + 1)
+            defer { w += n + 1 }
+            guard let p = c.paired, p.hasPending else { continue }
+            let bases: EKFACInverse<Scalar>
+            if inverting && invertBlock[k] {
+                bases = try c.stagingInverse(for: .ekfac) as! EKFACInverse<Scalar>
+            } else if folding, let committed = c.inverse as? EKFACInverse<Scalar> {
+                bases = committed
+            } else {
+                continue
+            }
+            p.batchScaling(in: bases, into: out + w, unscaled: true)
+            out[w + n] = Scalar(p.pendingDivisor)
+        }
+    }
+
+    /// Values of a scaling pack: per block, o × a then one divisor.
+    var scalingPackCount: Int {
+        var total = 0
+        for k in blocks.indices { total += blocks[k].input.dimension * blocks[k].output.dimension + 1 }
+        return total
     }
 
     /// After a step's (or update_inverses') commit: clears the paired statistics it used, and all

@@ -137,10 +137,15 @@ final class PairedStatistics<Scalar: KFACScalar> {
         segments.removeAll(keepingCapacity: true)
     }
 
-    /// S_batch of the pending statistics in the bases of `inverse`, into `out` (o × a).
-    func batchScaling(in inverse: EKFACInverse<Scalar>, into out: UnsafeMutablePointer<Scalar>) {
+    /// The pending examples' divisor (rows or examples) for S_batch; 0 when none are pending.
+    var pendingDivisor: Int { divisor }
+
+    /// S_batch of the pending statistics in the bases of `inverse`, into `out` (o × a); with
+    /// `unscaled`, the sum Σ_n (Q_Gᵀ G_n Q_A)^∘2 itself (the distributed exchange divides the
+    /// ranks' summed sums by their summed divisors).
+    func batchScaling(in inverse: EKFACInverse<Scalar>, into out: UnsafeMutablePointer<Scalar>, unscaled: Bool = false) {
         let (a, o) = (inputDimension, outputDimension)
-        let scale = 1 / Scalar(divisor)
+        let scale = unscaled ? 1 : 1 / Scalar(divisor)
         out.initialize(repeating: 0, count: o * a)
         if rowCount > 0, let x = inputRows, let g = gradientRows, let rx = rotatedInputs, let rg = rotatedGradients {
             // Ã = X Q_A, G̃ = Γ Q_G (the bases hold Qᵀ).

@@ -88,10 +88,10 @@ final class CholeskyInverse<Scalar: KFACScalar>: KroneckerInverse {
     }
 
     /// Input blocks, then output blocks, each unique block b×b at its storage offset.
-    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? {
+    func unitRanges(_ side: FactorSide, _ q: Int) -> InverseUnitRanges? {
         let structure = side == .input ? inputStructure : outputStructure
         let base = side == .input ? 0 : inputStructure.storageCount
         let o = base + structure.storageOffsets[q], b = structure.uniqueSizes[q]
-        return [o..<o + b * b]
+        return InverseUnitRanges(o..<o + b * b)
     }
 }

@@ -120,6 +120,18 @@ final class EKFACInverse<Scalar: KFACScalar>: KroneckerInverse {
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int {
         EigenInverse<Scalar>.imageScalarCount(input: input, output: output) + input.dimension * output.dimension
     }
+
+    /// The bases' units (the eigen section comes first). S belongs to no unit: the distributed
+    /// inverse exchange carries the bases only, and S has its own exchange (issue 12).
+    func unitRanges(_ side: FactorSide, _ q: Int) -> InverseUnitRanges? {
+        bases.unitRanges(side, q)
+    }
+
+    /// Where S lies in `write`'s section (its last scalars).
+    var scalingImageRange: Range<Int> {
+        let e = EigenInverse<Scalar>.imageScalarCount(input: inputStructure, output: outputStructure)
+        return e..<e + scaling.count
+    }
 }
 
 // Requirements of `KFACScalar` (so that generic callers run specialised loops, as in

@@ -96,14 +96,18 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
     }
 
     func write(to w: inout StateWriter) {
-        for side in [input, output] {
+        // (Two calls rather than a loop over [input, output]: an array literal allocates in
+        // debug builds, and the distributed exchange writes images every inverse step.)
+        for s in 0..<2 {
+            let side = s == 0 ? input : output
             w.scalars(side.vectors.base, count: side.vectors.count)
             w.scalars(side.values.base, count: side.values.count)
         }
     }
 
     func read(from r: inout StateReader) throws(KFACError) {
-        for side in [input, output] {
+        for s in 0..<2 {
+            let side = s == 0 ? input : output
             try r.scalars(into: side.vectors.base, count: side.vectors.count)
             try r.scalars(into: side.values.base, count: side.values.count)
         }
@@ -129,11 +133,11 @@ final class EigenInverse<Scalar: KFACScalar>: KroneckerInverse {
 
     /// Per side its eigenvector blocks (b×b at the storage offset), then its eigenvalues (b at
     /// the unique offset).
-    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? {
+    func unitRanges(_ side: FactorSide, _ q: Int) -> InverseUnitRanges? {
         let structure = side == .input ? input.structure : output.structure
         let base = side == .input ? 0 : input.structure.storageCount + input.structure.recordedWidth
         let b = structure.uniqueSizes[q]
         let vectors = base + structure.storageOffsets[q], values = base + structure.storageCount + structure.uniqueOffsets[q]
-        return [vectors..<vectors + b * b, values..<values + b]
+        return InverseUnitRanges(vectors..<vectors + b * b, values..<values + b)
     }
 }

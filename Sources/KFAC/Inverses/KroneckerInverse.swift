@@ -77,12 +77,32 @@ protocol KroneckerInverse<Scalar>: AnyObject {
     static func imageScalarCount(input: FactorStructure, output: FactorStructure) -> Int
     /// Where unique block `q` of side `side` lies in `write`'s section (scalar ranges, in
     /// order), so that a distributed exchange can carry the units a rank computed alone; nil
-    /// when the representation cannot be split by unit (EKFAC). Default nil.
-    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]?
+    /// when the representation cannot be split by unit. Default nil.
+    func unitRanges(_ side: FactorSide, _ q: Int) -> InverseUnitRanges?
 }
 
 extension KroneckerInverse {
-    func unitRanges(_ side: FactorSide, _ q: Int) -> [Range<Int>]? { nil }
+    func unitRanges(_ side: FactorSide, _ q: Int) -> InverseUnitRanges? { nil }
+}
+
+/// Where one inversion unit lies in an inverse's state-image section: one or two scalar
+/// ranges, in order (a struct rather than an array, so that the exchange does not allocate).
+struct InverseUnitRanges: Equatable {
+    var first: Range<Int>
+    var second: Range<Int>
+
+    init(_ first: Range<Int>, _ second: Range<Int>? = nil) {
+        self.first = first
+        self.second = second ?? first.upperBound..<first.upperBound
+    }
+
+    var count: Int { first.count + second.count }
+
+    /// The ranges moved by `offset` scalars.
+    func shifted(by offset: Int) -> InverseUnitRanges {
+        InverseUnitRanges(first.lowerBound + offset..<first.upperBound + offset,
+                          second.lowerBound + offset..<second.upperBound + offset)
+    }
 }
 
 extension KroneckerInverse {

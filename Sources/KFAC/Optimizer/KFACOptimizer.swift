@@ -168,6 +168,10 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
     /// Recomputes the inverses of every layer that has factors, in parallel across layers and blocks.
     public func updateInverses() throws(KFACError) {
         estimator.discardBackground()  // every block is re-inverted from newer factors
+        // Exchanged link inverses and scaling sums were for the inverses this replaces (the
+        // blocks' exchanged inverses are invalidated by the staging generation).
+        distributed.preparedLinks = nil
+        distributed.preparedScaling = nil
         guard let links = tridiagonal else { return try estimator.invert(parameters.curvatureSettings) }
         try updateInverses(links)
     }
@@ -231,8 +235,9 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         try adaptive.reserveStepDirections(estimator.blocks)
         if dampingStep { try candidates.reserve(estimator.blocks, strategy: p.inverseStrategy) }
         if anyInversion { try stageStepInverses(folding: folding, settings: settings, damping: p.inverseDamping) }
-        try estimator.stageScalings(folding: folding, settings: settings)  // EKFAC's S (BlockDiagonalEstimator+EKFAC)
-        if linksInverting { try tridiagonal!.stageInverses(estimator: estimator, foldingPending: folding, settings: settings) }
+        // EKFAC's S (BlockDiagonalEstimator+EKFAC), from the union's sums in a distributed run.
+        try estimator.stageScalings(folding: folding, settings: settings, reduced: reducedScalings())
+        if linksInverting { try stageStepLinkInverses(folding: folding, settings: settings) }  // exchanged ones if prepared
 
         var inner = try preconditionGradients(gradient, strategy: p.inverseStrategy, damping: Scalar(p.inverseDamping))
         if let links = tridiagonal { inner += try preconditionLinked(links, staged: linksInverting) }
@@ -251,6 +256,8 @@ public final class KFACOptimizer<Scalar: KFACScalar> {
         lastKLScale = nu
         stepCount += 1
         adaptive.directionsAvailable = true
+        distributed.preparedScaling = nil
+        distributed.preparedLinks = nil
     }
 
     /// The parameters the step at the current counter uses: on a γ step, γ brought into

@@ -120,6 +120,73 @@ final class CrossFactor<Scalar: KFACScalar> {
         return staged!
     }
 
+    // MARK: Distributed exchange (full matrices, not upper triangles: a cross factor is rectangular)
+
+    /// Values of a statistics pack: the matrix, then one count.
+    var packCount: Int { count + 1 }
+
+    /// Throws `.invalidSize` if rows recorded for one layer of the link wait for the other's.
+    func checkAllPaired(_ what: String) throws(KFACError) {
+        guard lowerCount == 0, upperCount == 0 else {
+            throw KFACError(.invalidSize, "the \(what) rows of a link do not pair (\(lowerCount) and \(upperCount) rows wait for the other layer): record the same examples for both layers before the exchange")
+        }
+    }
+
+    /// Eager reduce: the pending sum Σ x_lower x_upperᵀ and its row count.
+    func packPending(into out: UnsafeMutablePointer<Scalar>) {
+        if pairedRows > 0 { out.update(from: pendingSum.base, count: count) } else { out.initialize(repeating: 0, count: count) }
+        out[count] = Scalar(pairedRows)
+    }
+
+    /// Eager reduce: the (allreduced) sums and rows become the pending statistics.
+    func replacePending(from p: UnsafePointer<Scalar>, rows: Int) {
+        discardPending()
+        guard rows > 0 else { return }
+        pendingSum.base.update(from: p, count: count)
+        pairedRows = rows
+    }
+
+    /// Lazy reduce: the moving average the next inversion uses (with the pending sums folded in
+    /// when `folding`), then 1, or zeros and 0 without one.
+    func packAverage(into out: UnsafeMutablePointer<Scalar>, scratch: AlignedBuffer<Scalar>, decay: Scalar, folding: Bool) {
+        if folding && pairedRows > 0 {
+            average(into: scratch, decay: decay)
+            out.update(from: scratch.base, count: count)
+        } else if hasRunning {
+            out.update(from: running.base, count: count)
+        } else {
+            out.initialize(repeating: 0, count: count)
+        }
+        out[count] = folding && pairedRows > 0 || hasRunning ? 1 : 0
+    }
+
+    /// Lazy reduce: the running factor becomes the ranks' mean (`weight` ranks had one).
+    func replaceRunning(from p: UnsafePointer<Scalar>, weight: Int, folding: Bool) {
+        guard weight > 0 else { return }
+        let scale = 1 / Scalar(weight)
+        for i in 0..<count { running.base[i] = scale * p[i] }
+        hasRunning = true
+        if folding { pairedRows = 0 }
+    }
+
+    /// Bytes of `saveExchanged`.
+    var exchangedBytes: Int { 2 * count * MemoryLayout<Scalar>.stride + 16 }
+
+    /// What an exchange may change (running, pending sum and their flags), for its rollback.
+    func saveExchanged(to w: inout StateWriter) {
+        w.u64(hasRunning ? 1 : 0)
+        w.scalars(running.base, count: count)
+        w.u64(UInt64(pairedRows))
+        w.scalars(pendingSum.base, count: count)
+    }
+
+    func restoreExchanged(from r: inout StateReader) throws(KFACError) {
+        hasRunning = try r.flag()
+        try r.scalars(into: running.base, count: count)
+        pairedRows = try r.i64()
+        try r.scalars(into: pendingSum.base, count: count)
+    }
+
     // MARK: State images
 
     /// Writes: has running [factor], paired rows [pending sum], unpaired rows of each side.

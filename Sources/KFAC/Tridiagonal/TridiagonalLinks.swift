@@ -94,6 +94,8 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     private(set) var downLink: [Int] = []
     /// The linked layers, ascending.
     private(set) var linkedLayers: [Int] = []
+    /// Per layer: whether this rank computes its inverse (`stageInverses(ownedOnly:)`).
+    var owned: [Bool] = []
     private(set) var committed: [TridiagonalLayerInverse<Scalar>?] = []
     private var staged: [TridiagonalLayerInverse<Scalar>?] = []
     private(set) var hasInverses = false
@@ -192,6 +194,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         upLink = up
         downLink = down
         linkedLayers = layers
+        owned = [Bool](repeating: true, count: n)
         committed = newCommitted
         staged = newStaged
         (w, z, above, below) = (newW, newZ, newAbove, newBelow)
@@ -271,7 +274,14 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
     /// factors or, with `foldingPending`, from out-of-place folds of the pending statistics
     /// (diagonal and cross). Nothing committed changes; on failure throws the first error in
     /// layer order.
-    func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings) throws(KFACError) {
+    ///
+    /// `ownedOnly` (a distributed run): only the layers `owned` marks are computed (with the
+    /// Cholesky inverses of the layers above them that their Ψ needs); the others' staged
+    /// inverses are left as they are, to be filled by the inverse exchange.
+    func stageInverses(estimator e: BlockDiagonalEstimator<Scalar>, foldingPending: Bool, settings: CurvatureSettings,
+                       ownedOnly: Bool = false) throws(KFACError) {
+        let owned = self.owned
+        func selected(_ l: Int) -> Bool { !ownedOnly || owned[l] }
         let decay = Scalar(settings.factorDecay)
         for i in 0..<linkedLayers.count {
             let l = linkedLayers[i]
@@ -305,6 +315,9 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
             for i in 0..<linkedLayers.count {
                 let l = linkedLayers[i]
                 guard !round || upLink[l] >= 0 else { continue }
+                // Round 1 also inverts the factors of the layer above an owned layer (its Ψ needs them).
+                let wanted = round ? selected(l) : selected(l) || (downLink[l] >= 0 && selected(l - 1))
+                guard wanted else { continue }
                 jobs.append(Job(layer: l, side: .input))
                 jobs.append(Job(layer: l, side: .output))
             }
@@ -321,7 +334,7 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         }
         for i in 0..<linkedLayers.count {
             let l = linkedLayers[i]
-            guard upLink[l] >= 0 else { continue }
+            guard upLink[l] >= 0, selected(l) else { continue }
             do {
                 try staged[l]!.sigma!.finish(sign: -1, minimumDenominator: Self.minimumDenominator)
             } catch {
@@ -363,6 +376,48 @@ final class TridiagonalLinks<Scalar: KFACScalar>: ParallelJobs {
         } catch {
             jobErrors[index] = error
         }
+    }
+
+    // MARK: Distributed exchange
+
+    /// Scalars of linked layer `l`'s inverse image (its buffers in state-image order).
+    func inverseImageCount(layer l: Int) -> Int {
+        let inv = staged[l]!
+        var n = inv.dampedA.count + inv.dampedG.count + inv.inverseA.count + inv.inverseG.count
+        if let psiA = inv.psiA, let psiG = inv.psiG, let crossA = inv.crossA, let crossG = inv.crossG, let sigma = inv.sigma {
+            n += psiA.count + psiG.count + crossA.count + crossG.count
+            n += sigma.inputVectors.count + sigma.inputValues.count + sigma.outputVectors.count + sigma.outputValues.count + sigma.scale.count
+        }
+        return n
+    }
+
+    /// Scalars of the link section of an inverse pack: every linked layer's image, ascending.
+    var inversePackCount: Int {
+        var n = 0
+        for i in 0..<linkedLayers.count { n += inverseImageCount(layer: linkedLayers[i]) }
+        return n
+    }
+
+    /// Copies linked layer `l`'s staged inverse to (`toImage`) or from an image at `p`.
+    func transferStaged(layer l: Int, _ p: UnsafeMutablePointer<Scalar>, toImage: Bool) {
+        let inv = staged[l]!
+        var w = 0
+        // (A static helper, not a nested function: capturing `w` would allocate a context.)
+        Self.move(inv.dampedA, p, &w, toImage); Self.move(inv.dampedG, p, &w, toImage)
+        Self.move(inv.inverseA, p, &w, toImage); Self.move(inv.inverseG, p, &w, toImage)
+        Self.move(inv.psiA, p, &w, toImage); Self.move(inv.psiG, p, &w, toImage)
+        Self.move(inv.crossA, p, &w, toImage); Self.move(inv.crossG, p, &w, toImage)
+        if let sigma = inv.sigma {
+            Self.move(sigma.inputVectors, p, &w, toImage); Self.move(sigma.inputValues, p, &w, toImage)
+            Self.move(sigma.outputVectors, p, &w, toImage); Self.move(sigma.outputValues, p, &w, toImage)
+            Self.move(sigma.scale, p, &w, toImage)
+        }
+    }
+
+    private static func move(_ b: AlignedBuffer<Scalar>?, _ p: UnsafeMutablePointer<Scalar>, _ w: inout Int, _ toImage: Bool) {
+        guard let b else { return }
+        if toImage { (p + w).update(from: b.base, count: b.count) } else { b.base.update(from: p + w, count: b.count) }
+        w += b.count
     }
 
     /// Makes the staging set current.

@@ -11,7 +11,7 @@ final class ThreadWorld: @unchecked Sendable {
     private let condition = NSCondition()
     private var arrived = 0, generation = 0
     private var published: [UnsafeMutablePointer<Double>?]
-    private var calls: [Int]
+    private(set) var calls: [Int]
     var failingCall: Int?
 
     init(size: Int) {
@@ -112,7 +112,7 @@ extension FakeWorldTests {
                                     try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) },
                                                    allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
                                 } else {
-                                    try o.exchange { world.allreduceSum(rank: r, $0, $1) }
+                                    try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) })
                                 }
                                 var g = grads
                                 try o.step(&g)
@@ -163,7 +163,7 @@ extension FakeWorldTests {
                     try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
                                            allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
                 } else {
-                    try shared[r].exchange { world.allreduceSum(rank: r, $0, $1) }
+                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) })
                 }
             }
             world.run { r in

@@ -342,16 +342,6 @@ final class FakeWorldTests: XCTestCase {
         XCTAssertGreaterThan(maxRelativeDifference(g, expected), 1e-3)
     }
 
-    func testEKFACIsRefused() throws {
-        let opt = try Model.make { $0.inverseStrategy = .ekfac }
-        try opt.setWorld(rank: 0, size: 2)
-        var buf = [S](repeating: 0, count: opt.statisticsPackCount)
-        XCTAssertThrowsError(try buf.withUnsafeMutableBufferPointer { try opt.packStatistics(into: $0.baseAddress, count: $0.count) }) {
-            XCTAssertEqual(($0 as? KFACError)?.status, .unsupported)
-        }
-        XCTAssertThrowsError(try opt.inversePackCount()) { XCTAssertEqual(($0 as? KFACError)?.status, .unsupported) }
-    }
-
     /// The adaptive mode: a linear softmax model z = W x + b (so J·D = D_W x + D_b), each rank
     /// packing the model sums of its own uneven slice; α, μ and the update on every rank are
     /// bit-identical and equal to one handle's solve on the union batch.

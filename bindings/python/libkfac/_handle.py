@@ -62,6 +62,7 @@ class Handle:
                 "distributed_pack_statistics", "distributed_unpack_statistics",
                 "distributed_pack_inverses", "distributed_unpack_inverses", "distributed_pack_model_sums",
                 "distributed_pack_owned_inverses", "distributed_unpack_gathered_inverses",
+                "distributed_pack_scalings", "distributed_unpack_scalings",
                 "layer_get_cross_factors",
             )
         }
@@ -324,7 +325,7 @@ class Handle:
 
     def exchange(self, name: str, address: int, count: int) -> None:
         """kfac_distributed_<name>_* (pack_statistics, unpack_statistics, pack_inverses,
-        unpack_inverses) on the buffer at ``address`` of ``count`` values."""
+        unpack_inverses, pack_scalings, unpack_scalings) on the buffer at ``address`` of ``count`` values."""
         self.call(self._fn["distributed_" + name], self.cast(address), count)
 
     def synchronize(self, allreduce_sum, allgatherv=None) -> None:

@@ -235,6 +235,7 @@ KFAC_DISTRIBUTED_REDUCE_EAGER = 0
 KFAC_DISTRIBUTED_REDUCE_LAZY = 1
 KFAC_DISTRIBUTED_STATISTICS = 0
 KFAC_DISTRIBUTED_INVERSES = 1
+KFAC_DISTRIBUTED_SCALINGS = 2
 
 # ---------------------------------------------------------------------------------------------
 # Types
@@ -675,6 +676,10 @@ _PROTOTYPES = [
     ("kfac_distributed_pack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
     ("kfac_distributed_unpack_inverses_f32", c_int, [_P, c_float_p, c_int64]),
     ("kfac_distributed_unpack_inverses_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_pack_scalings_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_pack_scalings_f64", c_int, [_P, c_double_p, c_int64]),
+    ("kfac_distributed_unpack_scalings_f32", c_int, [_P, c_float_p, c_int64]),
+    ("kfac_distributed_unpack_scalings_f64", c_int, [_P, c_double_p, c_int64]),
     ("kfac_distributed_pack_model_sums_f32", c_int,
      [_P, c_float_p, POINTER(c_float_p), c_int32, c_float_p, c_int64, c_int64, c_int32, c_double_p, c_int64]),
     ("kfac_distributed_pack_model_sums_f64", c_int,

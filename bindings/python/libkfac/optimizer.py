@@ -743,12 +743,13 @@ class Optimizer(AdaptiveMethods):
     # Distributed runs (experimental: kfac_distributed_*)
     # -----------------------------------------------------------------------------------------
 
-    _EXCHANGES = {"statistics": _lib.KFAC_DISTRIBUTED_STATISTICS, "inverses": _lib.KFAC_DISTRIBUTED_INVERSES}
+    _EXCHANGES = {"statistics": _lib.KFAC_DISTRIBUTED_STATISTICS, "inverses": _lib.KFAC_DISTRIBUTED_INVERSES,
+                  "scalings": _lib.KFAC_DISTRIBUTED_SCALINGS}
 
     def _exchange_code(self, what) -> int:
         if isinstance(what, str):
             if what not in self._EXCHANGES:
-                raise ValueError(f"libkfac: what must be 'statistics' or 'inverses', not {what!r}")
+                raise ValueError(f"libkfac: what must be 'statistics', 'inverses' or 'scalings', not {what!r}")
             return self._EXCHANGES[what]
         return _convert.int32(what, "what", _lib.KFAC_ERROR_INVALID_ARGUMENT)
 
@@ -764,7 +765,8 @@ class Optimizer(AdaptiveMethods):
         return self._handle.get_world()
 
     def exchange_size(self, what) -> int:
-        """EXPERIMENTAL. Values of a pack of ``what`` (``"statistics"`` or ``"inverses"``)."""
+        """EXPERIMENTAL. Values of a pack of ``what`` (``"statistics"``, ``"inverses"`` or EKFAC's
+        ``"scalings"``)."""
         return self._handle.exchange_count(self._exchange_code(what))
 
     def exchange_due(self, what) -> bool:
@@ -813,6 +815,25 @@ class Optimizer(AdaptiveMethods):
     def unpack_inverses(self, buffer: np.ndarray) -> None:
         """EXPERIMENTAL. Takes the SUM-allreduced inverse pack: the next step uses it."""
         self._unpack("unpack_inverses", "inverses", buffer)
+
+    def pack_scalings(self) -> np.ndarray:
+        """EXPERIMENTAL. EKFAC: this rank's per-example sums of S for the next step (in the bases
+        that step uses: after :meth:`unpack_inverses` when it inverts) and their counts, for a
+        SUM-allreduce (``kfac_distributed_pack_scalings_*``; NaN everywhere if the pack failed,
+        after which the error is raised). Changes nothing."""
+        with self._handle.lock:
+            out = np.zeros(self.exchange_size("scalings"), dtype=self.dtype)
+            try:
+                self._handle.exchange("pack_scalings", out.ctypes.data, out.size)
+            except KFACError:
+                out[:] = np.nan
+                raise
+            return out
+
+    def unpack_scalings(self, buffer: np.ndarray) -> None:
+        """EXPERIMENTAL. EKFAC: takes the SUM-allreduced scaling pack: the next step forms S from
+        the union's examples (``kfac_distributed_unpack_scalings_*``)."""
+        self._unpack("unpack_scalings", "scalings", buffer)
 
     def inverse_layout(self) -> Tuple[list, list]:
         """EXPERIMENTAL. (counts, displacements) per rank of the gathered inverse exchange the

@@ -184,7 +184,10 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
             share), each rank inverting only the blocks it owns, so that every rank gets the same
             directions as one process on the union batch. The gradients must already be those
             of the union batch's mean loss (DDP's average is, for equal local batches); the
-            library never reduces gradients.
+            library never reduces gradients. Works with ``inverse_strategy='ekfac'`` (a third
+            ``all_reduce`` carries the per-example sums of EKFAC's scaling) and with
+            ``tridiagonal=True`` (the cross factors travel with the statistics, each linked
+            layer's inverse is computed by one rank).
         distributed_reduce: ``'eager'`` (the default: union statistics at every factor update,
             exact for any local batch sizes) or ``'lazy'`` (moving averages averaged only before
             an inverse update: less traffic, exact only for equal local batches).

@@ -13,15 +13,19 @@ ROWS = 11
 
 
 def _optimizer(rank, size, strategy):
-    opt = kfac.Optimizer(np.float64, inverse_strategy=strategy, inverse_update_period=2, kl_clip=1e-2)
+    linked = strategy == "tridiagonal"  # the two layers linked (block-tridiagonal), eigen otherwise
+    opt = kfac.Optimizer(np.float64, inverse_strategy="eigen" if linked else strategy, inverse_update_period=2,
+                         kl_clip=1e-2, **(dict(damping=5e-2, pi_damping=True) if linked else {}))
     opt.add_dense(6, 4, bias=True)
     opt.add_dense(4, 3, bias=False)
+    if linked:
+        opt.link_layers(0, 1)
     opt.set_world(rank, size)
     return opt
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", ["eigen", "cholesky"])
+@pytest.mark.parametrize("strategy", ["eigen", "cholesky", "ekfac", "tridiagonal"])
 def test_fake_world_matches_the_union_batch(size, strategy):
     rng = np.random.default_rng(3)
     ref = _optimizer(0, 1, strategy)
@@ -39,11 +43,14 @@ def test_fake_world_matches_the_union_batch(size, strategy):
         x1, g1 = rng.standard_normal((ROWS, 4)), rng.standard_normal((ROWS, 3))
         grads = [rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((3, 4))]
         for opt, (lo, hi) in [(ref, (0, ROWS))] + list(zip(ranks, zip(bounds[:-1], bounds[1:]))):
-            if hi > lo:
+            if hi > lo and strategy == "ekfac":  # paired: S needs per-example gradients
+                opt.record_examples(0, x0[lo:hi], g0[lo:hi]); opt.record_examples(1, x1[lo:hi], g1[lo:hi])
+            elif hi > lo:
                 opt.record_inputs(0, x0[lo:hi]); opt.record_output_grads(0, g0[lo:hi])
                 opt.record_inputs(1, x1[lo:hi]); opt.record_output_grads(1, g1[lo:hi])
-        # The fake allreduce: every rank packs, then every rank receives the sum.
-        for what in ("statistics", "inverses"):
+        # The fake allreduce: every rank packs, then every rank receives the sum (EKFAC: the
+        # scalings after the inverses, in the bases just exchanged).
+        for what in ("statistics", "inverses", "scalings"):
             if not ranks[0].exchange_due(what):
                 continue
             packs = [getattr(o, "pack_" + what)() for o in ranks]
@@ -61,6 +68,13 @@ def test_fake_world_matches_the_union_batch(size, strategy):
             assert np.array_equal(d, directions[0])
         want = np.concatenate([a.ravel() for a in expected])
         assert np.max(np.abs(directions[0] - want)) <= 1e-12 * np.max(np.abs(want))
+        if strategy == "tridiagonal":  # the cross factors are the union batch's
+            for got, want in zip(ranks[-1].cross_factors(0), ref.cross_factors(0)):
+                assert np.max(np.abs(got - want)) <= 1e-12 * np.max(np.abs(want))
+        if strategy == "ekfac":  # S itself is the union batch's
+            for layer in (0, 1):
+                s_ref = ref.ekfac_scaling(layer)
+                assert np.max(np.abs(ranks[-1].ekfac_scaling(layer) - s_ref)) <= 1e-12 * np.max(np.abs(s_ref))
 
 
 def test_synchronize_and_errors():
@@ -75,6 +89,10 @@ def test_synchronize_and_errors():
     assert info.value.status == kfac.KFAC_ERROR_INVALID_ARGUMENT
     with pytest.raises(ValueError):
         opt.exchange_size("gradients")
+    assert not opt.exchange_due("scalings")  # not EKFAC
+    with pytest.raises(kfac.KFACError) as info:
+        opt.pack_scalings()
+    assert info.value.status == kfac.KFAC_ERROR_INVALID_ARGUMENT
     assert opt.distributed_reduce == "eager"
     opt.distributed_reduce = "lazy"
     assert opt.get_param("distributed_reduce") == "lazy"

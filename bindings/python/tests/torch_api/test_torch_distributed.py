@@ -2,7 +2,9 @@
 and 4 spawned with torch.multiprocessing, each rank training on an uneven slice of a union batch
 (equal slices for the lazy reduce), gradients averaged over the union batch by the test. Every
 rank's directions must equal each other bitwise and one process's on the union batch to rtol
-1e-12 (float64), for the eigen and Cholesky strategies."""
+1e-12 (float64), for the eigen, Cholesky and EKFAC strategies (EKFAC: paired recording and the
+scaling exchange, with bases refreshed at steps 0, 2, 4 and S folded in between), and
+block-tridiagonal K-FAC (tridiagonal=True: the two Linear layers linked)."""
 
 import os
 import socket
@@ -20,8 +22,15 @@ from libkfac.torch import KFACPreconditioner
 ROWS, STEPS = 12, 5
 
 
-def _model():
+def _model(strategy=None):
     torch.manual_seed(0)
+    if strategy in ("ekfac", "tridiagonal"):
+        # Factors of full rank after the first batch (12 rows; the flattened 64 inputs would leave
+        # A rank-deficient): EKFAC's S between refreshes is formed in the bases of the last
+        # refresh, and a degenerate eigenspace's basis — so S — would depend on rounding, not
+        # on the union batch alone.
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(),
                          nn.Linear(4 * 4 * 4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
@@ -41,8 +50,13 @@ def _slices(world, even):
 
 
 def _kwargs(strategy, reduce):
+    extra = {}
+    if strategy == "ekfac":
+        extra = dict(damping=1e-2)  # S + λ: small S entries would amplify rounding (see _model)
+    if strategy == "tridiagonal":  # the linked Linear(4, 6) → Linear(6, 3); eigen elsewhere
+        strategy, extra = "eigen", dict(tridiagonal=True, damping=5e-2, pi_damping=True)
     return dict(inverse_strategy=strategy, inverse_update_period=2, kl_clip=1e-2, lr=0.1,
-                distributed_reduce=reduce, input_shapes={"0": (4, 4)}, num_threads=1)
+                distributed_reduce=reduce, input_shapes={"0": (4, 4)}, num_threads=1, **extra)
 
 
 def _directions(model):
@@ -76,7 +90,7 @@ def _worker(rank, world, port, strategy, reduce, result_dir):
         torch.set_num_threads(1)
         batches = _batches()
         lo, hi = _slices(world, reduce == "lazy")[rank]
-        model = _model()
+        model = _model(strategy)
         pre = KFACPreconditioner(model, process_group=True, **_kwargs(strategy, reduce))
         directions = _run(model, pre, batches, lo, hi, world, True)
         torch.save(directions, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -90,12 +104,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# World 4 (the issue's size) runs Cholesky on uneven slices of 1, 2, 4 and 5 rows; three spawns keep
-# the test's time bounded (each process imports torch).
+# World 4 (the issue's size) runs Cholesky and EKFAC on uneven slices of 1, 2, 4 and 5 rows; few
+# spawns keep the test's time bounded (each process imports torch).
 @pytest.mark.parametrize("world,strategy,reduce", [(2, "eigen", "eager"), (4, "cholesky", "eager"),
-                                                   (3, "eigen", "lazy")])
+                                                   (3, "eigen", "lazy"), (4, "ekfac", "eager"),
+                                                   (4, "tridiagonal", "eager")])
 def test_ranks_match_one_process_on_the_union_batch(world, strategy, reduce):
-    model = _model()
+    model = _model(strategy)
     pre = KFACPreconditioner(model, **_kwargs(strategy, reduce))
     expected = _run(model, pre, _batches(), 0, ROWS, 1, None)
     with tempfile.TemporaryDirectory() as result_dir:
