@@ -468,7 +468,12 @@ typedef enum kfac_param {
     /* double, [0, ∞), default 1e-8. λ_min: the Levenberg–Marquardt adjustment never decreases λ
      * below it (a λ set below it is not raised; kfac-jax's min_damping has the same default).
      * Keeps λ within reach: from 1e-8 back to 1 takes about 360 steps at ω₁ = 0.95, T₁ = 5.
-     * 0 = no floor. */
+     * 0 = no floor. It does not keep the step small: with cross-entropy on mostly
+     * well-classified batches ρ ≥ 2(1 − 1/e) ≈ 1.26 > 3/4 at every λ, so λ reaches the floor
+     * (from 150: step 460), and there the exact-Fisher model bounds nothing along directions
+     * those examples' outputs barely feel; one hard batch then gave updates 50–300× the usual
+     * and diverged runs (issue 14; benchmarks/training/README.md, "Adaptive mode on MNIST-1D",
+     * where 1e-4 removed those blow-ups). */
     KFAC_PARAM_DAMPING_MIN = 205,
     /* double, [1, ∞), default 10. r: the re-choice of γ (KFAC_PARAM_FACTOR_DAMPING_PERIOD)
      * keeps γ within a factor r of λ: a γ step first brings γ into [λ/r, λ·r] (the step uses,
