@@ -319,7 +319,7 @@ static const param_row_t PARAM_TABLE[] = {
     {KFAC_PARAM_FACTOR_DAMPING_DECAY, "factor_damping_decay", KFAC_PARAM_TYPE_DOUBLE,
      KFAC_FAMILY_ADAPTIVE, 0.0, 1.0, 0, 0, 0.95},
     {KFAC_PARAM_DAMPING_MIN, "damping_min", KFAC_PARAM_TYPE_DOUBLE, KFAC_FAMILY_ADAPTIVE, 0.0,
-     HUGE_VAL, 1, 0, 1e-8},
+     HUGE_VAL, 1, 0, 1e-4},
     {KFAC_PARAM_FACTOR_DAMPING_RATIO, "factor_damping_ratio", KFAC_PARAM_TYPE_DOUBLE,
      KFAC_FAMILY_ADAPTIVE, 1.0, HUGE_VAL, 1, 0, 10.0},
     {KFAC_PARAM_EKFAC_DECAY, "ekfac_decay", KFAC_PARAM_TYPE_DOUBLE, KFAC_FAMILY_EKFAC, 0.0, 1.0, 1,
@@ -638,7 +638,7 @@ void test_params_and_info(void) {
                 {KFAC_PARAM_LM_DECAY, 0.95},
                 {KFAC_PARAM_FACTOR_DAMPING, 0.0},
                 {KFAC_PARAM_FACTOR_DAMPING_DECAY, 0.95},
-                {KFAC_PARAM_DAMPING_MIN, 1e-8},
+                {KFAC_PARAM_DAMPING_MIN, 1e-4},
                 {KFAC_PARAM_FACTOR_DAMPING_RATIO, 10.0}};
     for (size_t i = 0; i < sizeof ddef / sizeof ddef[0]; i++) {
         double v = -1;

@@ -19,7 +19,7 @@ extension ParameterSpec {
                       read: { $0.factorDampingDecay }, write: { $0.factorDampingDecay = $1 }),
         // Safeguards (the runaway they prevent: benchmarks/training/README.md, "Adaptive mode").
         ParameterSpec(.dampingMin, "damping_min", .double, .adaptive, lower: 0, upper: .infinity, upperInclusive: false,
-                      default: 1e-8, effect: .immediate,
+                      default: 1e-4, effect: .immediate,
                       read: { $0.dampingMin }, write: { $0.dampingMin = $1 }),
         ParameterSpec(.factorDampingRatio, "factor_damping_ratio", .double, .adaptive, lower: 1, upper: .infinity,
                       upperInclusive: false, default: 10, effect: .nextStep,

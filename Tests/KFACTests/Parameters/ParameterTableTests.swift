@@ -24,7 +24,7 @@ final class ParameterTableTests: XCTestCase {
         (202, "factor_damping", .double, 0, 0, true, .infinity, false, .adaptive),
         (203, "factor_damping_period", .int, 0, 0, true, 2_147_483_647, true, .adaptive),
         (204, "factor_damping_decay", .double, 0.95, 0, false, 1, false, .adaptive),
-        (205, "damping_min", .double, 1e-8, 0, true, .infinity, false, .adaptive),
+        (205, "damping_min", .double, 1e-4, 0, true, .infinity, false, .adaptive),
         (206, "factor_damping_ratio", .double, 10, 1, true, .infinity, false, .adaptive),
         (400, "ekfac_decay", .double, 0.95, 0, true, 1, false, .ekfac),
         (401, "ekfac_mode", .int, 0, 0, true, 1, true, .ekfac),

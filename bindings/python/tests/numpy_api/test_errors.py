@@ -56,7 +56,7 @@ def test_parameter_defaults():
             "factor_damping_decay": 0.95,
             "lm_interval": 0,
             "factor_damping_period": 0,
-            "damping_min": 1e-8,
+            "damping_min": 1e-4,
             "factor_damping_ratio": 10.0,
             "ekfac_decay": 0.95,
             "ekfac_mode": "per_example",
