@@ -8,7 +8,7 @@
 #   make test     every test: Swift (XCTest), C ABI, exports, C++ wrapper, the C examples' passes, Python/PyTorch
 #   make test-install   each install route from a clean temporary directory: pip, CMake/pkg-config, SwiftPM
 #   make bench    kernel and step benchmarks, ratios measured in one run
-#   make bench-train   convergence benchmark against SGD-momentum and Adam (< 15 min, 2 cores)
+#   make bench-train   convergence benchmark against SGD-momentum and Adam (10–24 min, 2 cores)
 #   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
 #                      and L* (after bench-train; ≈ 6 min, 2 cores)
 #   make bench-digits   the digits classifiers: the convergence run, then their Newton-CG,
@@ -224,9 +224,9 @@ fuzz: build/fuzz_api
 	$(FUZZ_ENV) ./build/fuzz_api $(FUZZ_FLAGS) -max_total_time=$(FUZZ_TIME) build/fuzz-corpus Tests/fuzz/corpus
 
 # Long runs: the same harness against a library built with libFuzzer's coverage only (no ASan,
-# about FUZZ_FAST_SPEEDUP× the executions per second; traps, aborts, the harness's own checks and
-# UBSan in the harness still stop it), FUZZ_JOBS processes for FUZZ_TIME seconds each into
-# build/fuzz-corpus; then that whole corpus is replayed under AddressSanitizer + UBSan.
+# so more executions per second; traps, aborts, the harness's own checks and UBSan in the harness
+# still stop it), FUZZ_JOBS processes for FUZZ_TIME seconds each into build/fuzz-corpus; then that
+# whole corpus is replayed under AddressSanitizer + UBSan.
 FUZZ_FAST_LIB := .build-fuzzfast/release/libkfac.so
 FUZZ_JOBS ?= 2
 $(FUZZ_FAST_LIB): $(SWIFT_SOURCES)
