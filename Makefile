@@ -10,9 +10,9 @@
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (10–24 min, 2 cores)
 #   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
-#                      and L* (after bench-train; ≈ 6 min, 2 cores)
+#                      and L* (after bench-train; ≈ 6 min on the earlier 2-core machine)
 #   make bench-digits   the digits classifiers: the convergence run, then their Newton-CG,
-#                      curvature and tridiagonal rows (≈ 15 min, 2 cores)
+#                      curvature and tridiagonal rows (≈ 50 min on a 2-core AMD EPYC)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
 #
 # `make deps` (run by demo, test and bench) installs what is missing: OpenBLAS and LAPACKE from
@@ -310,7 +310,7 @@ bench-peers: deps lib
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py
 
-# The rows the default profiles omit, on the digits classifiers (about 15 min on 2 cores): the
+# The rows the default profiles omit, on the digits classifiers (about 50 min on 2 cores): the
 # digits MLP and CNN at batch 256 (run.py --profile digits), then their Newton-CG and curvature rows
 # and the tridiagonal row of the plain digits MLP (families.py --profile digits). Writes
 # benchmarks/results/digits/.
