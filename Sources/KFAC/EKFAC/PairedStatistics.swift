@@ -243,6 +243,7 @@ final class PairedStatistics<Scalar: KFACScalar> {
     func read(from r: inout StateReader) throws(KFACError) {
         let d = try r.i64(), rows = try r.i64()
         guard d >= 1, rows >= 0, rows <= Int(Int32.max) else { throw KFACError(.corruptState, "state image has bad paired statistics") }
+        try r.ensureRemaining(rows, of: Scalar.self, values: inputDimension + outputDimension)
         try reserve(rows: rows, matrices: 0, workValues: 0)
         if rows > 0 {
             try r.scalars(into: inputRows!.base, count: rows * inputDimension)
@@ -263,6 +264,7 @@ final class PairedStatistics<Scalar: KFACScalar> {
         guard start == rows else { throw KFACError(.corruptState, "state image has bad paired statistics") }
         let count = try r.i64()
         guard count >= 0, count <= Int(Int32.max) else { throw KFACError(.corruptState, "state image has bad paired statistics") }
+        try r.ensureRemaining(count, of: Scalar.self, values: inputDimension * outputDimension)
         try reserve(rows: 0, matrices: count, workValues: 0)
         if count > 0 { try r.scalars(into: matrices!.base, count: count * inputDimension * outputDimension) }
         // Finite values only (issue 15): a NaN here would poison S at the next fold.

@@ -24,6 +24,17 @@ struct StateReader {
 
     init(_ buffer: UnsafeRawBufferPointer) { self.buffer = buffer }
 
+    /// Throws `.corruptState` unless `count` scalars of `S` (each of `values` numbers) are still
+    /// in the image: checked before allocating room for them, so that a small crafted image
+    /// cannot make the loader allocate (and touch) gigabytes it then fails to fill.
+    func ensureRemaining<S: KFACScalar>(_ count: Int, of _: S.Type, values: Int = 1) throws(KFACError) {
+        let (perItem, o1) = values.multipliedReportingOverflow(by: MemoryLayout<S>.stride)
+        let (bytes, o2) = count.multipliedReportingOverflow(by: perItem)
+        guard count >= 0, values >= 0, !o1, !o2, bytes <= buffer.count - offset else {
+            throw KFACError(.corruptState, "state image is truncated at byte \(offset)")
+        }
+    }
+
     mutating func take(_ count: Int) throws(KFACError) -> UnsafeRawPointer {
         guard count >= 0, count <= buffer.count - offset else {
             throw KFACError(.corruptState, "state image is truncated at byte \(offset)")
