@@ -11,32 +11,6 @@
 
 #ifndef KFAC_EXPERIMENTAL_API
 #define KFAC_EXPERIMENTAL_API
-enum { LK_LAYERS = 3, LK_ROWS = 11 };
-static const int64_t lk_in[LK_LAYERS] = {6, 5, 4}, lk_out[LK_LAYERS] = {5, 4, 3}, lk_bias[LK_LAYERS] = {1, 1, 0};
-
-/* The block-tridiagonal model: dense 6 → 5 → 4 → 3 (biases on the first two), layers 0–1 and
- * 1–2 linked, damping 5e-2 with π; rank `rank` of `size`. */
-static int lk_create(kfac_optimizer **out, int32_t rank, int32_t size) {
-    kfac_optimizer *o = NULL;
-    int s = kfac_optimizer_create(KFAC_FLOAT64, &o);
-    if (s) return s;
-    s = kfac_param_set_double(o, KFAC_PARAM_DAMPING, 5e-2);
-    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_PI_DAMPING, 1);
-    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_INVERSE_UPDATE_PERIOD, 3);
-    if (!s) s = kfac_param_set_int(o, KFAC_PARAM_NUM_THREADS, 1);
-    for (int l = 0; l < LK_LAYERS && !s; l++) {
-        kfac_dense_desc d = {sizeof(kfac_dense_desc), lk_in[l], lk_out[l], (int32_t)lk_bias[l], 0, 0, 0};
-        int32_t got;
-        s = kfac_layer_add_dense(o, &d, &got);
-    }
-    if (!s) s = kfac_layer_link(o, 0, 1);
-    if (!s) s = kfac_layer_link(o, 1, 2);
-    if (!s) s = kfac_distributed_set_world(o, rank, size);
-    if (s) { kfac_optimizer_free(o); return s; }
-    *out = o;
-    return 0;
-}
-
 #endif
 #include <kfac.h>
 

@@ -238,10 +238,7 @@ final class CrossFactor<Scalar: KFACScalar> {
             guard rows >= 0 && rows <= (upper ? upperPending : lowerPending) - paired else {
                 throw KFACError(.corruptState, "state image has a bad unpaired cross row count \(rows)")
             }
-            // The rows must be in the image: check before allocating room for them.
-            guard rows <= (r.buffer.count - r.offset) / (width * MemoryLayout<Scalar>.stride) else {
-                throw KFACError(.corruptState, "state image is truncated in the unpaired cross rows")
-            }
+            try r.ensureRemaining(rows, of: Scalar.self, values: width)  // before allocating room for them
             if rows > 0 {
                 try prepare(upper: upper, rows: rows)
                 let b = (upper ? upperRows : lowerRows)!

@@ -5,43 +5,30 @@ import XCTest
 /// A fake world of P ranks on P threads, its SUM-allreduce a barrier: each rank publishes its
 /// buffer, every rank sums all of them in rank order (so every rank gets the same bits), and a
 /// second barrier lets the buffers be overwritten. A collective can be told to fail on every
-/// rank at its n-th call, as an engine that reports an error to the whole group.
-final class ThreadWorld: @unchecked Sendable {
+/// rank at its n-th call, as an engine that reports an error to the whole group; one whose
+/// barrier times out (a rank threw before reaching it) fails too.
+final class ThreadWorld: FakeCollectives, @unchecked Sendable {
     let size: Int
-    private let condition = NSCondition()
-    private var arrived = 0, generation = 0
+    private let barrier: ThreadBarrier
     private var published: [UnsafeMutablePointer<Double>?]
     private(set) var calls: [Int]
     var failingCall: Int?
 
     init(size: Int) {
         self.size = size
+        barrier = ThreadBarrier(size: size)
         published = Array(repeating: nil, count: size)
         calls = Array(repeating: 0, count: size)
-    }
-
-    private func barrier() {
-        condition.lock()
-        let g = generation
-        arrived += 1
-        if arrived == size {
-            arrived = 0
-            generation += 1
-            condition.broadcast()
-        } else {
-            while generation == g { condition.wait() }
-        }
-        condition.unlock()
     }
 
     func allreduceSum(rank: Int, _ buffer: UnsafeMutablePointer<Double>, _ count: Int) -> Int32 {
         defer { calls[rank] += 1 }
         if calls[rank] == failingCall { return 7 }
         published[rank] = buffer
-        barrier()
+        guard barrier.wait() else { return 8 }
         var sum = [Double](repeating: 0, count: count)
         for r in 0..<size { for i in 0..<count { sum[i] += published[r]![i] } }
-        barrier()
+        guard barrier.wait() else { return 8 }
         buffer.update(from: sum, count: count)
         return 0
     }
@@ -52,9 +39,9 @@ final class ThreadWorld: @unchecked Sendable {
         defer { calls[rank] += 1 }
         if calls[rank] == failingCall { return 7 }
         published[rank] = UnsafeMutablePointer(mutating: send)
-        barrier()
+        guard barrier.wait() else { return 8 }
         for r in 0..<size { (receive + Int(displacements[r])).update(from: published[r]!, count: Int(counts[r])) }
-        barrier()
+        guard barrier.wait() else { return 8 }
         return 0
     }
 
@@ -95,11 +82,7 @@ extension FakeWorldTests {
                         expected.append(g)
                     }
                     let cut = slices(rows: rows, ranks: p, even: reduce == .lazy)
-                    let ranks = try (0..<p).map { r in
-                        let o = try Model.make(setup)
-                        try o.setWorld(rank: r, size: p)
-                        return o
-                    }
+                    let ranks = try makeRanks(p) { try Model.make(setup) }
                     let world = ThreadWorld(size: p)
                     let results = Results(p)
                     nonisolated(unsafe) let shared = (ranks, data)
@@ -108,12 +91,7 @@ extension FakeWorldTests {
                             let o = shared.0[r]
                             for (batch, grads) in shared.1 {
                                 try self.record(o, batch, rows: rows, cut[r].0, cut[r].1)
-                                if gather {
-                                    try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) },
-                                                   allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
-                                } else {
-                                    try o.exchange(through: { world.allreduceSum(rank: r, $0, $1) })
-                                }
+                                try world.exchange(o, rank: r, gathered: gather)
                                 var g = grads
                                 try o.step(&g)
                                 results.append(r, g)
@@ -140,12 +118,8 @@ extension FakeWorldTests {
         let (p, rows) = (3, 9)
         for (failing, gather) in [(0, false), (1, false), (1, true)] {
             let reference = try Model.make { $0.inverseStrategy = .eigen }
-            let make = { (r: Int) throws -> KFACOptimizer<S> in
-                let o = try Model.make { $0.inverseStrategy = .eigen }
-                try o.setWorld(rank: r, size: p)
-                return o
-            }
-            let ranks = try (0..<p).map(make), twins = try (0..<p).map(make)
+            let ranks = try makeRanks(p) { try Model.make { $0.inverseStrategy = .eigen } }
+            let twins = try makeRanks(p) { try Model.make { $0.inverseStrategy = .eigen } }
             var random = SeededRandom(4)
             let batch = Model.batch(&random, rows: rows)
             let cut = slices(rows: rows, ranks: p, even: false)
@@ -155,61 +129,9 @@ extension FakeWorldTests {
                 try record(twins[r], batch, rows: rows, cut[r].0, cut[r].1)
             }
             let world = ThreadWorld(size: p)
-            world.failingCall = failing
-            let results = Results(p)
-            nonisolated(unsafe) let shared = ranks
-            let exchange = { (r: Int) throws(KFACError) in
-                if gather {
-                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
-                                           allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
-                } else {
-                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) })
-                }
-            }
-            world.run { r in
-                do { try exchange(r) } catch { results.fail(r, error) }
-            }
-            for r in 0..<p {
-                XCTAssertEqual((results.errors[r] as? KFACError)?.status, .callback, "call \(failing): rank \(r)")
-                // (== rather than XCTAssertEqual: a failure would print two whole images)
-                XCTAssertTrue(try ranks[r].stateImage() == twins[r].stateImage(), "call \(failing): rank \(r) changed")
-                XCTAssertEqual(ranks[r].exchangeDue(.statistics), twins[r].exchangeDue(.statistics))
-            }
-            world.failingCall = nil
-            let retry = Results(p)
-            let grads = Model.gradients(&random)
-            world.run { r in
-                do {
-                    try exchange(r)
-                    var g = grads
-                    try shared[r].step(&g)
-                    retry.append(r, g)
-                } catch { retry.fail(r, error) }
-            }
-            XCTAssertNil(retry.error)
-            guard retry.error == nil else { continue }
-            var expected = grads
-            try reference.step(&expected)
-            for r in 0..<p {
-                XCTAssertEqual(retry.steps[r][0], retry.steps[0][0])
-                XCTAssertLessThan(maxRelativeDifference(retry.steps[r][0], expected), 1e-12, "call \(failing): retry")
-            }
+            try assertFailedExchangeLeavesRanksUnchanged(world, ranks, twins: twins, failing: failing, gathered: gather)
+            try assertThreadedStepMatchesUnion(world, ranks, reference: reference, Model.gradients(&random), gathered: gather,
+                                               "call \(failing), gather \(gather): retry")
         }
     }
-}
-
-/// What the rank threads report, under a lock.
-final class Results: @unchecked Sendable {
-    private let lock = NSLock()
-    var steps: [[[LayerGradient<Double>]]]
-    var errors: [Error?]
-    var error: Error? { errors.compactMap { $0 }.first }
-
-    init(_ p: Int) {
-        steps = Array(repeating: [], count: p)
-        errors = Array(repeating: nil, count: p)
-    }
-
-    func append(_ r: Int, _ g: [LayerGradient<Double>]) { lock.lock(); steps[r].append(g); lock.unlock() }
-    func fail(_ r: Int, _ e: Error) { lock.lock(); errors[r] = e; lock.unlock() }
 }

@@ -187,15 +187,15 @@ final class DistributedAllocationTests: XCTestCase {
 
 /// A two-thread world whose collectives allocate nothing: a barrier on a condition variable and
 /// sums into the callers' buffers.
-final class NonAllocatingWorld<S: KFACScalar>: @unchecked Sendable {
+final class NonAllocatingWorld<S: KFACScalar>: FakeCollectives, @unchecked Sendable {
     let size: Int
-    private let condition = NSCondition()
-    private var arrived = 0, generation = 0
+    private let gate: ThreadBarrier
     private let published: UnsafeMutablePointer<UnsafeMutablePointer<S>?>
     private let scratch: UnsafeMutablePointer<S>
 
     init(size: Int, capacity: Int) {
         self.size = size
+        gate = ThreadBarrier(size: size)
         published = .allocate(capacity: size)
         published.initialize(repeating: nil, count: size)
         scratch = .allocate(capacity: capacity)
@@ -206,39 +206,29 @@ final class NonAllocatingWorld<S: KFACScalar>: @unchecked Sendable {
         scratch.deallocate()
     }
 
-    func barrier() {
-        condition.lock()
-        let g = generation
-        arrived += 1
-        if arrived == size {
-            arrived = 0
-            generation += 1
-            condition.broadcast()
-        } else {
-            while generation == g { condition.wait() }
-        }
-        condition.unlock()
-    }
+    /// False when a rank did not arrive in time (it threw before the barrier).
+    @discardableResult
+    func barrier() -> Bool { gate.wait() }
 
     func allreduceSum(rank: Int, _ buffer: UnsafeMutablePointer<S>, _ count: Int) -> Int32 {
         published[rank] = buffer
-        barrier()
+        guard barrier() else { return 8 }
         if rank == 0 {
             scratch.update(from: published[0]!, count: count)
             for r in 1..<size { for i in 0..<count { scratch[i] += published[r]![i] } }
         }
-        barrier()
+        guard barrier() else { return 8 }
         buffer.update(from: scratch, count: count)
-        barrier()
+        guard barrier() else { return 8 }
         return 0
     }
 
     func allgatherv(rank: Int, _ send: UnsafePointer<S>, _ receive: UnsafeMutablePointer<S>, _ counts: UnsafePointer<Int64>,
                     _ displacements: UnsafePointer<Int64>) -> Int32 {
         published[rank] = UnsafeMutablePointer(mutating: send)
-        barrier()
+        guard barrier() else { return 8 }
         for r in 0..<size { (receive + Int(displacements[r])).update(from: published[r]!, count: Int(counts[r])) }
-        barrier()
+        guard barrier() else { return 8 }
         return 0
     }
 }
@@ -263,12 +253,7 @@ extension DistributedAllocationTests {
                 let me = shared.ranks[r]
                 func oneStep() throws {
                     try me.record()
-                    if gathered {
-                        try me.opt.exchange(through: { world.allreduceSum(rank: r, $0, $1) },
-                                            allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
-                    } else {
-                        try me.opt.exchange(through: { world.allreduceSum(rank: r, $0, $1) })
-                    }
+                    try world.exchange(me.opt, rank: r, gathered: gathered)
                     try me.step()
                 }
                 do {

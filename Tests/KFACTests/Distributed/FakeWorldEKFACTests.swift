@@ -54,11 +54,7 @@ extension FakeWorldTests {
             $0.distributedReduce = reduce; configure(&$0)
         }
         let reference = try Model.make(setup)
-        var ranks = try (0..<p).map { r in
-            let o = try Model.make(setup)
-            try o.setWorld(rank: r, size: p)
-            return o
-        }
+        var ranks = try makeRanks(p) { try Model.make(setup) }
         var random = SeededRandom(seed)
         let cut = slices(rows: examples, ranks: p, even: reduce == .lazy)
         var worst = 0.0
@@ -68,15 +64,7 @@ extension FakeWorldTests {
             try recordEKFAC(reference, batch, examples: examples, 0, examples)
             for (r, o) in ranks.enumerated() { try recordEKFAC(o, batch, examples: examples, cut[r].0, cut[r].1) }
             try exchangeEKFAC(ranks, gathered: gathered)
-            var expected = grads
-            try reference.step(&expected)
-            var first: [LayerGradient<S>]?
-            for (r, o) in ranks.enumerated() {
-                var g = grads
-                try o.step(&g)
-                if let first { XCTAssertEqual(g, first, "rank \(r) of \(p) differs from rank 0 at step \(k)") } else { first = g }
-            }
-            worst = max(worst, maxRelativeDifference(first!, expected))
+            worst = max(worst, try stepRanks(ranks, reference: reference, grads, step: k))
             // S itself: the union handle's (the scaling the directions come from).
             for l in 0..<4 {
                 let want = try reference.ekfacScaling(layer: l)
@@ -87,15 +75,7 @@ extension FakeWorldTests {
                     XCTAssertLessThan(d, 1e-12, "S of layer \(l) at step \(k), P = \(p)")
                 }
             }
-            if k == checkpoint {
-                let images = try ranks.map { try $0.stateImage() }
-                ranks = try (0..<p).map { r in
-                    let o = try Model.make { _ in }
-                    try images[r].withUnsafeBytes { try o.loadState(from: $0) }
-                    try o.setWorld(rank: r, size: p)
-                    return o
-                }
-            }
+            if k == checkpoint { ranks = try resumed(ranks) { try Model.make { _ in } } }
         }
         return worst
     }
@@ -137,11 +117,7 @@ extension FakeWorldTests {
     func testEKFACStepUsesTheExchangedScalings() throws {
         let setup: (inout KFACParameters) -> Void = { $0.inverseStrategy = .ekfac }
         let reference = try Model.make(setup)
-        let ranks = try (0..<2).map { r in
-            let o = try Model.make(setup)
-            try o.setWorld(rank: r, size: 2)
-            return o
-        }
+        let ranks = try makeRanks(2) { try Model.make(setup) }
         var random = SeededRandom(9)
         let batch = ekfacBatch(&random, examples: 6)
         try recordEKFAC(reference, batch, examples: 6, 0, 6)
@@ -217,23 +193,9 @@ extension FakeWorldTests {
         for gather in [false, true] {
             for failing in [0, 1, 2] {
                 let reference = try Model.make(setup)
-                let make = { (r: Int) throws -> KFACOptimizer<S> in
-                    let o = try Model.make(setup)
-                    try o.setWorld(rank: r, size: p)
-                    return o
-                }
-                let ranks = try (0..<p).map(make), twins = try (0..<p).map(make)
+                let ranks = try makeRanks(p) { try Model.make(setup) }, twins = try makeRanks(p) { try Model.make(setup) }
                 let cut = slices(rows: examples, ranks: p, even: false)
                 let world = ThreadWorld(size: p)
-                nonisolated(unsafe) let shared = ranks
-                let exchange = { (r: Int) throws(KFACError) in
-                    if gather {
-                        try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
-                                               allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
-                    } else {
-                        try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) })
-                    }
-                }
                 var random = SeededRandom(13)
                 for k in 0..<steps {
                     let batch = ekfacBatch(&random, examples: examples)
@@ -246,41 +208,17 @@ extension FakeWorldTests {
                     if k == steps - 1 {
                         // The failing attempt on the last step (which inverts: Ti = 2, k = 4).
                         XCTAssertTrue(ranks[0].exchangeDue(.scalings) && ranks[0].exchangeDue(.inverses))
-                        world.failingCall = world.calls[0] + failing
-                        let results = Results(p)
-                        world.run { r in
-                            do { try exchange(r) } catch { results.fail(r, error) }
-                        }
-                        for r in 0..<p {
-                            XCTAssertEqual((results.errors[r] as? KFACError)?.status, .callback, "call \(failing): rank \(r)")
-                            XCTAssertTrue(try ranks[r].stateImage() == twins[r].stateImage(), "call \(failing): rank \(r) changed")
-                            XCTAssertEqual(ranks[r].exchangeDue(.statistics), twins[r].exchangeDue(.statistics))
-                            XCTAssertTrue(ranks[r].exchangeDue(.scalings))
-                        }
-                        world.failingCall = nil
+                        try assertFailedExchangeLeavesRanksUnchanged(world, ranks, twins: twins, failing: failing, gathered: gather)
+                        for r in 0..<p { XCTAssertTrue(ranks[r].exchangeDue(.scalings), "call \(failing): rank \(r)") }
                     }
-                    let results = Results(p)
-                    world.run { r in
-                        do {
-                            try exchange(r)
-                            var g = grads
-                            try shared[r].step(&g)
-                            results.append(r, g)
-                        } catch { results.fail(r, error) }
-                    }
+                    // The union handle steps here, on the same gradients.
+                    try assertThreadedStepMatchesUnion(world, ranks, reference: reference, grads, gathered: gather,
+                                                       "gather \(gather), step \(k)")
                     // The twins follow through the pack calls (they take part only to compare images).
                     try exchangeEKFAC(twins, gathered: gather)
                     for r in 0..<p {
                         var g = grads
                         try twins[r].step(&g)
-                    }
-                    XCTAssertNil(results.error, "gather \(gather), step \(k)")
-                    guard results.error == nil else { return }
-                    var expected = grads
-                    try reference.step(&expected)
-                    for r in 0..<p {
-                        XCTAssertEqual(results.steps[r][0], results.steps[0][0], "rank \(r), step \(k)")
-                        XCTAssertLessThan(maxRelativeDifference(results.steps[r][0], expected), 1e-12, "gather \(gather), step \(k)")
                     }
                 }
             }

@@ -137,11 +137,7 @@ final class FakeWorldTests: XCTestCase {
             $0.distributedReduce = reduce; configure(&$0)
         }
         let reference = try Model.make(setup)
-        var ranks = try (0..<p).map { r in
-            let o = try Model.make(setup)
-            try o.setWorld(rank: r, size: p)
-            return o
-        }
+        var ranks = try makeRanks(p) { try Model.make(setup) }
         var random = SeededRandom(seed)
         let cut = slices(rows: rows, ranks: p, even: reduce == .lazy)
         var worst = 0.0
@@ -153,24 +149,8 @@ final class FakeWorldTests: XCTestCase {
             var volume = 0
             try exchange(ranks, gathered: gathered, gatheredVolume: &volume)
             gatheredVolume?.pointee += volume
-            var expected = grads
-            try reference.step(&expected)
-            var first: [LayerGradient<S>]?
-            for (r, o) in ranks.enumerated() {
-                var g = grads
-                try o.step(&g)
-                if let first { XCTAssertEqual(g, first, "rank \(r) of \(p) differs from rank 0 at step \(k)") } else { first = g }
-            }
-            worst = max(worst, maxRelativeDifference(first!, expected))
-            if k == checkpoint {
-                let images = try ranks.map { try $0.stateImage() }
-                ranks = try (0..<p).map { r in
-                    let o = try Model.make { _ in }
-                    try images[r].withUnsafeBytes { try o.loadState(from: $0) }
-                    try o.setWorld(rank: r, size: p)
-                    return o
-                }
-            }
+            worst = max(worst, try stepRanks(ranks, reference: reference, grads, step: k))
+            if k == checkpoint { ranks = try resumed(ranks) { try Model.make { _ in } } }
         }
         return worst
     }

@@ -43,11 +43,7 @@ extension FakeWorldTests {
             $0.factorUpdatePeriod = 1; $0.inverseUpdatePeriod = 3; $0.distributedReduce = reduce; configure(&$0)
         }
         let reference = try makeLinked(setup)
-        var ranks = try (0..<p).map { r in
-            let o = try makeLinked(setup)
-            try o.setWorld(rank: r, size: p)
-            return o
-        }
+        var ranks = try makeRanks(p) { try makeLinked(setup) }
         var random = SeededRandom(17)
         let cut = slices(rows: rows, ranks: p, even: reduce == .lazy)
         var worst = 0.0
@@ -58,15 +54,7 @@ extension FakeWorldTests {
             for (r, o) in ranks.enumerated() { try record(o, batch, rows: rows, cut[r].0, cut[r].1) }
             var volume = 0
             try exchange(ranks, gathered: gathered, gatheredVolume: &volume)
-            var expected = grads
-            try reference.step(&expected)
-            var first: [LayerGradient<S>]?
-            for (r, o) in ranks.enumerated() {
-                var g = grads
-                try o.step(&g)
-                if let first { XCTAssertEqual(g, first, "rank \(r) of \(p) differs from rank 0 at step \(k)") } else { first = g }
-            }
-            worst = max(worst, maxRelativeDifference(first!, expected))
+            worst = max(worst, try stepRanks(ranks, reference: reference, grads, step: k))
             // The cross factors are the union's (eager; the lazy reduce leaves each rank's own
             // factors between inverse updates, as for the diagonal factors).
             for lower in 0..<2 where reduce == .eager {
@@ -79,15 +67,7 @@ extension FakeWorldTests {
                     }
                 }
             }
-            if k == checkpoint {
-                let images = try ranks.map { try $0.stateImage() }
-                ranks = try (0..<p).map { r in
-                    let o = try makeLinked { _ in }
-                    try images[r].withUnsafeBytes { try o.loadState(from: $0) }
-                    try o.setWorld(rank: r, size: p)
-                    return o
-                }
-            }
+            if k == checkpoint { ranks = try resumed(ranks) { try makeLinked { _ in } } }
         }
         return worst
     }
@@ -110,11 +90,7 @@ extension FakeWorldTests {
     /// The link inverses are really exchanged: each linked layer's unit has one owner, the units
     /// spread over the ranks, and a rank given only rank 0's pack gets different directions.
     func testLinkInversesAreSplitAndExchanged() throws {
-        let ranks = try (0..<3).map { r in
-            let o = try makeLinked { $0.inverseUpdatePeriod = 1 }
-            try o.setWorld(rank: r, size: 3)
-            return o
-        }
+        let ranks = try makeRanks(3) { try makeLinked { $0.inverseUpdatePeriod = 1 } }
         XCTAssertGreaterThan(Set((0..<3).map { ranks[0].linkOwner(layer: $0) }).count, 1, "the linked layers go to different ranks")
         let reference = try makeLinked { $0.inverseUpdatePeriod = 1 }
         var random = SeededRandom(3)
@@ -157,12 +133,7 @@ extension FakeWorldTests {
         let (p, rows) = (3, 9)
         for (failing, gather) in [(0, false), (1, false), (1, true)] {
             let reference = try makeLinked { _ in }
-            let make = { (r: Int) throws -> KFACOptimizer<S> in
-                let o = try self.makeLinked { _ in }
-                try o.setWorld(rank: r, size: p)
-                return o
-            }
-            let ranks = try (0..<p).map(make), twins = try (0..<p).map(make)
+            let ranks = try makeRanks(p) { try makeLinked { _ in } }, twins = try makeRanks(p) { try makeLinked { _ in } }
             var random = SeededRandom(4)
             let batch = linkedBatch(&random, rows: rows)
             let cut = slices(rows: rows, ranks: p, even: false)
@@ -172,43 +143,9 @@ extension FakeWorldTests {
                 try record(twins[r], batch, rows: rows, cut[r].0, cut[r].1)
             }
             let world = ThreadWorld(size: p)
-            world.failingCall = failing
-            nonisolated(unsafe) let shared = ranks
-            let exchange = { (r: Int) throws(KFACError) in
-                if gather {
-                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) },
-                                           allgatherv: { world.allgatherv(rank: r, $0, $1, $2, $3) })
-                } else {
-                    try shared[r].exchange(through: { world.allreduceSum(rank: r, $0, $1) })
-                }
-            }
-            let results = Results(p)
-            world.run { r in
-                do { try exchange(r) } catch { results.fail(r, error) }
-            }
-            for r in 0..<p {
-                XCTAssertEqual((results.errors[r] as? KFACError)?.status, .callback, "call \(failing): rank \(r)")
-                XCTAssertTrue(try ranks[r].stateImage() == twins[r].stateImage(), "call \(failing): rank \(r) changed")
-            }
-            world.failingCall = nil
-            let retry = Results(p)
-            let grads = linkedGradients(&random)
-            world.run { r in
-                do {
-                    try exchange(r)
-                    var g = grads
-                    try shared[r].step(&g)
-                    retry.append(r, g)
-                } catch { retry.fail(r, error) }
-            }
-            XCTAssertNil(retry.error)
-            guard retry.error == nil else { continue }
-            var expected = grads
-            try reference.step(&expected)
-            for r in 0..<p {
-                XCTAssertEqual(retry.steps[r][0], retry.steps[0][0])
-                XCTAssertLessThan(maxRelativeDifference(retry.steps[r][0], expected), 1e-12, "call \(failing): retry")
-            }
+            try assertFailedExchangeLeavesRanksUnchanged(world, ranks, twins: twins, failing: failing, gathered: gather)
+            try assertThreadedStepMatchesUnion(world, ranks, reference: reference, linkedGradients(&random), gathered: gather,
+                                               "links, call \(failing), gather \(gather): retry")
         }
     }
 }

@@ -270,6 +270,7 @@ class Optimizer(AdaptiveMethods):
                 )
             )
         return layer
+
     def add_conv2d(
         self,
         in_channels: int,

@@ -19,9 +19,9 @@ from torch import nn
 from libkfac.sampling import sampled_output_grads
 from libkfac.torch import KFACPreconditioner
 from references import conv as cr
+from output_space import DISTS, output_hessian, output_hessian_sqrt
 from test_torch_conv import conv_of
 
-DISTS = ["categorical", "bernoulli", "gaussian"]
 TORCH_DTYPES = {"f64": torch.float64, "f32": torch.float32}
 
 
@@ -33,28 +33,6 @@ def _net(dtype=torch.float64, seed=0):
         nn.Conv1d(3, 4, 2, stride=2), nn.Tanh(),           # [N, 4, 3]
         nn.Flatten(), nn.Linear(12, 3),
     ).to(dtype)
-
-
-def _hessian(dist, z):
-    """B = ∂²ℓ/∂z² of one example (the header's table), float64."""
-    if dist == "gaussian":
-        return torch.eye(z.shape[-1], dtype=torch.float64)
-    if dist == "bernoulli":
-        p = torch.sigmoid(z)
-        return torch.diag(p * (1 - p))
-    p = torch.softmax(z, -1)
-    return torch.diag(p) - torch.outer(p, p)
-
-
-def _sqrt(dist, z):
-    """One S with S Sᵀ = B (columns), float64, written from the table (not the library's)."""
-    if dist == "gaussian":
-        return torch.eye(z.shape[-1], dtype=torch.float64)
-    if dist == "bernoulli":
-        p = torch.sigmoid(z)
-        return torch.diag(torch.sqrt(p * (1 - p)))
-    p = torch.softmax(z, -1)
-    return torch.diag(p.sqrt()) - torch.outer(p, p.sqrt())
 
 
 def _layer_indices(model):
@@ -130,7 +108,7 @@ def test_conv1d_kflr_factors_match_the_per_position_definition(dist, tdtype):
     got = _factors(pre)
     assert [name for name, _ in pre.layers] == ["0", "2", "5"]
     per_layer, z = _jacobians(model, x)
-    B = [_hessian(dist, z[n]) for n in range(x.shape[0])]
+    B = list(output_hessian(dist, z))
     tol = _tolerance(tdtype)
     for (A, G), i in zip(got, _layer_indices(model)):
         inputs, J = per_layer[i]
@@ -207,10 +185,10 @@ def _mnist1d_cnn(channels=4, length=40):
 
 def _oracle_columns(model, x, curvature, seed, samples):
     """Per preconditioned layer: its inputs and the columns c_{k,n} = J_nᵀ s_{k,n} [K, N, *out]
-    of the oracle (S of _sqrt for 'kflr'; the library's sampled gradients / √samples for 'mc')."""
+    of the oracle (S of output_hessian_sqrt for 'kflr'; the library's sampled gradients / √samples for 'mc')."""
     per_layer, z = _jacobians(model, x)
     if curvature == "kflr":
-        s = torch.stack([_sqrt("categorical", z[n]) for n in range(z.shape[0])]).permute(2, 0, 1)   # [K, N, d]
+        s = output_hessian_sqrt("categorical", z).permute(2, 0, 1)   # [K, N, d]
     else:
         s = torch.stack([torch.from_numpy(sampled_output_grads(z.numpy(), "categorical", seed + j))
                          for j in range(samples)]) / np.sqrt(samples)

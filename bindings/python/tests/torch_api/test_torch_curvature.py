@@ -9,23 +9,12 @@ import torch
 from torch import nn
 
 from libkfac.torch import KFACPreconditioner
-
-DISTS = ["categorical", "bernoulli", "gaussian"]
+from output_space import DISTS, output_hessian
 
 
 def _mlp(seed=0, act=nn.Tanh):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)).double()
-
-
-def _output_hessian(dist, z):
-    if dist == "gaussian":
-        return torch.eye(z.shape[-1], dtype=z.dtype)
-    if dist == "bernoulli":
-        p = torch.sigmoid(z)
-        return torch.diag(p * (1 - p))
-    p = torch.softmax(z, -1)
-    return torch.diag(p) - torch.outer(p, p)
 
 
 def _factors(pre, curvature_calls):
@@ -49,7 +38,7 @@ def test_kflr_at_one_example_is_the_per_example_ggn_block(dist):
     factors = _record(model, x, "kflr", dist)
     params = dict(model.named_parameters())
     z = model(x)[0]
-    B = _output_hessian(dist, z.detach())
+    B = output_hessian(dist, z.detach())
     for i, name in enumerate(["0", "2", "4"]):
         w, b = params[name + ".weight"], params[name + ".bias"]
 
@@ -94,7 +83,7 @@ def _kfra_numpy(model, x, dist):
         s = a @ m.weight.detach().numpy().T + m.bias.detach().numpy()
         pre.append(s)
         a = np.tanh(s)
-    G = np.mean([_output_hessian(dist, torch.from_numpy(z)).numpy() for z in pre[-1]], axis=0)
+    G = np.mean([output_hessian(dist, torch.from_numpy(z)).numpy() for z in pre[-1]], axis=0)
     out = [G]
     for i in range(len(layers) - 1, 0, -1):
         w, t = layers[i].weight.detach().numpy(), np.tanh(pre[i - 1])

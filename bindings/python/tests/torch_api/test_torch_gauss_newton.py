@@ -10,17 +10,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from libkfac.torch import ColumnRecorder
-
-DISTS = ["categorical", "bernoulli", "gaussian"]
-
-
-def _hessian(dist, z):
-    if dist == "gaussian":
-        return torch.eye(z.shape[-1], dtype=z.dtype).expand(z.shape[0], -1, -1)
-    p = torch.softmax(z, -1) if dist == "categorical" else torch.sigmoid(z)
-    if dist == "bernoulli":
-        return torch.diag_embed(p * (1 - p))
-    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+from output_space import DISTS, output_hessian
 
 
 def _explicit(model, params, x, dist, v):
@@ -32,7 +22,7 @@ def _explicit(model, params, x, dist, v):
         return functional_call(model, {**flat, **dict(zip(params, ps))}, (xn[None],))[0]
 
     z = model(x).detach()
-    b = _hessian(dist, z)
+    b = output_hessian(dist, z)
     out = [torch.zeros_like(t) for t in v]
     for n in range(x.shape[0]):
         jac = jacrev(f)([flat[p] for p in params], x[n])           # per param [d, *shape]
