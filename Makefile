@@ -10,7 +10,7 @@
 #   make bench    kernel and step benchmarks, ratios measured in one run
 #   make bench-train   convergence benchmark against SGD-momentum and Adam (10–24 min, 2 cores)
 #   make bench-families   KFLR/KFRA/MC/EKFAC and block-tridiagonal rows on the main run's problems
-#                      and L* (after bench-train; ≈ 6 min on the earlier 2-core machine)
+#                      and L*, Newton-CG on the autoencoders (after bench-train; 28 min on a 2-core AMD EPYC)
 #   make bench-digits   the digits classifiers: the convergence run, then their Newton-CG,
 #                      curvature and tridiagonal rows (≈ 50 min on a 2-core AMD EPYC)
 #   make install PREFIX=/usr/local   libkfac.so, kfac.h, kfac.hpp, pkg-config and CMake package files
@@ -304,8 +304,8 @@ bench-peers: deps lib
 
 # Curvature-family rows (Newton-CG, KFLR/KFRA/MC/EKFAC, block-tridiagonal; issues 9–11); reads
 # the main run's benchmarks/results/training_raw.json. Its default profile runs on the batch-256
-# settings of the default `make bench-train` (Protocol 2) at each problem's K-FAC budget T_K, without
-# Newton-CG (full batch: `families.py --profile full` after `run.py --profile full`).
+# settings of the default `make bench-train` (Protocol 2) at each problem's K-FAC budget T_K; its
+# Newton-CG rows (full-batch gradients, both autoencoders) are set against those batch-256 runs.
 .PHONY: bench-families
 bench-families: deps lib
 	KFAC_LIBRARY=$(CURDIR)/$(LIB) $(PYTHON) benchmarks/training/families.py

@@ -78,8 +78,9 @@ CURVATURE_VARIANTS = [
 BASELINE = CURVATURE_VARIANTS[0][0]
 TRIDIAGONAL = ("block-tridiagonal (Cholesky + π on the diagonal factors)", dict(tridiagonal=True))
 
-#: Protocol 2's default profile (README.md, "Adapted to Protocol 2"): batch 256 only, so no
-#: Newton-CG (full batch); the K-FAC rows run for the main run's T_K of each problem.
+#: Protocol 2's default profile (README.md, "Adapted to Protocol 2"): the K-FAC rows at batch 256
+#: for the main run's T_K of each problem; Newton-CG (full-batch gradient, 5 % curvature batch) on
+#: both autoencoders for a fixed number of Newton iterations, set against the batch-256 runs.
 PROFILES = {
     "default": dict(
         seeds=5,
