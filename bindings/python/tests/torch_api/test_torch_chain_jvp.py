@@ -68,6 +68,55 @@ def test_chain_products_equal_one_jvp_per_tangent(activation, bias, dtype, skip_
     assert not torch.allclose(products, torch.zeros_like(products))
 
 
+def _conv_chain(kind, bias, dtype, seed=4):
+    """Convolutional chains in the shapes of the benchmark's CNNs: flat inputs unflattened, strides,
+    padding, dilation, a grouped convolution, activations between, flattened into a Linear."""
+    torch.manual_seed(seed)
+    if kind == "conv1d":
+        layers = [nn.Unflatten(1, (2, 12)),
+                  nn.Conv1d(2, 6, 3, stride=2, padding=1, bias=bias), nn.ReLU(),       # [N, 6, 6]
+                  nn.Conv1d(6, 4, 2, dilation=2, groups=2, bias=bias), nn.Tanh(),      # [N, 4, 4]
+                  nn.Flatten(), nn.Linear(16, 3, bias=bias)]
+    else:
+        layers = [nn.Unflatten(1, (1, 6, 6)),
+                  nn.Conv2d(1, 4, 3, padding=1, bias=bias), nn.Sigmoid(),              # [N, 4, 6, 6]
+                  nn.Conv2d(4, 6, (3, 2), stride=(2, 1), groups=2, bias=bias), nn.Tanh(),  # [N, 6, 2, 5]
+                  nn.Flatten(), nn.Linear(60, 3, bias=bias)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
+@pytest.mark.parametrize("skip_first", [False, True], ids=["all", "first-fixed"])
+def test_conv_chain_products_equal_one_jvp_per_tangent(kind, bias, dtype, skip_first):
+    model = _conv_chain(kind, bias, dtype)
+    x = torch.randn(7, 24 if kind == "conv1d" else 36, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    params = list(model.parameters())
+    if skip_first:  # the first convolution's parameters not preconditioned: tangent zero
+        first = list(model[1].parameters())
+        params = [p for p in params if all(p is not q for q in first)]
+    g = torch.Generator().manual_seed(7)
+    tangents = [torch.randn((3,) + tuple(p.shape), dtype=dtype, generator=g) for p in params]
+    with torch.no_grad():
+        result = chain_products(model, (x,), params, tangents, set())
+    assert result is not None
+    outputs, products = result
+    expected_outputs, expected = _reference(model, x, params, tangents)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert products.shape == expected.shape
+    assert torch.allclose(outputs, expected_outputs, rtol=tol, atol=tol)
+    scale = expected.abs().max()
+    assert scale > 0.1
+    assert (products - expected).abs().max() <= tol * scale
+    # Each tangent's own product: swapping two tangents' kernels changes the products.
+    swapped = [t.flip(0) for t in tangents]
+    with torch.no_grad():
+        _, other = chain_products(model, (x,), params, swapped, set())
+    assert (other - expected.flip(0)).abs().max() <= tol * scale
+    assert (other - expected).abs().max() > 1e-3 * scale
+
+
 def test_chain_products_declines_what_it_does_not_handle():
     x = torch.randn(4, 6)
     model = _chain("tanh", True, torch.float32)
@@ -91,21 +140,36 @@ def test_chain_products_declines_what_it_does_not_handle():
     # ...but hooks the caller names as its own do not.
     assert chain_products(model, (x,), params, tangents, {handle.id}) is not None
     handle.remove()
+    # Convolutions with a padding mode other than zeros, and a Linear layer on [N, C, L] inputs.
+    circular = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"))
+    circular_params = list(circular.parameters())
+    circular_tangents = [torch.zeros((1,) + tuple(p.shape)) for p in circular_params]
+    assert chain_products(circular, (torch.randn(4, 2, 5),), circular_params, circular_tangents, set()) is None
+    per_position = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Linear(3, 2))
+    pp_params = list(per_position.parameters())
+    assert chain_products(per_position, (torch.randn(4, 2, 5),), pp_params,
+                          [torch.zeros((1,) + tuple(p.shape)) for p in pp_params], set()) is None
     # A parameter outside the chain's Linear layers.
     stray = nn.Parameter(torch.zeros(3))
     assert chain_products(model, (x,), params + [stray], tangents + [torch.zeros(1, 3)], set()) is None
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "conv1d", "conv2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_adaptive_step_with_chain_products_equals_torch_func(activation, dtype, monkeypatch):
     """Twin models, the same six adaptive steps with γ steps every 2 (three candidates and δ₀):
     one with the chain's products, one with torch.func's vmapped jvp. The same choices, and α,
-    μ, M(δ), the losses, ρ, λ, γ and the parameters to rounding."""
+    μ, M(δ), the losses, ρ, λ, γ and the parameters to rounding. ``conv1d``/``conv2d``: the
+    convolutional chains (preconditioned convolutions and Linear layer)."""
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(40, 6, generator=g, dtype=dtype)
-    y = torch.randint(0, 4, (40,), generator=g)
-    twins = [_chain(activation, True, dtype), _chain(activation, True, dtype)]
+    if activation.startswith("conv"):
+        x = torch.randn(40, 24 if activation == "conv1d" else 36, generator=g, dtype=dtype)
+        y = torch.randint(0, 3, (40,), generator=g)
+        twins = [_conv_chain(activation, True, dtype), _conv_chain(activation, True, dtype)]
+    else:
+        x = torch.randn(40, 6, generator=g, dtype=dtype)
+        y = torch.randint(0, 4, (40,), generator=g)
+        twins = [_chain(activation, True, dtype), _chain(activation, True, dtype)]
     settings = dict(damping=1e-2, kl_clip=0, inverse_update_period=2, lm_interval=1, factor_damping=1e-2,
                     factor_damping_period=2, factor_damping_decay=0.5, factor_damping_ratio=1e300)
     pres = [KFACPreconditioner(m, **settings) for m in twins]
