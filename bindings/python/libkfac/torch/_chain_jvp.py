@@ -22,7 +22,7 @@ convolution of the N·K stacked inputs, and the Ẇ_k ⋆ x as one convolution o
 kernels stacked along the output channels (group by group, so grouped convolutions keep their
 channel mapping). :func:`chain_products` returns ``None`` for anything else (other module types,
 padding modes other than zeros, user hooks, a Linear layer on inputs that are not ``[N,
-features]``, more than one input tensor), and the caller falls back to ``torch.func``.
+features]``, a convolution on unbatched inputs, more than one input tensor), and the caller falls back to ``torch.func``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ _ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 _RESHAPES = (nn.Flatten, nn.Unflatten)
 _CONV = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d}
+_SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2}
 
 
 def _hooks_allow(module: nn.Module, ours: set) -> bool:
@@ -78,6 +79,8 @@ def chain_products(model: nn.Module, args: tuple, params: Sequence[torch.Tensor]
     z, dz = x, None  # dz: [count, N, ...] (z's shape behind the tangents' index) or None (zero)
     for child in children:
         if type(child) in _CONVOLUTIONS:
+            if z.dim() != _SPATIAL_DIMS[type(child)] + 2:
+                return None  # unbatched input (torch.func handles it)
             z, dz = _convolution(child, z, dz, tangent_of, count)
         elif type(child) is nn.Flatten:
             z = child(z)

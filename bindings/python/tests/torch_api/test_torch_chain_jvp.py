@@ -145,6 +145,11 @@ def test_chain_products_declines_what_it_does_not_handle():
     circular_params = list(circular.parameters())
     circular_tangents = [torch.zeros((1,) + tuple(p.shape)) for p in circular_params]
     assert chain_products(circular, (torch.randn(4, 2, 5),), circular_params, circular_tangents, set()) is None
+    plain = nn.Sequential(nn.Conv1d(2, 3, 3))
+    plain_params = list(plain.parameters())
+    plain_tangents = [torch.zeros((1,) + tuple(p.shape)) for p in plain_params]
+    assert chain_products(plain, (torch.randn(4, 2, 5),), plain_params, plain_tangents, set()) is not None
+    assert chain_products(plain, (torch.randn(2, 5),), plain_params, plain_tangents, set()) is None  # unbatched [C, L]
     per_position = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Linear(3, 2))
     pp_params = list(per_position.parameters())
     assert chain_products(per_position, (torch.randn(4, 2, 5),), pp_params,
