@@ -309,19 +309,28 @@ def detail_table(summaries) -> str:
 
 
 def tuning_table(raw) -> str:
-    lines = ["| problem, batch | method | second | final training loss (seed 0) by learning rate; * = chosen |",
-             "|---|---|---|---|"]
+    screened = any("T_screen" in entry for entry in raw["settings"])
+    header = ("training loss (seed 0) by learning rate after T_screen iterations → after T for the screen's "
+              "survivors; * = chosen" if screened else "final training loss (seed 0) by learning rate; * = chosen")
+    lines = [f"| problem, batch | method | T_screen / T | second | {header} |", "|---|---|---|---|---|"]
     for entry in raw["settings"]:
         second = entry["second"]
         by_value: Dict[float, List] = {}
         for point in entry["grid"]:
             by_value.setdefault(point[second], []).append(point)
+        budget = f"{entry.get('T_screen', entry['T'])} / {entry['T']}"
         for value, points in by_value.items():
             cells = []
             for point in sorted(points, key=lambda p: p["lr"]):
                 chosen = point["lr"] == entry["best"]["lr"] and value == entry["best"][second]
-                cells.append(f"{fmt_lr(point['lr'])}: {fmt(_loss(point['final_loss']))}{'*' if chosen else ''}")
-            lines.append(f"| {setting_label(entry['problem'], entry['batch'])} | {NAMES[entry['method']]} "
+                if "screen_loss" in point:
+                    text = fmt(_loss(point["screen_loss"]))
+                    if point.get("final_loss") is not None:
+                        text += f" → {fmt(_loss(point['final_loss']))}"
+                else:
+                    text = fmt(_loss(point["final_loss"]))
+                cells.append(f"{fmt_lr(point['lr'])}: {text}{'*' if chosen else ''}")
+            lines.append(f"| {setting_label(entry['problem'], entry['batch'])} | {NAMES[entry['method']]} | {budget} "
                          f"| {SECOND_NAMES.get(second, second)} {value:g} | {', '.join(cells)} |")
     return "\n".join(lines)
 
@@ -702,7 +711,7 @@ Final training loss, iterations and seconds to L*: median [min–max] over seeds
 
 ![loss vs seconds](training_loss_vs_seconds.png)
 
-{anchor}{issue4}## Tuning grids (seed 0)
+{anchor}{issue4}## Tuning grids (seed 0; Protocol 2.1: every point screened for T_screen iterations, the best of the screen run T)
 
 {tuning_table(raw)}
 

@@ -4,8 +4,8 @@
     python3 benchmarks/training/run.py [--profile default|digits|full|smoke] [--workers 2]
     python3 benchmarks/training/run.py --pilot        # the timing pilot: step times only
 
-Runs the protocol of benchmarks/training/README.md (Protocol 2) — tuning on pre-declared equal
-grids (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the
+Runs the protocol of benchmarks/training/README.md (Protocol 2.1) — tuning on pre-declared equal
+grids, by successive halving, (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the
 budget T_K), five seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds
 per setting) and, in ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping
 and adaptive), the curvlinops peer and the threads table — in worker processes of one thread
@@ -18,13 +18,17 @@ training_raw.json (read by report.py and by families.py; keys kept stable):
 
 - ``profile``, ``profile_settings`` (the profile dict; ``settings`` are tuples
   ``(problem, batch, T, T_K, eval_every, sparse_after)``, batch 0 = full), ``workers``,
-  ``machine``, ``threads``, ``grids``, ``refine``, ``runtime_seconds``.
+  ``machine``, ``threads``, ``grids``, ``refine``, ``screen_divisor``, ``survivors`` (Protocol 2.1's
+  successive halving), ``runtime_seconds``.
 - ``settings``: one entry per (problem, batch, tuned method) — ``problem``, ``batch``, ``method``
   (``sgd``, ``adam``, ``kfac``, ``kfac-sua``, ``kfac-grouped``), ``T`` (the method's own budget:
   T for sgd/adam, T_K for the K-FAC methods), ``eval_every``, ``sparse_after``, ``best`` (the
   tuned configuration: ``lr`` and the ``second`` hyperparameter's name as key), ``second``,
-  ``edge``, ``second_from``, ``grid`` (every tuning point: lr, second value, ``final_loss``,
-  ``diverged``) and ``runs`` (the five seeds, seed 0 first).
+  ``edge``, ``second_from``, ``T_screen``, ``grid`` (every screened point: lr, second value,
+  ``screen_loss`` after ``T_screen``, ``diverged`` in the screen, ``final_loss`` after ``T`` for
+  the survivors of the screen and null for the others) and ``runs`` (the five seeds, seed 0
+  first). Results of Protocol 2 (before 2.1) have no ``T_screen`` and every point's
+  ``final_loss`` is after ``T``.
 - ``adaptive``: one entry per (problem, batch) with ``method`` "adaptive", ``T`` (= T_K),
   ``options`` and ``runs``.
 - A run (trainers.run_task): ``task`` (problem, method, batch, T, eval_every, sparse_after, seed,
@@ -88,6 +92,10 @@ METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)"
 REFINE = (10 ** -0.5, 10 ** 0.5)
 # Problems whose second hyperparameter is taken from another problem at the same batch setting.
 TRANSFER_SECOND = {"ae-mnist": "ae-digits"}
+# Successive halving (README.md, "Protocol 2.1"): grid points are screened for T // SCREEN_DIVISOR
+# iterations; the best SURVIVORS[number of second values] of the screen run the full T.
+SCREEN_DIVISOR = 4
+SURVIVORS = {2: 2, 1: 2}
 
 
 def setting_methods(problem, trainers) -> list:
@@ -189,32 +197,35 @@ PROFILES["full"] = dict(
 )
 
 # ---------------------------------------------------------------------------------------------
-# Cost model (per-step milliseconds on one core, from the timing pilot), for ordering and ETA
+# Cost model (per-step milliseconds on one core), for ordering and ETA only
 # ---------------------------------------------------------------------------------------------
 
 _SIZES = {"ae-digits": 1797, "ae-mnist": 5000, "mlp-digits": 1500, "cnn-digits": 1500, "mlp-mnist1d": 4000,
           "cnn-mnist1d": 4000}
-_COST = {  # problem: (fixed ms, ms per example) of an SGD step; what K-FAC adds: (fixed, per example)
-    "ae-digits": ((0.57, 0.0032), (2.3, 0.0051)),
-    "ae-mnist": ((0.9, 0.055), (28.0, 0.045)),
-    "mlp-digits": ((0.32, 0.0019), (0.8, 0.0027)),
-    "cnn-digits": ((0.11, 0.0104), (1.0, 0.0153)),
-    # MNIST-1D: from the Protocol-2 pilot at batch 256 only (README.md), split like the digits.
-    "mlp-mnist1d": ((0.1, 0.0017), (1.0, 0.0018)),
-    "cnn-mnist1d": ((0.2, 0.0101), (1.5, 0.0110)),
+# problem: (fixed ms, ms per example) of an SGD step; what K-FAC adds: (fixed, per example). The
+# default profile's problems: the timing pilot's split rescaled to the CPU step means of the
+# default run of 2026-12-07 15:21 UTC (2-core AMD EPYC VM, 2–3× slower per step than the machine
+# of the pilot). The digits classifiers (not in that run): the pilot's figures × 2.2, the factor
+# by which the other problems' steps changed.
+_COST = {
+    "ae-digits": ((1.16, 0.0065), (3.74, 0.0083)),
+    "ae-mnist": ((1.83, 0.112), (39.0, 0.063)),
+    "mlp-digits": ((0.70, 0.0042), (1.76, 0.0059)),
+    "cnn-digits": ((0.24, 0.0229), (2.2, 0.0337)),
+    "mlp-mnist1d": ((0.32, 0.0054), (1.79, 0.0032)),
+    "cnn-mnist1d": ((0.56, 0.0285), (3.81, 0.0279)),
 }
 # What the adaptive step adds to the K-FAC step (the two forward-mode products, the loss after
-# the update, the solve): (fixed ms, ms per example), from the adaptive-mode timing pilot (README,
-# "Added in the adaptive-mode session"): adaptive − K-FAC step medians measured alongside the SGD
-# step, rescaled by this table's SGD step / the measured one. ae-mnist: batch 256 only (two
-# pilots, 56 and 70 ms), with ae-digits' fixed part.
+# the update, the solve): (fixed ms, ms per example), rescaled the same way from the adaptive
+# step means of that run (divided by the γ overhead below); the digits classifiers: the
+# adaptive-mode pilot × 2.2.
 _ADAPTIVE_EXTRA = {
-    "ae-digits": (2.6, 0.0156),
-    "ae-mnist": (2.6, 0.236),
-    "mlp-digits": (1.5, 0.0086),
-    "cnn-digits": (1.4, 0.0219),
-    "mlp-mnist1d": (1.0, 0.0025),
-    "cnn-mnist1d": (1.5, 0.0165),
+    "ae-digits": (2.08, 0.0125),
+    "ae-mnist": (1.6, 0.145),
+    "mlp-digits": (3.3, 0.019),
+    "cnn-digits": (3.1, 0.048),
+    "mlp-mnist1d": (2.41, 0.0060),
+    "cnn-mnist1d": (3.46, 0.0381),
 }
 # γ re-choice (every T2 = 20 steps: two more products and, with Cholesky, two more inversions of
 # every factor), not measurable before the library had it: +10 % of the adaptive step, a guess.
@@ -261,8 +272,12 @@ def _score(result) -> float:
 
 
 def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, method, seeds):
-    """Tunes ``method`` on its grid (seed 0, criterion: final loss after ``T``), then runs the
-    best configuration on the other seeds. K-FAC's variants use K-FAC's grid."""
+    """Tunes ``method`` on its grid (seed 0, criterion: final loss after ``T``) by successive
+    halving (README.md, "Protocol 2.1"): every grid point and the two refinements around the
+    best are screened for ``T // SCREEN_DIVISOR`` iterations (the whole-set loss evaluated at the
+    end only); the best :data:`SURVIVORS` of the screen run the full ``T``; the best final loss
+    after ``T`` is chosen, and that run is seed 0's. Then the chosen configuration runs on the
+    other seeds. K-FAC's variants use K-FAC's grid."""
     grid = GRIDS["kfac" if method.startswith("kfac") else method]
     second, values = grid["second"], grid["values"]
     source_key = transfer_source(problem, method)
@@ -274,26 +289,35 @@ def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, met
             transferred_from = source_key[0] if source_key[1] == method else f"{METHOD_NAMES[source_key[1]]}"
     make = lambda lr, value, seed: trainers.make_task(problem, method, batch, T, eval_every, seed, lr,
                                                       sparse_after=sparse_after, **{second: value})
-    stage1 = [make(lr, value, 0) for value in values for lr in grid["lrs"]]
+    T_screen = max(1, T // SCREEN_DIVISOR)
+    screen = lambda lr, value: trainers.make_task(problem, method, batch, T_screen, T_screen, 0, lr,
+                                                  **{second: value})
+    stage1 = [screen(lr, value) for value in values for lr in grid["lrs"]]
     results1 = yield stage1
     best1 = min(range(len(stage1)), key=lambda i: (_score(results1[i]), i))
     lr1, value1 = stage1[best1]["lr"], stage1[best1]["options"][second]
-    stage2 = [make(lr1 * factor, value1, 0) for factor in REFINE]
+    stage2 = [screen(lr1 * factor, value1) for factor in REFINE]
     results2 = yield stage2
-    tried = list(zip(stage1 + stage2, results1 + results2))
-    best = min(range(len(tried)), key=lambda i: (_score(tried[i][1]), i))
-    best_task, best_result = tried[best]
+    screened = list(zip(stage1 + stage2, results1 + results2))
+    order = sorted(range(len(screened)), key=lambda i: (_score(screened[i][1]), i))
+    survivors = order[:SURVIVORS[len(values)]]
+    full_tasks = [make(screened[i][0]["lr"], screened[i][0]["options"][second], 0) for i in survivors]
+    full_results = yield full_tasks
+    best = min(range(len(full_tasks)), key=lambda j: (_score(full_results[j]), j))
+    best_task, best_result = full_tasks[best], full_results[best]
     lr, value = best_task["lr"], best_task["options"][second]
-    # "edge": no learning rate on one side of the chosen one was tried (with its second value).
-    tested = [t["lr"] for t, _ in tried if t["options"][second] == value]
+    # "edge": no learning rate on one side of the chosen one was screened (with its second value).
+    tested = [t["lr"] for t, _ in screened if t["options"][second] == value]
     edge = lr in (min(tested), max(tested))
+    finals = {survivors[j]: full_results[j] for j in range(len(survivors))}
     others = yield [make(lr, value, seed) for seed in range(1, seeds)]
     return dict(
         problem=problem, batch=batch, T=T, eval_every=eval_every, sparse_after=sparse_after, method=method,
         best={"lr": lr, second: value}, second=second, edge=edge,
-        second_from=transferred_from,
-        grid=[dict(lr=t["lr"], **{second: t["options"][second]}, final_loss=_score(r), diverged=r["diverged"])
-              for t, r in tried],
+        second_from=transferred_from, T_screen=T_screen,
+        grid=[dict(lr=t["lr"], **{second: t["options"][second]}, screen_loss=_score(r), diverged=r["diverged"],
+                   final_loss=_score(finals[i]) if i in finals else None)
+              for i, (t, r) in enumerate(screened)],
         runs=[best_result] + list(others),
     )
 
@@ -533,10 +557,15 @@ def planned_seconds(profile, trainers) -> float:
             grid = GRIDS["kfac" if method.startswith("kfac") else method]
             source = transfer_source(problem, method)
             transferred = source is not None and (source[0], batch) in settings
-            runs = len(grid["lrs"]) * (1 if transferred else len(grid["values"])) + len(REFINE) + profile["seeds"] - 1
-            task = trainers.make_task(problem, method, batch, TK if is_kfac(method) else T, eval_every, 0, 1.0,
+            values = 1 if transferred else len(grid["values"])
+            screens = len(grid["lrs"]) * values + len(REFINE)
+            budget = TK if is_kfac(method) else T
+            task = trainers.make_task(problem, method, batch, budget, eval_every, 0, 1.0,
                                       sparse_after=sparse, damping=1.0)
-            total += runs * estimated_seconds(task)
+            short = max(1, budget // SCREEN_DIVISOR)
+            screen = trainers.make_task(problem, method, batch, short, short, 0, 1.0, damping=1.0)
+            total += (SURVIVORS[values] + profile["seeds"] - 1) * estimated_seconds(task)
+            total += screens * estimated_seconds(screen)
         task = trainers.make_task(problem, "adaptive", batch, TK, eval_every, 0, 0.0, sparse_after=sparse)
         total += profile["seeds"] * estimated_seconds(task)
     sweep = profile.get("sweep")
@@ -771,7 +800,7 @@ def main():
     machine["load_average_end"] = os.getloadavg()
     raw = dict(
         profile=args.profile, profile_settings=profile, workers=args.workers, machine=machine, threads=threads,
-        grids=GRIDS, refine=REFINE,
+        grids=GRIDS, refine=REFINE, screen_divisor=SCREEN_DIVISOR, survivors=SURVIVORS,
         settings=[finished[("tune", p, b, m)] for p, b, *_ in profile["settings"]
                   for m in setting_methods(p, trainers)],
         sweep=[finished[("sweep", m)] for m in METHODS if ("sweep", m) in finished],
