@@ -1,9 +1,9 @@
 """The adaptive step's cost against a fixed-damping K-FAC step, interleaved in one process on one
 thread (issue 14, item 3): the convergence benchmark's trainers (benchmarks/training/trainers.py)
 on one of its problems at batch 256 — fixed damping (λ 0.1, lr 0.316, KL clip; the tuned
-ae-digits setting), the untuned adaptive mode with its default products (for this plain chain:
-written out by hand, libkfac/torch/_chain_jvp.py), with torch.func's vmapped jvp (the default
-before the chain products), and with one jvp per tangent.
+ae-digits setting), the untuned adaptive mode with its default products (for the benchmark's
+models: written out by hand over the fx trace, libkfac/torch/_traced_jvp.py), with torch.func's
+vmapped jvp (the default before the written-out products), and with one jvp per tangent.
 
     KFAC_LIBRARY=.build/release/libkfac.so python3 benchmarks/probes/adaptive_cost.py [problem] [steps]
 
@@ -26,7 +26,7 @@ for name, method, lr, opts in [("fixed", "kfac", 0.316, dict(damping=0.1)), ("ad
     task = trainers.make_task(problem_name, method, 256, steps, steps, 0, lr, **opts)
     step = trainers._build(task, problem, model)
     if name == "adaptive-vmap":
-        step.preconditioner._use_chain_products = False
+        step.preconditioner._use_traced_products = False
     if name == "adaptive-loop":
         pre = step.preconditioner
         original = pre.adaptive_step

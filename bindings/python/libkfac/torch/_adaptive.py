@@ -15,7 +15,7 @@ from .. import _lib
 from .._convert import distribution_code
 from .._errors import KFACError
 from .._handle import Handle
-from ._chain_jvp import chain_products
+from ._traced_jvp import traced_products
 
 __all__ = ["AdaptiveStepResult"]
 
@@ -80,9 +80,9 @@ class _AdaptiveBuffers:
 class AdaptiveMixin:
     """:meth:`adaptive_step` and the buffers it reuses."""
 
-    #: Batched products of a plain ``nn.Sequential`` chain by :mod:`._chain_jvp` instead of
+    #: Batched products written out over the model's fx trace by :mod:`._traced_jvp` instead of
     #: ``torch.func`` (the same values to rounding; tests switch it off to compare).
-    _use_chain_products = True
+    _use_traced_products = True
 
     def _adaptive_parameters(self) -> List[torch.Tensor]:
         """The weights and biases of the preconditioned layers, in library order."""
@@ -147,17 +147,18 @@ class AdaptiveMixin:
 
         Cost: one forward-mode pass for all the products (J·D_k for every candidate and J·δ₀:
         ``torch.func.vmap`` over their tangents, so the network's forward pass is shared and its
-        tangent products are batched; for a plain ``nn.Sequential`` of ``nn.Linear``,
-        ``nn.Conv1d`` and ``nn.Conv2d`` layers (zero padding), Tanh/Sigmoid/ReLU/Identity
-        activations and Flatten/Unflatten without user hooks the same products are written out by
-        hand, ``_chain_jvp``, which avoids ``torch.func``'s per-operation dispatch) and one
+        tangent products are batched; for a model whose ``torch.fx`` trace only composes
+        ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers (zero padding), tanh, sigmoid and
+        ReLU, sums (residual connections) and reshapes, without user hooks, the same products are
+        written out by hand, ``_traced_jvp``, which avoids ``torch.func``'s per-operation
+        dispatch) and one
         ordinary forward pass per step, and on γ steps the
         library's two extra preconditionings (with the Cholesky strategy, every factor is also
         inverted for each candidate γ on that step; make ``factor_damping_period`` a multiple of
         ``inverse_update_period`` to share the work). Measured on the convergence benchmark's
         ``ae-digits`` at batch 256 (benchmarks/probes/adaptive_cost.py, one thread, a loaded
         machine, load average 17–20, medians of 190 steps): in one run an adaptive step cost
-        1.46× a fixed-damping K-FAC step with the chain's products, 1.82× with ``torch.func``'s
+        1.46× a fixed-damping K-FAC step with the written-out products, 1.82× with ``torch.func``'s
         vmapped jvp and 1.9× with one jvp per tangent; on ``cnn-mnist1d`` (Conv1d chain, the same
         probe, one thread, another process on the second core) 1.56×, 1.66× and 1.80×.
 
@@ -240,13 +241,13 @@ class AdaptiveMixin:
                 if with_previous:
                     for s, d in zip(stacked, previous):
                         s[count].copy_(d)
-                # A plain chain of Linear and convolution layers, activations and reshapes: the
-                # same products written out (_chain_jvp), without torch.func's per-operation dispatch.
-                chain = None
-                if self._use_chain_products:
-                    chain = chain_products(self.model, args, params, stacked, {h.id for h in self._hooks})
-                if chain is not None:
-                    outputs, products = chain
+                # Linear and convolution layers, activations, sums and reshapes: the same
+                # products written out (_traced_jvp), without torch.func's per-operation dispatch.
+                traced = None
+                if self._use_traced_products:
+                    traced = traced_products(self.model, args, params, stacked, {h.id for h in self._hooks})
+                if traced is not None:
+                    outputs, products = traced
                 else:
                     # The primal computation does not depend on the tangents: vmap runs it once.
                     out, products = torch.func.vmap(lambda *t: jvp(forward, primals, t))(*stacked)
