@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Convergence benchmark of libkfac's K-FAC against SGD-momentum and Adam (issues 4 and 14).
 
-    python3 benchmarks/training/run.py [--profile default|digits|full|smoke] [--workers 2]
+    python3 benchmarks/training/run.py [--profile default|digits|full|smoke] [--workers 2] [--tuning grid|halving]
     python3 benchmarks/training/run.py --pilot        # the timing pilot: step times only
 
-Runs the protocol of benchmarks/training/README.md (Protocol 2.1) — tuning on pre-declared equal
-grids, by successive halving, (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the
-budget T_K), five seeds of every best configuration, K-FAC's adaptive mode (untuned, five seeds
-per setting) and, in ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping
-and adaptive), the curvlinops peer and the threads table — in worker processes of one thread
-each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
+Runs the protocol of benchmarks/training/README.md (Protocol 2) — tuning on pre-declared equal
+grids (SGD-momentum and Adam for the budget T, K-FAC and its convolution variants for the budget
+T_K; ``--tuning halving``: by successive halving, Protocol 2.1, not the default), five seeds of
+every best configuration, K-FAC's adaptive mode (untuned, five seeds per setting) and, in
+``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping and adaptive), the
+curvlinops peer and the threads table — in worker processes of one thread each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
 training_raw.json (``--profile digits`` into benchmarks/results/digits/; the smoke profile into a
 temporary directory, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
@@ -18,17 +18,17 @@ training_raw.json (read by report.py and by families.py; keys kept stable):
 
 - ``profile``, ``profile_settings`` (the profile dict; ``settings`` are tuples
   ``(problem, batch, T, T_K, eval_every, sparse_after)``, batch 0 = full), ``workers``,
-  ``machine``, ``threads``, ``grids``, ``refine``, ``screen_divisor``, ``survivors`` (Protocol 2.1's
-  successive halving), ``runtime_seconds``.
+  ``machine``, ``threads``, ``grids``, ``refine``, ``tuning`` (``grid`` or ``halving``),
+  ``screen_divisor``, ``survivors`` (used by ``halving`` only), ``runtime_seconds``.
 - ``settings``: one entry per (problem, batch, tuned method) — ``problem``, ``batch``, ``method``
   (``sgd``, ``adam``, ``kfac``, ``kfac-sua``, ``kfac-grouped``), ``T`` (the method's own budget:
   T for sgd/adam, T_K for the K-FAC methods), ``eval_every``, ``sparse_after``, ``best`` (the
   tuned configuration: ``lr`` and the ``second`` hyperparameter's name as key), ``second``,
-  ``edge``, ``second_from``, ``T_screen``, ``grid`` (every screened point: lr, second value,
-  ``screen_loss`` after ``T_screen``, ``diverged`` in the screen, ``final_loss`` after ``T`` for
-  the survivors of the screen and null for the others) and ``runs`` (the five seeds, seed 0
-  first). Results of Protocol 2 (before 2.1) have no ``T_screen`` and every point's
-  ``final_loss`` is after ``T``.
+  ``edge``, ``second_from``, ``grid`` (every tuning point: lr, second value, ``final_loss``
+  after ``T``, ``diverged``) and ``runs`` (the five seeds, seed 0 first). With ``--tuning
+  halving`` also ``T_screen``, and each point has ``screen_loss`` after ``T_screen``,
+  ``diverged`` in the screen and ``final_loss`` after ``T`` for the survivors (null for the
+  others).
 - ``adaptive``: one entry per (problem, batch) with ``method`` "adaptive", ``T`` (= T_K),
   ``options`` and ``runs``.
 - A run (trainers.run_task): ``task`` (problem, method, batch, T, eval_every, sparse_after, seed,
@@ -92,8 +92,8 @@ METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC (libkfac)"
 REFINE = (10 ** -0.5, 10 ** 0.5)
 # Problems whose second hyperparameter is taken from another problem at the same batch setting.
 TRANSFER_SECOND = {"ae-mnist": "ae-digits"}
-# Successive halving (README.md, "Protocol 2.1"): grid points are screened for T // SCREEN_DIVISOR
-# iterations; the best SURVIVORS[number of second values] of the screen run the full T.
+# Successive halving (--tuning halving; README.md, "Protocol 2.1"): grid points are screened for
+# T // SCREEN_DIVISOR iterations; the best SURVIVORS[number of second values] of the screen run T.
 SCREEN_DIVISOR = 4
 SURVIVORS = {2: 2, 1: 2}
 
@@ -271,13 +271,16 @@ def _score(result) -> float:
     return loss if (loss is not None and math.isfinite(loss)) else math.inf
 
 
-def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, method, seeds):
-    """Tunes ``method`` on its grid (seed 0, criterion: final loss after ``T``) by successive
-    halving (README.md, "Protocol 2.1"): every grid point and the two refinements around the
-    best are screened for ``T // SCREEN_DIVISOR`` iterations (the whole-set loss evaluated at the
-    end only); the best :data:`SURVIVORS` of the screen run the full ``T``; the best final loss
-    after ``T`` is chosen, and that run is seed 0's. Then the chosen configuration runs on the
-    other seeds. K-FAC's variants use K-FAC's grid."""
+def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, method, seeds, halving=False):
+    """Tunes ``method`` on its grid (seed 0, criterion: final loss after ``T``), then runs the
+    best configuration on the other seeds. K-FAC's variants use K-FAC's grid.
+
+    Protocol 2 (the default): every grid point runs ``T``, then the two refinements around the
+    best. ``halving`` (README.md, "Successive halving (Protocol 2.1, tried and not adopted)"):
+    every grid point and the two refinements around the best are screened for
+    ``T // SCREEN_DIVISOR`` iterations (the whole-set loss evaluated at the end only); the best
+    :data:`SURVIVORS` of the screen run the full ``T``, and the best final loss after ``T`` is
+    chosen. Either way the chosen configuration's run is seed 0's."""
     grid = GRIDS["kfac" if method.startswith("kfac") else method]
     second, values = grid["second"], grid["values"]
     source_key = transfer_source(problem, method)
@@ -289,35 +292,45 @@ def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, met
             transferred_from = source_key[0] if source_key[1] == method else f"{METHOD_NAMES[source_key[1]]}"
     make = lambda lr, value, seed: trainers.make_task(problem, method, batch, T, eval_every, seed, lr,
                                                       sparse_after=sparse_after, **{second: value})
-    T_screen = max(1, T // SCREEN_DIVISOR)
-    screen = lambda lr, value: trainers.make_task(problem, method, batch, T_screen, T_screen, 0, lr,
-                                                  **{second: value})
-    stage1 = [screen(lr, value) for value in values for lr in grid["lrs"]]
+    T_tried = max(1, T // SCREEN_DIVISOR) if halving else T
+    tried_task = ((lambda lr, value: trainers.make_task(problem, method, batch, T_tried, T_tried, 0, lr,
+                                                        **{second: value}))
+                  if halving else (lambda lr, value: make(lr, value, 0)))
+    stage1 = [tried_task(lr, value) for value in values for lr in grid["lrs"]]
     results1 = yield stage1
     best1 = min(range(len(stage1)), key=lambda i: (_score(results1[i]), i))
     lr1, value1 = stage1[best1]["lr"], stage1[best1]["options"][second]
-    stage2 = [screen(lr1 * factor, value1) for factor in REFINE]
+    stage2 = [tried_task(lr1 * factor, value1) for factor in REFINE]
     results2 = yield stage2
-    screened = list(zip(stage1 + stage2, results1 + results2))
-    order = sorted(range(len(screened)), key=lambda i: (_score(screened[i][1]), i))
-    survivors = order[:SURVIVORS[len(values)]]
-    full_tasks = [make(screened[i][0]["lr"], screened[i][0]["options"][second], 0) for i in survivors]
-    full_results = yield full_tasks
+    tried = list(zip(stage1 + stage2, results1 + results2))
+    if halving:
+        order = sorted(range(len(tried)), key=lambda i: (_score(tried[i][1]), i))
+        survivors = order[:SURVIVORS[len(values)]]
+        full_tasks = [make(tried[i][0]["lr"], tried[i][0]["options"][second], 0) for i in survivors]
+        full_results = yield full_tasks
+    else:
+        survivors = list(range(len(tried)))
+        full_tasks, full_results = [t for t, _ in tried], [r for _, r in tried]
     best = min(range(len(full_tasks)), key=lambda j: (_score(full_results[j]), j))
     best_task, best_result = full_tasks[best], full_results[best]
     lr, value = best_task["lr"], best_task["options"][second]
-    # "edge": no learning rate on one side of the chosen one was screened (with its second value).
-    tested = [t["lr"] for t, _ in screened if t["options"][second] == value]
+    # "edge": no learning rate on one side of the chosen one was tried (with its second value).
+    tested = [t["lr"] for t, _ in tried if t["options"][second] == value]
     edge = lr in (min(tested), max(tested))
-    finals = {survivors[j]: full_results[j] for j in range(len(survivors))}
     others = yield [make(lr, value, seed) for seed in range(1, seeds)]
+    if halving:
+        finals = {survivors[j]: full_results[j] for j in range(len(survivors))}
+        points = [dict(lr=t["lr"], **{second: t["options"][second]}, screen_loss=_score(r), diverged=r["diverged"],
+                       final_loss=_score(finals[i]) if i in finals else None)
+                  for i, (t, r) in enumerate(tried)]
+    else:
+        points = [dict(lr=t["lr"], **{second: t["options"][second]}, final_loss=_score(r), diverged=r["diverged"])
+                  for t, r in tried]
     return dict(
         problem=problem, batch=batch, T=T, eval_every=eval_every, sparse_after=sparse_after, method=method,
         best={"lr": lr, second: value}, second=second, edge=edge,
-        second_from=transferred_from, T_screen=T_screen,
-        grid=[dict(lr=t["lr"], **{second: t["options"][second]}, screen_loss=_score(r), diverged=r["diverged"],
-                   final_loss=_score(finals[i]) if i in finals else None)
-              for i, (t, r) in enumerate(screened)],
+        second_from=transferred_from, **({"T_screen": T_tried} if halving else {}),
+        grid=points,
         runs=[best_result] + list(others),
     )
 
@@ -548,7 +561,7 @@ def run_experiments(experiments, workers, progress):
     return finished
 
 
-def planned_seconds(profile, trainers) -> float:
+def planned_seconds(profile, trainers, halving=False) -> float:
     """Estimated single-core seconds of everything the profile runs (for the ETA)."""
     total = 0.0
     settings = {(p, b): (T, TK, e, sparse) for p, b, T, TK, e, sparse in profile["settings"]}
@@ -562,10 +575,13 @@ def planned_seconds(profile, trainers) -> float:
             budget = TK if is_kfac(method) else T
             task = trainers.make_task(problem, method, batch, budget, eval_every, 0, 1.0,
                                       sparse_after=sparse, damping=1.0)
-            short = max(1, budget // SCREEN_DIVISOR)
-            screen = trainers.make_task(problem, method, batch, short, short, 0, 1.0, damping=1.0)
-            total += (SURVIVORS[values] + profile["seeds"] - 1) * estimated_seconds(task)
-            total += screens * estimated_seconds(screen)
+            if halving:
+                short = max(1, budget // SCREEN_DIVISOR)
+                screen = trainers.make_task(problem, method, batch, short, short, 0, 1.0, damping=1.0)
+                total += (SURVIVORS[values] + profile["seeds"] - 1) * estimated_seconds(task)
+                total += screens * estimated_seconds(screen)
+            else:
+                total += (screens + profile["seeds"] - 1) * estimated_seconds(task)
         task = trainers.make_task(problem, "adaptive", batch, TK, eval_every, 0, 0.0, sparse_after=sparse)
         total += profile["seeds"] * estimated_seconds(task)
     sweep = profile.get("sweep")
@@ -727,6 +743,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--workers", type=int, default=2, help="concurrent single-thread runs (default 2)")
+    parser.add_argument("--tuning", choices=["grid", "halving"], default="grid",
+                        help="grid: Protocol 2's full-budget tuning (default); halving: successive halving "
+                             "(README.md, Protocol 2.1, tried and not adopted as the default)")
     parser.add_argument("--out", default=None,
                         help="output directory (default benchmarks/results; for --profile smoke a temporary "
                              "directory, so that a smoke run never overwrites the committed results)")
@@ -777,7 +796,8 @@ def main():
     for problem, batch, T, TK, eval_every, sparse in profile["settings"]:
         for method in setting_methods(problem, trainers):
             experiments[("tune", problem, batch, method)] = tuning_experiment(
-                trainers, problem, batch, TK if is_kfac(method) else T, eval_every, sparse, method, profile["seeds"])
+                trainers, problem, batch, TK if is_kfac(method) else T, eval_every, sparse, method, profile["seeds"],
+                halving=args.tuning == "halving")
         experiments[("adaptive", problem, batch)] = adaptive_experiment(
             trainers, problem, batch, TK, eval_every, sparse, profile["seeds"])
     if profile.get("sweep"):
@@ -793,14 +813,14 @@ def main():
     for problem, batch, T in profile.get("peer") or []:
         experiments[("peer", problem, batch)] = peer_experiment(trainers, problem, batch, T, profile["peer_seeds"])
 
-    progress = Progress(planned_seconds(profile, trainers), args.workers)
+    progress = Progress(planned_seconds(profile, trainers, args.tuning == "halving"), args.workers)
     finished = run_experiments(experiments, args.workers, progress)
     progress.finish()
 
     machine["load_average_end"] = os.getloadavg()
     raw = dict(
         profile=args.profile, profile_settings=profile, workers=args.workers, machine=machine, threads=threads,
-        grids=GRIDS, refine=REFINE, screen_divisor=SCREEN_DIVISOR, survivors=SURVIVORS,
+        grids=GRIDS, refine=REFINE, tuning=args.tuning, screen_divisor=SCREEN_DIVISOR, survivors=SURVIVORS,
         settings=[finished[("tune", p, b, m)] for p, b, *_ in profile["settings"]
                   for m in setting_methods(p, trainers)],
         sweep=[finished[("sweep", m)] for m in METHODS if ("sweep", m) in finished],
