@@ -374,8 +374,9 @@ def main():
         try:
             commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()
-            dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True).stdout.strip()
+            # The results directory is left out: this run's own report is written there as it goes.
+            dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
             commit += " (uncommitted changes)" if dirty else ""
         except OSError:
             commit = "unknown"
