@@ -9,9 +9,10 @@ grids (SGD-momentum and Adam for the budget T, K-FAC and its convolution variant
 T_K; ``--tuning halving``: by successive halving, Protocol 2.1, not the default), five seeds of
 every best configuration, K-FAC's adaptive mode (untuned, five seeds per setting) and, in
 ``--profile full``, the batch-size sweep, the K-FAC ablations (fixed-damping and adaptive), the
-curvlinops peer and the threads table — in worker processes of one thread each, showing progress on stderr, and writes benchmarks/results/training.md, training_*.png and
-training_raw.json (``--profile digits`` into benchmarks/results/digits/; the smoke profile into a
-temporary directory, see --out).
+curvlinops peer and the threads table — in worker processes of one thread each, showing
+progress on stderr, and writes benchmarks/results/training.md, training_*.png and
+training_raw.json (``--profile digits`` into benchmarks/results/digits/; the smoke profile into
+a temporary directory, see --out).
 ``--report-only`` rebuilds the table and plots from an existing training_raw.json.
 
 training_raw.json (read by report.py and by families.py; keys kept stable):
@@ -276,7 +277,8 @@ def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, met
     best configuration on the other seeds. K-FAC's variants use K-FAC's grid.
 
     Protocol 2 (the default): every grid point runs ``T``, then the two refinements around the
-    best. ``halving`` (README.md, "Successive halving (Protocol 2.1, tried and not adopted)"):
+    best. ``halving`` (README.md, "Protocol 2.1: tuning by successive halving", tried and not
+    adopted):
     every grid point and the two refinements around the best are screened for
     ``T // SCREEN_DIVISOR`` iterations (the whole-set loss evaluated at the end only); the best
     :data:`SURVIVORS` of the screen run the full ``T``, and the best final loss after ``T`` is
