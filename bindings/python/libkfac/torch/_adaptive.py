@@ -160,9 +160,11 @@ class AdaptiveMixin:
         machine, load average 17–20, medians of 190 steps): in one run an adaptive step cost
         1.46× a fixed-damping K-FAC step with the written-out products, 1.82× with ``torch.func``'s
         vmapped jvp and 1.9× with one jvp per tangent; on ``cnn-mnist1d`` (Conv1d chain, the same
-        probe, one thread, another process on the second core) 1.56×, 1.66× and 1.80×; on the
-        residual ``mlp-mnist1d`` (not an ``nn.Sequential``: its fx trace, the same probe, idle
-        machine) 1.54×, 1.86× and 1.99×.
+        probe, one thread, another process on the second core) 1.56×, 1.66× and 1.80×. With the
+        products over the fx trace (the same probe, one thread, an idle 2-core VM whose speed
+        varies between runs, medians of 200/150 steps): ``ae-digits`` 1.50×, 1.78×, 1.89×; the
+        residual ``mlp-mnist1d`` (not an ``nn.Sequential``) 1.48×, 1.85×, 1.94×;
+        ``cnn-mnist1d`` 1.68×, 1.81×, 1.85×.
 
         Args:
             inputs: the batch, as the model takes it: a tensor, or a tuple of positional

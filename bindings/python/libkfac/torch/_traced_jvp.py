@@ -26,7 +26,7 @@ channel mapping).
 The graph is the model's ``torch.fx.symbolic_trace`` (``nn.Sequential`` chains and models whose
 ``forward`` only composes the operations above, e.g. residual connections), traced once per
 model and checked once against ``model(*args)``; it is traced again when a module's ``training``
-flag changes. The trace assumes what ``torch.fx`` assumes: ``forward`` has no data-dependent
+flag changes or a submodule is replaced. The trace assumes what ``torch.fx`` assumes: ``forward`` has no data-dependent
 control flow and reads no Python state that changes between calls. :func:`traced_products`
 returns ``None`` for anything else (other modules or operations — dropout only in evaluation mode —, a model ``torch.fx`` cannot
 trace, padding modes other than zeros, user hooks anywhere in the model, a Linear layer on inputs
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -59,27 +59,44 @@ _ELEMENTWISE_METHODS = ("relu", "tanh", "sigmoid")
 
 
 class _Trace:
-    """A model's fx graph, the training flags it was traced under, and whether its output was
-    checked against the model's own forward."""
+    """A model's fx graph (its nodes in order), the training flags it was traced under, the
+    module each call_module node calls, the ids of the weights and biases of the Linear and
+    convolution modules it calls, and whether its output was checked against the model's own
+    forward. Worked out once per trace, so that a step only runs the nodes."""
 
-    def __init__(self, graph: Optional[fx.Graph], flags: tuple):
-        self.graph = graph
+    def __init__(self, graph: Optional[fx.Graph], flags: tuple, model: nn.Module):
         self.flags = flags
         self.checked = False
+        self.nodes = None if graph is None else list(graph.nodes)
+        named = dict(model.named_modules())
+        self.called = {n: named.get(n.target) for n in self.nodes or () if n.op == "call_module"}
+        self.layer_params = {id(p) for m in self.called.values()
+                             if type(m) is nn.Linear or type(m) in _CONVOLUTIONS
+                             for p in (m.weight, m.bias) if p is not None}
+        # The values each node is the last user of: dropped once it ran, so that the tangents
+        # of a layer are freed as in a plain forward pass (holding every layer's tangents until
+        # the end made the products 2.5× slower on the ae-digits autoencoder).
+        position = {n: i for i, n in enumerate(self.nodes or ())}
+        self.last_uses: Dict[fx.Node, List[fx.Node]] = {}
+        for n in self.nodes or ():
+            if n.users:
+                self.last_uses.setdefault(max(n.users, key=position.__getitem__), []).append(n)
 
 
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, _Trace]" = weakref.WeakKeyDictionary()
 
 
-def _trace(model: nn.Module) -> _Trace:
-    flags = tuple(m.training for m in model.modules())
+def _trace(model: nn.Module, modules: List[nn.Module]) -> _Trace:
+    # Which modules the model holds and their training flags: a replaced submodule or a
+    # train()/eval() switch means tracing again.
+    flags = tuple((id(m), m.training) for m in modules)
     trace = _TRACES.get(model)
     if trace is None or trace.flags != flags:
         try:
             graph = fx.symbolic_trace(model).graph
         except Exception:  # noqa: BLE001 — anything torch.fx cannot trace goes to torch.func
             graph = None
-        trace = _Trace(graph, flags)
+        trace = _Trace(graph, flags, model)
         _TRACES[model] = trace
     return trace
 
@@ -102,42 +119,41 @@ def traced_products(model: nn.Module, args: tuple, params: Sequence[torch.Tensor
         return None
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return None
-    if not all(_hooks_allow(m, own_hook_ids) for m in model.modules()):
+    modules = list(model.modules())
+    if not all(_hooks_allow(m, own_hook_ids) for m in modules):
         return None
-    trace = _trace(model)
-    if trace.graph is None:
+    trace = _trace(model, modules)
+    if trace.nodes is None:
         return None
     tangent_of: Dict[int, torch.Tensor] = {id(p): t for p, t in zip(params, tangents)}
+    if not trace.layer_params.issuperset(tangent_of):
+        return None  # a parameter outside the Linear and convolution modules the graph calls
     count = tangents[0].shape[0] if tangents else 0
-    result = _interpret(trace.graph, model, args, tangent_of, count)
+    result = _interpret(trace, args, tangent_of, count)
     if result is None:
         return None
-    outputs, products, covered = result
-    if covered != set(tangent_of):
-        return None  # a parameter outside the Linear and convolution modules the graph calls
+    outputs, products = result
     if not trace.checked:
         # Once per trace: the graph computes what the model's forward does on these inputs.
         expected = model(*args)
         if not (isinstance(expected, torch.Tensor) and expected.shape == outputs.shape
                 and torch.allclose(expected, outputs, rtol=1e-5, atol=1e-6, equal_nan=True)):
-            trace.graph = None
+            trace.nodes = None
             return None
         trace.checked = True
     return outputs, products
 
 
-def _interpret(graph: fx.Graph, model: nn.Module, args: tuple, tangent_of: Dict[int, torch.Tensor], count: int):
+def _interpret(trace: "_Trace", args: tuple, tangent_of: Dict[int, torch.Tensor], count: int):
     """Runs the graph on (value, tangents) pairs; tangents are [count, ...value's shape] or None
-    (zero). Returns (outputs, products, ids of the parameters whose tangents were used) or None."""
-    modules = dict(model.named_modules())
+    (zero). Returns (outputs, products) or None."""
     env: Dict[fx.Node, tuple] = {}
-    covered = set()
     placeholders = iter(args)
 
     def value(a):
         return fx.node.map_arg(a, lambda n: env[n][0])
 
-    for node in graph.nodes:
+    for node in trace.nodes:
         op = node.op
         if op == "placeholder":
             given = next(placeholders, None)
@@ -155,13 +171,13 @@ def _interpret(graph: fx.Graph, model: nn.Module, args: tuple, tangent_of: Dict[
                 dz = torch.zeros((count,) + tuple(z.shape), dtype=z.dtype, device=z.device)
             if next(placeholders, None) is not None:
                 return None  # more inputs than the forward takes
-            return z, dz, covered
+            return z, dz
         elif op == "call_module":
-            module = modules.get(node.target)
-            if module is None or len(node.args) != 1 or node.kwargs:
+            module = trace.called[node]
+            if module is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
                 return None
             z, dz = env[node.args[0]]
-            step = _module_step(module, z, dz, tangent_of, count, covered)
+            step = _module_step(module, z, dz, tangent_of, count)
             if step is None:
                 return None
             env[node] = step
@@ -177,23 +193,21 @@ def _interpret(graph: fx.Graph, model: nn.Module, args: tuple, tangent_of: Dict[
             env[node] = step
         else:  # get_attr: a parameter or buffer read directly is not a case handled here
             return None
+        for used in trace.last_uses.get(node, ()):
+            del env[used]
     return None
 
 
-def _module_step(module, z, dz, tangent_of, count, covered):
+def _module_step(module, z, dz, tangent_of, count):
     kind = type(module)
     if not isinstance(z, torch.Tensor):
         return None
-    if kind is nn.Linear or kind in _CONVOLUTIONS:
-        for p in (module.weight, module.bias):
-            if p is not None and id(p) in tangent_of:
-                covered.add(id(p))
+    if kind is nn.Linear:
+        return _linear(module, z, dz, tangent_of, count)
     if kind in _CONVOLUTIONS:
         if module.padding_mode != "zeros" or z.dim() != _SPATIAL_DIMS[kind] + 2:
             return None  # other padding modes, unbatched inputs: torch.func handles them
         return _convolution(module, z, dz, tangent_of, count)
-    if kind is nn.Linear:
-        return _linear(module, z, dz, tangent_of, count)
     if kind in _RESHAPES:
         out = module(z)
         return out, None if dz is None else dz.reshape((count,) + tuple(out.shape))
@@ -211,7 +225,8 @@ def _module_step(module, z, dz, tangent_of, count, covered):
 def _function_step(node, env, value):
     target = node.target
     if target in _ELEMENTWISE:
-        if len(node.args) != 1 or (node.kwargs and node.kwargs != {"inplace": False}):
+        if (len(node.args) != 1 or not isinstance(node.args[0], fx.Node)
+                or (node.kwargs and node.kwargs != {"inplace": False})):
             return None
         z, dz = env[node.args[0]]
         return _elementwise(_ELEMENTWISE[target], z, dz) if isinstance(z, torch.Tensor) else None

@@ -216,7 +216,7 @@ def test_traced_products_declines_what_it_does_not_handle():
 
     switch = Switch()
     switch_params = list(switch.parameters())
-    _traced_jvp._trace(switch)  # traced with negate = False, not yet checked
+    _traced_jvp._trace(switch, list(switch.modules()))  # traced with negate = False, not yet checked
     switch.negate = True
     assert traced_products(switch, (x,), switch_params, zeros(switch_params), set()) is None  # the check
     assert traced_products(switch, (x,), switch_params, zeros(switch_params), set()) is None  # kept off
@@ -226,6 +226,13 @@ def test_traced_products_declines_what_it_does_not_handle():
     assert traced_products(dropout, (x,), dropout_params, zeros(dropout_params), set()) is None  # training
     dropout.eval()  # traced again: dropout is the identity
     assert traced_products(dropout, (x,), dropout_params, zeros(dropout_params), set()) is not None
+
+    # A submodule replaced after the trace: traced again, and the products are the new model's.
+    replaced = _Residual(torch.float64)
+    xr = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _check_against_reference(replaced, xr, None, torch.float64)
+    replaced.block = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid()).to(torch.float64)
+    _check_against_reference(replaced, xr, None, torch.float64)
 
     assert traced_products(model, (x.unsqueeze(0),), params, tangents, set()) is None  # [1, N, in]
     assert traced_products(model, (x, x), params, tangents, set()) is None
