@@ -320,14 +320,14 @@ def tuning_experiment(trainers, problem, batch, T, eval_every, sparse_after, met
     tested = [t["lr"] for t, _ in tried if t["options"][second] == value]
     edge = lr in (min(tested), max(tested))
     others = yield [make(lr, value, seed) for seed in range(1, seeds)]
-    if halving:
-        finals = {survivors[j]: full_results[j] for j in range(len(survivors))}
-        points = [dict(lr=t["lr"], **{second: t["options"][second]}, screen_loss=_score(r), diverged=r["diverged"],
-                       final_loss=_score(finals[i]) if i in finals else None)
-                  for i, (t, r) in enumerate(tried)]
-    else:
-        points = [dict(lr=t["lr"], **{second: t["options"][second]}, final_loss=_score(r), diverged=r["diverged"])
-                  for t, r in tried]
+    finals = dict(zip(survivors, full_results))  # tuning point -> its run for the full budget
+    points = []
+    for i, (t, r) in enumerate(tried):
+        point = dict(lr=t["lr"], **{second: t["options"][second]}, diverged=r["diverged"],
+                     final_loss=_score(finals[i]) if i in finals else None)
+        if halving:
+            point["screen_loss"] = _score(r)
+        points.append(point)
     return dict(
         problem=problem, batch=batch, T=T, eval_every=eval_every, sparse_after=sparse_after, method=method,
         best={"lr": lr, second: value}, second=second, edge=edge,

@@ -44,7 +44,6 @@ import torch
 from torch import fx, nn
 from torch.nn.modules import module as _module
 
-_ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.Identity)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 _RESHAPES = (nn.Flatten, nn.Unflatten)
 _CONV = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d}
@@ -56,6 +55,7 @@ _SUMS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
 _RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "unflatten")
 _ELEMENTWISE_METHODS = ("relu", "tanh", "sigmoid")
+_ELEMENTWISE_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
 
 
 class _Trace:
@@ -209,14 +209,9 @@ def _module_step(module, z, dz, tangent_of, count):
             return None  # other padding modes, unbatched inputs: torch.func handles them
         return _convolution(module, z, dz, tangent_of, count)
     if kind in _RESHAPES:
-        out = module(z)
-        return out, None if dz is None else dz.reshape((count,) + tuple(out.shape))
-    if kind is nn.Tanh:
-        return _elementwise("tanh", z, dz)
-    if kind is nn.Sigmoid:
-        return _elementwise("sigmoid", z, dz)
-    if kind is nn.ReLU:
-        return _elementwise("relu", z, dz)
+        return _reshaped(module(z), dz)
+    if kind in _ELEMENTWISE_MODULES:
+        return _elementwise(_ELEMENTWISE_MODULES[kind], z, dz)
     if kind is nn.Identity or (kind is nn.Dropout and not module.training):
         return z, dz
     return None
@@ -257,8 +252,7 @@ def _function_step(node, env, value):
         z, dz = env[node.args[0]] if isinstance(node.args[0], fx.Node) else (None, None)
         if not isinstance(z, torch.Tensor):
             return None
-        out = target(z, *value(node.args[1:]), **value(node.kwargs))
-        return out, None if dz is None else dz.reshape((dz.shape[0],) + tuple(out.shape))
+        return _reshaped(target(z, *value(node.args[1:]), **value(node.kwargs)), dz)
     return None
 
 
@@ -274,9 +268,13 @@ def _method_step(node, env, value):
     if name in _ELEMENTWISE_METHODS and len(node.args) == 1 and not node.kwargs:
         return _elementwise(name, z, dz)
     if name in _RESHAPE_METHODS:
-        out = getattr(z, name)(*value(node.args[1:]), **value(node.kwargs))
-        return out, None if dz is None else dz.reshape((dz.shape[0],) + tuple(out.shape))
+        return _reshaped(getattr(z, name)(*value(node.args[1:]), **value(node.kwargs)), dz)
     return None
+
+
+def _reshaped(out: torch.Tensor, dz: Optional[torch.Tensor]):
+    """A reshape's output and the same reshape of every tangent (behind their leading index)."""
+    return out, None if dz is None else dz.reshape((dz.shape[0],) + tuple(out.shape))
 
 
 def _elementwise(name: str, z: torch.Tensor, dz: Optional[torch.Tensor]):
