@@ -979,6 +979,33 @@ KFAC_API int kfac_state_load_file(kfac_optimizer *opt, const char *path);
 #if defined(KFAC_EXPERIMENTAL_API)
 
 /* ---------------------------------------------------------------------------------------------
+ * Loss reports on λ's steps only (see "Adaptive mode"). Since 0.2.
+ *
+ * λ moves only on every KFAC_PARAM_LM_INTERVAL-th report, and only that report's ρ is used
+ * (Martens & Grosse §6.5 compute ρ only every T₁ steps). A caller can save the forward pass that
+ * evaluates the loss after the update on the other steps:
+ *     kfac_adaptive_get_report_needed(opt, &needed);
+ *     if (needed) { evaluate h(θ + δ); kfac_adaptive_report_loss_change(opt, h_before, h_after, &rho); }
+ *     else kfac_adaptive_skip_loss_report(opt);
+ * The trajectory is the same as reporting every step (λ sees the same ρ). What is lost is the
+ * per-step ρ and the caller's own check that h(θ + δ) is finite on skipped steps (a divergent
+ * update then shows in the next step's gradients, which kfac_optimizer_step_* refuses as
+ * NON_FINITE). With KFAC_PARAM_LM_INTERVAL 0 no report is needed.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Since 0.2. Whether the next kfac_adaptive_report_loss_change adjusts λ: *needed receives 1
+ *  when KFAC_PARAM_LM_INTERVAL is T > 0 and the next report is a T-th one (reports and skips
+ *  both count), else 0. Errors: NULL_POINTER. Changes nothing in the handle. */
+KFAC_API int kfac_adaptive_get_report_needed(const kfac_optimizer *opt, int32_t *needed);
+
+/** Since 0.2. Ends the last solve without a loss report: it counts as a report for
+ *  KFAC_PARAM_LM_INTERVAL, λ is unchanged and the reduction ratio becomes NaN
+ *  (kfac_adaptive_get_reduction_ratio). Errors: NULL_POINTER, NO_STEP (no solve since the last
+ *  report or skip; or the report is needed, kfac_adaptive_get_report_needed: that report must
+ *  carry the losses). On error nothing changes. */
+KFAC_API int kfac_adaptive_skip_loss_report(kfac_optimizer *opt);
+
+/* ---------------------------------------------------------------------------------------------
  * Candidates for the factor damping γ (see "Adaptive mode", "Re-choosing γ").
  * ------------------------------------------------------------------------------------------- */
 

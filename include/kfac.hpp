@@ -482,6 +482,17 @@ public:
     void state_load_file(const char *path) { check(kfac_state_load_file(handle_, path), "kfac_state_load_file"); }
 
 #if defined(KFAC_EXPERIMENTAL_API)
+    /* ---- Experimental: loss reports on λ's steps only ---- */
+
+    /** kfac_adaptive_get_report_needed: whether the next report adjusts λ. */
+    bool adaptive_get_report_needed() const {
+        int32_t needed = 0;
+        check(kfac_adaptive_get_report_needed(handle_, &needed), "kfac_adaptive_get_report_needed");
+        return needed != 0;
+    }
+    /** kfac_adaptive_skip_loss_report. */
+    void adaptive_skip_loss_report() { check(kfac_adaptive_skip_loss_report(handle_), "kfac_adaptive_skip_loss_report"); }
+
     /* ---- Experimental: candidates for the factor damping γ ---- */
 
     /** kfac_candidates_get_count. */

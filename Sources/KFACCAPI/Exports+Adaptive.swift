@@ -70,3 +70,16 @@ public func kfac_adaptive_get_reduction_ratio(_ opt: OpaquePointer?, _ rho: Unsa
         out.pointee = o.lastReductionRatio
     }
 }
+
+@c @implementation
+public func kfac_adaptive_get_report_needed(_ opt: OpaquePointer?, _ needed: UnsafeMutablePointer<Int32>?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in
+        let out = try required(needed, "needed")
+        out.pointee = o.nextReportAdjustsDamping ? 1 : 0
+    }
+}
+
+@c @implementation
+public func kfac_adaptive_skip_loss_report(_ opt: OpaquePointer?) -> Int32 {
+    withAnyOptimizer(opt) { (o) throws(KFACError) in try o.skipLossReport() }
+}

@@ -105,6 +105,8 @@ protocol OptimizerOperations: AnyObject {
     var hasReportedLossChange: Bool { get }
     var candidateCount: Int { get }
     func reportLossChange(before: Double, after: Double) throws(KFACError) -> Double
+    var nextReportAdjustsDamping: Bool { get }
+    func skipLossReport() throws(KFACError)
     var layerCount: Int { get }
     var wantsStatistics: Bool { get }
     var stateSize: Int { get }

@@ -346,6 +346,7 @@ void test_adaptive_call_order(void);
 void test_samplers(void);
 void test_adaptive_numerics(void);
 void test_adaptive_pending_solve(void);
+void test_adaptive_skipped_reports(void);
 
 /* test_candidates.c (KFAC_EXPERIMENTAL_API): re-choosing the factor damping γ. */
 void test_candidates_null_handle(void);

@@ -154,6 +154,7 @@ int main(void) {
     test_candidate_errors(KFAC_FLOAT64);
     test_candidate_numerics();
     test_adaptive_pending_solve();
+    test_adaptive_skipped_reports();
     test_curvature_multiply();
     test_distributed();
     test_gauss_newton();

@@ -1,8 +1,11 @@
 /*
  * test_adaptive.c — the adaptive mode: error paths on twin handles, call order on a fresh
  * handle and state images, the samplers, the step size and ρ against the explicit Fisher of a
- * linear softmax model, and the pending solve across a precondition or a failed step.
+ * linear softmax model, the pending solve across a precondition or a failed step, and loss
+ * reports on λ's steps only (experimental: kfac_adaptive_get_report_needed,
+ * kfac_adaptive_skip_loss_report).
  */
+#define KFAC_EXPERIMENTAL_API
 #include "harness.h"
 #include "oracles.h"
 
@@ -518,5 +521,95 @@ void test_adaptive_pending_solve(void) {
                   "on the untouched twin (%s)", why);
         grads_free(&g);
         twins_free(&t);
+    }
+}
+
+/* Loss reports on λ's steps only: with LM interval 3 the 3rd, 6th, ... reports (skips count) are
+ * needed, skipping one of them or skipping without a solve is NO_STEP with the handle unchanged,
+ * a skip leaves λ alone and makes ρ NaN, and λ follows the reported ρ exactly as if every step had
+ * been reported (the in-between ρ are never used). LM interval 0: nothing is needed. */
+void test_adaptive_skipped_reports(void) {
+    section("adaptive mode: loss reports on λ's steps only (experimental)");
+    rng_t r = {929};
+    for (int dtype = KFAC_FLOAT32; dtype <= KFAC_FLOAT64; dtype++) {
+        kfac_optimizer *h = handle_with_batch(dtype, &r, 1, 1);
+        adaptive_data_t d = adaptive_data(dtype, &r);
+        grads_t g = grads_new(dtype, &TWIN_MODEL, &r);
+        const double lambda = 0.05;
+        REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_DAMPING, lambda));
+        REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_KL_CLIP, 0.0));
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_LM_INTERVAL, 3));
+        REQUIRE_OK(h, kfac_param_set_double(h, KFAC_PARAM_LM_DECAY, 0.5));
+        char what[200];
+        size_t size;
+        int32_t needed = -1;
+        {
+            unsigned char *img = save_image(h, &size);
+            snprintf(what, sizeof what, "[%s] kfac_adaptive_skip_loss_report before any solve", dtype_tag(dtype));
+            expect_fails_unchanged(h, kfac_adaptive_skip_loss_report(h), KFAC_ERROR_NO_STEP, img, size, what);
+            free(img);
+        }
+        /* The ρ of the needed reports (the 3rd and 6th): > 3/4 (λ·0.125), then < 1/4 (λ/0.125). */
+        const double lm_ratios[2] = {0.9, 0.1};
+        double expected = lambda;
+        int pattern_ok = 1, lambda_ok = 1, nan_ok = 1;
+        char seen[200] = "";
+        for (int i = 0; i < 7; i++) {
+            double alpha, mu, m, rho = -777;
+            REQUIRE_OK(h, step(h, &g));
+            REQUIRE_OK(h, solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
+                                    &alpha, &mu, &m));
+            REQUIRE_OK(h, kfac_adaptive_get_report_needed(h, &needed));
+            snprintf(seen + strlen(seen), sizeof seen - strlen(seen), "%d", (int)needed);
+            if (needed != (i % 3 == 2)) pattern_ok = 0;
+            if (needed) {
+                unsigned char *img = save_image(h, &size);
+                snprintf(what, sizeof what, "[%s] kfac_adaptive_skip_loss_report on a needed report (step %d)",
+                         dtype_tag(dtype), i);
+                expect_fails_unchanged(h, kfac_adaptive_skip_loss_report(h), KFAC_ERROR_NO_STEP, img, size, what);
+                free(img);
+                const double ratio = lm_ratios[i / 3];
+                REQUIRE_OK(h, kfac_adaptive_report_loss_change(h, 3.0, 3.0 + ratio * m, &rho));
+                expected = ratio > 0.75 ? expected * 0.125 : expected / 0.125;
+            } else {
+                REQUIRE_OK(h, kfac_adaptive_skip_loss_report(h));
+                if (!isnan(reduction_ratio(h))) nan_ok = 0;
+                unsigned char *img = save_image(h, &size);
+                snprintf(what, sizeof what, "[%s] a second kfac_adaptive_skip_loss_report for one solve (step %d)",
+                         dtype_tag(dtype), i);
+                expect_fails_unchanged(h, kfac_adaptive_skip_loss_report(h), KFAC_ERROR_NO_STEP, img, size, what);
+                free(img);
+            }
+            double lam = 0;
+            REQUIRE_OK(h, kfac_param_get_double(h, KFAC_PARAM_DAMPING, &lam));
+            if (fabs(lam - expected) > 1e-12 * expected) lambda_ok = 0;
+        }
+        check(pattern_ok, "[%s] kfac_adaptive_get_report_needed over 7 solves with LM interval 3: %s "
+              "(want 0010010: skips count as reports)", dtype_tag(dtype), seen);
+        check(nan_ok, "[%s] after a skip kfac_adaptive_get_reduction_ratio is NaN", dtype_tag(dtype));
+        check(lambda_ok, "[%s] λ unchanged by skips, ×0.125 / ÷0.125 at the 3rd and 6th reports by their ρ",
+              dtype_tag(dtype));
+
+        /* LM interval 0: no report is ever needed, and a skip is allowed. */
+        REQUIRE_OK(h, kfac_param_set_int(h, KFAC_PARAM_LM_INTERVAL, 0));
+        double alpha, mu, m;
+        REQUIRE_OK(h, step(h, &g));
+        REQUIRE_OK(h, solve_raw(h, dtype, d.z.p, d.jd.p, NULL, AD_ROWS, AD_DIM, KFAC_DIST_CATEGORICAL,
+                                &alpha, &mu, &m));
+        needed = -1;
+        REQUIRE_OK(h, kfac_adaptive_get_report_needed(h, &needed));
+        const int st = kfac_adaptive_skip_loss_report(h);
+        check(needed == 0 && st == KFAC_OK, "[%s] LM interval 0: report not needed (%d), skip OK (%s)",
+              dtype_tag(dtype), (int)needed, status_name(st));
+
+        /* NULL pointers. */
+        needed = -7;
+        check(kfac_adaptive_get_report_needed(NULL, &needed) == KFAC_ERROR_NULL_POINTER && needed == -7 &&
+                  kfac_adaptive_get_report_needed(h, NULL) == KFAC_ERROR_NULL_POINTER &&
+                  kfac_adaptive_skip_loss_report(NULL) == KFAC_ERROR_NULL_POINTER,
+              "[%s] NULL handle or out-pointer: NULL_POINTER, *needed untouched", dtype_tag(dtype));
+        grads_free(&g);
+        adaptive_data_free(&d);
+        kfac_optimizer_free(h);
     }
 }

@@ -69,6 +69,11 @@ static void test_errors() {
     expect_error([&] { opt.param_set_int(KFAC_PARAM_DAMPING, 1); }, KFAC_ERROR_PARAMETER_TYPE, "kfac_param_set_int");
     expect_error([&] { opt.get_kl_scale(); }, KFAC_ERROR_NO_STEP, "kfac_optimizer_get_kl_scale");
     expect_error([&] { opt.adaptive_get_reduction_ratio(); }, KFAC_ERROR_NO_STEP, "kfac_adaptive_get_reduction_ratio");
+    expect_error([&] { opt.adaptive_skip_loss_report(); }, KFAC_ERROR_NO_STEP, "kfac_adaptive_skip_loss_report");
+    opt.param_set_int(KFAC_PARAM_LM_INTERVAL, 1);
+    CHECK(opt.adaptive_get_report_needed());   // interval 1: every report adjusts λ
+    opt.param_set_int(KFAC_PARAM_LM_INTERVAL, 0);
+    CHECK(!opt.adaptive_get_report_needed());  // interval 0: none does
     expect_error([&] { opt.layer_get_info(7); }, KFAC_ERROR_UNKNOWN_LAYER, "kfac_layer_get_info");
     expect_error([&] { opt.state_load_file("/nonexistent/dir/state.bin"); }, KFAC_ERROR_IO, "kfac_state_load_file");
 

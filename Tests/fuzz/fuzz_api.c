@@ -494,7 +494,12 @@ static void op_adaptive(input_t *in, handle_t *t) {
             ON_HANDLE(t, kfac_candidates_solve_step_size_f64(t->h, z, (const double *const *)jd, n, jp, rows, dim, dist, &chosen, &alpha, &mu, &m));
     } else if (which == 2) {
         double before = value_arg(in), after = value_arg(in);
-        ON_HANDLE(t, kfac_adaptive_report_loss_change(t->h, before, after, u8(in) & 1 ? &rho : NULL));
+        int32_t needed;
+        switch (u8(in) % 4) {
+        case 0: ON_HANDLE(t, kfac_adaptive_skip_loss_report(t->h)); break;
+        case 1: ON_HANDLE(t, kfac_adaptive_get_report_needed(t->h, u8(in) % 8 ? &needed : NULL)); break;
+        default: ON_HANDLE(t, kfac_adaptive_report_loss_change(t->h, before, after, u8(in) & 1 ? &rho : NULL)); break;
+        }
     } else {
         void *out = calloc((size_t)count, 8);
         uint64_t seed = u32(in);

@@ -240,8 +240,8 @@ def adaptive_goals_table(summaries) -> str:
 
 def adaptive_choices_table(summaries) -> str:
     """What the adaptive mode chose: λ and γ at the end, median α, μ and ρ (median [range] over
-    seeds of each run's value)."""
-    lines = ["| problem, batch | final λ | smallest λ | final γ | γ changes | median α | median μ | median ρ |",
+    seeds of each run's value; ρ over the steps that evaluated it, those whose report adjusts λ)."""
+    lines = ["| problem, batch | final λ | smallest λ | final γ | γ changes | median α | median μ | median ρ (λ's steps) |",
              "|---|---|---|---|---|---|---|---|"]
     rows = 0
     for group in summaries:

@@ -242,7 +242,8 @@ class _AdaptiveStep:
     """libkfac's adaptive mode (M&G 2015 §6–7): KFACPreconditioner.step() writes the directions
     D, then KFACPreconditioner.adaptive_step() chooses α and μ from the quadratic model with
     the exact Fisher (forward-mode products J·D, J·δ₀), applies θ ← θ − α·D + μ·δ₀, evaluates
-    the loss again and adjusts λ (Levenberg–Marquardt) and, where the library has it, γ. No
+    the loss again on the steps whose report adjusts λ (Levenberg–Marquardt, every lm_interval-th;
+    the library's default) and, where the library has it, γ. No
     learning rate, no KL clip. Same sampled-Fisher statistics as :class:`_KFACStep`."""
 
     def __init__(self, model, problem, options):
@@ -287,7 +288,8 @@ class _AdaptiveStep:
                                                    momentum=self.momentum)
         self.alphas.append(result.alpha)
         self.mus.append(result.mu)
-        self.rhos.append(result.rho)
+        if result.loss_evaluated:  # ρ exists on the steps whose report adjusts λ (every lm_interval-th)
+            self.rhos.append(result.rho)
         self.dampings.append(result.damping)
         self.factor_dampings.append(self.preconditioner.optimizer.factor_damping)
         return loss.item()

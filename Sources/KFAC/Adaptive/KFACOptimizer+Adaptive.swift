@@ -280,6 +280,30 @@ extension KFACOptimizer {
         return rho
     }
 
+    /// Whether the next `reportLossChange` adjusts λ: `lmInterval > 0` and it is the interval's
+    /// last report. Martens & Grosse (§6.5) compute ρ only on those steps; the other solves may
+    /// end with `skipLossReport`, which saves the caller a forward pass.
+    public var nextReportAdjustsDamping: Bool {
+        let t = parameters.lmInterval
+        return t > 0 && (adaptive.lossReports + 1) % t == 0
+    }
+
+    /// Ends the last solve without a loss report: it counts as a report for the
+    /// Levenberg–Marquardt interval, with ρ NaN (`lastReductionRatio`), and λ is unchanged.
+    /// Refused (`.noStep`) without a solve to report, and when the report would adjust λ
+    /// (`nextReportAdjustsDamping`): that report needs the losses.
+    public func skipLossReport() throws(KFACError) {
+        guard adaptive.predictedChange != nil else {
+            throw KFACError(.noStep, "skip the loss report after solveStepSize (once per solve)")
+        }
+        guard !nextReportAdjustsDamping else {
+            throw KFACError(.noStep, "this report adjusts λ (every lmInterval-th report): evaluate the loss after the update and report it")
+        }
+        adaptive.predictedChange = nil
+        adaptive.lastReductionRatio = .nan
+        adaptive.lossReports += 1
+    }
+
     /// The Levenberg–Marquardt rule, shared by the adaptive mode and Newton-CG: on every
     /// `lmInterval`-th report (`reports` counts them), λ·ω if ρ > 3/4 and λ/ω if ρ < 1/4,
     /// ω = lmDecay^lmInterval; a NaN ρ, or a λ that would leave (0, ∞), changes nothing.

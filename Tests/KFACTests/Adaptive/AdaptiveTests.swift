@@ -129,6 +129,42 @@ final class AdaptiveTests: XCTestCase {
         XCTAssertEqual(opt.parameters.damping, 1, accuracy: 1e-12, "ρ < 1/4: λ/ω^T1")
     }
 
+    /// A skipped report counts for the interval and leaves λ; the interval's last report is needed
+    /// and cannot be skipped.
+    func testSkippedReportsCountTowardTheInterval() throws {
+        let opt = try KFACOptimizer<Double>()
+        try opt.addDense(inFeatures: 2, outFeatures: 2, hasBias: false)
+        var p = opt.parameters
+        p.lmInterval = 2; p.lmDecay = 0.9; p.damping = 1; p.klClip = 0
+        try opt.setParameters(p)
+        let x: [Double] = [1, 0.5, -0.3, 0.8], g: [Double] = [0.2, -0.4, 0.5, 0.1]
+        func solve() throws -> Double {
+            try opt.recordInputs(layer: 0, x, rows: 2)
+            try opt.recordOutputGradients(layer: 0, g, rows: 2)
+            var grads = [LayerGradient<Double>(weight: [0.3, -0.2, 0.1, 0.4], bias: nil)]
+            try opt.step(&grads)
+            return try opt.solveStepSize(outputs: [0.1, 0.2, -0.1, 0.3], directionProducts: [0.5, -0.2, 0.3, 0.1],
+                                         previousProducts: nil, rows: 2, dim: 2, distribution: .gaussian).predictedChange
+        }
+        var status: KFACStatus?
+        do { try opt.skipLossReport() } catch { status = error.status }
+        XCTAssertEqual(status, .noStep, "nothing to skip before a solve")
+        for round in 0..<2 {
+            _ = try solve()
+            XCTAssertFalse(opt.nextReportAdjustsDamping)
+            try opt.skipLossReport()
+            XCTAssertTrue(opt.lastReductionRatio.isNaN)
+            XCTAssertEqual(opt.parameters.damping, round == 0 ? 1 : 0.81, accuracy: 1e-12, "a skip leaves λ")
+            let m = try solve()
+            XCTAssertTrue(opt.nextReportAdjustsDamping)
+            status = nil
+            do { try opt.skipLossReport() } catch { status = error.status }
+            XCTAssertEqual(status, .noStep, "the interval's last report carries the losses")
+            _ = try opt.reportLossChange(before: 1, after: 1 + (round == 0 ? 0.9 : 0.1) * m)
+            XCTAssertEqual(opt.parameters.damping, round == 0 ? 0.81 : 1, accuracy: 1e-12, "ρ > 3/4: λ·ω², then ρ < 1/4: λ/ω²")
+        }
+    }
+
     // MARK: Samplers
 
     func testSampledTargetsFollowTheDistributions() {

@@ -393,6 +393,12 @@ class Handle:
         self.call(_lib.kfac_adaptive_report_loss_change, float(before), float(after), ctypes.byref(rho))
         return float(rho.value)
 
+    def report_needed(self) -> bool:
+        return bool(self._get(_lib.kfac_adaptive_get_report_needed, ctypes.c_int32))
+
+    def skip_loss_report(self) -> None:
+        self.call(_lib.kfac_adaptive_skip_loss_report)
+
     # -----------------------------------------------------------------------------------------
     # State
     # -----------------------------------------------------------------------------------------

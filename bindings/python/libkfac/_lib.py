@@ -599,6 +599,9 @@ _PROTOTYPES = [
     ("kfac_state_load", c_int, [_P, c_void_p, c_size_t]),
     ("kfac_state_save_file", c_int, [_P, c_char_p]),
     ("kfac_state_load_file", c_int, [_P, c_char_p]),
+    # Experimental (KFAC_EXPERIMENTAL_API): loss reports on λ's steps only
+    ("kfac_adaptive_get_report_needed", c_int, [_P, POINTER(c_int32)]),
+    ("kfac_adaptive_skip_loss_report", c_int, [_P]),
     # Experimental (KFAC_EXPERIMENTAL_API): γ candidates
     ("kfac_candidates_get_count", c_int, [_P, POINTER(c_int32)]),
     ("kfac_candidates_get_directions_f32", c_int,
@@ -700,7 +703,8 @@ _PROTOTYPES = [
 
 #: The functions of the header's experimental section (``KFAC_EXPERIMENTAL_API``).
 EXPERIMENTAL_FUNCTION_NAMES = tuple(name for name, _, _ in _PROTOTYPES
-                                    if name.startswith(("kfac_candidates_", "kfac_curvature_", "kfac_gn_",
+                                    if name.startswith(("kfac_adaptive_get_report_needed", "kfac_adaptive_skip_loss_report",
+                                                        "kfac_candidates_", "kfac_curvature_", "kfac_gn_",
                                                         "kfac_layer_record_output_grad_columns_",
                                                         "kfac_layer_record_examples_",
                                                         "kfac_layer_get_ekfac_scaling_", "kfac_cg_", "kfac_distributed_",

@@ -217,6 +217,21 @@ class AdaptiveMethods:
         return self._handle.report_loss_change(float(loss_before), float(loss_after))
 
     @property
+    def report_needed(self) -> bool:
+        """Whether the next :meth:`report_loss_change` adjusts λ (``kfac_adaptive_get_report_needed``,
+        experimental): ``lm_interval`` is T > 0 and the next report is a T-th one (reports and
+        skips both count). Only those reports' ρ is used; on the other steps the loss after the
+        update need not be evaluated (:meth:`skip_loss_report`)."""
+        return self._handle.report_needed()
+
+    def skip_loss_report(self) -> None:
+        """Ends the last solve without a loss report (``kfac_adaptive_skip_loss_report``,
+        experimental): it counts as a report for ``lm_interval``, λ is unchanged and
+        :attr:`last_reduction_ratio` becomes NaN. Raises ``KFAC_ERROR_NO_STEP`` without a solve
+        to report, or when :attr:`report_needed` (that report must carry the losses)."""
+        self._handle.skip_loss_report()
+
+    @property
     def last_reduction_ratio(self) -> Optional[float]:
         """ρ of the last :meth:`report_loss_change` (``None`` before the first)."""
         return self._handle.reduction_ratio()

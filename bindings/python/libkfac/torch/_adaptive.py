@@ -32,9 +32,9 @@ class AdaptiveStepResult:
     predicted_change: float
     #: The mean loss before the update (at the outputs the products were taken at).
     loss_before: float
-    #: The mean loss after the update.
+    #: The mean loss after the update (NaN when it was not evaluated: see ``loss_evaluated``).
     loss_after: float
-    #: ρ = (loss_after − loss_before) / M(δ).
+    #: ρ = (loss_after − loss_before) / M(δ) (NaN when the loss after was not evaluated).
     rho: float
     #: λ after the report (the Levenberg–Marquardt rule may have changed it).
     damping: float
@@ -47,6 +47,9 @@ class AdaptiveStepResult:
     #: γ after the step: the library's ``factor_damping``, the chosen candidate's γ after a γ
     #: step (0 while λ damps the factors).
     factor_damping: float = 0.0
+    #: Whether the loss after the update was evaluated and reported: on every step with
+    #: ``every_step_loss=True``, else only when the report adjusts λ (every ``lm_interval``-th).
+    loss_evaluated: bool = True
 
 
 class _AdaptiveBuffers:
@@ -112,7 +115,7 @@ class AdaptiveMixin:
 
     def adaptive_step(self, inputs, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                       distribution="categorical", momentum: bool = True,
-                      batched_products: bool = True) -> AdaptiveStepResult:
+                      batched_products: bool = True, every_step_loss: bool = False) -> AdaptiveStepResult:
         """K-FAC's adaptive update of the preconditioned layers (Martens & Grosse 2015, §6–7):
         step size α and momentum μ from the quadratic model with the exact Fisher,
         Levenberg–Marquardt adjustment of λ (with ``lm_interval > 0``) and, with
@@ -142,8 +145,11 @@ class AdaptiveMixin:
         new γ. This method then applies ``θ ← θ + δ`` with the update ``δ = −α·D_chosen + μ·δ₀``
         the library returns (:meth:`kfac.Optimizer.get_update`; it is also the next δ₀, the same
         values the library keeps) to the weights and biases of the preconditioned layers (other
-        parameters are yours to update), evaluates the loss again and reports both losses (ρ,
-        λ). The statistics hooks are off during its forward passes.
+        parameters are yours to update). On the steps whose report adjusts λ (every
+        ``lm_interval``-th, :attr:`kfac.Optimizer.report_needed`) it evaluates the loss again and
+        reports both losses (ρ, λ); on the others it skips that forward pass, as Martens & Grosse
+        (§6.5) and kfac-jax do, since λ uses no other ρ (``every_step_loss=True`` evaluates and
+        reports every step). The statistics hooks are off during its forward passes.
 
         Cost: one forward-mode pass for all the products (J·D_k for every candidate and J·δ₀:
         ``torch.func.vmap`` over their tangents, so the network's forward pass is shared and its
@@ -181,6 +187,10 @@ class AdaptiveMixin:
             batched_products: ``False`` computes the products one ``jvp`` per tangent, each
                 with its own forward pass (the same values to rounding; for models that
                 ``torch.func.vmap`` cannot batch).
+            every_step_loss: ``True`` evaluates the loss after the update on every step, so
+                that every result has ρ and every update is checked for a finite loss; the
+                default evaluates it only when the report adjusts λ (the same λ, parameters and
+                updates either way). With ``lm_interval=0`` the default never evaluates it.
 
         The model's forward pass must be a deterministic function of the parameters and the
         batch (no dropout; BatchNorm in eval mode) returning one tensor. Set ``kl_clip=0``
@@ -188,7 +198,8 @@ class AdaptiveMixin:
         :class:`AdaptiveStepResult` (α, μ, M(δ), the losses, ρ, λ, the chosen candidate and γ).
         ``.grad`` keeps the directions of candidate 0. If the loss after the update is not
         finite, the update is undone and :class:`kfac.KFACError` (``KFAC_ERROR_NON_FINITE``) is
-        raised.
+        raised; on a step that skips the evaluation a divergent update shows in the next
+        step's gradients instead (the library refuses non-finite gradients).
         """
         from torch.func import functional_call, jvp
 
@@ -291,6 +302,10 @@ class AdaptiveMixin:
         # buffers are the parameters' dtype and device, δ₀ is those buffers themselves: the next
         # step reads them for J·δ₀ before get_update overwrites them.
         self._previous_update = update
+        if not every_step_loss and not self.optimizer.report_needed:
+            self.optimizer.skip_loss_report()
+            return AdaptiveStepResult(alpha, mu, predicted, loss_before, math.nan, math.nan, self.optimizer.damping,
+                                      chosen, count, self.optimizer.factor_damping, loss_evaluated=False)
         with torch.no_grad(), self._hooks_paused():
             loss_after = float(loss_fn(self.model(*args)))
         if not math.isfinite(loss_after):

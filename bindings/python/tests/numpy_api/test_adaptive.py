@@ -3,6 +3,7 @@ against the independent reference of references/adaptive.py (explicit Jacobians 
 linear model, the explicit 2×2 system)."""
 
 import ctypes
+import math
 
 import numpy as np
 import pytest
@@ -132,6 +133,40 @@ def test_levenberg_marquardt_adjusts_damping_every_interval(rng):
                     expected /= omega
             assert opt.damping == pytest.approx(expected, rel=1e-12), report
         assert opt.damping == pytest.approx(omega, rel=1e-12)
+
+
+def test_skipped_reports_count_and_leave_damping_to_the_reports_that_adjust_it(rng):
+    """report_needed / skip_loss_report (experimental): a skip counts as a report, leaves λ and
+    makes ρ NaN; the 3rd, 6th, ... reports are needed and cannot be skipped, and λ follows their ρ
+    as in the test above."""
+    model, theta = make_problem(rng, "categorical")
+    omega = 0.8**3
+    with kfac.Optimizer(np.float64, damping=1.0, kl_clip=0, lm_decay=0.8, lm_interval=3) as opt:
+        opt.add_dense(model.inf, model.out)
+        with pytest.raises(kfac.KFACError) as info:
+            opt.skip_loss_report()  # no solve yet
+        assert info.value.status == kfac.KFAC_ERROR_NO_STEP
+        expected, needed = 1.0, []
+        for report, ratio in enumerate([None, None, 0.9, None, None, 0.1], start=1):
+            D = kfac_step(opt, model, theta, np.float64)
+            _, _, m = opt.solve_step_size(model.logits(theta), model.products(D), distribution="categorical")
+            needed.append(opt.report_needed)
+            if ratio is None:
+                opt.skip_loss_report()
+                assert math.isnan(opt.last_reduction_ratio)
+                with pytest.raises(kfac.KFACError) as info:
+                    opt.skip_loss_report()  # once per solve
+                assert info.value.status == kfac.KFAC_ERROR_NO_STEP
+            else:
+                with pytest.raises(kfac.KFACError) as info:
+                    opt.skip_loss_report()
+                assert info.value.status == kfac.KFAC_ERROR_NO_STEP and "adjusts" in str(info.value)
+                assert opt.report_loss_change(2.0, 2.0 + ratio * m) == pytest.approx(ratio, rel=1e-12)
+                expected = expected * omega if ratio > 0.75 else expected / omega
+            assert opt.damping == pytest.approx(expected, rel=1e-12), report
+        assert needed == [False, False, True, False, False, True]
+        opt.lm_interval = 0
+        assert not opt.report_needed
 
 
 def test_levenberg_marquardt_off_by_default_and_interval_one(rng):

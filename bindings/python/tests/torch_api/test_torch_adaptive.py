@@ -3,6 +3,7 @@ independent reference of references/adaptive.py."""
 
 import copy
 import ctypes
+import math
 import warnings
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_adaptive_step_alpha_and_mu_equal_the_explicit_solution_on_a_linear_mode
         pre.step()
         D = _grad_theta(layer)
         alpha_ref, mu_ref, m_ref = reference_solve(reference, theta, D, previous, damping)
-        result = pre.adaptive_step(x, lambda out: F.cross_entropy(out, y))
+        result = pre.adaptive_step(x, lambda out: F.cross_entropy(out, y), every_step_loss=True)
         assert isinstance(result, AdaptiveStepResult)
         assert result.alpha == pytest.approx(alpha_ref, rel=1e-8)
         assert result.mu == pytest.approx(mu_ref, rel=1e-8, abs=1e-12)
@@ -269,7 +270,7 @@ def test_adaptive_step_trains_a_small_mlp(sampled):
             pre.sampled_fisher_backward(outputs, "categorical")
         loss.backward()
         pre.step()
-        result = pre.adaptive_step(x, lambda out: F.cross_entropy(out, y))
+        result = pre.adaptive_step(x, lambda out: F.cross_entropy(out, y), every_step_loss=True)
         assert result.loss_before == pytest.approx(loss.item(), rel=1e-12)
         assert result.predicted_change < 0 and np.isfinite(result.rho)
         assert all(not layer.saved_inputs for layer in pre._layers), "no statistics from its passes"
@@ -321,7 +322,7 @@ def test_adaptive_step_undoes_a_non_finite_update():
         return loss if len(calls) == 1 else loss * float("inf")
 
     with pytest.raises(kfac.KFACError) as info:
-        pre.adaptive_step(x, loss_fn)
+        pre.adaptive_step(x, loss_fn, every_step_loss=True)
     assert info.value.status == kfac.KFAC_ERROR_NON_FINITE
     for p, q in zip(model.parameters(), before):
         assert torch.allclose(p, q, rtol=0, atol=1e-15)
@@ -353,3 +354,43 @@ def test_adaptive_state_dict_round_trip_gives_identical_steps():
     a = run(model, pre, 2)
     b = run(clone, resumed, 2)
     assert a == b and a[0].mu != 0
+
+
+@pytest.mark.parametrize("lm_interval", [0, 3])
+def test_adaptive_step_evaluates_the_loss_only_for_the_reports_that_adjust_lambda(lm_interval):
+    """By default the loss after the update is evaluated only when the report adjusts λ (every
+    lm_interval-th): parameters, λ, α and μ are those of a twin that evaluates and reports every
+    step, and the evaluated steps' losses and ρ are the twin's."""
+    x, y = _batch(seed=5, n=64)
+    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    runs = {}
+    for every in (False, True):
+        model = _torch_mlp(seed=2)
+        pre = KFACPreconditioner(model, damping=1e-2, kl_clip=0, inverse_update_period=2,
+                                 lm_interval=lm_interval, lm_decay=0.8)
+        evaluations = []
+        counted = lambda out: (evaluations.append(1), loss_fn(out))[1]  # noqa: E731
+        results = []
+        for _ in range(10):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+            results.append(pre.adaptive_step(x, counted, every_step_loss=every))
+        runs[every] = (results, [p.detach().clone() for p in model.parameters()], len(evaluations))
+    (skipping, params_skipping, calls_skipping), (every_step, params_every, calls_every) = runs[False], runs[True]
+    evaluated = [r.loss_evaluated for r in skipping]
+    assert evaluated == [lm_interval > 0 and (k + 1) % lm_interval == 0 for k in range(10)]
+    assert all(r.loss_evaluated for r in every_step)
+    # loss_fn is called once for the loss before, and once more per evaluated step.
+    assert (calls_skipping, calls_every) == (10 + sum(evaluated), 20)
+    for a, b in zip(skipping, every_step):
+        assert (a.alpha, a.mu, a.predicted_change, a.loss_before, a.damping) == \
+            (b.alpha, b.mu, b.predicted_change, b.loss_before, b.damping)
+        if a.loss_evaluated:
+            assert (a.loss_after, a.rho) == (b.loss_after, b.rho)
+        else:
+            assert math.isnan(a.loss_after) and math.isnan(a.rho)
+    for p, q in zip(params_skipping, params_every):
+        assert torch.equal(p, q)
+    if lm_interval:
+        assert len({r.damping for r in skipping}) > 1, "Levenberg–Marquardt moved λ on the evaluated steps"

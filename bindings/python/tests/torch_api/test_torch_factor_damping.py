@@ -102,7 +102,7 @@ def test_adaptive_step_with_gamma_steps_equals_the_numpy_api_driven_by_hand(stra
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
             pre.step()
-            result = pre.adaptive_step(x, loss_fn)
+            result = pre.adaptive_step(x, loss_fn, every_step_loss=True)
             # By hand.
             h, z, ds1, dz, grads = hand.backward()
             for layer, (inputs, output_grads) in enumerate(((hand.x, ds1), (h, dz))):
@@ -166,7 +166,7 @@ def test_adaptive_step_applies_the_library_update_to_float32_parameters():
         F.cross_entropy(model(x32), y).backward()
         pre.step()
         before = [p.detach().clone() for p in model.parameters()]
-        result = pre.adaptive_step(x32, loss_fn)
+        result = pre.adaptive_step(x32, loss_fn, every_step_loss=True)
         assert result.candidates == (3 if step % 3 == 0 else 1)
         w_lib, b_lib = _buffers(np.float64, shapes)
         pre.optimizer.get_update(w_lib, b_lib)
