@@ -327,6 +327,11 @@ class KFACPreconditioner(RegistrationMixin, HooksMixin, SampledFisherMixin, Curv
         # Reusable buffers of the adaptive step (built at its first call): the directions of one
         # candidate and the update, per preconditioned parameter, in the library's dtype.
         self._adaptive_buffers = None
+        # The last training forward pass's layer inputs and output (KeptForward), kept once
+        # adaptive_step was used so that its products need not compute them again.
+        self._keep_forward_values = False
+        self._pending_forward = None
+        self._forward_values = None
         self._registered = False
         if not self._missing_sizes():
             self._register()

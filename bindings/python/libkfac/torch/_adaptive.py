@@ -157,20 +157,19 @@ class AdaptiveMixin:
         ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers (zero padding), tanh, sigmoid and
         ReLU, sums (residual connections) and reshapes, without user hooks, the same products are
         written out by hand, ``_traced_jvp``, which avoids ``torch.func``'s per-operation
-        dispatch) and one
-        ordinary forward pass per step, and on γ steps the
-        library's two extra preconditionings (with the Cholesky strategy, every factor is also
-        inverted for each candidate γ on that step; make ``factor_damping_period`` a multiple of
-        ``inverse_update_period`` to share the work). Measured on the convergence benchmark's
-        ``ae-digits`` at batch 256 (benchmarks/probes/adaptive_cost.py, one thread, a loaded
-        machine, load average 17–20, medians of 190 steps): in one run an adaptive step cost
-        1.46× a fixed-damping K-FAC step with the written-out products, 1.82× with ``torch.func``'s
-        vmapped jvp and 1.9× with one jvp per tangent; on ``cnn-mnist1d`` (Conv1d chain, the same
-        probe, one thread, another process on the second core) 1.56×, 1.66× and 1.80×. With the
-        products over the fx trace (the same probe, one thread, an idle 2-core VM whose speed
-        varies between runs, medians of 200/150 steps): ``ae-digits`` 1.50×, 1.78×, 1.89×; the
-        residual ``mlp-mnist1d`` (not an ``nn.Sequential``) 1.48×, 1.85×, 1.94×;
-        ``cnn-mnist1d`` 1.68×, 1.81×, 1.85×.
+        dispatch and takes the layers' inputs and the output from the training forward pass on
+        the same batch, so that a chain computes no primal pass again — once ``adaptive_step``
+        was used, the hooks keep that pass's layer inputs and output until the next step; they
+        are used only if ``inputs`` are the same tensors and no parameter, kept value or
+        training flag changed since), one ordinary forward pass on the steps whose report
+        adjusts λ, and on γ steps the library's two extra preconditionings (with the Cholesky
+        strategy, every factor is also inverted for each candidate γ on that step; make
+        ``factor_damping_period`` a multiple of ``inverse_update_period`` to share the work).
+        Measured by benchmarks/probes/adaptive_cost.py (the convergence benchmark's models at
+        batch 256, one thread, an idle 2-core VM, medians of 190 steps, one run): an adaptive
+        step costs 1.39× a fixed-damping K-FAC step on ``ae-digits``, 1.43× on the residual
+        ``mlp-mnist1d`` and 1.44× on ``cnn-mnist1d`` (1.47×, 1.48×, 1.54× evaluating the loss
+        every step; 1.72×, 1.72×, 1.67× with ``torch.func``'s vmapped jvp).
 
         Args:
             inputs: the batch, as the model takes it: a tensor, or a tuple of positional
@@ -260,7 +259,12 @@ class AdaptiveMixin:
                 # products written out (_traced_jvp), without torch.func's per-operation dispatch.
                 traced = None
                 if self._use_traced_products:
-                    traced = traced_products(self.model, args, params, stacked, {h.id for h in self._hooks})
+                    # The layer inputs and outputs of the training forward pass on this batch, when
+                    # nothing changed since: the products then compute no primal pass.
+                    kept, self._forward_values = self._forward_values, None
+                    self._keep_forward_values = True
+                    known = kept.values_for(self.model, args) if kept is not None else None
+                    traced = traced_products(self.model, args, params, stacked, {h.id for h in self._hooks}, known)
                 if traced is not None:
                     outputs, products = traced
                 else:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._registration import _Layer
+from ._traced_jvp import KeptForward
 
 
 class HooksMixin:
@@ -23,7 +24,13 @@ class HooksMixin:
             self._hooks.append(layer.module.register_forward_pre_hook(self._make_forward_pre_hook(layer)))
             self._hooks.append(layer.module.register_full_backward_pre_hook(self._make_backward_hook(layer)))
         if not self._registered:
-            self._hooks.append(self.model.register_forward_hook(self._after_model_forward))
+            # A closure, not the bound method: copy.deepcopy of the model must not copy self.
+            self._hooks.append(self.model.register_forward_hook(
+                lambda module, args, output: self._after_model_forward(module, args, output)))
+        # The adaptive step's use of the training forward pass's values (_adaptive.py).
+        before, after = self._make_forward_keeping_hooks()
+        self._hooks.append(self.model.register_forward_pre_hook(before))
+        self._hooks.append(self.model.register_forward_hook(after))
 
     def _recording(self, module: nn.Module) -> bool:
         return (
@@ -37,6 +44,9 @@ class HooksMixin:
         def forward_pre_hook(module, args):
             if self._paused or not args or not (module.training and torch.is_grad_enabled()):
                 return None
+            pending = self._pending_forward
+            if pending is not None:  # kept for the adaptive step; a module called twice is ambiguous
+                pending[module] = None if module in pending else args[0].detach()
             if layer.is_conv:
                 size = layer.spatial_size(args[0])
                 if layer.input_size is None:
@@ -61,9 +71,35 @@ class HooksMixin:
 
     def _after_model_forward(self, module, args, output):
         """Registers the layers when the first training forward pass of the model returns."""
-        if not self._registered and not self._paused and module.training and torch.is_grad_enabled():
+        if (module is self.model and not self._registered and not self._paused and module.training
+                and torch.is_grad_enabled()):
             self._register()
         return None
+
+    def _make_forward_keeping_hooks(self):
+        """The model's hooks that keep a training forward pass's layer inputs and output, once the
+        adaptive step was used (it reads them instead of computing them again). Closures, not
+        bound methods, so that copy.deepcopy of the model does not copy the preconditioner; a
+        copy's forward passes (``module`` is not this model) keep nothing."""
+
+        def before(module, args):
+            keep = (module is self.model and self._keep_forward_values and not self._paused
+                    and module.training and torch.is_grad_enabled())
+            if module is self.model:
+                self._pending_forward = {} if keep else None
+                if keep:
+                    self._forward_values = None
+            return None
+
+        def after(module, args, output):
+            if module is not self.model:
+                return None
+            pending, self._pending_forward = self._pending_forward, None
+            if pending is not None and isinstance(output, torch.Tensor):
+                self._forward_values = KeptForward(self.model, args, output, pending)
+            return None
+
+        return before, after
 
     def _make_backward_hook(self, layer: _Layer):
         # A backward PRE-hook: it receives the gradient at the module's output, which is all the
@@ -196,6 +232,7 @@ class HooksMixin:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._pending_forward = self._forward_values = None
         for layer in self._layers:
             layer.saved_inputs.clear()
             layer.graph_inputs.clear()

@@ -305,13 +305,17 @@ def test_adaptive_step_with_traced_products_equals_torch_func(activation, dtype,
 
     monkeypatch.setattr(_adaptive, "traced_products", counting)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
+    primal = []  # the first twin's primal layer evaluations per step
     for k in range(6):
         results = []
         for model, pre in zip(twins, pres):
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
             pre.step()
-            results.append(pre.adaptive_step(x, lambda out: F.cross_entropy(out, y)))
+            before = _traced_jvp.primal_layer_evaluations
+            results.append(pre.adaptive_step(x, lambda out: F.cross_entropy(out, y), every_step_loss=True))
+            if pre is pres[0]:
+                primal.append(_traced_jvp.primal_layer_evaluations - before)
         a, b = results
         assert (a.chosen, a.candidates) == (b.chosen, b.candidates), k
         assert a.candidates == (3 if k % 2 == 0 else 1), k
@@ -320,7 +324,103 @@ def test_adaptive_step_with_traced_products_equals_torch_func(activation, dtype,
             u, v = getattr(a, field), getattr(b, field)
             assert abs(u - v) <= tol * max(1.0, abs(v)), (k, field, u, v)
     assert used == [True] * 6  # the first twin's products came from the chain, every step
+    # From the second step on, the training forward pass's layer inputs and output are used: a
+    # chain computes no primal layer again; the residual model only the layers whose outputs
+    # feed a sum before an activation (``block``'s and ``second``'s).
+    layers = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in twins[0].modules())
+    assert primal[0] == layers
+    assert primal[1:] == [2 if activation == "residual" else 0] * 5, primal
     for p, q in zip(twins[0].parameters(), twins[1].parameters()):
         assert torch.allclose(p, q, rtol=tol, atol=tol)
     for pre in pres:
         pre.close()
+
+
+def _twin_steps(change, steps=3):
+    """Twin conv1d chains, one with the written-out products (and the kept forward values), one
+    with torch.func; ``change(model, x)`` runs between each twin's training pass and its adaptive
+    step and returns the batch to give it. Returns both twins' results and the first twin's
+    primal layer evaluations per step."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(30, 24, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    twins = [_conv_chain("conv1d", True, torch.float64), _conv_chain("conv1d", True, torch.float64)]
+    pres = [KFACPreconditioner(m, damping=1e-2, kl_clip=0, inverse_update_period=1, lm_interval=1) for m in twins]
+    pres[1]._use_traced_products = False
+    results, primal = ([], []), []
+    for _ in range(steps):
+        for i, (model, pre) in enumerate(zip(twins, pres)):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+            batch = change(model, x)
+            before = _traced_jvp.primal_layer_evaluations
+            results[i].append(pre.adaptive_step(batch, lambda out: F.cross_entropy(out, y)))
+            if i == 0:
+                primal.append(_traced_jvp.primal_layer_evaluations - before)
+    return results, primal
+
+
+def _same(a, b):
+    for u, v in zip(a, b):
+        for field in ("alpha", "mu", "predicted_change", "loss_before", "loss_after", "rho", "damping"):
+            x, y = getattr(u, field), getattr(v, field)
+            assert abs(x - y) <= 1e-10 * max(1.0, abs(y)), (field, x, y)
+
+
+def test_kept_forward_values_are_used_only_while_they_are_current():
+    """A parameter changed in place after the training pass, another input tensor (equal values),
+    a switch to eval() and back: the kept values are not used (the layers' primal values are
+    computed again) and the steps equal torch.func's; untouched, they are used."""
+    (a, b), primal = _twin_steps(lambda model, x: x)
+    _same(a, b)
+    assert primal == [3, 0, 0]
+
+    def nudge(model, x):
+        with torch.no_grad():
+            model[3].weight.mul_(1.01)
+        return x
+
+    (a, b), primal = _twin_steps(nudge)
+    _same(a, b)
+    assert primal == [3, 3, 3]
+    (a, b), primal = _twin_steps(lambda model, x: x.clone())
+    _same(a, b)
+    assert primal == [3, 3, 3]
+
+    def toggle(model, x):
+        model.eval()
+        model.train()
+        return x
+
+    (a, b), primal = _twin_steps(toggle)  # same flags again: still current
+    _same(a, b)
+    assert primal == [3, 0, 0]
+
+
+def test_kept_forward_values_refuse_inputs_changed_in_place_and_copies_keep_nothing():
+    import copy
+
+    x = torch.randn(10, 24, dtype=torch.float64)
+    model = _conv_chain("conv1d", True, torch.float64)
+    pre = KFACPreconditioner(model, kl_clip=0)
+    clone = copy.deepcopy(model)  # carries the hooks (closures over pre)
+    pre._keep_forward_values = True
+    out = model(x)
+    kept = pre._forward_values
+    assert kept is not None and torch.equal(kept.output, out.detach())
+    assert set(kept.inputs) == {model[1], model[3], model[6]}
+    assert kept.values_for(model, (x,)) is not None
+    with torch.no_grad():
+        kept.inputs[model[3]].add_(0.0)  # an in-place change, even of nothing, bumps the version
+    assert kept.values_for(model, (x,)) is None
+    # The deep copy's forward passes keep nothing here.
+    model(x)
+    kept = pre._forward_values
+    clone(x + 1)
+    assert pre._forward_values is kept
+    # No grad or eval mode: a pass that is not a training pass keeps nothing (and drops nothing).
+    with torch.no_grad():
+        model(x)
+    assert pre._forward_values is kept
+    pre.close()
