@@ -262,9 +262,10 @@ class AdaptiveMixin:
                     # The layer inputs and outputs of the training forward pass on this batch, when
                     # nothing changed since: the products then compute no primal pass.
                     kept, self._forward_values = self._forward_values, None
-                    self._keep_forward_values = True
                     known = kept.values_for(self.model, args) if kept is not None else None
                     traced = traced_products(self.model, args, params, stacked, {h.id for h in self._hooks}, known)
+                    # Keep the next training pass's values only for a model the products handle.
+                    self._keep_forward_values = traced is not None
                 if traced is not None:
                     outputs, products = traced
                 else:

@@ -424,3 +424,23 @@ def test_kept_forward_values_refuse_inputs_changed_in_place_and_copies_keep_noth
         model(x)
     assert pre._forward_values is kept
     pre.close()
+
+
+def test_nothing_is_kept_for_a_model_the_products_decline():
+    """A user hook makes the written-out products decline (torch.func computes them): the
+    training passes' values are then not kept (they would only hold memory)."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (20,), generator=g)
+    model = _chain("tanh", True, torch.float64)
+    model[1].register_forward_hook(lambda module, args, output: None)
+    pre = KFACPreconditioner(model, kl_clip=0, damping=1e-2)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        pre.adaptive_step(x, lambda out: F.cross_entropy(out, y))
+        assert not pre._keep_forward_values
+    model(x)
+    assert pre._forward_values is None
+    pre.close()
