@@ -12,31 +12,37 @@ extension KFACScalar {
     ) {
         let (cin, h, w) = (g.inChannels, g.inputHeight, g.inputWidth)
         let (kh, kw, cg) = (g.kernelHeight, g.kernelWidth, g.groupInChannels)
+        let (dh, dw) = (g.dilationHeight, g.dilationWidth)
         let channelOffset = group * cg
-        let channelsLast = g.layout == .channelsLast
+        // Element strides of a channel and of a pixel in an example: the layout is decided once
+        // here, not per element.
+        let (channelStride, pixelStride) = g.layout == .channelsLast ? (1, cin) : (h * w, 1)
         var row = out
         for n in first..<(first + count) {
-            let example = x + n * cin * h * w
+            let example = x + n * cin * h * w + channelOffset * channelStride
             for oh in 0..<g.outputHeight {
                 let top = oh * g.strideHeight - g.paddingHeight
                 for ow in 0..<g.outputWidth {
                     let left = ow * g.strideWidth - g.paddingWidth
+                    // The kernel's columns all inside the image: no test per element.
+                    let inside = left >= 0 && left + (kw - 1) * dw < w
                     for c in 0..<cg {
-                        let channel = channelOffset + c
+                        let channel = example + c * channelStride
                         for i in 0..<kh {
-                            let y = top + i * g.dilationHeight
+                            let y = top + i * dh
                             let destination = row + (c * kh + i) * kw
                             guard y >= 0 && y < h else {
                                 destination.initialize(repeating: 0, count: kw)
                                 continue
                             }
-                            for j in 0..<kw {
-                                let xx = left + j * g.dilationWidth
-                                if xx >= 0 && xx < w {
-                                    destination[j] = channelsLast ? example[(y * w + xx) * cin + channel]
-                                                                  : example[(channel * h + y) * w + xx]
-                                } else {
-                                    destination[j] = 0
+                            let source = channel + (y * w + left) * pixelStride
+                            if inside {
+                                let step = dw * pixelStride
+                                for j in 0..<kw { destination[j] = source[j * step] }
+                            } else {
+                                for j in 0..<kw {
+                                    let xx = left + j * dw
+                                    destination[j] = xx >= 0 && xx < w ? source[j * dw * pixelStride] : 0
                                 }
                             }
                         }
