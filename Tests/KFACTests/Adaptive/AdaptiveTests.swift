@@ -100,21 +100,29 @@ final class AdaptiveTests: XCTestCase {
         XCTAssertEqual(statusCode, .noStep)
     }
 
-    func testLevenbergMarquardtAdjustsDampingEveryInterval() throws {
+    /// A one-layer optimizer with LM interval 2, ω = 0.9, λ = 1, and a function that records a
+    /// fixed batch, steps and solves (Gaussian outputs), returning M(δ).
+    private func lmOptimizer() throws -> (KFACOptimizer<Double>, () throws -> Double) {
         let opt = try KFACOptimizer<Double>()
         try opt.addDense(inFeatures: 2, outFeatures: 2, hasBias: false)
         var p = opt.parameters
         p.lmInterval = 2; p.lmDecay = 0.9; p.damping = 1; p.klClip = 0
         try opt.setParameters(p)
         let x: [Double] = [1, 0.5, -0.3, 0.8], g: [Double] = [0.2, -0.4, 0.5, 0.1]
-        func solveAndReport(ratio: Double) throws -> Double {
+        return (opt, {
             try opt.recordInputs(layer: 0, x, rows: 2)
             try opt.recordOutputGradients(layer: 0, g, rows: 2)
             var grads = [LayerGradient<Double>(weight: [0.3, -0.2, 0.1, 0.4], bias: nil)]
             try opt.step(&grads)
-            let outputs: [Double] = [0.1, 0.2, -0.1, 0.3], jd: [Double] = [0.5, -0.2, 0.3, 0.1]
-            let m = try opt.solveStepSize(outputs: outputs, directionProducts: jd, previousProducts: nil, rows: 2, dim: 2,
-                                          distribution: .gaussian).predictedChange
+            return try opt.solveStepSize(outputs: [0.1, 0.2, -0.1, 0.3], directionProducts: [0.5, -0.2, 0.3, 0.1],
+                                         previousProducts: nil, rows: 2, dim: 2, distribution: .gaussian).predictedChange
+        })
+    }
+
+    func testLevenbergMarquardtAdjustsDampingEveryInterval() throws {
+        let (opt, solve) = try lmOptimizer()
+        func solveAndReport(ratio: Double) throws -> Double {
+            let m = try solve()
             return try opt.reportLossChange(before: 1, after: 1 + ratio * m)
         }
         XCTAssertEqual(try solveAndReport(ratio: 0.9), 0.9, accuracy: 1e-12)
@@ -132,20 +140,7 @@ final class AdaptiveTests: XCTestCase {
     /// A skipped report counts for the interval and leaves λ; the interval's last report is needed
     /// and cannot be skipped.
     func testSkippedReportsCountTowardTheInterval() throws {
-        let opt = try KFACOptimizer<Double>()
-        try opt.addDense(inFeatures: 2, outFeatures: 2, hasBias: false)
-        var p = opt.parameters
-        p.lmInterval = 2; p.lmDecay = 0.9; p.damping = 1; p.klClip = 0
-        try opt.setParameters(p)
-        let x: [Double] = [1, 0.5, -0.3, 0.8], g: [Double] = [0.2, -0.4, 0.5, 0.1]
-        func solve() throws -> Double {
-            try opt.recordInputs(layer: 0, x, rows: 2)
-            try opt.recordOutputGradients(layer: 0, g, rows: 2)
-            var grads = [LayerGradient<Double>(weight: [0.3, -0.2, 0.1, 0.4], bias: nil)]
-            try opt.step(&grads)
-            return try opt.solveStepSize(outputs: [0.1, 0.2, -0.1, 0.3], directionProducts: [0.5, -0.2, 0.3, 0.1],
-                                         previousProducts: nil, rows: 2, dim: 2, distribution: .gaussian).predictedChange
-        }
+        let (opt, solve) = try lmOptimizer()
         var status: KFACStatus?
         do { try opt.skipLossReport() } catch { status = error.status }
         XCTAssertEqual(status, .noStep, "nothing to skip before a solve")

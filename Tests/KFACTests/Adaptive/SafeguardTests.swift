@@ -101,7 +101,11 @@ final class SafeguardTests: XCTestCase {
 
     func testFactorDampingBandStopsTheDrift() throws {
         let off = try gammaTrace(ratio: 1e300)
-        XCTAssertEqual(off, [200, 400, 800, 1600, 1600, 3200, 3200, 6400, 6400, 12800, 6400, 12800], "no band: γ drifts up")
+        XCTAssertEqual(Array(off[0..<9]), [200, 400, 800, 1600, 1600, 3200, 3200, 6400, 6400], "no band: γ drifts up")
+        // From step 10 two candidates' M(δ) nearly tie, and which wins depends on the BLAS kernels'
+        // rounding (12800 then 6400 on two machines, 6400 twice on a Zen 4); either way γ stays up.
+        XCTAssertTrue(off[9...].allSatisfy { $0 >= 6400 }, "no band: γ stays drifted: \(off)")
+        XCTAssertEqual(off.last, 12800)
         let on = try gammaTrace(ratio: 10)
         XCTAssertEqual(Array(on[0..<3]), Array(off[0..<3]), "inside the band: the same γ, bit for bit")
         XCTAssertEqual(on.max(), 800, "γ·2 = 1600 > λ·r is dropped at every γ step: \(on)")
