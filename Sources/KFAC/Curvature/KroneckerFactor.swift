@@ -110,6 +110,28 @@ final class KroneckerFactor<Scalar: KFACScalar> {
         summedRows += rows
     }
 
+    /// Records, in the summed form (`prepareRecord` returned false), the columns of `examples`
+    /// matrices of `width` rows × `columns` values (row-major, matrix e at `x + e·exampleStride`):
+    /// Σₑ Xₑ Xₑᵀ · scale², i.e. the same statistics as `add` of the transposed rows (each column
+    /// a row of `width` values), without transposing them — a channels-first convolution's output
+    /// gradients, one syrk per example. No appended coordinate.
+    func addColumns(_ x: UnsafePointer<Scalar>, examples: Int, columns: Int, width: Int, exampleStride: Int,
+                    scale: Scalar) {
+        guard let sum = pendingSum, examples > 0 else { return }
+        flushRowBuffer(into: sum)
+        for q in structure.uniqueSizes.indices {
+            let (lo, b) = (structure.uniqueOffsets[q], structure.uniqueSizes[q])
+            let block = sum.base + structure.storageOffsets[q]
+            let dataRows = Swift.max(0, Swift.min(lo + b, width) - lo)
+            guard dataRows > 0 else { continue }
+            for e in 0..<examples {
+                Scalar.syrk(n: dataRows, k: columns, alpha: scale * scale, a: x + e * exampleStride + lo * columns,
+                            lda: columns, beta: summedRows > 0 || e > 0 ? 1 : 0, c: block, ldc: b)
+            }
+        }
+        summedRows += examples * columns
+    }
+
     /// Upper triangle of c (n×n, ldc) (+)= alpha · aᵀ a for `rows` rows of a (n columns, lda).
     private func symmetricUpdate(n: Int, rows: Int, alpha: Scalar, a: UnsafePointer<Scalar>, lda: Int,
                                  accumulate: Bool, c: UnsafeMutablePointer<Scalar>, ldc: Int) {

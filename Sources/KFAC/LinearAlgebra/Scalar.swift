@@ -28,6 +28,11 @@ public protocol KFACScalar: BinaryFloatingPoint, Sendable {
         n: Int, k: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
         beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
 
+    /// The upper triangle (row-major) of `c = alpha * a aᵀ + beta * c`, a n×k row-major.
+    static func syrk(
+        n: Int, k: Int, alpha: Self, a: UnsafePointer<Self>, lda: Int,
+        beta: Self, c: UnsafeMutablePointer<Self>, ldc: Int)
+
     /// `y = alpha * A x` (trans false) or `y = alpha * Aᵀ x` (trans true) plus `beta * y`, A m×n
     /// row-major, y with stride incY.
     static func gemv(
@@ -157,6 +162,14 @@ extension Float: KFACScalar {
                     Int32(lda), beta, c, Int32(ldc))
     }
 
+    public static func syrk(
+        n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), alpha, a,
+                    Int32(lda), beta, c, Int32(ldc))
+    }
+
     public static func gemv(
         trans: Bool, m: Int, n: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
         x: UnsafePointer<Float>, beta: Float, y: UnsafeMutablePointer<Float>, incY: Int
@@ -252,6 +265,14 @@ extension Double: KFACScalar {
         beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
     ) {
         cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(n), Int32(k), alpha, a,
+                    Int32(lda), beta, c, Int32(ldc))
+    }
+
+    public static func syrk(
+        n: Int, k: Int, alpha: Double, a: UnsafePointer<Double>, lda: Int,
+        beta: Double, c: UnsafeMutablePointer<Double>, ldc: Int
+    ) {
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, Int32(n), Int32(k), alpha, a,
                     Int32(lda), beta, c, Int32(ldc))
     }
 

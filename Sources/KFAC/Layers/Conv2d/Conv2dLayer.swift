@@ -28,6 +28,9 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
     private var recordModes: [Bool]
 
     static var chunkValues: Int { 1 << 23 }
+    /// Output positions from which a channels-first example's gradients are recorded by one syrk
+    /// of its own (`KroneckerFactor.addColumns`) rather than gathered into rows first.
+    static var columnRecordMinimumPositions: Int { 16 }
 
     init(_ geometry: Conv2dGeometry, approximation: ConvApproximation, grouping: ChannelGrouping) throws(KFACError) {
         try geometry.validate()
@@ -182,9 +185,21 @@ final class Conv2dLayer<Scalar: KFACScalar>: CurvatureLayer {
             }
             return
         }
+        // Channels-first: each example's group is a contiguous [cg × t] matrix X, and the factor's
+        // statistics are Σ X Xᵀ — one syrk per example, without gathering rows, when the
+        // statistics are summed and an example has positions enough for a syrk to pay.
+        let columnsPay = t >= Self.columnRecordMinimumPositions
+        var gathering = false
+        for group in 0..<g.groups where !columnsPay || recordModes[group] { gathering = true }
+        // Allocated before anything is recorded, so that a failure changes nothing.
         let chunk = Swift.min(n, chunkExamples(rowsPerExample: t, width: cg))
-        let buffer = try scratchBuffer(values: chunk * t * cg)
+        let buffer = gathering ? try scratchBuffer(values: chunk * t * cg) : nil
         for group in 0..<g.groups {
+            guard let buffer, !columnsPay || recordModes[group] else {
+                blocks[group].output.addColumns(gradients + group * cg * t, examples: n, columns: t, width: cg,
+                                                exampleStride: g.outChannels * t, scale: scale)
+                continue
+            }
             var first = 0
             while first < n {
                 let count = Swift.min(chunk, n - first)
