@@ -35,14 +35,14 @@ extension KFACScalar {
                                 destination.initialize(repeating: 0, count: kw)
                                 continue
                             }
-                            let source = channel + (y * w + left) * pixelStride
+                            // An offset, not a pointer: `left` may be negative (padding).
+                            let start = (y * w + left) * pixelStride, step = dw * pixelStride
                             if inside {
-                                let step = dw * pixelStride
-                                for j in 0..<kw { destination[j] = source[j * step] }
+                                for j in 0..<kw { destination[j] = channel[start + j * step] }
                             } else {
                                 for j in 0..<kw {
                                     let xx = left + j * dw
-                                    destination[j] = xx >= 0 && xx < w ? source[j * dw * pixelStride] : 0
+                                    destination[j] = xx >= 0 && xx < w ? channel[start + j * step] : 0
                                 }
                             }
                         }
