@@ -273,10 +273,7 @@ extension KFACOptimizer {
             throw KFACError(.nonFinite, "the loss before must be finite and the loss after finite or +Inf, got \(before) and \(after)")
         }
         let rho = predicted < 0 ? (after - before) / predicted : .nan
-        adaptive.predictedChange = nil
-        adaptive.lastReductionRatio = rho
-        adaptive.lossReports += 1
-        applyLevenbergMarquardt(rho: rho, reports: adaptive.lossReports)
+        applyLevenbergMarquardt(rho: rho, reports: closeReport(rho: rho))
         return rho
     }
 
@@ -299,9 +296,16 @@ extension KFACOptimizer {
         guard !nextReportAdjustsDamping else {
             throw KFACError(.noStep, "this report adjusts λ (every lmInterval-th report): evaluate the loss after the update and report it")
         }
+        closeReport(rho: .nan)
+    }
+
+    /// Ends the last solve's report (made or skipped) with `rho`; returns the reports counted.
+    @discardableResult
+    private func closeReport(rho: Double) -> Int {
         adaptive.predictedChange = nil
-        adaptive.lastReductionRatio = .nan
+        adaptive.lastReductionRatio = rho
         adaptive.lossReports += 1
+        return adaptive.lossReports
     }
 
     /// The Levenberg–Marquardt rule, shared by the adaptive mode and Newton-CG: on every

@@ -83,12 +83,12 @@ class HooksMixin:
         copy's forward passes (``module`` is not this model) keep nothing."""
 
         def before(module, args):
-            keep = (module is self.model and self._keep_forward_values and not self._paused
-                    and module.training and torch.is_grad_enabled())
-            if module is self.model:
-                self._pending_forward = {} if keep else None
-                if keep:
-                    self._forward_values = None
+            if module is not self.model:
+                return None
+            keep = self._keep_forward_values and not self._paused and module.training and torch.is_grad_enabled()
+            self._pending_forward = {} if keep else None
+            if keep:
+                self._forward_values = None
             return None
 
         def after(module, args, output):

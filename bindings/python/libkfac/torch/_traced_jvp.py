@@ -116,7 +116,7 @@ _TRACES: "weakref.WeakKeyDictionary[nn.Module, _Trace]" = weakref.WeakKeyDiction
 def _trace(model: nn.Module, modules: List[nn.Module]) -> _Trace:
     # Which modules the model holds and their training flags: a replaced submodule or a
     # train()/eval() switch means tracing again.
-    flags = tuple((id(m), m.training) for m in modules)
+    flags = _module_flags(modules)
     trace = _TRACES.get(model)
     if trace is None or trace.flags != flags:
         try:
@@ -147,25 +147,32 @@ class KeptForward:
         self.args = args
         self.output = output.detach()
         self.inputs = {m: t for m, t in inputs.items() if t is not None}
-        self.versions = tuple(t._version for t in (self.output, *self.inputs.values()))
+        self.versions = self._kept_versions()
         self.state = _model_state(model)
+
+    def _kept_versions(self) -> tuple:
+        return tuple(t._version for t in (self.output, *self.inputs.values()))
 
     def values_for(self, model: nn.Module, args: tuple) -> Optional["ForwardValues"]:
         """The kept values if ``model(*args)`` would compute them now: the same input tensors,
         nothing changed in place since, the same parameters and training flags; else None."""
         if len(args) != len(self.args) or any(a is not b for a, b in zip(args, self.args)):
             return None
-        if tuple(t._version for t in (self.output, *self.inputs.values())) != self.versions:
+        if self._kept_versions() != self.versions:
             return None
         if _model_state(model) != self.state:
             return None
         return ForwardValues(self.inputs, self.output)
 
 
+def _module_flags(modules) -> tuple:
+    """The modules' ids and training flags (what a trace and kept values are valid for)."""
+    return tuple((id(m), m.training) for m in modules)
+
+
 def _model_state(model: nn.Module) -> tuple:
     """The version counters of the model's parameters and its modules' training flags and ids."""
-    return (tuple(p._version for p in model.parameters()),
-            tuple((id(m), m.training) for m in model.modules()))
+    return tuple(p._version for p in model.parameters()), _module_flags(model.modules())
 
 
 class ForwardValues:
